@@ -1,0 +1,108 @@
+#include "kernels/isa.h"
+
+#include <atomic>
+#include <cpuid.h>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace onebit {
+namespace {
+
+unsigned long long xgetbv0() {
+  unsigned int eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<unsigned long long>(edx) << 32) | eax;
+}
+
+struct CpuFeatures {
+  bool popcnt = false, avx2 = false, avx512 = false;
+  CpuFeatures() {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return;
+    popcnt = c & bit_POPCNT;
+    const bool osxsave = c & bit_OSXSAVE;
+    const bool avx = c & bit_AVX;
+    if (!osxsave || !avx) return;
+    const unsigned long long xcr0 = xgetbv0();
+    const bool ymm_state = (xcr0 & 0x6) == 0x6;
+    const bool zmm_state = (xcr0 & 0xe6) == 0xe6;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
+    avx2 = ymm_state && (b & bit_AVX2) && (b & bit_BMI2) && popcnt;
+    const bool f = b & bit_AVX512F, bw = b & bit_AVX512BW, vl = b & bit_AVX512VL, dq = b & bit_AVX512DQ;
+    const bool vpopcntdq = c & bit_AVX512VPOPCNTDQ;
+    avx512 = avx2 && zmm_state && f && bw && vl && dq && vpopcntdq;
+  }
+};
+
+const CpuFeatures& cpu() {
+  static const CpuFeatures features;
+  return features;
+}
+
+Isa parse(const std::string& name) {
+  if (name == "reference") return Isa::reference;
+  if (name == "scalar") return Isa::scalar;
+  if (name == "avx2") return Isa::avx2;
+  if (name == "avx512") return Isa::avx512;
+  throw std::invalid_argument("unknown ISA '" + name + "': expected one of avx512, avx2, scalar, reference");
+}
+
+Isa best_isa() {
+  if (isa_supported(Isa::avx512)) return Isa::avx512;
+  if (isa_supported(Isa::avx2)) return Isa::avx2;
+  if (isa_supported(Isa::scalar)) return Isa::scalar;
+  return Isa::reference;
+}
+
+std::atomic<int>& active() {
+  static std::atomic<int> value = [] {
+    const char* forced = std::getenv("ONEBIT_ISA");
+    if (forced && *forced) {
+      const Isa isa = parse(forced);  // a bad value fails the import with a clear message
+      if (!isa_supported(isa))
+        throw std::invalid_argument(std::string("ONEBIT_ISA=") + forced + " is not supported by this CPU");
+      return static_cast<int>(isa);
+    }
+    return static_cast<int>(best_isa());
+  }();
+  return value;
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::reference: return "reference";
+    case Isa::scalar: return "scalar";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "?";
+}
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::reference: return true;
+    case Isa::scalar: return cpu().popcnt;
+    case Isa::avx2: return cpu().avx2;
+    case Isa::avx512: return cpu().avx512;
+  }
+  return false;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::scalar, Isa::reference})
+    if (isa_supported(isa)) names.emplace_back(isa_name(isa));
+  return names;
+}
+
+Isa active_isa() { return static_cast<Isa>(active().load(std::memory_order_relaxed)); }
+
+void set_isa(const std::string& name) {
+  const Isa isa = parse(name);
+  if (!isa_supported(isa)) throw std::invalid_argument("ISA '" + name + "' is not supported by this CPU");
+  active().store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+
+}  // namespace onebit

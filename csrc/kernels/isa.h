@@ -1,0 +1,21 @@
+// Instruction-set selection for onebit's kernels.
+//
+// Every kernel has a portable reference implementation and optimized paths.
+// The active path is chosen once at import from cpuid, may be forced with the
+// environment variable ONEBIT_ISA=avx512|avx2|scalar|reference, and may be
+// changed at run time with set_isa() (the tests exercise every path this way).
+#pragma once
+#include <string>
+#include <vector>
+
+namespace onebit {
+
+enum class Isa { reference = 0, scalar = 1, avx2 = 2, avx512 = 3 };
+
+const char* isa_name(Isa isa);
+bool isa_supported(Isa isa);           // can this CPU run it?
+std::vector<std::string> supported_isas();
+Isa active_isa();
+void set_isa(const std::string& name);  // throws std::invalid_argument
+
+}  // namespace onebit
