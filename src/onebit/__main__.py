@@ -1,0 +1,5 @@
+import sys
+
+from onebit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""Float -> binary conversion of whole models."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Iterable
+
+from torch import nn
+
+from onebit import quant
+from onebit.nn.layers import QConv1d, QConv2d, QConv3d, QLinear, QuantizedLayer
+
+__all__ = ["binarize", "name_layers"]
+
+_COUNTERPART: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QConv1d,
+    nn.Conv2d: QConv2d,
+    nn.Conv3d: QConv3d,
+    nn.Linear: QLinear,
+}
+
+
+def binarize(
+    model: nn.Module,
+    *,
+    input_quantizer: quant.QuantizerLike = "ste_sign",
+    weight_quantizer: quant.QuantizerLike = "ste_sign",
+    keep_first: bool = True,
+    keep_last: bool = True,
+    exclude: Iterable[str] = (),
+) -> nn.Module:
+    """Return a copy of ``model`` whose convolutions and linear layers are binary.
+
+    Every ``nn.Conv1d/2d/3d`` and ``nn.Linear`` becomes ``QConv1d/2d/3d`` / ``QLinear`` with
+    the same hyperparameters (stride, padding, dilation, groups, bias, padding mode),
+    dtype, device and copied weights, computing
+    ``conv(pad(q_in(x), 0), q_w(W)) + bias``. The original model is not modified.
+
+    Args:
+        input_quantizer, weight_quantizer: anything :func:`onebit.quant.get` accepts;
+            ``input_quantizer=None`` keeps inputs float (binary weights only).
+        keep_first, keep_last: leave the first / last such layer (in ``named_modules``
+            order) float, as binary networks usually do.
+        exclude: qualified module names (or glob patterns such as ``"head.*"``) to keep float.
+    """
+    exclude = list(exclude)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) in _COUNTERPART or isinstance(module, QuantizedLayer)
+    ]
+    all_names = {name for name, _ in model.named_modules()}
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in all_names):
+            raise ValueError(f"binarize: exclude names {pattern!r}, which matches no module of the model")
+    if not candidates:
+        return copy.deepcopy(model)
+
+    keep = set()
+    if keep_first:
+        keep.add(candidates[0][0])
+    if keep_last:
+        keep.add(candidates[-1][0])
+    keep |= {name for name, _ in candidates if any(fnmatch.fnmatchcase(name, p) for p in exclude)}
+
+    result = copy.deepcopy(model)
+    for name, module in candidates:
+        if name in keep or isinstance(module, QuantizedLayer):
+            continue
+        original = result.get_submodule(name)
+        replacement = _binary_counterpart(original, input_quantizer, weight_quantizer)
+        replacement._onebit_name = name or type(model).__name__
+        if name == "":
+            return replacement
+        parent_name, _, child = name.rpartition(".")
+        setattr(result.get_submodule(parent_name), child, replacement)
+    return result
+
+
+def name_layers(model: nn.Module) -> nn.Module:
+    """Record each onebit layer's qualified name, so its input errors name it."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer):
+            module._onebit_name = name
+    return model
+
+
+def _binary_counterpart(layer: nn.Module, input_quantizer, weight_quantizer) -> nn.Module:
+    cls = _COUNTERPART[type(layer)]
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    quantizers = {
+        "input_quantizer": copy.deepcopy(quant.get(input_quantizer)),
+        "weight_quantizer": copy.deepcopy(quant.get(weight_quantizer)),
+    }
+    if cls is QLinear:
+        new = QLinear(layer.in_features, layer.out_features, layer.bias is not None, **factory, **quantizers)
+    else:
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            layer.padding_mode,
+            **factory,
+            **quantizers,
+        )
+    new.load_state_dict(layer.state_dict())
+    new.train(layer.training)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    if layer.bias is not None:
+        new.bias.requires_grad_(layer.bias.requires_grad)
+    return new

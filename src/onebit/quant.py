@@ -1,0 +1,296 @@
+"""Quantizers: small modules that map latent float tensors to low-bit values.
+
+Each quantizer keeps shape and dtype, never modifies its input, is idempotent
+(``q(q(x)) == q(x)``) and has a ``precision`` attribute, the number of bits of
+its output (used by summaries and by the packed engine). Forward and
+pseudo-gradient (straight-through estimator, STE) are stated in each docstring.
+
+Quantizers are registered under a short alias and resolved with :func:`get`::
+
+    >>> get("ste_sign")
+    Sign(clip=1.0)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from onebit.math import sign
+
+__all__ = [
+    "Quantizer",
+    "Sign",
+    "ApproxSign",
+    "SwishSign",
+    "MagnitudeAwareSign",
+    "DoReFa",
+    "register",
+    "get",
+    "names",
+]
+
+QuantizerLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], None]
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register(alias: str):
+    """Class decorator: make a quantizer available to :func:`get` under ``alias``."""
+
+    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        if alias in _REGISTRY and _REGISTRY[alias] is not cls:
+            raise ValueError(f"quantizer alias {alias!r} is already registered to {_REGISTRY[alias].__name__}")
+        _REGISTRY[alias] = cls
+        cls.alias = alias
+        return cls
+
+    return decorator
+
+
+def names() -> list[str]:
+    """The registered quantizer aliases, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(identifier: QuantizerLike) -> nn.Module | Callable | None:
+    """Resolve a quantizer.
+
+    - ``None`` -> ``None`` (no quantization);
+    - an alias string -> a new instance with default arguments;
+    - a quantizer instance (any ``nn.Module``) -> returned as is;
+    - a quantizer class -> a new instance with default arguments;
+    - any other callable -> returned as is.
+    """
+    if identifier is None:
+        return None
+    if isinstance(identifier, str):
+        try:
+            return _REGISTRY[identifier]()
+        except KeyError:
+            raise ValueError(
+                f"unknown quantizer {identifier!r}; known quantizers: {', '.join(names())}"
+            ) from None
+    if isinstance(identifier, nn.Module):
+        return identifier
+    if isinstance(identifier, type) and issubclass(identifier, nn.Module):
+        return identifier()
+    if callable(identifier):
+        return identifier
+    raise TypeError(
+        f"a quantizer must be an alias string, a module, a callable or None, got {type(identifier).__name__}"
+    )
+
+
+def precision_of(quantizer: nn.Module | Callable | None) -> int:
+    """Bits of a quantizer's output: its ``precision`` attribute, 32 for ``None`` or an unknown callable."""
+    if quantizer is None:
+        return 32
+    return int(getattr(quantizer, "precision", 32))
+
+
+class Quantizer(nn.Module):
+    """Base class: ``precision`` bits, no parameters, no state."""
+
+    precision: int = 32
+    alias: str = ""
+
+
+# ---------------------------------------------------------------------------
+# autograd functions: forward sign(x) (never 0), backward grad * d(x)
+
+
+class _SignSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, clip: float | None) -> torch.Tensor:
+        ctx.clip = clip
+        if clip is not None:
+            ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if ctx.clip is None:
+            return grad, None
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= ctx.clip).to(grad.dtype), None
+
+
+class _ApproxSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
+
+
+class _SwishSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, beta: float) -> torch.Tensor:
+        ctx.beta = beta
+        ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        b = ctx.beta
+        bx = b * x
+        # d/dx [2 sigmoid(bx) (1 + bx (1 - sigmoid(bx))) - 1] = b (2 - bx tanh(bx/2)) / (1 + cosh(bx))
+        return grad * (b * (2.0 - bx * torch.tanh(bx / 2.0)) / (1.0 + torch.cosh(bx))), None
+
+
+class _Uniform(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.round(torch.clamp(x, 0.0, 1.0) * levels) / levels
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * ((x >= 0.0) & (x <= 1.0)).to(grad.dtype), None
+
+
+# ---------------------------------------------------------------------------
+# quantizers
+
+
+@register("ste_sign")
+class Sign(Quantizer):
+    r"""Binarization with the clipped straight-through estimator.
+
+    Forward:  q(x) = +1 if x >= 0 else -1   (sign(0) = +1)
+
+    Backward: dq/dx = 1[|x| <= clip]; with ``clip=None`` the plain identity, dq/dx = 1.
+
+    Courbariaux et al., "Binarized Neural Networks", 2016.
+    """
+
+    precision = 1
+
+    def __init__(self, clip: float | None = 1.0):
+        super().__init__()
+        if clip is not None and not clip > 0:
+            raise ValueError(f"Sign: clip must be positive or None, got {clip}")
+        self.clip = None if clip is None else float(clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SignSTE.apply(x, self.clip)
+
+    def extra_repr(self) -> str:
+        return f"clip={self.clip}"
+
+
+@register("approx_sign")
+class ApproxSign(Quantizer):
+    r"""Binarization with Bi-Real Net's piecewise-polynomial gradient.
+
+    Forward:  q(x) = +1 if x >= 0 else -1
+
+    Backward: dq/dx = max(0, 2 - 2|x|)   (the derivative of the polynomial
+    approximation 2x + x|x| ... clipped to [-1, 1]).
+
+    Liu et al., "Bi-Real Net", ECCV 2018.
+    """
+
+    precision = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ApproxSign.apply(x)
+
+
+@register("swish_sign")
+class SwishSign(Quantizer):
+    r"""Binarization with BNN+'s swish-sign gradient.
+
+    Forward:  q(x) = +1 if x >= 0 else -1
+
+    Backward: dq/dx = beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x)),
+    the derivative of SS_beta(x) = 2 sigmoid(beta x) (1 + beta x (1 - sigmoid(beta x))) - 1.
+
+    Darabi et al., "BNN+: Improved Binary Network Training", 2018.
+    """
+
+    precision = 1
+
+    def __init__(self, beta: float = 5.0):
+        super().__init__()
+        if not beta > 0:
+            raise ValueError(f"SwishSign: beta must be positive, got {beta}")
+        self.beta = float(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SwishSign.apply(x, self.beta)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+@register("magnitude_aware_sign")
+class MagnitudeAwareSign(Quantizer):
+    r"""Bi-Real Net's weight binarization: signs scaled by the mean magnitude per output channel.
+
+    Forward:  q(w)[o] = alpha_o * sign(w[o]),  alpha_o = mean(|w[o]|) over all dims but the
+    first (the output channel); a 1-D tensor gets a single alpha.
+
+    Backward: dq/dw = alpha_o * 1[|w| <= clip] (alpha is treated as a constant).
+
+    Idempotent up to float rounding of alpha. Liu et al., "Bi-Real Net", ECCV 2018.
+    """
+
+    precision = 1
+
+    def __init__(self, clip: float | None = 1.0):
+        super().__init__()
+        if clip is not None and not clip > 0:
+            raise ValueError(f"MagnitudeAwareSign: clip must be positive or None, got {clip}")
+        self.clip = None if clip is None else float(clip)
+
+    @staticmethod
+    def scale(w: torch.Tensor) -> torch.Tensor:
+        """alpha, shaped to broadcast against ``w``."""
+        if w.dim() <= 1:
+            return w.detach().abs().mean()
+        dims = tuple(range(1, w.dim()))
+        return w.detach().abs().mean(dim=dims, keepdim=True)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.scale(w) * _SignSTE.apply(w, self.clip)
+
+    def extra_repr(self) -> str:
+        return f"clip={self.clip}"
+
+
+@register("dorefa")
+class DoReFa(Quantizer):
+    r"""k-bit uniform quantization on [0, 1] (DoReFa-Net activations).
+
+    Forward:  q(x) = round(clamp(x, 0, 1) * (2^k - 1)) / (2^k - 1), exactly 2^k levels.
+
+    Backward: dq/dx = 1[0 <= x <= 1].
+
+    Zhou et al., "DoReFa-Net", 2016.
+    """
+
+    def __init__(self, bits: int = 2):
+        super().__init__()
+        if not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise ValueError(f"DoReFa: bits must be an integer in [1, 16], got {bits!r}")
+        self.precision = bits
+
+    @property
+    def levels(self) -> int:
+        return 2**self.precision - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Uniform.apply(x, self.levels)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.precision}"
