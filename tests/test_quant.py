@@ -1,0 +1,229 @@
+"""Quantizers: forward values, pseudo-gradients, idempotence, registry."""
+
+import pytest
+import torch
+from torch import nn
+
+from onebit import quant
+from onebit.math import sign
+
+SIGN_ALIASES = ["ste_sign", "approx_sign", "swish_sign", "magnitude_aware_sign"]
+ALL_ALIASES = SIGN_ALIASES + ["dorefa"]
+
+
+def make(alias_or_cls, form):
+    """The string and the instance form of the same quantizer."""
+    return quant.get(alias_or_cls) if form == "string" else type(quant.get(alias_or_cls))()
+
+
+# ----------------------------------------------------------------------------- the sign convention
+
+
+def test_math_sign_is_never_zero():
+    x = torch.tensor([-2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0])
+    assert sign(x).tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("form", ["string", "instance"])
+@pytest.mark.parametrize("alias", SIGN_ALIASES)
+def test_sign_of_zero_is_plus_one_in_every_sign_quantizer(alias, form):
+    q = make(alias, form)
+    w = torch.tensor([[0.0, -0.0, 0.5, -0.5]])
+    out = q(w)
+    assert (out[0, :2] > 0).all(), f"{alias} maps 0 or -0.0 to {out[0, :2].tolist()}"
+    assert torch.equal(torch.sign(out), torch.tensor([[1.0, 1.0, 1.0, -1.0]]))
+
+
+@pytest.mark.parametrize("alias", ["ste_sign", "approx_sign", "swish_sign"])
+def test_sign_quantizers_output_exactly_plus_minus_one(alias):
+    x = torch.randn(1000) * 3
+    out = quant.get(alias)(x)
+    assert set(out.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(out, torch.where(x < 0, -1.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- pseudo-gradients
+
+
+def grad_of(q, x):
+    x = x.clone().requires_grad_(True)
+    q(x).backward(torch.ones_like(x))
+    return x.grad
+
+
+def test_ste_sign_gradient_is_clipped_identity():
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.0001, 3.0])
+    assert grad_of(quant.Sign(), x).tolist() == [0, 1, 1, 1, 1, 1, 0, 0]
+    assert grad_of(quant.Sign(clip=0.5), x).tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+
+
+def test_ste_sign_without_clip_is_the_identity_estimator():
+    x = torch.tensor([-100.0, -1.0, 0.0, 7.0])
+    assert grad_of(quant.Sign(clip=None), x).tolist() == [1, 1, 1, 1]
+
+
+def test_ste_sign_scales_the_incoming_gradient():
+    x = torch.tensor([0.3, 2.0], requires_grad=True)
+    quant.Sign()(x).backward(torch.tensor([5.0, 5.0]))
+    assert x.grad.tolist() == [5.0, 0.0]
+
+
+def test_approx_sign_gradient_is_bireal_polynomial():
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.25, 1.0, 2.0])
+    expected = [0.0, 0.0, 1.0, 2.0, 1.5, 0.0, 0.0]  # max(0, 2 - 2|x|), worked by hand
+    assert grad_of(quant.ApproxSign(), x).tolist() == expected
+
+
+@pytest.mark.parametrize("beta", [1.0, 5.0, 10.0])
+def test_swish_sign_gradient_is_derivative_of_swish_sign_function(beta):
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64)
+    # independent reference: autograd through SS_beta(x) = 2 sigmoid(bx)(1 + bx(1 - sigmoid(bx))) - 1
+    xr = x.clone().requires_grad_(True)
+    s = torch.sigmoid(beta * xr)
+    (2 * s * (1 + beta * xr * (1 - s)) - 1).sum().backward()
+    assert torch.allclose(grad_of(quant.SwishSign(beta), x), xr.grad, atol=1e-10)
+
+
+def test_magnitude_aware_sign_forward_and_gradient():
+    w = torch.tensor([[0.5, -1.5, 0.0], [0.2, 0.2, -0.2]])
+    alpha = torch.tensor([[2.0 / 3.0], [0.2]])  # mean |w| per output channel, by hand
+    out = quant.MagnitudeAwareSign()(w)
+    assert torch.allclose(out, alpha * torch.tensor([[1.0, -1.0, 1.0], [1.0, 1.0, -1.0]]))
+    g = grad_of(quant.MagnitudeAwareSign(), w)
+    assert torch.allclose(g, alpha * torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 1.0]]))
+
+
+def test_magnitude_aware_sign_scales_per_output_channel_of_conv_weights():
+    w = torch.randn(4, 3, 3, 3)
+    out = quant.MagnitudeAwareSign()(w)
+    for o in range(4):
+        assert torch.allclose(out[o].abs(), w[o].abs().mean().expand(3, 3, 3))
+
+
+def test_dorefa_has_exactly_two_to_the_k_levels_on_unit_interval():
+    x = torch.linspace(-1, 2, 10001)
+    for bits in (1, 2, 3, 4):
+        levels = quant.DoReFa(bits)(x).unique()
+        n = 2**bits - 1
+        assert torch.allclose(levels, torch.arange(n + 1, dtype=torch.float32) / n)
+
+
+def test_dorefa_gradient_passes_inside_unit_interval_only():
+    x = torch.tensor([-0.1, 0.0, 0.3, 1.0, 1.2])
+    assert grad_of(quant.DoReFa(2), x).tolist() == [0, 1, 1, 1, 0]
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+@pytest.mark.parametrize("form", ["string", "instance"])
+@pytest.mark.parametrize("alias", ALL_ALIASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_quantizer_keeps_shape_and_dtype_and_leaves_input_alone(alias, form, dtype):
+    q = make(alias, form)
+    x = torch.randn(3, 4, 5).to(dtype)
+    before = x.clone()
+    out = q(x)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("alias", ["ste_sign", "approx_sign", "swish_sign", "dorefa"])
+def test_quantizer_is_exactly_idempotent(alias):
+    q = quant.get(alias)
+    x = torch.randn(64, 33) * 2
+    once = q(x)
+    assert torch.equal(q(once), once)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_dorefa_is_exactly_idempotent_for_every_bit_width(bits):
+    q = quant.DoReFa(bits)
+    x = torch.rand(10000) * 1.4 - 0.2
+    assert torch.equal(q(q(x)), q(x))
+
+
+def test_magnitude_aware_sign_is_idempotent_up_to_rounding_of_the_scale():
+    q = quant.MagnitudeAwareSign()
+    w = torch.randn(16, 8, 3, 3)
+    once = q(w)
+    assert torch.allclose(q(once), once, rtol=1e-6, atol=0)
+    assert torch.equal(torch.sign(q(once)), torch.sign(once))
+
+
+@pytest.mark.parametrize("alias", ALL_ALIASES)
+def test_precision_attribute(alias):
+    expected = 2 if alias == "dorefa" else 1
+    assert quant.get(alias).precision == expected
+    assert quant.DoReFa(bits=4).precision == 4
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_get_resolves_every_form():
+    assert quant.get(None) is None
+    assert isinstance(quant.get("ste_sign"), quant.Sign)
+    instance = quant.Sign(clip=0.5)
+    assert quant.get(instance) is instance
+    assert isinstance(quant.get(quant.ApproxSign), quant.ApproxSign)
+    assert quant.get(torch.tanh) is torch.tanh
+
+
+def test_get_returns_a_new_instance_per_alias_lookup():
+    assert quant.get("ste_sign") is not quant.get("ste_sign")
+
+
+def test_unknown_alias_lists_known_names():
+    with pytest.raises(ValueError) as info:
+        quant.get("xnor")
+    assert "'xnor'" in str(info.value)
+    for name in ALL_ALIASES:
+        assert name in str(info.value)
+
+
+def test_names_lists_every_alias():
+    assert set(ALL_ALIASES) <= set(quant.names())
+
+
+def test_get_rejects_non_quantizers():
+    with pytest.raises(TypeError):
+        quant.get(3.5)
+
+
+def test_register_makes_a_new_quantizer_available_and_refuses_a_taken_alias():
+    @quant.register("test_half_sign")
+    class HalfSign(quant.Quantizer):
+        precision = 1
+
+        def forward(self, x):
+            return 0.5 * sign(x)
+
+    try:
+        assert isinstance(quant.get("test_half_sign"), HalfSign)
+        assert "test_half_sign" in quant.names()
+        with pytest.raises(ValueError, match="already registered"):
+            quant.register("ste_sign")(HalfSign)
+    finally:
+        quant._REGISTRY.pop("test_half_sign")
+
+
+@pytest.mark.parametrize("bad", [0, -1.0])
+def test_bad_quantizer_arguments_are_refused(bad):
+    with pytest.raises(ValueError, match="clip"):
+        quant.Sign(clip=bad)
+    with pytest.raises(ValueError, match="beta"):
+        quant.SwishSign(beta=bad)
+
+
+def test_dorefa_refuses_bad_bit_widths():
+    for bits in (0, 17, 2.5):
+        with pytest.raises(ValueError, match="bits"):
+            quant.DoReFa(bits)
+
+
+def test_quantizers_have_no_parameters_or_state():
+    for alias in ALL_ALIASES:
+        q = quant.get(alias)
+        assert isinstance(q, nn.Module)
+        assert not list(q.parameters()) and not list(q.buffers()) and q.state_dict() == {}
