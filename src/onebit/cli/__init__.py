@@ -37,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(soft_wrap=True)
     try:
         return int(args.run(args, console) or 0)
     except (UsageError, ValueError, FileNotFoundError, TypeError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        Console(stderr=True).print(f"[red]onebit {args.command}: error:[/] {message}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]onebit {args.command}: error:[/] {message}", highlight=False)
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print(f"onebit {args.command}: interrupted", highlight=False)
