@@ -1,0 +1,173 @@
+"""The packed model file: one safetensors file, the graph as JSON in its metadata.
+
+Layout::
+
+    safetensors header metadata:
+        "format":         "onebit.packed"
+        "format_version": "1"
+        "graph":          the graph (see onebit.engine.graph), JSON
+    tensors, by the keys the graph's nodes name:
+        binary weights    uint8 [C_out, ceil(K / 8)]: bit j of byte b is element 8 b + j of the
+                          flattened weight w[c_out].flatten() (torch order C_in/G, KH, KW), set where
+                          w < 0 (-1); K = C_in/G * KH * KW (conv) or in_features (linear)
+        thresholds        int32 [C_out];  direction int8 [C_out] (+1 / -1)
+        float parameters  float32, as in the model (stem, BatchNorm, scales, classifier)
+
+Loading needs no pickle and executes nothing from the file: the header is size-checked
+and parsed as JSON, the graph may only name the ops of a fixed whitelist, and every
+tensor's dtype and shape is checked against the graph before a model is built.
+Any malformed file raises :class:`FormatError` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+from onebit import io
+from onebit.engine import graph as G
+from onebit.engine import ops
+
+__all__ = ["FormatError", "save", "load", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "onebit.packed"
+FORMAT_VERSION = "1"
+_MAX_HEADER = 64 << 20
+_DTYPES = {"U8", "I8", "I32", "I64", "F32"}
+
+
+class FormatError(ValueError):
+    """The file is not a valid onebit packed model (empty, truncated, foreign or tampered with)."""
+
+
+def _compact(wp: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """Kernel-layout packed weight -> uint8 bits in torch weight order."""
+    shifts = torch.arange(64, dtype=torch.int64)
+    bits = ((wp.unsqueeze(-1) >> shifts) & 1).bool()
+    if "kernel_size" in attrs:
+        co, kh, kw, wg = wp.shape
+        cg = attrs["in_channels"] // attrs["groups"]
+        bits = bits.reshape(co, kh, kw, wg * 64)[..., :cg].permute(0, 3, 1, 2).reshape(co, -1)
+    else:
+        bits = bits.reshape(wp.shape[0], -1)[:, : attrs["in_features"]]
+    k = bits.shape[1]
+    nbytes = (k + 7) // 8
+    bits = torch.nn.functional.pad(bits, (0, nbytes * 8 - k)).reshape(-1, nbytes, 8).to(torch.uint8)
+    return (bits << torch.arange(8, dtype=torch.uint8)).sum(dim=-1, dtype=torch.uint8).contiguous()
+
+
+def _expand(compact: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """uint8 bits -> kernel-layout packed weight."""
+    co = compact.shape[0]
+    bits = ((compact.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).bool().reshape(co, -1)
+    if "kernel_size" in attrs:
+        cg = attrs["in_channels"] // attrs["groups"]
+        kh, kw = attrs["kernel_size"]
+        signs = torch.where(bits[:, : cg * kh * kw], -1.0, 1.0).reshape(co, cg, kh, kw)
+        return ops.pack_weights(signs, attrs["groups"])
+    signs = torch.where(bits[:, : attrs["in_features"]], -1.0, 1.0)
+    return ops.pack_weights(signs)
+
+
+def _binary_roles(node: dict) -> list[str]:
+    spec = G.OPS[node["op"]]
+    return [role for role, ts in spec.tensors.items() if ts.binary and role in node.get("tensors", {})]
+
+
+def file_tensors(model) -> dict[str, torch.Tensor]:
+    """The tensors as stored in a file (binary weights compact)."""
+    tensors = dict(model.named_graph_tensors())
+    for node in model.graph["nodes"]:
+        attrs = G._attrs(node, G.OPS[node["op"]], node["name"])
+        for role in _binary_roles(node):
+            key = node["tensors"][role]
+            tensors[key] = _compact(tensors[key], attrs)
+    return tensors
+
+
+def save(model, path: str | os.PathLike) -> None:
+    """Write ``model`` (a :class:`~onebit.engine.PackedModel`) to ``path`` atomically."""
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "graph": json.dumps(model.graph, separators=(",", ":"), sort_keys=True),
+    }
+    io.save_tensors(path, file_tensors(model), metadata)
+
+
+def _fail(path, why: str) -> FormatError:
+    return FormatError(f"{os.fspath(path)}: not a valid onebit packed model file: {why}")
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check a file: ``(graph, tensors)`` with binary weights expanded to kernel layout."""
+    from safetensors.torch import load as st_load
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) == 0:
+        raise _fail(path, "the file is empty")
+    if data[:4] == b"PK\x03\x04":
+        raise _fail(path, "it is a zip archive (a torch.save checkpoint?), not safetensors")
+    if data[:1] == b"\x80":
+        raise _fail(path, "it looks like a pickle, which onebit never loads")
+    if len(data) < 8:
+        raise _fail(path, f"truncated ({len(data)} bytes)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len < 2 or header_len > _MAX_HEADER or 8 + header_len > len(data):
+        raise _fail(path, f"bad header size {header_len} for a file of {len(data)} bytes (truncated or foreign)")
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise _fail(path, f"the header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "the header is not a JSON object")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _fail(path, f"no {FORMAT!r} format tag in the metadata (a plain safetensors file?)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _fail(path, f"unsupported format version {meta.get('format_version')!r} (this onebit reads {FORMAT_VERSION})")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise _fail(path, f"tensor {key!r} has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _fail(path, f"tensor {key!r} has bad data offsets")
+        end = max(end, offsets[1])
+    if 8 + header_len + end != len(data):
+        raise _fail(path, f"the data section holds {len(data) - 8 - header_len} bytes, the header describes {end}")
+    try:
+        graph = json.loads(meta.get("graph", ""))
+    except (json.JSONDecodeError, TypeError, RecursionError) as error:
+        raise _fail(path, f"the graph is not JSON ({error})") from None
+    try:
+        tensors = st_load(data)
+    except Exception as error:  # safetensors raises its own error types on malformed data
+        raise _fail(path, f"safetensors could not read the tensors ({error})") from None
+    try:
+        G.validate(graph, tensors, compact=True)
+        for node in graph["nodes"]:
+            attrs = G._attrs(node, G.OPS[node["op"]], node["name"])
+            for role in _binary_roles(node):
+                key = node["tensors"][role]
+                tensors[key] = _expand(tensors[key], attrs)
+    except G.GraphError as error:
+        raise _fail(path, str(error)) from None
+    return graph, tensors
+
+
+def load(path: str | os.PathLike):
+    """Load a :class:`~onebit.engine.PackedModel` saved with :meth:`PackedModel.save`."""
+    from onebit.engine.packed import PackedModel
+
+    graph, tensors = read(path)
+    try:
+        return PackedModel(graph, tensors)
+    except G.GraphError as error:
+        raise _fail(path, str(error)) from None

@@ -1,0 +1,628 @@
+"""The packed engine's graph: a fixed whitelist of ops, their checks and their float semantics.
+
+A graph is plain JSON data (it is stored in the file's metadata)::
+
+    {"input": {"name": "input", "rank": 4, "channels": 3, "dtype": "float32"},
+     "nodes": [{"name": "conv1", "op": "conv2d", "inputs": ["input"],
+                "attrs": {...}, "tensors": {"weight": "conv1.weight", ...}}, ...],
+     "outputs": ["fc"], "output_kind": "tensor"}
+
+Values are either *float* tensors (NCHW / NC, as in the model) or *packed* bit
+tensors (``[N, Hp, Wp, G, Wg]`` or ``[N, Wg]`` int64) whose layout (padding,
+pad value, groups) is fixed by the op that produced them and must be the one
+the consuming binary layer expects. Every op here names a function of this
+module; nothing from a file is ever executed or imported, and :func:`validate`
+checks names, references, value kinds, attributes and tensor dtypes/shapes
+before a graph runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from onebit.engine import ops
+from onebit.math import sign
+
+__all__ = ["OPS", "OpSpec", "validate", "GraphError", "binary_weight_shape", "compact_shape"]
+
+
+class GraphError(ValueError):
+    """A graph (or its tensors) is malformed."""
+
+
+FLOAT, PACKED = "float", "packed"
+
+# ---------------------------------------------------------------------------
+# attribute checkers: each returns the normalised value or raises GraphError
+
+
+def _int(lo: int = 0, hi: int = 1 << 30):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise GraphError(f"expected an integer in [{lo}, {hi}], got {v!r}")
+        return v
+
+    return check
+
+
+def _pair(lo: int = 0, hi: int = 1 << 16):
+    item = _int(lo, hi)
+
+    def check(v):
+        if not isinstance(v, list) or len(v) != 2:
+            raise GraphError(f"expected a pair of integers, got {v!r}")
+        return [item(x) for x in v]
+
+    return check
+
+
+def _float(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise GraphError(f"expected a finite number, got {v!r}")
+    return float(v)
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise GraphError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _pad_value(v):
+    v = _float(v)
+    if v not in (0.0, 1.0, -1.0):
+        raise GraphError(f"pad_value must be 0, 1 or -1, got {v!r}")
+    return v
+
+
+def _choice(*options):
+    def check(v):
+        if v not in options:
+            raise GraphError(f"expected one of {list(options)}, got {v!r}")
+        return v
+
+    return check
+
+
+def _optional(check):
+    return lambda v: None if v is None else check(v)
+
+
+def _int_list(v):
+    if not isinstance(v, list) or not 1 <= len(v) <= 8:
+        raise GraphError(f"expected a list of integers, got {v!r}")
+    return [_int(-1, 1 << 30)(x) for x in v]
+
+
+def _conv_padding(v):
+    if v in ("same", "valid"):
+        return v
+    return _pair()(v)
+
+
+# ---------------------------------------------------------------------------
+# tensor shapes, from a node's attributes
+
+
+def binary_weight_shape(a: dict) -> tuple[int, ...]:
+    """In-memory packed conv weight: ``[C_out, KH, KW, ceil((C_in/G)/64)]`` int64."""
+    return (a["out_channels"], *a["kernel_size"], (a["in_channels"] // a["groups"] + 63) // 64)
+
+
+def compact_shape(a: dict) -> tuple[int, ...]:
+    """In-file binary weight: ``[C_out, ceil(C_in/G * KH * KW / 8)]`` uint8 (the bits of sign(w) < 0)."""
+    if "kernel_size" in a:
+        k = a["in_channels"] // a["groups"] * a["kernel_size"][0] * a["kernel_size"][1]
+    else:
+        k = a["in_features"]
+    return (a["out_channels"] if "out_channels" in a else a["out_features"], (k + 7) // 8)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: Callable[[dict], tuple[int, ...] | None]  # None: any 1-D length is checked by the op
+    required: bool = True
+    binary: bool = False  # a binary weight: stored compact in files
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    fn: Callable
+    inputs: tuple[str, ...]  # kinds of the inputs; ("float", "...") = one or more floats
+    output: str
+    attrs: dict[str, Callable] = field(default_factory=dict)
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    check: Callable[[dict], None] | None = None  # cross-attribute checks
+
+
+def _co(a):
+    return (a["out_channels"],)
+
+
+_CONV_ATTRS = {
+    "in_channels": _int(1),
+    "out_channels": _int(1),
+    "kernel_size": _pair(1, 64),
+    "stride": _pair(1, 1 << 10),
+    "padding": _pair(0, 1 << 10),
+    "dilation": _pair(1, 1 << 10),
+    "groups": _int(1),
+    "pad_value": _pad_value,
+}
+
+
+def _check_groups(a):
+    if a["in_channels"] % a["groups"] or a["out_channels"] % a["groups"]:
+        raise GraphError(f"{a['in_channels']} -> {a['out_channels']} channels are not divisible by groups={a['groups']}")
+
+
+def _conv_args(a) -> dict:
+    return {k: a[k] for k in _CONV_ATTRS}
+
+
+# ---------------------------------------------------------------------------
+# op implementations: fn(tensors: dict[str, Tensor], attrs: dict, *inputs) -> Tensor
+
+
+def _pack(t, a, x):
+    return ops.pack_activations(x, a["padding"], a["pad_value"], a["groups"])
+
+
+def _pack_features(t, a, x):
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return ops.pack_features(x.float() if x.dtype != torch.float32 else x)
+
+
+def _binary_conv2d(t, a, xp):
+    return ops.binary_conv2d(xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), **_conv_args(a))
+
+
+def _binary_conv2d_int(t, a, xp):
+    return ops.binary_conv2d(xp, t["weight"], scale=None, bias=None, **_conv_args(a))
+
+
+def _binary_conv2d_threshold(t, a, xp):
+    return ops.binary_conv2d_threshold(
+        xp,
+        t["weight"],
+        thresholds=t["thresholds"],
+        direction=t["direction"],
+        out_padding=a["out_padding"],
+        out_pad_value=a["out_pad_value"],
+        out_groups=a["out_groups"],
+        **_conv_args(a),
+    )
+
+
+def _threshold_pack(t, a, acc):
+    return ops.threshold_pack(
+        acc, t["thresholds"], t["direction"], out_padding=a["out_padding"], out_pad_value=a["out_pad_value"],
+        out_groups=a["out_groups"],
+    )
+
+
+def _binary_linear(t, a, xp):
+    return ops.binary_linear(xp, t["weight"], in_features=a["in_features"], scale=t.get("scale"), bias=t.get("bias"))
+
+
+def _conv2d(t, a, x):
+    padding = a["padding"]
+    if a["pad_value"] == 0.0 and a["padding_mode"] == "zeros":
+        return F.conv2d(x, t["weight"], t.get("bias"), a["stride"], padding, a["dilation"], a["groups"])
+    pad = a["explicit_padding"]  # F.pad order: [left, right, top, bottom]
+    if a["padding_mode"] == "zeros":
+        x = F.pad(x, pad, mode="constant", value=a["pad_value"])
+    else:
+        x = F.pad(x, pad, mode=a["padding_mode"])
+    return F.conv2d(x, t["weight"], t.get("bias"), a["stride"], 0, a["dilation"], a["groups"])
+
+
+def _linear(t, a, x):
+    return F.linear(x, t["weight"], t.get("bias"))
+
+
+def _batch_norm(t, a, x):
+    return F.batch_norm(x, t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), False, 0.0, a["eps"])
+
+
+def _max_pool2d(t, a, x):
+    return F.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"])
+
+
+def _avg_pool2d(t, a, x):
+    return F.avg_pool2d(
+        x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], a["divisor_override"]
+    )
+
+
+def _adaptive_avg_pool2d(t, a, x):
+    return F.adaptive_avg_pool2d(x, a["output_size"])
+
+
+def _adaptive_max_pool2d(t, a, x):
+    return F.adaptive_max_pool2d(x, a["output_size"])
+
+
+def _flatten(t, a, x):
+    return torch.flatten(x, a["start_dim"], a["end_dim"])
+
+
+def _reshape(t, a, x):
+    return x.reshape(x.shape[0], *a["shape"])
+
+
+def _add(t, a, *xs):
+    if len(xs) == 1:
+        return xs[0] + a["other"] * a["alpha"] if a["alpha"] != 1.0 else xs[0] + a["other"]
+    if a["alpha"] != 1.0:
+        return torch.add(xs[0], xs[1], alpha=a["alpha"])
+    return xs[0] + xs[1]
+
+
+def _mul(t, a, *xs):
+    return xs[0] * xs[1] if len(xs) == 2 else xs[0] * a["other"]
+
+
+def _cat(t, a, *xs):
+    return torch.cat(xs, dim=a["dim"])
+
+
+def _relu(t, a, x):
+    return F.relu(x)
+
+
+def _relu6(t, a, x):
+    return F.relu6(x)
+
+
+def _leaky_relu(t, a, x):
+    return F.leaky_relu(x, a["negative_slope"])
+
+
+def _hardtanh(t, a, x):
+    return F.hardtanh(x, a["min_val"], a["max_val"])
+
+
+def _prelu(t, a, x):
+    return F.prelu(x, t["weight"])
+
+
+def _sigmoid(t, a, x):
+    return torch.sigmoid(x)
+
+
+def _tanh(t, a, x):
+    return torch.tanh(x)
+
+
+def _softmax(t, a, x):
+    return F.softmax(x, dim=a["dim"])
+
+
+def _sign(t, a, x):
+    return sign(x)
+
+
+def _dorefa(t, a, x):
+    levels = 2 ** a["bits"] - 1
+    return torch.round(torch.clamp(x, 0.0, 1.0) * levels) / levels
+
+
+def _identity(t, a, x):
+    return x
+
+
+_F32 = torch.float32
+_ANY = lambda a: None  # noqa: E731
+
+
+def _cout(a):
+    return (a["out_channels"],)
+
+
+def _fout(a):
+    return (a["out_features"],)
+
+
+def _chan(a):
+    return (a["num_features"],)
+
+
+_THRESH_ATTRS = {"out_padding": _pair(0, 1 << 10), "out_pad_value": _pad_value, "out_groups": _int(1)}
+
+OPS: dict[str, OpSpec] = {
+    "pack": OpSpec(_pack, (FLOAT,), PACKED, {"padding": _pair(0, 1 << 10), "pad_value": _pad_value, "groups": _int(1)}),
+    "pack_features": OpSpec(_pack_features, (FLOAT,), PACKED, {"features": _int(1)}),
+    "binary_conv2d": OpSpec(
+        _binary_conv2d,
+        (PACKED,),
+        FLOAT,
+        dict(_CONV_ATTRS),
+        {
+            "weight": TensorSpec(torch.int64, binary_weight_shape, binary=True),
+            "scale": TensorSpec(_F32, _cout, required=False),
+            "bias": TensorSpec(_F32, _cout, required=False),
+        },
+        _check_groups,
+    ),
+    "binary_conv2d_threshold": OpSpec(
+        _binary_conv2d_threshold,
+        (PACKED,),
+        PACKED,
+        {**_CONV_ATTRS, **_THRESH_ATTRS},
+        {
+            "weight": TensorSpec(torch.int64, binary_weight_shape, binary=True),
+            "thresholds": TensorSpec(torch.int32, _cout),
+            "direction": TensorSpec(torch.int8, _cout),
+        },
+        lambda a: (_check_groups(a), _check_out_groups(a)),
+    ),
+    "threshold_pack": OpSpec(
+        _threshold_pack,
+        (FLOAT,),
+        PACKED,
+        {"out_channels": _int(1), **_THRESH_ATTRS},
+        {"thresholds": TensorSpec(torch.int32, _cout), "direction": TensorSpec(torch.int8, _cout)},
+        lambda a: _check_out_groups(a),
+    ),
+    "binary_linear": OpSpec(
+        _binary_linear,
+        (PACKED,),
+        FLOAT,
+        {"in_features": _int(1), "out_features": _int(1)},
+        {
+            "weight": TensorSpec(torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64), binary=True),
+            "scale": TensorSpec(_F32, _fout, required=False),
+            "bias": TensorSpec(_F32, _fout, required=False),
+        },
+    ),
+    "conv2d": OpSpec(
+        _conv2d,
+        (FLOAT,),
+        FLOAT,
+        {
+            "in_channels": _int(1),
+            "out_channels": _int(1),
+            "kernel_size": _pair(1, 1 << 10),
+            "stride": _pair(1, 1 << 10),
+            "padding": _conv_padding,
+            "explicit_padding": lambda v: [_int(0, 1 << 10)(x) for x in v] if isinstance(v, list) and len(v) == 4 else _fail(v),
+            "dilation": _pair(1, 1 << 10),
+            "groups": _int(1),
+            "pad_value": _pad_value,
+            "padding_mode": _choice("zeros", "reflect", "replicate", "circular"),
+        },
+        {
+            "weight": TensorSpec(_F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"])),
+            "bias": TensorSpec(_F32, _cout, required=False),
+        },
+        _check_groups,
+    ),
+    "linear": OpSpec(
+        _linear,
+        (FLOAT,),
+        FLOAT,
+        {"in_features": _int(1), "out_features": _int(1)},
+        {
+            "weight": TensorSpec(_F32, lambda a: (a["out_features"], a["in_features"])),
+            "bias": TensorSpec(_F32, _fout, required=False),
+        },
+    ),
+    "batch_norm": OpSpec(
+        _batch_norm,
+        (FLOAT,),
+        FLOAT,
+        {"num_features": _int(1), "eps": _float},
+        {
+            "running_mean": TensorSpec(_F32, _chan),
+            "running_var": TensorSpec(_F32, _chan),
+            "weight": TensorSpec(_F32, _chan, required=False),
+            "bias": TensorSpec(_F32, _chan, required=False),
+        },
+    ),
+    "max_pool2d": OpSpec(
+        _max_pool2d,
+        (FLOAT,),
+        FLOAT,
+        {"kernel_size": _pair(1), "stride": _pair(1), "padding": _pair(0), "dilation": _pair(1), "ceil_mode": _bool},
+    ),
+    "avg_pool2d": OpSpec(
+        _avg_pool2d,
+        (FLOAT,),
+        FLOAT,
+        {
+            "kernel_size": _pair(1),
+            "stride": _pair(1),
+            "padding": _pair(0),
+            "ceil_mode": _bool,
+            "count_include_pad": _bool,
+            "divisor_override": _optional(_int(1)),
+        },
+    ),
+    "adaptive_avg_pool2d": OpSpec(_adaptive_avg_pool2d, (FLOAT,), FLOAT, {"output_size": _pair(1)}),
+    "adaptive_max_pool2d": OpSpec(_adaptive_max_pool2d, (FLOAT,), FLOAT, {"output_size": _pair(1)}),
+    "flatten": OpSpec(_flatten, (FLOAT,), FLOAT, {"start_dim": _int(-8, 8), "end_dim": _int(-8, 8)}),
+    "reshape": OpSpec(_reshape, (FLOAT,), FLOAT, {"shape": _int_list}),
+    "add": OpSpec(_add, (FLOAT, "..."), FLOAT, {"other": _float, "alpha": _float}),
+    "mul": OpSpec(_mul, (FLOAT, "..."), FLOAT, {"other": _float}),
+    "cat": OpSpec(_cat, (FLOAT, "..."), FLOAT, {"dim": _int(-8, 8)}),
+    "relu": OpSpec(_relu, (FLOAT,), FLOAT),
+    "relu6": OpSpec(_relu6, (FLOAT,), FLOAT),
+    "leaky_relu": OpSpec(_leaky_relu, (FLOAT,), FLOAT, {"negative_slope": _float}),
+    "hardtanh": OpSpec(_hardtanh, (FLOAT,), FLOAT, {"min_val": _float, "max_val": _float}),
+    "prelu": OpSpec(_prelu, (FLOAT,), FLOAT, {}, {"weight": TensorSpec(_F32, _ANY)}),
+    "sigmoid": OpSpec(_sigmoid, (FLOAT,), FLOAT),
+    "tanh": OpSpec(_tanh, (FLOAT,), FLOAT),
+    "softmax": OpSpec(_softmax, (FLOAT,), FLOAT, {"dim": _int(-8, 8)}),
+    "sign": OpSpec(_sign, (FLOAT,), FLOAT),
+    "dorefa": OpSpec(_dorefa, (FLOAT,), FLOAT, {"bits": _int(1, 16)}),
+    "identity": OpSpec(_identity, (FLOAT,), FLOAT),
+}
+
+
+def _fail(v):
+    raise GraphError(f"unexpected value {v!r}")
+
+
+def _check_out_groups(a):
+    if a["out_channels"] % a["out_groups"]:
+        raise GraphError(f"{a['out_channels']} output channels are not divisible by out_groups={a['out_groups']}")
+
+
+# ---------------------------------------------------------------------------
+# validation
+
+_LAYOUT_KEYS = ("padding", "pad_value", "groups")
+
+
+def _produced_layout(node: dict) -> tuple | None:
+    """(padding, pad_value, groups, channels or None) of a packed value."""
+    a = node["attrs"]
+    if node["op"] == "pack":
+        return (tuple(a["padding"]), a["pad_value"], a["groups"], None)
+    if node["op"] in ("binary_conv2d_threshold", "threshold_pack"):
+        return (tuple(a["out_padding"]), a["out_pad_value"], a["out_groups"], a["out_channels"])
+    if node["op"] == "pack_features":
+        return ("features", a["features"])
+    return None
+
+
+def _expected_layout(node: dict) -> tuple:
+    a = node["attrs"]
+    if node["op"] == "binary_linear":
+        return ("features", a["in_features"])
+    return (tuple(a["padding"]), a["pad_value"], a["groups"], a["in_channels"])
+
+
+def _layouts_match(produced: tuple, expected: tuple) -> bool:
+    if produced[0] == "features" or expected[0] == "features":
+        return produced == expected
+    return produced[:3] == expected[:3] and (produced[3] is None or produced[3] == expected[3])
+
+
+def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = False) -> None:
+    """Check a graph and its tensors; raise :class:`GraphError` naming the first problem.
+
+    ``compact=True`` checks binary weights in their file form (uint8 bits), else in
+    their in-memory kernel form (int64 words).
+    """
+    if not isinstance(graph, dict):
+        raise GraphError("the graph must be a JSON object")
+    for key in ("input", "nodes", "outputs"):
+        if key not in graph:
+            raise GraphError(f"the graph has no {key!r} entry")
+    inp = graph["input"]
+    if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
+        raise GraphError("graph input must be an object with a name")
+    _int(1, 8)(inp.get("rank"))
+    _int(1)(inp.get("channels"))
+    if inp.get("dtype") != "float32":
+        raise GraphError(f"graph input dtype must be float32, got {inp.get('dtype')!r}")
+    if graph.get("output_kind", "tensor") not in ("tensor", "tuple", "list"):
+        raise GraphError(f"unknown output_kind {graph.get('output_kind')!r}")
+    kinds: dict[str, str] = {inp["name"]: FLOAT}
+    producers: dict[str, dict] = {}
+    used_tensors: set[str] = set()
+    nodes = graph["nodes"]
+    if not isinstance(nodes, list):
+        raise GraphError("graph nodes must be a list")
+    for index, node in enumerate(nodes):
+        where = f"graph node {index}"
+        if not isinstance(node, dict):
+            raise GraphError(f"{where} is not an object")
+        name, op = node.get("name"), node.get("op")
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"{where} has no name")
+        where = f"graph node {name!r}"
+        if name in kinds:
+            raise GraphError(f"{where}: duplicate value name")
+        if not isinstance(op, str) or op not in OPS:
+            raise GraphError(f"{where}: unknown op {op!r}")
+        spec = OPS[op]
+        inputs = node.get("inputs")
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise GraphError(f"{where}: inputs must be a list of value names")
+        variadic = spec.inputs[-1] == "..."
+        fixed = spec.inputs[:-1] if variadic else spec.inputs
+        if len(inputs) < len(fixed) or (not variadic and len(inputs) != len(fixed)) or (variadic and len(inputs) > 64):
+            raise GraphError(f"{where}: op {op} takes {len(fixed)}{'+' if variadic else ''} inputs, got {len(inputs)}")
+        for i, ref in enumerate(inputs):
+            if ref not in kinds:
+                raise GraphError(f"{where}: input {ref!r} is not defined before it")
+            want = fixed[min(i, len(fixed) - 1)]
+            if kinds[ref] != want:
+                raise GraphError(f"{where}: op {op} expects a {want} input, {ref!r} is {kinds[ref]}")
+            if want == PACKED:
+                producer = producers[ref]
+                if not _layouts_match(_produced_layout(producer), _expected_layout({"op": op, "attrs": _attrs(node, spec, where)})):
+                    raise GraphError(f"{where}: packed input {ref!r} has a different layout than {op} expects")
+        attrs = _attrs(node, spec, where)
+        node_tensors = node.get("tensors", {})
+        if not isinstance(node_tensors, dict):
+            raise GraphError(f"{where}: tensors must be an object")
+        for role in node_tensors:
+            if role not in spec.tensors:
+                raise GraphError(f"{where}: op {op} has no tensor {role!r}")
+        for role, ts in spec.tensors.items():
+            key = node_tensors.get(role)
+            if key is None:
+                if ts.required:
+                    raise GraphError(f"{where}: missing tensor {role!r}")
+                continue
+            if not isinstance(key, str) or key not in tensors:
+                raise GraphError(f"{where}: tensor {role!r} refers to {key!r}, which is not in the file")
+            t = tensors[key]
+            if ts.binary and compact:
+                dtype, shape = torch.uint8, compact_shape(attrs)
+            else:
+                dtype, shape = ts.dtype, ts.shape(attrs)
+            if t.dtype != dtype:
+                raise GraphError(f"{where}: tensor {key!r} must be {dtype}, got {t.dtype}")
+            if shape is not None and tuple(t.shape) != tuple(shape):
+                raise GraphError(f"{where}: tensor {key!r} must have shape {list(shape)}, got {list(t.shape)}")
+            if shape is None and t.dim() != 1:
+                raise GraphError(f"{where}: tensor {key!r} must be 1-D, got shape {list(t.shape)}")
+            used_tensors.add(key)
+        kinds[name] = spec.output
+        producers[name] = {"op": op, "attrs": attrs}
+    outputs = graph["outputs"]
+    if not isinstance(outputs, list) or not outputs:
+        raise GraphError("graph outputs must be a non-empty list of value names")
+    for ref in outputs:
+        if not isinstance(ref, str) or ref not in kinds:
+            raise GraphError(f"graph output {ref!r} is not a defined value")
+        if kinds[ref] != FLOAT:
+            raise GraphError(f"graph output {ref!r} is a packed value")
+    unused = set(tensors) - used_tensors
+    if unused:
+        raise GraphError(f"tensors not used by the graph: {sorted(unused)[:5]}")
+
+
+def _attrs(node: dict, spec: OpSpec, where: str) -> dict:
+    attrs = node.get("attrs", {})
+    if not isinstance(attrs, dict):
+        raise GraphError(f"{where}: attrs must be an object")
+    out = {}
+    for key in attrs:
+        if key not in spec.attrs:
+            raise GraphError(f"{where}: unknown attribute {key!r} for op {node['op']}")
+    for key, check in spec.attrs.items():
+        if key not in attrs:
+            raise GraphError(f"{where}: missing attribute {key!r}")
+        try:
+            out[key] = check(attrs[key])
+        except GraphError as error:
+            raise GraphError(f"{where}: attribute {key!r}: {error}") from None
+    if spec.check is not None:
+        try:
+            spec.check(out)
+        except GraphError as error:
+            raise GraphError(f"{where}: {error}") from None
+    return out

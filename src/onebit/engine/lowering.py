@@ -1,0 +1,549 @@
+"""Lowering: an eval-mode onebit/torch model -> the packed engine's graph.
+
+The model is traced with ``torch.fx`` (onebit's layers and quantizers are leaves).
+Each traced node becomes graph ops (see :mod:`onebit.engine.graph`):
+
+- a *binary* ``QConv2d`` / ``QLinear`` (1-bit sign input quantizer -- ``ste_sign``,
+  ``approx_sign``, ``swish_sign`` -- and sign or magnitude-aware sign weights)
+  becomes ``pack`` + ``binary_conv2d`` / ``pack_features`` + ``binary_linear``, on
+  1-bit weights with an optional per-channel float scale (the magnitude-aware alpha);
+- the chain *binary conv -> [MaxPool2d] -> BatchNorm -> only binary convs with one
+  input layout* keeps its output packed: the BatchNorm and the next layer's sign become
+  per-channel integer thresholds (:mod:`onebit.thresholds`) and the conv writes the
+  next conv's packed, padded input directly (``binary_conv2d_threshold``; with a max
+  pool: integer conv, max pool of the accumulators, ``threshold_pack``);
+- everything else runs as the model's own float ops on copies of its parameters;
+  a binary conv the packed kernels cannot run (e.g. ``padding_mode='reflect'``) runs
+  as sign + float conv of its quantized weight, exactly as the model does.
+
+Unsupported modules or functions raise :class:`UnsupportedModelError` naming the node.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from onebit import quant
+from onebit.engine import ops
+from onebit.math import sign as onebit_sign
+from onebit.nn import functional as QF
+from onebit.nn.layers import QActivation, QConv2d, QLinear, QuantizedLayer
+from onebit.thresholds import accumulator_bound, batchnorm_sign_thresholds
+
+__all__ = ["lower", "UnsupportedModelError", "is_sign_quantizer"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains a module, function or configuration the packed engine cannot run."""
+
+
+_SIGN_QUANTIZERS = (quant.Sign, quant.ApproxSign, quant.SwishSign)
+
+
+def is_sign_quantizer(q: Any) -> bool:
+    """True for quantizers whose forward is exactly :func:`onebit.math.sign`."""
+    return isinstance(q, _SIGN_QUANTIZERS) or q is onebit_sign
+
+
+def _binary_weight(q: Any) -> bool:
+    return is_sign_quantizer(q) or isinstance(q, quant.MagnitudeAwareSign)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (QuantizedLayer, QActivation, quant.Quantizer)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _pair(v) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    return [int(x) for x in v]
+
+
+def _t(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().to(torch.float32).contiguous().clone()
+
+
+class _Lowering:
+    def __init__(self, model: nn.Module, example: torch.Tensor):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        tracer = _Tracer()
+        try:
+            fx_graph = tracer.trace(model)
+        except Exception as error:
+            raise UnsupportedModelError(
+                f"the model cannot be traced with torch.fx ({type(error).__name__}: {error}); the packed engine "
+                "needs a traceable forward (no data-dependent Python control flow)"
+            ) from error
+        self.gm = fx.GraphModule(tracer.root, fx_graph)
+        self.modules = dict(self.gm.named_modules())
+        _drop_identities(self.gm, self.modules)
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(self.gm).propagate(example)
+        self.nodes: list[dict] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.value: dict[fx.Node, str] = {}
+        self.packed: dict[tuple, str] = {}  # (float value name | fx node, layout) -> packed value name
+        self.skip: set[fx.Node] = set()
+        self.names: set[str] = {"input"}
+        self.example = example
+
+    # -- helpers ------------------------------------------------------------
+
+    def _name(self, base: str) -> str:
+        base = base.replace(".", "_") or "v"
+        name, k = base, 1
+        while name in self.names:
+            name, k = f"{base}_{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def emit(self, base: str, op: str, inputs: list[str], attrs: dict | None = None, tensors: dict | None = None,
+             module: str | None = None) -> str:
+        name = self._name(base)
+        refs = {}
+        for role, t in (tensors or {}).items():
+            if t is None:
+                continue
+            key = f"{name}__{role}"
+            self.tensors[key] = t
+            refs[role] = key
+        node = {"name": name, "op": op, "inputs": inputs, "attrs": attrs or {}, "tensors": refs}
+        if module:
+            node["module"] = module
+        self.nodes.append(node)
+        return name
+
+    def _where(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"module '{node.target}' ({type(self.modules[node.target]).__name__})"
+        target = getattr(node.target, "__name__", str(node.target))
+        return f"node '{node.name}' ({node.op} {target})"
+
+    def unsupported(self, node: fx.Node, why: str = "") -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"the packed engine does not support {self._where(node)}{': ' + why if why else ''}"
+        )
+
+    def arg(self, node: fx.Node, a: Any) -> str:
+        if not isinstance(a, fx.Node):
+            raise self.unsupported(node, f"expected a tensor argument, got {a!r}")
+        if a not in self.value:
+            raise self.unsupported(node, f"its input '{a.name}' is not a float tensor the engine computes")
+        return self.value[a]
+
+    def _shape(self, node: fx.Node):
+        meta = node.meta.get("tensor_meta")
+        return None if meta is None or not hasattr(meta, "shape") else tuple(meta.shape)
+
+    # -- binary layers ------------------------------------------------------
+
+    def binary_conv_kind(self, m: nn.Module) -> str | None:
+        """'packed' for a binary QConv2d the kernels run, 'float' for one that runs simulated, None otherwise."""
+        if not isinstance(m, QConv2d) or not is_sign_quantizer(m.input_quantizer) or not _binary_weight(m.weight_quantizer):
+            return None
+        if m.padding_mode != "zeros":
+            return "float"
+        if m.padding == "valid":
+            return "packed"
+        pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
+        if pad[0] != pad[1] or pad[2] != pad[3]:
+            return "float"
+        return "packed"
+
+    def conv_layout(self, m: nn.Module) -> tuple:
+        pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
+        return ((pad[2], pad[0]), float(m.pad_value), int(m.groups), int(m.in_channels))
+
+    def packed_input(self, node: fx.Node, src: Any, layout: tuple) -> str:
+        key = (src, layout)
+        if key in self.packed:
+            return self.packed[key]
+        name = self.arg(node, src)
+        vkey = (name, layout)
+        if vkey not in self.packed:
+            padding, pad_value, groups, _ = layout
+            self.packed[vkey] = self.emit(
+                f"{name}_packed", "pack", [name], {"padding": list(padding), "pad_value": pad_value, "groups": groups}
+            )
+        return self.packed[vkey]
+
+    def binary_weights(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = m.weight.detach().to(torch.float32)
+        scale = None
+        if isinstance(m.weight_quantizer, quant.MagnitudeAwareSign):
+            scale = quant.MagnitudeAwareSign.scale(w).reshape(-1).to(torch.float32).contiguous()
+        groups = getattr(m, "groups", 1)
+        return ops.pack_weights(w, groups), scale
+
+    def threshold_chain(self, node: fx.Node, m: nn.Module):
+        """(pool node | None, bn node, consumer layout) when conv -> [maxpool] -> BN -> binary convs only."""
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        nxt, pool = users[0], None
+        if nxt.op == "call_module" and type(self.modules[nxt.target]) is nn.MaxPool2d:
+            p = self.modules[nxt.target]
+            if p.return_indices or len(nxt.users) != 1:
+                return None
+            pool, nxt = nxt, next(iter(nxt.users))
+        if nxt.op != "call_module" or len(nxt.args) != 1:
+            return None
+        bn = self.modules[nxt.target]
+        if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or bn.num_features != m.out_channels:
+            return None
+        if pool is not None and pool.args[0] is not node:
+            return None
+        if nxt.args[0] is not (pool or node):
+            return None
+        consumers = list(nxt.users)
+        if not consumers:
+            return None
+        layouts = set()
+        for c in consumers:
+            if c.op != "call_module" or len(c.args) != 1 or c.kwargs or c.args[0] is not nxt:
+                return None
+            cm = self.modules[c.target]
+            if self.binary_conv_kind(cm) != "packed":
+                return None
+            layouts.add(self.conv_layout(cm))
+        if len(layouts) != 1:
+            return None
+        return pool, nxt, layouts.pop()
+
+    def lower_binary_conv(self, node: fx.Node, m: QConv2d) -> None:
+        layout = self.conv_layout(m)
+        xp = self.packed_input(node, node.args[0], layout)
+        wp, scale = self.binary_weights(m)
+        bias = _t(m.bias)
+        conv = {
+            "in_channels": int(m.in_channels),
+            "out_channels": int(m.out_channels),
+            "kernel_size": _pair(m.kernel_size),
+            "stride": _pair(m.stride),
+            "padding": list(layout[0]),
+            "dilation": _pair(m.dilation),
+            "groups": int(m.groups),
+            "pad_value": float(m.pad_value),
+        }
+        chain = self.threshold_chain(node, m)
+        if chain is None:
+            self.value[node] = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target)
+            return
+        pool, bn_node, out_layout = chain
+        bn = self.modules[bn_node.target]
+        bound = accumulator_bound(m.in_channels, m.groups, m.kernel_size)
+        th = batchnorm_sign_thresholds(bn, bound, scale=scale, bias=bias)
+        thr, direction = th.threshold.contiguous(), th.direction.to(torch.int8).contiguous()
+        out = {"out_padding": list(out_layout[0]), "out_pad_value": out_layout[1], "out_groups": out_layout[2]}
+        if pool is None:
+            packed = self.emit(
+                node.name, "binary_conv2d_threshold", [xp], {**conv, **out},
+                {"weight": wp, "thresholds": thr, "direction": direction}, node.target,
+            )
+        else:
+            acc = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp}, node.target)
+            pooled = self.lower_module_op(pool, self.modules[pool.target], acc)
+            packed = self.emit(
+                f"{bn_node.name}_sign", "threshold_pack", [pooled], {"out_channels": int(m.out_channels), **out},
+                {"thresholds": thr, "direction": direction}, bn_node.target,
+            )
+            self.skip.add(pool)
+        self.skip.add(bn_node)
+        self.packed[(bn_node, out_layout)] = packed
+
+    def lower_float_qconv(self, node: fx.Node, m: QConv2d, x: str) -> str:
+        """A QConv2d run as the model runs it: quantize the input, float conv of the quantized weight."""
+        q = m.input_quantizer
+        if q is not None:
+            x = self.lower_quantizer(node, q, x)
+        if m.weight_quantizer is not None and not isinstance(m.weight_quantizer, (quant.Quantizer,)) and not is_sign_quantizer(m.weight_quantizer):
+            raise self.unsupported(node, f"weight quantizer {m.weight_quantizer!r} is not a onebit quantizer")
+        with torch.no_grad():
+            weight = _t(m.quantized_weight())
+        return self.emit_conv(node, m, x, weight, float(m.pad_value))
+
+    def emit_conv(self, node: fx.Node, m: nn.Conv2d, x: str, weight: torch.Tensor, pad_value: float) -> str:
+        padding = m.padding if isinstance(m.padding, str) else _pair(m.padding)
+        attrs = {
+            "in_channels": int(m.in_channels),
+            "out_channels": int(m.out_channels),
+            "kernel_size": _pair(m.kernel_size),
+            "stride": _pair(m.stride),
+            "padding": padding,
+            "explicit_padding": list(QF.explicit_padding(m.padding, m.kernel_size, m.dilation)),
+            "dilation": _pair(m.dilation),
+            "groups": int(m.groups),
+            "pad_value": pad_value,
+            "padding_mode": m.padding_mode,
+        }
+        return self.emit(node.name, "conv2d", [x], attrs, {"weight": weight, "bias": _t(m.bias)}, node.target)
+
+    def lower_quantizer(self, node: fx.Node, q: Any, x: str) -> str:
+        if is_sign_quantizer(q):
+            return self.emit(f"{node.name}_sign", "sign", [x])
+        if isinstance(q, quant.DoReFa):
+            return self.emit(f"{node.name}_dorefa", "dorefa", [x], {"bits": int(q.precision)})
+        raise self.unsupported(node, f"quantizer {type(q).__name__} has no engine op")
+
+    def lower_qlinear(self, node: fx.Node, m: QLinear) -> None:
+        if is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer):
+            shape = self._shape(node.args[0])
+            if shape is None or len(shape) != 2:
+                raise self.unsupported(node, "a binary linear layer needs a [N, features] input")
+            x = self.arg(node, node.args[0])
+            key = (x, ("features", m.in_features))
+            if key not in self.packed:
+                self.packed[key] = self.emit(f"{x}_packed", "pack_features", [x], {"features": int(m.in_features)})
+            wp, scale = self.binary_weights(m)
+            attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
+            self.value[node] = self.emit(
+                node.name, "binary_linear", [self.packed[key]], attrs, {"weight": wp, "scale": scale, "bias": _t(m.bias)}, node.target
+            )
+            return
+        x = self.arg(node, node.args[0])
+        if m.input_quantizer is not None:
+            x = self.lower_quantizer(node, m.input_quantizer, x)
+        with torch.no_grad():
+            weight = _t(m.quantized_weight())
+        attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
+        self.value[node] = self.emit(node.name, "linear", [x], attrs, {"weight": weight, "bias": _t(m.bias)}, node.target)
+
+    # -- float modules ------------------------------------------------------
+
+    def lower_module_op(self, node: fx.Node, m: nn.Module, x: str) -> str:
+        """Emit the float op of a parameter-free or simple module; returns the value name."""
+        t = type(m)
+        name, target = node.name, node.target
+        if t is nn.MaxPool2d:
+            if m.return_indices:
+                raise self.unsupported(node, "return_indices=True")
+            stride = m.stride if m.stride is not None else m.kernel_size
+            attrs = {"kernel_size": _pair(m.kernel_size), "stride": _pair(stride), "padding": _pair(m.padding),
+                     "dilation": _pair(m.dilation), "ceil_mode": bool(m.ceil_mode)}
+            return self.emit(name, "max_pool2d", [x], attrs, module=target)
+        if t is nn.AvgPool2d:
+            stride = m.stride if m.stride is not None else m.kernel_size
+            attrs = {"kernel_size": _pair(m.kernel_size), "stride": _pair(stride), "padding": _pair(m.padding),
+                     "ceil_mode": bool(m.ceil_mode), "count_include_pad": bool(m.count_include_pad),
+                     "divisor_override": m.divisor_override}
+            return self.emit(name, "avg_pool2d", [x], attrs, module=target)
+        if t in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
+            out = self._shape(node)
+            if out is None or len(out) != 4:
+                raise self.unsupported(node, "expected a 4-D output")
+            if t is nn.AdaptiveMaxPool2d and m.return_indices:
+                raise self.unsupported(node, "return_indices=True")
+            size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
+            if any(s is None for s in size):
+                size = tuple(out[2 + i] if s is None else s for i, s in enumerate(size))
+            op = "adaptive_avg_pool2d" if t is nn.AdaptiveAvgPool2d else "adaptive_max_pool2d"
+            return self.emit(name, op, [x], {"output_size": _pair(size)}, module=target)
+        if t is nn.Flatten:
+            return self.emit(name, "flatten", [x], {"start_dim": int(m.start_dim), "end_dim": int(m.end_dim)}, module=target)
+        if t in (nn.BatchNorm1d, nn.BatchNorm2d):
+            if m.running_mean is None or m.running_var is None:
+                raise self.unsupported(node, "BatchNorm without running statistics (track_running_stats=False)")
+            return self.emit(
+                name, "batch_norm", [x], {"num_features": int(m.num_features), "eps": float(m.eps)},
+                {"running_mean": _t(m.running_mean), "running_var": _t(m.running_var), "weight": _t(m.weight), "bias": _t(m.bias)},
+                target,
+            )
+        if t is nn.ReLU:
+            return self.emit(name, "relu", [x], module=target)
+        if t is nn.ReLU6:
+            return self.emit(name, "relu6", [x], module=target)
+        if t is nn.LeakyReLU:
+            return self.emit(name, "leaky_relu", [x], {"negative_slope": float(m.negative_slope)}, module=target)
+        if t is nn.Hardtanh:
+            return self.emit(name, "hardtanh", [x], {"min_val": float(m.min_val), "max_val": float(m.max_val)}, module=target)
+        if t is nn.PReLU:
+            return self.emit(name, "prelu", [x], {}, {"weight": _t(m.weight)}, target)
+        if t is nn.Sigmoid:
+            return self.emit(name, "sigmoid", [x], module=target)
+        if t is nn.Tanh:
+            return self.emit(name, "tanh", [x], module=target)
+        if t is nn.Softmax:
+            if m.dim is None:
+                raise self.unsupported(node, "Softmax needs an explicit dim")
+            return self.emit(name, "softmax", [x], {"dim": int(m.dim)}, module=target)
+        if t is nn.Conv2d:
+            return self.emit_conv(node, m, x, _t(m.weight), 0.0)
+        if t is nn.Linear:
+            attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
+            return self.emit(name, "linear", [x], attrs, {"weight": _t(m.weight), "bias": _t(m.bias)}, target)
+        if isinstance(m, QActivation):
+            return self.lower_quantizer(node, m.quantizer, x)
+        if isinstance(m, quant.Quantizer):
+            return self.lower_quantizer(node, m, x)
+        raise self.unsupported(node)
+
+    # -- the walk -----------------------------------------------------------
+
+    def run(self) -> dict:
+        graph_input = None
+        output = None
+        for node in self.gm.graph.nodes:
+            if node in self.skip:
+                continue
+            if node.op == "placeholder":
+                if graph_input is not None:
+                    raise UnsupportedModelError("the packed engine supports models with one tensor input")
+                graph_input = node
+                self.value[node] = "input"
+            elif node.op == "call_module":
+                self.lower_call_module(node)
+            elif node.op == "call_function":
+                self.lower_call_function(node)
+            elif node.op == "call_method":
+                self.lower_call_method(node)
+            elif node.op == "output":
+                output = node.args[0]
+            else:
+                raise self.unsupported(node, "model attributes used as tensors in forward")
+        if isinstance(output, fx.Node):
+            outputs, kind = [self.arg(output, output)], "tensor"
+        elif isinstance(output, (tuple, list)) and output and all(isinstance(o, fx.Node) for o in output):
+            outputs, kind = [self.arg(o, o) for o in output], type(output).__name__
+        else:
+            raise UnsupportedModelError("the model's output must be a tensor or a tuple/list of tensors")
+        shape = tuple(self.example.shape)
+        return {
+            "input": {"name": "input", "rank": len(shape), "channels": int(shape[1]), "dtype": "float32",
+                      "example_shape": list(shape)},
+            "nodes": self.nodes,
+            "outputs": outputs,
+            "output_kind": kind,
+        }
+
+    def lower_call_module(self, node: fx.Node) -> None:
+        m = self.modules[node.target]
+        if len(node.args) != 1 or node.kwargs:
+            raise self.unsupported(node, "expected one positional tensor argument")
+        if isinstance(m, QConv2d):
+            kind = self.binary_conv_kind(m)
+            if kind == "packed":
+                self.lower_binary_conv(node, m)
+            else:
+                self.value[node] = self.lower_float_qconv(node, m, self.arg(node, node.args[0]))
+            return
+        if isinstance(m, QLinear):
+            self.lower_qlinear(node, m)
+            return
+        if isinstance(m, QuantizedLayer):
+            raise self.unsupported(node, "only 2-d convolutions and linear layers are supported")
+        if type(m) in (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout):
+            self.value[node] = self.arg(node, node.args[0])
+            return
+        self.value[node] = self.lower_module_op(node, m, self.arg(node, node.args[0]))
+
+    def lower_call_function(self, node: fx.Node) -> None:
+        f, args, kw = node.target, node.args, node.kwargs
+        name = node.name
+        if f in (operator.add, torch.add, operator.iadd):
+            alpha = float(kw.get("alpha", 1.0))
+            a, b = args[0], args[1]
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+                self.value[node] = self.emit(name, "add", [self.arg(node, a), self.arg(node, b)], {"other": 0.0, "alpha": alpha})
+            elif isinstance(a, fx.Node) and isinstance(b, (int, float)):
+                self.value[node] = self.emit(name, "add", [self.arg(node, a)], {"other": float(b), "alpha": alpha})
+            elif isinstance(b, fx.Node) and isinstance(a, (int, float)) and alpha == 1.0:
+                self.value[node] = self.emit(name, "add", [self.arg(node, b)], {"other": float(a), "alpha": 1.0})
+            else:
+                raise self.unsupported(node)
+        elif f in (operator.mul, torch.mul, operator.imul):
+            a, b = args[0], args[1]
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+                self.value[node] = self.emit(name, "mul", [self.arg(node, a), self.arg(node, b)], {"other": 1.0})
+            elif isinstance(a, fx.Node) and isinstance(b, (int, float)):
+                self.value[node] = self.emit(name, "mul", [self.arg(node, a)], {"other": float(b)})
+            elif isinstance(b, fx.Node) and isinstance(a, (int, float)):
+                self.value[node] = self.emit(name, "mul", [self.arg(node, b)], {"other": float(a)})
+            else:
+                raise self.unsupported(node)
+        elif f is torch.cat:
+            tensors = args[0]
+            dim = kw.get("dim", args[1] if len(args) > 1 else 0)
+            self.value[node] = self.emit(name, "cat", [self.arg(node, t) for t in tensors], {"dim": int(dim)})
+        elif f is torch.flatten:
+            start = kw.get("start_dim", args[1] if len(args) > 1 else 0)
+            end = kw.get("end_dim", args[2] if len(args) > 2 else -1)
+            self.value[node] = self.emit(name, "flatten", [self.arg(node, args[0])], {"start_dim": int(start), "end_dim": int(end)})
+        elif f in (F.relu, torch.relu):
+            self.value[node] = self.emit(name, "relu", [self.arg(node, args[0])])
+        elif f in (torch.sigmoid, F.sigmoid):
+            self.value[node] = self.emit(name, "sigmoid", [self.arg(node, args[0])])
+        elif f in (torch.tanh, F.tanh):
+            self.value[node] = self.emit(name, "tanh", [self.arg(node, args[0])])
+        elif f is onebit_sign:
+            self.value[node] = self.emit(name, "sign", [self.arg(node, args[0])])
+        elif f is F.hardtanh:
+            lo = float(kw.get("min_val", args[1] if len(args) > 1 else -1.0))
+            hi = float(kw.get("max_val", args[2] if len(args) > 2 else 1.0))
+            self.value[node] = self.emit(name, "hardtanh", [self.arg(node, args[0])], {"min_val": lo, "max_val": hi})
+        elif f is F.adaptive_avg_pool2d:
+            size = kw.get("output_size", args[1] if len(args) > 1 else None)
+            self.value[node] = self.emit(name, "adaptive_avg_pool2d", [self.arg(node, args[0])], {"output_size": _pair(size)})
+        else:
+            raise self.unsupported(node)
+
+    def lower_call_method(self, node: fx.Node) -> None:
+        method, args = node.target, node.args
+        if method == "size":
+            if not all(u.op == "call_method" and u.target in ("view", "reshape") for u in node.users):
+                raise self.unsupported(node, "tensor sizes are only supported as arguments of view/reshape")
+            return
+        if method in ("view", "reshape"):
+            shape = self._shape(node)
+            if shape is None:
+                raise self.unsupported(node)
+            self.value[node] = self.emit(node.name, "reshape", [self.arg(node, args[0])], {"shape": list(shape[1:])})
+        elif method == "flatten":
+            start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
+            end = node.kwargs.get("end_dim", args[2] if len(args) > 2 else -1)
+            self.value[node] = self.emit(node.name, "flatten", [self.arg(node, args[0])], {"start_dim": int(start), "end_dim": int(end)})
+        elif method == "relu":
+            self.value[node] = self.emit(node.name, "relu", [self.arg(node, args[0])])
+        elif method in ("add", "__add__") and len(args) == 2 and isinstance(args[1], fx.Node) and not node.kwargs:
+            self.value[node] = self.emit(node.name, "add", [self.arg(node, args[0]), self.arg(node, args[1])], {"other": 0.0, "alpha": 1.0})
+        elif method in ("contiguous",):
+            self.value[node] = self.arg(node, args[0])
+        else:
+            raise self.unsupported(node)
+
+
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def _drop_identities(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
+    """Remove eval-mode identities (Identity, Dropout, ``.contiguous()``) so that patterns see through them."""
+    for node in list(gm.graph.nodes):
+        identity = (
+            node.op == "call_module" and type(modules.get(node.target)) in _IDENTITIES and len(node.args) == 1
+        ) or (node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1 and not node.kwargs)
+        if identity and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def lower(model: nn.Module, example_input: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Trace ``model`` and return ``(graph, tensors)`` for :class:`~onebit.engine.PackedModel`."""
+    return _Lowering(model, example_input).run_all()
+
+
+def _run_all(self: _Lowering):
+    graph = self.run()
+    return graph, self.tensors
+
+
+_Lowering.run_all = _run_all

@@ -1,0 +1,221 @@
+"""The engine's kernel entry points, dispatched to the native kernels or the torch reference.
+
+:class:`~onebit.engine.PackedModel` calls only the functions of this module. Each
+checks its arguments (shapes, dtypes, words per pixel, output size), so that a
+wrong input is a ``ValueError`` here and never reaches a kernel, then runs the
+native kernel of :mod:`onebit.engine.kernels` when it is available and the
+backend is ``"auto"`` or ``"native"``, else :mod:`onebit.engine.reference`.
+
+``use_backend("reference")`` (a context manager, per thread/task) forces the
+portable reference, e.g. to compare the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
+
+import torch
+
+from onebit.engine import reference
+
+__all__ = [
+    "use_backend",
+    "backend",
+    "native_available",
+    "pack_activations",
+    "pack_features",
+    "pack_weights",
+    "binary_conv2d",
+    "binary_conv2d_int",
+    "binary_conv2d_threshold",
+    "threshold_pack",
+    "binary_linear",
+    "binary_linear_int",
+]
+
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("onebit_engine_backend", default="auto")
+_NATIVE = None
+_NATIVE_ERROR: str | None = None
+
+
+def _native():
+    global _NATIVE, _NATIVE_ERROR
+    if _NATIVE is None and _NATIVE_ERROR is None:
+        try:
+            from onebit.engine import kernels  # noqa: PLC0415
+
+            _NATIVE = kernels
+        except Exception as error:  # the native extension or its wrapper is missing or broken
+            _NATIVE_ERROR = f"{type(error).__name__}: {error}"
+    return _NATIVE
+
+
+def native_available() -> bool:
+    return _native() is not None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the engine's kernels on ``"auto"`` (native where available), ``"native"`` or ``"reference"``."""
+    if name not in ("auto", "native", "reference"):
+        raise ValueError(f"unknown engine backend {name!r}; use 'auto', 'native' or 'reference'")
+    if name == "native" and not native_available():
+        raise RuntimeError(f"the native kernels are not available ({_NATIVE_ERROR})")
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def backend() -> str:
+    """The backend in use now: ``"native"`` or ``"reference"``."""
+    return "reference" if _BACKEND.get() == "reference" or not native_available() else "native"
+
+
+def _impl(name: str):
+    if _BACKEND.get() != "reference":
+        native = _native()
+        fn = getattr(native, name, None) if native is not None else None
+        if fn is not None:
+            return fn
+        if _BACKEND.get() == "native":
+            raise RuntimeError(f"the native kernels have no {name}")
+    return getattr(reference, name)
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def _check_float4(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{what}: expected float32, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{what}: expected a [N, C, H, W] tensor, got shape {list(x.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{what}: the packed engine runs on the CPU, got a tensor on {x.device}")
+
+
+def _check_packed(xp: torch.Tensor, in_channels: int, groups: int, padding, what: str) -> tuple[int, int]:
+    if not isinstance(xp, torch.Tensor) or xp.dtype != torch.int64 or xp.dim() != 5:
+        raise ValueError(f"{what}: expected packed int64 activations [N, Hp, Wp, G, Wg]")
+    wg = reference.words_for(in_channels // groups)
+    if xp.shape[3] != groups or xp.shape[4] != wg:
+        raise ValueError(
+            f"{what}: packed input has {xp.shape[3]} groups x {xp.shape[4]} words per pixel, expected "
+            f"{groups} x {wg} ({in_channels} channels)"
+        )
+    ph, pw = _pair(padding)
+    h, w = xp.shape[1] - 2 * ph, xp.shape[2] - 2 * pw
+    if h < 1 or w < 1:
+        raise ValueError(f"{what}: packed input of shape {list(xp.shape)} does not hold padding {ph}x{pw}")
+    return h, w
+
+
+def _conv_geometry(xp, wp, conv: dict, what: str) -> None:
+    h, w = _check_packed(xp, conv["in_channels"], conv["groups"], conv["padding"], what)
+    kh, kw = _pair(conv["kernel_size"])
+    sh, sw = _pair(conv["stride"])
+    ph, pw = _pair(conv["padding"])
+    dh, dw = _pair(conv["dilation"])
+    oh = reference.conv_output_size(h, kh, sh, ph, dh)
+    ow = reference.conv_output_size(w, kw, sw, pw, dw)
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"{what}: input of spatial size {h}x{w} is too small for kernel {kh}x{kw} with padding {ph}x{pw} "
+            f"and dilation {dh}x{dw}"
+        )
+    wg = reference.words_for(conv["in_channels"] // conv["groups"])
+    expected = (conv["out_channels"], kh, kw, wg)
+    if tuple(wp.shape) != expected or wp.dtype != torch.int64:
+        raise ValueError(f"{what}: packed weight must be int64 {list(expected)}, got {wp.dtype} {list(wp.shape)}")
+
+
+# ---------------------------------------------------------------------------
+# entry points
+
+
+def pack_activations(x: torch.Tensor, padding=(0, 0), pad_value: float = 0.0, groups: int = 1) -> torch.Tensor:
+    _check_float4(x, "pack_activations")
+    if x.shape[1] % groups:
+        raise ValueError(f"pack_activations: {x.shape[1]} channels are not divisible into {groups} groups")
+    return _impl("pack_activations")(x, _pair(padding), float(pad_value), int(groups))
+
+
+def pack_features(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"pack_features: expected float32 [N, F], got {x.dtype} {list(x.shape)}")
+    native = _native() if _BACKEND.get() != "reference" else None
+    if native is not None and hasattr(native, "pack_features"):
+        return native.pack_features(x)
+    if native is not None and hasattr(native, "pack_activations"):
+        n, f = x.shape
+        return native.pack_activations(x.view(n, f, 1, 1), (0, 0), 0.0, 1).view(n, -1)
+    return reference.pack_features(x)
+
+
+def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Weights are packed once, at pack/load time: always by the reference (identical bits)."""
+    return reference.pack_weights(w.detach().to(torch.float32), groups)
+
+
+def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, **conv) -> torch.Tensor:
+    _conv_geometry(xp, wp, conv, "binary_conv2d")
+    return _impl("binary_conv2d_int")(xp, wp, **conv)
+
+
+def binary_conv2d(xp, wp, *, scale=None, bias=None, **conv) -> torch.Tensor:
+    _conv_geometry(xp, wp, conv, "binary_conv2d")
+    return _impl("binary_conv2d")(xp, wp, scale=scale, bias=bias, **conv)
+
+
+def binary_conv2d_threshold(
+    xp, wp, *, thresholds, direction, out_padding=(0, 0), out_pad_value=0.0, out_groups=1, **conv
+) -> torch.Tensor:
+    _conv_geometry(xp, wp, conv, "binary_conv2d")
+    return _impl("binary_conv2d_threshold")(
+        xp,
+        wp,
+        thresholds=thresholds,
+        direction=direction,
+        out_padding=_pair(out_padding),
+        out_pad_value=float(out_pad_value),
+        out_groups=int(out_groups),
+        **conv,
+    )
+
+
+def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_value=0.0, out_groups=1):
+    return reference.threshold_pack(
+        acc, thresholds, direction, out_padding=_pair(out_padding), out_pad_value=out_pad_value, out_groups=out_groups
+    )
+
+
+def _check_linear(xp, wp, in_features: int) -> None:
+    wg = reference.words_for(in_features)
+    if xp.dtype != torch.int64 or xp.dim() != 2 or xp.shape[1] != wg:
+        raise ValueError(f"binary_linear: expected packed int64 [N, {wg}] features, got {xp.dtype} {list(xp.shape)}")
+    if wp.dtype != torch.int64 or wp.dim() != 2 or wp.shape[1] != wg:
+        raise ValueError(f"binary_linear: expected packed int64 [Out, {wg}] weights, got {wp.dtype} {list(wp.shape)}")
+
+
+def binary_linear_int(xp, wp, *, in_features: int) -> torch.Tensor:
+    _check_linear(xp, wp, in_features)
+    return _impl("binary_linear_int")(xp, wp, in_features=in_features)
+
+
+def binary_linear(xp, wp, *, in_features: int, scale=None, bias=None) -> torch.Tensor:
+    _check_linear(xp, wp, in_features)
+    return _impl("binary_linear")(xp, wp, in_features=in_features, scale=scale, bias=bias)

@@ -1,0 +1,170 @@
+"""``PackedModel``: a model lowered to the packed engine's graph, runnable and savable."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from onebit.engine import graph as G
+
+__all__ = ["PackedModel", "pack"]
+
+
+class PackedModel(nn.Module):
+    """A bit-packed, inference-only twin of a onebit model.
+
+    ``forward(x)`` takes the float32 input the original model takes (``[N, C, H, W]``,
+    any strides) and returns what the original model returns: bit-identical where the
+    result comes out of binary layers with sign weights, equal up to float rounding
+    (well within 1e-4) after float layers that run in a different order.
+
+    Build one with :func:`onebit.engine.pack`, save it with :meth:`save`, load it with
+    :func:`onebit.engine.load`. Calls from several threads at once are safe: a call keeps
+    all its intermediate values to itself.
+    """
+
+    def __init__(self, graph: dict, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        G.validate(graph, tensors)
+        self.graph = copy.deepcopy(graph)
+        self._keys: dict[str, str] = {}
+        for key, t in tensors.items():
+            attr = "t_" + "".join(c if c.isalnum() or c == "_" else "_" for c in key)
+            while attr in self._buffers:
+                attr += "_"
+            self.register_buffer(attr, t)
+            self._keys[key] = attr
+        self._steps = self._compile()
+
+    def _compile(self) -> list[tuple]:
+        """(name, op fn, attrs, input names, tensor roles -> buffer attr, values to free after)."""
+        last_use: dict[str, int] = {}
+        nodes = self.graph["nodes"]
+        for i, node in enumerate(nodes):
+            for ref in node["inputs"]:
+                last_use[ref] = i
+        outputs = set(self.graph["outputs"])
+        steps = []
+        for i, node in enumerate(nodes):
+            spec = G.OPS[node["op"]]
+            attrs = G._attrs(node, spec, node["name"])
+            roles = {role: self._keys[key] for role, key in node.get("tensors", {}).items()}
+            free = tuple(ref for ref in dict.fromkeys(node["inputs"]) if last_use.get(ref) == i and ref not in outputs)
+            steps.append((node["name"], spec.fn, attrs, tuple(node["inputs"]), roles, free))
+        return steps
+
+    # -- running ------------------------------------------------------------
+
+    @property
+    def input_channels(self) -> int:
+        return int(self.graph["input"]["channels"])
+
+    def _check_input(self, x: Any) -> None:
+        spec = self.graph["input"]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"PackedModel: expected a torch.Tensor input, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"PackedModel: expected a float32 input, got {x.dtype}")
+        if x.device.type != "cpu":
+            raise ValueError(f"PackedModel: the packed engine runs on the CPU, got an input on {x.device}")
+        rank, channels = spec["rank"], spec["channels"]
+        if x.dim() != rank or x.shape[1] != channels:
+            dims = "[N, C, H, W]" if rank == 4 else f"rank {rank}"
+            raise ValueError(
+                f"PackedModel: expected input of shape {dims} with C = {channels} channels, got shape {list(x.shape)}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("PackedModel: empty batch")
+
+    def _tensors(self, roles: dict[str, str]) -> dict[str, torch.Tensor]:
+        return {role: getattr(self, attr) for role, attr in roles.items()}
+
+    def forward(self, x: torch.Tensor):
+        self._check_input(x)
+        env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
+        for name, fn, attrs, inputs, roles, free in self._steps:
+            try:
+                env[name] = fn(self._tensors(roles), attrs, *[env[i] for i in inputs])
+            except RuntimeError as error:
+                raise ValueError(f"PackedModel: op {name!r} failed on input of shape {list(x.shape)}: {error}") from error
+            for ref in free:
+                del env[ref]
+        return self._output(env)
+
+    def _output(self, env: dict[str, torch.Tensor]):
+        outs = [env[o] for o in self.graph["outputs"]]
+        kind = self.graph.get("output_kind", "tensor")
+        if kind == "tensor":
+            return outs[0]
+        return tuple(outs) if kind == "tuple" else outs
+
+    @torch.no_grad()
+    def profile(self, x: torch.Tensor, repeat: int = 10) -> list[dict[str, Any]]:
+        """Time every op of the graph on ``x``: a list of ``{name, op, module, ms, share}``, median over ``repeat`` runs."""
+        self._check_input(x)
+        times: dict[str, list[float]] = {name: [] for name, *_ in self._steps}
+        for _ in range(max(1, repeat)):
+            env = {self.graph["input"]["name"]: x}
+            for name, fn, attrs, inputs, roles, free in self._steps:
+                args = [env[i] for i in inputs]
+                t0 = time.perf_counter()
+                env[name] = fn(self._tensors(roles), attrs, *args)
+                times[name].append(time.perf_counter() - t0)
+        rows = []
+        for node in self.graph["nodes"]:
+            ts = sorted(times[node["name"]])
+            rows.append({"name": node["name"], "op": node["op"], "module": node.get("module", ""),
+                         "ms": 1e3 * ts[len(ts) // 2]})
+        total = sum(r["ms"] for r in rows) or 1.0
+        for r in rows:
+            r["share"] = r["ms"] / total
+        return rows
+
+    # -- files --------------------------------------------------------------
+
+    def named_graph_tensors(self) -> dict[str, torch.Tensor]:
+        """The graph's tensors by their graph key (packed weights in their kernel layout)."""
+        return {key: getattr(self, attr) for key, attr in self._keys.items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model to one safetensors file (atomically); see :mod:`onebit.engine.fileformat`."""
+        from onebit.engine.fileformat import save
+
+        save(self, path)
+
+    def extra_repr(self) -> str:
+        counts: dict[str, int] = {}
+        for node in self.graph["nodes"]:
+            counts[node["op"]] = counts.get(node["op"], 0) + 1
+        return ", ".join(f"{op}: {n}" for op, n in counts.items())
+
+
+def pack(model: nn.Module, example_input: torch.Tensor) -> PackedModel:
+    """Lower an eval-mode onebit/torch model to a :class:`PackedModel`.
+
+    ``example_input``: a float32 ``[N, C, H, W]`` (or ``[N, F]``) tensor the model accepts;
+    it fixes the input rank and channel count and is run once through the model to
+    record shapes. Raises ``ValueError`` (:class:`~onebit.engine.UnsupportedModelError`)
+    naming the first module the engine cannot run.
+    """
+    from onebit.engine.lowering import lower
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"pack: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
+        raise TypeError("pack: example_input must be a float32 tensor")
+    if example_input.dim() not in (2, 4):
+        raise ValueError(f"pack: example_input must be [N, C, H, W] or [N, F], got shape {list(example_input.shape)}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(f"pack: the model must be in eval mode (call model.eval()); '{training[0]}' is training")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.device.type != "cpu" or (p.is_floating_point() and p.dtype != torch.float32):
+            raise ValueError(f"pack: the packed engine runs float32 CPU models; '{name}' is {p.dtype} on {p.device}")
+    graph, tensors = lower(model, example_input)
+    return PackedModel(graph, tensors)

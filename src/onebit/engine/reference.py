@@ -1,0 +1,257 @@
+"""Portable pure-torch implementation of the engine's kernels: the oracle and the fallback.
+
+Every function here has the signature and result of its native twin in
+:mod:`onebit.engine.kernels` and computes it the slow, obvious way (xor and a
+SWAR popcount on int64 words), independently of the float convolution the
+simulated model uses. The packed engine runs on these when the native kernels
+are not available or when asked to (``onebit.engine.ops.use_backend("reference")``).
+
+Bit convention (see ``csrc/kernels/pack.h``): bit set = -1 (``x < 0``), bit clear = +1,
+so sign(0) = +1 and NaN packs as +1. Channel ``c`` of group ``g`` lives in word
+``c // 64`` at bit ``c % 64`` of that group's words; unused high bits are 0.
+
+Shapes:
+
+- packed activations ``[N, H + 2 ph, W + 2 pw, G, Wg]`` int64, ``Wg = ceil((C / G) / 64)``;
+- packed conv weights ``[C_out, KH, KW, Wg]`` int64, ``Wg = ceil((C_in / G) / 64)``;
+- packed features ``[N, Wg]`` and linear weights ``[Out, Wg]`` int64, ``Wg = ceil(F / 64)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "words_for",
+    "pack_activations",
+    "pack_weights",
+    "pack_features",
+    "unpack_activations",
+    "binary_conv2d_int",
+    "binary_conv2d",
+    "binary_conv2d_threshold",
+    "threshold_pack",
+    "binary_linear_int",
+    "binary_linear",
+    "conv_output_size",
+]
+
+_SHIFTS = torch.arange(64, dtype=torch.int64)
+_M1 = 0x5555555555555555
+_M2 = 0x3333333333333333
+_M4 = 0x0F0F0F0F0F0F0F0F
+_H01 = 0x0101010101010101
+
+
+def words_for(channels: int) -> int:
+    return (int(channels) + 63) // 64
+
+
+def popcount(x: torch.Tensor) -> torch.Tensor:
+    """Number of set bits of each int64 word (SWAR; arithmetic shifts are masked off)."""
+    x = x - ((x >> 1) & _M1)
+    x = (x & _M2) + ((x >> 2) & _M2)
+    x = (x + (x >> 4)) & _M4
+    return (x * _H01) >> 56 & 0xFF
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool [..., C] -> int64 [..., ceil(C/64)] (channel c at word c//64, bit c%64)."""
+    c = bits.shape[-1]
+    wg = words_for(c)
+    if wg * 64 != c:
+        bits = F.pad(bits, (0, wg * 64 - c), value=False)
+    bits = bits.reshape(*bits.shape[:-1], wg, 64).to(torch.int64)
+    return (bits << _SHIFTS).sum(dim=-1)
+
+
+def _unpack_bits(words: torch.Tensor, channels: int) -> torch.Tensor:
+    """int64 [..., Wg] -> bool [..., channels]."""
+    bits = (words.unsqueeze(-1) >> _SHIFTS) & 1
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * 64)[..., :channels].bool()
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pack_activations(
+    x: torch.Tensor, padding: Sequence[int] = (0, 0), pad_value: float = 0.0, groups: int = 1
+) -> torch.Tensor:
+    """float32 ``[N, C, H, W]`` (any strides) -> int64 ``[N, H+2ph, W+2pw, G, Wg]``.
+
+    Padded positions are +1 (bit clear) for ``pad_value`` 0 or +1, -1 (bit set) for -1;
+    zero padding is made exact by the conv's correction term, not here.
+    """
+    n, c, h, w = x.shape
+    ph, pw = _pair(padding)
+    if c % groups:
+        raise ValueError(f"pack_activations: {c} channels are not divisible into {groups} groups")
+    bits = x < 0
+    if ph or pw:
+        bits = F.pad(bits, (pw, pw, ph, ph), value=bool(pad_value < 0))
+    bits = bits.permute(0, 2, 3, 1).reshape(n, h + 2 * ph, w + 2 * pw, groups, c // groups)
+    return _pack_bits(bits)
+
+
+def pack_features(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N, F]`` -> int64 ``[N, ceil(F/64)]``."""
+    return _pack_bits(x < 0)
+
+
+def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """float32 ``[C_out, C_in/G, KH, KW]`` -> int64 ``[C_out, KH, KW, Wg]`` (bit set = w < 0).
+
+    A 2-D ``[Out, F]`` weight (linear layer) packs to ``[Out, ceil(F/64)]``.
+    """
+    if w.dim() == 2:
+        return _pack_bits(w < 0)
+    return _pack_bits((w < 0).permute(0, 2, 3, 1))
+
+
+def unpack_activations(xp: torch.Tensor, channels: int) -> torch.Tensor:
+    """int64 ``[N, Hp, Wp, G, Wg]`` -> float32 +-1 ``[N, channels, Hp, Wp]`` (padding included)."""
+    n, hp, wp, g, _ = xp.shape
+    bits = _unpack_bits(xp, channels // g)  # [N, Hp, Wp, G, C/G]
+    signs = torch.where(bits, -1.0, 1.0).reshape(n, hp, wp, channels)
+    return signs.permute(0, 3, 1, 2).contiguous()
+
+
+def binary_conv2d_int(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    groups: int = 1,
+    pad_value: float = 0.0,
+) -> torch.Tensor:
+    """Exact integer binary convolution: int32 ``[N, C_out, OH, OW]``.
+
+    ``acc = sum sign(x) * sign(w)`` over the window, with padded taps worth ``pad_value``
+    (for 0, the +1 the padded bits hold is subtracted back exactly).
+    """
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    n, hp, wpad, g, wg = xp.shape
+    h, w = hp - 2 * ph, wpad - 2 * pw
+    oh = conv_output_size(h, kh, sh, ph, dh)
+    ow = conv_output_size(w, kw, sw, pw, dw)
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"binary_conv2d: input {h}x{w} is too small for kernel {kh}x{kw} (dilation {dh}x{dw})")
+    cog = out_channels // groups
+    cig = in_channels // groups
+    k = cig * kh * kw
+    wgrp = wp.view(groups, cog, kh, kw, wg)
+    pop = torch.zeros(n, oh, ow, groups, cog, dtype=torch.int64)
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dh, j * dw
+            xs = xp[:, r0 : r0 + (oh - 1) * sh + 1 : sh, c0 : c0 + (ow - 1) * sw + 1 : sw]  # [N, OH, OW, G, Wg]
+            diff = xs.unsqueeze(4) ^ wgrp[:, :, i, j]  # [N, OH, OW, G, Cog, Wg]
+            pop += popcount(diff).sum(dim=-1)
+    acc = k - 2 * pop
+    acc = acc.reshape(n, oh, ow, out_channels).permute(0, 3, 1, 2)
+    if pad_value == 0.0 and (ph or pw):
+        # padded taps held +1: subtract sum_ci sign(w[co, ci, i, j]) for every padded tap
+        s = cig - 2 * popcount(wp).sum(dim=-1)  # [C_out, KH, KW]
+        border = torch.ones(1, 1, hp, wpad, dtype=torch.float64)
+        border[:, :, ph : ph + h, pw : pw + w] = 0
+        corr = F.conv2d(border, s.to(torch.float64).unsqueeze(1), stride=(sh, sw), dilation=(dh, dw))
+        acc = acc - corr.round().to(torch.int64)
+    return acc.to(torch.int32).contiguous()
+
+
+def binary_conv2d(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    **conv,
+) -> torch.Tensor:
+    """float32 ``[N, C_out, OH, OW]`` = ``acc * scale + bias`` (each optional, per channel)."""
+    y = binary_conv2d_int(xp, wp, **conv).to(torch.float32)
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y
+
+
+def threshold_pack(
+    acc: torch.Tensor,
+    thresholds: torch.Tensor,
+    direction: torch.Tensor,
+    *,
+    out_padding: Sequence[int] = (0, 0),
+    out_pad_value: float = 0.0,
+    out_groups: int = 1,
+) -> torch.Tensor:
+    """Integer-valued ``[N, C, H, W]`` accumulators -> packed signs of the thresholded values.
+
+    Bit set (-1) iff ``acc < thr`` (direction +1) or ``acc > thr`` (direction -1).
+    """
+    shape = (1, -1, 1, 1)
+    a = acc.to(torch.int64)
+    thr = thresholds.to(torch.int64).view(shape)
+    negative = torch.where((direction == 1).view(shape), a < thr, a > thr)
+    signs = torch.where(negative, -1.0, 1.0)
+    return pack_activations(signs, out_padding, out_pad_value, out_groups)
+
+
+def binary_conv2d_threshold(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    thresholds: torch.Tensor,
+    direction: torch.Tensor,
+    out_padding: Sequence[int] = (0, 0),
+    out_pad_value: float = 0.0,
+    out_groups: int = 1,
+    **conv,
+) -> torch.Tensor:
+    """Binary conv whose output is thresholded and packed straight away (see :func:`threshold_pack`)."""
+    acc = binary_conv2d_int(xp, wp, **conv)
+    return threshold_pack(
+        acc, thresholds, direction, out_padding=out_padding, out_pad_value=out_pad_value, out_groups=out_groups
+    )
+
+
+def binary_linear_int(xp: torch.Tensor, wp: torch.Tensor, *, in_features: int) -> torch.Tensor:
+    """int32 ``[N, Out]``: ``acc = in_features - 2 popcount(x xor w)``."""
+    pop = popcount(xp.unsqueeze(1) ^ wp.unsqueeze(0)).sum(dim=-1)
+    return (in_features - 2 * pop).to(torch.int32)
+
+
+def binary_linear(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    in_features: int,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 ``[N, Out]`` = ``acc * scale + bias``."""
+    y = binary_linear_int(xp, wp, in_features=in_features).to(torch.float32)
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y
