@@ -1,6 +1,30 @@
-"""onebit.models: the model zoo (``create(name, num_classes, in_channels)``, ``names()``)."""
+"""onebit.models: the model zoo and the constructor it is built with.
 
-from onebit.models import lenet  # noqa: F401  (registers its models)
+``create(name, num_classes=..., in_channels=..., **kwargs)`` builds a registered
+model, ``names(pattern)`` lists them. Zoo models built by
+:class:`ModelConstructor` accept any of its fields as keyword arguments, so
+``create("birealnet18", conv_layer="twist")`` swaps every block convolution.
+"""
+
+from onebit.models import bireal, densenet, lenet, resnet  # noqa: F401  (register their models)
+from onebit.models.constructor import (
+    BasicBlock,
+    BiRealBlock,
+    DenseLayer,
+    ModelConstructor,
+    Net,
+    Transition,
+)
 from onebit.models.registry import create, names, register_model
 
-__all__ = ["create", "names", "register_model"]
+__all__ = [
+    "create",
+    "names",
+    "register_model",
+    "ModelConstructor",
+    "Net",
+    "BasicBlock",
+    "BiRealBlock",
+    "DenseLayer",
+    "Transition",
+]

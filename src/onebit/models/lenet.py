@@ -49,3 +49,53 @@ def lenet_binary(num_classes: int = 10, in_channels: int = 1, width: int = 32) -
     hidden linear layer in between, each binary layer followed by pooling and BatchNorm,
     whose output the next layer's sign quantizes."""
     return _lenet(num_classes, in_channels, width, binary=True)
+
+
+@register_model
+def lenet_larq(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    binary: bool = True,
+    input_quantizer: str | None = "ste_sign",
+    weight_quantizer: str | None = "ste_sign",
+) -> nn.Module:
+    """The small binary CNN of larq's introduction, for 28x28 images (Fashion-MNIST, MNIST).
+
+    Binary 3x3 "valid" convs of 32, 64 and 64 channels (the first one has float inputs and binary
+    weights), 2x2 max pooling after the first two, BatchNorm after each; a binary dense layer of 64
+    units with BatchNorm, and a binary dense classifier followed by BatchNorm, as in larq's example
+    (~93k binary weights). 28x28 inputs give 3x3 maps before flattening; an adaptive max pooling
+    to 3x3 lets larger inputs through unchanged in structure.
+
+    ``binary=False`` is its float twin (float layers, ReLU after each BatchNorm but the last);
+    ``input_quantizer="approx_sign"`` is the Bi-Real gradient variant.
+    """
+    if binary:
+        qi = {"input_quantizer": input_quantizer, "weight_quantizer": weight_quantizer}
+        qw = {"input_quantizer": None, "weight_quantizer": weight_quantizer}
+        conv, linear = QConv2d, QLinear
+        act = nn.Identity
+    else:
+        qi = qw = {}
+        conv, linear = nn.Conv2d, nn.Linear
+        act = nn.ReLU
+    return nn.Sequential(
+        conv(in_channels, 32, 3, bias=False, **qw),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(32),
+        act(),
+        conv(32, 64, 3, bias=False, **qi),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(64),
+        act(),
+        conv(64, 64, 3, bias=False, **qi),
+        nn.BatchNorm2d(64),
+        act(),
+        nn.AdaptiveMaxPool2d(3),
+        nn.Flatten(),
+        linear(64 * 9, 64, bias=False, **qi),
+        nn.BatchNorm1d(64),
+        act(),
+        linear(64, num_classes, bias=False, **qi),
+        nn.BatchNorm1d(num_classes),
+    )

@@ -1,0 +1,44 @@
+"""Bi-Real Net (Liu et al. 2018): a real-valued shortcut around every binary convolution."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from onebit.models.constructor import ModelConstructor
+from onebit.models.registry import register_model
+from onebit.models.resnet import _build
+
+__all__ = ["BIREALNET18", "BIREALNET_SMALL", "birealnet18", "birealnet_small"]
+
+#: Bi-Real Net 18: float 7x7 stem with BN and max pooling (no ReLU), 16 binary 3x3 convs, each
+#: ``bn(conv(sign(x))) + shortcut(x)`` with ApproxSign activations and magnitude-aware binary
+#: weights (sign(W) times the mean |W| per output channel), real-valued downsampling shortcuts
+#: (2x2 average pooling, float 1x1 conv, BN), global pooling and a float classifier.
+BIREALNET18 = ModelConstructor(
+    block="bireal",
+    layers=(4, 4, 4, 4),
+    widths=(64, 128, 256, 512),
+    stem_act=None,
+    conv_layer="binary",
+    input_quantizer="approx_sign",
+    weight_quantizer="magnitude_aware_sign",
+    act_fn=None,
+)
+
+#: A small Bi-Real-style network for 28-32 px images (Fashion-MNIST, CIFAR): float 3x3 stem,
+#: three stages of two Bi-Real units (64, 128, 256 channels, each stage halving the resolution),
+#: the same quantizers and real-valued shortcuts as Bi-Real Net 18.
+BIREALNET_SMALL = BIREALNET18.replace(stem="small", stem_width=32, layers=(2, 2, 2), widths=(64, 128, 256), strides=(2, 2, 2))
+
+
+@register_model
+def birealnet18(num_classes: int = 10, in_channels: int = 3, **overrides) -> nn.Module:
+    """Bi-Real Net 18 (Liu et al. 2018); ``stem="small"`` for 28-32 px images; any
+    :class:`~onebit.models.ModelConstructor` field can be overridden (``conv_layer="float"`` gives its float twin)."""
+    return _build(BIREALNET18, num_classes, in_channels, overrides)
+
+
+@register_model
+def birealnet_small(num_classes: int = 10, in_channels: int = 1, **overrides) -> nn.Module:
+    """A small Bi-Real-style network for 28-32 px images (see ``BIREALNET_SMALL``)."""
+    return _build(BIREALNET_SMALL, num_classes, in_channels, overrides)
