@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["DataBundle", "register_dataset", "load", "names"]
+__all__ = ["DataBundle", "register_dataset", "register_directory_reader", "load", "names", "normalize", "resize"]
 
 
 @dataclass
@@ -23,6 +23,8 @@ class DataBundle:
     classes: list[str] = field(default_factory=list)
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    #: the light augmentation suited to the data (``"none"``, ``"crop"``, ``"crop+flip"``), see ``Augment.parse``
+    augment: str = "none"
 
     @property
     def in_channels(self) -> int:
@@ -68,19 +70,37 @@ def names() -> list[str]:
     return sorted(_DATASETS)
 
 
-def load(source: str = "digits", **kwargs) -> DataBundle:
-    """Load a dataset by registered name or from a directory in a standard format."""
+def load(source: str = "digits", image_size: int | None = None, **kwargs) -> DataBundle:
+    """Load a dataset by registered name or from a directory in a standard format.
+
+    Directory formats: IDX files (MNIST/Fashion-MNIST layout), CIFAR batches, an image-folder
+    tree. ``image_size`` resizes the images to ``image_size x image_size`` (bilinear), e.g. to
+    upsample 28 px Fashion-MNIST to 32 px for ImageNet-style networks.
+    """
     if source in _DATASETS:
-        return _DATASETS[source](**kwargs)
+        bundle = _DATASETS[source](**kwargs)
+        if image_size and bundle.image_size != (image_size, image_size):
+            bundle.train = TensorDataset(resize(bundle.train.tensors[0], image_size), bundle.train.tensors[1])
+            bundle.test = TensorDataset(resize(bundle.test.tensors[0], image_size), bundle.test.tensors[1])
+        return bundle
     if os.path.sep in source or source.startswith(".") or os.path.exists(source):
         if not os.path.isdir(source):
             raise FileNotFoundError(f"data directory {source!r} does not exist")
         for _, detect, reader in _DIRECTORY_READERS:
             if detect(source):
-                return reader(source, **kwargs)
-        kinds = ", ".join(kind for kind, _, _ in _DIRECTORY_READERS) or "none registered"
+                return reader(source, image_size=image_size, **kwargs)
+        kinds = "; ".join(kind for kind, _, _ in _DIRECTORY_READERS) or "none registered"
         raise ValueError(f"data directory {source!r} is in no known format (known: {kinds})")
     raise ValueError(f"unknown dataset {source!r}; known datasets: {', '.join(names())}, or a directory path")
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``[N, C, H, W]`` images to ``size x size`` (bilinear, antialiased when shrinking)."""
+    if tuple(images.shape[2:]) == (size, size):
+        return images
+    import torch.nn.functional as F
+
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def normalize(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
