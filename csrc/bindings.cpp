@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/conv.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 
@@ -41,6 +42,67 @@ void pack_rows(FloatMatrix x, WordMatrix out) {
   onebit::pack_rows(src, rows, channels, row_stride, dst);
 }
 
+// The layer kernels take raw addresses and sizes: converting torch tensors to
+// nanobind ndarrays (DLPack) costs ~2.5 us per array, a sizable part of a small
+// layer. onebit.engine.kernels, the only intended caller, derives every address
+// and size from checked, contiguous torch tensors; the numbers are re-validated
+// here before any memory is touched.
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void pack_activations_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
+                          int64_t sW, int64_t ph, int64_t pw, int pad_value, int64_t groups, uintptr_t out,
+                          int threads) {
+  require(x != 0 && out != 0, "pack_activations: null tensor");
+  nb::gil_scoped_release release;
+  onebit::pack_activations(ptr<const float>(x), N, C, H, W, sN, sC, sH, sW, ph, pw, pad_value, groups,
+                           ptr<uint64_t>(out), threads);
+}
+
+void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_per_pixel, uintptr_t w,
+                int64_t w_words, int64_t C, int64_t Co, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
+                int64_t pw, int64_t dh, int64_t dw, int64_t groups, int pad_value, int mode, uintptr_t out,
+                uintptr_t scale, uintptr_t bias, uintptr_t thr, uintptr_t dir, int64_t oph, int64_t opw,
+                int64_t out_groups, int out_pad_value, int threads) {
+  require(x != 0 && w != 0 && out != 0, "binary_conv2d: null tensor");
+  require(mode >= 0 && mode <= 2, "binary_conv2d: mode must be 0 (int32), 1 (float32) or 2 (threshold)");
+  onebit::ConvGeometry g;
+  g.N = N;
+  g.Hp = Hp;
+  g.Wp = Wp;
+  g.C = C;
+  g.Co = Co;
+  g.G = groups;
+  g.Wg = groups > 0 && C > 0 ? onebit::words_for(C / groups) : 0;
+  g.KH = KH;
+  g.KW = KW;
+  g.sh = sh;
+  g.sw = sw;
+  g.ph = ph;
+  g.pw = pw;
+  g.dh = dh;
+  g.dw = dw;
+  g.pad_value = pad_value;
+  onebit::ConvOutput o;
+  o.mode = static_cast<onebit::OutMode>(mode);
+  o.out_i32 = mode == 0 ? ptr<int32_t>(out) : nullptr;
+  o.out_f32 = mode == 1 ? ptr<float>(out) : nullptr;
+  o.out_bits = mode == 2 ? ptr<uint64_t>(out) : nullptr;
+  o.scale = ptr<const float>(scale);
+  o.bias = ptr<const float>(bias);
+  o.thr = ptr<const int32_t>(thr);
+  o.dir = ptr<const int8_t>(dir);
+  o.oph = oph;
+  o.opw = opw;
+  o.OG = out_groups;
+  o.out_pad_value = out_pad_value;
+  onebit::validate_conv(g, o, x_words_per_pixel, w_words);
+  nb::gil_scoped_release release;
+  onebit::binary_conv2d(g, o, ptr<const uint64_t>(x), ptr<const uint64_t>(w), threads);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -52,4 +114,13 @@ NB_MODULE(_C, m) {
   m.def("supported_isas", &onebit::supported_isas, "Instruction sets this CPU can run, fastest first.");
   m.def("pack_rows", &pack_rows, "x"_a, "out"_a,
         "Pack a float32 [rows, channels] matrix into int64 [rows, ceil(channels/64)] words: bit set = x < 0.");
+  m.def("pack_activations_raw", &pack_activations_raw, "x"_a, "N"_a, "C"_a, "H"_a, "W"_a, "sN"_a, "sC"_a, "sH"_a,
+        "sW"_a, "ph"_a, "pw"_a, "pad_value"_a, "groups"_a, "out"_a, "threads"_a,
+        "Low level (addresses): pack float [N, C, H, W] (element strides) into int64 [N, H+2ph, W+2pw, G, Wg]. "
+        "Use onebit.engine.kernels.pack_activations.");
+  m.def("conv2d_raw", &conv2d_raw, "x"_a, "N"_a, "Hp"_a, "Wp"_a, "x_words_per_pixel"_a, "w"_a, "w_words"_a, "C"_a,
+        "Co"_a, "KH"_a, "KW"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a, "groups"_a, "pad_value"_a, "mode"_a,
+        "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "oph"_a, "opw"_a, "out_groups"_a, "out_pad_value"_a,
+        "threads"_a,
+        "Low level (addresses): binary convolution of packed operands. Use onebit.engine.kernels.binary_conv2d.");
 }

@@ -24,4 +24,25 @@ void pack_rows_scalar(const float* x, int64_t rows, int64_t channels, int64_t ro
 void pack_rows_avx2(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out);
 void pack_rows_avx512(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out);
 
+// ---- activations: float [N, C, H, W] with any element strides -> packed, padded
+// [N, H + 2 ph, W + 2 pw, G, Wg] with Wg = words_for(C / G): group g's channels
+// g * C/G .. (g + 1) * C/G - 1 in their own words. Padded positions hold +1 (all
+// zero words) for pad_value 0 or +1, and -1 in the real channels for pad_value -1.
+// Throws std::invalid_argument on inconsistent numbers.
+void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
+                      int64_t sW, int64_t ph, int64_t pw, int pad_value, int64_t G, uint64_t* out, int threads);
+
+// One image row (fixed n, h) of W pixels into out (pixel stride G * Wg words):
+//   _cl:      channels contiguous (x at (c = 0, w = 0), pixel stride sW floats)
+//   _nchw:    pixels contiguous (x at (c = 0, w = 0), channel stride sC floats)
+//   _strided: any strides (the reference for both)
+void pack_row_strided_reference(const float* x, int64_t W, int64_t sW, int64_t sC, int64_t Cg, int64_t G,
+                                uint64_t* out);
+void pack_row_cl_scalar(const float* x, int64_t W, int64_t sW, int64_t Cg, int64_t G, uint64_t* out);
+void pack_row_nchw_scalar(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out);
+void pack_row_cl_avx2(const float* x, int64_t W, int64_t sW, int64_t Cg, int64_t G, uint64_t* out);
+void pack_row_nchw_avx2(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out);
+void pack_row_cl_avx512(const float* x, int64_t W, int64_t sW, int64_t Cg, int64_t G, uint64_t* out);
+void pack_row_nchw_avx512(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out);
+
 }  // namespace onebit

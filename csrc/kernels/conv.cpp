@@ -1,0 +1,271 @@
+// The convolution driver: validation, border classes, work partition, threads.
+// Portable code; the per-ISA kernels only see one ConvBlock at a time.
+#include "kernels/conv.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/isa.h"
+#include "kernels/pack.h"
+#include "kernels/parallel.h"
+
+namespace onebit {
+namespace {
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+// Below this many word xor-popcounts per thread, another thread costs more than it saves.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 17;
+
+// Per-thread scratch, reused across calls; a thread runs one block at a time.
+struct Scratch {
+  void* data = nullptr;
+  size_t size = 0;
+  ~Scratch() { std::free(data); }
+  void* get(size_t bytes) {
+    if (bytes > size) {
+      std::free(data);
+      size = (bytes + 4095) / 4096 * 4096;
+      data = std::aligned_alloc(64, size);
+      if (!data) throw std::bad_alloc();
+    }
+    return data;
+  }
+};
+thread_local Scratch tls_scratch;
+
+const ConvKernel* kernel_for(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return &conv_kernel_avx512();
+    case Isa::avx2: return &conv_kernel_avx2();
+    case Isa::scalar: return &conv_kernel_scalar();
+    case Isa::reference: return nullptr;
+  }
+  return nullptr;
+}
+
+// Row (or column) classes: for every output row, the set of kernel rows that fall in
+// the padding. Class 0 is always the empty set.
+void border_classes(int64_t out, int64_t k, int64_t stride, int64_t dil, int64_t pad, int64_t in,
+                    std::vector<int32_t>& cls, std::vector<std::vector<uint8_t>>& sets) {
+  sets.assign(1, std::vector<uint8_t>(k, 0));
+  std::map<std::vector<uint8_t>, int32_t> index{{sets[0], 0}};
+  cls.assign(out, 0);
+  std::vector<uint8_t> set(k);
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t t = 0; t < k; ++t) {
+      const int64_t i = o * stride + t * dil;  // padded coordinate
+      set[t] = (i < pad || i >= pad + in) ? 1 : 0;
+    }
+    auto it = index.find(set);
+    if (it == index.end()) {
+      it = index.emplace(set, static_cast<int32_t>(sets.size())).first;
+      sets.push_back(set);
+    }
+    cls[o] = it->second;
+  }
+}
+
+}  // namespace
+
+void validate_conv(ConvGeometry& g, ConvOutput& o, int64_t x_words_per_pixel, int64_t w_words) {
+  if (g.N < 0) fail("binary_conv2d: negative batch size");
+  if (g.C < 1 || g.Co < 1) fail("binary_conv2d: in_channels and out_channels must be >= 1");
+  if (g.G < 1 || g.C % g.G || g.Co % g.G)
+    fail("binary_conv2d: groups=" + str(g.G) + " must divide in_channels=" + str(g.C) + " and out_channels=" +
+         str(g.Co));
+  if (g.KH < 1 || g.KW < 1) fail("binary_conv2d: kernel_size must be >= 1");
+  if (g.sh < 1 || g.sw < 1) fail("binary_conv2d: stride must be >= 1");
+  if (g.dh < 1 || g.dw < 1) fail("binary_conv2d: dilation must be >= 1");
+  if (g.ph < 0 || g.pw < 0) fail("binary_conv2d: padding must be >= 0");
+  if (g.pad_value != 0 && g.pad_value != 1 && g.pad_value != -1) fail("binary_conv2d: pad_value must be 0, 1 or -1");
+  g.Cg = g.C / g.G;
+  g.Cog = g.Co / g.G;
+  if (g.Wg != words_for(g.Cg))
+    fail("binary_conv2d: packed input has " + str(g.Wg) + " words per group, expected ceil((" + str(g.C) + "/" +
+         str(g.G) + ")/64) = " + str(words_for(g.Cg)));
+  if (x_words_per_pixel != g.G * g.Wg)
+    fail("binary_conv2d: packed input has " + str(x_words_per_pixel) + " words per pixel, expected groups * words = " +
+         str(g.G * g.Wg));
+  if (w_words != g.Wg)
+    fail("binary_conv2d: packed weights have " + str(w_words) + " words per tap, expected " + str(g.Wg));
+  g.H = g.Hp - 2 * g.ph;
+  g.W = g.Wp - 2 * g.pw;
+  if (g.H < 1 || g.W < 1)
+    fail("binary_conv2d: packed input of spatial size " + str(g.Hp) + "x" + str(g.Wp) + " is smaller than its padding " +
+         str(g.ph) + "x" + str(g.pw) + " on both sides");
+  const int64_t eh = g.dh * (g.KH - 1) + 1, ew = g.dw * (g.KW - 1) + 1;
+  if (eh > g.Hp || ew > g.Wp)
+    fail("binary_conv2d: the dilated kernel (" + str(eh) + "x" + str(ew) + ") is larger than the padded input (" +
+         str(g.Hp) + "x" + str(g.Wp) + ")");
+  g.OH = (g.Hp - eh) / g.sh + 1;
+  g.OW = (g.Wp - ew) / g.sw + 1;
+  if (o.mode == OutMode::threshold) {
+    if (o.OG < 1 || g.Co % o.OG) fail("binary_conv2d: out_groups=" + str(o.OG) + " must divide out_channels=" + str(g.Co));
+    if (o.oph < 0 || o.opw < 0) fail("binary_conv2d: out_padding must be >= 0");
+    if (o.out_pad_value != 0 && o.out_pad_value != 1 && o.out_pad_value != -1)
+      fail("binary_conv2d: out_pad_value must be 0, 1 or -1");
+    o.OCg = g.Co / o.OG;
+    o.OWg = words_for(o.OCg);
+    if (!o.thr || !o.dir) fail("binary_conv2d: thresholds and directions are required");
+    for (int64_t c = 0; c < g.Co; ++c)
+      if (o.dir[c] != 1 && o.dir[c] != -1)
+        fail("binary_conv2d: direction[" + str(c) + "] = " + str(o.dir[c]) + ", expected +1 or -1");
+  } else if (o.mode == OutMode::int32) {
+    if (!o.out_i32) fail("binary_conv2d: missing int32 output");
+  } else if (o.mode == OutMode::float32) {
+    if (!o.out_f32) fail("binary_conv2d: missing float32 output");
+  } else {
+    fail("binary_conv2d: unknown output mode");
+  }
+  // Integer results must fit in int32 and convert exactly to float32.
+  if (g.Cg * g.KH * g.KW > (int64_t{1} << 24))
+    fail("binary_conv2d: in_channels/groups * KH * KW must be <= 2^24 for exact results");
+}
+
+void fill_packed_border(uint64_t* out, int64_t N, int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t G,
+                        int64_t Cg, int pad_value) {
+  if (ph == 0 && pw == 0) return;
+  const int64_t Wg = words_for(Cg), Hp = H + 2 * ph, Wp = W + 2 * pw, px = G * Wg;
+  std::vector<uint64_t> pattern(px, 0);
+  if (pad_value < 0)
+    for (int64_t gi = 0; gi < G; ++gi)
+      for (int64_t k = 0; k < Wg; ++k) pattern[gi * Wg + k] = minus_one_word(Cg, k);
+  auto fill = [&](uint64_t* dst, int64_t pixels) {
+    if (pad_value >= 0) {
+      std::memset(dst, 0, static_cast<size_t>(pixels * px) * sizeof(uint64_t));
+    } else {
+      for (int64_t i = 0; i < pixels; ++i) std::memcpy(dst + i * px, pattern.data(), px * sizeof(uint64_t));
+    }
+  };
+  for (int64_t n = 0; n < N; ++n) {
+    uint64_t* img = out + n * Hp * Wp * px;
+    fill(img, ph * Wp);
+    fill(img + (ph + H) * Wp * px, ph * Wp);
+    for (int64_t h = ph; h < ph + H; ++h) {
+      fill(img + h * Wp * px, pw);
+      fill(img + (h * Wp + pw + W) * px, pw);
+    }
+  }
+}
+
+void binary_conv2d(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w, int threads) {
+  const Isa isa = active_isa();
+  if (g.N == 0) return;
+  if (o.mode == OutMode::threshold) {
+    const int64_t ohp = g.OH + 2 * o.oph, owp = g.OW + 2 * o.opw;
+    std::memset(o.out_bits, 0, static_cast<size_t>(g.N * ohp * owp * o.OG * o.OWg) * sizeof(uint64_t));
+    if (o.out_pad_value < 0) fill_packed_border(o.out_bits, g.N, g.OH, g.OW, o.oph, o.opw, o.OG, o.OCg, -1);
+  }
+  const ConvKernel* kernel = kernel_for(isa);
+  if (!kernel) {
+    binary_conv2d_reference(g, o, x, w);
+    return;
+  }
+
+  // Border classes for the zero-padding correction.
+  std::vector<int32_t> row_class, col_class;
+  std::vector<std::vector<uint8_t>> row_sets, col_sets;
+  std::vector<uint8_t> class_taps;
+  int32_t nrow = 1, ncol = 1;
+  const bool correct = g.pad_value == 0 && (g.ph > 0 || g.pw > 0);
+  if (correct) {
+    border_classes(g.OH, g.KH, g.sh, g.dh, g.ph, g.H, row_class, row_sets);
+    border_classes(g.OW, g.KW, g.sw, g.dw, g.pw, g.W, col_class, col_sets);
+    nrow = static_cast<int32_t>(row_sets.size());
+    ncol = static_cast<int32_t>(col_sets.size());
+    const int64_t taps = g.KH * g.KW;
+    class_taps.assign(static_cast<size_t>(nrow) * ncol * taps, 0);
+    for (int32_t r = 0; r < nrow; ++r)
+      for (int32_t c = 0; c < ncol; ++c)
+        for (int64_t kh = 0; kh < g.KH; ++kh)
+          for (int64_t kw = 0; kw < g.KW; ++kw)
+            class_taps[(r * ncol + c) * taps + kh * g.KW + kw] = row_sets[r][kh] | col_sets[c][kw];
+  }
+  const int32_t nclasses = correct ? nrow * ncol : 1;
+
+  // Word offsets of every (tap, word) step from a pixel's (0, 0) tap.
+  const int64_t steps = g.KH * g.KW * g.Wg, px = g.G * g.Wg;
+  std::vector<int64_t> step_off(steps);
+  for (int64_t kh = 0; kh < g.KH; ++kh)
+    for (int64_t kw = 0; kw < g.KW; ++kw)
+      for (int64_t k = 0; k < g.Wg; ++k)
+        step_off[(kh * g.KW + kw) * g.Wg + k] = (kh * g.dh * g.Wp + kw * g.dw) * px + k;
+
+  // Blocks of output channels, never straddling a group.
+  struct Range {
+    int64_t co0, nco;
+  };
+  std::vector<Range> blocks;
+  for (int64_t gi = 0; gi < g.G; ++gi)
+    for (int64_t c = 0; c < g.Cog; c += kernel->block_co)
+      blocks.push_back({gi * g.Cog + c, std::min<int64_t>(kernel->block_co, g.Cog - c)});
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  const int64_t Q = g.N * g.OH * g.OW, P = kernel->tile_pix;
+  const int64_t ntiles = (Q + P - 1) / P;
+
+  const bool bytewise = o.mode == OutMode::threshold && kernel->block_co % 8 == 0 && g.Cog % 8 == 0 && o.OCg % 8 == 0;
+  // Threshold outputs whose channel blocks share bytes keep each pixel on one thread.
+  const bool pixel_major = o.mode == OutMode::threshold && !bytewise;
+
+  const int64_t work = Q * g.Co * steps;
+  int64_t nthreads = std::min<int64_t>(std::max(threads, 1), std::max<int64_t>(1, work / kMinWorkPerThread));
+  nthreads = std::min<int64_t>(nthreads, pixel_major ? ntiles : nblocks * ntiles);
+  nthreads = std::min<int64_t>(nthreads, 256);
+
+  const size_t scratch_bytes = kernel->scratch_bytes(g, nclasses);
+  ConvBlock proto{};
+  proto.g = &g;
+  proto.o = &o;
+  proto.x = x;
+  proto.w = w;
+  proto.step_off = step_off.data();
+  proto.row_class = correct ? row_class.data() : nullptr;
+  proto.col_class = correct ? col_class.data() : nullptr;
+  proto.ncol_classes = ncol;
+  proto.nclasses = nclasses;
+  proto.class_taps = correct ? class_taps.data() : nullptr;
+  proto.bits_bytewise = bytewise;
+
+  auto run_part = [&](int t) {
+    ConvBlock b = proto;
+    b.scratch = tls_scratch.get(scratch_bytes);
+    auto run = [&](int64_t bi, int64_t tile0, int64_t tile1) {
+      b.co0 = blocks[bi].co0;
+      b.nco = blocks[bi].nco;
+      b.q0 = tile0 * P;
+      b.q1 = std::min(tile1 * P, Q);
+      if (b.q0 < b.q1) kernel->run(b);
+    };
+    if (pixel_major) {
+      const int64_t t0 = ntiles * t / nthreads, t1 = ntiles * (t + 1) / nthreads;
+      for (int64_t bi = 0; bi < nblocks; ++bi) run(bi, t0, t1);
+    } else {
+      // Items are (block, tile) pairs in block-major order: a block's repacked
+      // weights stay in L1 while the thread sweeps its pixels.
+      const int64_t items = nblocks * ntiles;
+      const int64_t i0 = items * t / nthreads, i1 = items * (t + 1) / nthreads;
+      for (int64_t i = i0; i < i1;) {
+        const int64_t bi = i / ntiles, tile0 = i % ntiles;
+        const int64_t tile1 = std::min(ntiles, tile0 + (i1 - i));
+        run(bi, tile0, tile1);
+        i += tile1 - tile0;
+      }
+    }
+  };
+  if (nthreads <= 1) {
+    run_part(0);
+  } else {
+    parallel_run(static_cast<int>(nthreads), [&](int t) { run_part(t); });
+  }
+}
+
+}  // namespace onebit

@@ -1,0 +1,105 @@
+// Binary (xnor-popcount) convolution on bit-packed activations and weights.
+//
+// Layouts (see pack.h for the one bit convention; every word is a uint64):
+//   activations  x  [N, Hp, Wp, G, Wg]   Hp = H + 2 ph, Wp = W + 2 pw (already padded),
+//                                        G = groups of the conv, Wg = ceil((C / G) / 64)
+//   weights      w  [Co, KH, KW, Wg]     output channel co belongs to group co / (Co / G)
+//   float / int32 output  [N, OH, OW, Co]  (channels last; logically [N, Co, OH, OW])
+//   packed output         [N, OH + 2 oph, OW + 2 opw, OG, OWg]  OWg = ceil((Co / OG) / 64)
+//
+// The arithmetic: with Cg = C / G real channels per group and K = Cg * KH * KW,
+//   acc = sum over taps and channels of sign(x) * sign(w) = K - 2 * popcount(x xor w)
+// (the unused high bits are 0 in both operands, so they never count). Padded taps
+// hold +1 bits (pad_value 0 or +1) or -1 bits (pad_value -1) in the packed input;
+// for pad_value 0 a padded tap must contribute 0, not +sum(w), so every output
+// position whose receptive field touches the padding subtracts the weight sums
+// of those taps (an exact integer correction). Positions are grouped into border
+// classes: all output rows with the same set of padded kernel rows share a row
+// class, likewise columns; class 0 is the interior (no correction).
+//
+// Outputs: int32 acc; float32 acc * scale[c] + bias[c] computed as two separate
+// float32 roundings (no FMA), so it equals torch's `acc.float() * scale + bias`
+// bit for bit; or a packed bit per channel: set (-1) iff acc < thr[c] when
+// dir[c] = +1, iff acc > thr[c] when dir[c] = -1.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace onebit {
+
+enum class OutMode : int { int32 = 0, float32 = 1, threshold = 2 };
+
+struct ConvGeometry {
+  int64_t N = 0, H = 0, W = 0, Hp = 0, Wp = 0;
+  int64_t C = 0, Co = 0, G = 1, Cg = 0, Cog = 0, Wg = 0;
+  int64_t KH = 1, KW = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t OH = 0, OW = 0;
+  int pad_value = 0;  // 0, +1 or -1
+};
+
+struct ConvOutput {
+  OutMode mode = OutMode::int32;
+  int32_t* out_i32 = nullptr;  // [N, OH, OW, Co]
+  float* out_f32 = nullptr;    // [N, OH, OW, Co]
+  const float* scale = nullptr;  // [Co] or null (1)
+  const float* bias = nullptr;   // [Co] or null (0)
+  const int32_t* thr = nullptr;  // [Co]
+  const int8_t* dir = nullptr;   // [Co], +1 or -1
+  uint64_t* out_bits = nullptr;  // [N, OH + 2 oph, OW + 2 opw, OG, OWg]
+  int64_t oph = 0, opw = 0, OG = 1, OCg = 0, OWg = 0;
+  int out_pad_value = 0;
+};
+
+// Validates the numbers of a call; throws std::invalid_argument naming the problem.
+// Fills in the derived fields (H, W, Cg, Cog, OH, OW, OCg).
+void validate_conv(ConvGeometry& g, ConvOutput& o, int64_t x_words_per_pixel, int64_t w_words);
+
+// The convolution, on the active ISA, on up to `threads` threads.
+void binary_conv2d(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w, int threads);
+
+// ---- internals shared by the driver (conv.cpp) and the per-ISA kernels ----
+
+// One unit of work: output channels [co0, co0 + nco) (inside one group, nco <= the
+// kernel's block width) for the flattened output pixels [q0, q1), q = (n * OH + oh) * OW + ow.
+struct ConvBlock {
+  const ConvGeometry* g;
+  const ConvOutput* o;
+  const uint64_t* x;
+  const uint64_t* w;
+  int64_t co0, nco, q0, q1;
+  const int64_t* step_off;   // [KH * KW * Wg] word offset of (tap, word) from a pixel's (0, 0) tap
+  const int32_t* row_class;  // [OH] (null when there is no zero-padding correction)
+  const int32_t* col_class;  // [OW]
+  int32_t ncol_classes, nclasses;
+  const uint8_t* class_taps;  // [nclasses, KH * KW]: 1 where the tap is padding
+  bool bits_bytewise;         // threshold output: 8-channel groups land on whole bytes
+  void* scratch;              // >= scratch_bytes(...) bytes, 64-byte aligned, private to this thread
+};
+
+struct ConvKernel {
+  const char* name;
+  int block_co;  // output channels per block (max)
+  int tile_pix;  // output pixels per register tile
+  size_t (*scratch_bytes)(const ConvGeometry& g, int nclasses);
+  void (*run)(const ConvBlock& b);  // repacks the block's weights and computes all its pixels
+};
+
+const ConvKernel& conv_kernel_scalar();
+const ConvKernel& conv_kernel_avx2();
+const ConvKernel& conv_kernel_avx512();
+
+// The independent reference: plain loops, one output at a time, padding skipped tap by tap.
+void binary_conv2d_reference(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w);
+
+// Writes the padding border of a packed [N, H + 2 ph, W + 2 pw, G, Wg] tensor:
+// all zero words for pad_value 0 / +1; the real channels' bits set for -1.
+void fill_packed_border(uint64_t* out, int64_t N, int64_t H, int64_t W, int64_t ph, int64_t pw, int64_t G,
+                        int64_t Cg, int pad_value);
+// The word for one group of a -1 padded pixel: word k of ceil(Cg / 64).
+inline uint64_t minus_one_word(int64_t Cg, int64_t k) {
+  const int64_t left = Cg - 64 * k;
+  return left >= 64 ? ~uint64_t{0} : ((uint64_t{1} << left) - 1);
+}
+
+}  // namespace onebit

@@ -1,0 +1,189 @@
+// AVX-512 (VPOPCNTDQ) binary convolution.
+//
+// A block of up to 32 output channels is repacked so that one zmm holds the same
+// (tap, word) of 8 channels. The register tile is 6 output pixels x 4 zmm (24
+// accumulators of 8 x 64-bit counts): each step loads 4 weight vectors and, per
+// pixel, broadcasts one input word and does xor + vpopcntq + add against them.
+#include <immintrin.h>
+
+#include "kernels/conv.h"
+#include "kernels/conv_common.h"
+
+namespace onebit {
+namespace {
+
+constexpr int kVec = 8;       // output channels per zmm
+constexpr int kMaxJ = 4;      // zmm per tile row
+constexpr int kBlock = kVec * kMaxJ;
+constexpr int kTile = 6;      // output pixels per tile
+
+size_t scratch_bytes(const ConvGeometry& g, int nclasses) {
+  const size_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
+  return steps * kBlock * 8 + taps * kBlock * 4 + static_cast<size_t>(nclasses) * kBlock * 4 + 256;
+}
+
+struct Ctx {
+  const ConvBlock* b;
+  const uint64_t* wr;   // [steps][J * 8]
+  const int32_t* corr;  // [nclasses][J * 8]
+  int64_t steps;
+  int32_t K;
+};
+
+inline __mmask8 lane_mask(int64_t valid) {
+  return valid >= 8 ? __mmask8(0xff) : valid <= 0 ? __mmask8(0) : __mmask8((1u << valid) - 1);
+}
+
+template <int P, int J>
+inline void tile(const Ctx& c, const PixInfo* pix) {
+  __m512i acc[P][J];
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p)
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[p][j] = _mm512_setzero_si512();
+  const uint64_t* xs[P];
+#pragma GCC unroll 8
+  for (int p = 0; p < P; ++p) xs[p] = pix[p].x;
+  const int64_t* so = c.b->step_off;
+  const uint64_t* wp = c.wr;
+  for (int64_t s = 0; s < c.steps; ++s, wp += J * kVec) {
+    const int64_t off = so[s];
+    __m512i w[J];
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) w[j] = _mm512_load_si512(wp + j * kVec);
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      const __m512i xb = _mm512_set1_epi64(static_cast<long long>(xs[p][off]));
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j)
+        acc[p][j] = _mm512_add_epi64(acc[p][j], _mm512_popcnt_epi64(_mm512_xor_si512(xb, w[j])));
+    }
+  }
+
+  const ConvBlock& b = *c.b;
+  const ConvOutput& o = *b.o;
+  const int64_t Co = b.g->Co;
+  const __m256i K = _mm256_set1_epi32(c.K);
+#pragma GCC unroll 4
+  for (int j = 0; j < J; ++j) {
+    const int64_t cj = b.co0 + j * kVec;
+    const __mmask8 m = lane_mask(b.nco - j * kVec);
+    __m256 scale = _mm256_set1_ps(1.0f), bias = _mm256_setzero_ps();
+    __m256i thr = _mm256_setzero_si256();
+    __mmask8 pos = 0;
+    if (o.mode == OutMode::float32) {
+      if (o.scale) scale = _mm256_maskz_loadu_ps(m, o.scale + cj);
+      if (o.bias) bias = _mm256_maskz_loadu_ps(m, o.bias + cj);
+    } else if (o.mode == OutMode::threshold) {
+      thr = _mm256_maskz_loadu_epi32(m, o.thr + cj);
+      pos = _mm_cmpgt_epi8_mask(_mm_maskz_loadu_epi8(m, o.dir + cj), _mm_setzero_si128());
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      const __m256i pc = _mm512_cvtepi64_epi32(acc[p][j]);
+      __m256i a = _mm256_sub_epi32(K, _mm256_add_epi32(pc, pc));
+      if (pix[p].cls) a = _mm256_sub_epi32(a, _mm256_load_si256(reinterpret_cast<const __m256i*>(c.corr + pix[p].cls * J * kVec + j * kVec)));
+      switch (o.mode) {
+        case OutMode::int32:
+          _mm256_mask_storeu_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
+          break;
+        case OutMode::float32: {
+          __m256 f = _mm256_cvtepi32_ps(a);
+          if (o.scale) f = _mm256_mul_ps(f, scale);
+          if (o.bias) f = _mm256_add_ps(f, bias);
+          _mm256_mask_storeu_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
+          break;
+        }
+        case OutMode::threshold: {
+          const __mmask8 lt = _mm256_cmplt_epi32_mask(a, thr), gt = _mm256_cmpgt_epi32_mask(a, thr);
+          const unsigned bits = static_cast<unsigned>(((lt & pos) | (gt & ~pos)) & m);
+          if (b.bits_bytewise) {
+            // 8 channels, 8-aligned inside their output group: one whole byte.
+            const int64_t og = cj / o.OCg, bit = cj % o.OCg;
+            reinterpret_cast<uint8_t*>(o.out_bits + pix[p].obits + og * o.OWg)[bit / 8] = static_cast<uint8_t>(bits);
+          } else {
+            for (unsigned r = bits; r; r &= r - 1) set_out_bit(o, pix[p].obits, cj + __builtin_ctz(r));
+          }
+          break;
+        }
+      }
+    }
+  }
+}
+
+template <int J>
+void run_j(const Ctx& c) {
+  const ConvBlock& b = *c.b;
+  PixelWalker walker(b);
+  PixInfo pix[kTile];
+  int64_t q = b.q0;
+  for (; q + kTile <= b.q1; q += kTile) {
+    for (int p = 0; p < kTile; ++p) walker.next(pix[p]);
+    tile<kTile, J>(c, pix);
+  }
+  const int64_t left = b.q1 - q;
+  for (int p = 0; p < left; ++p) walker.next(pix[p]);
+  switch (left) {
+    case 1: tile<1, J>(c, pix); break;
+    case 2: tile<2, J>(c, pix); break;
+    case 3: tile<3, J>(c, pix); break;
+    case 4: tile<4, J>(c, pix); break;
+    case 5: tile<5, J>(c, pix); break;
+    default: break;
+  }
+}
+
+// Per-tap weight sums and border-class corrections for the block's lanes.
+void corrections(const ConvBlock& b, int J, const uint64_t* wr, int32_t* tapsum, int32_t* corr) {
+  const ConvGeometry& g = *b.g;
+  const int64_t taps = g.KH * g.KW;
+  const int lanes = J * kVec;
+  const __m256i cg = _mm256_set1_epi32(static_cast<int32_t>(g.Cg));
+  for (int64_t t = 0; t < taps; ++t)
+    for (int j = 0; j < J; ++j) {
+      __m512i pc = _mm512_setzero_si512();
+      for (int64_t k = 0; k < g.Wg; ++k)
+        pc = _mm512_add_epi64(pc, _mm512_popcnt_epi64(_mm512_load_si512(wr + (t * g.Wg + k) * lanes + j * kVec)));
+      const __m256i p32 = _mm512_cvtepi64_epi32(pc);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tapsum + t * lanes + j * kVec),
+                         _mm256_sub_epi32(cg, _mm256_add_epi32(p32, p32)));
+    }
+  for (int32_t cls = 1; cls < b.nclasses; ++cls) {
+    const uint8_t* padded = b.class_taps + cls * taps;
+    for (int j = 0; j < J; ++j) {
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t t = 0; t < taps; ++t)
+        if (padded[t])
+          sum = _mm256_add_epi32(sum, _mm256_load_si256(reinterpret_cast<const __m256i*>(tapsum + t * lanes + j * kVec)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(corr + cls * lanes + j * kVec), sum);
+    }
+  }
+}
+
+void run(const ConvBlock& b) {
+  const ConvGeometry& g = *b.g;
+  const int J = static_cast<int>((b.nco + kVec - 1) / kVec);
+  const int lanes = J * kVec;
+  const int64_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
+  uint64_t* wr = static_cast<uint64_t*>(b.scratch);
+  int32_t* tapsum = reinterpret_cast<int32_t*>(wr + steps * lanes);
+  int32_t* corr = tapsum + taps * lanes;
+  repack_block(b, lanes, wr);
+  if (b.row_class) corrections(b, J, wr, tapsum, corr);
+  Ctx c{&b, wr, corr, steps, static_cast<int32_t>(g.Cg * taps)};
+  switch (J) {
+    case 1: run_j<1>(c); break;
+    case 2: run_j<2>(c); break;
+    case 3: run_j<3>(c); break;
+    default: run_j<4>(c); break;
+  }
+}
+
+}  // namespace
+
+const ConvKernel& conv_kernel_avx512() {
+  static const ConvKernel kernel{"avx512", kBlock, kTile, &scratch_bytes, &run};
+  return kernel;
+}
+
+}  // namespace onebit

@@ -1,0 +1,74 @@
+// Scalar binary convolution: 64-bit xor + popcnt, a register tile of 3 output
+// pixels x 4 output channels (12 accumulators), each input word reused 4 times.
+#include "kernels/conv.h"
+#include "kernels/conv_common.h"
+
+namespace onebit {
+namespace {
+
+constexpr int kLanes = 4;
+constexpr int kTile = 3;
+
+size_t scratch_bytes(const ConvGeometry& g, int nclasses) {
+  const size_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
+  return steps * kLanes * 8 + taps * kLanes * 4 + nclasses * kLanes * 4 + 256;
+}
+
+template <int P>
+inline void tile(const ConvBlock& b, const uint64_t* wr, int64_t steps, const PixInfo* pix, const int32_t* corr,
+                 int32_t K) {
+  uint64_t acc[P][kLanes] = {};
+  const int64_t* so = b.step_off;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t off = so[s];
+    const uint64_t* ws = wr + s * kLanes;
+    const uint64_t w0 = ws[0], w1 = ws[1], w2 = ws[2], w3 = ws[3];
+    for (int p = 0; p < P; ++p) {
+      const uint64_t xv = pix[p].x[off];
+      acc[p][0] += __builtin_popcountll(xv ^ w0);
+      acc[p][1] += __builtin_popcountll(xv ^ w1);
+      acc[p][2] += __builtin_popcountll(xv ^ w2);
+      acc[p][3] += __builtin_popcountll(xv ^ w3);
+    }
+  }
+  int32_t res[P * kLanes];
+  for (int p = 0; p < P; ++p) {
+    const int32_t* c = corr + pix[p].cls * kLanes;
+    for (int l = 0; l < kLanes; ++l)
+      res[p * kLanes + l] = K - 2 * static_cast<int32_t>(acc[p][l]) - (pix[p].cls ? c[l] : 0);
+  }
+  epilogue_generic(b, pix, P, res, kLanes);
+}
+
+void run(const ConvBlock& b) {
+  const ConvGeometry& g = *b.g;
+  const int64_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
+  uint64_t* wr = static_cast<uint64_t*>(b.scratch);
+  int32_t* tapsum = reinterpret_cast<int32_t*>(wr + steps * kLanes);
+  int32_t* corr = tapsum + taps * kLanes;
+  repack_block(b, kLanes, wr);
+  block_corrections(b, kLanes, wr, tapsum, corr);
+  if (!b.row_class)
+    for (int l = 0; l < kLanes; ++l) corr[l] = 0;
+  const int32_t K = static_cast<int32_t>(g.Cg * taps);
+  PixelWalker walker(b);
+  PixInfo pix[kTile];
+  int64_t q = b.q0;
+  for (; q + kTile <= b.q1; q += kTile) {
+    for (int p = 0; p < kTile; ++p) walker.next(pix[p]);
+    tile<kTile>(b, wr, steps, pix, corr, K);
+  }
+  for (; q < b.q1; ++q) {
+    walker.next(pix[0]);
+    tile<1>(b, wr, steps, pix, corr, K);
+  }
+}
+
+}  // namespace
+
+const ConvKernel& conv_kernel_scalar() {
+  static const ConvKernel kernel{"scalar", kLanes, kTile, &scratch_bytes, &run};
+  return kernel;
+}
+
+}  // namespace onebit

@@ -1,0 +1,77 @@
+// Activation packing driver: picks the row kernel for the input's strides and the
+// active ISA, fills the padding border, and splits big inputs over threads.
+#include <stdexcept>
+#include <string>
+
+#include "kernels/conv.h"
+#include "kernels/isa.h"
+#include "kernels/pack.h"
+#include "kernels/parallel.h"
+
+namespace onebit {
+namespace {
+
+// Packing is memory bound and cheap; waking another thread only pays off for big inputs.
+constexpr int64_t kMinFloatsPerThread = int64_t{1} << 18;
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
+                      int64_t sW, int64_t ph, int64_t pw, int pad_value, int64_t G, uint64_t* out, int threads) {
+  if (N < 0 || C < 1 || H < 0 || W < 0)
+    throw std::invalid_argument("pack_activations: bad input shape [" + str(N) + ", " + str(C) + ", " + str(H) + ", " +
+                                str(W) + "]");
+  if (G < 1 || C % G) throw std::invalid_argument("pack_activations: groups=" + str(G) + " must divide C=" + str(C));
+  if (ph < 0 || pw < 0) throw std::invalid_argument("pack_activations: padding must be >= 0");
+  if (pad_value != 0 && pad_value != 1 && pad_value != -1)
+    throw std::invalid_argument("pack_activations: pad_value must be 0, 1 or -1");
+  if (sN < 0 || sC < 0 || sH < 0 || sW < 0) throw std::invalid_argument("pack_activations: negative strides");
+  const int64_t Cg = C / G, Wg = words_for(Cg), px = G * Wg;
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  if (N == 0) return;
+  fill_packed_border(out, N, H, W, ph, pw, G, Cg, pad_value);
+  if (H == 0 || W == 0) return;
+
+  const Isa isa = active_isa();
+  const bool cl = sC == 1, nchw = !cl && sW == 1;
+  auto row = [&](int64_t r) {
+    const int64_t n = r / H, h = r % H;
+    const float* src = x + n * sN + h * sH;
+    uint64_t* dst = out + ((n * Hp + h + ph) * Wp + pw) * px;
+    switch (isa) {
+      case Isa::avx512:
+        if (cl) return pack_row_cl_avx512(src, W, sW, Cg, G, dst);
+        if (nchw) return pack_row_nchw_avx512(src, W, sC, Cg, G, dst);
+        break;
+      case Isa::avx2:
+        if (cl) return pack_row_cl_avx2(src, W, sW, Cg, G, dst);
+        if (nchw) return pack_row_nchw_avx2(src, W, sC, Cg, G, dst);
+        break;
+      case Isa::scalar:
+        if (cl) return pack_row_cl_scalar(src, W, sW, Cg, G, dst);
+        if (nchw) return pack_row_nchw_scalar(src, W, sC, Cg, G, dst);
+        break;
+      case Isa::reference:
+        break;
+    }
+    pack_row_strided_reference(src, W, sW, sC, Cg, G, dst);
+  };
+  const int64_t rows = N * H;
+  int64_t nthreads = threads < 1 ? 1 : threads;
+  const int64_t by_size = N * C * H * W / kMinFloatsPerThread;
+  if (nthreads > by_size) nthreads = by_size < 1 ? 1 : by_size;
+  if (nthreads > rows) nthreads = rows;
+  if (nthreads > 256) nthreads = 256;
+  if (nthreads <= 1) {
+    for (int64_t r = 0; r < rows; ++r) row(r);
+    return;
+  }
+  parallel_run(static_cast<int>(nthreads), [&](int t) {
+    const int64_t r0 = rows * t / nthreads, r1 = rows * (t + 1) / nthreads;
+    for (int64_t r = r0; r < r1; ++r) row(r);
+  });
+}
+
+}  // namespace onebit

@@ -1,0 +1,584 @@
+"""onebit's native bit-packed CPU kernels, as ``torch.library`` custom ops (namespace ``onebit``).
+
+Bit convention (``csrc/kernels/pack.h``): bit set = -1 (``x < 0``), bit clear = +1, so
+sign(0) = sign(-0.0) = +1 and NaN packs as +1. Channel ``c`` of a group lives in word
+``c // 64``, bit ``c % 64`` of that group's words; unused high bits are always 0.
+
+Layouts (all packed tensors are int64, contiguous):
+
+- packed activations ``[N, H + 2 ph, W + 2 pw, G, Wg]``, ``Wg = ceil((C / G) / 64)``, where
+  ``G`` is the groups of the conv that consumes them;
+- packed conv weights ``[C_out, KH, KW, Wg]``, ``Wg = ceil((C_in / G) / 64)``, output
+  channel ``co`` in group ``co // (C_out / G)``;
+- packed features ``[N, Wg]`` and linear weights ``[Out, Wg]``, ``Wg = ceil(F / 64)``;
+- float32 / int32 conv outputs ``[N, C_out, OH, OW]`` in channels_last memory.
+
+Every function validates its arguments (``ValueError`` naming the problem) before any
+native code runs; the native code re-checks the numbers. Kernels release the GIL, run
+on ``torch.get_num_threads()`` threads (small layers stay on one), and are safe to call
+from several Python threads at once. The instruction set is chosen at import (best
+supported, or ``ONEBIT_ISA``) and can be forced with :func:`set_isa`.
+
+In eager mode the public functions call the native kernels directly (the dispatcher
+round trip of a Python custom op costs ~15 us, a third of a small layer); under
+``torch.compile``, ``torch.export``, ``make_fx`` or with tensor subclasses they go
+through ``torch.ops.onebit.*``, whose fake implementations give shapes for tracing.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from onebit import _C
+
+__all__ = [
+    "isa",
+    "set_isa",
+    "supported_isas",
+    "words_for",
+    "conv_output_size",
+    "pack_activations",
+    "pack_features",
+    "pack_weights",
+    "binary_conv2d",
+    "binary_conv2d_int",
+    "binary_conv2d_threshold",
+    "binary_linear",
+    "binary_linear_int",
+    "binary_linear_threshold",
+]
+
+isa = _C.isa
+set_isa = _C.set_isa
+supported_isas = _C.supported_isas
+
+_PAD_CODES = {0.0: 0, 1.0: 1, -1.0: -1}
+_MODE_INT, _MODE_FLOAT, _MODE_THRESHOLD = 0, 1, 2
+
+
+def words_for(channels: int) -> int:
+    """64-bit words holding ``channels`` bits."""
+    return (int(channels) + 63) // 64
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution, as torch computes it (floor)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+# ---------------------------------------------------------------------------
+# argument checks (they only read shapes, dtypes and strides: they run on fake tensors too)
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list, torch.Size)) and len(value) == 2:
+        a, b = value
+        if isinstance(a, (int, torch.SymInt)) and isinstance(b, (int, torch.SymInt)):
+            if not isinstance(a, bool) and not isinstance(b, bool):
+                return (a, b)
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _pad_code(value, name: str) -> int:
+    try:
+        return _PAD_CODES[float(value)]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{name} must be 0.0, 1.0 or -1.0, got {value!r}") from None
+
+
+def _tensor(t, name: str, dtype: torch.dtype, ndim: int | None = None, contiguous: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {list(t.shape)}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}; call .contiguous() first")
+
+
+def _per_channel(t, name: str, dtype: torch.dtype, channels: int) -> None:
+    _tensor(t, name, dtype, 1)
+    if t.shape[0] != channels:
+        raise ValueError(f"{name} must have shape [{channels}] (one per output channel), got {list(t.shape)}")
+
+
+class _Conv:
+    """The checked geometry of one binary convolution call."""
+
+    __slots__ = ("n", "hp", "wp", "c", "co", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "g", "pad", "oh", "ow")
+
+    def __init__(self, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
+        c = _int(in_channels, "in_channels", 1)
+        co = _int(out_channels, "out_channels", 1)
+        g = _int(groups, "groups", 1)
+        if c % g or co % g:
+            raise ValueError(f"groups={g} must divide in_channels={c} and out_channels={co}")
+        self.kh, self.kw = _pair(kernel_size, "kernel_size")
+        self.sh, self.sw = _pair(stride, "stride")
+        self.ph, self.pw = _pair(padding, "padding")
+        self.dh, self.dw = _pair(dilation, "dilation")
+        if self.kh < 1 or self.kw < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {(self.kh, self.kw)}")
+        if self.sh < 1 or self.sw < 1:
+            raise ValueError(f"stride must be >= 1, got {(self.sh, self.sw)}")
+        if self.dh < 1 or self.dw < 1:
+            raise ValueError(f"dilation must be >= 1, got {(self.dh, self.dw)}")
+        if self.ph < 0 or self.pw < 0:
+            raise ValueError(f"padding must be >= 0, got {(self.ph, self.pw)}")
+        self.pad = _pad_code(pad_value, "pad_value")
+        wg = words_for(c // g)
+        _tensor(xp, "packed input xp", torch.int64, 5)
+        n, hp, wpad, xg, xwg = xp.shape
+        if xg != g or xwg != wg:
+            raise ValueError(
+                f"packed input xp has shape {list(xp.shape)}: expected [N, Hp, Wp, groups={g}, "
+                f"words={wg}] for {c} input channels in {g} groups"
+            )
+        h, w = hp - 2 * self.ph, wpad - 2 * self.pw
+        if h < 1 or w < 1:
+            raise ValueError(
+                f"packed input xp of spatial size {hp}x{wpad} cannot hold padding {self.ph}x{self.pw} "
+                "around a non-empty image"
+            )
+        self.oh = conv_output_size(h, self.kh, self.sh, self.ph, self.dh)
+        self.ow = conv_output_size(w, self.kw, self.sw, self.pw, self.dw)
+        if self.oh < 1 or self.ow < 1:
+            raise ValueError(
+                f"input of spatial size {h}x{w} with padding {self.ph}x{self.pw} is too small for kernel "
+                f"{self.kh}x{self.kw} with dilation {self.dh}x{self.dw}"
+            )
+        _tensor(wp, "packed weight wp", torch.int64, 4)
+        if tuple(wp.shape) != (co, self.kh, self.kw, wg):
+            raise ValueError(
+                f"packed weight wp has shape {list(wp.shape)}: expected [out_channels={co}, KH={self.kh}, "
+                f"KW={self.kw}, words={wg}]"
+            )
+        self.n, self.hp, self.wp, self.c, self.co, self.g = n, hp, wpad, c, co, g
+
+    def run(self, xp, wp, mode, out, scale=None, bias=None, thr=None, dirs=None, oph=0, opw=0, og=1, opad=0):
+        _C.conv2d_raw(
+            xp.data_ptr(), self.n, self.hp, self.wp, xp.shape[3] * xp.shape[4], wp.data_ptr(), wp.shape[3],
+            self.c, self.co, self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw, self.g,
+            self.pad, mode, out.data_ptr(),
+            0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            0 if thr is None else thr.data_ptr(), 0 if dirs is None else dirs.data_ptr(),
+            oph, opw, og, opad, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+def _direct(*tensors) -> bool:
+    """True when the native kernels can run right here: plain tensors, nothing tracing."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    for t in tensors:  # tensor subclasses (fake, functional, parameters...) take the dispatcher
+        if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor:
+            return False
+    return True  # non-tensors get their ValueError from the argument checks
+
+
+# ---------------------------------------------------------------------------
+# packing
+
+
+def _check_pack(x, padding, pad_value, groups):
+    _tensor(x, "x", torch.float32, 4, contiguous=False)
+    ph, pw = _pair(padding, "padding")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be >= 0, got {(ph, pw)}")
+    pad = _pad_code(pad_value, "pad_value")
+    g = _int(groups, "groups", 1)
+    n, c, h, w = x.shape
+    if c < 1:
+        raise ValueError(f"x must have at least one channel, got shape {list(x.shape)}")
+    if c % g:
+        raise ValueError(f"groups={g} must divide the {c} channels of x")
+    return (n, h + 2 * ph, w + 2 * pw, g, words_for(c // g)), ph, pw, pad, g
+
+
+def _pack_activations_impl(x, padding, pad_value, groups):
+    shape, ph, pw, pad, g = _check_pack(x, padding, pad_value, groups)
+    out = torch.empty(shape, dtype=torch.int64)
+    if out.numel():
+        n, c, h, w = x.shape
+        sn, sc, sh, sw = x.stride()
+        _C.pack_activations_raw(
+            x.data_ptr(), n, c, h, w, sn, sc, sh, sw, ph, pw, pad, g, out.data_ptr(), torch.get_num_threads()
+        )
+    return out
+
+
+@torch.library.custom_op("onebit::pack_activations", mutates_args=())
+def _pack_activations_op(x: torch.Tensor, padding: Sequence[int], pad_value: float, groups: int) -> torch.Tensor:
+    return _pack_activations_impl(x, padding, pad_value, groups)
+
+
+@_pack_activations_op.register_fake
+def _(x, padding, pad_value, groups):
+    shape, *_ = _check_pack(x, padding, pad_value, groups)
+    return x.new_empty(shape, dtype=torch.int64)
+
+
+def pack_activations(
+    x: torch.Tensor, padding: int | Sequence[int] = (0, 0), pad_value: float = 0.0, groups: int = 1
+) -> torch.Tensor:
+    """float32 ``[N, C, H, W]`` (any strides) -> packed int64 ``[N, H + 2 ph, W + 2 pw, G, Wg]``.
+
+    Padded positions are +1 (all bits clear) for ``pad_value`` 0.0 or 1.0 and -1 (the real
+    channels' bits set, never the unused ones) for -1.0. ``pad_value`` 0 is made exact by
+    the convolution's correction, given the same ``pad_value``.
+    """
+    padding = _pair(padding, "padding")
+    if _direct(x):
+        return _pack_activations_impl(x, padding, pad_value, groups)
+    return torch.ops.onebit.pack_activations(x, list(padding), float(pad_value), int(groups))
+
+
+def pack_features(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N, F]`` -> packed int64 ``[N, ceil(F / 64)]`` (the input of :func:`binary_linear`)."""
+    _tensor(x, "x", torch.float32, 2, contiguous=False)
+    n, f = x.shape
+    return pack_activations(x[:, :, None, None]).view(n, -1)
+
+
+def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Signs of weights, packed: float32 ``[C_out, C_in / G, KH, KW]`` -> int64 ``[C_out, KH, KW, Wg]``.
+
+    A 2-D linear weight ``[Out, F]`` packs to ``[Out, ceil(F / 64)]``. ``groups`` only
+    checks that ``C_out`` splits into the groups (each output channel's weights already
+    cover just its group's inputs).
+    """
+    if isinstance(w, torch.Tensor):
+        w = w.detach()
+    _tensor(w, "w", torch.float32, contiguous=False)
+    g = _int(groups, "groups", 1)
+    if w.dim() == 2:
+        out, f = w.shape
+        if g != 1:
+            raise ValueError("a 2-D (linear) weight has no groups")
+        return pack_activations(w[:, :, None, None]).view(out, -1)
+    if w.dim() != 4:
+        raise ValueError(f"w must be [C_out, C_in / groups, KH, KW] or [Out, F], got shape {list(w.shape)}")
+    if w.shape[0] % g:
+        raise ValueError(f"groups={g} must divide the {w.shape[0]} output channels of w")
+    co, _, kh, kw = w.shape
+    return pack_activations(w).view(co, kh, kw, -1)
+
+
+# ---------------------------------------------------------------------------
+# convolutions
+
+
+def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
+    if like is not None:
+        return like.new_empty((n, c, h, w), dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return torch.empty((n, c, h, w), dtype=dtype, memory_format=torch.channels_last)
+
+
+def _conv_int_impl(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
+    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    out = _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.int32)
+    return cv.run(xp, wp, _MODE_INT, out) if out.numel() else out
+
+
+def _conv_float_impl(
+    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias
+):
+    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    if scale is not None:
+        _per_channel(scale, "scale", torch.float32, cv.co)
+    if bias is not None:
+        _per_channel(bias, "bias", torch.float32, cv.co)
+    out = _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.float32)
+    return cv.run(xp, wp, _MODE_FLOAT, out, scale, bias) if out.numel() else out
+
+
+def _check_threshold(cv, thresholds, direction, out_padding, out_pad_value, out_groups):
+    _per_channel(thresholds, "thresholds", torch.int32, cv.co)
+    _per_channel(direction, "direction", torch.int8, cv.co)
+    oph, opw = _pair(out_padding, "out_padding")
+    if oph < 0 or opw < 0:
+        raise ValueError(f"out_padding must be >= 0, got {(oph, opw)}")
+    opad = _pad_code(out_pad_value, "out_pad_value")
+    og = _int(out_groups, "out_groups", 1)
+    if cv.co % og:
+        raise ValueError(f"out_groups={og} must divide out_channels={cv.co}")
+    shape = (cv.n, cv.oh + 2 * oph, cv.ow + 2 * opw, og, words_for(cv.co // og))
+    return shape, oph, opw, opad, og
+
+
+def _conv_threshold_impl(
+    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
+    thresholds, direction, out_padding, out_pad_value, out_groups,
+):  # fmt: skip
+    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    shape, oph, opw, opad, og = _check_threshold(cv, thresholds, direction, out_padding, out_pad_value, out_groups)
+    out = torch.empty(shape, dtype=torch.int64)
+    if not out.numel():
+        return out
+    return cv.run(xp, wp, _MODE_THRESHOLD, out, thr=thresholds, dirs=direction, oph=oph, opw=opw, og=og, opad=opad)
+
+
+@torch.library.custom_op("onebit::binary_conv2d_int", mutates_args=())
+def _conv_int_op(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    pad_value: float,
+) -> torch.Tensor:
+    return _conv_int_impl(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+
+
+@_conv_int_op.register_fake
+def _(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
+    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    return _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.int32, like=xp)
+
+
+@torch.library.custom_op("onebit::binary_conv2d", mutates_args=())
+def _conv_float_op(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    pad_value: float,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return _conv_float_impl(
+        xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias
+    )
+
+
+@_conv_float_op.register_fake
+def _(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias):
+    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    if scale is not None:
+        _per_channel(scale, "scale", torch.float32, cv.co)
+    if bias is not None:
+        _per_channel(bias, "bias", torch.float32, cv.co)
+    return _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.float32, like=xp)
+
+
+@torch.library.custom_op("onebit::binary_conv2d_threshold", mutates_args=())
+def _conv_threshold_op(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    pad_value: float,
+    thresholds: torch.Tensor,
+    direction: torch.Tensor,
+    out_padding: Sequence[int],
+    out_pad_value: float,
+    out_groups: int,
+) -> torch.Tensor:
+    return _conv_threshold_impl(
+        xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
+        thresholds, direction, out_padding, out_pad_value, out_groups,
+    )  # fmt: skip
+
+
+@_conv_threshold_op.register_fake
+def _(
+    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
+    thresholds, direction, out_padding, out_pad_value, out_groups,
+):  # fmt: skip
+    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    shape, *_ = _check_threshold(cv, thresholds, direction, out_padding, out_pad_value, out_groups)
+    return xp.new_empty(shape, dtype=torch.int64)
+
+
+def _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
+    return (
+        in_channels,
+        out_channels,
+        list(_pair(kernel_size, "kernel_size")),
+        list(_pair(stride, "stride")),
+        list(_pair(padding, "padding")),
+        list(_pair(dilation, "dilation")),
+        groups,
+        float(pad_value),
+    )
+
+
+def binary_conv2d_int(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    pad_value: float = 0.0,
+) -> torch.Tensor:
+    """Exact integer binary convolution: int32 ``[N, C_out, OH, OW]`` (channels_last memory).
+
+    ``acc[n, co, oh, ow] = sum over taps and the group's input channels of sign(x) * sign(w)``,
+    with padded taps worth ``pad_value`` (0, +1 or -1). ``xp`` is already padded by
+    ``padding`` (see :func:`pack_activations`), packed for ``groups``.
+    """
+    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    if _direct(xp, wp):
+        return _conv_int_impl(xp, wp, *args)
+    return torch.ops.onebit.binary_conv2d_int(xp, wp, *args)
+
+
+def binary_conv2d(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    pad_value: float = 0.0,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 ``[N, C_out, OH, OW]`` (channels_last memory) ``= acc * scale[c] + bias[c]``.
+
+    ``acc`` as in :func:`binary_conv2d_int`; ``scale`` and ``bias`` are optional float32
+    ``[C_out]``, applied as a float32 multiply then an add (no FMA), bit for bit like
+    ``acc.float() * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)``.
+    """
+    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    if _direct(xp, wp, scale, bias):
+        return _conv_float_impl(xp, wp, *args, scale, bias)
+    return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias)
+
+
+def _direction_int8(direction: torch.Tensor) -> torch.Tensor:
+    if not isinstance(direction, torch.Tensor):
+        raise ValueError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
+    if direction.dtype == torch.int8:
+        return direction
+    if direction.dtype == torch.bool:  # "negate above": True -> bit set iff acc > thr
+        return torch.where(direction, -1, 1).to(torch.int8)
+    if direction.dtype.is_floating_point or direction.dtype.is_complex:
+        raise ValueError(f"direction must be int8 (+1 / -1) or bool (negate_above), got {direction.dtype}")
+    if direction.numel() and not bool(((direction == 1) | (direction == -1)).all()):
+        raise ValueError("direction must hold only +1 and -1")
+    return direction.to(torch.int8)
+
+
+def binary_conv2d_threshold(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    pad_value: float = 0.0,
+    thresholds: torch.Tensor,
+    direction: torch.Tensor,
+    out_padding: int | Sequence[int] = 0,
+    out_pad_value: float = 0.0,
+    out_groups: int = 1,
+) -> torch.Tensor:
+    """Binary conv thresholded straight into the next layer's packed, padded input.
+
+    Returns int64 ``[N, OH + 2 oph, OW + 2 opw, out_groups, ceil((C_out / out_groups) / 64)]``:
+    channel ``c``'s bit is set (-1) iff ``acc < thresholds[c]`` when ``direction[c] == +1``,
+    iff ``acc > thresholds[c]`` when ``direction[c] == -1``. ``thresholds`` is int32
+    ``[C_out]``; ``direction`` is int8 ``[C_out]`` (+1 / -1) or bool (True = -1, "negate
+    above"). The border is filled as :func:`pack_activations` fills it for ``out_pad_value``.
+    """
+    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    direction = _direction_int8(direction)
+    out_padding = list(_pair(out_padding, "out_padding"))
+    if _direct(xp, wp, thresholds, direction):
+        return _conv_threshold_impl(xp, wp, *args, thresholds, direction, out_padding, out_pad_value, out_groups)
+    return torch.ops.onebit.binary_conv2d_threshold(
+        xp, wp, *args, thresholds, direction, out_padding, float(out_pad_value), out_groups
+    )
+
+
+# ---------------------------------------------------------------------------
+# fully connected layers: 1x1 convolutions of 1x1 images
+
+
+def _linear_views(xp, wp, in_features):
+    f = _int(in_features, "in_features", 1)
+    wg = words_for(f)
+    _tensor(xp, "packed input xp", torch.int64, 2)
+    _tensor(wp, "packed weight wp", torch.int64, 2)
+    if xp.shape[1] != wg:
+        raise ValueError(f"packed input xp has shape {list(xp.shape)}: expected [N, {wg}] for {f} features")
+    if wp.shape[1] != wg:
+        raise ValueError(f"packed weight wp has shape {list(wp.shape)}: expected [Out, {wg}] for {f} features")
+    n, out = xp.shape[0], wp.shape[0]
+    if out < 1:
+        raise ValueError("packed weight wp has no output features")
+    conv = dict(in_channels=f, out_channels=out, kernel_size=1)
+    return xp.view(n, 1, 1, 1, wg), wp.view(out, 1, 1, wg), conv, n, out
+
+
+def binary_linear_int(xp: torch.Tensor, wp: torch.Tensor, *, in_features: int) -> torch.Tensor:
+    """int32 ``[N, Out]``: ``acc = in_features - 2 popcount(x xor w)`` (packed ``[N, Wg]`` x ``[Out, Wg]``)."""
+    x4, w4, conv, n, out = _linear_views(xp, wp, in_features)
+    return binary_conv2d_int(x4, w4, **conv).reshape(n, out)
+
+
+def binary_linear(
+    xp: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    in_features: int,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 ``[N, Out]`` ``= acc * scale + bias`` (see :func:`binary_linear_int`, :func:`binary_conv2d`)."""
+    x4, w4, conv, n, out = _linear_views(xp, wp, in_features)
+    return binary_conv2d(x4, w4, scale=scale, bias=bias, **conv).reshape(n, out)
+
+
+def binary_linear_threshold(
+    xp: torch.Tensor, wp: torch.Tensor, *, in_features: int, thresholds: torch.Tensor, direction: torch.Tensor
+) -> torch.Tensor:
+    """Packed int64 ``[N, ceil(Out / 64)]`` of the thresholded accumulators (see :func:`binary_conv2d_threshold`)."""
+    x4, w4, conv, n, out = _linear_views(xp, wp, in_features)
+    return binary_conv2d_threshold(x4, w4, thresholds=thresholds, direction=direction, **conv).reshape(n, -1)

@@ -1,0 +1,523 @@
+"""The specification of onebit's native kernels (onebit.engine.kernels, onebit._C).
+
+Every result is compared for exact equality with an independent reference made of
+plain torch float ops: ``conv2d(pad(sign(x), pad_value), sign(w))`` in float64 (exact
+for these integer sums), sign(x) = +1 for x >= 0 else -1, on every instruction set the
+machine supports (forced with ``_C.set_isa``), including the portable reference kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onebit import _C
+from onebit.engine import kernels as K
+
+ISAS = _C.supported_isas()
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True)
+def _restore_isa_and_threads():
+    isa, threads = _C.isa(), torch.get_num_threads()
+    yield
+    _C.set_isa(isa)
+    torch.set_num_threads(threads)
+
+
+def on_every_isa(fn):
+    """Run fn() once per supported ISA; return {isa: result}."""
+    results = {}
+    for isa in ISAS:
+        _C.set_isa(isa)
+        results[isa] = fn()
+    return results
+
+
+# ---------------------------------------------------------------------------
+# independent references (plain torch)
+
+
+def sign(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t >= 0, 1.0, -1.0).to(torch.float64)
+
+
+def reference_conv(x, w, stride, padding, dilation, groups, pad_value) -> torch.Tensor:
+    """float64 [N, Co, OH, OW] exact integer sums."""
+    ph, pw = padding
+    xs = F.pad(sign(x), (pw, pw, ph, ph), value=float(pad_value))
+    return F.conv2d(xs, sign(w), stride=stride, dilation=dilation, groups=groups)
+
+
+def reference_pack(negative: torch.Tensor, groups: int) -> torch.Tensor:
+    """bool [N, C, H, W] (True = -1) -> int64 [N, H, W, G, Wg], bit by bit."""
+    n, c, h, w = negative.shape
+    cg = c // groups
+    wg = (cg + 63) // 64
+    bits = negative.permute(0, 2, 3, 1).reshape(n, h, w, groups, cg).to(torch.int64)
+    bits = F.pad(bits, (0, wg * 64 - cg)).reshape(n, h, w, groups, wg, 64)
+    shifts = torch.arange(64, dtype=torch.int64)
+    return (bits << shifts).sum(-1)  # int64 wraps: bit 63 becomes the sign bit, as intended
+
+
+def reference_packed_input(x, padding, pad_value, groups) -> torch.Tensor:
+    ph, pw = padding
+    neg = F.pad(x < 0, (pw, pw, ph, ph), value=pad_value < 0)
+    return reference_pack(neg, groups)
+
+
+def layouts(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values as x in another memory layout."""
+    if kind == "contiguous":
+        return x.contiguous()
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "permuted":  # memory order [H, N, W, C]
+        return x.permute(2, 0, 3, 1).contiguous().permute(1, 3, 0, 2)
+    if kind == "strided":  # every other element of a bigger tensor
+        big = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2], x.shape[3] * 3)
+        big[:, ::2, :, ::3] = x
+        return big[:, ::2, :, ::3]
+    raise AssertionError(kind)
+
+
+LAYOUTS = ["contiguous", "channels_last", "permuted", "strided"]
+
+
+# ---------------------------------------------------------------------------
+# configurations
+
+
+@st.composite
+def conv_configs(draw, max_channels=300):
+    groups = draw(st.sampled_from([1, 1, 1, 2, 3, 4]))
+    cin = groups * draw(st.integers(1, max(1, max_channels // groups)))
+    cout = groups * draw(st.integers(1, max(1, max_channels // groups)))
+    kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    # spatial size: at least one output, small enough to stay fast
+    min_h, min_w = max(1, dh * (kh - 1) + 1 - 2 * ph), max(1, dw * (kw - 1) + 1 - 2 * pw)
+    h = draw(st.integers(min_h, max(min_h, 11)))
+    w = draw(st.integers(min_w, max(min_w, 11)))
+    return dict(
+        n=draw(st.integers(1, 3)),
+        cin=cin,
+        cout=cout,
+        h=h,
+        w=w,
+        kernel=(kh, kw),
+        stride=(sh, sw),
+        dilation=(dh, dw),
+        padding=(ph, pw),
+        groups=groups,
+        pad_value=draw(st.sampled_from([0.0, 1.0, -1.0])),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make(cfg):
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    x = torch.randn(cfg["n"], cfg["cin"], cfg["h"], cfg["w"], generator=gen)
+    x[torch.rand(x.shape, generator=gen) < 0.05] = 0.0  # exact zeros are +1
+    w = torch.randn(cfg["cout"], cfg["cin"] // cfg["groups"], *cfg["kernel"], generator=gen)
+    return layouts(x, cfg["layout"]), w, gen
+
+
+def conv_kwargs(cfg):
+    return dict(
+        in_channels=cfg["cin"],
+        out_channels=cfg["cout"],
+        kernel_size=cfg["kernel"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        groups=cfg["groups"],
+        pad_value=cfg["pad_value"],
+    )
+
+
+# ---------------------------------------------------------------------------
+# packing
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pad_value", [0.0, 1.0, -1.0])
+@pytest.mark.parametrize("channels,groups", [(1, 1), (63, 1), (64, 1), (65, 1), (200, 1), (300, 3), (128, 2), (6, 6)])
+def test_pack_activations_exact(layout, pad_value, channels, groups):
+    x = torch.randn(2, channels, 5, 19)  # 19 pixels: a full SIMD chunk plus a tail
+    x[0, :, 0, 0] = 0.0
+    x[0, :, 0, 1] = -0.0
+    x[0, :, 0, 2] = float("nan")
+    x[0, :, 0, 3] = float("inf")
+    x[0, :, 0, 4] = -float("inf")
+    x[0, :, 0, 5] = -1e-45
+    x = layouts(x, layout)
+    expected = reference_packed_input(x, (1, 2), pad_value, groups)
+    for isa, got in on_every_isa(lambda: K.pack_activations(x, (1, 2), pad_value, groups)).items():
+        assert got.dtype == torch.int64 and got.is_contiguous()
+        assert torch.equal(got, expected), isa
+
+
+def test_pack_special_values():
+    x = torch.tensor([0.0, -0.0, float("nan"), -float("nan"), 1e-45, -1e-45, float("inf"), -float("inf")])
+    x = x.view(1, 8, 1, 1)
+    expected = (1 << 5) | (1 << 7)  # only -1e-45 and -inf are negative; -0.0 and NaNs are +1
+    for isa, got in on_every_isa(lambda: K.pack_activations(x)).items():
+        assert got.item() == expected, isa
+
+
+def test_unused_high_bits_stay_zero():
+    x = -torch.rand(1, 70, 3, 3) - 0.5  # every real channel is -1
+    for isa, got in on_every_isa(lambda: K.pack_activations(x, (2, 2), -1.0, 1)).items():
+        assert got.shape == (1, 7, 7, 1, 2)
+        assert bool((got[..., 0] == -1).all()), isa  # 64 bits set
+        assert bool((got[..., 1] == (1 << 6) - 1).all()), isa  # 6 real channels, 58 unused bits 0
+    w = -torch.ones(5, 70, 3, 3)
+    assert bool((K.pack_weights(w)[..., 1] == (1 << 6) - 1).all())
+
+
+def test_pack_weights_and_features():
+    w = torch.randn(20, 130, 3, 2)
+    wp = K.pack_weights(w)
+    assert wp.shape == (20, 3, 2, 3)
+    assert torch.equal(wp, reference_pack(w < 0, 1).view(20, 3, 2, 3))
+    lin = torch.randn(7, 100)
+    assert torch.equal(K.pack_weights(lin), reference_pack(lin[:, :, None, None] < 0, 1).view(7, 2))
+    for feats in (torch.randn(4, 100), torch.randn(100, 4).t()):  # contiguous and transposed
+        assert torch.equal(K.pack_features(feats), reference_pack(feats[:, :, None, None] < 0, 1).view(4, 2))
+
+
+def test_pack_batch_zero():
+    assert K.pack_activations(torch.randn(0, 3, 4, 4), 1).shape == (0, 6, 6, 1, 1)
+
+
+# ---------------------------------------------------------------------------
+# convolution: exact against the float reference on every ISA
+
+
+@SETTINGS
+@given(conv_configs())
+def test_conv_int_exact(cfg):
+    x, w, _ = make(cfg)
+    expected = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
+    wp = K.pack_weights(w, cfg["groups"])
+
+    def run():
+        xp = K.pack_activations(x, cfg["padding"], cfg["pad_value"], cfg["groups"])
+        return K.binary_conv2d_int(xp, wp, **conv_kwargs(cfg))
+
+    for isa, got in on_every_isa(run).items():
+        assert got.dtype == torch.int32 and got.shape == expected.shape, isa
+        assert torch.equal(got.to(torch.float64), expected), isa
+
+
+@SETTINGS
+@given(conv_configs(), st.booleans(), st.booleans())
+def test_conv_float_scale_bias_exact(cfg, use_scale, use_bias):
+    x, w, gen = make(cfg)
+    acc = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
+    scale = torch.randn(cfg["cout"], generator=gen) if use_scale else None
+    bias = torch.randn(cfg["cout"], generator=gen) if use_bias else None
+    expected = acc.to(torch.float32)
+    if scale is not None:
+        expected = expected * scale.view(1, -1, 1, 1)
+    if bias is not None:
+        expected = expected + bias.view(1, -1, 1, 1)
+    xp = K.pack_activations(x, cfg["padding"], cfg["pad_value"], cfg["groups"])
+    wp = K.pack_weights(w, cfg["groups"])
+    results = on_every_isa(lambda: K.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv_kwargs(cfg)))
+    for isa, got in results.items():
+        assert got.dtype == torch.float32 and got.shape == expected.shape, isa
+        assert torch.equal(got, expected), isa
+
+
+@st.composite
+def threshold_configs(draw):
+    cfg = draw(conv_configs(max_channels=200))
+    cout = cfg["cout"]
+    divisors = [d for d in range(1, cout + 1) if cout % d == 0 and d <= 8]
+    cfg["out_groups"] = draw(st.sampled_from(divisors))
+    cfg["out_padding"] = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    cfg["out_pad_value"] = draw(st.sampled_from([0.0, 1.0, -1.0]))
+    return cfg
+
+
+@SETTINGS
+@given(threshold_configs())
+def test_conv_threshold_exact(cfg):
+    x, w, gen = make(cfg)
+    acc = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
+    k = cfg["cin"] // cfg["groups"] * cfg["kernel"][0] * cfg["kernel"][1]
+    co = cfg["cout"]
+    thresholds = torch.randint(-k - 1, k + 2, (co,), generator=gen, dtype=torch.int32)
+    direction = torch.where(torch.rand(co, generator=gen) < 0.5, 1, -1).to(torch.int8)
+    thr = thresholds.view(1, -1, 1, 1).to(torch.float64)
+    below = (direction == 1).view(1, -1, 1, 1)
+    negative = torch.where(below, acc < thr, acc > thr)
+    oph, opw = cfg["out_padding"]
+    negative = F.pad(negative, (opw, opw, oph, oph), value=cfg["out_pad_value"] < 0)
+    expected = reference_pack(negative, cfg["out_groups"])
+
+    xp = K.pack_activations(x, cfg["padding"], cfg["pad_value"], cfg["groups"])
+    wp = K.pack_weights(w, cfg["groups"])
+
+    def run():
+        return K.binary_conv2d_threshold(
+            xp,
+            wp,
+            thresholds=thresholds,
+            direction=direction,
+            out_padding=cfg["out_padding"],
+            out_pad_value=cfg["out_pad_value"],
+            out_groups=cfg["out_groups"],
+            **conv_kwargs(cfg),
+        )
+
+    for isa, got in on_every_isa(run).items():
+        assert got.shape == expected.shape, isa
+        assert torch.equal(got, expected), isa
+
+
+def test_threshold_bool_direction_is_negate_above():
+    x, w = torch.randn(1, 64, 6, 6), torch.randn(16, 64, 3, 3)
+    xp, wp = K.pack_activations(x, 1), K.pack_weights(w)
+    conv = dict(in_channels=64, out_channels=16, kernel_size=3, padding=1)
+    thr = torch.zeros(16, dtype=torch.int32)
+    above = torch.arange(16) % 2 == 0
+    a = K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=above, **conv)
+    b = K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=torch.where(above, -1, 1).to(torch.int8), **conv)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("features,out", [(1, 1), (64, 10), (100, 65), (700, 300)])
+def test_linear_exact(features, out):
+    x, w = torch.randn(5, features), torch.randn(out, features)
+    acc = sign(x) @ sign(w).t()
+    scale, bias = torch.randn(out), torch.randn(out)
+    xp, wp = K.pack_features(x), K.pack_weights(w)
+    thr = torch.randint(-features, features + 1, (out,), dtype=torch.int32)
+    direction = torch.where(torch.rand(out) < 0.5, 1, -1).to(torch.int8)
+    negative = torch.where(direction == 1, acc < thr, acc > thr)
+    expected_bits = reference_pack(negative[:, :, None, None], 1).view(5, -1)
+    for isa in ISAS:
+        _C.set_isa(isa)
+        assert torch.equal(K.binary_linear_int(xp, wp, in_features=features).to(torch.float64), acc), isa
+        got = K.binary_linear(xp, wp, in_features=features, scale=scale, bias=bias)
+        assert torch.equal(got, acc.float() * scale + bias), isa
+        bits = K.binary_linear_threshold(xp, wp, in_features=features, thresholds=thr, direction=direction)
+        assert torch.equal(bits, expected_bits), isa
+
+
+# ---------------------------------------------------------------------------
+# reference kernel == optimized kernels; threads; concurrency
+
+
+BIG = dict(n=2, cin=200, cout=96, h=17, w=15, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1), groups=1)
+
+
+@pytest.mark.parametrize("pad_value", [0.0, -1.0])
+def test_reference_kernel_equals_optimized(pad_value):
+    cfg = dict(BIG, pad_value=pad_value, layout="contiguous", seed=1)
+    x, w, _ = make(cfg)
+    xp = K.pack_activations(x, cfg["padding"], pad_value)
+    wp = K.pack_weights(w)
+    results = on_every_isa(lambda: K.binary_conv2d_int(xp, wp, **conv_kwargs(cfg)))
+    for isa, got in results.items():
+        assert torch.equal(got, results["reference"]), isa
+
+
+def _all_outputs(x, w, cfg, thr, direction):
+    xp = K.pack_activations(x, cfg["padding"], cfg["pad_value"], cfg["groups"])
+    wp = K.pack_weights(w, cfg["groups"])
+    conv = conv_kwargs(cfg)
+    return (
+        xp,
+        K.binary_conv2d_int(xp, wp, **conv),
+        K.binary_conv2d(xp, wp, scale=thr.float(), **conv),
+        K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=direction, out_padding=1, **conv),
+    )
+
+
+@pytest.mark.parametrize("cout,out_check", [(96, None), (40, None), (13, None)])
+def test_one_and_two_threads_identical(cout, out_check):
+    cfg = dict(BIG, cout=cout, n=3, h=30, w=31, pad_value=0.0, layout="contiguous", seed=2)
+    x, w, gen = make(cfg)
+    x = torch.randn(3, 200, 60, 61, generator=gen)[:, :, ::2, ::2]  # also a strided, multi-threaded pack
+    cfg["h"], cfg["w"] = x.shape[2], x.shape[3]
+    thr = torch.randint(-50, 50, (cout,), dtype=torch.int32, generator=gen)
+    direction = torch.where(torch.rand(cout, generator=gen) < 0.5, 1, -1).to(torch.int8)
+    for isa in ISAS:
+        if isa == "reference":
+            continue
+        _C.set_isa(isa)
+        torch.set_num_threads(1)
+        one = _all_outputs(x, w, cfg, thr, direction)
+        torch.set_num_threads(2)
+        two = _all_outputs(x, w, cfg, thr, direction)
+        for a, b in zip(one, two):
+            assert torch.equal(a, b), isa
+
+
+def test_concurrent_python_threads():
+    cfg = dict(BIG, pad_value=0.0, layout="channels_last", seed=3)
+    x, w, _ = make(cfg)
+    expected = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], 1, 0.0)
+    wp = K.pack_weights(w)
+    torch.set_num_threads(2)
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(10):
+                xp = K.pack_activations(x, cfg["padding"], 0.0)
+                got = K.binary_conv2d_int(xp, wp, **conv_kwargs(cfg))
+                if not torch.equal(got.to(torch.float64), expected):
+                    errors.append("mismatch")
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+# ---------------------------------------------------------------------------
+# errors: clear ValueErrors, never a crash
+
+
+def _good():
+    x = torch.randn(1, 70, 6, 6)
+    w = torch.randn(8, 70, 3, 3)
+    return K.pack_activations(x, 1), K.pack_weights(w), dict(in_channels=70, out_channels=8, kernel_size=3, padding=1)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda xp, wp, c: (xp.float(), wp, c), "xp must have dtype torch.int64"),
+        (lambda xp, wp, c: (xp[..., :1], wp, c), "must be contiguous|expected"),
+        (lambda xp, wp, c: (xp.view(1, 8, 8, 2), wp, c), "4 dimensions|5 dimensions"),
+        (lambda xp, wp, c: (xp, wp, dict(c, in_channels=200)), "words=4"),
+        (lambda xp, wp, c: (xp, wp, dict(c, out_channels=9)), "out_channels=9"),
+        (lambda xp, wp, c: (xp, wp, dict(c, kernel_size=5)), "KH=5"),
+        (lambda xp, wp, c: (xp, wp, dict(c, groups=3)), "groups=3 must divide"),
+        (lambda xp, wp, c: (xp, wp, dict(c, groups=2)), "groups=2"),
+        (lambda xp, wp, c: (xp, wp, dict(c, padding=4)), "cannot hold padding"),
+        (lambda xp, wp, c: (xp, wp, dict(c, padding=0, dilation=4)), "too small"),
+        (lambda xp, wp, c: (xp, wp, dict(c, stride=0)), "stride must be >= 1"),
+        (lambda xp, wp, c: (xp, wp, dict(c, pad_value=0.5)), "pad_value must be"),
+        (lambda xp, wp, c: (xp, wp, dict(c, kernel_size=(3, 3, 3))), "kernel_size must be"),
+        (lambda xp, wp, c: (xp, wp.to(torch.int32), c), "wp must have dtype torch.int64"),
+        (lambda xp, wp, c: (xp, wp, dict(c, scale=torch.ones(7))), "scale must have shape \\[8\\]"),
+        (lambda xp, wp, c: (xp, wp, dict(c, bias=torch.ones(8, dtype=torch.float64))), "bias must have dtype"),
+    ],
+)
+def test_conv_bad_arguments_raise_value_error(mutate, match):
+    xp, wp, conv = _good()
+    xp, wp, conv = mutate(xp, wp, conv)
+    with pytest.raises(ValueError, match=match):
+        K.binary_conv2d(xp, wp, **conv)
+
+
+def test_threshold_bad_arguments():
+    xp, wp, conv = _good()
+    thr = torch.zeros(8, dtype=torch.int32)
+    d = torch.ones(8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="thresholds must have dtype torch.int32"):
+        K.binary_conv2d_threshold(xp, wp, thresholds=thr.long(), direction=d, **conv)
+    with pytest.raises(ValueError, match="direction must hold only"):
+        K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=torch.zeros(8, dtype=torch.int32), **conv)
+    with pytest.raises(ValueError, match=r"direction\[3\] = 0"):
+        K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.int8), **conv)
+    with pytest.raises(ValueError, match="out_groups=3 must divide"):
+        K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=d, out_groups=3, **conv)
+    with pytest.raises(ValueError, match="out_pad_value"):
+        K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=d, out_pad_value=2.0, **conv)
+
+
+def test_pack_bad_arguments():
+    with pytest.raises(ValueError, match="x must have dtype torch.float32"):
+        K.pack_activations(torch.zeros(1, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        K.pack_activations(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="groups=2 must divide"):
+        K.pack_activations(torch.zeros(1, 3, 4, 4), groups=2)
+    with pytest.raises(ValueError, match="pad_value"):
+        K.pack_activations(torch.zeros(1, 3, 4, 4), 1, 0.3)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        K.pack_activations(torch.zeros(1, 3, 4, 4), -1)
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        K.pack_activations([[1.0]])
+    with pytest.raises(ValueError, match="features"):
+        K.binary_linear(torch.zeros(2, 2, dtype=torch.int64), torch.zeros(3, 2, dtype=torch.int64), in_features=200)
+
+
+def test_native_layer_revalidates():
+    """The low-level binding checks the numbers itself (ValueError, no crash)."""
+    xp, wp, _ = _good()
+    with pytest.raises(ValueError, match="words per pixel"):
+        _C.conv2d_raw(xp.data_ptr(), 1, 8, 8, 2, wp.data_ptr(), 2, 200, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0, 0,
+                      wp.data_ptr(), 0, 0, 0, 0, 0, 0, 1, 0, 1)  # fmt: skip
+    with pytest.raises(ValueError, match="mode"):
+        _C.conv2d_raw(xp.data_ptr(), 1, 8, 8, 2, wp.data_ptr(), 2, 70, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0, 7,
+                      wp.data_ptr(), 0, 0, 0, 0, 0, 0, 1, 0, 1)  # fmt: skip
+    with pytest.raises(ValueError, match="unknown ISA"):
+        _C.set_isa("sse9")
+
+
+# ---------------------------------------------------------------------------
+# tracing: the fake implementations
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        w1, w2 = torch.randn(32, 16, 3, 3), torch.randn(8, 32, 3, 3)
+        self.register_buffer("w1", K.pack_weights(w1))
+        self.register_buffer("w2", K.pack_weights(w2))
+        self.register_buffer("thr", torch.zeros(32, dtype=torch.int32))
+        self.register_buffer("dir", torch.ones(32, dtype=torch.int8))
+        self.register_buffer("scale", torch.rand(8))
+
+    def forward(self, x):
+        xp = K.pack_activations(x, 1, 0.0)
+        conv = dict(kernel_size=3, padding=1)
+        h = K.binary_conv2d_threshold(
+            xp, self.w1, in_channels=16, out_channels=32, thresholds=self.thr, direction=self.dir, out_padding=1, **conv
+        )
+        return K.binary_conv2d(h, self.w2, in_channels=32, out_channels=8, scale=self.scale, **conv)
+
+
+def test_torch_export_and_compile_trace_the_ops():
+    model = _Block()
+    x = torch.randn(2, 16, 9, 9)
+    expected = model(x)
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"onebit.pack_activations.default", "onebit.binary_conv2d_threshold.default"} <= targets, targets
+    assert "onebit.binary_conv2d.default" in targets
+    assert torch.equal(exported.module()(x), expected)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), expected)
+
+
+def test_opcheck():
+    xp, wp, conv = _good()
+    args = (xp, wp, 70, 8, [3, 3], [1, 1], [1, 1], [1, 1], 1, 0.0)
+    torch.library.opcheck(torch.ops.onebit.binary_conv2d_int.default, args)
+    torch.library.opcheck(torch.ops.onebit.binary_conv2d.default, args + (torch.rand(8), None))
+    thr, d = torch.zeros(8, dtype=torch.int32), torch.ones(8, dtype=torch.int8)
+    torch.library.opcheck(torch.ops.onebit.binary_conv2d_threshold.default, args + (thr, d, [1, 1], -1.0, 2))
+    torch.library.opcheck(torch.ops.onebit.pack_activations.default, (torch.randn(2, 5, 3, 3), [1, 0], -1.0, 1))
