@@ -426,3 +426,67 @@ def test_negative_scale_before_max_pooling_is_refused():
         merge_batchnorm(model)
     randomize_batchnorms(model, negative=False)
     check_roundtrip(model, torch.randn(2, 3, 6, 6))
+
+
+# --------------------------------------------------------------------------- integer thresholds
+
+
+def binary_block(pad_value=0.0):
+    q = dict(input_quantizer="ste_sign", weight_quantizer="ste_sign", bias=False)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        QConv2d(8, 16, 3, padding=1, pad_value=pad_value, **q),
+        nn.MaxPool2d(2),
+        nn.BatchNorm2d(16),
+        QConv2d(16, 16, 3, padding=1, **q),
+        nn.BatchNorm2d(16),
+        nn.Flatten(),
+        QLinear(16 * 16, 12, **q),
+        nn.BatchNorm1d(12),
+        QLinear(12, 4, **q),
+    )
+
+
+@pytest.mark.parametrize("pad_value", [0.0, -1.0])
+def test_fold_thresholds_is_bit_exact_and_reversible(pad_value):
+    from onebit.canonize import SignThreshold, fold_thresholds
+    from onebit.thresholds import Thresholds
+
+    model = randomize_batchnorms(binary_block(pad_value))
+    with torch.no_grad():
+        model[4].running_mean.mul_(9.0)  # thresholds across the accumulator range, some channels constant
+        model[6].running_var.mul_(40.0)
+    x = torch.randn(16, 1, 8, 8)
+    y0 = model(x).detach()
+    before = snapshot(model)
+    with pytest.raises(UnmergeableError, match="BatchNorm '1'.*Conv2d '0'"):
+        fold_thresholds(model)  # BN '1' sits on a float conv: its input is no integer accumulator
+    assert_bit_exact(model, before)
+    with pytest.warns(CanonizationWarning, match="BatchNorm '1'"):
+        handle = fold_thresholds(model, skip_unmergeable=True)
+    with handle:
+        assert set(handle.thresholds) == {"4", "6", "9"}
+        assert all(isinstance(t, Thresholds) for t in handle.thresholds.values())
+        assert isinstance(model[4], SignThreshold) and isinstance(model[9], SignThreshold)
+        assert torch.equal(model(x), y0)  # bit for bit
+        # the thresholds reproduce sign(bn(acc)) on every accumulator value
+        acc = torch.arange(-144, 145, dtype=torch.float32).view(1, 1, 1, -1).expand(1, 16, 1, -1)
+        expected = torch.where(before_bn(before, "6", acc) < 0, -1.0, 1.0)
+        assert torch.equal(model[6](acc), expected)
+    assert isinstance(model[4], nn.BatchNorm2d)
+    assert_bit_exact(model, before)
+
+
+def before_bn(state, prefix, acc):
+    return F.batch_norm(acc, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"], state[f"{prefix}.weight"], state[f"{prefix}.bias"], False, 0.0, 1e-5)
+
+
+def test_fold_thresholds_refuses_a_batchnorm_on_a_float_accumulator():
+    from onebit.canonize import fold_thresholds
+
+    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), QConv2d(4, 2, 3, input_quantizer="ste_sign")))
+    with pytest.raises(UnmergeableError, match="not from a binary layer"):
+        fold_thresholds(model)
+    with pytest.warns(CanonizationWarning):
+        assert len(fold_thresholds(model, skip_unmergeable=True)) == 0

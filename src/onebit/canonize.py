@@ -325,9 +325,9 @@ class _Node:
         if self.op == "module":
             return f"{type(self.module).__name__} '{self.target}'"
         if self.op == "output":
-            return "the model's output"
+            return f"the output of module '{self.target}'" if self.target else "the model's output"
         if self.op == "input":
-            return "the model's input"
+            return f"the input of module '{self.target}'" if self.target else "the model's input"
         if self.op == "function":
             return f"{getattr(self.target, '__module__', '') or ''}.{getattr(self.target, '__name__', self.target)}()".lstrip(".")
         if self.op == "method":
@@ -381,41 +381,60 @@ def _collect(module: nn.Module, prefix: str, graphs: list, notes: list) -> None:
             node.users.append(out)
             graphs.append([inp, node, out])
         return
-    if isinstance(module, nn.Sequential):
-        items: list[tuple[str, nn.Module]] = []
+    items: list[tuple[str, nn.Module]] = []
 
-        def flatten(seq: nn.Sequential, pre: str) -> None:
-            for name, child in seq.named_children():
-                if isinstance(child, nn.Sequential):
-                    flatten(child, _join(pre, name))
-                else:
-                    items.append((_join(pre, name), child))
-
-        flatten(module, prefix)
-        prev = _Node("input", None)
-        chain = [prev]
-        for name, child in items:
-            if _is_leaf(child):
-                node = _Node("module", name, child, inputs=[prev])
+    def flatten(seq: nn.Sequential, pre: str) -> None:
+        for name, child in seq.named_children():
+            if isinstance(child, nn.Sequential):
+                flatten(child, _join(pre, name))
             else:
-                node = _Node("other", name, child, inputs=[prev])
-                _collect(child, name, graphs, notes)
-            prev.users.append(node)
-            chain.append(node)
-            prev = node
-        out = _Node("output", None, inputs=[prev])
-        prev.users.append(out)
-        chain.append(out)
-        graphs.append(chain)
+                items.append((_join(pre, name), child))
+
+    if isinstance(module, nn.Sequential):
+        flatten(module, prefix)
+    if items and all(_is_leaf(child) for _, child in items):
+        _chain(items, prefix, graphs, notes)
         return
+    graph = _trace(module, prefix, notes)
+    if graph is None:
+        if items:
+            _chain(items, prefix, graphs, notes)
+        else:
+            for name, child in module.named_children():
+                _collect(child, _join(prefix, name), graphs, notes)
+        return
+    graphs.append(_from_fx(graph, module, prefix))
+
+
+def _chain(items: list[tuple[str, nn.Module]], prefix: str, graphs: list, notes: list) -> None:
+    """A Sequential's chain of children; non-leaf children are opaque here and get graphs of their own."""
+    prev = _Node("input", prefix)
+    chain = [prev]
+    for name, child in items:
+        if _is_leaf(child):
+            node = _Node("module", name, child, inputs=[prev])
+        else:
+            node = _Node("other", name, child, inputs=[prev])
+            _collect(child, name, graphs, notes)
+        prev.users.append(node)
+        chain.append(node)
+        prev = node
+    out = _Node("output", prefix, inputs=[prev])
+    prev.users.append(out)
+    chain.append(out)
+    graphs.append(chain)
+
+
+def _trace(module: nn.Module, prefix: str, notes: list) -> fx.Graph | None:
     try:
-        graph = _Tracer().trace(module)
+        return _Tracer().trace(module)
     except Exception as error:  # dynamic control flow, unsupported ops, ...
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         notes.append(f"torch.fx could not trace {f'module {prefix!r}' if prefix else 'the model'} ({reason[:160]})")
-        for name, child in module.named_children():
-            _collect(child, _join(prefix, name), graphs, notes)
-        return
+        return None
+
+
+def _from_fx(graph: fx.Graph, module: nn.Module, prefix: str) -> list[_Node]:
     mapping: dict[fx.Node, _Node] = {}
     nodes: list[_Node] = []
     kinds = {"placeholder": "input", "call_module": "module", "call_function": "function", "call_method": "method", "output": "output"}
@@ -427,11 +446,13 @@ def _collect(module: nn.Module, prefix: str, graphs: list, notes: list) -> None:
             target = _join(prefix, n.target)
             mod = module.get_submodule(n.target)
         node = _Node(op, target, mod, tuple(n.args), dict(n.kwargs), [mapping[a] for a in n.all_input_nodes])
+        if op in ("input", "output"):
+            node.target = prefix
         for a in node.inputs:
             a.users.append(node)
         mapping[n] = node
         nodes.append(node)
-    graphs.append(nodes)
+    return nodes
 
 
 # ---------------------------------------------------------------------------
@@ -983,3 +1004,145 @@ def canonize(model: nn.Module, canonizers: Sequence[Canonizer]) -> CompositeHand
         composite.remove()
         raise
     return composite
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm + sign -> integer thresholds
+
+
+_SIGNS = (quant.Sign, quant.ApproxSign, quant.SwishSign)
+
+
+def _sign_consumer(node: _Node) -> bool:
+    """A node that applies a plain sign (+-1 output) to its input first."""
+    m = node.module
+    if node.op != "module":
+        return False
+    if isinstance(m, QuantizedLayer):
+        return isinstance(m.input_quantizer, _SIGNS)
+    if isinstance(m, QActivation):
+        return isinstance(m.quantizer, _SIGNS)
+    return isinstance(m, _SIGNS)
+
+
+class _FoldThreshold(Handle):
+    def __init__(self, root: nn.Module, name: str, bn: nn.Module, producer: nn.Module, producer_name: str) -> None:
+        super().__init__()
+        self.root, self.name, self.bn, self.producer, self.producer_name = root, name, bn, producer, producer_name
+        self._patch = _Patch()
+        self.thresholds = None
+
+    def _compute(self):
+        from onebit.thresholds import accumulator_bound, batchnorm_sign_thresholds
+
+        p = self.producer
+        if isinstance(p, nn.Linear):
+            bound = p.in_features
+        else:
+            bound = accumulator_bound(p.in_channels, p.groups, p.kernel_size)
+        return batchnorm_sign_thresholds(self.bn, bound)
+
+    def _apply(self) -> None:
+        self.thresholds = self._compute()
+        module = SignThreshold(self.thresholds).to(self.bn.running_mean.device)
+        self._patch.replace_module(self.root, self.name, module)
+
+    def _undo(self) -> None:
+        self._patch.undo()
+
+    def __repr__(self) -> str:
+        return f"<thresholds {self.producer_name} -> {self.name} -> sign>"
+
+
+def _fold_plan(model: nn.Module, skip: bool) -> list[_FoldThreshold]:
+    plan = _Plan(model, skip)
+    folds: list[_FoldThreshold] = []
+    for node, _ in plan.bn_nodes():
+        bn, name = node.module, node.target
+        if getattr(bn, "_onebit_merged", False):
+            continue
+        # forward: every path must end in a sign, through identities and flatten only
+        ends: list[_Node] = []
+        stack, bad = [node], None
+        while stack and bad is None:
+            n = stack.pop()
+            if not n.users:
+                bad = "its output is not used"
+            for u in n.users:
+                kind, _ = _classify(u)
+                if _sign_consumer(u) and len(u.inputs) == 1:
+                    ends.append(u)
+                elif kind in ("identity", "flatten") and len(u.inputs) == 1:
+                    stack.append(u)
+                else:
+                    bad = f"its output goes to {u.describe()}, which does not take its sign first"
+                    break
+        if bad is None and not ends:
+            bad = "it feeds no sign"
+        if bad is not None:
+            # a BatchNorm that feeds no sign is merge_batchnorm's business, not an error here
+            if any(_sign_consumer(u) for u in node.users):
+                plan.fail(f"BatchNorm '{name}' cannot be folded into thresholds: {bad}.")
+            continue
+        problem = _bn_problem(bn, name, plan.graphs.calls.get(id(bn), 0))
+        if problem:
+            plan.fail(f"BatchNorm '{name}' cannot be folded into thresholds: it {problem}.")
+            continue
+        # backward: the input must be the integer accumulator of a binary layer (max pooling keeps it integer)
+        p = node.inputs[0] if node.inputs else None
+        while p is not None and _classify(p)[0] in ("identity", "maxpool") and len(p.inputs) == 1:
+            p = p.inputs[0]
+        layer = p.module if p is not None and p.op == "module" else None
+        reason = None
+        if not isinstance(layer, QuantizedLayer) or not isinstance(layer, _WEIGHT_LAYERS):
+            reason = f"its input comes from {p.describe() if p is not None else 'nothing'}, not from a binary layer's accumulator"
+        elif not isinstance(layer.input_quantizer, _SIGNS) or not isinstance(layer.weight_quantizer, _SIGNS):
+            reason = f"{p.describe()} does not binarize both its input and its weights with a plain sign, so its output is not an integer accumulator"
+        elif layer.bias is not None:
+            reason = f"{p.describe()} has a bias, so its output is not an integer accumulator"
+        elif plan.graphs.calls.get(id(layer), 0) != 1:
+            reason = f"{p.describe()} is called more than once"
+        if reason:
+            plan.fail(f"BatchNorm '{name}' cannot be folded into thresholds: {reason}.")
+            continue
+        folds.append(_FoldThreshold(model, name, bn, layer, p.target))
+    return folds
+
+
+class FoldThresholds(Canonizer):
+    """Replace ``binary layer -> [max pool] -> BatchNorm -> sign`` by integer thresholds (see :func:`fold_thresholds`)."""
+
+    def __init__(self, skip_unmergeable: bool = False) -> None:
+        self.skip_unmergeable = skip_unmergeable
+
+    def apply(self, model: nn.Module) -> CompositeHandle:
+        folds = _fold_plan(model, self.skip_unmergeable)
+        composite = CompositeHandle()
+        try:
+            for f in folds:
+                composite.append(f.register())
+        except BaseException:
+            composite.remove()
+            raise
+        composite.thresholds = {f.name: f.thresholds for f in folds}
+        return composite
+
+
+def fold_thresholds(model: nn.Module, *, skip_unmergeable: bool = False) -> CompositeHandle:
+    r"""Fold every ``binary layer -> [max pooling] -> BatchNorm -> sign`` into per-channel integer thresholds.
+
+    The BatchNorm's input is the exact integer accumulator ``acc`` of a layer whose
+    input and weights are plain signs (no bias); the layer that follows only looks at
+    ``sign(bn(acc))``. Each such BatchNorm is replaced by a :class:`SignThreshold` that
+    outputs ``sign(bn(acc))`` as +-1 from one integer comparison per channel,
+    bit for bit the same as the float model (the thresholds come from
+    :func:`onebit.thresholds.batchnorm_sign_thresholds`, the packed engine's own
+    derivation, evaluated on every ``acc`` in ``[-K, K]``).
+
+    Returns a :class:`CompositeHandle` with ``thresholds``: ``{BatchNorm name: Thresholds}``;
+    ``remove()`` puts the BatchNorms back. BatchNorms that feed no sign are left alone
+    (they are :func:`merge_batchnorm`'s business); one that feeds a sign but does not sit on
+    an integer accumulator raises :class:`UnmergeableError`, or warns with
+    ``skip_unmergeable=True``.
+    """
+    return FoldThresholds(skip_unmergeable).apply(model)
