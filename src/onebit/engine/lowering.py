@@ -88,8 +88,11 @@ class _Lowering:
         _drop_identities(self.gm, self.modules)
         from torch.fx.passes.shape_prop import ShapeProp
 
-        with torch.no_grad():
-            ShapeProp(self.gm).propagate(example)
+        try:
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(example)
+        except Exception as error:
+            raise ValueError(f"the model fails on example_input of shape {list(example.shape)}: {error}") from error
         self.nodes: list[dict] = []
         self.tensors: dict[str, torch.Tensor] = {}
         self.value: dict[fx.Node, str] = {}

@@ -158,8 +158,8 @@ def pack(model: nn.Module, example_input: torch.Tensor) -> PackedModel:
         raise TypeError(f"pack: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
         raise TypeError("pack: example_input must be a float32 tensor")
-    if example_input.dim() not in (2, 4):
-        raise ValueError(f"pack: example_input must be [N, C, H, W] or [N, F], got shape {list(example_input.shape)}")
+    if not 2 <= example_input.dim() <= 5:
+        raise ValueError(f"pack: example_input must be batched, e.g. [N, C, H, W], got shape {list(example_input.shape)}")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         raise ValueError(f"pack: the model must be in eval mode (call model.eval()); '{training[0]}' is training")

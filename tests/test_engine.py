@@ -1,0 +1,448 @@
+"""The packed engine computes what the simulated model computes.
+
+``PackedModel(x)`` must equal ``model(x)`` bit for bit where the result is the output of
+binary layers with sign weights (and after BatchNorm + sign thresholds), on every
+backend (native kernels on each ISA, and the torch reference).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import onebit
+import onebit.models
+from onebit import engine
+from onebit.engine import ops
+from onebit.nn import QActivation, QConv1d, QConv2d, QLinear
+
+SIGN = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
+ISAS = onebit._C.supported_isas() if ops.native_available() else []
+BACKENDS = ["reference"] + (["native"] if ops.native_available() else [])
+
+
+@contextlib.contextmanager
+def isa(name: str | None):
+    if name is None:
+        yield
+        return
+    before = onebit._C.isa()
+    onebit._C.set_isa(name)
+    try:
+        yield
+    finally:
+        onebit._C.set_isa(before)
+
+
+def randomize_batchnorms(model: nn.Module, seed: int, *, centred: float = 3.0) -> nn.Module:
+    """BatchNorm statistics with positive, negative, zero and tiny scales."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(c, generator=g) * centred)
+                # some means exactly on integers: ties where BN(acc) == 0
+                m.running_mean[::3] = m.running_mean[::3].round()
+                m.running_var.copy_(torch.rand(c, generator=g) * 4 + 0.1)
+                w = torch.randn(c, generator=g)
+                kind = torch.randint(0, 5, (c,), generator=g)
+                w = torch.where(kind == 0, torch.zeros(c), w)
+                w = torch.where(kind == 1, w * 1e-30, w)
+                w = torch.where(kind == 2, -w.abs(), w)
+                m.weight.copy_(w)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.5)
+    return model
+
+
+def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":  # a non-contiguous view with the same values
+        big = torch.zeros(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3])
+        big[..., ::2] = x
+        return big[..., ::2]
+    return x
+
+
+def run_packed(packed, x, backend: str, isa_name: str | None = None):
+    with engine.use_backend(backend), isa(isa_name if backend == "native" else None):
+        return packed(x)
+
+
+# ---------------------------------------------------------------------------
+# one binary conv layer, many configurations
+
+
+conv_configs = st.fixed_dictionaries(
+    {
+        "groups": st.sampled_from([1, 1, 1, 2, 3, 4]),
+        "cin_per_group": st.integers(1, 100),
+        "cout_per_group": st.integers(1, 80),
+        "kernel": st.tuples(st.integers(1, 7), st.integers(1, 7)),
+        "stride": st.tuples(st.integers(1, 3), st.integers(1, 3)),
+        "dilation": st.tuples(st.integers(1, 2), st.integers(1, 2)),
+        "padding": st.tuples(st.integers(0, 3), st.integers(0, 3)),
+        "pad_value": st.sampled_from([0.0, 1.0, -1.0]),
+        "bias": st.booleans(),
+        "batch": st.integers(1, 3),
+        "extra": st.tuples(st.integers(0, 6), st.integers(0, 6)),
+        "layout": st.sampled_from(["contiguous", "channels_last", "strided"]),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+def build_conv(cfg) -> tuple[nn.Module, torch.Tensor]:
+    g = cfg["groups"]
+    cin, cout = cfg["cin_per_group"] * g, cfg["cout_per_group"] * g
+    cin, cout = min(cin, 300 - 300 % g), min(cout, 300 - 300 % g)
+    (kh, kw), (dh, dw), (ph, pw) = cfg["kernel"], cfg["dilation"], cfg["padding"]
+    conv = QConv2d(cin, cout, (kh, kw), cfg["stride"], (ph, pw), (dh, dw), g, bias=cfg["bias"],
+                   pad_value=cfg["pad_value"], **SIGN)
+    torch.manual_seed(cfg["seed"])
+    if cfg["bias"]:
+        nn.init.normal_(conv.bias)
+    h = max(1, dh * (kh - 1) + 1 - 2 * ph) + cfg["extra"][0]
+    w = max(1, dw * (kw - 1) + 1 - 2 * pw) + cfg["extra"][1]
+    x = torch.randn(cfg["batch"], cin, h, w)
+    x[x.abs() < 0.1] = 0.0  # exact zeros: sign(0) = +1
+    return nn.Sequential(conv).eval(), x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=conv_configs)
+def test_binary_conv_equals_simulated_model(backend, cfg):
+    model, x = build_conv(cfg)
+    packed = engine.pack(model, x)
+    assert [n["op"] for n in packed.graph["nodes"]] == ["pack", "binary_conv2d"]
+    x = layout(x, cfg["layout"])
+    assert_binary_output_equal(run_packed(packed, x, backend), model(x), cfg["bias"])
+
+
+def assert_binary_output_equal(y, ref, bias: bool):
+    """Without a bias the binary layer's output is an exact integer: bit-identical. A float bias
+    is added once (``fl(acc + b)``, correctly rounded) where torch's conv may add it before the
+    last products: equal to 1 ulp."""
+    if bias:
+        assert torch.allclose(y, ref, atol=1e-5, rtol=1e-6)
+    else:
+        assert torch.equal(y, ref)
+
+
+@pytest.mark.skipif(not ISAS, reason="native kernels not built")
+@pytest.mark.parametrize("isa_name", ISAS)
+@settings(max_examples=8, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=conv_configs)
+def test_binary_conv_equals_simulated_model_on_each_isa(isa_name, cfg):
+    model, x = build_conv(cfg)
+    packed = engine.pack(model, x)
+    assert_binary_output_equal(run_packed(packed, x, "native", isa_name), model(x), cfg["bias"])
+
+
+# ---------------------------------------------------------------------------
+# conv -> [maxpool] -> BatchNorm -> binary conv: thresholds keep activations packed
+
+
+chain_configs = st.fixed_dictionaries(
+    {
+        "c1": st.integers(1, 140),
+        "c2": st.integers(1, 140),
+        "c3": st.integers(1, 70),
+        "k1": st.integers(1, 5),
+        "k2": st.integers(1, 3),
+        "pad1": st.integers(0, 2),
+        "pad2": st.integers(0, 1),
+        "pv1": st.sampled_from([0.0, 1.0, -1.0]),
+        "pv2": st.sampled_from([0.0, 1.0, -1.0]),
+        "groups2": st.sampled_from([1, 2]),
+        "pool": st.sampled_from([None, (2, False), (3, True), (2, True)]),
+        "bias": st.booleans(),
+        "size": st.tuples(st.integers(9, 15), st.integers(9, 15)),
+        "batch": st.integers(1, 3),
+        "seed": st.integers(0, 2**31 - 1),
+    }
+)
+
+
+def build_chain(cfg) -> tuple[nn.Module, torch.Tensor]:
+    g2 = cfg["groups2"]
+    c2 = max(g2, cfg["c2"] - cfg["c2"] % g2)
+    c3 = max(g2, cfg["c3"] - cfg["c3"] % g2)
+    layers = [
+        QConv2d(cfg["c1"], c2, cfg["k1"], padding=cfg["pad1"], pad_value=cfg["pv1"], bias=cfg["bias"], **SIGN)
+    ]
+    if cfg["pool"] is not None:
+        k, ceil = cfg["pool"]
+        layers.append(nn.MaxPool2d(k, ceil_mode=ceil))
+    layers += [
+        nn.BatchNorm2d(c2),
+        QConv2d(c2, c3, cfg["k2"], padding=cfg["pad2"], pad_value=cfg["pv2"], groups=g2, bias=False, **SIGN),
+    ]
+    h, w = (s + 2 * cfg["pad1"] - cfg["k1"] + 1 for s in cfg["size"])
+    if cfg["pool"] is not None:
+        h, w = h // cfg["pool"][0], w // cfg["pool"][0]
+    if not (min(h, w) + 2 * cfg["pad2"] >= cfg["k2"] and min(h, w) >= 1):
+        assume(False)
+    torch.manual_seed(cfg["seed"])
+    model = randomize_batchnorms(nn.Sequential(*layers), cfg["seed"], centred=float(cfg["c1"] * cfg["k1"]) ** 0.5)
+    x = torch.randn(cfg["batch"], cfg["c1"], *cfg["size"])
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=chain_configs)
+def test_batchnorm_sign_thresholds_keep_the_chain_exact(backend, cfg):
+    model, x = build_chain(cfg)
+    packed = engine.pack(model, x)
+    ops_used = [n["op"] for n in packed.graph["nodes"]]
+    assert "batch_norm" not in ops_used
+    assert ("threshold_pack" in ops_used) == (cfg["pool"] is not None)
+    assert torch.equal(run_packed(packed, x, backend), model(x))
+
+
+@pytest.mark.skipif(not ISAS, reason="native kernels not built")
+@pytest.mark.parametrize("isa_name", ISAS)
+@settings(max_examples=6, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=chain_configs)
+def test_threshold_chain_on_each_isa(isa_name, cfg):
+    model, x = build_chain(cfg)
+    packed = engine.pack(model, x)
+    assert torch.equal(run_packed(packed, x, "native", isa_name), model(x))
+
+
+def test_batchnorm_with_other_consumers_stays_float():
+    model = nn.Sequential(QConv2d(8, 8, 3, padding=1, **SIGN), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    randomize_batchnorms(model, 0)
+    x = torch.randn(2, 8, 6, 6)
+    packed = engine.pack(model, x)
+    assert "batch_norm" in [n["op"] for n in packed.graph["nodes"]]
+    assert torch.equal(packed(x), model(x))
+
+
+# ---------------------------------------------------------------------------
+# graphs: residual adds, concatenation, zoo models
+
+
+class BiRealBlock(nn.Module):
+    def __init__(self, c: int, stride: int = 1, scale_weights: bool = False):
+        super().__init__()
+        wq = "magnitude_aware_sign" if scale_weights else "ste_sign"
+        self.conv = QConv2d(c, c, 3, stride, 1, bias=False, input_quantizer="approx_sign", weight_quantizer=wq)
+        self.bn = nn.BatchNorm2d(c)
+        self.pool = nn.AvgPool2d(2) if stride == 2 else nn.Identity()
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.pool(x)
+
+
+class ResidualNet(nn.Module):
+    def __init__(self, scale_weights: bool = False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.b1 = BiRealBlock(16, scale_weights=scale_weights)
+        self.b2 = BiRealBlock(16, 2, scale_weights=scale_weights)
+        self.act = nn.PReLU(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.b2(self.b1(self.bn(self.stem(x))))
+        x = torch.flatten(nn.functional.adaptive_avg_pool2d(self.act(x), 1), 1)
+        return self.head(x)
+
+
+class DenseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(32)
+        self.conv1 = QConv2d(32, 16, 3, padding=1, bias=False, **SIGN)
+        self.bn1 = nn.BatchNorm2d(48)
+        self.conv2 = QConv2d(48, 16, 3, padding=1, pad_value=-1.0, bias=False, **SIGN)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = QLinear(64 * 4, 10, **SIGN)
+        self.out = nn.Hardtanh()
+
+    def forward(self, x):
+        x = self.bn0(self.stem(x))
+        x = torch.cat([x, self.conv1(x)], dim=1)
+        x = self.bn1(x)
+        x = torch.cat([x, self.conv2(x)], 1)
+        x = self.pool(self.bn2(x))
+        x = x.view(x.size(0), -1)
+        return self.out(self.fc(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_graph(backend):
+    model = randomize_batchnorms(ResidualNet(), 1).eval()
+    x = torch.randn(3, 3, 10, 10)
+    packed = engine.pack(model, x)
+    y = run_packed(packed, x, backend)
+    ref = model(x)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=0)
+    assert torch.equal(y.argmax(1), ref.argmax(1))
+
+
+def test_magnitude_aware_weights_are_scaled_binary_weights():
+    model = randomize_batchnorms(ResidualNet(scale_weights=True), 2).eval()
+    x = torch.randn(2, 3, 8, 8)
+    packed = engine.pack(model, x)
+    assert sum(n["op"] == "binary_conv2d" for n in packed.graph["nodes"]) == 2
+    assert torch.allclose(packed(x), model(x), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concat_graph_with_binary_linear(backend):
+    model = randomize_batchnorms(DenseNet(), 3).eval()
+    x = torch.randn(4, 3, 4, 4)
+    packed = engine.pack(model, x)
+    ops_used = [n["op"] for n in packed.graph["nodes"]]
+    assert {"cat", "binary_linear", "reshape"} <= set(ops_used)
+    assert torch.equal(run_packed(packed, x, backend), model(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lenet_binary_from_the_zoo(backend):
+    model = randomize_batchnorms(onebit.models.create("lenet_binary", num_classes=10, in_channels=1), 4).eval()
+    x = torch.randn(16, 1, 8, 8)
+    packed = engine.pack(model, x)
+    ops_used = [n["op"] for n in packed.graph["nodes"]]
+    assert "threshold_pack" in ops_used and "binary_linear" in ops_used
+    y, ref = run_packed(packed, x, backend), model(x)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=0)
+    assert torch.equal(y.argmax(1), ref.argmax(1))
+
+
+def test_binary_conv_with_reflect_padding_runs_simulated():
+    model = nn.Sequential(QConv2d(4, 6, 3, padding=1, padding_mode="reflect", **SIGN)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    packed = engine.pack(model, x)
+    assert [n["op"] for n in packed.graph["nodes"]] == ["sign", "conv2d"]
+    assert torch.equal(packed(x), model(x))
+
+
+def test_float_input_binary_weight_conv_and_qactivation():
+    model = nn.Sequential(
+        QConv2d(3, 8, 3, padding=1, weight_quantizer="ste_sign", pad_value=1.0),
+        QActivation("ste_sign"),
+        nn.Conv2d(8, 4, 1),
+    ).eval()
+    x = torch.randn(2, 3, 6, 6)
+    packed = engine.pack(model, x)
+    assert torch.equal(packed(x), model(x))
+
+
+def test_tuple_outputs():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = QConv2d(4, 4, 3, padding=1, **SIGN)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, torch.relu(y)
+
+    model = Two().eval()
+    x = torch.randn(1, 4, 5, 5)
+    out = engine.pack(model, x)(x)
+    ref = model(x)
+    assert isinstance(out, tuple) and all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+# ---------------------------------------------------------------------------
+# errors
+
+
+def test_wrong_inputs_raise_clear_errors():
+    model = nn.Sequential(QConv2d(5, 4, 3, padding=1, **SIGN)).eval()
+    packed = engine.pack(model, torch.randn(1, 5, 6, 6))
+    with pytest.raises(ValueError, match="C = 5 channels"):
+        packed(torch.randn(1, 4, 6, 6))
+    with pytest.raises(ValueError, match="5 channels"):
+        packed(torch.randn(5, 6, 6))
+    with pytest.raises(TypeError, match="float32"):
+        packed(torch.randn(1, 5, 6, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32"):
+        packed(torch.ones(1, 5, 6, 6, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        packed([[1.0]])
+    tiny = engine.pack(nn.Sequential(QConv2d(5, 4, 3, **SIGN)).eval(), torch.randn(1, 5, 6, 6))
+    with pytest.raises(ValueError, match="too small"):
+        tiny(torch.randn(1, 5, 2, 2))
+
+
+def test_unsupported_module_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Upsample(scale_factor=2))).eval()
+    with pytest.raises(engine.UnsupportedModelError, match=r"module '1\.0' \(Upsample\)"):
+        engine.pack(model, torch.randn(1, 3, 8, 8))
+
+
+def test_unsupported_quantized_layer_is_named():
+    model = nn.Sequential(QConv1d(3, 4, 3, **SIGN)).eval()
+    with pytest.raises(ValueError, match=r"module '0' \(QConv1d\)"):
+        engine.pack(model, torch.randn(1, 3, 8))
+
+
+def test_training_mode_model_is_refused():
+    model = nn.Sequential(QConv2d(3, 4, 3, **SIGN), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="eval mode"):
+        engine.pack(model, torch.randn(1, 3, 8, 8))
+
+
+def test_untraceable_model_is_refused():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(engine.UnsupportedModelError, match="torch.fx"):
+        engine.pack(Branchy().eval(), torch.randn(1, 3, 4, 4))
+
+
+# ---------------------------------------------------------------------------
+# threads, compile
+
+
+def test_concurrent_calls_from_threads_get_their_own_answers():
+    model = randomize_batchnorms(onebit.models.create("lenet_binary", num_classes=10, in_channels=1), 5).eval()
+    packed = engine.pack(model, torch.randn(2, 1, 8, 8))
+    inputs = [torch.randn(1 + i % 4, 1, 8, 8) for i in range(24)]
+    expected = [packed(x) for x in inputs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        for _ in range(3):
+            results = list(pool.map(packed, inputs))
+            assert all(torch.equal(a, b) for a, b in zip(results, expected))
+
+
+def test_results_do_not_depend_on_thread_count():
+    model, x = build_chain({"c1": 70, "c2": 130, "c3": 66, "k1": 3, "k2": 3, "pad1": 1, "pad2": 1, "pv1": 0.0,
+                            "pv2": -1.0, "groups2": 2, "pool": None, "bias": True, "size": (23, 19), "batch": 4,
+                            "seed": 7})
+    packed = engine.pack(model, x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = packed(x)
+        torch.set_num_threads(2)
+        two = packed(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, model(x))
+
+
+def test_packed_model_exports_with_torch_export():
+    model = randomize_batchnorms(onebit.models.create("lenet_binary", num_classes=10, in_channels=1), 6).eval()
+    x = torch.randn(3, 1, 8, 8)
+    packed = engine.pack(model, x)
+    exported = torch.export.export(packed, (x,))
+    assert torch.equal(exported.module()(x), packed(x))
