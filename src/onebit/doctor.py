@@ -1,0 +1,566 @@
+r"""Why a binary network does not learn: one forward and backward pass with hooks, findings per layer.
+
+:func:`doctor` runs the model in train mode on a batch, backpropagates a loss and looks
+at every *sign site* (a layer's 1-bit input quantizer, a ``QActivation``, a bare 1-bit
+quantizer, or any module whose outputs are all in {-1, 0, +1} although its inputs are
+not -- a hand-written sign) and at every parameter's gradient. Each
+:class:`Finding` names the layer by its qualified name in ``model.named_modules()``,
+its ``kind`` and what to do:
+
+==================== ===================================================================
+kind                 detected when
+==================== ===================================================================
+constant_output      >= 99% of a sign's output positions are the same for every example
+                     of the batch (e.g. a ReLU straight into a sign: all +1)
+outside_clip         >= 99% of a sign's inputs (or of a layer's latent binary weights)
+                     lie where its straight-through estimator passes no gradient
+blocked_gradient     a sign whose pseudo-gradient is zero everywhere (``torch.sign``
+                     without a straight-through estimator) on >= 99% of its inputs
+sign_of_zero         >= 1% of a sign's inputs are exactly 0 (``torch.sign(0) = 0``;
+                     onebit's sign gives +1, a hand-written one may not)
+zero_gradient        a layer's parameters receive no or an all-zero gradient
+nan_gradient         a layer's parameter gradient contains NaN or infinity
+exploding_gradient   a layer's gradient RMS is >= 1e4 times the median over layers
+vanishing_gradient   going from the output to the input, the gradient RMS drops >= 1e3x
+                     from one layer to the next (reported at the first layer after the drop)
+mutates_parameter    a module changes a parameter inside ``forward`` (e.g.
+                     ``self.weight.data = sign(self.weight.data)``)
+nan_activation       the first layer whose output contains NaN or infinity
+==================== ===================================================================
+
+The pseudo-gradient of each sign is measured, not assumed: the quantizer is re-run
+on its recorded input with autograd, so custom quantizers are covered too. A gradient
+counts as passing where it is at least 1e-3 of the quantizer's gradient at 0.
+
+Without ``targets`` the loss is a fixed random projection of the output (it reaches
+every output unit, unlike ``sum``, which a final BatchNorm would cancel). With integer
+``targets`` and no ``loss_fn`` it is cross-entropy, otherwise mean squared error.
+
+The model is left as it was: parameters, buffers (BatchNorm statistics), ``.grad``
+and train/eval modes are restored, and no hook remains.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from rich import box
+from rich.console import Console, Group
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+from torch import nn
+
+from onebit import quant
+from onebit.nn.layers import QActivation, QuantizedLayer
+
+__all__ = ["Finding", "SignSite", "LayerGradient", "Report", "doctor", "KINDS"]
+
+KINDS = (
+    "constant_output",
+    "outside_clip",
+    "blocked_gradient",
+    "sign_of_zero",
+    "zero_gradient",
+    "nan_gradient",
+    "exploding_gradient",
+    "vanishing_gradient",
+    "mutates_parameter",
+    "nan_activation",
+)
+
+CONSTANT_FRACTION = 0.99
+BLOCKED_FRACTION = 0.99
+ZERO_FRACTION = 0.01
+EXPLODING_RATIO = 1e4
+VANISHING_RATIO = 1e-3
+
+
+@dataclass
+class Finding:
+    """One problem: ``layer`` (qualified module name), ``kind`` (one of :data:`KINDS`), ``message`` (what to do)."""
+
+    layer: str
+    kind: str
+    message: str
+    value: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.layer or '<model>'}: {self.kind}: {self.message}"
+
+
+@dataclass
+class SignSite:
+    """Statistics of one sign site over the batch."""
+
+    layer: str
+    quantizer: str
+    inputs: int
+    constant: float  # fraction of output positions equal for every example
+    blocked: float  # fraction of inputs where the pseudo-gradient is ~0
+    zeros: float  # fraction of inputs exactly 0
+    mean: float
+    std: float
+    minimum: float
+    maximum: float
+    weights: bool = False  # a site on latent weights rather than activations
+
+
+@dataclass
+class LayerGradient:
+    """Gradient of one layer's parameters: RMS over all of them, in forward order."""
+
+    layer: str
+    type: str
+    params: int
+    rms: float
+    finite: bool
+    received: bool
+
+
+@dataclass
+class Report:
+    """``ok`` when there are no findings; ``findings``, ``sites`` and ``gradients`` in forward order."""
+
+    findings: list[Finding] = field(default_factory=list)
+    sites: list[SignSite] = field(default_factory=list)
+    gradients: list[LayerGradient] = field(default_factory=list)
+    loss: float = math.nan
+    batch: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def of_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def layers(self, kind: str | None = None) -> list[str]:
+        return [f.layer for f in self.findings if kind is None or f.kind == kind]
+
+    def _renderables(self) -> list:
+        parts: list = []
+        head = Text(f"onebit doctor: batch of {self.batch}, loss {self.loss:.4g}, ", style="bold")
+        head.append(f"{'ok' if self.ok else f'{len(self.findings)} finding' + ('s' if len(self.findings) != 1 else '')}",
+                    style="green" if self.ok else "red")
+        parts.append(head)
+        if self.sites:
+            t = Table(title="sign sites", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+            for h in ("layer", "quantizer", "input mean", "input std", "constant", "no gradient", "zeros"):
+                t.add_column(h, justify="left" if h in ("layer", "quantizer") else "right", no_wrap=True)
+            for s in self.sites:
+                t.add_row(
+                    s.layer + (" (weights)" if s.weights else ""), s.quantizer, f"{s.mean:.3g}", f"{s.std:.3g}",
+                    "-" if s.weights else _pct(s.constant), _pct(s.blocked), _pct(s.zeros),
+                )
+            parts.append(t)
+        if self.gradients:
+            t = Table(title="gradients (forward order)", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+            for h in ("layer", "type", "params", "grad RMS"):
+                t.add_column(h, justify="left" if h in ("layer", "type") else "right", no_wrap=True)
+            for g in self.gradients:
+                rms = "none" if not g.received else ("non-finite" if not g.finite else f"{g.rms:.3g}")
+                t.add_row(g.layer, g.type, f"{g.params:,}", rms)
+            parts.append(t)
+        if self.findings:
+            parts.append(Text("findings", style="italic"))
+            for f in self.findings:
+                line = Text(f"{f.layer or '<model>'}", style="bold")
+                line.append(f"  {f.kind}", style="red")
+                parts.append(line)
+                parts.append(Padding(Text(f.message), (0, 0, 0, 4)))
+        else:
+            parts.append(Text("No problems found: every sign sees varied, in-range inputs and every layer gets a finite gradient."))
+        return parts
+
+    def __rich__(self):
+        return Group(*self._renderables())
+
+    def __str__(self) -> str:
+        buffer = io.StringIO()
+        console = Console(file=buffer, width=110, color_system=None, force_terminal=False, highlight=False, emoji=False)
+        for r in self._renderables():
+            console.print(r)
+        return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).strip("\n") + "\n"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+# ---------------------------------------------------------------------------
+# sign sites
+
+
+_TERNARY = torch.tensor([-1.0, 0.0, 1.0])
+
+
+def _is_ternary(x: torch.Tensor) -> bool:
+    return bool(((x == 1) | (x == -1) | (x == 0)).all())
+
+
+def _precision_one(q: Any) -> bool:
+    return q is not None and quant.precision_of(q) == 1
+
+
+def _derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(x), d fn / dx elementwise) via autograd on a detached copy."""
+    with torch.enable_grad():
+        x_ = x.detach().clone().requires_grad_(True)
+        y = fn(x_)
+        if not isinstance(y, torch.Tensor) or not y.requires_grad:
+            return (y.detach() if isinstance(y, torch.Tensor) else y), torch.zeros_like(x)
+        (g,) = torch.autograd.grad(y.sum(), x_, allow_unused=True)
+    return y.detach(), (g if g is not None else torch.zeros_like(x))
+
+
+def _clip_of(q: Any) -> float | None:
+    return getattr(q, "clip", None)
+
+
+def _quantizer_name(q: Any) -> str:
+    if isinstance(q, nn.Module):
+        extra = q.extra_repr()
+        return f"{type(q).__name__}({extra})" if extra else type(q).__name__
+    return getattr(q, "__name__", type(q).__name__)
+
+
+class _SiteRecord:
+    def __init__(self, layer: str, fn: Callable, qname: str, clip: float | None) -> None:
+        self.layer, self.fn, self.qname, self.clip = layer, fn, qname, clip
+        self.x: torch.Tensor | None = None
+
+
+def _site_stats(rec: _SiteRecord, x: torch.Tensor, weights: bool = False) -> tuple[SignSite, torch.Tensor, float]:
+    y, d = _derivative(rec.fn, x)
+    _, d0 = _derivative(rec.fn, torch.zeros(1, dtype=x.dtype, device=x.device))
+    d0 = float(d0.abs().max()) if d0.numel() else 0.0
+    tol = 1e-3 * d0
+    blocked = float((d.abs() <= tol).float().mean()) if d.numel() else 0.0
+    constant = 0.0
+    if not weights and x.dim() >= 1 and x.shape[0] >= 2 and isinstance(y, torch.Tensor):
+        same = (y == y[:1]).all(dim=0)
+        constant = float(same.float().mean())
+    xf = x.detach().float()
+    site = SignSite(
+        layer=rec.layer, quantizer=rec.qname, inputs=x.numel(), constant=constant, blocked=blocked,
+        zeros=float((xf == 0).float().mean()), mean=float(xf.mean()), std=float(xf.std()) if xf.numel() > 1 else 0.0,
+        minimum=float(xf.min()), maximum=float(xf.max()), weights=weights,
+    )
+    return site, y, d0
+
+
+def _sign_findings(site: SignSite, y: torch.Tensor, d0: float, clip: float | None) -> list[Finding]:
+    out: list[Finding] = []
+    name = site.layer
+    if not site.weights and site.constant >= CONSTANT_FRACTION:
+        values = torch.unique(y).tolist() if isinstance(y, torch.Tensor) and y.numel() < 10_000_000 else []
+        what = "+1" if values == [1.0] else ("-1" if values == [-1.0] else "one value per position")
+        if site.minimum >= 0:
+            why = (
+                f"its input is never negative (min {site.minimum:.3g}): a ReLU or another non-negative operation "
+                "feeds the sign. Remove that activation or put a BatchNorm between it and the sign"
+            )
+        elif site.maximum < 0:
+            why = f"its input is always negative (max {site.maximum:.3g}). Put a BatchNorm (or a learnable bias) before the sign"
+        else:
+            why = (
+                f"each input position has the same sign for every example (input mean {site.mean:.3g}, std {site.std:.3g}). "
+                "Normalize the input of the sign per channel with a BatchNorm"
+            )
+        out.append(Finding(name, "constant_output",
+                           f"{site.constant:.1%} of the sign's outputs are identical across the batch (all {what}), so it "
+                           f"carries no information. Cause: {why}.", site.constant))
+    if site.blocked >= BLOCKED_FRACTION:
+        if d0 == 0.0:
+            out.append(Finding(name, "blocked_gradient",
+                               f"the sign passes no gradient ({site.blocked:.1%} of its inputs get a zero pseudo-gradient, "
+                               "even at 0): it has no straight-through estimator, like torch.sign. Use "
+                               "onebit.quant.Sign ('ste_sign') or another quantizer with a pseudo-gradient.", site.blocked))
+        else:
+            where = f"outside the straight-through clip |x| <= {clip:g}" if clip is not None else "where its pseudo-gradient is ~0"
+            subject = "latent weights" if site.weights else "inputs"
+            fix = (
+                "Clip the latent weights to the clip range after each step (or lower the learning rate)"
+                if site.weights
+                else "Normalize what feeds the sign (a BatchNorm before it) or use a wider clip"
+            )
+            out.append(Finding(name, "outside_clip",
+                               f"{site.blocked:.1%} of its {subject} lie {where} (mean {site.mean:.3g}, std {site.std:.3g}), "
+                               f"so almost no gradient passes the sign. {fix}.", site.blocked))
+    if not site.weights and site.zeros >= ZERO_FRACTION:
+        gives_zero = isinstance(y, torch.Tensor) and bool((y == 0).any())
+        if gives_zero:
+            msg = (f"{site.zeros:.1%} of its inputs are exactly 0 and it maps them to 0 (like torch.sign), so those "
+                   "activations are neither +1 nor -1 and differ from what a packed engine computes. Use "
+                   "onebit.math.sign / onebit.quant.Sign, which define sign(0) = +1.")
+        else:
+            msg = (f"{site.zeros:.1%} of its inputs are exactly 0. onebit's sign maps them to +1, but a hand-written "
+                   "torch.sign would give 0; zeros usually come from a ReLU before the sign. Put a BatchNorm before it.")
+        out.append(Finding(name, "sign_of_zero", msg, site.zeros))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the run
+
+
+def _loss(output: Any, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"doctor: the model returned {type(output).__name__}, expected a tensor")
+    if loss_fn is not None:
+        return loss_fn(output, targets) if targets is not None else loss_fn(output)
+    if targets is not None:
+        if not targets.is_floating_point() and output.dim() >= 2:
+            return F.cross_entropy(output, targets)
+        return F.mse_loss(output, targets.to(output.dtype))
+    g = torch.Generator().manual_seed(0)
+    projection = torch.randn(output.shape, generator=g).to(output.dtype).to(output.device)
+    return (output * projection).sum() / max(1, output.shape[0])
+
+
+def _owner_names(model: nn.Module) -> dict[int, str]:
+    owner: dict[int, str] = {}
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owner.setdefault(id(p), name)
+    return owner
+
+
+def _reporting_layer(model: nn.Module) -> Callable[[str], str]:
+    """Map a quantizer module's name to the onebit layer it belongs to (``conv.input_quantizer`` -> ``conv``)."""
+    modules = dict(model.named_modules())
+
+    def up(name: str) -> str:
+        parent = name.rpartition(".")[0] if "." in name else ("" if name else None)
+        if parent is not None and parent in modules and isinstance(modules[parent], (QuantizedLayer, QActivation)):
+            return parent
+        return name
+
+    return up
+
+
+def doctor(
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    targets: torch.Tensor | None = None,
+    loss_fn: Callable | None = None,
+    *,
+    train: bool = True,
+) -> Report:
+    """Run ``model`` forward and backward on ``inputs`` and report why it may not learn.
+
+    Args:
+        inputs: a batch (first dimension) or a tuple of positional inputs; use at least a
+            few dozen examples so that per-example statistics mean something.
+        targets, loss_fn: see the module docstring for the loss used.
+        train: run in train mode (default; BatchNorm uses batch statistics as in training).
+
+    Returns a :class:`Report`; ``report.ok`` is True when there are no findings.
+    """
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    batch = int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 0
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in model.named_modules()}
+    owner = _owner_names(model)
+    params = {id(p): p for p in model.parameters()}
+
+    # --- everything we will restore
+    modes = {m: m.training for m in model.modules()}
+    saved_params = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    saved_buffers = {name: (b, b.detach().clone()) for name, b in model.named_buffers()}
+    saved_grads = {id(p): p.grad for p in params.values()}
+    param_slots = [(m, pname, p) for m in model.modules() for pname, p in m._parameters.items()]
+
+    findings: list[Finding] = []
+    sites: list[tuple[_SiteRecord, torch.Tensor]] = []
+    order: list[str] = []  # modules with parameters, in first-call order
+    mutated: dict[str, list[str]] = {}
+    first_nonfinite: list[str] = []
+    hooks = []
+
+    # --- sign sites known by type
+    site_of: dict[int, _SiteRecord] = {}
+    handled: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLayer) and _precision_one(m.input_quantizer):
+            q = m.input_quantizer
+            site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
+            if isinstance(q, nn.Module):
+                handled.add(id(q))
+        elif isinstance(m, QActivation) and _precision_one(m.quantizer):
+            q = m.quantizer
+            site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
+            handled.add(id(q))
+    for name, m in model.named_modules():
+        if isinstance(m, quant.Quantizer) and _precision_one(m) and id(m) not in handled and id(m) not in site_of:
+            if not (isinstance(modules.get(name.rpartition(".")[0]), QuantizedLayer)):
+                site_of[id(m)] = _SiteRecord(name, m, _quantizer_name(m), _clip_of(m))
+
+    def pre_hook(m: nn.Module, a: tuple) -> None:
+        own = list(m._parameters.items())
+        m.__dict__["_doctor_before"] = [(n, p, p.detach().clone()) for n, p in own if p is not None]
+        rec = site_of.get(id(m))
+        if rec is not None and rec.x is None and a and isinstance(a[0], torch.Tensor):
+            rec.x = a[0].detach().clone()
+            sites.append((rec, rec.x))
+
+    def post_hook(m: nn.Module, a: tuple, out: Any) -> None:
+        name = names.get(id(m), "")
+        before = m.__dict__.pop("_doctor_before", [])
+        for pname, p, value in before:
+            now = m._parameters.get(pname)
+            changed = now is not p
+            if not changed and now is not None:
+                d = now.detach()
+                changed = bool(((d != value) & ~(torch.isnan(d) & torch.isnan(value))).any())
+            if changed:
+                mutated.setdefault(name, []).append(pname)
+        if before and name not in order:
+            order.append(name)
+        leaf = next(iter(m.children()), None) is None or isinstance(m, (QuantizedLayer, QActivation))
+        if leaf and isinstance(out, torch.Tensor) and out.is_floating_point() and not first_nonfinite:
+            if not bool(torch.isfinite(out).all()):
+                first_nonfinite.append(name)
+        # a hand-written sign: ternary outputs from non-ternary inputs, same shape
+        if (
+            leaf and id(m) not in site_of and id(m) not in handled and isinstance(out, torch.Tensor) and a
+            and isinstance(a[0], torch.Tensor) and a[0].is_floating_point() and out.shape == a[0].shape
+            and out.numel() and not isinstance(m, (quant.Quantizer, QuantizedLayer))
+            and _is_ternary(out.detach()) and not _is_ternary(a[0].detach())
+        ):
+            rec = _SiteRecord(name, m, type(m).__name__, _clip_of(m))
+            rec.x = a[0].detach().clone()
+            site_of[id(m)] = rec
+            sites.append((rec, rec.x))
+
+    try:
+        for m in model.modules():
+            hooks.append(m.register_forward_pre_hook(pre_hook))
+            hooks.append(m.register_forward_hook(post_hook))
+        model.train(train)
+        output = model(*args)
+        loss = _loss(output, targets, loss_fn)
+        trainable = [p for p in params.values() if p.requires_grad]
+        grads = torch.autograd.grad(loss, trainable, allow_unused=True) if loss.requires_grad else [None] * len(trainable)
+        grad_of = {id(p): g for p, g in zip(trainable, grads)}
+        loss_value = float(loss.detach())
+
+        # parameters changed by someone other than their owner's forward
+        for full, (p, value) in saved_params.items():
+            module_name, _, pname = full.rpartition(".")
+            if pname in mutated.get(module_name, []):
+                continue
+            d = p.detach()
+            if bool(((d != value) & ~(torch.isnan(d) & torch.isnan(value))).any()):
+                mutated.setdefault(module_name, []).append(pname)
+        for m_, pname, p in param_slots:
+            if m_._parameters.get(pname) is not p and names.get(id(m_), "") not in mutated:
+                mutated.setdefault(names.get(id(m_), ""), []).append(pname)
+
+        # --- sign sites
+        site_list: list[SignSite] = []
+        for rec, x in sites:
+            site, y, d0 = _site_stats(rec, x)
+            site_list.append(site)
+            findings += _sign_findings(site, y, d0, rec.clip)
+        for name, m in model.named_modules():
+            if isinstance(m, QuantizedLayer) and _precision_one(m.weight_quantizer) and name in order:
+                q = m.weight_quantizer
+                rec = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
+                site, y, d0 = _site_stats(rec, saved_params[f"{name}.weight" if name else "weight"][1], weights=True)
+                site_list.append(site)
+                findings += _sign_findings(site, y, d0, rec.clip)
+
+        # --- gradients per layer, in forward order (then layers never called)
+        layer_grads: list[LayerGradient] = []
+        for name in order + [n for n, m in model.named_modules() if n not in order and any(True for _ in m.parameters(recurse=False))]:
+            m = modules[name]
+            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            gs = [grad_of.get(id(p)) for p in own]
+            received = any(g is not None for g in gs)
+            flat = torch.cat([g.detach().flatten().double() for g in gs if g is not None]) if received else torch.zeros(0)
+            finite = bool(torch.isfinite(flat).all()) if received else True
+            rms = float(flat.pow(2).mean().sqrt()) if received and finite and flat.numel() else 0.0
+            layer_grads.append(LayerGradient(name, type(m).__name__, sum(p.numel() for p in own), rms, finite, received))
+        findings += _gradient_findings(layer_grads, set(order))
+
+        for name, pnames in mutated.items():
+            findings.append(Finding(name, "mutates_parameter",
+                                    f"changes its parameter(s) {', '.join(sorted(set(pnames)))} inside forward (e.g. "
+                                    "`self.weight.data = sign(self.weight.data)`): the optimizer then updates the binarized "
+                                    "values instead of the latent weights and they never change sign again. Compute the "
+                                    "binary weight as a new tensor in forward (as onebit.nn layers do) and leave the "
+                                    "parameter alone."))
+        if first_nonfinite:
+            findings.append(Finding(first_nonfinite[0], "nan_activation",
+                                    "is the first layer whose output contains NaN or infinity; check its inputs and "
+                                    "parameters (a division by a zero variance, a log of a non-positive value, an "
+                                    "overflowing scale)."))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in model.modules():
+            m.__dict__.pop("_doctor_before", None)
+        with torch.no_grad():
+            for m_, pname, p in param_slots:
+                if m_._parameters.get(pname) is not p:
+                    m_._parameters[pname] = p
+            for p, value in saved_params.values():
+                p.copy_(value)
+            for b, value in saved_buffers.values():
+                b.copy_(value)
+        for p in params.values():
+            p.grad = saved_grads[id(p)]
+        for m, mode in modes.items():
+            m.training = mode
+
+    rank = {n: i for i, n in enumerate(order)}
+    findings.sort(key=lambda f: (rank.get(f.layer, len(rank)), KINDS.index(f.kind)))
+    return Report(findings=findings, sites=site_list, gradients=layer_grads, loss=loss_value, batch=batch)
+
+
+def _gradient_findings(layers: list[LayerGradient], called: set[str]) -> list[Finding]:
+    out: list[Finding] = []
+    for g in layers:
+        if not g.received:
+            why = "it is not used in forward" if g.layer not in called else "its output does not reach the loss (detached?)"
+            out.append(Finding(g.layer, "zero_gradient", f"its parameters receive no gradient: {why}.", 0.0))
+        elif not g.finite:
+            out.append(Finding(g.layer, "nan_gradient",
+                               "its parameter gradient contains NaN or infinity; look for the first nan_activation, a "
+                               "log/sqrt/division of bad values, or lower the learning rate.", math.nan))
+        elif g.rms == 0.0:
+            out.append(Finding(g.layer, "zero_gradient",
+                               "its parameters receive an all-zero gradient, so it does not learn: something between it "
+                               "and the loss blocks the gradient (a sign without straight-through estimator, inputs "
+                               "outside a sign's clip, a dead ReLU).", 0.0))
+    healthy = [g for g in layers if g.received and g.finite and g.rms > 0]
+    if len(healthy) >= 2:
+        median = sorted(g.rms for g in healthy)[len(healthy) // 2]
+        for g in healthy:
+            if g.rms >= EXPLODING_RATIO * median:
+                out.append(Finding(g.layer, "exploding_gradient",
+                                   f"its gradient RMS {g.rms:.3g} is {g.rms / median:.3g}x the median over layers "
+                                   f"({median:.3g}); normalize its input (BatchNorm), lower the learning rate or clip "
+                                   "gradients.", g.rms))
+        # walk from the output to the input: where does the gradient collapse?
+        chain = [g for g in healthy if g.layer in called]
+        for shallow, deep in zip(reversed(chain[:-1]), reversed(chain[1:])):
+            if shallow.rms <= VANISHING_RATIO * deep.rms:
+                out.append(Finding(shallow.layer, "vanishing_gradient",
+                                   f"the gradient RMS falls from {deep.rms:.3g} at '{deep.layer}' to {shallow.rms:.3g} here "
+                                   f"({deep.rms / shallow.rms:.3g}x smaller), so this layer and the ones before it barely "
+                                   f"learn. Look between '{shallow.layer}' and '{deep.layer}' for a sign whose inputs "
+                                   "lie outside its clip or a saturated activation.", shallow.rms))
+                break
+    return out
