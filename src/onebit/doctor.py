@@ -150,9 +150,10 @@ class Report:
                     style="green" if self.ok else "red")
         parts.append(head)
         if self.sites:
-            t = Table(title="sign sites", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-            for h in ("layer", "quantizer", "input mean", "input std", "constant", "no gradient", "zeros"):
-                t.add_column(h, justify="left" if h in ("layer", "quantizer") else "right", no_wrap=True)
+            t = Table(title="sign sites (input statistics; const = outputs equal across the batch)", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+            for h in ("layer", "quantizer", "in mean", "in std", "const", "no grad", "zeros"):
+                text = h in ("layer", "quantizer")
+                t.add_column(h, justify="left" if text else "right", no_wrap=not text, overflow="fold")
             for s in self.sites:
                 t.add_row(
                     s.layer + (" (weights)" if s.weights else ""), s.quantizer, f"{s.mean:.3g}", f"{s.std:.3g}",
@@ -162,7 +163,8 @@ class Report:
         if self.gradients:
             t = Table(title="gradients (forward order)", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
             for h in ("layer", "type", "params", "grad RMS"):
-                t.add_column(h, justify="left" if h in ("layer", "type") else "right", no_wrap=True)
+                text = h in ("layer", "type")
+                t.add_column(h, justify="left" if text else "right", no_wrap=not text, overflow="fold")
             for g in self.gradients:
                 rms = "none" if not g.received else ("non-finite" if not g.finite else f"{g.rms:.3g}")
                 t.add_row(g.layer, g.type, f"{g.params:,}", rms)
