@@ -112,12 +112,13 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise _fail(path, "the file is empty")
     if data[:4] == b"PK\x03\x04":
         raise _fail(path, "it is a zip archive (a torch.save checkpoint?), not safetensors")
-    if data[:1] == b"\x80":
-        raise _fail(path, "it looks like a pickle, which onebit never loads")
+    pickled = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
     if len(data) < 8:
-        raise _fail(path, f"truncated ({len(data)} bytes)")
+        raise _fail(path, "it looks like a pickle, which onebit never loads" if pickled else f"truncated ({len(data)} bytes)")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len < 2 or header_len > _MAX_HEADER or 8 + header_len > len(data):
+    if header_len < 2 or header_len > _MAX_HEADER or 8 + header_len > len(data) or data[8:9] != b"{":
+        if pickled:
+            raise _fail(path, "it looks like a pickle, which onebit never loads")
         raise _fail(path, f"bad header size {header_len} for a file of {len(data)} bytes (truncated or foreign)")
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"))

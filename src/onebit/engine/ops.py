@@ -7,13 +7,15 @@ native kernel of :mod:`onebit.engine.kernels` when it is available and the
 backend is ``"auto"`` or ``"native"``, else :mod:`onebit.engine.reference`.
 
 ``use_backend("reference")`` (a context manager, per thread/task) forces the
-portable reference, e.g. to compare the two.
+portable reference, e.g. to compare the two; the environment variable
+``ONEBIT_ENGINE_BACKEND=auto|native|reference`` sets the default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -35,7 +37,10 @@ __all__ = [
     "binary_linear_int",
 ]
 
-_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("onebit_engine_backend", default="auto")
+_DEFAULT = os.environ.get("ONEBIT_ENGINE_BACKEND", "auto")
+if _DEFAULT not in ("auto", "native", "reference"):
+    raise ValueError(f"ONEBIT_ENGINE_BACKEND must be auto, native or reference, got {_DEFAULT!r}")
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("onebit_engine_backend", default=_DEFAULT)
 _NATIVE = None
 _NATIVE_ERROR: str | None = None
 
