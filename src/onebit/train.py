@@ -1,35 +1,64 @@
-"""Training loop behind ``onebit train``: progress bar, epoch table, history.csv, checkpoints.
+"""Training loop behind ``onebit train``: progress bar, epoch table, checkpoints, resume, DDP.
 
-The trainer is deliberately plain: one :class:`TrainConfig`, one :class:`Trainer`
-whose ``fit()`` runs epochs of ``train_epoch()`` and ``evaluate()``, and an
-:class:`EpochTable` that prints fastai-style rows and writes ``history.csv``.
+One :class:`TrainConfig`, one :class:`Trainer` whose ``fit()`` runs epochs of
+``train_epoch()`` and ``evaluate()``, and an :class:`EpochTable` that prints
+fastai-style rows (epoch, train_loss, valid_loss, accuracy, top_k_accuracy,
+flip_ratio, time) and writes ``history.csv``.
+
+Run directory (written by rank 0 only, every file atomically, no pickle):
+
+- ``config.json``: the :class:`TrainConfig` and the data's shape;
+- ``model.safetensors``: the model's ``state_dict`` (what ``load_run`` and ``onebit export`` read);
+- ``checkpoint.safetensors``: optimizer tensors, the epoch-start signs for ``flip_ratio`` and the
+  torch RNG states, with everything else (position, optimizer hyperparameters, scheduler state,
+  numpy and Python RNG states, history rows) as JSON in the file's metadata: one file, so a
+  checkpoint is never half written;
+- ``history.csv``: the epoch table.
+
+Reproducibility: the order of the training examples in epoch ``e`` is a permutation drawn
+from ``seed`` and ``e`` alone; augmentation and mixup draw from a generator whose state is
+checkpointed. A run stopped at any step (SIGINT/SIGTERM finish the current step and save)
+and continued with ``resume`` ends with exactly the weights of an uninterrupted run in a
+single process with the same seed.
+
+Multi-process: under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) or with ``workers > 1``
+(the trainer starts the processes), the model is wrapped in DistributedDataParallel (gloo on
+CPU, NCCL on GPUs); each global batch of ``batch_size`` examples is split between the ranks,
+evaluation is sharded and summed, and only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
-from torch.utils.data import DataLoader
 
 from onebit import data as datasets
 from onebit import io, models
+from onebit.data.augment import Augment
+from onebit.optim import Bop, FlipCounter, binary_parameters, clip_weights
 
-__all__ = ["TrainConfig", "Trainer", "EpochTable", "train", "load_run"]
+__all__ = ["TrainConfig", "Trainer", "EpochTable", "train", "resume", "load_run", "run_distributed", "Interrupted"]
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "bop")
 SCHEDULES = ("one-cycle", "cosine", "constant")
+CHECKPOINT = "checkpoint.safetensors"
 
 
 @dataclass
@@ -47,6 +76,20 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: mixup alpha (0: off): inputs and targets mixed with lambda ~ Beta(alpha, alpha)
+    mixup: float = 0.0
+    #: k of the top-k accuracy column
+    topk: int = 5
+    #: processes of data-parallel training started by the trainer (ignored under torchrun)
+    workers: int = 1
+    #: "auto" (the dataset's own), "none", "crop", "flip" or "crop+flip"
+    augment: str = "auto"
+    #: resize the images to image_size x image_size (None: as stored)
+    image_size: int | None = None
+    #: clip binary latent weights to [-c, c] after each step (None: off)
+    weight_clip: float | None = None
+    bop_threshold: float = 1e-8
+    bop_gamma: float = 1e-4
 
     def validate(self) -> None:
         if self.model not in models.names():
@@ -55,11 +98,34 @@ class TrainConfig:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "topk", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.mixup < 0:
+            raise ValueError(f"--mixup must be non-negative, got {self.mixup}")
+        if self.weight_clip is not None and not self.weight_clip > 0:
+            raise ValueError(f"--weight-clip must be positive, got {self.weight_clip}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"--image-size must be positive, got {self.image_size}")
+        if self.augment != "auto":
+            Augment.parse(self.augment, (32, 32))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class Interrupted(Exception):
+    """Raised by :meth:`Trainer.fit` after a stop request (signal) once the checkpoint is saved."""
+
+    def __init__(self, signum: int, epoch: int, step: int, directory: str | None):
+        self.signum, self.epoch, self.step, self.directory = signum, epoch, step, directory
+        where = f"epoch {epoch} step {step}"
+        saved = f"; checkpoint saved, continue with `onebit train --resume {directory}`" if directory else ""
+        super().__init__(f"stopped by {signal.Signals(signum).name} at {where}{saved}")
 
 
 class EpochTable:
@@ -74,10 +140,13 @@ class EpochTable:
     def print_header(self) -> None:
         self.console.print("  ".join(c.ljust(w) for c, w in zip(self.columns, self.widths)), style="bold", highlight=False)
 
+    def print_row(self, values: list[Any]) -> None:
+        self.console.print("  ".join(_fmt(v).ljust(w) for v, w in zip(values, self.widths)), highlight=False)
+
     def add(self, row: dict[str, Any]) -> None:
         values = [row[c] for c in self.columns]
         self.rows.append(values)
-        self.console.print("  ".join(_fmt(v).ljust(w) for v, w in zip(values, self.widths)), highlight=False)
+        self.print_row(values)
 
     def save(self, path: str) -> None:
         io.save_csv(path, self.columns, ([_fmt(v) for v in row] for row in self.rows))
@@ -96,88 +165,220 @@ def _clock(seconds: float) -> str:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``n`` training examples in ``epoch``: a function of ``seed`` and ``epoch`` only."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class Trainer:
     """Trains ``config.model`` on ``config.data``; ``fit()`` returns the epoch rows."""
 
-    columns = ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    base_columns = ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"]
 
     def __init__(self, config: TrainConfig, console: Console | None = None):
         config.validate()
         self.config = config
+        self.rank, self.world_size = _distributed()
+        self.is_main = self.rank == 0
         self.console = console or Console()
+        if not self.is_main:
+            self.console = Console(quiet=True)
         seed_everything(config.seed)
-        self.data = datasets.load(config.data)
+        self.data = datasets.load(config.data, image_size=config.image_size)
         self.model = models.create(
             config.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels, **config.model_kwargs
         )
-        generator = torch.Generator().manual_seed(config.seed)
-        self.train_loader = DataLoader(self.data.train, batch_size=config.batch_size, shuffle=True, generator=generator)
-        self.test_loader = DataLoader(self.data.test, batch_size=256)
-        self.optimizer = self._make_optimizer()
+        self.net: nn.Module = self.model
+        if self.world_size > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.model)
+        self.binary_params = binary_parameters(self.model)
+        self.optimizers = self._make_optimizers()
+        self.optimizer = self.optimizers[0]  # the float optimizer (Adam or SGD)
+        self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = self._make_scheduler()
-        self.table = EpochTable(self.columns, self.console)
+        spec = self.data.augment if config.augment == "auto" else config.augment
+        self.augment = Augment.parse(spec, self.data.image_size)
+        self.generator = torch.Generator().manual_seed(config.seed * 7919 + self.rank)
+        self.mixup_rng = np.random.default_rng([config.seed, self.rank])
+        self.flips = FlipCounter(self.binary_params)
+        self.k = min(config.topk, self.data.num_classes)
+        self.table = EpochTable(list(self.base_columns), self.console)
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self._loss_sum, self._loss_count, self._elapsed = 0.0, 0, 0.0
+        self._stop_signal: int | None = None
+        self.interrupted: Interrupted | None = None
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    # -- construction ----------------------------------------------------------------------
+    def _make_optimizers(self) -> list[torch.optim.Optimizer]:
         c = self.config
+        if c.optimizer == "bop":
+            binary = {id(p) for p in self.binary_params}
+            if not binary:
+                raise ValueError(f"--optimizer bop needs binary weights, and model {c.model!r} has none")
+            rest = [p for p in self.model.parameters() if id(p) not in binary]
+            return [
+                torch.optim.Adam(rest, lr=c.lr, weight_decay=c.weight_decay),
+                Bop(self.binary_params, threshold=c.bop_threshold, gamma=c.bop_gamma),
+            ]
         params = self.model.parameters()
         if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
+            return [torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)]
+        return [torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)]
 
     def _make_scheduler(self):
         c = self.config
-        steps = c.epochs * len(self.train_loader)
+        steps = c.epochs * self.steps_per_epoch
         if c.schedule == "one-cycle":
             return torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=c.lr, total_steps=steps)
         if c.schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
         return None
 
-    def train_epoch(self, epoch: int, progress: Progress) -> float:
-        self.model.train()
-        task = progress.add_task(f"epoch {epoch}", total=len(self.train_loader), loss=math.nan)
-        total, count = 0.0, 0
-        for x, y in self.train_loader:
-            loss = F.cross_entropy(self.model(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            total += loss.item() * len(y)
-            count += len(y)
-            progress.update(task, advance=1, loss=total / count)
-        progress.remove_task(task)
-        return total / count
+    def _steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data.train) / self.config.batch_size)
 
+    # -- one epoch ---------------------------------------------------------------------------
+    def _batch_indices(self, perm: torch.Tensor, step: int) -> torch.Tensor:
+        idx = perm[step * self.config.batch_size : (step + 1) * self.config.batch_size]
+        if self.world_size > 1:
+            short = (-len(idx)) % self.world_size
+            if short:  # pad the last global batch so that every rank gets as many examples
+                idx = torch.cat([idx, perm[:short]])
+            idx = idx[self.rank :: self.world_size]
+        return idx
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        alpha = self.config.mixup
+        if alpha > 0:
+            lam = float(self.mixup_rng.beta(alpha, alpha))
+            perm = torch.randperm(len(y), generator=self.generator)
+            logits = self.net(lam * x + (1 - lam) * x[perm])
+            return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+        return F.cross_entropy(self.net(x), y)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        if self.augment.enabled:
+            x = self.augment(x, self.generator)
+        loss = self._loss(x, y)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.config.weight_clip is not None:
+            clip_weights(self.binary_params, self.config.weight_clip)
+        return float(loss.item())
+
+    def train_epoch(self, epoch: int, progress: Progress | None = None) -> float:
+        """Run the rest of ``epoch`` from ``self.step``; returns the mean training loss."""
+        self.net.train()
+        x_all, y_all = self.data.train.tensors
+        perm = epoch_permutation(len(y_all), self.config.seed, epoch)
+        task = None
+        if progress is not None:
+            task = progress.add_task(f"epoch {epoch}", total=self.steps_per_epoch, completed=self.step, loss=self._mean_loss())
+        while self.step < self.steps_per_epoch:
+            idx = self._batch_indices(perm, self.step)
+            loss = self.train_step(x_all[idx], y_all[idx])
+            self._loss_sum += loss * len(idx)
+            self._loss_count += len(idx)
+            self.step += 1
+            self.global_step += 1
+            if progress is not None:
+                progress.update(task, advance=1, loss=self._mean_loss())
+            self.on_step_end()
+            if self._should_stop():
+                break
+        if progress is not None:
+            progress.remove_task(task)
+        return self._mean_loss()
+
+    def _mean_loss(self) -> float:
+        if self.world_size > 1:
+            t = torch.tensor([self._loss_sum, float(self._loss_count)], dtype=torch.float64)
+            dist.all_reduce(t)
+            return float(t[0] / t[1]) if t[1] else math.nan
+        return self._loss_sum / self._loss_count if self._loss_count else math.nan
+
+    def on_step_end(self) -> None:
+        """Hook called after every training step (override in subclasses, e.g. to stop at a given step)."""
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask ``fit()`` to stop after the current step, save a checkpoint and raise :class:`Interrupted`."""
+        self._stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        if self.world_size > 1:  # every rank stops at the same step
+            flag = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self._stop_signal is None:
+                self._stop_signal = int(flag.item())
+        return self._stop_signal is not None
+
+    # -- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None) -> tuple[float, float]:
-        """Test-set (loss, accuracy)."""
+    def evaluate_metrics(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Test-set ``valid_loss``, ``accuracy`` and ``top_k_accuracy`` (sharded across ranks)."""
         model = model or self.model
         model.eval()
-        total, correct, count = 0.0, 0, 0
-        for x, y in self.test_loader:
+        x_all, y_all = self.data.test.tensors
+        idx = torch.arange(self.rank, len(y_all), self.world_size)
+        sums = torch.zeros(4, dtype=torch.float64)
+        for start in range(0, len(idx), 256):
+            batch = idx[start : start + 256]
+            x, y = x_all[batch], y_all[batch]
             logits = model(x)
-            total += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == y).sum().item()
-            count += len(y)
-        return total / count, correct / count
+            sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
+            sums[1] += (logits.argmax(dim=1) == y).sum().item()
+            topk = logits.topk(self.k, dim=1).indices
+            sums[2] += (topk == y[:, None]).any(dim=1).sum().item()
+            sums[3] += len(y)
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        n = float(sums[3])
+        return {"valid_loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n, "top_k_accuracy": float(sums[2]) / n}
 
-    def fit(self) -> list[dict[str, Any]]:
-        c = self.config
-        d = self.data
+    def evaluate(self, model: nn.Module | None = None) -> tuple[float, float]:
+        """Test-set (loss, accuracy)."""
+        m = self.evaluate_metrics(model)
+        return m["valid_loss"], m["accuracy"]
+
+    # -- the run ---------------------------------------------------------------------------
+    def describe(self) -> str:
+        c, d = self.config, self.data
         shape = "x".join(map(str, (d.in_channels, *d.image_size)))
-        self.console.print(
+        extras = [f"augment {self.augment.describe()}"]
+        if c.mixup:
+            extras.append(f"mixup {c.mixup}")
+        if c.weight_clip is not None:
+            extras.append(f"weight clip {c.weight_clip}")
+        if c.optimizer == "bop":
+            extras.append(f"bop threshold={c.bop_threshold} gamma={c.bop_gamma}")
+        if self.world_size > 1:
+            extras.append(f"{self.world_size} processes")
+        return (
             f"[bold]onebit train[/]: {c.model} on {d.name} ({len(d.train)} train / {len(d.test)} test, {shape}, "
             f"{d.num_classes} classes)\n{c.epochs} epochs, {c.optimizer} lr={c.lr} {c.schedule}, "
-            f"batch {c.batch_size}, seed {c.seed}",
-            highlight=False,
+            f"batch {c.batch_size}, seed {c.seed}, {', '.join(extras)}"
         )
-        history: list[dict[str, Any]] = []
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train to ``config.epochs`` (from where a resumed run stopped). SIGINT/SIGTERM end the
+        current step, save a checkpoint and raise :class:`Interrupted`."""
+        c = self.config
+        self.console.print(self.describe(), highlight=False)
         progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -186,30 +387,70 @@ class Trainer:
             TimeElapsedColumn(),
             console=self.console,
             transient=True,
+            disable=not self.is_main,
         )
         self.table.print_header()
-        with progress:
-            for epoch in range(c.epochs):
-                start = time.perf_counter()
-                train_loss = self.train_epoch(epoch, progress)
-                valid_loss, accuracy = self.evaluate()
-                row = {
-                    "epoch": epoch,
-                    "train_loss": train_loss,
-                    "valid_loss": valid_loss,
-                    "accuracy": accuracy,
-                    "time": _clock(time.perf_counter() - start),
-                }
-                history.append(row)
-                self.table.add(row)
-                if c.out:
-                    self.save(c.out)
-        return history
+        for row in self.table.rows:
+            self.table.print_row(row)
+        if c.out and self.is_main:
+            self.save_config(c.out)
+        previous = self._install_signal_handlers()
+        try:
+            with progress:
+                while self.epoch < c.epochs:
+                    start = time.perf_counter() - self._elapsed
+                    if self.step == 0:
+                        self.flips.snapshot()
+                    train_loss = self.train_epoch(self.epoch, progress)
+                    if self._stop_signal is not None and self.step < self.steps_per_epoch:
+                        self._elapsed = time.perf_counter() - start
+                        return self._stop()
+                    row = {"epoch": self.epoch, "train_loss": train_loss, **self.evaluate_metrics()}
+                    row["flip_ratio"] = self.flips.ratio()
+                    row["time"] = _clock(time.perf_counter() - start)
+                    self.table.add(row)
+                    self.epoch, self.step = self.epoch + 1, 0
+                    self._loss_sum, self._loss_count, self._elapsed = 0.0, 0, 0.0
+                    if c.out and self.is_main:
+                        self.save(c.out)
+                    if self._stop_signal is not None and self.epoch < c.epochs:
+                        return self._stop()
+        finally:
+            self._restore_signal_handlers(previous)
+        return self.history
 
-    def save(self, directory: str) -> None:
-        """Write the run: ``model.safetensors``, ``config.json``, ``history.csv`` (each atomically)."""
-        os.makedirs(directory, exist_ok=True)
-        io.save_tensors(os.path.join(directory, "model.safetensors"), self.model.state_dict())
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.table.columns, row)) for row in self.table.rows]
+
+    def _stop(self) -> list[dict[str, Any]]:
+        if self.config.out and self.is_main:
+            self.save(self.config.out)
+        self.interrupted = Interrupted(self._stop_signal, self.epoch, self.step, self.config.out)
+        raise self.interrupted
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self._stop_signal = signum
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous) -> None:
+        if previous:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    # -- files -----------------------------------------------------------------------------
+    def save_config(self, directory: str) -> None:
         io.save_json(
             os.path.join(directory, "config.json"),
             {
@@ -217,14 +458,124 @@ class Trainer:
                 "num_classes": self.data.num_classes,
                 "in_channels": self.data.in_channels,
                 "image_size": list(self.data.image_size),
+                "classes": self.data.classes,
             },
         )
+
+    def save(self, directory: str) -> None:
+        """Write the run: ``model.safetensors``, ``checkpoint.safetensors``, ``config.json``,
+        ``history.csv`` (each atomically)."""
+        os.makedirs(directory, exist_ok=True)
+        io.save_tensors(os.path.join(directory, "model.safetensors"), self.model.state_dict())
+        tensors, meta = self.checkpoint_state()
+        io.save_tensors(os.path.join(directory, CHECKPOINT), tensors, metadata={"onebit_checkpoint": json.dumps(meta)})
+        self.save_config(directory)
         self.table.save(os.path.join(directory, "history.csv"))
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue the run exactly: tensors and a JSON-able dict."""
+        tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        optimizers = []
+        for i, opt in enumerate(self.optimizers):
+            sd = opt.state_dict()
+            scalars: dict[str, dict[str, Any]] = {}
+            for pid, state in sd["state"].items():
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optimizer.{i}.{pid}.{key}"] = value
+                    else:
+                        scalars.setdefault(str(pid), {})[key] = value
+            optimizers.append({"param_groups": sd["param_groups"], "scalars": scalars, "params": sorted(map(str, sd["state"]))})
+        for i, s in enumerate(self.flips.signs):
+            tensors[f"flips.{i}"] = s.to(torch.uint8)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.generator"] = self.generator.get_state()
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        meta = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "loss_sum": self._loss_sum,
+            "loss_count": self._loss_count,
+            "elapsed": self._elapsed,
+            "optimizers": optimizers,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rng": {
+                "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                "python": [py_state[0], list(py_state[1]), py_state[2]],
+                "mixup": self.mixup_rng.bit_generator.state,
+            },
+            "history": {"columns": self.table.columns, "rows": self.table.rows},
+            "world_size": self.world_size,
+        }
+        return tensors, meta
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore model, optimizers, scheduler, RNG states, position and history from ``directory``."""
+        path = os.path.join(directory, CHECKPOINT)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: {directory!r} has no checkpoint to resume from")
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["onebit_checkpoint"])
+        tensors = io.load_tensors(path)
+        self.model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+        for i, (opt, saved) in enumerate(zip(self.optimizers, meta["optimizers"])):
+            state: dict[int, dict[str, Any]] = {}
+            prefix = f"optimizer.{i}."
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    pid, name = key[len(prefix) :].split(".", 1)
+                    state.setdefault(int(pid), {})[name] = value
+            for pid, scalars in saved["scalars"].items():
+                state.setdefault(int(pid), {}).update(scalars)
+            opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        if self.scheduler is not None and meta["scheduler"] is not None:
+            self.scheduler.load_state_dict(meta["scheduler"])
+        self.flips.signs = [tensors[f"flips.{i}"].bool() for i in range(len(self.flips.params))]
+        rng = meta["rng"]
+        if self.rank == 0:
+            torch.set_rng_state(tensors["rng.torch"])
+            self.generator.set_state(tensors["rng.generator"])
+            n = rng["numpy"]
+            np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+            p = rng["python"]
+            random.setstate((p[0], tuple(p[1]), p[2]))
+            self.mixup_rng.bit_generator.state = rng["mixup"]
+        else:  # other ranks: fresh but deterministic streams for the rest of the run
+            self.generator.manual_seed(self.config.seed * 7919 + self.rank + 104_729 * meta["global_step"])
+            self.mixup_rng = np.random.default_rng([self.config.seed, self.rank, meta["global_step"]])
+        self.epoch, self.step, self.global_step = meta["epoch"], meta["step"], meta["global_step"]
+        self._loss_sum, self._loss_count, self._elapsed = meta["loss_sum"], meta["loss_count"], meta["elapsed"]
+        self.table.rows = [list(r) for r in meta["history"]["rows"]]
+
+    @classmethod
+    def from_run(cls, directory: str, console: Console | None = None, **overrides) -> "Trainer":
+        """A trainer continuing the run saved in ``directory`` (its config, checkpoint and history)."""
+        config_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} not found: {directory!r} is not a onebit run directory")
+        config = TrainConfig.from_dict(io.load_json(config_path)["config"])
+        config.out = directory
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        trainer = cls(config, console)
+        trainer.load_checkpoint(directory)
+        return trainer
 
 
 def train(config: TrainConfig, console: Console | None = None) -> Trainer:
-    """Build a :class:`Trainer` for ``config``, fit it and return it."""
+    """Build a :class:`Trainer` for ``config``, fit it and return it (raises :class:`Interrupted` on a signal)."""
     trainer = Trainer(config, console)
+    trainer.fit()
+    return trainer
+
+
+def resume(directory: str, console: Console | None = None, **overrides) -> Trainer:
+    """Continue the run saved in ``directory`` to its configured number of epochs and return the trainer."""
+    trainer = Trainer.from_run(directory, console, **overrides)
     trainer.fit()
     return trainer
 
@@ -241,3 +592,74 @@ def load_run(directory: str) -> tuple[nn.Module, dict[str, Any]]:
     model = models.create(cfg["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], **cfg.get("model_kwargs", {}))
     model.load_state_dict(io.load_tensors(weights_path))
     return model.eval(), meta
+
+
+# -- multi-process ---------------------------------------------------------------------------
+def init_distributed_from_env() -> bool:
+    """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``); gloo on CPU, NCCL with GPUs. Returns whether it did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, config_dict: dict, resume_dir: str | None) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    init_distributed_from_env()
+    try:
+        config = TrainConfig.from_dict(config_dict)
+        trainer = Trainer.from_run(resume_dir) if resume_dir else Trainer(config)
+        try:
+            trainer.fit()
+        except Interrupted:
+            pass
+        if rank == 0:
+            metrics = trainer.evaluate_metrics()
+            trainer.console.print(f"test accuracy: {metrics['accuracy']:.4f}", highlight=False)
+        else:
+            trainer.evaluate_metrics()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(config: TrainConfig, workers: int, resume_dir: str | None = None) -> int:
+    """Train with ``workers`` processes started here (DDP over gloo on 127.0.0.1).
+
+    SIGTERM/SIGINT to this process are forwarded to the workers, which stop at the same step
+    and save. Returns 0 on success, the signal's conventional status when stopped.
+    """
+    import torch.multiprocessing as mp
+
+    config.validate()
+    ctx = mp.start_processes(
+        _worker, args=(workers, _free_port(), dataclasses.asdict(config), resume_dir), nprocs=workers,
+        join=False, start_method="spawn",
+    )
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        for p in ctx.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not ctx.join(timeout=0.5):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if received:
+        return 130 if received[0] == signal.SIGINT else 0
+    return 0

@@ -1,45 +1,145 @@
-"""``onebit train``: train a zoo model on a dataset."""
+"""``onebit train``: train a zoo model on a dataset (one process, several, or under torchrun)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 
 from rich.console import Console
 
+# option -> TrainConfig field; every option defaults to None so that the config's defaults
+# stay the single source and ``--resume`` can tell which options were given.
+_OPTIONS = {
+    "model": (str, "zoo model name (see `onebit models`)"),
+    "data": (str, "dataset name or directory: digits, an IDX, CIFAR or image-folder directory"),
+    "epochs": (int, "number of epochs"),
+    "batch_size": (int, "global batch size (split between processes)"),
+    "lr": (float, "peak learning rate"),
+    "optimizer": (str, "adam, sgd, or bop (Bop for binary weights, Adam for the rest)"),
+    "schedule": (str, "one-cycle, cosine or constant"),
+    "weight_decay": (float, "weight decay of the float optimizer"),
+    "seed": (int, "random seed (model init, data order, augmentation)"),
+    "mixup": (float, "mixup alpha (0: off)"),
+    "topk": (int, "k of the top_k_accuracy column"),
+    "workers": (int, "number of training processes (DDP, gloo on CPU)"),
+    "augment": (str, "auto (the dataset's), none, crop, flip or crop+flip"),
+    "image_size": (int, "resize images to this size (e.g. 32 to upsample 28 px Fashion-MNIST)"),
+    "weight_clip": (float, "clip binary latent weights to [-C, C] after each step"),
+    "bop_threshold": (float, "Bop's flip threshold"),
+    "bop_gamma": (float, "Bop's moving-average rate"),
+}
+
 
 def register(commands) -> None:
-    p = commands.add_parser("train", help="train a zoo model on a dataset")
-    p.add_argument("--model", default="lenet_binary", help="zoo model name (see `onebit models`)")
-    p.add_argument("--data", default="digits", help="dataset name or directory (default: digits)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
-    p.add_argument("--optimizer", default="adam", help="adam or sgd")
-    p.add_argument("--schedule", default="one-cycle", help="one-cycle, cosine or constant")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p = commands.add_parser(
+        "train",
+        help="train a zoo model on a dataset",
+        description="Train a zoo model; prints an epoch table, writes checkpoints and history.csv to --out. "
+        "SIGINT/SIGTERM finish the current step, save and exit (status 130 / 0); --resume DIR continues.",
+    )
+    for name, (kind, help_text) in _OPTIONS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    p.add_argument(
+        "--model-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="argument of the model builder, e.g. conv_layer=twist or input_quantizer=approx_sign (repeatable)",
+    )
     p.add_argument("--out", default=None, help="run directory for checkpoints and history.csv")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run saved in DIR")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace, console: Console) -> int:
-    from onebit.train import TrainConfig, train
+def parse_model_args(items: list[str]) -> dict:
+    """``["conv_layer=twist", "binary=false", "widths=[32,64]"]`` -> a kwargs dict (JSON values, else strings)."""
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        text = value.strip()
+        if text.lower() in ("none", "null"):
+            parsed = None
+        elif text.lower() in ("true", "false"):
+            parsed = text.lower() == "true"
+        else:
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError:
+                parsed = text
+        kwargs[key.strip()] = parsed
+    return kwargs
 
-    config = TrainConfig(
-        model=args.model,
-        data=args.data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        schedule=args.schedule,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        out=args.out,
-    )
-    trainer = train(config, console)
-    if args.out:
-        console.print(f"saved run to {args.out}/ (model.safetensors, config.json, history.csv)", highlight=False)
-    _, accuracy = trainer.evaluate()
-    console.print(f"test accuracy: {accuracy:.4f}", highlight=False)
+
+def _config(args: argparse.Namespace):
+    from onebit.train import TrainConfig
+
+    values = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
+    config = TrainConfig(**values, out=args.out, model_kwargs=parse_model_args(args.model_arg))
+    config.validate()
+    return config
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from onebit import train as training
+
+    if args.resume:
+        given = [n for n in _OPTIONS if getattr(args, n) is not None and n != "workers"] + (["model_arg"] if args.model_arg else [])
+        if given or (args.out and os.path.abspath(args.out) != os.path.abspath(args.resume)):
+            names = ", ".join("--" + n.replace("_", "-") for n in given) or "--out"
+            raise ValueError(f"--resume continues the run's saved configuration; drop {names}")
+        config = training.TrainConfig.from_dict(_load_config(args.resume))
+        config.out = args.resume
+        if args.workers is not None:
+            config.workers = args.workers
+    else:
+        config = _config(args)
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
+        training.init_distributed_from_env()
+        try:
+            return _run_here(config, args.resume, console)
+        finally:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if config.workers > 1:
+        status = training.run_distributed(config, config.workers, args.resume)
+        if config.out and status == 0:
+            console.print(f"saved run to {config.out}/ (model.safetensors, checkpoint.safetensors, config.json, history.csv)", highlight=False)
+        return status
+    return _run_here(config, args.resume, console)
+
+
+def _load_config(directory: str) -> dict:
+    from onebit import io
+
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {directory!r} is not a onebit run directory")
+    return io.load_json(path)["config"]
+
+
+def _run_here(config, resume_dir: str | None, console: Console) -> int:
+    from onebit import train as training
+
+    if resume_dir:
+        trainer = training.Trainer.from_run(resume_dir, console, workers=config.workers)
+        if trainer.epoch >= config.epochs:
+            console.print(f"run {resume_dir} is already complete ({config.epochs} epochs)", highlight=False)
+    else:
+        trainer = training.Trainer(config, console)
+    try:
+        trainer.fit()
+    except training.Interrupted as stop:
+        if trainer.is_main:
+            Console(stderr=True).print(f"onebit train: {stop}", highlight=False)
+        return 130 if stop.signum == signal.SIGINT else 0
+    metrics = trainer.evaluate_metrics()
+    if config.out:
+        console.print(f"saved run to {config.out}/ (model.safetensors, checkpoint.safetensors, config.json, history.csv)", highlight=False)
+    console.print(f"test accuracy: {metrics['accuracy']:.4f}", highlight=False)
     return 0
+
+
+__all__ = ["register", "run", "parse_model_args"]

@@ -1,0 +1,187 @@
+"""The trainer: epoch table and history.csv, checkpoints, exact resume, signals, mixup, top-k,
+weight clipping, Bop wiring, and 2-process DDP (spawned by the trainer and under torchrun)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from onebit import io
+from onebit.train import Interrupted, Trainer, TrainConfig, load_run
+
+SMALL = {"width": 8}
+
+
+def config(out, **overrides) -> TrainConfig:
+    values = dict(model="lenet_binary", data="digits", epochs=3, batch_size=64, lr=1e-2, seed=3,
+                  out=str(out), model_kwargs=SMALL)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+class StopAt(Trainer):
+    """Simulates Ctrl-C arriving during step ``stop_at``."""
+
+    stop_at = 0
+
+    def on_step_end(self):
+        if self.global_step == self.stop_at:
+            self.request_stop(signal.SIGINT)
+
+
+def read_history(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_history_has_the_epoch_table_columns(tmp_path):
+    trainer = Trainer(config(tmp_path, epochs=2, topk=3), console=None)
+    history = trainer.fit()
+    rows = read_history(tmp_path / "history.csv")
+    assert list(rows[0]) == ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"]
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    for r in history:
+        assert 0 <= r["accuracy"] <= r["top_k_accuracy"] <= 1 and 0 <= r["flip_ratio"] <= 1
+    assert history[0]["flip_ratio"] > 0  # binary weights do flip while training
+    for name in ("model.safetensors", "checkpoint.safetensors", "config.json"):
+        assert (tmp_path / name).is_file()
+    model, meta = load_run(str(tmp_path))
+    assert meta["config"]["topk"] == 3 and not model.training
+
+
+@pytest.mark.parametrize(
+    "overrides, stop_at",
+    [
+        ({"mixup": 0.4, "augment": "crop+flip"}, 30),          # mid-epoch, one-cycle Adam
+        ({"optimizer": "sgd", "schedule": "cosine", "lr": 0.05, "weight_clip": 1.0}, 23),  # at an epoch's end
+        ({"optimizer": "bop", "bop_threshold": 1e-6, "bop_gamma": 1e-3}, 41),
+    ],
+)
+def test_resume_after_an_interruption_gives_identical_weights(tmp_path, overrides, stop_at):
+    whole = Trainer(config(tmp_path / "whole", **overrides))
+    whole.fit()
+
+    StopAt.stop_at = stop_at
+    first = StopAt(config(tmp_path / "split", **overrides))
+    with pytest.raises(Interrupted) as stop:
+        first.fit()
+    assert stop.value.signum == signal.SIGINT and first.global_step == stop_at
+    resumed = Trainer.from_run(str(tmp_path / "split"))
+    assert resumed.global_step == stop_at
+    resumed.fit()
+
+    a, b = whole.model.state_dict(), io.load_tensors(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert strip(read_history(tmp_path / "whole" / "history.csv")) == strip(read_history(tmp_path / "split" / "history.csv"))
+
+
+def test_weight_clip_keeps_binary_latent_weights_in_range(tmp_path):
+    trainer = Trainer(config(tmp_path, epochs=1, lr=0.5, optimizer="sgd", weight_clip=0.25))
+    trainer.fit()
+    assert trainer.binary_params and all(p.abs().max() <= 0.25 for p in trainer.binary_params)
+    float_first = trainer.model[0].weight
+    assert float_first.abs().max() > 0.25  # float layers are not clipped
+
+
+def test_bop_trains_binary_weights_and_adam_the_rest(tmp_path):
+    trainer = Trainer(config(tmp_path, epochs=3, optimizer="bop", bop_threshold=1e-6, bop_gamma=1e-3))
+    magnitudes = [p.detach().abs().clone() for p in trainer.binary_params]
+    history = trainer.fit()
+    adam, bop = trainer.optimizers
+    assert {id(p) for g in bop.param_groups for p in g["params"]} == {id(p) for p in trainer.binary_params}
+    for p, m in zip(trainer.binary_params, magnitudes):
+        assert torch.equal(p.detach().abs(), m)  # Bop only flips signs
+    assert history[0]["flip_ratio"] > 0
+    assert history[-1]["accuracy"] > 0.8
+
+
+def test_mixup_runs_and_is_reproducible(tmp_path):
+    a = Trainer(config(tmp_path / "a", epochs=1, mixup=0.2)).fit()
+    b = Trainer(config(tmp_path / "b", epochs=1, mixup=0.2)).fit()
+    plain = Trainer(config(tmp_path / "c", epochs=1)).fit()
+    assert a[0]["train_loss"] == b[0]["train_loss"] != plain[0]["train_loss"]
+
+
+def test_bad_trainer_options_are_value_errors(tmp_path):
+    for bad in ({"optimizer": "adagrad"}, {"mixup": -1.0}, {"topk": 0}, {"augment": "rotate"}, {"weight_clip": 0.0}):
+        with pytest.raises(ValueError):
+            Trainer(config(tmp_path, **bad))
+    with pytest.raises(ValueError, match="no binary weights|has none"):
+        Trainer(config(tmp_path, model="lenet", optimizer="bop"))
+    with pytest.raises(FileNotFoundError, match="not a onebit run directory"):
+        Trainer.from_run(str(tmp_path / "nothing"))
+
+
+def onebit(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "onebit", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_sigterm_finishes_the_step_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", "lenet_binary", "--model-arg", "width=8", "--epochs", "8", "--seed", "5"]
+    proc = onebit("train", *common, "--out", str(out))
+    deadline = time.time() + 120
+    while not (out / "history.csv").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "stopped by SIGTERM" in stderr
+    assert "--resume" in stderr
+    state = Trainer.from_run(str(out))
+    assert 0 < state.global_step < 8 * state.steps_per_epoch  # stopped early, mid-run
+
+    resumed = onebit("train", "--resume", str(out))
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "test accuracy" in stdout
+    whole = onebit("train", *common, "--out", str(tmp_path / "whole"))
+    whole.communicate(timeout=300)
+    a = io.load_tensors(out / "model.safetensors")
+    b = io.load_tensors(tmp_path / "whole" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(read_history(out / "history.csv")) == 8
+
+
+def test_resume_refuses_new_options(tmp_path):
+    proc = onebit("train", "--resume", str(tmp_path), "--lr", "0.1")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--lr" in stderr and "Traceback" not in stderr
+
+
+def _ddp_args(out):
+    return ["train", "--model", "lenet_binary", "--model-arg", "width=8", "--epochs", "3", "--out", str(out)]
+
+
+def test_two_processes_spawned_by_the_trainer(tmp_path):
+    proc = onebit(*_ddp_args(tmp_path / "ddp"), "--workers", "2")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert stdout.count("onebit train:") == 1  # only rank 0 prints
+    rows = read_history(tmp_path / "ddp" / "history.csv")
+    assert len(rows) == 3
+    single = Trainer(config(tmp_path / "single", seed=0, lr=1e-2)).fit()
+    assert abs(float(rows[-1]["accuracy"]) - single[-1]["accuracy"]) < 0.1
+    assert float(rows[-1]["accuracy"]) > 0.8
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "onebit", *_ddp_args(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_history(out / "history.csv")) == 3
+    model, meta = load_run(str(out))
+    assert meta["config"]["model"] == "lenet_binary"
+    assert not any(name.startswith("module.") for name in model.state_dict())
