@@ -8,6 +8,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -61,13 +62,13 @@ void pack_activations_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t 
                            ptr<uint64_t>(out), threads);
 }
 
-void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_per_pixel, uintptr_t w,
-                int64_t w_words, int64_t C, int64_t Co, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
-                int64_t pw, int64_t dh, int64_t dw, int64_t groups, int pad_value, int mode, uintptr_t out,
-                uintptr_t scale, uintptr_t bias, uintptr_t thr, uintptr_t dir, int64_t oph, int64_t opw,
-                int64_t out_groups, int out_pad_value, int threads) {
-  require(x != 0 && w != 0 && out != 0, "binary_conv2d: null tensor");
+// Builds a validated plan from the numbers of a call (see onebit/engine/kernels.py).
+onebit::ConvPlan* make_plan(int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_per_pixel, int64_t w_words, int64_t C,
+                            int64_t Co, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                            int64_t dh, int64_t dw, int64_t groups, int pad_value, int mode, int64_t oph, int64_t opw,
+                            int64_t out_groups, int out_pad_value) {
   require(mode >= 0 && mode <= 2, "binary_conv2d: mode must be 0 (int32), 1 (float32) or 2 (threshold)");
+  require(groups > 0 && C > 0, "binary_conv2d: in_channels and groups must be >= 1");
   onebit::ConvGeometry g;
   g.N = N;
   g.Hp = Hp;
@@ -75,7 +76,7 @@ void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_
   g.C = C;
   g.Co = Co;
   g.G = groups;
-  g.Wg = groups > 0 && C > 0 ? onebit::words_for(C / groups) : 0;
+  g.Wg = onebit::words_for(C / groups);
   g.KH = KH;
   g.KW = KW;
   g.sh = sh;
@@ -87,20 +88,43 @@ void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_
   g.pad_value = pad_value;
   onebit::ConvOutput o;
   o.mode = static_cast<onebit::OutMode>(mode);
-  o.out_i32 = mode == 0 ? ptr<int32_t>(out) : nullptr;
-  o.out_f32 = mode == 1 ? ptr<float>(out) : nullptr;
-  o.out_bits = mode == 2 ? ptr<uint64_t>(out) : nullptr;
-  o.scale = ptr<const float>(scale);
-  o.bias = ptr<const float>(bias);
-  o.thr = ptr<const int32_t>(thr);
-  o.dir = ptr<const int8_t>(dir);
   o.oph = oph;
   o.opw = opw;
   o.OG = out_groups;
   o.out_pad_value = out_pad_value;
-  onebit::validate_conv(g, o, x_words_per_pixel, w_words);
+  return new onebit::ConvPlan(g, o, x_words_per_pixel, w_words);
+}
+
+void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias,
+              uintptr_t thr, uintptr_t dir, int threads) {
+  onebit::ConvOutput o;
+  switch (plan.params().mode) {
+    case onebit::OutMode::int32: o.out_i32 = ptr<int32_t>(out); break;
+    case onebit::OutMode::float32: o.out_f32 = ptr<float>(out); break;
+    case onebit::OutMode::threshold: o.out_bits = ptr<uint64_t>(out); break;
+  }
+  o.scale = ptr<const float>(scale);
+  o.bias = ptr<const float>(bias);
+  o.thr = ptr<const int32_t>(thr);
+  o.dir = ptr<const int8_t>(dir);
+  // Direction values are checked (with the GIL held) before the long part runs.
+  if (plan.params().mode == onebit::OutMode::threshold && o.dir)
+    for (int64_t c = 0; c < plan.geometry().Co; ++c)
+      require(o.dir[c] == 1 || o.dir[c] == -1, "binary_conv2d: direction[" + std::to_string(c) + "] = " +
+                                                   std::to_string(o.dir[c]) + ", expected +1 or -1");
   nb::gil_scoped_release release;
-  onebit::binary_conv2d(g, o, ptr<const uint64_t>(x), ptr<const uint64_t>(w), threads);
+  plan.run(ptr<const uint64_t>(x), ptr<const uint64_t>(w), o, threads);
+}
+
+void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_per_pixel, uintptr_t w,
+                int64_t w_words, int64_t C, int64_t Co, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
+                int64_t pw, int64_t dh, int64_t dw, int64_t groups, int pad_value, int mode, uintptr_t out,
+                uintptr_t scale, uintptr_t bias, uintptr_t thr, uintptr_t dir, int64_t oph, int64_t opw,
+                int64_t out_groups, int out_pad_value, int threads) {
+  std::unique_ptr<onebit::ConvPlan> plan(make_plan(N, Hp, Wp, x_words_per_pixel, w_words, C, Co, KH, KW, sh, sw, ph,
+                                                   pw, dh, dw, groups, pad_value, mode, oph, opw, out_groups,
+                                                   out_pad_value));
+  run_plan(*plan, x, w, out, scale, bias, thr, dir, threads);
 }
 
 }  // namespace
@@ -118,6 +142,16 @@ NB_MODULE(_C, m) {
         "sW"_a, "ph"_a, "pw"_a, "pad_value"_a, "groups"_a, "out"_a, "threads"_a,
         "Low level (addresses): pack float [N, C, H, W] (element strides) into int64 [N, H+2ph, W+2pw, G, Wg]. "
         "Use onebit.engine.kernels.pack_activations.");
+  nb::class_<onebit::ConvPlan>(m, "ConvPlan",
+                                "A validated binary convolution of one shape; run() it on packed tensors.")
+      .def_prop_ro("out_height", [](const onebit::ConvPlan& p) { return p.geometry().OH; })
+      .def_prop_ro("out_width", [](const onebit::ConvPlan& p) { return p.geometry().OW; })
+      .def("run", &run_plan, "x"_a, "w"_a, "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "threads"_a,
+           "Low level (addresses): run on packed input x, packed weights w into out.");
+  m.def("conv_plan", &make_plan, "N"_a, "Hp"_a, "Wp"_a, "x_words_per_pixel"_a, "w_words"_a, "C"_a, "Co"_a, "KH"_a,
+        "KW"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a, "groups"_a, "pad_value"_a, "mode"_a, "oph"_a, "opw"_a,
+        "out_groups"_a, "out_pad_value"_a, nb::rv_policy::take_ownership,
+        "Validate a binary convolution's numbers and precompute its shape-only data.");
   m.def("conv2d_raw", &conv2d_raw, "x"_a, "N"_a, "Hp"_a, "Wp"_a, "x_words_per_pixel"_a, "w"_a, "w_words"_a, "C"_a,
         "Co"_a, "KH"_a, "KW"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a, "groups"_a, "pad_value"_a, "mode"_a,
         "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "oph"_a, "opw"_a, "out_groups"_a, "out_pad_value"_a,

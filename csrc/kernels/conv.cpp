@@ -115,15 +115,7 @@ void validate_conv(ConvGeometry& g, ConvOutput& o, int64_t x_words_per_pixel, in
       fail("binary_conv2d: out_pad_value must be 0, 1 or -1");
     o.OCg = g.Co / o.OG;
     o.OWg = words_for(o.OCg);
-    if (!o.thr || !o.dir) fail("binary_conv2d: thresholds and directions are required");
-    for (int64_t c = 0; c < g.Co; ++c)
-      if (o.dir[c] != 1 && o.dir[c] != -1)
-        fail("binary_conv2d: direction[" + str(c) + "] = " + str(o.dir[c]) + ", expected +1 or -1");
-  } else if (o.mode == OutMode::int32) {
-    if (!o.out_i32) fail("binary_conv2d: missing int32 output");
-  } else if (o.mode == OutMode::float32) {
-    if (!o.out_f32) fail("binary_conv2d: missing float32 output");
-  } else {
+  } else if (o.mode != OutMode::int32 && o.mode != OutMode::float32) {
     fail("binary_conv2d: unknown output mode");
   }
   // Integer results must fit in int32 and convert exactly to float32.
@@ -157,7 +149,67 @@ void fill_packed_border(uint64_t* out, int64_t N, int64_t H, int64_t W, int64_t 
   }
 }
 
-void binary_conv2d(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w, int threads) {
+ConvPlan::ConvPlan(const ConvGeometry& geometry, const ConvOutput& params, int64_t x_words_per_pixel, int64_t w_words)
+    : g_(geometry), o_(params) {
+  validate_conv(g_, o_, x_words_per_pixel, w_words);
+  const ConvGeometry& g = g_;
+  // Border classes for the zero-padding correction.
+  correct_ = g.pad_value == 0 && (g.ph > 0 || g.pw > 0);
+  if (correct_) {
+    std::vector<std::vector<uint8_t>> row_sets, col_sets;
+    border_classes(g.OH, g.KH, g.sh, g.dh, g.ph, g.H, row_class_, row_sets);
+    border_classes(g.OW, g.KW, g.sw, g.dw, g.pw, g.W, col_class_, col_sets);
+    const int32_t nrow = static_cast<int32_t>(row_sets.size());
+    ncol_ = static_cast<int32_t>(col_sets.size());
+    nclasses_ = nrow * ncol_;
+    const int64_t taps = g.KH * g.KW;
+    class_taps_.assign(static_cast<size_t>(nclasses_) * taps, 0);
+    for (int32_t r = 0; r < nrow; ++r)
+      for (int32_t c = 0; c < ncol_; ++c)
+        for (int64_t kh = 0; kh < g.KH; ++kh)
+          for (int64_t kw = 0; kw < g.KW; ++kw)
+            class_taps_[(r * ncol_ + c) * taps + kh * g.KW + kw] = row_sets[r][kh] | col_sets[c][kw];
+  }
+  // Word offsets of every (tap, word) step from a pixel's (0, 0) tap.
+  const int64_t px = g.G * g.Wg;
+  step_off_.resize(g.KH * g.KW * g.Wg);
+  for (int64_t kh = 0; kh < g.KH; ++kh)
+    for (int64_t kw = 0; kw < g.KW; ++kw)
+      for (int64_t k = 0; k < g.Wg; ++k)
+        step_off_[(kh * g.KW + kw) * g.Wg + k] = (kh * g.dh * g.Wp + kw * g.dw) * px + k;
+}
+
+void binary_conv2d(ConvGeometry g, ConvOutput o, const uint64_t* x, const uint64_t* w, int64_t x_words_per_pixel,
+                   int64_t w_words, int threads) {
+  ConvPlan(g, o, x_words_per_pixel, w_words).run(x, w, o, threads);
+}
+
+void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs, int threads) const {
+  const ConvGeometry& g = g_;
+  ConvOutput o = o_;
+  o.out_i32 = ptrs.out_i32;
+  o.out_f32 = ptrs.out_f32;
+  o.out_bits = ptrs.out_bits;
+  o.scale = ptrs.scale;
+  o.bias = ptrs.bias;
+  o.thr = ptrs.thr;
+  o.dir = ptrs.dir;
+  if (!x || !w) fail("binary_conv2d: null input");
+  switch (o.mode) {
+    case OutMode::int32:
+      if (!o.out_i32) fail("binary_conv2d: missing int32 output");
+      break;
+    case OutMode::float32:
+      if (!o.out_f32) fail("binary_conv2d: missing float32 output");
+      break;
+    case OutMode::threshold:
+      if (!o.out_bits) fail("binary_conv2d: missing packed output");
+      if (!o.thr || !o.dir) fail("binary_conv2d: thresholds and directions are required");
+      for (int64_t c = 0; c < g.Co; ++c)
+        if (o.dir[c] != 1 && o.dir[c] != -1)
+          fail("binary_conv2d: direction[" + str(c) + "] = " + str(o.dir[c]) + ", expected +1 or -1");
+      break;
+  }
   const Isa isa = active_isa();
   if (g.N == 0) return;
   if (o.mode == OutMode::threshold) {
@@ -170,35 +222,9 @@ void binary_conv2d(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x
     binary_conv2d_reference(g, o, x, w);
     return;
   }
-
-  // Border classes for the zero-padding correction.
-  std::vector<int32_t> row_class, col_class;
-  std::vector<std::vector<uint8_t>> row_sets, col_sets;
-  std::vector<uint8_t> class_taps;
-  int32_t nrow = 1, ncol = 1;
-  const bool correct = g.pad_value == 0 && (g.ph > 0 || g.pw > 0);
-  if (correct) {
-    border_classes(g.OH, g.KH, g.sh, g.dh, g.ph, g.H, row_class, row_sets);
-    border_classes(g.OW, g.KW, g.sw, g.dw, g.pw, g.W, col_class, col_sets);
-    nrow = static_cast<int32_t>(row_sets.size());
-    ncol = static_cast<int32_t>(col_sets.size());
-    const int64_t taps = g.KH * g.KW;
-    class_taps.assign(static_cast<size_t>(nrow) * ncol * taps, 0);
-    for (int32_t r = 0; r < nrow; ++r)
-      for (int32_t c = 0; c < ncol; ++c)
-        for (int64_t kh = 0; kh < g.KH; ++kh)
-          for (int64_t kw = 0; kw < g.KW; ++kw)
-            class_taps[(r * ncol + c) * taps + kh * g.KW + kw] = row_sets[r][kh] | col_sets[c][kw];
-  }
-  const int32_t nclasses = correct ? nrow * ncol : 1;
-
-  // Word offsets of every (tap, word) step from a pixel's (0, 0) tap.
-  const int64_t steps = g.KH * g.KW * g.Wg, px = g.G * g.Wg;
-  std::vector<int64_t> step_off(steps);
-  for (int64_t kh = 0; kh < g.KH; ++kh)
-    for (int64_t kw = 0; kw < g.KW; ++kw)
-      for (int64_t k = 0; k < g.Wg; ++k)
-        step_off[(kh * g.KW + kw) * g.Wg + k] = (kh * g.dh * g.Wp + kw * g.dw) * px + k;
+  const bool correct = correct_;
+  const int32_t nclasses = nclasses_;
+  const int64_t steps = g.KH * g.KW * g.Wg;
 
   // Blocks of output channels, never straddling a group.
   struct Range {
@@ -227,12 +253,12 @@ void binary_conv2d(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x
   proto.o = &o;
   proto.x = x;
   proto.w = w;
-  proto.step_off = step_off.data();
-  proto.row_class = correct ? row_class.data() : nullptr;
-  proto.col_class = correct ? col_class.data() : nullptr;
-  proto.ncol_classes = ncol;
+  proto.step_off = step_off_.data();
+  proto.row_class = correct ? row_class_.data() : nullptr;
+  proto.col_class = correct ? col_class_.data() : nullptr;
+  proto.ncol_classes = ncol_;
   proto.nclasses = nclasses;
-  proto.class_taps = correct ? class_taps.data() : nullptr;
+  proto.class_taps = correct ? class_taps_.data() : nullptr;
   proto.bits_bytewise = bytewise;
 
   auto run_part = [&](int t) {

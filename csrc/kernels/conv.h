@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace onebit {
 
@@ -52,11 +53,35 @@ struct ConvOutput {
 };
 
 // Validates the numbers of a call; throws std::invalid_argument naming the problem.
-// Fills in the derived fields (H, W, Cg, Cog, OH, OW, OCg).
+// Fills in the derived fields (H, W, Cg, Cog, OH, OW, OCg, OWg). Output pointers are
+// not looked at.
 void validate_conv(ConvGeometry& g, ConvOutput& o, int64_t x_words_per_pixel, int64_t w_words);
 
-// The convolution, on the active ISA, on up to `threads` threads.
-void binary_conv2d(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w, int threads);
+// A validated convolution with everything that depends only on its shape computed
+// once (border classes, tap offsets); run() may be called any number of times, from
+// several threads at once. The ISA is read at each run.
+class ConvPlan {
+ public:
+  // `params` carries the mode and the packed-output parameters; its pointers are ignored.
+  ConvPlan(const ConvGeometry& g, const ConvOutput& params, int64_t x_words_per_pixel, int64_t w_words);
+  // `out` carries the pointers (output, scale, bias, thresholds, directions) of this call.
+  void run(const uint64_t* x, const uint64_t* w, const ConvOutput& out, int threads) const;
+  const ConvGeometry& geometry() const { return g_; }
+  const ConvOutput& params() const { return o_; }
+
+ private:
+  ConvGeometry g_;
+  ConvOutput o_;
+  bool correct_ = false;
+  std::vector<int32_t> row_class_, col_class_;
+  std::vector<uint8_t> class_taps_;
+  int32_t ncol_ = 1, nclasses_ = 1;
+  std::vector<int64_t> step_off_;
+};
+
+// One-shot convenience: validate, plan and run.
+void binary_conv2d(ConvGeometry g, ConvOutput o, const uint64_t* x, const uint64_t* w, int64_t x_words_per_pixel,
+                   int64_t w_words, int threads);
 
 // ---- internals shared by the driver (conv.cpp) and the per-ISA kernels ----
 

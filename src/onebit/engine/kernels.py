@@ -27,6 +27,7 @@ through ``torch.ops.onebit.*``, whose fake implementations give shapes for traci
 
 from __future__ import annotations
 
+import atexit
 from typing import Sequence
 
 import torch
@@ -170,16 +171,97 @@ class _Conv:
             )
         self.n, self.hp, self.wp, self.c, self.co, self.g = n, hp, wpad, c, co, g
 
-    def run(self, xp, wp, mode, out, scale=None, bias=None, thr=None, dirs=None, oph=0, opw=0, og=1, opad=0):
-        _C.conv2d_raw(
-            xp.data_ptr(), self.n, self.hp, self.wp, xp.shape[3] * xp.shape[4], wp.data_ptr(), wp.shape[3],
-            self.c, self.co, self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw, self.g,
-            self.pad, mode, out.data_ptr(),
-            0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(),
-            0 if thr is None else thr.data_ptr(), 0 if dirs is None else dirs.data_ptr(),
-            oph, opw, og, opad, torch.get_num_threads(),
-        )  # fmt: skip
-        return out
+
+
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_SIZE = 1024
+_I64, _I32, _I8, _F32 = torch.int64, torch.int32, torch.int8, torch.float32
+
+
+@atexit.register
+def _clear_caches() -> None:  # native plans are freed before the extension goes away
+    _PLAN_CACHE.clear()
+    _PACK_CACHE.clear()
+
+
+def _hashable(value):
+    return tuple(value) if type(value) is list else value
+
+
+class _Plan:
+    """A validated convolution of one shape: the native plan and the output shape."""
+
+    __slots__ = ("native", "shape", "co")
+
+    def __init__(self, native, shape, co):
+        self.native, self.shape, self.co = native, shape, co
+
+
+def _threshold_params(cv, out_padding, out_pad_value, out_groups):
+    oph, opw = _pair(out_padding, "out_padding")
+    if oph < 0 or opw < 0:
+        raise ValueError(f"out_padding must be >= 0, got {(oph, opw)}")
+    opad = _pad_code(out_pad_value, "out_pad_value")
+    og = _int(out_groups, "out_groups", 1)
+    if cv.co % og:
+        raise ValueError(f"out_groups={og} must divide out_channels={cv.co}")
+    shape = (cv.n, cv.oh + 2 * oph, cv.ow + 2 * opw, og, words_for(cv.co // og))
+    return shape, oph, opw, opad, og
+
+
+def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, groups, pad_value,
+               out_padding=0, out_pad_value=0.0, out_groups=1):  # fmt: skip
+    """The cached plan for this call; validates everything but per-channel tensors (ValueError)."""
+    key = None
+    if (
+        type(xp) is torch.Tensor
+        and type(wp) is torch.Tensor
+        and xp.dtype is _I64
+        and wp.dtype is _I64
+        and xp.is_cpu
+        and wp.is_cpu
+        and xp.is_contiguous()
+        and wp.is_contiguous()
+    ):
+        key = (mode, xp.shape, wp.shape, c, co, _hashable(kernel_size), _hashable(stride), _hashable(padding),
+               _hashable(dilation), groups, pad_value, _hashable(out_padding), out_pad_value, out_groups)  # fmt: skip
+        try:
+            plan = _PLAN_CACHE.get(key)
+        except TypeError:  # something unhashable: the checks below say what is wrong
+            key = plan = None
+        if plan is not None:
+            return plan
+    cv = _Conv(xp, wp, c, co, kernel_size, stride, padding, dilation, groups, pad_value)
+    if mode == _MODE_THRESHOLD:
+        shape, oph, opw, opad, og = _threshold_params(cv, out_padding, out_pad_value, out_groups)
+    else:
+        shape, oph, opw, opad, og = (cv.n, cv.co, cv.oh, cv.ow), 0, 0, 0, 1
+    native = _C.conv_plan(
+        cv.n, cv.hp, cv.wp, xp.shape[3] * xp.shape[4], wp.shape[3], cv.c, cv.co, cv.kh, cv.kw, cv.sh, cv.sw,
+        cv.ph, cv.pw, cv.dh, cv.dw, cv.g, cv.pad, mode, oph, opw, og, opad,
+    )  # fmt: skip
+    plan = _Plan(native, shape, cv.co)
+    if key is not None:
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = plan
+    return plan
+
+
+def _channel_ptr(t, name: str, dtype: torch.dtype, channels: int) -> int:
+    """data_ptr of an optional per-channel tensor, after checking it (0 for None)."""
+    if t is None:
+        return 0
+    if not (
+        type(t) is torch.Tensor
+        and t.dtype is dtype
+        and t.is_cpu
+        and t.dim() == 1
+        and t.shape[0] == channels
+        and t.is_contiguous()
+    ):
+        _per_channel(t, name, dtype, channels)
+    return t.data_ptr()
 
 
 def _direct(*tensors) -> bool:
@@ -213,15 +295,31 @@ def _check_pack(x, padding, pad_value, groups):
     return (n, h + 2 * ph, w + 2 * pw, g, words_for(c // g)), ph, pw, pad, g
 
 
+_PACK_CACHE: dict = {}
+
+
 def _pack_activations_impl(x, padding, pad_value, groups):
-    shape, ph, pw, pad, g = _check_pack(x, padding, pad_value, groups)
+    key = None
+    if type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu:
+        key = (x.shape, x.stride(), _hashable(padding), pad_value, groups)
+        try:
+            entry = _PACK_CACHE.get(key)
+        except TypeError:
+            key = entry = None
+    else:
+        entry = None
+    if entry is None:
+        shape, ph, pw, pad, g = _check_pack(x, padding, pad_value, groups)
+        n, c, h, w = x.shape
+        entry = (shape, (n, c, h, w, *x.stride(), ph, pw, pad, g))
+        if key is not None:
+            if len(_PACK_CACHE) >= _PLAN_CACHE_SIZE:
+                _PACK_CACHE.clear()
+            _PACK_CACHE[key] = entry
+    shape, args = entry
     out = torch.empty(shape, dtype=torch.int64)
     if out.numel():
-        n, c, h, w = x.shape
-        sn, sc, sh, sw = x.stride()
-        _C.pack_activations_raw(
-            x.data_ptr(), n, c, h, w, sn, sc, sh, sw, ph, pw, pad, g, out.data_ptr(), torch.get_num_threads()
-        )
+        _C.pack_activations_raw(x.data_ptr(), *args, out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -245,10 +343,9 @@ def pack_activations(
     channels' bits set, never the unused ones) for -1.0. ``pad_value`` 0 is made exact by
     the convolution's correction, given the same ``pad_value``.
     """
-    padding = _pair(padding, "padding")
     if _direct(x):
         return _pack_activations_impl(x, padding, pad_value, groups)
-    return torch.ops.onebit.pack_activations(x, list(padding), float(pad_value), int(groups))
+    return torch.ops.onebit.pack_activations(x, list(_pair(padding, "padding")), float(pad_value), groups)
 
 
 def pack_features(x: torch.Tensor) -> torch.Tensor:
@@ -293,47 +390,45 @@ def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
 
 
 def _conv_int_impl(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
-    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    out = _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.int32)
-    return cv.run(xp, wp, _MODE_INT, out) if out.numel() else out
+    plan = _conv_plan(
+        _MODE_INT, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
+    )
+    out = _empty_nchw_channels_last(*plan.shape, torch.int32)
+    if out.numel():
+        plan.native.run(xp.data_ptr(), wp.data_ptr(), out.data_ptr(), 0, 0, 0, 0, torch.get_num_threads())
+    return out
 
 
 def _conv_float_impl(
     xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias
 ):
-    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    if scale is not None:
-        _per_channel(scale, "scale", torch.float32, cv.co)
-    if bias is not None:
-        _per_channel(bias, "bias", torch.float32, cv.co)
-    out = _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.float32)
-    return cv.run(xp, wp, _MODE_FLOAT, out, scale, bias) if out.numel() else out
-
-
-def _check_threshold(cv, thresholds, direction, out_padding, out_pad_value, out_groups):
-    _per_channel(thresholds, "thresholds", torch.int32, cv.co)
-    _per_channel(direction, "direction", torch.int8, cv.co)
-    oph, opw = _pair(out_padding, "out_padding")
-    if oph < 0 or opw < 0:
-        raise ValueError(f"out_padding must be >= 0, got {(oph, opw)}")
-    opad = _pad_code(out_pad_value, "out_pad_value")
-    og = _int(out_groups, "out_groups", 1)
-    if cv.co % og:
-        raise ValueError(f"out_groups={og} must divide out_channels={cv.co}")
-    shape = (cv.n, cv.oh + 2 * oph, cv.ow + 2 * opw, og, words_for(cv.co // og))
-    return shape, oph, opw, opad, og
+    plan = _conv_plan(
+        _MODE_FLOAT, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
+    )
+    scale_ptr = _channel_ptr(scale, "scale", _F32, plan.co)
+    bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
+    out = _empty_nchw_channels_last(*plan.shape, torch.float32)
+    if out.numel():
+        plan.native.run(xp.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, 0, 0, torch.get_num_threads())
+    return out
 
 
 def _conv_threshold_impl(
     xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
     thresholds, direction, out_padding, out_pad_value, out_groups,
 ):  # fmt: skip
-    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    shape, oph, opw, opad, og = _check_threshold(cv, thresholds, direction, out_padding, out_pad_value, out_groups)
-    out = torch.empty(shape, dtype=torch.int64)
-    if not out.numel():
-        return out
-    return cv.run(xp, wp, _MODE_THRESHOLD, out, thr=thresholds, dirs=direction, oph=oph, opw=opw, og=og, opad=opad)
+    plan = _conv_plan(
+        _MODE_THRESHOLD, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+        pad_value, out_padding, out_pad_value, out_groups,
+    )  # fmt: skip
+    thr_ptr = _channel_ptr(thresholds, "thresholds", _I32, plan.co)
+    dir_ptr = _channel_ptr(direction, "direction", _I8, plan.co)
+    if not thr_ptr or not dir_ptr:
+        raise ValueError("thresholds and direction are required")
+    out = torch.empty(plan.shape, dtype=torch.int64)
+    if out.numel():
+        plan.native.run(xp.data_ptr(), wp.data_ptr(), out.data_ptr(), 0, 0, thr_ptr, dir_ptr, torch.get_num_threads())
+    return out
 
 
 @torch.library.custom_op("onebit::binary_conv2d_int", mutates_args=())
@@ -418,7 +513,9 @@ def _(
     thresholds, direction, out_padding, out_pad_value, out_groups,
 ):  # fmt: skip
     cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    shape, *_ = _check_threshold(cv, thresholds, direction, out_padding, out_pad_value, out_groups)
+    shape, *_ = _threshold_params(cv, out_padding, out_pad_value, out_groups)
+    _per_channel(thresholds, "thresholds", torch.int32, cv.co)
+    _per_channel(direction, "direction", torch.int8, cv.co)
     return xp.new_empty(shape, dtype=torch.int64)
 
 
@@ -454,9 +551,11 @@ def binary_conv2d_int(
     with padded taps worth ``pad_value`` (0, +1 or -1). ``xp`` is already padded by
     ``padding`` (see :func:`pack_activations`), packed for ``groups``.
     """
-    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     if _direct(xp, wp):
-        return _conv_int_impl(xp, wp, *args)
+        return _conv_int_impl(
+            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
+        )
+    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     return torch.ops.onebit.binary_conv2d_int(xp, wp, *args)
 
 
@@ -481,9 +580,11 @@ def binary_conv2d(
     ``[C_out]``, applied as a float32 multiply then an add (no FMA), bit for bit like
     ``acc.float() * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)``.
     """
-    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     if _direct(xp, wp, scale, bias):
-        return _conv_float_impl(xp, wp, *args, scale, bias)
+        return _conv_float_impl(
+            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias
+        )
+    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias)
 
 
@@ -527,11 +628,14 @@ def binary_conv2d_threshold(
     ``[C_out]``; ``direction`` is int8 ``[C_out]`` (+1 / -1) or bool (True = -1, "negate
     above"). The border is filled as :func:`pack_activations` fills it for ``out_pad_value``.
     """
-    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     direction = _direction_int8(direction)
-    out_padding = list(_pair(out_padding, "out_padding"))
     if _direct(xp, wp, thresholds, direction):
-        return _conv_threshold_impl(xp, wp, *args, thresholds, direction, out_padding, out_pad_value, out_groups)
+        return _conv_threshold_impl(
+            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
+            thresholds, direction, out_padding, out_pad_value, out_groups,
+        )  # fmt: skip
+    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+    out_padding = list(_pair(out_padding, "out_padding"))
     return torch.ops.onebit.binary_conv2d_threshold(
         xp, wp, *args, thresholds, direction, out_padding, float(out_pad_value), out_groups
     )
