@@ -185,3 +185,31 @@ def test_two_processes_under_torchrun(tmp_path):
     model, meta = load_run(str(out))
     assert meta["config"]["model"] == "lenet_binary"
     assert not any(name.startswith("module.") for name in model.state_dict())
+
+
+def test_export_and_eval_of_a_run_and_its_packed_file(tmp_path, capsys):
+    from onebit.cli import main
+
+    run = tmp_path / "run"
+    Trainer(config(run, epochs=2)).fit()
+    assert main(["eval", str(run)]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["export", str(run), "--out", str(run / "model.onebit")]) == 0
+    assert "exported lenet_binary" in capsys.readouterr().out
+    assert main(["eval", str(run / "model.onebit"), "--data", "digits"]) == 0
+    from_file = capsys.readouterr().out
+    accuracy = lambda text: [line for line in text.splitlines() if line.startswith("accuracy:")]  # noqa: E731
+    assert accuracy(from_run) == accuracy(from_file) and accuracy(from_run)
+
+
+def test_export_and_eval_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from onebit.cli import main
+
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "not a onebit run directory" in err and "neither a run directory nor a file" in err
+    assert "Traceback" not in err
+    monkeypatch.setitem(sys.modules, "onebit.engine", None)  # a build without the engine
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "engine (onebit.engine) is not available" in capsys.readouterr().err

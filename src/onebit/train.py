@@ -118,8 +118,11 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-class Interrupted(Exception):
-    """Raised by :meth:`Trainer.fit` after a stop request (signal) once the checkpoint is saved."""
+class Interrupted(KeyboardInterrupt):
+    """Raised by :meth:`Trainer.fit` after a stop request (signal) once the checkpoint is saved.
+
+    A ``KeyboardInterrupt`` so that code catching ``Exception`` does not swallow a stop request
+    and callers that only handle Ctrl-C still stop cleanly."""
 
     def __init__(self, signum: int, epoch: int, step: int, directory: str | None):
         self.signum, self.epoch, self.step, self.directory = signum, epoch, step, directory

@@ -1,0 +1,72 @@
+"""``onebit eval FILE_OR_RUN --data ...``: test accuracy of a run directory or a packed engine file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from rich.console import Console
+
+
+def register(commands) -> None:
+    p = commands.add_parser("eval", help="test accuracy of a run directory or a packed engine file")
+    p.add_argument("source", metavar="FILE_OR_RUN", help="run directory (`onebit train --out`) or engine file (`onebit export`)")
+    p.add_argument("--data", default=None, help="dataset name or directory (default: the run's own data)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images (default: as in the run)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--topk", type=int, default=5)
+    p.set_defaults(run=run)
+
+
+def _run_config(directory: str) -> dict | None:
+    from onebit import io
+
+    path = os.path.join(directory, "config.json")
+    return io.load_json(path) if os.path.isfile(path) else None
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from onebit import data as datasets
+    from onebit.train import load_run
+
+    if os.path.isdir(args.source):
+        model, meta = load_run(args.source)
+        kind = f"{meta['config']['model']} (run {args.source})"
+    elif os.path.isfile(args.source):
+        from onebit.cli.export import engine_module
+
+        model = engine_module().load(args.source)
+        meta = _run_config(os.path.dirname(os.path.abspath(args.source)))
+        kind = f"packed {args.source}"
+    else:
+        raise FileNotFoundError(f"{args.source!r} is neither a run directory nor a file")
+    if args.batch_size < 1 or args.topk < 1:
+        raise ValueError("--batch-size and --topk must be at least 1")
+    source = args.data or (meta or {}).get("config", {}).get("data")
+    if source is None:
+        raise ValueError(f"--data is required: no run configuration found beside {args.source}")
+    image_size = args.image_size or (meta or {}).get("config", {}).get("image_size")
+    bundle = datasets.load(source, image_size=image_size)
+    x_all, y_all = bundle.test.tensors
+    k = min(args.topk, bundle.num_classes)
+    loss, correct, topk, start = 0.0, 0, 0, time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(y_all), args.batch_size):
+            x, y = x_all[i : i + args.batch_size], y_all[i : i + args.batch_size]
+            logits = torch.as_tensor(model(x)).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
+            topk += int((logits.topk(k, dim=1).indices == y[:, None]).any(1).sum())
+    n = len(y_all)
+    seconds = time.perf_counter() - start
+    console.print(
+        f"{kind} on {bundle.name} test ({n} images): loss {loss / n:.4f}, top-{k} accuracy {topk / n:.4f}, "
+        f"{seconds:.2f} s",
+        highlight=False,
+    )
+    console.print(f"accuracy: {correct / n:.4f}", highlight=False)
+    return 0

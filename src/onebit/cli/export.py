@@ -1,0 +1,53 @@
+"""``onebit export RUN_DIR --out FILE``: pack a trained run into the engine's file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from rich.console import Console
+
+
+def register(commands) -> None:
+    p = commands.add_parser("export", help="pack a trained run into a bit-packed engine file")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `onebit train --out`")
+    p.add_argument("--out", required=True, metavar="FILE", help="engine file to write (e.g. model.onebit.safetensors)")
+    p.set_defaults(run=run)
+
+
+def engine_module():
+    """``onebit.engine`` with ``pack``/``load``, or a one-line error when this build has none."""
+    from onebit.cli import UsageError
+
+    import importlib
+
+    try:
+        engine = importlib.import_module("onebit.engine")
+    except ImportError as error:
+        raise UsageError(f"the packed engine (onebit.engine) is not available in this installation ({error})") from None
+    if not all(hasattr(engine, name) for name in ("pack", "load")):
+        raise UsageError("the packed engine (onebit.engine) is not available in this installation")
+    return engine
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    from onebit.train import load_run
+
+    engine = engine_module()
+    model, meta = load_run(args.run_dir)
+    shape = (1, meta["in_channels"], *meta["image_size"])
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    packed = engine.pack(model, example)
+    with torch.no_grad():
+        diff = (torch.as_tensor(packed(example)) - model(example)).abs().max().item()
+    packed.save(args.out)
+    size = os.path.getsize(args.out)
+    float_size = os.path.getsize(os.path.join(args.run_dir, "model.safetensors"))
+    console.print(
+        f"exported {meta['config']['model']} from {args.run_dir} to {args.out}: {size / 1024:.1f} KiB "
+        f"({float_size / max(size, 1):.1f}x smaller than model.safetensors), max |packed - model| = {diff:.2e}",
+        highlight=False,
+    )
+    return 0
