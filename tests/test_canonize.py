@@ -196,7 +196,6 @@ def test_batchnorm_relu_conv_with_negative_scales_becomes_thresholded_relu():
     y0 = model(x).detach()
     with merge_batchnorm(model) as handle:
         assert isinstance(model[1], ThresholdedReLU)
-        s = model_scale = None  # noqa: F841
         torch.testing.assert_close(model(x), y0, atol=1e-5, rtol=1e-5)
         direction = model[1].direction
         assert set(direction.tolist()) == {-1.0, 1.0}

@@ -71,8 +71,6 @@ not train it: the bias maps are computed from the weights at merge time.
 
 from __future__ import annotations
 
-import math
-import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence

@@ -199,9 +199,6 @@ def _pct(x: float) -> str:
 # sign sites
 
 
-_TERNARY = torch.tensor([-1.0, 0.0, 1.0])
-
-
 def _is_ternary(x: torch.Tensor) -> bool:
     return bool(((x == 1) | (x == -1) | (x == 0)).all())
 

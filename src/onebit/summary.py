@@ -43,7 +43,6 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from onebit import quant
 from onebit.nn.layers import QActivation, QuantizedLayer
 
 __all__ = ["LayerSummary", "Summary", "summary"]
