@@ -92,7 +92,10 @@ class _Lowering:
             with torch.no_grad():
                 ShapeProp(self.gm).propagate(example)
         except Exception as error:
-            raise ValueError(f"the model fails on example_input of shape {list(example.shape)}: {error}") from error
+            root = error.__cause__ or error
+            raise ValueError(
+                f"the model fails on example_input of shape {list(example.shape)}: {type(root).__name__}: {root}"
+            ) from error
         self.nodes: list[dict] = []
         self.tensors: dict[str, torch.Tensor] = {}
         self.value: dict[fx.Node, str] = {}

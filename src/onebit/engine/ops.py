@@ -172,8 +172,9 @@ def pack_features(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """Weights are packed once, at pack/load time: always by the reference (identical bits)."""
-    return reference.pack_weights(w.detach().to(torch.float32), groups)
+    """Signs of float32 weights, packed (``[C_out, KH, KW, Wg]``, or ``[Out, Wg]`` for a 2-D weight)."""
+    w = w.detach().to(torch.float32)
+    return _impl("pack_weights")(w, groups).contiguous()
 
 
 def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, **conv) -> torch.Tensor:

@@ -41,8 +41,13 @@ class PackedModel(nn.Module):
             self._keys[key] = attr
         self._steps = self._compile()
 
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._steps = self._compile()  # steps hold tensor references: refresh after .to() & co
+        return out
+
     def _compile(self) -> list[tuple]:
-        """(name, op fn, attrs, input names, tensor roles -> buffer attr, values to free after)."""
+        """(name, op fn, attrs, input names, tensor role -> tensor, values to free after)."""
         last_use: dict[str, int] = {}
         nodes = self.graph["nodes"]
         for i, node in enumerate(nodes):
@@ -53,7 +58,7 @@ class PackedModel(nn.Module):
         for i, node in enumerate(nodes):
             spec = G.OPS[node["op"]]
             attrs = G._attrs(node, spec, node["name"])
-            roles = {role: self._keys[key] for role, key in node.get("tensors", {}).items()}
+            roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
             free = tuple(ref for ref in dict.fromkeys(node["inputs"]) if last_use.get(ref) == i and ref not in outputs)
             steps.append((node["name"], spec.fn, attrs, tuple(node["inputs"]), roles, free))
         return steps
@@ -81,15 +86,12 @@ class PackedModel(nn.Module):
         if x.shape[0] == 0:
             raise ValueError("PackedModel: empty batch")
 
-    def _tensors(self, roles: dict[str, str]) -> dict[str, torch.Tensor]:
-        return {role: getattr(self, attr) for role, attr in roles.items()}
-
     def forward(self, x: torch.Tensor):
         self._check_input(x)
         env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
         for name, fn, attrs, inputs, roles, free in self._steps:
             try:
-                env[name] = fn(self._tensors(roles), attrs, *[env[i] for i in inputs])
+                env[name] = fn(roles, attrs, *[env[i] for i in inputs])
             except RuntimeError as error:
                 raise ValueError(f"PackedModel: op {name!r} failed on input of shape {list(x.shape)}: {error}") from error
             for ref in free:
@@ -113,7 +115,7 @@ class PackedModel(nn.Module):
             for name, fn, attrs, inputs, roles, free in self._steps:
                 args = [env[i] for i in inputs]
                 t0 = time.perf_counter()
-                env[name] = fn(self._tensors(roles), attrs, *args)
+                env[name] = fn(roles, attrs, *args)
                 times[name].append(time.perf_counter() - t0)
         rows = []
         for node in self.graph["nodes"]:
