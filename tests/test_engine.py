@@ -207,6 +207,8 @@ def test_batchnorm_sign_thresholds_keep_the_chain_exact(backend, cfg):
     assert "batch_norm" not in ops_used
     assert ("threshold_pack" in ops_used) == (cfg["pool"] is not None)
     assert torch.equal(run_packed(packed, x, backend), model(x))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(run_packed(packed, x_cl, backend), model(x_cl))
 
 
 @pytest.mark.skipif(not ISAS, reason="native kernels not built")
@@ -446,3 +448,18 @@ def test_packed_model_exports_with_torch_export():
     packed = engine.pack(model, x)
     exported = torch.export.export(packed, (x,))
     assert torch.equal(exported.module()(x), packed(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(f1=st.integers(1, 300), f2=st.integers(1, 200), f3=st.integers(1, 50), bias=st.booleans(),
+       batch=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
+def test_binary_mlp_keeps_features_packed(backend, f1, f2, f3, bias, batch, seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(QLinear(f1, f2, bias=bias, **SIGN), nn.BatchNorm1d(f2), QLinear(f2, f3, bias=False, **SIGN))
+    randomize_batchnorms(model, seed, centred=f1**0.5)
+    model.eval()
+    x = torch.randn(batch, f1)
+    packed = engine.pack(model, x)
+    assert [n["op"] for n in packed.graph["nodes"]] == ["pack_features", "binary_linear_threshold", "binary_linear"]
+    assert torch.equal(run_packed(packed, x, backend), model(x))

@@ -184,10 +184,6 @@ def _binary_conv2d(t, a, xp):
     return ops.binary_conv2d(xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), **_conv_args(a))
 
 
-def _binary_conv2d_int(t, a, xp):
-    return ops.binary_conv2d(xp, t["weight"], scale=None, bias=None, **_conv_args(a))
-
-
 def _binary_conv2d_threshold(t, a, xp):
     return ops.binary_conv2d_threshold(
         xp,
@@ -210,6 +206,12 @@ def _threshold_pack(t, a, acc):
 
 def _binary_linear(t, a, xp):
     return ops.binary_linear(xp, t["weight"], in_features=a["in_features"], scale=t.get("scale"), bias=t.get("bias"))
+
+
+def _binary_linear_threshold(t, a, xp):
+    return ops.binary_linear_threshold(
+        xp, t["weight"], in_features=a["in_features"], thresholds=t["thresholds"], direction=t["direction"]
+    )
 
 
 def _conv2d(t, a, x):
@@ -383,6 +385,17 @@ OPS: dict[str, OpSpec] = {
             "bias": TensorSpec(_F32, _fout, required=False),
         },
     ),
+    "binary_linear_threshold": OpSpec(
+        _binary_linear_threshold,
+        (PACKED,),
+        PACKED,
+        {"in_features": _int(1), "out_features": _int(1)},
+        {
+            "weight": TensorSpec(torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64), binary=True),
+            "thresholds": TensorSpec(torch.int32, _fout),
+            "direction": TensorSpec(torch.int8, _fout),
+        },
+    ),
     "conv2d": OpSpec(
         _conv2d,
         (FLOAT,),
@@ -491,12 +504,14 @@ def _produced_layout(node: dict) -> tuple | None:
         return (tuple(a["out_padding"]), a["out_pad_value"], a["out_groups"], a["out_channels"])
     if node["op"] == "pack_features":
         return ("features", a["features"])
+    if node["op"] == "binary_linear_threshold":
+        return ("features", a["out_features"])
     return None
 
 
 def _expected_layout(node: dict) -> tuple:
     a = node["attrs"]
-    if node["op"] == "binary_linear":
+    if node["op"] in ("binary_linear", "binary_linear_threshold"):
         return ("features", a["in_features"])
     return (tuple(a["padding"]), a["pad_value"], a["groups"], a["in_channels"])
 

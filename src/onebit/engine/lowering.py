@@ -227,6 +227,30 @@ class _Lowering:
             return None
         return pool, nxt, layouts.pop()
 
+    def is_binary_linear(self, m: nn.Module) -> bool:
+        return isinstance(m, QLinear) and is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
+
+    def linear_threshold_chain(self, node: fx.Node, m: QLinear) -> fx.Node | None:
+        """The BatchNorm1d node when binary linear -> BatchNorm1d -> only binary linear layers."""
+        shape = self._shape(node)
+        if len(node.users) != 1 or shape is None or len(shape) != 2:
+            return None
+        bn_node = next(iter(node.users))
+        if bn_node.op != "call_module" or len(bn_node.args) != 1 or bn_node.args[0] is not node:
+            return None
+        bn = self.modules[bn_node.target]
+        if type(bn) is not nn.BatchNorm1d or bn.running_mean is None or bn.num_features != m.out_features:
+            return None
+        consumers = list(bn_node.users)
+        if not consumers:
+            return None
+        for c in consumers:
+            if c.op != "call_module" or len(c.args) != 1 or c.kwargs or c.args[0] is not bn_node:
+                return None
+            if not self.is_binary_linear(self.modules[c.target]):
+                return None
+        return bn_node
+
     def lower_binary_conv(self, node: fx.Node, m: QConv2d) -> None:
         layout = self.conv_layout(m)
         xp = self.packed_input(node, node.args[0], layout)
@@ -307,15 +331,31 @@ class _Lowering:
             shape = self._shape(node.args[0])
             if shape is None or len(shape) != 2:
                 raise self.unsupported(node, "a binary linear layer needs a [N, features] input")
-            x = self.arg(node, node.args[0])
-            key = (x, ("features", m.in_features))
-            if key not in self.packed:
-                self.packed[key] = self.emit(f"{x}_packed", "pack_features", [x], {"features": int(m.in_features)})
+            layout = ("features", int(m.in_features))
+            xp = self.packed.get((node.args[0], layout))
+            if xp is None:
+                x = self.arg(node, node.args[0])
+                key = (x, layout)
+                if key not in self.packed:
+                    self.packed[key] = self.emit(f"{x}_packed", "pack_features", [x], {"features": int(m.in_features)})
+                xp = self.packed[key]
             wp, scale = self.binary_weights(m)
+            bias = _t(m.bias)
             attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
-            self.value[node] = self.emit(
-                node.name, "binary_linear", [self.packed[key]], attrs, {"weight": wp, "scale": scale, "bias": _t(m.bias)}, node.target
+            bn_node = self.linear_threshold_chain(node, m)
+            if bn_node is None:
+                self.value[node] = self.emit(
+                    node.name, "binary_linear", [xp], attrs, {"weight": wp, "scale": scale, "bias": bias}, node.target
+                )
+                return
+            th = batchnorm_sign_thresholds(self.modules[bn_node.target], int(m.in_features), scale=scale, bias=bias)
+            packed = self.emit(
+                node.name, "binary_linear_threshold", [xp], attrs,
+                {"weight": wp, "thresholds": th.threshold.contiguous(), "direction": th.direction.to(torch.int8).contiguous()},
+                node.target,
             )
+            self.skip.add(bn_node)
+            self.packed[(bn_node, ("features", int(m.out_features)))] = packed
             return
         x = self.arg(node, node.args[0])
         if m.input_quantizer is not None:

@@ -35,6 +35,7 @@ __all__ = [
     "threshold_pack",
     "binary_linear",
     "binary_linear_int",
+    "binary_linear_threshold",
 ]
 
 _DEFAULT = os.environ.get("ONEBIT_ENGINE_BACKEND", "auto")
@@ -225,3 +226,9 @@ def binary_linear_int(xp, wp, *, in_features: int) -> torch.Tensor:
 def binary_linear(xp, wp, *, in_features: int, scale=None, bias=None) -> torch.Tensor:
     _check_linear(xp, wp, in_features)
     return _impl("binary_linear")(xp, wp, in_features=in_features, scale=scale, bias=bias)
+
+
+def binary_linear_threshold(xp, wp, *, in_features: int, thresholds, direction) -> torch.Tensor:
+    """Packed ``[N, ceil(Out/64)]`` signs of the thresholded linear accumulators."""
+    _check_linear(xp, wp, in_features)
+    return _impl("binary_linear_threshold")(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)

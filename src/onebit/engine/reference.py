@@ -36,6 +36,7 @@ __all__ = [
     "threshold_pack",
     "binary_linear_int",
     "binary_linear",
+    "binary_linear_threshold",
     "conv_output_size",
 ]
 
@@ -255,3 +256,13 @@ def binary_linear(
     if bias is not None:
         y = y + bias
     return y
+
+
+def binary_linear_threshold(
+    xp: torch.Tensor, wp: torch.Tensor, *, in_features: int, thresholds: torch.Tensor, direction: torch.Tensor
+) -> torch.Tensor:
+    """Packed int64 ``[N, ceil(Out/64)]``: bit set iff ``acc < thr`` (direction +1) or ``acc > thr`` (-1)."""
+    acc = binary_linear_int(xp, wp, in_features=in_features).to(torch.int64)
+    thr = thresholds.to(torch.int64).view(1, -1)
+    negative = torch.where((direction == 1).view(1, -1), acc < thr, acc > thr)
+    return _pack_bits(negative)
