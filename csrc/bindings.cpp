@@ -110,8 +110,9 @@ void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t 
   // Direction values are checked (with the GIL held) before the long part runs.
   if (plan.params().mode == onebit::OutMode::threshold && o.dir)
     for (int64_t c = 0; c < plan.geometry().Co; ++c)
-      require(o.dir[c] == 1 || o.dir[c] == -1, "binary_conv2d: direction[" + std::to_string(c) + "] = " +
-                                                   std::to_string(o.dir[c]) + ", expected +1 or -1");
+      if (o.dir[c] != 1 && o.dir[c] != -1)
+        throw std::invalid_argument("binary_conv2d: direction[" + std::to_string(c) + "] = " +
+                                    std::to_string(o.dir[c]) + ", expected +1 or -1");
   nb::gil_scoped_release release;
   plan.run(ptr<const uint64_t>(x), ptr<const uint64_t>(w), o, threads);
 }

@@ -41,6 +41,7 @@ struct Scratch {
   }
 };
 thread_local Scratch tls_scratch;
+thread_local Scratch tls_input;  // the calling thread's prepared input, read by all workers of its call
 
 const ConvKernel* kernel_for(Isa isa) {
   switch (isa) {
@@ -260,6 +261,13 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
   proto.nclasses = nclasses;
   proto.class_taps = correct ? class_taps_.data() : nullptr;
   proto.bits_bytewise = bytewise;
+  proto.x_prepared = nullptr;
+  if (kernel->prepare_input) {
+    const int64_t words = g.N * g.Hp * g.Wp * g.G * g.Wg;
+    uint64_t* prepared = static_cast<uint64_t*>(tls_input.get(words * kernel->input_factor * sizeof(uint64_t)));
+    kernel->prepare_input(x, words, prepared);
+    proto.x_prepared = prepared;
+  }
 
   auto run_part = [&](int t) {
     ConvBlock b = proto;

@@ -99,6 +99,7 @@ struct ConvBlock {
   int32_t ncol_classes, nclasses;
   const uint8_t* class_taps;  // [nclasses, KH * KW]: 1 where the tap is padding
   bool bits_bytewise;         // threshold output: 8-channel groups land on whole bytes
+  const uint64_t* x_prepared; // the kernel's prepare_input(x), or null
   void* scratch;              // >= scratch_bytes(...) bytes, 64-byte aligned, private to this thread
 };
 
@@ -108,6 +109,10 @@ struct ConvKernel {
   int tile_pix;  // output pixels per register tile
   size_t (*scratch_bytes)(const ConvGeometry& g, int nclasses);
   void (*run)(const ConvBlock& b);  // repacks the block's weights and computes all its pixels
+  // Optional: a transformed copy of the whole packed input, made once per call
+  // (input_factor words per input word), handed to every block as x_prepared.
+  int input_factor;
+  void (*prepare_input)(const uint64_t* x, int64_t words, uint64_t* out);
 };
 
 const ConvKernel& conv_kernel_scalar();

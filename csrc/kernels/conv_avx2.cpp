@@ -1,11 +1,12 @@
 // AVX2 binary convolution (no vector popcount): nibble lookup with vpshufb.
 //
-// A block of up to 16 output channels is repacked with every weight word split
-// into its low and high nibbles (one per byte), so that x xor w needs no masking
-// on the weight side: popcount bytes = lut[xlo ^ wlo] + lut[xhi ^ whi]. The byte
-// counts accumulate for up to 31 steps (31 * 8 < 256) and are then summed into
-// 64-bit lanes with vpsadbw. Register tile: 3 output pixels x 4 ymm (4 channels
-// each).
+// Both operands are split into low and high nibbles (one per byte) ahead of the
+// loop: the weights when a block is repacked, the whole packed input once per call
+// (prepare_input), so that popcount(x xor w) per byte = lut[xlo ^ wlo] + lut[xhi ^ whi]
+// costs 6 operations per 256 bits: 2 xor, 2 vpshufb, 2 add. The byte counts
+// accumulate for up to 31 steps (31 * 8 < 256), then vpsadbw sums them into 64-bit
+// lanes. Register tile: 2 output pixels x 4 ymm of 4 channels (8 byte accumulators,
+// all in registers; weights are memory operands).
 #include <immintrin.h>
 
 #include "kernels/conv.h"
@@ -14,15 +15,34 @@
 namespace onebit {
 namespace {
 
-constexpr int kVec = 4;   // output channels per ymm (64-bit lanes)
+constexpr int kVec = 4;  // output channels per ymm (64-bit lanes)
 constexpr int kMaxJ = 4;
 constexpr int kBlock = kVec * kMaxJ;
-constexpr int kTile = 3;
+constexpr int kTile = 2;
 constexpr int64_t kFlush = 31;  // steps between byte -> qword reductions
+constexpr uint64_t kLow = 0x0f0f0f0f0f0f0f0fULL;
 
 size_t scratch_bytes(const ConvGeometry& g, int nclasses) {
   const size_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
   return steps * kBlock * 8 * 3 + taps * kBlock * 4 + static_cast<size_t>(nclasses) * kBlock * 4 + 256;
+}
+
+// Input word i -> out[2 i] = low nibbles, out[2 i + 1] = high nibbles.
+void prepare_input(const uint64_t* x, int64_t words, uint64_t* out) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  int64_t i = 0;
+  for (; i + 4 <= words; i += 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    // interleave 64-bit lanes: (lo0 hi0 lo1 hi1) (lo2 hi2 lo3 hi3)
+    const __m256i a = _mm256_unpacklo_epi64(lo, hi), b = _mm256_unpackhi_epi64(lo, hi);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * i), _mm256_permute2x128_si256(a, b, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 2 * i + 4), _mm256_permute2x128_si256(a, b, 0x31));
+  }
+  for (; i < words; ++i) {
+    out[2 * i] = x[i] & kLow;
+    out[2 * i + 1] = (x[i] >> 4) & kLow;
+  }
 }
 
 struct Ctx {
@@ -35,19 +55,19 @@ struct Ctx {
 
 template <int P, int J>
 inline void tile(const Ctx& c, const PixInfo* pix) {
+  const ConvBlock& b = *c.b;
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
                                        2, 3, 2, 3, 3, 4);
-  const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i zero = _mm256_setzero_si256();
   __m256i acc64[P][J];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 4
     for (int j = 0; j < J; ++j) acc64[p][j] = zero;
-  const uint64_t* xs[P];
+  const uint64_t* xs[P];  // prepared (nibble-split) input: word i at 2 i
 #pragma GCC unroll 4
-  for (int p = 0; p < P; ++p) xs[p] = pix[p].x;
-  const int64_t* so = c.b->step_off;
+  for (int p = 0; p < P; ++p) xs[p] = b.x_prepared + 2 * (pix[p].x - b.x);
+  const int64_t* so = b.step_off;
   for (int64_t s = 0; s < c.steps;) {
     const int64_t end = s + kFlush < c.steps ? s + kFlush : c.steps;
     __m256i acc8[P][J];
@@ -56,20 +76,18 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
 #pragma GCC unroll 4
       for (int j = 0; j < J; ++j) acc8[p][j] = zero;
     for (; s < end; ++s) {
-      const int64_t off = so[s];
-      const uint64_t* wlo = c.ws + s * 2 * J * kVec;
-      const uint64_t* whi = wlo + J * kVec;
+      const int64_t off = 2 * so[s];
+      const __m256i* wlo = reinterpret_cast<const __m256i*>(c.ws + s * 2 * J * kVec);
+      const __m256i* whi = wlo + J;
 #pragma GCC unroll 4
       for (int p = 0; p < P; ++p) {
-        const __m256i xb = _mm256_set1_epi64x(static_cast<long long>(xs[p][off]));
-        const __m256i xl = _mm256_and_si256(xb, low);
-        const __m256i xh = _mm256_and_si256(_mm256_srli_epi16(xb, 4), low);
+        const __m256i xl = _mm256_set1_epi64x(static_cast<long long>(xs[p][off]));
+        const __m256i xh = _mm256_set1_epi64x(static_cast<long long>(xs[p][off + 1]));
 #pragma GCC unroll 4
         for (int j = 0; j < J; ++j) {
-          const __m256i tl = _mm256_xor_si256(xl, _mm256_load_si256(reinterpret_cast<const __m256i*>(wlo + j * kVec)));
-          const __m256i th = _mm256_xor_si256(xh, _mm256_load_si256(reinterpret_cast<const __m256i*>(whi + j * kVec)));
-          acc8[p][j] = _mm256_add_epi8(acc8[p][j], _mm256_shuffle_epi8(lut, tl));
-          acc8[p][j] = _mm256_add_epi8(acc8[p][j], _mm256_shuffle_epi8(lut, th));
+          const __m256i cl = _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, _mm256_load_si256(wlo + j)));
+          const __m256i ch = _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, _mm256_load_si256(whi + j)));
+          acc8[p][j] = _mm256_add_epi8(acc8[p][j], _mm256_add_epi8(cl, ch));
         }
       }
     }
@@ -79,23 +97,71 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
       for (int j = 0; j < J; ++j) acc64[p][j] = _mm256_add_epi64(acc64[p][j], _mm256_sad_epu8(acc8[p][j], zero));
   }
 
-  // acc = K - 2 popcount - correction, as int32 [P][J * 4].
-  alignas(32) int32_t res[P * J * kVec];
+  // Epilogue: acc = K - 2 popcount - correction, 4 channels per xmm.
+  const ConvOutput& o = *b.o;
+  const int64_t Co = b.g->Co;
   const __m128i K = _mm_set1_epi32(c.K);
+  const __m128i ids = _mm_setr_epi32(0, 1, 2, 3);
+  uint64_t pending[P];  // bytewise threshold output: the bits of an even j wait for j + 1
 #pragma GCC unroll 4
-  for (int p = 0; p < P; ++p) {
-    const int32_t* corr = c.corr + pix[p].cls * J * kVec;
+  for (int j = 0; j < J; ++j) {
+    const int64_t cj = b.co0 + j * kVec;
+    const int64_t valid = b.nco - j * kVec;
+    const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(valid < 4 ? valid : 4)), ids);
+    __m128 scale = _mm_set1_ps(1.0f), bias = _mm_setzero_ps();
+    __m128i thr = _mm_setzero_si128(), pos = _mm_setzero_si128();
+    int64_t out_byte = 0;  // bytewise threshold output: the byte of channels cj & ~7 .. + 7
+    if (o.mode == OutMode::float32) {
+      if (o.scale) scale = _mm_maskload_ps(o.scale + cj, m);
+      if (o.bias) bias = _mm_maskload_ps(o.bias + cj, m);
+    } else if (o.mode == OutMode::threshold) {
+      thr = _mm_maskload_epi32(o.thr + cj, m);
+      int32_t d[4] = {0, 0, 0, 0};
+      for (int l = 0; l < 4 && l < valid; ++l) d[l] = o.dir[cj + l];
+      pos = _mm_cmpgt_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d)), _mm_setzero_si128());
+      const int64_t c8 = cj - (j % 2) * kVec;
+      out_byte = (c8 / o.OCg) * o.OWg * 8 + (c8 % o.OCg) / 8;
+    }
 #pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) {
-      // The four 64-bit counts are < 2^31: take their low halves.
-      const __m256i packed = _mm256_permutevar8x32_epi32(acc64[p][j], _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
-      const __m128i pc = _mm256_castsi256_si128(packed);
+    for (int p = 0; p < P; ++p) {
+      // The four 64-bit counts are < 2^31: keep their low halves.
+      const __m256i lows = _mm256_permutevar8x32_epi32(acc64[p][j], _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+      const __m128i pc = _mm256_castsi256_si128(lows);
       __m128i a = _mm_sub_epi32(K, _mm_add_epi32(pc, pc));
-      if (pix[p].cls) a = _mm_sub_epi32(a, _mm_load_si128(reinterpret_cast<const __m128i*>(corr + j * kVec)));
-      _mm_store_si128(reinterpret_cast<__m128i*>(res + (p * J + j) * kVec), a);
+      if (pix[p].cls)
+        a = _mm_sub_epi32(a, _mm_load_si128(reinterpret_cast<const __m128i*>(c.corr + pix[p].cls * J * kVec + j * kVec)));
+      switch (o.mode) {
+        case OutMode::int32:
+          _mm_maskstore_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
+          break;
+        case OutMode::float32: {
+          __m128 f = _mm_cvtepi32_ps(a);
+          if (o.scale) f = _mm_mul_ps(f, scale);
+          if (o.bias) f = _mm_add_ps(f, bias);
+          _mm_maskstore_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
+          break;
+        }
+        case OutMode::threshold: {
+          const __m128i lt = _mm_cmplt_epi32(a, thr), gt = _mm_cmpgt_epi32(a, thr);
+          const __m128i neg = _mm_and_si128(_mm_blendv_epi8(gt, lt, pos), m);
+          const uint64_t bits = static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(neg)));
+          // 4 channels: a bytewise output needs 8, so pairs of j are written together.
+          if (b.bits_bytewise) {
+            uint8_t* dst = reinterpret_cast<uint8_t*>(o.out_bits + pix[p].obits) + out_byte;
+            if (j % 2 == 0) {
+              pending[p] = bits;
+              if (j + 1 == J) *dst = static_cast<uint8_t>(bits);
+            } else {
+              *dst = static_cast<uint8_t>(pending[p] | bits << 4);
+            }
+          } else {
+            write_bits(o, pix[p].obits, cj, valid < 4 ? valid : 4, bits, false);
+          }
+          break;
+        }
+      }
     }
   }
-  epilogue_generic(*c.b, pix, P, res, J * kVec);
 }
 
 template <int J>
@@ -108,12 +174,9 @@ void run_j(const Ctx& c) {
     for (int p = 0; p < kTile; ++p) walker.next(pix[p]);
     tile<kTile, J>(c, pix);
   }
-  const int64_t left = b.q1 - q;
-  for (int p = 0; p < left; ++p) walker.next(pix[p]);
-  switch (left) {
-    case 1: tile<1, J>(c, pix); break;
-    case 2: tile<2, J>(c, pix); break;
-    default: break;
+  for (; q < b.q1; ++q) {
+    walker.next(pix[0]);
+    tile<1, J>(c, pix);
   }
 }
 
@@ -127,11 +190,10 @@ void run(const ConvBlock& b) {
   int32_t* tapsum = reinterpret_cast<int32_t*>(ws + steps * 2 * lanes);
   int32_t* corr = tapsum + taps * lanes;
   repack_block(b, lanes, wr);
-  const uint64_t low = 0x0f0f0f0f0f0f0f0fULL;
   for (int64_t s = 0; s < steps; ++s)
     for (int l = 0; l < lanes; ++l) {
-      ws[s * 2 * lanes + l] = wr[s * lanes + l] & low;
-      ws[s * 2 * lanes + lanes + l] = (wr[s * lanes + l] >> 4) & low;
+      ws[s * 2 * lanes + l] = wr[s * lanes + l] & kLow;
+      ws[s * 2 * lanes + lanes + l] = (wr[s * lanes + l] >> 4) & kLow;
     }
   block_corrections(b, lanes, wr, tapsum, corr);
   Ctx c{&b, ws, corr, steps, static_cast<int32_t>(g.Cg * taps)};
@@ -146,7 +208,7 @@ void run(const ConvBlock& b) {
 }  // namespace
 
 const ConvKernel& conv_kernel_avx2() {
-  static const ConvKernel kernel{"avx2", kBlock, kTile, &scratch_bytes, &run};
+  static const ConvKernel kernel{"avx2", kBlock, kTile, &scratch_bytes, &run, 2, &prepare_input};
   return kernel;
 }
 

@@ -71,12 +71,14 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
     __m256 scale = _mm256_set1_ps(1.0f), bias = _mm256_setzero_ps();
     __m256i thr = _mm256_setzero_si256();
     __mmask8 pos = 0;
+    int64_t out_byte = 0;  // bytewise threshold output: the byte of these 8 channels in a pixel's words
     if (o.mode == OutMode::float32) {
       if (o.scale) scale = _mm256_maskz_loadu_ps(m, o.scale + cj);
       if (o.bias) bias = _mm256_maskz_loadu_ps(m, o.bias + cj);
     } else if (o.mode == OutMode::threshold) {
       thr = _mm256_maskz_loadu_epi32(m, o.thr + cj);
       pos = _mm_cmpgt_epi8_mask(_mm_maskz_loadu_epi8(m, o.dir + cj), _mm_setzero_si128());
+      out_byte = (cj / o.OCg) * o.OWg * 8 + (cj % o.OCg) / 8;
     }
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p) {
@@ -99,8 +101,7 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
           const unsigned bits = static_cast<unsigned>(((lt & pos) | (gt & ~pos)) & m);
           if (b.bits_bytewise) {
             // 8 channels, 8-aligned inside their output group: one whole byte.
-            const int64_t og = cj / o.OCg, bit = cj % o.OCg;
-            reinterpret_cast<uint8_t*>(o.out_bits + pix[p].obits + og * o.OWg)[bit / 8] = static_cast<uint8_t>(bits);
+            reinterpret_cast<uint8_t*>(o.out_bits + pix[p].obits)[out_byte] = static_cast<uint8_t>(bits);
           } else {
             for (unsigned r = bits; r; r &= r - 1) set_out_bit(o, pix[p].obits, cj + __builtin_ctz(r));
           }
@@ -130,6 +131,47 @@ void run_j(const Ctx& c) {
     case 4: tile<4, J>(c, pix); break;
     case 5: tile<5, J>(c, pix); break;
     default: break;
+  }
+}
+
+// repack_block with 8x8 transposes of 64-bit words: 8 output channels' rows of 8
+// consecutive steps in, 8 steps' vectors of 8 channels out.
+void repack(const ConvBlock& b, int J, uint64_t* dst) {
+  const ConvGeometry& g = *b.g;
+  const int64_t steps = g.KH * g.KW * g.Wg;
+  const int lanes = J * kVec;
+  for (int j = 0; j < J; ++j) {
+    const uint64_t* src = b.w + (b.co0 + j * kVec) * steps;
+    const int64_t rows = b.nco - j * kVec < kVec ? b.nco - j * kVec : kVec;
+    for (int64_t s0 = 0; s0 < steps; s0 += 8) {
+      const int64_t n = steps - s0 < 8 ? steps - s0 : 8;
+      const __mmask8 m = static_cast<__mmask8>((1u << n) - 1);
+      __m512i r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = i < rows ? _mm512_maskz_loadu_epi64(m, src + i * steps + s0) : _mm512_setzero_si512();
+      __m512i a[8], c[8];
+      for (int i = 0; i < 4; ++i) {
+        a[2 * i] = _mm512_unpacklo_epi64(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi64(r[2 * i], r[2 * i + 1]);
+      }
+      // c[0..3] from rows 0-3, c[4..7] from rows 4-7: steps {0,4}, {2,6}, {1,5}, {3,7}
+      for (int h = 0; h < 2; ++h) {
+        c[4 * h + 0] = _mm512_shuffle_i64x2(a[4 * h + 0], a[4 * h + 2], 0x88);
+        c[4 * h + 1] = _mm512_shuffle_i64x2(a[4 * h + 0], a[4 * h + 2], 0xdd);
+        c[4 * h + 2] = _mm512_shuffle_i64x2(a[4 * h + 1], a[4 * h + 3], 0x88);
+        c[4 * h + 3] = _mm512_shuffle_i64x2(a[4 * h + 1], a[4 * h + 3], 0xdd);
+      }
+      __m512i t[8];
+      t[0] = _mm512_shuffle_i64x2(c[0], c[4], 0x88);
+      t[4] = _mm512_shuffle_i64x2(c[0], c[4], 0xdd);
+      t[2] = _mm512_shuffle_i64x2(c[1], c[5], 0x88);
+      t[6] = _mm512_shuffle_i64x2(c[1], c[5], 0xdd);
+      t[1] = _mm512_shuffle_i64x2(c[2], c[6], 0x88);
+      t[5] = _mm512_shuffle_i64x2(c[2], c[6], 0xdd);
+      t[3] = _mm512_shuffle_i64x2(c[3], c[7], 0x88);
+      t[7] = _mm512_shuffle_i64x2(c[3], c[7], 0xdd);
+      for (int i = 0; i < n; ++i) _mm512_store_si512(dst + (s0 + i) * lanes + j * kVec, t[i]);
+    }
   }
 }
 
@@ -168,7 +210,7 @@ void run(const ConvBlock& b) {
   uint64_t* wr = static_cast<uint64_t*>(b.scratch);
   int32_t* tapsum = reinterpret_cast<int32_t*>(wr + steps * lanes);
   int32_t* corr = tapsum + taps * lanes;
-  repack_block(b, lanes, wr);
+  repack(b, J, wr);
   if (b.row_class) corrections(b, J, wr, tapsum, corr);
   Ctx c{&b, wr, corr, steps, static_cast<int32_t>(g.Cg * taps)};
   switch (J) {
@@ -182,7 +224,7 @@ void run(const ConvBlock& b) {
 }  // namespace
 
 const ConvKernel& conv_kernel_avx512() {
-  static const ConvKernel kernel{"avx512", kBlock, kTile, &scratch_bytes, &run};
+  static const ConvKernel kernel{"avx512", kBlock, kTile, &scratch_bytes, &run, 1, nullptr};
   return kernel;
 }
 

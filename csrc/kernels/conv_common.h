@@ -63,13 +63,12 @@ struct PixelWalker {
 inline void repack_block(const ConvBlock& b, int lanes, uint64_t* dst) {
   const ConvGeometry& g = *b.g;
   const int64_t steps = g.KH * g.KW * g.Wg;
-  for (int64_t l = 0; l < lanes; ++l) {
-    if (l < b.nco) {
-      const uint64_t* src = b.w + (b.co0 + l) * steps;
-      for (int64_t s = 0; s < steps; ++s) dst[s * lanes + l] = src[s];
-    } else {
-      for (int64_t s = 0; s < steps; ++s) dst[s * lanes + l] = 0;
-    }
+  const int n = static_cast<int>(b.nco < lanes ? b.nco : lanes);
+  const uint64_t* src = b.w + b.co0 * steps;
+  // Sequential stores; the lanes' rows are read side by side (one cache line each).
+  for (int64_t s = 0; s < steps; ++s, dst += lanes) {
+    for (int l = 0; l < n; ++l) dst[l] = src[l * steps + s];
+    for (int l = n; l < lanes; ++l) dst[l] = 0;
   }
 }
 
@@ -105,6 +104,24 @@ inline void set_out_bit(const ConvOutput& o, int64_t obits, int64_t c) {
   const int64_t og = c / o.OCg, bit = c % o.OCg;
   uint8_t* bytes = reinterpret_cast<uint8_t*>(o.out_bits + obits + og * o.OWg);
   bytes[bit / 8] |= static_cast<uint8_t>(1u << (bit % 8));
+}
+
+// Writes the threshold bits of channels co0 .. co0 + n - 1 (bit l of `bits` for channel
+// co0 + l) of one packed output pixel. Bytewise: co0 and n are multiples of 8 and the
+// output groups hold multiples of 8 channels, so whole bytes are stored (no zeroing
+// needed, no sharing with other blocks); otherwise bit by bit into zeroed words.
+inline void write_bits(const ConvOutput& o, int64_t obits, int64_t co0, int64_t n, uint64_t bits, bool bytewise) {
+  if (bytewise) {
+    for (int64_t k = 0; k < n; k += 8) {
+      const int64_t c = co0 + k, og = c / o.OCg, bit = c % o.OCg;
+      reinterpret_cast<uint8_t*>(o.out_bits + obits + og * o.OWg)[bit / 8] = static_cast<uint8_t>(bits >> k);
+    }
+    return;
+  }
+  for (; bits; bits &= bits - 1) {
+    const int64_t c = co0 + __builtin_ctzll(bits), og = c / o.OCg, bit = c % o.OCg;
+    reinterpret_cast<uint8_t*>(o.out_bits + obits + og * o.OWg)[bit / 8] |= static_cast<uint8_t>(1u << (bit % 8));
+  }
 }
 
 inline bool threshold_bit(int32_t acc, int32_t thr, int8_t dir) { return dir > 0 ? acc < thr : acc > thr; }

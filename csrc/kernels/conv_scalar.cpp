@@ -67,7 +67,7 @@ void run(const ConvBlock& b) {
 }  // namespace
 
 const ConvKernel& conv_kernel_scalar() {
-  static const ConvKernel kernel{"scalar", kLanes, kTile, &scratch_bytes, &run};
+  static const ConvKernel kernel{"scalar", kLanes, kTile, &scratch_bytes, &run, 1, nullptr};
   return kernel;
 }
 
