@@ -82,6 +82,7 @@ def backend() -> str:
 
 
 def _impl(name: str):
+    """The native function ``name`` when it is to be used, else None (the caller checks and runs the reference)."""
     if _BACKEND.get() != "reference":
         native = _native()
         fn = getattr(native, name, None) if native is not None else None
@@ -89,7 +90,7 @@ def _impl(name: str):
             return fn
         if _BACKEND.get() == "native":
             raise RuntimeError(f"the native kernels have no {name}")
-    return getattr(reference, name)
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -154,45 +155,55 @@ def _conv_geometry(xp, wp, conv: dict, what: str) -> None:
 
 
 def pack_activations(x: torch.Tensor, padding=(0, 0), pad_value: float = 0.0, groups: int = 1) -> torch.Tensor:
+    native = _impl("pack_activations")
+    if native is not None:
+        return native(x, padding, pad_value, groups)
     _check_float4(x, "pack_activations")
     if x.shape[1] % groups:
         raise ValueError(f"pack_activations: {x.shape[1]} channels are not divisible into {groups} groups")
-    return _impl("pack_activations")(x, _pair(padding), float(pad_value), int(groups))
+    return reference.pack_activations(x, _pair(padding), float(pad_value), int(groups))
 
 
 def pack_features(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != torch.float32 or x.dim() != 2:
-        raise ValueError(f"pack_features: expected float32 [N, F], got {x.dtype} {list(x.shape)}")
-    native = _native() if _BACKEND.get() != "reference" else None
-    if native is not None and hasattr(native, "pack_features"):
-        return native.pack_features(x)
-    if native is not None and hasattr(native, "pack_activations"):
-        n, f = x.shape
-        return native.pack_activations(x.view(n, f, 1, 1), (0, 0), 0.0, 1).view(n, -1)
+    native = _impl("pack_features")
+    if native is not None:
+        return native(x)
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"pack_features: expected float32 [N, F], got {getattr(x, 'dtype', type(x))} {list(getattr(x, 'shape', []))}")
     return reference.pack_features(x)
 
 
 def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """Signs of float32 weights, packed (``[C_out, KH, KW, Wg]``, or ``[Out, Wg]`` for a 2-D weight)."""
     w = w.detach().to(torch.float32)
-    return _impl("pack_weights")(w, groups).contiguous()
+    native = _impl("pack_weights")
+    return (native or reference.pack_weights)(w, groups).contiguous()
 
 
 def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, **conv) -> torch.Tensor:
+    native = _impl("binary_conv2d_int")
+    if native is not None:
+        return native(xp, wp, **conv)
     _conv_geometry(xp, wp, conv, "binary_conv2d")
-    return _impl("binary_conv2d_int")(xp, wp, **conv)
+    return reference.binary_conv2d_int(xp, wp, **conv)
 
 
 def binary_conv2d(xp, wp, *, scale=None, bias=None, **conv) -> torch.Tensor:
+    native = _impl("binary_conv2d")
+    if native is not None:
+        return native(xp, wp, scale=scale, bias=bias, **conv)
     _conv_geometry(xp, wp, conv, "binary_conv2d")
-    return _impl("binary_conv2d")(xp, wp, scale=scale, bias=bias, **conv)
+    return reference.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)
 
 
 def binary_conv2d_threshold(
     xp, wp, *, thresholds, direction, out_padding=(0, 0), out_pad_value=0.0, out_groups=1, **conv
 ) -> torch.Tensor:
-    _conv_geometry(xp, wp, conv, "binary_conv2d")
-    return _impl("binary_conv2d_threshold")(
+    native = _impl("binary_conv2d_threshold")
+    fn = native or reference.binary_conv2d_threshold
+    if native is None:
+        _conv_geometry(xp, wp, conv, "binary_conv2d")
+    return fn(
         xp,
         wp,
         thresholds=thresholds,
@@ -205,6 +216,7 @@ def binary_conv2d_threshold(
 
 
 def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_value=0.0, out_groups=1):
+    """Pack the thresholded signs of integer-valued accumulators ``[N, C, H, W]`` (torch ops)."""
     return reference.threshold_pack(
         acc, thresholds, direction, out_padding=_pair(out_padding), out_pad_value=out_pad_value, out_groups=out_groups
     )
@@ -219,16 +231,25 @@ def _check_linear(xp, wp, in_features: int) -> None:
 
 
 def binary_linear_int(xp, wp, *, in_features: int) -> torch.Tensor:
+    native = _impl("binary_linear_int")
+    if native is not None:
+        return native(xp, wp, in_features=in_features)
     _check_linear(xp, wp, in_features)
-    return _impl("binary_linear_int")(xp, wp, in_features=in_features)
+    return reference.binary_linear_int(xp, wp, in_features=in_features)
 
 
 def binary_linear(xp, wp, *, in_features: int, scale=None, bias=None) -> torch.Tensor:
+    native = _impl("binary_linear")
+    if native is not None:
+        return native(xp, wp, in_features=in_features, scale=scale, bias=bias)
     _check_linear(xp, wp, in_features)
-    return _impl("binary_linear")(xp, wp, in_features=in_features, scale=scale, bias=bias)
+    return reference.binary_linear(xp, wp, in_features=in_features, scale=scale, bias=bias)
 
 
 def binary_linear_threshold(xp, wp, *, in_features: int, thresholds, direction) -> torch.Tensor:
     """Packed ``[N, ceil(Out/64)]`` signs of the thresholded linear accumulators."""
+    native = _impl("binary_linear_threshold")
+    if native is not None:
+        return native(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)
     _check_linear(xp, wp, in_features)
-    return _impl("binary_linear_threshold")(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)
+    return reference.binary_linear_threshold(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)
