@@ -269,7 +269,11 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
     proto.x_prepared = prepared;
   }
 
-  auto run_part = [&](int t) {
+  // Work items are (block, tile) pairs in block-major order (a block's repacked
+  // weights stay in L1 while a thread sweeps its pixels), or tiles alone when every
+  // pixel must stay on one thread. Threads claim contiguous chunks of items.
+  const int64_t items = pixel_major ? ntiles : nblocks * ntiles;
+  auto run_items = [&](int64_t i0, int64_t i1) {
     ConvBlock b = proto;
     b.scratch = tls_scratch.get(scratch_bytes);
     auto run = [&](int64_t bi, int64_t tile0, int64_t tile1) {
@@ -280,26 +284,23 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
       if (b.q0 < b.q1) kernel->run(b);
     };
     if (pixel_major) {
-      const int64_t t0 = ntiles * t / nthreads, t1 = ntiles * (t + 1) / nthreads;
-      for (int64_t bi = 0; bi < nblocks; ++bi) run(bi, t0, t1);
-    } else {
-      // Items are (block, tile) pairs in block-major order: a block's repacked
-      // weights stay in L1 while the thread sweeps its pixels.
-      const int64_t items = nblocks * ntiles;
-      const int64_t i0 = items * t / nthreads, i1 = items * (t + 1) / nthreads;
-      for (int64_t i = i0; i < i1;) {
-        const int64_t bi = i / ntiles, tile0 = i % ntiles;
-        const int64_t tile1 = std::min(ntiles, tile0 + (i1 - i));
-        run(bi, tile0, tile1);
-        i += tile1 - tile0;
-      }
+      for (int64_t bi = 0; bi < nblocks; ++bi) run(bi, i0, i1);
+      return;
+    }
+    for (int64_t i = i0; i < i1;) {
+      const int64_t bi = i / ntiles, tile0 = i % ntiles;
+      const int64_t tile1 = std::min(ntiles, tile0 + (i1 - i));
+      run(bi, tile0, tile1);
+      i += tile1 - tile0;
     }
   };
   if (nthreads <= 1) {
-    run_part(0);
-  } else {
-    parallel_run(static_cast<int>(nthreads), [&](int t) { run_part(t); });
+    run_items(0, items);
+    return;
   }
+  const int64_t nchunks = std::min<int64_t>(items, nthreads * 4);
+  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(nchunks),
+                  [&](int c) { run_items(items * c / nchunks, items * (c + 1) / nchunks); });
 }
 
 }  // namespace onebit

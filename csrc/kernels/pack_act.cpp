@@ -68,8 +68,9 @@ void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W
     for (int64_t r = 0; r < rows; ++r) row(r);
     return;
   }
-  parallel_run(static_cast<int>(nthreads), [&](int t) {
-    const int64_t r0 = rows * t / nthreads, r1 = rows * (t + 1) / nthreads;
+  const int64_t nchunks = rows < nthreads * 4 ? rows : nthreads * 4;
+  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(nchunks), [&](int c) {
+    const int64_t r0 = rows * c / nchunks, r1 = rows * (c + 1) / nchunks;
     for (int64_t r = r0; r < r1; ++r) row(r);
   });
 }

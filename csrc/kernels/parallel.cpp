@@ -17,6 +17,7 @@ inline void cpu_relax() { __builtin_ia32_pause(); }
 
 // How long an idle worker keeps polling for the next job before it sleeps.
 constexpr auto kSpin = std::chrono::microseconds(200);
+constexpr int kMaxThreads = 1024;
 
 class Pool {
  public:
@@ -30,67 +31,82 @@ class Pool {
     return pool;
   }
 
-  void run(int n, const std::function<void(int)>& fn) {
+  void run(int threads, int chunks, const std::function<void(int)>& fn) {
     std::unique_lock<std::mutex> busy(use_, std::try_to_lock);
-    if (!busy.owns_lock() || n <= 1 || n > 1024) {
-      for (int i = 0; i < n; ++i) fn(i);
+    if (!busy.owns_lock() || threads <= 1 || chunks <= 1 || threads > kMaxThreads) {
+      for (int i = 0; i < chunks; ++i) fn(i);
       return;
     }
-    while (static_cast<int>(workers_.size()) < n - 1) {
+    if (threads > chunks) threads = chunks;
+    while (static_cast<int>(workers_.size()) < threads - 1) {
       const int id = static_cast<int>(workers_.size()) + 1;
-      const uint64_t seen = generation_.load(std::memory_order_relaxed);  // the job below is news to it
+      const uint64_t seen = wake_.load(std::memory_order_relaxed);  // the job below is news to it
       workers_.emplace_back([this, id, seen] { work(id, seen); });
       workers_.back().detach();
     }
+    // Publish the job: its function and chunk count, then (generation, next chunk 0).
     job_ = &fn;
-    pending_.store(n - 1, std::memory_order_relaxed);
-    // The job's thread count travels in the same word as its generation, so a worker
-    // never pairs one job's generation with another job's count.
-    const uint64_t next = ((generation_.load(std::memory_order_relaxed) >> 16) + 1) << 16 | static_cast<uint64_t>(n);
-    generation_.store(next, std::memory_order_seq_cst);
+    nchunks_.store(static_cast<uint32_t>(chunks), std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (state_.load(std::memory_order_relaxed) >> 32) + 1;
+    state_.store(gen << 32, std::memory_order_release);
+    // Wake threads - 1 workers: the wake word carries a counter and the thread count.
+    const uint64_t wake = ((wake_.load(std::memory_order_relaxed) >> 16) + 1) << 16 | static_cast<uint64_t>(threads);
+    wake_.store(wake, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(sleep_mutex_);
       sleep_cv_.notify_all();
     }
-    fn(0);
-    for (uint64_t spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
-      if (spins < (1u << 20)) cpu_relax();
+    work_on(gen);
+    for (uint64_t spins = 0; done_.load(std::memory_order_acquire) != static_cast<uint32_t>(chunks); ++spins) {
+      if (spins < (1u << 16)) cpu_relax();
       else std::this_thread::yield();
     }
-    job_ = nullptr;
   }
 
  private:
+  // Claims and runs chunks of generation gen until there are none left.
+  void work_on(uint64_t gen) {
+    for (;;) {
+      uint64_t s = state_.load(std::memory_order_acquire);
+      if ((s >> 32) != (gen & 0xffffffffu)) return;
+      const uint32_t next = static_cast<uint32_t>(s);
+      if (next >= nchunks_.load(std::memory_order_relaxed)) return;
+      if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_relaxed)) continue;
+      // A claimed chunk keeps its job alive: the caller waits for every chunk.
+      (*job_)(static_cast<int>(next));
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
   void work(int id, uint64_t seen) {
     for (;;) {
-      uint64_t now = wait_for_job(seen);
-      seen = now;
-      if (id < static_cast<int>(now & 0xffff)) {
-        (*job_)(id);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      seen = wait_for_job(seen);
+      if (id < static_cast<int>(seen & 0xffff)) work_on(state_.load(std::memory_order_acquire) >> 32);
     }
   }
 
   uint64_t wait_for_job(uint64_t seen) {
     auto start = std::chrono::steady_clock::now();
     for (int i = 0;; ++i) {
-      const uint64_t now = generation_.load(std::memory_order_acquire);
+      const uint64_t now = wake_.load(std::memory_order_acquire);
       if (now != seen) return now;
       cpu_relax();
       if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > kSpin) break;
     }
     std::unique_lock<std::mutex> lock(sleep_mutex_);
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
-    sleep_cv_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
+    sleep_cv_.wait(lock, [&] { return wake_.load(std::memory_order_seq_cst) != seen; });
     sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-    return generation_.load(std::memory_order_acquire);
+    return wake_.load(std::memory_order_acquire);
   }
 
   std::mutex use_;
   std::vector<std::thread> workers_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> state_{0};  // generation << 32 | next unclaimed chunk
+  std::atomic<uint32_t> nchunks_{0};
+  std::atomic<uint32_t> done_{0};
+  std::atomic<uint64_t> wake_{0};  // wake counter << 16 | threads of the job
   std::atomic<int> sleepers_{0};
   const std::function<void(int)>* job_ = nullptr;
   std::mutex sleep_mutex_;
@@ -99,6 +115,8 @@ class Pool {
 
 }  // namespace
 
-void parallel_run(int n, const std::function<void(int)>& fn) { Pool::instance()->run(n, fn); }
+void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn) {
+  Pool::instance()->run(threads, chunks, fn);
+}
 
 }  // namespace onebit

@@ -1,17 +1,21 @@
 // A small persistent thread pool for onebit's kernels.
 //
-// parallel_run(n, fn) calls fn(0) .. fn(n - 1) concurrently, fn(0) on the calling
-// thread, and returns when all are done. Workers are created on first use, spin
-// briefly after a job (so back-to-back layers do not pay a wake-up), then sleep.
-// One parallel region runs at a time: a caller that finds the pool busy (another
-// Python thread inside a kernel) runs its n parts itself, one after the other, so
-// concurrent calls are always safe. It does not use OpenMP, so it never competes
-// with the OpenMP runtime bundled with torch.
+// parallel_chunks(threads, chunks, fn) calls fn(0) .. fn(chunks - 1), each exactly
+// once, on up to `threads` threads (the caller is one of them), and returns when all
+// are done. Chunks are claimed dynamically: a worker that the OS does not schedule
+// in time (a loaded machine) simply claims fewer chunks, the caller takes the rest,
+// and the call never waits for a thread that has no work.
+//
+// Workers are created on first use, spin briefly after a job (so back-to-back layers
+// do not pay a wake-up), then sleep. One parallel region runs at a time: a caller
+// that finds the pool busy (another Python thread inside a kernel) runs its chunks
+// itself, so concurrent calls are always safe. No OpenMP, so no second OpenMP
+// runtime next to the one bundled with torch. fn must not throw.
 #pragma once
 #include <functional>
 
 namespace onebit {
 
-void parallel_run(int n, const std::function<void(int)>& fn);
+void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn);
 
 }  // namespace onebit
