@@ -463,3 +463,11 @@ def test_binary_mlp_keeps_features_packed(backend, f1, f2, f3, bias, batch, seed
     packed = engine.pack(model, x)
     assert [n["op"] for n in packed.graph["nodes"]] == ["pack_features", "binary_linear_threshold", "binary_linear"]
     assert torch.equal(run_packed(packed, x, backend), model(x))
+
+
+def test_packed_model_traces_with_torch_compile():
+    model = randomize_batchnorms(onebit.models.create("lenet_binary", num_classes=10, in_channels=1), 7).eval()
+    x = torch.randn(3, 1, 8, 8)
+    packed = engine.pack(model, x)
+    compiled = torch.compile(packed, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), packed(x))

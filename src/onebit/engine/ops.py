@@ -83,12 +83,14 @@ def backend() -> str:
 
 def _impl(name: str):
     """The native function ``name`` when it is to be used, else None (the caller checks and runs the reference)."""
-    if _BACKEND.get() != "reference":
+    # under torch.compile the default backend is traced (dynamo cannot read context variables)
+    mode = _DEFAULT if torch.compiler.is_compiling() else _BACKEND.get()
+    if mode != "reference":
         native = _native()
         fn = getattr(native, name, None) if native is not None else None
         if fn is not None:
             return fn
-        if _BACKEND.get() == "native":
+        if mode == "native":
             raise RuntimeError(f"the native kernels have no {name}")
     return None
 
