@@ -69,6 +69,19 @@ class LayerSummary:
     def float_macs(self) -> int:
         return self.macs - self.binary_macs
 
+    # long names, for readers who prefer them
+    @property
+    def parameters(self) -> int:
+        return self.params
+
+    @property
+    def binary_parameters(self) -> int:
+        return self.binary_params
+
+    @property
+    def qualified_name(self) -> str:
+        return self.name
+
 
 @dataclass
 class Summary:
