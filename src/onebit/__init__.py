@@ -6,13 +6,26 @@ Layers, from the bottom up:
 - ``onebit.quant``: quantizers with straight-through gradients, by alias;
 - ``onebit.nn``: quantized layers, drop-in for torch.nn (``onebit.nn.functional`` holds the arithmetic);
 - ``onebit.binarize``: float -> binary model conversion;
+- ``onebit.canonize``, ``onebit.summary``, ``onebit.doctor``, ``onebit.plot``: model tools
+  (exact reversible BatchNorm merging, bits-and-MACs tables, learning diagnostics, pictures);
 - ``onebit.models``, ``onebit.data``, ``onebit.train``: the zoo, datasets and trainer;
 - ``onebit.engine``: the bit-packed CPU inference engine.
 """
 
-from onebit import math, nn, quant
+from onebit import canonize, math, nn, quant
 from onebit.convert import binarize
+from onebit.doctor import doctor
+from onebit.summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["binarize", "math", "nn", "quant", "__version__"]
+__all__ = ["binarize", "canonize", "doctor", "engine", "math", "nn", "plot", "quant", "summary", "__version__"]
+
+
+def __getattr__(name: str):
+    # matplotlib and the engine load on first use, keeping `import onebit` light
+    if name in ("plot", "engine", "models", "data"):
+        import importlib
+
+        return importlib.import_module(f"onebit.{name}")
+    raise AttributeError(f"module 'onebit' has no attribute {name!r}")
