@@ -16,9 +16,15 @@ namespace onebit {
 namespace {
 
 constexpr int kVec = 4;  // output channels per ymm (64-bit lanes)
-constexpr int kMaxJ = 4;
+#ifndef ONEBIT_AVX2_J
+#define ONEBIT_AVX2_J 4
+#endif
+constexpr int kMaxJ = ONEBIT_AVX2_J;
 constexpr int kBlock = kVec * kMaxJ;
-constexpr int kTile = 2;
+#ifndef ONEBIT_AVX2_P
+#define ONEBIT_AVX2_P 2
+#endif
+constexpr int kTile = ONEBIT_AVX2_P;
 constexpr int64_t kFlush = 31;  // steps between byte -> qword reductions
 constexpr uint64_t kLow = 0x0f0f0f0f0f0f0f0fULL;
 

@@ -30,8 +30,73 @@ struct Ctx {
   int32_t K;
 };
 
-inline __mmask8 lane_mask(int64_t valid) {
-  return valid >= 8 ? __mmask8(0xff) : valid <= 0 ? __mmask8(0) : __mmask8((1u << valid) - 1);
+// Epilogue, 16 channels (a pair of accumulator vectors) at a time: the low halves of
+// the 64-bit counts are gathered into one vector of 16 int32 (one vpermt2d), then
+// acc = K - 2 popcount - border correction, and the output is written.
+template <int P, int J>
+inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J]) {
+  const ConvBlock& b = *c.b;
+  const ConvOutput& o = *b.o;
+  const int64_t Co = b.g->Co;
+  const __m512i K = _mm512_set1_epi32(c.K);
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+#pragma GCC unroll 2
+  for (int h = 0; h < (J + 1) / 2; ++h) {
+    const int j0 = 2 * h, j1 = 2 * h + 1;
+    const int64_t cj = b.co0 + j0 * kVec;
+    const int64_t valid = b.nco - j0 * kVec;
+    const __mmask16 m = valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+    __m512 scale = _mm512_set1_ps(1.0f), bias = _mm512_setzero_ps();
+    __m512i thr = _mm512_setzero_si512();
+    __mmask16 pos = 0;
+    int64_t out_byte0 = 0, out_byte1 = 0;
+    if (o.mode == OutMode::float32) {
+      if (o.scale) scale = _mm512_maskz_loadu_ps(m, o.scale + cj);
+      if (o.bias) bias = _mm512_maskz_loadu_ps(m, o.bias + cj);
+    } else if (o.mode == OutMode::threshold) {
+      thr = _mm512_maskz_loadu_epi32(m, o.thr + cj);
+      pos = _mm_cmpgt_epi8_mask(_mm_maskz_loadu_epi8(m, o.dir + cj), _mm_setzero_si128());
+      if (b.bits_bytewise) {
+        out_byte0 = (cj / o.OCg) * o.OWg * 8 + (cj % o.OCg) / 8;
+        out_byte1 = ((cj + 8) / o.OCg) * o.OWg * 8 + ((cj + 8) % o.OCg) / 8;
+      }
+    }
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      __m512i pc;
+      if (j1 < J)
+        pc = _mm512_permutex2var_epi32(acc[p][j0], evens, acc[p][j1]);
+      else
+        pc = _mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc[p][j0]));
+      __m512i a = _mm512_sub_epi32(K, _mm512_add_epi32(pc, pc));
+      if (pix[p].cls) a = _mm512_sub_epi32(a, _mm512_loadu_si512(c.corr + pix[p].cls * J * kVec + j0 * kVec));
+      switch (o.mode) {
+        case OutMode::int32:
+          _mm512_mask_storeu_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
+          break;
+        case OutMode::float32: {
+          __m512 f = _mm512_cvtepi32_ps(a);
+          if (o.scale) f = _mm512_mul_ps(f, scale);
+          if (o.bias) f = _mm512_add_ps(f, bias);
+          _mm512_mask_storeu_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
+          break;
+        }
+        case OutMode::threshold: {
+          const __mmask16 lt = _mm512_cmplt_epi32_mask(a, thr), gt = _mm512_cmpgt_epi32_mask(a, thr);
+          const unsigned bits = static_cast<unsigned>(((lt & pos) | (gt & ~pos)) & m);
+          uint8_t* px = reinterpret_cast<uint8_t*>(o.out_bits + pix[p].obits);
+          if (b.bits_bytewise) {
+            // 8-channel groups, 8-aligned inside their output group: whole bytes.
+            px[out_byte0] = static_cast<uint8_t>(bits);
+            if (valid > 8) px[out_byte1] = static_cast<uint8_t>(bits >> 8);
+          } else {
+            for (unsigned r = bits; r; r &= r - 1) set_out_bit(o, pix[p].obits, cj + __builtin_ctz(r));
+          }
+          break;
+        }
+      }
+    }
+  }
 }
 
 template <int P, int J>
@@ -60,56 +125,7 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
     }
   }
 
-  const ConvBlock& b = *c.b;
-  const ConvOutput& o = *b.o;
-  const int64_t Co = b.g->Co;
-  const __m256i K = _mm256_set1_epi32(c.K);
-#pragma GCC unroll 4
-  for (int j = 0; j < J; ++j) {
-    const int64_t cj = b.co0 + j * kVec;
-    const __mmask8 m = lane_mask(b.nco - j * kVec);
-    __m256 scale = _mm256_set1_ps(1.0f), bias = _mm256_setzero_ps();
-    __m256i thr = _mm256_setzero_si256();
-    __mmask8 pos = 0;
-    int64_t out_byte = 0;  // bytewise threshold output: the byte of these 8 channels in a pixel's words
-    if (o.mode == OutMode::float32) {
-      if (o.scale) scale = _mm256_maskz_loadu_ps(m, o.scale + cj);
-      if (o.bias) bias = _mm256_maskz_loadu_ps(m, o.bias + cj);
-    } else if (o.mode == OutMode::threshold) {
-      thr = _mm256_maskz_loadu_epi32(m, o.thr + cj);
-      pos = _mm_cmpgt_epi8_mask(_mm_maskz_loadu_epi8(m, o.dir + cj), _mm_setzero_si128());
-      out_byte = (cj / o.OCg) * o.OWg * 8 + (cj % o.OCg) / 8;
-    }
-#pragma GCC unroll 8
-    for (int p = 0; p < P; ++p) {
-      const __m256i pc = _mm512_cvtepi64_epi32(acc[p][j]);
-      __m256i a = _mm256_sub_epi32(K, _mm256_add_epi32(pc, pc));
-      if (pix[p].cls) a = _mm256_sub_epi32(a, _mm256_load_si256(reinterpret_cast<const __m256i*>(c.corr + pix[p].cls * J * kVec + j * kVec)));
-      switch (o.mode) {
-        case OutMode::int32:
-          _mm256_mask_storeu_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
-          break;
-        case OutMode::float32: {
-          __m256 f = _mm256_cvtepi32_ps(a);
-          if (o.scale) f = _mm256_mul_ps(f, scale);
-          if (o.bias) f = _mm256_add_ps(f, bias);
-          _mm256_mask_storeu_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
-          break;
-        }
-        case OutMode::threshold: {
-          const __mmask8 lt = _mm256_cmplt_epi32_mask(a, thr), gt = _mm256_cmpgt_epi32_mask(a, thr);
-          const unsigned bits = static_cast<unsigned>(((lt & pos) | (gt & ~pos)) & m);
-          if (b.bits_bytewise) {
-            // 8 channels, 8-aligned inside their output group: one whole byte.
-            reinterpret_cast<uint8_t*>(o.out_bits + pix[p].obits)[out_byte] = static_cast<uint8_t>(bits);
-          } else {
-            for (unsigned r = bits; r; r &= r - 1) set_out_bit(o, pix[p].obits, cj + __builtin_ctz(r));
-          }
-          break;
-        }
-      }
-    }
-  }
+  epilogue<P, J>(c, pix, acc);
 }
 
 template <int J>
