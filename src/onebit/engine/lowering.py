@@ -72,8 +72,9 @@ def _t(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _Lowering:
-    def __init__(self, model: nn.Module, example: torch.Tensor):
+    def __init__(self, model: nn.Module, example: torch.Tensor, exact_bias: bool = True):
         self.model = model
+        self.exact_bias = exact_bias
         self.modules = dict(model.named_modules())
         tracer = _Tracer()
         try:
@@ -252,6 +253,12 @@ class _Lowering:
         return bn_node
 
     def lower_binary_conv(self, node: fx.Node, m: QConv2d) -> None:
+        chain = self.threshold_chain(node, m)
+        if chain is None and m.bias is not None and self.exact_bias:
+            # torch adds a conv's bias in an order of its own (layout dependent): a float output
+            # with a bias is only bit-identical when computed as torch computes it
+            self.value[node] = self.lower_float_qconv(node, m, self.arg(node, node.args[0]))
+            return
         layout = self.conv_layout(m)
         xp = self.packed_input(node, node.args[0], layout)
         wp, scale = self.binary_weights(m)
@@ -266,7 +273,6 @@ class _Lowering:
             "groups": int(m.groups),
             "pad_value": float(m.pad_value),
         }
-        chain = self.threshold_chain(node, m)
         if chain is None:
             self.value[node] = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target)
             return
@@ -327,7 +333,10 @@ class _Lowering:
         raise self.unsupported(node, f"quantizer {type(q).__name__} has no engine op")
 
     def lower_qlinear(self, node: fx.Node, m: QLinear) -> None:
-        if is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer):
+        binary = is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
+        if binary and m.bias is not None and self.exact_bias and self.linear_threshold_chain(node, m) is None:
+            binary = False  # a float output with a bias: computed as torch computes it (see lower_binary_conv)
+        if binary:
             shape = self._shape(node.args[0])
             if shape is None or len(shape) != 2:
                 raise self.unsupported(node, "a binary linear layer needs a [N, features] input")
@@ -582,9 +591,9 @@ def _drop_identities(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
             gm.graph.erase_node(node)
 
 
-def lower(model: nn.Module, example_input: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+def lower(model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """Trace ``model`` and return ``(graph, tensors)`` for :class:`~onebit.engine.PackedModel`."""
-    return _Lowering(model, example_input).run_all()
+    return _Lowering(model, example_input, exact_bias).run_all()
 
 
 def _run_all(self: _Lowering):

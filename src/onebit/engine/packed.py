@@ -146,13 +146,21 @@ class PackedModel(nn.Module):
         return ", ".join(f"{op}: {n}" for op, n in counts.items())
 
 
-def pack(model: nn.Module, example_input: torch.Tensor) -> PackedModel:
+def pack(model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = True) -> PackedModel:
     """Lower an eval-mode onebit/torch model to a :class:`PackedModel`.
 
     ``example_input``: a float32 ``[N, C, H, W]`` (or ``[N, F]``) tensor the model accepts;
     it fixes the input rank and channel count and is run once through the model to
     record shapes. Raises ``ValueError`` (:class:`~onebit.engine.UnsupportedModelError`)
     naming the first module the engine cannot run.
+
+    ``exact_bias``: a binary layer *with a bias* whose float output is used as such is
+    computed as torch computes it (sign, then torch's float conv/linear of the quantized
+    weights), because torch adds the bias in a layout-dependent order and only that gives
+    bit-identical results. ``exact_bias=False`` runs it on the packed kernels too, as
+    ``fl(acc * scale + bias)`` (one rounding of the exact sum, equal to torch's to ~1 ulp).
+    Binary layers without a bias (the usual case: a BatchNorm follows) and layers whose
+    output becomes integer thresholds always run packed.
     """
     from onebit.engine.lowering import lower
 
@@ -168,5 +176,5 @@ def pack(model: nn.Module, example_input: torch.Tensor) -> PackedModel:
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.device.type != "cpu" or (p.is_floating_point() and p.dtype != torch.float32):
             raise ValueError(f"pack: the packed engine runs float32 CPU models; '{name}' is {p.dtype} on {p.device}")
-    graph, tensors = lower(model, example_input)
+    graph, tensors = lower(model, example_input, exact_bias=exact_bias)
     return PackedModel(graph, tensors)
