@@ -210,3 +210,54 @@ def print_report(result: dict[str, Any], console) -> None:
         f"pack() took {result['pack_seconds']:.2f} s",
         highlight=False,
     )
+
+
+@torch.no_grad()
+def demo_report(model: nn.Module, x_test: torch.Tensor, out_dir: str, console, *, reps: int = 15) -> dict[str, Any]:
+    """Pack a trained model, save and reload it, check its test-set predictions, print sizes and speed.
+
+    Writes ``out_dir/model.packed.safetensors``; compares the reloaded packed model's predictions on
+    ``x_test`` with the simulated model's (they must be equal); measures both (interleaved medians)
+    on one sample and on the whole test set. Returns the numbers.
+    """
+    from rich.table import Table
+
+    from onebit.engine.fileformat import load
+
+    model = model.eval()
+    x_test = x_test.to(torch.float32)
+    packed = pack(model, x_test[:1])
+    path = os.path.join(out_dir, "model.packed.safetensors")
+    packed.save(path)
+    loaded = load(path)
+    expected = torch.cat([model(x_test[i : i + 256]).argmax(-1) for i in range(0, len(x_test), 256)])
+    got = torch.cat([loaded(x_test[i : i + 256]).argmax(-1) for i in range(0, len(x_test), 256)])
+    mismatches = int((expected != got).sum())
+    with tempfile.TemporaryDirectory() as d:
+        float_path = os.path.join(d, "state_dict.safetensors")
+        io.save_tensors(float_path, model.state_dict())
+        float_bytes = os.path.getsize(float_path)
+    packed_bytes = os.path.getsize(path)
+    one, batch = x_test[:1].contiguous(), x_test.contiguous()
+    t = _interleaved(
+        {"packed 1": lambda: loaded(one), "simulated 1": lambda: model(one),
+         "packed all": lambda: loaded(batch), "simulated all": lambda: model(batch)},
+        reps,
+    )
+    table = Table(title=f"packed engine ({_backend_name()}) vs the simulated binary model")
+    for col in ("", "simulated (PyTorch)", "packed", "ratio"):
+        table.add_column(col, justify="right")
+    table.add_row("file", f"{float_bytes / 1e3:.1f} kB", f"{packed_bytes / 1e3:.1f} kB", f"{float_bytes / packed_bytes:.1f}x smaller")
+    for label, key in ((f"batch 1", "1"), (f"batch {len(x_test)}", "all")):
+        s, p = t[f"simulated {key}"], t[f"packed {key}"]
+        table.add_row(label, f"{1e3 * s:.3f} ms", f"{1e3 * p:.3f} ms", f"{s / p:.1f}x faster")
+    console.print(table)
+    verdict = "[green]identical[/]" if mismatches == 0 else f"[red]{mismatches} differ[/]"
+    console.print(f"test-set predictions, packed file reloaded vs simulated model: {verdict} ({len(x_test)} images); saved {path}")
+    return {
+        "path": path,
+        "mismatches": mismatches,
+        "float_bytes": float_bytes,
+        "packed_bytes": packed_bytes,
+        "seconds": t,
+    }

@@ -218,10 +218,21 @@ def binary_conv2d_threshold(
 
 
 def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_value=0.0, out_groups=1):
-    """Pack the thresholded signs of integer-valued accumulators ``[N, C, H, W]`` (torch ops)."""
-    return reference.threshold_pack(
-        acc, thresholds, direction, out_padding=_pair(out_padding), out_pad_value=out_pad_value, out_groups=out_groups
-    )
+    """Pack the thresholded signs of integer-valued accumulators ``[N, C, H, W]``.
+
+    Bit set (-1) iff ``acc < thr`` (direction +1) or ``acc > thr`` (direction -1): the
+    comparison runs in torch, the packing on the native kernel when available.
+    """
+    if _impl("pack_activations") is None:
+        return reference.threshold_pack(
+            acc, thresholds, direction, out_padding=_pair(out_padding), out_pad_value=out_pad_value,
+            out_groups=out_groups,
+        )
+    shape = (1, -1, 1, 1)
+    thr = thresholds.view(shape).to(acc.dtype)  # |thr| <= K + 1 < 2**24: exact in float32
+    negative = torch.where((direction > 0).view(shape), acc < thr, acc > thr)
+    signs = torch.where(negative, -1.0, 1.0)
+    return pack_activations(signs, out_padding, out_pad_value, out_groups)
 
 
 def _check_linear(xp, wp, in_features: int) -> None:
