@@ -287,6 +287,20 @@ def test_conv_threshold_exact(cfg):
         assert torch.equal(got, expected), isa
 
 
+def test_threshold_int64_thresholds_are_clamped_exactly():
+    x, w = torch.randn(1, 64, 6, 6), torch.randn(16, 64, 3, 3)
+    xp, wp = K.pack_activations(x, 1), K.pack_weights(w)
+    conv = dict(in_channels=64, out_channels=16, kernel_size=3, padding=1)
+    d = torch.where(torch.arange(16) % 2 == 0, 1, -1).to(torch.int8)
+    big = torch.tensor([2**40, -(2**40)] * 8, dtype=torch.int64)
+    clamped = torch.tensor([2**31 - 1, -(2**31)] * 8, dtype=torch.int32)
+    a = K.binary_conv2d_threshold(xp, wp, thresholds=big, direction=d, **conv)
+    b = K.binary_conv2d_threshold(xp, wp, thresholds=clamped, direction=d, **conv)
+    assert torch.equal(a, b)
+    # even channels (below a huge threshold): all -1; odd (above a hugely negative one): all -1
+    assert bool((a == 0xFFFF).all())
+
+
 def test_threshold_bool_direction_is_negate_above():
     x, w = torch.randn(1, 64, 6, 6), torch.randn(16, 64, 3, 3)
     xp, wp = K.pack_activations(x, 1), K.pack_weights(w)
@@ -435,8 +449,10 @@ def test_threshold_bad_arguments():
     xp, wp, conv = _good()
     thr = torch.zeros(8, dtype=torch.int32)
     d = torch.ones(8, dtype=torch.int8)
-    with pytest.raises(ValueError, match="thresholds must have dtype torch.int32"):
-        K.binary_conv2d_threshold(xp, wp, thresholds=thr.long(), direction=d, **conv)
+    with pytest.raises(ValueError, match="thresholds must be integers"):
+        K.binary_conv2d_threshold(xp, wp, thresholds=thr.float(), direction=d, **conv)
+    with pytest.raises(ValueError, match=r"thresholds must have shape \[8\]"):
+        K.binary_conv2d_threshold(xp, wp, thresholds=thr[:7], direction=d, **conv)
     with pytest.raises(ValueError, match="direction must hold only"):
         K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=torch.zeros(8, dtype=torch.int32), **conv)
     with pytest.raises(ValueError, match=r"direction\[3\] = 0"):
@@ -521,3 +537,19 @@ def test_opcheck():
     thr, d = torch.zeros(8, dtype=torch.int32), torch.ones(8, dtype=torch.int8)
     torch.library.opcheck(torch.ops.onebit.binary_conv2d_threshold.default, args + (thr, d, [1, 1], -1.0, 2))
     torch.library.opcheck(torch.ops.onebit.pack_activations.default, (torch.randn(2, 5, 3, 3), [1, 0], -1.0, 1))
+    # linear layers: 1x1 images, where channels_last strides are easy to get subtly wrong
+    xl, wl = K.pack_features(torch.randn(3, 100)).view(3, 1, 1, 1, 2), K.pack_weights(torch.randn(5, 100)).view(5, 1, 1, 2)
+    lin = (xl, wl, 100, 5, [1, 1], [1, 1], [0, 0], [1, 1], 1, 0.0)
+    torch.library.opcheck(torch.ops.onebit.binary_conv2d.default, lin + (None, torch.rand(5)))
+    torch.library.opcheck(torch.ops.onebit.binary_conv2d_int.default, lin)
+
+
+def test_linear_traces():
+    w = torch.randn(10, 100)
+    wp, scale = K.pack_weights(w), torch.rand(10)
+
+    def f(x):
+        return K.binary_linear(K.pack_features(x), wp, in_features=100, scale=scale)
+
+    x = torch.randn(4, 100)
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), f(x))

@@ -384,9 +384,11 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 
 def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
+    """[N, C, H, W] in channels_last memory, with the same strides for real and fake tensors."""
+    stride = (h * w * c, 1, w * c, c)
     if like is not None:
-        return like.new_empty((n, c, h, w), dtype=dtype).contiguous(memory_format=torch.channels_last)
-    return torch.empty((n, c, h, w), dtype=dtype, memory_format=torch.channels_last)
+        return like.new_empty_strided((n, c, h, w), stride, dtype=dtype)
+    return torch.empty_strided((n, c, h, w), stride, dtype=dtype)
 
 
 def _conv_int_impl(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
@@ -588,6 +590,17 @@ def binary_conv2d(
     return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias)
 
 
+def _thresholds_int32(thresholds: torch.Tensor) -> torch.Tensor:
+    if not isinstance(thresholds, torch.Tensor):
+        raise ValueError(f"thresholds must be a torch.Tensor, got {type(thresholds).__name__}")
+    if thresholds.dtype == torch.int32:
+        return thresholds
+    if thresholds.dtype.is_floating_point or thresholds.dtype.is_complex or thresholds.dtype == torch.bool:
+        raise ValueError(f"thresholds must be integers (int32), got {thresholds.dtype}")
+    # |acc| <= 2^24, so clamping to int32 never changes a decision.
+    return thresholds.clamp(-(2**31), 2**31 - 1).to(torch.int32)
+
+
 def _direction_int8(direction: torch.Tensor) -> torch.Tensor:
     if not isinstance(direction, torch.Tensor):
         raise ValueError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
@@ -629,6 +642,7 @@ def binary_conv2d_threshold(
     above"). The border is filled as :func:`pack_activations` fills it for ``out_pad_value``.
     """
     direction = _direction_int8(direction)
+    thresholds = _thresholds_int32(thresholds)
     if _direct(xp, wp, thresholds, direction):
         return _conv_threshold_impl(
             xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
