@@ -306,7 +306,11 @@ def test_magnitude_aware_weights_are_scaled_binary_weights():
     x = torch.randn(2, 3, 8, 8)
     packed = engine.pack(model, x)
     assert sum(n["op"] == "binary_conv2d" for n in packed.graph["nodes"]) == 2
+    assert sum(n["op"] == "batch_norm" for n in packed.graph["nodes"]) == 1  # folded into the scaled convs
     assert torch.allclose(packed(x), model(x), atol=1e-4, rtol=1e-5)
+    unfolded = engine.pack(model, x, fold_batchnorm=False)
+    assert sum(n["op"] == "batch_norm" for n in unfolded.graph["nodes"]) == 3
+    assert torch.allclose(unfolded(x), model(x), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -72,9 +72,10 @@ def _t(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _Lowering:
-    def __init__(self, model: nn.Module, example: torch.Tensor, exact_bias: bool = True):
+    def __init__(self, model: nn.Module, example: torch.Tensor, exact_bias: bool = True, fold_batchnorm: bool = True):
         self.model = model
         self.exact_bias = exact_bias
+        self.fold_batchnorm = fold_batchnorm
         self.modules = dict(model.named_modules())
         tracer = _Tracer()
         try:
@@ -252,6 +253,17 @@ class _Lowering:
                 return None
         return bn_node
 
+    def single_batchnorm_user(self, node: fx.Node, channels: int) -> fx.Node | None:
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        if user.op != "call_module" or len(user.args) != 1 or user.kwargs or user.args[0] is not node:
+            return None
+        bn = self.modules[user.target]
+        if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or bn.num_features != channels:
+            return None
+        return user
+
     def lower_binary_conv(self, node: fx.Node, m: QConv2d) -> None:
         chain = self.threshold_chain(node, m)
         if chain is None and m.bias is not None and self.exact_bias:
@@ -273,6 +285,18 @@ class _Lowering:
             "groups": int(m.groups),
             "pad_value": float(m.pad_value),
         }
+        if chain is None and scale is not None and self.fold_batchnorm:
+            bn_node = self.single_batchnorm_user(node, m.out_channels)
+            if bn_node is not None:
+                # magnitude-aware weights are not bit-exact anyway (the model sums +-alpha in float):
+                # fold the following BatchNorm into the per-channel scale and bias
+                bn = self.modules[bn_node.target]
+                scale, bias = _fold_batchnorm(bn, scale, bias)
+                self.value[bn_node] = self.emit(
+                    node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target
+                )
+                self.skip.add(bn_node)
+                return
         if chain is None:
             self.value[node] = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target)
             return
@@ -591,9 +615,22 @@ def _drop_identities(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
             gm.graph.erase_node(node)
 
 
-def lower(model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+def _fold_batchnorm(bn: nn.BatchNorm2d, scale: torch.Tensor, bias: torch.Tensor | None):
+    """``bn(acc * scale + bias) = acc * scale' + bias'`` (computed in float64, rounded once to float32)."""
+    g = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64)
+    g = g / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(bn.num_features, dtype=torch.float64)
+    b = bias.double() if bias is not None else torch.zeros_like(g)
+    new_scale = (scale.double() * g).float().contiguous()
+    new_bias = ((b - bn.running_mean.detach().double()) * g + beta).float().contiguous()
+    return new_scale, new_bias
+
+
+def lower(
+    model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = True, fold_batchnorm: bool = True
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Trace ``model`` and return ``(graph, tensors)`` for :class:`~onebit.engine.PackedModel`."""
-    return _Lowering(model, example_input, exact_bias).run_all()
+    return _Lowering(model, example_input, exact_bias, fold_batchnorm).run_all()
 
 
 def _run_all(self: _Lowering):

@@ -146,7 +146,9 @@ class PackedModel(nn.Module):
         return ", ".join(f"{op}: {n}" for op, n in counts.items())
 
 
-def pack(model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = True) -> PackedModel:
+def pack(
+    model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = True, fold_batchnorm: bool = True
+) -> PackedModel:
     """Lower an eval-mode onebit/torch model to a :class:`PackedModel`.
 
     ``example_input``: a float32 ``[N, C, H, W]`` (or ``[N, F]``) tensor the model accepts;
@@ -161,6 +163,10 @@ def pack(model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = Tr
     ``fl(acc * scale + bias)`` (one rounding of the exact sum, equal to torch's to ~1 ulp).
     Binary layers without a bias (the usual case: a BatchNorm follows) and layers whose
     output becomes integer thresholds always run packed.
+
+    ``fold_batchnorm``: a binary conv with magnitude-aware weights (``alpha * sign(w)``, which
+    the simulated model sums in float, so never bit-exact) followed by a BatchNorm gets the
+    BatchNorm folded into its per-channel scale and bias (one op less; equal to float rounding).
     """
     from onebit.engine.lowering import lower
 
@@ -176,5 +182,5 @@ def pack(model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = Tr
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.device.type != "cpu" or (p.is_floating_point() and p.dtype != torch.float32):
             raise ValueError(f"pack: the packed engine runs float32 CPU models; '{name}' is {p.dtype} on {p.device}")
-    graph, tensors = lower(model, example_input, exact_bias=exact_bias)
+    graph, tensors = lower(model, example_input, exact_bias=exact_bias, fold_batchnorm=fold_batchnorm)
     return PackedModel(graph, tensors)
