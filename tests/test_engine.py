@@ -375,6 +375,21 @@ def test_tuple_outputs():
 # errors
 
 
+def test_a_single_layer_packs():
+    conv = QConv2d(70, 20, 3, padding=1, pad_value=-1.0, bias=False, **SIGN).eval()
+    x = torch.randn(2, 70, 7, 5)
+    assert torch.equal(engine.pack(conv, x)(x), conv(x))
+
+
+def test_input_errors_are_type_and_value_errors():
+    packed = engine.pack(nn.Sequential(QConv2d(5, 4, 3, bias=False, **SIGN)).eval(), torch.randn(1, 5, 6, 6))
+    for bad in (torch.randn(1, 5, 6, 6, dtype=torch.float64), torch.randn(1, 3, 6, 6), torch.randn(5, 6, 6)):
+        with pytest.raises(TypeError):
+            packed(bad)
+        with pytest.raises(ValueError):
+            packed(bad)
+
+
 def test_wrong_inputs_raise_clear_errors():
     model = nn.Sequential(QConv2d(5, 4, 3, padding=1, **SIGN)).eval()
     packed = engine.pack(model, torch.randn(1, 5, 6, 6))

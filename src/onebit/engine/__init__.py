@@ -20,6 +20,15 @@ from onebit.engine.fileformat import FormatError, load
 from onebit.engine.graph import GraphError
 from onebit.engine.lowering import UnsupportedModelError
 from onebit.engine.ops import use_backend
-from onebit.engine.packed import PackedModel, pack
+from onebit.engine.packed import InputError, PackedModel, pack
 
-__all__ = ["pack", "load", "PackedModel", "FormatError", "GraphError", "UnsupportedModelError", "use_backend"]
+__all__ = [
+    "pack",
+    "load",
+    "PackedModel",
+    "FormatError",
+    "GraphError",
+    "InputError",
+    "UnsupportedModelError",
+    "use_backend",
+]

@@ -76,8 +76,10 @@ class _Lowering:
         self.model = model
         self.exact_bias = exact_bias
         self.fold_batchnorm = fold_batchnorm
-        self.modules = dict(model.named_modules())
         tracer = _Tracer()
+        if tracer.is_leaf_module(model, ""):
+            model = nn.Sequential(model)  # a single layer: trace it as a call, not through its forward
+        self.modules = dict(model.named_modules())
         try:
             fx_graph = tracer.trace(model)
         except Exception as error:

@@ -12,7 +12,13 @@ from torch import nn
 
 from onebit.engine import graph as G
 
-__all__ = ["PackedModel", "pack"]
+__all__ = ["PackedModel", "pack", "InputError"]
+
+
+class InputError(TypeError, ValueError):
+    """A call with an input the model cannot take (wrong type, dtype, rank, channels or device).
+
+    Both a ``TypeError`` and a ``ValueError``, so either ``except`` catches it."""
 
 
 class PackedModel(nn.Module):
@@ -72,19 +78,19 @@ class PackedModel(nn.Module):
     def _check_input(self, x: Any) -> None:
         spec = self.graph["input"]
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"PackedModel: expected a torch.Tensor input, got {type(x).__name__}")
+            raise InputError(f"PackedModel: expected a torch.Tensor input, got {type(x).__name__}")
         if x.dtype != torch.float32:
-            raise TypeError(f"PackedModel: expected a float32 input, got {x.dtype}")
+            raise InputError(f"PackedModel: expected a float32 input, got {x.dtype}")
         if x.device.type != "cpu":
-            raise ValueError(f"PackedModel: the packed engine runs on the CPU, got an input on {x.device}")
+            raise InputError(f"PackedModel: the packed engine runs on the CPU, got an input on {x.device}")
         rank, channels = spec["rank"], spec["channels"]
         if x.dim() != rank or x.shape[1] != channels:
             dims = "[N, C, H, W]" if rank == 4 else f"rank {rank}"
-            raise ValueError(
+            raise InputError(
                 f"PackedModel: expected input of shape {dims} with C = {channels} channels, got shape {list(x.shape)}"
             )
         if x.shape[0] == 0:
-            raise ValueError("PackedModel: empty batch")
+            raise InputError("PackedModel: empty batch")
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
@@ -173,9 +179,9 @@ def pack(
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
-        raise TypeError("pack: example_input must be a float32 tensor")
+        raise InputError("pack: example_input must be a float32 tensor")
     if not 2 <= example_input.dim() <= 5:
-        raise ValueError(f"pack: example_input must be batched, e.g. [N, C, H, W], got shape {list(example_input.shape)}")
+        raise InputError(f"pack: example_input must be batched, e.g. [N, C, H, W], got shape {list(example_input.shape)}")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         raise ValueError(f"pack: the model must be in eval mode (call model.eval()); '{training[0]}' is training")
