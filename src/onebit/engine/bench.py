@@ -46,7 +46,7 @@ class Pair:
         names, _, image = text.partition("@")
         binary, _, float_name = names.partition(":")
         if not binary or not float_name:
-            raise ValueError(f"expected BINARY:FLOAT[@IMAGE], got {text!r}")
+            raise ValueError(f"expected BINARY:FLOAT or BINARY:FLOAT@IMAGE, got {text!r}")
         size = int(image) if image else 224
         small = size < 64
         return cls(binary, float_name, size, in_channels=1 if small else 3, num_classes=10 if small else 1000)
