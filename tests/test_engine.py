@@ -497,3 +497,38 @@ def test_packed_model_traces_with_torch_compile():
     packed = engine.pack(model, x)
     compiled = torch.compile(packed, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), packed(x))
+
+
+def test_canonized_sign_thresholds_pack_like_batchnorms():
+    canonize = pytest.importorskip("onebit.canonize")
+    model = randomize_batchnorms(onebit.models.create("lenet_binary", num_classes=10, in_channels=1), 8).eval()
+    x = torch.randn(16, 1, 8, 8)
+    direct = engine.pack(model, x)
+    canonize.fold_thresholds(model, skip_unmergeable=True)
+    packed = engine.pack(model, x)
+    assert [n["op"] for n in packed.graph["nodes"]] == [n["op"] for n in direct.graph["nodes"]]
+    assert torch.equal(packed(x), model(x)) and torch.equal(packed(x), direct(x))
+
+
+def test_standalone_sign_threshold_runs_as_a_float_op(tmp_path):
+    canonize = pytest.importorskip("onebit.canonize")
+    class TwoLayouts(nn.Module):  # the BatchNorm's consumers want different packed layouts: no fusion
+        def __init__(self):
+            super().__init__()
+            self.conv = QConv2d(6, 8, 3, bias=False, **SIGN)
+            self.bn = nn.BatchNorm2d(8)
+            self.a = QConv2d(8, 4, 3, padding=1, bias=False, **SIGN)
+            self.b = QConv2d(8, 4, 1, bias=False, **SIGN)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.a(y) + self.b(y)
+
+    model = randomize_batchnorms(TwoLayouts(), 9).eval()
+    canonize.fold_thresholds(model, skip_unmergeable=True)
+    x = torch.randn(2, 6, 5, 5)
+    packed = engine.pack(model, x)
+    assert "sign_threshold" in [n["op"] for n in packed.graph["nodes"]]
+    assert torch.equal(packed(x), model(x))
+    packed.save(tmp_path / "m.safetensors")
+    assert torch.equal(engine.load(tmp_path / "m.safetensors")(x), model(x))

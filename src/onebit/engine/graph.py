@@ -312,6 +312,16 @@ def _sign(t, a, x):
     return sign(x)
 
 
+def _sign_threshold(t, a, x):
+    shape = [1] * x.dim()
+    shape[1] = -1
+    thr = t["thresholds"].view(shape).to(torch.int64)
+    acc = x.to(torch.int64) if not x.is_floating_point() else x.to(torch.float64)
+    negative = torch.where((t["direction"] > 0).view(shape), acc < thr, acc > thr)
+    one = torch.ones((), dtype=x.dtype)
+    return torch.where(negative, -one, one)
+
+
 def _dorefa(t, a, x):
     levels = 2 ** a["bits"] - 1
     return torch.round(torch.clamp(x, 0.0, 1.0) * levels) / levels
@@ -475,6 +485,13 @@ OPS: dict[str, OpSpec] = {
     "tanh": OpSpec(_tanh, (FLOAT,), FLOAT),
     "softmax": OpSpec(_softmax, (FLOAT,), FLOAT, {"dim": _int(-8, 8)}),
     "sign": OpSpec(_sign, (FLOAT,), FLOAT),
+    "sign_threshold": OpSpec(
+        _sign_threshold,
+        (FLOAT,),
+        FLOAT,
+        {"channels": _int(1)},
+        {"thresholds": TensorSpec(torch.int32, lambda a: (a["channels"],)), "direction": TensorSpec(torch.int8, lambda a: (a["channels"],))},
+    ),
     "dorefa": OpSpec(_dorefa, (FLOAT,), FLOAT, {"bits": _int(1, 16)}),
     "identity": OpSpec(_identity, (FLOAT,), FLOAT),
 }

@@ -56,7 +56,7 @@ def _binary_weight(q: Any) -> bool:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (QuantizedLayer, QActivation, quant.Quantizer)):
+        if isinstance(m, (QuantizedLayer, QActivation, quant.Quantizer)) or _is_sign_threshold(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -210,7 +210,11 @@ class _Lowering:
         if nxt.op != "call_module" or len(nxt.args) != 1:
             return None
         bn = self.modules[nxt.target]
-        if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or bn.num_features != m.out_channels:
+        if _is_sign_threshold(bn):
+            # canonized (onebit.canonize.fold_thresholds): thresholds on the exact accumulator
+            if bn.threshold.numel() != m.out_channels or m.bias is not None or not is_sign_quantizer(m.weight_quantizer):
+                return None
+        elif type(bn) is not nn.BatchNorm2d or bn.running_mean is None or bn.num_features != m.out_channels:
             return None
         if pool is not None and pool.args[0] is not node:
             return None
@@ -243,7 +247,10 @@ class _Lowering:
         if bn_node.op != "call_module" or len(bn_node.args) != 1 or bn_node.args[0] is not node:
             return None
         bn = self.modules[bn_node.target]
-        if type(bn) is not nn.BatchNorm1d or bn.running_mean is None or bn.num_features != m.out_features:
+        if _is_sign_threshold(bn):
+            if bn.threshold.numel() != m.out_features or m.bias is not None or not is_sign_quantizer(m.weight_quantizer):
+                return None
+        elif type(bn) is not nn.BatchNorm1d or bn.running_mean is None or bn.num_features != m.out_features:
             return None
         consumers = list(bn_node.users)
         if not consumers:
@@ -254,6 +261,17 @@ class _Lowering:
             if not self.is_binary_linear(self.modules[c.target]):
                 return None
         return bn_node
+
+    def thresholds_of(self, module: nn.Module, bound: int, scale, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int32 thresholds, int8 directions) of a BatchNorm (derived) or a canonized SignThreshold (given)."""
+        if _is_sign_threshold(module):
+            thr, direction = module.threshold.detach(), module.direction.detach()
+            # the kernels compare int32: clamp to the reachable range, which keeps every decision
+            thr = thr.to(torch.int64).clamp(-bound - 1, bound + 1)
+        else:
+            th = batchnorm_sign_thresholds(module, bound, scale=scale, bias=bias)
+            thr, direction = th.threshold, th.direction
+        return thr.to(torch.int32).contiguous(), direction.to(torch.int8).contiguous()
 
     def single_batchnorm_user(self, node: fx.Node, channels: int) -> fx.Node | None:
         if len(node.users) != 1:
@@ -303,10 +321,8 @@ class _Lowering:
             self.value[node] = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target)
             return
         pool, bn_node, out_layout = chain
-        bn = self.modules[bn_node.target]
         bound = accumulator_bound(m.in_channels, m.groups, m.kernel_size)
-        th = batchnorm_sign_thresholds(bn, bound, scale=scale, bias=bias)
-        thr, direction = th.threshold.contiguous(), th.direction.to(torch.int8).contiguous()
+        thr, direction = self.thresholds_of(self.modules[bn_node.target], bound, scale, bias)
         out = {"out_padding": list(out_layout[0]), "out_pad_value": out_layout[1], "out_groups": out_layout[2]}
         if pool is None:
             packed = self.emit(
@@ -383,11 +399,10 @@ class _Lowering:
                     node.name, "binary_linear", [xp], attrs, {"weight": wp, "scale": scale, "bias": bias}, node.target
                 )
                 return
-            th = batchnorm_sign_thresholds(self.modules[bn_node.target], int(m.in_features), scale=scale, bias=bias)
+            thr, direction = self.thresholds_of(self.modules[bn_node.target], int(m.in_features), scale, bias)
             packed = self.emit(
                 node.name, "binary_linear_threshold", [xp], attrs,
-                {"weight": wp, "thresholds": th.threshold.contiguous(), "direction": th.direction.to(torch.int8).contiguous()},
-                node.target,
+                {"weight": wp, "thresholds": thr, "direction": direction}, node.target,
             )
             self.skip.add(bn_node)
             self.packed[(bn_node, ("features", int(m.out_features)))] = packed
@@ -463,6 +478,13 @@ class _Lowering:
         if t is nn.Linear:
             attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
             return self.emit(name, "linear", [x], attrs, {"weight": _t(m.weight), "bias": _t(m.bias)}, target)
+        if _is_sign_threshold(m):
+            return self.emit(
+                name, "sign_threshold", [x], {"channels": int(m.threshold.numel())},
+                {"thresholds": m.threshold.detach().to(torch.int64).clamp(-(2**31), 2**31 - 1).to(torch.int32).contiguous(),
+                 "direction": m.direction.detach().to(torch.int8).contiguous()},
+                target,
+            )
         if isinstance(m, QActivation):
             return self.lower_quantizer(node, m.quantizer, x)
         if isinstance(m, quant.Quantizer):
@@ -601,6 +623,17 @@ class _Lowering:
             self.value[node] = self.arg(node, args[0])
         else:
             raise self.unsupported(node)
+
+
+def _is_sign_threshold(m: nn.Module) -> bool:
+    """A :class:`onebit.canonize.SignThreshold` (imported lazily: canonization is optional here)."""
+    if type(m).__name__ != "SignThreshold":
+        return False
+    try:
+        from onebit.canonize import SignThreshold
+    except ImportError:
+        return False
+    return isinstance(m, SignThreshold)
 
 
 _IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)

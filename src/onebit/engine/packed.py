@@ -182,7 +182,13 @@ def pack(
         raise InputError("pack: example_input must be a float32 tensor")
     if not 2 <= example_input.dim() <= 5:
         raise InputError(f"pack: example_input must be batched, e.g. [N, C, H, W], got shape {list(example_input.shape)}")
-    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    # modules whose forward depends on the mode: BatchNorm (batch statistics) and dropout
+    mode_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    training = [
+        name or type(model).__name__
+        for name, m in model.named_modules()
+        if m.training and isinstance(m, mode_dependent)
+    ]
     if training:
         raise ValueError(f"pack: the model must be in eval mode (call model.eval()); '{training[0]}' is training")
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
