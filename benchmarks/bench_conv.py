@@ -123,6 +123,21 @@ def _torch_restricted(isa: str, args) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _print_scaling(results, shapes, batches, threads, isas) -> None:
+    """Speed-up from the fewest to the most threads, per layer and candidate."""
+    if len(threads) < 2:
+        return
+    lo, hi = min(threads), max(threads)
+    print(f"# thread scaling {lo} -> {hi} (time at {lo} / time at {hi})")
+    names = ["torch NCHW", "torch channels_last"] + [f"{i} {k}" for i in isas for k in ("conv", "pack+conv")]
+    print(f"{'layer':>14} {'N':>2} " + " ".join(f"{n:>19}" for n in names))
+    for c, size in shapes:
+        for n in batches:
+            a, b = results[f"{c}x{size}/{n}/{lo}"], results[f"{c}x{size}/{n}/{hi}"]
+            cells = " ".join(f"{a[k] / b[k]:>18.2f}x" for k in names)
+            print(f"{f'{c}->{c} @{size}x{size}':>14} {n:>2} {cells}")
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:8.3f}"
 
@@ -190,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                             r = min(restricted[key].values())
                             line += f" {_ms(r):>11} {r / both:5.1f}x"
                         print(line, flush=True)
+        _print_scaling(results, shapes, args.batch, args.threads, isas)
     finally:
         _C.set_isa(active)
     if args.json:

@@ -20,7 +20,7 @@ from onebit import _C
 from onebit.engine import kernels as K
 
 ISAS = _C.supported_isas()
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ namespace {
 inline void cpu_relax() { __builtin_ia32_pause(); }
 
 // How long an idle worker keeps polling for the next job before it sleeps.
-constexpr auto kSpin = std::chrono::microseconds(200);
+constexpr auto kSpin = std::chrono::microseconds(100);
 constexpr int kMaxThreads = 1024;
 
 class Pool {
