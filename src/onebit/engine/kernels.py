@@ -223,12 +223,16 @@ def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, grou
         and xp.is_contiguous()
         and wp.is_contiguous()
     ):
-        key = (mode, xp.shape, wp.shape, c, co, _hashable(kernel_size), _hashable(stride), _hashable(padding),
-               _hashable(dilation), groups, pad_value, _hashable(out_padding), out_pad_value, out_groups)  # fmt: skip
+        key = (mode, xp.shape, wp.shape, c, co, kernel_size, stride, padding, dilation, groups, pad_value,
+               out_padding, out_pad_value, out_groups)  # fmt: skip
         try:
             plan = _PLAN_CACHE.get(key)
-        except TypeError:  # something unhashable: the checks below say what is wrong
-            key = plan = None
+        except TypeError:  # lists (or worse) inside: retry with tuples
+            key = tuple(_hashable(v) for v in key)
+            try:
+                plan = _PLAN_CACHE.get(key)
+            except TypeError:  # something unhashable: the checks below say what is wrong
+                key = plan = None
         if plan is not None:
             return plan
     cv = _Conv(xp, wp, c, co, kernel_size, stride, padding, dilation, groups, pad_value)
@@ -264,14 +268,18 @@ def _channel_ptr(t, name: str, dtype: torch.dtype, channels: int) -> int:
     return t.data_ptr()
 
 
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_Tensor = torch.Tensor
+
+
 def _direct(*tensors) -> bool:
     """True when the native kernels can run right here: plain tensors, nothing tracing."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
+    if _is_compiling() or _dispatch_modes() or _function_modes():
         return False
     for t in tensors:  # tensor subclasses (fake, functional, parameters...) take the dispatcher
-        if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor:
+        if t is not None and type(t) is not _Tensor and isinstance(t, _Tensor):
             return False
     return True  # non-tensors get their ValueError from the argument checks
 
