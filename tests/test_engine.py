@@ -532,3 +532,31 @@ def test_standalone_sign_threshold_runs_as_a_float_op(tmp_path):
     assert torch.equal(packed(x), model(x))
     packed.save(tmp_path / "m.safetensors")
     assert torch.equal(engine.load(tmp_path / "m.safetensors")(x), model(x))
+
+
+@pytest.mark.parametrize("name", ["birealnet18", "resnete18", "binary_densenet28"])
+def test_deep_zoo_models_with_sign_weights_are_bit_identical_in_both_layouts(name):
+    """Float convs and adaptive pools round differently in NCHW and channels_last: the packed
+    model's float values take the layout the model's own have, so deep models stay exact."""
+    kw = {"weight_quantizer": "ste_sign"} if name != "binary_densenet28" else {}
+    model = onebit.models.create(name, num_classes=100, in_channels=3, **kw)
+    model = randomize_batchnorms(model, 10, centred=0.3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    packed = engine.pack(model, x)
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(packed(inp), model(inp))
+
+
+def test_float_layers_after_binary_layers_see_the_models_memory_format():
+    model = nn.Sequential(
+        QConv2d(32, 48, 3, padding=1, bias=False, **SIGN),
+        nn.Conv2d(48, 40, 3, padding=1),
+        nn.AdaptiveAvgPool2d(3),
+    ).eval()
+    x = torch.randn(2, 32, 9, 9)
+    packed = engine.pack(model, x)
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            for backend in BACKENDS:
+                assert torch.equal(run_packed(packed, inp, backend), model(inp))

@@ -66,7 +66,11 @@ class PackedModel(nn.Module):
             attrs = G._attrs(node, spec, node["name"])
             roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
             free = tuple(ref for ref in dict.fromkeys(node["inputs"]) if last_use.get(ref) == i and ref not in outputs)
-            steps.append((node["name"], spec.fn, attrs, tuple(node["inputs"]), roles, free))
+            # float outputs of binary layers take the memory format the model's own tensors have
+            # (the native kernels write channels_last): float convs and adaptive pools round
+            # differently in the two layouts, and the model's layout follows its input's
+            relayout = node["op"] == "binary_conv2d"
+            steps.append((node["name"], spec.fn, attrs, tuple(node["inputs"]), roles, free, relayout))
         return steps
 
     # -- running ------------------------------------------------------------
@@ -95,9 +99,11 @@ class PackedModel(nn.Module):
     def forward(self, x: torch.Tensor):
         self._check_input(x)
         env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
-        for name, fn, attrs, inputs, roles, free in self._steps:
+        fmt = _memory_format(x)
+        for name, fn, attrs, inputs, roles, free, relayout in self._steps:
             try:
-                env[name] = fn(roles, attrs, *[env[i] for i in inputs])
+                out = fn(roles, attrs, *[env[i] for i in inputs])
+                env[name] = out.contiguous(memory_format=fmt) if relayout else out
             except RuntimeError as error:
                 raise ValueError(f"PackedModel: op {name!r} failed on input of shape {list(x.shape)}: {error}") from error
             for ref in free:
@@ -118,10 +124,12 @@ class PackedModel(nn.Module):
         times: dict[str, list[float]] = {name: [] for name, *_ in self._steps}
         for _ in range(max(1, repeat)):
             env = {self.graph["input"]["name"]: x}
-            for name, fn, attrs, inputs, roles, free in self._steps:
+            fmt = _memory_format(x)
+            for name, fn, attrs, inputs, roles, free, relayout in self._steps:
                 args = [env[i] for i in inputs]
                 t0 = time.perf_counter()
-                env[name] = fn(roles, attrs, *args)
+                out = fn(roles, attrs, *args)
+                env[name] = out.contiguous(memory_format=fmt) if relayout else out
                 times[name].append(time.perf_counter() - t0)
         rows = []
         for node in self.graph["nodes"]:
@@ -150,6 +158,13 @@ class PackedModel(nn.Module):
         for node in self.graph["nodes"]:
             counts[node["op"]] = counts.get(node["op"], 0) + 1
         return ", ".join(f"{op}: {n}" for op, n in counts.items())
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format torch's convolutions give their outputs for input ``x``."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def pack(
