@@ -499,6 +499,7 @@ def test_packed_model_traces_with_torch_compile():
     assert torch.equal(compiled(x), packed(x))
 
 
+@pytest.mark.filterwarnings("ignore:BatchNorm '1' cannot be folded")
 def test_canonized_sign_thresholds_pack_like_batchnorms():
     canonize = pytest.importorskip("onebit.canonize")
     model = randomize_batchnorms(onebit.models.create("lenet_binary", num_classes=10, in_channels=1), 8).eval()
