@@ -168,7 +168,9 @@ chain_configs = st.fixed_dictionaries(
         "pv1": st.sampled_from([0.0, 1.0, -1.0]),
         "pv2": st.sampled_from([0.0, 1.0, -1.0]),
         "groups2": st.sampled_from([1, 2]),
-        "pool": st.sampled_from([None, (2, False), (3, True), (2, True)]),
+        # (kernel, stride, padding, dilation, ceil_mode)
+        "pool": st.sampled_from([None, (2, 2, 0, 1, False), (3, 3, 0, 1, True), (2, 2, 0, 1, True), (3, 2, 1, 1, False),
+                                 (3, 2, 1, 1, True), (2, 1, 0, 1, False), (3, 1, 1, 2, False)]),
         "bias": st.booleans(),
         "size": st.tuples(st.integers(9, 15), st.integers(9, 15)),
         "batch": st.integers(1, 3),
@@ -185,15 +187,16 @@ def build_chain(cfg) -> tuple[nn.Module, torch.Tensor]:
         QConv2d(cfg["c1"], c2, cfg["k1"], padding=cfg["pad1"], pad_value=cfg["pv1"], bias=cfg["bias"], **SIGN)
     ]
     if cfg["pool"] is not None:
-        k, ceil = cfg["pool"]
-        layers.append(nn.MaxPool2d(k, ceil_mode=ceil))
+        k, stride, pad, dil, ceil = cfg["pool"]
+        layers.append(nn.MaxPool2d(k, stride, pad, dil, ceil_mode=ceil))
     layers += [
         nn.BatchNorm2d(c2),
         QConv2d(c2, c3, cfg["k2"], padding=cfg["pad2"], pad_value=cfg["pv2"], groups=g2, bias=False, **SIGN),
     ]
     h, w = (s + 2 * cfg["pad1"] - cfg["k1"] + 1 for s in cfg["size"])
     if cfg["pool"] is not None:
-        h, w = h // cfg["pool"][0], w // cfg["pool"][0]
+        k, stride, pad, dil, _ = cfg["pool"]
+        h, w = ((v + 2 * pad - dil * (k - 1) - 1) // stride + 1 for v in (h, w))
     if not (min(h, w) + 2 * cfg["pad2"] >= cfg["k2"] and min(h, w) >= 1):
         assume(False)
     torch.manual_seed(cfg["seed"])
@@ -210,7 +213,7 @@ def test_batchnorm_sign_thresholds_keep_the_chain_exact(backend, cfg):
     packed = engine.pack(model, x)
     ops_used = [n["op"] for n in packed.graph["nodes"]]
     assert "batch_norm" not in ops_used
-    assert ("threshold_pack" in ops_used) == (cfg["pool"] is not None)
+    assert ("max_pool_bits" in ops_used) == (cfg["pool"] is not None)
     assert torch.equal(run_packed(packed, x, backend), model(x))
     x_cl = x.contiguous(memory_format=torch.channels_last)
     assert torch.equal(run_packed(packed, x_cl, backend), model(x_cl))
@@ -329,7 +332,7 @@ def test_lenet_binary_from_the_zoo(backend):
     x = torch.randn(16, 1, 8, 8)
     packed = engine.pack(model, x)
     ops_used = [n["op"] for n in packed.graph["nodes"]]
-    assert "threshold_pack" in ops_used and "binary_linear" in ops_used
+    assert "max_pool_bits" in ops_used and "binary_linear" in ops_used
     y, ref = run_packed(packed, x, backend), model(x)
     assert torch.allclose(y, ref, atol=1e-4, rtol=0)
     assert torch.equal(y.argmax(1), ref.argmax(1))

@@ -197,6 +197,13 @@ def _binary_conv2d_threshold(t, a, xp):
     )
 
 
+def _max_pool_bits(t, a, xp):
+    return ops.max_pool_bits(
+        xp, t["or_mask"], t["pad_words"], kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
+        dilation=a["dilation"], ceil_mode=a["ceil_mode"], out_padding=a["out_padding"],
+    )
+
+
 def _threshold_pack(t, a, acc):
     return ops.threshold_pack(
         acc, t["thresholds"], t["direction"], out_padding=a["out_padding"], out_pad_value=a["out_pad_value"],
@@ -384,6 +391,25 @@ OPS: dict[str, OpSpec] = {
         {"thresholds": TensorSpec(torch.int32, _cout), "direction": TensorSpec(torch.int8, _cout)},
         lambda a: _check_out_groups(a),
     ),
+    "max_pool_bits": OpSpec(
+        _max_pool_bits,
+        (PACKED,),
+        PACKED,
+        {
+            "channels": _int(1),
+            "kernel_size": _pair(1, 1 << 10),
+            "stride": _pair(1, 1 << 10),
+            "padding": _pair(0, 1 << 10),
+            "dilation": _pair(1, 1 << 10),
+            "ceil_mode": _bool,
+            **_THRESH_ATTRS,
+        },
+        {
+            "or_mask": TensorSpec(torch.int64, lambda a: (a["out_groups"], (a["channels"] // a["out_groups"] + 63) // 64)),
+            "pad_words": TensorSpec(torch.int64, lambda a: (a["out_groups"], (a["channels"] // a["out_groups"] + 63) // 64)),
+        },
+        lambda a: _check_out_groups({**a, "out_channels": a["channels"]}),
+    ),
     "binary_linear": OpSpec(
         _binary_linear,
         (PACKED,),
@@ -519,6 +545,8 @@ def _produced_layout(node: dict) -> tuple | None:
         return (tuple(a["padding"]), a["pad_value"], a["groups"], None)
     if node["op"] in ("binary_conv2d_threshold", "threshold_pack"):
         return (tuple(a["out_padding"]), a["out_pad_value"], a["out_groups"], a["out_channels"])
+    if node["op"] == "max_pool_bits":
+        return (tuple(a["out_padding"]), a["out_pad_value"], a["out_groups"], a["channels"])
     if node["op"] == "pack_features":
         return ("features", a["features"])
     if node["op"] == "binary_linear_threshold":
@@ -530,6 +558,8 @@ def _expected_layout(node: dict) -> tuple:
     a = node["attrs"]
     if node["op"] in ("binary_linear", "binary_linear_threshold"):
         return ("features", a["in_features"])
+    if node["op"] == "max_pool_bits":  # thresholded bits, unpadded, in the output's groups
+        return ((0, 0), 0.0, a["out_groups"], a["channels"])
     return (tuple(a["padding"]), a["pad_value"], a["groups"], a["in_channels"])
 
 

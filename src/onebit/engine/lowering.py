@@ -330,11 +330,25 @@ class _Lowering:
                 {"weight": wp, "thresholds": thr, "direction": direction}, node.target,
             )
         else:
-            acc = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp}, node.target)
-            pooled = self.lower_module_op(pool, self.modules[pool.target], acc)
+            # max(acc) < thr iff all acc < thr; max(acc) > thr iff any acc > thr: threshold every
+            # position, then pool the bits (AND for direction +1, OR for -1)
+            c, g = int(m.out_channels), out_layout[2]
+            bits = self.emit(
+                node.name, "binary_conv2d_threshold", [xp],
+                {**conv, "out_padding": [0, 0], "out_pad_value": 0.0, "out_groups": g},
+                {"weight": wp, "thresholds": thr, "direction": direction}, node.target,
+            )
+            p = self.modules[pool.target]
+            stride = p.stride if p.stride is not None else p.kernel_size
+            or_signs = torch.where(direction.view(1, c, 1, 1) < 0, -1.0, 1.0).to(torch.float32)
+            or_mask = ops.pack_activations(or_signs.contiguous(), (0, 0), 0.0, g).view(g, -1).contiguous()
+            pad_signs = torch.full((1, c, 1, 1), -1.0 if out["out_pad_value"] < 0 else 1.0)
+            pad_words = ops.pack_activations(pad_signs, (0, 0), 0.0, g).view(g, -1).contiguous()
+            attrs = {"channels": c, "kernel_size": _pair(p.kernel_size), "stride": _pair(stride),
+                     "padding": _pair(p.padding), "dilation": _pair(p.dilation), "ceil_mode": bool(p.ceil_mode), **out}
             packed = self.emit(
-                f"{bn_node.name}_sign", "threshold_pack", [pooled], {"out_channels": int(m.out_channels), **out},
-                {"thresholds": thr, "direction": direction}, bn_node.target,
+                f"{pool.name}_bits", "max_pool_bits", [bits], attrs, {"or_mask": or_mask, "pad_words": pad_words},
+                pool.target,
             )
             self.skip.add(pool)
         self.skip.add(bn_node)

@@ -38,6 +38,8 @@ __all__ = [
     "binary_linear",
     "binary_linear_threshold",
     "conv_output_size",
+    "pool_output_size",
+    "max_pool_bits",
 ]
 
 _SHIFTS = torch.arange(64, dtype=torch.int64)
@@ -266,3 +268,65 @@ def binary_linear_threshold(
     thr = thresholds.to(torch.int64).view(1, -1)
     negative = torch.where((direction == 1).view(1, -1), acc < thr, acc > thr)
     return _pack_bits(negative)
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """Output length of ``max_pool2d`` as torch computes it (ceil mode keeps the last window starting inside)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def max_pool_bits(
+    xp: torch.Tensor,
+    or_mask: torch.Tensor,
+    pad_words: torch.Tensor,
+    *,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    out_padding: Sequence[int],
+) -> torch.Tensor:
+    """Max pooling of thresholded accumulators, on their packed bits.
+
+    ``xp``: packed ``[N, H, W, G, Wg]`` (no padding), the bits of ``acc < thr`` (channels of
+    direction +1) or ``acc > thr`` (direction -1; their bits are set in ``or_mask [G, Wg]``).
+    Since ``max(acc) < thr`` iff every ``acc < thr`` and ``max(acc) > thr`` iff some ``acc > thr``,
+    the pooled bit is the AND of the window's bits for direction +1 and the OR for -1 (padded
+    window positions, which max pooling ignores, take no part). The result is written into a
+    ``[N, OH + 2 oph, OW + 2 opw, G, Wg]`` tensor whose border words are ``pad_words [G, Wg]``.
+    """
+    n, h, w, g, wg = xp.shape
+    kh, kw = _pair(kernel_size)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"max_pool_bits: input {h}x{w} is too small for pooling window {kh}x{kw}")
+    and_acc = torch.full((n, oh, ow, g, wg), -1, dtype=torch.int64)
+    or_acc = torch.zeros((n, oh, ow, g, wg), dtype=torch.int64)
+    rows = torch.arange(oh) * sh - ph
+    cols = torch.arange(ow) * sw - pw
+    for i in range(kh):
+        r = rows + i * dh
+        rv = (r >= 0) & (r < h)
+        for j in range(kw):
+            c = cols + j * dw
+            cv = (c >= 0) & (c < w)
+            tap = xp[:, r.clamp(0, h - 1)][:, :, c.clamp(0, w - 1)]  # [N, OH, OW, G, Wg]
+            valid = (rv.view(oh, 1) & cv.view(1, ow)).view(1, oh, ow, 1, 1)
+            and_acc &= torch.where(valid, tap, -1)
+            or_acc |= torch.where(valid, tap, 0)
+    pooled = (and_acc & ~or_mask) | (or_acc & or_mask)
+    oph, opw = _pair(out_padding)
+    if not (oph or opw):
+        return pooled.contiguous()
+    out = pad_words.view(1, 1, 1, g, wg).expand(n, oh + 2 * oph, ow + 2 * opw, g, wg).clone()
+    out[:, oph : oph + oh, opw : opw + ow] = pooled
+    return out
