@@ -2,6 +2,7 @@
 weight clipping, Bop wiring, and 2-process DDP (spawned by the trainer and under torchrun)."""
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -213,3 +214,29 @@ def test_export_and_eval_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onebit.engine", None)  # a build without the engine
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "engine (onebit.engine) is not available" in capsys.readouterr().err
+
+
+def write_tiny_idx(root, n=32, size=28):
+    import numpy as np
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", n), ("t10k", n // 2)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (count, size, size))), ("labels-idx1", np.arange(count) % 10)):
+            header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            (root / f"{prefix}-{kind}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
+    return root
+
+
+@pytest.mark.parametrize(
+    "model, extra",
+    [("birealnet_small", {"model_kwargs": {"conv_layer": "twist"}}),
+     ("resnete18", {"image_size": 32, "weight_clip": 1.0, "mixup": 0.2})],
+)
+def test_zoo_models_train_on_an_idx_directory(tmp_path, model, extra):
+    data_dir = write_tiny_idx(tmp_path / "idx")
+    cfg = TrainConfig(model=model, data=str(data_dir), epochs=1, batch_size=16, seed=0, out=str(tmp_path / "run"), **extra)
+    history = Trainer(cfg).fit()
+    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
+    loaded, meta = load_run(str(tmp_path / "run"))
+    assert meta["image_size"] == [extra.get("image_size", 28)] * 2

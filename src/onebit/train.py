@@ -201,9 +201,13 @@ class Trainer:
         self.model = models.create(
             config.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels, **config.model_kwargs
         )
+        # one GPU per process where GPUs exist (torchrun's LOCAL_RANK), else the CPU
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
+        self.model.to(self.device)
         self.net: nn.Module = self.model
         if self.world_size > 1:
-            self.net = nn.parallel.DistributedDataParallel(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.binary_params = binary_parameters(self.model)
         self.optimizers = self._make_optimizers()
         self.optimizer = self.optimizers[0]  # the float optimizer (Adam or SGD)
@@ -264,7 +268,7 @@ class Trainer:
         alpha = self.config.mixup
         if alpha > 0:
             lam = float(self.mixup_rng.beta(alpha, alpha))
-            perm = torch.randperm(len(y), generator=self.generator)
+            perm = torch.randperm(len(y), generator=self.generator).to(y.device)
             logits = self.net(lam * x + (1 - lam) * x[perm])
             return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
         return F.cross_entropy(self.net(x), y)
@@ -272,6 +276,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         if self.augment.enabled:
             x = self.augment(x, self.generator)
+        x, y = x.to(self.device), y.to(self.device)
         loss = self._loss(x, y)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -294,7 +299,7 @@ class Trainer:
             task = progress.add_task(f"epoch {epoch}", total=self.steps_per_epoch, completed=self.step, loss=self._mean_loss())
         while self.step < self.steps_per_epoch:
             idx = self._batch_indices(perm, self.step)
-            loss = self.train_step(x_all[idx], y_all[idx])
+            loss = self.train_step(x_all[idx], y_all[idx])  # moved to the device in train_step
             self._loss_sum += loss * len(idx)
             self._loss_count += len(idx)
             self.step += 1
@@ -311,9 +316,15 @@ class Trainer:
     def _mean_loss(self) -> float:
         if self.world_size > 1:
             t = torch.tensor([self._loss_sum, float(self._loss_count)], dtype=torch.float64)
-            dist.all_reduce(t)
+            t = self._all_reduce(t)
             return float(t[0] / t[1]) if t[1] else math.nan
         return self._loss_sum / self._loss_count if self._loss_count else math.nan
+
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """Sum (or ``op``) a small CPU tensor over the ranks (through the device for NCCL)."""
+        moved = t.to(self.device)
+        dist.all_reduce(moved, op=op)
+        return moved.cpu()
 
     def on_step_end(self) -> None:
         """Hook called after every training step (override in subclasses, e.g. to stop at a given step)."""
@@ -325,7 +336,7 @@ class Trainer:
     def _should_stop(self) -> bool:
         if self.world_size > 1:  # every rank stops at the same step
             flag = torch.tensor([0 if self._stop_signal is None else int(self._stop_signal)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            flag = self._all_reduce(flag, dist.ReduceOp.MAX)
             if flag.item() and self._stop_signal is None:
                 self._stop_signal = int(flag.item())
         return self._stop_signal is not None
@@ -341,7 +352,7 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64)
         for start in range(0, len(idx), 256):
             batch = idx[start : start + 256]
-            x, y = x_all[batch], y_all[batch]
+            x, y = x_all[batch].to(self.device), y_all[batch].to(self.device)
             logits = model(x)
             sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
             sums[1] += (logits.argmax(dim=1) == y).sum().item()
@@ -349,7 +360,7 @@ class Trainer:
             sums[2] += (topk == y[:, None]).any(dim=1).sum().item()
             sums[3] += len(y)
         if self.world_size > 1:
-            dist.all_reduce(sums)
+            sums = self._all_reduce(sums)
         n = float(sums[3])
         return {"valid_loss": float(sums[0]) / n, "accuracy": float(sums[1]) / n, "top_k_accuracy": float(sums[2]) / n}
 
@@ -469,7 +480,7 @@ class Trainer:
         """Write the run: ``model.safetensors``, ``checkpoint.safetensors``, ``config.json``,
         ``history.csv`` (each atomically)."""
         os.makedirs(directory, exist_ok=True)
-        io.save_tensors(os.path.join(directory, "model.safetensors"), self.model.state_dict())
+        io.save_tensors(os.path.join(directory, "model.safetensors"), {k: v.cpu() for k, v in self.model.state_dict().items()})
         tensors, meta = self.checkpoint_state()
         io.save_tensors(os.path.join(directory, CHECKPOINT), tensors, metadata={"onebit_checkpoint": json.dumps(meta)})
         self.save_config(directory)
@@ -477,7 +488,7 @@ class Trainer:
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything needed to continue the run exactly: tensors and a JSON-able dict."""
-        tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors: dict[str, torch.Tensor] = {f"model.{k}": v.cpu() for k, v in self.model.state_dict().items()}
         optimizers = []
         for i, opt in enumerate(self.optimizers):
             sd = opt.state_dict()
@@ -485,12 +496,12 @@ class Trainer:
             for pid, state in sd["state"].items():
                 for key, value in state.items():
                     if isinstance(value, torch.Tensor):
-                        tensors[f"optimizer.{i}.{pid}.{key}"] = value
+                        tensors[f"optimizer.{i}.{pid}.{key}"] = value.cpu()
                     else:
                         scalars.setdefault(str(pid), {})[key] = value
             optimizers.append({"param_groups": sd["param_groups"], "scalars": scalars, "params": sorted(map(str, sd["state"]))})
         for i, s in enumerate(self.flips.signs):
-            tensors[f"flips.{i}"] = s.to(torch.uint8)
+            tensors[f"flips.{i}"] = s.to(torch.uint8).cpu()
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.generator"] = self.generator.get_state()
         np_state = np.random.get_state()
@@ -537,7 +548,7 @@ class Trainer:
             opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
         if self.scheduler is not None and meta["scheduler"] is not None:
             self.scheduler.load_state_dict(meta["scheduler"])
-        self.flips.signs = [tensors[f"flips.{i}"].bool() for i in range(len(self.flips.params))]
+        self.flips.signs = [tensors[f"flips.{i}"].bool().to(self.device) for i in range(len(self.flips.params))]
         rng = meta["rng"]
         if self.rank == 0:
             torch.set_rng_state(tensors["rng.torch"])
