@@ -161,7 +161,7 @@ def test_float_twin_has_no_binary_layer():
     assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in models.create("birealnet18").parameters())
 
 
-@pytest.mark.parametrize("name", ["lenet_binary", "birealnet_small", "resnet18", "birealnet18"])
+@pytest.mark.parametrize("name", ["lenet_binary", "lenet_larq", "birealnet_small", "resnet18", "birealnet18", "resnete18", "binary_densenet28"])
 def test_packs_with_the_engine_with_equal_outputs(name):
     engine = pytest.importorskip("onebit.engine")
     if not hasattr(engine, "pack"):
