@@ -191,6 +191,12 @@ def corrupt_files(good: str, d: str) -> dict[str, str]:
     variant("weight_shape", tensors=lambda t: reshape(t, "__weight"))
     variant("threshold_shape", tensors=lambda t: reshape(t, "__thresholds"))
     variant("extra_tensor", tensors=lambda t: t.__setitem__("intruder", torch.ones(2)))
+
+    def zero_direction(t):
+        key = next(k for k in t if k.endswith("__direction"))
+        t[key] = torch.zeros_like(t[key])
+
+    variant("direction_zero", tensors=zero_direction)
     return paths
 
 

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if conv_main is None:
             console.print("binary conv benchmark: benchmarks/bench_conv.py not found (run from the source tree)")
         else:
-            status = conv_main(["--threads", *map(str, args.threads)])
+            status = conv_main(["--threads", *map(str, args.threads), "--reps", str(args.reps)])
             if status:
                 return int(status)
     results = []

@@ -651,6 +651,13 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
                 raise GraphError(f"{where}: tensor {key!r} must have shape {list(shape)}, got {list(t.shape)}")
             if shape is None and t.dim() != 1:
                 raise GraphError(f"{where}: tensor {key!r} must be 1-D, got shape {list(t.shape)}")
+            if role == "direction" and t.numel() and not bool(((t == 1) | (t == -1)).all()):
+                raise GraphError(f"{where}: tensor {key!r} must hold only +1 and -1")
+            if role in ("or_mask", "pad_words") and t.numel():
+                cg = attrs["channels"] // attrs["out_groups"]
+                unused = _unused_bits(cg, t.shape[-1])
+                if bool(((t & unused) != 0).any()):
+                    raise GraphError(f"{where}: tensor {key!r} has bits set beyond the {cg} channels of a group")
             used_tensors.add(key)
         kinds[name] = spec.output
         producers[name] = {"op": op, "attrs": attrs}
@@ -665,6 +672,16 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
     unused = set(tensors) - used_tensors
     if unused:
         raise GraphError(f"tensors not used by the graph: {sorted(unused)[:5]}")
+
+
+def _unused_bits(channels: int, words: int) -> torch.Tensor:
+    """int64 ``[words]``: the bits beyond ``channels`` (which must stay 0)."""
+    out = []
+    for k in range(words):
+        used = min(max(channels - 64 * k, 0), 64)
+        mask = 0 if used == 64 else ~((1 << used) - 1) & ((1 << 64) - 1)
+        out.append(mask - (1 << 64) if mask >= 1 << 63 else mask)
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def _attrs(node: dict, spec: OpSpec, where: str) -> dict:
