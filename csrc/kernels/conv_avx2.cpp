@@ -65,31 +65,29 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
                                        2, 3, 2, 3, 3, 4);
   const __m256i zero = _mm256_setzero_si256();
-  __m256i acc64[P][J];
-#pragma GCC unroll 4
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-    for (int j = 0; j < J; ++j) acc64[p][j] = zero;
+  // 64-bit totals live in memory (touched once per 31 steps), so that the byte
+  // accumulators, the input nibbles and the table keep all 16 ymm registers.
+  alignas(32) uint64_t acc64[P][J][kVec] = {};
   const uint64_t* xs[P];  // prepared (nibble-split) input: word i at 2 i
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int p = 0; p < P; ++p) xs[p] = b.x_prepared + 2 * (pix[p].x - b.x);
   const int64_t* so = b.step_off;
   for (int64_t s = 0; s < c.steps;) {
     const int64_t end = s + kFlush < c.steps ? s + kFlush : c.steps;
     __m256i acc8[P][J];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int j = 0; j < J; ++j) acc8[p][j] = zero;
     for (; s < end; ++s) {
       const int64_t off = 2 * so[s];
       const __m256i* wlo = reinterpret_cast<const __m256i*>(c.ws + s * 2 * J * kVec);
       const __m256i* whi = wlo + J;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int p = 0; p < P; ++p) {
         const __m256i xl = _mm256_set1_epi64x(static_cast<long long>(xs[p][off]));
         const __m256i xh = _mm256_set1_epi64x(static_cast<long long>(xs[p][off + 1]));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int j = 0; j < J; ++j) {
           const __m256i cl = _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, _mm256_load_si256(wlo + j)));
           const __m256i ch = _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, _mm256_load_si256(whi + j)));
@@ -97,10 +95,13 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
         }
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int p = 0; p < P; ++p)
-#pragma GCC unroll 4
-      for (int j = 0; j < J; ++j) acc64[p][j] = _mm256_add_epi64(acc64[p][j], _mm256_sad_epu8(acc8[p][j], zero));
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) {
+        __m256i* dst = reinterpret_cast<__m256i*>(acc64[p][j]);
+        _mm256_store_si256(dst, _mm256_add_epi64(_mm256_load_si256(dst), _mm256_sad_epu8(acc8[p][j], zero)));
+      }
   }
 
   // Epilogue: acc = K - 2 popcount - correction, 4 channels per xmm.
@@ -109,7 +110,7 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
   const __m128i K = _mm_set1_epi32(c.K);
   const __m128i ids = _mm_setr_epi32(0, 1, 2, 3);
   uint64_t pending[P];  // bytewise threshold output: the bits of an even j wait for j + 1
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int j = 0; j < J; ++j) {
     const int64_t cj = b.co0 + j * kVec;
     const int64_t valid = b.nco - j * kVec;
@@ -128,10 +129,11 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
       const int64_t c8 = cj - (j % 2) * kVec;
       out_byte = (c8 / o.OCg) * o.OWg * 8 + (c8 % o.OCg) / 8;
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int p = 0; p < P; ++p) {
       // The four 64-bit counts are < 2^31: keep their low halves.
-      const __m256i lows = _mm256_permutevar8x32_epi32(acc64[p][j], _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+      const __m256i lows = _mm256_permutevar8x32_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(acc64[p][j])),
+                                                       _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
       const __m128i pc = _mm256_castsi256_si128(lows);
       __m128i a = _mm_sub_epi32(K, _mm_add_epi32(pc, pc));
       if (pix[p].cls)
@@ -205,9 +207,13 @@ void run(const ConvBlock& b) {
   Ctx c{&b, ws, corr, steps, static_cast<int32_t>(g.Cg * taps)};
   switch (J) {
     case 1: run_j<1>(c); break;
-    case 2: run_j<2>(c); break;
-    case 3: run_j<3>(c); break;
-    default: run_j<4>(c); break;
+    case 2: run_j<2 <= kMaxJ ? 2 : 1>(c); break;
+    case 3: run_j<3 <= kMaxJ ? 3 : 1>(c); break;
+    case 4: run_j<4 <= kMaxJ ? 4 : 1>(c); break;
+    case 5: run_j<5 <= kMaxJ ? 5 : 1>(c); break;
+    case 6: run_j<6 <= kMaxJ ? 6 : 1>(c); break;
+    case 7: run_j<7 <= kMaxJ ? 7 : 1>(c); break;
+    default: run_j<8 <= kMaxJ ? 8 : 1>(c); break;
   }
 }
 
