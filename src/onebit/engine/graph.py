@@ -200,7 +200,7 @@ def _binary_conv2d_threshold(t, a, xp):
 def _max_pool_bits(t, a, xp):
     return ops.max_pool_bits(
         xp, t["or_mask"], t["pad_words"], kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
-        dilation=a["dilation"], ceil_mode=a["ceil_mode"], out_padding=a["out_padding"],
+        dilation=a["dilation"], ceil_mode=a["ceil_mode"], out_padding=a["out_padding"], channels=a["channels"],
     )
 
 

@@ -279,6 +279,45 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return out
 
 
+_POOL_INDEX: dict[tuple, torch.Tensor] = {}
+
+
+def _pool_index(h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
+                oh: int, ow: int) -> torch.Tensor:
+    """int64 ``[OH * OW, KH * KW]``: flat input positions of every window tap; ``H * W`` where the
+    tap falls into the padding (max pooling ignores those)."""
+    key = (h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
+    idx = _POOL_INDEX.get(key)
+    if idx is None:
+        r = (torch.arange(oh) * sh - ph).view(oh, 1) + torch.arange(kh).view(1, kh) * dh  # [OH, KH]
+        c = (torch.arange(ow) * sw - pw).view(ow, 1) + torch.arange(kw).view(1, kw) * dw  # [OW, KW]
+        rv, cv = (r >= 0) & (r < h), (c >= 0) & (c < w)
+        flat = r.view(oh, 1, kh, 1) * w + c.view(1, ow, 1, kw)
+        valid = rv.view(oh, 1, kh, 1) & cv.view(1, ow, 1, kw)
+        idx = torch.where(valid, flat, h * w).reshape(oh * ow, kh * kw).contiguous()
+        if len(_POOL_INDEX) < 256:
+            _POOL_INDEX[key] = idx
+    return idx
+
+
+_USED_BITS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def used_bits(channels: int, words: int) -> torch.Tensor:
+    """int64 ``[words]`` with the bits of ``channels`` channels set (the rest of the last word clear)."""
+    cached = _USED_BITS.get((channels, words))
+    if cached is not None:
+        return cached
+    out = []
+    for k in range(words):
+        n = min(max(channels - 64 * k, 0), 64)
+        out.append(-1 if n == 64 else (1 << n) - 1)
+    mask = torch.tensor(out, dtype=torch.int64)
+    if len(_USED_BITS) < 1024:
+        _USED_BITS[(channels, words)] = mask
+    return mask
+
+
 def max_pool_bits(
     xp: torch.Tensor,
     or_mask: torch.Tensor,
@@ -290,6 +329,7 @@ def max_pool_bits(
     dilation: Sequence[int],
     ceil_mode: bool,
     out_padding: Sequence[int],
+    channels: int,
 ) -> torch.Tensor:
     """Max pooling of thresholded accumulators, on their packed bits.
 
@@ -297,8 +337,9 @@ def max_pool_bits(
     direction +1) or ``acc > thr`` (direction -1; their bits are set in ``or_mask [G, Wg]``).
     Since ``max(acc) < thr`` iff every ``acc < thr`` and ``max(acc) > thr`` iff some ``acc > thr``,
     the pooled bit is the AND of the window's bits for direction +1 and the OR for -1 (padded
-    window positions, which max pooling ignores, take no part). The result is written into a
-    ``[N, OH + 2 oph, OW + 2 opw, G, Wg]`` tensor whose border words are ``pad_words [G, Wg]``.
+    window positions, which max pooling ignores, take no part). ANDs are computed as ORs of the
+    flipped bits. The result is written into a ``[N, OH + 2 oph, OW + 2 opw, G, Wg]`` tensor whose
+    border words are ``pad_words [G, Wg]``.
     """
     n, h, w, g, wg = xp.shape
     kh, kw = _pair(kernel_size)
@@ -309,24 +350,17 @@ def max_pool_bits(
     ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
     if oh < 1 or ow < 1:
         raise ValueError(f"max_pool_bits: input {h}x{w} is too small for pooling window {kh}x{kw}")
-    and_acc = torch.full((n, oh, ow, g, wg), -1, dtype=torch.int64)
-    or_acc = torch.zeros((n, oh, ow, g, wg), dtype=torch.int64)
-    rows = torch.arange(oh) * sh - ph
-    cols = torch.arange(ow) * sw - pw
-    for i in range(kh):
-        r = rows + i * dh
-        rv = (r >= 0) & (r < h)
-        for j in range(kw):
-            c = cols + j * dw
-            cv = (c >= 0) & (c < w)
-            tap = xp[:, r.clamp(0, h - 1)][:, :, c.clamp(0, w - 1)]  # [N, OH, OW, G, Wg]
-            valid = (rv.view(oh, 1) & cv.view(1, ow)).view(1, oh, ow, 1, 1)
-            and_acc &= torch.where(valid, tap, -1)
-            or_acc |= torch.where(valid, tap, 0)
-    pooled = (and_acc & ~or_mask) | (or_acc & or_mask)
+    flip = (used_bits(channels // g, wg).view(1, wg) & ~or_mask).reshape(1, 1, g * wg)  # the AND channels
+    x = xp.reshape(n, h * w, g * wg) ^ flip
+    x = torch.cat([x, torch.zeros(n, 1, g * wg, dtype=torch.int64)], dim=1)  # position H*W: padding, OR-neutral
+    taps = x[:, _pool_index(h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)]  # [N, OH*OW, KH*KW, G*Wg]
+    pooled = taps[:, :, 0]
+    for t in range(1, kh * kw):
+        pooled = pooled | taps[:, :, t]
+    pooled = (pooled ^ flip).view(n, oh, ow, g, wg)
     oph, opw = _pair(out_padding)
     if not (oph or opw):
-        return pooled.contiguous()
+        return pooled
     out = pad_words.view(1, 1, 1, g, wg).expand(n, oh + 2 * oph, ow + 2 * opw, g, wg).clone()
     out[:, oph : oph + oh, opw : opw + ow] = pooled
     return out
