@@ -188,22 +188,74 @@ void run_j(const Ctx& c) {
   }
 }
 
+// The block's weights as [steps][2][lanes] nibble-split words, by 4x4 transposes of
+// 64-bit words (4 output channels' rows of 4 steps in, 4 steps' vectors out).
+void repack(const ConvBlock& b, int J, uint64_t* ws) {
+  const ConvGeometry& g = *b.g;
+  const int64_t steps = g.KH * g.KW * g.Wg;
+  const int lanes = J * kVec;
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i ids = _mm256_setr_epi64x(0, 1, 2, 3);
+  for (int j = 0; j < J; ++j) {
+    const uint64_t* src = b.w + (b.co0 + j * kVec) * steps;
+    const int64_t rows = b.nco - j * kVec < kVec ? b.nco - j * kVec : kVec;
+    for (int64_t s0 = 0; s0 < steps; s0 += 4) {
+      const int64_t n = steps - s0 < 4 ? steps - s0 : 4;
+      const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), ids);
+      __m256i r[4];
+      for (int i = 0; i < 4; ++i)
+        r[i] = i < rows ? _mm256_maskload_epi64(reinterpret_cast<const long long*>(src + i * steps + s0), m)
+                        : _mm256_setzero_si256();
+      const __m256i t0 = _mm256_unpacklo_epi64(r[0], r[1]), t1 = _mm256_unpackhi_epi64(r[0], r[1]);
+      const __m256i t2 = _mm256_unpacklo_epi64(r[2], r[3]), t3 = _mm256_unpackhi_epi64(r[2], r[3]);
+      const __m256i c[4] = {_mm256_permute2x128_si256(t0, t2, 0x20), _mm256_permute2x128_si256(t1, t3, 0x20),
+                            _mm256_permute2x128_si256(t0, t2, 0x31), _mm256_permute2x128_si256(t1, t3, 0x31)};
+      for (int i = 0; i < n; ++i) {
+        __m256i* dst = reinterpret_cast<__m256i*>(ws + (s0 + i) * 2 * lanes + j * kVec);
+        _mm256_store_si256(dst, _mm256_and_si256(c[i], low));
+        _mm256_store_si256(dst + J, _mm256_and_si256(_mm256_srli_epi16(c[i], 4), low));
+      }
+    }
+  }
+}
+
+// tapsum[t * lanes + l] = Cg - 2 popcount(weights of tap t, lane l), from the split words.
+void tap_sums(const ConvBlock& b, int J, const uint64_t* ws, int32_t* tapsum) {
+  const ConvGeometry& g = *b.g;
+  const int64_t taps = g.KH * g.KW;
+  const int lanes = J * kVec;
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                       2, 3, 2, 3, 3, 4);
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t t = 0; t < taps; ++t)
+    for (int j = 0; j < J; ++j) {
+      __m256i pc = zero;
+      for (int64_t k = 0; k < g.Wg; ++k) {
+        const __m256i* v = reinterpret_cast<const __m256i*>(ws + (t * g.Wg + k) * 2 * lanes + j * kVec);
+        const __m256i bytes =
+            _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_load_si256(v)), _mm256_shuffle_epi8(lut, _mm256_load_si256(v + J)));
+        pc = _mm256_add_epi64(pc, _mm256_sad_epu8(bytes, zero));
+      }
+      alignas(32) int64_t counts[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(counts), pc);
+      for (int l = 0; l < kVec; ++l)
+        tapsum[t * lanes + j * kVec + l] = static_cast<int32_t>(g.Cg - 2 * counts[l]);
+    }
+}
+
 void run(const ConvBlock& b) {
   const ConvGeometry& g = *b.g;
   const int J = static_cast<int>((b.nco + kVec - 1) / kVec);
   const int lanes = J * kVec;
   const int64_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
-  uint64_t* wr = static_cast<uint64_t*>(b.scratch);  // plain [steps][lanes]
-  uint64_t* ws = wr + steps * lanes;                  // nibble split [steps][2][lanes]
+  uint64_t* ws = static_cast<uint64_t*>(b.scratch);  // nibble split [steps][2][lanes]
   int32_t* tapsum = reinterpret_cast<int32_t*>(ws + steps * 2 * lanes);
   int32_t* corr = tapsum + taps * lanes;
-  repack_block(b, lanes, wr);
-  for (int64_t s = 0; s < steps; ++s)
-    for (int l = 0; l < lanes; ++l) {
-      ws[s * 2 * lanes + l] = wr[s * lanes + l] & kLow;
-      ws[s * 2 * lanes + lanes + l] = (wr[s * lanes + l] >> 4) & kLow;
-    }
-  block_corrections(b, lanes, wr, tapsum, corr);
+  repack(b, J, ws);
+  if (b.row_class) {
+    tap_sums(b, J, ws, tapsum);
+    class_corrections(b, lanes, tapsum, corr);
+  }
   Ctx c{&b, ws, corr, steps, static_cast<int32_t>(g.Cg * taps)};
   switch (J) {
     case 1: run_j<1>(c); break;

@@ -75,6 +75,9 @@ inline void repack_block(const ConvBlock& b, int lanes, uint64_t* dst) {
 // Zero-padding corrections for the block: corr[cls * lanes + l] = sum over the taps
 // padded in class cls of (Cg - 2 popcount(w[co0 + l, tap])), the tap's contribution
 // against an all +1 input. tapsum is scratch of taps * lanes int32.
+// The class sums alone, from tapsum[t * lanes + l] = Cg - 2 popcount(w[co0 + l, tap t]).
+inline void class_corrections(const ConvBlock& b, int lanes, const int32_t* tapsum, int32_t* corr);
+
 inline void block_corrections(const ConvBlock& b, int lanes, const uint64_t* wr, int32_t* tapsum, int32_t* corr) {
   if (!b.row_class) return;
   const ConvGeometry& g = *b.g;
@@ -85,6 +88,12 @@ inline void block_corrections(const ConvBlock& b, int lanes, const uint64_t* wr,
       for (int64_t k = 0; k < g.Wg; ++k) pc += __builtin_popcountll(wr[(t * g.Wg + k) * lanes + l]);
       tapsum[t * lanes + l] = static_cast<int32_t>(g.Cg) - 2 * pc;
     }
+  class_corrections(b, lanes, tapsum, corr);
+}
+
+inline void class_corrections(const ConvBlock& b, int lanes, const int32_t* tapsum, int32_t* corr) {
+  if (!b.row_class) return;
+  const int64_t taps = b.g->KH * b.g->KW;
   for (int l = 0; l < lanes; ++l) corr[l] = 0;
   for (int32_t c = 1; c < b.nclasses; ++c) {
     int32_t* dst = corr + c * lanes;
