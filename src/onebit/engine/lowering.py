@@ -359,9 +359,7 @@ class _Lowering:
         q = m.input_quantizer
         if q is not None:
             x = self.lower_quantizer(node, q, x)
-        if m.weight_quantizer is not None and not isinstance(m.weight_quantizer, (quant.Quantizer,)) and not is_sign_quantizer(m.weight_quantizer):
-            raise self.unsupported(node, f"weight quantizer {m.weight_quantizer!r} is not a onebit quantizer")
-        with torch.no_grad():
+        with torch.no_grad():  # any weight quantizer: its eval-mode output is a constant
             weight = _t(m.quantized_weight())
         return self.emit_conv(node, m, x, weight, float(m.pad_value))
 

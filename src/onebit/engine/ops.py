@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
