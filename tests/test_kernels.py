@@ -529,6 +529,18 @@ def test_torch_export_and_compile_trace_the_ops():
     assert torch.equal(compiled(x), expected)
 
 
+def test_jit_trace_records_the_ops():
+    w = K.pack_weights(torch.randn(8, 16, 3, 3))
+
+    def f(x):
+        return K.binary_conv2d(K.pack_activations(x, 1), w, in_channels=16, out_channels=8, kernel_size=3, padding=1)
+
+    traced = torch.jit.trace(f, (torch.randn(2, 16, 5, 5),))
+    assert "onebit::binary_conv2d" in str(traced.graph)
+    x = torch.randn(2, 16, 5, 5)
+    assert torch.equal(traced(x), f(x))
+
+
 def test_opcheck():
     xp, wp, conv = _good()
     args = (xp, wp, 70, 8, [3, 3], [1, 1], [1, 1], [1, 1], 1, 0.0)

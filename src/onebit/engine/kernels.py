@@ -21,7 +21,7 @@ supported, or ``ONEBIT_ISA``) and can be forced with :func:`set_isa`.
 
 In eager mode the public functions call the native kernels directly (the dispatcher
 round trip of a Python custom op costs ~15 us, a third of a small layer); under
-``torch.compile``, ``torch.export``, ``make_fx`` or with tensor subclasses they go
+``torch.compile``, ``torch.export``, ``make_fx``, ``torch.jit.trace`` or with tensor subclasses they go
 through ``torch.ops.onebit.*``, whose fake implementations give shapes for tracing.
 """
 
@@ -271,12 +271,13 @@ def _channel_ptr(t, name: str, dtype: torch.dtype, channels: int) -> int:
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
+_jit_tracing = torch._C._get_tracing_state
 _Tensor = torch.Tensor
 
 
 def _direct(*tensors) -> bool:
     """True when the native kernels can run right here: plain tensors, nothing tracing."""
-    if _is_compiling() or _dispatch_modes() or _function_modes():
+    if _is_compiling() or _dispatch_modes() or _function_modes() or _jit_tracing():
         return False
     for t in tensors:  # tensor subclasses (fake, functional, parameters...) take the dispatcher
         if t is not None and type(t) is not _Tensor and isinstance(t, _Tensor):
