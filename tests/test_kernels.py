@@ -529,6 +529,7 @@ def test_torch_export_and_compile_trace_the_ops():
     assert torch.equal(compiled(x), expected)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_jit_trace_records_the_ops():
     w = K.pack_weights(torch.randn(8, 16, 3, 3))
 
