@@ -34,6 +34,9 @@ void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W
   fill_packed_border(out, N, H, W, ph, pw, G, Cg, pad_value);
   if (H == 0 || W == 0) return;
 
+  // The stride of a dimension of size 1 is irrelevant: call it 1.
+  if (C == 1) sC = 1;
+  if (W == 1) sW = 1;
   const Isa isa = active_isa();
   const bool cl = sC == 1, nchw = !cl && sW == 1;
   auto row = [&](int64_t r) {

@@ -310,6 +310,9 @@ _PACK_CACHE: dict = {}
 def _pack_activations_impl(x, padding, pad_value, groups):
     key = None
     if type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu:
+        if x.dim() == 4 and x.stride(1) != 1 and x.stride(3) != 1 and x.shape[1] > 1 and x.shape[3] > 1:
+            # Neither channels nor pixels contiguous: torch's copy to NCHW beats a strided gather.
+            x = x.contiguous()
         key = (x.shape, x.stride(), _hashable(padding), pad_value, groups)
         try:
             entry = _PACK_CACHE.get(key)
