@@ -308,27 +308,29 @@ _PACK_CACHE: dict = {}
 
 
 def _pack_activations_impl(x, padding, pad_value, groups):
-    key = None
+    key = entry = None
     if type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu:
-        if x.dim() == 4 and x.stride(1) != 1 and x.stride(3) != 1 and x.shape[1] > 1 and x.shape[3] > 1:
-            # Neither channels nor pixels contiguous: torch's copy to NCHW beats a strided gather.
-            x = x.contiguous()
         key = (x.shape, x.stride(), _hashable(padding), pad_value, groups)
         try:
             entry = _PACK_CACHE.get(key)
         except TypeError:
-            key = entry = None
-    else:
-        entry = None
+            key = None
     if entry is None:
         shape, ph, pw, pad, g = _check_pack(x, padding, pad_value, groups)
         n, c, h, w = x.shape
-        entry = (shape, (n, c, h, w, *x.stride(), ph, pw, pad, g))
+        sn, sc, sh, sw = x.stride()
+        # Neither channels nor pixels contiguous: torch's copy to NCHW beats a strided gather.
+        copy = sc != 1 and sw != 1 and c > 1 and w > 1
+        if copy:
+            sn, sc, sh, sw = c * h * w, h * w, w, 1
+        entry = (shape, (n, c, h, w, sn, sc, sh, sw, ph, pw, pad, g), copy)
         if key is not None:
             if len(_PACK_CACHE) >= _PLAN_CACHE_SIZE:
                 _PACK_CACHE.clear()
             _PACK_CACHE[key] = entry
-    shape, args = entry
+    shape, args, copy = entry
+    if copy:
+        x = x.contiguous()
     out = torch.empty(shape, dtype=torch.int64)
     if out.numel():
         _C.pack_activations_raw(x.data_ptr(), *args, out.data_ptr(), torch.get_num_threads())
