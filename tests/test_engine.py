@@ -630,3 +630,19 @@ def test_random_layer_stacks_are_exact(ops_list, channels, size, seed, channels_
         y = packed(x)
     # sign weights, no biases on binary layers: bit-identical, float layers included
     assert torch.equal(y, ref)
+
+
+def test_binary_linear_on_sequences_runs_as_torch_does():
+    model = nn.Sequential(QLinear(20, 7, bias=False, **SIGN)).eval()
+    x = torch.randn(3, 5, 20)
+    packed = engine.pack(model, x)
+    assert torch.equal(packed(x), model(x))
+
+
+def test_reshape_of_the_batch_dimension_is_refused():
+    class Merge(nn.Module):
+        def forward(self, x):
+            return x.view(-1)
+
+    with pytest.raises(engine.UnsupportedModelError, match="batch dimension"):
+        engine.pack(Merge().eval(), torch.randn(2, 3, 4, 4))

@@ -390,10 +390,10 @@ class _Lowering:
         binary = is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
         if binary and m.bias is not None and self.exact_bias and self.linear_threshold_chain(node, m) is None:
             binary = False  # a float output with a bias: computed as torch computes it (see lower_binary_conv)
+        in_shape = self._shape(node.args[0])
+        if binary and (in_shape is None or len(in_shape) != 2):
+            binary = False  # [N, ..., features]: run as torch runs it
         if binary:
-            shape = self._shape(node.args[0])
-            if shape is None or len(shape) != 2:
-                raise self.unsupported(node, "a binary linear layer needs a [N, features] input")
             layout = ("features", int(m.in_features))
             xp = self.packed.get((node.args[0], layout))
             if xp is None:
@@ -619,9 +619,9 @@ class _Lowering:
                 raise self.unsupported(node, "tensor sizes are only supported as arguments of view/reshape")
             return
         if method in ("view", "reshape"):
-            shape = self._shape(node)
-            if shape is None:
-                raise self.unsupported(node)
+            shape, in_shape = self._shape(node), self._shape(args[0]) if isinstance(args[0], fx.Node) else None
+            if shape is None or in_shape is None or not shape or shape[0] != in_shape[0]:
+                raise self.unsupported(node, "only reshapes that keep the batch dimension are supported")
             self.value[node] = self.emit(node.name, "reshape", [self.arg(node, args[0])], {"shape": list(shape[1:])})
         elif method == "flatten":
             start = node.kwargs.get("start_dim", args[1] if len(args) > 1 else 0)
