@@ -351,6 +351,16 @@ def max_pool_bits(
     if oh < 1 or ow < 1:
         raise ValueError(f"max_pool_bits: input {h}x{w} is too small for pooling window {kh}x{kw}")
     flip = (used_bits(channels // g, wg).view(1, wg) & ~or_mask).reshape(1, 1, g * wg)  # the AND channels
+    if (kh, kw) == (sh, sw) and ph == pw == 0 and dh == dw == 1 and h % kh == 0 and w % kw == 0:
+        # non-overlapping windows tiling the image: a view, no gather
+        x = (xp.reshape(n, h, w, g * wg) ^ flip.view(1, 1, 1, -1)).view(n, oh, kh, ow, kw, g * wg)
+        pooled = x[:, :, 0, :, 0]
+        for i in range(kh):
+            for j in range(kw):
+                if i or j:
+                    pooled = pooled | x[:, :, i, :, j]
+        pooled = (pooled ^ flip.view(1, 1, 1, -1)).view(n, oh, ow, g, wg)
+        return _pad_packed(pooled, pad_words, out_padding)
     x = xp.reshape(n, h * w, g * wg) ^ flip
     x = torch.cat([x, torch.zeros(n, 1, g * wg, dtype=torch.int64)], dim=1)  # position H*W: padding, OR-neutral
     taps = x[:, _pool_index(h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)]  # [N, OH*OW, KH*KW, G*Wg]
@@ -358,9 +368,15 @@ def max_pool_bits(
     for t in range(1, kh * kw):
         pooled = pooled | taps[:, :, t]
     pooled = (pooled ^ flip).view(n, oh, ow, g, wg)
-    oph, opw = _pair(out_padding)
-    if not (oph or opw):
-        return pooled
-    out = pad_words.view(1, 1, 1, g, wg).expand(n, oh + 2 * oph, ow + 2 * opw, g, wg).clone()
-    out[:, oph : oph + oh, opw : opw + ow] = pooled
+    return _pad_packed(pooled, pad_words, out_padding)
+
+
+def _pad_packed(x: torch.Tensor, pad_words: torch.Tensor, padding: Sequence[int]) -> torch.Tensor:
+    """Packed ``[N, H, W, G, Wg]`` -> ``[N, H + 2 ph, W + 2 pw, G, Wg]`` with ``pad_words [G, Wg]`` around it."""
+    ph, pw = _pair(padding)
+    if not (ph or pw):
+        return x.contiguous()
+    n, h, w, g, wg = x.shape
+    out = pad_words.view(1, 1, 1, g, wg).expand(n, h + 2 * ph, w + 2 * pw, g, wg).clone()
+    out[:, ph : ph + h, pw : pw + w] = x
     return out
