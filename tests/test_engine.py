@@ -646,3 +646,15 @@ def test_reshape_of_the_batch_dimension_is_refused():
 
     with pytest.raises(engine.UnsupportedModelError, match="batch dimension"):
         engine.pack(Merge().eval(), torch.randn(2, 3, 4, 4))
+
+
+def test_nan_inf_and_signed_zero_inputs_follow_the_sign_convention():
+    model = randomize_batchnorms(nn.Sequential(
+        QConv2d(5, 6, 3, padding=1, bias=False, **SIGN), nn.BatchNorm2d(6), QConv2d(6, 4, 3, padding=1, bias=False, **SIGN)
+    ), 11).eval()
+    x = torch.randn(2, 5, 7, 7)
+    x[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    x[1, 2] = 0.0
+    packed = engine.pack(model, x)
+    for backend in BACKENDS:
+        assert torch.equal(run_packed(packed, x, backend), model(x))
