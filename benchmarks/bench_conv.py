@@ -2,7 +2,8 @@
 
 Every configuration (shape, batch, threads) runs its candidates in one process,
 interleaved: each repetition times every candidate once (a sample = the mean of a few
-back-to-back calls, ~2 ms), and the table shows medians over the repetitions.
+back-to-back calls, ~2 ms, after a 2 ms pause so that the previous candidate's
+threads stop spinning), and the table shows medians over the repetitions.
 
 Candidates:
 
@@ -60,6 +61,7 @@ def measure(candidates: dict, reps: int) -> dict:
     samples = {name: [] for name in candidates}
     for _ in range(reps):
         for name, fn in candidates.items():
+            time.sleep(2e-3)  # the previous candidate's spinning threads go idle first
             samples[name].append(_sample(fn, inner[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
