@@ -1042,7 +1042,7 @@ class _FoldThreshold(Handle):
 
     def _apply(self) -> None:
         self.thresholds = self._compute()
-        module = SignThreshold(self.thresholds).to(self.bn.running_mean.device)
+        module = SignThreshold(self.thresholds).to(self.bn.running_mean.device).train(self.bn.training)
         self._patch.replace_module(self.root, self.name, module)
 
     def _undo(self) -> None:
