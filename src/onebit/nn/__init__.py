@@ -2,5 +2,6 @@
 
 from onebit.nn import functional
 from onebit.nn.layers import QActivation, QConv1d, QConv2d, QConv3d, QLinear, QuantizedLayer
+from onebit.nn.twist import TwistConv2d
 
-__all__ = ["functional", "QActivation", "QLinear", "QConv1d", "QConv2d", "QConv3d", "QuantizedLayer"]
+__all__ = ["functional", "QActivation", "QLinear", "QConv1d", "QConv2d", "QConv3d", "QuantizedLayer", "TwistConv2d"]
