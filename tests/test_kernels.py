@@ -8,6 +8,7 @@ machine supports (forced with ``_C.set_isa``), including the portable reference 
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -405,6 +406,26 @@ def test_concurrent_python_threads():
     for t in threads:
         t.join()
     assert not errors
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_runs_kernels():
+    """The pool's workers do not survive fork(); the child must get fresh ones, not hang."""
+    cfg = dict(BIG, pad_value=0.0, layout="contiguous", seed=4)
+    x, w, _ = make(cfg)
+    wp = K.pack_weights(w)
+    torch.set_num_threads(2)
+    expected = K.binary_conv2d_int(K.pack_activations(x, (1, 1)), wp, **conv_kwargs(cfg)).numpy().tobytes()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        # Only onebit's kernels and numpy here: torch's own OpenMP pool is not fork-safe.
+        try:
+            got = K.binary_conv2d_int(K.pack_activations(x, (1, 1)), wp, **conv_kwargs(cfg))
+            os._exit(0 if got.numpy().tobytes() == expected else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # ---------------------------------------------------------------------------
