@@ -8,15 +8,15 @@ convolutions or :class:`onebit.nn.twist.TwistConv2d`::
 
     from onebit.models import ModelConstructor, create
     net = create("birealnet18", conv_layer="twist")          # Bi-Real Net with binary twist convs
-    net = create("birealnet18", conv_layer="float")          # its float twin
+    net = create("birealnet18", conv_layer="float", act_fn="relu")  # its float twin
     net = ModelConstructor(block="basic", layers=(2, 2, 2, 2), conv_layer="binary")()
 
 ``conv_layer`` is an alias (``"float"``: ``nn.Conv2d``; ``"binary"``:
 ``onebit.nn.QConv2d``; ``"twist"``: ``TwistConv2d``) or any callable
 ``conv_layer(in_channels, out_channels, kernel_size, stride=..., padding=...)``.
 The constructor's ``input_quantizer`` and ``weight_quantizer`` are passed to
-``conv_layer`` when it accepts them (so ``nn.Conv2d`` gives the float twin of a
-binary model); ``"binary"`` uses ``ste_sign`` for a quantizer left at ``None``.
+``conv_layer`` when it accepts them (so ``nn.Conv2d`` drops them; a float twin of a
+binary model also needs ``act_fn="relu"``, since its only nonlinearity was the sign); ``"binary"`` uses ``ste_sign`` for a quantizer left at ``None``.
 
 The stem's first convolution, the real-valued downsampling shortcuts (average
 pooling and a 1x1 conv, or the 1x1 transition of DenseNets) and the classifier
