@@ -312,3 +312,11 @@ def test_torch_compile_gives_the_same_output_and_gradients():
     (gx,) = torch.autograd.grad(out.sum(), x)
     (gr,) = torch.autograd.grad(ref.sum(), x)
     assert torch.equal(gx, gr)
+
+
+def test_plain_fx_symbolic_trace_sees_through_onebit_layers():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), QConv2d(4, 5, 3, padding=1, **BINARY))
+    model.eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(traced(x), model(x))

@@ -68,6 +68,7 @@ def qconv(
     weight_quantizer: Callable | None = None,
     pad_value: float = 0.0,
     padding_mode: str = "zeros",
+    kernel_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Quantized N-d convolution (N = ``weight.dim() - 2``).
 
@@ -76,11 +77,12 @@ def qconv(
     (reflect, replicate, circular) and ``pad_value`` must be 0.
 
     Gradients flow through the quantizers' straight-through estimators; padded
-    positions receive no gradient.
+    positions receive no gradient. ``kernel_size`` (default: from ``weight``) lets
+    symbolic tracers, where ``weight`` has no shape yet, call this function.
     """
-    ndim = weight.dim() - 2
+    kernel_size = tuple(weight.shape[2:]) if kernel_size is None else tuple(kernel_size)
+    ndim = len(kernel_size)
     conv = _CONV[ndim]
-    kernel_size = tuple(weight.shape[2:])
     stride = _tuple(stride, ndim)
     dilation = _tuple(dilation, ndim)
     if input_quantizer is not None:

@@ -17,6 +17,7 @@ gives the same result.
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 
 from onebit import quant
@@ -59,6 +60,8 @@ class QuantizedLayer:
         raise NotImplementedError
 
     def _check_input(self, x: torch.Tensor, channel_dim_from_end: int, channels: int, ranks: tuple[int, ...], shape_hint: str) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            return  # symbolic tracing: nothing to check yet
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self._layer_name()}: expected a torch.Tensor input, got {type(x).__name__}")
         if x.dim() not in ranks:
@@ -169,6 +172,7 @@ class _QConvNd(QuantizedLayer):
             weight_quantizer=self.weight_quantizer,
             pad_value=self.pad_value,
             padding_mode=self.padding_mode,
+            kernel_size=self.kernel_size,
         )
 
     def _torch_extra_repr(self) -> str:
