@@ -3,12 +3,14 @@
 #include "kernels/conv.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/isa.h"
@@ -24,8 +26,10 @@ std::string str(int64_t v) { return std::to_string(v); }
 
 // Below this many word xor-popcounts per thread, another thread costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 17;
+// Work chunks per thread: more balance against a late thread, more claims.
+constexpr int64_t kChunksPerThread = 16;
 
-// Per-thread scratch, reused across calls; a thread runs one block at a time.
+// A growable, reused, 64-byte aligned buffer.
 struct Scratch {
   void* data = nullptr;
   size_t size = 0;
@@ -40,8 +44,9 @@ struct Scratch {
     return data;
   }
 };
-thread_local Scratch tls_scratch;
-thread_local Scratch tls_input;  // the calling thread's prepared input, read by all workers of its call
+// The calling thread's per-call buffers, read by all the workers of its call.
+thread_local Scratch tls_input;   // prepared input
+thread_local Scratch tls_blocks;  // prepared weight blocks
 
 const ConvKernel* kernel_for(Isa isa) {
   switch (isa) {
@@ -248,7 +253,6 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
   nthreads = std::min<int64_t>(nthreads, pixel_major ? ntiles : nblocks * ntiles);
   nthreads = std::min<int64_t>(nthreads, 256);
 
-  const size_t scratch_bytes = kernel->scratch_bytes(g, nclasses);
   ConvBlock proto{};
   proto.g = &g;
   proto.o = &o;
@@ -269,19 +273,44 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
     proto.x_prepared = prepared;
   }
 
-  // Work items are (block, tile) pairs in block-major order (a block's repacked
-  // weights stay in L1 while a thread sweeps its pixels), or tiles alone when every
-  // pixel must stay on one thread. Threads claim contiguous chunks of items.
+  // Every block's weights are prepared once, by whichever thread first needs them
+  // (the others wait for it), into a buffer shared by the threads of this call.
+  const size_t block_bytes = (kernel->block_bytes(g, nclasses) + 63) / 64 * 64;
+  char* prepared = static_cast<char*>(tls_blocks.get(block_bytes * nblocks));
+  std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[nblocks]);  // 0 todo, 1 busy, 2 ready
+  for (int64_t bi = 0; bi < nblocks; ++bi) state[bi].store(0, std::memory_order_relaxed);
+  auto block = [&](int64_t bi) {
+    ConvBlock b = proto;
+    b.co0 = blocks[bi].co0;
+    b.nco = blocks[bi].nco;
+    return b;
+  };
+  auto ready = [&](int64_t bi) -> const void* {
+    void* data = prepared + bi * block_bytes;
+    if (state[bi].load(std::memory_order_acquire) == 2) return data;
+    int todo = 0;
+    if (state[bi].compare_exchange_strong(todo, 1, std::memory_order_acq_rel)) {
+      kernel->prepare(block(bi), data);
+      state[bi].store(2, std::memory_order_release);
+      return data;
+    }
+    for (int spins = 0; state[bi].load(std::memory_order_acquire) != 2; ++spins) {
+      if (spins < 4096) __builtin_ia32_pause();
+      else std::this_thread::yield();  // its preparer may have been preempted
+    }
+    return data;
+  };
+
+  // Work items are (block, tile) pairs in block-major order (a thread sweeps the
+  // pixels against one block's weights, hot in L1), or tiles alone when every pixel
+  // must stay on one thread. Threads claim small chunks of items dynamically.
   const int64_t items = pixel_major ? ntiles : nblocks * ntiles;
   auto run_items = [&](int64_t i0, int64_t i1) {
-    ConvBlock b = proto;
-    b.scratch = tls_scratch.get(scratch_bytes);
     auto run = [&](int64_t bi, int64_t tile0, int64_t tile1) {
-      b.co0 = blocks[bi].co0;
-      b.nco = blocks[bi].nco;
+      ConvBlock b = block(bi);
       b.q0 = tile0 * P;
       b.q1 = std::min(tile1 * P, Q);
-      if (b.q0 < b.q1) kernel->run(b);
+      if (b.q0 < b.q1) kernel->compute(b, ready(bi));
     };
     if (pixel_major) {
       for (int64_t bi = 0; bi < nblocks; ++bi) run(bi, i0, i1);
@@ -298,9 +327,18 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
     run_items(0, items);
     return;
   }
-  const int64_t nchunks = std::min<int64_t>(items, nthreads * 4);
-  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(nchunks),
-                  [&](int c) { run_items(items * c / nchunks, items * (c + 1) / nchunks); });
+  // The first nblocks chunks prepare the blocks (claimed first, so the threads
+  // prepare different blocks side by side), the rest compute; small compute chunks
+  // keep the threads balanced even when one starts late.
+  const int64_t nchunks = std::min<int64_t>(items, nthreads * kChunksPerThread);
+  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(nblocks + nchunks), [&](int c) {
+    if (c < nblocks) {
+      ready(c);
+      return;
+    }
+    c -= static_cast<int>(nblocks);
+    run_items(items * c / nchunks, items * (c + 1) / nchunks);
+  });
 }
 
 }  // namespace onebit

@@ -100,15 +100,19 @@ struct ConvBlock {
   const uint8_t* class_taps;  // [nclasses, KH * KW]: 1 where the tap is padding
   bool bits_bytewise;         // threshold output: 8-channel groups land on whole bytes
   const uint64_t* x_prepared; // the kernel's prepare_input(x), or null
-  void* scratch;              // >= scratch_bytes(...) bytes, 64-byte aligned, private to this thread
 };
 
+// A kernel works on a block in two steps: prepare() writes the block's weights in
+// the kernel's layout plus its zero-padding corrections (block_bytes, 64-byte
+// aligned), once per call; compute() then runs any range of pixels against them,
+// possibly on several threads at once.
 struct ConvKernel {
   const char* name;
   int block_co;  // output channels per block (max)
   int tile_pix;  // output pixels per register tile
-  size_t (*scratch_bytes)(const ConvGeometry& g, int nclasses);
-  void (*run)(const ConvBlock& b);  // repacks the block's weights and computes all its pixels
+  size_t (*block_bytes)(const ConvGeometry& g, int nclasses);
+  void (*prepare)(const ConvBlock& b, void* prepared);
+  void (*compute)(const ConvBlock& b, const void* prepared);
   // Optional: a transformed copy of the whole packed input, made once per call
   // (input_factor words per input word), handed to every block as x_prepared.
   int input_factor;

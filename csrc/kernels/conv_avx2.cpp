@@ -28,9 +28,9 @@ constexpr int kTile = ONEBIT_AVX2_P;
 constexpr int64_t kFlush = 31;  // steps between byte -> qword reductions
 constexpr uint64_t kLow = 0x0f0f0f0f0f0f0f0fULL;
 
-size_t scratch_bytes(const ConvGeometry& g, int nclasses) {
+size_t block_bytes(const ConvGeometry& g, int nclasses) {
   const size_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
-  return steps * kBlock * 8 * 3 + taps * kBlock * 4 + static_cast<size_t>(nclasses) * kBlock * 4 + 256;
+  return steps * kBlock * 8 * 2 + taps * kBlock * 4 + static_cast<size_t>(nclasses) * kBlock * 4 + 256;
 }
 
 // Input word i -> out[2 i] = low nibbles, out[2 i + 1] = high nibbles.
@@ -243,20 +243,36 @@ void tap_sums(const ConvBlock& b, int J, const uint64_t* ws, int32_t* tapsum) {
     }
 }
 
-void run(const ConvBlock& b) {
-  const ConvGeometry& g = *b.g;
-  const int J = static_cast<int>((b.nco + kVec - 1) / kVec);
-  const int lanes = J * kVec;
-  const int64_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
-  uint64_t* ws = static_cast<uint64_t*>(b.scratch);  // nibble split [steps][2][lanes]
-  int32_t* tapsum = reinterpret_cast<int32_t*>(ws + steps * 2 * lanes);
-  int32_t* corr = tapsum + taps * lanes;
-  repack(b, J, ws);
-  if (b.row_class) {
-    tap_sums(b, J, ws, tapsum);
-    class_corrections(b, lanes, tapsum, corr);
+// Layout of a prepared block (J = its ymm count): [steps][2][J * 4] nibble-split
+// weights, [taps][J * 4] tap sums, [nclasses][J * 4] corrections.
+struct Prepared {
+  uint64_t* ws;
+  int32_t* tapsum;
+  int32_t* corr;
+  Prepared(const ConvGeometry& g, int J, void* base) {
+    ws = static_cast<uint64_t*>(base);
+    tapsum = reinterpret_cast<int32_t*>(ws + g.KH * g.KW * g.Wg * 2 * J * kVec);
+    corr = tapsum + g.KH * g.KW * J * kVec;
   }
-  Ctx c{&b, ws, corr, steps, static_cast<int32_t>(g.Cg * taps)};
+};
+
+inline int block_j(const ConvBlock& b) { return static_cast<int>((b.nco + kVec - 1) / kVec); }
+
+void prepare(const ConvBlock& b, void* base) {
+  const int J = block_j(b);
+  const Prepared pr(*b.g, J, base);
+  repack(b, J, pr.ws);
+  if (b.row_class) {
+    tap_sums(b, J, pr.ws, pr.tapsum);
+    class_corrections(b, J * kVec, pr.tapsum, pr.corr);
+  }
+}
+
+void compute(const ConvBlock& b, const void* base) {
+  const ConvGeometry& g = *b.g;
+  const int J = block_j(b);
+  const Prepared pr(g, J, const_cast<void*>(base));
+  Ctx c{&b, pr.ws, pr.corr, g.KH * g.KW * g.Wg, static_cast<int32_t>(g.Cg * g.KH * g.KW)};
   switch (J) {
     case 1: run_j<1>(c); break;
     case 2: run_j<2 <= kMaxJ ? 2 : 1>(c); break;
@@ -272,7 +288,7 @@ void run(const ConvBlock& b) {
 }  // namespace
 
 const ConvKernel& conv_kernel_avx2() {
-  static const ConvKernel kernel{"avx2", kBlock, kTile, &scratch_bytes, &run, 2, &prepare_input};
+  static const ConvKernel kernel{"avx2", kBlock, kTile, &block_bytes, &prepare, &compute, 2, &prepare_input};
   return kernel;
 }
 

@@ -17,7 +17,7 @@ constexpr int kMaxJ = 4;      // zmm per tile row
 constexpr int kBlock = kVec * kMaxJ;
 constexpr int kTile = 6;      // output pixels per tile
 
-size_t scratch_bytes(const ConvGeometry& g, int nclasses) {
+size_t block_bytes(const ConvGeometry& g, int nclasses) {
   const size_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
   return steps * kBlock * 8 + taps * kBlock * 4 + static_cast<size_t>(nclasses) * kBlock * 4 + 256;
 }
@@ -218,17 +218,33 @@ void corrections(const ConvBlock& b, int J, const uint64_t* wr, int32_t* tapsum,
   }
 }
 
-void run(const ConvBlock& b) {
+// Layout of a prepared block (J = its zmm count): [steps][J * 8] weights,
+// [taps][J * 8] tap sums, [nclasses][J * 8] corrections.
+struct Prepared {
+  uint64_t* wr;
+  int32_t* tapsum;
+  int32_t* corr;
+  Prepared(const ConvGeometry& g, int J, void* base) {
+    wr = static_cast<uint64_t*>(base);
+    tapsum = reinterpret_cast<int32_t*>(wr + g.KH * g.KW * g.Wg * J * kVec);
+    corr = tapsum + g.KH * g.KW * J * kVec;
+  }
+};
+
+inline int block_j(const ConvBlock& b) { return static_cast<int>((b.nco + kVec - 1) / kVec); }
+
+void prepare(const ConvBlock& b, void* base) {
+  const int J = block_j(b);
+  const Prepared pr(*b.g, J, base);
+  repack(b, J, pr.wr);
+  if (b.row_class) corrections(b, J, pr.wr, pr.tapsum, pr.corr);
+}
+
+void compute(const ConvBlock& b, const void* base) {
   const ConvGeometry& g = *b.g;
-  const int J = static_cast<int>((b.nco + kVec - 1) / kVec);
-  const int lanes = J * kVec;
-  const int64_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
-  uint64_t* wr = static_cast<uint64_t*>(b.scratch);
-  int32_t* tapsum = reinterpret_cast<int32_t*>(wr + steps * lanes);
-  int32_t* corr = tapsum + taps * lanes;
-  repack(b, J, wr);
-  if (b.row_class) corrections(b, J, wr, tapsum, corr);
-  Ctx c{&b, wr, corr, steps, static_cast<int32_t>(g.Cg * taps)};
+  const int J = block_j(b);
+  const Prepared pr(g, J, const_cast<void*>(base));
+  Ctx c{&b, pr.wr, pr.corr, g.KH * g.KW * g.Wg, static_cast<int32_t>(g.Cg * g.KH * g.KW)};
   switch (J) {
     case 1: run_j<1>(c); break;
     case 2: run_j<2>(c); break;
@@ -240,7 +256,7 @@ void run(const ConvBlock& b) {
 }  // namespace
 
 const ConvKernel& conv_kernel_avx512() {
-  static const ConvKernel kernel{"avx512", kBlock, kTile, &scratch_bytes, &run, 1, nullptr};
+  static const ConvKernel kernel{"avx512", kBlock, kTile, &block_bytes, &prepare, &compute, 1, nullptr};
   return kernel;
 }
 

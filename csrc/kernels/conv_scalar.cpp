@@ -9,7 +9,7 @@ namespace {
 constexpr int kLanes = 4;
 constexpr int kTile = 3;
 
-size_t scratch_bytes(const ConvGeometry& g, int nclasses) {
+size_t block_bytes(const ConvGeometry& g, int nclasses) {
   const size_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
   return steps * kLanes * 8 + taps * kLanes * 4 + nclasses * kLanes * 4 + 256;
 }
@@ -40,34 +40,48 @@ inline void tile(const ConvBlock& b, const uint64_t* wr, int64_t steps, const Pi
   epilogue_generic(b, pix, P, res, kLanes);
 }
 
-void run(const ConvBlock& b) {
+// Layout of a prepared block: [steps][lanes] weights, [taps][lanes] tap sums,
+// [nclasses][lanes] corrections.
+struct Prepared {
+  uint64_t* wr;
+  int32_t* tapsum;
+  int32_t* corr;
+  Prepared(const ConvGeometry& g, void* base) {
+    wr = static_cast<uint64_t*>(base);
+    tapsum = reinterpret_cast<int32_t*>(wr + g.KH * g.KW * g.Wg * kLanes);
+    corr = tapsum + g.KH * g.KW * kLanes;
+  }
+};
+
+void prepare(const ConvBlock& b, void* base) {
+  const Prepared pr(*b.g, base);
+  repack_block(b, kLanes, pr.wr);
+  for (int l = 0; l < kLanes; ++l) pr.corr[l] = 0;
+  block_corrections(b, kLanes, pr.wr, pr.tapsum, pr.corr);
+}
+
+void compute(const ConvBlock& b, const void* base) {
   const ConvGeometry& g = *b.g;
-  const int64_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
-  uint64_t* wr = static_cast<uint64_t*>(b.scratch);
-  int32_t* tapsum = reinterpret_cast<int32_t*>(wr + steps * kLanes);
-  int32_t* corr = tapsum + taps * kLanes;
-  repack_block(b, kLanes, wr);
-  block_corrections(b, kLanes, wr, tapsum, corr);
-  if (!b.row_class)
-    for (int l = 0; l < kLanes; ++l) corr[l] = 0;
-  const int32_t K = static_cast<int32_t>(g.Cg * taps);
+  const Prepared pr(g, const_cast<void*>(base));
+  const int64_t steps = g.KH * g.KW * g.Wg;
+  const int32_t K = static_cast<int32_t>(g.Cg * g.KH * g.KW);
   PixelWalker walker(b);
   PixInfo pix[kTile];
   int64_t q = b.q0;
   for (; q + kTile <= b.q1; q += kTile) {
     for (int p = 0; p < kTile; ++p) walker.next(pix[p]);
-    tile<kTile>(b, wr, steps, pix, corr, K);
+    tile<kTile>(b, pr.wr, steps, pix, pr.corr, K);
   }
   for (; q < b.q1; ++q) {
     walker.next(pix[0]);
-    tile<1>(b, wr, steps, pix, corr, K);
+    tile<1>(b, pr.wr, steps, pix, pr.corr, K);
   }
 }
 
 }  // namespace
 
 const ConvKernel& conv_kernel_scalar() {
-  static const ConvKernel kernel{"scalar", kLanes, kTile, &scratch_bytes, &run, 1, nullptr};
+  static const ConvKernel kernel{"scalar", kLanes, kTile, &block_bytes, &prepare, &compute, 1, nullptr};
   return kernel;
 }
 
