@@ -20,9 +20,11 @@ from several Python threads at once. The instruction set is chosen at import (be
 supported, or ``ONEBIT_ISA``) and can be forced with :func:`set_isa`.
 
 In eager mode the public functions call the native kernels directly (the dispatcher
-round trip of a Python custom op costs ~15 us, a third of a small layer); under
-``torch.compile``, ``torch.export``, ``make_fx``, ``torch.jit.trace`` or with tensor subclasses they go
-through ``torch.ops.onebit.*``, whose fake implementations give shapes for tracing.
+round trip of a Python custom op costs ~15 us, a tenth of a 256-channel layer); under
+``torch.compile``, ``torch.export``, ``make_fx``, ``torch.jit.trace`` or with tensor
+subclasses they go through ``torch.ops.onebit.*``, whose fake implementations give
+shapes for tracing. Validated shapes are cached (a native plan per convolution shape),
+so a repeated call only re-checks dtypes, devices and contiguity.
 """
 
 from __future__ import annotations
