@@ -140,13 +140,20 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
         a = _mm_sub_epi32(a, _mm_load_si128(reinterpret_cast<const __m128i*>(c.corr + pix[p].cls * J * kVec + j * kVec)));
       switch (o.mode) {
         case OutMode::int32:
-          _mm_maskstore_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
+          // vpmaskmov stores are slow (microcoded on AMD): only for a partial vector.
+          if (valid >= 4)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o.out_i32 + pix[p].q * Co + cj), a);
+          else
+            _mm_maskstore_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
           break;
         case OutMode::float32: {
           __m128 f = _mm_cvtepi32_ps(a);
           if (o.scale) f = _mm_mul_ps(f, scale);
           if (o.bias) f = _mm_add_ps(f, bias);
-          _mm_maskstore_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
+          if (valid >= 4)
+            _mm_storeu_ps(o.out_f32 + pix[p].q * Co + cj, f);
+          else
+            _mm_maskstore_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
           break;
         }
         case OutMode::threshold: {

@@ -72,13 +72,19 @@ inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J
       if (pix[p].cls) a = _mm512_sub_epi32(a, _mm512_loadu_si512(c.corr + pix[p].cls * J * kVec + j0 * kVec));
       switch (o.mode) {
         case OutMode::int32:
-          _mm512_mask_storeu_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
+          if (valid >= 16)
+            _mm512_storeu_si512(o.out_i32 + pix[p].q * Co + cj, a);
+          else
+            _mm512_mask_storeu_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
           break;
         case OutMode::float32: {
           __m512 f = _mm512_cvtepi32_ps(a);
           if (o.scale) f = _mm512_mul_ps(f, scale);
           if (o.bias) f = _mm512_add_ps(f, bias);
-          _mm512_mask_storeu_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
+          if (valid >= 16)
+            _mm512_storeu_ps(o.out_f32 + pix[p].q * Co + cj, f);
+          else
+            _mm512_mask_storeu_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
           break;
         }
         case OutMode::threshold: {
