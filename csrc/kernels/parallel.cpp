@@ -1,6 +1,7 @@
 #include "kernels/parallel.h"
 
 #include <pthread.h>
+#include <sched.h>
 
 #include <atomic>
 #include <chrono>
@@ -45,6 +46,7 @@ class Pool {
       workers_.back().detach();
     }
     // Publish the job: its function and chunk count, then (generation, next chunk 0).
+    caller_cpu_.store(sched_getcpu(), std::memory_order_relaxed);
     job_ = &fn;
     nchunks_.store(static_cast<uint32_t>(chunks), std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
@@ -58,8 +60,10 @@ class Pool {
       sleep_cv_.notify_all();
     }
     work_on(gen);
+    // Wait for the chunks still running on workers; yield soon, in case one of them
+    // shares this CPU (then spinning here would only delay it).
     for (uint64_t spins = 0; done_.load(std::memory_order_acquire) != static_cast<uint32_t>(chunks); ++spins) {
-      if (spins < (1u << 16)) cpu_relax();
+      if (spins < (1u << 12)) cpu_relax();
       else std::this_thread::yield();
     }
   }
@@ -80,9 +84,20 @@ class Pool {
   }
 
   void work(int id, uint64_t seen) {
+    cpu_set_t allowed;
+    const bool have_mask = sched_getaffinity(0, sizeof(allowed), &allowed) == 0;
     for (;;) {
       seen = wait_for_job(seen);
-      if (id < static_cast<int>(seen & 0xffff)) work_on(state_.load(std::memory_order_acquire) >> 32);
+      if (id >= static_cast<int>(seen & 0xffff)) continue;
+      // A worker woken onto the caller's CPU would time-share it with the caller (the
+      // scheduler places wakees near their waker): move to another allowed CPU.
+      const int cpu = sched_getcpu(), caller = caller_cpu_.load(std::memory_order_relaxed);
+      if (have_mask && cpu >= 0 && cpu == caller && CPU_ISSET(cpu, &allowed) && CPU_COUNT(&allowed) > 1) {
+        cpu_set_t others = allowed;
+        CPU_CLR(cpu, &others);
+        sched_setaffinity(0, sizeof(others), &others);
+      }
+      work_on(state_.load(std::memory_order_acquire) >> 32);
     }
   }
 
@@ -108,6 +123,7 @@ class Pool {
   std::atomic<uint32_t> done_{0};
   std::atomic<uint64_t> wake_{0};  // wake counter << 16 | threads of the job
   std::atomic<int> sleepers_{0};
+  std::atomic<int> caller_cpu_{-1};
   const std::function<void(int)>* job_ = nullptr;
   std::mutex sleep_mutex_;
   std::condition_variable sleep_cv_;
