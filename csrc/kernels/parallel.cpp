@@ -11,13 +11,65 @@
 #include <thread>
 #include <vector>
 
+#ifdef ONEBIT_OPENMP
+// Parallel regions run on the OpenMP runtime that torch itself uses: libgomp.so.1 is
+// loaded by torch before onebit._C (onebit imports torch first), and the dynamic
+// loader binds our references to that same copy. So onebit's kernels and torch's ops
+// share one team of threads: no second set of threads spinning against torch's (a
+// separate pool lost its second core for milliseconds after every parallel torch op,
+// while torch's OpenMP threads spun), and a binary layer right after a float one
+// starts on threads that are already awake.
+#include <omp.h>
+
+#include <atomic>
+#include <mutex>
+
+namespace onebit {
+namespace {
+
+std::mutex busy;          // one of our regions at a time; another caller runs serially
+bool forked_child = false;  // OpenMP's threads do not survive fork(): stay serial there
+
+}  // namespace
+
+void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn) {
+  static const bool registered = [] {
+    pthread_atfork(nullptr, nullptr, [] { forked_child = true; });
+    return true;
+  }();
+  (void)registered;
+  if (threads > chunks) threads = chunks;
+  std::unique_lock<std::mutex> lock(busy, std::defer_lock);
+  if (threads <= 1 || forked_child || omp_in_parallel() || !lock.try_lock()) {
+    for (int i = 0; i < chunks; ++i) fn(i);
+    return;
+  }
+  // Chunks are claimed dynamically, so a thread that starts late takes fewer.
+  std::atomic<int> next{0};
+#pragma omp parallel num_threads(threads)
+  {
+    for (int c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      fn(c);
+  }
+}
+
+}  // namespace onebit
+
+#else  // a small std::thread pool, for builds without OpenMP
+
 namespace onebit {
 namespace {
 
 inline void cpu_relax() { __builtin_ia32_pause(); }
 
-// How long an idle worker keeps polling for the next job before it sleeps.
-constexpr auto kSpin = std::chrono::microseconds(100);
+// An idle worker polls for the next job, first spinning (kSpin), then yielding its CPU
+// between polls (kPoll: it stays awake but lets any other runnable thread, e.g.
+// torch's, have the CPU), then sleeps. Waking a sleeping thread costs tens of
+// microseconds (more in a VM), most of a small layer; the yielding phase keeps the
+// worker ready through the short float ops between two binary layers.
+constexpr auto kSpin = std::chrono::microseconds(50);
+constexpr auto kPoll = std::chrono::microseconds(3000);
 constexpr int kMaxThreads = 1024;
 
 class Pool {
@@ -102,12 +154,18 @@ class Pool {
   }
 
   uint64_t wait_for_job(uint64_t seen) {
-    auto start = std::chrono::steady_clock::now();
+    const auto start = std::chrono::steady_clock::now();
     for (int i = 0;; ++i) {
       const uint64_t now = wake_.load(std::memory_order_acquire);
       if (now != seen) return now;
       cpu_relax();
       if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > kSpin) break;
+    }
+    for (int i = 0;; ++i) {
+      const uint64_t now = wake_.load(std::memory_order_acquire);
+      if (now != seen) return now;
+      std::this_thread::yield();
+      if ((i & 15) == 15 && std::chrono::steady_clock::now() - start > kPoll) break;
     }
     std::unique_lock<std::mutex> lock(sleep_mutex_);
     sleepers_.fetch_add(1, std::memory_order_seq_cst);
@@ -136,3 +194,5 @@ void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn
 }
 
 }  // namespace onebit
+
+#endif  // ONEBIT_OPENMP

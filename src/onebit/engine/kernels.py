@@ -402,6 +402,8 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
 def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
     """[N, C, H, W] in channels_last memory, with the same strides for real and fake tensors."""
     stride = (h * w * c, 1, w * c, c)
+    if c == 1:  # the same memory as NCHW: say so, or torch's next op may pick a channels_last kernel
+        stride = (h * w, h * w, w, 1)
     if like is not None:
         return like.new_empty_strided((n, c, h, w), stride, dtype=dtype)
     return torch.empty_strided((n, c, h, w), stride, dtype=dtype)
