@@ -26,8 +26,8 @@ std::string str(int64_t v) { return std::to_string(v); }
 
 // Below this many word xor-popcounts per thread, another thread costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t{1} << 17;
-// Work chunks per thread: more balance against a late thread, more claims.
-constexpr int64_t kChunksPerThread = 16;
+// Work chunks per thread region: more balance against a late thread, more claims.
+constexpr int64_t kChunksPerThread = 8;
 
 // A growable, reused, 64-byte aligned buffer.
 struct Scratch {
@@ -327,17 +327,22 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
     run_items(0, items);
     return;
   }
-  // The first nblocks chunks prepare the blocks (claimed first, so the threads
-  // prepare different blocks side by side), the rest compute; small compute chunks
-  // keep the threads balanced even when one starts late.
-  const int64_t nchunks = std::min<int64_t>(items, nthreads * kChunksPerThread);
-  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(nblocks + nchunks), [&](int c) {
-    if (c < nblocks) {
-      ready(c);
-      return;
+  // Each thread owns a contiguous region of items (its own blocks, prepared by itself:
+  // the weights stay in its caches) cut into a few chunks; when its region is done it
+  // takes the remaining chunks of the others, so a thread that starts late or runs
+  // slowly does not hold the call up.
+  const int64_t T = nthreads;
+  const int64_t per_region = std::max<int64_t>(1, std::min<int64_t>(kChunksPerThread, items / T));
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[T]);
+  for (int64_t t = 0; t < T; ++t) next[t].store(0, std::memory_order_relaxed);
+  parallel_chunks(static_cast<int>(T), static_cast<int>(T), [&](int t) {
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t r = (t + k) % T;
+      const int64_t r0 = items * r / T, r1 = items * (r + 1) / T;
+      for (int64_t c = next[r].fetch_add(1, std::memory_order_relaxed); c < per_region;
+           c = next[r].fetch_add(1, std::memory_order_relaxed))
+        run_items(r0 + (r1 - r0) * c / per_region, r0 + (r1 - r0) * (c + 1) / per_region);
     }
-    c -= static_cast<int>(nblocks);
-    run_items(items * c / nchunks, items * (c + 1) / nchunks);
   });
 }
 
