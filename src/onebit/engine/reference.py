@@ -24,6 +24,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from onebit.bits import pack_bits as _pack_bits
+from onebit.bits import unpack_bits as _unpack_bits
+from onebit.bits import words_for
+from onebit.thresholds import Thresholds
+
 __all__ = [
     "words_for",
     "pack_activations",
@@ -42,15 +47,10 @@ __all__ = [
     "max_pool_bits",
 ]
 
-_SHIFTS = torch.arange(64, dtype=torch.int64)
 _M1 = 0x5555555555555555
 _M2 = 0x3333333333333333
 _M4 = 0x0F0F0F0F0F0F0F0F
 _H01 = 0x0101010101010101
-
-
-def words_for(channels: int) -> int:
-    return (int(channels) + 63) // 64
 
 
 def popcount(x: torch.Tensor) -> torch.Tensor:
@@ -59,22 +59,6 @@ def popcount(x: torch.Tensor) -> torch.Tensor:
     x = (x & _M2) + ((x >> 2) & _M2)
     x = (x + (x >> 4)) & _M4
     return (x * _H01) >> 56 & 0xFF
-
-
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """bool [..., C] -> int64 [..., ceil(C/64)] (channel c at word c//64, bit c%64)."""
-    c = bits.shape[-1]
-    wg = words_for(c)
-    if wg * 64 != c:
-        bits = F.pad(bits, (0, wg * 64 - c), value=False)
-    bits = bits.reshape(*bits.shape[:-1], wg, 64).to(torch.int64)
-    return (bits << _SHIFTS).sum(dim=-1)
-
-
-def _unpack_bits(words: torch.Tensor, channels: int) -> torch.Tensor:
-    """int64 [..., Wg] -> bool [..., channels]."""
-    bits = (words.unsqueeze(-1) >> _SHIFTS) & 1
-    return bits.reshape(*words.shape[:-1], words.shape[-1] * 64)[..., :channels].bool()
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -211,12 +195,8 @@ def threshold_pack(
 
     Bit set (-1) iff ``acc < thr`` (direction +1) or ``acc > thr`` (direction -1).
     """
-    shape = (1, -1, 1, 1)
-    a = acc.to(torch.int64)
-    thr = thresholds.to(torch.int64).view(shape)
-    negative = torch.where((direction == 1).view(shape), a < thr, a > thr)
-    signs = torch.where(negative, -1.0, 1.0)
-    return pack_activations(signs, out_padding, out_pad_value, out_groups)
+    rule = Thresholds(thresholds.to(torch.int32), direction.to(torch.int32))
+    return pack_activations(rule.sign(acc, channel_dim=1), out_padding, out_pad_value, out_groups)
 
 
 def binary_conv2d_threshold(
@@ -264,10 +244,9 @@ def binary_linear_threshold(
     xp: torch.Tensor, wp: torch.Tensor, *, in_features: int, thresholds: torch.Tensor, direction: torch.Tensor
 ) -> torch.Tensor:
     """Packed int64 ``[N, ceil(Out/64)]``: bit set iff ``acc < thr`` (direction +1) or ``acc > thr`` (-1)."""
-    acc = binary_linear_int(xp, wp, in_features=in_features).to(torch.int64)
-    thr = thresholds.to(torch.int64).view(1, -1)
-    negative = torch.where((direction == 1).view(1, -1), acc < thr, acc > thr)
-    return _pack_bits(negative)
+    acc = binary_linear_int(xp, wp, in_features=in_features)
+    rule = Thresholds(thresholds.to(torch.int32), direction.to(torch.int32))
+    return _pack_bits(rule.negative(acc, channel_dim=1))
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
