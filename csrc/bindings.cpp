@@ -95,8 +95,8 @@ onebit::ConvPlan* make_plan(int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_p
   return new onebit::ConvPlan(g, o, x_words_per_pixel, w_words);
 }
 
-void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias,
-              uintptr_t thr, uintptr_t dir, int threads) {
+onebit::ConvOutput plan_output(const onebit::ConvPlan& plan, uintptr_t out, uintptr_t scale, uintptr_t bias,
+                               uintptr_t thr, uintptr_t dir) {
   onebit::ConvOutput o;
   switch (plan.params().mode) {
     case onebit::OutMode::int32: o.out_i32 = ptr<int32_t>(out); break;
@@ -113,8 +113,23 @@ void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t 
       if (o.dir[c] != 1 && o.dir[c] != -1)
         throw std::invalid_argument("binary_conv2d: direction[" + std::to_string(c) + "] = " +
                                     std::to_string(o.dir[c]) + ", expected +1 or -1");
+  return o;
+}
+
+void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias,
+              uintptr_t thr, uintptr_t dir, int threads) {
+  const onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir);
   nb::gil_scoped_release release;
   plan.run(ptr<const uint64_t>(x), ptr<const uint64_t>(w), o, threads);
+}
+
+// The plan run on a float32 [N, C, H, W] input (element strides), packed on the fly.
+void run_plan_float(const onebit::ConvPlan& plan, uintptr_t x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
+                    uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias, uintptr_t thr, uintptr_t dir,
+                    int threads) {
+  const onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir);
+  nb::gil_scoped_release release;
+  plan.run(ptr<const float>(x), sN, sC, sH, sW, ptr<const uint64_t>(w), o, threads);
 }
 
 void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_per_pixel, uintptr_t w,
@@ -148,7 +163,10 @@ NB_MODULE(_C, m) {
       .def_prop_ro("out_height", [](const onebit::ConvPlan& p) { return p.geometry().OH; })
       .def_prop_ro("out_width", [](const onebit::ConvPlan& p) { return p.geometry().OW; })
       .def("run", &run_plan, "x"_a, "w"_a, "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "threads"_a,
-           "Low level (addresses): run on packed input x, packed weights w into out.");
+           "Low level (addresses): run on packed input x, packed weights w into out.")
+      .def("run_float", &run_plan_float, "x"_a, "sN"_a, "sC"_a, "sH"_a, "sW"_a, "w"_a, "out"_a, "scale"_a, "bias"_a,
+           "thr"_a, "dir"_a, "threads"_a,
+           "Low level (addresses): pack the float32 [N, C, H, W] input x (element strides) and run, in one pass.");
   m.def("conv_plan", &make_plan, "N"_a, "Hp"_a, "Wp"_a, "x_words_per_pixel"_a, "w_words"_a, "C"_a, "Co"_a, "KH"_a,
         "KW"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a, "groups"_a, "pad_value"_a, "mode"_a, "oph"_a, "opw"_a,
         "out_groups"_a, "out_pad_value"_a, nb::rv_policy::take_ownership,

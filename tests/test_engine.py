@@ -455,6 +455,40 @@ def test_concurrent_calls_from_threads_get_their_own_answers():
             assert all(torch.equal(a, b) for a, b in zip(results, expected))
 
 
+def test_binary_convs_pack_their_float_input_in_the_same_call():
+    # Bi-Real blocks: every binary conv reads a float tensor; its packing is part of the conv's call
+    model = randomize_batchnorms(onebit.models.create("birealnet_small", num_classes=10, in_channels=1), 8).eval()
+    x = torch.randn(2, 1, 28, 28)
+    packed = engine.pack(model, x)
+    nodes = [node["op"] for node in packed.graph["nodes"]]
+    steps = [row["op"] for row in packed.profile(x, repeat=1)]
+    convs = nodes.count("binary_conv2d") + nodes.count("binary_conv2d_threshold")
+    assert convs > 0 and steps.count("pack+binary_conv2d") + steps.count("pack+binary_conv2d_threshold") == convs
+    assert len(steps) == len(nodes) - convs  # each absorbed pack is one step less
+    ref = model(x)
+    with ops.use_backend("reference"):
+        assert torch.allclose(packed(x), ref, atol=1e-4, rtol=0)
+    assert torch.allclose(packed(x), ref, atol=1e-4, rtol=0)
+
+
+def test_concurrent_multithreaded_calls_get_their_own_answers():
+    # big enough for two-thread regions: callers that find the threads busy run alone
+    model = randomize_batchnorms(onebit.models.create("birealnet_small", num_classes=10, in_channels=1), 9).eval()
+    packed = engine.pack(model, torch.randn(2, 1, 28, 28))
+    inputs = [torch.randn(1 + i % 3, 1, 28, 28) for i in range(12)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        expected = [packed(x) for x in inputs]
+        torch.set_num_threads(2)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            for _ in range(2):
+                results = list(pool.map(packed, inputs))
+                assert all(torch.equal(a, b) for a, b in zip(results, expected))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_results_do_not_depend_on_thread_count():
     model, x = build_chain({"c1": 70, "c2": 130, "c3": 66, "k1": 3, "k2": 3, "pad1": 1, "pad2": 1, "pv1": 0.0,
                             "pv2": -1.0, "groups2": 2, "pool": None, "bias": True, "size": (23, 19), "batch": 4,

@@ -205,16 +205,20 @@ def test_pack_batch_zero():
 # convolution: exact against the float reference on every ISA
 
 
+def conv_input(x, cfg, fused: bool):
+    """The conv's input: packed beforehand, or the float tensor itself (packed inside the call)."""
+    return x if fused else K.pack_activations(x, cfg["padding"], cfg["pad_value"], cfg["groups"])
+
+
 @SETTINGS
-@given(conv_configs())
-def test_conv_int_exact(cfg):
+@given(conv_configs(), st.booleans())
+def test_conv_int_exact(cfg, fused):
     x, w, _ = make(cfg)
     expected = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
     wp = K.pack_weights(w, cfg["groups"])
 
     def run():
-        xp = K.pack_activations(x, cfg["padding"], cfg["pad_value"], cfg["groups"])
-        return K.binary_conv2d_int(xp, wp, **conv_kwargs(cfg))
+        return K.binary_conv2d_int(conv_input(x, cfg, fused), wp, **conv_kwargs(cfg))
 
     for isa, got in on_every_isa(run).items():
         assert got.dtype == torch.int32 and got.shape == expected.shape, isa
@@ -222,8 +226,8 @@ def test_conv_int_exact(cfg):
 
 
 @SETTINGS
-@given(conv_configs(), st.booleans(), st.booleans())
-def test_conv_float_scale_bias_exact(cfg, use_scale, use_bias):
+@given(conv_configs(), st.booleans(), st.booleans(), st.booleans())
+def test_conv_float_scale_bias_exact(cfg, use_scale, use_bias, fused):
     x, w, gen = make(cfg)
     acc = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
     scale = torch.randn(cfg["cout"], generator=gen) if use_scale else None
@@ -233,9 +237,10 @@ def test_conv_float_scale_bias_exact(cfg, use_scale, use_bias):
         expected = expected * scale.view(1, -1, 1, 1)
     if bias is not None:
         expected = expected + bias.view(1, -1, 1, 1)
-    xp = K.pack_activations(x, cfg["padding"], cfg["pad_value"], cfg["groups"])
     wp = K.pack_weights(w, cfg["groups"])
-    results = on_every_isa(lambda: K.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv_kwargs(cfg)))
+    results = on_every_isa(
+        lambda: K.binary_conv2d(conv_input(x, cfg, fused), wp, scale=scale, bias=bias, **conv_kwargs(cfg))
+    )
     for isa, got in results.items():
         assert got.dtype == torch.float32 and got.shape == expected.shape, isa
         assert torch.equal(got, expected), isa
@@ -253,8 +258,8 @@ def threshold_configs(draw):
 
 
 @SETTINGS
-@given(threshold_configs())
-def test_conv_threshold_exact(cfg):
+@given(threshold_configs(), st.booleans())
+def test_conv_threshold_exact(cfg, fused):
     x, w, gen = make(cfg)
     acc = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
     k = cfg["cin"] // cfg["groups"] * cfg["kernel"][0] * cfg["kernel"][1]
@@ -268,12 +273,11 @@ def test_conv_threshold_exact(cfg):
     negative = F.pad(negative, (opw, opw, oph, oph), value=cfg["out_pad_value"] < 0)
     expected = reference_pack(negative, cfg["out_groups"])
 
-    xp = K.pack_activations(x, cfg["padding"], cfg["pad_value"], cfg["groups"])
     wp = K.pack_weights(w, cfg["groups"])
 
     def run():
         return K.binary_conv2d_threshold(
-            xp,
+            conv_input(x, cfg, fused),
             wp,
             thresholds=thresholds,
             direction=direction,
@@ -356,9 +360,15 @@ def _all_outputs(x, w, cfg, thr, direction):
     conv = conv_kwargs(cfg)
     return (
         xp,
-        K.binary_conv2d_int(xp, wp, **conv),
-        K.binary_conv2d(xp, wp, scale=thr.float(), **conv),
-        K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=direction, out_padding=1, **conv),
+        *(
+            out
+            for source in (xp, x, x.contiguous(memory_format=torch.channels_last))  # packed, or packed in the call
+            for out in (
+                K.binary_conv2d_int(source, wp, **conv),
+                K.binary_conv2d(source, wp, scale=thr.float(), **conv),
+                K.binary_conv2d_threshold(source, wp, thresholds=thr, direction=direction, out_padding=1, **conv),
+            )
+        ),
     )
 
 
@@ -380,6 +390,9 @@ def test_one_and_two_threads_identical(cout, out_check):
         two = _all_outputs(x, w, cfg, thr, direction)
         for a, b in zip(one, two):
             assert torch.equal(a, b), isa
+        fused = one[4:] + two[4:]  # x as is and channels_last, at 1 and 2 threads
+        for k, out in enumerate(fused):
+            assert torch.equal(out, one[1 + k % 3]), (isa, k)
 
 
 def test_concurrent_python_threads():

@@ -45,6 +45,7 @@ struct Scratch {
   }
 };
 // The calling thread's per-call buffers, read by all the workers of its call.
+thread_local Scratch tls_packed;  // the packed float input (fused packing)
 thread_local Scratch tls_input;   // prepared input
 thread_local Scratch tls_blocks;  // prepared weight blocks
 
@@ -191,6 +192,21 @@ void binary_conv2d(ConvGeometry g, ConvOutput o, const uint64_t* x, const uint64
 }
 
 void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs, int threads) const {
+  run_impl(x, nullptr, w, ptrs, threads);
+}
+
+void ConvPlan::run(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const uint64_t* w,
+                   const ConvOutput& ptrs, int threads) const {
+  const ConvGeometry& g = g_;
+  if (!x) fail("binary_conv2d: null input");
+  const int64_t words = g.N * g.Hp * g.Wp * g.G * g.Wg;
+  uint64_t* packed = static_cast<uint64_t*>(tls_packed.get(std::max<int64_t>(words, 1) * sizeof(uint64_t)));
+  const ActivationPacker packer(x, g.N, g.C, g.H, g.W, sN, sC, sH, sW, g.ph, g.pw, g.pad_value, g.G, packed);
+  run_impl(packed, &packer, w, ptrs, threads);
+}
+
+void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const uint64_t* w, const ConvOutput& ptrs,
+                        int threads) const {
   const ConvGeometry& g = g_;
   ConvOutput o = o_;
   o.out_i32 = ptrs.out_i32;
@@ -224,7 +240,10 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
     if (o.out_pad_value < 0) fill_packed_border(o.out_bits, g.N, g.OH, g.OW, o.oph, o.opw, o.OG, o.OCg, -1);
   }
   const ConvKernel* kernel = kernel_for(isa);
+  if (packer) packer->border();
   if (!kernel) {
+    if (packer)
+      for (int64_t r = 0; r < packer->rows(); ++r) packer->row(r);
     binary_conv2d_reference(g, o, x, w);
     return;
   }
@@ -266,12 +285,23 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
   proto.class_taps = correct ? class_taps_.data() : nullptr;
   proto.bits_bytewise = bytewise;
   proto.x_prepared = nullptr;
+
+  // The input phase, one padded row (n, hp) at a time: packing of the float input
+  // (fused calls) and the kernel's own transform of the packed input, if it has one.
+  const int64_t row_words = g.Wp * g.G * g.Wg, in_rows = g.N * g.Hp;
+  uint64_t* x_prepared = nullptr;
   if (kernel->prepare_input) {
-    const int64_t words = g.N * g.Hp * g.Wp * g.G * g.Wg;
-    uint64_t* prepared = static_cast<uint64_t*>(tls_input.get(words * kernel->input_factor * sizeof(uint64_t)));
-    kernel->prepare_input(x, words, prepared);
-    proto.x_prepared = prepared;
+    x_prepared = static_cast<uint64_t*>(tls_input.get(in_rows * row_words * kernel->input_factor * sizeof(uint64_t)));
+    proto.x_prepared = x_prepared;
   }
+  const bool input_phase = packer || x_prepared;
+  auto input_rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / g.Hp, hp = r % g.Hp;
+      if (packer && hp >= g.ph && hp < g.ph + g.H) packer->row(n * g.H + hp - g.ph);
+      if (x_prepared) kernel->prepare_input(x + r * row_words, row_words, x_prepared + r * row_words * kernel->input_factor);
+    }
+  };
 
   // Every block's weights are prepared once, by whichever thread first needs them
   // (the others wait for it), into a buffer shared by the threads of this call.
@@ -324,6 +354,7 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
     }
   };
   if (nthreads <= 1) {
+    if (input_phase) input_rows(0, in_rows);
     run_items(0, items);
     return;
   }
@@ -335,7 +366,23 @@ void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs,
   const int64_t per_region = std::max<int64_t>(1, std::min<int64_t>(kChunksPerThread, items / T));
   std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[T]);
   for (int64_t t = 0; t < T; ++t) next[t].store(0, std::memory_order_relaxed);
+  // The input phase comes first, in chunks of rows claimed by whichever thread is
+  // free; a thread out of chunks waits only for chunks already claimed (so running
+  // threads), never for a thread that has not started.
+  const int64_t in_chunks = input_phase ? std::min<int64_t>(in_rows, 4 * T) : 0;
+  std::atomic<int64_t> in_next{0}, in_done{0};
   parallel_chunks(static_cast<int>(T), static_cast<int>(T), [&](int t) {
+    if (in_chunks) {
+      for (int64_t c = in_next.fetch_add(1, std::memory_order_relaxed); c < in_chunks;
+           c = in_next.fetch_add(1, std::memory_order_relaxed)) {
+        input_rows(in_rows * c / in_chunks, in_rows * (c + 1) / in_chunks);
+        in_done.fetch_add(1, std::memory_order_acq_rel);
+      }
+      for (int spins = 0; in_done.load(std::memory_order_acquire) < in_chunks; ++spins) {
+        if (spins < 4096) __builtin_ia32_pause();
+        else std::this_thread::yield();
+      }
+    }
     for (int64_t k = 0; k < T; ++k) {
       const int64_t r = (t + k) % T;
       const int64_t r0 = items * r / T, r1 = items * (r + 1) / T;

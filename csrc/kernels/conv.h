@@ -29,6 +29,8 @@
 
 namespace onebit {
 
+class ActivationPacker;  // pack.h
+
 enum class OutMode : int { int32 = 0, float32 = 1, threshold = 2 };
 
 struct ConvGeometry {
@@ -66,10 +68,18 @@ class ConvPlan {
   ConvPlan(const ConvGeometry& g, const ConvOutput& params, int64_t x_words_per_pixel, int64_t w_words);
   // `out` carries the pointers (output, scale, bias, thresholds, directions) of this call.
   void run(const uint64_t* x, const uint64_t* w, const ConvOutput& out, int threads) const;
+  // The same from the float input [N, C, H, W] (element strides sN, sC, sH, sW), packed
+  // with the plan's padding, pad_value and groups inside the convolution's parallel
+  // region: the threads pack their share of rows, meet, and convolve. One pass, one
+  // wake-up of the threads, and the packed input stays in the caches.
+  void run(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const uint64_t* w, const ConvOutput& out,
+           int threads) const;
   const ConvGeometry& geometry() const { return g_; }
   const ConvOutput& params() const { return o_; }
 
  private:
+  void run_impl(const uint64_t* x, const ActivationPacker* packer, const uint64_t* w, const ConvOutput& out,
+                int threads) const;
   ConvGeometry g_;
   ConvOutput o_;
   bool correct_ = false;

@@ -32,6 +32,27 @@ void pack_rows_avx512(const float* x, int64_t rows, int64_t channels, int64_t ro
 void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
                       int64_t sW, int64_t ph, int64_t pw, int pad_value, int64_t G, uint64_t* out, int threads);
 
+// The same, one piece at a time, for callers that pack inside their own parallel
+// region (a convolution that packs its float input in the same pass): border()
+// writes the padding, row(r) packs image row r = n * H + h. The constructor
+// validates the numbers (std::invalid_argument); row() may run on any thread.
+class ActivationPacker {
+ public:
+  ActivationPacker(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
+                   int64_t sW, int64_t ph, int64_t pw, int pad_value, int64_t G, uint64_t* out);
+  int64_t rows() const { return N_ * H_; }
+  void border() const;
+  void row(int64_t r) const;
+
+ private:
+  const float* x_;
+  int64_t N_, C_, H_, W_, sN_, sC_, sH_, sW_, ph_, pw_, G_, Cg_, Hp_, Wp_, px_;
+  int pad_value_;
+  uint64_t* out_;
+  int isa_;
+  bool cl_, nchw_;
+};
+
 // One image row (fixed n, h) of W pixels into out (pixel stride G * Wg words):
 //   _cl:      channels contiguous (x at (c = 0, w = 0), pixel stride sW floats)
 //   _nchw:    pixels contiguous (x at (c = 0, w = 0), channel stride sC floats)

@@ -18,8 +18,11 @@ std::string str(int64_t v) { return std::to_string(v); }
 
 }  // namespace
 
-void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
-                      int64_t sW, int64_t ph, int64_t pw, int pad_value, int64_t G, uint64_t* out, int threads) {
+ActivationPacker::ActivationPacker(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
+                                   int64_t sH, int64_t sW, int64_t ph, int64_t pw, int pad_value, int64_t G,
+                                   uint64_t* out)
+    : x_(x), N_(N), C_(C), H_(H), W_(W), sN_(sN), sC_(sC), sH_(sH), sW_(sW), ph_(ph), pw_(pw), G_(G),
+      pad_value_(pad_value), out_(out) {
   if (N < 0 || C < 1 || H < 0 || W < 0)
     throw std::invalid_argument("pack_activations: bad input shape [" + str(N) + ", " + str(C) + ", " + str(H) + ", " +
                                 str(W) + "]");
@@ -28,53 +31,63 @@ void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W
   if (pad_value != 0 && pad_value != 1 && pad_value != -1)
     throw std::invalid_argument("pack_activations: pad_value must be 0, 1 or -1");
   if (sN < 0 || sC < 0 || sH < 0 || sW < 0) throw std::invalid_argument("pack_activations: negative strides");
-  const int64_t Cg = C / G, Wg = words_for(Cg), px = G * Wg;
-  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-  if (N == 0) return;
-  fill_packed_border(out, N, H, W, ph, pw, G, Cg, pad_value);
-  if (H == 0 || W == 0) return;
-
+  Cg_ = C / G;
+  px_ = G * words_for(Cg_);
+  Hp_ = H + 2 * ph;
+  Wp_ = W + 2 * pw;
   // The stride of a dimension of size 1 is irrelevant: call it 1.
-  if (C == 1) sC = 1;
-  if (W == 1) sW = 1;
-  const Isa isa = active_isa();
-  const bool cl = sC == 1, nchw = !cl && sW == 1;
-  auto row = [&](int64_t r) {
-    const int64_t n = r / H, h = r % H;
-    const float* src = x + n * sN + h * sH;
-    uint64_t* dst = out + ((n * Hp + h + ph) * Wp + pw) * px;
-    switch (isa) {
-      case Isa::avx512:
-        if (cl) return pack_row_cl_avx512(src, W, sW, Cg, G, dst);
-        if (nchw) return pack_row_nchw_avx512(src, W, sC, Cg, G, dst);
-        break;
-      case Isa::avx2:
-        if (cl) return pack_row_cl_avx2(src, W, sW, Cg, G, dst);
-        if (nchw) return pack_row_nchw_avx2(src, W, sC, Cg, G, dst);
-        break;
-      case Isa::scalar:
-        if (cl) return pack_row_cl_scalar(src, W, sW, Cg, G, dst);
-        if (nchw) return pack_row_nchw_scalar(src, W, sC, Cg, G, dst);
-        break;
-      case Isa::reference:
-        break;
-    }
-    pack_row_strided_reference(src, W, sW, sC, Cg, G, dst);
-  };
-  const int64_t rows = N * H;
+  if (C == 1) sC_ = 1;
+  if (W == 1) sW_ = 1;
+  isa_ = static_cast<int>(active_isa());
+  cl_ = sC_ == 1;
+  nchw_ = !cl_ && sW_ == 1;
+}
+
+void ActivationPacker::border() const { fill_packed_border(out_, N_, H_, W_, ph_, pw_, G_, Cg_, pad_value_); }
+
+void ActivationPacker::row(int64_t r) const {
+  const int64_t n = r / H_, h = r % H_;
+  const float* src = x_ + n * sN_ + h * sH_;
+  uint64_t* dst = out_ + ((n * Hp_ + h + ph_) * Wp_ + pw_) * px_;
+  switch (static_cast<Isa>(isa_)) {
+    case Isa::avx512:
+      if (cl_) return pack_row_cl_avx512(src, W_, sW_, Cg_, G_, dst);
+      if (nchw_) return pack_row_nchw_avx512(src, W_, sC_, Cg_, G_, dst);
+      break;
+    case Isa::avx2:
+      if (cl_) return pack_row_cl_avx2(src, W_, sW_, Cg_, G_, dst);
+      if (nchw_) return pack_row_nchw_avx2(src, W_, sC_, Cg_, G_, dst);
+      break;
+    case Isa::scalar:
+      if (cl_) return pack_row_cl_scalar(src, W_, sW_, Cg_, G_, dst);
+      if (nchw_) return pack_row_nchw_scalar(src, W_, sC_, Cg_, G_, dst);
+      break;
+    case Isa::reference:
+      break;
+  }
+  pack_row_strided_reference(src, W_, sW_, sC_, Cg_, G_, dst);
+}
+
+void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
+                      int64_t sW, int64_t ph, int64_t pw, int pad_value, int64_t G, uint64_t* out, int threads) {
+  const ActivationPacker packer(x, N, C, H, W, sN, sC, sH, sW, ph, pw, pad_value, G, out);
+  if (N == 0) return;
+  packer.border();
+  if (H == 0 || W == 0) return;
+  const int64_t rows = packer.rows();
   int64_t nthreads = threads < 1 ? 1 : threads;
   const int64_t by_size = N * C * H * W / kMinFloatsPerThread;
   if (nthreads > by_size) nthreads = by_size < 1 ? 1 : by_size;
   if (nthreads > rows) nthreads = rows;
   if (nthreads > 256) nthreads = 256;
   if (nthreads <= 1) {
-    for (int64_t r = 0; r < rows; ++r) row(r);
+    for (int64_t r = 0; r < rows; ++r) packer.row(r);
     return;
   }
   const int64_t nchunks = rows < nthreads * 4 ? rows : nthreads * 4;
   parallel_chunks(static_cast<int>(nthreads), static_cast<int>(nchunks), [&](int c) {
     const int64_t r0 = rows * c / nchunks, r1 = rows * (c + 1) / nchunks;
-    for (int64_t r = r0; r < r1; ++r) row(r);
+    for (int64_t r = r0; r < r1; ++r) packer.row(r);
   });
 }
 

@@ -145,14 +145,26 @@ class _Conv:
             raise ValueError(f"padding must be >= 0, got {(self.ph, self.pw)}")
         self.pad = _pad_code(pad_value, "pad_value")
         wg = words_for(c // g)
-        _tensor(xp, "packed input xp", torch.int64, 5)
-        n, hp, wpad, xg, xwg = xp.shape
-        if xg != g or xwg != wg:
+        if isinstance(xp, torch.Tensor) and xp.dtype == torch.float32 and xp.dim() != 4:
             raise ValueError(
-                f"packed input xp has shape {list(xp.shape)}: expected [N, Hp, Wp, groups={g}, "
-                f"words={wg}] for {c} input channels in {g} groups"
+                "xp must have dtype torch.int64 (packed activations [N, Hp, Wp, G, Wg]) or be the float32 "
+                f"[N, C, H, W] input, got float32 of shape {list(xp.shape)}"
             )
-        h, w = hp - 2 * self.ph, wpad - 2 * self.pw
+        if isinstance(xp, torch.Tensor) and xp.dtype == torch.float32:  # packed on the fly
+            _tensor(xp, "input x", torch.float32, 4, contiguous=False)
+            n, xc, h, w = xp.shape
+            if xc != c:
+                raise ValueError(f"input x has shape {list(xp.shape)}: expected [N, in_channels={c}, H, W]")
+            hp, wpad = h + 2 * self.ph, w + 2 * self.pw
+        else:
+            _tensor(xp, "packed input xp", torch.int64, 5)
+            n, hp, wpad, xg, xwg = xp.shape
+            if xg != g or xwg != wg:
+                raise ValueError(
+                    f"packed input xp has shape {list(xp.shape)}: expected [N, Hp, Wp, groups={g}, "
+                    f"words={wg}] for {c} input channels in {g} groups"
+                )
+            h, w = hp - 2 * self.ph, wpad - 2 * self.pw
         if h < 1 or w < 1:
             raise ValueError(
                 f"packed input xp of spatial size {hp}x{wpad} cannot hold padding {self.ph}x{self.pw} "
@@ -218,14 +230,13 @@ def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, grou
     if (
         type(xp) is torch.Tensor
         and type(wp) is torch.Tensor
-        and xp.dtype is _I64
+        and ((xp.dtype is _I64 and xp.is_contiguous()) or (xp.dtype is _F32 and xp.dim() == 4))
         and wp.dtype is _I64
         and xp.is_cpu
         and wp.is_cpu
-        and xp.is_contiguous()
         and wp.is_contiguous()
     ):
-        key = (mode, xp.shape, wp.shape, c, co, kernel_size, stride, padding, dilation, groups, pad_value,
+        key = (mode, xp.dtype, xp.shape, wp.shape, c, co, kernel_size, stride, padding, dilation, groups, pad_value,
                out_padding, out_pad_value, out_groups)  # fmt: skip
         try:
             plan = _PLAN_CACHE.get(key)
@@ -243,7 +254,7 @@ def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, grou
     else:
         shape, oph, opw, opad, og = (cv.n, cv.co, cv.oh, cv.ow), 0, 0, 0, 1
     native = _C.conv_plan(
-        cv.n, cv.hp, cv.wp, xp.shape[3] * xp.shape[4], wp.shape[3], cv.c, cv.co, cv.kh, cv.kw, cv.sh, cv.sw,
+        cv.n, cv.hp, cv.wp, cv.g * wp.shape[3], wp.shape[3], cv.c, cv.co, cv.kh, cv.kw, cv.sh, cv.sw,
         cv.ph, cv.pw, cv.dh, cv.dw, cv.g, cv.pad, mode, oph, opw, og, opad,
     )  # fmt: skip
     plan = _Plan(native, shape, cv.co)
@@ -252,6 +263,22 @@ def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, grou
             _PLAN_CACHE.clear()
         _PLAN_CACHE[key] = plan
     return plan
+
+
+def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0) -> None:
+    """Run a plan on packed ``x``, or on float32 ``x`` packed in the same pass."""
+    threads = torch.get_num_threads()
+    if x.dtype is _I64:
+        plan.native.run(x.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads)
+        return
+    _, c, _, w = x.shape
+    sn, sc, sh, sw = x.stride()
+    if sc != 1 and sw != 1 and c > 1 and w > 1:  # neither channels nor pixels contiguous
+        x = x.contiguous()
+        sn, sc, sh, sw = x.stride()
+    plan.native.run_float(
+        x.data_ptr(), sn, sc, sh, sw, wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads
+    )
 
 
 def _channel_ptr(t, name: str, dtype: torch.dtype, channels: int) -> int:
@@ -415,7 +442,7 @@ def _conv_int_impl(xp, wp, in_channels, out_channels, kernel_size, stride, paddi
     )
     out = _empty_nchw_channels_last(*plan.shape, torch.int32)
     if out.numel():
-        plan.native.run(xp.data_ptr(), wp.data_ptr(), out.data_ptr(), 0, 0, 0, 0, torch.get_num_threads())
+        _run(plan, xp, wp, out)
     return out
 
 
@@ -429,7 +456,7 @@ def _conv_float_impl(
     bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
     out = _empty_nchw_channels_last(*plan.shape, torch.float32)
     if out.numel():
-        plan.native.run(xp.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, 0, 0, torch.get_num_threads())
+        _run(plan, xp, wp, out, scale_ptr, bias_ptr)
     return out
 
 
@@ -447,7 +474,7 @@ def _conv_threshold_impl(
         raise ValueError("thresholds and direction are required")
     out = torch.empty(plan.shape, dtype=torch.int64)
     if out.numel():
-        plan.native.run(xp.data_ptr(), wp.data_ptr(), out.data_ptr(), 0, 0, thr_ptr, dir_ptr, torch.get_num_threads())
+        _run(plan, xp, wp, out, thr_ptr=thr_ptr, dir_ptr=dir_ptr)
     return out
 
 
@@ -569,7 +596,9 @@ def binary_conv2d_int(
 
     ``acc[n, co, oh, ow] = sum over taps and the group's input channels of sign(x) * sign(w)``,
     with padded taps worth ``pad_value`` (0, +1 or -1). ``xp`` is already padded by
-    ``padding`` (see :func:`pack_activations`), packed for ``groups``.
+    ``padding`` (see :func:`pack_activations`), packed for ``groups``; or it is the float32
+    ``[N, C_in, H, W]`` input itself (any strides), packed inside the same native call
+    (one pass over the threads; equal to packing first).
     """
     if _direct(xp, wp):
         return _conv_int_impl(

@@ -182,10 +182,22 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return (native or reference.pack_weights)(w, groups).contiguous()
 
 
+def _packed_input(x: torch.Tensor, conv: dict) -> torch.Tensor:
+    """The conv's packed input: ``x`` itself, or float32 ``x`` packed for the conv."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+        _check_float4(x, "binary_conv2d")
+        if x.shape[1] != conv["in_channels"]:
+            raise ValueError(f"binary_conv2d: input has {x.shape[1]} channels, expected {conv['in_channels']}")
+        return pack_activations(x, conv.get("padding", 0), conv.get("pad_value", 0.0), conv.get("groups", 1))
+    return x
+
+
 def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, **conv) -> torch.Tensor:
+    """``xp``: packed activations, or the float32 input (packed in the same call)."""
     native = _impl("binary_conv2d_int")
     if native is not None:
         return native(xp, wp, **conv)
+    xp = _packed_input(xp, conv)
     _conv_geometry(xp, wp, conv, "binary_conv2d")
     return reference.binary_conv2d_int(xp, wp, **conv)
 
@@ -194,6 +206,7 @@ def binary_conv2d(xp, wp, *, scale=None, bias=None, **conv) -> torch.Tensor:
     native = _impl("binary_conv2d")
     if native is not None:
         return native(xp, wp, scale=scale, bias=bias, **conv)
+    xp = _packed_input(xp, conv)
     _conv_geometry(xp, wp, conv, "binary_conv2d")
     return reference.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)
 
@@ -204,6 +217,7 @@ def binary_conv2d_threshold(
     native = _impl("binary_conv2d_threshold")
     fn = native or reference.binary_conv2d_threshold
     if native is None:
+        xp = _packed_input(xp, conv)
         _conv_geometry(xp, wp, conv, "binary_conv2d")
     return fn(
         xp,

@@ -53,25 +53,47 @@ class PackedModel(nn.Module):
         return out
 
     def _compile(self) -> list[tuple]:
-        """(name, op fn, attrs, input names, tensor role -> tensor, values to free after)."""
-        last_use: dict[str, int] = {}
+        """(name, op fn, attrs, input names, tensor role -> tensor, values to free after, relayout, label).
+
+        A ``pack`` read only by one binary convolution is not a step of its own: the
+        convolution takes the float input and packs it inside its native call (one pass
+        over the threads; the packed input never leaves the caches).
+        """
         nodes = self.graph["nodes"]
+        outputs = set(self.graph["outputs"])
+        readers: dict[str, list[int]] = {}
         for i, node in enumerate(nodes):
             for ref in node["inputs"]:
-                last_use[ref] = i
-        outputs = set(self.graph["outputs"])
+                readers.setdefault(ref, []).append(i)
+        absorbed: dict[int, dict] = {}  # conv index -> the pack node it absorbs
+        for node in nodes:
+            users = readers.get(node["name"], [])
+            if node["op"] == "pack" and node["name"] not in outputs and len(users) == 1:
+                user = nodes[users[0]]
+                if user["op"] in _PACKING_CONVS and user["inputs"] == [node["name"]]:
+                    absorbed[users[0]] = node
+        skipped = {id(n) for n in absorbed.values()}
         steps = []
         for i, node in enumerate(nodes):
+            if id(node) in skipped:
+                continue
             spec = G.OPS[node["op"]]
             attrs = G._attrs(node, spec, node["name"])
             roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
-            free = tuple(ref for ref in dict.fromkeys(node["inputs"]) if last_use.get(ref) == i and ref not in outputs)
+            inputs = tuple(absorbed[i]["inputs"] if i in absorbed else node["inputs"])
+            label = ("pack+" if i in absorbed else "") + node["op"]
             # float outputs of binary layers take the memory format the model's own tensors have
             # (the native kernels write channels_last): float convs and adaptive pools round
             # differently in the two layouts, and the model's layout follows its input's
             relayout = node["op"] == "binary_conv2d"
-            steps.append((node["name"], spec.fn, attrs, tuple(node["inputs"]), roles, free, relayout))
-        return steps
+            steps.append([node["name"], spec.fn, attrs, inputs, roles, (), relayout, label, node.get("module", "")])
+        last_use: dict[str, int] = {}
+        for i, step in enumerate(steps):
+            for ref in step[3]:
+                last_use[ref] = i
+        for i, step in enumerate(steps):
+            step[5] = tuple(ref for ref in dict.fromkeys(step[3]) if last_use.get(ref) == i and ref not in outputs)
+        return [tuple(step) for step in steps]
 
     # -- running ------------------------------------------------------------
 
@@ -100,7 +122,7 @@ class PackedModel(nn.Module):
         self._check_input(x)
         env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
         fmt = _memory_format(x)
-        for name, fn, attrs, inputs, roles, free, relayout in self._steps:
+        for name, fn, attrs, inputs, roles, free, relayout, _, _ in self._steps:
             try:
                 out = fn(roles, attrs, *[env[i] for i in inputs])
                 env[name] = out.contiguous(memory_format=fmt) if relayout else out
@@ -119,23 +141,25 @@ class PackedModel(nn.Module):
 
     @torch.no_grad()
     def profile(self, x: torch.Tensor, repeat: int = 10) -> list[dict[str, Any]]:
-        """Time every op of the graph on ``x``: a list of ``{name, op, module, ms, share}``, median over ``repeat`` runs."""
+        """Time every step on ``x``: a list of ``{name, op, module, ms, share}``, median over ``repeat`` runs.
+
+        A step is a graph node, or a binary convolution with the packing of its input
+        (op ``pack+binary_conv2d``), which run as one native call."""
         self._check_input(x)
-        times: dict[str, list[float]] = {name: [] for name, *_ in self._steps}
+        times: list[list[float]] = [[] for _ in self._steps]
+        fmt = _memory_format(x)
         for _ in range(max(1, repeat)):
             env = {self.graph["input"]["name"]: x}
-            fmt = _memory_format(x)
-            for name, fn, attrs, inputs, roles, free, relayout in self._steps:
+            for k, (name, fn, attrs, inputs, roles, free, relayout, _, _) in enumerate(self._steps):
                 args = [env[i] for i in inputs]
                 t0 = time.perf_counter()
                 out = fn(roles, attrs, *args)
                 env[name] = out.contiguous(memory_format=fmt) if relayout else out
-                times[name].append(time.perf_counter() - t0)
+                times[k].append(time.perf_counter() - t0)
         rows = []
-        for node in self.graph["nodes"]:
-            ts = sorted(times[node["name"]])
-            rows.append({"name": node["name"], "op": node["op"], "module": node.get("module", ""),
-                         "ms": 1e3 * ts[len(ts) // 2]})
+        for k, (name, *_, label, module) in enumerate(self._steps):
+            ts = sorted(times[k])
+            rows.append({"name": name, "op": label, "module": module, "ms": 1e3 * ts[len(ts) // 2]})
         total = sum(r["ms"] for r in rows) or 1.0
         for r in rows:
             r["share"] = r["ms"] / total
@@ -158,6 +182,10 @@ class PackedModel(nn.Module):
         for node in self.graph["nodes"]:
             counts[node["op"]] = counts.get(node["op"], 0) + 1
         return ", ".join(f"{op}: {n}" for op, n in counts.items())
+
+
+#: binary convolutions that can take a float input and pack it themselves
+_PACKING_CONVS = ("binary_conv2d", "binary_conv2d_threshold")
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
