@@ -9,7 +9,8 @@ Candidates:
 
 - torch fp32 ``conv2d`` in NCHW and in channels_last (the table's baseline is the faster);
 - per instruction set: ``pack`` (float NCHW input -> packed, padded bits), ``conv``
-  (packed input -> float output, scale and bias applied), ``pack+conv`` (the two, i.e. a
+  (packed input -> float output, scale and bias applied), ``pack+conv`` (float input -> float
+  output, the input packed inside the same native call, as the engine runs it: i.e. a
   binary layer fed by a float layer: the headline ratio), and ``conv->bits`` (the
   thresholded variant that writes the next binary layer's packed input).
 
@@ -97,7 +98,7 @@ def binary_candidates(x, w, isa: str):
         f"{isa} pack": on(lambda: K.pack_activations(x, 1, 0.0)),
         f"{isa} conv": on(lambda: K.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)),
         f"{isa} pack+conv": on(
-            lambda: K.binary_conv2d(K.pack_activations(x, 1, 0.0), wp, scale=scale, bias=bias, **conv)
+            lambda: K.binary_conv2d(x, wp, scale=scale, bias=bias, **conv)  # packs x inside the call
         ),
         f"{isa} conv->bits": on(
             lambda: K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=direction, out_padding=1, **conv)

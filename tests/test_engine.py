@@ -471,6 +471,21 @@ def test_binary_convs_pack_their_float_input_in_the_same_call():
     assert torch.allclose(packed(x), ref, atol=1e-4, rtol=0)
 
 
+def test_writes_to_packed_weights_are_seen_by_the_next_call():
+    # the kernels keep each layer's prepared weights between calls, until the weights change
+    model = randomize_batchnorms(onebit.models.create("birealnet_small", num_classes=10, in_channels=1), 10).eval()
+    x = torch.randn(2, 1, 28, 28)
+    packed = engine.pack(model, x)
+    before = packed(x)
+    tensors = packed.named_graph_tensors()
+    conv = next(n for n in packed.graph["nodes"] if n["op"] in ("binary_conv2d", "binary_conv2d_threshold"))
+    weight = tensors[conv["tensors"]["weight"]]
+    weight[: weight.shape[0] // 2] ^= weight[: weight.shape[0] // 2]  # half the channels: all weights +1
+    fresh = engine.PackedModel(packed.graph, {k: t.clone() for k, t in tensors.items()})
+    after = packed(x)
+    assert torch.equal(after, fresh(x)) and not torch.equal(after, before)
+
+
 def test_concurrent_multithreaded_calls_get_their_own_answers():
     # big enough for two-thread regions: callers that find the threads busy run alone
     model = randomize_batchnorms(onebit.models.create("birealnet_small", num_classes=10, in_channels=1), 9).eval()

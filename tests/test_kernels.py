@@ -600,3 +600,39 @@ def test_linear_traces():
 
     x = torch.randn(4, 100)
     assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), f(x))
+
+
+# ---------------------------------------------------------------------------
+# prepared weights kept between calls
+
+
+def test_weight_cache_reuses_and_refreshes_prepared_weights():
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(70, 40, 3, 3, generator=gen)
+    wp = K.pack_weights(w)
+    conv = dict(in_channels=40, out_channels=70, kernel_size=3, padding=1)
+    cache = K.WeightCache()
+    # several input shapes (several plans), every ISA, in turn: each call equals an uncached one
+    inputs = [torch.randn(n, 40, s, s, generator=gen) for n, s in [(1, 9), (2, 5), (1, 12), (3, 7), (1, 6), (1, 9)]]
+    for _ in range(2):
+        for isa in ISAS:
+            _C.set_isa(isa)
+            for x in inputs:
+                expected = reference_conv(x, w, (1, 1), (1, 1), (1, 1), 1, 0.0)
+                got = K.binary_conv2d_int(x, wp, cache=cache, **conv)
+                assert torch.equal(got.to(torch.float64), expected), isa
+    assert 1 <= cache.entries <= 4  # a few entries, the most recently used
+    # a write to the weights (their version changes) is seen by the next call
+    x = inputs[0]
+    before = K.binary_conv2d_int(x, wp, cache=cache, **conv)
+    wp[:7] = ~wp[:7] & K.pack_weights(torch.ones(7, 40, 3, 3) * -1)  # flip output channels 0..6
+    w[:7] = -w[:7]
+    after = K.binary_conv2d_int(x, wp, cache=cache, **conv)
+    assert torch.equal(after.to(torch.float64), reference_conv(x, w, (1, 1), (1, 1), (1, 1), 1, 0.0))
+    assert torch.equal(after[:, :7], -before[:, :7]) and torch.equal(after[:, 7:], before[:, 7:])
+
+
+def test_weight_cache_rejects_other_objects():
+    wp = K.pack_weights(torch.randn(8, 8, 1, 1))
+    with pytest.raises(ValueError, match="WeightCache"):
+        K.binary_conv2d_int(torch.randn(1, 8, 2, 2), wp, in_channels=8, out_channels=8, kernel_size=1, cache={})

@@ -156,8 +156,48 @@ void fill_packed_border(uint64_t* out, int64_t N, int64_t H, int64_t W, int64_t 
   }
 }
 
+WeightCache::Entry::~Entry() { std::free(data); }
+
+std::shared_ptr<const WeightCache::Entry> WeightCache::find(uint64_t plan, int isa, const uint64_t* w,
+                                                           int64_t version) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (size_t i = entries_.size(); i-- > 0;) {
+    const auto& e = entries_[i];
+    if (e->plan == plan && e->isa == isa && e->w == w && e->version == version) {
+      std::shared_ptr<const Entry> found = e;
+      entries_.erase(entries_.begin() + static_cast<std::ptrdiff_t>(i));
+      entries_.push_back(found);
+      return found;
+    }
+  }
+  return nullptr;
+}
+
+void WeightCache::store(std::shared_ptr<const Entry> entry) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const auto& e = entries_[i];
+    // An entry for the same plan and ISA with other weights or an older version is stale.
+    if (e->plan == entry->plan && e->isa == entry->isa) {
+      entries_.erase(entries_.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
+  }
+  if (entries_.size() >= kMaxEntries) entries_.erase(entries_.begin());
+  entries_.push_back(std::move(entry));
+}
+
+size_t WeightCache::entries() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return entries_.size();
+}
+
+namespace {
+std::atomic<uint64_t> next_plan_id{1};
+}  // namespace
+
 ConvPlan::ConvPlan(const ConvGeometry& geometry, const ConvOutput& params, int64_t x_words_per_pixel, int64_t w_words)
-    : g_(geometry), o_(params) {
+    : g_(geometry), o_(params), id_(next_plan_id.fetch_add(1, std::memory_order_relaxed)) {
   validate_conv(g_, o_, x_words_per_pixel, w_words);
   const ConvGeometry& g = g_;
   // Border classes for the zero-padding correction.
@@ -191,22 +231,23 @@ void binary_conv2d(ConvGeometry g, ConvOutput o, const uint64_t* x, const uint64
   ConvPlan(g, o, x_words_per_pixel, w_words).run(x, w, o, threads);
 }
 
-void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs, int threads) const {
-  run_impl(x, nullptr, w, ptrs, threads);
+void ConvPlan::run(const uint64_t* x, const uint64_t* w, const ConvOutput& ptrs, int threads, WeightCache* cache,
+                   int64_t w_version) const {
+  run_impl(x, nullptr, w, ptrs, threads, cache, w_version);
 }
 
 void ConvPlan::run(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const uint64_t* w,
-                   const ConvOutput& ptrs, int threads) const {
+                   const ConvOutput& ptrs, int threads, WeightCache* cache, int64_t w_version) const {
   const ConvGeometry& g = g_;
   if (!x) fail("binary_conv2d: null input");
   const int64_t words = g.N * g.Hp * g.Wp * g.G * g.Wg;
   uint64_t* packed = static_cast<uint64_t*>(tls_packed.get(std::max<int64_t>(words, 1) * sizeof(uint64_t)));
   const ActivationPacker packer(x, g.N, g.C, g.H, g.W, sN, sC, sH, sW, g.ph, g.pw, g.pad_value, g.G, packed);
-  run_impl(packed, &packer, w, ptrs, threads);
+  run_impl(packed, &packer, w, ptrs, threads, cache, w_version);
 }
 
 void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const uint64_t* w, const ConvOutput& ptrs,
-                        int threads) const {
+                        int threads, WeightCache* cache, int64_t w_version) const {
   const ConvGeometry& g = g_;
   ConvOutput o = o_;
   o.out_i32 = ptrs.out_i32;
@@ -304,11 +345,30 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   };
 
   // Every block's weights are prepared once, by whichever thread first needs them
-  // (the others wait for it), into a buffer shared by the threads of this call.
+  // (the others wait for it), into a buffer shared by the threads of this call; or
+  // they come ready from the cache, or go into a new cache entry.
   const size_t block_bytes = (kernel->block_bytes(g, nclasses) + 63) / 64 * 64;
-  char* prepared = static_cast<char*>(tls_blocks.get(block_bytes * nblocks));
+  const int isa_code = static_cast<int>(isa);
+  std::shared_ptr<const WeightCache::Entry> cached = cache ? cache->find(id_, isa_code, w, w_version) : nullptr;
+  std::shared_ptr<WeightCache::Entry> fresh;
+  char* prepared;
+  if (cached) {
+    prepared = static_cast<char*>(cached->data);
+  } else if (cache) {
+    fresh = std::make_shared<WeightCache::Entry>();
+    fresh->plan = id_;
+    fresh->isa = isa_code;
+    fresh->w = w;
+    fresh->version = w_version;
+    fresh->bytes = block_bytes * nblocks;
+    fresh->data = std::aligned_alloc(64, std::max<size_t>(64, fresh->bytes));
+    if (!fresh->data) throw std::bad_alloc();
+    prepared = static_cast<char*>(fresh->data);
+  } else {
+    prepared = static_cast<char*>(tls_blocks.get(block_bytes * nblocks));
+  }
   std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[nblocks]);  // 0 todo, 1 busy, 2 ready
-  for (int64_t bi = 0; bi < nblocks; ++bi) state[bi].store(0, std::memory_order_relaxed);
+  for (int64_t bi = 0; bi < nblocks; ++bi) state[bi].store(cached ? 2 : 0, std::memory_order_relaxed);
   auto block = [&](int64_t bi) {
     ConvBlock b = proto;
     b.co0 = blocks[bi].co0;
@@ -353,44 +413,50 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
       i += tile1 - tile0;
     }
   };
+  auto run_parallel = [&](int64_t T) {
+    // Each thread owns a contiguous region of items (its own blocks, prepared by itself:
+    // the weights stay in its caches) cut into a few chunks; when its region is done it
+    // takes the remaining chunks of the others, so a thread that starts late or runs
+    // slowly does not hold the call up.
+    const int64_t per_region = std::max<int64_t>(1, std::min<int64_t>(kChunksPerThread, items / T));
+    std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[T]);
+    for (int64_t t = 0; t < T; ++t) next[t].store(0, std::memory_order_relaxed);
+    // The input phase comes first, in chunks of rows claimed by whichever thread is
+    // free; a thread out of chunks waits only for chunks already claimed (so running
+    // threads), never for a thread that has not started.
+    const int64_t in_chunks = input_phase ? std::min<int64_t>(in_rows, 4 * T) : 0;
+    std::atomic<int64_t> in_next{0}, in_done{0};
+    parallel_chunks(static_cast<int>(T), static_cast<int>(T), [&](int t) {
+      if (in_chunks) {
+        for (int64_t c = in_next.fetch_add(1, std::memory_order_relaxed); c < in_chunks;
+             c = in_next.fetch_add(1, std::memory_order_relaxed)) {
+          input_rows(in_rows * c / in_chunks, in_rows * (c + 1) / in_chunks);
+          in_done.fetch_add(1, std::memory_order_acq_rel);
+        }
+        for (int spins = 0; in_done.load(std::memory_order_acquire) < in_chunks; ++spins) {
+          if (spins < 4096) __builtin_ia32_pause();
+          else std::this_thread::yield();
+        }
+      }
+      for (int64_t k = 0; k < T; ++k) {
+        const int64_t r = (t + k) % T;
+        const int64_t r0 = items * r / T, r1 = items * (r + 1) / T;
+        for (int64_t c = next[r].fetch_add(1, std::memory_order_relaxed); c < per_region;
+             c = next[r].fetch_add(1, std::memory_order_relaxed))
+          run_items(r0 + (r1 - r0) * c / per_region, r0 + (r1 - r0) * (c + 1) / per_region);
+      }
+    });
+  };
   if (nthreads <= 1) {
     if (input_phase) input_rows(0, in_rows);
     run_items(0, items);
-    return;
+  } else {
+    run_parallel(nthreads);
   }
-  // Each thread owns a contiguous region of items (its own blocks, prepared by itself:
-  // the weights stay in its caches) cut into a few chunks; when its region is done it
-  // takes the remaining chunks of the others, so a thread that starts late or runs
-  // slowly does not hold the call up.
-  const int64_t T = nthreads;
-  const int64_t per_region = std::max<int64_t>(1, std::min<int64_t>(kChunksPerThread, items / T));
-  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[T]);
-  for (int64_t t = 0; t < T; ++t) next[t].store(0, std::memory_order_relaxed);
-  // The input phase comes first, in chunks of rows claimed by whichever thread is
-  // free; a thread out of chunks waits only for chunks already claimed (so running
-  // threads), never for a thread that has not started.
-  const int64_t in_chunks = input_phase ? std::min<int64_t>(in_rows, 4 * T) : 0;
-  std::atomic<int64_t> in_next{0}, in_done{0};
-  parallel_chunks(static_cast<int>(T), static_cast<int>(T), [&](int t) {
-    if (in_chunks) {
-      for (int64_t c = in_next.fetch_add(1, std::memory_order_relaxed); c < in_chunks;
-           c = in_next.fetch_add(1, std::memory_order_relaxed)) {
-        input_rows(in_rows * c / in_chunks, in_rows * (c + 1) / in_chunks);
-        in_done.fetch_add(1, std::memory_order_acq_rel);
-      }
-      for (int spins = 0; in_done.load(std::memory_order_acquire) < in_chunks; ++spins) {
-        if (spins < 4096) __builtin_ia32_pause();
-        else std::this_thread::yield();
-      }
-    }
-    for (int64_t k = 0; k < T; ++k) {
-      const int64_t r = (t + k) % T;
-      const int64_t r0 = items * r / T, r1 = items * (r + 1) / T;
-      for (int64_t c = next[r].fetch_add(1, std::memory_order_relaxed); c < per_region;
-           c = next[r].fetch_add(1, std::memory_order_relaxed))
-        run_items(r0 + (r1 - r0) * c / per_region, r0 + (r1 - r0) * (c + 1) / per_region);
-    }
-  });
+  if (fresh) {  // every block is prepared by now (each call covers them all): keep them
+    for (int64_t bi = 0; bi < nblocks; ++bi) ready(bi);
+    cache->store(std::move(fresh));
+  }
 }
 
 }  // namespace onebit

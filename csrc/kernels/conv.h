@@ -24,12 +24,15 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 namespace onebit {
 
 class ActivationPacker;  // pack.h
+class WeightCache;
 
 enum class OutMode : int { int32 = 0, float32 = 1, threshold = 2 };
 
@@ -67,19 +70,23 @@ class ConvPlan {
   // `params` carries the mode and the packed-output parameters; its pointers are ignored.
   ConvPlan(const ConvGeometry& g, const ConvOutput& params, int64_t x_words_per_pixel, int64_t w_words);
   // `out` carries the pointers (output, scale, bias, thresholds, directions) of this call.
-  void run(const uint64_t* x, const uint64_t* w, const ConvOutput& out, int threads) const;
+  // With a cache, the weights prepared in the kernel's layout are kept for the next call
+  // with the same weights (w and w_version, the caller's count of writes to them).
+  void run(const uint64_t* x, const uint64_t* w, const ConvOutput& out, int threads, WeightCache* cache = nullptr,
+           int64_t w_version = 0) const;
   // The same from the float input [N, C, H, W] (element strides sN, sC, sH, sW), packed
   // with the plan's padding, pad_value and groups inside the convolution's parallel
   // region: the threads pack their share of rows, meet, and convolve. One pass, one
   // wake-up of the threads, and the packed input stays in the caches.
   void run(const float* x, int64_t sN, int64_t sC, int64_t sH, int64_t sW, const uint64_t* w, const ConvOutput& out,
-           int threads) const;
+           int threads, WeightCache* cache = nullptr, int64_t w_version = 0) const;
   const ConvGeometry& geometry() const { return g_; }
   const ConvOutput& params() const { return o_; }
 
  private:
   void run_impl(const uint64_t* x, const ActivationPacker* packer, const uint64_t* w, const ConvOutput& out,
-                int threads) const;
+                int threads, WeightCache* cache, int64_t w_version) const;
+  uint64_t id_;  // unique per plan, for WeightCache
   ConvGeometry g_;
   ConvOutput o_;
   bool correct_ = false;
@@ -87,6 +94,35 @@ class ConvPlan {
   std::vector<uint8_t> class_taps_;
   int32_t ncol_ = 1, nclasses_ = 1;
   std::vector<int64_t> step_off_;
+};
+
+// The weights of one layer prepared in a kernel's layout (blocks of output channels,
+// zero-padding corrections), kept between calls. An entry is valid for one plan, ISA,
+// weight address and weight version: the caller keeps the weights alive while the
+// cache lives and bumps the version whenever it writes to them. A few entries are
+// kept (a layer called with several input shapes). Thread-safe.
+class WeightCache {
+ public:
+  struct Entry {
+    uint64_t plan = 0;
+    int isa = 0;
+    const uint64_t* w = nullptr;
+    int64_t version = 0;
+    size_t bytes = 0;
+    void* data = nullptr;  // 64-byte aligned, owned
+    Entry() = default;
+    Entry(const Entry&) = delete;
+    Entry& operator=(const Entry&) = delete;
+    ~Entry();
+  };
+  std::shared_ptr<const Entry> find(uint64_t plan, int isa, const uint64_t* w, int64_t version);
+  void store(std::shared_ptr<const Entry> entry);
+  size_t entries();
+
+ private:
+  static constexpr size_t kMaxEntries = 4;
+  std::mutex mutex_;
+  std::vector<std::shared_ptr<const Entry>> entries_;  // most recently used last
 };
 
 // One-shot convenience: validate, plan and run.

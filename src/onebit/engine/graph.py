@@ -169,6 +169,9 @@ def _conv_args(a) -> dict:
 # ---------------------------------------------------------------------------
 # op implementations: fn(tensors: dict[str, Tensor], attrs: dict, *inputs) -> Tensor
 
+#: the key, beside a binary conv's tensors, of the runner's cache of its prepared weights
+WEIGHT_CACHE = "_weight_cache"
+
 
 def _pack(t, a, x):
     return ops.pack_activations(x, a["padding"], a["pad_value"], a["groups"])
@@ -181,7 +184,9 @@ def _pack_features(t, a, x):
 
 
 def _binary_conv2d(t, a, xp):
-    return ops.binary_conv2d(xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), **_conv_args(a))
+    return ops.binary_conv2d(
+        xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), cache=t.get(WEIGHT_CACHE), **_conv_args(a)
+    )
 
 
 def _binary_conv2d_threshold(t, a, xp):
@@ -193,6 +198,7 @@ def _binary_conv2d_threshold(t, a, xp):
         out_padding=a["out_padding"],
         out_pad_value=a["out_pad_value"],
         out_groups=a["out_groups"],
+        cache=t.get(WEIGHT_CACHE),
         **_conv_args(a),
     )
 

@@ -51,9 +51,11 @@ __all__ = [
     "binary_linear",
     "binary_linear_int",
     "binary_linear_threshold",
+    "WeightCache",
 ]
 
 isa = _C.isa
+WeightCache = _C.WeightCache
 set_isa = _C.set_isa
 supported_isas = _C.supported_isas
 
@@ -265,11 +267,26 @@ def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, grou
     return plan
 
 
-def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0) -> None:
+def _cached(cache, wp):
+    """(cache, version of wp) for a call, or (None, 0) when wp's writes cannot be tracked."""
+    if cache is None:
+        return None, 0
+    if not isinstance(cache, WeightCache):
+        raise ValueError(f"cache must be a onebit.engine.kernels.WeightCache, got {type(cache).__name__}")
+    try:
+        return cache, wp._version
+    except RuntimeError:  # inference tensors count no writes: never cache them
+        return None, 0
+
+
+def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None) -> None:
     """Run a plan on packed ``x``, or on float32 ``x`` packed in the same pass."""
     threads = torch.get_num_threads()
+    cache, version = _cached(cache, wp)
     if x.dtype is _I64:
-        plan.native.run(x.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads)
+        plan.native.run(
+            x.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads, cache, version
+        )
         return
     _, c, _, w = x.shape
     sn, sc, sh, sw = x.stride()
@@ -277,8 +294,9 @@ def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0) -> Non
         x = x.contiguous()
         sn, sc, sh, sw = x.stride()
     plan.native.run_float(
-        x.data_ptr(), sn, sc, sh, sw, wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads
-    )
+        x.data_ptr(), sn, sc, sh, sw, wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads,
+        cache, version,
+    )  # fmt: skip
 
 
 def _channel_ptr(t, name: str, dtype: torch.dtype, channels: int) -> int:
@@ -436,19 +454,22 @@ def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
     return torch.empty_strided((n, c, h, w), stride, dtype=dtype)
 
 
-def _conv_int_impl(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
+def _conv_int_impl(
+    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, cache=None
+):
     plan = _conv_plan(
         _MODE_INT, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
     )
     out = _empty_nchw_channels_last(*plan.shape, torch.int32)
     if out.numel():
-        _run(plan, xp, wp, out)
+        _run(plan, xp, wp, out, cache=cache)
     return out
 
 
 def _conv_float_impl(
-    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias
-):
+    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
+    cache=None,
+):  # fmt: skip
     plan = _conv_plan(
         _MODE_FLOAT, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
     )
@@ -456,13 +477,13 @@ def _conv_float_impl(
     bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
     out = _empty_nchw_channels_last(*plan.shape, torch.float32)
     if out.numel():
-        _run(plan, xp, wp, out, scale_ptr, bias_ptr)
+        _run(plan, xp, wp, out, scale_ptr, bias_ptr, cache=cache)
     return out
 
 
 def _conv_threshold_impl(
     xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
-    thresholds, direction, out_padding, out_pad_value, out_groups,
+    thresholds, direction, out_padding, out_pad_value, out_groups, cache=None,
 ):  # fmt: skip
     plan = _conv_plan(
         _MODE_THRESHOLD, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
@@ -474,7 +495,7 @@ def _conv_threshold_impl(
         raise ValueError("thresholds and direction are required")
     out = torch.empty(plan.shape, dtype=torch.int64)
     if out.numel():
-        _run(plan, xp, wp, out, thr_ptr=thr_ptr, dir_ptr=dir_ptr)
+        _run(plan, xp, wp, out, thr_ptr=thr_ptr, dir_ptr=dir_ptr, cache=cache)
     return out
 
 
@@ -591,6 +612,7 @@ def binary_conv2d_int(
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
     pad_value: float = 0.0,
+    cache: WeightCache | None = None,
 ) -> torch.Tensor:
     """Exact integer binary convolution: int32 ``[N, C_out, OH, OW]`` (channels_last memory).
 
@@ -599,10 +621,15 @@ def binary_conv2d_int(
     ``padding`` (see :func:`pack_activations`), packed for ``groups``; or it is the float32
     ``[N, C_in, H, W]`` input itself (any strides), packed inside the same native call
     (one pass over the threads; equal to packing first).
+
+    ``cache``: a :class:`WeightCache` the caller keeps for this layer. The weights, once
+    prepared in the kernel's own layout, are reused by later calls as long as ``wp`` is
+    the same tensor with no write to it since (``wp._version``); the caller keeps ``wp``
+    alive while the cache is in use. Without it the weights are prepared on every call.
     """
     if _direct(xp, wp):
         return _conv_int_impl(
-            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
+            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, cache
         )
     args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     return torch.ops.onebit.binary_conv2d_int(xp, wp, *args)
@@ -622,17 +649,20 @@ def binary_conv2d(
     pad_value: float = 0.0,
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    cache: WeightCache | None = None,
 ) -> torch.Tensor:
     """float32 ``[N, C_out, OH, OW]`` (channels_last memory) ``= acc * scale[c] + bias[c]``.
 
     ``acc`` as in :func:`binary_conv2d_int`; ``scale`` and ``bias`` are optional float32
     ``[C_out]``, applied as a float32 multiply then an add (no FMA), bit for bit like
-    ``acc.float() * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)``.
+    ``acc.float() * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)``. ``xp`` and ``cache`` as in
+    :func:`binary_conv2d_int`.
     """
     if _direct(xp, wp, scale, bias):
         return _conv_float_impl(
-            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias
-        )
+            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
+            cache,
+        )  # fmt: skip
     args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias)
 
@@ -679,6 +709,7 @@ def binary_conv2d_threshold(
     out_padding: int | Sequence[int] = 0,
     out_pad_value: float = 0.0,
     out_groups: int = 1,
+    cache: WeightCache | None = None,
 ) -> torch.Tensor:
     """Binary conv thresholded straight into the next layer's packed, padded input.
 
@@ -687,13 +718,14 @@ def binary_conv2d_threshold(
     iff ``acc > thresholds[c]`` when ``direction[c] == -1``. ``thresholds`` is int32
     ``[C_out]``; ``direction`` is int8 ``[C_out]`` (+1 / -1) or bool (True = -1, "negate
     above"). The border is filled as :func:`pack_activations` fills it for ``out_pad_value``.
+    ``xp`` and ``cache`` as in :func:`binary_conv2d_int`.
     """
     direction = _direction_int8(direction)
     thresholds = _thresholds_int32(thresholds)
     if _direct(xp, wp, thresholds, direction):
         return _conv_threshold_impl(
             xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
-            thresholds, direction, out_padding, out_pad_value, out_groups,
+            thresholds, direction, out_padding, out_pad_value, out_groups, cache,
         )  # fmt: skip
     args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     out_padding = list(_pair(out_padding, "out_padding"))

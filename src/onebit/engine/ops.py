@@ -192,33 +192,41 @@ def _packed_input(x: torch.Tensor, conv: dict) -> torch.Tensor:
     return x
 
 
-def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, **conv) -> torch.Tensor:
+def weight_cache():
+    """A cache for one layer's prepared weights (see ``kernels.binary_conv2d_int``), or None without the native kernels."""
+    native = _native()
+    return native.WeightCache() if native is not None else None
+
+
+def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, *, cache=None, **conv) -> torch.Tensor:
     """``xp``: packed activations, or the float32 input (packed in the same call)."""
     native = _impl("binary_conv2d_int")
     if native is not None:
-        return native(xp, wp, **conv)
+        return native(xp, wp, cache=cache, **conv)
     xp = _packed_input(xp, conv)
     _conv_geometry(xp, wp, conv, "binary_conv2d")
     return reference.binary_conv2d_int(xp, wp, **conv)
 
 
-def binary_conv2d(xp, wp, *, scale=None, bias=None, **conv) -> torch.Tensor:
+def binary_conv2d(xp, wp, *, scale=None, bias=None, cache=None, **conv) -> torch.Tensor:
     native = _impl("binary_conv2d")
     if native is not None:
-        return native(xp, wp, scale=scale, bias=bias, **conv)
+        return native(xp, wp, scale=scale, bias=bias, cache=cache, **conv)
     xp = _packed_input(xp, conv)
     _conv_geometry(xp, wp, conv, "binary_conv2d")
     return reference.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)
 
 
 def binary_conv2d_threshold(
-    xp, wp, *, thresholds, direction, out_padding=(0, 0), out_pad_value=0.0, out_groups=1, **conv
+    xp, wp, *, thresholds, direction, out_padding=(0, 0), out_pad_value=0.0, out_groups=1, cache=None, **conv
 ) -> torch.Tensor:
     native = _impl("binary_conv2d_threshold")
     fn = native or reference.binary_conv2d_threshold
     if native is None:
         xp = _packed_input(xp, conv)
         _conv_geometry(xp, wp, conv, "binary_conv2d")
+    else:
+        conv = dict(conv, cache=cache)
     return fn(
         xp,
         wp,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from onebit.engine import graph as G
+from onebit.engine import ops
 
 __all__ = ["PackedModel", "pack", "InputError"]
 
@@ -80,6 +81,8 @@ class PackedModel(nn.Module):
             spec = G.OPS[node["op"]]
             attrs = G._attrs(node, spec, node["name"])
             roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
+            if node["op"] in _PACKING_CONVS:  # the weights, prepared for the kernel, kept between calls
+                roles[G.WEIGHT_CACHE] = ops.weight_cache()
             inputs = tuple(absorbed[i]["inputs"] if i in absorbed else node["inputs"])
             label = ("pack+" if i in absorbed else "") + node["op"]
             # float outputs of binary layers take the memory format the model's own tensors have
