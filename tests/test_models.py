@@ -10,14 +10,14 @@ from onebit.models import BiRealBlock, DenseLayer, ModelConstructor
 from onebit.nn import QConv2d, QLinear, QuantizedLayer
 from onebit.nn.twist import TwistConv2d
 
-ZOO = ["lenet", "lenet_binary", "lenet_larq", "resnet18", "birealnet18", "birealnet_small", "resnete18",
+ZOO = ["lenet", "lenet_binary", "lenet_larq", "resnet18", "birealnet18", "birealnet_small", "birealnet_small_react", "resnete18",
        "binary_densenet28", "binary_densenet37", "binary_densenet45"]
 
 
 def example(name: str, batch: int = 2) -> torch.Tensor:
     if name in ("lenet", "lenet_binary"):
         return torch.randn(batch, 1, 8, 8)
-    if name in ("lenet_larq", "birealnet_small"):
+    if name in ("lenet_larq", "birealnet_small", "birealnet_small_react"):
         return torch.randn(batch, 1, 28, 28)
     return torch.randn(batch, 3, 32, 32)
 
@@ -35,7 +35,7 @@ def binary_layers(model):
 
 def test_names_lists_the_zoo_and_filters_by_pattern():
     assert set(ZOO) <= set(models.names())
-    assert models.names("birealnet*") == ["birealnet18", "birealnet_small"]
+    assert models.names("birealnet*") == ["birealnet18", "birealnet_small", "birealnet_small_react"]
     assert models.names("binary_densenet*") == ["binary_densenet28", "binary_densenet37", "binary_densenet45"]
 
 
@@ -161,7 +161,7 @@ def test_float_twin_has_no_binary_layer():
     assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in models.create("birealnet18").parameters())
 
 
-@pytest.mark.parametrize("name", ["lenet_binary", "lenet_larq", "birealnet_small", "resnet18", "birealnet18", "resnete18", "binary_densenet28"])
+@pytest.mark.parametrize("name", ["lenet_binary", "lenet_larq", "birealnet_small", "birealnet_small_react", "resnet18", "birealnet18", "resnete18", "binary_densenet28"])
 def test_packs_with_the_engine_with_equal_outputs(name):
     engine = pytest.importorskip("onebit.engine")
     if not hasattr(engine, "pack"):
@@ -172,3 +172,45 @@ def test_packs_with_the_engine_with_equal_outputs(name):
     packed = engine.pack(model, x)
     with torch.no_grad():
         assert torch.allclose(torch.as_tensor(packed(x)), model(x), atol=1e-3, rtol=1e-3)
+
+
+def test_affine_pre_sign_shifts_and_scales_the_sign_path_only():
+    torch.manual_seed(0)
+    conv = lambda c_in, c_out, stride: QConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False,  # noqa: E731
+                                               input_quantizer="approx_sign", weight_quantizer="magnitude_aware_sign")
+    block = BiRealBlock(8, 8, 1, conv=conv, act_fn="prelu", norm_layer=nn.BatchNorm2d, pre_sign="affine")
+    assert type(block.pre) is nn.Conv2d and block.pre.groups == 8  # a depthwise 1x1 conv: a float op for every tool
+    assert torch.equal(block.pre.weight, torch.ones(8, 1, 1, 1)) and torch.equal(block.pre.bias, torch.zeros(8))
+    with torch.no_grad():
+        block.pre.weight.uniform_(0.5, 2.0)
+        block.pre.bias.uniform_(-0.5, 0.5)
+        block.bn.running_mean.uniform_(-0.3, 0.3)
+        block.act.weight.uniform_(-0.5, 0.5)
+    block.eval()
+    x = torch.randn(2, 8, 6, 6)
+    a, b = block.pre.weight.view(1, 8, 1, 1), block.pre.bias.view(1, 8, 1, 1)
+    signs = torch.where(a * x + b >= 0, 1.0, -1.0)  # the cut moves to x = -b/a, per channel
+    w = block.conv.weight
+    w_q = w.abs().mean(dim=(1, 2, 3), keepdim=True) * torch.where(w >= 0, 1.0, -1.0)
+    bn = block.bn
+    y = (torch.nn.functional.conv2d(signs, w_q, padding=1) - bn.running_mean.view(1, 8, 1, 1)) / torch.sqrt(
+        bn.running_var.view(1, 8, 1, 1) + bn.eps) * bn.weight.view(1, 8, 1, 1) + bn.bias.view(1, 8, 1, 1)
+    s = y + x  # the shortcut carries x itself, not the shifted x
+    slope = block.act.weight.view(1, 8, 1, 1)
+    expected = torch.where(s >= 0, s, slope * s)
+    with torch.no_grad():
+        assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_pre_sign_is_off_by_default_and_only_for_blocks_with_a_sign_path():
+    plain = models.create("birealnet_small", in_channels=1)
+    assert not any(".pre." in k for k in plain.state_dict())  # existing runs load unchanged
+    react = models.create("birealnet_small_react", in_channels=1)
+    blocks = [m for m in react.modules() if isinstance(m, BiRealBlock)]
+    assert len(blocks) == 6 and all(isinstance(b.act, nn.PReLU) and b.act.num_parameters == b.out_channels for b in blocks)
+    assert [b.pre.in_channels for b in blocks] == [32, 32, 32, 64, 64, 128]
+    assert len(binary_layers(react)) == 6
+    with pytest.raises(ValueError, match="no sign path"):
+        ModelConstructor(block="basic", layers=(1,), widths=(8,), pre_sign="affine")()
+    with pytest.raises(ValueError, match="unknown pre_sign"):
+        models.create("birealnet_small", pre_sign="rsign")

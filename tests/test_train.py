@@ -240,3 +240,73 @@ def test_zoo_models_train_on_an_idx_directory(tmp_path, model, extra):
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     loaded, meta = load_run(str(tmp_path / "run"))
     assert meta["image_size"] == [extra.get("image_size", 28)] * 2
+
+
+def test_distillation_loss_is_the_tempered_kl_divergence():
+    from onebit.train import distillation_loss
+
+    torch.manual_seed(0)
+    student = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    for t in (1.0, 3.0):
+        p = torch.exp(teacher.detach() / t) / torch.exp(teacher.detach() / t).sum(1, keepdim=True)
+        q = torch.exp(student.detach() / t) / torch.exp(student.detach() / t).sum(1, keepdim=True)
+        expected = t * t * (p * (p.log() - q.log())).sum() / 5
+        assert torch.allclose(distillation_loss(student, teacher, t), expected)
+    assert distillation_loss(teacher, teacher).abs() < 1e-12  # zero when the student matches
+    distillation_loss(student, teacher, 2.0).backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_distilled_training_mixes_labels_and_teacher_and_leaves_the_teacher_alone(tmp_path):
+    teacher_run = Trainer(config(tmp_path / "teacher", model="lenet", epochs=1))
+    teacher_run.fit()
+    before = {k: v.clone() for k, v in teacher_run.model.state_dict().items()}
+    student = Trainer(config(tmp_path / "student", epochs=1, teacher=str(tmp_path / "teacher"),
+                             distill_weight=0.25, distill_temperature=2.0))
+    assert not any(p.requires_grad for p in student.teacher.parameters()) and not student.teacher.training
+    x, y = student.data.train.tensors
+    x, y = x[:32], y[:32]
+    with torch.no_grad():
+        s, t = student.model(x), teacher_run.model.eval()(x)
+        p, log_q = torch.softmax(t / 2, 1), torch.log_softmax(s / 2, 1)
+        kd = 4 * (p * (p.log() - log_q)).sum(1).mean()
+        expected = 0.75 * torch.nn.functional.cross_entropy(s, y) + 0.25 * kd
+        assert torch.allclose(student._loss(x, y), expected, atol=1e-6)
+    history = student.fit()
+    assert history[0]["accuracy"] > 0.5
+    after = io.load_tensors(tmp_path / "teacher" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="another shape"):
+        Trainer(config(tmp_path / "bad", data=str(write_tiny_idx(tmp_path / "idx")), teacher=str(tmp_path / "teacher")))
+
+
+def test_channels_last_trains_the_same_function_and_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    plain = Trainer(config(tmp_path / "nchw", model="lenet", epochs=1, schedule="constant", lr=1e-3))
+    nhwc = Trainer(config(tmp_path / "nhwc", model="lenet", epochs=1, schedule="constant", lr=1e-3, memory_format="channels_last"))
+    conv = nhwc.model[3]  # a conv with several input channels (with one, both layouts are the same)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    plain.fit(), nhwc.fit()
+    a, b = plain.model.state_dict(), io.load_tensors(tmp_path / "nhwc" / "model.safetensors")
+    for k in a:  # the same steps; only the order of float sums differs
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+
+    overrides = {"memory_format": "channels_last", "augment": "crop+flip"}
+    whole = Trainer(config(tmp_path / "whole", **overrides))
+    whole.fit()
+    StopAt.stop_at = 29
+    with pytest.raises(Interrupted):
+        StopAt(config(tmp_path / "split", **overrides)).fit()
+    resumed = Trainer.from_run(str(tmp_path / "split"))
+    resumed.fit()
+    b = io.load_tensors(tmp_path / "split" / "model.safetensors")
+    assert all(torch.equal(v, b[k]) for k, v in whole.model.state_dict().items())
+
+
+def test_bad_distillation_and_layout_options_are_value_errors(tmp_path):
+    for bad in ({"distill_weight": 1.5}, {"distill_temperature": 0.0}, {"memory_format": "nhwc"}):
+        with pytest.raises(ValueError):
+            Trainer(config(tmp_path, **bad))
+    with pytest.raises(FileNotFoundError, match="not a onebit run directory"):
+        Trainer(config(tmp_path, teacher=str(tmp_path / "nothing")))

@@ -15,6 +15,9 @@ Run directory (written by rank 0 only, every file atomically, no pickle):
   checkpoint is never half written;
 - ``history.csv``: the epoch table.
 
+Distillation (``teacher``): the model of a finished run, frozen, sees each training batch too,
+and the loss mixes the labels' cross-entropy with :func:`distillation_loss` to its outputs.
+
 Reproducibility: the order of the training examples in epoch ``e`` is a permutation drawn
 from ``seed`` and ``e`` alone; augmentation and mixup draw from a generator whose state is
 checkpointed. A run stopped at any step (SIGINT/SIGTERM finish the current step and save)
@@ -54,10 +57,11 @@ from onebit import io, models
 from onebit.data.augment import Augment
 from onebit.optim import Bop, FlipCounter, binary_parameters, clip_weights
 
-__all__ = ["TrainConfig", "Trainer", "EpochTable", "train", "resume", "load_run", "run_distributed", "Interrupted"]
+__all__ = ["TrainConfig", "Trainer", "EpochTable", "train", "resume", "load_run", "run_distributed", "Interrupted", "distillation_loss"]
 
 OPTIMIZERS = ("adam", "sgd", "bop")
 SCHEDULES = ("one-cycle", "cosine", "constant")
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 CHECKPOINT = "checkpoint.safetensors"
 
 
@@ -90,6 +94,16 @@ class TrainConfig:
     weight_clip: float | None = None
     bop_threshold: float = 1e-8
     bop_gamma: float = 1e-4
+    #: layout of 4-D weights and image batches: "contiguous" (NCHW) or "channels_last" (NHWC, whose
+    #: convolutions are faster on CPU); the model computes the same function in either
+    memory_format: str = "contiguous"
+    #: run directory of a trained teacher (e.g. the float twin) to distill from (None: off); the loss
+    #: becomes (1 - w) * CE(student, labels) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+    teacher: str | None = None
+    #: w, the weight of the distillation term
+    distill_weight: float = 1.0
+    #: T, the softmax temperature of the distillation term
+    distill_temperature: float = 1.0
 
     def validate(self) -> None:
         if self.model not in models.names():
@@ -111,6 +125,12 @@ class TrainConfig:
             raise ValueError(f"--image-size must be positive, got {self.image_size}")
         if self.augment != "auto":
             Augment.parse(self.augment, (32, 32))
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown memory format {self.memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -203,11 +223,13 @@ class Trainer:
         )
         # one GPU per process where GPUs exist (torchrun's LOCAL_RANK), else the CPU
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
-        self.model.to(self.device)
+        self.memory_format = MEMORY_FORMATS[config.memory_format]
+        self.model.to(self.device, memory_format=self.memory_format)
         self.net: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.teacher = self._load_teacher() if config.teacher else None
         self.binary_params = binary_parameters(self.model)
         self.optimizers = self._make_optimizers()
         self.optimizer = self.optimizers[0]  # the float optimizer (Adam or SGD)
@@ -226,6 +248,17 @@ class Trainer:
         self.interrupted: Interrupted | None = None
 
     # -- construction ----------------------------------------------------------------------
+    def _load_teacher(self) -> nn.Module:
+        """The teacher run's model: eval mode, frozen, on the device, in the run's memory format."""
+        teacher, meta = load_run(self.config.teacher)
+        mine = {"num_classes": self.data.num_classes, "in_channels": self.data.in_channels, "image_size": list(self.data.image_size)}
+        theirs = {k: meta[k] for k in mine}
+        if theirs != mine:
+            raise ValueError(f"teacher {self.config.teacher!r} was trained on data of another shape: {theirs}, this run {mine}")
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher.to(self.device, memory_format=self.memory_format)
+
     def _make_optimizers(self) -> list[torch.optim.Optimizer]:
         c = self.config
         if c.optimizer == "bop":
@@ -264,19 +297,34 @@ class Trainer:
             idx = idx[self.rank :: self.world_size]
         return idx
 
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch on the device, in the configured memory format (4-D batches only)."""
+        if x.dim() == 4:
+            return x.to(self.device, memory_format=self.memory_format)
+        return x.to(self.device)
+
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         alpha = self.config.mixup
         if alpha > 0:
             lam = float(self.mixup_rng.beta(alpha, alpha))
             perm = torch.randperm(len(y), generator=self.generator).to(y.device)
-            logits = self.net(lam * x + (1 - lam) * x[perm])
-            return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
-        return F.cross_entropy(self.net(x), y)
+            x = lam * x + (1 - lam) * x[perm]
+            logits = self.net(x)
+            loss = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+        else:
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+        if self.teacher is None:
+            return loss
+        with torch.no_grad():
+            target = self.teacher(x)  # sees the same (augmented, mixed) images as the student
+        w = self.config.distill_weight
+        return (1 - w) * loss + w * distillation_loss(logits, target, self.config.distill_temperature)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         if self.augment.enabled:
             x = self.augment(x, self.generator)
-        x, y = x.to(self.device), y.to(self.device)
+        x, y = self._to_device(x), y.to(self.device)
         loss = self._loss(x, y)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -352,7 +400,7 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64)
         for start in range(0, len(idx), 256):
             batch = idx[start : start + 256]
-            x, y = x_all[batch].to(self.device), y_all[batch].to(self.device)
+            x, y = self._to_device(x_all[batch]), y_all[batch].to(self.device)
             logits = model(x)
             sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
             sums[1] += (logits.argmax(dim=1) == y).sum().item()
@@ -378,6 +426,10 @@ class Trainer:
             extras.append(f"mixup {c.mixup}")
         if c.weight_clip is not None:
             extras.append(f"weight clip {c.weight_clip}")
+        if self.teacher is not None:
+            extras.append(f"distilled from {c.teacher} (w={c.distill_weight}, T={c.distill_temperature})")
+        if c.memory_format != "contiguous":
+            extras.append(c.memory_format)
         if c.optimizer == "bop":
             extras.append(f"bop threshold={c.bop_threshold} gamma={c.bop_gamma}")
         if self.world_size > 1:
@@ -606,6 +658,17 @@ def load_run(directory: str) -> tuple[nn.Module, dict[str, Any]]:
     model = models.create(cfg["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], **cfg.get("model_kwargs", {}))
     model.load_state_dict(io.load_tensors(weights_path))
     return model.eval(), meta
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015): ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``,
+    the mean over the batch of ``T^2 * sum_k p_k (log p_k - log q_k)`` with ``p`` the teacher's and
+    ``q`` the student's softmax at temperature ``T``; no gradient reaches ``teacher``.
+    ReActNet (Liu et al. 2020) trains binary networks with it (T = 1) from a float network."""
+    t = temperature
+    log_q = F.log_softmax(student / t, dim=1)
+    log_p = F.log_softmax(teacher.detach() / t, dim=1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
 
 
 # -- multi-process ---------------------------------------------------------------------------

@@ -29,6 +29,10 @@ _OPTIONS = {
     "weight_clip": (float, "clip binary latent weights to [-C, C] after each step"),
     "bop_threshold": (float, "Bop's flip threshold"),
     "bop_gamma": (float, "Bop's moving-average rate"),
+    "teacher": (str, "run directory of a trained model (e.g. the float twin) to distill from"),
+    "distill_weight": (float, "weight w of the distillation term: (1-w)*CE + w*T^2*KL(teacher || student) (1.0)"),
+    "distill_temperature": (float, "softmax temperature T of the distillation term (1.0)"),
+    "memory_format": (str, "contiguous or channels_last (weights and images in NHWC: faster convolutions on CPU)"),
 }
 
 

@@ -8,7 +8,7 @@ from onebit.models.constructor import ModelConstructor
 from onebit.models.registry import register_model
 from onebit.models.resnet import _build
 
-__all__ = ["BIREALNET18", "BIREALNET_SMALL", "birealnet18", "birealnet_small"]
+__all__ = ["BIREALNET18", "BIREALNET_SMALL", "BIREALNET_SMALL_REACT", "birealnet18", "birealnet_small", "birealnet_small_react"]
 
 #: Bi-Real Net 18: float 7x7 stem with BN and max pooling (no ReLU), 16 binary 3x3 convs, each
 #: ``bn(conv(sign(x))) + shortcut(x)`` with ApproxSign activations and magnitude-aware binary
@@ -43,3 +43,17 @@ def birealnet18(num_classes: int = 10, in_channels: int = 3, **overrides) -> nn.
 def birealnet_small(num_classes: int = 10, in_channels: int = 1, **overrides) -> nn.Module:
     """A small Bi-Real-style network for 28-32 px images (see ``BIREALNET_SMALL``)."""
     return _build(BIREALNET_SMALL, num_classes, in_channels, overrides)
+
+
+#: ``BIREALNET_SMALL`` with two ReActNet (Liu et al. 2020) changes: a learnable per-channel scale and
+#: shift in front of every sign (``pre_sign="affine"``, a depthwise 1x1 float conv: RSign's learned
+#: threshold) and a PReLU after every residual add (RPReLU's slope; its two shifts are absorbed by
+#: the BatchNorm before the add and the next block's affine). Float twin: ``conv_layer="float"``
+#: (the PReLUs keep it nonlinear).
+BIREALNET_SMALL_REACT = BIREALNET_SMALL.replace(pre_sign="affine", act_fn="prelu")
+
+
+@register_model
+def birealnet_small_react(num_classes: int = 10, in_channels: int = 1, **overrides) -> nn.Module:
+    """``birealnet_small`` with learnable sign thresholds and PReLUs (see ``BIREALNET_SMALL_REACT``)."""
+    return _build(BIREALNET_SMALL_REACT, num_classes, in_channels, overrides)

@@ -68,6 +68,28 @@ ACTIVATIONS: dict[str, Callable[[int], nn.Module]] = {
 }
 NORMS: dict[str, Callable[[int], nn.Module]] = {"batchnorm": nn.BatchNorm2d, "identity": lambda c: nn.Identity()}
 
+
+def channel_affine(channels: int) -> nn.Conv2d:
+    """A learnable per-channel scale and shift ``y_c = a_c * x_c + b_c`` (a = 1, b = 0 at start).
+
+    In front of a sign it learns where each channel is cut (ReActNet's RSign, Liu et al. 2020,
+    learns the shift; the scale moves the straight-through window). It is a depthwise 1x1
+    ``nn.Conv2d`` with a bias, so every tool that knows a float convolution (the packed engine,
+    BatchNorm merging, summaries) handles it."""
+    m = nn.Conv2d(channels, channels, 1, groups=channels, bias=True)
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+        m.bias.zero_()
+    return m
+
+
+PRE_SIGN: dict[str, Callable[[int], nn.Module]] = {
+    "affine": channel_affine,
+    "batchnorm": nn.BatchNorm2d,
+    "identity": lambda c: nn.Identity(),
+    "none": lambda c: nn.Identity(),
+}
+
 ActLike = str | type | nn.Module | Callable[[int], nn.Module] | None
 
 
@@ -86,6 +108,18 @@ def make_act(act_fn: ActLike, channels: int) -> nn.Module:
     if isinstance(act_fn, type) and issubclass(act_fn, nn.Module):
         return act_fn(channels) if issubclass(act_fn, nn.PReLU) else act_fn()
     return act_fn(channels)
+
+
+def make_pre_sign(pre_sign: str | Callable[[int], nn.Module] | None, channels: int) -> nn.Module:
+    """The module in front of a binary conv's sign from an alias (affine, batchnorm, identity) or a factory."""
+    if pre_sign is None:
+        return nn.Identity()
+    if isinstance(pre_sign, str):
+        try:
+            return PRE_SIGN[pre_sign.lower()](channels)
+        except KeyError:
+            raise ValueError(f"unknown pre_sign {pre_sign!r}; known: {', '.join(PRE_SIGN)}") from None
+    return pre_sign(channels)
 
 
 def make_norm(norm_layer: str | Callable[[int], nn.Module] | None, channels: int) -> nn.Module:
@@ -183,20 +217,25 @@ class BasicBlock(nn.Module):
 
 class BiRealBlock(nn.Module):
     """Bi-Real Net's unit (Liu et al. 2018), also ResNetE's (Bethge et al. 2019): one binary conv with
-    its own real-valued shortcut, ``act(bn(conv(x)) + shortcut(x))``. The sign is the conv's input
-    quantizer; ``act`` is the identity in both papers. Downsampling shortcut: 2x2 average pooling,
-    a float 1x1 conv and norm."""
+    its own real-valued shortcut, ``act(bn(conv(pre(x))) + shortcut(x))``. The sign is the conv's input
+    quantizer; ``act`` is the identity in both papers (ReActNet, Liu et al. 2020: a PReLU-like
+    RPReLU); ``pre`` is the identity unless ``pre_sign`` names a module for the sign path only
+    (``"affine"``: a learnable per-channel scale and shift, ReActNet's RSign). Downsampling
+    shortcut: 2x2 average pooling, a float 1x1 conv and norm."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, conv, act_fn, norm_layer):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, conv, act_fn, norm_layer, pre_sign=None):
         super().__init__()
         self.out_channels = out_channels
+        if pre_sign is not None:  # only then, so the state_dict keys of plain Bi-Real nets stay as they were
+            self.pre = make_pre_sign(pre_sign, in_channels)
         self.conv = conv(in_channels, out_channels, stride)
         self.bn = make_norm(norm_layer, out_channels)
         self.shortcut = downsample_shortcut(in_channels, out_channels, stride, norm_layer, "avgpool")
         self.act = make_act(act_fn, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)) + self.shortcut(x))
+        y = self.pre(x) if hasattr(self, "pre") else x
+        return self.act(self.bn(self.conv(y)) + self.shortcut(x))
 
 
 class DenseLayer(nn.Module):
@@ -256,6 +295,8 @@ class ModelConstructor:
         conv_layer: the blocks' 3x3 convolution (see the module docstring).
         input_quantizer, weight_quantizer: passed to ``conv_layer`` when it accepts them.
         act_fn: the blocks' activation; norm_layer: their normalization (``nn.BatchNorm2d``).
+        pre_sign: Bi-Real blocks only, a module on the sign path in front of each block conv
+            (``"affine"``, ``"batchnorm"`` or a factory ``f(channels)``; None: nothing).
         head_norm, head_act: norm / activation before global average pooling.
         dropout: dropout before the float classifier.
     """
@@ -275,6 +316,7 @@ class ModelConstructor:
     weight_quantizer: Any = None
     act_fn: ActLike = "relu"
     norm_layer: Any = nn.BatchNorm2d
+    pre_sign: Any = None
     head_norm: bool = False
     head_act: ActLike = None
     dropout: float = 0.0
@@ -335,12 +377,17 @@ class ModelConstructor:
         dense = issubclass(block, DenseLayer)
         strides = list(self.strides) if self.strides is not None else [1 if (i == 0 or dense) else 2 for i in range(len(self.layers))]
         conv = make_conv_factory(self.conv_layer, self.input_quantizer, self.weight_quantizer)
+        extra = {}
+        if self.pre_sign is not None and str(self.pre_sign).lower() not in ("none", "identity"):
+            if "pre_sign" not in inspect.signature(block).parameters:
+                raise ValueError(f"pre_sign={self.pre_sign!r}: block {block.__name__} has no sign path to put it on")
+            extra["pre_sign"] = self.pre_sign
         modules: list[tuple[str, nn.Module]] = [("stem", self.make_stem())]
         channels = self.stem_width
         for i, (n, width, stride) in enumerate(zip(self.layers, self.widths, strides)):
             blocks = []
             for j in range(n):
-                b = block(channels, width, stride if j == 0 else 1, conv=conv, act_fn=self.act_fn, norm_layer=self.norm_layer)
+                b = block(channels, width, stride if j == 0 else 1, conv=conv, act_fn=self.act_fn, norm_layer=self.norm_layer, **extra)
                 channels = b.out_channels
                 blocks.append(b)
             if dense and i < len(self.layers) - 1:
