@@ -226,20 +226,27 @@ def test_conv_int_exact(cfg, fused):
 
 
 @SETTINGS
-@given(conv_configs(), st.booleans(), st.booleans(), st.booleans())
-def test_conv_float_scale_bias_exact(cfg, use_scale, use_bias, fused):
+@given(conv_configs(), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([None] + LAYOUTS))
+def test_conv_float_scale_bias_residual_exact(cfg, use_scale, use_bias, fused, residual_layout):
     x, w, gen = make(cfg)
     acc = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
     scale = torch.randn(cfg["cout"], generator=gen) if use_scale else None
     bias = torch.randn(cfg["cout"], generator=gen) if use_bias else None
+    residual = None
+    if residual_layout is not None:  # a shortcut added as the output is written
+        residual = layouts(torch.randn(acc.shape, generator=gen), residual_layout)
     expected = acc.to(torch.float32)
     if scale is not None:
         expected = expected * scale.view(1, -1, 1, 1)
     if bias is not None:
         expected = expected + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        expected = expected + residual
     wp = K.pack_weights(w, cfg["groups"])
     results = on_every_isa(
-        lambda: K.binary_conv2d(conv_input(x, cfg, fused), wp, scale=scale, bias=bias, **conv_kwargs(cfg))
+        lambda: K.binary_conv2d(
+            conv_input(x, cfg, fused), wp, scale=scale, bias=bias, residual=residual, **conv_kwargs(cfg)
+        )
     )
     for isa, got in results.items():
         assert got.dtype == torch.float32 and got.shape == expected.shape, isa

@@ -255,6 +255,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   o.out_bits = ptrs.out_bits;
   o.scale = ptrs.scale;
   o.bias = ptrs.bias;
+  o.residual = ptrs.residual;
   o.thr = ptrs.thr;
   o.dir = ptrs.dir;
   if (!x || !w) fail("binary_conv2d: null input");

@@ -17,9 +17,9 @@
 // classes: all output rows with the same set of padded kernel rows share a row
 // class, likewise columns; class 0 is the interior (no correction).
 //
-// Outputs: int32 acc; float32 acc * scale[c] + bias[c] computed as two separate
-// float32 roundings (no FMA), so it equals torch's `acc.float() * scale + bias`
-// bit for bit; or a packed bit per channel: set (-1) iff acc < thr[c] when
+// Outputs: int32 acc; float32 acc * scale[c] + bias[c] (+ residual[n, oh, ow, c])
+// computed as separate float32 roundings in that order (no FMA), so it equals
+// torch's `acc.float() * scale + bias + residual` bit for bit; or a packed bit per channel: set (-1) iff acc < thr[c] when
 // dir[c] = +1, iff acc > thr[c] when dir[c] = -1.
 #pragma once
 #include <cstddef>
@@ -50,6 +50,7 @@ struct ConvOutput {
   float* out_f32 = nullptr;    // [N, OH, OW, Co]
   const float* scale = nullptr;  // [Co] or null (1)
   const float* bias = nullptr;   // [Co] or null (0)
+  const float* residual = nullptr;  // [N, OH, OW, Co] or null: added last (float32 output)
   const int32_t* thr = nullptr;  // [Co]
   const int8_t* dir = nullptr;   // [Co], +1 or -1
   uint64_t* out_bits = nullptr;  // [N, OH + 2 oph, OW + 2 opw, OG, OWg]

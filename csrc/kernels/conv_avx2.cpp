@@ -152,6 +152,7 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
           __m128 f = _mm_cvtepi32_ps(a);
           if (o.scale) f = _mm_mul_ps(f, scale);
           if (o.bias) f = _mm_add_ps(f, bias);
+          if (o.residual) f = _mm_add_ps(f, _mm_maskload_ps(o.residual + pix[p].q * Co + cj, m));
           if (valid >= 4)
             _mm_storeu_ps(o.out_f32 + pix[p].q * Co + cj, f);
           else

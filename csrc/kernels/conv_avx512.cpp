@@ -81,6 +81,7 @@ inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J
           __m512 f = _mm512_cvtepi32_ps(a);
           if (o.scale) f = _mm512_mul_ps(f, scale);
           if (o.bias) f = _mm512_add_ps(f, bias);
+          if (o.residual) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(m, o.residual + pix[p].q * Co + cj));
           if (valid >= 16)
             _mm512_storeu_ps(o.out_f32 + pix[p].q * Co + cj, f);
           else

@@ -154,6 +154,7 @@ inline void epilogue_generic(const ConvBlock& b, const PixInfo* pix, int cnt, co
           float f = static_cast<float>(a[l]);
           if (o.scale) f = f * o.scale[b.co0 + l];
           if (o.bias) f = f + o.bias[b.co0 + l];
+          if (o.residual) f = f + o.residual[pix[p].q * Co + b.co0 + l];
           dst[l] = f;
         }
         break;

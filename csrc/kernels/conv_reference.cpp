@@ -35,6 +35,7 @@ void binary_conv2d_reference(const ConvGeometry& g, const ConvOutput& o, const u
               float f = static_cast<float>(a);
               if (o.scale) f = f * o.scale[co];
               if (o.bias) f = f + o.bias[co];
+              if (o.residual) f = f + o.residual[q * g.Co + co];
               o.out_f32[q * g.Co + co] = f;
               break;
             }

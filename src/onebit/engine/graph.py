@@ -183,10 +183,11 @@ def _pack_features(t, a, x):
     return ops.pack_features(x.float() if x.dtype != torch.float32 else x)
 
 
-def _binary_conv2d(t, a, xp):
+def _binary_conv2d(t, a, xp, residual=None):
     return ops.binary_conv2d(
-        xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), cache=t.get(WEIGHT_CACHE), **_conv_args(a)
-    )
+        xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), residual=residual, cache=t.get(WEIGHT_CACHE),
+        **_conv_args(a),
+    )  # fmt: skip
 
 
 def _binary_conv2d_threshold(t, a, xp):

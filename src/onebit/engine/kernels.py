@@ -279,14 +279,15 @@ def _cached(cache, wp):
         return None, 0
 
 
-def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None) -> None:
+def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None, residual_ptr=0) -> None:
     """Run a plan on packed ``x``, or on float32 ``x`` packed in the same pass."""
     threads = torch.get_num_threads()
     cache, version = _cached(cache, wp)
     if x.dtype is _I64:
         plan.native.run(
-            x.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads, cache, version
-        )
+            x.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads, cache, version,
+            residual_ptr,
+        )  # fmt: skip
         return
     _, c, _, w = x.shape
     sn, sc, sh, sw = x.stride()
@@ -295,7 +296,7 @@ def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=
         sn, sc, sh, sw = x.stride()
     plan.native.run_float(
         x.data_ptr(), sn, sc, sh, sw, wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads,
-        cache, version,
+        cache, version, residual_ptr,
     )  # fmt: skip
 
 
@@ -466,9 +467,15 @@ def _conv_int_impl(
     return out
 
 
+def _check_residual(residual, shape) -> None:
+    _tensor(residual, "residual", torch.float32, 4, contiguous=False)
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"residual must have the output's shape {list(shape)}, got {list(residual.shape)}")
+
+
 def _conv_float_impl(
     xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-    cache=None,
+    residual=None, cache=None,
 ):  # fmt: skip
     plan = _conv_plan(
         _MODE_FLOAT, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
@@ -476,8 +483,16 @@ def _conv_float_impl(
     scale_ptr = _channel_ptr(scale, "scale", _F32, plan.co)
     bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
     out = _empty_nchw_channels_last(*plan.shape, torch.float32)
+    residual_ptr = 0
+    if residual is not None:
+        if not (type(residual) is torch.Tensor and residual.dtype is _F32 and residual.shape == out.shape):
+            _check_residual(residual, out.shape)
+        residual = residual.permute(0, 2, 3, 1)  # the kernel reads it in the output's [N, OH, OW, C_out] order
+        if not residual.is_contiguous():
+            residual = residual.contiguous()
+        residual_ptr = residual.data_ptr()
     if out.numel():
-        _run(plan, xp, wp, out, scale_ptr, bias_ptr, cache=cache)
+        _run(plan, xp, wp, out, scale_ptr, bias_ptr, cache=cache, residual_ptr=residual_ptr)
     return out
 
 
@@ -535,19 +550,24 @@ def _conv_float_op(
     pad_value: float,
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _conv_float_impl(
-        xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias
-    )
+        xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
+        residual,
+    )  # fmt: skip
 
 
 @_conv_float_op.register_fake
-def _(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias):
+def _(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
+      residual=None):  # fmt: skip
     cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     if scale is not None:
         _per_channel(scale, "scale", torch.float32, cv.co)
     if bias is not None:
         _per_channel(bias, "bias", torch.float32, cv.co)
+    if residual is not None:
+        _check_residual(residual, (cv.n, cv.co, cv.oh, cv.ow))
     return _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.float32, like=xp)
 
 
@@ -649,22 +669,24 @@ def binary_conv2d(
     pad_value: float = 0.0,
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
     cache: WeightCache | None = None,
 ) -> torch.Tensor:
-    """float32 ``[N, C_out, OH, OW]`` (channels_last memory) ``= acc * scale[c] + bias[c]``.
+    """float32 ``[N, C_out, OH, OW]`` (channels_last memory) ``= acc * scale[c] + bias[c] + residual``.
 
     ``acc`` as in :func:`binary_conv2d_int`; ``scale`` and ``bias`` are optional float32
-    ``[C_out]``, applied as a float32 multiply then an add (no FMA), bit for bit like
-    ``acc.float() * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)``. ``xp`` and ``cache`` as in
-    :func:`binary_conv2d_int`.
+    ``[C_out]``, ``residual`` an optional float32 tensor of the output's shape (a shortcut,
+    read best in channels_last memory), applied in that order as float32 roundings (no FMA),
+    bit for bit like ``acc.float() * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1) +
+    residual``. ``xp`` and ``cache`` as in :func:`binary_conv2d_int`.
     """
-    if _direct(xp, wp, scale, bias):
+    if _direct(xp, wp, scale, bias, residual):
         return _conv_float_impl(
             xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-            cache,
+            residual, cache,
         )  # fmt: skip
     args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias)
+    return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias, residual)
 
 
 def _thresholds_int32(thresholds: torch.Tensor) -> torch.Tensor:

@@ -208,13 +208,15 @@ def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, *, cache=None, **conv)
     return reference.binary_conv2d_int(xp, wp, **conv)
 
 
-def binary_conv2d(xp, wp, *, scale=None, bias=None, cache=None, **conv) -> torch.Tensor:
+def binary_conv2d(xp, wp, *, scale=None, bias=None, residual=None, cache=None, **conv) -> torch.Tensor:
+    """``acc * scale + bias (+ residual)``; ``xp`` packed, or the float32 input."""
     native = _impl("binary_conv2d")
     if native is not None:
-        return native(xp, wp, scale=scale, bias=bias, cache=cache, **conv)
+        return native(xp, wp, scale=scale, bias=bias, residual=residual, cache=cache, **conv)
     xp = _packed_input(xp, conv)
     _conv_geometry(xp, wp, conv, "binary_conv2d")
-    return reference.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)
+    out = reference.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)
+    return out if residual is None else out + residual
 
 
 def binary_conv2d_threshold(

@@ -54,42 +54,70 @@ class PackedModel(nn.Module):
         return out
 
     def _compile(self) -> list[tuple]:
-        """(name, op fn, attrs, input names, tensor role -> tensor, values to free after, relayout, label).
+        """(output name, op fn, attrs, input names, tensor role -> tensor, values to free after, relayout, label, module).
 
-        A ``pack`` read only by one binary convolution is not a step of its own: the
-        convolution takes the float input and packs it inside its native call (one pass
-        over the threads; the packed input never leaves the caches).
+        Two fusions make one native call of several graph nodes (their results are the same):
+
+        - a ``pack`` read only by one binary convolution: the convolution takes the float
+          input and packs it itself (one pass over the threads; the bits stay in the caches);
+        - ``add(binary_conv2d(...), shortcut)`` where the add is the convolution's only reader:
+          the convolution adds the shortcut as it writes its output (``residual``), as a
+          Bi-Real block does, saving a pass over the tensor. The fused step runs where the
+          add was, so the shortcut (e.g. a downsampling branch) is ready.
         """
         nodes = self.graph["nodes"]
         outputs = set(self.graph["outputs"])
+        index = {node["name"]: i for i, node in enumerate(nodes)}
         readers: dict[str, list[int]] = {}
         for i, node in enumerate(nodes):
             for ref in node["inputs"]:
                 readers.setdefault(ref, []).append(i)
-        absorbed: dict[int, dict] = {}  # conv index -> the pack node it absorbs
-        for node in nodes:
-            users = readers.get(node["name"], [])
-            if node["op"] == "pack" and node["name"] not in outputs and len(users) == 1:
-                user = nodes[users[0]]
-                if user["op"] in _PACKING_CONVS and user["inputs"] == [node["name"]]:
-                    absorbed[users[0]] = node
-        skipped = {id(n) for n in absorbed.values()}
-        steps = []
+
+        def only_reader(i: int) -> dict | None:
+            users = readers.get(nodes[i]["name"], [])
+            return nodes[users[0]] if len(users) == 1 and nodes[i]["name"] not in outputs else None
+
+        absorbed_pack: dict[int, dict] = {}  # conv index -> the pack node it absorbs
+        absorbed_add: dict[int, tuple[dict, str]] = {}  # conv index -> (the add node, the shortcut's name)
         for i, node in enumerate(nodes):
-            if id(node) in skipped:
+            user = only_reader(i)
+            if user is None:
                 continue
+            if node["op"] == "pack" and user["op"] in _PACKING_CONVS and user["inputs"] == [node["name"]]:
+                absorbed_pack[index[user["name"]]] = node
+            elif node["op"] == "binary_conv2d" and user["op"] == "add" and len(user["inputs"]) == 2:
+                a, b = user["inputs"]
+                taken = any(add is user for add, _ in absorbed_add.values())  # add(conv, conv): the first one
+                if a != b and user["attrs"].get("alpha", 1.0) == 1.0 and not taken:
+                    absorbed_add[i] = (user, b if a == node["name"] else a)
+        # nodes that are no step of their own; a conv with an add runs at the add's place
+        absorbed = {index[n["name"]] for n in absorbed_pack.values()} | set(absorbed_add)
+        run_at = {index[add["name"]]: i for i, (add, _) in absorbed_add.items()}
+        steps = []
+        for position in range(len(nodes)):
+            if position in run_at:
+                i = run_at[position]
+            elif position in absorbed:
+                continue
+            else:
+                i = position
+            node = nodes[i]
             spec = G.OPS[node["op"]]
             attrs = G._attrs(node, spec, node["name"])
             roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
             if node["op"] in _PACKING_CONVS:  # the weights, prepared for the kernel, kept between calls
                 roles[G.WEIGHT_CACHE] = ops.weight_cache()
-            inputs = tuple(absorbed[i]["inputs"] if i in absorbed else node["inputs"])
-            label = ("pack+" if i in absorbed else "") + node["op"]
+            inputs = list(absorbed_pack[i]["inputs"] if i in absorbed_pack else node["inputs"])
+            out, label = node["name"], ("pack+" if i in absorbed_pack else "") + node["op"]
+            if i in absorbed_add:
+                add, shortcut = absorbed_add[i]
+                inputs.append(shortcut)
+                out, label = add["name"], label + "+add"
             # float outputs of binary layers take the memory format the model's own tensors have
             # (the native kernels write channels_last): float convs and adaptive pools round
             # differently in the two layouts, and the model's layout follows its input's
             relayout = node["op"] == "binary_conv2d"
-            steps.append([node["name"], spec.fn, attrs, inputs, roles, (), relayout, label, node.get("module", "")])
+            steps.append([out, spec.fn, attrs, tuple(inputs), roles, (), relayout, label, node.get("module", "")])
         last_use: dict[str, int] = {}
         for i, step in enumerate(steps):
             for ref in step[3]:

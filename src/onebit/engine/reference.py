@@ -261,6 +261,17 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 _POOL_INDEX: dict[tuple, torch.Tensor] = {}
 
 
+def _cacheable(t: torch.Tensor) -> bool:
+    """A tensor made here may be kept for later calls: a plain tensor, made outside any tracing
+    (under ``torch.export``/``torch.compile`` a new tensor is a fake one, without real values)."""
+    return (
+        type(t) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
 def _pool_index(h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
                 oh: int, ow: int) -> torch.Tensor:
     """int64 ``[OH * OW, KH * KW]``: flat input positions of every window tap; ``H * W`` where the
@@ -274,7 +285,7 @@ def _pool_index(h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw:
         flat = r.view(oh, 1, kh, 1) * w + c.view(1, ow, 1, kw)
         valid = rv.view(oh, 1, kh, 1) & cv.view(1, ow, 1, kw)
         idx = torch.where(valid, flat, h * w).reshape(oh * ow, kh * kw).contiguous()
-        if len(_POOL_INDEX) < 256:
+        if len(_POOL_INDEX) < 256 and _cacheable(idx):
             _POOL_INDEX[key] = idx
     return idx
 
@@ -292,7 +303,7 @@ def used_bits(channels: int, words: int) -> torch.Tensor:
         n = min(max(channels - 64 * k, 0), 64)
         out.append(-1 if n == 64 else (1 << n) - 1)
     mask = torch.tensor(out, dtype=torch.int64)
-    if len(_USED_BITS) < 1024:
+    if len(_USED_BITS) < 1024 and _cacheable(mask):
         _USED_BITS[(channels, words)] = mask
     return mask
 
