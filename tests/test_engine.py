@@ -20,7 +20,7 @@ import onebit
 import onebit.models
 from onebit import engine
 from onebit.engine import ops
-from onebit.nn import QActivation, QConv1d, QConv2d, QLinear
+from onebit.nn import QActivation, QConv1d, QConv2d, QConv3d, QLinear
 
 SIGN = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
 ISAS = onebit._C.supported_isas() if ops.native_available() else []
@@ -338,6 +338,31 @@ def test_lenet_binary_from_the_zoo(backend):
     assert torch.equal(y.argmax(1), ref.argmax(1))
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cin=st.integers(1, 150), cout=st.integers(1, 100), k=st.integers(1, 7), stride=st.integers(1, 3),
+       dilation=st.integers(1, 2), padding=st.sampled_from([0, 1, 3, "same", "valid"]),
+       pad_value=st.sampled_from([0.0, 1.0, -1.0]), groups=st.sampled_from([1, 2]), bias=st.booleans(),
+       length=st.integers(1, 40), batch=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_binary_conv1d_packs_as_a_1xk_conv2d(cin, cout, k, stride, dilation, padding, pad_value, groups, bias,
+                                             length, batch, seed):
+    cin, cout = cin * groups, cout * groups
+    if padding == "same":
+        stride = 1
+    assume((length + 2 * (padding if isinstance(padding, int) else 0) - dilation * (k - 1) - 1) >= 0
+           or padding == "same")
+    torch.manual_seed(seed)
+    conv = QConv1d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                   pad_value=pad_value, **SIGN)
+    model = nn.Sequential(conv, nn.BatchNorm1d(cout), nn.Flatten(1)).eval()
+    randomize_batchnorms(model, seed)
+    x = torch.randn(batch, cin, length)
+    packed = engine.pack(model, x)
+    nodes = [n["op"] for n in packed.graph["nodes"]]
+    symmetric = padding != "same" or dilation * (k - 1) % 2 == 0
+    assert ("binary_conv2d" in nodes) == (symmetric and not bias)  # else: sign + float conv, as torch runs it
+    assert torch.equal(packed(x), model(x))
+
+
 def test_binary_conv_with_reflect_padding_runs_simulated():
     model = nn.Sequential(QConv2d(4, 6, 3, padding=1, padding_mode="reflect", **SIGN)).eval()
     x = torch.randn(2, 4, 5, 5)
@@ -420,9 +445,9 @@ def test_unsupported_module_is_named():
 
 
 def test_unsupported_quantized_layer_is_named():
-    model = nn.Sequential(QConv1d(3, 4, 3, **SIGN)).eval()
-    with pytest.raises(ValueError, match=r"module '0' \(QConv1d\)"):
-        engine.pack(model, torch.randn(1, 3, 8))
+    model = nn.Sequential(nn.Identity(), QConv3d(3, 4, 3, **SIGN)).eval()
+    with pytest.raises(ValueError, match=r"module '1' \(QConv3d\)"):
+        engine.pack(model, torch.randn(1, 3, 5, 5, 5))
 
 
 def test_training_mode_model_is_refused():

@@ -7,6 +7,7 @@ Each traced node becomes graph ops (see :mod:`onebit.engine.graph`):
   ``approx_sign``, ``swish_sign`` -- and sign or magnitude-aware sign weights)
   becomes ``pack`` + ``binary_conv2d`` / ``pack_features`` + ``binary_linear``, on
   1-bit weights with an optional per-channel float scale (the magnitude-aware alpha);
+  a ``QConv1d`` (and a float ``Conv1d``) is a ``1 x k`` 2-d conv between two reshapes;
 - the chain *binary conv -> [MaxPool2d] -> BatchNorm -> only binary convs with one
   input layout* keeps its output packed: the BatchNorm and the next layer's sign become
   per-channel integer thresholds (:mod:`onebit.thresholds`) and the conv writes the
@@ -32,7 +33,7 @@ from onebit import quant
 from onebit.engine import ops
 from onebit.math import sign as onebit_sign
 from onebit.nn import functional as QF
-from onebit.nn.layers import QActivation, QConv2d, QLinear, QuantizedLayer
+from onebit.nn.layers import QActivation, QConv1d, QConv2d, QLinear, QuantizedLayer
 from onebit.thresholds import accumulator_bound, batchnorm_sign_thresholds
 
 __all__ = ["lower", "UnsupportedModelError", "is_sign_quantizer"]
@@ -354,6 +355,45 @@ class _Lowering:
         self.skip.add(bn_node)
         self.packed[(bn_node, out_layout)] = packed
 
+    def lower_qconv1d(self, node: fx.Node, m: QConv1d) -> None:
+        """A QConv1d is a 2-d convolution of ``[N, C, 1, L]`` with a ``1 x k`` kernel (as torch runs it).
+
+        Binary (sign input, sign or magnitude-aware weights), zero-padded alike on both sides and
+        without a bias (or with ``exact_bias=False``): packed. Otherwise as the model runs it:
+        quantized input, torch's float conv of the quantized weight.
+        """
+        binary = is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
+        pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
+        packable = m.padding_mode == "zeros" and pad[0] == pad[1] and not (m.bias is not None and self.exact_bias)
+        x = self.arg(node, node.args[0])
+        if not (binary and packable):
+            if m.input_quantizer is not None:
+                x = self.lower_quantizer(node, m.input_quantizer, x)
+            with torch.no_grad():
+                weight = _t(m.quantized_weight())
+            self.value[node] = self.emit_conv1d(node, m, x, weight, float(m.pad_value))
+            return
+        x2d = self.emit(f"{node.name}_2d", "reshape", [x], {"shape": [int(m.in_channels), 1, -1]})
+        conv = {
+            "in_channels": int(m.in_channels),
+            "out_channels": int(m.out_channels),
+            "kernel_size": [1, int(m.kernel_size[0])],
+            "stride": [1, int(m.stride[0])],
+            "padding": [0, int(pad[0])],
+            "dilation": [1, int(m.dilation[0])],
+            "groups": int(m.groups),
+            "pad_value": float(m.pad_value),
+        }
+        xp = self.emit(f"{x2d}_packed", "pack", [x2d],
+                       {"padding": [0, int(pad[0])], "pad_value": float(m.pad_value), "groups": int(m.groups)})
+        w = m.weight.detach().to(torch.float32).unsqueeze(2)
+        scale = None
+        if isinstance(m.weight_quantizer, quant.MagnitudeAwareSign):
+            scale = quant.MagnitudeAwareSign.scale(w).reshape(-1).to(torch.float32).contiguous()
+        tensors = {"weight": ops.pack_weights(w, int(m.groups)), "scale": scale, "bias": _t(m.bias)}
+        y = self.emit(node.name, "binary_conv2d", [xp], conv, tensors, node.target)
+        self.value[node] = self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
+
     def lower_float_qconv(self, node: fx.Node, m: QConv2d, x: str) -> str:
         """A QConv2d run as the model runs it: quantize the input, float conv of the quantized weight."""
         q = m.input_quantizer
@@ -378,6 +418,26 @@ class _Lowering:
             "padding_mode": m.padding_mode,
         }
         return self.emit(node.name, "conv2d", [x], attrs, {"weight": weight, "bias": _t(m.bias)}, node.target)
+
+    def emit_conv1d(self, node: fx.Node, m: nn.Conv1d, x: str, weight: torch.Tensor, pad_value: float) -> str:
+        """A 1-d conv as torch computes it: a 2-d conv of ``[N, C, 1, L]`` with a ``1 x k`` kernel."""
+        pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
+        x2d = self.emit(f"{node.name}_2d", "reshape", [x], {"shape": [int(m.in_channels), 1, -1]})
+        attrs = {
+            "in_channels": int(m.in_channels),
+            "out_channels": int(m.out_channels),
+            "kernel_size": [1, int(m.kernel_size[0])],
+            "stride": [1, int(m.stride[0])],
+            "padding": [0, int(pad[0])] if pad[0] == pad[1] else "same",
+            "explicit_padding": [int(pad[0]), int(pad[1]), 0, 0],
+            "dilation": [1, int(m.dilation[0])],
+            "groups": int(m.groups),
+            "pad_value": pad_value,
+            "padding_mode": m.padding_mode,
+        }
+        tensors = {"weight": weight.unsqueeze(2).contiguous(), "bias": _t(m.bias)}
+        y = self.emit(node.name, "conv2d", [x2d], attrs, tensors, node.target)
+        return self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
 
     def lower_quantizer(self, node: fx.Node, q: Any, x: str) -> str:
         if is_sign_quantizer(q):
@@ -487,6 +547,8 @@ class _Lowering:
             return self.emit(name, "softmax", [x], {"dim": int(m.dim)}, module=target)
         if t is nn.Conv2d:
             return self.emit_conv(node, m, x, _t(m.weight), 0.0)
+        if t is nn.Conv1d:
+            return self.emit_conv1d(node, m, x, _t(m.weight), 0.0)
         if t is nn.Linear:
             attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
             return self.emit(name, "linear", [x], attrs, {"weight": _t(m.weight), "bias": _t(m.bias)}, target)
@@ -555,8 +617,11 @@ class _Lowering:
         if isinstance(m, QLinear):
             self.lower_qlinear(node, m)
             return
+        if isinstance(m, QConv1d):
+            self.lower_qconv1d(node, m)
+            return
         if isinstance(m, QuantizedLayer):
-            raise self.unsupported(node, "only 2-d convolutions and linear layers are supported")
+            raise self.unsupported(node, "only 1-d and 2-d convolutions and linear layers are supported")
         if type(m) in (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout):
             self.value[node] = self.arg(node, node.args[0])
             return

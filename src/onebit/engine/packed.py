@@ -142,7 +142,7 @@ class PackedModel(nn.Module):
             raise InputError(f"PackedModel: the packed engine runs on the CPU, got an input on {x.device}")
         rank, channels = spec["rank"], spec["channels"]
         if x.dim() != rank or x.shape[1] != channels:
-            dims = "[N, C, H, W]" if rank == 4 else f"rank {rank}"
+            dims = {4: "[N, C, H, W]", 3: "[N, C, L]", 2: "[N, F]"}.get(rank, f"rank {rank}")
             raise InputError(
                 f"PackedModel: expected input of shape {dims} with C = {channels} channels, got shape {list(x.shape)}"
             )
