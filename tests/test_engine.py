@@ -363,6 +363,40 @@ def test_binary_conv1d_packs_as_a_1xk_conv2d(cin, cout, k, stride, dilation, pad
     assert torch.equal(packed(x), model(x))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(iters=3), dict(twist=False), dict(permute=False, groups=4), dict(stride=2, groups=1),
+     dict(groups=3, twist=True)],
+)
+def test_twist_conv_runs_packed_and_exact(backend, options):
+    from onebit.nn import TwistConv2d
+
+    torch.manual_seed(3)
+    c = 24 if options.get("groups") == 3 else 16
+    twist = TwistConv2d(c, c, input_quantizer="ste_sign", weight_quantizer="ste_sign", **options)
+    model = randomize_batchnorms(
+        nn.Sequential(nn.Conv2d(2, c, 3, padding=1), nn.BatchNorm2d(c), twist, nn.BatchNorm2d(c), nn.Flatten(1)), 4
+    ).eval()
+    x = torch.randn(3, 2, 11, 10)
+    packed = engine.pack(model, x)
+    assert sum(n["op"] == "binary_conv2d" for n in packed.graph["nodes"]) == options.get("iters", 1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx = x.contiguous(memory_format=fmt)
+        assert torch.equal(run_packed(packed, xx, backend), model(xx))
+
+
+def test_zoo_model_with_twist_convs_packs_saves_and_loads(tmp_path):
+    model = randomize_batchnorms(onebit.models.create("birealnet_small", in_channels=1, conv_layer="twist"), 5).eval()
+    x = torch.randn(2, 1, 28, 28)
+    packed = engine.pack(model, x)
+    assert any(n["op"] == "twist_mix" for n in packed.graph["nodes"])
+    y, ref = packed(x), model(x)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=0) and torch.equal(y.argmax(1), ref.argmax(1))
+    packed.save(tmp_path / "twist.safetensors")
+    assert torch.equal(engine.load(tmp_path / "twist.safetensors")(x), y)
+
+
 def test_binary_conv_with_reflect_padding_runs_simulated():
     model = nn.Sequential(QConv2d(4, 6, 3, padding=1, padding_mode="reflect", **SIGN)).eval()
     x = torch.randn(2, 4, 5, 5)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from onebit.engine import ops
 from onebit.math import sign
+from onebit.nn.twist import coordinate_maps
 
 __all__ = ["OPS", "OpSpec", "validate", "GraphError", "binary_weight_shape", "compact_shape"]
 
@@ -292,6 +293,19 @@ def _mul(t, a, *xs):
     return xs[0] * xs[1] if len(xs) == 2 else xs[0] * a["other"]
 
 
+def _div(t, a, x):
+    return x / a["other"]
+
+
+def _roll(t, a, x):
+    return torch.roll(x, shifts=a["shifts"], dims=a["dim"])
+
+
+def _twist_mix(t, a, y, gx, gy):
+    xs, ys = coordinate_maps(y)  # TwistConv2d's sum, term for term
+    return y + xs * gx + ys * gy
+
+
 def _cat(t, a, *xs):
     return torch.cat(xs, dim=a["dim"])
 
@@ -514,6 +528,9 @@ OPS: dict[str, OpSpec] = {
     "reshape": OpSpec(_reshape, (FLOAT,), FLOAT, {"shape": _int_list}),
     "add": OpSpec(_add, (FLOAT, "..."), FLOAT, {"other": _float, "alpha": _float}),
     "mul": OpSpec(_mul, (FLOAT, "..."), FLOAT, {"other": _float}),
+    "div": OpSpec(_div, (FLOAT,), FLOAT, {"other": _float}),
+    "roll": OpSpec(_roll, (FLOAT,), FLOAT, {"shifts": _int(-(1 << 30), 1 << 30), "dim": _int(-8, 8)}),
+    "twist_mix": OpSpec(_twist_mix, (FLOAT, FLOAT, FLOAT), FLOAT),
     "cat": OpSpec(_cat, (FLOAT, "..."), FLOAT, {"dim": _int(-8, 8)}),
     "relu": OpSpec(_relu, (FLOAT,), FLOAT),
     "relu6": OpSpec(_relu6, (FLOAT,), FLOAT),

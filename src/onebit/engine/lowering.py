@@ -34,6 +34,7 @@ from onebit.engine import ops
 from onebit.math import sign as onebit_sign
 from onebit.nn import functional as QF
 from onebit.nn.layers import QActivation, QConv1d, QConv2d, QLinear, QuantizedLayer
+from onebit.nn.twist import TwistConv2d
 from onebit.thresholds import accumulator_bound, batchnorm_sign_thresholds
 
 __all__ = ["lower", "UnsupportedModelError", "is_sign_quantizer"]
@@ -394,6 +395,65 @@ class _Lowering:
         y = self.emit(node.name, "binary_conv2d", [xp], conv, tensors, node.target)
         self.value[node] = self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
 
+    def lower_twist(self, node: fx.Node, m: TwistConv2d) -> None:
+        """``TwistConv2d``, step by step as the layer computes it (``onebit.nn.twist``).
+
+        Per step: the quantized input, its channels rolled by one group (``permute``), the
+        grouped 3x3 conv (packed when the input quantizer is a sign and the weights binary), the
+        two twist convs with their fixed kernels as float convs of the +-1 input (sums of
+        multiples of 1/8: exact), and ``y + X * gx + Y * gy``; ``iters`` steps as
+        ``y + f(y) / iters``.
+        """
+        binary = is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
+        groups, stride = int(m.groups), _pair(m.stride)
+        conv = {
+            "in_channels": int(m.in_channels),
+            "out_channels": int(m.out_channels),
+            "kernel_size": [3, 3],
+            "stride": stride,
+            "padding": [1, 1],
+            "dilation": [1, 1],
+            "groups": groups,
+            "pad_value": 0.0,
+        }
+        float_conv = {**conv, "explicit_padding": [1, 1, 1, 1], "padding_mode": "zeros"}
+        with torch.no_grad():
+            weight = _t(m.quantized_weight())
+            twists = [_t(k) for k in m.twist_kernels()] if m.twist else []
+        packed_weight = scale = None
+        if binary:
+            w = m.weight.detach().to(torch.float32)
+            packed_weight = ops.pack_weights(w, groups)
+            if isinstance(m.weight_quantizer, quant.MagnitudeAwareSign):
+                scale = quant.MagnitudeAwareSign.scale(w).reshape(-1).to(torch.float32).contiguous()
+
+        def step(v: str, k: int) -> str:
+            base = f"{node.name}_step{k}" if m.iters > 1 else node.name
+            if m.input_quantizer is not None:
+                v = self.lower_quantizer(node, m.input_quantizer, v)
+            if m.permute:
+                v = self.emit(f"{base}_roll", "roll", [v], {"shifts": int(m.in_channels // groups), "dim": 1})
+            if binary:
+                xp = self.emit(f"{v}_packed", "pack", [v], {"padding": [1, 1], "pad_value": 0.0, "groups": groups})
+                y = self.emit(base, "binary_conv2d", [xp], conv, {"weight": packed_weight, "scale": scale}, node.target)
+            else:
+                y = self.emit(base, "conv2d", [v], float_conv, {"weight": weight}, node.target)
+            if not twists:
+                return y
+            gx, gy = (self.emit(f"{base}_{axis}", "conv2d", [v], float_conv, {"weight": kernel}, node.target)
+                      for axis, kernel in zip("xy", twists))
+            return self.emit(f"{base}_twist", "twist_mix", [y, gx, gy], module=node.target)
+
+        x = self.arg(node, node.args[0])
+        if m.iters == 1:
+            self.value[node] = step(x, 0)
+            return
+        y = x
+        for k in range(m.iters):
+            f = self.emit(f"{node.name}_step{k}_div", "div", [step(y, k)], {"other": float(m.iters)})
+            y = self.emit(f"{node.name}_iter{k}", "add", [y, f], {"other": 0.0, "alpha": 1.0}, module=node.target)
+        self.value[node] = y
+
     def lower_float_qconv(self, node: fx.Node, m: QConv2d, x: str) -> str:
         """A QConv2d run as the model runs it: quantize the input, float conv of the quantized weight."""
         q = m.input_quantizer
@@ -619,6 +679,9 @@ class _Lowering:
             return
         if isinstance(m, QConv1d):
             self.lower_qconv1d(node, m)
+            return
+        if isinstance(m, TwistConv2d):
+            self.lower_twist(node, m)
             return
         if isinstance(m, QuantizedLayer):
             raise self.unsupported(node, "only 1-d and 2-d convolutions and linear layers are supported")
