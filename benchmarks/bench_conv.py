@@ -1,6 +1,6 @@
 """Binary 3x3 convolution (onebit native kernels) against torch's fp32 conv2d, side by side.
 
-Every configuration (shape, batch, threads) runs its candidates in one process,
+Every configuration (shape, batch) runs its candidates at every thread count in one process,
 interleaved: each repetition times every candidate once (a sample = the mean of a few
 back-to-back calls, ~2 ms, after a 2 ms pause so that the previous candidate's
 threads stop spinning), and the table shows medians over the repetitions.
@@ -56,12 +56,28 @@ def _calibrate(fn, target: float = 2e-3) -> int:
     return max(1, min(1000, int(target / one)))
 
 
-def measure(candidates: dict, reps: int) -> dict:
-    """Interleaved medians (seconds) of {name: fn}."""
-    inner = {name: _calibrate(fn) for name, fn in candidates.items()}
+def measure(candidates: dict, reps: int, threads: dict | None = None) -> dict:
+    """Interleaved medians (seconds) of {name: fn}; ``threads[name]``: torch threads for that candidate.
+
+    Every repetition times every candidate once, so a slow spell of the machine (a shared
+    host) hits all of them alike, including the same layer at different thread counts.
+    """
+    threads = threads or {}
+
+    def use(name):
+        t = threads.get(name)
+        if t is not None and t != torch.get_num_threads():
+            torch.set_num_threads(t)
+            candidates[name]()  # the first region with a new thread count (re)starts threads: untimed
+
+    inner = {}
+    for name, fn in candidates.items():
+        use(name)
+        inner[name] = _calibrate(fn)
     samples = {name: [] for name in candidates}
     for _ in range(reps):
         for name, fn in candidates.items():
+            use(name)
             time.sleep(2e-3)  # the previous candidate's spinning threads go idle first
             samples[name].append(_sample(fn, inner[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -186,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.batch:
                 gen = torch.Generator().manual_seed(0)
                 x, w = torch.randn(n, c, size, size, generator=gen), torch.randn(c, c, 3, 3, generator=gen)
-                for t in args.threads:
-                    torch.set_num_threads(t)
-                    candidates = torch_candidates(x, w)
+                candidates, threads = {}, {}
+                for t in args.threads:  # all thread counts in one interleaved measurement
+                    per_t = torch_candidates(x, w)
                     for isa in isas:
-                        candidates.update(binary_candidates(x, w, isa))
-                    med = measure(candidates, args.reps)
+                        per_t.update(binary_candidates(x, w, isa))
+                    for name, fn in per_t.items():
+                        candidates[(name, t)], threads[(name, t)] = fn, t
+                measured = measure(candidates, args.reps, threads)
+                for t in args.threads:
+                    med = {name: v for (name, tt), v in measured.items() if tt == t}
                     key = f"{c}x{size}/{n}/{t}"
                     results[key] = med
                     best_layout = min(("NCHW", "channels_last"), key=lambda k: med[f"torch {k}"])
