@@ -584,6 +584,22 @@ def test_writes_to_packed_weights_are_seen_by_the_next_call():
     assert torch.equal(after, fresh(x)) and not torch.equal(after, before)
 
 
+def test_packed_model_deep_copies_and_pickles():
+    import copy
+    import io
+
+    model = randomize_batchnorms(onebit.models.create("birealnet_small", num_classes=10, in_channels=1), 12).eval()
+    x = torch.randn(2, 1, 28, 28)
+    packed = engine.pack(model, x)
+    expected = packed(x)  # its weight caches are filled
+    clone = copy.deepcopy(packed)
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    assert torch.equal(clone(x), expected) and torch.equal(unpickled(x), expected)
+
+
 def test_concurrent_multithreaded_calls_get_their_own_answers():
     # big enough for two-thread regions: callers that find the threads busy run alone
     model = randomize_batchnorms(onebit.models.create("birealnet_small", num_classes=10, in_channels=1), 9).eval()

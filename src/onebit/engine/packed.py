@@ -48,6 +48,15 @@ class PackedModel(nn.Module):
             self._keys[key] = attr
         self._steps = self._compile()
 
+    def __getstate__(self):  # copies and pickles rebuild the steps (they hold native weight caches)
+        state = dict(super().__getstate__())
+        state.pop("_steps", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._steps = self._compile()
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._steps = self._compile()  # steps hold tensor references: refresh after .to() & co
