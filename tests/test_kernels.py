@@ -639,6 +639,17 @@ def test_weight_cache_reuses_and_refreshes_prepared_weights():
     assert torch.equal(after[:, :7], -before[:, :7]) and torch.equal(after[:, 7:], before[:, 7:])
 
 
+def test_residual_must_match_the_output():
+    x, wp = torch.randn(1, 8, 5, 5), K.pack_weights(torch.randn(4, 8, 3, 3))
+    conv = dict(in_channels=8, out_channels=4, kernel_size=3, padding=1)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        K.binary_conv2d(x, wp, residual=torch.zeros(1, 4, 5, 4), **conv)
+    with pytest.raises(ValueError, match="residual must have dtype torch.float32"):
+        K.binary_conv2d(x, wp, residual=torch.zeros(1, 4, 5, 5, dtype=torch.float64), **conv)
+    with pytest.raises(ValueError, match="residual must be on the CPU"):
+        K.binary_conv2d(x, wp, residual=torch.zeros(1, 4, 5, 5, device="meta"), **conv)
+
+
 def test_weight_cache_rejects_other_objects():
     wp = K.pack_weights(torch.randn(8, 8, 1, 1))
     with pytest.raises(ValueError, match="WeightCache"):

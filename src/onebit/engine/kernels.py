@@ -485,7 +485,9 @@ def _conv_float_impl(
     out = _empty_nchw_channels_last(*plan.shape, torch.float32)
     residual_ptr = 0
     if residual is not None:
-        if not (type(residual) is torch.Tensor and residual.dtype is _F32 and residual.shape == out.shape):
+        if not (
+            type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape
+        ):
             _check_residual(residual, out.shape)
         residual = residual.permute(0, 2, 3, 1)  # the kernel reads it in the output's [N, OH, OW, C_out] order
         if not residual.is_contiguous():
