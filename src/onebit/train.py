@@ -693,6 +693,7 @@ def _worker(rank: int, world_size: int, port: int, config_dict: dict, resume_dir
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     init_distributed_from_env()
+    done = False
     try:
         config = TrainConfig.from_dict(config_dict)
         trainer = Trainer.from_run(resume_dir) if resume_dir else Trainer(config)
@@ -705,7 +706,10 @@ def _worker(rank: int, world_size: int, port: int, config_dict: dict, resume_dir
             trainer.console.print(f"test accuracy: {metrics['accuracy']:.4f}", highlight=False)
         else:
             trainer.evaluate_metrics()
+        done = True
     finally:
+        if done:  # both ranks done: tear gloo down together (a rank that leaves first can abort its
+            dist.barrier()  # peer's connection threads: "terminate called without an active exception")
         dist.destroy_process_group()
 
 

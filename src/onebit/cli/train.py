@@ -101,11 +101,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
         training.init_distributed_from_env()
-        try:
-            return _run_here(config, args.resume, console)
-        finally:
-            import torch.distributed as dist
+        import torch.distributed as dist
 
+        status = None
+        try:
+            status = _run_here(config, args.resume, console)
+            return status
+        finally:
+            if status is not None:  # both ranks done: tear gloo down together (a rank that leaves
+                dist.barrier()  # first can abort its peer's connection threads)
             dist.destroy_process_group()
     if config.workers > 1:
         status = training.run_distributed(config, config.workers, args.resume)
