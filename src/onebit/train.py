@@ -683,6 +683,15 @@ def init_distributed_from_env() -> bool:
     return True
 
 
+def end_distributed(completed: bool) -> None:
+    """Leave the process group. After a completed run the ranks first meet at a barrier, so they
+    tear gloo down together: a rank that leaves while its peer is still finishing can abort the
+    peer's connection threads ("terminate called without an active exception")."""
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -708,9 +717,7 @@ def _worker(rank: int, world_size: int, port: int, config_dict: dict, resume_dir
             trainer.evaluate_metrics()
         done = True
     finally:
-        if done:  # both ranks done: tear gloo down together (a rank that leaves first can abort its
-            dist.barrier()  # peer's connection threads: "terminate called without an active exception")
-        dist.destroy_process_group()
+        end_distributed(done)
 
 
 def run_distributed(config: TrainConfig, workers: int, resume_dir: str | None = None) -> int:

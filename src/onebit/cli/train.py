@@ -101,16 +101,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
         training.init_distributed_from_env()
-        import torch.distributed as dist
-
         status = None
         try:
             status = _run_here(config, args.resume, console)
             return status
         finally:
-            if status is not None:  # both ranks done: tear gloo down together (a rank that leaves
-                dist.barrier()  # first can abort its peer's connection threads)
-            dist.destroy_process_group()
+            training.end_distributed(completed=status is not None)
     if config.workers > 1:
         status = training.run_distributed(config, config.workers, args.resume)
         if config.out and status == 0:

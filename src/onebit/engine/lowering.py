@@ -191,7 +191,11 @@ class _Lowering:
         return self.packed[vkey]
 
     def binary_weights(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(packed sign weights, per-output-channel magnitude scale or None); a 1-d conv's
+        ``[Co, Ci, k]`` weight is packed as the ``1 x k`` kernel it runs as."""
         w = m.weight.detach().to(torch.float32)
+        if w.dim() == 3:
+            w = w.unsqueeze(2)
         scale = None
         if isinstance(m.weight_quantizer, quant.MagnitudeAwareSign):
             scale = quant.MagnitudeAwareSign.scale(w).reshape(-1).to(torch.float32).contiguous()
@@ -374,25 +378,12 @@ class _Lowering:
                 weight = _t(m.quantized_weight())
             self.value[node] = self.emit_conv1d(node, m, x, weight, float(m.pad_value))
             return
-        x2d = self.emit(f"{node.name}_2d", "reshape", [x], {"shape": [int(m.in_channels), 1, -1]})
-        conv = {
-            "in_channels": int(m.in_channels),
-            "out_channels": int(m.out_channels),
-            "kernel_size": [1, int(m.kernel_size[0])],
-            "stride": [1, int(m.stride[0])],
-            "padding": [0, int(pad[0])],
-            "dilation": [1, int(m.dilation[0])],
-            "groups": int(m.groups),
-            "pad_value": float(m.pad_value),
-        }
+        x2d, conv = self.conv1d_as_2d(node, m, x, float(m.pad_value))
         xp = self.emit(f"{x2d}_packed", "pack", [x2d],
-                       {"padding": [0, int(pad[0])], "pad_value": float(m.pad_value), "groups": int(m.groups)})
-        w = m.weight.detach().to(torch.float32).unsqueeze(2)
-        scale = None
-        if isinstance(m.weight_quantizer, quant.MagnitudeAwareSign):
-            scale = quant.MagnitudeAwareSign.scale(w).reshape(-1).to(torch.float32).contiguous()
-        tensors = {"weight": ops.pack_weights(w, int(m.groups)), "scale": scale, "bias": _t(m.bias)}
-        y = self.emit(node.name, "binary_conv2d", [xp], conv, tensors, node.target)
+                       {"padding": conv["padding"], "pad_value": conv["pad_value"], "groups": conv["groups"]})
+        wp, scale = self.binary_weights(m)
+        y = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": _t(m.bias)},
+                      node.target)
         self.value[node] = self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
 
     def lower_twist(self, node: fx.Node, m: TwistConv2d) -> None:
@@ -420,12 +411,7 @@ class _Lowering:
         with torch.no_grad():
             weight = _t(m.quantized_weight())
             twists = [_t(k) for k in m.twist_kernels()] if m.twist else []
-        packed_weight = scale = None
-        if binary:
-            w = m.weight.detach().to(torch.float32)
-            packed_weight = ops.pack_weights(w, groups)
-            if isinstance(m.weight_quantizer, quant.MagnitudeAwareSign):
-                scale = quant.MagnitudeAwareSign.scale(w).reshape(-1).to(torch.float32).contiguous()
+        packed_weight, scale = self.binary_weights(m) if binary else (None, None)
 
         def step(v: str, k: int) -> str:
             base = f"{node.name}_step{k}" if m.iters > 1 else node.name
@@ -479,20 +465,30 @@ class _Lowering:
         }
         return self.emit(node.name, "conv2d", [x], attrs, {"weight": weight, "bias": _t(m.bias)}, node.target)
 
-    def emit_conv1d(self, node: fx.Node, m: nn.Conv1d, x: str, weight: torch.Tensor, pad_value: float) -> str:
-        """A 1-d conv as torch computes it: a 2-d conv of ``[N, C, 1, L]`` with a ``1 x k`` kernel."""
+    def conv1d_as_2d(self, node: fx.Node, m: nn.Conv1d, x: str, pad_value: float) -> tuple[str, dict]:
+        """``x`` reshaped to ``[N, C, 1, L]`` and the attributes of the ``1 x k`` 2-d conv a 1-d conv is
+        (its padding is ``[0, before]``: callers check that ``before == after`` or say otherwise)."""
         pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
         x2d = self.emit(f"{node.name}_2d", "reshape", [x], {"shape": [int(m.in_channels), 1, -1]})
-        attrs = {
+        return x2d, {
             "in_channels": int(m.in_channels),
             "out_channels": int(m.out_channels),
             "kernel_size": [1, int(m.kernel_size[0])],
             "stride": [1, int(m.stride[0])],
-            "padding": [0, int(pad[0])] if pad[0] == pad[1] else "same",
-            "explicit_padding": [int(pad[0]), int(pad[1]), 0, 0],
+            "padding": [0, int(pad[0])],
             "dilation": [1, int(m.dilation[0])],
             "groups": int(m.groups),
             "pad_value": pad_value,
+        }
+
+    def emit_conv1d(self, node: fx.Node, m: nn.Conv1d, x: str, weight: torch.Tensor, pad_value: float) -> str:
+        """A 1-d conv as torch computes it: a 2-d conv of ``[N, C, 1, L]`` with a ``1 x k`` kernel."""
+        pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
+        x2d, conv = self.conv1d_as_2d(node, m, x, pad_value)
+        attrs = {
+            **conv,
+            "padding": conv["padding"] if pad[0] == pad[1] else "same",
+            "explicit_padding": [int(pad[0]), int(pad[1]), 0, 0],
             "padding_mode": m.padding_mode,
         }
         tensors = {"weight": weight.unsqueeze(2).contiguous(), "bias": _t(m.bias)}

@@ -93,44 +93,36 @@ PRE_SIGN: dict[str, Callable[[int], nn.Module]] = {
 ActLike = str | type | nn.Module | Callable[[int], nn.Module] | None
 
 
+def _from_alias(option: str, value, table: dict[str, Callable[[int], nn.Module]], channels: int) -> nn.Module:
+    """``table[value](channels)`` for an alias, ``value(channels)`` for a factory, Identity for None."""
+    if value is None:
+        return nn.Identity()
+    if isinstance(value, str):
+        factory = table.get(value.lower())
+        if factory is None:
+            raise ValueError(f"unknown {option} {value!r}; known: {', '.join(table)}")
+        return factory(channels)
+    return value(channels)
+
+
 def make_act(act_fn: ActLike, channels: int) -> nn.Module:
     """An activation module for ``channels`` channels from an alias (relu, prelu, hardtanh, identity),
     a module class (``nn.PReLU`` gets one slope per channel), an instance (copied) or a factory."""
-    if act_fn is None:
-        return nn.Identity()
-    if isinstance(act_fn, str):
-        try:
-            return ACTIVATIONS[act_fn.lower()](channels)
-        except KeyError:
-            raise ValueError(f"unknown act_fn {act_fn!r}; known: {', '.join(ACTIVATIONS)}") from None
     if isinstance(act_fn, nn.Module):
         return copy.deepcopy(act_fn)
     if isinstance(act_fn, type) and issubclass(act_fn, nn.Module):
         return act_fn(channels) if issubclass(act_fn, nn.PReLU) else act_fn()
-    return act_fn(channels)
+    return _from_alias("act_fn", act_fn, ACTIVATIONS, channels)
 
 
 def make_pre_sign(pre_sign: str | Callable[[int], nn.Module] | None, channels: int) -> nn.Module:
     """The module in front of a binary conv's sign from an alias (affine, batchnorm, identity) or a factory."""
-    if pre_sign is None:
-        return nn.Identity()
-    if isinstance(pre_sign, str):
-        try:
-            return PRE_SIGN[pre_sign.lower()](channels)
-        except KeyError:
-            raise ValueError(f"unknown pre_sign {pre_sign!r}; known: {', '.join(PRE_SIGN)}") from None
-    return pre_sign(channels)
+    return _from_alias("pre_sign", pre_sign, PRE_SIGN, channels)
 
 
 def make_norm(norm_layer: str | Callable[[int], nn.Module] | None, channels: int) -> nn.Module:
-    if norm_layer is None:
-        return nn.Identity()
-    if isinstance(norm_layer, str):
-        try:
-            return NORMS[norm_layer.lower()](channels)
-        except KeyError:
-            raise ValueError(f"unknown norm_layer {norm_layer!r}; known: {', '.join(NORMS)}") from None
-    return norm_layer(channels)
+    """A normalization module from an alias (batchnorm, identity) or a factory."""
+    return _from_alias("norm_layer", norm_layer, NORMS, channels)
 
 
 @functools.lru_cache(maxsize=None)
