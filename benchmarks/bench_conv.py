@@ -35,6 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from onebit.heap import keep_freed_memory
+
 DEFAULT_SHAPES = ["256x14", "64x56", "512x7"]
 
 
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     shapes = [_parse_shape(s) for s in args.shapes]
+    keep_freed_memory()  # as the onebit command does: neither side pays page faults on fresh outputs
 
     if args.torch_only:
         print(json.dumps(torch_only(shapes, args.batch, args.threads, args.reps)))

@@ -24,6 +24,25 @@ def test_math_sign_is_never_zero():
     assert sign(x).tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int8])
+def test_math_sign_is_minus_one_exactly_where_x_is_negative_in_every_dtype(dtype):
+    values = [-3, -1, 0, 1, 7]
+    if dtype.is_floating_point:
+        tiny = torch.finfo(dtype).tiny
+        values += [-0.0, -tiny, tiny, -tiny / 4, tiny / 4, float("inf"), float("-inf"), float("nan"), -float("nan")]
+    x = torch.tensor(values, dtype=dtype)
+    s = sign(x)
+    assert s.dtype == dtype
+    # the reference: a comparison per element (NaN is not negative)
+    assert s.tolist() == [-1 if v < 0 else 1 for v in x.tolist()]
+
+
+def test_math_sign_keeps_the_memory_format_of_its_input():
+    x = torch.randn(2, 5, 3, 4).to(memory_format=torch.channels_last)
+    assert sign(x).is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(sign(x), sign(x.contiguous()))
+
+
 @pytest.mark.parametrize("form", ["string", "instance"])
 @pytest.mark.parametrize("alias", SIGN_ALIASES)
 def test_sign_of_zero_is_plus_one_in_every_sign_quantizer(alias, form):

@@ -55,6 +55,7 @@ from torch import nn
 from onebit import data as datasets
 from onebit import io, models
 from onebit.data.augment import Augment
+from onebit.heap import keep_freed_memory
 from onebit.optim import Bop, FlipCounter, binary_parameters, clip_weights
 
 __all__ = ["TrainConfig", "Trainer", "EpochTable", "train", "resume", "load_run", "run_distributed", "Interrupted", "distillation_loss"]
@@ -699,6 +700,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world_size: int, port: int, config_dict: dict, resume_dir: str | None) -> None:
+    keep_freed_memory()  # a spawned interpreter: as the onebit command does in its own process
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     init_distributed_from_env()

@@ -5,6 +5,7 @@ Each subcommand lives in its own module of this package and defines
 sets ``run(args, console) -> exit code``. Modules are discovered automatically.
 Errors a user can fix (``ValueError``, ``FileNotFoundError``, ``TypeError``)
 print one line naming the problem and exit with status 2, without a traceback.
+The command keeps freed memory in the heap (:func:`onebit.heap.keep_freed_memory`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import pkgutil
 import sys
 
 from rich.console import Console
+
+from onebit.heap import keep_freed_memory
 
 __all__ = ["main", "build_parser"]
 
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(soft_wrap=True)
+    keep_freed_memory()  # this process is onebit's: reuse freed tensors' memory (see onebit.heap)
     try:
         return int(args.run(args, console) or 0)
     except (UsageError, ValueError, FileNotFoundError, TypeError, KeyError) as error:
