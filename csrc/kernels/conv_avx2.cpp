@@ -61,6 +61,46 @@ struct Ctx {
   int32_t K;
 };
 
+// One step of one pixel against 4 ymm of weights (16 channels): acc[j] += lut[xlo ^ wlo[j]]
+// + lut[xhi ^ whi[j]]. Written out because GCC reassociates the two adds into
+// acc + (lo + hi) and hoists the next pixel's broadcasts, which needs more than AVX2's 16
+// registers and spills accumulators to the stack on every step; here the 2-pixel tile keeps
+// 8 accumulators, the table, 2 broadcasts and 2 temporaries in registers.
+inline void step4(__m256i* acc, __m256i lut, const uint64_t* x, const __m256i* w) {
+  __m256i xl, xh, t0, t1;
+  __asm__(
+      "vpbroadcastq (%[x]), %[xl]\n\t"
+      "vpbroadcastq 8(%[x]), %[xh]\n\t"
+      "vpxor 0(%[w]), %[xl], %[t0]\n\t"
+      "vpxor 128(%[w]), %[xh], %[t1]\n\t"
+      "vpshufb %[t0], %[lut], %[t0]\n\t"
+      "vpshufb %[t1], %[lut], %[t1]\n\t"
+      "vpaddb %[t0], %[a0], %[a0]\n\t"
+      "vpaddb %[t1], %[a0], %[a0]\n\t"
+      "vpxor 32(%[w]), %[xl], %[t0]\n\t"
+      "vpxor 160(%[w]), %[xh], %[t1]\n\t"
+      "vpshufb %[t0], %[lut], %[t0]\n\t"
+      "vpshufb %[t1], %[lut], %[t1]\n\t"
+      "vpaddb %[t0], %[a1], %[a1]\n\t"
+      "vpaddb %[t1], %[a1], %[a1]\n\t"
+      "vpxor 64(%[w]), %[xl], %[t0]\n\t"
+      "vpxor 192(%[w]), %[xh], %[t1]\n\t"
+      "vpshufb %[t0], %[lut], %[t0]\n\t"
+      "vpshufb %[t1], %[lut], %[t1]\n\t"
+      "vpaddb %[t0], %[a2], %[a2]\n\t"
+      "vpaddb %[t1], %[a2], %[a2]\n\t"
+      "vpxor 96(%[w]), %[xl], %[t0]\n\t"
+      "vpxor 224(%[w]), %[xh], %[t1]\n\t"
+      "vpshufb %[t0], %[lut], %[t0]\n\t"
+      "vpshufb %[t1], %[lut], %[t1]\n\t"
+      "vpaddb %[t0], %[a3], %[a3]\n\t"
+      "vpaddb %[t1], %[a3], %[a3]\n\t"
+      : [a0] "+x"(acc[0]), [a1] "+x"(acc[1]), [a2] "+x"(acc[2]), [a3] "+x"(acc[3]), [xl] "=&x"(xl),
+        [xh] "=&x"(xh), [t0] "=&x"(t0), [t1] "=&x"(t1)
+      : [lut] "x"(lut), [x] "r"(x), [w] "r"(w)
+      : "memory");
+}
+
 template <int P, int J>
 inline void tile(const Ctx& c, const PixInfo* pix) {
   const ConvBlock& b = *c.b;
@@ -85,6 +125,11 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
       const int64_t off = 2 * so[s];
       const __m256i* wlo = reinterpret_cast<const __m256i*>(c.ws + s * 2 * J * kVec);
       const __m256i* whi = wlo + J;
+      if constexpr (J == 4) {
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) step4(acc8[p], lut, xs[p] + off, wlo);
+        continue;
+      }
 #pragma GCC unroll 8
       for (int p = 0; p < P; ++p) {
         const __m256i xl = _mm256_set1_epi64x(static_cast<long long>(xs[p][off]));
