@@ -10,14 +10,15 @@ from onebit.models import BiRealBlock, DenseLayer, ModelConstructor
 from onebit.nn import QConv2d, QLinear, QuantizedLayer
 from onebit.nn.twist import TwistConv2d
 
-ZOO = ["lenet", "lenet_binary", "lenet_larq", "resnet18", "birealnet18", "birealnet_small", "birealnet_small_react", "resnete18",
+ZOO = ["lenet", "lenet_binary", "lenet_larq", "resnet18", "birealnet18", "birealnet_small", "birealnet_small_react",
+       "birealnet_small_react_wide", "resnete18",
        "binary_densenet28", "binary_densenet37", "binary_densenet45"]
 
 
 def example(name: str, batch: int = 2) -> torch.Tensor:
     if name in ("lenet", "lenet_binary"):
         return torch.randn(batch, 1, 8, 8)
-    if name in ("lenet_larq", "birealnet_small", "birealnet_small_react"):
+    if name in ("lenet_larq", "birealnet_small", "birealnet_small_react", "birealnet_small_react_wide"):
         return torch.randn(batch, 1, 28, 28)
     return torch.randn(batch, 3, 32, 32)
 
@@ -35,7 +36,7 @@ def binary_layers(model):
 
 def test_names_lists_the_zoo_and_filters_by_pattern():
     assert set(ZOO) <= set(models.names())
-    assert models.names("birealnet*") == ["birealnet18", "birealnet_small", "birealnet_small_react"]
+    assert models.names("birealnet*") == ["birealnet18", "birealnet_small", "birealnet_small_react", "birealnet_small_react_wide"]
     assert models.names("binary_densenet*") == ["binary_densenet28", "binary_densenet37", "binary_densenet45"]
 
 
@@ -161,7 +162,7 @@ def test_float_twin_has_no_binary_layer():
     assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in models.create("birealnet18").parameters())
 
 
-@pytest.mark.parametrize("name", ["lenet_binary", "lenet_larq", "birealnet_small", "birealnet_small_react", "resnet18", "birealnet18", "resnete18", "binary_densenet28"])
+@pytest.mark.parametrize("name", ["lenet_binary", "lenet_larq", "birealnet_small", "birealnet_small_react", "birealnet_small_react_wide", "resnet18", "birealnet18", "resnete18", "binary_densenet28"])
 def test_packs_with_the_engine_with_equal_outputs(name):
     engine = pytest.importorskip("onebit.engine")
     if not hasattr(engine, "pack"):
@@ -210,6 +211,11 @@ def test_pre_sign_is_off_by_default_and_only_for_blocks_with_a_sign_path():
     assert len(blocks) == 6 and all(isinstance(b.act, nn.PReLU) and b.act.num_parameters == b.out_channels for b in blocks)
     assert [b.pre.in_channels for b in blocks] == [32, 32, 32, 64, 64, 128]
     assert len(binary_layers(react)) == 6
+    wide = models.create("birealnet_small_react_wide", in_channels=1)
+    wide_blocks = [m for m in wide.modules() if isinstance(m, BiRealBlock)]
+    assert [b.pre.in_channels for b in wide_blocks] == [32, 48, 48, 96, 96, 192]  # the stem stays 32 wide
+    assert [b.out_channels for b in wide_blocks] == [48, 48, 96, 96, 192, 192]
+    assert len(binary_layers(wide)) == 6
     with pytest.raises(ValueError, match="no sign path"):
         ModelConstructor(block="basic", layers=(1,), widths=(8,), pre_sign="affine")()
     with pytest.raises(ValueError, match="unknown pre_sign"):
