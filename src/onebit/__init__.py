@@ -9,7 +9,8 @@ Layers, from the bottom up:
 - ``onebit.canonize``, ``onebit.summary``, ``onebit.doctor``, ``onebit.plot``: model tools
   (exact reversible BatchNorm merging, bits-and-MACs tables, learning diagnostics, pictures);
 - ``onebit.models``, ``onebit.data``, ``onebit.train``: the zoo, datasets and trainer;
-- ``onebit.engine``: the bit-packed CPU inference engine.
+- ``onebit.engine``: the bit-packed CPU inference engine;
+- ``onebit.heap``: keep freed tensor memory for reuse (the ``onebit`` command does).
 """
 
 from onebit import canonize, math, nn, quant
