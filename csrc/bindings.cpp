@@ -15,6 +15,7 @@
 #include "kernels/conv.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
+#include "kernels/pool_bits.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -60,6 +61,22 @@ void pack_activations_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t 
   nb::gil_scoped_release release;
   onebit::pack_activations(ptr<const float>(x), N, C, H, W, sN, sC, sH, sW, ph, pw, pad_value, groups,
                            ptr<uint64_t>(out), threads);
+}
+
+void max_pool_bits_raw(uintptr_t x, uintptr_t or_mask, uintptr_t pad, uintptr_t out, int64_t N, int64_t H, int64_t W,
+                       int64_t G, int64_t Wg, int64_t Cg, int64_t OH, int64_t OW, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                       int64_t PH, int64_t PW, int64_t DH, int64_t DW, int64_t OPH, int64_t OPW) {
+  require(x != 0 && or_mask != 0 && pad != 0 && out != 0, "max_pool_bits: null tensor");
+  require(N >= 0 && H > 0 && W > 0 && G > 0 && Wg > 0 && OH > 0 && OW > 0, "max_pool_bits: empty or negative shape");
+  require(Cg > 0 && Cg <= 64 * Wg && (Cg + 63) / 64 == Wg, "max_pool_bits: channels per group do not fill Wg words");
+  require(KH > 0 && KW > 0 && SH > 0 && SW > 0 && DH > 0 && DW > 0 && PH >= 0 && PW >= 0 && OPH >= 0 && OPW >= 0,
+          "max_pool_bits: kernel, stride and dilation must be positive, paddings not negative");
+  // every output pixel's window starts inside the padded input
+  require((OH - 1) * SH - PH < H && (OW - 1) * SW - PW < W, "max_pool_bits: output larger than the input allows");
+  const onebit::PoolBitsGeometry g{N, H, W, G, Wg, Cg, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, OPH, OPW};
+  nb::gil_scoped_release release;
+  onebit::max_pool_bits(ptr<const uint64_t>(x), ptr<const uint64_t>(or_mask), ptr<const uint64_t>(pad), ptr<uint64_t>(out),
+                        g);
 }
 
 // Builds a validated plan from the numbers of a call (see onebit/engine/kernels.py).
@@ -162,6 +179,10 @@ NB_MODULE(_C, m) {
         "sW"_a, "ph"_a, "pw"_a, "pad_value"_a, "groups"_a, "out"_a, "threads"_a,
         "Low level (addresses): pack float [N, C, H, W] (element strides) into int64 [N, H+2ph, W+2pw, G, Wg]. "
         "Use onebit.engine.kernels.pack_activations.");
+  m.def("max_pool_bits_raw", &max_pool_bits_raw, "x"_a, "or_mask"_a, "pad"_a, "out"_a, "N"_a, "H"_a, "W"_a, "G"_a,
+        "Wg"_a, "Cg"_a, "OH"_a, "OW"_a, "KH"_a, "KW"_a, "SH"_a, "SW"_a, "PH"_a, "PW"_a, "DH"_a, "DW"_a, "OPH"_a, "OPW"_a,
+        "Low level (addresses): max pooling of thresholded bits [N, H, W, G, Wg] into [N, OH+2OPH, OW+2OPW, G, Wg]. "
+        "Use onebit.engine.kernels.max_pool_bits.");
   nb::class_<onebit::ConvPlan>(m, "ConvPlan",
                                 "A validated binary convolution of one shape; run() it on packed tensors.")
       .def_prop_ro("out_height", [](const onebit::ConvPlan& p) { return p.geometry().OH; })

@@ -654,3 +654,55 @@ def test_weight_cache_rejects_other_objects():
     wp = K.pack_weights(torch.randn(8, 8, 1, 1))
     with pytest.raises(ValueError, match="WeightCache"):
         K.binary_conv2d_int(torch.randn(1, 8, 2, 2), wp, in_channels=8, out_channels=8, kernel_size=1, cache={})
+
+
+# ----------------------------------------------------------------------------- max pooling on bits
+
+
+def _packed_signs(negative: torch.Tensor, groups: int) -> torch.Tensor:
+    """Packed [N, H, W, G, Wg] bits of a bool [N, C, H, W] (bit set = negative)."""
+    return K.pack_activations(torch.where(negative, -1.0, 1.0), groups=groups)
+
+
+@SETTINGS
+@given(
+    st.integers(1, 2), st.integers(1, 150), st.sampled_from([1, 2, 3]), st.integers(1, 7), st.integers(1, 7),
+    st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.booleans(), st.integers(0, 1), st.data(),
+)
+def test_max_pool_bits_equals_the_bits_of_max_pooled_accumulators(n, cg, groups, h, w, kh, kw, dil, ceil, out_pad, data):
+    """Pooling the thresholded bits == thresholding the max-pooled integer accumulators (torch)."""
+    stride = data.draw(st.integers(1, 3))
+    ph, pw = data.draw(st.integers(0, kh // 2)), data.draw(st.integers(0, kw // 2))
+    if (h + 2 * ph - dil * (kh - 1) - 1) < 0 or (w + 2 * pw - dil * (kw - 1) - 1) < 0:
+        return  # the window does not fit
+    c = cg * groups
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    acc = torch.randint(-6, 7, (n, c, h, w), generator=g).double()
+    thr = torch.randint(-3, 4, (c,), generator=g).double().view(1, c, 1, 1)
+    down = torch.rand(c, generator=g) < 0.5  # direction -1: negative where acc > thr
+    negative = lambda a: torch.where(down.view(1, c, 1, 1), a > thr, a < thr)  # noqa: E731
+    pooled = F.max_pool2d(acc, (kh, kw), stride, (ph, pw), dil, ceil_mode=ceil)
+    expected = _packed_signs(negative(pooled), groups)
+    or_mask = _packed_signs(down.view(1, c, 1, 1), groups)[0, 0, 0]
+    pad_words = _packed_signs(torch.rand(1, c, 1, 1, generator=g) < 0.5, groups)[0, 0, 0]
+    if out_pad:
+        border = pad_words.expand(n, expected.shape[1] + 2, expected.shape[2] + 2, *pad_words.shape).clone()
+        border[:, 1:-1, 1:-1] = expected
+        expected = border
+    got = K.max_pool_bits(_packed_signs(negative(acc), groups), or_mask, pad_words, kernel_size=(kh, kw), stride=stride,
+                          padding=(ph, pw), dilation=dil, ceil_mode=ceil, out_padding=out_pad, channels=c)
+    assert torch.equal(got, expected)
+
+
+def test_max_pool_bits_rejects_bad_arguments_by_name():
+    xp = torch.zeros(1, 4, 4, 1, 1, dtype=torch.int64)
+    masks = torch.zeros(1, 1, dtype=torch.int64)
+    pool = dict(kernel_size=2, stride=2, padding=0, dilation=1, ceil_mode=False, out_padding=0, channels=8)
+    with pytest.raises(ValueError, match="or_mask must have shape"):
+        K.max_pool_bits(xp, torch.zeros(2, 1, dtype=torch.int64), masks, **pool)
+    with pytest.raises(ValueError, match="xp must have dtype"):
+        K.max_pool_bits(xp.int(), masks, masks, **pool)
+    with pytest.raises(ValueError, match="do not fill"):
+        K.max_pool_bits(xp, masks, masks, **{**pool, "channels": 65})
+    with pytest.raises(ValueError, match="too small"):
+        K.max_pool_bits(xp, masks, masks, **{**pool, "kernel_size": 5})

@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 
 from onebit import _C
+from onebit.engine.reference import pool_output_size
 
 __all__ = [
     "isa",
@@ -51,6 +52,7 @@ __all__ = [
     "binary_linear",
     "binary_linear_int",
     "binary_linear_threshold",
+    "max_pool_bits",
     "WeightCache",
 ]
 
@@ -803,3 +805,91 @@ def binary_linear_threshold(
     """Packed int64 ``[N, ceil(Out / 64)]`` of the thresholded accumulators (see :func:`binary_conv2d_threshold`)."""
     x4, w4, conv, n, out = _linear_views(xp, wp, in_features)
     return binary_conv2d_threshold(x4, w4, thresholds=thresholds, direction=direction, **conv).reshape(n, -1)
+
+
+# ---------------------------------------------------------------------------
+# pooling on packed bits
+
+
+def _check_pool_bits(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels):
+    """Validated numbers of a bit max pooling; the output shape first (see reference.max_pool_bits)."""
+    _tensor(xp, "xp", torch.int64, 5, contiguous=False)
+    n, h, w, g, wg = xp.shape
+    for name, t in (("or_mask", or_mask), ("pad_words", pad_words)):
+        _tensor(t, name, torch.int64, 2, contiguous=False)
+        if tuple(t.shape) != (g, wg):
+            raise ValueError(f"max_pool_bits: {name} must have shape [{g}, {wg}], got {list(t.shape)}")
+    kh, kw = _pair(kernel_size, "kernel_size")
+    sh, sw = _pair(stride, "stride")
+    ph, pw = _pair(padding, "padding")
+    dh, dw = _pair(dilation, "dilation")
+    oph, opw = _pair(out_padding, "out_padding")
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw, oph, opw) < 0:
+        raise ValueError("max_pool_bits: kernel_size, stride and dilation must be positive, paddings not negative")
+    if channels % g or words_for(channels // g) != wg:
+        raise ValueError(f"max_pool_bits: {channels} channels do not fill {g} groups of {wg} words")
+    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"max_pool_bits: input {h}x{w} is too small for pooling window {kh}x{kw}")
+    shape = (n, oh + 2 * oph, ow + 2 * opw, g, wg)
+    return shape, (n, h, w, g, wg, channels // g, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, oph, opw)
+
+
+def _max_pool_bits_impl(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels):
+    shape, numbers = _check_pool_bits(
+        xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels
+    )
+    xp, or_mask, pad_words = xp.contiguous(), or_mask.contiguous(), pad_words.contiguous()
+    out = torch.empty(shape, dtype=torch.int64)
+    if out.numel():
+        _C.max_pool_bits_raw(xp.data_ptr(), or_mask.data_ptr(), pad_words.data_ptr(), out.data_ptr(), *numbers)
+    return out
+
+
+@torch.library.custom_op("onebit::max_pool_bits", mutates_args=())
+def _max_pool_bits_op(
+    xp: torch.Tensor,
+    or_mask: torch.Tensor,
+    pad_words: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+    out_padding: Sequence[int],
+    channels: int,
+) -> torch.Tensor:
+    return _max_pool_bits_impl(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels)
+
+
+@_max_pool_bits_op.register_fake
+def _(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels):
+    shape, _ = _check_pool_bits(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels)
+    return xp.new_empty(shape, dtype=torch.int64)
+
+
+def max_pool_bits(
+    xp: torch.Tensor,
+    or_mask: torch.Tensor,
+    pad_words: torch.Tensor,
+    *,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    ceil_mode: bool,
+    out_padding: int | Sequence[int],
+    channels: int,
+) -> torch.Tensor:
+    """Max pooling of thresholded accumulators on their packed bits ``[N, H, W, G, Wg]``: the AND of
+    the window's bits for direction +1, the OR for direction -1 (bits set in ``or_mask [G, Wg]``);
+    padded window positions take no part; ``out_padding`` border pixels are ``pad_words [G, Wg]``.
+    Bit for bit :func:`onebit.engine.reference.max_pool_bits`, in one native loop."""
+    args = (xp, or_mask, pad_words, kernel_size, stride, padding, dilation, bool(ceil_mode), out_padding, int(channels))
+    if _direct(xp, or_mask, pad_words):
+        return _max_pool_bits_impl(*args)
+    pairs = [list(_pair(v, name)) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
+                                                   (padding, "padding"), (dilation, "dilation"))]
+    return torch.ops.onebit.max_pool_bits(xp, or_mask, pad_words, *pairs, bool(ceil_mode),
+                                          list(_pair(out_padding, "out_padding")), int(channels))

@@ -298,4 +298,7 @@ def max_pool_bits(xp, or_mask, pad_words, **pool) -> torch.Tensor:
         raise ValueError("max_pool_bits: expected packed int64 activations [N, H, W, G, Wg]")
     if tuple(or_mask.shape) != tuple(xp.shape[3:]) or tuple(pad_words.shape) != tuple(xp.shape[3:]):
         raise ValueError(f"max_pool_bits: masks must have shape {list(xp.shape[3:])}")
+    native = _impl("max_pool_bits")
+    if native is not None:
+        return native(xp, or_mask, pad_words, **pool)
     return reference.max_pool_bits(xp, or_mask, pad_words, **pool)
