@@ -1,5 +1,7 @@
 #include "kernels/pool_bits.h"
 
+#include "kernels/conv.h"
+
 #include <cstddef>
 #include <vector>
 
@@ -9,11 +11,8 @@ void max_pool_bits(const uint64_t* x, const uint64_t* or_mask, const uint64_t* p
                    const PoolBitsGeometry& g) {
   const int64_t OHp = g.OH + 2 * g.OPH, OWp = g.OW + 2 * g.OPW, K = g.G * g.Wg;
   std::vector<uint64_t> acc(static_cast<size_t>(K)), flip(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t used = g.Cg - 64 * (k % g.Wg);  // channels of the group in this word
-    const uint64_t bits = used >= 64 ? ~0ULL : used <= 0 ? 0ULL : (1ULL << used) - 1;
-    flip[k] = bits & ~or_mask[k];
-  }
+  for (int64_t k = 0; k < K; ++k)  // the used channel bits of the word (Wg = ceil(Cg / 64), checked)
+    flip[k] = minus_one_word(g.Cg, k % g.Wg) & ~or_mask[k];
   for (int64_t n = 0; n < g.N; ++n)
     for (int64_t y = 0; y < OHp; ++y)
       for (int64_t xo = 0; xo < OWp; ++xo) {

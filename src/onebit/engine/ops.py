@@ -294,11 +294,11 @@ def binary_linear_threshold(xp, wp, *, in_features: int, thresholds, direction) 
 
 def max_pool_bits(xp, or_mask, pad_words, **pool) -> torch.Tensor:
     """Max pooling of thresholded accumulators on their packed bits (see :func:`reference.max_pool_bits`)."""
+    native = _impl("max_pool_bits")
+    if native is not None:  # checks its own arguments
+        return native(xp, or_mask, pad_words, **pool)
     if not isinstance(xp, torch.Tensor) or xp.dtype != torch.int64 or xp.dim() != 5:
         raise ValueError("max_pool_bits: expected packed int64 activations [N, H, W, G, Wg]")
     if tuple(or_mask.shape) != tuple(xp.shape[3:]) or tuple(pad_words.shape) != tuple(xp.shape[3:]):
         raise ValueError(f"max_pool_bits: masks must have shape {list(xp.shape[3:])}")
-    native = _impl("max_pool_bits")
-    if native is not None:
-        return native(xp, or_mask, pad_words, **pool)
     return reference.max_pool_bits(xp, or_mask, pad_words, **pool)
