@@ -1,4 +1,8 @@
-"""Quantized layers: the specification y = conv(pad(q_in(x), pad_value), q_w(W)) + bias, and drop-in behaviour."""
+"""Quantized layers: the specification y = conv(pad(q_in(x), pad_value), levels(W)) * scale + bias, and drop-in behaviour.
+
+The convolution of quantized operands is exact (integer sums of +-1), and the scale and bias
+are applied after it, once each: the same bits in every layout, on every CPU.
+"""
 
 import copy
 
@@ -16,15 +20,20 @@ BINARY = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
 CONV = {1: (QConv1d, nn.Conv1d, F.conv1d), 2: (QConv2d, nn.Conv2d, F.conv2d), 3: (QConv3d, nn.Conv3d, F.conv3d)}
 
 
+def plus_bias(y, bias):
+    """``y + bias`` per channel (dim 1): one float rounding of the exact sum."""
+    return y if bias is None else y + bias.view(1, -1, *([1] * (y.dim() - 2)))
+
+
 def reference_binary_conv(x, layer, pad_value):
-    """Independent reference: explicit constant padding of sign(x), float conv with sign(W)."""
+    """Independent reference: explicit constant padding of sign(x), float conv with sign(W), then the bias."""
     ndim = x.dim() - 2
     pad = []
     for p in reversed(layer.padding):
         pad += [p, p]
     xs = F.pad(sign_reference(x), pad, value=pad_value)
     conv = CONV[ndim][2]
-    return conv(xs, sign_reference(layer.weight), layer.bias, layer.stride, 0, layer.dilation, layer.groups)
+    return plus_bias(conv(xs, sign_reference(layer.weight), None, layer.stride, 0, layer.dilation, layer.groups), layer.bias)
 
 
 @st.composite
@@ -56,10 +65,7 @@ def test_qconv2d_equals_float_conv_of_explicitly_padded_signs(c):
     x = torch.randn(c["batch"], c["cin"], c["h"], c["w"])
     x[x.abs() < 0.1] = 0.0  # exact zeros must behave as +1
     out, expected = layer(x), reference_binary_conv(x, layer, c["pad_value"])
-    if layer.bias is None:
-        assert torch.equal(out, expected)  # sums of +-1 are exact integers
-    else:
-        assert torch.allclose(out, expected, rtol=0, atol=1e-5)  # the bias may be added in another order
+    assert torch.equal(out, expected)  # sums of +-1 are exact integers; the bias is added once, after
 
 
 @pytest.mark.parametrize("ndim", [1, 3])
@@ -93,7 +99,7 @@ def test_padding_forms(padding, pad_value):
     elif padding != "valid":
         p = (padding, padding) if isinstance(padding, int) else padding
         xs = F.pad(xs, (p[1], p[1], p[0], p[0]), value=pad_value)
-    expected = F.conv2d(xs, sign_reference(layer.weight), layer.bias)
+    expected = plus_bias(F.conv2d(xs, sign_reference(layer.weight)), layer.bias)
     out = layer(x)
     assert torch.equal(out, expected)
     if padding == "same":
@@ -104,7 +110,7 @@ def test_padding_forms(padding, pad_value):
 def test_other_padding_modes_pad_the_quantized_input(mode):
     layer = QConv2d(3, 4, 3, padding=1, padding_mode=mode, **BINARY)
     x = torch.randn(2, 3, 6, 6)
-    expected = F.conv2d(F.pad(sign_reference(x), (1, 1, 1, 1), mode=mode), sign_reference(layer.weight), layer.bias)
+    expected = plus_bias(F.conv2d(F.pad(sign_reference(x), (1, 1, 1, 1), mode=mode), sign_reference(layer.weight)), layer.bias)
     assert torch.equal(layer(x), expected)
 
 
@@ -132,16 +138,36 @@ def test_without_quantizers_a_qconv_is_the_torch_conv():
 def test_qlinear_equals_float_linear_of_signs():
     layer = QLinear(70, 13, **BINARY)
     x = torch.randn(4, 5, 70)
-    expected = F.linear(sign_reference(x), sign_reference(layer.weight), layer.bias)
+    expected = F.linear(sign_reference(x), sign_reference(layer.weight)) + layer.bias
     assert torch.equal(layer(x), expected)
 
 
 def test_magnitude_aware_weights_are_scaled_signs():
-    layer = QConv2d(4, 3, 3, padding=1, bias=False, input_quantizer="ste_sign", weight_quantizer="magnitude_aware_sign")
+    layer = QConv2d(4, 3, 3, padding=1, input_quantizer="ste_sign", weight_quantizer="magnitude_aware_sign")
     x = torch.randn(1, 4, 5, 5)
     alpha = layer.weight.abs().mean(dim=(1, 2, 3), keepdim=True)
-    expected = F.conv2d(sign_reference(x), alpha * sign_reference(layer.weight), padding=1)
-    assert torch.allclose(layer(x), expected, atol=1e-5)
+    # the same map as a conv with alpha * sign(W) ...
+    loose = F.conv2d(sign_reference(x), alpha * sign_reference(layer.weight), layer.bias, padding=1)
+    assert torch.allclose(layer(x), loose, atol=1e-5)
+    # ... computed exactly as the integer conv, then alpha, then the bias (two roundings)
+    exact = F.conv2d(sign_reference(x), sign_reference(layer.weight), padding=1) * alpha.view(1, -1, 1, 1)
+    assert torch.equal(layer(x), plus_bias(exact, layer.bias))
+
+
+def test_magnitude_aware_gradient_is_alpha_times_the_ste():
+    layer = QConv2d(4, 3, 3, padding=1, input_quantizer="ste_sign", weight_quantizer="magnitude_aware_sign")
+    x = torch.randn(2, 4, 5, 5)
+    twin = nn.Conv2d(4, 3, 3, padding=1)
+    w = layer.weight.detach()
+    alpha = w.abs().mean(dim=(1, 2, 3), keepdim=True)
+    twin.weight.data = alpha * sign_reference(w)
+    twin.bias.data = layer.bias.detach().clone()
+    g = torch.randn(2, 3, 5, 5)
+    layer(x).backward(g)
+    twin(sign_reference(x)).backward(g)
+    expected = twin.weight.grad * (w.abs() <= 1).float() * alpha
+    assert torch.allclose(layer.weight.grad, expected, atol=1e-5)
+    assert torch.allclose(layer.bias.grad, twin.bias.grad, atol=1e-5)
 
 
 def test_qactivation_applies_its_quantizer():
@@ -192,9 +218,11 @@ def test_forward_is_deterministic_across_modes():
 # ----------------------------------------------------------------------------- layouts
 
 
+@pytest.mark.parametrize("weight_quantizer", ["ste_sign", "magnitude_aware_sign"])
 @pytest.mark.parametrize("layout", ["channels_last", "permuted", "strided", "transposed_hw"])
-def test_every_input_layout_gives_the_same_output_and_gradient(layout):
-    layer = QConv2d(6, 7, 3, padding=1, pad_value=-1.0, **BINARY)
+def test_every_input_layout_gives_the_same_output_and_gradient(layout, weight_quantizer):
+    # with a bias: the exact integer conv first, then alpha and the bias, in any layout
+    layer = QConv2d(6, 7, 3, padding=1, pad_value=-1.0, input_quantizer="ste_sign", weight_quantizer=weight_quantizer)
     base = torch.randn(2, 6, 9, 9)
     if layout == "channels_last":
         x = base.contiguous(memory_format=torch.channels_last)

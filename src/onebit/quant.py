@@ -30,6 +30,9 @@ __all__ = [
     "register",
     "get",
     "names",
+    "is_sign",
+    "has_sign_levels",
+    "precision_of",
 ]
 
 QuantizerLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], None]
@@ -84,6 +87,18 @@ def get(identifier: QuantizerLike) -> nn.Module | Callable | None:
     )
 
 
+def is_sign(quantizer: object) -> bool:
+    """True when the quantizer's forward is exactly :func:`onebit.math.sign` (a ``Quantizer``
+    with ``is_sign = True``, or ``onebit.math.sign`` itself)."""
+    return quantizer is sign or bool(getattr(quantizer, "is_sign", False) and isinstance(quantizer, nn.Module))
+
+
+def has_sign_levels(quantizer: object) -> bool:
+    """True when the quantizer's :meth:`Quantizer.factor` levels are ``sign(w)``: binary weights,
+    possibly with a per-output-channel scale (``ste_sign``, ``magnitude_aware_sign``, ...)."""
+    return is_sign(quantizer) or bool(getattr(quantizer, "sign_levels", False) and isinstance(quantizer, nn.Module))
+
+
 def precision_of(quantizer: nn.Module | Callable | None) -> int:
     """Bits of a quantizer's output: its ``precision`` attribute, 32 for ``None`` or an unknown callable."""
     if quantizer is None:
@@ -92,10 +107,31 @@ def precision_of(quantizer: nn.Module | Callable | None) -> int:
 
 
 class Quantizer(nn.Module):
-    """Base class: ``precision`` bits, no parameters, no state."""
+    """Base class: ``precision`` bits, no parameters, no state.
+
+    Two class attributes tell the rest of onebit (layers, converter, canonizers, the
+    packed engine) what a quantizer computes, so that a user's own quantizer is
+    handled like a built-in one by setting them:
+
+    - ``is_sign``: the forward is exactly :func:`onebit.math.sign` (values +-1,
+      sign(0) = +1); such an input is packed as bits and folded into thresholds.
+    - ``sign_levels``: :meth:`factor` returns ``levels = sign(w)`` (with any scale);
+      such weights are stored and computed as bits (with a per-channel float scale).
+    """
 
     precision: int = 32
     alias: str = ""
+    is_sign: bool = False
+    sign_levels: bool = False
+
+    def factor(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(levels, scale)`` with ``q(w) = levels * scale`` per output channel (dim 0).
+
+        ``scale`` is ``[C_out]`` (a constant: no gradient) or None for 1. Layers compute
+        with the levels and apply the scale to their output; the default is
+        ``(q(w), None)``.
+        """
+        return self(w), None
 
 
 # ---------------------------------------------------------------------------
@@ -175,6 +211,8 @@ class Sign(Quantizer):
     """
 
     precision = 1
+    is_sign = True
+    sign_levels = True
 
     def __init__(self, clip: float | None = 1.0):
         super().__init__()
@@ -202,6 +240,8 @@ class ApproxSign(Quantizer):
     """
 
     precision = 1
+    is_sign = True
+    sign_levels = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ApproxSign.apply(x)
@@ -220,6 +260,8 @@ class SwishSign(Quantizer):
     """
 
     precision = 1
+    is_sign = True
+    sign_levels = True
 
     def __init__(self, beta: float = 5.0):
         super().__init__()
@@ -247,6 +289,7 @@ class MagnitudeAwareSign(Quantizer):
     """
 
     precision = 1
+    sign_levels = True
 
     def __init__(self, clip: float | None = 1.0):
         super().__init__()
@@ -264,6 +307,10 @@ class MagnitudeAwareSign(Quantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.scale(w) * _SignSTE.apply(w, self.clip)
+
+    def factor(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sign(w), alpha)`` with ``alpha`` of shape ``[C_out]`` (``[1]`` for a 1-D ``w``)."""
+        return _SignSTE.apply(w, self.clip), self.scale(w).reshape(-1)
 
     def extra_repr(self) -> str:
         return f"clip={self.clip}"

@@ -20,7 +20,7 @@ from onebit.engine.fileformat import FormatError, load
 from onebit.engine.graph import GraphError
 from onebit.engine.lowering import UnsupportedModelError
 from onebit.engine.ops import use_backend
-from onebit.engine.packed import InputError, PackedModel, pack
+from onebit.engine.packed import FallbackWarning, InputError, PackedModel, pack
 
 __all__ = [
     "pack",
@@ -29,6 +29,7 @@ __all__ = [
     "FormatError",
     "GraphError",
     "InputError",
+    "FallbackWarning",
     "UnsupportedModelError",
     "use_backend",
 ]

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from onebit.engine import ops
+from onebit.bits import unpack_signs
 from onebit.math import sign
+from onebit.nn.functional import scale_and_bias
 from onebit.nn.twist import coordinate_maps
 
 __all__ = ["OPS", "OpSpec", "validate", "GraphError", "binary_weight_shape", "compact_shape"]
@@ -179,6 +181,8 @@ def _pack(t, a, x):
 
 
 def _pack_features(t, a, x):
+    if x.shape[-1] != a["features"]:
+        raise ValueError(f"expected {a['features']} input features, got shape {list(x.shape)}")
     if x.dim() != 2:
         x = x.reshape(-1, x.shape[-1])
     return ops.pack_features(x.float() if x.dtype != torch.float32 else x)
@@ -243,6 +247,50 @@ def _conv2d(t, a, x):
 
 def _linear(t, a, x):
     return F.linear(x, t["weight"], t.get("bias"))
+
+
+#: the key, beside a quantized layer's bit-packed weight, of its unpacked +-1 levels
+LEVELS_CACHE = "_levels"
+
+
+def _levels(t, a) -> torch.Tensor:
+    """A float-run quantized layer's weight levels: the float tensor, or +-1 unpacked from bits once."""
+    if "weight" in t:
+        return t["weight"]
+    levels = t.get(LEVELS_CACHE)
+    if levels is None:
+        bits = t["weight_bits"]
+        if "kernel_size" in a:  # [Co, KH, KW, Wg] words -> [Co, Cg, KH, KW] signs
+            levels = unpack_signs(bits, a["in_channels"] // a["groups"]).permute(0, 3, 1, 2).contiguous()
+        else:  # [Co, Wg] -> [Co, F]
+            levels = unpack_signs(bits, a["in_features"]).contiguous()
+        t[LEVELS_CACHE] = levels
+    return levels
+
+
+def _scale_and_bias(t, y, spatial_dims: int):
+    return scale_and_bias(y, t.get("scale"), t.get("bias"), spatial_dims)
+
+
+def _qconv2d(t, a, x):
+    """A quantized conv run in float, as :func:`onebit.nn.functional.qconv` computes it:
+    ``conv(pad(x, pad_value), levels) * scale + bias`` (x already quantized)."""
+    w = _levels(t, a)
+    if a["pad_value"] == 0.0 and a["padding_mode"] == "zeros":
+        y = F.conv2d(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+    else:
+        pad = a["explicit_padding"]
+        if a["padding_mode"] == "zeros":
+            x = F.pad(x, pad, mode="constant", value=a["pad_value"])
+        else:
+            x = F.pad(x, pad, mode=a["padding_mode"])
+        y = F.conv2d(x, w, None, a["stride"], 0, a["dilation"], a["groups"])
+    return _scale_and_bias(t, y, 2)
+
+
+def _qlinear(t, a, x):
+    """A quantized linear layer run in float: ``(x @ levels.T) * scale + bias`` (x already quantized)."""
+    return _scale_and_bias(t, F.linear(x, _levels(t, a)), 0)
 
 
 def _batch_norm(t, a, x):
@@ -381,6 +429,19 @@ def _chan(a):
     return (a["num_features"],)
 
 
+_FLOAT_CONV_ATTRS = {
+    "in_channels": _int(1),
+    "out_channels": _int(1),
+    "kernel_size": _pair(1, 1 << 10),
+    "stride": _pair(1, 1 << 10),
+    "padding": _conv_padding,
+    "explicit_padding": lambda v: [_int(0, 1 << 10)(x) for x in v] if isinstance(v, list) and len(v) == 4 else _fail(v),
+    "dilation": _pair(1, 1 << 10),
+    "groups": _int(1),
+    "pad_value": _pad_value,
+    "padding_mode": _choice("zeros", "reflect", "replicate", "circular"),
+}
+
 _THRESH_ATTRS = {"out_padding": _pair(0, 1 << 10), "out_pad_value": _pad_value, "out_groups": _int(1)}
 
 OPS: dict[str, OpSpec] = {
@@ -463,18 +524,7 @@ OPS: dict[str, OpSpec] = {
         _conv2d,
         (FLOAT,),
         FLOAT,
-        {
-            "in_channels": _int(1),
-            "out_channels": _int(1),
-            "kernel_size": _pair(1, 1 << 10),
-            "stride": _pair(1, 1 << 10),
-            "padding": _conv_padding,
-            "explicit_padding": lambda v: [_int(0, 1 << 10)(x) for x in v] if isinstance(v, list) and len(v) == 4 else _fail(v),
-            "dilation": _pair(1, 1 << 10),
-            "groups": _int(1),
-            "pad_value": _pad_value,
-            "padding_mode": _choice("zeros", "reflect", "replicate", "circular"),
-        },
+        dict(_FLOAT_CONV_ATTRS),
         {
             "weight": TensorSpec(_F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"])),
             "bias": TensorSpec(_F32, _cout, required=False),
@@ -488,6 +538,33 @@ OPS: dict[str, OpSpec] = {
         {"in_features": _int(1), "out_features": _int(1)},
         {
             "weight": TensorSpec(_F32, lambda a: (a["out_features"], a["in_features"])),
+            "bias": TensorSpec(_F32, _fout, required=False),
+        },
+    ),
+    "qconv2d": OpSpec(
+        _qconv2d,
+        (FLOAT,),
+        FLOAT,
+        dict(_FLOAT_CONV_ATTRS),
+        {
+            "weight": TensorSpec(_F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"]),
+                                 required=False),
+            "weight_bits": TensorSpec(torch.int64, binary_weight_shape, required=False, binary=True),
+            "scale": TensorSpec(_F32, _cout, required=False),
+            "bias": TensorSpec(_F32, _cout, required=False),
+        },
+        _check_groups,
+    ),
+    "qlinear": OpSpec(
+        _qlinear,
+        (FLOAT,),
+        FLOAT,
+        {"in_features": _int(1), "out_features": _int(1)},
+        {
+            "weight": TensorSpec(_F32, lambda a: (a["out_features"], a["in_features"]), required=False),
+            "weight_bits": TensorSpec(torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64),
+                                      required=False, binary=True),
+            "scale": TensorSpec(_F32, _fout, required=False),
             "bias": TensorSpec(_F32, _fout, required=False),
         },
     ),
@@ -689,6 +766,8 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
                 if bool(((t & unused) != 0).any()):
                     raise GraphError(f"{where}: tensor {key!r} has bits set beyond the {cg} channels of a group")
             used_tensors.add(key)
+        if op in ("qconv2d", "qlinear") and ("weight" in node_tensors) == ("weight_bits" in node_tensors):
+            raise GraphError(f"{where}: op {op} needs exactly one of the tensors 'weight' and 'weight_bits'")
         kinds[name] = spec.output
         producers[name] = {"op": op, "attrs": attrs}
     outputs = graph["outputs"]
@@ -702,6 +781,12 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
     unused = set(tensors) - used_tensors
     if unused:
         raise GraphError(f"tensors not used by the graph: {sorted(unused)[:5]}")
+    fallbacks = graph.get("fallbacks", [])
+    if not isinstance(fallbacks, list) or not all(
+        isinstance(f, dict) and set(f) == {"module", "reason"} and all(isinstance(v, str) for v in f.values())
+        for f in fallbacks
+    ):
+        raise GraphError("graph fallbacks must be a list of {module, reason} strings")
 
 
 def _unused_bits(channels: int, words: int) -> torch.Tensor:

@@ -44,16 +44,13 @@ class UnsupportedModelError(ValueError):
     """The model contains a module, function or configuration the packed engine cannot run."""
 
 
-_SIGN_QUANTIZERS = (quant.Sign, quant.ApproxSign, quant.SwishSign)
-
-
 def is_sign_quantizer(q: Any) -> bool:
-    """True for quantizers whose forward is exactly :func:`onebit.math.sign`."""
-    return isinstance(q, _SIGN_QUANTIZERS) or q is onebit_sign
+    """True for quantizers whose forward is exactly :func:`onebit.math.sign` (:func:`onebit.quant.is_sign`)."""
+    return quant.is_sign(q)
 
 
 def _binary_weight(q: Any) -> bool:
-    return is_sign_quantizer(q) or isinstance(q, quant.MagnitudeAwareSign)
+    return quant.has_sign_levels(q)
 
 
 class _Tracer(fx.Tracer):
@@ -74,10 +71,11 @@ def _t(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _Lowering:
-    def __init__(self, model: nn.Module, example: torch.Tensor, exact_bias: bool = True, fold_batchnorm: bool = True):
+    def __init__(self, model: nn.Module, example: torch.Tensor, fold_batchnorm: bool = False):
         self.model = model
-        self.exact_bias = exact_bias
         self.fold_batchnorm = fold_batchnorm
+        self.fallbacks: list[dict[str, str]] = []  # binary layers that run in float, with the reason
+        self.sign_source: dict[str, str] = {}  # a sign op's output value -> the float value it signs
         tracer = _Tracer()
         if tracer.is_leaf_module(model, ""):
             model = nn.Sequential(model)  # a single layer: trace it as a call, not through its forward
@@ -160,9 +158,18 @@ class _Lowering:
 
     # -- binary layers ------------------------------------------------------
 
-    def binary_conv_kind(self, m: nn.Module) -> str | None:
+    def binary_input(self, node: fx.Node | None, m: nn.Module) -> bool:
+        """The layer's quantized input is +-1: a sign input quantizer, or none (the "NoAct" pattern)
+        on a value that is the output of a sign (e.g. a ``QActivation('ste_sign')``)."""
+        if is_sign_quantizer(m.input_quantizer):
+            return True
+        if m.input_quantizer is not None or node is None or not isinstance(node.args[0], fx.Node):
+            return False
+        return self.value.get(node.args[0]) in self.sign_source
+
+    def binary_conv_kind(self, m: nn.Module, node: fx.Node | None = None) -> str | None:
         """'packed' for a binary QConv2d the kernels run, 'float' for one that runs simulated, None otherwise."""
-        if not isinstance(m, QConv2d) or not is_sign_quantizer(m.input_quantizer) or not _binary_weight(m.weight_quantizer):
+        if not isinstance(m, QConv2d) or not self.binary_input(node, m) or not _binary_weight(m.weight_quantizer):
             return None
         if m.padding_mode != "zeros":
             return "float"
@@ -182,6 +189,7 @@ class _Lowering:
         if key in self.packed:
             return self.packed[key]
         name = self.arg(node, src)
+        name = self.sign_source.get(name, name)  # pack(sign(x)) == pack(x): the same bits
         vkey = (name, layout)
         if vkey not in self.packed:
             padding, pad_value, groups, _ = layout
@@ -190,17 +198,53 @@ class _Lowering:
             )
         return self.packed[vkey]
 
+    def weight_factors(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(levels, scale)`` of the layer's weight quantizer (:meth:`onebit.quant.Quantizer.factor`),
+        computed as the layer computes them; a 1-d conv's levels as the ``1 x k`` kernel it runs as."""
+        with torch.no_grad():
+            levels, scale = QF.weight_factors(m.weight.detach().to(torch.float32), m.weight_quantizer)
+        if levels.dim() == 3:
+            levels = levels.unsqueeze(2)
+        return levels.detach(), None if scale is None else _t(scale.reshape(-1))
+
     def binary_weights(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(packed sign weights, per-output-channel magnitude scale or None); a 1-d conv's
-        ``[Co, Ci, k]`` weight is packed as the ``1 x k`` kernel it runs as."""
-        w = m.weight.detach().to(torch.float32)
-        if w.dim() == 3:
-            w = w.unsqueeze(2)
-        scale = None
-        if isinstance(m.weight_quantizer, quant.MagnitudeAwareSign):
-            scale = quant.MagnitudeAwareSign.scale(w).reshape(-1).to(torch.float32).contiguous()
-        groups = getattr(m, "groups", 1)
-        return ops.pack_weights(w, groups), scale
+        """(packed sign weights, per-output-channel magnitude scale or None)."""
+        levels, scale = self.weight_factors(m)
+        return ops.pack_weights(levels.contiguous(), getattr(m, "groups", 1)), scale
+
+    def float_layer_tensors(self, m: nn.Module) -> dict[str, torch.Tensor | None]:
+        """The tensors of a quantized layer run in float: its weight levels (as bits when they are
+        +-1: a file stores binary weights as bits whatever the layer's input), scale and bias."""
+        if m.weight_quantizer is None:
+            levels, scale = _t(m.weight), None
+            if levels.dim() == 3:
+                levels = levels.unsqueeze(2)
+        else:
+            levels, scale = self.weight_factors(m)
+        tensors = {"scale": scale, "bias": _t(m.bias)}
+        if _binary_weight(m.weight_quantizer):
+            tensors["weight_bits"] = ops.pack_weights(levels.contiguous(), getattr(m, "groups", 1))
+        else:
+            tensors["weight"] = _t(levels)
+        return tensors
+
+    def note_fallback(self, node: fx.Node, m: nn.Module, why: str | None = None) -> None:
+        """Record a layer with binary weights or a binary input that runs in float, and why."""
+        binary_in, binary_w = self.binary_input(node, m), _binary_weight(m.weight_quantizer)
+        if not (binary_in or binary_w):
+            return
+        if why is None:
+            if not binary_in:
+                q = m.input_quantizer
+                why = ("its input is float (input_quantizer=None on a value that is not the output of a sign)"
+                       if q is None else f"its input quantizer {type(q).__name__} is not a sign")
+            elif not binary_w:
+                q = m.weight_quantizer
+                why = ("its weights are float (weight_quantizer=None)" if q is None
+                       else f"its weight quantizer {type(q).__name__} does not give +-1 levels")
+            else:
+                why = "the packed kernels do not run this configuration"
+        self.fallbacks.append({"module": str(node.target), "reason": why})
 
     def threshold_chain(self, node: fx.Node, m: nn.Module):
         """(pool node | None, bn node, consumer layout) when conv -> [maxpool] -> BN -> binary convs only."""
@@ -292,11 +336,6 @@ class _Lowering:
 
     def lower_binary_conv(self, node: fx.Node, m: QConv2d) -> None:
         chain = self.threshold_chain(node, m)
-        if chain is None and m.bias is not None and self.exact_bias:
-            # torch adds a conv's bias in an order of its own (layout dependent): a float output
-            # with a bias is only bit-identical when computed as torch computes it
-            self.value[node] = self.lower_float_qconv(node, m, self.arg(node, node.args[0]))
-            return
         layout = self.conv_layout(m)
         xp = self.packed_input(node, node.args[0], layout)
         wp, scale = self.binary_weights(m)
@@ -314,8 +353,8 @@ class _Lowering:
         if chain is None and scale is not None and self.fold_batchnorm:
             bn_node = self.single_batchnorm_user(node, m.out_channels)
             if bn_node is not None:
-                # magnitude-aware weights are not bit-exact anyway (the model sums +-alpha in float):
-                # fold the following BatchNorm into the per-channel scale and bias
+                # fold_batchnorm=True: the following BatchNorm goes into the per-channel scale and
+                # bias (one op less; equal to the model up to float rounding, not bit for bit)
                 bn = self.modules[bn_node.target]
                 scale, bias = _fold_batchnorm(bn, scale, bias)
                 self.value[bn_node] = self.emit(
@@ -363,25 +402,28 @@ class _Lowering:
     def lower_qconv1d(self, node: fx.Node, m: QConv1d) -> None:
         """A QConv1d is a 2-d convolution of ``[N, C, 1, L]`` with a ``1 x k`` kernel (as torch runs it).
 
-        Binary (sign input, sign or magnitude-aware weights), zero-padded alike on both sides and
-        without a bias (or with ``exact_bias=False``): packed. Otherwise as the model runs it:
-        quantized input, torch's float conv of the quantized weight.
+        Binary (+-1 input, sign or magnitude-aware weights) and zero-padded alike on both sides:
+        packed. Otherwise as the model runs it: quantized input, float conv of the weight levels.
         """
-        binary = is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
+        binary = self.binary_input(node, m) and _binary_weight(m.weight_quantizer)
         pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
-        packable = m.padding_mode == "zeros" and pad[0] == pad[1] and not (m.bias is not None and self.exact_bias)
+        packable = m.padding_mode == "zeros" and pad[0] == pad[1]
         x = self.arg(node, node.args[0])
         if not (binary and packable):
+            why = None
+            if binary:
+                why = (f"padding_mode={m.padding_mode!r} (the packed kernels pad with a constant)"
+                       if m.padding_mode != "zeros" else f"asymmetric padding {m.padding!r}")
+            self.note_fallback(node, m, why)
             if m.input_quantizer is not None:
                 x = self.lower_quantizer(node, m.input_quantizer, x)
-            with torch.no_grad():
-                weight = _t(m.quantized_weight())
-            self.value[node] = self.emit_conv1d(node, m, x, weight, float(m.pad_value))
+            self.value[node] = self.emit_qconv1d(node, m, x)
             return
+        x = self.sign_source.get(x, x)
         x2d, conv = self.conv1d_as_2d(node, m, x, float(m.pad_value))
         xp = self.emit(f"{x2d}_packed", "pack", [x2d],
                        {"padding": conv["padding"], "pad_value": conv["pad_value"], "groups": conv["groups"]})
-        wp, scale = self.binary_weights(m)
+        wp, scale = self.binary_weights(m)  # [Co, 1, k, Wg]: the 1 x k kernel
         y = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": _t(m.bias)},
                       node.target)
         self.value[node] = self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
@@ -396,6 +438,8 @@ class _Lowering:
         ``y + f(y) / iters``.
         """
         binary = is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
+        if not binary:
+            self.note_fallback(node, m)
         groups, stride = int(m.groups), _pair(m.stride)
         conv = {
             "in_channels": int(m.in_channels),
@@ -441,17 +485,26 @@ class _Lowering:
         self.value[node] = y
 
     def lower_float_qconv(self, node: fx.Node, m: QConv2d, x: str) -> str:
-        """A QConv2d run as the model runs it: quantize the input, float conv of the quantized weight."""
+        """A QConv2d run as the model runs it (:func:`onebit.nn.functional.qconv`): quantize the
+        input, float conv of the weight levels, then scale and bias."""
+        why = None
+        if self.binary_conv_kind(m, node) == "float":
+            why = (f"padding_mode={m.padding_mode!r} (the packed kernels pad with a constant)"
+                   if m.padding_mode != "zeros" else f"asymmetric padding {m.padding!r}")
+        self.note_fallback(node, m, why)
         q = m.input_quantizer
         if q is not None:
             x = self.lower_quantizer(node, q, x)
-        with torch.no_grad():  # any weight quantizer: its eval-mode output is a constant
-            weight = _t(m.quantized_weight())
-        return self.emit_conv(node, m, x, weight, float(m.pad_value))
+        attrs = self.float_conv_attrs(m, float(m.pad_value))
+        return self.emit(node.name, "qconv2d", [x], attrs, self.float_layer_tensors(m), node.target)
 
     def emit_conv(self, node: fx.Node, m: nn.Conv2d, x: str, weight: torch.Tensor, pad_value: float) -> str:
+        attrs = self.float_conv_attrs(m, pad_value)
+        return self.emit(node.name, "conv2d", [x], attrs, {"weight": weight, "bias": _t(m.bias)}, node.target)
+
+    def float_conv_attrs(self, m: nn.Conv2d, pad_value: float) -> dict:
         padding = m.padding if isinstance(m.padding, str) else _pair(m.padding)
-        attrs = {
+        return {
             "in_channels": int(m.in_channels),
             "out_channels": int(m.out_channels),
             "kernel_size": _pair(m.kernel_size),
@@ -463,7 +516,6 @@ class _Lowering:
             "pad_value": pad_value,
             "padding_mode": m.padding_mode,
         }
-        return self.emit(node.name, "conv2d", [x], attrs, {"weight": weight, "bias": _t(m.bias)}, node.target)
 
     def conv1d_as_2d(self, node: fx.Node, m: nn.Conv1d, x: str, pad_value: float) -> tuple[str, dict]:
         """``x`` reshaped to ``[N, C, 1, L]`` and the attributes of the ``1 x k`` 2-d conv a 1-d conv is
@@ -483,40 +535,54 @@ class _Lowering:
 
     def emit_conv1d(self, node: fx.Node, m: nn.Conv1d, x: str, weight: torch.Tensor, pad_value: float) -> str:
         """A 1-d conv as torch computes it: a 2-d conv of ``[N, C, 1, L]`` with a ``1 x k`` kernel."""
+        x2d, attrs = self.conv1d_float_attrs(node, m, x, pad_value)
+        tensors = {"weight": weight.unsqueeze(2).contiguous(), "bias": _t(m.bias)}
+        y = self.emit(node.name, "conv2d", [x2d], attrs, tensors, node.target)
+        return self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
+
+    def emit_qconv1d(self, node: fx.Node, m: QConv1d, x: str) -> str:
+        """A quantized 1-d conv run in float: ``qconv2d`` of ``[N, C, 1, L]`` with a ``1 x k`` kernel."""
+        x2d, attrs = self.conv1d_float_attrs(node, m, x, float(m.pad_value))
+        y = self.emit(node.name, "qconv2d", [x2d], attrs, self.float_layer_tensors(m), node.target)
+        return self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
+
+    def conv1d_float_attrs(self, node: fx.Node, m: nn.Conv1d, x: str, pad_value: float) -> tuple[str, dict]:
         pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
         x2d, conv = self.conv1d_as_2d(node, m, x, pad_value)
-        attrs = {
+        return x2d, {
             **conv,
             "padding": conv["padding"] if pad[0] == pad[1] else "same",
             "explicit_padding": [int(pad[0]), int(pad[1]), 0, 0],
             "padding_mode": m.padding_mode,
         }
-        tensors = {"weight": weight.unsqueeze(2).contiguous(), "bias": _t(m.bias)}
-        y = self.emit(node.name, "conv2d", [x2d], attrs, tensors, node.target)
-        return self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
 
     def lower_quantizer(self, node: fx.Node, q: Any, x: str) -> str:
         if is_sign_quantizer(q):
-            return self.emit(f"{node.name}_sign", "sign", [x])
+            out = self.emit(f"{node.name}_sign", "sign", [x])
+            self.sign_source[out] = self.sign_source.get(x, x)  # sign(sign(x)) = sign(x)
+            return out
         if isinstance(q, quant.DoReFa):
             return self.emit(f"{node.name}_dorefa", "dorefa", [x], {"bits": int(q.precision)})
         raise self.unsupported(node, f"quantizer {type(q).__name__} has no engine op")
 
     def lower_qlinear(self, node: fx.Node, m: QLinear) -> None:
-        binary = is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
-        if binary and m.bias is not None and self.exact_bias and self.linear_threshold_chain(node, m) is None:
-            binary = False  # a float output with a bias: computed as torch computes it (see lower_binary_conv)
+        binary = self.binary_input(node, m) and _binary_weight(m.weight_quantizer)
         in_shape = self._shape(node.args[0])
+        why = None
         if binary and (in_shape is None or len(in_shape) != 2):
             binary = False  # [N, ..., features]: run as torch runs it
+            why = f"its input has rank {len(in_shape) if in_shape else '?'} (packed linear layers take [N, features])"
         if binary:
             layout = ("features", int(m.in_features))
             xp = self.packed.get((node.args[0], layout))
             if xp is None:
                 x = self.arg(node, node.args[0])
+                x = self.sign_source.get(x, x)
                 key = (x, layout)
                 if key not in self.packed:
-                    self.packed[key] = self.emit(f"{x}_packed", "pack_features", [x], {"features": int(m.in_features)})
+                    self.packed[key] = self.emit(
+                        f"{x}_packed", "pack_features", [x], {"features": int(m.in_features)}, module=node.target
+                    )
                 xp = self.packed[key]
             wp, scale = self.binary_weights(m)
             bias = _t(m.bias)
@@ -535,13 +601,12 @@ class _Lowering:
             self.skip.add(bn_node)
             self.packed[(bn_node, ("features", int(m.out_features)))] = packed
             return
+        self.note_fallback(node, m, why)
         x = self.arg(node, node.args[0])
         if m.input_quantizer is not None:
             x = self.lower_quantizer(node, m.input_quantizer, x)
-        with torch.no_grad():
-            weight = _t(m.quantized_weight())
         attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
-        self.value[node] = self.emit(node.name, "linear", [x], attrs, {"weight": weight, "bias": _t(m.bias)}, node.target)
+        self.value[node] = self.emit(node.name, "qlinear", [x], attrs, self.float_layer_tensors(m), node.target)
 
     # -- float modules ------------------------------------------------------
 
@@ -654,9 +719,10 @@ class _Lowering:
         return {
             "input": {"name": "input", "rank": len(shape), "channels": int(shape[1]), "dtype": "float32",
                       "example_shape": list(shape)},
-            "nodes": self.nodes,
+            "nodes": _live_nodes(self.nodes, outputs),
             "outputs": outputs,
             "output_kind": kind,
+            "fallbacks": self.fallbacks,
         }
 
     def lower_call_module(self, node: fx.Node) -> None:
@@ -664,7 +730,7 @@ class _Lowering:
         if len(node.args) != 1 or node.kwargs:
             raise self.unsupported(node, "expected one positional tensor argument")
         if isinstance(m, QConv2d):
-            kind = self.binary_conv_kind(m)
+            kind = self.binary_conv_kind(m, node)
             if kind == "packed":
                 self.lower_binary_conv(node, m)
             else:
@@ -786,6 +852,16 @@ def _drop_identities(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
             gm.graph.erase_node(node)
 
 
+def _live_nodes(nodes: list[dict], outputs: list[str]) -> list[dict]:
+    """The nodes an output depends on, in order (every op is pure: e.g. a sign whose only
+    reader packed its source instead is dropped)."""
+    live = set(outputs)
+    for node in reversed(nodes):
+        if node["name"] in live:
+            live.update(node["inputs"])
+    return [node for node in nodes if node["name"] in live]
+
+
 def _fold_batchnorm(bn: nn.BatchNorm2d, scale: torch.Tensor, bias: torch.Tensor | None):
     """``bn(acc * scale + bias) = acc * scale' + bias'`` (computed in float64, rounded once to float32)."""
     g = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64)
@@ -798,15 +874,13 @@ def _fold_batchnorm(bn: nn.BatchNorm2d, scale: torch.Tensor, bias: torch.Tensor 
 
 
 def lower(
-    model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = True, fold_batchnorm: bool = True
+    model: nn.Module, example_input: torch.Tensor, *, fold_batchnorm: bool = False
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Trace ``model`` and return ``(graph, tensors)`` for :class:`~onebit.engine.PackedModel`."""
-    return _Lowering(model, example_input, exact_bias, fold_batchnorm).run_all()
+    """Trace ``model`` and return ``(graph, tensors)`` for :class:`~onebit.engine.PackedModel`.
 
-
-def _run_all(self: _Lowering):
-    graph = self.run()
-    return graph, self.tensors
-
-
-_Lowering.run_all = _run_all
+    ``graph["fallbacks"]`` lists the layers with binary weights or a binary input that run
+    in float, each with the reason."""
+    lowering = _Lowering(model, example_input, fold_batchnorm)
+    graph = lowering.run()
+    live = {key for node in graph["nodes"] for key in node.get("tensors", {}).values()}
+    return graph, {key: t for key, t in lowering.tensors.items() if key in live}

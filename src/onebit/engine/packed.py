@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from onebit.engine import graph as G
 from onebit.engine import ops
 
-__all__ = ["PackedModel", "pack", "InputError"]
+__all__ = ["PackedModel", "pack", "InputError", "FallbackWarning"]
 
 
 class InputError(TypeError, ValueError):
@@ -138,6 +139,11 @@ class PackedModel(nn.Module):
     # -- running ------------------------------------------------------------
 
     @property
+    def fallbacks(self) -> list[dict[str, str]]:
+        """The layers with binary weights or a binary input that run in float: ``[{module, reason}]``."""
+        return [dict(f) for f in self.graph.get("fallbacks", [])]
+
+    @property
     def input_channels(self) -> int:
         return int(self.graph["input"]["channels"])
 
@@ -162,12 +168,15 @@ class PackedModel(nn.Module):
         self._check_input(x)
         env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
         fmt = _memory_format(x)
-        for name, fn, attrs, inputs, roles, free, relayout, _, _ in self._steps:
+        for name, fn, attrs, inputs, roles, free, relayout, label, module in self._steps:
             try:
                 out = fn(roles, attrs, *[env[i] for i in inputs])
                 env[name] = out.contiguous(memory_format=fmt) if relayout else out
-            except RuntimeError as error:
-                raise ValueError(f"PackedModel: op {name!r} failed on input of shape {list(x.shape)}: {error}") from error
+            except (RuntimeError, ValueError) as error:
+                where = f"layer '{module}' (op {label})" if module else f"op {name!r} ({label})"
+                raise InputError(
+                    f"PackedModel: {where} cannot take the input of shape {list(x.shape)}: {error}"
+                ) from error
             for ref in free:
                 del env[ref]
         return self._output(env)
@@ -236,7 +245,12 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def pack(
-    model: nn.Module, example_input: torch.Tensor, *, exact_bias: bool = True, fold_batchnorm: bool = True
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    strict: bool = False,
+    fold_batchnorm: bool = False,
+    exact_bias: bool | None = None,
 ) -> PackedModel:
     """Lower an eval-mode onebit/torch model to a :class:`PackedModel`.
 
@@ -245,19 +259,23 @@ def pack(
     record shapes. Raises ``ValueError`` (:class:`~onebit.engine.UnsupportedModelError`)
     naming the first module the engine cannot run.
 
-    ``exact_bias``: a binary layer *with a bias* whose float output is used as such is
-    computed as torch computes it (sign, then torch's float conv/linear of the quantized
-    weights), because torch adds the bias in a layout-dependent order and only that gives
-    bit-identical results. ``exact_bias=False`` runs it on the packed kernels too, as
-    ``fl(acc * scale + bias)`` (one rounding of the exact sum, equal to torch's to ~1 ulp).
-    Binary layers without a bias (the usual case: a BatchNorm follows) and layers whose
-    output becomes integer thresholds always run packed.
+    Every binary layer -- a +-1 input (a sign input quantizer, or a sign right before a
+    layer without one) and sign or magnitude-aware weights, with or without a bias -- runs
+    on the packed kernels, bit-identical to the model (``fl(fl(acc * scale) + bias)``, the
+    layers' own arithmetic). A layer with binary weights or a binary input that cannot
+    (e.g. a float input, ``padding_mode='reflect'``) runs in float as the model computes
+    it, its +-1 weights still stored as bits; :attr:`PackedModel.fallbacks` lists each with
+    the reason. ``strict=False`` warns once, naming them; ``strict=True`` raises an
+    :class:`~onebit.engine.UnsupportedModelError` naming every one.
 
-    ``fold_batchnorm``: a binary conv with magnitude-aware weights (``alpha * sign(w)``, which
-    the simulated model sums in float, so never bit-exact) followed by a BatchNorm gets the
-    BatchNorm folded into its per-channel scale and bias (one op less; equal to float rounding).
+    ``fold_batchnorm=True``: a binary conv with magnitude-aware weights followed by a
+    BatchNorm gets the BatchNorm folded into its per-channel scale and bias (one op less;
+    equal to the model up to float rounding, no longer bit for bit). The default keeps the
+    BatchNorm as the model's own op: bit-identical.
+
+    ``exact_bias`` is accepted for compatibility and has no effect: biases are always exact.
     """
-    from onebit.engine.lowering import lower
+    from onebit.engine.lowering import UnsupportedModelError, lower
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"pack: expected an nn.Module, got {type(model).__name__}")
@@ -277,5 +295,23 @@ def pack(
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.device.type != "cpu" or (p.is_floating_point() and p.dtype != torch.float32):
             raise ValueError(f"pack: the packed engine runs float32 CPU models; '{name}' is {p.dtype} on {p.device}")
-    graph, tensors = lower(model, example_input, exact_bias=exact_bias, fold_batchnorm=fold_batchnorm)
+    if exact_bias is not None:
+        warnings.warn(
+            "pack(exact_bias=...) has no effect: binary layers with a bias always run packed and bit-exact",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    graph, tensors = lower(model, example_input, fold_batchnorm=fold_batchnorm)
+    fallbacks = graph.get("fallbacks", [])
+    if fallbacks:
+        listing = "; ".join(f"'{f['module']}': {f['reason']}" for f in fallbacks)
+        if strict:
+            raise UnsupportedModelError(
+                f"pack(strict=True): {len(fallbacks)} binary layer(s) would run in float: {listing}"
+            )
+        warnings.warn(f"pack: {len(fallbacks)} binary layer(s) run in float: {listing}", FallbackWarning, stacklevel=2)
     return PackedModel(graph, tensors)
+
+
+class FallbackWarning(UserWarning):
+    """A binary layer of a packed model runs in float (see :attr:`PackedModel.fallbacks`)."""

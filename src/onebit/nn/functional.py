@@ -6,7 +6,16 @@ deployment share one definition of every layer.
 
 A quantized convolution is::
 
-    y = conv(pad(q_in(x), value=pad_value), q_w(W)) + bias
+    y = conv(pad(q_in(x), value=pad_value), levels(W)) * scale + bias
+
+where ``q_w(W) = levels(W) * scale`` is the weight quantizer's factorization
+(:meth:`onebit.quant.Quantizer.factor`: +-1 signs and a per-output-channel
+magnitude for ``magnitude_aware_sign``, ``scale = 1`` for the others). The
+convolution itself sums products of quantized values only: for a binary layer
+an integer, exact in float32 in any summation order (layout, CPU, ISA). The
+scale and the bias are applied afterwards, once each, as two float roundings
+(``fl(fl(acc * scale) + bias)``) -- the arithmetic the packed engine's kernels
+reproduce bit for bit. A layer without quantizers is torch's own float layer.
 
 Padding is applied *after* input quantization, so ``pad_value`` is the value
 the padded positions have in the binary domain: 0.0 (zero padding, the
@@ -22,7 +31,7 @@ import torch.nn.functional as F
 
 from onebit.math import sign
 
-__all__ = ["sign", "explicit_padding", "qconv", "qlinear"]
+__all__ = ["sign", "explicit_padding", "qconv", "qlinear", "weight_factors", "scale_and_bias"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -72,7 +81,8 @@ def qconv(
 ) -> torch.Tensor:
     """Quantized N-d convolution (N = ``weight.dim() - 2``).
 
-    ``y = conv(pad(q_in(x), pad_value), q_w(W)) + bias``. With ``padding_mode``
+    ``y = conv(pad(q_in(x), pad_value), levels(W)) * scale + bias`` (see the module
+    docstring; equal to ``conv(pad(q_in(x)), q_w(W)) + bias`` up to float rounding). With ``padding_mode``
     other than ``'zeros'`` the quantized input is padded by that mode
     (reflect, replicate, circular) and ``pad_value`` must be 0.
 
@@ -85,17 +95,23 @@ def qconv(
     conv = _CONV[ndim]
     stride = _tuple(stride, ndim)
     dilation = _tuple(dilation, ndim)
+    quantized = input_quantizer is not None or weight_quantizer is not None
     if input_quantizer is not None:
         x = input_quantizer(x)
-    w = weight_quantizer(weight) if weight_quantizer is not None else weight
+    w, scale = weight_factors(weight, weight_quantizer)
+    inner_bias = None if quantized else bias
     if padding_mode == "zeros" and pad_value == 0.0:
-        return conv(x, w, bias, stride, padding, dilation, groups)
-    pad = explicit_padding(padding, kernel_size, dilation)
-    if padding_mode == "zeros":
-        x = F.pad(x, pad, mode="constant", value=float(pad_value))
+        y = conv(x, w, inner_bias, stride, padding, dilation, groups)
     else:
-        x = F.pad(x, pad, mode=padding_mode)
-    return conv(x, w, bias, stride, 0, dilation, groups)
+        pad = explicit_padding(padding, kernel_size, dilation)
+        if padding_mode == "zeros":
+            x = F.pad(x, pad, mode="constant", value=float(pad_value))
+        else:
+            x = F.pad(x, pad, mode=padding_mode)
+        y = conv(x, w, inner_bias, stride, 0, dilation, groups)
+    if not quantized:
+        return y
+    return scale_and_bias(y, scale, bias, spatial_dims=ndim)
 
 
 def qlinear(
@@ -106,11 +122,45 @@ def qlinear(
     input_quantizer: Callable | None = None,
     weight_quantizer: Callable | None = None,
 ) -> torch.Tensor:
-    """Quantized linear map: ``y = q_in(x) @ q_w(W).T + bias``."""
+    """Quantized linear map: ``y = (q_in(x) @ levels(W).T) * scale + bias`` (see :func:`qconv`)."""
+    if input_quantizer is None and weight_quantizer is None:
+        return F.linear(x, weight, bias)
     if input_quantizer is not None:
         x = input_quantizer(x)
-    w = weight_quantizer(weight) if weight_quantizer is not None else weight
-    return F.linear(x, w, bias)
+    w, scale = weight_factors(weight, weight_quantizer)
+    return scale_and_bias(F.linear(x, w), scale, bias, spatial_dims=0)
+
+
+def weight_factors(weight: torch.Tensor, weight_quantizer: Callable | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(levels, scale)`` with ``q_w(W) = levels * scale``; ``scale`` is ``[C_out]`` or None (1).
+
+    Quantizers with a :meth:`~onebit.quant.Quantizer.factor` method provide both (the
+    levels carry the straight-through gradient, the scale is a constant); any other
+    quantizer (or callable) gives ``(q_w(W), None)``.
+    """
+    if weight_quantizer is None:
+        return weight, None
+    factor = getattr(weight_quantizer, "factor", None)
+    if factor is None:
+        return weight_quantizer(weight), None
+    return factor(weight)
+
+
+def scale_and_bias(
+    y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, spatial_dims: int
+) -> torch.Tensor:
+    """``fl(fl(y * scale) + bias)`` per channel: two roundings, in this order.
+
+    The channel dimension is the one before the last ``spatial_dims`` (any batch rank).
+    """
+    if scale is None and bias is None:
+        return y
+    shape = [-1] + [1] * spatial_dims
+    if scale is not None:
+        y = y * scale.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y
 
 
 def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
