@@ -9,7 +9,8 @@ Candidates:
 
 - torch fp32 ``conv2d`` in NCHW and in channels_last (the table's baseline is the faster);
 - per instruction set: ``pack`` (float NCHW input -> packed, padded bits), ``conv``
-  (packed input -> float output, scale and bias applied), ``pack+conv`` (float input -> float
+  (packed input -> float output, scale and bias applied; the layer's weights prepared once
+  and kept in a ``WeightCache``, as the engine's layers do), ``pack+conv`` (float input -> float
   output, the input packed inside the same native call, as the engine runs it: i.e. a
   binary layer fed by a float layer: the headline ratio), and ``conv->bits`` (the
   thresholded variant that writes the next binary layer's packed input).
@@ -102,7 +103,8 @@ def binary_candidates(x, w, isa: str):
     scale, bias = torch.rand(c) + 0.5, torch.randn(c)
     thr = torch.zeros(c, dtype=torch.int32)
     direction = torch.ones(c, dtype=torch.int8)
-    conv = dict(in_channels=c, out_channels=c, kernel_size=3, padding=1)
+    # The weights prepared once and kept, as the engine's layers keep them (a WeightCache).
+    conv = dict(in_channels=c, out_channels=c, kernel_size=3, padding=1, cache=K.WeightCache())
     xp = K.pack_activations(x, 1, 0.0)
 
     def on(fn):

@@ -6,6 +6,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
 #include <memory>
@@ -13,6 +14,7 @@
 #include <string>
 
 #include "kernels/conv.h"
+#include "kernels/conv_tiles.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/pool_bits.h"
@@ -173,6 +175,15 @@ NB_MODULE(_C, m) {
   m.def("set_isa", &onebit::set_isa, "name"_a,
         "Force the kernels onto one instruction set (avx512, avx2, scalar, reference).");
   m.def("supported_isas", &onebit::supported_isas, "Instruction sets this CPU can run, fastest first.");
+  onebit::init_tiles_from_env();  // a bad ONEBIT_TILE fails the import, naming the valid tiles
+  m.def("tiles", &onebit::tile_names, "isa"_a,
+        "The convolution's register tiles for an ISA (pixels x channels), the default first.");
+  m.def("set_tile", &onebit::set_tile, "isa"_a, "name"_a,
+        "Force the convolution's register tile for an ISA (a name from tiles(isa)); 'auto' restores the choice "
+        "by timing each tile on each layer shape at its first run.");
+  m.def("tile", &onebit::forced_tile, "isa"_a, "The tile forced for an ISA, or 'auto'.");
+  m.def("tile_choices", &onebit::tile_choices,
+        "The tiles chosen by timing so far, as (isa, layer shape, tile) tuples.");
   m.def("pack_rows", &pack_rows, "x"_a, "out"_a,
         "Pack a float32 [rows, channels] matrix into int64 [rows, ceil(channels/64)] words: bit set = x < 0.");
   m.def("pack_activations_raw", &pack_activations_raw, "x"_a, "N"_a, "C"_a, "H"_a, "W"_a, "sN"_a, "sC"_a, "sH"_a,
@@ -187,6 +198,9 @@ NB_MODULE(_C, m) {
                                 "A validated binary convolution of one shape; run() it on packed tensors.")
       .def_prop_ro("out_height", [](const onebit::ConvPlan& p) { return p.geometry().OH; })
       .def_prop_ro("out_width", [](const onebit::ConvPlan& p) { return p.geometry().OW; })
+      .def_prop_ro(
+          "tile", [](const onebit::ConvPlan& p) { return p.tile(static_cast<int>(onebit::active_isa())); },
+          "The register tile this plan runs with on the active ISA ('' before its first run there).")
       .def("run", &run_plan, "x"_a, "w"_a, "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "threads"_a,
            "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0,
            "Low level (addresses): run on packed input x, packed weights w into out.")

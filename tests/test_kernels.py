@@ -347,6 +347,116 @@ def test_linear_exact(features, out):
 # reference kernel == optimized kernels; threads; concurrency
 
 
+# ---------------------------------------------------------------------------
+# register tiles: every tile of every ISA this CPU runs, exact against the reference
+
+TILES = [(isa, tile) for isa in ISAS for tile in _C.tiles(isa)]
+
+
+@pytest.fixture
+def forced_tile():
+    """Force a tile with force(isa, tile); every ISA is back on 'auto' afterwards."""
+
+    def force(isa, tile):
+        _C.set_isa(isa)
+        _C.set_tile(isa, tile)
+
+    yield force
+    for isa in ISAS:
+        _C.set_tile(isa, "auto")
+
+
+@pytest.mark.parametrize("isa,tile", TILES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cfg=threshold_configs(), fused=st.booleans(), threads=st.sampled_from([1, 2]))
+def test_every_tile_is_exact(forced_tile, isa, tile, cfg, fused, threads):
+    x, w, gen = make(cfg)
+    acc = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
+    co = cfg["cout"]
+    scale, bias = torch.randn(co, generator=gen), torch.randn(co, generator=gen)
+    residual = torch.randn(acc.shape, generator=gen)
+    k = cfg["cin"] // cfg["groups"] * cfg["kernel"][0] * cfg["kernel"][1]
+    thresholds = torch.randint(-k - 1, k + 2, (co,), generator=gen, dtype=torch.int32)
+    direction = torch.where(torch.rand(co, generator=gen) < 0.5, 1, -1).to(torch.int8)
+    below = (direction == 1).view(1, -1, 1, 1)
+    thr = thresholds.view(1, -1, 1, 1).to(torch.float64)
+    oph, opw = cfg["out_padding"]
+    negative = F.pad(torch.where(below, acc < thr, acc > thr), (opw, opw, oph, oph), value=cfg["out_pad_value"] < 0)
+    wp = K.pack_weights(w, cfg["groups"])
+    source = conv_input(x, cfg, fused)
+    forced_tile(isa, tile)
+    torch.set_num_threads(threads)
+    got_int = K.binary_conv2d_int(source, wp, **conv_kwargs(cfg))
+    got_float = K.binary_conv2d(source, wp, scale=scale, bias=bias, residual=residual, **conv_kwargs(cfg))
+    got_bits = K.binary_conv2d_threshold(
+        source,
+        wp,
+        thresholds=thresholds,
+        direction=direction,
+        out_padding=cfg["out_padding"],
+        out_pad_value=cfg["out_pad_value"],
+        out_groups=cfg["out_groups"],
+        **conv_kwargs(cfg),
+    )
+    assert torch.equal(got_int.to(torch.float64), acc)
+    assert torch.equal(got_float, acc.to(torch.float32) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1) + residual)
+    assert torch.equal(got_bits, reference_pack(negative, cfg["out_groups"]))
+
+
+@pytest.mark.parametrize("isa,tile", TILES)
+def test_every_tile_on_the_benchmark_layers(forced_tile, isa, tile):
+    """Full-size layers: several channel blocks, many pixel tiles, one or two 31-step byte flushes."""
+    gen = torch.Generator().manual_seed(5)
+    for n, c, size in [(2, 256, 9), (1, 64, 20), (1, 96, 7)]:
+        x, w = torch.randn(n, c, size, size, generator=gen), torch.randn(c, c, 3, 3, generator=gen)
+        expected = reference_conv(x, w, (1, 1), (1, 1), (1, 1), 1, 0.0)
+        forced_tile(isa, tile)
+        got = K.binary_conv2d_int(x, K.pack_weights(w), in_channels=c, out_channels=c, kernel_size=3, padding=1)
+        assert torch.equal(got.to(torch.float64), expected), (n, c, size)
+
+
+def test_tiles_are_listed_forced_and_reported(forced_tile):
+    assert _C.tiles("reference") == []
+    for isa in ISAS:
+        if isa == "reference":
+            continue
+        names = _C.tiles(isa)
+        assert names and len(set(names)) == len(names), isa
+        assert _C.tile(isa) == "auto"
+        x, w = torch.randn(1, 32, 6, 6), torch.randn(32, 32, 3, 3)
+        plan = K._conv_plan(K._MODE_INT, x, K.pack_weights(w), 32, 32, 3, 1, 1, 1, 1, 0.0).native
+        _C.set_isa(isa)
+        assert plan.tile == ""  # not run on this ISA yet
+        K.binary_conv2d_int(x, K.pack_weights(w), in_channels=32, out_channels=32, kernel_size=3, padding=1)
+        assert plan.tile in names  # chosen by timing
+        assert any(i == isa and "32->32 @6x6" in shape and t in names for i, shape, t in _C.tile_choices())
+        forced_tile(isa, names[-1])
+        assert _C.tile(isa) == names[-1] and plan.tile == names[-1]
+
+
+def test_bad_tile_names_raise_naming_the_valid_ones():
+    with pytest.raises(ValueError, match="expected one of " + ", ".join(_C.tiles("avx2"))):
+        _C.set_tile("avx2", "9x9")
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        _C.set_tile("sse9", "2x16")
+    with pytest.raises(ValueError, match="no register tiles"):
+        _C.set_tile("reference", "1x1")
+
+
+@pytest.mark.parametrize("value,ok", [("avx2:3x8,avx512:7x32", True), ("avx2:5x5", False), ("avx2", False)])
+def test_onebit_tile_environment_variable(value, ok):
+    import subprocess
+    import sys
+
+    code = "from onebit import _C; print(_C.tile('avx2'))"
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ONEBIT_TILE=value),
+                            capture_output=True, text=True)  # fmt: skip
+    if ok:
+        assert result.returncode == 0 and result.stdout.strip() == "3x8", result.stderr
+    else:
+        assert result.returncode != 0 and "ONEBIT_TILE=" + value in result.stderr
+
+
 BIG = dict(n=2, cin=200, cout=96, h=17, w=15, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=(1, 1), groups=1)
 
 

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/conv_tiles.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/parallel.h"
@@ -48,16 +49,6 @@ struct Scratch {
 thread_local Scratch tls_packed;  // the packed float input (fused packing)
 thread_local Scratch tls_input;   // prepared input
 thread_local Scratch tls_blocks;  // prepared weight blocks
-
-const ConvKernel* kernel_for(Isa isa) {
-  switch (isa) {
-    case Isa::avx512: return &conv_kernel_avx512();
-    case Isa::avx2: return &conv_kernel_avx2();
-    case Isa::scalar: return &conv_kernel_scalar();
-    case Isa::reference: return nullptr;
-  }
-  return nullptr;
-}
 
 // Row (or column) classes: for every output row, the set of kernel rows that fall in
 // the padding. Class 0 is always the empty set.
@@ -226,6 +217,15 @@ ConvPlan::ConvPlan(const ConvGeometry& geometry, const ConvOutput& params, int64
         step_off_[(kh * g.KW + kw) * g.Wg + k] = (kh * g.dh * g.Wp + kw * g.dw) * px + k;
 }
 
+std::string ConvPlan::tile(int isa) const {
+  const auto* tiles = conv_tiles(static_cast<Isa>(isa));
+  if (!tiles || isa < 0 || isa >= 4) return "";
+  const std::string forced = forced_tile(isa_name(static_cast<Isa>(isa)));
+  if (forced != "auto") return forced;
+  const int chosen = tile_[isa].load(std::memory_order_relaxed);
+  return chosen < 0 ? "" : (*tiles)[chosen].name;
+}
+
 void binary_conv2d(ConvGeometry g, ConvOutput o, const uint64_t* x, const uint64_t* w, int64_t x_words_per_pixel,
                    int64_t w_words, int threads) {
   ConvPlan(g, o, x_words_per_pixel, w_words).run(x, w, o, threads);
@@ -281,9 +281,9 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
     std::memset(o.out_bits, 0, static_cast<size_t>(g.N * ohp * owp * o.OG * o.OWg) * sizeof(uint64_t));
     if (o.out_pad_value < 0) fill_packed_border(o.out_bits, g.N, g.OH, g.OW, o.oph, o.opw, o.OG, o.OCg, -1);
   }
-  const ConvKernel* kernel = kernel_for(isa);
+  const std::vector<ConvKernel>* tiles = conv_tiles(isa);
   if (packer) packer->border();
-  if (!kernel) {
+  if (!tiles) {
     if (packer)
       for (int64_t r = 0; r < packer->rows(); ++r) packer->row(r);
     binary_conv2d_reference(g, o, x, w);
@@ -292,6 +292,22 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   const bool correct = correct_;
   const int32_t nclasses = nclasses_;
   const int64_t steps = g.KH * g.KW * g.Wg;
+
+  ConvBlock proto{};
+  proto.g = &g;
+  proto.o = &o;
+  proto.x = x;
+  proto.w = w;
+  proto.step_off = step_off_.data();
+  proto.row_class = correct ? row_class_.data() : nullptr;
+  proto.col_class = correct ? col_class_.data() : nullptr;
+  proto.ncol_classes = ncol_;
+  proto.nclasses = nclasses;
+  proto.class_taps = correct ? class_taps_.data() : nullptr;
+  proto.x_prepared = nullptr;
+  // The register tile: forced, or timed on this shape at the plan's first run (conv_tiles.h).
+  const int tile_index = choose_tile(isa, proto, tile_[static_cast<int>(isa)]);
+  const ConvKernel* kernel = &(*tiles)[tile_index];
 
   // Blocks of output channels, never straddling a group.
   struct Range {
@@ -314,19 +330,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   nthreads = std::min<int64_t>(nthreads, pixel_major ? ntiles : nblocks * ntiles);
   nthreads = std::min<int64_t>(nthreads, 256);
 
-  ConvBlock proto{};
-  proto.g = &g;
-  proto.o = &o;
-  proto.x = x;
-  proto.w = w;
-  proto.step_off = step_off_.data();
-  proto.row_class = correct ? row_class_.data() : nullptr;
-  proto.col_class = correct ? col_class_.data() : nullptr;
-  proto.ncol_classes = ncol_;
-  proto.nclasses = nclasses;
-  proto.class_taps = correct ? class_taps_.data() : nullptr;
   proto.bits_bytewise = bytewise;
-  proto.x_prepared = nullptr;
 
   // The input phase, one padded row (n, hp) at a time: packing of the float input
   // (fused calls) and the kernel's own transform of the packed input, if it has one.
@@ -349,7 +353,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   // (the others wait for it), into a buffer shared by the threads of this call; or
   // they come ready from the cache, or go into a new cache entry.
   const size_t block_bytes = (kernel->block_bytes(g, nclasses) + 63) / 64 * 64;
-  const int isa_code = static_cast<int>(isa);
+  const int isa_code = static_cast<int>(isa) * 16 + tile_index;
   std::shared_ptr<const WeightCache::Entry> cached = cache ? cache->find(id_, isa_code, w, w_version) : nullptr;
   std::shared_ptr<WeightCache::Entry> fresh;
   char* prepared;

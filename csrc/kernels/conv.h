@@ -22,6 +22,7 @@
 // torch's `acc.float() * scale + bias + residual` bit for bit; or a packed bit per channel: set (-1) iff acc < thr[c] when
 // dir[c] = +1, iff acc > thr[c] when dir[c] = -1.
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -83,6 +84,9 @@ class ConvPlan {
            int threads, WeightCache* cache = nullptr, int64_t w_version = 0) const;
   const ConvGeometry& geometry() const { return g_; }
   const ConvOutput& params() const { return o_; }
+  // The register tile this plan runs with on ISA `isa` (an Isa value): a forced one
+  // (set_tile, ONEBIT_TILE), else the one it chose at its first run there ("" before).
+  std::string tile(int isa) const;
 
  private:
   void run_impl(const uint64_t* x, const ActivationPacker* packer, const uint64_t* w, const ConvOutput& out,
@@ -95,6 +99,8 @@ class ConvPlan {
   std::vector<uint8_t> class_taps_;
   int32_t ncol_ = 1, nclasses_ = 1;
   std::vector<int64_t> step_off_;
+  // Per ISA (index = Isa value): the index of the tile chosen by timing, -1 until the first run.
+  mutable std::atomic<int> tile_[4] = {-1, -1, -1, -1};
 };
 
 // The weights of one layer prepared in a kernel's layout (blocks of output channels,
@@ -106,7 +112,7 @@ class WeightCache {
  public:
   struct Entry {
     uint64_t plan = 0;
-    int isa = 0;
+    int isa = 0;  // Isa value * 16 + tile index: the kernel whose layout `data` holds
     const uint64_t* w = nullptr;
     int64_t version = 0;
     size_t bytes = 0;
@@ -154,7 +160,7 @@ struct ConvBlock {
 // aligned), once per call; compute() then runs any range of pixels against them,
 // possibly on several threads at once.
 struct ConvKernel {
-  const char* name;
+  const char* name;  // the register tile, "<pixels>x<channels>"; unique within its ISA
   int block_co;  // output channels per block (max)
   int tile_pix;  // output pixels per register tile
   size_t (*block_bytes)(const ConvGeometry& g, int nclasses);
@@ -166,9 +172,10 @@ struct ConvKernel {
   void (*prepare_input)(const uint64_t* x, int64_t words, uint64_t* out);
 };
 
-const ConvKernel& conv_kernel_scalar();
-const ConvKernel& conv_kernel_avx2();
-const ConvKernel& conv_kernel_avx512();
+// Every ISA's kernel in its register tiles, the default first (conv_tiles.h chooses).
+const std::vector<ConvKernel>& conv_kernels_scalar();
+const std::vector<ConvKernel>& conv_kernels_avx2();
+const std::vector<ConvKernel>& conv_kernels_avx512();
 
 // The independent reference: plain loops, one output at a time, padding skipped tap by tap.
 void binary_conv2d_reference(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w);

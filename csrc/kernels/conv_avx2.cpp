@@ -5,8 +5,12 @@
 // (prepare_input), so that popcount(x xor w) per byte = lut[xlo ^ wlo] + lut[xhi ^ whi]
 // costs 6 operations per 256 bits: 2 xor, 2 vpshufb, 2 add. The byte counts
 // accumulate for up to 31 steps (31 * 8 < 256), then vpsadbw sums them into 64-bit
-// lanes. Register tile: 2 output pixels x 4 ymm of 4 channels (8 byte accumulators,
-// all in registers; weights are memory operands).
+// lanes. Register tiles (several; the driver picks one per layer, see conv_tiles.h):
+//   2x16: 2 output pixels x 4 ymm of 4 channels, 8 byte accumulators in registers, the
+//         weights read as memory operands (inline asm step4);
+//   3x8, 4x8: 3 or 4 pixels x 2 ymm, the step's 4 weight vectors (low, high nibbles)
+//         loaded once into registers and reused by every pixel of the tile.
+// Which is faster depends on the core (load ports, register renaming), not on the math.
 #include <immintrin.h>
 
 #include "kernels/conv.h"
@@ -16,21 +20,13 @@ namespace onebit {
 namespace {
 
 constexpr int kVec = 4;  // output channels per ymm (64-bit lanes)
-// Tile shape (overridable with -D for tuning experiments): 2 pixels x 4 ymm measured
-// best among 1-4 pixels x 2-8 ymm on Zen 4; AVX2 has only 16 registers.
-#ifndef ONEBIT_AVX2_J
-#define ONEBIT_AVX2_J 4
-#endif
-constexpr int kMaxJ = ONEBIT_AVX2_J;
-constexpr int kBlock = kVec * kMaxJ;
-#ifndef ONEBIT_AVX2_P
-#define ONEBIT_AVX2_P 2
-#endif
-constexpr int kTile = ONEBIT_AVX2_P;
-constexpr int64_t kFlush = 31;  // steps between byte -> qword reductions
+constexpr int64_t kFlush = 31;  // max steps between byte -> qword reductions (31 * 8 < 256)
 constexpr uint64_t kLow = 0x0f0f0f0f0f0f0f0fULL;
 
+// A block of up to MaxJ ymm (4 * MaxJ channels).
+template <int MaxJ>
 size_t block_bytes(const ConvGeometry& g, int nclasses) {
+  constexpr int kBlock = kVec * MaxJ;
   const size_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
   return steps * kBlock * 8 * 2 + taps * kBlock * 4 + static_cast<size_t>(nclasses) * kBlock * 4 + 256;
 }
@@ -102,7 +98,8 @@ inline void step4(__m256i* acc, __m256i lut, const uint64_t* x, const __m256i* w
       : [lut] "x"(lut), [x0] "m"(x[0]), [x1] "m"(x[1]), [w] "r"(w), [wm] "m"(*reinterpret_cast<const __m256i(*)[8]>(w)));
 }
 
-template <int P, int J>
+// WReg: the step's weights in registers (for J <= 2), else memory operands.
+template <int P, int J, bool WReg>
 inline void tile(const Ctx& c, const PixInfo* pix) {
   const ConvBlock& b = *c.b;
   const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
@@ -115,8 +112,10 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p) xs[p] = b.x_prepared + 2 * (pix[p].x - b.x);
   const int64_t* so = b.step_off;
+  // Equal chunks of <= kFlush steps (36 steps: 18 + 18, not 31 + 5).
+  const int64_t chunks = (c.steps + kFlush - 1) / kFlush, chunk = (c.steps + chunks - 1) / chunks;
   for (int64_t s = 0; s < c.steps;) {
-    const int64_t end = s + kFlush < c.steps ? s + kFlush : c.steps;
+    const int64_t end = s + chunk < c.steps ? s + chunk : c.steps;
     __m256i acc8[P][J];
 #pragma GCC unroll 8
     for (int p = 0; p < P; ++p)
@@ -126,9 +125,28 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
       const int64_t off = 2 * so[s];
       const __m256i* wlo = reinterpret_cast<const __m256i*>(c.ws + s * 2 * J * kVec);
       const __m256i* whi = wlo + J;
-      if constexpr (J == 4) {
+      if constexpr (J == 4 && !WReg) {
 #pragma GCC unroll 8
         for (int p = 0; p < P; ++p) step4(acc8[p], lut, xs[p] + off, wlo);
+        continue;
+      }
+      if constexpr (WReg) {
+        __m256i wl[J], wh[J];
+#pragma GCC unroll 8
+        for (int j = 0; j < J; ++j) {
+          wl[j] = _mm256_load_si256(wlo + j);
+          wh[j] = _mm256_load_si256(whi + j);
+        }
+#pragma GCC unroll 8
+        for (int p = 0; p < P; ++p) {
+          const __m256i xl = _mm256_set1_epi64x(static_cast<long long>(xs[p][off]));
+          const __m256i xh = _mm256_set1_epi64x(static_cast<long long>(xs[p][off + 1]));
+#pragma GCC unroll 8
+          for (int j = 0; j < J; ++j) {
+            acc8[p][j] = _mm256_add_epi8(acc8[p][j], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, wl[j])));
+            acc8[p][j] = _mm256_add_epi8(acc8[p][j], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, wh[j])));
+          }
+        }
         continue;
       }
 #pragma GCC unroll 8
@@ -228,19 +246,23 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
   }
 }
 
-template <int J>
+template <int TP, int J, bool WReg>
 void run_j(const Ctx& c) {
   const ConvBlock& b = *c.b;
   PixelWalker walker(b);
-  PixInfo pix[kTile];
+  PixInfo pix[TP];
   int64_t q = b.q0;
-  for (; q + kTile <= b.q1; q += kTile) {
-    for (int p = 0; p < kTile; ++p) walker.next(pix[p]);
-    tile<kTile, J>(c, pix);
+  for (; q + TP <= b.q1; q += TP) {
+    for (int p = 0; p < TP; ++p) walker.next(pix[p]);
+    tile<TP, J, WReg>(c, pix);
   }
-  for (; q < b.q1; ++q) {
-    walker.next(pix[0]);
-    tile<1, J>(c, pix);
+  const int64_t left = b.q1 - q;
+  for (int p = 0; p < left; ++p) walker.next(pix[p]);
+  if (left >= 2 && TP > 2) {
+    tile<2, J, WReg>(c, pix);
+    if (left == 3) tile<1, J, WReg>(c, pix + 2);
+  } else {
+    for (int p = 0; p < left; ++p) tile<1, J, WReg>(c, pix + p);
   }
 }
 
@@ -324,28 +346,35 @@ void prepare(const ConvBlock& b, void* base) {
   }
 }
 
+// A tile of TP pixels x MaxJ ymm (a block's last, partial ymm count J <= MaxJ).
+template <int TP, int MaxJ, bool WReg>
 void compute(const ConvBlock& b, const void* base) {
   const ConvGeometry& g = *b.g;
   const int J = block_j(b);
   const Prepared pr(g, J, const_cast<void*>(base));
   Ctx c{&b, pr.ws, pr.corr, g.KH * g.KW * g.Wg, static_cast<int32_t>(g.Cg * g.KH * g.KW)};
   switch (J) {
-    case 1: run_j<1>(c); break;
-    case 2: run_j<2 <= kMaxJ ? 2 : 1>(c); break;
-    case 3: run_j<3 <= kMaxJ ? 3 : 1>(c); break;
-    case 4: run_j<4 <= kMaxJ ? 4 : 1>(c); break;
-    case 5: run_j<5 <= kMaxJ ? 5 : 1>(c); break;
-    case 6: run_j<6 <= kMaxJ ? 6 : 1>(c); break;
-    case 7: run_j<7 <= kMaxJ ? 7 : 1>(c); break;
-    default: run_j<8 <= kMaxJ ? 8 : 1>(c); break;
+    case 1: run_j<TP, 1, WReg>(c); break;
+    case 2: run_j<TP, 2 <= MaxJ ? 2 : 1, WReg>(c); break;
+    case 3: run_j<TP, 3 <= MaxJ ? 3 : 1, WReg>(c); break;
+    default: run_j<TP, 4 <= MaxJ ? 4 : 1, WReg>(c); break;
   }
+}
+
+template <int TP, int MaxJ, bool WReg>
+constexpr ConvKernel make_tile(const char* name) {
+  return ConvKernel{name, kVec * MaxJ, TP, &block_bytes<MaxJ>, &prepare, &compute<TP, MaxJ, WReg>, 2, &prepare_input};
 }
 
 }  // namespace
 
-const ConvKernel& conv_kernel_avx2() {
-  static const ConvKernel kernel{"avx2", kBlock, kTile, &block_bytes, &prepare, &compute, 2, &prepare_input};
-  return kernel;
+const std::vector<ConvKernel>& conv_kernels_avx2() {
+  static const std::vector<ConvKernel> tiles{
+      make_tile<2, 4, false>("2x16"),
+      make_tile<3, 2, true>("3x8"),
+      make_tile<4, 2, true>("4x8"),
+  };
+  return tiles;
 }
 
 }  // namespace onebit

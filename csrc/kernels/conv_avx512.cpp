@@ -1,9 +1,11 @@
 // AVX-512 (VPOPCNTDQ) binary convolution.
 //
-// A block of up to 32 output channels is repacked so that one zmm holds the same
-// (tap, word) of 8 channels. The register tile is 6 output pixels x 4 zmm (24
-// accumulators of 8 x 64-bit counts): each step loads 4 weight vectors and, per
+// A block of up to 8 * MaxJ output channels is repacked so that one zmm holds the same
+// (tap, word) of 8 channels. A register tile is P output pixels x MaxJ zmm (P * MaxJ
+// accumulators of 8 x 64-bit counts): each step loads MaxJ weight vectors and, per
 // pixel, broadcasts one input word and does xor + vpopcntq + add against them.
+// Tiles: 6x32 (24 accumulators), 7x32 (28), 8x16 (16, half the weight loads per
+// pixel and fewer live registers); the driver picks one per layer (conv_tiles.h).
 #include <immintrin.h>
 
 #include "kernels/conv.h"
@@ -13,11 +15,10 @@ namespace onebit {
 namespace {
 
 constexpr int kVec = 8;       // output channels per zmm
-constexpr int kMaxJ = 4;      // zmm per tile row
-constexpr int kBlock = kVec * kMaxJ;
-constexpr int kTile = 6;      // output pixels per tile
 
+template <int MaxJ>
 size_t block_bytes(const ConvGeometry& g, int nclasses) {
+  constexpr int kBlock = kVec * MaxJ;
   const size_t steps = g.KH * g.KW * g.Wg, taps = g.KH * g.KW;
   return steps * kBlock * 8 + taps * kBlock * 4 + static_cast<size_t>(nclasses) * kBlock * 4 + 256;
 }
@@ -135,26 +136,26 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
   epilogue<P, J>(c, pix, acc);
 }
 
-template <int J>
+template <int TP, int J>
 void run_j(const Ctx& c) {
   const ConvBlock& b = *c.b;
   PixelWalker walker(b);
-  PixInfo pix[kTile];
+  PixInfo pix[TP];
   int64_t q = b.q0;
-  for (; q + kTile <= b.q1; q += kTile) {
-    for (int p = 0; p < kTile; ++p) walker.next(pix[p]);
-    tile<kTile, J>(c, pix);
+  for (; q + TP <= b.q1; q += TP) {
+    for (int p = 0; p < TP; ++p) walker.next(pix[p]);
+    tile<TP, J>(c, pix);
   }
-  const int64_t left = b.q1 - q;
+  // The last < TP pixels: one tile of 4 / 2 / 1 pixels after another.
+  int64_t left = b.q1 - q;
   for (int p = 0; p < left; ++p) walker.next(pix[p]);
-  switch (left) {
-    case 1: tile<1, J>(c, pix); break;
-    case 2: tile<2, J>(c, pix); break;
-    case 3: tile<3, J>(c, pix); break;
-    case 4: tile<4, J>(c, pix); break;
-    case 5: tile<5, J>(c, pix); break;
-    default: break;
+  const PixInfo* rest = pix;
+  for (; TP > 4 && left >= 4; rest += 4, left -= 4) tile<4, J>(c, rest);
+  if (TP > 2 && left >= 2) {
+    tile<2, J>(c, rest);
+    rest += 2, left -= 2;
   }
+  if (left >= 1) tile<1, J>(c, rest);
 }
 
 // repack_block with 8x8 transposes of 64-bit words: 8 output channels' rows of 8
@@ -247,24 +248,34 @@ void prepare(const ConvBlock& b, void* base) {
   if (b.row_class) corrections(b, J, pr.wr, pr.tapsum, pr.corr);
 }
 
+template <int TP, int MaxJ>
 void compute(const ConvBlock& b, const void* base) {
   const ConvGeometry& g = *b.g;
   const int J = block_j(b);
   const Prepared pr(g, J, const_cast<void*>(base));
   Ctx c{&b, pr.wr, pr.corr, g.KH * g.KW * g.Wg, static_cast<int32_t>(g.Cg * g.KH * g.KW)};
   switch (J) {
-    case 1: run_j<1>(c); break;
-    case 2: run_j<2>(c); break;
-    case 3: run_j<3>(c); break;
-    default: run_j<4>(c); break;
+    case 1: run_j<TP, 1>(c); break;
+    case 2: run_j<TP, 2 <= MaxJ ? 2 : 1>(c); break;
+    case 3: run_j<TP, 3 <= MaxJ ? 3 : 1>(c); break;
+    default: run_j<TP, 4 <= MaxJ ? 4 : 1>(c); break;
   }
+}
+
+template <int TP, int MaxJ>
+constexpr ConvKernel make_tile(const char* name) {
+  return ConvKernel{name, kVec * MaxJ, TP, &block_bytes<MaxJ>, &prepare, &compute<TP, MaxJ>, 1, nullptr};
 }
 
 }  // namespace
 
-const ConvKernel& conv_kernel_avx512() {
-  static const ConvKernel kernel{"avx512", kBlock, kTile, &block_bytes, &prepare, &compute, 1, nullptr};
-  return kernel;
+const std::vector<ConvKernel>& conv_kernels_avx512() {
+  static const std::vector<ConvKernel> tiles{
+      make_tile<6, 4>("6x32"),
+      make_tile<7, 4>("7x32"),
+      make_tile<8, 2>("8x16"),
+  };
+  return tiles;
 }
 
 }  // namespace onebit

@@ -80,9 +80,9 @@ void compute(const ConvBlock& b, const void* base) {
 
 }  // namespace
 
-const ConvKernel& conv_kernel_scalar() {
-  static const ConvKernel kernel{"scalar", kLanes, kTile, &block_bytes, &prepare, &compute, 1, nullptr};
-  return kernel;
+const std::vector<ConvKernel>& conv_kernels_scalar() {
+  static const std::vector<ConvKernel> tiles{{"3x4", kLanes, kTile, &block_bytes, &prepare, &compute, 1, nullptr}};
+  return tiles;
 }
 
 }  // namespace onebit

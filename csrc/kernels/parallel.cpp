@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -30,6 +31,38 @@ namespace {
 std::mutex busy;          // one of our regions at a time; another caller runs serially
 bool forked_child = false;  // OpenMP's threads do not survive fork(): stay serial there
 
+// Beside other busy processes (more runnable threads than cores), a helper thread may
+// not be scheduled for a whole time slice (milliseconds), and an OpenMP region ends
+// with a barrier that waits for it, even when the caller has done all the chunks
+// itself (and libgomp's region start waits for the previous region's threads to dock).
+// So every region measures how long its calling thread waited at both ends; when the
+// wait was long (over kLateWait and over a quarter of its own
+// work: the helper made the call slower than one thread would have been), regions run
+// on the caller alone for a back-off period, doubling (kMinBackoff .. kMaxBackoff)
+// while the waits stay long and halving when a region's helpers come in time. On a
+// quiet machine the wait is the helper's last chunk: microseconds, never a back-off.
+constexpr int64_t kLateWait = 100'000;            // ns
+constexpr int64_t kMinBackoff = 20'000'000;       // ns
+constexpr int64_t kMaxBackoff = 1'000'000'000;    // ns
+std::atomic<int64_t> serial_until{0}, backoff{0};  // steady-clock ns; ns
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+void record_wait(int64_t start, int64_t own_start, int64_t own_done, int64_t end) {
+  const int64_t wait = (own_start - start) + (end - own_done), work = own_done - own_start;
+  const int64_t b = backoff.load(std::memory_order_relaxed);
+  if (wait > kLateWait && 4 * wait > work) {
+    const int64_t next = std::min(kMaxBackoff, std::max(kMinBackoff, 2 * b));
+    backoff.store(next, std::memory_order_relaxed);
+    serial_until.store(end + next, std::memory_order_relaxed);
+  } else if (b > 0) {
+    backoff.store(b / 2 < kMinBackoff ? 0 : b / 2, std::memory_order_relaxed);
+  }
+}
+
 }  // namespace
 
 void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn) {
@@ -40,18 +73,24 @@ void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn
   (void)registered;
   if (threads > chunks) threads = chunks;
   std::unique_lock<std::mutex> lock(busy, std::defer_lock);
-  if (threads <= 1 || forked_child || omp_in_parallel() || !lock.try_lock()) {
+  const int64_t start = threads > 1 ? now_ns() : 0;
+  if (threads <= 1 || forked_child || start < serial_until.load(std::memory_order_relaxed) || omp_in_parallel() ||
+      !lock.try_lock()) {
     for (int i = 0; i < chunks; ++i) fn(i);
     return;
   }
   // Chunks are claimed dynamically, so a thread that starts late takes fewer.
   std::atomic<int> next{0};
+  int64_t own_start = 0, own_done = 0;
 #pragma omp parallel num_threads(threads)
   {
+    if (omp_get_thread_num() == 0) own_start = now_ns();
     for (int c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
          c = next.fetch_add(1, std::memory_order_relaxed))
       fn(c);
+    if (omp_get_thread_num() == 0) own_done = now_ns();
   }
+  record_wait(start, own_start, own_done, now_ns());
 }
 
 }  // namespace onebit
