@@ -63,6 +63,9 @@ def test_noact_pattern_packs_as_one_binary_layer(weights):
         QActivation("ste_sign"),
         QConv2d(16, 16, 3, padding=1, weight_quantizer=weights),
         nn.BatchNorm2d(16),
+        QActivation("ste_sign"),  # BatchNorm + this sign: thresholds, the bits stay packed
+        QConv2d(16, 16, 3, padding=1, weight_quantizer=weights),
+        nn.BatchNorm2d(16),
         nn.Flatten(1),
         QActivation("approx_sign"),
         QLinear(16 * 6 * 6, 10, weight_quantizer=weights),
@@ -72,7 +75,7 @@ def test_noact_pattern_packs_as_one_binary_layer(weights):
     packed = pack_quietly(model, x, strict=True)
     ops = ops_of(packed)
     assert "sign" not in ops and "qconv2d" not in ops and "qlinear" not in ops  # the signs are the packing
-    assert ops.count("binary_conv2d") + ops.count("binary_conv2d_threshold") == 1 and "binary_linear" in ops
+    assert ops.count("binary_conv2d_threshold") == 1 and ops.count("binary_conv2d") == 1 and "binary_linear" in ops
     assert torch.equal(packed(x), model(x))
 
 

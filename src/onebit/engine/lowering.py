@@ -76,6 +76,7 @@ class _Lowering:
         self.fold_batchnorm = fold_batchnorm
         self.fallbacks: list[dict[str, str]] = []  # binary layers that run in float, with the reason
         self.sign_source: dict[str, str] = {}  # a sign op's output value -> the float value it signs
+        self.packed_signs: set[fx.Node] = set()  # sign activations that exist only as packed thresholds
         tracer = _Tracer()
         if tracer.is_leaf_module(model, ""):
             model = nn.Sequential(model)  # a single layer: trace it as a call, not through its forward
@@ -165,11 +166,15 @@ class _Lowering:
             return True
         if m.input_quantizer is not None or node is None or not isinstance(node.args[0], fx.Node):
             return False
-        return self.value.get(node.args[0]) in self.sign_source
+        return node.args[0] in self.packed_signs or self.value.get(node.args[0]) in self.sign_source
 
-    def binary_conv_kind(self, m: nn.Module, node: fx.Node | None = None) -> str | None:
+    def binary_conv_kind(self, m: nn.Module, node: fx.Node | None = None, input_binary: bool | None = None) -> str | None:
         """'packed' for a binary QConv2d the kernels run, 'float' for one that runs simulated, None otherwise."""
-        if not isinstance(m, QConv2d) or not self.binary_input(node, m) or not _binary_weight(m.weight_quantizer):
+        if not isinstance(m, QConv2d):
+            return None
+        if input_binary is None:
+            input_binary = self.binary_input(node, m)
+        if not input_binary or not _binary_weight(m.weight_quantizer):
             return None
         if m.padding_mode != "zeros":
             return "float"
@@ -247,7 +252,9 @@ class _Lowering:
         self.fallbacks.append({"module": str(node.target), "reason": why})
 
     def threshold_chain(self, node: fx.Node, m: nn.Module):
-        """(pool node | None, bn node, consumer layout) when conv -> [maxpool] -> BN -> binary convs only."""
+        """(pool node | None, bn node, consumer layout, sign node | None) when conv -> [maxpool] -> BN ->
+        binary convs only, or conv -> [maxpool] -> BN -> one sign (``QActivation``) -> convs without
+        input quantizer and with binary weights only (the NoAct pattern)."""
         users = list(node.users)
         if len(users) != 1:
             return None
@@ -270,20 +277,32 @@ class _Lowering:
             return None
         if nxt.args[0] is not (pool or node):
             return None
-        consumers = list(nxt.users)
+        consumers, sign_node = list(nxt.users), None
+        if len(consumers) == 1 and self._is_sign_activation(consumers[0], nxt):
+            sign_node = consumers[0]
+            consumers = list(sign_node.users)
         if not consumers:
             return None
+        source = sign_node or nxt
         layouts = set()
         for c in consumers:
-            if c.op != "call_module" or len(c.args) != 1 or c.kwargs or c.args[0] is not nxt:
+            if c.op != "call_module" or len(c.args) != 1 or c.kwargs or c.args[0] is not source:
                 return None
             cm = self.modules[c.target]
-            if self.binary_conv_kind(cm) != "packed":
+            noact = sign_node is not None and getattr(cm, "input_quantizer", 0) is None
+            if self.binary_conv_kind(cm, input_binary=True if noact else None) != "packed":
                 return None
             layouts.add(self.conv_layout(cm))
         if len(layouts) != 1:
             return None
-        return pool, nxt, layouts.pop()
+        return pool, nxt, layouts.pop(), sign_node
+
+    def _is_sign_activation(self, node: fx.Node, src: fx.Node) -> bool:
+        """``node`` is a module applying a sign to ``src`` alone (a ``QActivation``, or a sign quantizer)."""
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or node.args[0] is not src:
+            return False
+        m = self.modules[node.target]
+        return is_sign_quantizer(m.quantizer if isinstance(m, QActivation) else m)
 
     def is_binary_linear(self, m: nn.Module) -> bool:
         return isinstance(m, QLinear) and is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
@@ -365,7 +384,7 @@ class _Lowering:
         if chain is None:
             self.value[node] = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target)
             return
-        pool, bn_node, out_layout = chain
+        pool, bn_node, out_layout, sign_node = chain
         bound = accumulator_bound(m.in_channels, m.groups, m.kernel_size)
         thr, direction = self.thresholds_of(self.modules[bn_node.target], bound, scale, bias)
         out = {"out_padding": list(out_layout[0]), "out_pad_value": out_layout[1], "out_groups": out_layout[2]}
@@ -398,6 +417,10 @@ class _Lowering:
             self.skip.add(pool)
         self.skip.add(bn_node)
         self.packed[(bn_node, out_layout)] = packed
+        if sign_node is not None:  # the NoAct convs read the thresholded bits as their +-1 input
+            self.skip.add(sign_node)
+            self.packed_signs.add(sign_node)
+            self.packed[(sign_node, out_layout)] = packed
 
     def lower_qconv1d(self, node: fx.Node, m: QConv1d) -> None:
         """A QConv1d is a 2-d convolution of ``[N, C, 1, L]`` with a ``1 x k`` kernel (as torch runs it).
