@@ -9,7 +9,8 @@ Layers, from the bottom up:
 - ``onebit.canonize``, ``onebit.summary``, ``onebit.doctor``, ``onebit.plot``: model tools
   (exact reversible BatchNorm merging, bits-and-MACs tables, learning diagnostics, pictures);
 - ``onebit.models``, ``onebit.data``, ``onebit.train``: the zoo, datasets and trainer;
-- ``onebit.engine``: the bit-packed CPU inference engine;
+- ``onebit.engine``: the bit-packed CPU inference engine; ``onebit.export_onnx``: the same
+  lowering as standard ONNX ops, for onnxruntime;
 - ``onebit.heap``: keep freed tensor memory for reuse (the ``onebit`` command does).
 """
 
@@ -20,7 +21,14 @@ from onebit.summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["binarize", "canonize", "doctor", "engine", "math", "nn", "plot", "quant", "summary", "__version__"]
+__all__ = ["binarize", "canonize", "doctor", "engine", "export_onnx", "math", "nn", "plot", "quant", "summary", "__version__"]
+
+
+def export_onnx(model, example_input, path, *, opset: int = 18, strict: bool = False):
+    """Write ``model`` as an ONNX file of standard ops (see :func:`onebit.engine.to_onnx.export_onnx`)."""
+    from onebit.engine.to_onnx import export_onnx as export
+
+    return export(model, example_input, path, opset=opset, strict=strict)
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""``onebit eval FILE_OR_RUN --data ...``: test accuracy of a run directory or a packed engine file."""
+"""``onebit eval FILE_OR_RUN --data ...``: test accuracy of a run directory, a packed engine file or an ONNX file."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if os.path.isdir(args.source):
         model, meta = load_run(args.source)
         kind = f"{meta['config']['model']} (run {args.source})"
+    elif os.path.isfile(args.source) and str(args.source).lower().endswith(".onnx"):
+        from onebit.engine.to_onnx import load_onnx
+
+        model = load_onnx(args.source)
+        meta = _run_config(os.path.dirname(os.path.abspath(args.source)))
+        kind = f"onnx {args.source} (onnxruntime)"
     elif os.path.isfile(args.source):
         from onebit.cli.export import engine_module
 

@@ -1,4 +1,4 @@
-"""``onebit export RUN_DIR --out FILE``: pack a trained run into the engine's file."""
+"""``onebit export RUN_DIR --out FILE [--format packed|onnx]``: a trained run as the engine's file or ONNX."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from rich.console import Console
 def register(commands) -> None:
     p = commands.add_parser("export", help="pack a trained run into a bit-packed engine file")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `onebit train --out`")
-    p.add_argument("--out", required=True, metavar="FILE", help="engine file to write (e.g. model.onebit.safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write (e.g. model.onebit.safetensors, model.onnx)")
+    p.add_argument("--format", choices=["packed", "onnx"], default=None,
+                   help="packed engine file or ONNX (standard ops, for onnxruntime); default: from --out's suffix")
     p.set_defaults(run=run)
 
 
@@ -40,14 +42,22 @@ def run(args: argparse.Namespace, console: Console) -> int:
     shape = (1, meta["in_channels"], *meta["image_size"])
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     packed = engine.pack(model, example)
+    fmt = args.format or ("onnx" if str(args.out).lower().endswith(".onnx") else "packed")
+    if fmt == "onnx":
+        from onebit.engine.to_onnx import export_onnx, load_onnx
+
+        export_onnx(packed, example, args.out)
+        exported = load_onnx(args.out)
+    else:
+        packed.save(args.out)
+        exported = packed
     with torch.no_grad():
-        diff = (torch.as_tensor(packed(example)) - model(example)).abs().max().item()
-    packed.save(args.out)
+        diff = (torch.as_tensor(exported(example)) - model(example)).abs().max().item()
     size = os.path.getsize(args.out)
     float_size = os.path.getsize(os.path.join(args.run_dir, "model.safetensors"))
     console.print(
-        f"exported {meta['config']['model']} from {args.run_dir} to {args.out}: {size / 1024:.1f} KiB "
-        f"({float_size / max(size, 1):.1f}x smaller than model.safetensors), max |packed - model| = {diff:.2e}",
+        f"exported {meta['config']['model']} from {args.run_dir} to {args.out} ({fmt}): {size / 1024:.1f} KiB "
+        f"({float_size / max(size, 1):.1f}x smaller than model.safetensors), max |{fmt} - model| = {diff:.2e}",
         highlight=False,
     )
     return 0

@@ -1,0 +1,539 @@
+"""ONNX export of a packed model: standard ops only, the same numbers as the model.
+
+:func:`export_onnx` lowers a model exactly as :func:`onebit.engine.pack` does (same
+graph, same fallbacks) and writes each graph op as standard ONNX ops (opset >= 18),
+so that a stock runtime (onnxruntime's CPU provider) runs it:
+
+- ``sign(x)`` (sign(0) = sign(-0.0) = sign(NaN) = +1) is ``Where(Less(x, 0), -1, +1)``;
+  a packed value is its ``[N, C, H, W]`` (or ``[N, F]``) tensor of +-1 floats;
+- a binary conv is ``Pad(constant pad_value)`` (or the conv's own zero ``pads``) then
+  ``Conv`` with +-1 weights: integer sums of +-1, exact in float32 in any order (up to
+  2^24), then ``Mul`` by the per-channel scale and ``Add`` of the bias -- the two float
+  roundings of onebit's own arithmetic, so binary-layer outputs are bit-identical;
+- +-1 weights are stored as bits (``uint8``, the packed file's compact layout: bit j of
+  byte b is element 8 b + j of ``w[c_out].flatten()``, set for -1) and unpacked by a
+  small ``BitShift`` / ``BitwiseAnd`` / ``Cast`` subgraph of initializers only, which
+  onnxruntime folds once when it loads the model;
+- thresholds (BatchNorm + sign folded) are comparisons of the exact accumulator,
+  ``Where(dir > 0 ? acc < thr : acc > thr, -1, +1)``; a max pool of thresholded bits is a
+  ``MaxPool`` of +-1 values flipped by the channel's direction (all-negative or any-negative);
+- float layers are their ONNX ops (``Conv``, ``Gemm``, ``BatchNormalization``, pools,
+  activations, ``Concat``, ...), equal to torch's up to float rounding.
+
+The batch dimension is dynamic; the spatial size is the example input's (flatten and
+reshape targets, pooling of adaptive pools and coordinate maps are fixed by it).
+``onnx`` and ``onnxruntime`` are optional dependencies (``pip install onebit[onnx]``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from onebit import io
+from onebit.bits import unpack_bits
+from onebit.engine import graph as G
+from onebit.engine.fileformat import _compact
+
+__all__ = ["export_onnx", "load_onnx", "OnnxModel", "OnnxExportError"]
+
+DEFAULT_OPSET = 18
+
+
+class OnnxExportError(ValueError):
+    """A graph op or configuration that has no standard-ONNX form at the requested opset."""
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError as error:  # pragma: no cover - exercised only without the extra
+        raise ImportError("ONNX export needs the 'onnx' package: pip install 'onebit[onnx]'") from error
+    return onnx, helper, numpy_helper
+
+
+class _Builder:
+    """Collects ONNX nodes and initializers with unique names."""
+
+    def __init__(self):
+        _, self.helper, self.numpy_helper = _onnx()
+        self.nodes: list = []
+        self.initializers: list = []
+        self.names: set[str] = set()
+        self.constants: dict[tuple, str] = {}
+
+    def name(self, base: str) -> str:
+        base = "".join(c if c.isalnum() or c in "_." else "_" for c in base) or "v"
+        out, k = base, 1
+        while out in self.names:
+            out, k = f"{base}_{k}", k + 1
+        self.names.add(out)
+        return out
+
+    def const(self, value, dtype=np.float32, base: str = "c") -> str:
+        array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+        key = (array.dtype.str, array.shape, array.tobytes()) if array.size <= 16 else None
+        if key is not None and key in self.constants:
+            return self.constants[key]
+        name = self.name(base)
+        self.initializers.append(self.numpy_helper.from_array(array, name))
+        if key is not None:
+            self.constants[key] = name
+        return name
+
+    def op(self, op_type: str, inputs: list[str], base: str, **attrs) -> str:
+        out = self.name(base)
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _channel(b: _Builder, values: torch.Tensor, rank: int, base: str, dtype=np.float32) -> str:
+    """A per-channel constant shaped to broadcast over ``[N, C, ...]`` of the given rank."""
+    array = values.detach().cpu().numpy().astype(dtype)
+    return b.const(array.reshape([1, -1] + [1] * (rank - 2)), dtype, base)
+
+
+class _Exporter:
+    def __init__(self, packed, example: torch.Tensor):
+        self.b = _Builder()
+        self.graph = packed.graph
+        self.tensors = packed.named_graph_tensors()
+        self.value: dict[str, str] = {}  # graph value -> ONNX tensor name
+        self.shape: dict[str, tuple[int, ...]] = {}  # graph value -> logical shape (+-1 NCHW for packed)
+        self.run: dict[str, torch.Tensor] = {}
+        self.example = example
+
+    # -- helpers ------------------------------------------------------------
+
+    def roles(self, node: dict) -> dict[str, torch.Tensor]:
+        return {role: self.tensors[key] for role, key in node.get("tensors", {}).items()}
+
+    def sign(self, x: str, base: str) -> str:
+        b = self.b
+        negative = b.op("Less", [x, b.const(0.0)], f"{base}_neg")
+        return b.op("Where", [negative, b.const(-1.0), b.const(1.0)], base)
+
+    def signs_where(self, negative: str, base: str) -> str:
+        return self.b.op("Where", [negative, self.b.const(-1.0), self.b.const(1.0)], base)
+
+    def bits_weight(self, node: dict, role: str, attrs: dict, base: str) -> str:
+        """+-1 float weights from stored bits: ``1 - 2 * ((bits >> j) & 1)``, reshaped."""
+        b = self.b
+        compact = _compact(self.tensors[node["tensors"][role]], attrs)  # uint8 [Co, ceil(K / 8)]
+        co, nbytes = compact.shape
+        if "kernel_size" in attrs:
+            cg = attrs["in_channels"] // attrs["groups"]
+            shape = [co, cg, *attrs["kernel_size"]]
+        else:
+            shape = [co, attrs["in_features"]]
+        k = int(np.prod(shape[1:]))
+        bits = b.const(compact.numpy().reshape(co, nbytes, 1), np.uint8, f"{base}_bits")
+        shifted = b.op("BitShift", [bits, b.const(np.arange(8).reshape(1, 1, 8), np.uint8)], f"{base}_shift",
+                       direction="RIGHT")
+        one_bit = b.op("BitwiseAnd", [shifted, b.const(np.ones((1, 1, 1)), np.uint8)], f"{base}_and")
+        flat = b.op("Reshape", [one_bit, b.const([co, nbytes * 8], np.int64)], f"{base}_flat")
+        used = b.op("Slice", [flat, b.const([0], np.int64), b.const([k], np.int64), b.const([1], np.int64)],
+                    f"{base}_used")
+        as_float = b.op("Cast", [used], f"{base}_float", to=self.b.helper.np_dtype_to_tensor_dtype(np.dtype("float32")))
+        signs = b.op("Sub", [b.const(1.0), b.op("Mul", [as_float, b.const(2.0)], f"{base}_x2")], f"{base}_signs")
+        return b.op("Reshape", [signs, b.const(shape, np.int64)], f"{base}_w")
+
+    def weight(self, node: dict, attrs: dict, base: str) -> str:
+        """A float-run layer's weight: bits (``weight_bits``) or float levels (``weight``)."""
+        t = node.get("tensors", {})
+        if "weight_bits" in t:
+            return self.bits_weight(node, "weight_bits", attrs, base)
+        w = self.tensors[t["weight"]]
+        return self.b.const(w.numpy(), np.float32, f"{base}_w")
+
+    def scale_bias(self, y: str, node: dict, rank: int, base: str) -> str:
+        """``fl32(fl32(acc * scale) + bias)`` after a binary ``Conv`` / ``MatMul``, robust to runtime fusions.
+
+        A runtime may fold a ``Mul`` or ``Add`` that follows a ``Conv`` into its weights or its
+        accumulation (onnxruntime's ConvMulFusion / ConvAddFusion / MatMulAddFusion), which
+        changes the rounding. So the scale and bias go through float64, where they are exact:
+        ``acc * scale`` (an integer below 2^24 times a float32) is exact in float64, and its cast
+        is the one float32 rounding; ``acc + bias`` is exact in float64 for every bias that is
+        not below float32's resolution at ``acc`` (then both give ``acc``).
+        """
+        roles, b = self.roles(node), self.b
+        scale, bias = roles.get("scale"), roles.get("bias")
+        f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
+        f64 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float64"))
+        if scale is None and bias is None:
+            # the exact accumulator, through int32 and back: keeps a following BatchNormalization
+            # out of the Conv (ConvBNFusion would turn the +-1 weights into floats)
+            i32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("int32"))
+            return b.op("Cast", [b.op("Cast", [y], f"{base}_int", to=i32)], f"{base}_acc", to=f32)
+        wide = b.op("Cast", [y], f"{base}_acc64", to=f64)
+        if scale is not None:
+            product = b.op("Mul", [wide, _channel(b, scale.double(), rank, f"{base}_scale", np.float64)], f"{base}_scaled64")
+            y = b.op("Cast", [product], f"{base}_scaled", to=f32)
+            if bias is not None:
+                y = b.op("Add", [y, _channel(b, bias, rank, f"{base}_bias")], f"{base}_biased")
+            return y
+        total = b.op("Add", [wide, _channel(b, bias.double(), rank, f"{base}_bias", np.float64)], f"{base}_biased64")
+        return b.op("Cast", [total], f"{base}_biased", to=f32)
+
+    def threshold(self, acc: str, node: dict, rank: int, base: str) -> str:
+        """+-1 from an exact accumulator: -1 where (dir > 0 ? acc < thr : acc > thr)."""
+        b, roles = self.b, self.roles(node)
+        thr = _channel(b, roles["thresholds"].double(), rank, f"{base}_thr", np.float64)
+        pos = _channel(b, roles["direction"] > 0, rank, f"{base}_dir", np.bool_)
+        neg = _channel(b, roles["direction"] < 0, rank, f"{base}_dirneg", np.bool_)
+        acc64 = b.op("Cast", [acc], f"{base}_acc64", to=b.helper.np_dtype_to_tensor_dtype(np.dtype("float64")))
+        lt = b.op("And", [b.op("Less", [acc64, thr], f"{base}_lt"), pos], f"{base}_pos_lt")
+        gt = b.op("And", [b.op("Greater", [acc64, thr], f"{base}_gt"), neg], f"{base}_neg_gt")
+        return self.signs_where(b.op("Or", [lt, gt], f"{base}_negative"), base)
+
+    def conv(self, x: str, w: str, attrs: dict, base: str, *, explicit=None, pad_value=0.0, mode="zeros",
+             bias: str | None = None) -> str:
+        """``Conv`` of x with w; padding by the conv's zero ``pads`` or an explicit ``Pad`` first."""
+        b = self.b
+        if explicit is None:
+            ph, pw = attrs["padding"]
+            explicit = [pw, pw, ph, ph]  # left, right, top, bottom
+        left, right, top, bottom = explicit
+        pads = [top, left, bottom, right]
+        if mode == "zeros" and pad_value == 0.0:
+            conv_pads = pads
+        else:
+            if mode == "circular":
+                raise OnnxExportError(f"'{base}': padding_mode='circular' has no ONNX Pad mode at opset 18")
+            onnx_mode = {"zeros": "constant", "reflect": "reflect", "replicate": "edge"}[mode]
+            inputs = [x, b.const([0, 0, top, left, 0, 0, bottom, right], np.int64)]
+            if onnx_mode == "constant":
+                inputs.append(b.const(float(pad_value)))
+            x = b.op("Pad", inputs, f"{base}_pad", mode=onnx_mode)
+            conv_pads = [0, 0, 0, 0]
+        return b.op(
+            "Conv", [x, w] + ([bias] if bias else []), f"{base}_conv", pads=conv_pads, strides=list(attrs["stride"]),
+            dilations=list(attrs["dilation"]), group=int(attrs["groups"]), kernel_shape=list(attrs["kernel_size"]),
+        )
+
+    def packed_conv_input(self, xp: str, attrs: dict) -> tuple[str, dict]:
+        """The +-1 input of a binary conv and how to pad it (its layout's pad value)."""
+        ph, pw = attrs["padding"]
+        return self.value[xp], {"explicit": [pw, pw, ph, ph], "pad_value": float(attrs["pad_value"])}
+
+    # -- the walk -----------------------------------------------------------
+
+    def export(self) -> tuple[list[str], dict]:
+        inp = self.graph["input"]
+        self.value[inp["name"]] = "input"
+        self.b.names.add("input")
+        self.run[inp["name"]] = self.example
+        self.shape[inp["name"]] = tuple(self.example.shape)
+        for node in self.graph["nodes"]:
+            self.emit(node)
+        return [self.value[o] for o in self.graph["outputs"]], self.run
+
+    def emit(self, node: dict) -> None:
+        op, name = node["op"], node["name"]
+        spec = G.OPS[op]
+        attrs = G._attrs(node, spec, name)
+        out = spec.fn(self.roles(node), attrs, *[self.run[i] for i in node["inputs"]])  # shapes, from the engine
+        self.run[name] = out
+        if out.dtype != torch.int64:
+            self.shape[name] = tuple(out.shape)
+        xs = [self.value[i] for i in node["inputs"]]
+        method = getattr(self, f"op_{op}", None)
+        if method is None:
+            raise OnnxExportError(f"graph op {op!r} (node {name!r}) has no ONNX form")
+        self.value[name] = method(node, attrs, xs, name)
+
+    # packing: +-1 floats
+    def op_pack(self, node, a, xs, name):
+        return self.sign(xs[0], name)
+
+    def op_pack_features(self, node, a, xs, name):
+        x = xs[0]
+        if len(self.shape[node["inputs"][0]]) != 2:
+            x = self.b.op("Reshape", [x, self.b.const([-1, a["features"]], np.int64)], f"{name}_2d")
+        return self.sign(x, name)
+
+    def _binary_conv_acc(self, node, a, xs, name):
+        x, pad = self.packed_conv_input(node["inputs"][0], a)
+        w = self.bits_weight(node, "weight", a, name)
+        return self.conv(x, w, a, name, explicit=pad["explicit"], pad_value=pad["pad_value"])
+
+    def op_binary_conv2d(self, node, a, xs, name):
+        return self.scale_bias(self._binary_conv_acc(node, a, xs, name), node, 4, name)
+
+    def op_binary_conv2d_threshold(self, node, a, xs, name):
+        return self.threshold(self._binary_conv_acc(node, a, xs, name), node, 4, name)
+
+    def op_threshold_pack(self, node, a, xs, name):
+        return self.threshold(xs[0], node, len(self.shape[node["inputs"][0]]), name)
+
+    def op_max_pool_bits(self, node, a, xs, name):
+        # direction +1 channels: negative iff all are (max of +-1); direction -1: iff any is
+        roles, c, g = self.roles(node), a["channels"], a["out_groups"]
+        cg = c // g
+        flips = torch.cat([unpack_bits(roles["or_mask"][k], cg) for k in range(g)])
+        m = _channel(self.b, torch.where(flips, -1.0, 1.0), 4, f"{name}_flip")
+        flipped = self.b.op("Mul", [xs[0], m], f"{name}_in")
+        ph, pw = a["padding"]
+        pooled = self.b.op("MaxPool", [flipped], f"{name}_max", kernel_shape=list(a["kernel_size"]),
+                           strides=list(a["stride"]), pads=[ph, pw, ph, pw], dilations=list(a["dilation"]),
+                           ceil_mode=int(a["ceil_mode"]))
+        return self.b.op("Mul", [pooled, m], name)
+
+    def _binary_linear_acc(self, node, a, xs, name):
+        w = self.bits_weight(node, "weight", a, name)
+        wt = self.b.op("Transpose", [w], f"{name}_wt", perm=[1, 0])
+        return self.b.op("MatMul", [xs[0], wt], f"{name}_mm")
+
+    def op_binary_linear(self, node, a, xs, name):
+        return self.scale_bias(self._binary_linear_acc(node, a, xs, name), node, 2, name)
+
+    def op_binary_linear_threshold(self, node, a, xs, name):
+        return self.threshold(self._binary_linear_acc(node, a, xs, name), node, 2, name)
+
+    # float layers
+    def op_conv2d(self, node, a, xs, name):
+        roles = self.roles(node)
+        w = self.b.const(roles["weight"].numpy(), np.float32, f"{name}_w")
+        bias = self.b.const(roles["bias"].numpy(), np.float32, f"{name}_b") if roles.get("bias") is not None else None
+        return self.conv(xs[0], w, a, name, explicit=a["explicit_padding"], pad_value=a["pad_value"],
+                         mode=a["padding_mode"], bias=bias)
+
+    def op_qconv2d(self, node, a, xs, name):
+        w = self.weight(node, a, name)
+        y = self.conv(xs[0], w, a, name, explicit=a["explicit_padding"], pad_value=a["pad_value"],
+                      mode=a["padding_mode"])
+        return self.scale_bias(y, node, 4, name)
+
+    def op_linear(self, node, a, xs, name):
+        roles = self.roles(node)
+        w = self.b.const(roles["weight"].numpy(), np.float32, f"{name}_w")
+        y = self._matmul(xs[0], w, name)
+        if roles.get("bias") is not None:
+            y = self.b.op("Add", [y, self.b.const(roles["bias"].numpy(), np.float32, f"{name}_b")], f"{name}_biased")
+        return y
+
+    def op_qlinear(self, node, a, xs, name):
+        y = self._matmul(xs[0], self.weight(node, a, name), name)
+        return self.scale_bias(y, node, 2, name)  # [1, F] constants broadcast over any [..., F]
+
+    def _matmul(self, x, w, name):
+        wt = self.b.op("Transpose", [w], f"{name}_wt", perm=[1, 0])
+        return self.b.op("MatMul", [x, wt], f"{name}_mm")
+
+    def op_batch_norm(self, node, a, xs, name):
+        roles, c = self.roles(node), a["num_features"]
+        weight = roles.get("weight") if roles.get("weight") is not None else torch.ones(c)
+        bias = roles.get("bias") if roles.get("bias") is not None else torch.zeros(c)
+        ins = [xs[0]] + [self.b.const(t.numpy(), np.float32, f"{name}_{k}")
+                         for k, t in (("w", weight), ("b", bias), ("mean", roles["running_mean"]),
+                                      ("var", roles["running_var"]))]
+        return self.b.op("BatchNormalization", ins, name, epsilon=float(a["eps"]))
+
+    def _pool_pads(self, a):
+        ph, pw = a["padding"]
+        return [ph, pw, ph, pw]
+
+    def op_max_pool2d(self, node, a, xs, name):
+        return self.b.op("MaxPool", xs, name, kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]),
+                         pads=self._pool_pads(a), dilations=list(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+
+    def op_avg_pool2d(self, node, a, xs, name):
+        if a["divisor_override"] is not None:
+            raise OnnxExportError(f"node {name!r}: AvgPool2d(divisor_override=...) has no ONNX form")
+        return self.b.op("AveragePool", xs, name, kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]),
+                         pads=self._pool_pads(a), ceil_mode=int(a["ceil_mode"]),
+                         count_include_pad=int(a["count_include_pad"]))
+
+    def _adaptive(self, node, a, xs, name, kind):
+        h, w = self.shape[node["inputs"][0]][2:]
+        oh, ow = a["output_size"]
+        if (oh, ow) == (1, 1):
+            return self.b.op(f"Global{kind}Pool", xs, name)
+        if h % oh or w % ow:
+            raise OnnxExportError(f"node {name!r}: adaptive pooling of {h}x{w} to {oh}x{ow} has no ONNX form")
+        k = [h // oh, w // ow]
+        return self.b.op(f"{kind}Pool", xs, name, kernel_shape=k, strides=k)
+
+    def op_adaptive_avg_pool2d(self, node, a, xs, name):
+        return self._adaptive(node, a, xs, name, "Average")
+
+    def op_adaptive_max_pool2d(self, node, a, xs, name):
+        return self._adaptive(node, a, xs, name, "Max")
+
+    def _reshape_to(self, x, name, shape):
+        return self.b.op("Reshape", [x, self.b.const([0, *shape[1:]], np.int64)], name)
+
+    def op_flatten(self, node, a, xs, name):
+        return self._reshape_to(xs[0], name, self.shape[name])
+
+    def op_reshape(self, node, a, xs, name):
+        return self._reshape_to(xs[0], name, self.shape[name])
+
+    def op_identity(self, node, a, xs, name):
+        return self.b.op("Identity", xs, name)
+
+    def op_add(self, node, a, xs, name):
+        if len(xs) == 1:
+            return self.b.op("Add", [xs[0], self.b.const(a["other"] * a["alpha"])], name)
+        y = xs[1]
+        if a["alpha"] != 1.0:
+            y = self.b.op("Mul", [y, self.b.const(a["alpha"])], f"{name}_alpha")
+        return self.b.op("Add", [xs[0], y], name)
+
+    def op_mul(self, node, a, xs, name):
+        other = xs[1] if len(xs) == 2 else self.b.const(a["other"])
+        return self.b.op("Mul", [xs[0], other], name)
+
+    def op_div(self, node, a, xs, name):
+        return self.b.op("Div", [xs[0], self.b.const(a["other"])], name)
+
+    def op_roll(self, node, a, xs, name):
+        shape = self.shape[node["inputs"][0]]
+        dim = a["dim"] % len(shape)
+        n = shape[dim]
+        s = a["shifts"] % n if n else 0
+        if s == 0:
+            return self.b.op("Identity", xs, name)
+        i64 = lambda v: self.b.const([v], np.int64)  # noqa: E731
+        tail = self.b.op("Slice", [xs[0], i64(n - s), i64(n), i64(dim)], f"{name}_tail")
+        head = self.b.op("Slice", [xs[0], i64(0), i64(n - s), i64(dim)], f"{name}_head")
+        return self.b.op("Concat", [tail, head], name, axis=dim)
+
+    def op_twist_mix(self, node, a, xs, name):
+        from onebit.nn.twist import coordinate_maps
+
+        cx, cy = coordinate_maps(self.run[node["inputs"][0]])
+        gx = self.b.op("Mul", [xs[1], self.b.const(cx.numpy(), np.float32, f"{name}_X")], f"{name}_gx")
+        gy = self.b.op("Mul", [xs[2], self.b.const(cy.numpy(), np.float32, f"{name}_Y")], f"{name}_gy")
+        return self.b.op("Add", [self.b.op("Add", [xs[0], gx], f"{name}_x"), gy], name)
+
+    def op_cat(self, node, a, xs, name):
+        return self.b.op("Concat", xs, name, axis=a["dim"])
+
+    def op_relu(self, node, a, xs, name):
+        return self.b.op("Relu", xs, name)
+
+    def op_relu6(self, node, a, xs, name):
+        return self.b.op("Clip", [xs[0], self.b.const(0.0), self.b.const(6.0)], name)
+
+    def op_leaky_relu(self, node, a, xs, name):
+        return self.b.op("LeakyRelu", xs, name, alpha=float(a["negative_slope"]))
+
+    def op_hardtanh(self, node, a, xs, name):
+        return self.b.op("Clip", [xs[0], self.b.const(a["min_val"]), self.b.const(a["max_val"])], name)
+
+    def op_prelu(self, node, a, xs, name):
+        slope = self.roles(node)["weight"]
+        rank = len(self.shape[node["inputs"][0]])
+        if slope.numel() > 1:
+            return self.b.op("PRelu", [xs[0], _channel(self.b, slope, rank, f"{name}_slope")], name)
+        return self.b.op("PRelu", [xs[0], self.b.const(slope.numpy(), np.float32, f"{name}_slope")], name)
+
+    def op_sigmoid(self, node, a, xs, name):
+        return self.b.op("Sigmoid", xs, name)
+
+    def op_tanh(self, node, a, xs, name):
+        return self.b.op("Tanh", xs, name)
+
+    def op_softmax(self, node, a, xs, name):
+        return self.b.op("Softmax", xs, name, axis=a["dim"])
+
+    def op_sign(self, node, a, xs, name):
+        return self.sign(xs[0], name)
+
+    def op_sign_threshold(self, node, a, xs, name):
+        return self.threshold(xs[0], node, len(self.shape[node["inputs"][0]]), name)
+
+    def op_dorefa(self, node, a, xs, name):
+        levels = float(2 ** a["bits"] - 1)
+        clipped = self.b.op("Clip", [xs[0], self.b.const(0.0), self.b.const(1.0)], f"{name}_clip")
+        scaled = self.b.op("Mul", [clipped, self.b.const(levels)], f"{name}_scaled")
+        return self.b.op("Div", [self.b.op("Round", [scaled], f"{name}_round"), self.b.const(levels)], name)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    strict: bool = False,
+) -> "Any":
+    """Write ``model`` (an eval-mode onebit/torch model, or a :class:`~onebit.engine.PackedModel`)
+    as an ONNX file of standard ops; returns the ``onnx.ModelProto``.
+
+    The model is lowered as :func:`onebit.engine.pack` lowers it (``strict`` as there), so
+    binary layers give bit-identical outputs in onnxruntime and float layers equal ones up to
+    float rounding. Written atomically. Raises :class:`OnnxExportError` for an op with no
+    standard-ONNX form at ``opset`` (>= 18).
+    """
+    onnx, helper, _ = _onnx()
+    from onebit.engine.packed import PackedModel, pack
+
+    if not isinstance(opset, int) or opset < DEFAULT_OPSET:
+        raise OnnxExportError(f"export_onnx: opset must be an integer >= {DEFAULT_OPSET}, got {opset!r}")
+    packed = model if isinstance(model, PackedModel) else pack(model, example_input, strict=strict)
+    packed._check_input(example_input)
+    exporter = _Exporter(packed, example_input)
+    with torch.no_grad():
+        outputs, run = exporter.export()
+    in_shape = ["batch", *list(example_input.shape[1:])]
+    float32 = helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
+    graph_outputs = []
+    for k, (value, out) in enumerate(zip(packed.graph["outputs"], outputs)):
+        name = "output" if len(outputs) == 1 else f"output_{k}"
+        exporter.b.nodes.append(helper.make_node("Identity", [out], [name], name=f"{name}_identity"))
+        shape = ["batch", *list(run[value].shape[1:])]
+        graph_outputs.append(helper.make_tensor_value_info(name, float32, shape))
+    graph = helper.make_graph(
+        exporter.b.nodes, "onebit", [helper.make_tensor_value_info("input", float32, in_shape)], graph_outputs,
+        initializer=exporter.b.initializers,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="onebit")
+    proto.ir_version = min(proto.ir_version, 9)  # readable by current onnxruntime releases
+    onnx.checker.check_model(proto, full_check=True)
+    io.atomic_write_bytes(path, proto.SerializeToString())
+    return proto
+
+
+class OnnxModel:
+    """An ONNX file run by onnxruntime's CPU provider, called like a model: ``y = m(x)``
+    (a float32 ``torch.Tensor`` in, ``torch.Tensor`` out, or a tuple for several outputs)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as error:  # pragma: no cover - exercised only without the extra
+            raise ImportError("running ONNX files needs 'onnxruntime': pip install 'onebit[onnx]'") from error
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        self.path = os.fspath(path)
+        try:
+            self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ValueError(f"{self.path}: not a runnable ONNX model: {error}") from None
+        self.input = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            raise TypeError(f"{self.path}: expected a float32 torch.Tensor input")
+        outs = self.session.run(self.outputs, {self.input: x.detach().contiguous().numpy()})
+        tensors = tuple(torch.from_numpy(o) for o in outs)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.path!r})"
+
+
+def load_onnx(path: str | os.PathLike, threads: int | None = None) -> OnnxModel:
+    """Load an ONNX file for onnxruntime's CPU provider (see :class:`OnnxModel`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{os.fspath(path)}: no such ONNX file")
+    return OnnxModel(path, threads)

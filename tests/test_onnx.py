@@ -1,0 +1,244 @@
+"""ONNX export: standard ops that onnxruntime runs with the model's numbers.
+
+Binary layers give bit-identical outputs (exact integer sums of +-1, then the scale and
+bias as two float roundings, as onebit computes them); float layers agree up to float
+rounding. The models below keep float values on dyadic grids (integer inputs, weights in
+multiples of 1/4, BatchNorm means off the grid) so that every float op is exact in any
+summation order and no sign sits within rounding of 0: the whole output is bit-identical.
+"""
+
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import onebit  # noqa: E402
+from onebit import engine  # noqa: E402
+from onebit.bits import unpack_signs  # noqa: E402
+from onebit.engine.to_onnx import OnnxExportError, load_onnx  # noqa: E402
+from onebit.nn import QActivation, QConv2d, QLinear  # noqa: E402
+
+SIGN = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
+MAGNITUDE = {"input_quantizer": "ste_sign", "weight_quantizer": "magnitude_aware_sign"}
+
+
+def on_grid(model: nn.Module, seed: int) -> nn.Module:
+    """Float weights and biases in multiples of 1/4; BatchNorm statistics that keep values off 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randint(-8, 8, (c,), generator=g) + 0.375)
+                m.running_var.copy_(torch.ones(c) * 4.0 - m.eps)  # sqrt(var + eps) = 2: exact
+                m.weight.copy_(torch.randint(1, 4, (c,), generator=g) * torch.where(torch.rand(c, generator=g) < 0.4, -1.0, 1.0))
+                m.bias.copy_(torch.randint(-4, 4, (c,), generator=g) * 0.25)
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.randint(-4, 5, m.weight.shape, generator=g) * 0.25)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randint(-4, 5, m.bias.shape, generator=g) * 0.25)
+    return model.eval()
+
+
+def integer_input(*shape, seed=0):
+    x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(seed)).float()
+    return x  # exact zeros included: sign(0) = +1
+
+
+def run_onnx(path, x):
+    return load_onnx(path)(x)
+
+
+class Mixed(nn.Module):
+    """Float stem, binary convs with pad values 0 and -1, biases, magnitude-aware weights,
+    thresholds with and without a max pool, a residual add, a concat, a binary classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.conv1 = QConv2d(16, 16, 3, padding=1, pad_value=-1.0, **SIGN)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = QConv2d(16, 16, 3, padding=1, **MAGNITUDE)  # bias=True
+        self.pool = nn.MaxPool2d(2)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = QConv2d(16, 16, 3, padding=1, groups=2, **SIGN)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = QLinear(32 * 4 * 4, 10, **MAGNITUDE)
+
+    def forward(self, x):
+        x = self.bn0(self.stem(x))
+        y = self.bn1(self.conv1(x))
+        y = self.bn2(self.pool(self.conv2(y)))
+        z = self.bn3(self.conv3(y)) + y
+        return self.fc(torch.flatten(torch.cat([z, y], 1), 1))
+
+
+def test_mixed_model_is_bit_identical_in_onnxruntime(tmp_path):
+    model = on_grid(Mixed(), 1)
+    x = integer_input(4, 3, 8, 8)
+    path = tmp_path / "mixed.onnx"
+    proto = onebit.export_onnx(model, x, path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    ops = {n.op_type for n in proto.graph.node}
+    assert ops <= set(onnx.defs.get_all_schemas_with_history() and [s.name for s in onnx.defs.get_all_schemas()])
+    assert {"Conv", "BitShift", "BitwiseAnd", "Where"} <= ops
+    y = run_onnx(path, x)
+    assert torch.equal(y, model(x))
+    # any batch size
+    x2 = integer_input(1, 3, 8, 8, seed=3)
+    assert torch.equal(run_onnx(path, x2), model(x2))
+
+
+def test_noact_pattern_and_thresholds_through_a_sign_activation(tmp_path):
+    model = on_grid(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), QActivation("ste_sign"),
+        QConv2d(8, 8, 3, padding=1, weight_quantizer="ste_sign"), nn.BatchNorm2d(8), QActivation("ste_sign"),
+        QConv2d(8, 8, 3, padding=1, weight_quantizer="magnitude_aware_sign"), nn.Flatten(1),
+    ), 2)
+    x = integer_input(2, 3, 6, 6)
+    onebit.export_onnx(model, x, tmp_path / "m.onnx", strict=True)
+    assert torch.equal(run_onnx(tmp_path / "m.onnx", x), model(x))
+
+
+def test_binary_weights_are_stored_as_bits(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32),
+        QConv2d(32, 128, 3, padding=1, bias=False, **SIGN), nn.BatchNorm2d(128),
+        QConv2d(128, 256, 3, padding=1, bias=False, **SIGN), nn.BatchNorm2d(256),
+        QConv2d(256, 256, 3, padding=1, bias=False, **SIGN), nn.BatchNorm2d(256),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(256, 10),
+    ).eval()
+    x = torch.randn(1, 3, 8, 8)
+    path = tmp_path / "cnn.onnx"
+    onebit.export_onnx(model, x, path)
+    float_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert path.stat().st_size * 10 <= float_bytes
+    stored = {t.name: t for t in onnx.load(path).graph.initializer}
+    assert any(t.data_type == onnx.TensorProto.UINT8 for t in stored.values())
+
+
+def packed_as_signs(packed_value: torch.Tensor, node: dict, shape) -> torch.Tensor:
+    """The engine's packed bits as the +-1 tensor of ``shape`` ([N, C, H, W] or [N, F])."""
+    if len(shape) == 2:
+        return unpack_signs(packed_value, shape[1])
+    a = node["attrs"]
+    if node["op"] == "pack":
+        (ph, pw), groups = a["padding"], a["groups"]
+    else:
+        (ph, pw), groups = a["out_padding"], a["out_groups"]
+    n, c, h, w = shape
+    inner = packed_value[:, ph : ph + h, pw : pw + w]  # [N, H, W, G, Wg]
+    signs = unpack_signs(inner, c // groups)  # [N, H, W, G, C / G]
+    return signs.reshape(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def onnx_values(packed, path, x):
+    """(every graph value as the engine computes it, the ONNX tensor of every graph value)."""
+    from onebit.engine import to_onnx
+
+    exporter = to_onnx._Exporter(packed, x)
+    with torch.no_grad():
+        exporter.export()
+    model = onnx.load(path)
+    known = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        for out in node.output:
+            if out not in known:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(out))
+                known.add(out)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    tensors = dict(zip(names, session.run(names, {"input": x.numpy()})), input=x.numpy())
+    return exporter.run, {name: torch.as_tensor(tensors[exporter.value[name]]) for name in exporter.run}
+
+
+BINARY_OPS = ("binary_conv2d", "binary_linear", "binary_conv2d_threshold", "binary_linear_threshold", "max_pool_bits")
+
+
+def check_binary_layers(packed, path, x) -> tuple[bool, int]:
+    """Every binary layer in onnxruntime gives, bit for bit, what the engine's kernel gives on
+    the same +-1 input (onnxruntime's own). Returns (whether every +-1 value of the two runs
+    agreed: no float value within rounding of 0 before a sign, the number of layers checked)."""
+    from onebit.engine import graph as G
+    from onebit.engine import ops
+
+    engine_values, onnx_tensors = onnx_values(packed, path, x)
+    graph_tensors = packed.named_graph_tensors()
+    nodes = {n["name"]: n for n in packed.graph["nodes"]}
+
+    def as_signs(name: str, value: torch.Tensor) -> torch.Tensor:
+        if value.dtype == torch.int64:
+            return packed_as_signs(value, nodes[name], tuple(onnx_tensors[name].shape))
+        return value.contiguous()
+
+    all_signs_agree, checked = True, 0
+    for node in packed.graph["nodes"]:
+        name, a = node["name"], node["attrs"]
+        if node["op"] in ("pack", "pack_features", "threshold_pack", "sign"):
+            all_signs_agree &= torch.equal(as_signs(name, engine_values[name]), onnx_tensors[name])
+        if node["op"] not in BINARY_OPS:
+            continue
+        signs = onnx_tensors[node["inputs"][0]]  # onnxruntime's +-1 input, in the engine's layout
+        if node["op"].startswith("binary_linear"):
+            packed_input = ops.pack_features(signs)
+        elif node["op"] == "max_pool_bits":
+            packed_input = ops.pack_activations(signs.contiguous(), (0, 0), 0.0, a["out_groups"])
+        else:
+            packed_input = ops.pack_activations(signs.contiguous(), tuple(a["padding"]), a["pad_value"], a["groups"])
+        spec = G.OPS[node["op"]]
+        roles = {role: graph_tensors[key] for role, key in node.get("tensors", {}).items()}
+        expected = spec.fn(roles, G._attrs(node, spec, name), packed_input)
+        assert torch.equal(as_signs(name, expected), onnx_tensors[name]), f"binary layer {name} ({node['op']})"
+        checked += 1
+    return all_signs_agree, checked
+
+
+@pytest.mark.parametrize("name", ["lenet_binary", "lenet_larq", "birealnet_small", "resnete18", "binary_densenet28"])
+def test_zoo_models_run_in_onnxruntime(name, tmp_path):
+    torch.manual_seed(0)
+    small = name.startswith(("lenet", "birealnet_small"))
+    x = torch.randn(2, 1 if small else 3, 8 if name == "lenet_binary" else 28 if small else 32,
+                    8 if name == "lenet_binary" else 28 if small else 32)
+    x[x.abs() < 0.05] = 0.0
+    model = onebit.models.create(name, in_channels=x.shape[1]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", engine.FallbackWarning)
+        packed = engine.pack(model, x)
+    path = tmp_path / f"{name}.onnx"
+    onebit.export_onnx(packed, x, path)
+    y, ref = run_onnx(path, x), model(x).detach()
+    signs_agree, checked = check_binary_layers(packed, path, x)
+    assert checked >= 1
+    if signs_agree:  # no float value within rounding of 0 before a sign: the output agrees closely
+        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max())
+        assert torch.equal(y.argmax(1), ref.argmax(1))
+
+
+def test_circular_padding_has_no_onnx_form_and_says_so(tmp_path):
+    model = nn.Sequential(QConv2d(3, 4, 3, padding=1, padding_mode="circular", **SIGN)).eval()
+    with pytest.warns(engine.FallbackWarning), pytest.raises(OnnxExportError, match="circular"):
+        onebit.export_onnx(model, torch.randn(1, 3, 5, 5), tmp_path / "c.onnx")
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_export_and_eval_of_the_onnx_file_print_the_runs_accuracy(tmp_path):
+    def onebit_cli(*args):
+        result = subprocess.run([sys.executable, "-m", "onebit", *args], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    run = tmp_path / "run"
+    onebit_cli("train", "--model", "lenet_binary", "--epochs", "1", "--out", str(run))
+    onebit_cli("export", str(run), "--out", str(run / "model.onnx"))
+    accuracy = [line for line in onebit_cli("eval", str(run / "model.onnx")).splitlines() if line.startswith("accuracy")]
+    expected = [line for line in onebit_cli("eval", str(run)).splitlines() if line.startswith("accuracy")]
+    assert accuracy == expected and len(accuracy) == 1
