@@ -31,6 +31,17 @@ def export_onnx(model, example_input, path, *, opset: int = 18, strict: bool = F
     return export(model, example_input, path, opset=opset, strict=strict)
 
 
+def _register_engine_ops() -> None:
+    """Register the engine's kernels as torch custom ops (``torch.ops.onebit.*``), so that a
+    program saved with ``torch.export`` loads wherever onebit is imported."""
+    from onebit.engine import ops
+
+    ops.native_available()  # imports onebit.engine.kernels; a missing extension is reported there
+
+
+_register_engine_ops()
+
+
 def __getattr__(name: str):
     # matplotlib and the engine load on first use, keeping `import onebit` light
     if name in ("plot", "engine", "models", "data"):

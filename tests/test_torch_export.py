@@ -1,0 +1,52 @@
+"""torch.export of a PackedModel: the onebit kernels as registered custom ops, saved and loaded."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import onebit
+from onebit import engine
+from onebit.nn import QActivation, QConv2d
+
+
+def noact_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), QActivation("ste_sign"),
+        QConv2d(16, 16, 3, padding=1, weight_quantizer="magnitude_aware_sign"),  # with a bias
+        nn.BatchNorm2d(16), QActivation("ste_sign"),
+        QConv2d(16, 8, 3, padding=1, pad_value=-1.0, weight_quantizer="ste_sign"),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+    ).eval()
+
+
+@pytest.mark.parametrize("name", ["lenet_binary", "birealnet_small", "noact"])
+def test_exported_packed_model_saves_loads_and_gives_identical_outputs(name, tmp_path):
+    if name == "noact":
+        model, x = noact_model(), torch.randn(2, 3, 8, 8)
+    else:
+        model = onebit.models.create(name, in_channels=1).eval()
+        x = torch.randn(2, 1, *((8, 8) if name == "lenet_binary" else (28, 28)))
+    packed = engine.pack(model, x, strict=True)
+    program = torch.export.export(packed, (x,))
+    code = program.graph_module.code
+    assert "torch.ops.onebit.binary_conv2d" in code  # the native kernels, as custom ops
+    path = tmp_path / "packed.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path)
+    assert torch.equal(loaded.module()(x), packed(x))
+    assert torch.equal(loaded.module()(x), model(x))
+
+    # a fresh process: importing onebit registers the ops the program names
+    torch.save({"x": x, "y": packed(x)}, tmp_path / "io.pt")
+    script = (
+        "import sys, torch, onebit\n"
+        f"p = torch.export.load({str(path)!r}).module()\n"
+        f"d = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "sys.exit(0 if torch.equal(p(d['x']), d['y']) else 1)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
