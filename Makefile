@@ -14,7 +14,7 @@ $(PY):
 $(STAMP): $(PY) $(NATIVE_SOURCES)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 scikit-build-core==1.1.2 nanobind==3.1.0
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,onnx]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,onnx,tensorboard]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -105,6 +105,8 @@ class TrainConfig:
     distill_weight: float = 1.0
     #: T, the softmax temperature of the distillation term
     distill_temperature: float = 1.0
+    #: write TensorBoard event files (scalars, weight histograms) under out/tensorboard
+    tensorboard: bool = False
 
     def validate(self) -> None:
         if self.model not in models.names():
@@ -130,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
         if not self.distill_temperature > 0:
             raise ValueError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.tensorboard and not self.out:
+            raise ValueError("--tensorboard writes under the run directory: give --out")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"unknown memory format {self.memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
 
@@ -461,6 +465,11 @@ class Trainer:
             self.table.print_row(row)
         if c.out and self.is_main:
             self.save_config(c.out)
+        board = None
+        if c.tensorboard and c.out and self.is_main:
+            from onebit.tensorboard_log import TensorBoardLog
+
+            board = TensorBoardLog(c.out)
         previous = self._install_signal_handlers()
         try:
             with progress:
@@ -476,6 +485,8 @@ class Trainer:
                     row["flip_ratio"] = self.flips.ratio()
                     row["time"] = _clock(time.perf_counter() - start)
                     self.table.add(row)
+                    if board is not None:
+                        board.epoch(row, self.model, self.optimizers)
                     self.epoch, self.step = self.epoch + 1, 0
                     self._loss_sum, self._loss_count, self._elapsed = 0.0, 0, 0.0
                     if c.out and self.is_main:
@@ -484,6 +495,8 @@ class Trainer:
                         return self._stop()
         finally:
             self._restore_signal_handlers(previous)
+            if board is not None:
+                board.close()
         return self.history
 
     @property

@@ -50,6 +50,8 @@ def register(commands) -> None:
         help="argument of the model builder, e.g. conv_layer=twist or input_quantizer=approx_sign (repeatable)",
     )
     p.add_argument("--out", default=None, help="run directory for checkpoints and history.csv")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard event files (scalars, weight histograms) under OUT/tensorboard")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run saved in DIR")
     p.set_defaults(run=run)
 
@@ -79,7 +81,8 @@ def _config(args: argparse.Namespace):
     from onebit.train import TrainConfig
 
     values = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
-    config = TrainConfig(**values, out=args.out, model_kwargs=parse_model_args(args.model_arg))
+    config = TrainConfig(**values, out=args.out, model_kwargs=parse_model_args(args.model_arg),
+                         tensorboard=bool(args.tensorboard))
     config.validate()
     return config
 
