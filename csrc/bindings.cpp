@@ -18,6 +18,7 @@
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/pool_bits.h"
+#include "kernels/ternary_linear.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -166,6 +167,24 @@ void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_
   run_plan(*plan, x, w, out, scale, bias, thr, dir, threads, nullptr, 0, 0);
 }
 
+void ternary_linear_raw(uintptr_t x, int64_t N, int64_t K, int64_t x_stride, uintptr_t w, int64_t O, uintptr_t scale,
+                        uintptr_t bias, uintptr_t out, int threads) {
+  require(x != 0 && w != 0 && out != 0, "ternary_linear: null tensor");
+  require(N >= 0 && K > 0 && O > 0 && x_stride >= K, "ternary_linear: bad shape");
+  require(K <= (int64_t{1} << 17), "ternary_linear: in_features must be <= 131072 (exact float32 accumulators)");
+  nb::gil_scoped_release release;
+  onebit::ternary_linear(ptr<const float>(x), N, K, x_stride, ptr<const uint8_t>(w), O, ptr<const float>(scale),
+                         ptr<const float>(bias), ptr<float>(out), threads);
+}
+
+void ternary_linear_int_raw(uintptr_t x, int64_t N, int64_t K, uintptr_t w, int64_t O, uintptr_t out, int threads) {
+  require(x != 0 && w != 0 && out != 0, "ternary_linear_int: null tensor");
+  require(N >= 0 && K > 0 && O > 0, "ternary_linear_int: bad shape");
+  require(K <= (int64_t{1} << 23), "ternary_linear_int: in_features must be <= 2^23 (int32 accumulators)");
+  nb::gil_scoped_release release;
+  onebit::ternary_linear_int(ptr<const int8_t>(x), N, K, ptr<const uint8_t>(w), O, ptr<int32_t>(out), threads);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -175,6 +194,16 @@ NB_MODULE(_C, m) {
   m.def("set_isa", &onebit::set_isa, "name"_a,
         "Force the kernels onto one instruction set (avx512, avx2, scalar, reference).");
   m.def("supported_isas", &onebit::supported_isas, "Instruction sets this CPU can run, fastest first.");
+  m.def("has_avx512_vnni", &onebit::has_avx512_vnni, "Whether this CPU has AVX-512 VNNI (used on the avx512 ISA).");
+  m.def("ternary_linear_kernel", [] { return std::string(onebit::ternary_linear_kernel()); },
+        "The ternary x int8 kernel the active ISA runs: avx512_vnni, avx2 or reference.");
+  m.def("ternary_linear_raw", &ternary_linear_raw, "x"_a, "N"_a, "K"_a, "x_stride"_a, "w"_a, "O"_a, "scale"_a,
+        "bias"_a, "out"_a, "threads"_a,
+        "Low level (addresses): float32 [N, O] of float32 tokens [N, K] (absmax8-quantized inside) and 2-bit "
+        "ternary weights [O, ceil(K/4)] uint8. Use onebit.engine.kernels.ternary_linear.");
+  m.def("ternary_linear_int_raw", &ternary_linear_int_raw, "x"_a, "N"_a, "K"_a, "w"_a, "O"_a, "out"_a, "threads"_a,
+        "Low level (addresses): int32 [N, O] of int8 [N, K] and 2-bit ternary weights [O, ceil(K/4)] uint8. "
+        "Use onebit.engine.kernels.ternary_linear_int.");
   onebit::init_tiles_from_env();  // a bad ONEBIT_TILE fails the import, naming the valid tiles
   m.def("tiles", &onebit::tile_names, "isa"_a,
         "The convolution's register tiles for an ISA (pixels x channels), the default first.");

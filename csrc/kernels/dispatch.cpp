@@ -15,7 +15,7 @@ unsigned long long xgetbv0() {
 }
 
 struct CpuFeatures {
-  bool popcnt = false, avx2 = false, avx512 = false;
+  bool popcnt = false, avx2 = false, avx512 = false, avx512_vnni = false;
   CpuFeatures() {
     unsigned int a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return;
@@ -31,6 +31,7 @@ struct CpuFeatures {
     const bool f = b & bit_AVX512F, bw = b & bit_AVX512BW, vl = b & bit_AVX512VL, dq = b & bit_AVX512DQ;
     const bool vpopcntdq = c & bit_AVX512VPOPCNTDQ;
     avx512 = avx2 && zmm_state && f && bw && vl && dq && vpopcntdq;
+    avx512_vnni = avx512 && (c & (1u << 11));  // CPUID.(EAX=7,ECX=0):ECX[11] AVX512_VNNI
   }
 };
 
@@ -96,6 +97,8 @@ std::vector<std::string> supported_isas() {
     if (isa_supported(isa)) names.emplace_back(isa_name(isa));
   return names;
 }
+
+bool has_avx512_vnni() { return cpu().avx512_vnni; }
 
 Isa active_isa() { return static_cast<Isa>(active().load(std::memory_order_relaxed)); }
 

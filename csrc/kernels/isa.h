@@ -18,4 +18,8 @@ std::vector<std::string> supported_isas();
 Isa active_isa();
 void set_isa(const std::string& name);  // throws std::invalid_argument
 
+// AVX-512 VNNI (vpdpbusd), a feature on top of the avx512 level: the int8 kernels use it when
+// the active ISA is avx512 and the CPU has it (forcing avx2 or lower turns it off).
+bool has_avx512_vnni();
+
 }  // namespace onebit

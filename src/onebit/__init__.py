@@ -3,7 +3,8 @@
 Layers, from the bottom up:
 
 - ``onebit.math``: the one sign convention (sign(0) = +1);
-- ``onebit.quant``: quantizers with straight-through gradients, by alias;
+- ``onebit.quant``, ``onebit.quant_lowbit``: quantizers with straight-through gradients, by alias
+  (1-bit; ternary, 8-bit per-token and symmetric k-bit);
 - ``onebit.nn``: quantized layers, drop-in for torch.nn (``onebit.nn.functional`` holds the arithmetic);
 - ``onebit.binarize``: float -> binary model conversion;
 - ``onebit.canonize``, ``onebit.summary``, ``onebit.doctor``, ``onebit.plot``: model tools
@@ -14,14 +15,14 @@ Layers, from the bottom up:
 - ``onebit.heap``: keep freed tensor memory for reuse (the ``onebit`` command does).
 """
 
-from onebit import canonize, math, nn, quant
+from onebit import canonize, math, nn, quant, quant_lowbit
 from onebit.convert import binarize
 from onebit.doctor import doctor
 from onebit.summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["binarize", "canonize", "doctor", "engine", "export_onnx", "math", "nn", "plot", "quant", "summary", "__version__"]
+__all__ = ["binarize", "canonize", "doctor", "engine", "export_onnx", "math", "nn", "plot", "quant", "quant_lowbit", "summary", "__version__"]
 
 
 def export_onnx(model, example_input, path, *, opset: int = 18, strict: bool = False):

@@ -132,6 +132,7 @@ class TensorSpec:
     shape: Callable[[dict], tuple[int, ...] | None]  # None: any 1-D length is checked by the op
     required: bool = True
     binary: bool = False  # a binary weight: stored compact in files
+    check: Callable[[torch.Tensor, dict], str | None] | None = None  # content check: a problem, or None
 
 
 @dataclass(frozen=True)
@@ -413,6 +414,28 @@ def _identity(t, a, x):
     return x
 
 
+def _ternary_linear(t, a, x):
+    """BitLinear: ``[rms_norm] -> absmax8 -> (x_int @ levels.T) / s * scale + bias`` over the last dimension."""
+    f = a["in_features"]
+    if x.shape[-1] != f:
+        raise ValueError(f"expected {f} input features, got shape {list(x.shape)}")
+    if a["norm"]:
+        x = F.rms_norm(x, (f,), eps=a["eps"])
+    lead = x.shape[:-1]
+    y = ops.ternary_linear(x.reshape(-1, f), t["weight"], in_features=f, scale=t.get("scale"), bias=t.get("bias"))
+    return y.reshape(*lead, a["out_features"])
+
+
+def _ternary_codes_problem(t: torch.Tensor, a: dict) -> str | None:
+    """A 2-bit ternary weight holds only the codes 0, 1, 2 (w + 1), and 0 beyond ``in_features``."""
+    codes = ((t.unsqueeze(-1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3).reshape(t.shape[0], -1)
+    if bool((codes == 3).any()):
+        return "holds the 2-bit code 3, which is no ternary weight (codes are w + 1 in {0, 1, 2})"
+    if bool((codes[:, a["in_features"] :] != 0).any()):
+        return f"has nonzero codes beyond the {a['in_features']} input features"
+    return None
+
+
 _F32 = torch.float32
 _ANY = lambda a: None  # noqa: E731
 
@@ -627,7 +650,25 @@ OPS: dict[str, OpSpec] = {
     ),
     "dorefa": OpSpec(_dorefa, (FLOAT,), FLOAT, {"bits": _int(1, 16)}),
     "identity": OpSpec(_identity, (FLOAT,), FLOAT),
+    "ternary_linear": OpSpec(
+        _ternary_linear,
+        (FLOAT,),
+        FLOAT,
+        {"in_features": _int(1, 1 << 17), "out_features": _int(1), "norm": _bool, "eps": _float},
+        {
+            "weight": TensorSpec(torch.uint8, lambda a: (a["out_features"], (a["in_features"] + 3) // 4),
+                                 check=_ternary_codes_problem),
+            "scale": TensorSpec(_F32, _fout, required=False),
+            "bias": TensorSpec(_F32, _fout, required=False),
+        },
+        lambda a: _check_positive_eps(a),
+    ),
 }
+
+
+def _check_positive_eps(a):
+    if not a["eps"] > 0:
+        raise GraphError(f"eps must be positive, got {a['eps']}")
 
 
 def _fail(v):
@@ -758,6 +799,10 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
                 raise GraphError(f"{where}: tensor {key!r} must have shape {list(shape)}, got {list(t.shape)}")
             if shape is None and t.dim() != 1:
                 raise GraphError(f"{where}: tensor {key!r} must be 1-D, got shape {list(t.shape)}")
+            if ts.check is not None and t.numel():
+                problem = ts.check(t, attrs)
+                if problem:
+                    raise GraphError(f"{where}: tensor {key!r} {problem}")
             if role == "direction" and t.numel() and not bool(((t == 1) | (t == -1)).all()):
                 raise GraphError(f"{where}: tensor {key!r} must hold only +1 and -1")
             if role in ("or_mask", "pad_words") and t.numel():

@@ -54,6 +54,9 @@ __all__ = [
     "binary_linear_threshold",
     "max_pool_bits",
     "WeightCache",
+    "ternary_linear",
+    "ternary_linear_int",
+    "ternary_linear_kernel",
 ]
 
 isa = _C.isa
@@ -893,3 +896,118 @@ def max_pool_bits(
                                                    (padding, "padding"), (dilation, "dilation"))]
     return torch.ops.onebit.max_pool_bits(xp, or_mask, pad_words, *pairs, bool(ceil_mode),
                                           list(_pair(out_padding, "out_padding")), int(channels))
+
+
+# ---------------------------------------------------------------------------
+# ternary weights x int8 activations (BitLinear): see csrc/kernels/ternary_linear.h
+
+#: largest in_features of ternary_linear: the integer sums stay exact in float32 (128 * F < 2^24)
+TERNARY_MAX_FEATURES = 1 << 17
+
+
+def _ternary_weight(wp, in_features) -> tuple[int, int]:
+    f = _int(in_features, "in_features", 1)
+    _tensor(wp, "packed ternary weight wp", torch.uint8, 2)
+    row = (f + 3) // 4
+    if wp.shape[1] != row or wp.shape[0] < 1:
+        raise ValueError(
+            f"packed ternary weight wp has shape {list(wp.shape)}: expected [Out >= 1, {row}] "
+            f"(four 2-bit codes a byte) for {f} input features"
+        )
+    return f, wp.shape[0]
+
+
+def _check_ternary(x, wp, in_features, dtype) -> tuple[int, int, int]:
+    f, out = _ternary_weight(wp, in_features)
+    _tensor(x, "input x", dtype, 2, contiguous=False)
+    if x.shape[1] != f:
+        raise ValueError(f"input x has shape {list(x.shape)}: expected [N, in_features={f}]")
+    return x.shape[0], f, out
+
+
+def _ternary_linear_impl(x, wp, in_features, scale, bias):
+    n, f, out = _check_ternary(x, wp, in_features, torch.float32)
+    if f > TERNARY_MAX_FEATURES:
+        raise ValueError(f"ternary_linear: in_features={f} exceeds {TERNARY_MAX_FEATURES} (exact float32 sums)")
+    scale_ptr = _channel_ptr(scale, "scale", torch.float32, out)
+    bias_ptr = _channel_ptr(bias, "bias", torch.float32, out)
+    if n > 0 and (x.stride(1) != 1 or x.stride(0) < f):
+        x = x.contiguous()
+    y = torch.empty((n, out), dtype=torch.float32)
+    if n > 0:
+        _C.ternary_linear_raw(
+            x.data_ptr(), n, f, x.stride(0), wp.data_ptr(), out, scale_ptr, bias_ptr, y.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return y
+
+
+def _ternary_linear_int_impl(x, wp, in_features):
+    n, f, out = _check_ternary(x, wp, in_features, torch.int8)
+    x = x.contiguous()
+    y = torch.empty((n, out), dtype=torch.int32)
+    if n > 0:
+        _C.ternary_linear_int_raw(x.data_ptr(), n, f, wp.data_ptr(), out, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+@torch.library.custom_op("onebit::ternary_linear", mutates_args=())
+def _ternary_linear_op(
+    x: torch.Tensor, wp: torch.Tensor, in_features: int, scale: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return _ternary_linear_impl(x, wp, in_features, scale, bias)
+
+
+@_ternary_linear_op.register_fake
+def _(x, wp, in_features, scale, bias):
+    n, _, out = _check_ternary(x, wp, in_features, torch.float32)
+    if scale is not None:
+        _per_channel(scale, "scale", torch.float32, out)
+    if bias is not None:
+        _per_channel(bias, "bias", torch.float32, out)
+    return x.new_empty((n, out))
+
+
+@torch.library.custom_op("onebit::ternary_linear_int", mutates_args=())
+def _ternary_linear_int_op(x: torch.Tensor, wp: torch.Tensor, in_features: int) -> torch.Tensor:
+    return _ternary_linear_int_impl(x, wp, in_features)
+
+
+@_ternary_linear_int_op.register_fake
+def _(x, wp, in_features):
+    n, _, out = _check_ternary(x, wp, in_features, torch.int8)
+    return x.new_empty((n, out), dtype=torch.int32)
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    in_features: int,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 ``[N, Out]`` ``= (x_int @ levels.T) / s * scale + bias``: BitLinear's arithmetic.
+
+    ``x`` is float32 ``[N, F]`` (rows may be strided), quantized per token inside the kernel as
+    :class:`onebit.quant_lowbit.Absmax8` does (``s = 127 / max(max|x|, 1e-5)``,
+    ``x_int = clamp(round(x s), -128, 127)``); ``wp`` is the uint8 ``[Out, ceil(F / 4)]`` 2-bit
+    weight of :func:`onebit.engine.reference.pack_ternary_weights`; ``scale`` and ``bias`` are
+    optional float32 ``[Out]``. The integer sum is exact, the three roundings after it are those of
+    the layer, in its order (bit-identical). A token holding a NaN or infinity gives NaNs.
+    """
+    if _direct(x, wp, scale, bias):
+        return _ternary_linear_impl(x, wp, in_features, scale, bias)
+    return torch.ops.onebit.ternary_linear(x, wp, in_features, scale, bias)
+
+
+def ternary_linear_int(x: torch.Tensor, wp: torch.Tensor, *, in_features: int) -> torch.Tensor:
+    """int32 ``[N, Out]`` ``= x @ levels.T`` of int8 ``x`` ``[N, F]`` and 2-bit ternary weights (see :func:`ternary_linear`)."""
+    if _direct(x, wp):
+        return _ternary_linear_int_impl(x, wp, in_features)
+    return torch.ops.onebit.ternary_linear_int(x, wp, in_features)
+
+
+def ternary_linear_kernel() -> str:
+    """The kernel :func:`ternary_linear` runs on the active ISA: ``avx512_vnni``, ``avx2`` or ``reference``."""
+    return _C.ternary_linear_kernel()

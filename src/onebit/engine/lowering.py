@@ -33,7 +33,9 @@ from onebit import quant
 from onebit.engine import ops
 from onebit.math import sign as onebit_sign
 from onebit.nn import functional as QF
+from onebit.nn.bitlinear import BitLinear
 from onebit.nn.layers import QActivation, QConv1d, QConv2d, QLinear, QuantizedLayer
+from onebit.quant_lowbit import Absmax8, Ternary
 from onebit.nn.twist import TwistConv2d
 from onebit.thresholds import accumulator_bound, batchnorm_sign_thresholds
 
@@ -631,6 +633,20 @@ class _Lowering:
         attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
         self.value[node] = self.emit(node.name, "qlinear", [x], attrs, self.float_layer_tensors(m), node.target)
 
+    def lower_ternary_linear(self, node: fx.Node, m: QLinear) -> None:
+        """A ``BitLinear`` (or a ``QLinear`` with ``absmax8`` input and ``ternary`` weights) -> one
+        ``ternary_linear`` op: [RMSNorm], int8 tokens, 2-bit weights, exact integer sums."""
+        f = int(m.in_features)
+        if f > 1 << 17:
+            raise self.unsupported(node, f"in_features={f} > 131072: its integer sums are not exact in float32")
+        x = self.arg(node, node.args[0])
+        levels, gamma = self.weight_factors(m)
+        norm = isinstance(m, BitLinear) and m.norm
+        attrs = {"in_features": f, "out_features": int(m.out_features), "norm": bool(norm),
+                 "eps": float(m.eps) if isinstance(m, BitLinear) else 1e-5}  # fmt: skip
+        tensors = {"weight": ops.pack_ternary_weights(levels.contiguous()), "scale": gamma, "bias": _t(m.bias)}
+        self.value[node] = self.emit(node.name, "ternary_linear", [x], attrs, tensors, node.target)
+
     # -- float modules ------------------------------------------------------
 
     def lower_module_op(self, node: fx.Node, m: nn.Module, x: str) -> str:
@@ -759,6 +775,9 @@ class _Lowering:
             else:
                 self.value[node] = self.lower_float_qconv(node, m, self.arg(node, node.args[0]))
             return
+        if is_ternary_linear(m):
+            self.lower_ternary_linear(node, m)
+            return
         if isinstance(m, QLinear):
             self.lower_qlinear(node, m)
             return
@@ -848,6 +867,11 @@ class _Lowering:
             self.value[node] = self.arg(node, args[0])
         else:
             raise self.unsupported(node)
+
+
+def is_ternary_linear(m: nn.Module) -> bool:
+    """A linear layer the ``ternary_linear`` kernels run: ``absmax8`` input, ``ternary`` weights."""
+    return isinstance(m, QLinear) and isinstance(m.input_quantizer, Absmax8) and isinstance(m.weight_quantizer, Ternary)
 
 
 def _is_sign_threshold(m: nn.Module) -> bool:

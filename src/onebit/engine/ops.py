@@ -36,6 +36,9 @@ __all__ = [
     "binary_linear",
     "binary_linear_int",
     "binary_linear_threshold",
+    "pack_ternary_weights",
+    "ternary_linear",
+    "ternary_linear_int",
 ]
 
 _DEFAULT = os.environ.get("ONEBIT_ENGINE_BACKEND", "auto")
@@ -302,3 +305,39 @@ def max_pool_bits(xp, or_mask, pad_words, **pool) -> torch.Tensor:
     if tuple(or_mask.shape) != tuple(xp.shape[3:]) or tuple(pad_words.shape) != tuple(xp.shape[3:]):
         raise ValueError(f"max_pool_bits: masks must have shape {list(xp.shape[3:])}")
     return reference.max_pool_bits(xp, or_mask, pad_words, **pool)
+
+
+# ---------------------------------------------------------------------------
+# ternary weights x int8 activations (BitLinear)
+
+
+def _check_ternary(x, wp, in_features: int, dtype: torch.dtype) -> None:
+    row = reference.ternary_row_bytes(in_features)
+    if not isinstance(wp, torch.Tensor) or wp.dtype != torch.uint8 or wp.dim() != 2 or wp.shape[1] != row:
+        got = f"{wp.dtype} {list(wp.shape)}" if isinstance(wp, torch.Tensor) else type(wp).__name__
+        raise ValueError(f"ternary_linear: expected packed uint8 [Out, {row}] weights, got {got}")
+    if not isinstance(x, torch.Tensor) or x.dtype != dtype or x.dim() != 2 or x.shape[1] != in_features:
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"ternary_linear: expected {dtype} [N, {in_features}] input, got {got}")
+
+
+def pack_ternary_weights(levels: torch.Tensor) -> torch.Tensor:
+    """Ternary levels ``[Out, F]`` -> the 2-bit uint8 ``[Out, ceil(F / 4)]`` weight (kernels and files)."""
+    return reference.pack_ternary_weights(levels)
+
+
+def ternary_linear_int(x, wp, *, in_features: int) -> torch.Tensor:
+    native = _impl("ternary_linear_int")
+    if native is not None:
+        return native(x, wp, in_features=in_features)
+    _check_ternary(x, wp, in_features, torch.int8)
+    return reference.ternary_linear_int(x, wp, in_features=in_features)
+
+
+def ternary_linear(x, wp, *, in_features: int, scale=None, bias=None) -> torch.Tensor:
+    """BitLinear's ``(x_int @ levels.T) / s * scale + bias`` of float32 tokens ``[N, F]`` (see kernels.ternary_linear)."""
+    native = _impl("ternary_linear")
+    if native is not None:
+        return native(x, wp, in_features=in_features, scale=scale, bias=bias)
+    _check_ternary(x, wp, in_features, torch.float32)
+    return reference.ternary_linear(x, wp, in_features=in_features, scale=scale, bias=bias)

@@ -45,6 +45,10 @@ __all__ = [
     "conv_output_size",
     "pool_output_size",
     "max_pool_bits",
+    "pack_ternary_weights",
+    "unpack_ternary_weights",
+    "ternary_linear_int",
+    "ternary_linear",
 ]
 
 _M1 = 0x5555555555555555
@@ -370,3 +374,68 @@ def _pad_packed(x: torch.Tensor, pad_words: torch.Tensor, padding: Sequence[int]
     out = pad_words.view(1, 1, 1, g, wg).expand(n, h + 2 * ph, w + 2 * pw, g, wg).clone()
     out[:, ph : ph + h, pw : pw + w] = x
     return out
+
+
+# ---------------------------------------------------------------------------
+# ternary weights x int8 activations (BitLinear): 2-bit codes, see csrc/kernels/ternary_linear.h
+
+
+def ternary_row_bytes(in_features: int) -> int:
+    """Bytes of one packed ternary weight row: four 2-bit codes a byte."""
+    return (int(in_features) + 3) // 4
+
+
+def pack_ternary_weights(levels: torch.Tensor) -> torch.Tensor:
+    """float levels in {-1, 0, +1} ``[Out, F]`` -> uint8 ``[Out, ceil(F / 4)]``: weight ``k`` is the 2-bit
+    code ``w + 1`` at bits ``2 (k % 4)`` of byte ``k // 4``; the unused codes of the last byte are 0."""
+    if levels.dim() != 2:
+        raise ValueError(f"ternary levels must be [Out, F], got shape {list(levels.shape)}")
+    if not bool(((levels == -1) | (levels == 0) | (levels == 1)).all()):
+        raise ValueError("ternary levels must all be -1, 0 or +1")
+    out, f = levels.shape
+    codes = (levels.to(torch.int64) + 1).to(torch.uint8)
+    pad = ternary_row_bytes(f) * 4 - f
+    codes = torch.cat([codes, torch.zeros(out, pad, dtype=torch.uint8)], dim=1).reshape(out, -1, 4)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+    return (codes << shifts).sum(dim=-1, dtype=torch.uint8).contiguous()
+
+
+def unpack_ternary_weights(wp: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 ``[Out, ceil(F / 4)]`` -> float32 levels ``[Out, F]`` in {-1, 0, +1}."""
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+    codes = (wp.unsqueeze(-1) >> shifts) & 3
+    return codes.reshape(wp.shape[0], -1)[:, :in_features].to(torch.float32) - 1.0
+
+
+def ternary_linear_int(x: torch.Tensor, wp: torch.Tensor, *, in_features: int) -> torch.Tensor:
+    """int32 ``[N, Out]`` ``= x @ levels.T`` for int8 ``x`` ``[N, F]``, summed in int64."""
+    levels = unpack_ternary_weights(wp, in_features).to(torch.int64)
+    return (x.to(torch.int64) @ levels.T).to(torch.int32)
+
+
+def absmax8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_int int8 [N, F], s float32 [N, 1])``: ``s = 127 / max(max|x|, 1e-5)``, ``x_int = clamp(round(x s))``
+    (NaN where a token is not finite, as int8 cannot say so: such rows give NaN outputs)."""
+    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+    s = torch.full_like(m, 127.0) / m
+    return torch.round(x * s).clamp(-128.0, 127.0), s
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    wp: torch.Tensor,
+    *,
+    in_features: int,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 ``[N, Out]`` ``= (x_int @ levels.T) / s * scale + bias`` of float32 tokens ``x`` ``[N, F]``."""
+    q, s = absmax8(x)
+    finite = torch.isfinite(q).all(dim=1, keepdim=True)
+    acc = ternary_linear_int(torch.where(finite, q, 0.0).to(torch.int8), wp, in_features=in_features)
+    y = acc.to(torch.float32) / s
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return torch.where(finite, y, float("nan"))

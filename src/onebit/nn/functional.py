@@ -122,9 +122,20 @@ def qlinear(
     input_quantizer: Callable | None = None,
     weight_quantizer: Callable | None = None,
 ) -> torch.Tensor:
-    """Quantized linear map: ``y = (q_in(x) @ levels(W).T) * scale + bias`` (see :func:`qconv`)."""
+    """Quantized linear map: ``y = (q_in(x) @ levels(W).T) * scale + bias`` (see :func:`qconv`).
+
+    An input quantizer with an ``integer_factor`` method (``absmax8``: ``q_in(x) = x_int / s`` per
+    token) is applied as ``y = (x_int @ levels(W).T) / s * scale + bias``: the integer sum first
+    (exact in float32 for integer levels while ``|sum| < 2^24``), then three float roundings in
+    this order, as the packed engine's int8 kernels compute it.
+    """
     if input_quantizer is None and weight_quantizer is None:
         return F.linear(x, weight, bias)
+    integer_factor = getattr(input_quantizer, "integer_factor", None)
+    if integer_factor is not None:
+        x_int, s = integer_factor(x)
+        w, scale = weight_factors(weight, weight_quantizer)
+        return scale_and_bias(F.linear(x_int, w) / s, scale, bias, spatial_dims=0)
     if input_quantizer is not None:
         x = input_quantizer(x)
     w, scale = weight_factors(weight, weight_quantizer)

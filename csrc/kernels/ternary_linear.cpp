@@ -1,0 +1,139 @@
+// The ternary x int8 linear layer: token quantization, the run-time choice of kernel, threads
+// over output rows (see ternary_linear.h).
+#include "kernels/ternary_linear.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels/isa.h"
+#include "kernels/parallel.h"
+
+namespace onebit {
+namespace {
+
+using ternary::ChunkDot;
+
+constexpr float kMinMax = 1e-5f;      // s = 127 / max(max|x|, 1e-5), as Absmax8 computes it
+constexpr int64_t kRowBlock = 64;     // output rows a thread claims at a time
+constexpr int64_t kSerialMacs = 1 << 21;  // smaller layers stay on the calling thread
+
+ChunkDot chunk_kernel() {
+  switch (active_isa()) {
+    case Isa::avx512: return has_avx512_vnni() ? ternary::chunk_dot_vnni : ternary::chunk_dot_avx2;
+    case Isa::avx2: return ternary::chunk_dot_avx2;
+    default: return nullptr;  // scalar and reference: the plain loops
+  }
+}
+
+// Quantizes one token into q; false when it holds a NaN or an infinity.
+bool quantize_token(const float* x, int64_t K, int8_t* q, float* s_out) {
+  float m = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(x[k]);
+    finite &= a <= std::numeric_limits<float>::max();  // false for NaN and infinity
+    m = a > m ? a : m;
+  }
+  const float s = 127.0f / (m > kMinMax ? m : kMinMax);
+  *s_out = s;
+  if (!finite) {
+    std::fill(q, q + K, int8_t{0});
+    return false;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(x[k] * s);  // round half to even, as torch.round
+    v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+    q[k] = static_cast<int8_t>(v);
+  }
+  return true;
+}
+
+// The shared loop: acc for every (token, row block), handed to epi(n, o0, rows, acc).
+template <class Epilogue>
+void run(const int8_t* q, int64_t N, int64_t K, const uint8_t* w, int64_t O, int threads, const Epilogue& epi) {
+  if (N <= 0 || O <= 0) return;
+  const int64_t row_bytes = ternary_row_bytes(K);
+  const ChunkDot kernel = chunk_kernel();
+  const int64_t chunks = kernel ? K / 256 : 0;
+  const int64_t main = 256 * chunks;
+  std::vector<int8_t> xperm(static_cast<size_t>(N * main));
+  std::vector<int32_t> qsum(static_cast<size_t>(N), 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* qn = q + n * K;
+    int8_t* xp = xperm.data() + n * main;
+    int32_t sum = 0;
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t j = 0; j < 64; ++j)
+        for (int64_t i = 0; i < 4; ++i) {
+          const int8_t v = qn[256 * c + 4 * j + i];
+          xp[256 * c + 64 * i + j] = v;
+          sum += v;
+        }
+    qsum[n] = sum;
+  }
+  const int64_t blocks = (O + kRowBlock - 1) / kRowBlock;
+  if (N * O * K < kSerialMacs) threads = 1;
+  parallel_chunks(threads, static_cast<int>(blocks), [&](int b) {
+    const int64_t o0 = b * kRowBlock, rows = std::min(kRowBlock, O - o0);
+    const uint8_t* wb = w + o0 * row_bytes;
+    int32_t acc[kRowBlock];
+    for (int64_t n = 0; n < N; ++n) {
+      const int8_t* qn = q + n * K;
+      if (kernel) {
+        kernel(xperm.data() + n * main, chunks, wb, row_bytes, rows, acc);
+        for (int64_t r = 0; r < rows; ++r) acc[r] -= qsum[n];
+        if (main < K) {  // the features after the last full chunk
+          int32_t tail[kRowBlock];
+          ternary::ternary_rows_reference(qn + main, K - main, wb + main / 4, row_bytes, rows, tail);
+          for (int64_t r = 0; r < rows; ++r) acc[r] += tail[r];
+        }
+      } else {
+        ternary::ternary_rows_reference(qn, K, wb, row_bytes, rows, acc);
+      }
+      epi(n, o0, rows, acc);
+    }
+  });
+}
+
+}  // namespace
+
+const char* ternary_linear_kernel() {
+  const ChunkDot kernel = chunk_kernel();
+  if (kernel == ternary::chunk_dot_vnni) return "avx512_vnni";
+  if (kernel == ternary::chunk_dot_avx2) return "avx2";
+  return "reference";
+}
+
+void ternary_linear_int(const int8_t* x, int64_t N, int64_t K, const uint8_t* w, int64_t O, int32_t* out,
+                        int threads) {
+  run(x, N, K, w, O, threads, [&](int64_t n, int64_t o0, int64_t rows, const int32_t* acc) {
+    std::copy(acc, acc + rows, out + n * O + o0);
+  });
+}
+
+void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, const uint8_t* w, int64_t O,
+                    const float* scale, const float* bias, float* out, int threads) {
+  if (N <= 0 || O <= 0) return;
+  std::vector<int8_t> q(static_cast<size_t>(N * K));
+  std::vector<float> s(static_cast<size_t>(N));
+  std::vector<char> finite(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) finite[n] = quantize_token(x + n * x_stride, K, q.data() + n * K, &s[n]);
+  run(q.data(), N, K, w, O, threads, [&](int64_t n, int64_t o0, int64_t rows, const int32_t* acc) {
+    float* y = out + n * O + o0;
+    if (!finite[n]) {
+      std::fill(y, y + rows, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
+    const float sn = s[n];
+    for (int64_t r = 0; r < rows; ++r) {
+      float v = static_cast<float>(acc[r]) / sn;  // exact int -> float: |acc| <= 128 K < 2^24
+      if (scale) v = v * scale[o0 + r];
+      if (bias) v = v + bias[o0 + r];
+      y[r] = v;
+    }
+  });
+}
+
+}  // namespace onebit

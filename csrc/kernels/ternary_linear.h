@@ -1,0 +1,54 @@
+// Ternary weights x int8 activations: BitNet b1.58's linear layer, exact in integers.
+//
+// Weights are 2-bit codes, code = w + 1 in {0, 1, 2} for w in {-1, 0, +1} (3 never occurs),
+// four to a byte in input order: weight k of a row is bits 2 (k % 4) .. 2 (k % 4) + 1 of the
+// row's byte k / 4; a row holds ceil(K / 4) bytes, its unused high bits are 0. This is also
+// the file format (2 bits a weight).
+//
+// A token x (float32 [K]) is quantized as the layer does it (onebit.quant_lowbit.Absmax8):
+//   s = 127 / max(max|x|, 1e-5),  q = clamp(round_half_even(x * s), -128, 127)  (int8),
+// then acc[o] = sum_k q[k] * w[o][k] is an exact int32, and
+//   out[o] = fl(fl(fl(float(acc) / s) * scale[o]) + bias[o])
+// (no fused multiply-add). A token holding a NaN or an infinity gives a row of NaN.
+//
+// The optimized kernels use sum_k q * w = sum_k q * code - sum_k q, with the codes as unsigned
+// and the activations as signed bytes (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd). They see the
+// activations permuted per 256-feature chunk so that each unpacked 2-bit plane lines up with
+// them: xperm[256 c + 64 i + j] = q[256 c + 4 j + i] (j < 64, i < 4); byte j of a row's chunk c
+// then feeds lane j of plane i. Features beyond the last full chunk run as plain loops.
+#pragma once
+#include <cstdint>
+
+namespace onebit {
+
+inline int64_t ternary_row_bytes(int64_t K) { return (K + 3) / 4; }
+
+// int32 [N, O] accumulators of int8 [N, K] activations (row-major) and packed weights [O, ceil(K/4)].
+void ternary_linear_int(const int8_t* x, int64_t N, int64_t K, const uint8_t* w, int64_t O, int32_t* out,
+                        int threads);
+
+// float32 [N, O] of float32 [N, K] tokens (row stride x_stride elements); scale and bias [O] or null.
+void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, const uint8_t* w, int64_t O,
+                    const float* scale, const float* bias, float* out, int threads);
+
+// The name of the kernel the active ISA runs: "avx512_vnni", "avx2" or "reference".
+const char* ternary_linear_kernel();
+
+namespace ternary {
+
+// dot[r] = sum over `chunks` 256-feature chunks of xperm * code, for rows r < rows, where row r's
+// codes start at w + r * row_bytes. The unsigned sum, before subtracting sum(q).
+using ChunkDot = void (*)(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
+                          int32_t* dot);
+
+void chunk_dot_avx2(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
+                    int32_t* dot);
+void chunk_dot_vnni(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
+                    int32_t* dot);
+
+// The reference: plain loops over the 2-bit codes, acc[r] = sum_k q[k] * (code - 1), no permutation.
+void ternary_rows_reference(const int8_t* q, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t rows,
+                            int32_t* acc);
+
+}  // namespace ternary
+}  // namespace onebit

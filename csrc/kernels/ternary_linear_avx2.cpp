@@ -1,0 +1,75 @@
+// AVX2 kernel of the ternary x int8 linear layer: vpmaddubsw on the unpacked 2-bit codes.
+#include <immintrin.h>
+
+#include "kernels/ternary_linear.h"
+
+namespace onebit {
+namespace ternary {
+namespace {
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// One chunk half (32 packed bytes = 128 weights) of one row: int16 sums of code * x, |.| <= 2048.
+inline __m256i half_dot(const uint8_t* wp, const int8_t* xc, int h, __m256i mask) {
+  const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  const __m256i* xs = reinterpret_cast<const __m256i*>(xc + 32 * h);
+  __m256i s = _mm256_maddubs_epi16(_mm256_and_si256(wv, mask), _mm256_loadu_si256(xs));
+  s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 2), mask),
+                                               _mm256_loadu_si256(xs + 2)));
+  s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 4), mask),
+                                               _mm256_loadu_si256(xs + 4)));
+  s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(wv, 6), mask),
+                                               _mm256_loadu_si256(xs + 6)));
+  return s;
+}
+
+}  // namespace
+
+void chunk_dot_avx2(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
+                    int32_t* dot) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {  // four rows share every activation load
+    const uint8_t* w0 = w + r * row_bytes;
+    const uint8_t* w1 = w0 + row_bytes;
+    const uint8_t* w2 = w1 + row_bytes;
+    const uint8_t* w3 = w2 + row_bytes;
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int8_t* xc = xperm + 256 * c;
+      const int64_t o = 64 * c;
+      // a chunk's eight int16 products per lane stay within +-4096: widen once per chunk
+      __m256i s0 = _mm256_add_epi16(half_dot(w0 + o, xc, 0, mask), half_dot(w0 + o + 32, xc, 1, mask));
+      __m256i s1 = _mm256_add_epi16(half_dot(w1 + o, xc, 0, mask), half_dot(w1 + o + 32, xc, 1, mask));
+      __m256i s2 = _mm256_add_epi16(half_dot(w2 + o, xc, 0, mask), half_dot(w2 + o + 32, xc, 1, mask));
+      __m256i s3 = _mm256_add_epi16(half_dot(w3 + o, xc, 0, mask), half_dot(w3 + o + 32, xc, 1, mask));
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(s0, ones));
+      a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(s1, ones));
+      a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(s2, ones));
+      a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(s3, ones));
+    }
+    dot[r] = hsum(a0);
+    dot[r + 1] = hsum(a1);
+    dot[r + 2] = hsum(a2);
+    dot[r + 3] = hsum(a3);
+  }
+  for (; r < rows; ++r) {
+    const uint8_t* w0 = w + r * row_bytes;
+    __m256i a0 = _mm256_setzero_si256();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int8_t* xc = xperm + 256 * c;
+      const __m256i s0 = _mm256_add_epi16(half_dot(w0 + 64 * c, xc, 0, mask), half_dot(w0 + 64 * c + 32, xc, 1, mask));
+      a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(s0, ones));
+    }
+    dot[r] = hsum(a0);
+  }
+}
+
+}  // namespace ternary
+}  // namespace onebit
