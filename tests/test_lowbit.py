@@ -493,3 +493,37 @@ def test_graph_rejects_invalid_ternary_codes(tmp_path):
     beyond[1, 2] |= 0b0100_0000  # feature 11 of 10
     with pytest.raises(G.GraphError, match="beyond the 10 input features"):
         G.validate(graph, {**tensors, key: beyond})
+
+
+# ---------------------------------------------------------------------------
+# the zoo's BitLinear MLP
+
+
+def test_bitnet_mlp_builds_and_packs_bit_identically():
+    torch.manual_seed(12)
+    model = onebit.models.create("bitnet_mlp", num_classes=10, in_channels=1).eval()
+    assert sum(isinstance(m, BitLinear) for m in model.modules()) == 2
+    x = torch.randn(3, 1, 8, 8)
+    packed = onebit.engine.pack(model, x)
+    assert [n["op"] for n in packed.graph["nodes"]].count("ternary_linear") == 2
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))
+    with pytest.raises(ValueError, match="bitnet_mlp"):
+        onebit.models.create("bitnet_mlp", depth=0)
+
+
+def test_bitnet_mlp_trains_from_the_cli_and_exports_exactly(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "onebit", *args], capture_output=True, text=True, timeout=600)
+
+    out = tmp_path / "run"
+    result = run("train", "--model", "bitnet_mlp", "--data", "digits", "--epochs", "8", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.strip().splitlines()[-1].split()[-1])
+    assert accuracy >= 0.9, result.stdout
+    result = run("export", str(out), "--out", str(tmp_path / "m.onebit.safetensors"))
+    assert result.returncode == 0, result.stderr
+    assert "max |packed - model| = 0.00e+00" in result.stdout

@@ -6,7 +6,7 @@ model, ``names(pattern)`` lists them. Zoo models built by
 ``create("birealnet18", conv_layer="twist")`` swaps every block convolution.
 """
 
-from onebit.models import bireal, densenet, lenet, resnet  # noqa: F401  (register their models)
+from onebit.models import bireal, bitnet, densenet, lenet, resnet  # noqa: F401  (register their models)
 from onebit.models.constructor import (
     BasicBlock,
     BiRealBlock,
