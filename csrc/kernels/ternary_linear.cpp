@@ -15,7 +15,6 @@ namespace {
 
 using ternary::ChunkDot;
 
-constexpr float kMinMax = 1e-5f;      // s = 127 / max(max|x|, 1e-5), as Absmax8 computes it
 constexpr int64_t kRowBlock = 64;     // output rows a thread claims at a time
 constexpr int64_t kSerialMacs = 1 << 21;  // smaller layers stay on the calling thread
 
@@ -25,29 +24,6 @@ ChunkDot chunk_kernel() {
     case Isa::avx2: return ternary::chunk_dot_avx2;
     default: return nullptr;  // scalar and reference: the plain loops
   }
-}
-
-// Quantizes one token into q; false when it holds a NaN or an infinity.
-bool quantize_token(const float* x, int64_t K, int8_t* q, float* s_out) {
-  float m = 0.0f;
-  bool finite = true;
-  for (int64_t k = 0; k < K; ++k) {
-    const float a = std::fabs(x[k]);
-    finite &= a <= std::numeric_limits<float>::max();  // false for NaN and infinity
-    m = a > m ? a : m;
-  }
-  const float s = 127.0f / (m > kMinMax ? m : kMinMax);
-  *s_out = s;
-  if (!finite) {
-    std::fill(q, q + K, int8_t{0});
-    return false;
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    float v = std::nearbyint(x[k] * s);  // round half to even, as torch.round
-    v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-    q[k] = static_cast<int8_t>(v);
-  }
-  return true;
 }
 
 // The shared loop: acc for every (token, row block), handed to epi(n, o0, rows, acc).
@@ -119,7 +95,12 @@ void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, cons
   std::vector<int8_t> q(static_cast<size_t>(N * K));
   std::vector<float> s(static_cast<size_t>(N));
   std::vector<char> finite(static_cast<size_t>(N));
-  for (int64_t n = 0; n < N; ++n) finite[n] = quantize_token(x + n * x_stride, K, q.data() + n * K, &s[n]);
+  const bool avx2 = active_isa() == Isa::avx2 || active_isa() == Isa::avx512;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xn = x + n * x_stride;
+    finite[n] = avx2 ? ternary::quantize_token_avx2(xn, K, q.data() + n * K, &s[n])
+                     : ternary::quantize_token(xn, K, q.data() + n * K, &s[n]);
+  }
   run(q.data(), N, K, w, O, threads, [&](int64_t n, int64_t o0, int64_t rows, const int32_t* acc) {
     float* y = out + n * O + o0;
     if (!finite[n]) {

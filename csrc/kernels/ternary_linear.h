@@ -17,7 +17,9 @@
 // them: xperm[256 c + 64 i + j] = q[256 c + 4 j + i] (j < 64, i < 4); byte j of a row's chunk c
 // then feeds lane j of plane i. Features beyond the last full chunk run as plain loops.
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace onebit {
 
@@ -40,6 +42,30 @@ namespace ternary {
 // codes start at w + r * row_bytes. The unsigned sum, before subtracting sum(q).
 using ChunkDot = void (*)(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
                           int32_t* dot);
+
+// Quantizes one token into q as Absmax8 does and stores s; false when the token holds a NaN or an
+// infinity (q is then all 0). `static`: every file compiles its own copy with its own vector ISA
+// (the AVX2 file's copy is vectorized), and no copy can stand in for another at link time.
+static inline bool quantize_token(const float* x, int64_t K, int8_t* q, float* s_out) {
+  float m = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(x[k]);
+    finite &= a <= std::numeric_limits<float>::max();  // false for NaN and infinity
+    m = a > m ? a : m;
+  }
+  const float s = 127.0f / (m > 1e-5f ? m : 1e-5f);  // s = 127 / max(max|x|, 1e-5)
+  *s_out = s;
+  for (int64_t k = 0; k < K; ++k) {
+    float v = std::nearbyint(x[k] * s);  // round half to even, as torch.round
+    v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+    q[k] = finite ? static_cast<int8_t>(v) : int8_t{0};
+  }
+  return finite;
+}
+
+// quantize_token compiled for AVX2 (ternary_linear_avx2.cpp).
+bool quantize_token_avx2(const float* x, int64_t K, int8_t* q, float* s_out);
 
 void chunk_dot_avx2(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
                     int32_t* dot);

@@ -30,6 +30,10 @@ inline __m256i half_dot(const uint8_t* wp, const int8_t* xc, int h, __m256i mask
 
 }  // namespace
 
+bool quantize_token_avx2(const float* x, int64_t K, int8_t* q, float* s_out) {
+  return quantize_token(x, K, q, s_out);
+}
+
 void chunk_dot_avx2(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
                     int32_t* dot) {
   const __m256i mask = _mm256_set1_epi8(3);
