@@ -527,3 +527,23 @@ def test_bitnet_mlp_trains_from_the_cli_and_exports_exactly(tmp_path):
     result = run("export", str(out), "--out", str(tmp_path / "m.onebit.safetensors"))
     assert result.returncode == 0, result.stderr
     assert "max |packed - model| = 0.00e+00" in result.stdout
+
+
+def test_exported_packed_bitlinear_model_runs_the_ternary_op(tmp_path):
+    torch.manual_seed(13)
+    model = onebit.models.create("bitnet_mlp", in_channels=1, hidden=64).eval()
+    x = torch.randn(2, 1, 8, 8)
+    packed = onebit.engine.pack(model, x, strict=True)
+    program = torch.export.export(packed, (x,))
+    assert "torch.ops.onebit.ternary_linear" in program.graph_module.code
+    torch.export.save(program, tmp_path / "p.pt2")
+    with torch.no_grad():
+        assert torch.equal(torch.export.load(tmp_path / "p.pt2").module()(x), model(x))
+
+
+def test_compiled_bitlinear_gives_the_layers_bits():
+    torch.manual_seed(14)
+    layer = BitLinear(48, 16, bias=True).eval()
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, backend="eager")(x), layer(x))
