@@ -109,8 +109,11 @@ class TrainConfig:
     tensorboard: bool = False
 
     def validate(self) -> None:
-        if self.model not in models.names():
-            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(models.names())}")
+        if self.model not in models.names() and not models.is_file_model(self.model) and not self.model.startswith("<"):
+            raise ValueError(
+                f"unknown model {self.model!r}; known models: {', '.join(models.names())} "
+                "(or a file's model as path/to/file.py:NAME)"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -209,11 +212,15 @@ def _distributed() -> tuple[int, int]:
 
 
 class Trainer:
-    """Trains ``config.model`` on ``config.data``; ``fit()`` returns the epoch rows."""
+    """Trains ``config.model`` on ``config.data``; ``fit()`` returns the epoch rows.
+
+    ``model`` and ``data`` (a :class:`~onebit.data.DataBundle`) replace what the config names:
+    a user's own module and dataset (:func:`onebit.fit`)."""
 
     base_columns = ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"]
 
-    def __init__(self, config: TrainConfig, console: Console | None = None):
+    def __init__(self, config: TrainConfig, console: Console | None = None, *, model: nn.Module | None = None,
+                 data: datasets.DataBundle | None = None):
         config.validate()
         self.config = config
         self.rank, self.world_size = _distributed()
@@ -222,8 +229,8 @@ class Trainer:
         if not self.is_main:
             self.console = Console(quiet=True)
         seed_everything(config.seed)
-        self.data = datasets.load(config.data, image_size=config.image_size)
-        self.model = models.create(
+        self.data = data if data is not None else datasets.load(config.data, image_size=config.image_size)
+        self.model = model if model is not None else models.create(
             config.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels, **config.model_kwargs
         )
         # one GPU per process where GPUs exist (torchrun's LOCAL_RANK), else the CPU
