@@ -246,3 +246,41 @@ def test_quantizers_have_no_parameters_or_state():
         q = quant.get(alias)
         assert isinstance(q, nn.Module)
         assert not list(q.parameters()) and not list(q.buffers()) and q.state_dict() == {}
+
+
+# ----------------------------------------------------------------------------- a user's own sign quantizer
+
+
+class _UsersSign(quant.Quantizer):
+    """A user's sign with a hard-tanh gradient: declared a sign by its class attributes."""
+
+    precision = 1
+    is_sign = True
+    sign_levels = True
+
+    def forward(self, x):
+        return x.clamp(-1, 1) + (sign(x) - x.clamp(-1, 1)).detach()
+
+
+def test_a_users_sign_quantizer_is_packed_and_folded_like_the_built_in_ones():
+    from torch import nn
+
+    from onebit import engine
+    from onebit.canonize import SignThreshold, fold_thresholds
+    from onebit.nn import QConv2d
+
+    assert quant.is_sign(_UsersSign()) and quant.has_sign_levels(_UsersSign())
+    assert not quant.is_sign(quant.MagnitudeAwareSign()) and quant.has_sign_levels(quant.MagnitudeAwareSign())
+    assert not quant.is_sign(quant.DoReFa()) and not quant.has_sign_levels(quant.DoReFa())
+    torch.manual_seed(0)
+    q = dict(input_quantizer=_UsersSign(), weight_quantizer=_UsersSign())
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 8, 3, padding=1, bias=False, **q),
+                          nn.BatchNorm2d(8), QConv2d(8, 4, 3, padding=1, **q)).eval()
+    with torch.no_grad():
+        model[2].running_mean.normal_()
+    x = torch.randn(2, 3, 6, 6)
+    packed = engine.pack(model, x, strict=True)  # no fallback: both layers run on the packed kernels
+    assert [n["op"] for n in packed.graph["nodes"]] == ["conv2d", "pack", "binary_conv2d_threshold", "binary_conv2d"]
+    assert torch.equal(packed(x), model(x))
+    with fold_thresholds(model, skip_unmergeable=True):
+        assert isinstance(model[2], SignThreshold)

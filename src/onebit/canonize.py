@@ -1008,19 +1008,16 @@ def canonize(model: nn.Module, canonizers: Sequence[Canonizer]) -> CompositeHand
 # BatchNorm + sign -> integer thresholds
 
 
-_SIGNS = (quant.Sign, quant.ApproxSign, quant.SwishSign)
-
-
 def _sign_consumer(node: _Node) -> bool:
-    """A node that applies a plain sign (+-1 output) to its input first."""
+    """A node that applies a plain sign (+-1 output) to its input first (:func:`onebit.quant.is_sign`)."""
     m = node.module
     if node.op != "module":
         return False
     if isinstance(m, QuantizedLayer):
-        return isinstance(m.input_quantizer, _SIGNS)
+        return quant.is_sign(m.input_quantizer)
     if isinstance(m, QActivation):
-        return isinstance(m.quantizer, _SIGNS)
-    return isinstance(m, _SIGNS)
+        return quant.is_sign(m.quantizer)
+    return quant.is_sign(m)
 
 
 class _FoldThreshold(Handle):
@@ -1094,7 +1091,7 @@ def _fold_plan(model: nn.Module, skip: bool) -> list[_FoldThreshold]:
         reason = None
         if not isinstance(layer, QuantizedLayer) or not isinstance(layer, _WEIGHT_LAYERS):
             reason = f"its input comes from {p.describe() if p is not None else 'nothing'}, not from a binary layer's accumulator"
-        elif not isinstance(layer.input_quantizer, _SIGNS) or not isinstance(layer.weight_quantizer, _SIGNS):
+        elif not quant.is_sign(layer.input_quantizer) or not quant.is_sign(layer.weight_quantizer):
             reason = f"{p.describe()} does not binarize both its input and its weights with a plain sign, so its output is not an integer accumulator"
         elif layer.bias is not None:
             reason = f"{p.describe()} has a bias, so its output is not an integer accumulator"
