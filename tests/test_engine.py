@@ -823,3 +823,18 @@ def test_nan_inf_and_signed_zero_inputs_follow_the_sign_convention():
     packed = engine.pack(model, x)
     for backend in BACKENDS:
         assert torch.equal(run_packed(packed, x, backend), model(x))
+
+
+def test_profile_prints_as_a_table_and_stays_a_list_of_dicts():
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), QConv2d(8, 8, 3, padding=1, **SIGN),
+                          nn.Flatten(1)).eval()
+    x = torch.randn(2, 2, 8, 8)
+    profile = engine.pack(model, x).profile(x, repeat=1)
+    assert isinstance(profile, list) and [r["op"] for r in profile] == ["conv2d", "batch_norm", "pack+binary_conv2d", "flatten"]
+    assert abs(sum(r["share"] for r in profile) - 1.0) < 1e-9
+    lines = str(profile).splitlines()
+    assert lines[0].startswith("packed model profile: 4 steps")
+    header = next(line for line in lines if "op" in line and "share" in line)
+    assert header.split() == ["step", "op", "module", "ms", "share"]
+    assert any(line.split()[:2] == ["total", f"{sum(r['ms'] for r in profile):.3f}"] for line in lines)
+    assert sum("pack+binary_conv2d" in line for line in lines) == 1
