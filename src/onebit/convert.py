@@ -29,6 +29,7 @@ def binarize(
     keep_first: bool = True,
     keep_last: bool = True,
     exclude: Iterable[str] = (),
+    weight_bits: int | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` whose convolutions and linear layers are binary.
 
@@ -43,7 +44,15 @@ def binarize(
         keep_first, keep_last: leave the first / last such layer (in ``named_modules``
             order) float, as binary networks usually do.
         exclude: qualified module names (or glob patterns such as ``"head.*"``) to keep float.
+        weight_bits: k-bit weights instead: ``k > 1`` replaces ``weight_quantizer`` by
+            :class:`onebit.quant.DoReFaWeight` (``bits=k``, levels symmetric around 0, e.g.
+            {-1, -1/3, +1/3, +1} at 2 bits); ``1`` or None keeps ``weight_quantizer``.
     """
+    if weight_bits is not None:
+        if not isinstance(weight_bits, int) or weight_bits < 1:
+            raise ValueError(f"binarize: weight_bits must be a positive integer, got {weight_bits!r}")
+        if weight_bits > 1:
+            weight_quantizer = quant.DoReFaWeight(bits=weight_bits)
     exclude = list(exclude)
     candidates = [
         (name, module)

@@ -484,6 +484,8 @@ class Trainer:
                     start = time.perf_counter() - self._elapsed
                     if self.step == 0:
                         self.flips.snapshot()
+                    if self.epoch == 0 and self.step == 0 and c.out and self.is_main:
+                        _record_weights(self.model, c.out, 0)  # the initial weights, for `onebit plot weights --animate`
                     train_loss = self.train_epoch(self.epoch, progress)
                     if self._stop_signal is not None and self.step < self.steps_per_epoch:
                         self._elapsed = time.perf_counter() - start
@@ -498,6 +500,7 @@ class Trainer:
                     self._loss_sum, self._loss_count, self._elapsed = 0.0, 0, 0.0
                     if c.out and self.is_main:
                         self.save(c.out)
+                        _record_weights(self.model, c.out, self.epoch)
                     if self._stop_signal is not None and self.epoch < c.epochs:
                         return self._stop()
         finally:
@@ -773,3 +776,10 @@ def run_distributed(config: TrainConfig, workers: int, resume_dir: str | None = 
     if received:
         return 130 if received[0] == signal.SIGINT else 0
     return 0
+
+
+def _record_weights(model: nn.Module, directory: str, epoch: int) -> None:
+    """Every layer's weights after ``epoch`` epochs, in ``directory/weights/`` (see :func:`onebit.plot.record_weights`)."""
+    from onebit.plot import record_weights
+
+    record_weights(model, directory, epoch)
