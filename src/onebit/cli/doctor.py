@@ -6,14 +6,15 @@ import argparse
 import os
 
 from rich.console import Console
+from onebit.cli import integer
 
 
 def register(commands) -> None:
     p = commands.add_parser("doctor", help="find the layer where learning dies (zoo model or saved run)")
     p.add_argument("target", help="zoo model name (see `onebit models`) or a run directory written by `onebit train`")
     p.add_argument("--data", default=None, help="dataset for the batch (default: the run's dataset, or digits)")
-    p.add_argument("--batch-size", type=int, default=64, help="examples in the diagnostic batch (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=integer(1, 1 << 16), default=64, help="examples in the diagnostic batch (default 64)")
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0)
     p.set_defaults(run=run)
 
 
