@@ -9,6 +9,7 @@ import os
 import sys
 
 from rich.console import Console
+from onebit.cli import integer
 
 
 def register(commands) -> None:
@@ -23,8 +24,8 @@ def register(commands) -> None:
                    "inputs of --input-shape for FILE.py:NAME)")
     p.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="shape of one example for FILE.py:NAME without --data (random normal inputs)")
-    p.add_argument("--batch-size", type=int, default=64, help="examples in the diagnostic batch (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=integer(1, 1 << 16), default=64, help="examples in the diagnostic batch (default 64)")
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0)
     p.set_defaults(run=run)
 
 

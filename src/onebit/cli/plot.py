@@ -6,6 +6,7 @@ import argparse
 import os
 
 from rich.console import Console
+from onebit.cli import integer
 
 KINDS = ("weights", "features", "curves", "flips")
 
@@ -29,10 +30,10 @@ def register(commands) -> None:
     p.add_argument("--layer", default=None, help="qualified layer name (default: the first layer with 1-bit weights)")
     p.add_argument("--animate", action="store_true",
                    help="weights: an animated GIF over the epochs a run recorded (default path RUN_DIR/weights.gif)")
-    p.add_argument("--index", type=int, default=0, help="features: index of the test image (default 0)")
+    p.add_argument("--index", type=integer(0), default=0, help="features: index of the test image (default 0)")
     p.add_argument("--stage", choices=("output", "input"), default="output", help="features: the layer's output, or its (quantized) input")
     p.add_argument("--data", default=None, help="dataset (default: the run's, or digits)")
-    p.add_argument("--epochs", type=int, default=5, help="flips: epochs to train (default 5)")
+    p.add_argument("--epochs", type=integer(1, 10**6), default=5, help="flips: epochs to train (default 5)")
     p.add_argument("--out", default=None, help="PNG path (default: KIND.png in the run directory, or in the current directory)")
     p.set_defaults(run=run)
 
