@@ -12,6 +12,7 @@ from onebit import models
 from onebit.canonize import (
     CanonizationWarning,
     CompositeHandle,
+    HandleOrderError,
     MergeBatchNorm,
     ThresholdedReLU,
     UnmergeableError,
@@ -327,6 +328,69 @@ def test_handle_is_a_context_manager_and_remove_is_idempotent():
     assert_merged_identity(model)
     handle.remove()
     assert_bit_exact(model, before)
+
+
+def _bn_model() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    return randomize_batchnorms(model, eps=1e-3).eval()
+
+
+def _state(model: nn.Module) -> tuple[dict, dict]:
+    eps = {n: m.eps for n, m in model.named_modules() if isinstance(m, BN_TYPES)}
+    return snapshot(model), eps
+
+
+def test_removing_a_handle_under_a_later_one_raises_and_changes_nothing():
+    model = _bn_model()
+    before, eps = _state(model)
+    h1 = merge_batchnorm(model)
+    h1.remove()
+    h2 = merge_batchnorm(model)
+    h1.register()  # stacks on h2's changes
+    during, eps_during = _state(model)
+    with pytest.raises(HandleOrderError, match="remove it first"):
+        h2.remove()
+    assert h2.registered and h1.registered
+    assert_bit_exact(model, during)
+    assert _state(model)[1] == eps_during
+    h1.remove()
+    h2.remove()
+    assert_bit_exact(model, before)
+    assert _state(model)[1] == eps
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 0, 2), (0, 2, 1)])
+def test_stacked_handles_removed_in_any_order_end_exact_or_raise_first(order):
+    model = _bn_model()
+    before, eps = _state(model)
+    handles = [merge_batchnorm(model)]
+    handles[0].remove()
+    handles += [merge_batchnorm(model), merge_batchnorm(model)]  # the last two merge identities
+    handles[0].register()
+    pending = list(order)
+    while pending:
+        for i in list(pending):
+            state = _state(model)
+            try:
+                handles[i].remove()
+            except HandleOrderError:
+                assert_bit_exact(model, state[0])
+                assert _state(model)[1] == state[1]
+                continue
+            pending.remove(i)
+    assert_bit_exact(model, before)
+    assert _state(model)[1] == eps
+
+
+def test_handles_on_separate_models_are_removed_in_any_order():
+    a, b = _bn_model(), _bn_model()
+    before_a, before_b = snapshot(a), snapshot(b)
+    ha, hb = merge_batchnorm(a), merge_batchnorm(b)
+    ha.remove()
+    hb.remove()
+    assert_bit_exact(a, before_a)
+    assert_bit_exact(b, before_b)
 
 
 def test_two_merges_touching_one_layer_come_back_bit_exact():

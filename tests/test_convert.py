@@ -127,3 +127,45 @@ def test_binarized_model_trains_end_to_end():
             continue  # not on the forward path of Net
         assert p.grad is not None, name
     opt.step()
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = self.a  # the same module under a second name
+        self.blocks = nn.Sequential(self.a, nn.ReLU(), self.a)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.b(self.a(self.stem(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_a_tied_module_becomes_one_binary_module_under_every_name():
+    model = Tied()
+    b = binarize(model)
+    assert isinstance(b.a, QConv2d)
+    assert b.a is b.b and b.blocks[0] is b.a and b.blocks[2] is b.a
+    assert len([m for m in b.modules() if isinstance(m, QConv2d)]) == 1
+    assert torch.equal(b.a.weight, model.a.weight)
+    x = torch.randn(2, 3, 6, 6)
+    conv = b.a  # forward: a, b, a, relu, a -- four calls of the one binary conv
+    h = F.relu(conv(conv(conv(b.stem(x)))))
+    assert torch.equal(b(x), b.head(conv(h).mean(dim=(2, 3))))
+
+
+def test_a_tied_module_excluded_under_its_second_name_stays_float():
+    b = binarize(Tied(), exclude=["b"])
+    assert type(b.a) is nn.Conv2d and b.a is b.b and b.blocks[0] is b.a
+
+
+def test_exclude_takes_a_string_as_one_pattern():
+    model = Net()
+    b = binarize(model, exclude="fc")
+    assert type(b.fc) is nn.Linear and isinstance(b.seq, QConv1d)
+    b = binarize(model, exclude="body.*")
+    assert type(b.body[1]) is nn.Conv2d and isinstance(b.fc, QLinear)
+    with pytest.raises(ValueError, match="'nope'"):
+        binarize(model, exclude="nope")

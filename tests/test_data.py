@@ -193,3 +193,46 @@ def test_augment_translates_and_flips_reproducibly():
         assert found
     with pytest.raises(ValueError, match="unknown augmentation"):
         Augment.parse("rotate", (8, 8))
+
+
+def test_sixteen_bit_grey_images_keep_their_precision(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    raw = {}
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            folder = tmp_path / "deep" / split / c
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 65536, (6, 6)).astype(np.uint16)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+                raw[(split, c, i)] = pixels
+    bundle = data.load(str(tmp_path / "deep"))
+    x, _ = bundle.train.tensors
+    pixels = x * bundle.std[0] + bundle.mean[0]  # undo the normalization
+    expected = np.stack([raw[("train", c, i)] for c in ("a", "b") for i in range(3)]).astype(np.float64) / 65535
+    np.testing.assert_allclose(pixels[:, 0].double().numpy(), expected, atol=1e-5)
+    assert float((pixels > 1 - 1e-6).double().mean()) < 0.01  # not saturated at 8 bits' maximum
+
+
+def test_an_idx_set_without_images_or_pixels_is_named(tmp_path):
+    for shape in ((0, 28, 28), (5, 0, 0)):
+        root = make_idx_dir(tmp_path / f"idx{shape[0]}")
+        write_idx(root / "train-images-idx3-ubyte", np.zeros(shape))
+        write_idx(root / "train-labels-idx1-ubyte", np.zeros(shape[0]))
+        with pytest.raises(ValueError, match="train-images-idx3-ubyte: holds"):
+            data.load(str(root))
+
+
+def test_a_decompression_bomb_is_refused_with_its_name(tmp_path):
+    from PIL import Image
+
+    write_images(tmp_path / "ds" / "x", 3, (8, 8), (0, 0, 0))
+    write_images(tmp_path / "ds" / "y", 3, (8, 8), (9, 9, 9))
+    # above Pillow's limit (Pillow warns) and above twice the limit (Pillow raises): a few kB each
+    for side in (10000, 14000):
+        bomb = tmp_path / "ds" / "x" / "bomb.png"
+        Image.new("1", (side, side)).save(bomb)
+        with pytest.raises(ValueError, match="bomb.png: refused, too many pixels"):
+            data.load(str(tmp_path / "ds"))

@@ -176,3 +176,180 @@ def test_cli_doctor_on_a_zoo_model_and_a_missing_run(capsys, tmp_path):
     assert "ok" in out and "sign sites" in out
     assert main(["doctor", str(tmp_path / "nowhere")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+# --- signs however they are written -------------------------------------------------------------
+
+
+class BinActive(torch.autograd.Function):
+    """The XNOR forum thread's sign: a custom autograd Function, STE clipped to |x| <= 1, sign(0) = 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.sign()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+class BinConv2d(nn.Module):
+    """The thread's block: BatchNorm, then the sign inside ``forward``, then a float conv."""
+
+    def __init__(self, c_in, c_out, bn=True):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c_in) if bn else nn.Identity()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = BinActive.apply(self.bn(x))
+        return self.relu(self.conv(x))
+
+
+class ForumNet(nn.Module):
+    def __init__(self, bn=True, clamp=False):
+        super().__init__()
+        self.clamp = clamp
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.block = BinConv2d(8, 8, bn=bn)
+        self.head = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        if self.clamp:  # the thread's trick, in the parent's forward
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.data.clamp_(min=0.01)
+        return self.head(self.block(self.relu(self.stem(x))).flatten(1))
+
+
+def test_a_custom_autograd_function_sign_is_a_site_named_after_the_module_that_calls_it():
+    report = doctor(ForumNet(bn=True), *batch())
+    assert [(s.layer, s.quantizer) for s in report.sites] == [("block", "BinActive")]
+    assert report.ok, str(report)  # BatchNorm before the sign: varied inputs, STE passes gradient
+
+
+def test_forum_model_with_a_relu_into_its_sign_is_not_ok():
+    report = doctor(ForumNet(bn=False), *batch())
+    assert not report.ok and "No problems found" not in str(report)
+    assert report.layers("sign_of_zero") == ["block"] and "ReLU" in report.of_kind("sign_of_zero")[0].message
+
+
+def test_a_parent_clamping_batchnorm_weights_is_named_not_the_batchnorm():
+    model = ForumNet(clamp=True)
+    with torch.no_grad():
+        model.block.bn.weight.fill_(-0.5)
+    report = doctor(model, *batch())
+    found = report.of_kind("mutates_parameter")
+    assert [f.layer for f in found] == [""] and "block.bn.weight" in found[0].message
+    assert str(found[0]).startswith("<model>: mutates_parameter")
+    assert torch.equal(model.block.bn.weight, torch.full((8,), -0.5))  # restored
+
+
+class BareSign(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.sign(self.bn(self.fc1(x.flatten(1)))))
+
+
+def test_a_bare_torch_sign_in_forward_blocks_the_gradient_and_is_reported_first():
+    report = doctor(BareSign(), *batch())
+    assert [(s.layer, s.quantizer) for s in report.sites] == [("", "torch.sign")]
+    kinds = [f.kind for f in report.findings]
+    assert kinds[0] == "blocked_gradient" and report.findings[0].layer == ""
+    assert set(report.layers("zero_gradient")) == {"fc1", "bn"}  # consequences, after the cause
+    assert all(k in ("zero_gradient",) for k in kinds[1:])
+
+
+def test_tensor_sign_and_onebit_sign_in_a_forward_are_one_site_each():
+    from onebit.math import sign
+
+    class TwoSigns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            h = x.flatten(1).sign() * 0.5  # Tensor.sign
+            return self.fc(sign(h + x.flatten(1)))  # onebit's sign: torch.sign, then add_ and sign_ on its result
+
+    report = doctor(TwoSigns(), *batch())
+    assert len(report.sites) == 2 and {s.layer for s in report.sites} == {""}
+
+
+def test_causes_come_before_their_consequences():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), GradScale(1e7), nn.Linear(32, 32), nn.ReLU(),
+                          QActivation("ste_sign"), nn.Linear(32, 10))
+    report = doctor(model, *batch())
+    kinds = [f.kind for f in report.findings]
+    assert "exploding_gradient" in kinds and "constant_output" in kinds
+    assert kinds.index("constant_output") < kinds.index("exploding_gradient")
+
+
+def test_a_model_without_any_sign_is_not_ok():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    report = doctor(model, *batch())
+    assert report.layers("no_binarization") == [""]
+    assert not report.ok and "no_binarization" in str(report) and "float network" in str(report)
+
+
+def test_signs_inside_onebit_layers_are_not_counted_twice():
+    report = doctor(healthy(), *batch())
+    assert [s.layer for s in report.sites if not s.weights] == ["2", "5", "7"]
+
+
+FORUM_FILE = '''
+import torch
+from torch import nn
+
+
+class BinActive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.sign()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(BinActive.apply(self.relu(self.conv(x))).flatten(1))
+
+
+def make():
+    return Net()
+'''
+
+
+def test_cli_doctor_on_a_users_file(tmp_path, capsys):
+    path = tmp_path / "forum.py"
+    path.write_text(FORUM_FILE)
+    for target in (f"{path}:Net", f"{path}:make"):
+        assert main(["doctor", target, "--input-shape", "3,4,4", "--batch-size", "16"]) == 1
+        out = capsys.readouterr().out
+        assert "BinActive" in out and "sign_of_zero" in out and "<model>" in out
+    assert main(["doctor", str(path), "--input-shape", "3,4,4", "--batch-size", "16"]) == 1  # its only module
+    assert "forum.py:Net" in capsys.readouterr().out
+    two = tmp_path / "two.py"
+    two.write_text(FORUM_FILE + "\n\nclass Other(Net):\n    pass\n")
+    assert main(["doctor", str(two), "--input-shape", "3,4,4"]) == 2  # two candidates: say which
+    err = capsys.readouterr().err
+    assert "Net, Other" in err and "FILE.py:NAME" in err
+    assert main(["doctor", f"{path}:Net"]) == 2
+    assert "--input-shape" in capsys.readouterr().err

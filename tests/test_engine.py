@@ -354,21 +354,21 @@ def test_binary_conv1d_packs_as_a_1xk_conv2d(cin, cout, k, stride, dilation, pad
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(iters=3), dict(twist=False), dict(permute=False, groups=4), dict(stride=2, groups=1),
-     dict(groups=3, twist=True)],
+    [dict(), dict(iters=3), dict(iters=1), dict(twist=False), dict(permute=False, groups=4), dict(stride=2, groups=1),
+     dict(groups=3, twist=True), dict(weight_quantizer="magnitude_aware_sign")],
 )
 def test_twist_conv_runs_packed_and_exact(backend, options):
     from onebit.nn import TwistConv2d
 
     torch.manual_seed(3)
     c = 24 if options.get("groups") == 3 else 16
-    twist = TwistConv2d(c, c, input_quantizer="ste_sign", weight_quantizer="ste_sign", **options)
+    twist = TwistConv2d(c, c, **{"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign", **options})
     model = randomize_batchnorms(
         nn.Sequential(nn.Conv2d(2, c, 3, padding=1), nn.BatchNorm2d(c), twist, nn.BatchNorm2d(c), nn.Flatten(1)), 4
     ).eval()
     x = torch.randn(3, 2, 11, 10)
     packed = engine.pack(model, x)
-    assert sum(n["op"] == "binary_conv2d" for n in packed.graph["nodes"]) == options.get("iters", 1)
+    assert sum(n["op"] == "binary_conv2d" for n in packed.graph["nodes"]) == (twist.iters if twist.iterates else 1)
     for fmt in (torch.contiguous_format, torch.channels_last):
         xx = x.contiguous(memory_format=fmt)
         assert torch.equal(run_packed(packed, xx, backend), model(xx))
@@ -823,3 +823,18 @@ def test_nan_inf_and_signed_zero_inputs_follow_the_sign_convention():
     packed = engine.pack(model, x)
     for backend in BACKENDS:
         assert torch.equal(run_packed(packed, x, backend), model(x))
+
+
+def test_profile_prints_as_a_table_and_stays_a_list_of_dicts():
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), QConv2d(8, 8, 3, padding=1, **SIGN),
+                          nn.Flatten(1)).eval()
+    x = torch.randn(2, 2, 8, 8)
+    profile = engine.pack(model, x).profile(x, repeat=1)
+    assert isinstance(profile, list) and [r["op"] for r in profile] == ["conv2d", "batch_norm", "pack+binary_conv2d", "flatten"]
+    assert abs(sum(r["share"] for r in profile) - 1.0) < 1e-9
+    lines = str(profile).splitlines()
+    assert lines[0].startswith("packed model profile: 4 steps")
+    header = next(line for line in lines if "op" in line and "share" in line)
+    assert header.split() == ["step", "op", "module", "ms", "share"]
+    assert any(line.split()[:2] == ["total", f"{sum(r['ms'] for r in profile):.3f}"] for line in lines)
+    assert sum("pack+binary_conv2d" in line for line in lines) == 1

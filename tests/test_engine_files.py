@@ -197,6 +197,49 @@ def corrupt_files(good: str, d: str) -> dict[str, str]:
         t[key] = torch.zeros_like(t[key])
 
     variant("direction_zero", tensors=zero_direction)
+
+    def append_node(g, op, attrs, inputs=None):
+        last = g["outputs"][0]
+        g["nodes"].append({"name": "tampered", "op": op, "inputs": inputs or [last], "attrs": attrs})
+        g["outputs"] = ["tampered"]
+
+    def set_bn_eps(g, eps):
+        [n for n in g["nodes"] if n["op"] == "batch_norm"][-1]["attrs"]["eps"] = eps
+
+    pool = {"kernel_size": [2, 2], "stride": [2, 2], "padding": [0, 0], "dilation": [1, 1], "ceil_mode": False}
+    variant("softmax_dim_7", graph=lambda g: append_node(g, "softmax", {"dim": 7}))
+    variant("flatten_dim_out_of_range", graph=lambda g: append_node(g, "flatten", {"start_dim": 3, "end_dim": -1}))
+    variant("pool_of_a_2d_value", graph=lambda g: append_node(g, "max_pool2d", pool))
+    variant("pool_padding_over_half", graph=lambda g: append_node(g, "max_pool2d", {**pool, "padding": [2, 2]}, [_first(g, "conv2d")["name"]]))
+    variant("negative_eps", graph=lambda g: set_bn_eps(g, -1.0))
+    variant("rank_1_input", graph=lambda g: g["input"].__setitem__("rank", 1))
+    variant("output_is_the_input", graph=lambda g: g.__setitem__("outputs", [g["input"]["name"]]))
+    variant("hardtanh_min_over_max", graph=lambda g: append_node(g, "hardtanh", {"min_val": 1.0, "max_val": -1.0}))
+    variant("reshape_two_unknowns", graph=lambda g: append_node(g, "reshape", {"shape": [-1, -1]}))
+    variant("graph_with_5000_digits", meta=lambda m: m.__setitem__("graph", m["graph"].replace('"eps":', '"eps":' + "9" * 5000 + ',"x":', 1)))
+    raw = open(good, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    big = raw[8 : 8 + n].replace(b'"format_version":"1"', b'"format_version":"1","n":' + b"7" * 5000, 1)
+    files2 = {
+        "header_with_5000_digits": struct.pack("<Q", len(big)) + big + raw[8 + n :],
+        "longer_than_it_claims": raw + b"\0" * 4096,
+        "tensor_offsets_overlap": None,
+    }
+    h = json.loads(raw[8 : 8 + n])
+    keys = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    h[keys[1]]["data_offsets"] = list(h[keys[0]]["data_offsets"])  # two tensors on the same bytes
+    h[keys[1]]["shape"], h[keys[1]]["dtype"] = h[keys[0]]["shape"], h[keys[0]]["dtype"]
+    forged = json.dumps(h).encode()
+    files2["tensor_offsets_overlap"] = struct.pack("<Q", len(forged)) + forged + raw[8 + n :]
+    for name, content in files2.items():
+        paths[name] = os.path.join(d, name)
+        open(paths[name], "wb").write(content)
+    paths["a_directory"] = d
+    if os.path.exists("/dev/zero"):
+        paths["dev_zero"] = "/dev/zero"
+    fifo = os.path.join(d, "a_pipe")
+    os.mkfifo(fifo)
+    paths["a_pipe"] = fifo
     return paths
 
 
@@ -231,6 +274,15 @@ def test_every_corrupt_file_raises_a_clear_format_error(saved, tmp_path):
         assert "not a valid onebit packed model file" in message, (name, message)
     assert "pickle" in results["pickle"]
     assert "empty" in results["empty"]
+    for name in ("softmax_dim_7", "flatten_dim_out_of_range", "pool_of_a_2d_value", "pool_padding_over_half",
+                 "hardtanh_min_over_max", "reshape_two_unknowns"):
+        assert "'tampered'" in results[name], (name, results[name])  # the node is named
+    assert "out of range" in results["softmax_dim_7"] and "rank-4" in results["pool_of_a_2d_value"]
+    assert "non-negative" in results["negative_eps"] and "graph input" in results["rank_1_input"]
+    assert "input itself" in results["output_is_the_input"]
+    assert "longer than it claims" in results["longer_than_it_claims"]
+    for name in ("a_directory", "dev_zero", "a_pipe"):
+        assert name not in results or "not a regular file" in results[name], results[name]
 
 
 def test_format_error_is_a_value_error():
@@ -251,3 +303,61 @@ def test_binary_linear_weights_round_trip(tmp_path):
     loaded = engine.load(tmp_path / "mlp.safetensors")
     assert torch.equal(loaded(x), packed(x))
     assert torch.equal(loaded(x), model(x))
+
+
+_MEMORY_PROBE = r"""
+import resource, sys
+import onebit.engine as E
+try:
+    E.load(sys.argv[1])
+    print("loaded")
+except E.FormatError as e:
+    print("FormatError:", e)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_huge_file_is_refused_from_its_header_without_reading_it(saved, tmp_path):
+    _, _, _, good = saved
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(open(good, "rb").read())
+    with open(path, "r+b") as f:
+        f.truncate(3 << 30)  # 3 GB, sparse: takes no disk
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    message, peak_mb = proc.stdout.strip().splitlines()
+    assert message.startswith("FormatError:") and "longer than it claims" in message
+    assert int(peak_mb) < 1024  # far below the file's 3 GB
+
+
+def test_a_graph_whose_nodes_compute_nothing_returned_is_refused():
+    from onebit.engine.graph import GraphError, validate
+
+    relu = {"name": "y", "op": "relu", "inputs": ["x"]}
+    graph = {"input": {"name": "x", "rank": 2, "channels": 3, "dtype": "float32"}, "nodes": [relu], "outputs": ["x"]}
+    with pytest.raises(GraphError, match="input itself"):
+        validate(graph, {})
+    validate(dict(graph, outputs=["y"]), {})
+    validate(dict(graph, nodes=[]), {})  # an identity model: no nodes, its input is its output
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])  # packed kernels; float fallback from bits
+def test_a_packed_weight_written_behind_the_version_counter_is_seen(padding_mode):
+    import copy
+    import warnings
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 16, 3, padding=1, padding_mode=padding_mode, **SIGN))
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packed = engine.pack(model.eval(), x)
+    before = packed(x)
+    bits = next(t for k, t in packed.named_graph_tensors().items() if t.dtype == torch.int64)
+    version = bits._version
+    bits.data.bitwise_not_()  # every sign flipped; .data has its own version counter
+    bits.data &= ~torch.tensor(-1 << 8, dtype=torch.int64)  # the 8 channels' bits only
+    assert bits._version == version
+    after = packed(x)
+    fresh = copy.deepcopy(packed)  # steps and caches built anew from the same tensors
+    assert torch.equal(after, fresh(x))
+    assert not torch.equal(after, before)

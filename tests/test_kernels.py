@@ -816,3 +816,57 @@ def test_max_pool_bits_rejects_bad_arguments_by_name():
         K.max_pool_bits(xp, masks, masks, **{**pool, "channels": 65})
     with pytest.raises(ValueError, match="too small"):
         K.max_pool_bits(xp, masks, masks, **{**pool, "kernel_size": 5})
+
+
+def _conv_case(cout, cin, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(cout, cin, 3, 3, generator=gen)
+    x = torch.randn(2, cin, 6, 6, generator=gen)
+    return w, x, dict(in_channels=cin, out_channels=cout, kernel_size=3, padding=1)
+
+
+@pytest.mark.parametrize(
+    "write",
+    ["data_bitwise_not", "data_copy", "numpy_whole", "numpy_one_word_small", "detach_in_place"],
+)
+def test_weight_cache_sees_writes_that_bypass_the_version_counter(write):
+    cout = 8 if write == "numpy_one_word_small" else 96  # 72 words (all probed) or 864 words
+    w, x, conv = _conv_case(cout, 40, 21)
+    wp = K.pack_weights(w)
+    cache = K.WeightCache()
+    K.binary_conv2d_int(x, wp, cache=cache, **conv)  # prepared and cached
+    version = wp._version
+    flipped = -w
+    if write == "data_bitwise_not":
+        wp.data.bitwise_not_()
+        wp.data &= K.pack_weights(-torch.ones_like(w))  # keep the unused high bits clear
+    elif write == "data_copy":
+        wp.data.copy_(K.pack_weights(flipped))
+    elif write == "numpy_whole":
+        wp.numpy()[...] = K.pack_weights(flipped).numpy()
+    elif write == "numpy_one_word_small":
+        flipped = w.clone()
+        flipped[3, :, 1, 2] = -w[3, :, 1, 2]
+        wp.numpy()[3, 1, 2] = K.pack_weights(flipped).numpy()[3, 1, 2]
+    else:
+        wp.detach().copy_(K.pack_weights(flipped))  # detach shares the counter: an ordinary write
+    if write != "detach_in_place":
+        assert wp._version == version  # the counter did not see it
+    got = K.binary_conv2d_int(x, wp, cache=cache, **conv)
+    assert torch.equal(got.to(torch.float64), reference_conv(x, flipped, (1, 1), (1, 1), (1, 1), 1, 0.0))
+
+
+def test_weight_cache_clear_after_a_small_write_through_an_alias_into_a_large_weight():
+    w, x, conv = _conv_case(96, 40, 22)
+    wp = K.pack_weights(w)
+    cache = K.WeightCache()
+    before = K.binary_conv2d_int(x, wp, cache=cache, **conv)
+    flipped = w.clone()
+    flipped[5, :, 0, 1] = -w[5, :, 0, 1]
+    word = K.pack_weights(flipped).numpy()[5, 0, 1]
+    wp.numpy()[5, 0, 1] = word  # one word of 864, not probed: the documented case for clear()
+    stale = K.binary_conv2d_int(x, wp, cache=cache, **conv)
+    assert torch.equal(stale, before)
+    cache.clear()
+    got = K.binary_conv2d_int(x, wp, cache=cache, **conv)
+    assert torch.equal(got.to(torch.float64), reference_conv(x, flipped, (1, 1), (1, 1), (1, 1), 1, 0.0))

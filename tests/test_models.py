@@ -1,5 +1,6 @@
 """The model zoo and its constructor: names, building, forward/backward, paper structure, swaps."""
 
+import functools
 import pytest
 import torch
 import torch.fx
@@ -130,6 +131,22 @@ def test_constructor_swaps_the_block_convolution(conv_layer, expected):
     assert len(convs) == 16 and all(type(c) is expected for c in convs)
     assert type(model.stem.conv) is nn.Conv2d and type(model.head.fc) is nn.Linear
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_conv_layer_callables_get_bias_false_and_twist_accepts_it():
+    calls = []
+
+    def conv_layer(c_in, c_out, kernel_size, **kwargs):
+        calls.append(kwargs)
+        return TwistConv2d(c_in, c_out, kernel_size, **kwargs)
+
+    net = ModelConstructor(block="bireal", layers=(1, 1), widths=(8, 16), stem="small", stem_width=8,
+                           conv_layer=conv_layer)()
+    assert calls and all(kw["bias"] is False and kw["padding"] == 1 for kw in calls)
+    auto = ModelConstructor(block="bireal", layers=(1,), widths=(64,), stem="small", stem_width=64,
+                            conv_layer=functools.partial(TwistConv2d, groups="auto"))()
+    assert [m.groups for m in auto.modules() if isinstance(m, TwistConv2d)] == [2]
+    assert net(torch.randn(2, 3, 8, 8)).shape == auto(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
 
 def test_quantizers_go_to_convs_that_accept_them():

@@ -62,7 +62,7 @@ def test_binary_parameters_are_the_1_bit_quantized_weights():
         QLinear(4, 2, weight_quantizer="ste_sign"),
     )
     found = binary_parameters(model)
-    expected = [model[1].weight, model[4].weight, model[4].twist_x, model[4].twist_y, model[5].weight]
+    expected = [model[1].weight, model[4].weight, model[4].coeff_x, model[4].coeff_y, model[5].weight]
     assert [id(p) for p in found] == [id(p) for p in expected]
 
 

@@ -8,7 +8,7 @@ from onebit import quant
 from onebit.math import sign
 
 SIGN_ALIASES = ["ste_sign", "approx_sign", "swish_sign", "magnitude_aware_sign"]
-ALL_ALIASES = SIGN_ALIASES + ["dorefa"]
+ALL_ALIASES = SIGN_ALIASES + ["dorefa", "dorefa_weight"]
 
 
 def make(alias_or_cls, form):
@@ -147,7 +147,7 @@ def test_quantizer_keeps_shape_and_dtype_and_leaves_input_alone(alias, form, dty
     assert torch.equal(x, before)
 
 
-@pytest.mark.parametrize("alias", ["ste_sign", "approx_sign", "swish_sign", "dorefa"])
+@pytest.mark.parametrize("alias", ALL_ALIASES)
 def test_quantizer_is_exactly_idempotent(alias):
     q = quant.get(alias)
     x = torch.randn(64, 33) * 2
@@ -162,17 +162,100 @@ def test_dorefa_is_exactly_idempotent_for_every_bit_width(bits):
     assert torch.equal(q(q(x)), q(x))
 
 
-def test_magnitude_aware_sign_is_idempotent_up_to_rounding_of_the_scale():
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (64, 33), (1000,), (7, 1)])
+def test_magnitude_aware_sign_is_bitwise_idempotent(shape):
     q = quant.MagnitudeAwareSign()
-    w = torch.randn(16, 8, 3, 3)
-    once = q(w)
-    assert torch.allclose(q(once), once, rtol=1e-6, atol=0)
-    assert torch.equal(torch.sign(q(once)), torch.sign(once))
+    for seed in range(5):
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.3
+        once = q(w)
+        assert torch.equal(q(once), once)
+        levels, scale = q.factor(once)
+        assert torch.equal(scale, q.factor(w)[1])
+    w = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.5, -0.5]])
+    assert torch.allclose(q(w), torch.tensor([[2.0, -2.0, 2.0], [0.5, 0.5, -0.5]]))  # still the mean magnitude
+
+
+# ----------------------------------------------------------------------------- symmetric k-bit weights
+
+
+@pytest.mark.parametrize(
+    "bits, expected",
+    [(1, [-1.0, 1.0]), (2, [-1.0, -1 / 3, 1 / 3, 1.0]), (3, [(2 * i - 7) / 7 for i in range(8)])],
+)
+def test_dorefa_weight_levels_are_symmetric_around_zero(bits, expected):
+    w = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    levels = torch.unique(quant.DoReFaWeight(bits)(w))
+    assert torch.allclose(levels, torch.tensor(expected), atol=1e-7)
+    assert torch.equal(levels, -levels.flip(0))  # exactly symmetric
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_dorefa_weight_follows_dorefas_rule(bits):
+    w = torch.randn(4, 9, generator=torch.Generator().manual_seed(bits)) * 2
+    n = 2**bits - 1
+    t = torch.tanh(w.double())
+    expected = 2 * torch.round((t / (2 * t.abs().max()) + 0.5) * n) / n - 1
+    out = quant.DoReFaWeight(bits)(w)
+    assert out.dtype == w.dtype and torch.allclose(out.double(), expected, atol=1e-6)
+    assert len(torch.unique(quant.DoReFaWeight(bits)(torch.randn(100000)))) == 2**bits
+    assert quant.DoReFaWeight(bits).precision == bits
+
+
+def test_dorefa_weight_is_idempotent_up_to_3_bits_and_says_why_not_beyond():
+    w = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    for bits in (1, 2, 3):
+        q = quant.DoReFaWeight(bits)
+        assert torch.equal(q(q(w)), q(w))
+    q = quant.DoReFaWeight(4)
+    assert not torch.equal(q(q(w)), q(w))
+    assert "idempotent up to 3 bits" in quant.DoReFaWeight.__doc__
+
+
+def test_dorefa_weight_gradient_goes_through_tanh_straight_through_the_rounding():
+    w = torch.tensor([-0.3, 0.1, 0.8], requires_grad=True)
+    quant.DoReFaWeight(2)(w).sum().backward()
+    t = torch.tanh(w.detach())
+    m = t.abs().max()
+    # d/dw sum_i (tanh(w_i) / max|tanh|): the max element (w = 0.8) also moves the normalization
+    expected = (1 - t**2) / m
+    expected[2] -= (t.sum() / m**2) * (1 - t[2] ** 2)
+    assert torch.allclose(w.grad, expected, atol=1e-6)
+
+
+def test_dorefa_as_a_weight_quantizer_warns_once_dorefa_weight_does_not():
+    from onebit.nn import QConv2d
+
+    layer = QConv2d(2, 4, 3, weight_quantizer="dorefa")
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.warns(UserWarning, match="dorefa_weight"):
+        layer(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per quantizer
+        QConv2d(2, 4, 3, weight_quantizer="dorefa_weight")(x)
+        quant.DoReFa()(x)  # as an activation quantizer: no warning
+
+
+def test_binarize_with_weight_bits_gives_symmetric_k_bit_weights():
+    from onebit.convert import binarize
+    from onebit.nn import QConv2d
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 8, 3), nn.Conv2d(8, 2, 3))
+    k_bit = binarize(model, weight_bits=2)
+    conv = k_bit[1]
+    assert isinstance(conv, QConv2d) and isinstance(conv.weight_quantizer, quant.DoReFaWeight)
+    assert conv.weight_quantizer.precision == 2
+    assert torch.unique(conv.quantized_weight()).numel() <= 4
+    magnitudes = torch.unique(conv.quantized_weight().detach().abs())
+    assert all(torch.isclose(m, torch.tensor(1.0)) or torch.isclose(m, torch.tensor(1 / 3)) for m in magnitudes)
+    assert isinstance(binarize(model, weight_bits=1)[1].weight_quantizer, quant.Sign)
 
 
 @pytest.mark.parametrize("alias", ALL_ALIASES)
 def test_precision_attribute(alias):
-    expected = 2 if alias == "dorefa" else 1
+    expected = 2 if alias in ("dorefa", "dorefa_weight") else 1
     assert quant.get(alias).precision == expected
     assert quant.DoReFa(bits=4).precision == 4
 
@@ -239,6 +322,8 @@ def test_dorefa_refuses_bad_bit_widths():
     for bits in (0, 17, 2.5):
         with pytest.raises(ValueError, match="bits"):
             quant.DoReFa(bits)
+        with pytest.raises(ValueError, match="bits"):
+            quant.DoReFaWeight(bits)
 
 
 def test_quantizers_have_no_parameters_or_state():
@@ -246,3 +331,41 @@ def test_quantizers_have_no_parameters_or_state():
         q = quant.get(alias)
         assert isinstance(q, nn.Module)
         assert not list(q.parameters()) and not list(q.buffers()) and q.state_dict() == {}
+
+
+# ----------------------------------------------------------------------------- a user's own sign quantizer
+
+
+class _UsersSign(quant.Quantizer):
+    """A user's sign with a hard-tanh gradient: declared a sign by its class attributes."""
+
+    precision = 1
+    is_sign = True
+    sign_levels = True
+
+    def forward(self, x):
+        return x.clamp(-1, 1) + (sign(x) - x.clamp(-1, 1)).detach()
+
+
+def test_a_users_sign_quantizer_is_packed_and_folded_like_the_built_in_ones():
+    from torch import nn
+
+    from onebit import engine
+    from onebit.canonize import SignThreshold, fold_thresholds
+    from onebit.nn import QConv2d
+
+    assert quant.is_sign(_UsersSign()) and quant.has_sign_levels(_UsersSign())
+    assert not quant.is_sign(quant.MagnitudeAwareSign()) and quant.has_sign_levels(quant.MagnitudeAwareSign())
+    assert not quant.is_sign(quant.DoReFa()) and not quant.has_sign_levels(quant.DoReFa())
+    torch.manual_seed(0)
+    q = dict(input_quantizer=_UsersSign(), weight_quantizer=_UsersSign())
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 8, 3, padding=1, bias=False, **q),
+                          nn.BatchNorm2d(8), QConv2d(8, 4, 3, padding=1, **q)).eval()
+    with torch.no_grad():
+        model[2].running_mean.normal_()
+    x = torch.randn(2, 3, 6, 6)
+    packed = engine.pack(model, x, strict=True)  # no fallback: both layers run on the packed kernels
+    assert [n["op"] for n in packed.graph["nodes"]] == ["conv2d", "pack", "binary_conv2d_threshold", "binary_conv2d"]
+    assert torch.equal(packed(x), model(x))
+    with fold_thresholds(model, skip_unmergeable=True):
+        assert isinstance(model[2], SignThreshold)

@@ -22,7 +22,14 @@ from onebit.summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["binarize", "canonize", "doctor", "engine", "export_onnx", "math", "nn", "plot", "quant", "quant_lowbit", "summary", "__version__"]
+__all__ = ["binarize", "canonize", "doctor", "engine", "export_onnx", "fit", "math", "nn", "plot", "quant", "quant_lowbit", "summary", "__version__"]
+
+
+def fit(model, train_data, valid_data, **kwargs):
+    """Train a user's own model with onebit's trainer (see :func:`onebit.fitting.fit`)."""
+    from onebit.fitting import fit as run
+
+    return run(model, train_data, valid_data, **kwargs)
 
 
 def export_onnx(model, example_input, path, *, opset: int = 18, strict: bool = False):

@@ -71,7 +71,9 @@ not train it: the bias maps are computed from the weights at merge time.
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -86,6 +88,7 @@ from onebit.nn.layers import QActivation, QuantizedLayer
 __all__ = [
     "Handle",
     "CompositeHandle",
+    "HandleOrderError",
     "Canonizer",
     "MergeBatchNorm",
     "FoldThresholds",
@@ -115,16 +118,34 @@ class CanonizationWarning(UserWarning):
 # handles
 
 
+class HandleOrderError(RuntimeError):
+    """``remove()`` of a handle while a later one that touches the same modules is registered.
+
+    Changes stack: removing the earlier one first would restore the state it saw under the
+    later change, which the later one's ``remove()`` then overwrites with a merged state.
+    Nothing is changed when this is raised: remove the later handle first."""
+
+
+#: the leaf handles registered now (weakly: a dropped handle can no longer be removed anyway)
+_REGISTERED: "weakref.WeakSet[Handle]" = weakref.WeakSet()
+_SERIALS = itertools.count(1)
+
+
 class Handle:
     """Undo record of one change to a model: ``register()`` applies it, ``remove()`` undoes it.
 
     ``remove()`` restores every parameter, buffer, attribute, module and hook the change
     touched, bit for bit, and is idempotent. A handle is a context manager that removes
     itself on exit.
+
+    Handles that touch the same modules stack: they are removed last registered first.
+    ``remove()`` of a handle while a later one touching one of its modules is still
+    registered raises :class:`HandleOrderError` and changes nothing.
     """
 
     def __init__(self) -> None:
         self._registered = False
+        self._serial = 0
 
     @property
     def registered(self) -> bool:
@@ -134,12 +155,26 @@ class Handle:
         if not self._registered:
             self._apply()
             self._registered = True
+            self._serial = next(_SERIALS)
+            _REGISTERED.add(self)
         return self
 
     def remove(self) -> None:
         if self._registered:
+            _check_removable(list(self._leaves()))
             self._undo()
             self._registered = False
+            _REGISTERED.discard(self)
+
+    def _leaves(self) -> Iterator["Handle"]:
+        """The registered handles that hold changes (a composite's, or this one)."""
+        if self._registered:
+            yield self
+
+    def _touched(self) -> set[int]:
+        """ids of the objects this handle changed while registered."""
+        patch = getattr(self, "_patch", None)
+        return set(patch.touched) if patch is not None else set()
 
     def _apply(self) -> None:
         raise NotImplementedError
@@ -152,6 +187,20 @@ class Handle:
 
     def __exit__(self, *exc: Any) -> None:
         self.remove()
+
+
+def _check_removable(leaves: list[Handle]) -> None:
+    """Raise :class:`HandleOrderError` when a handle outside ``leaves``, registered after one of
+    them, touches the same objects (removing ``leaves`` first would leave the model changed)."""
+    own = {id(h) for h in leaves}
+    for h in leaves:
+        touched = h._touched()
+        for later in list(_REGISTERED):
+            if id(later) not in own and later._registered and later._serial > h._serial and later._touched() & touched:
+                raise HandleOrderError(
+                    f"cannot remove {h!r}: {later!r}, registered after it, changed the same modules "
+                    "and is still registered; remove it first (nothing was changed)"
+                )
 
 
 class CompositeHandle(Handle):
@@ -169,6 +218,22 @@ class CompositeHandle(Handle):
     def append(self, handle: Handle) -> None:
         self.handles.append(handle)
         self._registered = self._registered or handle.registered
+
+    def register(self) -> "Handle":
+        if not self._registered:
+            self._apply()
+            self._registered = True
+        return self
+
+    def remove(self) -> None:
+        if self._registered:
+            _check_removable(list(self._leaves()))
+            self._undo()
+            self._registered = False
+
+    def _leaves(self) -> Iterator[Handle]:
+        for h in self.handles:
+            yield from h._leaves()
 
     def _apply(self) -> None:
         for h in self.handles:
@@ -193,10 +258,12 @@ class _Patch:
 
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
+        self.touched: set[int] = set()  # ids of the modules and tensors changed (alive while undo holds them)
 
     @torch.no_grad()
     def set_tensor(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
         tensor = getattr(module, name)
+        self.touched |= {id(module), id(tensor)}
         saved = tensor.detach().clone()
         tensor.copy_(value.to(dtype=tensor.dtype, device=tensor.device))
 
@@ -210,6 +277,7 @@ class _Patch:
         weight = module.weight
         bias = nn.Parameter(value.to(dtype=weight.dtype, device=weight.device), requires_grad=weight.requires_grad)
         module.bias = bias
+        self.touched.add(id(module))
 
         def undo() -> None:
             module.bias = None
@@ -220,6 +288,7 @@ class _Patch:
         missing = object()
         old = obj.__dict__.get(name, missing) if not isinstance(obj, nn.Module) else getattr(obj, name, missing)
         setattr(obj, name, value)
+        self.touched.add(id(obj))
 
         def undo() -> None:
             if old is missing:
@@ -234,15 +303,18 @@ class _Patch:
         parent = root.get_submodule(parent_name)
         old = getattr(parent, child)
         setattr(parent, child, new)
+        self.touched |= {id(parent), id(old)}
         self._undo.append(lambda: setattr(parent, child, old))
 
     def forward_hook(self, module: nn.Module, hook: Callable) -> None:
         handle = module.register_forward_hook(hook)
+        self.touched.add(id(module))
         self._undo.append(handle.remove)
 
     def undo(self) -> None:
         while self._undo:
             self._undo.pop()()
+        self.touched = set()
 
 
 # ---------------------------------------------------------------------------
@@ -1008,19 +1080,16 @@ def canonize(model: nn.Module, canonizers: Sequence[Canonizer]) -> CompositeHand
 # BatchNorm + sign -> integer thresholds
 
 
-_SIGNS = (quant.Sign, quant.ApproxSign, quant.SwishSign)
-
-
 def _sign_consumer(node: _Node) -> bool:
-    """A node that applies a plain sign (+-1 output) to its input first."""
+    """A node that applies a plain sign (+-1 output) to its input first (:func:`onebit.quant.is_sign`)."""
     m = node.module
     if node.op != "module":
         return False
     if isinstance(m, QuantizedLayer):
-        return isinstance(m.input_quantizer, _SIGNS)
+        return quant.is_sign(m.input_quantizer)
     if isinstance(m, QActivation):
-        return isinstance(m.quantizer, _SIGNS)
-    return isinstance(m, _SIGNS)
+        return quant.is_sign(m.quantizer)
+    return quant.is_sign(m)
 
 
 class _FoldThreshold(Handle):
@@ -1094,7 +1163,7 @@ def _fold_plan(model: nn.Module, skip: bool) -> list[_FoldThreshold]:
         reason = None
         if not isinstance(layer, QuantizedLayer) or not isinstance(layer, _WEIGHT_LAYERS):
             reason = f"its input comes from {p.describe() if p is not None else 'nothing'}, not from a binary layer's accumulator"
-        elif not isinstance(layer.input_quantizer, _SIGNS) or not isinstance(layer.weight_quantizer, _SIGNS):
+        elif not quant.is_sign(layer.input_quantizer) or not quant.is_sign(layer.weight_quantizer):
             reason = f"{p.describe()} does not binarize both its input and its weights with a plain sign, so its output is not an integer accumulator"
         elif layer.bias is not None:
             reason = f"{p.describe()} has a bias, so its output is not an integer accumulator"

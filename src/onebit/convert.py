@@ -29,6 +29,7 @@ def binarize(
     keep_first: bool = True,
     keep_last: bool = True,
     exclude: Iterable[str] = (),
+    weight_bits: int | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` whose convolutions and linear layers are binary.
 
@@ -42,16 +43,34 @@ def binarize(
             ``input_quantizer=None`` keeps inputs float (binary weights only).
         keep_first, keep_last: leave the first / last such layer (in ``named_modules``
             order) float, as binary networks usually do.
-        exclude: qualified module names (or glob patterns such as ``"head.*"``) to keep float.
+        exclude: qualified module names (or glob patterns such as ``"head.*"``) to keep float;
+            one string is one pattern. A module excluded under any of its names stays float.
+        weight_bits: k-bit weights instead: ``k > 1`` replaces ``weight_quantizer`` by
+            :class:`onebit.quant.DoReFaWeight` (``bits=k``, levels symmetric around 0, e.g.
+            {-1, -1/3, +1/3, +1} at 2 bits); ``1`` or None keeps ``weight_quantizer``.
+
+    A module reachable under several names (``self.b = self.a``) is converted once, and the
+    result holds that one binary module under every name, so the tie is kept.
     """
-    exclude = list(exclude)
+    if weight_bits is not None:
+        if not isinstance(weight_bits, int) or weight_bits < 1:
+            raise ValueError(f"binarize: weight_bits must be a positive integer, got {weight_bits!r}")
+        if weight_bits > 1:
+            weight_quantizer = quant.DoReFaWeight(bits=weight_bits)
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     candidates = [
         (name, module)
         for name, module in model.named_modules()
         if type(module) in _COUNTERPART or isinstance(module, QuantizedLayer)
     ]
-    all_names = {name for name, _ in model.named_modules()}
+    # every name of every module: a module reachable under several names (tied) has them all
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    all_names = [name for names in aliases.values() for name in names]
     for pattern in exclude:
+        if not isinstance(pattern, str):
+            raise TypeError(f"binarize: exclude takes module names or glob patterns, got {pattern!r}")
         if not any(fnmatch.fnmatchcase(name, pattern) for name in all_names):
             raise ValueError(f"binarize: exclude names {pattern!r}, which matches no module of the model")
     if not candidates:
@@ -62,9 +81,14 @@ def binarize(
         keep.add(candidates[0][0])
     if keep_last:
         keep.add(candidates[-1][0])
-    keep |= {name for name, _ in candidates if any(fnmatch.fnmatchcase(name, p) for p in exclude)}
+    keep |= {
+        name
+        for name, module in candidates
+        if any(fnmatch.fnmatchcase(alias, p) for alias in aliases[id(module)] for p in exclude)
+    }
 
-    result = copy.deepcopy(model)
+    result = copy.deepcopy(model)  # deepcopy keeps ties: a module shared by two parents stays shared
+    replacements: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(module of result) -> (it, its binary twin)
     for name, module in candidates:
         if name in keep or isinstance(module, QuantizedLayer):
             continue
@@ -73,8 +97,11 @@ def binarize(
         replacement._onebit_name = name or type(model).__name__
         if name == "":
             return replacement
-        parent_name, _, child = name.rpartition(".")
-        setattr(result.get_submodule(parent_name), child, replacement)
+        replacements[id(original)] = (original, replacement)
+    for parent in list(result.modules()):  # every place a converted module sits, under each of its names
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)][1])
     return result
 
 

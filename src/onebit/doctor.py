@@ -1,15 +1,20 @@
 r"""Why a binary network does not learn: one forward and backward pass with hooks, findings per layer.
 
 :func:`doctor` runs the model in train mode on a batch, backpropagates a loss and looks
-at every *sign site* (a layer's 1-bit input quantizer, a ``QActivation``, a bare 1-bit
-quantizer, or any module whose outputs are all in {-1, 0, +1} although its inputs are
-not -- a hand-written sign) and at every parameter's gradient. Each
-:class:`Finding` names the layer by its qualified name in ``model.named_modules()``,
-its ``kind`` and what to do:
+at every *sign site* and at every parameter's gradient. A sign site is found however
+the sign is written: a layer's 1-bit input quantizer, a ``QActivation``, a bare 1-bit
+quantizer, a ``torch.sign`` / ``Tensor.sign`` call or a custom ``torch.autograd.Function``
+with +-1 (or 0) outputs run anywhere in forward (recorded while the model runs, with a
+``TorchFunctionMode``), or a module whose outputs are all in {-1, 0, +1} although its
+inputs are not. Each :class:`Finding` names the module whose ``forward`` holds the
+problem by its qualified name in ``model.named_modules()`` (``<model>`` for the model's
+own ``forward``), its ``kind`` and what to do; root causes come first, then their
+consequences on the gradients:
 
 ==================== ===================================================================
 kind                 detected when
 ==================== ===================================================================
+no_binarization      no sign ran at all: the model is a float network
 constant_output      >= 99% of a sign's output positions are the same for every example
                      of the batch (e.g. a ReLU straight into a sign: all +1)
 outside_clip         >= 99% of a sign's inputs (or of a layer's latent binary weights)
@@ -24,12 +29,14 @@ exploding_gradient   a layer's gradient RMS is >= 1e4 times the median over laye
 vanishing_gradient   going from the output to the input, the gradient RMS drops >= 1e3x
                      from one layer to the next (reported at the first layer after the drop)
 mutates_parameter    a module changes a parameter inside ``forward`` (e.g.
-                     ``self.weight.data = sign(self.weight.data)``)
+                     ``self.weight.data = sign(self.weight.data)``, or a parent clamping
+                     its BatchNorms' weights): the module whose code writes is named
 nan_activation       the first layer whose output contains NaN or infinity
 ==================== ===================================================================
 
-The pseudo-gradient of each sign is measured, not assumed: the quantizer is re-run
-on its recorded input with autograd, so custom quantizers are covered too. A gradient
+The pseudo-gradient of each sign is measured, not assumed: the quantizer (or the
+custom autograd Function, or ``torch.sign``) is re-run on its recorded input with
+autograd, so custom quantizers are covered too. A gradient
 counts as passing where it is at least 1e-3 of the quantizer's gradient at 0.
 
 Without ``targets`` the loss is a fixed random projection of the output (it reaches
@@ -55,6 +62,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from onebit import quant
 from onebit.nn.layers import QActivation, QuantizedLayer
@@ -62,6 +70,7 @@ from onebit.nn.layers import QActivation, QuantizedLayer
 __all__ = ["Finding", "SignSite", "LayerGradient", "Report", "doctor", "KINDS"]
 
 KINDS = (
+    "no_binarization",
     "constant_output",
     "outside_clip",
     "blocked_gradient",
@@ -73,6 +82,9 @@ KINDS = (
     "mutates_parameter",
     "nan_activation",
 )
+
+# kinds that follow from others (reported after the root causes)
+CONSEQUENCES = ("zero_gradient", "nan_gradient", "exploding_gradient", "vanishing_gradient")
 
 CONSTANT_FRACTION = 0.99
 BLOCKED_FRACTION = 0.99
@@ -230,14 +242,17 @@ def _quantizer_name(q: Any) -> str:
 
 
 class _SiteRecord:
-    def __init__(self, layer: str, fn: Callable, qname: str, clip: float | None) -> None:
-        self.layer, self.fn, self.qname, self.clip = layer, fn, qname, clip
+    def __init__(self, layer: str, fn: Callable, qname: str, clip: float | None, weights: bool = False) -> None:
+        self.layer, self.fn, self.qname, self.clip, self.weights = layer, fn, qname, clip, weights
         self.x: torch.Tensor | None = None
 
 
 def _site_stats(rec: _SiteRecord, x: torch.Tensor, weights: bool = False) -> tuple[SignSite, torch.Tensor, float]:
     y, d = _derivative(rec.fn, x)
-    _, d0 = _derivative(rec.fn, torch.zeros(1, dtype=x.dtype, device=x.device))
+    try:
+        _, d0 = _derivative(rec.fn, torch.zeros(1, dtype=x.dtype, device=x.device))
+    except Exception:  # a sign with shape requirements (a custom Function): measure at 0 in x's shape
+        _, d0 = _derivative(rec.fn, torch.zeros_like(x))
     d0 = float(d0.abs().max()) if d0.numel() else 0.0
     tol = 1e-3 * d0
     blocked = float((d.abs() <= tol).float().mean()) if d.numel() else 0.0
@@ -298,11 +313,130 @@ def _sign_findings(site: SignSite, y: torch.Tensor, d0: float, clip: float | Non
             msg = (f"{site.zeros:.1%} of its inputs are exactly 0 and it maps them to 0 (like torch.sign), so those "
                    "activations are neither +1 nor -1 and differ from what a packed engine computes. Use "
                    "onebit.math.sign / onebit.quant.Sign, which define sign(0) = +1.")
+            if site.minimum >= 0:
+                msg += (f" Its input is never negative (min {site.minimum:.3g}): a ReLU or another non-negative "
+                        "operation feeds the sign, which then outputs only 0 and +1. Remove it or put a BatchNorm "
+                        "between it and the sign.")
         else:
             msg = (f"{site.zeros:.1%} of its inputs are exactly 0. onebit's sign maps them to +1, but a hand-written "
                    "torch.sign would give 0; zeros usually come from a ReLU before the sign. Put a BatchNorm before it.")
         out.append(Finding(name, "sign_of_zero", msg, site.zeros))
     return out
+
+
+# ---------------------------------------------------------------------------
+# signs and parameter writes in code: recorded while the model runs
+
+_SIGN_OPS = frozenset({"sign", "sgn", "sign_", "sgn_"})
+_DATA_DESCRIPTOR = torch._C.TensorBase.__dict__["data"]
+
+
+def _first_tensor(out: Any) -> Any:
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def _looks_like_sign(x: Any, y: Any) -> bool:
+    """``y`` is a +-1/0 float tensor of ``x``'s shape and ``x`` is not (a sign of ``x``)."""
+    return (
+        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()
+        and y.is_floating_point() and y.shape == x.shape and y.numel() > 0
+        and _is_ternary(y.detach()) and not _is_ternary(x.detach())
+    )
+
+
+class _Recorder(TorchFunctionMode):
+    """Records, while the model runs, the signs written in code (``torch.sign``, ``Tensor.sign``,
+    custom autograd Functions with +-1 outputs) and the writes to parameters, each with the module
+    whose ``forward`` runs it (the innermost one on the call stack)."""
+
+    def __init__(self, param_at: dict[int, str], skip: Callable[[], bool], sites: list) -> None:
+        super().__init__()
+        self.param_at, self.skip = param_at, skip
+        self.stack: list[tuple[nn.Module, str]] = []
+        self.sites = sites  # (_SiteRecord, input) in forward order, shared with the module hooks
+        self.writes: dict[str, set[str]] = {}  # module -> qualified parameter names it writes
+        self.outputs: dict[int, torch.Tensor] = {}  # sign outputs by id (a sign of a sign is the same site)
+        self.in_function = 0
+        self.inside: set[int] = set()  # modules on the stack when a sign was recorded
+
+    def _param(self, t: torch.Tensor) -> str | None:
+        ptr = t.untyped_storage().data_ptr()
+        return self.param_at.get(ptr) if ptr else None
+
+    def _record(self, fn: Callable, qname: str, x: torch.Tensor, out: Any) -> None:
+        param = self._param(x)
+        if param is not None and not x.requires_grad:
+            return  # a sign of `weight.data`: a parameter write, reported as such
+        layer = self.stack[-1][1] if self.stack else ""
+        rec = _SiteRecord(layer, fn, qname, _clip_of(fn), weights=param is not None)
+        rec.x = x.detach().clone()
+        self.sites.append((rec, rec.x))
+        self.inside.update(id(m) for m, _ in self.stack)
+        first = _first_tensor(out)
+        if isinstance(first, torch.Tensor):
+            self.outputs[id(first)] = first
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if target is not None and name == "__set__" and getattr(func, "__self__", None) is _DATA_DESCRIPTOR:
+            self._write(target)
+        elif target is not None and name.endswith("_") and not name.endswith("__"):
+            self._write(target)
+        if name in _SIGN_OPS and target is not None and target.is_floating_point():
+            fresh = not self.in_function and id(target) not in self.outputs and not self.skip()
+            x = target.detach().clone() if fresh and name.endswith("_") else target
+            out = func(*args, **kwargs)
+            if fresh:
+                self._record(torch.sign, "torch.sign", x, out)
+            return out
+        return func(*args, **kwargs)
+
+    def _write(self, t: torch.Tensor) -> None:
+        param = self._param(t)
+        if param is not None:
+            layer = self.stack[-1][1] if self.stack else ""
+            self.writes.setdefault(layer, set()).add(param)
+
+    def function_applied(self, cls: type, args: tuple, kwargs: dict, out: Any) -> None:
+        """A custom autograd Function returned: a sign site when its first output is a sign of
+        its first floating-point tensor input."""
+        index = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        if index is None or self.skip() or not _looks_like_sign(args[index], _first_tensor(out)):
+            return
+
+        def rerun(t: torch.Tensor) -> torch.Tensor:
+            return _first_tensor(cls.apply(*args[:index], t, *args[index + 1 :], **kwargs))
+
+        self._record(rerun, cls.__name__, args[index], out)
+
+
+class _FunctionTap:
+    """Within the ``with`` block, report every ``torch.autograd.Function.apply`` to a recorder."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+        self.original = torch.autograd.Function.__dict__["apply"]
+
+    def __enter__(self) -> "_FunctionTap":
+        original, recorder = self.original.__func__, self.recorder
+
+        def apply(cls, *args, **kwargs):
+            recorder.in_function += 1
+            try:
+                out = original(cls, *args, **kwargs)
+            finally:
+                recorder.in_function -= 1
+            if not recorder.in_function:
+                recorder.function_applied(cls, args, kwargs, out)
+            return out
+
+        torch.autograd.Function.apply = classmethod(apply)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.autograd.Function.apply = self.original
 
 
 # ---------------------------------------------------------------------------
@@ -402,8 +536,17 @@ def doctor(
         if isinstance(m, quant.Quantizer) and _precision_one(m) and id(m) not in handled and id(m) not in site_of:
             if not (isinstance(modules.get(name.rpartition(".")[0]), QuantizedLayer)):
                 site_of[id(m)] = _SiteRecord(name, m, _quantizer_name(m), _clip_of(m))
+    param_at = {}
+    for full, p in model.named_parameters():
+        param_at.setdefault(p.untyped_storage().data_ptr(), full)
+
+    def known_site_running() -> bool:  # signs inside onebit's layers and quantizers are sites already
+        return any(id(m) in site_of or id(m) in handled for m, _ in recorder.stack)
+
+    recorder = _Recorder(param_at, known_site_running, sites)
 
     def pre_hook(m: nn.Module, a: tuple) -> None:
+        recorder.stack.append((m, names.get(id(m), "")))
         own = list(m._parameters.items())
         m.__dict__["_doctor_before"] = [(n, p, p.detach().clone()) for n, p in own if p is not None]
         rec = site_of.get(id(m))
@@ -413,6 +556,8 @@ def doctor(
 
     def post_hook(m: nn.Module, a: tuple, out: Any) -> None:
         name = names.get(id(m), "")
+        if recorder.stack and recorder.stack[-1][0] is m:
+            recorder.stack.pop()
         before = m.__dict__.pop("_doctor_before", [])
         for pname, p, value in before:
             now = m._parameters.get(pname)
@@ -421,7 +566,7 @@ def doctor(
                 d = now.detach()
                 changed = bool(((d != value) & ~(torch.isnan(d) & torch.isnan(value))).any())
             if changed:
-                mutated.setdefault(name, []).append(pname)
+                mutated.setdefault(name, []).append(f"{name}.{pname}" if name else pname)
         if before and name not in order:
             order.append(name)
         leaf = next(iter(m.children()), None) is None or isinstance(m, (QuantizedLayer, QActivation))
@@ -430,7 +575,8 @@ def doctor(
                 first_nonfinite.append(name)
         # a hand-written sign: ternary outputs from non-ternary inputs, same shape
         if (
-            leaf and id(m) not in site_of and id(m) not in handled and isinstance(out, torch.Tensor) and a
+            leaf and id(m) not in site_of and id(m) not in handled and id(m) not in recorder.inside
+            and isinstance(out, torch.Tensor) and a
             and isinstance(a[0], torch.Tensor) and a[0].is_floating_point() and out.shape == a[0].shape
             and out.numel() and not isinstance(m, (quant.Quantizer, QuantizedLayer))
             and _is_ternary(out.detach()) and not _is_ternary(a[0].detach())
@@ -445,7 +591,11 @@ def doctor(
             hooks.append(m.register_forward_pre_hook(pre_hook))
             hooks.append(m.register_forward_hook(post_hook))
         model.train(train)
-        output = model(*args)
+        with recorder, _FunctionTap(recorder):
+            output = model(*args)
+        recorder.outputs.clear()
+        for layer, written in recorder.writes.items():
+            mutated.setdefault(layer, []).extend(sorted(written))
         loss = _loss(output, targets, loss_fn)
         trainable = [p for p in params.values() if p.requires_grad]
         grads = torch.autograd.grad(loss, trainable, allow_unused=True) if loss.requires_grad else [None] * len(trainable)
@@ -453,21 +603,23 @@ def doctor(
         loss_value = float(loss.detach())
 
         # parameters changed by someone other than their owner's forward
+        reported = {full for written in mutated.values() for full in written}
         for full, (p, value) in saved_params.items():
             module_name, _, pname = full.rpartition(".")
-            if pname in mutated.get(module_name, []):
+            if full in reported:
                 continue
             d = p.detach()
             if bool(((d != value) & ~(torch.isnan(d) & torch.isnan(value))).any()):
-                mutated.setdefault(module_name, []).append(pname)
+                mutated.setdefault(module_name, []).append(full)
         for m_, pname, p in param_slots:
             if m_._parameters.get(pname) is not p and names.get(id(m_), "") not in mutated:
-                mutated.setdefault(names.get(id(m_), ""), []).append(pname)
+                owner_name = names.get(id(m_), "")
+                mutated.setdefault(owner_name, []).append(f"{owner_name}.{pname}" if owner_name else pname)
 
         # --- sign sites
         site_list: list[SignSite] = []
         for rec, x in sites:
-            site, y, d0 = _site_stats(rec, x)
+            site, y, d0 = _site_stats(rec, x, weights=rec.weights)
             site_list.append(site)
             findings += _sign_findings(site, y, d0, rec.clip)
         for name, m in model.named_modules():
@@ -493,13 +645,17 @@ def doctor(
             layer_grads.append(LayerGradient(name, type(m).__name__, sum(p.numel() for p in own), rms, finite, received))
         findings += _gradient_findings(layer_grads, set(order))
 
-        for name, pnames in mutated.items():
+        for name, written in mutated.items():
+            prefix = f"{name}." if name else ""
+            own = sorted({w[len(prefix):] for w in written if w.startswith(prefix) and "." not in w[len(prefix):]})
+            others = sorted({w for w in written if w[len(prefix):] not in own or not w.startswith(prefix)})
+            what = ", ".join([f"its parameter(s) {', '.join(own)}"] * bool(own) + [f"the parameter(s) {', '.join(others)}"] * bool(others))
             findings.append(Finding(name, "mutates_parameter",
-                                    f"changes its parameter(s) {', '.join(sorted(set(pnames)))} inside forward (e.g. "
-                                    "`self.weight.data = sign(self.weight.data)`): the optimizer then updates the binarized "
-                                    "values instead of the latent weights and they never change sign again. Compute the "
-                                    "binary weight as a new tensor in forward (as onebit.nn layers do) and leave the "
-                                    "parameter alone."))
+                                    f"its forward changes {what} (e.g. `self.weight.data = sign(self.weight.data)` or "
+                                    "`bn.weight.data.clamp_(...)`): the optimizer then updates the written values instead "
+                                    "of the latent weights (binarized weights never change sign again). Compute the "
+                                    "binary or clamped value as a new tensor in forward (as onebit.nn layers do) and "
+                                    "leave the parameter alone."))
         if first_nonfinite:
             findings.append(Finding(first_nonfinite[0], "nan_activation",
                                     "is the first layer whose output contains NaN or infinity; check its inputs and "
@@ -523,8 +679,16 @@ def doctor(
         for m, mode in modes.items():
             m.training = mode
 
+    if not site_list:
+        findings.append(Finding("", "no_binarization",
+                                "no sign ran in forward: no onebit quantizer, torch.sign / Tensor.sign, custom autograd "
+                                "Function with +-1 outputs or module with +-1 outputs, so this is a float network. "
+                                "Binarize with onebit.nn layers (QConv2d, QLinear, QActivation) or onebit.quant "
+                                "quantizers, or check that the binary path is taken in train mode."))
     rank = {n: i for i, n in enumerate(order)}
-    findings.sort(key=lambda f: (rank.get(f.layer, len(rank)), KINDS.index(f.kind)))
+    # root causes first (in forward order), then what they cause on the gradients
+    findings.sort(key=lambda f: (f.kind != "no_binarization", f.kind in CONSEQUENCES,
+                                 rank.get(f.layer, -1 if f.layer == "" else len(rank)), KINDS.index(f.kind)))
     return Report(findings=findings, sites=site_list, gradients=layer_grads, loss=loss_value, batch=batch)
 
 

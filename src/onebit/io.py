@@ -2,7 +2,12 @@
 
 Every writer writes a temporary file in the destination's directory, flushes it
 to disk and renames it over the destination, so a reader never sees a partial
-file and an interrupted write never destroys the previous version.
+file and an interrupted write never destroys the previous version. A temporary
+file is named ``.tmp-<pid>-...``: one left behind by a killed process (whose pid
+no longer runs) is removed by the next write to the same directory.
+
+Readers raise :class:`FileFormatError` (a ``ValueError``) naming the file when it
+is not what it should be (truncated, not JSON, not safetensors).
 """
 
 from __future__ import annotations
@@ -12,13 +17,56 @@ import csv
 import io
 import json
 import os
+import re
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["atomic_path", "atomic_write_bytes", "save_json", "load_json", "save_csv", "save_tensors", "load_tensors"]
+__all__ = ["FileFormatError", "remove_stale_temporaries", "atomic_path", "atomic_write_bytes", "save_json", "load_json", "save_csv", "save_tensors", "load_tensors", "tensors_metadata"]
+
+
+class FileFormatError(ValueError):
+    """A file onebit reads is damaged or of another kind; the message names the file."""
+
+
+_TEMPORARY = re.compile(r"^\.tmp-(\d+)-")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or a pid no system has): not ours to judge
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, *, every: bool = False) -> list[str]:
+    """Remove the ``.tmp-<pid>-*`` files in ``directory`` whose writer no longer runs (all
+    ``.tmp-*`` files with ``every=True``, for a directory the caller holds a lock on).
+    Returns the removed paths."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(".tmp-"):
+            continue
+        m = _TEMPORARY.match(name)
+        if not every and (m is None or int(m.group(1)) == os.getpid() or _running(int(m.group(1)))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 @contextlib.contextmanager
@@ -28,9 +76,17 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     On any error (or interruption) the temporary file is removed and ``path`` is left as it was.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory: expected a file name")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"cannot write {path}: {directory} is a file, not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"cannot write {path}: a part of {directory} is a file, not a directory") from None
+    remove_stale_temporaries(directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=suffix, dir=directory)
     os.close(fd)
     try:
         yield tmp
@@ -57,8 +113,13 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def load_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """Parse a JSON file; :class:`FileFormatError` naming the file when it is not JSON."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise FileFormatError(f"{os.fspath(path)}: not a valid JSON file ({error})") from None
 
 
 def save_csv(path: str | os.PathLike, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
@@ -76,5 +137,28 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (no pickle involved)."""
-    return load_file(os.fspath(path))
+    """Load a safetensors file (no pickle involved); :class:`FileFormatError` naming the file
+    when it is damaged (truncated, not safetensors)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found" if not os.path.exists(path) else f"{path} is not a regular file")
+    try:
+        return load_file(path)
+    except (OSError, MemoryError):
+        raise
+    except Exception as error:  # safetensors raises its own error types on malformed files
+        raise FileFormatError(f"{path}: not a readable safetensors file (truncated or damaged: {error})") from None
+
+
+def tensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file (:class:`FileFormatError` when it is damaged)."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (OSError, MemoryError):
+        raise
+    except Exception as error:
+        raise FileFormatError(f"{path}: not a readable safetensors file (truncated or damaged: {error})") from None

@@ -2,7 +2,9 @@
 
 * :func:`binary_weights`: the +-1 pattern a layer really computes with (its weight
   quantizer applied, not the latent floats), beside a histogram of the latent weights
-  with the straight-through clip marked;
+  with the straight-through clip marked; a float layer shows its weights as they are;
+* :func:`record_weights` and :func:`weights_animation`: every layer's latent and
+  binarized weights recorded per epoch (``onebit train`` does it), played as a GIF;
 * :func:`feature_maps`: a layer's output (or the quantized input it sees) for one input;
 * :func:`training_curves`: losses and accuracy from a run's ``history.csv``;
 * :func:`weight_flips`: the fraction of binary weights that changed sign per epoch,
@@ -24,17 +26,22 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
 from torch import nn
 
 from onebit import io
 from onebit.math import sign
+from onebit.quant import precision_of as quant_precision
 from onebit.nn.layers import QuantizedLayer
 
 __all__ = [
     "save",
     "binary_layers",
     "binary_weights",
+    "weight_layers",
+    "record_weights",
+    "recorded_layers",
+    "weights_animation",
     "feature_maps",
     "training_curves",
     "read_history",
@@ -72,14 +79,24 @@ def binary_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer) and m.weight_precision == 1]
 
 
+def weight_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the layers with a weight of 2 or more dimensions (convolutions, linear
+    layers; float or quantized), in ``named_modules`` order."""
+    return [
+        n for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+    ]
+
+
 def _layer(model: nn.Module, layer: str | nn.Module | None, need_binary: bool = False) -> tuple[str, nn.Module]:
     if isinstance(layer, nn.Module):
         names = {id(m): n for n, m in model.named_modules()}
         return names.get(id(layer), type(layer).__name__), layer
     if layer is None:
-        candidates = binary_layers(model)
+        candidates = binary_layers(model) or (weight_layers(model) if need_binary else [])
         if not candidates:
-            raise ValueError("the model has no layer with 1-bit weights; name a layer")
+            raise ValueError("the model has no layer with weights; name a layer" if need_binary
+                             else "the model has no layer with 1-bit weights; name a layer")
         layer = candidates[0]
     modules = dict(model.named_modules())
     if layer not in modules:
@@ -115,14 +132,20 @@ def binary_weights(
     Left: ``sign(q_w(W))`` as an image, one row of kernels per output channel
     (columns: input channels; a 3-D kernel's depth slices are stacked), at most
     ``max_channels`` of each. Right: the latent ``W`` with the quantizer's clip marked.
-    ``layer`` defaults to the first layer with 1-bit weights.
+    A float layer (no weight quantizer, e.g. ``nn.Conv2d``) shows its weights on a
+    diverging scale instead. ``layer`` defaults to the first layer with 1-bit weights
+    (else the first layer with weights).
     """
     name, module = _layer(model, layer, need_binary=True)
-    if not isinstance(module, QuantizedLayer) or module.weight_quantizer is None:
-        raise ValueError(f"layer {name!r} ({type(module).__name__}) has no weight quantizer: its weights are float")
+    if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() < 2:
+        raise ValueError(f"layer {name!r} ({type(module).__name__}) has no convolution or linear weight")
+    quantizer = getattr(module, "weight_quantizer", None)
+    binary = quantizer is not None and quant_precision(quantizer) == 1
     with torch.no_grad():
         latent = module.weight.detach().float().cpu()
-        used = sign(module.quantized_weight().detach().float().cpu())
+        used = module.quantized_weight().detach().float().cpu() if quantizer is not None else latent
+        if binary:
+            used = sign(used)
     pattern = used.numpy()
     fig = Figure(figsize=(11.5, 5.2), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1.2, 1])
@@ -147,17 +170,26 @@ def binary_weights(
         left.set_yticks(np.arange(min(o, max_channels)) * rstep + (rk - 1) / 2, labels=[str(c) for c in range(min(o, max_channels))], fontsize=6)
         left.tick_params(length=0)
         aspect = "equal"
-    left.imshow(np.ma.masked_invalid(image), cmap=BINARY_CMAP, vmin=-1, vmax=1, interpolation="nearest", aspect=aspect)
-    plus = float((used > 0).float().mean())
-    left.set_title(f"binary weights used in forward: -1 (blue) {1 - plus:.1%}, +1 (gold) {plus:.1%}\n{shown}", fontsize=9)
+    if binary:
+        left.imshow(np.ma.masked_invalid(image), cmap=BINARY_CMAP, vmin=-1, vmax=1, interpolation="nearest", aspect=aspect)
+        plus = float((used > 0).float().mean())
+        left.set_title(f"binary weights used in forward: -1 (blue) {1 - plus:.1%}, +1 (gold) {plus:.1%}\n{shown}", fontsize=9)
+    else:
+        top = float(np.nanmax(np.abs(image))) or 1.0
+        shown_image = left.imshow(np.ma.masked_invalid(image), cmap="RdBu_r", vmin=-top, vmax=top,
+                                  interpolation="nearest", aspect=aspect)
+        fig.colorbar(shown_image, ax=left, shrink=0.8, label="weight value")
+        what = "float weights (no weight quantizer)" if quantizer is None else f"{quant_precision(quantizer)}-bit weights used in forward"
+        left.set_title(f"{what}\n{shown}", fontsize=9)
     values = latent.flatten().numpy()
     data_lim = float(np.abs(values).max()) or 1.0
-    clip = getattr(module.weight_quantizer, "clip", None)
+    clip = getattr(quantizer, "clip", None)
     lim = max(data_lim, 1.15 * clip) if clip is not None else data_lim
     bins = np.linspace(-data_lim, data_lim, 81)
     right.set_xlim(-1.05 * lim, 1.05 * lim)
-    right.hist(values[values < 0], bins=bins, color=NEG, label="latent w < 0  (-> -1)")
-    right.hist(values[values >= 0], bins=bins, color="#d8b65c", label="latent w >= 0  (-> +1)")
+    arrows = ("  (-> -1)", "  (-> +1)") if binary else ("", "")
+    right.hist(values[values < 0], bins=bins, color=NEG, label=f"latent w < 0{arrows[0]}")
+    right.hist(values[values >= 0], bins=bins, color="#d8b65c", label=f"latent w >= 0{arrows[1]}")
     if clip is not None:
         outside = float((latent.abs() > clip).float().mean())
         for k, c in enumerate((-clip, clip)):
@@ -166,9 +198,151 @@ def binary_weights(
     right.set_title(f"latent float weights ({values.size:,}; std {values.std():.3g})", fontsize=10)
     right.set_xlabel("weight value")
     right.set_ylabel("count")
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
     right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False, ncol=2)
-    fig.suptitle(f"layer {name} ({type(module).__name__}, weight quantizer {type(module.weight_quantizer).__name__})", fontsize=11)
+    qname = type(quantizer).__name__ if quantizer is not None else "none: a float layer"
+    fig.suptitle(f"layer {name} ({type(module).__name__}, weight quantizer {qname})", fontsize=11)
     return _done(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# weights over training: recorded per epoch, played as an animation
+
+WEIGHTS_DIR = "weights"  # in a run directory: one safetensors file per recorded epoch
+SAMPLE = 4096  # latent values kept per layer and epoch for the histogram
+
+
+def _kernel_slice(w: torch.Tensor, max_channels: int) -> torch.Tensor:
+    if w.dim() == 2:
+        return w[: 16 * max_channels, : 16 * max_channels]
+    return w[:max_channels, :max_channels]
+
+
+@torch.no_grad()
+def record_weights(model: nn.Module, directory: str | os.PathLike, epoch: int, *, max_channels: int = 16) -> str:
+    """Write every weight layer's weights (float layers included) after ``epoch`` epochs
+    (0: the initial weights) to
+    ``directory/weights/epoch_NNNN.safetensors``: per layer ``LAYER.latent`` (the first
+    ``max_channels`` output x input channels of the latent weight), ``LAYER.used`` (the same
+    slice of the weight the layer computes with, for a layer with a weight quantizer) and
+    ``LAYER.sample`` (up to 4096 evenly spaced latent values, for the histogram). Returns the path."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    for name in weight_layers(model):
+        m = modules[name]
+        w = m.weight.detach().float().cpu()
+        key = name or "model"
+        tensors[f"{key}.latent"] = _kernel_slice(w, max_channels).contiguous()
+        if getattr(m, "weight_quantizer", None) is not None:
+            used = m.quantized_weight().detach().float().cpu()
+            tensors[f"{key}.used"] = _kernel_slice(used, max_channels).contiguous()
+        flat = w.flatten()
+        step = max(1, flat.numel() // SAMPLE)
+        tensors[f"{key}.sample"] = flat[::step][:SAMPLE].contiguous()
+    target = os.path.join(os.fspath(directory), WEIGHTS_DIR, f"epoch_{int(epoch):04d}.safetensors")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    io.save_tensors(target, tensors, metadata={"epoch": str(int(epoch))})
+    return target
+
+
+def _recorded(run_dir: str | os.PathLike) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    folder = os.path.join(os.fspath(run_dir), WEIGHTS_DIR)
+    files = sorted(f for f in os.listdir(folder) if f.startswith("epoch_") and f.endswith(".safetensors")) if os.path.isdir(folder) else []
+    if not files:
+        raise ValueError(f"{os.fspath(run_dir)}: no recorded weights in {WEIGHTS_DIR}/ (`onebit train --out DIR` "
+                         "records them after every epoch; or call onebit.plot.record_weights)")
+    return [(int(f[len("epoch_"):-len(".safetensors")]), io.load_tensors(os.path.join(folder, f))) for f in files]
+
+
+def recorded_layers(run_dir: str | os.PathLike) -> list[str]:
+    """The layers whose weights a run recorded, in model order."""
+    _, first = _recorded(run_dir)[0]
+    return [k[: -len(".latent")] for k in first if k.endswith(".latent")]
+
+
+def _frame(fig: Figure) -> "Any":
+    from PIL import Image
+
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, facecolor="white")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def weights_animation(
+    run_dir: str | os.PathLike,
+    path: str | os.PathLike | None = None,
+    *,
+    layer: str | None = None,
+    seconds_per_epoch: float = 0.6,
+) -> list:
+    """An animated GIF of one layer's weights over training, one frame per recorded epoch (as
+    bitorch's weight callback shows them): the latent weights on a diverging scale, the
+    binarized weights the layer computes with (for a quantized layer), and the histogram of the
+    latent weights, with colour scales and axes fixed across frames. Float layers are allowed.
+
+    ``run_dir`` holds ``weights/epoch_NNNN.safetensors`` (:func:`record_weights`); ``layer``
+    defaults to the first layer with a weight quantizer, else the first recorded layer. Writes
+    ``path`` (atomically) when given; returns the frames (PIL images)."""
+    epochs = _recorded(run_dir)
+    layers = recorded_layers(run_dir)
+    if layer is None:
+        quantized = [n for n in layers if f"{n}.used" in epochs[0][1]]
+        layer = (quantized or layers)[0]
+    if layer not in layers:
+        raise ValueError(f"no recorded layer {layer!r}; recorded: {', '.join(layers[:12])}")
+    frames_data = [(e, t[f"{layer}.latent"], t.get(f"{layer}.used"), t[f"{layer}.sample"]) for e, t in epochs]
+    top = max(float(lat.abs().max()) for _, lat, _, _ in frames_data) or 1.0
+    lim = max(float(smp.abs().max()) for _, _, _, smp in frames_data) or 1.0
+    bins = np.linspace(-lim, lim, 61)
+    ymax = max(np.histogram(smp.numpy(), bins=bins)[0].max() for _, _, _, smp in frames_data) * 1.1 or 1.0
+    quantized = frames_data[0][2] is not None
+    images = []
+    for epoch, latent, used, sample in frames_data:
+        fig = Figure(figsize=(12.5 if quantized else 9.0, 4.4), layout="constrained")
+        axes = fig.subplots(1, 3 if quantized else 2, width_ratios=[1, 1, 1.1] if quantized else [1, 1.1])
+        lat_img, (o, i) = _tile(latent.numpy(), 16, 16)
+        shown = axes[0].imshow(np.ma.masked_invalid(lat_img), cmap="RdBu_r", vmin=-top, vmax=top,
+                               interpolation="nearest", aspect="auto")
+        fig.colorbar(shown, ax=axes[0], shrink=0.85, label="latent weight")
+        axes[0].set_title(f"latent weights ({o} x {i} channels shown)", fontsize=9)
+        for ax in axes[: 2 if quantized else 1]:
+            ax.set_xlabel("input channel (kernels side by side)")
+            ax.set_ylabel("output channel")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if quantized:
+            u = used.numpy()
+            binary = bool(np.isin(np.sign(u), (-1, 1)).all() and np.unique(np.abs(u).round(6)).size <= u.shape[0])
+            u_img, _ = _tile(np.sign(u) if binary else u, 16, 16)
+            if binary:
+                axes[1].imshow(np.ma.masked_invalid(u_img), cmap=BINARY_CMAP, vmin=-1, vmax=1, interpolation="nearest", aspect="auto")
+                plus = float((used > 0).float().mean())
+                axes[1].set_title(f"binarized: -1 (blue) {1 - plus:.0%}, +1 (gold) {plus:.0%}", fontsize=9)
+            else:
+                peak = float(np.nanmax(np.abs(u_img))) or 1.0
+                axes[1].imshow(np.ma.masked_invalid(u_img), cmap="RdBu_r", vmin=-peak, vmax=peak, interpolation="nearest", aspect="auto")
+                axes[1].set_title(f"quantized: {len(np.unique(u))} levels", fontsize=9)
+        hist_ax = axes[-1]
+        values = sample.numpy()
+        hist_ax.hist(values[values < 0], bins=bins, color=NEG)
+        hist_ax.hist(values[values >= 0], bins=bins, color="#d8b65c")
+        hist_ax.set_xlim(-lim, lim)
+        hist_ax.set_ylim(0, ymax)
+        hist_ax.set_xlabel("latent weight value")
+        hist_ax.set_ylabel(f"count (of {values.size:,} sampled)")
+        hist_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        hist_ax.set_title(f"latent weights: std {values.std():.3g}", fontsize=9)
+        hist_ax.grid(alpha=0.3)
+        when = "initial weights" if epoch == 0 else f"after epoch {epoch} of {frames_data[-1][0]}"
+        fig.suptitle(f"layer {layer}: {when}", fontsize=11)
+        images.append(_frame(fig))
+    if path is not None:
+        buffer = _io.BytesIO()
+        duration = int(1000 * seconds_per_epoch)
+        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
+        io.atomic_write_bytes(path, buffer.getvalue())
+    return images
 
 
 # ---------------------------------------------------------------------------
@@ -331,6 +505,7 @@ def training_curves(source: str | os.PathLike | Mapping[str, Sequence[float]], p
         acc_ax.set_ylim(min(acc) - 0.05, min(1.0, max(acc) + 0.03))
         acc_ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     acc_ax.set_xlabel("epoch")
+    acc_ax.set_ylabel("accuracy on the test set")
     for a in (loss_ax, acc_ax):
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc_ax.set_title("test accuracy", fontsize=10)
@@ -387,6 +562,28 @@ class FlipRecorder:
         return self.total[-1]
 
 
+def _flip_ticks(values: Sequence[float]) -> list[float]:
+    """At least three y ticks over the shown fractions: 0 when present, then 1-2-5 steps per
+    decade between the smallest and the largest positive value (their ends added when a
+    decade holds fewer)."""
+    positive = sorted(v for v in values if v > 0)
+    ticks = [0.0] if any(v == 0 for v in values) or not positive else []
+    if not positive:
+        return [0.0, 0.5, 1.0]
+    lo, hi = positive[0], positive[-1]
+    for decade in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1):
+        for m in (1, 2, 5):
+            t = m * 10.0**decade
+            if lo / 1.5 <= t <= hi * 1.5:
+                ticks.append(t)
+    if len([t for t in ticks if t > 0]) < 3:  # less than a decade: evenly spaced ticks over the values
+        even = MaxNLocator(nbins=4, min_n_ticks=3).tick_values(lo / 1.15, hi * 1.15)
+        ticks = [t for t in ticks if t == 0] + [float(t) for t in even if lo / 1.3 <= t <= hi * 1.3 and t > 0]
+    elif len(ticks) > 8:  # many decades: powers of ten only
+        ticks = [t for t in ticks if t == 0 or abs(math.log10(t) - round(math.log10(t))) < 1e-9]
+    return sorted(set(ticks))
+
+
 def weight_flips(
     flips: FlipRecorder | Mapping[str, Sequence[float]] | str | os.PathLike,
     path: str | os.PathLike | None = None,
@@ -427,6 +624,12 @@ def weight_flips(
     if floor is None and total is not None:
         floor = min((v for v in total if v > 0), default=None)
     ax.set_yscale("symlog", linthresh=(floor or 1e-4) / 2)
+    shown = [v for values in flips.values() for v in values] + list(total if total is not None else [])
+    ticks = _flip_ticks(shown)
+    ax.set_yticks(ticks)
+    if ticks and ticks[0] > 0:  # no zero to show: start the axis near the smallest value
+        ax.set_ylim(bottom=min(ticks[0], min(v for v in shown if v > 0)) / 1.3)
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"sign flips of the binary weights per epoch{title_source}\n(training settles as this falls)", fontsize=10)

@@ -1,7 +1,8 @@
 """Quantizers: small modules that map latent float tensors to low-bit values.
 
-Each quantizer keeps shape and dtype, never modifies its input, is idempotent
-(``q(q(x)) == q(x)``) and has a ``precision`` attribute, the number of bits of
+Each quantizer keeps shape and dtype, never modifies its input, is bitwise idempotent
+(``q(q(x)) == q(x)``; :class:`DoReFaWeight` from 4 bits on is the one exception, see
+its docstring) and has a ``precision`` attribute, the number of bits of
 its output (used by summaries and by the packed engine). Forward and
 pseudo-gradient (straight-through estimator, STE) are stated in each docstring.
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from typing import Callable, Union
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -27,6 +30,7 @@ __all__ = [
     "SwishSign",
     "MagnitudeAwareSign",
     "DoReFa",
+    "DoReFaWeight",
     "register",
     "get",
     "names",
@@ -183,6 +187,18 @@ class _SwishSign(torch.autograd.Function):
         return grad * (b * (2.0 - bx * torch.tanh(bx / 2.0)) / (1.0 + torch.cosh(bx))), None
 
 
+class _Round(torch.autograd.Function):
+    """round(x), straight-through (identity) gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
 class _Uniform(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -285,7 +301,9 @@ class MagnitudeAwareSign(Quantizer):
 
     Backward: dq/dw = alpha_o * 1[|w| <= clip] (alpha is treated as a constant).
 
-    Idempotent up to float rounding of alpha. Liu et al., "Bi-Real Net", ECCV 2018.
+    Bitwise idempotent: where all magnitudes of a row are equal (as in ``q(w)``), alpha is
+    that magnitude exactly rather than a rounded sum divided by the count.
+    Liu et al., "Bi-Real Net", ECCV 2018.
     """
 
     precision = 1
@@ -300,10 +318,13 @@ class MagnitudeAwareSign(Quantizer):
     @staticmethod
     def scale(w: torch.Tensor) -> torch.Tensor:
         """alpha, shaped to broadcast against ``w``."""
+        a = w.detach().abs()
         if w.dim() <= 1:
-            return w.detach().abs().mean()
+            top = a.amax()
+            return torch.where(top == a.amin(), top, a.mean())
         dims = tuple(range(1, w.dim()))
-        return w.detach().abs().mean(dim=dims, keepdim=True)
+        top = a.amax(dim=dims, keepdim=True)
+        return torch.where(top == a.amin(dim=dims, keepdim=True), top, a.mean(dim=dims, keepdim=True))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.scale(w) * _SignSTE.apply(w, self.clip)
@@ -324,8 +345,13 @@ class DoReFa(Quantizer):
 
     Backward: dq/dx = 1[0 <= x <= 1].
 
+    An activation quantizer: used for weights it maps every negative weight to 0 (warned
+    about once per instance); for k-bit weights use :class:`DoReFaWeight` (``"dorefa_weight"``).
+
     Zhou et al., "DoReFa-Net", 2016.
     """
+
+    output_range = (0.0, 1.0)
 
     def __init__(self, bits: int = 2):
         super().__init__()
@@ -339,6 +365,62 @@ class DoReFa(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Uniform.apply(x, self.levels)
+
+    def factor(self, w: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Used as a weight quantizer (layers factor their weights): warns once that the
+        levels are in [0, 1], then ``(q(w), None)``."""
+        if not getattr(self, "_warned_weights", False):
+            self._warned_weights = True
+            warnings.warn(
+                f"{type(self).__name__} quantizes into [0, 1] (an activation quantizer): used for weights it maps "
+                "every negative weight to 0. For symmetric k-bit weights use DoReFaWeight ('dorefa_weight').",
+                UserWarning,
+                stacklevel=3,
+            )
+        return self(w), None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.precision}"
+
+
+@register("dorefa_weight")
+class DoReFaWeight(Quantizer):
+    r"""DoReFa-Net's k-bit weights: symmetric levels in [-1, 1].
+
+    Forward:  q(w) = 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1,
+    quantize_k(r) = round((2^k - 1) r) / (2^k - 1): the 2^k levels 2 i / (2^k - 1) - 1,
+    symmetric around 0 ({-1, -1/3, +1/3, +1} at 2 bits, as BMXNet's 2-bit weights); the max
+    is over the whole tensor.
+
+    Backward: straight through the rounding, through tanh and the normalization:
+    dq/dw = d/dw [tanh(w) / max|tanh(w)|].
+
+    ``factor(w)`` is ``(q(w), None)``: the levels are the k-bit values, no separate scale.
+    Bitwise idempotent up to 3 bits; from 4 bits on, tanh compresses the levels of ``q(w)``
+    by more than half a step (|tanh(l) / tanh(1) - l| reaches 0.107 > 1 / (2^k - 1)), so
+    ``q(q(w))`` moves inner levels one step towards 0.
+
+    Zhou et al., "DoReFa-Net", 2016.
+    """
+
+    output_range = (-1.0, 1.0)
+
+    def __init__(self, bits: int = 2):
+        super().__init__()
+        if not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise ValueError(f"DoReFaWeight: bits must be an integer in [1, 16], got {bits!r}")
+        self.precision = bits
+
+    @property
+    def levels(self) -> int:
+        return 2**self.precision - 1
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(w)
+        r = t / (2.0 * t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)) + 0.5
+        n = self.levels
+        # 2 round(n r) / n - 1, as (2 i - n) / n: levels exactly symmetric around 0 (-l == l')
+        return (2.0 * _Round.apply(r * n) - n) / n
 
     def extra_repr(self) -> str:
         return f"bits={self.precision}"

@@ -32,7 +32,9 @@ evaluation is sharded and summed, and only rank 0 prints and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -41,6 +43,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,12 +61,20 @@ from onebit.data.augment import Augment
 from onebit.heap import keep_freed_memory
 from onebit.optim import Bop, FlipCounter, binary_parameters, clip_weights
 
-__all__ = ["TrainConfig", "Trainer", "EpochTable", "train", "resume", "load_run", "run_distributed", "Interrupted", "distillation_loss"]
+__all__ = [
+    "TrainConfig", "Trainer", "EpochTable", "train", "resume", "load_run", "run_distributed", "Interrupted",
+    "distillation_loss", "RunDirectoryError", "holds_run", "lock_run_directory", "prepare_run_directory",
+    "read_run_config",
+]
 
 OPTIMIZERS = ("adam", "sgd", "bop")
 SCHEDULES = ("one-cycle", "cosine", "constant")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 CHECKPOINT = "checkpoint.safetensors"
+#: the files of a run; a directory holding any of the first three holds a run
+RUN_FILES = ("config.json", "model.safetensors", CHECKPOINT, "history.csv")
+#: the lock file a trainer holds (flock) while it writes a run directory
+LOCK_FILE = ".onebit-train.lock"
 
 
 @dataclass
@@ -109,8 +120,15 @@ class TrainConfig:
     tensorboard: bool = False
 
     def validate(self) -> None:
-        if self.model not in models.names():
-            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(models.names())}")
+        """Check every option (type, finite, in range) before anything starts: ``ValueError``
+        (``TypeError`` for a wrong type) naming the option."""
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.default)
+        if self.model not in models.names() and not models.is_file_model(self.model) and not self.model.startswith("<"):
+            raise ValueError(
+                f"unknown model {self.model!r}; known models: {', '.join(models.names())} "
+                "(or a file's model as path/to/file.py:NAME)"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -118,29 +136,78 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "topk", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        _in_range("epochs", self.epochs, 1, 10**6)
+        _in_range("batch_size", self.batch_size, 1, 2**31 - 1)
+        _in_range("topk", self.topk, 1, 2**31 - 1)
+        _in_range("workers", self.workers, 1, 1024)
+        _in_range("seed", self.seed, 0, 2**32 - 1)
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        _in_range("lr", self.lr, 0, math.inf, low_open=True)
+        _in_range("weight_decay", self.weight_decay, 0, math.inf)
         if self.mixup < 0:
             raise ValueError(f"--mixup must be non-negative, got {self.mixup}")
+        _in_range("mixup", self.mixup, 0, math.inf)
         if self.weight_clip is not None and not self.weight_clip > 0:
             raise ValueError(f"--weight-clip must be positive, got {self.weight_clip}")
+        if self.weight_clip is not None:
+            _in_range("weight_clip", self.weight_clip, 0, math.inf, low_open=True)
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"--image-size must be positive, got {self.image_size}")
+        if self.image_size is not None:
+            _in_range("image_size", self.image_size, 1, 4096)
+        _in_range("bop_threshold", self.bop_threshold, 0, math.inf)
+        _in_range("bop_gamma", self.bop_gamma, 0, 1, low_open=True)
         if self.augment != "auto":
             Augment.parse(self.augment, (32, 32))
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
         if not self.distill_temperature > 0:
             raise ValueError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        _in_range("distill_temperature", self.distill_temperature, 0, math.inf, low_open=True)
         if self.tensorboard and not self.out:
             raise ValueError("--tensorboard writes under the run directory: give --out")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"unknown memory format {self.memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
+        if not isinstance(self.model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict, got {self.model_kwargs!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """``value`` has the kind of the field's default (an int for an int, a number for a float, ...)."""
+    if value is None and name in ("out", "image_size", "weight_clip", "teacher"):
+        return
+    if isinstance(default, bool) or default is dataclasses.MISSING:
+        return
+    if isinstance(default, int) or name == "image_size":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float) or name == "weight_clip":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str) or name in ("out", "teacher"):
+        ok = isinstance(value, str)
+    else:
+        ok = name != "model_kwargs" or isinstance(value, dict)
+    if not ok:
+        raise TypeError(f"{_option(name)} must be {type(default).__name__ if default is not None else 'a value'}, got {value!r}")
+
+
+def _in_range(name: str, value: float, lo: float, hi: float, low_open: bool = False) -> None:
+    """``value`` is a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``low_open``)."""
+    finite = isinstance(value, int) or math.isfinite(value)
+    inside = finite and (value > lo if low_open else value >= lo) and value <= hi
+    if not inside:
+        low = "(" if low_open else "["
+        high = "inf)" if hi == math.inf else f"{hi}]"
+        raise ValueError(f"{_option(name)} must be a finite number in {low}{lo}, {high}, got {value}")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -209,11 +276,15 @@ def _distributed() -> tuple[int, int]:
 
 
 class Trainer:
-    """Trains ``config.model`` on ``config.data``; ``fit()`` returns the epoch rows."""
+    """Trains ``config.model`` on ``config.data``; ``fit()`` returns the epoch rows.
+
+    ``model`` and ``data`` (a :class:`~onebit.data.DataBundle`) replace what the config names:
+    a user's own module and dataset (:func:`onebit.fit`)."""
 
     base_columns = ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"]
 
-    def __init__(self, config: TrainConfig, console: Console | None = None):
+    def __init__(self, config: TrainConfig, console: Console | None = None, *, model: nn.Module | None = None,
+                 data: datasets.DataBundle | None = None):
         config.validate()
         self.config = config
         self.rank, self.world_size = _distributed()
@@ -222,10 +293,12 @@ class Trainer:
         if not self.is_main:
             self.console = Console(quiet=True)
         seed_everything(config.seed)
-        self.data = datasets.load(config.data, image_size=config.image_size)
-        self.model = models.create(
-            config.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels, **config.model_kwargs
-        )
+        self.data = data if data is not None else datasets.load(config.data, image_size=config.image_size)
+        if model is None:
+            self.model = _create_model(config.model, self.data.num_classes, self.data.in_channels, config.model_kwargs)
+            _probe(self.model, config.model, config.model_kwargs, self.data.test.tensors[0][:1])
+        else:
+            self.model = model
         # one GPU per process where GPUs exist (torchrun's LOCAL_RANK), else the CPU
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
         self.memory_format = MEMORY_FORMATS[config.memory_format]
@@ -463,6 +536,14 @@ class Trainer:
         self.table.print_header()
         for row in self.table.rows:
             self.table.print_row(row)
+        # one trainer per run directory: the processes a distributed run starts share their
+        # starter's lock (the onebit command holds it), a single process takes it here
+        lock = lock_run_directory(c.out) if c.out and self.world_size == 1 else contextlib.nullcontext()
+        with lock:
+            return self._fit(progress)
+
+    def _fit(self, progress: Progress) -> list[dict[str, Any]]:
+        c = self.config
         if c.out and self.is_main:
             self.save_config(c.out)
         board = None
@@ -477,6 +558,8 @@ class Trainer:
                     start = time.perf_counter() - self._elapsed
                     if self.step == 0:
                         self.flips.snapshot()
+                    if self.epoch == 0 and self.step == 0 and c.out and self.is_main:
+                        _record_weights(self.model, c.out, 0)  # the initial weights, for `onebit plot weights --animate`
                     train_loss = self.train_epoch(self.epoch, progress)
                     if self._stop_signal is not None and self.step < self.steps_per_epoch:
                         self._elapsed = time.perf_counter() - start
@@ -491,6 +574,7 @@ class Trainer:
                     self._loss_sum, self._loss_count, self._elapsed = 0.0, 0, 0.0
                     if c.out and self.is_main:
                         self.save(c.out)
+                        _record_weights(self.model, c.out, self.epoch)
                     if self._stop_signal is not None and self.epoch < c.epochs:
                         return self._stop()
         finally:
@@ -592,15 +676,23 @@ class Trainer:
         return tensors, meta
 
     def load_checkpoint(self, directory: str) -> None:
-        """Restore model, optimizers, scheduler, RNG states, position and history from ``directory``."""
+        """Restore model, optimizers, scheduler, RNG states, position and history from ``directory``.
+
+        A damaged checkpoint raises :class:`onebit.io.FileFormatError` naming the file."""
         path = os.path.join(directory, CHECKPOINT)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: {directory!r} has no checkpoint to resume from")
-        from safetensors import safe_open
+        try:
+            meta = json.loads(io.tensors_metadata(path)["onebit_checkpoint"])
+            tensors = io.load_tensors(path)
+            self._restore(meta, tensors)
+        except io.FileFormatError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            what = f"missing entry {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+            raise io.FileFormatError(f"{path}: damaged or not this run's checkpoint ({what})") from None
 
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads(f.metadata()["onebit_checkpoint"])
-        tensors = io.load_tensors(path)
+    def _restore(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
         for i, (opt, saved) in enumerate(zip(self.optimizers, meta["optimizers"])):
             state: dict[int, dict[str, Any]] = {}
@@ -634,10 +726,7 @@ class Trainer:
     @classmethod
     def from_run(cls, directory: str, console: Console | None = None, **overrides) -> "Trainer":
         """A trainer continuing the run saved in ``directory`` (its config, checkpoint and history)."""
-        config_path = os.path.join(directory, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: {directory!r} is not a onebit run directory")
-        config = TrainConfig.from_dict(io.load_json(config_path)["config"])
+        config = TrainConfig.from_dict(read_run_config(directory)["config"])
         config.out = directory
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -661,17 +750,162 @@ def resume(directory: str, console: Console | None = None, **overrides) -> Train
 
 
 def load_run(directory: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a saved run directory (eval mode) and return it with the run's metadata."""
-    config_path = os.path.join(directory, "config.json")
+    """Rebuild the model of a saved run directory (eval mode) and return it with the run's metadata.
+
+    A missing file raises ``FileNotFoundError``, a damaged one :class:`onebit.io.FileFormatError`,
+    each naming the file."""
     weights_path = os.path.join(directory, "model.safetensors")
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: {directory!r} is not a onebit run directory")
-    meta = io.load_json(config_path)
+    meta = read_run_config(directory)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"{weights_path} not found: {directory!r} is not a onebit run directory")
     cfg = meta["config"]
-    model = models.create(cfg["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"], **cfg.get("model_kwargs", {}))
-    model.load_state_dict(io.load_tensors(weights_path))
+    model = _create_model(cfg["model"], meta["num_classes"], meta["in_channels"], cfg.get("model_kwargs", {}))
+    state = io.load_tensors(weights_path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise io.FileFormatError(f"{weights_path}: does not hold the weights of this run's model ({first})") from None
     return model.eval(), meta
+
+
+def read_run_config(directory: str) -> dict[str, Any]:
+    """The checked ``config.json`` of a run directory: ``FileNotFoundError`` when missing,
+    :class:`onebit.io.FileFormatError` naming the file and the entry when damaged."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {directory!r} is not a onebit run directory")
+    meta = io.load_json(path)
+
+    def bad(why: str) -> io.FileFormatError:
+        return io.FileFormatError(f"{path}: {why} (not a onebit run's config.json, or damaged)")
+
+    if not isinstance(meta, dict):
+        raise bad("not a JSON object")
+    for key in ("config", "num_classes", "in_channels", "image_size"):
+        if key not in meta:
+            raise bad(f"missing entry {key!r}")
+    cfg = meta["config"]
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), str):
+        raise bad("entry 'config' has no model name")
+    if not isinstance(cfg.get("model_kwargs", {}), dict):
+        raise bad("entry 'config.model_kwargs' is not an object")
+    for key in ("num_classes", "in_channels"):
+        if not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and 1 <= meta[key] <= 1 << 20):
+            raise bad(f"entry {key!r} is not a positive integer: {meta[key]!r}")
+    size = meta["image_size"]
+    if not (isinstance(size, list) and 1 <= len(size) <= 3 and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in size)):
+        raise bad(f"entry 'image_size' is not a list of positive integers: {size!r}")
+    return meta
+
+
+def _create_model(name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``models.create``; a model its arguments cannot build raises ``ValueError`` naming them."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # torch's warnings about empty tensors:
+            warnings.simplefilter("always")                   # raised as one error below instead
+            model = models.create(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        if not any(p.numel() == 0 for p in model.parameters()):
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return model
+    except (ValueError, TypeError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as error:
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no --model-arg"
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"model {name!r} cannot be built with {args}: {first}") from None
+
+
+def _probe(model: nn.Module, name: str, kwargs: dict[str, Any], example: torch.Tensor) -> None:
+    """One example through the model (eval mode, no gradient): a model its arguments made
+    empty or of the wrong shape for the data raises ``ValueError`` naming them, before training."""
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no --model-arg"
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ValueError(f"model {name!r} built with {args} has empty parameters ({empty[0]}, ...)")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"model {name!r} built with {args} cannot take the data's input of shape {list(example.shape)}: {first}") from None
+    finally:
+        model.train(was_training)
+
+
+# -- run directories -------------------------------------------------------------------------
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be used: it holds another run, another trainer holds it, or it is a file."""
+
+
+def holds_run(directory: str) -> bool:
+    """Whether ``directory`` holds (part of) a run: its config, weights or checkpoint."""
+    return any(os.path.exists(os.path.join(directory, name)) for name in RUN_FILES[:3])
+
+
+def prepare_run_directory(directory: str) -> None:
+    """Create ``directory`` for a run; :class:`RunDirectoryError` when it (or a parent) is a file."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise RunDirectoryError(f"--out {directory} is a file, not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunDirectoryError(f"--out {directory}: a part of the path is a file, not a directory") from None
+    except OSError as error:
+        raise RunDirectoryError(f"--out {directory}: cannot create the directory ({error.strerror})") from None
+
+
+def clear_run(directory: str) -> None:
+    """Remove the run files of ``directory`` (and stale temporaries); the caller holds its lock."""
+    for name in RUN_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) or os.path.islink(path):
+            os.unlink(path)
+    io.remove_stale_temporaries(directory, every=True)
+
+
+_LOCKS: dict[str, list] = {}  # real path -> [file descriptor, holders in this process]
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def lock_run_directory(directory: str):
+    """Hold ``directory``'s run lock (an exclusive ``flock`` on its lock file) while in the block.
+
+    A second process asking for it fails at once with :class:`RunDirectoryError` naming the
+    holder's pid; the lock is re-entrant within one process, and the kernel releases it when
+    its holder dies (even by ``kill -9``). Stale temporary files of interrupted writes are
+    removed once the lock is taken."""
+    prepare_run_directory(directory)
+    key = os.path.realpath(directory)
+    with _LOCKS_GUARD:
+        held = _LOCKS.get(key)
+        if held is not None:
+            held[1] += 1
+        else:
+            fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                who = f" (pid {owner})" if owner.isdigit() else ""
+                raise RunDirectoryError(
+                    f"{directory} is in use by another onebit train{who}; wait for it to end or choose another --out"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _LOCKS[key] = held = [fd, 1]
+            io.remove_stale_temporaries(directory, every=True)
+    try:
+        yield
+    finally:
+        with _LOCKS_GUARD:
+            held[1] -= 1
+            if held[1] == 0:
+                del _LOCKS[key]
+                fcntl.flock(held[0], fcntl.LOCK_UN)
+                os.close(held[0])
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -766,3 +1000,10 @@ def run_distributed(config: TrainConfig, workers: int, resume_dir: str | None = 
     if received:
         return 130 if received[0] == signal.SIGINT else 0
     return 0
+
+
+def _record_weights(model: nn.Module, directory: str, epoch: int) -> None:
+    """Every layer's weights after ``epoch`` epochs, in ``directory/weights/`` (see :func:`onebit.plot.record_weights`)."""
+    from onebit.plot import record_weights
+
+    record_weights(model, directory, epoch)

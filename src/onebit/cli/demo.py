@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from onebit.cli import integer
+
 
 def register(commands) -> None:
     p = commands.add_parser("demo", help="train a binary LeNet on digits and show the whole pipeline")
     p.add_argument("--out", default="runs/demo", help="run directory")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=integer(1, 10**6), default=20)
     p.set_defaults(run=lambda args, console: _run(args, console))
 
 

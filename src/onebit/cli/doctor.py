@@ -1,20 +1,92 @@
-"""``onebit doctor``: why a binary network does not learn, on a zoo model or a saved run."""
+"""``onebit doctor``: why a binary network does not learn, on a zoo model, a saved run or your own code."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import os
+import sys
 
 from rich.console import Console
+from onebit.cli import integer
 
 
 def register(commands) -> None:
-    p = commands.add_parser("doctor", help="find the layer where learning dies (zoo model or saved run)")
-    p.add_argument("target", help="zoo model name (see `onebit models`) or a run directory written by `onebit train`")
-    p.add_argument("--data", default=None, help="dataset for the batch (default: the run's dataset, or digits)")
-    p.add_argument("--batch-size", type=int, default=64, help="examples in the diagnostic batch (default 64)")
-    p.add_argument("--seed", type=int, default=0)
+    p = commands.add_parser("doctor", help="find the layer where learning dies (zoo model, saved run or FILE.py:NAME)")
+    p.add_argument(
+        "target",
+        help="zoo model name (see `onebit models`), a run directory written by `onebit train`, or FILE.py:NAME, "
+        "a module class or zero-argument factory defined in a Python file",
+    )
+    p.add_argument("--data", default=None,
+                   help="dataset for the batch (default: the run's dataset, digits for a zoo model, random "
+                   "inputs of --input-shape for FILE.py:NAME)")
+    p.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="shape of one example for FILE.py:NAME without --data (random normal inputs)")
+    p.add_argument("--batch-size", type=integer(1, 1 << 16), default=64, help="examples in the diagnostic batch (default 64)")
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0)
     p.set_defaults(run=run)
+
+
+def split_file_target(target: str) -> tuple[str, str | None] | None:
+    """``(path, name or None)`` when ``target`` names a Python file (``FILE.py`` or ``FILE.py:NAME``)."""
+    path, sep, name = target.rpartition(":")
+    if sep and path.endswith(".py"):
+        return path, name or None
+    if target.endswith(".py"):
+        return target, None
+    return None
+
+
+def load_user_model(path: str, name: str | None):
+    """Build the model ``NAME`` of a Python file: an ``nn.Module`` class (called with no
+    arguments) or a zero-argument function returning a module. Without ``NAME``, the file's
+    only ``nn.Module`` subclass."""
+    from torch import nn
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} does not exist")
+    module_name = f"_onebit_user_{os.path.splitext(os.path.basename(path))[0]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    defined = [
+        n for n, v in vars(module).items()
+        if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module_name
+    ]
+    if name is None:
+        if len(defined) != 1:
+            found = f"it defines {', '.join(defined)}" if defined else "it defines no nn.Module subclass"
+            raise ValueError(f"say which model of {path} to examine as FILE.py:NAME ({found})")
+        name = defined[0]
+    if not hasattr(module, name):
+        raise ValueError(f"{path} has no {name!r}; its nn.Module classes: {', '.join(defined) or 'none'}")
+    factory = getattr(module, name)
+    if not callable(factory):
+        raise TypeError(f"{path}:{name} is a {type(factory).__name__}, expected an nn.Module class or a factory")
+    required = [
+        p.name for p in inspect.signature(factory).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ] if not isinstance(factory, nn.Module) else []
+    if required:
+        raise TypeError(f"{path}:{name} needs arguments ({', '.join(required)}); give a class or factory "
+                        "that builds the model without arguments")
+    model = factory if isinstance(factory, nn.Module) else factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{path}:{name}() returned {type(model).__name__}, expected an nn.Module")
+    return model, f"{path}:{name}"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(v < 1 for v in shape):
+        raise ValueError(f"--input-shape must be positive integers like 3,32,32, got {text!r}")
+    return shape
 
 
 def load_target(target: str, data: str | None):
@@ -27,12 +99,15 @@ def load_target(target: str, data: str | None):
         from onebit.train import load_run
 
         if not os.path.isdir(target):
-            raise FileNotFoundError(f"{target!r} is neither a zoo model nor a run directory")
+            raise FileNotFoundError(
+                f"{target!r} is neither a zoo model nor a run directory (for your own code: FILE.py:NAME)"
+            )
         model, meta = load_run(target)
         bundle = datasets.load(data or meta["config"].get("data", "digits"))
         return model, bundle, f"run {target} ({meta['config']['model']})"
     if target not in models.names():
-        raise ValueError(f"unknown model {target!r}; known models: {', '.join(models.names())} (or give a run directory)")
+        raise ValueError(f"unknown model {target!r}; known models: {', '.join(models.names())} "
+                         "(or give a run directory, or FILE.py:NAME)")
     bundle = datasets.load(data or "digits")
     model = models.create(target, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
     return model, bundle, f"{target} (randomly initialized)"
@@ -46,15 +121,32 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.batch_size < 2:
         raise ValueError(f"--batch-size must be at least 2, got {args.batch_size}")
     torch.manual_seed(args.seed)
-    model, bundle, what = load_target(args.target, args.data)
-    images, labels = bundle.train.tensors
     g = torch.Generator().manual_seed(args.seed)
-    index = torch.randperm(len(labels), generator=g)[: args.batch_size]
+    user = split_file_target(args.target)
+    if user is not None:
+        model, what = load_user_model(*user)
+        if args.data is None:
+            if args.input_shape is None:
+                raise ValueError(f"{what}: give --input-shape C,H,W (random inputs) or --data DATASET")
+            images = torch.randn(args.batch_size, *parse_shape(args.input_shape), generator=g)
+            labels, source = None, f"random inputs {list(images.shape[1:])}"
+        else:
+            from onebit import data as datasets
+
+            bundle = datasets.load(args.data)
+            images, labels = bundle.train.tensors
+            index = torch.randperm(len(labels), generator=g)[: args.batch_size]
+            images, labels, source = images[index], labels[index], bundle.name
+    else:
+        model, bundle, what = load_target(args.target, args.data)
+        images, labels = bundle.train.tensors
+        index = torch.randperm(len(labels), generator=g)[: args.batch_size]
+        images, labels, source = images[index], labels[index], bundle.name
     try:
-        report = doctor(model, images[index], labels[index])
-    except RuntimeError as error:
+        report = doctor(model, images, labels)
+    except (RuntimeError, IndexError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{what} does not run on {bundle.name} images {list(images.shape[1:])}: {first}") from None
-    console.print(f"{what} on {bundle.name}", highlight=False, markup=False)
+        raise ValueError(f"{what} does not run on {source} {list(images.shape[1:])}: {first}") from None
+    console.print(f"{what} on {source}", highlight=False, markup=False)
     console.print(report)
     return 0 if report.ok else 1

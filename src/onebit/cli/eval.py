@@ -8,22 +8,26 @@ import time
 
 from rich.console import Console
 
+from onebit.cli import integer
+
 
 def register(commands) -> None:
     p = commands.add_parser("eval", help="test accuracy of a run directory or a packed engine file")
     p.add_argument("source", metavar="FILE_OR_RUN", help="run directory (`onebit train --out`) or engine file (`onebit export`)")
     p.add_argument("--data", default=None, help="dataset name or directory (default: the run's own data)")
-    p.add_argument("--image-size", type=int, default=None, help="resize images (default: as in the run)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--image-size", type=integer(1, 4096), default=None, help="resize images (default: as in the run)")
+    p.add_argument("--batch-size", type=integer(1), default=256)
+    p.add_argument("--topk", type=integer(1), default=5)
     p.set_defaults(run=run)
 
 
 def _run_config(directory: str) -> dict | None:
     from onebit import io
 
+    from onebit.train import read_run_config
+
     path = os.path.join(directory, "config.json")
-    return io.load_json(path) if os.path.isfile(path) else None
+    return read_run_config(directory) if os.path.isfile(path) else None
 
 
 def run(args: argparse.Namespace, console: Console) -> int:

@@ -37,7 +37,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     from onebit.train import load_run
 
+    from onebit.cli import UsageError
+
     engine = engine_module()
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a directory: name the engine file to write, e.g. {os.path.join(args.out, 'model.onebit.safetensors')}")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {args.out}: {parent} is a file, not a directory")
     model, meta = load_run(args.run_dir)
     shape = (1, meta["in_channels"], *meta["image_size"])
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from rich.console import Console
+from onebit.cli import integer
 
 KINDS = ("weights", "features", "curves", "flips")
 
@@ -15,7 +16,8 @@ def register(commands) -> None:
         "plot",
         help="write PNGs: binary weights, feature maps, training curves, sign flips per epoch",
         description=(
-            "weights TARGET: the +-1 weights of a layer beside its latent weights; "
+            "weights TARGET: the +-1 weights of a layer beside its latent weights (float layers too); "
+            "weights RUN_DIR --animate: a GIF of a layer's latent and binarized weights over the run's epochs; "
             "features TARGET: a layer's feature maps for one test image; "
             "curves RUN_DIR: losses and accuracy from history.csv; "
             "flips MODEL|RUN_DIR: the fraction of binary weights that flip sign per epoch (a run's flip_ratio column, "
@@ -26,10 +28,12 @@ def register(commands) -> None:
     p.add_argument("kind", choices=KINDS, help="which picture")
     p.add_argument("target", help="zoo model name or run directory (curves: a run directory)")
     p.add_argument("--layer", default=None, help="qualified layer name (default: the first layer with 1-bit weights)")
-    p.add_argument("--index", type=int, default=0, help="features: index of the test image (default 0)")
+    p.add_argument("--animate", action="store_true",
+                   help="weights: an animated GIF over the epochs a run recorded (default path RUN_DIR/weights.gif)")
+    p.add_argument("--index", type=integer(0), default=0, help="features: index of the test image (default 0)")
     p.add_argument("--stage", choices=("output", "input"), default="output", help="features: the layer's output, or its (quantized) input")
     p.add_argument("--data", default=None, help="dataset (default: the run's, or digits)")
-    p.add_argument("--epochs", type=int, default=5, help="flips: epochs to train (default 5)")
+    p.add_argument("--epochs", type=integer(1, 10**6), default=5, help="flips: epochs to train (default 5)")
     p.add_argument("--out", default=None, help="PNG path (default: KIND.png in the run directory, or in the current directory)")
     p.set_defaults(run=run)
 
@@ -37,15 +41,24 @@ def register(commands) -> None:
 def _out(args: argparse.Namespace) -> str:
     if args.out:
         return args.out
+    ext = "gif" if args.animate else "png"
     if os.path.isdir(args.target):
-        return os.path.join(args.target, f"{args.kind}.png")
-    return f"{args.kind}.png"
+        return os.path.join(args.target, f"{args.kind}.{ext}")
+    return f"{args.kind}.{ext}"
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     from onebit import plot
 
+    if args.animate and args.kind != "weights":
+        raise ValueError(f"--animate applies to `onebit plot weights`, not {args.kind}")
     out = _out(args)
+    if args.animate:
+        if not os.path.isdir(args.target):
+            raise ValueError(f"--animate needs a run directory written by `onebit train --out`, got {args.target!r}")
+        frames = plot.weights_animation(args.target, out, layer=args.layer)
+        console.print(f"wrote {out} ({len(frames)} frames)", highlight=False)
+        return 0
     if args.kind == "curves":
         plot.training_curves(args.target, out)
     elif args.kind == "flips":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from onebit.cli import integer
 
 
 def register(commands) -> None:
@@ -15,7 +16,7 @@ def register(commands) -> None:
         default=None,
         help="input shape CxHxW (default: 1x8x8, the digits, for LeNets; 3x224x224 otherwise)",
     )
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=integer(1, 1 << 20), default=10)
     p.set_defaults(run=run)
 
 

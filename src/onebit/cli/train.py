@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -41,7 +42,9 @@ def register(commands) -> None:
         "train",
         help="train a zoo model on a dataset",
         description="Train a zoo model; prints an epoch table, writes checkpoints and history.csv to --out. "
-        "SIGINT/SIGTERM finish the current step, save and exit (status 130 / 0); --resume DIR continues.",
+        "SIGINT/SIGTERM finish the current step, save and exit (status 130 / 0); --resume DIR continues. "
+        "A run directory holds one run: --out refuses a directory that already holds one (unless --overwrite), "
+        "and a second trainer on the same directory fails at once.",
     )
     for name, (kind, help_text) in _OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
@@ -53,6 +56,7 @@ def register(commands) -> None:
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write TensorBoard event files (scalars, weight histograms) under OUT/tensorboard")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run saved in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the run --out already holds")
     p.set_defaults(run=run)
 
 
@@ -95,12 +99,38 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if given or (args.out and os.path.abspath(args.out) != os.path.abspath(args.resume)):
             names = ", ".join("--" + n.replace("_", "-") for n in given) or "--out"
             raise ValueError(f"--resume continues the run's saved configuration; drop {names}")
+        if args.overwrite:
+            raise ValueError("--resume continues the run in DIR, --overwrite replaces it: give one of them")
         config = training.TrainConfig.from_dict(_load_config(args.resume))
         config.out = args.resume
         if args.workers is not None:
             config.workers = args.workers
+        config.validate()
     else:
         config = _config(args)
+
+    # one run per directory: rank 0 (the only writer) holds the directory's lock for the whole
+    # command, across the processes it starts; the checks run on every rank before any writes
+    writer = int(os.environ.get("RANK", "0")) == 0
+    lock = contextlib.nullcontext()
+    if config.out:
+        training.prepare_run_directory(config.out)
+        if writer:
+            lock = training.lock_run_directory(config.out)
+    with lock:
+        if config.out and not args.resume and training.holds_run(config.out):
+            if not args.overwrite:
+                raise training.RunDirectoryError(
+                    f"--out {config.out} already holds a run; continue it with `onebit train --resume {config.out}`, "
+                    "pass --overwrite to replace it, or choose another --out"
+                )
+            if writer:
+                training.clear_run(config.out)
+        return _run(config, args, console)
+
+
+def _run(config, args: argparse.Namespace, console: Console) -> int:
+    from onebit import train as training
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
         training.init_distributed_from_env()
@@ -119,12 +149,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _load_config(directory: str) -> dict:
-    from onebit import io
+    from onebit.train import read_run_config
 
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {directory!r} is not a onebit run directory")
-    return io.load_json(path)["config"]
+    return read_run_config(directory)["config"]
 
 
 def _run_here(config, resume_dir: str | None, console: Console) -> int:

@@ -82,6 +82,9 @@ def load_idx_directory(path: str, image_size: int | None = None) -> DataBundle:
     splits = []
     for split in ("train", "test"):
         images, labels = arrays[(split, "images")], arrays[(split, "labels")]
+        if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+            raise ValueError(f"{found[(split, 'images')]}: holds {images.shape[0]} images of {images.shape[1]}x{images.shape[2]} pixels; "
+                             "a dataset needs at least one image of at least 1x1 pixel")
         if len(images) != len(labels):
             raise ValueError(
                 f"{found[(split, 'labels')]}: {len(labels)} labels for {len(images)} images in {found[(split, 'images')]}"

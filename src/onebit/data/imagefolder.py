@@ -3,14 +3,16 @@
 Either ``root/train/<class>/*.png`` with ``root/test/<class>/...`` (or ``val`` /
 ``valid``), or ``root/<class>/*`` alone, split into a fixed, stratified 80/20
 train/test split. Images (PNG, JPEG, BMP, GIF, PPM/PGM, WebP) are read with
-Pillow, converted to grey-scale when every image is grey, else to RGB, and
-resized (shorter side, then centre crop) to ``image_size`` -- by default the size
+Pillow, converted to grey-scale when every image is grey, else to RGB, scaled to
+[0, 1] by their format's maximum (255, or 65,535 for 16-bit images, whose precision
+is kept), and resized (shorter side, then centre crop) to ``image_size`` -- by default the size
 all images share, or 64 when they differ.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -63,30 +65,59 @@ def _list(root: str, classes: list[str] | None = None) -> tuple[list[str], list[
     return files, labels, classes
 
 
+_GREY_MODES = ("1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F", "LA", "La")
+
+
+def _unit_grey(im):
+    """A grey image with more than 8 bits (``I;16*``, ``I``, ``F``) as a float ``F`` image in [0, 1]:
+    16-bit values divided by 65,535, 32-bit integers by their type's maximum unless they fit
+    16 bits (then as 16-bit), floats taken as they are."""
+    from PIL import Image
+
+    a = np.asarray(im)
+    if im.mode == "F":
+        peak = 1.0
+    elif im.mode.startswith("I;16") or (a.size and 0 <= a.min() and a.max() <= 65535):
+        peak = 65535.0
+    else:
+        peak = float(2**31 - 1)
+    return Image.fromarray(np.clip(a.astype(np.float64) / peak, 0.0, 1.0).astype(np.float32))
+
+
 def _read(files: list[str], image_size: int | None):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     images = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im.load()
-                images.append(im.copy())
-        except (UnidentifiedImageError, OSError) as error:
+            with warnings.catch_warnings():  # above Pillow's pixel limit: refused, not just a warning
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    im.load()
+                    images.append(im.copy())
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"{f}: refused, too many pixels for an image of a dataset ({error})") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             raise ValueError(f"{f}: cannot read image ({error})") from None
-    grey = all(im.mode in ("1", "L", "I", "I;16", "F", "LA") for im in images)
-    mode = "L" if grey else "RGB"
+    grey = all(im.mode in _GREY_MODES for im in images)
     sizes = {im.size for im in images}
     if image_size is None:
         size = next(iter(sizes)) if len(sizes) == 1 else (64, 64)
     else:
         size = (image_size, image_size)
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"{files[0]}: an image of {size[0]}x{size[1]} pixels holds nothing to learn from")
     arrays = []
     for im in images:
-        im = im.convert(mode)
+        deep = im.mode in ("I", "F") or im.mode.startswith("I;16")  # more than 8 bits a pixel
+        im = _unit_grey(im) if deep else im.convert("L" if grey else "RGB")
         if im.size != size:
             im = ImageOps.fit(im, size)
-        a = np.asarray(im, dtype=np.float32) / 255.0
+        a = np.asarray(im, dtype=np.float32)
+        if deep and not grey:  # a deep grey image among colour ones: its grey in every channel
+            a = np.repeat(a[..., None], 3, axis=-1)
+        elif not deep:
+            a = a / np.float32(255.0)
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(arrays)), size
 

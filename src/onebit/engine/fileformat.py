@@ -13,16 +13,24 @@ Layout::
         thresholds        int32 [C_out];  direction int8 [C_out] (+1 / -1)
         float parameters  float32, as in the model (stem, BatchNorm, scales, classifier)
 
-Loading needs no pickle and executes nothing from the file: the header is size-checked
-and parsed as JSON, the graph may only name the ops of a fixed whitelist, and every
-tensor's dtype and shape is checked against the graph before a model is built.
-Any malformed file raises :class:`FormatError` (a ``ValueError``).
+Loading needs no pickle and executes nothing from the file. Before any tensor data is
+read: the file must be a regular file; its header size is checked against the file size
+and parsed as JSON; every tensor's dtype, shape and byte range is checked, the ranges must
+tile the data section exactly, and the file must be exactly as long as the header says
+(no shorter, no longer); the graph may only name the ops of a fixed whitelist, and its
+attributes, value ranks and every tensor's dtype and shape are checked against it. Only
+then is the data read (memory bounded by what the checked header declares), and the
+tensors' values are checked (thresholds' directions, unused bits). Any malformed file
+raises :class:`FormatError` (a ``ValueError``) naming the problem, and the graph node
+where there is one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 
 import torch
@@ -36,7 +44,7 @@ __all__ = ["FormatError", "save", "load", "FORMAT", "FORMAT_VERSION"]
 FORMAT = "onebit.packed"
 FORMAT_VERSION = "1"
 _MAX_HEADER = 64 << 20
-_DTYPES = {"U8", "I8", "I32", "I64", "F32"}
+_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F32": torch.float32}
 
 
 class FormatError(ValueError):
@@ -102,27 +110,73 @@ def _fail(path, why: str) -> FormatError:
     return FormatError(f"{os.fspath(path)}: not a valid onebit packed model file: {why}")
 
 
+def _header_tensors(path, header: dict, data_size: int) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """Check every tensor entry of the header: dtype, shape, and byte ranges that tile the
+    ``data_size`` bytes of the data section exactly. Returns ``{key: (dtype, shape)}``."""
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+            raise _fail(path, f"tensor {key!r} has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_plain_int(d) and 0 <= d < 1 << 40 for d in shape)):
+            raise _fail(path, f"tensor {key!r} has a bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_plain_int(o) and 0 <= o for o in offsets)):
+            raise _fail(path, f"tensor {key!r} has bad data offsets")
+        dtype = _DTYPES[info["dtype"]]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise _fail(path, f"tensor {key!r} of shape {shape} ({info['dtype']}) needs {nbytes} bytes, its data offsets span {offsets[1] - offsets[0]}")
+        entries.append((offsets[0], offsets[1], key, dtype, shape))
+    entries.sort()
+    end = 0
+    for begin, stop, key, _, _ in entries:
+        if begin != end:
+            raise _fail(path, f"tensor {key!r} starts at byte {begin} of the data, expected {end} (gaps or overlaps)")
+        end = stop
+    if end != data_size:
+        raise _fail(path, f"the data section holds {data_size} bytes, the header describes {end}"
+                    + (" (the file is longer than it claims)" if data_size > end else " (truncated)"))
+    return {key: (dtype, shape) for _, _, key, dtype, shape in entries}
+
+
+def _plain_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and check a file: ``(graph, tensors)`` with binary weights expanded to kernel layout."""
-    from safetensors.torch import load as st_load
+    from safetensors import safe_open
 
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) == 0:
-        raise _fail(path, "the file is empty")
-    if data[:4] == b"PK\x03\x04":
-        raise _fail(path, "it is a zip archive (a torch.save checkpoint?), not safetensors")
-    pickled = data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-    if len(data) < 8:
-        raise _fail(path, "it looks like a pickle, which onebit never loads" if pickled else f"truncated ({len(data)} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len < 2 or header_len > _MAX_HEADER or 8 + header_len > len(data) or data[8:9] != b"{":
-        if pickled:
-            raise _fail(path, "it looks like a pickle, which onebit never loads")
-        raise _fail(path, f"bad header size {header_len} for a file of {len(data)} bytes (truncated or foreign)")
+    if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a pipe would wait for a writer
+        raise _fail(path, "not a regular file (a directory, device, pipe or socket)")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise _fail(path, "not a regular file (a directory, device, pipe or socket)")
+        size = info.st_size
+        if size == 0:
+            raise _fail(path, "the file is empty")
+        head = f.read(min(size, 9))
+        if head[:4] == b"PK\x03\x04":
+            raise _fail(path, "it is a zip archive (a torch.save checkpoint?), not safetensors")
+        pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+        if size < 8:
+            raise _fail(path, "it looks like a pickle, which onebit never loads" if pickled else f"truncated ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len < 2 or header_len > _MAX_HEADER or 8 + header_len > size or head[8:9] != b"{":
+            if pickled:
+                raise _fail(path, "it looks like a pickle, which onebit never loads")
+            raise _fail(path, f"bad header size {header_len} for a file of {size} bytes (truncated or foreign)")
+        f.seek(8)
+        raw_header = f.read(header_len)
+    if len(raw_header) != header_len:
+        raise _fail(path, "the file changed while it was read")
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        header = json.loads(raw_header.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: JSON, or a 5,000-digit number
         raise _fail(path, f"the header is not JSON ({error})") from None
     if not isinstance(header, dict):
         raise _fail(path, "the header is not a JSON object")
@@ -131,24 +185,21 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise _fail(path, f"no {FORMAT!r} format tag in the metadata (a plain safetensors file?)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise _fail(path, f"unsupported format version {meta.get('format_version')!r} (this onebit reads {FORMAT_VERSION})")
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-            raise _fail(path, f"tensor {key!r} has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
-        offsets = info.get("data_offsets")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise _fail(path, f"tensor {key!r} has bad data offsets")
-        end = max(end, offsets[1])
-    if 8 + header_len + end != len(data):
-        raise _fail(path, f"the data section holds {len(data) - 8 - header_len} bytes, the header describes {end}")
+    declared = _header_tensors(path, header, size - 8 - header_len)
     try:
         graph = json.loads(meta.get("graph", ""))
-    except (json.JSONDecodeError, TypeError, RecursionError) as error:
+    except (ValueError, TypeError, RecursionError) as error:
         raise _fail(path, f"the graph is not JSON ({error})") from None
+    try:  # the graph against the declared dtypes and shapes, before any data is read
+        shapes = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (dtype, shape) in declared.items()}
+        G.validate(graph, shapes, compact=True)
+    except G.GraphError as error:
+        raise _fail(path, str(error)) from None
     try:
-        tensors = st_load(data)
+        with safe_open(os.fspath(path), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in declared}
+    except MemoryError:
+        raise MemoryError(f"{os.fspath(path)}: not enough memory for its {size - 8 - header_len} bytes of tensors") from None
     except Exception as error:  # safetensors raises its own error types on malformed data
         raise _fail(path, f"safetensors could not read the tensors ({error})") from None
     try:

@@ -70,6 +70,13 @@ def _float(v):
     return float(v)
 
 
+def _non_negative(v):
+    v = _float(v)
+    if v < 0:
+        raise GraphError(f"expected a non-negative number, got {v!r}")
+    return v
+
+
 def _bool(v):
     if not isinstance(v, bool):
         raise GraphError(f"expected true or false, got {v!r}")
@@ -258,15 +265,29 @@ def _levels(t, a) -> torch.Tensor:
     """A float-run quantized layer's weight levels: the float tensor, or +-1 unpacked from bits once."""
     if "weight" in t:
         return t["weight"]
-    levels = t.get(LEVELS_CACHE)
-    if levels is None:
-        bits = t["weight_bits"]
+    bits = t["weight_bits"]
+    state = _bits_state(bits)
+    cached = t.get(LEVELS_CACHE)
+    levels = cached[1] if cached is not None and cached[0] == state else None
+    if levels is None:  # first call, or the bits were written since (seen as the kernels' cache sees writes)
         if "kernel_size" in a:  # [Co, KH, KW, Wg] words -> [Co, Cg, KH, KW] signs
             levels = unpack_signs(bits, a["in_channels"] // a["groups"]).permute(0, 3, 1, 2).contiguous()
         else:  # [Co, Wg] -> [Co, F]
             levels = unpack_signs(bits, a["in_features"]).contiguous()
-        t[LEVELS_CACHE] = levels
+        t[LEVELS_CACHE] = (state, levels)
     return levels
+
+
+def _bits_state(bits: torch.Tensor) -> tuple:
+    """The version counter, address and up to 256 evenly spaced words of ``bits``: what
+    :class:`onebit.engine.kernels.WeightCache` compares."""
+    try:
+        version = bits._version
+    except RuntimeError:  # an inference tensor counts no writes
+        version = None
+    words = bits.detach().reshape(-1)
+    step = max(1, -(-words.numel() // 256))
+    return (version, bits.data_ptr(), words[::step].numpy().tobytes(), words[-1:].numpy().tobytes())
 
 
 def _scale_and_bias(t, y, spatial_dims: int):
@@ -595,7 +616,7 @@ OPS: dict[str, OpSpec] = {
         _batch_norm,
         (FLOAT,),
         FLOAT,
-        {"num_features": _int(1), "eps": _float},
+        {"num_features": _int(1), "eps": _non_negative},
         {
             "running_mean": TensorSpec(_F32, _chan),
             "running_var": TensorSpec(_F32, _chan),
@@ -608,6 +629,7 @@ OPS: dict[str, OpSpec] = {
         (FLOAT,),
         FLOAT,
         {"kernel_size": _pair(1), "stride": _pair(1), "padding": _pair(0), "dilation": _pair(1), "ceil_mode": _bool},
+        check=lambda a: _check_pool_padding(a),
     ),
     "avg_pool2d": OpSpec(
         _avg_pool2d,
@@ -621,11 +643,12 @@ OPS: dict[str, OpSpec] = {
             "count_include_pad": _bool,
             "divisor_override": _optional(_int(1)),
         },
+        check=lambda a: _check_pool_padding(a),
     ),
     "adaptive_avg_pool2d": OpSpec(_adaptive_avg_pool2d, (FLOAT,), FLOAT, {"output_size": _pair(1)}),
     "adaptive_max_pool2d": OpSpec(_adaptive_max_pool2d, (FLOAT,), FLOAT, {"output_size": _pair(1)}),
     "flatten": OpSpec(_flatten, (FLOAT,), FLOAT, {"start_dim": _int(-8, 8), "end_dim": _int(-8, 8)}),
-    "reshape": OpSpec(_reshape, (FLOAT,), FLOAT, {"shape": _int_list}),
+    "reshape": OpSpec(_reshape, (FLOAT,), FLOAT, {"shape": _int_list}, check=lambda a: _check_shape(a)),
     "add": OpSpec(_add, (FLOAT, "..."), FLOAT, {"other": _float, "alpha": _float}),
     "mul": OpSpec(_mul, (FLOAT, "..."), FLOAT, {"other": _float}),
     "div": OpSpec(_div, (FLOAT,), FLOAT, {"other": _float}),
@@ -635,7 +658,7 @@ OPS: dict[str, OpSpec] = {
     "relu": OpSpec(_relu, (FLOAT,), FLOAT),
     "relu6": OpSpec(_relu6, (FLOAT,), FLOAT),
     "leaky_relu": OpSpec(_leaky_relu, (FLOAT,), FLOAT, {"negative_slope": _float}),
-    "hardtanh": OpSpec(_hardtanh, (FLOAT,), FLOAT, {"min_val": _float, "max_val": _float}),
+    "hardtanh": OpSpec(_hardtanh, (FLOAT,), FLOAT, {"min_val": _float, "max_val": _float}, check=lambda a: _check_order(a)),
     "prelu": OpSpec(_prelu, (FLOAT,), FLOAT, {}, {"weight": TensorSpec(_F32, _ANY)}),
     "sigmoid": OpSpec(_sigmoid, (FLOAT,), FLOAT),
     "tanh": OpSpec(_tanh, (FLOAT,), FLOAT),
@@ -675,9 +698,74 @@ def _fail(v):
     raise GraphError(f"unexpected value {v!r}")
 
 
+def _check_order(a):
+    if a["min_val"] > a["max_val"]:
+        raise GraphError(f"min_val {a['min_val']} is greater than max_val {a['max_val']}")
+
+
+def _check_shape(a):
+    if a["shape"].count(-1) > 1:
+        raise GraphError(f"shape {a['shape']} has more than one -1")
+
+
+def _check_pool_padding(a):
+    for k, p, d in zip(a["kernel_size"], a["padding"], a.get("dilation", [1, 1])):
+        if p > (d * (k - 1) + 1) // 2:
+            raise GraphError(f"padding {a['padding']} is more than half the kernel {a['kernel_size']}")
+
+
 def _check_out_groups(a):
     if a["out_channels"] % a["out_groups"]:
         raise GraphError(f"{a['out_channels']} output channels are not divisible by out_groups={a['out_groups']}")
+
+
+# ---------------------------------------------------------------------------
+# ranks of float values
+
+_IMAGE_OPS = {"pack", "threshold_pack", "conv2d", "qconv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
+_SAME_RANK = {"relu", "relu6", "leaky_relu", "hardtanh", "prelu", "sigmoid", "tanh", "sign", "dorefa", "identity", "div"}
+
+
+def _dim(dim: int, rank: int, what: str) -> int:
+    if not -rank <= dim < rank:
+        raise GraphError(f"{what} {dim} is out of range for a value of rank {rank}")
+    return dim % rank
+
+
+def _output_rank(op: str, a: dict, ranks: list[int | None]) -> int | None:
+    """The rank of a node's float output from its inputs' ranks (None: packed, or not known);
+    raises :class:`GraphError` when an input's rank does not suit the op."""
+    if any(r is None for r in ranks) or not ranks:
+        return 4 if op in ("binary_conv2d",) else 2 if op == "binary_linear" else None
+    r = ranks[0]
+    if op in _IMAGE_OPS:
+        if r != 4:
+            raise GraphError(f"op {op} takes a rank-4 [N, C, H, W] input, got rank {r}")
+        return None if op in ("pack", "threshold_pack") else 4
+    if op in ("batch_norm", "sign_threshold") and r < 2:
+        raise GraphError(f"op {op} takes an input with a channel dimension (rank >= 2), got rank {r}")
+    if op == "softmax":
+        _dim(a["dim"], r, "dim")
+    if op == "roll":
+        _dim(a["dim"], r, "dim")
+    if op == "flatten":
+        start, end = _dim(a["start_dim"], r, "start_dim"), _dim(a["end_dim"], r, "end_dim")
+        if start > end:
+            raise GraphError(f"start_dim {a['start_dim']} comes after end_dim {a['end_dim']} for a value of rank {r}")
+        return r - (end - start)
+    if op == "reshape":
+        return 1 + len(a["shape"])
+    if op == "cat":
+        if len(set(ranks)) != 1:
+            raise GraphError(f"op cat takes inputs of one rank, got ranks {ranks}")
+        _dim(a["dim"], r, "dim")
+    if op in ("add", "mul"):
+        return max(ranks)
+    if op == "pack_features":
+        return None
+    if op in _SAME_RANK or op in ("batch_norm", "sign_threshold", "softmax", "roll", "cat", "linear", "qlinear"):
+        return r
+    return None  # an op whose output rank this table does not know: later checks skip it
 
 
 # ---------------------------------------------------------------------------
@@ -721,7 +809,11 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
     """Check a graph and its tensors; raise :class:`GraphError` naming the first problem.
 
     ``compact=True`` checks binary weights in their file form (uint8 bits), else in
-    their in-memory kernel form (int64 words).
+    their in-memory kernel form (int64 words). Besides names, references, kinds, attributes
+    and tensors, the ranks of float values are followed from the input's: an op given a value
+    of a rank it cannot take (a ``dim`` out of range, a 2-d value into a conv) is refused
+    here, naming the node, instead of failing when the model runs. ``meta`` tensors (dtype
+    and shape, no data) get every check but those of their values.
     """
     if not isinstance(graph, dict):
         raise GraphError("the graph must be a JSON object")
@@ -731,13 +823,17 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
     inp = graph["input"]
     if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
         raise GraphError("graph input must be an object with a name")
-    _int(1, 8)(inp.get("rank"))
-    _int(1)(inp.get("channels"))
+    try:
+        _int(2, 8)(inp.get("rank"))  # batched, with a channel dimension
+        _int(1)(inp.get("channels"))
+    except GraphError as error:
+        raise GraphError(f"graph input: {error}") from None
     if inp.get("dtype") != "float32":
         raise GraphError(f"graph input dtype must be float32, got {inp.get('dtype')!r}")
     if graph.get("output_kind", "tensor") not in ("tensor", "tuple", "list"):
         raise GraphError(f"unknown output_kind {graph.get('output_kind')!r}")
     kinds: dict[str, str] = {inp["name"]: FLOAT}
+    ranks: dict[str, int | None] = {inp["name"]: inp["rank"]}
     producers: dict[str, dict] = {}
     used_tensors: set[str] = set()
     nodes = graph["nodes"]
@@ -799,6 +895,9 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
                 raise GraphError(f"{where}: tensor {key!r} must have shape {list(shape)}, got {list(t.shape)}")
             if shape is None and t.dim() != 1:
                 raise GraphError(f"{where}: tensor {key!r} must be 1-D, got shape {list(t.shape)}")
+            if t.is_meta:  # dtype and shape only: the values are checked once they are read
+                used_tensors.add(key)
+                continue
             if ts.check is not None and t.numel():
                 problem = ts.check(t, attrs)
                 if problem:
@@ -813,6 +912,10 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
             used_tensors.add(key)
         if op in ("qconv2d", "qlinear") and ("weight" in node_tensors) == ("weight_bits" in node_tensors):
             raise GraphError(f"{where}: op {op} needs exactly one of the tensors 'weight' and 'weight_bits'")
+        try:
+            ranks[name] = _output_rank(op, attrs, [ranks.get(ref) for ref in inputs])
+        except GraphError as error:
+            raise GraphError(f"{where}: {error}") from None
         kinds[name] = spec.output
         producers[name] = {"op": op, "attrs": attrs}
     outputs = graph["outputs"]
@@ -823,6 +926,8 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
             raise GraphError(f"graph output {ref!r} is not a defined value")
         if kinds[ref] != FLOAT:
             raise GraphError(f"graph output {ref!r} is a packed value")
+        if ref == inp["name"] and nodes:  # an identity model has no nodes; with nodes, none would count
+            raise GraphError(f"graph output {ref!r} is the graph's input itself, not computed by any of its nodes")
     unused = set(tensors) - used_tensors
     if unused:
         raise GraphError(f"tensors not used by the graph: {sorted(unused)[:5]}")

@@ -60,7 +60,54 @@ __all__ = [
 ]
 
 isa = _C.isa
-WeightCache = _C.WeightCache
+
+#: words of a packed weight a :class:`WeightCache` reads on every call to notice writes that
+#: bypass the tensor's version counter (all of them for a layer this small or smaller)
+PROBE_WORDS = 256
+
+
+class WeightCache(_C.WeightCache):
+    """One layer's weights prepared for the kernels, kept between calls.
+
+    A call reuses the prepared weights when it gets the same tensor (address) in the same
+    state. The state is the tensor's version counter, which every write through torch bumps
+    (in-place ops on it or on any view of it, ``copy_``, indexing, ``load_state_dict``,
+    optimizer steps, writes under ``no_grad``), combined with a fingerprint of
+    :data:`PROBE_WORDS` of its words (evenly spaced, the first and the last included), read
+    on every call (about a microsecond). So:
+
+    - every write through torch is seen;
+    - every write through an alias that bypasses the counter (``t.data``, ``t.numpy()``,
+      DLPack, a raw pointer) is seen when the tensor has at most ``PROBE_WORDS`` words, or
+      when it changes a probed word: any write to the whole tensor (``t.data.bitwise_not_()``,
+      ``t.data.copy_(other)``, ``t.numpy()[:] = ...``, ``fill_``/``zero_``) does;
+    - a write of a few words through such an alias in a larger tensor may go unseen: call
+      :meth:`clear` after it (a ``PackedModel`` rebuilds all its caches on ``.to()`` or copy).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._probe: tuple | None = None  # (tensor, data_ptr, sampled words view, last word view)
+        self._cleared = 0
+
+    def clear(self) -> None:
+        """Forget the prepared weights: the next call prepares them again."""
+        self._probe = None
+        self._cleared += 1
+
+    def state(self, wp: torch.Tensor) -> int:
+        """The int64 the native cache compares: the version counter, the fingerprint of the
+        probed words and the number of :meth:`clear` calls (raises ``RuntimeError`` for
+        inference tensors, which count no writes)."""
+        version = wp._version
+        probe = self._probe
+        if probe is None or probe[0] is not wp or probe[1] != wp.data_ptr():
+            words = wp.detach().reshape(-1).numpy() if wp.is_contiguous() and wp.numel() else None
+            if words is None:  # the plan refuses such a tensor; nothing to probe
+                return hash((version, self._cleared))
+            step = max(1, -(-words.shape[0] // PROBE_WORDS))
+            probe = self._probe = (wp, wp.data_ptr(), words[::step], words[-1:])
+        return hash((version, self._cleared, probe[2].tobytes(), probe[3].tobytes()))
 set_isa = _C.set_isa
 supported_isas = _C.supported_isas
 
@@ -273,13 +320,13 @@ def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, grou
 
 
 def _cached(cache, wp):
-    """(cache, version of wp) for a call, or (None, 0) when wp's writes cannot be tracked."""
+    """(cache, state of wp) for a call, or (None, 0) when wp's writes cannot be tracked."""
     if cache is None:
         return None, 0
     if not isinstance(cache, WeightCache):
         raise ValueError(f"cache must be a onebit.engine.kernels.WeightCache, got {type(cache).__name__}")
     try:
-        return cache, wp._version
+        return cache, cache.state(wp)
     except RuntimeError:  # inference tensors count no writes: never cache them
         return None, 0
 
@@ -651,8 +698,9 @@ def binary_conv2d_int(
 
     ``cache``: a :class:`WeightCache` the caller keeps for this layer. The weights, once
     prepared in the kernel's own layout, are reused by later calls as long as ``wp`` is
-    the same tensor with no write to it since (``wp._version``); the caller keeps ``wp``
-    alive while the cache is in use. Without it the weights are prepared on every call.
+    the same tensor with no write to it since (see :class:`WeightCache` for exactly which
+    writes are seen); the caller keeps ``wp`` alive while the cache is in use. Without it
+    the weights are prepared on every call.
     """
     if _direct(xp, wp):
         return _conv_int_impl(

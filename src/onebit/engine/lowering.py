@@ -456,11 +456,12 @@ class _Lowering:
     def lower_twist(self, node: fx.Node, m: TwistConv2d) -> None:
         """``TwistConv2d``, step by step as the layer computes it (``onebit.nn.twist``).
 
-        Per step: the quantized input, its channels rolled by one group (``permute``), the
-        grouped 3x3 conv (packed when the input quantizer is a sign and the weights binary), the
-        two twist convs with their fixed kernels as float convs of the +-1 input (sums of
-        multiples of 1/8: exact), and ``y + X * gx + Y * gy``; ``iters`` steps as
-        ``y + f(y) / iters``.
+        Per pass: the quantized input, its channels rolled by one group (``permute``), the
+        grouped 3x3 conv (packed when the input quantizer is a sign and the weights binary, else
+        the float conv of the weight levels, then the scale), the two twist convs ``K_x``, ``K_y``
+        as float convs of the +-1 input (small integer kernels: exact), and
+        ``y + X * gx + Y * gy``. When the layer iterates: ``z = x + f(x) / n``, ``n - 1`` times
+        ``z = z + f(z) / n``, then ``z - x``.
         """
         binary = is_sign_quantizer(m.input_quantizer) and _binary_weight(m.weight_quantizer)
         if not binary:
@@ -478,12 +479,12 @@ class _Lowering:
         }
         float_conv = {**conv, "explicit_padding": [1, 1, 1, 1], "padding_mode": "zeros"}
         with torch.no_grad():
-            weight = _t(m.quantized_weight())
             twists = [_t(k) for k in m.twist_kernels()] if m.twist else []
         packed_weight, scale = self.binary_weights(m) if binary else (None, None)
+        layer_tensors = None if binary else {k: v for k, v in self.float_layer_tensors(m).items() if v is not None}
 
         def step(v: str, k: int) -> str:
-            base = f"{node.name}_step{k}" if m.iters > 1 else node.name
+            base = f"{node.name}_step{k}" if m.iterates else node.name
             if m.input_quantizer is not None:
                 v = self.lower_quantizer(node, m.input_quantizer, v)
             if m.permute:
@@ -492,7 +493,7 @@ class _Lowering:
                 xp = self.emit(f"{v}_packed", "pack", [v], {"padding": [1, 1], "pad_value": 0.0, "groups": groups})
                 y = self.emit(base, "binary_conv2d", [xp], conv, {"weight": packed_weight, "scale": scale}, node.target)
             else:
-                y = self.emit(base, "conv2d", [v], float_conv, {"weight": weight}, node.target)
+                y = self.emit(base, "qconv2d", [v], float_conv, layer_tensors, node.target)
             if not twists:
                 return y
             gx, gy = (self.emit(f"{base}_{axis}", "conv2d", [v], float_conv, {"weight": kernel}, node.target)
@@ -500,14 +501,15 @@ class _Lowering:
             return self.emit(f"{base}_twist", "twist_mix", [y, gx, gy], module=node.target)
 
         x = self.arg(node, node.args[0])
-        if m.iters == 1:
+        if not m.iterates:
             self.value[node] = step(x, 0)
             return
-        y = x
+        n = float(m.iters)
+        z = x
         for k in range(m.iters):
-            f = self.emit(f"{node.name}_step{k}_div", "div", [step(y, k)], {"other": float(m.iters)})
-            y = self.emit(f"{node.name}_iter{k}", "add", [y, f], {"other": 0.0, "alpha": 1.0}, module=node.target)
-        self.value[node] = y
+            f = self.emit(f"{node.name}_step{k}_div", "div", [step(z, k)], {"other": n})
+            z = self.emit(f"{node.name}_iter{k}", "add", [z, f], {"other": 0.0, "alpha": 1.0}, module=node.target)
+        self.value[node] = self.emit(f"{node.name}_out", "add", [z, x], {"other": 0.0, "alpha": -1.0}, module=node.target)
 
     def lower_float_qconv(self, node: fx.Node, m: QConv2d, x: str) -> str:
         """A QConv2d run as the model runs it (:func:`onebit.nn.functional.qconv`): quantize the

@@ -188,9 +188,41 @@ class PackedModel(nn.Module):
             return outs[0]
         return tuple(outs) if kind == "tuple" else outs
 
+    class Profile(list):
+        """:meth:`profile`'s rows (``{name, op, module, ms, share}`` dicts, a list as any other)
+        that print as a table: one line per step, then the total."""
+
+        def __rich__(self):
+            from rich import box
+            from rich.table import Table
+
+            total = sum(r["ms"] for r in self)
+            t = Table(title=f"packed model profile: {len(self)} steps, {total:.3f} ms", box=box.SIMPLE_HEAD,
+                      title_justify="left", pad_edge=False)
+            for h in ("step", "op", "module", "ms", "share"):
+                t.add_column(h, justify="right" if h in ("ms", "share") else "left", overflow="fold")
+            for r in self:
+                t.add_row(str(r["name"]), str(r["op"]), str(r["module"] or ""), f"{r['ms']:.3f}", f"{r['share']:.1%}")
+            t.add_section()
+            t.add_row("total", "", "", f"{total:.3f}", "100.0%" if self else "")
+            return t
+
+        def __str__(self) -> str:
+            import io as _io
+
+            from rich.console import Console
+
+            buffer = _io.StringIO()
+            Console(file=buffer, width=120, color_system=None, force_terminal=False, highlight=False).print(self)
+            return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).strip("\n") + "\n"
+
+        def __repr__(self) -> str:
+            return f"Profile({list.__repr__(self)})"
+
     @torch.no_grad()
-    def profile(self, x: torch.Tensor, repeat: int = 10) -> list[dict[str, Any]]:
-        """Time every step on ``x``: a list of ``{name, op, module, ms, share}``, median over ``repeat`` runs.
+    def profile(self, x: torch.Tensor, repeat: int = 10) -> "PackedModel.Profile":
+        """Time every step on ``x``: a list of ``{name, op, module, ms, share}``, median over ``repeat`` runs,
+        that prints as a table (``print(packed.profile(x))``).
 
         A step is a graph node, or a binary convolution with the packing of its input
         (op ``pack+binary_conv2d``), which run as one native call."""
@@ -212,7 +244,7 @@ class PackedModel(nn.Module):
         total = sum(r["ms"] for r in rows) or 1.0
         for r in rows:
             r["share"] = r["ms"] / total
-        return rows
+        return PackedModel.Profile(rows)
 
     # -- files --------------------------------------------------------------
 

@@ -15,10 +15,11 @@ from onebit.models.constructor import (
     Net,
     Transition,
 )
-from onebit.models.registry import create, names, register_model
+from onebit.models.registry import create, is_file_model, names, register_model
 
 __all__ = [
     "create",
+    "is_file_model",
     "names",
     "register_model",
     "ModelConstructor",

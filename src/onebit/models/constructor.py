@@ -12,8 +12,10 @@ convolutions or :class:`onebit.nn.twist.TwistConv2d`::
     net = ModelConstructor(block="basic", layers=(2, 2, 2, 2), conv_layer="binary")()
 
 ``conv_layer`` is an alias (``"float"``: ``nn.Conv2d``; ``"binary"``:
-``onebit.nn.QConv2d``; ``"twist"``: ``TwistConv2d``) or any callable
-``conv_layer(in_channels, out_channels, kernel_size, stride=..., padding=...)``.
+``onebit.nn.QConv2d``; ``"twist"``: ``TwistConv2d``) or any callable. The contract:
+the constructor calls ``conv_layer(in_channels, out_channels, 3, stride=s, padding=1)``
+and adds ``bias=False`` when the callable accepts ``bias`` (or ``**kwargs``), so a
+``functools.partial(TwistConv2d, groups="auto")`` or an ``nn.Conv2d`` subclass works as is.
 The constructor's ``input_quantizer`` and ``weight_quantizer`` are passed to
 ``conv_layer`` when it accepts them (so ``nn.Conv2d`` drops them; a float twin of a
 binary model also needs ``act_fn="relu"``, since its only nonlinearity was the sign); ``"binary"`` uses ``ste_sign`` for a quantizer left at ``None``.
