@@ -87,6 +87,20 @@ def test_aliases_resolve_in_string_and_instance_form(alias, cls, precision):
         assert isinstance(q, cls) and quant.precision_of(q) == precision
 
 
+@pytest.mark.parametrize("form", ["string", "instance"])
+@pytest.mark.parametrize("alias", ["ternary", "absmax8", "dorefa_sym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_quantizer_keeps_shape_and_dtype_and_leaves_input_alone(alias, form, dtype):
+    q = quant.get(alias) if form == "string" else type(quant.get(alias))()
+    x = (torch.randn(3, 4, 5) * 2).to(dtype)
+    before = x.clone()
+    out = q(x)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert torch.equal(x, before)
+    if dtype != torch.bfloat16 or alias != "absmax8":  # 8-bit mantissas cannot hold k / s exactly
+        assert torch.equal(q(out), out)
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("shape", [(7, 13), (16, 3, 3, 3), (1, 5)])
 def test_ternary_levels_and_gamma_are_bitnets_absmean(per_channel, shape):

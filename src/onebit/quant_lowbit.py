@@ -120,8 +120,9 @@ class Absmax8(Quantizer):
 
         s = 127 / max(max|x|, 1e-5),   x_int = clamp(round(x * s), -128, 127),   q(x) = x_int / s
 
-    with ``round`` half to even and ``127 / m`` one float32 division. Idempotent bit for bit
-    (``127 / (127 / s) == s`` in float32, checked over every float32 mantissa).
+    with ``round`` half to even and ``127 / m`` one division. Idempotent bit for bit in float32
+    and float64 (``127 / (127 / s) == s`` in float32, checked over every float32 mantissa); in
+    bfloat16 the levels ``x_int / s`` themselves round, so a second pass may move them.
 
     Backward: dq/dx = 1 (straight-through; no clipping: every x lies within the range its own
     maximum sets). ``s`` is a constant.
