@@ -42,10 +42,11 @@ bool forked_child = false;  // OpenMP's threads do not survive fork(): stay seri
 // while the waits stay long and halving when a region's helpers come in time. On a
 // quiet machine the wait is the helper's last chunk: microseconds, never a back-off.
 // A region that starts long after the previous one (kWarm) finds its helpers asleep in
-// the kernel, and waking them takes tens to hundreds of microseconds on a quiet machine
-// too: there only a wait of a whole scheduler slice (kColdLateWait) counts as late.
+// the kernel, and waking a sleeping vCPU takes from tens of microseconds to several
+// milliseconds on a quiet virtual machine too: outside a back-off, such a region's wait
+// says nothing about other processes and changes nothing. The regions of one model's
+// forward pass follow each other closely, so a busy neighbour is still noticed at the next.
 constexpr int64_t kLateWait = 100'000;            // ns
-constexpr int64_t kColdLateWait = 2'000'000;      // ns
 constexpr int64_t kWarm = 1'000'000;              // ns since the previous region ended
 constexpr int64_t kMinBackoff = 20'000'000;       // ns
 constexpr int64_t kMaxBackoff = 1'000'000'000;    // ns
@@ -60,7 +61,8 @@ void record_wait(int64_t start, int64_t own_start, int64_t own_done, int64_t end
   const int64_t wait = (own_start - start) + (end - own_done), work = own_done - own_start;
   const int64_t b = backoff.load(std::memory_order_relaxed);
   const bool warm = start - last_end.exchange(end, std::memory_order_relaxed) < kWarm;
-  if (wait > (warm ? kLateWait : kColdLateWait) && 4 * wait > work) {
+  if (!warm && b == 0) return;  // during a back-off every region counts: the neighbour may still be busy
+  if (wait > kLateWait && 4 * wait > work) {
     const int64_t next = std::min(kMaxBackoff, std::max(kMinBackoff, 2 * b));
     backoff.store(next, std::memory_order_relaxed);
     serial_until.store(end + next, std::memory_order_relaxed);
