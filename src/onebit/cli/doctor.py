@@ -148,5 +148,5 @@ def run(args: argparse.Namespace, console: Console) -> int:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{what} does not run on {source} {list(images.shape[1:])}: {first}") from None
     console.print(f"{what} on {source}", highlight=False, markup=False)
-    console.print(report)
+    console.print(report, soft_wrap=False)  # wrap the findings to the width, never crop them
     return 0 if report.ok else 1
