@@ -27,9 +27,11 @@ class PackedModel(nn.Module):
     """A bit-packed, inference-only twin of a onebit model.
 
     ``forward(x)`` takes the float32 input the original model takes (``[N, C, H, W]``,
-    any strides) and returns what the original model returns: bit-identical where the
-    result comes out of binary layers with sign weights, equal up to float rounding
-    (well within 1e-4) after float layers that run in a different order.
+    any strides) and returns what the original model returns, bit for bit: binary layers
+    compute the layers' own arithmetic (exact integer sums, then scale and bias) and every
+    other op is the model's own torch op on the same values in the same memory format
+    (``pack(..., fold_batchnorm=True)`` trades that for one op less per block: equal up to
+    float rounding). :attr:`fallbacks` lists binary layers that run in float.
 
     Build one with :func:`onebit.engine.pack`, save it with :meth:`save`, load it with
     :func:`onebit.engine.load`. Calls from several threads at once are safe: a call keeps
