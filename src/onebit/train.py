@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import fcntl
 import json
 import math
@@ -937,6 +938,11 @@ def end_distributed(completed: bool) -> None:
     peer's connection threads ("terminate called without an active exception")."""
     if completed:
         dist.barrier()
+    # A DistributedDataParallel wrapper (or any tensor a collective saw) keeps the group alive;
+    # the last reference must go now, so that destroying the group joins gloo's threads while
+    # the interpreter runs. A group left to interpreter shutdown has its threads release
+    # Python tensors during finalization, which aborts the process.
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -951,7 +957,7 @@ def _worker(rank: int, world_size: int, port: int, config_dict: dict, resume_dir
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     init_distributed_from_env()
-    done = False
+    done, trainer = False, None
     try:
         config = TrainConfig.from_dict(config_dict)
         trainer = Trainer.from_run(resume_dir) if resume_dir else Trainer(config)
@@ -966,6 +972,7 @@ def _worker(rank: int, world_size: int, port: int, config_dict: dict, resume_dir
             trainer.evaluate_metrics()
         done = True
     finally:
+        trainer = None  # its DDP wrapper holds the process group (see end_distributed)
         end_distributed(done)
 
 
