@@ -1,6 +1,5 @@
 """``onebit.fit``: onebit's trainer on a user's own module and datasets."""
 
-import os
 
 import pytest
 import torch

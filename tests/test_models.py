@@ -8,7 +8,7 @@ from torch import nn
 
 from onebit import models, quant
 from onebit.models import BiRealBlock, DenseLayer, ModelConstructor
-from onebit.nn import QConv2d, QLinear, QuantizedLayer
+from onebit.nn import QConv2d, QuantizedLayer
 from onebit.nn.twist import TwistConv2d
 
 ZOO = ["lenet", "lenet_binary", "lenet_larq", "resnet18", "birealnet18", "birealnet_small", "birealnet_small_react",

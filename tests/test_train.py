@@ -3,7 +3,6 @@ weight clipping, Bop wiring, and 2-process DDP (spawned by the trainer and under
 
 import csv
 import math
-import os
 import signal
 import subprocess
 import sys

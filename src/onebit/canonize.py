@@ -888,7 +888,7 @@ def _right_candidates(plan: _Plan, node: _Node) -> tuple[list[_Consumer], list[_
 
     def walk(n: _Node, state: State, branched: bool) -> str:
         if not n.users:
-            return f"its output is not used"
+            return "its output is not used"
         branch = branched or len(n.users) > 1
         for user in n.users:
             kind, problem = _classify(user)

@@ -459,14 +459,6 @@ def _loss(output: Any, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
     return (output * projection).sum() / max(1, output.shape[0])
 
 
-def _owner_names(model: nn.Module) -> dict[int, str]:
-    owner: dict[int, str] = {}
-    for name, m in model.named_modules():
-        for p in m.parameters(recurse=False):
-            owner.setdefault(id(p), name)
-    return owner
-
-
 def _reporting_layer(model: nn.Module) -> Callable[[str], str]:
     """Map a quantizer module's name to the onebit layer it belongs to (``conv.input_quantizer`` -> ``conv``)."""
     modules = dict(model.named_modules())
@@ -502,7 +494,6 @@ def doctor(
     batch = int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 0
     modules = dict(model.named_modules())
     names = {id(m): n for n, m in model.named_modules()}
-    owner = _owner_names(model)
     params = {id(p): p for p in model.parameters()}
 
     # --- everything we will restore

@@ -22,7 +22,6 @@ def register(commands) -> None:
 
 
 def _run_config(directory: str) -> dict | None:
-    from onebit import io
 
     from onebit.train import read_run_config
 

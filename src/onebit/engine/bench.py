@@ -248,7 +248,7 @@ def demo_report(model: nn.Module, x_test: torch.Tensor, out_dir: str, console, *
     for col in ("", "simulated (PyTorch)", "packed", "ratio"):
         table.add_column(col, justify="right")
     table.add_row("file", f"{float_bytes / 1e3:.1f} kB", f"{packed_bytes / 1e3:.1f} kB", f"{float_bytes / packed_bytes:.1f}x smaller")
-    for label, key in ((f"batch 1", "1"), (f"batch {len(x_test)}", "all")):
+    for label, key in (("batch 1", "1"), (f"batch {len(x_test)}", "all")):
         s, p = t[f"simulated {key}"], t[f"packed {key}"]
         table.add_row(label, f"{1e3 * s:.3f} ms", f"{1e3 * p:.3f} ms", f"{s / p:.1f}x faster")
     console.print(table)

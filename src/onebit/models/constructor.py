@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import inspect
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
