@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import os
-import sys
 
 from rich.console import Console
 from onebit.cli import integer
@@ -45,16 +43,12 @@ def load_user_model(path: str, name: str | None):
     only ``nn.Module`` subclass."""
     from torch import nn
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist")
-    module_name = f"_onebit_user_{os.path.splitext(os.path.basename(path))[0]}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
-    spec.loader.exec_module(module)
+    from onebit.models.registry import import_model_file
+
+    module = import_model_file(path)
     defined = [
         n for n, v in vars(module).items()
-        if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module_name
+        if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__
     ]
     if name is None:
         if len(defined) != 1:

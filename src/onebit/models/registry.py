@@ -16,7 +16,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["register_model", "create", "names", "is_file_model", "load_file_attribute"]
+__all__ = ["register_model", "create", "names", "is_file_model", "import_model_file", "load_file_attribute"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -40,22 +40,32 @@ def is_file_model(name: str) -> bool:
     return bool(sep) and path.endswith(".py") and attr.isidentifier()
 
 
-def load_file_attribute(spec: str):
-    """The object ``NAME`` of ``"path/to/file.py:NAME"`` (the file is imported as a module)."""
-    path, _, attr = spec.rpartition(":")
+def import_model_file(path: str):
+    """A user's Python file imported as a module (once per process; under a name derived from its
+    absolute path, so that dataclasses and pickling find its classes)."""
     if not os.path.isfile(path):
-        raise ValueError(f"model file {path!r} does not exist")
+        raise FileNotFoundError(f"model file {path!r} does not exist")
     module_name = "onebit_user_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(path))
     module = sys.modules.get(module_name)
     if module is None:
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[module_name] = module  # dataclasses and pickling look classes up here
+        sys.modules[module_name] = module
         try:
             loader_spec.loader.exec_module(module)
         except Exception as error:
             del sys.modules[module_name]
             raise ValueError(f"model file {path!r} failed to import: {type(error).__name__}: {error}") from error
+    return module
+
+
+def load_file_attribute(spec: str):
+    """The object ``NAME`` of ``"path/to/file.py:NAME"`` (the file is imported as a module)."""
+    path, _, attr = spec.rpartition(":")
+    try:
+        module = import_model_file(path)
+    except FileNotFoundError as error:
+        raise ValueError(str(error)) from None
     if not hasattr(module, attr):
         raise ValueError(f"model file {path!r} has no attribute {attr!r}")
     return getattr(module, attr)
