@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from onebit.heap import keep_freed_memory
+from timing import calibrate, sample  # benchmarks/timing.py
 
 DEFAULT_SHAPES = ["256x14", "64x56", "512x7"]
 
@@ -48,17 +49,6 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return int(channels), int(size)
 
 
-def _sample(fn, inner: int) -> float:
-    start = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - start) / inner
-
-
-def _calibrate(fn, target: float = 2e-3) -> int:
-    fn()
-    one = max(_sample(fn, 1), 1e-7)
-    return max(1, min(1000, int(target / one)))
 
 
 def measure(candidates: dict, reps: int, threads: dict | None = None) -> dict:
@@ -78,14 +68,14 @@ def measure(candidates: dict, reps: int, threads: dict | None = None) -> dict:
     inner = {}
     for name, fn in candidates.items():
         use(name)
-        inner[name] = _calibrate(fn)
+        inner[name] = calibrate(fn)
     samples = {name: [] for name in candidates}
     for _ in range(reps):
         for name, fn in candidates.items():
             use(name)
             time.sleep(2e-3)  # the previous candidate's spinning threads go idle first
             fn()  # untimed: wakes this candidate's threads and warms its caches, as a loop of calls would
-            samples[name].append(_sample(fn, inner[name]))
+            samples[name].append(sample(fn, inner[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -95,7 +85,7 @@ def warm_loop(fn, threads: int, calls: int = 200, rounds: int = 3) -> float:
     torch.set_num_threads(threads)
     for _ in range(10):
         fn()
-    return min(_sample(fn, calls) for _ in range(rounds))
+    return min(sample(fn, calls) for _ in range(rounds))
 
 
 def torch_candidates(x, w):

@@ -42,19 +42,9 @@ import onebit.engine
 from onebit import _C
 from onebit.engine import kernels as K
 from onebit.nn import BitLinear
+from timing import calibrate, sample  # benchmarks/timing.py
 
 
-def _sample(fn, inner: int) -> float:
-    start = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - start) / inner
-
-
-def _calibrate(fn, target: float = 2e-3) -> int:
-    fn()
-    one = max(_sample(fn, 1), 1e-7)
-    return max(1, min(1000, int(target / one)))
 
 
 def _state_dict_bytes(module: nn.Module) -> int:
@@ -122,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name, (isa, fn) in candidates.items():
                 if isa:
                     _C.set_isa(isa)
-                inner[name] = _calibrate(fn)
+                inner[name] = calibrate(fn)
             samples: dict[str, list[float]] = {name: [] for name in candidates}
             for _ in range(args.reps):
                 for name, (isa, fn) in candidates.items():
@@ -130,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                         _C.set_isa(isa)
                     fn()
                     time.sleep(0.002)
-                    samples[name].append(_sample(fn, inner[name]))
+                    samples[name].append(sample(fn, inner[name]))
             results["times_us"][threads] = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
     _C.set_isa(isa0)
 

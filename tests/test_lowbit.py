@@ -30,12 +30,7 @@ ISAS = _C.supported_isas()
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def _restore_isa_and_threads():
-    isa, threads = _C.isa(), torch.get_num_threads()
-    yield
-    _C.set_isa(isa)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_isa_and_threads")  # tests switch ISAs and threads
 
 
 # ---------------------------------------------------------------------------

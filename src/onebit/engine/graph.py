@@ -241,16 +241,20 @@ def _binary_linear_threshold(t, a, xp):
     )
 
 
-def _conv2d(t, a, x):
-    padding = a["padding"]
+def _padded_conv(x, weight, bias, a):
+    """``conv2d(pad(x), weight) + bias`` with the node's padding: the conv's own zero ``padding``,
+    or ``explicit_padding`` ([left, right, top, bottom]) of ``pad_value`` / ``padding_mode`` first."""
     if a["pad_value"] == 0.0 and a["padding_mode"] == "zeros":
-        return F.conv2d(x, t["weight"], t.get("bias"), a["stride"], padding, a["dilation"], a["groups"])
-    pad = a["explicit_padding"]  # F.pad order: [left, right, top, bottom]
+        return F.conv2d(x, weight, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
     if a["padding_mode"] == "zeros":
-        x = F.pad(x, pad, mode="constant", value=a["pad_value"])
+        x = F.pad(x, a["explicit_padding"], mode="constant", value=a["pad_value"])
     else:
-        x = F.pad(x, pad, mode=a["padding_mode"])
-    return F.conv2d(x, t["weight"], t.get("bias"), a["stride"], 0, a["dilation"], a["groups"])
+        x = F.pad(x, a["explicit_padding"], mode=a["padding_mode"])
+    return F.conv2d(x, weight, bias, a["stride"], 0, a["dilation"], a["groups"])
+
+
+def _conv2d(t, a, x):
+    return _padded_conv(x, t["weight"], t.get("bias"), a)
 
 
 def _linear(t, a, x):
@@ -297,16 +301,7 @@ def _scale_and_bias(t, y, spatial_dims: int):
 def _qconv2d(t, a, x):
     """A quantized conv run in float, as :func:`onebit.nn.functional.qconv` computes it:
     ``conv(pad(x, pad_value), levels) * scale + bias`` (x already quantized)."""
-    w = _levels(t, a)
-    if a["pad_value"] == 0.0 and a["padding_mode"] == "zeros":
-        y = F.conv2d(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
-    else:
-        pad = a["explicit_padding"]
-        if a["padding_mode"] == "zeros":
-            x = F.pad(x, pad, mode="constant", value=a["pad_value"])
-        else:
-            x = F.pad(x, pad, mode=a["padding_mode"])
-        y = F.conv2d(x, w, None, a["stride"], 0, a["dilation"], a["groups"])
+    y = _padded_conv(x, _levels(t, a), None, a)
     return _scale_and_bias(t, y, 2)
 
 
