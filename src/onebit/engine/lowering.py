@@ -222,18 +222,11 @@ class _Lowering:
     def float_layer_tensors(self, m: nn.Module) -> dict[str, torch.Tensor | None]:
         """The tensors of a quantized layer run in float: its weight levels (as bits when they are
         +-1: a file stores binary weights as bits whatever the layer's input), scale and bias."""
-        if m.weight_quantizer is None:
-            levels, scale = _t(m.weight), None
-            if levels.dim() == 3:
-                levels = levels.unsqueeze(2)
-        else:
-            levels, scale = self.weight_factors(m)
-        tensors = {"scale": scale, "bias": _t(m.bias)}
         if _binary_weight(m.weight_quantizer):
-            tensors["weight_bits"] = ops.pack_weights(levels.contiguous(), getattr(m, "groups", 1))
-        else:
-            tensors["weight"] = _t(levels)
-        return tensors
+            bits, scale = self.binary_weights(m)
+            return {"weight_bits": bits, "scale": scale, "bias": _t(m.bias)}
+        levels, scale = self.weight_factors(m)  # float weights (no quantizer) are their own levels
+        return {"weight": _t(levels), "scale": scale, "bias": _t(m.bias)}
 
     def note_fallback(self, node: fx.Node, m: nn.Module, why: str | None = None) -> None:
         """Record a layer with binary weights or a binary input that runs in float, and why."""
