@@ -351,6 +351,18 @@ def test_binary_conv1d_packs_as_a_1xk_conv2d(cin, cout, k, stride, dilation, pad
     assert torch.equal(packed(x), model(x))
 
 
+def test_a_1d_conv_gives_the_layout_torchs_conv1d_gives():
+    # [1, 2, 1, 2] is ambiguous for torch's 2-d conv, which may answer channels_last; torch's conv1d
+    # returns a contiguous tensor, and the BatchNorm after it rounds differently in the two layouts
+    torch.manual_seed(1)
+    conv = QConv1d(2, 2, 2, padding="same", groups=2, bias=False, **SIGN)
+    model = randomize_batchnorms(nn.Sequential(conv, nn.BatchNorm1d(2), nn.Flatten(1)), 1).eval()
+    x = torch.tensor([[[0.0617, 0.6213], [-0.4519, -0.1661]]])
+    with pytest.warns(engine.FallbackWarning, match="asymmetric padding"):
+        packed = engine.pack(model, x)
+    assert torch.equal(packed(x), model(x))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "options",

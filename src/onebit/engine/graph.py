@@ -865,6 +865,8 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
                 if not _layouts_match(_produced_layout(producer), _expected_layout({"op": op, "attrs": _attrs(node, spec, where)})):
                     raise GraphError(f"{where}: packed input {ref!r} has a different layout than {op} expects")
         attrs = _attrs(node, spec, where)
+        if not isinstance(node.get("conv1d", False), bool):
+            raise GraphError(f"{where}: 'conv1d' must be true or false")
         node_tensors = node.get("tensors", {})
         if not isinstance(node_tensors, dict):
             raise GraphError(f"{where}: tensors must be an object")

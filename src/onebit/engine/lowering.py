@@ -444,6 +444,7 @@ class _Lowering:
         wp, scale = self.binary_weights(m)  # [Co, 1, k, Wg]: the 1 x k kernel
         y = self.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": _t(m.bias)},
                       node.target)
+        self.nodes[-1]["conv1d"] = True  # its output takes the layout torch's conv1d gives
         self.value[node] = self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
 
     def lower_twist(self, node: fx.Node, m: TwistConv2d) -> None:
@@ -558,12 +559,14 @@ class _Lowering:
         x2d, attrs = self.conv1d_float_attrs(node, m, x, pad_value)
         tensors = {"weight": weight.unsqueeze(2).contiguous(), "bias": _t(m.bias)}
         y = self.emit(node.name, "conv2d", [x2d], attrs, tensors, node.target)
+        self.nodes[-1]["conv1d"] = True  # its output takes the layout torch's conv1d gives
         return self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
 
     def emit_qconv1d(self, node: fx.Node, m: QConv1d, x: str) -> str:
         """A quantized 1-d conv run in float: ``qconv2d`` of ``[N, C, 1, L]`` with a ``1 x k`` kernel."""
         x2d, attrs = self.conv1d_float_attrs(node, m, x, float(m.pad_value))
         y = self.emit(node.name, "qconv2d", [x2d], attrs, self.float_layer_tensors(m), node.target)
+        self.nodes[-1]["conv1d"] = True  # its output takes the layout torch's conv1d gives
         return self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
 
     def conv1d_float_attrs(self, node: fx.Node, m: nn.Conv1d, x: str, pad_value: float) -> tuple[str, dict]:

@@ -128,7 +128,9 @@ class PackedModel(nn.Module):
             # float outputs of binary layers take the memory format the model's own tensors have
             # (the native kernels write channels_last): float convs and adaptive pools round
             # differently in the two layouts, and the model's layout follows its input's
-            relayout = node["op"] == "binary_conv2d"
+            # a 1-d conv run as a 1 x k 2-d conv: torch's conv1d returns a contiguous tensor, while
+            # a 2-d conv of an ambiguous [N, C, 1, L] shape may choose channels_last
+            relayout = "contiguous" if node.get("conv1d") else ("model" if node["op"] == "binary_conv2d" else None)
             steps.append([out, spec.fn, attrs, tuple(inputs), roles, (), relayout, label, node.get("module", "")])
         last_use: dict[str, int] = {}
         for i, step in enumerate(steps):
@@ -173,7 +175,7 @@ class PackedModel(nn.Module):
         for name, fn, attrs, inputs, roles, free, relayout, label, module in self._steps:
             try:
                 out = fn(roles, attrs, *[env[i] for i in inputs])
-                env[name] = out.contiguous(memory_format=fmt) if relayout else out
+                env[name] = out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
             except (RuntimeError, ValueError) as error:
                 where = f"layer '{module}' (op {label})" if module else f"op {name!r} ({label})"
                 raise InputError(
@@ -237,7 +239,7 @@ class PackedModel(nn.Module):
                 args = [env[i] for i in inputs]
                 t0 = time.perf_counter()
                 out = fn(roles, attrs, *args)
-                env[name] = out.contiguous(memory_format=fmt) if relayout else out
+                env[name] = out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
                 times[k].append(time.perf_counter() - t0)
         rows = []
         for k, (name, *_, label, module) in enumerate(self._steps):
@@ -269,6 +271,10 @@ class PackedModel(nn.Module):
 
 #: binary convolutions that can take a float input and pack it themselves
 _PACKING_CONVS = ("binary_conv2d", "binary_conv2d_threshold")
+
+
+def _relayout_format(relayout: str, model_format: torch.memory_format) -> torch.memory_format:
+    return torch.contiguous_format if relayout == "contiguous" else model_format
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
