@@ -115,8 +115,14 @@ onebit::ConvPlan* make_plan(int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_p
   return new onebit::ConvPlan(g, o, x_words_per_pixel, w_words);
 }
 
+// A BatchNorm epilogue: per-channel scale and shift, rounded as one fused multiply-add or two.
+struct BatchNormPtrs {
+  uintptr_t scale = 0, shift = 0;
+  bool fused = false;
+};
+
 onebit::ConvOutput plan_output(const onebit::ConvPlan& plan, uintptr_t out, uintptr_t scale, uintptr_t bias,
-                               uintptr_t thr, uintptr_t dir, uintptr_t residual) {
+                               uintptr_t thr, uintptr_t dir, uintptr_t residual, const BatchNormPtrs& bn = {}) {
   onebit::ConvOutput o;
   switch (plan.params().mode) {
     case onebit::OutMode::int32: o.out_i32 = ptr<int32_t>(out); break;
@@ -128,6 +134,12 @@ onebit::ConvOutput plan_output(const onebit::ConvPlan& plan, uintptr_t out, uint
   require(residual == 0 || plan.params().mode == onebit::OutMode::float32,
           "binary_conv2d: a residual needs the float32 output");
   o.residual = ptr<const float>(residual);
+  require((bn.scale == 0) == (bn.shift == 0), "binary_conv2d: a BatchNorm needs both its scale and its shift");
+  require(bn.scale == 0 || plan.params().mode == onebit::OutMode::float32,
+          "binary_conv2d: a BatchNorm needs the float32 output");
+  o.bn_scale = ptr<const float>(bn.scale);
+  o.bn_shift = ptr<const float>(bn.shift);
+  o.bn_fma = bn.fused;
   o.thr = ptr<const int32_t>(thr);
   o.dir = ptr<const int8_t>(dir);
   // Direction values are checked (with the GIL held) before the long part runs.
@@ -141,8 +153,8 @@ onebit::ConvOutput plan_output(const onebit::ConvPlan& plan, uintptr_t out, uint
 
 void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias,
               uintptr_t thr, uintptr_t dir, int threads, onebit::WeightCache* cache, int64_t w_version,
-              uintptr_t residual) {
-  const onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual);
+              uintptr_t residual, uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma) {
+  const onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual, {bn_scale, bn_shift, bn_fma});
   nb::gil_scoped_release release;
   plan.run(ptr<const uint64_t>(x), ptr<const uint64_t>(w), o, threads, cache, w_version);
 }
@@ -150,8 +162,9 @@ void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t 
 // The plan run on a float32 [N, C, H, W] input (element strides), packed on the fly.
 void run_plan_float(const onebit::ConvPlan& plan, uintptr_t x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                     uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias, uintptr_t thr, uintptr_t dir,
-                    int threads, onebit::WeightCache* cache, int64_t w_version, uintptr_t residual) {
-  const onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual);
+                    int threads, onebit::WeightCache* cache, int64_t w_version, uintptr_t residual,
+                    uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma) {
+  const onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual, {bn_scale, bn_shift, bn_fma});
   nb::gil_scoped_release release;
   plan.run(ptr<const float>(x), sN, sC, sH, sW, ptr<const uint64_t>(w), o, threads, cache, w_version);
 }
@@ -164,7 +177,7 @@ void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_
   std::unique_ptr<onebit::ConvPlan> plan(make_plan(N, Hp, Wp, x_words_per_pixel, w_words, C, Co, KH, KW, sh, sw, ph,
                                                    pw, dh, dw, groups, pad_value, mode, oph, opw, out_groups,
                                                    out_pad_value));
-  run_plan(*plan, x, w, out, scale, bias, thr, dir, threads, nullptr, 0, 0);
+  run_plan(*plan, x, w, out, scale, bias, thr, dir, threads, nullptr, 0, 0, 0, 0, false);
 }
 
 void ternary_linear_raw(uintptr_t x, int64_t N, int64_t K, int64_t x_stride, uintptr_t w, int64_t O, uintptr_t scale,
@@ -231,10 +244,11 @@ NB_MODULE(_C, m) {
           "tile", [](const onebit::ConvPlan& p) { return p.tile(static_cast<int>(onebit::active_isa())); },
           "The register tile this plan runs with on the active ISA ('' before its first run there).")
       .def("run", &run_plan, "x"_a, "w"_a, "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "threads"_a,
-           "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0,
-           "Low level (addresses): run on packed input x, packed weights w into out.")
+           "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0, "bn_scale"_a = 0, "bn_shift"_a = 0,
+           "bn_fma"_a = false, "Low level (addresses): run on packed input x, packed weights w into out.")
       .def("run_float", &run_plan_float, "x"_a, "sN"_a, "sC"_a, "sH"_a, "sW"_a, "w"_a, "out"_a, "scale"_a, "bias"_a,
            "thr"_a, "dir"_a, "threads"_a, "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0,
+           "bn_scale"_a = 0, "bn_shift"_a = 0, "bn_fma"_a = false,
            "Low level (addresses): pack the float32 [N, C, H, W] input x (element strides) and run, in one pass.");
   nb::class_<onebit::WeightCache>(m, "WeightCache",
                                   "One layer's weights prepared for the kernels, kept between calls (see conv.h).")

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from onebit import _C
 from onebit.engine import kernels as K
+from onebit.engine.reference import fused_multiply_add
 
 ISAS = _C.supported_isas()
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -246,6 +247,57 @@ def test_conv_float_scale_bias_residual_exact(cfg, use_scale, use_bias, fused, r
     for isa, got in results.items():
         assert got.dtype == torch.float32 and got.shape == expected.shape, isa
         assert torch.equal(got, expected), isa
+
+
+@SETTINGS
+@given(conv_configs(), st.booleans(), st.booleans(), st.booleans())
+def test_conv_float_batchnorm_epilogue_exact(cfg, fma, fused_input, with_residual):
+    # a BatchNorm applied as the output is written: y * bn_scale + bn_shift rounded once (fma) or twice
+    x, w, gen = make(cfg)
+    acc = reference_conv(x, w, cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"], cfg["pad_value"])
+    scale, bias = torch.rand(cfg["cout"], generator=gen) + 0.5, torch.randn(cfg["cout"], generator=gen)
+    bn_scale, bn_shift = torch.randn(cfg["cout"], generator=gen), torch.randn(cfg["cout"], generator=gen) * 5
+    residual = torch.randn(acc.shape, generator=gen) if with_residual else None
+    y = acc.to(torch.float32) * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    s, t = bn_scale.view(1, -1, 1, 1), bn_shift.view(1, -1, 1, 1)
+    expected = fused_multiply_add(y, s, t) if fma else y * s + t
+    if residual is not None:
+        expected = expected + residual
+    wp = K.pack_weights(w, cfg["groups"])
+    results = on_every_isa(
+        lambda: K.binary_conv2d(
+            conv_input(x, cfg, fused_input), wp, scale=scale, bias=bias, residual=residual, bn_scale=bn_scale,
+            bn_shift=bn_shift, bn_fma=fma, **conv_kwargs(cfg),
+        )  # fmt: skip
+    )
+    for isa, got in results.items():
+        assert torch.equal(got, expected), isa
+
+
+def test_batchnorm_epilogue_rounds_once_or_twice_as_asked():
+    # hand-worked: y = (1 + 2^-23) 2^-12 (acc = 1 times that scale), y * s = 2^-24 - 2^-70 with
+    # s = (1 - 2^-23) 2^-12, and t = 1 + 2^-23. Rounded once: 1 + 2^-23 (just below the midpoint
+    # 1 + 2^-23 + 2^-24). Rounded twice: y * s -> 2^-24, then the midpoint ties to even: 1 + 2^-22.
+    # (float64 arithmetic would also give 1 + 2^-22: it rounds to the midpoint first.)
+    y_scale = torch.tensor([(1 + 2**-23) * 2**-12])
+    s, t = torch.tensor([(1 - 2**-23) * 2**-12]), torch.tensor([1 + 2**-23])
+    x, wp = torch.ones(1, 1, 1, 1), K.pack_weights(torch.ones(1, 1, 1, 1))
+    conv = dict(in_channels=1, out_channels=1, kernel_size=1)
+    for fma, want in ((True, 1 + 2**-23), (False, 1 + 2**-22)):
+        results = on_every_isa(lambda: K.binary_conv2d(x, wp, scale=y_scale, bn_scale=s, bn_shift=t, bn_fma=fma, **conv))
+        for isa, got in results.items():
+            assert got.item() == want, (isa, fma)
+    assert fused_multiply_add(y_scale, s, t).item() == 1 + 2**-23
+    assert ((y_scale.double() * s.double() + t.double()).float()).item() == 1 + 2**-22
+
+
+def test_batchnorm_epilogue_needs_scale_and_shift_together():
+    x, wp = torch.ones(1, 4, 3, 3), K.pack_weights(torch.ones(2, 4, 1, 1))
+    conv = dict(in_channels=4, out_channels=2, kernel_size=1)
+    with pytest.raises(ValueError, match="bn_scale and bn_shift go together"):
+        K.binary_conv2d(x, wp, bn_scale=torch.ones(2), **conv)
+    with pytest.raises(ValueError, match="bn_shift must have shape"):
+        K.binary_conv2d(x, wp, bn_scale=torch.ones(2), bn_shift=torch.ones(3), **conv)
 
 
 @st.composite

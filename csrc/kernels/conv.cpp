@@ -256,6 +256,9 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   o.scale = ptrs.scale;
   o.bias = ptrs.bias;
   o.residual = ptrs.residual;
+  o.bn_scale = ptrs.bn_scale;
+  o.bn_shift = ptrs.bn_shift;
+  o.bn_fma = ptrs.bn_fma;
   o.thr = ptrs.thr;
   o.dir = ptrs.dir;
   if (!x || !w) fail("binary_conv2d: null input");

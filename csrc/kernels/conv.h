@@ -19,7 +19,9 @@
 //
 // Outputs: int32 acc; float32 acc * scale[c] + bias[c] (+ residual[n, oh, ow, c])
 // computed as separate float32 roundings in that order (no FMA), so it equals
-// torch's `acc.float() * scale + bias + residual` bit for bit; or a packed bit per channel: set (-1) iff acc < thr[c] when
+// torch's `acc.float() * scale + bias + residual` bit for bit (optionally with a
+// BatchNorm y * bn_scale[c] + bn_shift[c] before the residual, as one fused multiply-add
+// or two roundings: bn_fma); or a packed bit per channel: set (-1) iff acc < thr[c] when
 // dir[c] = +1, iff acc > thr[c] when dir[c] = -1.
 #pragma once
 #include <atomic>
@@ -51,6 +53,11 @@ struct ConvOutput {
   float* out_f32 = nullptr;    // [N, OH, OW, Co]
   const float* scale = nullptr;  // [Co] or null (1)
   const float* bias = nullptr;   // [Co] or null (0)
+  // A BatchNorm after the conv (float32 output): y * bn_scale[c] + bn_shift[c], rounded once
+  // (bn_fma, a fused multiply-add) or twice, as the torch build that runs the model does.
+  const float* bn_scale = nullptr;  // [Co] or null (no BatchNorm)
+  const float* bn_shift = nullptr;  // [Co], with bn_scale
+  bool bn_fma = false;
   const float* residual = nullptr;  // [N, OH, OW, Co] or null: added last (float32 output)
   const int32_t* thr = nullptr;  // [Co]
   const int8_t* dir = nullptr;   // [Co], +1 or -1

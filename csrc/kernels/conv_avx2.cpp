@@ -181,12 +181,16 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
     const int64_t cj = b.co0 + j * kVec;
     const int64_t valid = b.nco - j * kVec;
     const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(valid < 4 ? valid : 4)), ids);
-    __m128 scale = _mm_set1_ps(1.0f), bias = _mm_setzero_ps();
+    __m128 scale = _mm_set1_ps(1.0f), bias = _mm_setzero_ps(), bn_scale = scale, bn_shift = bias;
     __m128i thr = _mm_setzero_si128(), pos = _mm_setzero_si128();
     int64_t out_byte = 0;  // bytewise threshold output: the byte of channels cj & ~7 .. + 7
     if (o.mode == OutMode::float32) {
       if (o.scale) scale = _mm_maskload_ps(o.scale + cj, m);
       if (o.bias) bias = _mm_maskload_ps(o.bias + cj, m);
+      if (o.bn_scale) {
+        bn_scale = _mm_maskload_ps(o.bn_scale + cj, m);
+        bn_shift = _mm_maskload_ps(o.bn_shift + cj, m);
+      }
     } else if (o.mode == OutMode::threshold) {
       thr = _mm_maskload_epi32(o.thr + cj, m);
       int32_t d[4] = {0, 0, 0, 0};
@@ -216,6 +220,7 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
           __m128 f = _mm_cvtepi32_ps(a);
           if (o.scale) f = _mm_mul_ps(f, scale);
           if (o.bias) f = _mm_add_ps(f, bias);
+          if (o.bn_scale) f = o.bn_fma ? _mm_fmadd_ps(f, bn_scale, bn_shift) : _mm_add_ps(_mm_mul_ps(f, bn_scale), bn_shift);
           if (o.residual) f = _mm_add_ps(f, _mm_maskload_ps(o.residual + pix[p].q * Co + cj, m));
           if (valid >= 4)
             _mm_storeu_ps(o.out_f32 + pix[p].q * Co + cj, f);

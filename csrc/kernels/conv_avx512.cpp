@@ -47,13 +47,17 @@ inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J
     const int64_t cj = b.co0 + j0 * kVec;
     const int64_t valid = b.nco - j0 * kVec;
     const __mmask16 m = valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
-    __m512 scale = _mm512_set1_ps(1.0f), bias = _mm512_setzero_ps();
+    __m512 scale = _mm512_set1_ps(1.0f), bias = _mm512_setzero_ps(), bn_scale = scale, bn_shift = bias;
     __m512i thr = _mm512_setzero_si512();
     __mmask16 pos = 0;
     int64_t out_byte0 = 0, out_byte1 = 0;
     if (o.mode == OutMode::float32) {
       if (o.scale) scale = _mm512_maskz_loadu_ps(m, o.scale + cj);
       if (o.bias) bias = _mm512_maskz_loadu_ps(m, o.bias + cj);
+      if (o.bn_scale) {
+        bn_scale = _mm512_maskz_loadu_ps(m, o.bn_scale + cj);
+        bn_shift = _mm512_maskz_loadu_ps(m, o.bn_shift + cj);
+      }
     } else if (o.mode == OutMode::threshold) {
       thr = _mm512_maskz_loadu_epi32(m, o.thr + cj);
       pos = _mm_cmpgt_epi8_mask(_mm_maskz_loadu_epi8(m, o.dir + cj), _mm_setzero_si128());
@@ -82,6 +86,8 @@ inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J
           __m512 f = _mm512_cvtepi32_ps(a);
           if (o.scale) f = _mm512_mul_ps(f, scale);
           if (o.bias) f = _mm512_add_ps(f, bias);
+          if (o.bn_scale)
+            f = o.bn_fma ? _mm512_fmadd_ps(f, bn_scale, bn_shift) : _mm512_add_ps(_mm512_mul_ps(f, bn_scale), bn_shift);
           if (o.residual) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(m, o.residual + pix[p].q * Co + cj));
           if (valid >= 16)
             _mm512_storeu_ps(o.out_f32 + pix[p].q * Co + cj, f);

@@ -4,6 +4,7 @@
 // across those files could otherwise be merged by the linker into one copy built for
 // the widest ISA.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -133,6 +134,13 @@ inline void write_bits(const ConvOutput& o, int64_t obits, int64_t co0, int64_t 
   }
 }
 
+// A BatchNorm's y * scale + shift: one rounding (std::fma) or two.
+inline float batchnorm(float y, float scale, float shift, bool fused) {
+  if (fused) return std::fma(y, scale, shift);
+  const float scaled = y * scale;
+  return scaled + shift;
+}
+
 inline bool threshold_bit(int32_t acc, int32_t thr, int8_t dir) { return dir > 0 ? acc < thr : acc > thr; }
 
 // Portable epilogue: acc[p * ld + l] holds the (corrected) integer results of
@@ -154,6 +162,7 @@ inline void epilogue_generic(const ConvBlock& b, const PixInfo* pix, int cnt, co
           float f = static_cast<float>(a[l]);
           if (o.scale) f = f * o.scale[b.co0 + l];
           if (o.bias) f = f + o.bias[b.co0 + l];
+          if (o.bn_scale) f = batchnorm(f, o.bn_scale[b.co0 + l], o.bn_shift[b.co0 + l], o.bn_fma);
           if (o.residual) f = f + o.residual[pix[p].q * Co + b.co0 + l];
           dst[l] = f;
         }

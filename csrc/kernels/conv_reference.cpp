@@ -2,6 +2,7 @@
 // definition. Padded taps are skipped for pad_value 0 (no correction trick) and
 // read from the packed padding otherwise. Slow, simple, independent of the
 // optimized kernels.
+#include <cmath>
 #include "kernels/conv.h"
 
 namespace onebit {
@@ -35,6 +36,8 @@ void binary_conv2d_reference(const ConvGeometry& g, const ConvOutput& o, const u
               float f = static_cast<float>(a);
               if (o.scale) f = f * o.scale[co];
               if (o.bias) f = f + o.bias[co];
+              if (o.bn_scale)
+                f = o.bn_fma ? std::fma(f, o.bn_scale[co], o.bn_shift[co]) : (f * o.bn_scale[co]) + o.bn_shift[co];
               if (o.residual) f = f + o.residual[q * g.Co + co];
               o.out_f32[q * g.Co + co] = f;
               break;

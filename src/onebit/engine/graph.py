@@ -197,9 +197,10 @@ def _pack_features(t, a, x):
 
 
 def _binary_conv2d(t, a, xp, residual=None):
+    # bn_scale / bn_shift / bn_fma: a BatchNorm fused into the step by PackedModel (not graph attributes)
     return ops.binary_conv2d(
         xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), residual=residual, cache=t.get(WEIGHT_CACHE),
-        **_conv_args(a),
+        bn_scale=t.get("bn_scale"), bn_shift=t.get("bn_shift"), bn_fma=a.get("bn_fma", False), **_conv_args(a),
     )  # fmt: skip
 
 

@@ -331,14 +331,14 @@ def _cached(cache, wp):
         return None, 0
 
 
-def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None, residual_ptr=0) -> None:
+def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None, residual_ptr=0, bn=(0, 0, False)) -> None:
     """Run a plan on packed ``x``, or on float32 ``x`` packed in the same pass."""
     threads = torch.get_num_threads()
     cache, version = _cached(cache, wp)
     if x.dtype is _I64:
         plan.native.run(
             x.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads, cache, version,
-            residual_ptr,
+            residual_ptr, *bn,
         )  # fmt: skip
         return
     _, c, _, w = x.shape
@@ -348,7 +348,7 @@ def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=
         sn, sc, sh, sw = x.stride()
     plan.native.run_float(
         x.data_ptr(), sn, sc, sh, sw, wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads,
-        cache, version, residual_ptr,
+        cache, version, residual_ptr, *bn,
     )  # fmt: skip
 
 
@@ -527,13 +527,14 @@ def _check_residual(residual, shape) -> None:
 
 def _conv_float_impl(
     xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-    residual=None, cache=None,
+    residual=None, cache=None, bn_scale=None, bn_shift=None, bn_fma=False,
 ):  # fmt: skip
     plan = _conv_plan(
         _MODE_FLOAT, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
     )
     scale_ptr = _channel_ptr(scale, "scale", _F32, plan.co)
     bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
+    bn = _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, plan.co)
     out = _empty_nchw_channels_last(*plan.shape, torch.float32)
     residual_ptr = 0
     if residual is not None:
@@ -546,8 +547,18 @@ def _conv_float_impl(
             residual = residual.contiguous()
         residual_ptr = residual.data_ptr()
     if out.numel():
-        _run(plan, xp, wp, out, scale_ptr, bias_ptr, cache=cache, residual_ptr=residual_ptr)
+        _run(plan, xp, wp, out, scale_ptr, bias_ptr, cache=cache, residual_ptr=residual_ptr, bn=bn)
     return out
+
+
+def _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, channels: int) -> tuple[int, int, bool]:
+    """(scale, shift, fused) of a BatchNorm epilogue for the native call, after checking them."""
+    if (bn_scale is None) != (bn_shift is None):
+        raise ValueError("bn_scale and bn_shift go together: give both or neither")
+    if not isinstance(bn_fma, bool):
+        raise ValueError(f"bn_fma must be a bool, got {type(bn_fma).__name__}")
+    scale = _channel_ptr(bn_scale, "bn_scale", _F32, channels)
+    return scale, _channel_ptr(bn_shift, "bn_shift", _F32, channels), bn_fma
 
 
 def _conv_threshold_impl(
@@ -605,21 +616,25 @@ def _conv_float_op(
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None = None,
+    bn_scale: torch.Tensor | None = None,
+    bn_shift: torch.Tensor | None = None,
+    bn_fma: bool = False,
 ) -> torch.Tensor:
     return _conv_float_impl(
         xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-        residual,
+        residual, None, bn_scale, bn_shift, bn_fma,
     )  # fmt: skip
 
 
 @_conv_float_op.register_fake
 def _(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-      residual=None):  # fmt: skip
+      residual=None, bn_scale=None, bn_shift=None, bn_fma=False):  # fmt: skip
     cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    if scale is not None:
-        _per_channel(scale, "scale", torch.float32, cv.co)
-    if bias is not None:
-        _per_channel(bias, "bias", torch.float32, cv.co)
+    for t, name in ((scale, "scale"), (bias, "bias"), (bn_scale, "bn_scale"), (bn_shift, "bn_shift")):
+        if t is not None:
+            _per_channel(t, name, torch.float32, cv.co)
+    if (bn_scale is None) != (bn_shift is None):
+        raise ValueError("bn_scale and bn_shift go together: give both or neither")
     if residual is not None:
         _check_residual(residual, (cv.n, cv.co, cv.oh, cv.ow))
     return _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.float32, like=xp)
@@ -726,6 +741,9 @@ def binary_conv2d(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     cache: WeightCache | None = None,
+    bn_scale: torch.Tensor | None = None,
+    bn_shift: torch.Tensor | None = None,
+    bn_fma: bool = False,
 ) -> torch.Tensor:
     """float32 ``[N, C_out, OH, OW]`` (channels_last memory) ``= acc * scale[c] + bias[c] + residual``.
 
@@ -734,14 +752,18 @@ def binary_conv2d(
     read best in channels_last memory), applied in that order as float32 roundings (no FMA),
     bit for bit like ``acc.float() * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1) +
     residual``. ``xp`` and ``cache`` as in :func:`binary_conv2d_int`.
+
+    ``bn_scale`` / ``bn_shift`` (float32 ``[C_out]``, together) apply a BatchNorm in eval mode
+    before the residual: ``y * bn_scale[c] + bn_shift[c]`` rounded once (``bn_fma=True``, a fused
+    multiply-add, as torch's vectorized CPU BatchNorm) or twice (``bn_fma=False``).
     """
-    if _direct(xp, wp, scale, bias, residual):
+    if _direct(xp, wp, scale, bias, residual, bn_scale, bn_shift):
         return _conv_float_impl(
             xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-            residual, cache,
+            residual, cache, bn_scale, bn_shift, bn_fma,
         )  # fmt: skip
     args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias, residual)
+    return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias, residual, bn_scale, bn_shift, bn_fma)
 
 
 def _thresholds_int32(thresholds: torch.Tensor) -> torch.Tensor:

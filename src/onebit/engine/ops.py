@@ -211,14 +211,22 @@ def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, *, cache=None, **conv)
     return reference.binary_conv2d_int(xp, wp, **conv)
 
 
-def binary_conv2d(xp, wp, *, scale=None, bias=None, residual=None, cache=None, **conv) -> torch.Tensor:
-    """``acc * scale + bias (+ residual)``; ``xp`` packed, or the float32 input."""
+def binary_conv2d(
+    xp, wp, *, scale=None, bias=None, residual=None, cache=None, bn_scale=None, bn_shift=None, bn_fma=False, **conv
+) -> torch.Tensor:
+    """``acc * scale + bias`` (then ``* bn_scale + bn_shift``) ``(+ residual)``; ``xp`` packed, or the float32 input."""
     native = _impl("binary_conv2d")
     if native is not None:
-        return native(xp, wp, scale=scale, bias=bias, residual=residual, cache=cache, **conv)
+        return native(
+            xp, wp, scale=scale, bias=bias, residual=residual, cache=cache, bn_scale=bn_scale, bn_shift=bn_shift,
+            bn_fma=bn_fma, **conv,
+        )  # fmt: skip
     xp = _packed_input(xp, conv)
     _conv_geometry(xp, wp, conv, "binary_conv2d")
     out = reference.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)
+    if bn_scale is not None:
+        s, t = bn_scale.view(1, -1, 1, 1), bn_shift.view(1, -1, 1, 1)
+        out = reference.fused_multiply_add(out, s, t) if bn_fma else out * s + t
     return out if residual is None else out + residual
 
 

@@ -72,10 +72,14 @@ class PackedModel(nn.Module):
 
         - a ``pack`` read only by one binary convolution: the convolution takes the float
           input and packs it itself (one pass over the threads; the bits stay in the caches);
-        - ``add(binary_conv2d(...), shortcut)`` where the add is the convolution's only reader:
-          the convolution adds the shortcut as it writes its output (``residual``), as a
-          Bi-Real block does, saving a pass over the tensor. The fused step runs where the
-          add was, so the shortcut (e.g. a downsampling branch) is ready.
+        - ``batch_norm(binary_conv2d(...))`` where the BatchNorm is the convolution's only reader:
+          the convolution applies it as it writes its output, rounded as this process's torch
+          rounds it (see :mod:`onebit.engine.torch_rounding`; checked per layer, else the
+          BatchNorm stays torch's op);
+        - ``add(binary_conv2d(...), shortcut)`` (or ``add(batch_norm(binary_conv2d(...)), shortcut)``)
+          where the add is the only reader: the convolution adds the shortcut as it writes its output
+          (``residual``), as a Bi-Real block does, saving a pass over the tensor. The fused step runs
+          where the add was, so the shortcut (e.g. a downsampling branch) is ready.
         """
         nodes = self.graph["nodes"]
         outputs = set(self.graph["outputs"])
@@ -90,6 +94,7 @@ class PackedModel(nn.Module):
             return nodes[users[0]] if len(users) == 1 and nodes[i]["name"] not in outputs else None
 
         absorbed_pack: dict[int, dict] = {}  # conv index -> the pack node it absorbs
+        absorbed_bn: dict[int, tuple[dict, tuple]] = {}  # conv index -> (the batch_norm node, its epilogue)
         absorbed_add: dict[int, tuple[dict, str]] = {}  # conv index -> (the add node, the shortcut's name)
         for i, node in enumerate(nodes):
             user = only_reader(i)
@@ -97,14 +102,23 @@ class PackedModel(nn.Module):
                 continue
             if node["op"] == "pack" and user["op"] in _PACKING_CONVS and user["inputs"] == [node["name"]]:
                 absorbed_pack[index[user["name"]]] = node
-            elif node["op"] == "binary_conv2d" and user["op"] == "add" and len(user["inputs"]) == 2:
-                a, b = user["inputs"]
-                taken = any(add is user for add, _ in absorbed_add.values())  # add(conv, conv): the first one
-                if a != b and user["attrs"].get("alpha", 1.0) == 1.0 and not taken:
-                    absorbed_add[i] = (user, b if a == node["name"] else a)
-        # nodes that are no step of their own; a conv with an add runs at the add's place
-        absorbed = {index[n["name"]] for n in absorbed_pack.values()} | set(absorbed_add)
+            elif node["op"] == "binary_conv2d":
+                last = node
+                if user["op"] == "batch_norm" and ops.native_available():
+                    epilogue = _batchnorm_epilogue(self, user)
+                    if epilogue is not None:
+                        absorbed_bn[i] = (user, epilogue)
+                        last, user = user, only_reader(index[user["name"]])
+                if user is not None and user["op"] == "add" and len(user["inputs"]) == 2:
+                    a, b = user["inputs"]
+                    taken = any(add is user for add, _ in absorbed_add.values())  # add(conv, conv): the first one
+                    if a != b and user["attrs"].get("alpha", 1.0) == 1.0 and not taken:
+                        absorbed_add[i] = (user, b if a == last["name"] else a)
+        # nodes that are no step of their own; a conv with a BatchNorm or an add runs at the last one's place
+        absorbed = {index[n["name"]] for n in absorbed_pack.values()} | set(absorbed_add) | set(absorbed_bn)
+        absorbed |= {index[bn["name"]] for bn, _ in absorbed_bn.values()}
         run_at = {index[add["name"]]: i for i, (add, _) in absorbed_add.items()}
+        run_at.update({index[bn["name"]]: i for i, (bn, _) in absorbed_bn.items() if i not in absorbed_add})
         steps = []
         for position in range(len(nodes)):
             if position in run_at:
@@ -121,13 +135,16 @@ class PackedModel(nn.Module):
                 roles[G.WEIGHT_CACHE] = ops.weight_cache()
             inputs = list(absorbed_pack[i]["inputs"] if i in absorbed_pack else node["inputs"])
             out, label = node["name"], ("pack+" if i in absorbed_pack else "") + node["op"]
+            if i in absorbed_bn:
+                bn, (roles["bn_scale"], roles["bn_shift"], attrs["bn_fma"]) = absorbed_bn[i]
+                out, label = bn["name"], label + "+batch_norm"
             if i in absorbed_add:
                 add, shortcut = absorbed_add[i]
                 inputs.append(shortcut)
                 out, label = add["name"], label + "+add"
             # float outputs of binary layers take the memory format the model's own tensors have
             # (the native kernels write channels_last): float convs and adaptive pools round
-            # differently in the two layouts, and the model's layout follows its input's
+            # differently in the two layouts, and the model's layout follows its input's;
             # a 1-d conv run as a 1 x k 2-d conv: torch's conv1d returns a contiguous tensor, while
             # a 2-d conv of an ambiguous [N, C, 1, L] shape may choose channels_last
             relayout = "contiguous" if node.get("conv1d") else ("model" if node["op"] == "binary_conv2d" else None)
@@ -271,6 +288,15 @@ class PackedModel(nn.Module):
 
 #: binary convolutions that can take a float input and pack it themselves
 _PACKING_CONVS = ("binary_conv2d", "binary_conv2d_threshold")
+
+
+def _batchnorm_epilogue(model: "PackedModel", bn: dict) -> tuple | None:
+    """``(scale, shift, fused)`` of a ``batch_norm`` node for a convolution's epilogue, or None."""
+    from onebit.engine.torch_rounding import batchnorm_epilogue
+
+    t = {role: getattr(model, model._keys[key]) for role, key in bn.get("tensors", {}).items()}
+    eps = G._attrs(bn, G.OPS["batch_norm"], bn["name"])["eps"]
+    return batchnorm_epilogue(t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), eps)
 
 
 def _relayout_format(relayout: str, model_format: torch.memory_format) -> torch.memory_format:

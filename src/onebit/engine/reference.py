@@ -203,6 +203,27 @@ def threshold_pack(
     return pack_activations(rule.sign(acc, channel_dim=1), out_padding, out_pad_value, out_groups)
 
 
+def fused_multiply_add(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` in float32 rounded once, as a fused multiply-add (``std::fma``) does.
+
+    The float32 product is exact in float64, and the float64 sum ``r`` is exact up to its error
+    ``e`` (``r + e = x * scale + shift``, Knuth's two-sum). Rounding ``r`` to float32 is then the
+    correct rounding except when ``r`` lies exactly halfway between two float32 values and
+    ``e != 0``: the exact value is on the side of ``e``'s sign.
+    """
+    xd, sd, td = x.double(), scale.double(), shift.double()
+    p = xd * sd
+    r = p + td
+    virtual = r - p
+    e = (p - (r - virtual)) + (td - virtual)
+    out = r.float()
+    below = torch.where(out.double() > r, torch.nextafter(out, out.new_tensor(float("-inf"))), out)
+    above = torch.nextafter(below, below.new_tensor(float("inf")))
+    halfway = (r - below.double()) == (above.double() - r)
+    fix = halfway & (e != 0) & torch.isfinite(r)
+    return torch.where(fix, torch.where(e > 0, above, below), out)
+
+
 def binary_conv2d_threshold(
     xp: torch.Tensor,
     wp: torch.Tensor,
