@@ -1,0 +1,192 @@
+"""k-bit and ternary convolutions as sums of binary ones, by bit planes.
+
+An integer level ``v`` of a k-bit or ternary quantizer is a sum of +-1 planes:
+
+    divisor * v = sum_i coeff[i] * s_i + offset,        s_i in {-1, +1}
+
+- symmetric k-bit (odd levels -n .. n, n = 2^k - 1; ``dorefa_sym``, ``dorefa_weight``):
+  ``v = sum_i 2^i s_i`` with ``s_i = 2 bit_i((v + n) / 2) - 1``;
+- unsigned k-bit (levels 0 .. n; ``dorefa``): ``2 v = sum_i 2^i s_i + n`` with ``s_i = 2 bit_i(v) - 1``;
+- ternary (-1, 0, +1): ``2 v = s_0 + s_1`` with ``s_0 = +1 iff v >= 0``, ``s_1 = +1 iff v > 0``;
+- binary (+-1): ``v = s_0``.
+
+So a convolution of integer activations ``a`` with integer weights ``w`` is
+
+    D_a D_w sum a w = sum_i sum_j c_i d_j conv(s_i, t_j) + offset_a * sum_j d_j T_j
+
+where each ``conv(s_i, t_j)`` is an exact binary (xnor-popcount) convolution and ``T_j`` is the
+sum of plane ``t_j`` over a kernel window. All plane pairs run as ONE binary convolution: the
+activation planes stacked as groups (``P_a * G`` groups), each group's weights all the weight
+planes of its output channels (``P_w * C_out / G`` outputs a group). The integer result is then
+exact: equal to a float64 convolution of the integer levels.
+
+Zero padding: a padded activation is 0. For codes without offset the planes are padded with 0
+(the binary kernel's exact correction); for unsigned codes with -1 in every plane
+(``sum_i 2^i (-1) + n = 0``), and the offset term then counts every tap (``T_j`` over the whole
+kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from onebit.engine import kernels as K
+
+__all__ = ["PlaneCode", "stack_weight_planes", "activation_planes", "bitplane_conv2d_int"]
+
+
+@dataclass(frozen=True)
+class PlaneCode:
+    """``divisor * v = sum_i coeffs[i] * s_i + offset`` for the integer levels ``v`` of one quantizer."""
+
+    kind: str  # "symmetric", "unsigned", "ternary", "binary"
+    bits: int
+
+    @staticmethod
+    def symmetric(bits: int) -> "PlaneCode":
+        return PlaneCode("symmetric", _bits(bits))
+
+    @staticmethod
+    def unsigned(bits: int) -> "PlaneCode":
+        return PlaneCode("unsigned", _bits(bits))
+
+    @staticmethod
+    def ternary() -> "PlaneCode":
+        return PlaneCode("ternary", 2)
+
+    @staticmethod
+    def binary() -> "PlaneCode":
+        return PlaneCode("binary", 1)
+
+    @property
+    def planes(self) -> int:
+        return {"ternary": 2, "binary": 1}.get(self.kind, self.bits)
+
+    @property
+    def coeffs(self) -> tuple[int, ...]:
+        if self.kind == "ternary":
+            return (1, 1)
+        return tuple(1 << i for i in range(self.planes))
+
+    @property
+    def offset(self) -> int:
+        return (1 << self.bits) - 1 if self.kind == "unsigned" else 0
+
+    @property
+    def divisor(self) -> int:
+        return 2 if self.kind in ("unsigned", "ternary") else 1
+
+    @property
+    def levels(self) -> tuple[int, int]:
+        """The smallest and largest level."""
+        n = (1 << self.bits) - 1
+        return {"symmetric": (-n, n), "unsigned": (0, n), "ternary": (-1, 1), "binary": (-1, 1)}[self.kind]
+
+    @property
+    def pad_value(self) -> float:
+        """The value of every plane at a zero-padded position."""
+        return -1.0 if self.offset else 0.0
+
+    def split(self, v: torch.Tensor) -> torch.Tensor:
+        """The +-1 planes of integer levels ``v`` (float32 ``[planes, *v.shape]``); checks every level."""
+        _check_levels(v, self)
+        vi = v.to(torch.int64)
+        if self.kind == "binary":
+            bits = [vi > 0]
+        elif self.kind == "ternary":
+            bits = [vi >= 0, vi > 0]
+        else:
+            j = (vi + ((1 << self.bits) - 1)) // 2 if self.kind == "symmetric" else vi
+            bits = [((j >> i) & 1).bool() for i in range(self.planes)]
+        return torch.stack([torch.where(b, 1.0, -1.0) for b in bits])
+
+    def join(self, planes: torch.Tensor) -> torch.Tensor:
+        """``v`` back from its planes (float64): the code's definition."""
+        total = sum(c * planes[i].double() for i, c in enumerate(self.coeffs)) + self.offset
+        return total / self.divisor
+
+
+def _bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"bit planes: bits must be an integer in [1, 8], got {bits!r}")
+    return bits
+
+
+def _check_levels(v: torch.Tensor, code: PlaneCode) -> None:
+    lo, hi = code.levels
+    vd = v.detach()
+    bad = (vd != torch.round(vd)) | (vd < lo) | (vd > hi)
+    if code.kind == "symmetric":
+        bad |= torch.remainder(vd, 2) != 1
+    elif code.kind == "binary":
+        bad |= vd == 0
+    if bool(bad.any()):
+        value = vd[bad].flatten()[0].item()
+        raise ValueError(f"bit planes: level {value} is not a {code.kind} {code.bits}-bit integer level")
+
+
+def stack_weight_planes(levels: torch.Tensor, code: PlaneCode, act_planes: int, groups: int) -> torch.Tensor:
+    """float32 +-1 weights ``[act_planes * G * P_w * C_out/G, C_in/G, KH, KW]`` of the stacked binary conv.
+
+    Output channel ``((i * G + g) * P_w + j) * C_out/G + c`` holds weight plane ``j`` of output
+    channel ``g * C_out/G + c``; its group ``i * G + g`` reads activation plane ``i`` of group ``g``.
+    """
+    co = levels.shape[0]
+    if co % groups:
+        raise ValueError(f"bit planes: groups={groups} must divide the {co} output channels")
+    planes = code.split(levels)  # [P_w, Co, Cg, KH, KW]
+    pw = planes.shape[0]
+    per = planes.view(pw, groups, co // groups, *levels.shape[1:]).transpose(0, 1)  # [G, P_w, Cog, ...]
+    return per.unsqueeze(0).expand(act_planes, *per.shape).reshape(-1, *levels.shape[1:]).contiguous()
+
+
+def activation_planes(x_int: torch.Tensor, code: PlaneCode) -> torch.Tensor:
+    """float32 ``[N, P_a * C, H, W]``: the +-1 planes of integer activations, plane-major."""
+    planes = code.split(x_int)  # [P_a, N, C, H, W]
+    return planes.transpose(0, 1).reshape(x_int.shape[0], -1, *x_int.shape[2:])
+
+
+def bitplane_conv2d_int(
+    x_int: torch.Tensor,
+    weight_planes_packed: torch.Tensor,
+    weight_plane_sums: torch.Tensor,
+    *,
+    act: PlaneCode,
+    weight: PlaneCode,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    cache: K.WeightCache | None = None,
+) -> torch.Tensor:
+    """``conv(x_int, levels)`` exactly, as float32 ``[N, C_out, OH, OW]`` (an integer in each element).
+
+    ``weight_planes_packed``: :func:`kernels.pack_weights` of :func:`stack_weight_planes` (with
+    ``groups = act.planes * groups``); ``weight_plane_sums``: float64 ``[P_w, C_out]``, each weight
+    plane summed over its kernel window (used by unsigned activations). Zero padding.
+    """
+    pa, pw = act.planes, weight.planes
+    g = groups * pa
+    xp = K.pack_activations(activation_planes(x_int, act), padding, act.pad_value, g)
+    cog = out_channels // groups
+    y = K.binary_conv2d_int(
+        xp, weight_planes_packed, in_channels=in_channels * pa, out_channels=pa * groups * pw * cog,
+        kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=g,
+        pad_value=act.pad_value, cache=cache,
+    )  # fmt: skip
+    n, _, oh, ow = y.shape
+    y = y.double().reshape(n, pa, groups, pw, cog, oh, ow)
+    coeff = torch.tensor(act.coeffs, dtype=torch.float64).view(pa, 1, 1) * torch.tensor(
+        weight.coeffs, dtype=torch.float64
+    ).view(1, 1, pw)  # [P_a, 1, P_w]
+    total = torch.einsum("npgjcxy,pgj->ngcxy", y, coeff.expand(pa, groups, pw))
+    total = total.reshape(n, out_channels, oh, ow)
+    if act.offset:
+        sums = (weight_plane_sums.double() * torch.tensor(weight.coeffs, dtype=torch.float64).view(-1, 1)).sum(0)
+        total = total + act.offset * sums.view(1, -1, 1, 1)
+    return (total / (act.divisor * weight.divisor)).float().contiguous(memory_format=torch.channels_last)
