@@ -143,9 +143,24 @@ def stack_weight_planes(levels: torch.Tensor, code: PlaneCode, act_planes: int, 
 
 
 def activation_planes(x_int: torch.Tensor, code: PlaneCode) -> torch.Tensor:
-    """float32 ``[N, P_a * C, H, W]``: the +-1 planes of integer activations, plane-major."""
-    planes = code.split(x_int)  # [P_a, N, C, H, W]
-    return planes.transpose(0, 1).reshape(x_int.shape[0], -1, *x_int.shape[2:])
+    """float32 ``[N, P_a * C, H, W]``, plane-major, whose signs are the +-1 planes of ``x_int``.
+
+    A few tensor ops instead of bit extraction: for odd integers ``y`` in [-n, n] (symmetric
+    levels, or ``2 v - n`` for unsigned ones) the top plane is ``sign(y)`` and the rest are the
+    planes of ``y - 2^(k-1) sign(y)``; so plane ``i``'s values are that remainder after the planes
+    above it. Ternary: ``v`` (sign(0) = +1) and ``v - 1/2``. Binary: ``v``.
+    """
+    if code.kind == "binary":
+        return x_int
+    if code.kind == "ternary":
+        return torch.cat([x_int, x_int - 0.5], dim=1)
+    y = x_int if code.kind == "symmetric" else 2.0 * x_int - code.offset
+    planes = []
+    for i in reversed(range(code.planes)):
+        planes.append(y)
+        if i:
+            y = y - (1 << i) * torch.sign(y)
+    return torch.cat(planes[::-1], dim=1)
 
 
 def bitplane_conv2d_int(
@@ -167,26 +182,32 @@ def bitplane_conv2d_int(
     """``conv(x_int, levels)`` exactly, as float32 ``[N, C_out, OH, OW]`` (an integer in each element).
 
     ``weight_planes_packed``: :func:`kernels.pack_weights` of :func:`stack_weight_planes` (with
-    ``groups = act.planes * groups``); ``weight_plane_sums``: float64 ``[P_w, C_out]``, each weight
-    plane summed over its kernel window (used by unsigned activations). Zero padding.
+    ``groups = act.planes * groups``); ``weight_plane_sums``: ``[P_w, C_out]`` integers, each weight
+    plane summed over its kernel window (used by unsigned activations). Zero padding. The result
+    is in channels_last memory.
     """
     pa, pw = act.planes, weight.planes
     g = groups * pa
-    xp = K.pack_activations(activation_planes(x_int, act), padding, act.pad_value, g)
     cog = out_channels // groups
-    y = K.binary_conv2d_int(
-        xp, weight_planes_packed, in_channels=in_channels * pa, out_channels=pa * groups * pw * cog,
+    y = K.binary_conv2d_int(  # the float planes are packed inside the call
+        activation_planes(x_int, act), weight_planes_packed, in_channels=in_channels * pa, out_channels=pa * groups * pw * cog,
         kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=g,
         pad_value=act.pad_value, cache=cache,
     )  # fmt: skip
     n, _, oh, ow = y.shape
-    y = y.double().reshape(n, pa, groups, pw, cog, oh, ow)
-    coeff = torch.tensor(act.coeffs, dtype=torch.float64).view(pa, 1, 1) * torch.tensor(
-        weight.coeffs, dtype=torch.float64
-    ).view(1, 1, pw)  # [P_a, 1, P_w]
-    total = torch.einsum("npgjcxy,pgj->ngcxy", y, coeff.expand(pa, groups, pw))
-    total = total.reshape(n, out_channels, oh, ow)
+    # [N, OH, OW, P_a, G, P_w, Cog] in the kernel's channels-last memory: a weighted sum of the
+    # plane pairs in int32 (|sum| <= K * n_a * n_w, far below 2^31)
+    y = y.permute(0, 2, 3, 1).reshape(n, oh, ow, pa, groups, pw, cog)
+    total = None
+    for i, ci in enumerate(act.coeffs):
+        for j, dj in enumerate(weight.coeffs):
+            term = y[:, :, :, i, :, j] if ci * dj == 1 else y[:, :, :, i, :, j] * (ci * dj)
+            total = term if total is None else total + term
+    total = total.reshape(n, oh, ow, out_channels)
     if act.offset:
-        sums = (weight_plane_sums.double() * torch.tensor(weight.coeffs, dtype=torch.float64).view(-1, 1)).sum(0)
-        total = total + act.offset * sums.view(1, -1, 1, 1)
-    return (total / (act.divisor * weight.divisor)).float().contiguous(memory_format=torch.channels_last)
+        sums = (weight_plane_sums.to(torch.int64) * torch.tensor(weight.coeffs).view(-1, 1)).sum(0)
+        total = total + (act.offset * sums).to(torch.int32)
+    divisor = act.divisor * weight.divisor
+    if divisor != 1:
+        total = torch.div(total, divisor, rounding_mode="floor")  # exact: the sum is a multiple
+    return total.to(torch.float32).permute(0, 3, 1, 2)
