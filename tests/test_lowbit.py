@@ -556,3 +556,38 @@ def test_compiled_bitlinear_gives_the_layers_bits():
     x = torch.randn(5, 48)
     with torch.no_grad():
         assert torch.equal(torch.compile(layer, backend="eager")(x), layer(x))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_dorefa_sym_learnable_clip_gradients_are_lsq_s(bits):
+    # reference: torch autograd through the same formula with the rounding passed straight through
+    g = torch.Generator().manual_seed(bits)
+    x = (torch.randn(400, generator=g) * 1.5).requires_grad_()
+    q = DoReFaSymmetric(bits, clip=1.2, learnable=True)
+    upstream = torch.randn(400, generator=g)
+    (q(x) * upstream).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_()
+    c = torch.tensor(1.2, requires_grad=True)
+    n = 2**bits - 1
+    v = (torch.clamp(x_ref, -c, c) / c + 1.0) / 2.0 * n
+    r = v + (torch.floor(v + 0.5) - v).detach()
+    (((2.0 * r / n - 1.0) * c) * upstream).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad)
+    assert torch.allclose(q.clip.grad, c.grad, rtol=1e-5, atol=1e-5)
+    assert q.clip.grad != 0
+
+
+def test_dorefa_sym_learnable_clip_forward_equals_the_fixed_one_and_never_writes_it():
+    x = torch.randn(1000) * 2
+    learned, fixed = DoReFaSymmetric(2, 1.5, learnable=True), DoReFaSymmetric(2, 1.5)
+    before = learned.clip.detach().clone()
+    assert torch.equal(learned(x), fixed(x))
+    assert torch.equal(learned(learned(x)), learned(x))  # idempotent
+    assert torch.equal(learned.clip.detach(), before)
+    assert [name for name, _ in learned.named_parameters()] == ["clip"] and not list(fixed.parameters())
+    with torch.no_grad():
+        learned.clip.fill_(-3.0)  # a negative clip is held at 1e-5 in forward
+    assert torch.isfinite(learned(x)).all()
+    with pytest.raises(ValueError, match="clip must be a positive number"):
+        DoReFaSymmetric(2, clip=0.0)

@@ -5,7 +5,7 @@ by alias like those of :mod:`onebit.quant` (importing onebit registers them):
 
 - ``"ternary"``: :class:`Ternary`, weights in {-1, 0, +1} times a mean magnitude;
 - ``"absmax8"``: :class:`Absmax8`, activations as int8 per token, scaled by their maximum;
-- ``"dorefa_sym"``: :class:`DoReFaSymmetric`, k-bit activations symmetric around 0 on a fixed clip.
+- ``"dorefa_sym"``: :class:`DoReFaSymmetric`, k-bit activations symmetric around 0 on a fixed or learned clip.
 
 Each keeps shape and dtype, never modifies its input and is idempotent bit for bit
 (``q(q(x)) == q(x)``). Two of them factor their output into integers and a float scale, which
@@ -161,29 +161,47 @@ class DoReFaSymmetric(Quantizer):
     2^k levels, the odd multiples of c / n: {-c, ..., -c/n, +c/n, ..., +c}. Ties round up, so
     for k = 1 this is ``c * sign(x)`` with sign(0) = +1 (onebit's convention).
 
-    Backward: dq/dx = 1[|x| <= c] (straight-through inside the clip).
+    Backward: dq/dx = 1[|x| <= c] (straight-through inside the clip). With ``learnable=True``
+    the clip is a parameter (PACT's learned range, in LSQ's form for a symmetric quantizer):
 
-    The symmetric form of DoReFa-Net's k-bit quantizer (Zhou et al., "DoReFa-Net", 2016).
+        dq/dc = q(x) / c - x / c   for |x| <= c   (the rounding passed straight through),
+        dq/dc = sign(x)            for |x| > c    (q = +-c there).
+
+    A learnable clip is kept positive in forward (``max(c, 1e-5)``) without writing to it.
+
+    The symmetric form of DoReFa-Net's k-bit quantizer (Zhou et al., "DoReFa-Net", 2016; Choi et
+    al., "PACT", 2018; Esser et al., "Learned Step Size Quantization", 2020).
     """
 
-    def __init__(self, bits: int = 2, clip: float = 1.0):
+    def __init__(self, bits: int = 2, clip: float = 1.0, learnable: bool = False):
         super().__init__()
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 16:
             raise ValueError(f"DoReFaSymmetric: bits must be an integer in [1, 16], got {bits!r}")
-        if not clip > 0:
-            raise ValueError(f"DoReFaSymmetric: clip must be positive, got {clip!r}")
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not clip > 0:
+            raise ValueError(f"DoReFaSymmetric: clip must be a positive number, got {clip!r}")
         self.precision = bits
-        self.clip = float(clip)
+        self.learnable = bool(learnable)
+        if self.learnable:
+            self.clip = torch.nn.Parameter(torch.tensor(float(clip)))
+        else:
+            self.clip = float(clip)
 
     @property
     def steps(self) -> int:
         return 2**self.precision - 1
 
+    def clip_value(self) -> float:
+        """The clip in use now (a learnable one as a float, at least 1e-5)."""
+        return max(float(self.clip), EPS) if self.learnable else self.clip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.learnable:
+            return _LearnedClipUniform.apply(x, self.clip.clamp(min=EPS), self.steps)
         return _SymmetricUniform.apply(x, self.clip, self.steps)
 
     def extra_repr(self) -> str:
-        return f"bits={self.precision}, clip={self.clip}"
+        clip = f"{float(self.clip):g}"
+        return f"bits={self.precision}, clip={clip}" + (", learnable=True" if self.learnable else "")
 
 
 class _SymmetricUniform(torch.autograd.Function):
@@ -199,3 +217,24 @@ class _SymmetricUniform(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         return grad * (x.abs() <= ctx.clip).to(grad.dtype), None, None
+
+
+class _LearnedClipUniform(torch.autograd.Function):
+    """:class:`DoReFaSymmetric`'s forward with the clip a tensor; gradients for x and the clip."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, clip: torch.Tensor, steps: int) -> torch.Tensor:
+        c = clip.to(x.dtype)
+        u = (torch.clamp(x, -c, c) / c + 1.0) / 2.0
+        q = (torch.floor(u * steps + 0.5) * (2.0 / steps) - 1.0) * c
+        ctx.save_for_backward(x, q, c)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, q, c = ctx.saved_tensors
+        inside = x.abs() <= c
+        grad_x = grad * inside.to(grad.dtype)
+        dq_dc = torch.where(inside, (q - x) / c, torch.sign(x))
+        grad_clip = (grad * dq_dc).sum().to(c.dtype)
+        return grad_x, grad_clip, None
