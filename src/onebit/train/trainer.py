@@ -549,7 +549,7 @@ class Trainer:
             self.save_config(c.out)
         board = None
         if c.tensorboard and c.out and self.is_main:
-            from onebit.tensorboard_log import TensorBoardLog
+            from onebit.train.tensorboard import TensorBoardLog
 
             board = TensorBoardLog(c.out)
         previous = self._install_signal_handlers()
