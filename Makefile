@@ -5,13 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.onebit-installed
 NATIVE_SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+# the editable install maps every Python module to its file: a module added, moved or removed
+# (which changes its directory) needs a new install
+PACKAGE_DIRS := $(shell find src/onebit -type d -not -name __pycache__ 2>/dev/null)
 
 .PHONY: demo test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) $(NATIVE_SOURCES)
+$(STAMP): $(PY) $(NATIVE_SOURCES) $(PACKAGE_DIRS)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 scikit-build-core==1.1.2 nanobind==3.1.0
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,onnx,tensorboard]'

@@ -26,8 +26,8 @@ __all__ = ["binarize", "canonize", "doctor", "engine", "export_onnx", "fit", "ma
 
 
 def fit(model, train_data, valid_data, **kwargs):
-    """Train a user's own model with onebit's trainer (see :func:`onebit.fitting.fit`)."""
-    from onebit.fitting import fit as run
+    """Train a user's own model with onebit's trainer (see :func:`onebit.train.fit.fit`)."""
+    from onebit.train.fit import fit as run
 
     return run(model, train_data, valid_data, **kwargs)
 

@@ -20,7 +20,7 @@ __all__ = ["run"]
 
 def run(out: str = "runs/demo", epochs: int = 20, console: Console | None = None) -> dict:
     console = console or Console()
-    trainer = Trainer(TrainConfig(model="lenet_binary", data="digits", epochs=epochs, out=out), console)
+    trainer = Trainer.from_config(TrainConfig(model="lenet_binary", data="digits", epochs=epochs, out=out), console)
     trainer.fit()
     _, accuracy = trainer.evaluate()
     console.print(f"\n[bold]test accuracy[/] {accuracy:.2%}  (run saved to {out}/)", highlight=False)

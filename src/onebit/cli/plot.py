@@ -103,7 +103,7 @@ def _flips(args: argparse.Namespace, out: str, console: Console) -> None:
             if self.step == self.steps_per_epoch:
                 recorder.record()
 
-    trainer = Recording(TrainConfig(model=args.target, data=args.data or "digits", epochs=args.epochs), console)
+    trainer = Recording.from_config(TrainConfig(model=args.target, data=args.data or "digits", epochs=args.epochs), console)
     recorder = plot.FlipRecorder(trainer.model)
     trainer.fit()
     plot.weight_flips(recorder, out)

@@ -162,7 +162,7 @@ def _run_here(config, resume_dir: str | None, console: Console) -> int:
         if trainer.epoch >= config.epochs:
             console.print(f"run {resume_dir} is already complete ({config.epochs} epochs)", highlight=False)
     else:
-        trainer = training.Trainer(config, console)
+        trainer = training.Trainer.from_config(config, console)
     try:
         trainer.fit()
     except training.Interrupted as stop:

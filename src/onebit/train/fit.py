@@ -24,6 +24,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from onebit.data import DataBundle
+from onebit.train.config import TrainConfig
+from onebit.train.trainer import Trainer
+
 __all__ = ["fit"]
 
 
@@ -86,9 +90,6 @@ def fit(
     ``bop_threshold``, ``bop_gamma``, ``augment`` (default ``"none"``), ``memory_format``).
     ``num_classes`` defaults to the largest label + 1. The model is trained in place.
     """
-    from onebit.data import DataBundle
-    from onebit.train import Trainer, TrainConfig
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}")
     train, valid = _tensors(train_data, "train_data"), _tensors(valid_data, "valid_data")

@@ -1,0 +1,123 @@
+"""From a config's names to objects: the one place where a training run's names are resolved.
+
+- ``config.model`` -> :func:`onebit.models.create` (a zoo name or ``path/to/file.py:NAME``), with
+  ``config.model_kwargs``, probed with one example of the data;
+- ``config.data`` -> :func:`onebit.data.load` (a dataset name or directory);
+- ``config.optimizer`` / ``config.schedule`` -> torch optimizers (Adam, SGD, Bop) and schedulers.
+
+:meth:`Trainer.from_config <onebit.train.Trainer.from_config>` builds a trainer through
+:func:`build`; ``onebit train``, ``onebit demo``, ``onebit plot flips`` and resume use it.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from onebit import data as datasets
+from onebit import models
+from onebit.optim import Bop
+from onebit.train.config import TrainConfig
+
+__all__ = ["build", "load_data", "create_model", "make_optimizers", "make_scheduler", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (model initialization draws from torch's)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build(config: TrainConfig, *, model: nn.Module | None = None,
+          data: datasets.DataBundle | None = None) -> tuple[nn.Module, datasets.DataBundle]:
+    """The model and data ``config`` names (those not given): the global generators seeded
+    from ``config.seed``, then the data loaded, then the model created for the data's classes
+    and channels (so that a seed always gives the same initial weights)."""
+    config.validate()
+    seed_everything(config.seed)
+    if data is None:
+        data = load_data(config)
+    if model is None:
+        model = create_model(config.model, data.num_classes, data.in_channels, config.model_kwargs)
+        probe(model, config.model, config.model_kwargs, data.test.tensors[0][:1])
+    return model, data
+
+
+def load_data(config: TrainConfig) -> datasets.DataBundle:
+    """The dataset ``config.data`` names, resized to ``config.image_size`` when given."""
+    return datasets.load(config.data, image_size=config.image_size)
+
+
+def create_model(name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``models.create``; a model its arguments cannot build raises ``ValueError`` naming them."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # torch's warnings about empty tensors:
+            warnings.simplefilter("always")                   # raised as one error below instead
+            model = models.create(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        if not any(p.numel() == 0 for p in model.parameters()):
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return model
+    except (ValueError, TypeError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as error:
+        raise ValueError(f"model {name!r} cannot be built with {_args(kwargs)}: {_first_line(error)}") from None
+
+
+def probe(model: nn.Module, name: str, kwargs: dict[str, Any], example: torch.Tensor) -> None:
+    """One example through the model (eval mode, no gradient): a model its arguments made
+    empty or of the wrong shape for the data raises ``ValueError`` naming them, before training."""
+    args = _args(kwargs)
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+    if empty:
+        raise ValueError(f"model {name!r} built with {args} has empty parameters ({empty[0]}, ...)")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        raise ValueError(
+            f"model {name!r} built with {args} cannot take the data's input of shape {list(example.shape)}: {_first_line(error)}"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def make_optimizers(config: TrainConfig, model: nn.Module, binary_params: list[nn.Parameter]) -> list[torch.optim.Optimizer]:
+    """The optimizers ``config.optimizer`` names, the float one (Adam or SGD) first; ``"bop"`` is
+    Adam for the float parameters and Bop for ``binary_params``."""
+    c = config
+    if c.optimizer == "bop":
+        binary = {id(p) for p in binary_params}
+        if not binary:
+            raise ValueError(f"--optimizer bop needs binary weights, and model {c.model!r} has none")
+        rest = [p for p in model.parameters() if id(p) not in binary]
+        return [
+            torch.optim.Adam(rest, lr=c.lr, weight_decay=c.weight_decay),
+            Bop(binary_params, threshold=c.bop_threshold, gamma=c.bop_gamma),
+        ]
+    params = model.parameters()
+    if c.optimizer == "adam":
+        return [torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)]
+    return [torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)]
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """The learning-rate schedule ``config.schedule`` names over ``total_steps`` steps (None: constant)."""
+    if config.schedule == "one-cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return None
+
+
+def _args(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no --model-arg"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
