@@ -49,10 +49,11 @@ and train/eval modes are restored, and no hook remains.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from onebit import quant
+from onebit.canonize.handles import ModelSnapshot, preserve
 from onebit.nn.layers import QActivation, QuantizedLayer
 
 __all__ = ["Finding", "SignSite", "LayerGradient", "Report", "doctor", "KINDS"]
@@ -472,6 +474,231 @@ def _reporting_layer(model: nn.Module) -> Callable[[str], str]:
     return up
 
 
+class _Probe:
+    """The hooks of one doctor run and what they record while the model runs forward.
+
+    ``site_of`` maps a module to its sign site (found by type before the run, or a
+    hand-written sign found while it runs); ``handled`` holds the quantizers those sites
+    cover; ``sites`` lists ``(site, input)`` in forward order; ``order`` the modules with
+    parameters in first-call order; ``mutated`` the parameters each module's forward wrote;
+    ``first_nonfinite`` the first leaf whose output is not finite.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.site_of: dict[int, _SiteRecord] = {}
+        self.handled: set[int] = set()
+        self.sites: list[tuple[_SiteRecord, torch.Tensor]] = []
+        self.order: list[str] = []
+        self.mutated: dict[str, list[str]] = {}
+        self.first_nonfinite: list[str] = []
+        self._find_typed_sites()
+        param_at: dict[int, str] = {}
+        for full, p in model.named_parameters():
+            param_at.setdefault(p.untyped_storage().data_ptr(), full)
+        self.recorder = _Recorder(param_at, self._known_site_running, self.sites)
+
+    def _find_typed_sites(self) -> None:
+        """Sign sites known by type: 1-bit input quantizers of layers, QActivations, bare 1-bit quantizers."""
+        for name, m in self.model.named_modules():
+            if isinstance(m, QuantizedLayer) and _precision_one(m.input_quantizer):
+                q = m.input_quantizer
+                self.site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
+                if isinstance(q, nn.Module):
+                    self.handled.add(id(q))
+            elif isinstance(m, QActivation) and _precision_one(m.quantizer):
+                q = m.quantizer
+                self.site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
+                self.handled.add(id(q))
+        for name, m in self.model.named_modules():
+            if isinstance(m, quant.Quantizer) and _precision_one(m) and id(m) not in self.handled and id(m) not in self.site_of:
+                if not (isinstance(self.modules.get(name.rpartition(".")[0]), QuantizedLayer)):
+                    self.site_of[id(m)] = _SiteRecord(name, m, _quantizer_name(m), _clip_of(m))
+
+    def _known_site_running(self) -> bool:
+        """Signs inside onebit's layers and quantizers are sites already."""
+        return any(id(m) in self.site_of or id(m) in self.handled for m, _ in self.recorder.stack)
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        """The pre- and post-forward hooks on every module, removed (with their notes) on exit."""
+        handles = []
+        try:
+            for m in self.model.modules():
+                handles.append(m.register_forward_pre_hook(self._pre_hook))
+                handles.append(m.register_forward_hook(self._post_hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m in self.model.modules():
+                m.__dict__.pop("_doctor_before", None)
+
+    def forward(self, args: tuple, train: bool) -> Any:
+        """Run the model in train (or eval) mode with the hooks and the recorder; the parameter writes join ``mutated``."""
+        self.model.train(train)
+        with self.recorder, _FunctionTap(self.recorder):
+            output = self.model(*args)
+        self.recorder.outputs.clear()
+        for layer, written in self.recorder.writes.items():
+            self.mutated.setdefault(layer, []).extend(sorted(written))
+        return output
+
+    def _pre_hook(self, m: nn.Module, a: tuple) -> None:
+        self.recorder.stack.append((m, self.names.get(id(m), "")))
+        own = list(m._parameters.items())
+        m.__dict__["_doctor_before"] = [(n, p, p.detach().clone()) for n, p in own if p is not None]
+        rec = self.site_of.get(id(m))
+        if rec is not None and rec.x is None and a and isinstance(a[0], torch.Tensor):
+            rec.x = a[0].detach().clone()
+            self.sites.append((rec, rec.x))
+
+    def _post_hook(self, m: nn.Module, a: tuple, out: Any) -> None:
+        name = self.names.get(id(m), "")
+        if self.recorder.stack and self.recorder.stack[-1][0] is m:
+            self.recorder.stack.pop()
+        before = m.__dict__.pop("_doctor_before", [])
+        self._note_writes(m, name, before)
+        if before and name not in self.order:
+            self.order.append(name)
+        leaf = next(iter(m.children()), None) is None or isinstance(m, (QuantizedLayer, QActivation))
+        if leaf and isinstance(out, torch.Tensor) and out.is_floating_point() and not self.first_nonfinite:
+            if not bool(torch.isfinite(out).all()):
+                self.first_nonfinite.append(name)
+        if leaf:
+            self._note_handwritten_sign(m, name, a, out)
+
+    def _note_writes(self, m: nn.Module, name: str, before: list) -> None:
+        """The module's own parameters that its forward replaced or changed."""
+        for pname, p, value in before:
+            now = m._parameters.get(pname)
+            changed = now is not p
+            if not changed and now is not None:
+                d = now.detach()
+                changed = bool(((d != value) & ~(torch.isnan(d) & torch.isnan(value))).any())
+            if changed:
+                self.mutated.setdefault(name, []).append(f"{name}.{pname}" if name else pname)
+
+    def _note_handwritten_sign(self, m: nn.Module, name: str, a: tuple, out: Any) -> None:
+        """A leaf module with ternary outputs from non-ternary inputs of the same shape is a sign site."""
+        if (
+            id(m) not in self.site_of and id(m) not in self.handled and id(m) not in self.recorder.inside
+            and isinstance(out, torch.Tensor) and a
+            and isinstance(a[0], torch.Tensor) and a[0].is_floating_point() and out.shape == a[0].shape
+            and out.numel() and not isinstance(m, (quant.Quantizer, QuantizedLayer))
+            and _is_ternary(out.detach()) and not _is_ternary(a[0].detach())
+        ):
+            rec = _SiteRecord(name, m, type(m).__name__, _clip_of(m))
+            rec.x = a[0].detach().clone()
+            self.site_of[id(m)] = rec
+            self.sites.append((rec, rec.x))
+
+
+def _gradients(saved: ModelSnapshot, output: Any, targets: Any, loss_fn: Callable | None) -> tuple[float, dict[int, torch.Tensor | None]]:
+    """(loss, {id(parameter): its gradient}) for the parameters the model had before forward, from
+    ``torch.autograd.grad`` (``.grad`` is not touched)."""
+    loss = _loss(output, targets, loss_fn)
+    trainable = [p for p, _ in saved.parameters.values() if p.requires_grad]
+    grads = torch.autograd.grad(loss, trainable, allow_unused=True) if loss.requires_grad else [None] * len(trainable)
+    return float(loss.detach()), {id(p): g for p, g in zip(trainable, grads)}
+
+
+def _note_writes_outside_forward(probe: _Probe, saved: ModelSnapshot) -> None:
+    """Parameters changed, or replaced, by someone other than their owner's forward (a parent's)."""
+    mutated, names = probe.mutated, probe.names
+    reported = {full for written in mutated.values() for full in written}
+    for full, (p, value) in saved.parameters.items():
+        module_name, _, pname = full.rpartition(".")
+        if full in reported:
+            continue
+        d = p.detach()
+        if bool(((d != value) & ~(torch.isnan(d) & torch.isnan(value))).any()):
+            mutated.setdefault(module_name, []).append(full)
+    for m_, pname, p in saved.slots:
+        if m_._parameters.get(pname) is not p and names.get(id(m_), "") not in mutated:
+            owner_name = names.get(id(m_), "")
+            mutated.setdefault(owner_name, []).append(f"{owner_name}.{pname}" if owner_name else pname)
+
+
+def _sign_sites(probe: _Probe, saved: ModelSnapshot) -> tuple[list[SignSite], list[Finding]]:
+    """Statistics and findings of every recorded sign site, then of the latent weights of 1-bit weight quantizers."""
+    site_list: list[SignSite] = []
+    findings: list[Finding] = []
+    for rec, x in probe.sites:
+        site, y, d0 = _site_stats(rec, x, weights=rec.weights)
+        site_list.append(site)
+        findings += _sign_findings(site, y, d0, rec.clip)
+    for name, m in probe.model.named_modules():
+        if isinstance(m, QuantizedLayer) and _precision_one(m.weight_quantizer) and name in probe.order:
+            q = m.weight_quantizer
+            rec = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
+            site, y, d0 = _site_stats(rec, saved.parameters[f"{name}.weight" if name else "weight"][1], weights=True)
+            site_list.append(site)
+            findings += _sign_findings(site, y, d0, rec.clip)
+    return site_list, findings
+
+
+def _layer_gradients(probe: _Probe, grad_of: dict[int, torch.Tensor | None]) -> list[LayerGradient]:
+    """Gradient RMS per layer with trainable parameters, in forward order (then layers never called)."""
+    order = probe.order
+    never_called = [n for n, m in probe.model.named_modules() if n not in order and any(True for _ in m.parameters(recurse=False))]
+    layer_grads: list[LayerGradient] = []
+    for name in order + never_called:
+        m = probe.modules[name]
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        gs = [grad_of.get(id(p)) for p in own]
+        received = any(g is not None for g in gs)
+        flat = torch.cat([g.detach().flatten().double() for g in gs if g is not None]) if received else torch.zeros(0)
+        finite = bool(torch.isfinite(flat).all()) if received else True
+        rms = float(flat.pow(2).mean().sqrt()) if received and finite and flat.numel() else 0.0
+        layer_grads.append(LayerGradient(name, type(m).__name__, sum(p.numel() for p in own), rms, finite, received))
+    return layer_grads
+
+
+def _mutation_findings(mutated: dict[str, list[str]]) -> list[Finding]:
+    findings = []
+    for name, written in mutated.items():
+        prefix = f"{name}." if name else ""
+        own = sorted({w[len(prefix):] for w in written if w.startswith(prefix) and "." not in w[len(prefix):]})
+        others = sorted({w for w in written if w[len(prefix):] not in own or not w.startswith(prefix)})
+        what = ", ".join([f"its parameter(s) {', '.join(own)}"] * bool(own) + [f"the parameter(s) {', '.join(others)}"] * bool(others))
+        findings.append(Finding(name, "mutates_parameter",
+                                f"its forward changes {what} (e.g. `self.weight.data = sign(self.weight.data)` or "
+                                "`bn.weight.data.clamp_(...)`): the optimizer then updates the written values instead "
+                                "of the latent weights (binarized weights never change sign again). Compute the "
+                                "binary or clamped value as a new tensor in forward (as onebit.nn layers do) and "
+                                "leave the parameter alone."))
+    return findings
+
+
+def _nonfinite_findings(first_nonfinite: list[str]) -> list[Finding]:
+    if not first_nonfinite:
+        return []
+    return [Finding(first_nonfinite[0], "nan_activation",
+                    "is the first layer whose output contains NaN or infinity; check its inputs and "
+                    "parameters (a division by a zero variance, a log of a non-positive value, an "
+                    "overflowing scale).")]
+
+
+def _no_binarization() -> Finding:
+    return Finding("", "no_binarization",
+                   "no sign ran in forward: no onebit quantizer, torch.sign / Tensor.sign, custom autograd "
+                   "Function with +-1 outputs or module with +-1 outputs, so this is a float network. "
+                   "Binarize with onebit.nn layers (QConv2d, QLinear, QActivation) or onebit.quant "
+                   "quantizers, or check that the binary path is taken in train mode.")
+
+
+def _in_report_order(findings: list[Finding], order: list[str]) -> list[Finding]:
+    """Root causes first (in forward order), then what they cause on the gradients."""
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(findings, key=lambda f: (f.kind != "no_binarization", f.kind in CONSEQUENCES,
+                                           rank.get(f.layer, -1 if f.layer == "" else len(rank)), KINDS.index(f.kind)))
+
+
 def doctor(
     model: nn.Module,
     inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -488,198 +715,25 @@ def doctor(
         targets, loss_fn: see the module docstring for the loss used.
         train: run in train mode (default; BatchNorm uses batch statistics as in training).
 
-    Returns a :class:`Report`; ``report.ok`` is True when there are no findings.
+    Returns a :class:`Report`; ``report.ok`` is True when there are no findings. The model is
+    put back as it was (:func:`onebit.canonize.preserve`), and no hook remains.
     """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     batch = int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 0
-    modules = dict(model.named_modules())
-    names = {id(m): n for n, m in model.named_modules()}
-    params = {id(p): p for p in model.parameters()}
-
-    # --- everything we will restore
-    modes = {m: m.training for m in model.modules()}
-    saved_params = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
-    saved_buffers = {name: (b, b.detach().clone()) for name, b in model.named_buffers()}
-    saved_grads = {id(p): p.grad for p in params.values()}
-    param_slots = [(m, pname, p) for m in model.modules() for pname, p in m._parameters.items()]
-
-    findings: list[Finding] = []
-    sites: list[tuple[_SiteRecord, torch.Tensor]] = []
-    order: list[str] = []  # modules with parameters, in first-call order
-    mutated: dict[str, list[str]] = {}
-    first_nonfinite: list[str] = []
-    hooks = []
-
-    # --- sign sites known by type
-    site_of: dict[int, _SiteRecord] = {}
-    handled: set[int] = set()
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedLayer) and _precision_one(m.input_quantizer):
-            q = m.input_quantizer
-            site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
-            if isinstance(q, nn.Module):
-                handled.add(id(q))
-        elif isinstance(m, QActivation) and _precision_one(m.quantizer):
-            q = m.quantizer
-            site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
-            handled.add(id(q))
-    for name, m in model.named_modules():
-        if isinstance(m, quant.Quantizer) and _precision_one(m) and id(m) not in handled and id(m) not in site_of:
-            if not (isinstance(modules.get(name.rpartition(".")[0]), QuantizedLayer)):
-                site_of[id(m)] = _SiteRecord(name, m, _quantizer_name(m), _clip_of(m))
-    param_at = {}
-    for full, p in model.named_parameters():
-        param_at.setdefault(p.untyped_storage().data_ptr(), full)
-
-    def known_site_running() -> bool:  # signs inside onebit's layers and quantizers are sites already
-        return any(id(m) in site_of or id(m) in handled for m, _ in recorder.stack)
-
-    recorder = _Recorder(param_at, known_site_running, sites)
-
-    def pre_hook(m: nn.Module, a: tuple) -> None:
-        recorder.stack.append((m, names.get(id(m), "")))
-        own = list(m._parameters.items())
-        m.__dict__["_doctor_before"] = [(n, p, p.detach().clone()) for n, p in own if p is not None]
-        rec = site_of.get(id(m))
-        if rec is not None and rec.x is None and a and isinstance(a[0], torch.Tensor):
-            rec.x = a[0].detach().clone()
-            sites.append((rec, rec.x))
-
-    def post_hook(m: nn.Module, a: tuple, out: Any) -> None:
-        name = names.get(id(m), "")
-        if recorder.stack and recorder.stack[-1][0] is m:
-            recorder.stack.pop()
-        before = m.__dict__.pop("_doctor_before", [])
-        for pname, p, value in before:
-            now = m._parameters.get(pname)
-            changed = now is not p
-            if not changed and now is not None:
-                d = now.detach()
-                changed = bool(((d != value) & ~(torch.isnan(d) & torch.isnan(value))).any())
-            if changed:
-                mutated.setdefault(name, []).append(f"{name}.{pname}" if name else pname)
-        if before and name not in order:
-            order.append(name)
-        leaf = next(iter(m.children()), None) is None or isinstance(m, (QuantizedLayer, QActivation))
-        if leaf and isinstance(out, torch.Tensor) and out.is_floating_point() and not first_nonfinite:
-            if not bool(torch.isfinite(out).all()):
-                first_nonfinite.append(name)
-        # a hand-written sign: ternary outputs from non-ternary inputs, same shape
-        if (
-            leaf and id(m) not in site_of and id(m) not in handled and id(m) not in recorder.inside
-            and isinstance(out, torch.Tensor) and a
-            and isinstance(a[0], torch.Tensor) and a[0].is_floating_point() and out.shape == a[0].shape
-            and out.numel() and not isinstance(m, (quant.Quantizer, QuantizedLayer))
-            and _is_ternary(out.detach()) and not _is_ternary(a[0].detach())
-        ):
-            rec = _SiteRecord(name, m, type(m).__name__, _clip_of(m))
-            rec.x = a[0].detach().clone()
-            site_of[id(m)] = rec
-            sites.append((rec, rec.x))
-
-    try:
-        for m in model.modules():
-            hooks.append(m.register_forward_pre_hook(pre_hook))
-            hooks.append(m.register_forward_hook(post_hook))
-        model.train(train)
-        with recorder, _FunctionTap(recorder):
-            output = model(*args)
-        recorder.outputs.clear()
-        for layer, written in recorder.writes.items():
-            mutated.setdefault(layer, []).extend(sorted(written))
-        loss = _loss(output, targets, loss_fn)
-        trainable = [p for p in params.values() if p.requires_grad]
-        grads = torch.autograd.grad(loss, trainable, allow_unused=True) if loss.requires_grad else [None] * len(trainable)
-        grad_of = {id(p): g for p, g in zip(trainable, grads)}
-        loss_value = float(loss.detach())
-
-        # parameters changed by someone other than their owner's forward
-        reported = {full for written in mutated.values() for full in written}
-        for full, (p, value) in saved_params.items():
-            module_name, _, pname = full.rpartition(".")
-            if full in reported:
-                continue
-            d = p.detach()
-            if bool(((d != value) & ~(torch.isnan(d) & torch.isnan(value))).any()):
-                mutated.setdefault(module_name, []).append(full)
-        for m_, pname, p in param_slots:
-            if m_._parameters.get(pname) is not p and names.get(id(m_), "") not in mutated:
-                owner_name = names.get(id(m_), "")
-                mutated.setdefault(owner_name, []).append(f"{owner_name}.{pname}" if owner_name else pname)
-
-        # --- sign sites
-        site_list: list[SignSite] = []
-        for rec, x in sites:
-            site, y, d0 = _site_stats(rec, x, weights=rec.weights)
-            site_list.append(site)
-            findings += _sign_findings(site, y, d0, rec.clip)
-        for name, m in model.named_modules():
-            if isinstance(m, QuantizedLayer) and _precision_one(m.weight_quantizer) and name in order:
-                q = m.weight_quantizer
-                rec = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
-                site, y, d0 = _site_stats(rec, saved_params[f"{name}.weight" if name else "weight"][1], weights=True)
-                site_list.append(site)
-                findings += _sign_findings(site, y, d0, rec.clip)
-
-        # --- gradients per layer, in forward order (then layers never called)
-        layer_grads: list[LayerGradient] = []
-        for name in order + [n for n, m in model.named_modules() if n not in order and any(True for _ in m.parameters(recurse=False))]:
-            m = modules[name]
-            own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            gs = [grad_of.get(id(p)) for p in own]
-            received = any(g is not None for g in gs)
-            flat = torch.cat([g.detach().flatten().double() for g in gs if g is not None]) if received else torch.zeros(0)
-            finite = bool(torch.isfinite(flat).all()) if received else True
-            rms = float(flat.pow(2).mean().sqrt()) if received and finite and flat.numel() else 0.0
-            layer_grads.append(LayerGradient(name, type(m).__name__, sum(p.numel() for p in own), rms, finite, received))
-        findings += _gradient_findings(layer_grads, set(order))
-
-        for name, written in mutated.items():
-            prefix = f"{name}." if name else ""
-            own = sorted({w[len(prefix):] for w in written if w.startswith(prefix) and "." not in w[len(prefix):]})
-            others = sorted({w for w in written if w[len(prefix):] not in own or not w.startswith(prefix)})
-            what = ", ".join([f"its parameter(s) {', '.join(own)}"] * bool(own) + [f"the parameter(s) {', '.join(others)}"] * bool(others))
-            findings.append(Finding(name, "mutates_parameter",
-                                    f"its forward changes {what} (e.g. `self.weight.data = sign(self.weight.data)` or "
-                                    "`bn.weight.data.clamp_(...)`): the optimizer then updates the written values instead "
-                                    "of the latent weights (binarized weights never change sign again). Compute the "
-                                    "binary or clamped value as a new tensor in forward (as onebit.nn layers do) and "
-                                    "leave the parameter alone."))
-        if first_nonfinite:
-            findings.append(Finding(first_nonfinite[0], "nan_activation",
-                                    "is the first layer whose output contains NaN or infinity; check its inputs and "
-                                    "parameters (a division by a zero variance, a log of a non-positive value, an "
-                                    "overflowing scale)."))
-    finally:
-        for h in hooks:
-            h.remove()
-        for m in model.modules():
-            m.__dict__.pop("_doctor_before", None)
-        with torch.no_grad():
-            for m_, pname, p in param_slots:
-                if m_._parameters.get(pname) is not p:
-                    m_._parameters[pname] = p
-            for p, value in saved_params.values():
-                p.copy_(value)
-            for b, value in saved_buffers.values():
-                b.copy_(value)
-        for p in params.values():
-            p.grad = saved_grads[id(p)]
-        for m, mode in modes.items():
-            m.training = mode
-
+    with preserve(model) as saved:
+        probe = _Probe(model)
+        with probe.hooks():
+            output = probe.forward(args, train)
+            loss_value, grad_of = _gradients(saved, output, targets, loss_fn)
+            _note_writes_outside_forward(probe, saved)
+            site_list, findings = _sign_sites(probe, saved)
+            layer_grads = _layer_gradients(probe, grad_of)
+            findings += _gradient_findings(layer_grads, set(probe.order))
+            findings += _mutation_findings(probe.mutated)
+            findings += _nonfinite_findings(probe.first_nonfinite)
     if not site_list:
-        findings.append(Finding("", "no_binarization",
-                                "no sign ran in forward: no onebit quantizer, torch.sign / Tensor.sign, custom autograd "
-                                "Function with +-1 outputs or module with +-1 outputs, so this is a float network. "
-                                "Binarize with onebit.nn layers (QConv2d, QLinear, QActivation) or onebit.quant "
-                                "quantizers, or check that the binary path is taken in train mode."))
-    rank = {n: i for i, n in enumerate(order)}
-    # root causes first (in forward order), then what they cause on the gradients
-    findings.sort(key=lambda f: (f.kind != "no_binarization", f.kind in CONSEQUENCES,
-                                 rank.get(f.layer, -1 if f.layer == "" else len(rank)), KINDS.index(f.kind)))
+        findings.append(_no_binarization())
+    findings = _in_report_order(findings, probe.order)
     return Report(findings=findings, sites=site_list, gradients=layer_grads, loss=loss_value, batch=batch)
 
 

@@ -7,7 +7,7 @@ has precision 1 (and the twist coefficients of a binary ``TwistConv2d``).
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -45,16 +45,35 @@ def clip_weights(params: Iterable[torch.Tensor], clip: float = 1.0) -> None:
 
 
 class FlipCounter:
-    """Counts the binary weights whose sign changed since :meth:`snapshot`."""
+    """Counts the binary weights whose sign changed since :meth:`snapshot`.
 
-    def __init__(self, params: Iterable[torch.Tensor]):
+    ``params`` are tensors (latent weights: their sign is what a 1-bit quantizer keeps) or
+    functions that return one when called (``layer.quantized_weight``: the weight as used
+    in forward). Signs follow onebit's convention, sign(0) = +1.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor | Callable[[], torch.Tensor]]):
         self.params = list(params)
         self.signs: list[torch.Tensor] = []
         self.snapshot()
 
     @torch.no_grad()
+    def _current(self) -> list[torch.Tensor]:
+        return [sign((p() if callable(p) else p).detach()) > 0 for p in self.params]
+
+    @torch.no_grad()
     def snapshot(self) -> None:
-        self.signs = [sign(p.detach()) > 0 for p in self.params]
+        self.signs = self._current()
+
+    @torch.no_grad()
+    def flipped(self, snapshot: bool = False) -> list[torch.Tensor]:
+        """Per tensor, where its sign differs from the snapshot (boolean, of its shape);
+        ``snapshot=True`` then takes the current signs as the new snapshot."""
+        now = self._current()
+        changed = [a != b for a, b in zip(now, self.signs)]
+        if snapshot:
+            self.signs = now
+        return changed
 
     @torch.no_grad()
     def ratio(self) -> float:
@@ -62,7 +81,7 @@ class FlipCounter:
         total = sum(s.numel() for s in self.signs)
         if total == 0:
             return 0.0
-        flipped = sum(int(((sign(p.detach()) > 0) != s).sum()) for p, s in zip(self.params, self.signs))
+        flipped = sum(int(changed.sum()) for changed in self.flipped())
         return flipped / total
 
 

@@ -17,6 +17,7 @@ it as a PNG atomically (temporary file + rename, :mod:`onebit.io`).
 from __future__ import annotations
 
 import csv
+import functools
 import io as _io
 import math
 import os
@@ -31,6 +32,7 @@ from torch import nn
 
 from onebit import io
 from onebit.math import sign
+from onebit.optim import FlipCounter
 from onebit.quant import precision_of as quant_precision
 from onebit.nn.layers import QuantizedLayer
 
@@ -541,24 +543,19 @@ class FlipRecorder:
             raise ValueError("the model has no layer with 1-bit weights to record")
         self.flips: dict[str, list[float]] = {n: [] for n in self.layers}
         self.total: list[float] = []
-        self._previous = self._signs()
+        self._counter = FlipCounter(functools.partial(self._quantized_weight, n) for n in self.layers)
 
-    @torch.no_grad()
-    def _signs(self) -> dict[str, torch.Tensor]:
-        modules = dict(self.model.named_modules())
-        return {n: modules[n].quantized_weight().detach() < 0 for n in self.layers}
+    def _quantized_weight(self, layer: str) -> torch.Tensor:
+        return self.model.get_submodule(layer).quantized_weight()
 
     def record(self) -> float:
         """Store and return the fraction of all binary weights that flipped since the last record."""
-        now = self._signs()
         changed = count = 0
-        for n in self.layers:
-            diff = (now[n] != self._previous[n])
+        for n, diff in zip(self.layers, self._counter.flipped(snapshot=True)):
             self.flips[n].append(float(diff.float().mean()))
             changed += int(diff.sum())
             count += diff.numel()
         self.total.append(changed / max(count, 1))
-        self._previous = now
         return self.total[-1]
 
 
