@@ -369,3 +369,16 @@ def test_a_users_sign_quantizer_is_packed_and_folded_like_the_built_in_ones():
     assert torch.equal(packed(x), model(x))
     with fold_thresholds(model, skip_unmergeable=True):
         assert isinstance(model[2], SignThreshold)
+
+
+def test_is_binary_is_precision_one_whatever_the_kind():
+    # what the tools count as a binary layer: any 1-bit quantizer, a user's own included
+    class MyBinary(quant.Quantizer):
+        precision = 1
+
+        def forward(self, x):
+            return torch.where(x >= 0, 0.5, -0.5)
+
+    assert quant.is_binary(MyBinary()) and not quant.is_sign(MyBinary())
+    assert all(quant.is_binary(quant.get(a)) for a in ("ste_sign", "approx_sign", "magnitude_aware_sign"))
+    assert not quant.is_binary(None) and not quant.is_binary(quant.get("dorefa")) and not quant.is_binary(torch.tanh)

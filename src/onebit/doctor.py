@@ -217,10 +217,6 @@ def _is_ternary(x: torch.Tensor) -> bool:
     return bool(((x == 1) | (x == -1) | (x == 0)).all())
 
 
-def _precision_one(q: Any) -> bool:
-    return q is not None and quant.precision_of(q) == 1
-
-
 def _derivative(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fn(x), d fn / dx elementwise) via autograd on a detached copy."""
     with torch.enable_grad():
@@ -503,17 +499,17 @@ class _Probe:
     def _find_typed_sites(self) -> None:
         """Sign sites known by type: 1-bit input quantizers of layers, QActivations, bare 1-bit quantizers."""
         for name, m in self.model.named_modules():
-            if isinstance(m, QuantizedLayer) and _precision_one(m.input_quantizer):
+            if isinstance(m, QuantizedLayer) and quant.is_binary(m.input_quantizer):
                 q = m.input_quantizer
                 self.site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
                 if isinstance(q, nn.Module):
                     self.handled.add(id(q))
-            elif isinstance(m, QActivation) and _precision_one(m.quantizer):
+            elif isinstance(m, QActivation) and quant.is_binary(m.quantizer):
                 q = m.quantizer
                 self.site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
                 self.handled.add(id(q))
         for name, m in self.model.named_modules():
-            if isinstance(m, quant.Quantizer) and _precision_one(m) and id(m) not in self.handled and id(m) not in self.site_of:
+            if isinstance(m, quant.Quantizer) and quant.is_binary(m) and id(m) not in self.handled and id(m) not in self.site_of:
                 if not (isinstance(self.modules.get(name.rpartition(".")[0]), QuantizedLayer)):
                     self.site_of[id(m)] = _SiteRecord(name, m, _quantizer_name(m), _clip_of(m))
 
@@ -631,7 +627,7 @@ def _sign_sites(probe: _Probe, saved: ModelSnapshot) -> tuple[list[SignSite], li
         site_list.append(site)
         findings += _sign_findings(site, y, d0, rec.clip)
     for name, m in probe.model.named_modules():
-        if isinstance(m, QuantizedLayer) and _precision_one(m.weight_quantizer) and name in probe.order:
+        if isinstance(m, QuantizedLayer) and quant.is_binary(m.weight_quantizer) and name in probe.order:
             q = m.weight_quantizer
             rec = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
             site, y, d0 = _site_stats(rec, saved.parameters[f"{name}.weight" if name else "weight"][1], weights=True)

@@ -24,7 +24,7 @@ def binary_parameters(model: nn.Module) -> list[nn.Parameter]:
     seen: set[int] = set()
     for module in model.modules():
         q = getattr(module, "weight_quantizer", None)
-        if q is None or quant.precision_of(q) != 1:
+        if not quant.is_binary(q):
             continue
         for name, p in module.named_parameters(recurse=False):
             if name != "bias" and id(p) not in seen:

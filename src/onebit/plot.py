@@ -30,10 +30,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
 from torch import nn
 
-from onebit import io
+from onebit import io, quant
 from onebit.math import sign
 from onebit.optim import FlipCounter
-from onebit.quant import precision_of as quant_precision
 from onebit.nn.layers import QuantizedLayer
 
 __all__ = [
@@ -78,7 +77,7 @@ def _done(fig: Figure, path: str | os.PathLike | None) -> Figure:
 
 def binary_layers(model: nn.Module) -> list[str]:
     """Qualified names of the layers whose weights are quantized to 1 bit, in ``named_modules`` order."""
-    return [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer) and m.weight_precision == 1]
+    return [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer) and quant.is_binary(m.weight_quantizer)]
 
 
 def weight_layers(model: nn.Module) -> list[str]:
@@ -142,7 +141,7 @@ def binary_weights(
     if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() < 2:
         raise ValueError(f"layer {name!r} ({type(module).__name__}) has no convolution or linear weight")
     quantizer = getattr(module, "weight_quantizer", None)
-    binary = quantizer is not None and quant_precision(quantizer) == 1
+    binary = quant.is_binary(quantizer)
     with torch.no_grad():
         latent = module.weight.detach().float().cpu()
         used = module.quantized_weight().detach().float().cpu() if quantizer is not None else latent
@@ -181,7 +180,7 @@ def binary_weights(
         shown_image = left.imshow(np.ma.masked_invalid(image), cmap="RdBu_r", vmin=-top, vmax=top,
                                   interpolation="nearest", aspect=aspect)
         fig.colorbar(shown_image, ax=left, shrink=0.8, label="weight value")
-        what = "float weights (no weight quantizer)" if quantizer is None else f"{quant_precision(quantizer)}-bit weights used in forward"
+        what = "float weights (no weight quantizer)" if quantizer is None else f"{quant.precision_of(quantizer)}-bit weights used in forward"
         left.set_title(f"{what}\n{shown}", fontsize=9)
     values = latent.flatten().numpy()
     data_lim = float(np.abs(values).max()) or 1.0

@@ -37,6 +37,7 @@ __all__ = [
     "is_sign",
     "has_sign_levels",
     "precision_of",
+    "is_binary",
 ]
 
 QuantizerLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], None]
@@ -108,6 +109,13 @@ def precision_of(quantizer: nn.Module | Callable | None) -> int:
     if quantizer is None:
         return 32
     return int(getattr(quantizer, "precision", 32))
+
+
+def is_binary(quantizer: object) -> bool:
+    """True for a 1-bit quantizer (``precision`` 1: two levels, a sign or a scaled sign). What the
+    tools count as binary (summary, doctor, plots, Bop); :func:`is_sign` and :func:`has_sign_levels`
+    are what the engine and the canonizers need to know."""
+    return quantizer is not None and precision_of(quantizer) == 1
 
 
 class Quantizer(nn.Module):

@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from onebit import quant
 from onebit.nn.layers import QActivation, QuantizedLayer
 
 __all__ = ["LayerSummary", "Summary", "summary"]
@@ -240,7 +241,7 @@ def _bits(module: nn.Module) -> tuple[int | None, int | None]:
 
 
 def _binary_weight(module: nn.Module) -> nn.Parameter | None:
-    if isinstance(module, QuantizedLayer) and module.weight_precision == 1:
+    if isinstance(module, QuantizedLayer) and quant.is_binary(module.weight_quantizer):
         return module.weight
     return None
 
