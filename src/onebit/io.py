@@ -69,6 +69,19 @@ def remove_stale_temporaries(directory: str | os.PathLike, *, every: bool = Fals
     return removed
 
 
+def ensure_directory(directory: str | os.PathLike, what: str = "") -> None:
+    """Create ``directory`` (and its parents); ``NotADirectoryError`` naming ``what`` (or the
+    directory) when it or a part of its path is a file, ``OSError`` with the reason otherwise."""
+    directory = os.fspath(directory)
+    name = what or directory
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{name}: {directory} is a file, not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"{name}: a part of {directory} is a file, not a directory") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
@@ -79,12 +92,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory: expected a file name")
     directory = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise NotADirectoryError(f"cannot write {path}: {directory} is a file, not a directory")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise NotADirectoryError(f"cannot write {path}: a part of {directory} is a file, not a directory") from None
+    ensure_directory(directory, f"cannot write {path}")
     remove_stale_temporaries(directory)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=suffix, dir=directory)
     os.close(fd)

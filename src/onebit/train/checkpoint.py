@@ -71,8 +71,8 @@ def prepare_run_directory(directory: str) -> None:
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise RunDirectoryError(f"--out {directory} is a file, not a directory")
     try:
-        os.makedirs(directory, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
+        io.ensure_directory(directory)
+    except NotADirectoryError:
         raise RunDirectoryError(f"--out {directory}: a part of the path is a file, not a directory") from None
     except OSError as error:
         raise RunDirectoryError(f"--out {directory}: cannot create the directory ({error.strerror})") from None
@@ -205,7 +205,7 @@ def save_config(directory: str, config: TrainConfig, data: DataBundle) -> None:
 def save_run(trainer: Trainer, directory: str) -> None:
     """Write the run: ``model.safetensors``, ``checkpoint.safetensors``, ``config.json``,
     ``history.csv`` (each atomically)."""
-    os.makedirs(directory, exist_ok=True)
+    io.ensure_directory(directory)
     io.save_tensors(os.path.join(directory, "model.safetensors"), {k: v.cpu() for k, v in trainer.model.state_dict().items()})
     tensors, meta = checkpoint_state(trainer)
     io.save_tensors(os.path.join(directory, CHECKPOINT), tensors, metadata={"onebit_checkpoint": json.dumps(meta)})
