@@ -89,7 +89,7 @@ def file_tensors(model) -> dict[str, torch.Tensor]:
     """The tensors as stored in a file (binary weights compact)."""
     tensors = dict(model.named_graph_tensors())
     for node in model.graph["nodes"]:
-        attrs = G._attrs(node, G.OPS[node["op"]], node["name"])
+        attrs = G.attrs(node)
         for role in _binary_roles(node):
             key = node["tensors"][role]
             tensors[key] = _compact(tensors[key], attrs)
@@ -205,7 +205,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         G.validate(graph, tensors, compact=True)
         for node in graph["nodes"]:
-            attrs = G._attrs(node, G.OPS[node["op"]], node["name"])
+            attrs = G.attrs(node)
             for role in _binary_roles(node):
                 key = node["tensors"][role]
                 tensors[key] = _expand(tensors[key], attrs)

@@ -129,7 +129,7 @@ class PackedModel(nn.Module):
                 i = position
             node = nodes[i]
             spec = G.OPS[node["op"]]
-            attrs = G._attrs(node, spec, node["name"])
+            attrs = G.attrs(node)
             roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
             if node["op"] in _PACKING_CONVS:  # the weights, prepared for the kernel, kept between calls
                 roles[G.WEIGHT_CACHE] = ops.weight_cache()
@@ -295,7 +295,7 @@ def _batchnorm_epilogue(model: "PackedModel", bn: dict) -> tuple | None:
     from onebit.engine.torch_rounding import batchnorm_epilogue
 
     t = {role: getattr(model, model._keys[key]) for role, key in bn.get("tensors", {}).items()}
-    eps = G._attrs(bn, G.OPS["batch_norm"], bn["name"])["eps"]
+    eps = G.attrs(bn)["eps"]
     return batchnorm_epilogue(t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), eps)
 
 

@@ -236,7 +236,7 @@ class _Exporter:
     def emit(self, node: dict) -> None:
         op, name = node["op"], node["name"]
         spec = G.OPS[op]
-        attrs = G._attrs(node, spec, name)
+        attrs = G.attrs(node)
         out = spec.fn(self.roles(node), attrs, *[self.run[i] for i in node["inputs"]])  # shapes, from the engine
         self.run[name] = out
         if out.dtype != torch.int64:
