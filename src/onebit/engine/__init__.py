@@ -16,11 +16,11 @@ unused bits 0. Modules: :mod:`~onebit.engine.lowering` (model -> graph),
 ``kernels`` (the native kernels as torch custom ops).
 """
 
-from onebit.engine.fileformat import FormatError, load
+from onebit.engine.fileformat import FormatError
 from onebit.engine.graph import GraphError
 from onebit.engine.lowering import UnsupportedModelError
 from onebit.engine.ops import use_backend
-from onebit.engine.packed import FallbackWarning, InputError, PackedModel, pack
+from onebit.engine.packed import FallbackWarning, InputError, PackedModel, load, pack
 
 __all__ = [
     "pack",
