@@ -9,7 +9,8 @@
 
 Bit convention (one for the whole engine, see ``csrc/kernels/pack.h``): bit set = -1
 (``x < 0``), sign(0) = +1, channels packed along 64-bit words in a channels-last layout,
-unused bits 0. Modules: :mod:`~onebit.engine.lowering` (model -> graph),
+unused bits 0. Modules: :mod:`~onebit.engine.geometry` (shapes and the one argument check),
+:mod:`~onebit.engine.lowering` (model -> graph),
 :mod:`~onebit.engine.graph` (the op whitelist), :mod:`~onebit.engine.packed`
 (``PackedModel``), :mod:`~onebit.engine.fileformat` (files), :mod:`~onebit.engine.ops`
 (kernel dispatch), :mod:`~onebit.engine.reference` (portable reference kernels),
