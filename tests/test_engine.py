@@ -544,7 +544,7 @@ def run_node_by_node(packed: engine.PackedModel, x: torch.Tensor) -> torch.Tenso
     for node in packed.graph["nodes"]:
         spec = G.OPS[node["op"]]
         roles = {role: tensors[key] for role, key in node.get("tensors", {}).items()}
-        out = spec.fn(roles, G._attrs(node, spec, node["name"]), *[env[i] for i in node["inputs"]])
+        out = spec.fn(roles, G.attrs(node), *[env[i] for i in node["inputs"]])
         if node["op"] == "binary_conv2d":
             out = out.contiguous(memory_format=fmt or torch.contiguous_format)
         env[node["name"]] = out

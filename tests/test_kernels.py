@@ -917,3 +917,35 @@ def test_weight_cache_clear_after_a_small_write_through_an_alias_into_a_large_we
     cache.clear()
     got = K.binary_conv2d_int(x, wp, cache=cache, **conv)
     assert torch.equal(got.to(torch.float64), reference_conv(x, flipped, (1, 1), (1, 1), (1, 1), 1, 0.0))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(in_channels=200),
+        dict(out_channels=9),
+        dict(kernel_size=5),
+        dict(groups=3),
+        dict(padding=4),
+        dict(padding=0, dilation=4),
+        dict(stride=0),
+        dict(pad_value=0.5),
+        dict(kernel_size=(3, 3, 3)),
+    ],
+)
+def test_native_reference_and_fake_paths_raise_the_same_message(bad):
+    """One argument check (onebit.engine.geometry) for every path of a binary convolution."""
+    from onebit.engine import ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    xp, wp, conv = _good()
+    conv = dict(conv, **bad)
+    messages = []
+    for backend in ("native", "reference"):
+        with ops.use_backend(backend), pytest.raises(ValueError) as error:
+            ops.binary_conv2d(xp, wp, **conv)
+        messages.append(str(error.value))
+    with FakeTensorMode() as mode, pytest.raises(ValueError) as error:
+        K.binary_conv2d(mode.from_tensor(xp), mode.from_tensor(wp), **conv)
+    messages.append(str(error.value))
+    assert messages[0] == messages[1] == messages[2], messages

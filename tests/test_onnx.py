@@ -195,7 +195,7 @@ def check_binary_layers(packed, path, x) -> tuple[bool, int]:
             packed_input = ops.pack_activations(signs.contiguous(), tuple(a["padding"]), a["pad_value"], a["groups"])
         spec = G.OPS[node["op"]]
         roles = {role: graph_tensors[key] for role, key in node.get("tensors", {}).items()}
-        expected = spec.fn(roles, G._attrs(node, spec, name), packed_input)
+        expected = spec.fn(roles, G.attrs(node), packed_input)
         assert torch.equal(as_signs(name, expected), onnx_tensors[name]), f"binary layer {name} ({node['op']})"
         checked += 1
     return all_signs_agree, checked

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/conv_tiles.h"
+#include "kernels/dispatch.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/parallel.h"
@@ -393,7 +394,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
       return data;
     }
     for (int spins = 0; state[bi].load(std::memory_order_acquire) != 2; ++spins) {
-      if (spins < 4096) __builtin_ia32_pause();
+      if (spins < 4096) cpu_relax();
       else std::this_thread::yield();  // its preparer may have been preempted
     }
     return data;
@@ -442,7 +443,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
           in_done.fetch_add(1, std::memory_order_acq_rel);
         }
         for (int spins = 0; in_done.load(std::memory_order_acquire) < in_chunks; ++spins) {
-          if (spins < 4096) __builtin_ia32_pause();
+          if (spins < 4096) cpu_relax();
           else std::this_thread::yield();
         }
       }

@@ -1,5 +1,6 @@
 // Register tile selection for the convolution kernels (see conv_tiles.h).
 #include "kernels/conv_tiles.h"
+#include "kernels/dispatch.h"
 
 #include <algorithm>
 #include <array>
@@ -153,13 +154,8 @@ std::string shape_text(const Key& k) {
 }  // namespace
 
 const std::vector<ConvKernel>* conv_tiles(Isa isa) {
-  switch (isa) {
-    case Isa::avx512: return &conv_kernels_avx512();
-    case Isa::avx2: return &conv_kernels_avx2();
-    case Isa::scalar: return &conv_kernels_scalar();
-    case Isa::reference: return nullptr;
-  }
-  return nullptr;
+  const auto tiles = isa_kernels(isa).conv_tiles;
+  return tiles ? &tiles() : nullptr;
 }
 
 std::vector<std::string> tile_names(const std::string& isa) {

@@ -1,13 +1,20 @@
-#include "kernels/isa.h"
+// The ISA: what this CPU supports (cpuid on x86-64), the active one, and each ISA's kernels.
+#include "kernels/dispatch.h"
 
 #include <atomic>
-#include <cpuid.h>
 #include <cstdlib>
 #include <stdexcept>
+
+#include "kernels/isa.h"
+#include "kernels/pack.h"
+#if ONEBIT_X86
+#include <cpuid.h>
+#endif
 
 namespace onebit {
 namespace {
 
+#if ONEBIT_X86
 unsigned long long xgetbv0() {
   unsigned int eax, edx;
   __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
@@ -34,6 +41,11 @@ struct CpuFeatures {
     avx512_vnni = avx512 && (c & (1u << 11));  // CPUID.(EAX=7,ECX=0):ECX[11] AVX512_VNNI
   }
 };
+#else
+struct CpuFeatures {  // no x86 kernels here: the scalar kernels (portable popcount) and the reference
+  bool popcnt = true, avx2 = false, avx512 = false, avx512_vnni = false;
+};
+#endif
 
 const CpuFeatures& cpu() {
   static const CpuFeatures features;
@@ -101,6 +113,30 @@ std::vector<std::string> supported_isas() {
 bool has_avx512_vnni() { return cpu().avx512_vnni; }
 
 Isa active_isa() { return static_cast<Isa>(active().load(std::memory_order_relaxed)); }
+
+const IsaKernels& isa_kernels(Isa isa) {
+  static const IsaKernels reference{nullptr, pack_rows_reference, nullptr, nullptr, nullptr, nullptr};
+  static const IsaKernels scalar{conv_kernels_scalar, pack_rows_scalar, pack_row_cl_scalar, pack_row_nchw_scalar,
+                                 nullptr, nullptr};
+#if ONEBIT_X86
+  static const IsaKernels avx2{conv_kernels_avx2, pack_rows_avx2, pack_row_cl_avx2, pack_row_nchw_avx2,
+                               ternary::chunk_dot_avx2, ternary::quantize_token_avx2};
+  // the int8 dot products use VNNI where the CPU has it (a feature on top of the avx512 level)
+  static const IsaKernels avx512{conv_kernels_avx512, pack_rows_avx512, pack_row_cl_avx512, pack_row_nchw_avx512,
+                                 has_avx512_vnni() ? ternary::chunk_dot_vnni : ternary::chunk_dot_avx2,
+                                 ternary::quantize_token_avx2};
+#else
+  static const IsaKernels& avx2 = scalar;  // never active: isa_supported() is false
+  static const IsaKernels& avx512 = scalar;
+#endif
+  switch (isa) {
+    case Isa::avx512: return avx512;
+    case Isa::avx2: return avx2;
+    case Isa::scalar: return scalar;
+    case Isa::reference: return reference;
+  }
+  return reference;
+}
 
 void set_isa(const std::string& name) {
   const Isa isa = parse(name);

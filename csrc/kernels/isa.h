@@ -8,6 +8,14 @@
 #include <string>
 #include <vector>
 
+// The x86-64 kernels (avx2, avx512, the VNNI feature) and cpuid exist only on x86-64; elsewhere
+// onebit builds the scalar and reference paths alone.
+#if defined(__x86_64__) || defined(_M_X64)
+#define ONEBIT_X86 1
+#else
+#define ONEBIT_X86 0
+#endif
+
 namespace onebit {
 
 enum class Isa { reference = 0, scalar = 1, avx2 = 2, avx512 = 3 };
@@ -21,5 +29,14 @@ void set_isa(const std::string& name);  // throws std::invalid_argument
 // AVX-512 VNNI (vpdpbusd), a feature on top of the avx512 level: the int8 kernels use it when
 // the active ISA is avx512 and the CPU has it (forcing avx2 or lower turns it off).
 bool has_avx512_vnni();
+
+// A spin-wait hint to the CPU (x86 pause, ARM yield).
+inline void cpu_relax() {
+#if ONEBIT_X86
+  __builtin_ia32_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+  __asm__ __volatile__("yield");
+#endif
+}
 
 }  // namespace onebit

@@ -49,8 +49,9 @@ class ActivationPacker {
   int64_t N_, C_, H_, W_, sN_, sC_, sH_, sW_, ph_, pw_, G_, Cg_, Hp_, Wp_, px_;
   int pad_value_;
   uint64_t* out_;
-  int isa_;
-  bool cl_, nchw_;
+  // the active ISA's row kernel for these strides (null: the strided reference) and its stride argument
+  void (*row_kernel_)(const float*, int64_t, int64_t, int64_t, int64_t, uint64_t*) = nullptr;
+  int64_t row_stride_ = 0;
 };
 
 // One image row (fixed n, h) of W pixels into out (pixel stride G * Wg words):

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "kernels/conv.h"
+#include "kernels/dispatch.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/parallel.h"
@@ -38,9 +39,12 @@ ActivationPacker::ActivationPacker(const float* x, int64_t N, int64_t C, int64_t
   // The stride of a dimension of size 1 is irrelevant: call it 1.
   if (C == 1) sC_ = 1;
   if (W == 1) sW_ = 1;
-  isa_ = static_cast<int>(active_isa());
-  cl_ = sC_ == 1;
-  nchw_ = !cl_ && sW_ == 1;
+  const IsaKernels& kernels = isa_kernels(active_isa());
+  if (sC_ == 1) {
+    row_kernel_ = kernels.pack_row_cl, row_stride_ = sW_;
+  } else if (sW_ == 1) {
+    row_kernel_ = kernels.pack_row_nchw, row_stride_ = sC_;
+  }
 }
 
 void ActivationPacker::border() const { fill_packed_border(out_, N_, H_, W_, ph_, pw_, G_, Cg_, pad_value_); }
@@ -49,22 +53,7 @@ void ActivationPacker::row(int64_t r) const {
   const int64_t n = r / H_, h = r % H_;
   const float* src = x_ + n * sN_ + h * sH_;
   uint64_t* dst = out_ + ((n * Hp_ + h + ph_) * Wp_ + pw_) * px_;
-  switch (static_cast<Isa>(isa_)) {
-    case Isa::avx512:
-      if (cl_) return pack_row_cl_avx512(src, W_, sW_, Cg_, G_, dst);
-      if (nchw_) return pack_row_nchw_avx512(src, W_, sC_, Cg_, G_, dst);
-      break;
-    case Isa::avx2:
-      if (cl_) return pack_row_cl_avx2(src, W_, sW_, Cg_, G_, dst);
-      if (nchw_) return pack_row_nchw_avx2(src, W_, sC_, Cg_, G_, dst);
-      break;
-    case Isa::scalar:
-      if (cl_) return pack_row_cl_scalar(src, W_, sW_, Cg_, G_, dst);
-      if (nchw_) return pack_row_nchw_scalar(src, W_, sC_, Cg_, G_, dst);
-      break;
-    case Isa::reference:
-      break;
-  }
+  if (row_kernel_) return row_kernel_(src, W_, row_stride_, Cg_, G_, dst);
   pack_row_strided_reference(src, W_, sW_, sC_, Cg_, G_, dst);
 }
 

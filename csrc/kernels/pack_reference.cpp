@@ -1,3 +1,4 @@
+#include "kernels/dispatch.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 
@@ -32,12 +33,7 @@ void pack_rows_scalar(const float* x, int64_t rows, int64_t channels, int64_t ro
 }
 
 void pack_rows(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out) {
-  switch (active_isa()) {
-    case Isa::avx512: return pack_rows_avx512(x, rows, channels, row_stride, out);
-    case Isa::avx2: return pack_rows_avx2(x, rows, channels, row_stride, out);
-    case Isa::scalar: return pack_rows_scalar(x, rows, channels, row_stride, out);
-    case Isa::reference: return pack_rows_reference(x, rows, channels, row_stride, out);
-  }
+  isa_kernels(active_isa()).pack_rows(x, rows, channels, row_stride, out);
 }
 
 }  // namespace onebit

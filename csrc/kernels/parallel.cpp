@@ -1,4 +1,5 @@
 #include "kernels/parallel.h"
+#include "kernels/isa.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -107,8 +108,6 @@ void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn
 
 namespace onebit {
 namespace {
-
-inline void cpu_relax() { __builtin_ia32_pause(); }
 
 // An idle worker polls for the next job, first spinning (kSpin), then yielding its CPU
 // between polls (kPoll: it stays awake but lets any other runnable thread, e.g.

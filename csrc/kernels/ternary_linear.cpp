@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/dispatch.h"
 #include "kernels/isa.h"
 #include "kernels/parallel.h"
 
@@ -18,13 +19,7 @@ using ternary::ChunkDot;
 constexpr int64_t kRowBlock = 64;     // output rows a thread claims at a time
 constexpr int64_t kSerialMacs = 1 << 21;  // smaller layers stay on the calling thread
 
-ChunkDot chunk_kernel() {
-  switch (active_isa()) {
-    case Isa::avx512: return has_avx512_vnni() ? ternary::chunk_dot_vnni : ternary::chunk_dot_avx2;
-    case Isa::avx2: return ternary::chunk_dot_avx2;
-    default: return nullptr;  // scalar and reference: the plain loops
-  }
-}
+ChunkDot chunk_kernel() { return isa_kernels(active_isa()).chunk_dot; }  // null: the plain loops
 
 // The shared loop: acc for every (token, row block), handed to epi(n, o0, rows, acc).
 template <class Epilogue>
@@ -77,8 +72,10 @@ void run(const int8_t* q, int64_t N, int64_t K, const uint8_t* w, int64_t O, int
 
 const char* ternary_linear_kernel() {
   const ChunkDot kernel = chunk_kernel();
+#if ONEBIT_X86
   if (kernel == ternary::chunk_dot_vnni) return "avx512_vnni";
   if (kernel == ternary::chunk_dot_avx2) return "avx2";
+#endif
   return "reference";
 }
 
@@ -95,11 +92,11 @@ void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, cons
   std::vector<int8_t> q(static_cast<size_t>(N * K));
   std::vector<float> s(static_cast<size_t>(N));
   std::vector<char> finite(static_cast<size_t>(N));
-  const bool avx2 = active_isa() == Isa::avx2 || active_isa() == Isa::avx512;
+  const QuantizeToken quantize = isa_kernels(active_isa()).quantize_token;
   for (int64_t n = 0; n < N; ++n) {
     const float* xn = x + n * x_stride;
-    finite[n] = avx2 ? ternary::quantize_token_avx2(xn, K, q.data() + n * K, &s[n])
-                     : ternary::quantize_token(xn, K, q.data() + n * K, &s[n]);
+    finite[n] = quantize ? quantize(xn, K, q.data() + n * K, &s[n])
+                         : ternary::quantize_token(xn, K, q.data() + n * K, &s[n]);
   }
   run(q.data(), N, K, w, O, threads, [&](int64_t n, int64_t o0, int64_t rows, const int32_t* acc) {
     float* y = out + n * O + o0;

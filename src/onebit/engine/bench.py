@@ -222,7 +222,7 @@ def demo_report(model: nn.Module, x_test: torch.Tensor, out_dir: str, console, *
     """
     from rich.table import Table
 
-    from onebit.engine.fileformat import load
+    from onebit.engine.packed import load
 
     model = model.eval()
     x_test = x_test.to(torch.float32)

@@ -1,5 +1,8 @@
 """The packed model file: one safetensors file, the graph as JSON in its metadata.
 
+This module reads and writes ``(graph, tensors)`` (:func:`read`, :func:`write`); building a
+:class:`~onebit.engine.PackedModel` from them is :func:`onebit.engine.load`'s.
+
 Layout::
 
     safetensors header metadata:
@@ -39,7 +42,7 @@ from onebit import io
 from onebit.engine import graph as G
 from onebit.engine import ops
 
-__all__ = ["FormatError", "save", "load", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["FormatError", "read", "write", "compact_weight", "expand_weight", "format_error", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "onebit.packed"
 FORMAT_VERSION = "1"
@@ -51,8 +54,9 @@ class FormatError(ValueError):
     """The file is not a valid onebit packed model (empty, truncated, foreign or tampered with)."""
 
 
-def _compact(wp: torch.Tensor, attrs: dict) -> torch.Tensor:
-    """Kernel-layout packed weight -> uint8 bits in torch weight order."""
+def compact_weight(wp: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """Kernel-layout packed weight (of a node with attributes ``attrs``) -> its file form: uint8 bits
+    in torch weight order, ``[C_out, ceil(K / 8)]`` (see the layout above)."""
     shifts = torch.arange(64, dtype=torch.int64)
     bits = ((wp.unsqueeze(-1) >> shifts) & 1).bool()
     if "kernel_size" in attrs:
@@ -67,8 +71,8 @@ def _compact(wp: torch.Tensor, attrs: dict) -> torch.Tensor:
     return (bits << torch.arange(8, dtype=torch.uint8)).sum(dim=-1, dtype=torch.uint8).contiguous()
 
 
-def _expand(compact: torch.Tensor, attrs: dict) -> torch.Tensor:
-    """uint8 bits -> kernel-layout packed weight."""
+def expand_weight(compact: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """A binary weight's file form -> its kernel-layout packed weight (inverse of :func:`compact_weight`)."""
     co = compact.shape[0]
     bits = ((compact.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).bool().reshape(co, -1)
     if "kernel_size" in attrs:
@@ -85,28 +89,29 @@ def _binary_roles(node: dict) -> list[str]:
     return [role for role, ts in spec.tensors.items() if ts.binary and role in node.get("tensors", {})]
 
 
-def file_tensors(model) -> dict[str, torch.Tensor]:
+def file_tensors(graph: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors as stored in a file (binary weights compact)."""
-    tensors = dict(model.named_graph_tensors())
-    for node in model.graph["nodes"]:
-        attrs = G._attrs(node, G.OPS[node["op"]], node["name"])
+    tensors = dict(tensors)
+    for node in graph["nodes"]:
+        attrs = G.attrs(node)
         for role in _binary_roles(node):
             key = node["tensors"][role]
-            tensors[key] = _compact(tensors[key], attrs)
+            tensors[key] = compact_weight(tensors[key], attrs)
     return tensors
 
 
-def save(model, path: str | os.PathLike) -> None:
-    """Write ``model`` (a :class:`~onebit.engine.PackedModel`) to ``path`` atomically."""
+def write(path: str | os.PathLike, graph: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a graph and its tensors (binary weights in kernel layout) to ``path`` atomically."""
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "graph": json.dumps(model.graph, separators=(",", ":"), sort_keys=True),
+        "graph": json.dumps(graph, separators=(",", ":"), sort_keys=True),
     }
-    io.save_tensors(path, file_tensors(model), metadata)
+    io.save_tensors(path, file_tensors(graph, tensors), metadata)
 
 
-def _fail(path, why: str) -> FormatError:
+def format_error(path, why: str) -> FormatError:
+    """The error of a file that is no valid packed model, naming the file and why."""
     return FormatError(f"{os.fspath(path)}: not a valid onebit packed model file: {why}")
 
 
@@ -118,25 +123,25 @@ def _header_tensors(path, header: dict, data_size: int) -> dict[str, tuple[torch
         if key == "__metadata__":
             continue
         if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-            raise _fail(path, f"tensor {key!r} has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+            raise format_error(path, f"tensor {key!r} has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and len(shape) <= 8 and all(_plain_int(d) and 0 <= d < 1 << 40 for d in shape)):
-            raise _fail(path, f"tensor {key!r} has a bad shape {shape!r}")
+            raise format_error(path, f"tensor {key!r} has a bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_plain_int(o) and 0 <= o for o in offsets)):
-            raise _fail(path, f"tensor {key!r} has bad data offsets")
+            raise format_error(path, f"tensor {key!r} has bad data offsets")
         dtype = _DTYPES[info["dtype"]]
         nbytes = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise _fail(path, f"tensor {key!r} of shape {shape} ({info['dtype']}) needs {nbytes} bytes, its data offsets span {offsets[1] - offsets[0]}")
+            raise format_error(path, f"tensor {key!r} of shape {shape} ({info['dtype']}) needs {nbytes} bytes, its data offsets span {offsets[1] - offsets[0]}")
         entries.append((offsets[0], offsets[1], key, dtype, shape))
     entries.sort()
     end = 0
     for begin, stop, key, _, _ in entries:
         if begin != end:
-            raise _fail(path, f"tensor {key!r} starts at byte {begin} of the data, expected {end} (gaps or overlaps)")
+            raise format_error(path, f"tensor {key!r} starts at byte {begin} of the data, expected {end} (gaps or overlaps)")
         end = stop
     if end != data_size:
-        raise _fail(path, f"the data section holds {data_size} bytes, the header describes {end}"
+        raise format_error(path, f"the data section holds {data_size} bytes, the header describes {end}"
                     + (" (the file is longer than it claims)" if data_size > end else " (truncated)"))
     return {key: (dtype, shape) for _, _, key, dtype, shape in entries}
 
@@ -150,76 +155,66 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
     if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a pipe would wait for a writer
-        raise _fail(path, "not a regular file (a directory, device, pipe or socket)")
+        raise format_error(path, "not a regular file (a directory, device, pipe or socket)")
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise _fail(path, "not a regular file (a directory, device, pipe or socket)")
+            raise format_error(path, "not a regular file (a directory, device, pipe or socket)")
         size = info.st_size
         if size == 0:
-            raise _fail(path, "the file is empty")
+            raise format_error(path, "the file is empty")
         head = f.read(min(size, 9))
         if head[:4] == b"PK\x03\x04":
-            raise _fail(path, "it is a zip archive (a torch.save checkpoint?), not safetensors")
+            raise format_error(path, "it is a zip archive (a torch.save checkpoint?), not safetensors")
         pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
         if size < 8:
-            raise _fail(path, "it looks like a pickle, which onebit never loads" if pickled else f"truncated ({size} bytes)")
+            raise format_error(path, "it looks like a pickle, which onebit never loads" if pickled else f"truncated ({size} bytes)")
         (header_len,) = struct.unpack("<Q", head[:8])
         if header_len < 2 or header_len > _MAX_HEADER or 8 + header_len > size or head[8:9] != b"{":
             if pickled:
-                raise _fail(path, "it looks like a pickle, which onebit never loads")
-            raise _fail(path, f"bad header size {header_len} for a file of {size} bytes (truncated or foreign)")
+                raise format_error(path, "it looks like a pickle, which onebit never loads")
+            raise format_error(path, f"bad header size {header_len} for a file of {size} bytes (truncated or foreign)")
         f.seek(8)
         raw_header = f.read(header_len)
     if len(raw_header) != header_len:
-        raise _fail(path, "the file changed while it was read")
+        raise format_error(path, "the file changed while it was read")
     try:
         header = json.loads(raw_header.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: JSON, or a 5,000-digit number
-        raise _fail(path, f"the header is not JSON ({error})") from None
+        raise format_error(path, f"the header is not JSON ({error})") from None
     if not isinstance(header, dict):
-        raise _fail(path, "the header is not a JSON object")
+        raise format_error(path, "the header is not a JSON object")
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _fail(path, f"no {FORMAT!r} format tag in the metadata (a plain safetensors file?)")
+        raise format_error(path, f"no {FORMAT!r} format tag in the metadata (a plain safetensors file?)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise _fail(path, f"unsupported format version {meta.get('format_version')!r} (this onebit reads {FORMAT_VERSION})")
+        raise format_error(path, f"unsupported format version {meta.get('format_version')!r} (this onebit reads {FORMAT_VERSION})")
     declared = _header_tensors(path, header, size - 8 - header_len)
     try:
         graph = json.loads(meta.get("graph", ""))
     except (ValueError, TypeError, RecursionError) as error:
-        raise _fail(path, f"the graph is not JSON ({error})") from None
+        raise format_error(path, f"the graph is not JSON ({error})") from None
     try:  # the graph against the declared dtypes and shapes, before any data is read
         shapes = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (dtype, shape) in declared.items()}
         G.validate(graph, shapes, compact=True)
     except G.GraphError as error:
-        raise _fail(path, str(error)) from None
+        raise format_error(path, str(error)) from None
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in declared}
     except MemoryError:
         raise MemoryError(f"{os.fspath(path)}: not enough memory for its {size - 8 - header_len} bytes of tensors") from None
     except Exception as error:  # safetensors raises its own error types on malformed data
-        raise _fail(path, f"safetensors could not read the tensors ({error})") from None
+        raise format_error(path, f"safetensors could not read the tensors ({error})") from None
     try:
         G.validate(graph, tensors, compact=True)
         for node in graph["nodes"]:
-            attrs = G._attrs(node, G.OPS[node["op"]], node["name"])
+            attrs = G.attrs(node)
             for role in _binary_roles(node):
                 key = node["tensors"][role]
-                tensors[key] = _expand(tensors[key], attrs)
+                tensors[key] = expand_weight(tensors[key], attrs)
     except G.GraphError as error:
-        raise _fail(path, str(error)) from None
+        raise format_error(path, str(error)) from None
     return graph, tensors
 
-
-def load(path: str | os.PathLike):
-    """Load a :class:`~onebit.engine.PackedModel` saved with :meth:`PackedModel.save`."""
-    from onebit.engine.packed import PackedModel
-
-    graph, tensors = read(path)
-    try:
-        return PackedModel(graph, tensors)
-    except G.GraphError as error:
-        raise _fail(path, str(error)) from None

@@ -25,13 +25,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from onebit.engine import ops
 from onebit.bits import unpack_signs
+from onebit.engine import ops
+from onebit.engine.geometry import ConvSpec, used_bits, words_for
 from onebit.math import sign
 from onebit.nn.functional import scale_and_bias
 from onebit.nn.twist import coordinate_maps
 
-__all__ = ["OPS", "OpSpec", "validate", "GraphError", "binary_weight_shape", "compact_shape"]
+__all__ = ["OPS", "OpSpec", "validate", "attrs", "GraphError", "binary_weight_shape", "compact_shape"]
 
 
 class GraphError(ValueError):
@@ -121,7 +122,7 @@ def _conv_padding(v):
 
 def binary_weight_shape(a: dict) -> tuple[int, ...]:
     """In-memory packed conv weight: ``[C_out, KH, KW, ceil((C_in/G)/64)]`` int64."""
-    return (a["out_channels"], *a["kernel_size"], (a["in_channels"] // a["groups"] + 63) // 64)
+    return (a["out_channels"], *a["kernel_size"], words_for(a["in_channels"] // a["groups"]))
 
 
 def compact_shape(a: dict) -> tuple[int, ...]:
@@ -152,10 +153,6 @@ class OpSpec:
     check: Callable[[dict], None] | None = None  # cross-attribute checks
 
 
-def _co(a):
-    return (a["out_channels"],)
-
-
 _CONV_ATTRS = {
     "in_channels": _int(1),
     "out_channels": _int(1),
@@ -171,6 +168,15 @@ _CONV_ATTRS = {
 def _check_groups(a):
     if a["in_channels"] % a["groups"] or a["out_channels"] % a["groups"]:
         raise GraphError(f"{a['in_channels']} -> {a['out_channels']} channels are not divisible by groups={a['groups']}")
+
+
+def _check_binary_conv(a):
+    """A binary convolution's attributes make a convolution the kernels run (geometry's one check)."""
+    _check_groups(a)
+    try:
+        ConvSpec.check(**_conv_args(a))
+    except ValueError as error:
+        raise GraphError(str(error)) from None
 
 
 def _conv_args(a) -> dict:
@@ -461,6 +467,10 @@ def _cout(a):
     return (a["out_channels"],)
 
 
+def _group_words(a):
+    return (a["out_groups"], words_for(a["channels"] // a["out_groups"]))
+
+
 def _fout(a):
     return (a["out_features"],)
 
@@ -497,7 +507,7 @@ OPS: dict[str, OpSpec] = {
             "scale": TensorSpec(_F32, _cout, required=False),
             "bias": TensorSpec(_F32, _cout, required=False),
         },
-        _check_groups,
+        _check_binary_conv,
     ),
     "binary_conv2d_threshold": OpSpec(
         _binary_conv2d_threshold,
@@ -509,7 +519,7 @@ OPS: dict[str, OpSpec] = {
             "thresholds": TensorSpec(torch.int32, _cout),
             "direction": TensorSpec(torch.int8, _cout),
         },
-        lambda a: (_check_groups(a), _check_out_groups(a)),
+        lambda a: (_check_binary_conv(a), _check_out_groups(a)),
     ),
     "threshold_pack": OpSpec(
         _threshold_pack,
@@ -533,8 +543,8 @@ OPS: dict[str, OpSpec] = {
             **_THRESH_ATTRS,
         },
         {
-            "or_mask": TensorSpec(torch.int64, lambda a: (a["out_groups"], (a["channels"] // a["out_groups"] + 63) // 64)),
-            "pad_words": TensorSpec(torch.int64, lambda a: (a["out_groups"], (a["channels"] // a["out_groups"] + 63) // 64)),
+            "or_mask": TensorSpec(torch.int64, _group_words),
+            "pad_words": TensorSpec(torch.int64, _group_words),
         },
         lambda a: _check_out_groups({**a, "out_channels": a["channels"]}),
     ),
@@ -863,9 +873,9 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
                 raise GraphError(f"{where}: op {op} expects a {want} input, {ref!r} is {kinds[ref]}")
             if want == PACKED:
                 producer = producers[ref]
-                if not _layouts_match(_produced_layout(producer), _expected_layout({"op": op, "attrs": _attrs(node, spec, where)})):
+                if not _layouts_match(_produced_layout(producer), _expected_layout({"op": op, "attrs": _checked_attrs(node, spec, where)})):
                     raise GraphError(f"{where}: packed input {ref!r} has a different layout than {op} expects")
-        attrs = _attrs(node, spec, where)
+        attrs = _checked_attrs(node, spec, where)
         if not isinstance(node.get("conv1d", False), bool):
             raise GraphError(f"{where}: 'conv1d' must be true or false")
         node_tensors = node.get("tensors", {})
@@ -939,15 +949,19 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
 
 def _unused_bits(channels: int, words: int) -> torch.Tensor:
     """int64 ``[words]``: the bits beyond ``channels`` (which must stay 0)."""
-    out = []
-    for k in range(words):
-        used = min(max(channels - 64 * k, 0), 64)
-        mask = 0 if used == 64 else ~((1 << used) - 1) & ((1 << 64) - 1)
-        out.append(mask - (1 << 64) if mask >= 1 << 63 else mask)
-    return torch.tensor(out, dtype=torch.int64)
+    return torch.tensor([~word for word in used_bits(channels, words)], dtype=torch.int64)
 
 
-def _attrs(node: dict, spec: OpSpec, where: str) -> dict:
+def attrs(node: dict) -> dict:
+    """A node's attributes, checked against its op and normalised (pairs as lists, numbers as their
+    types); :class:`GraphError` naming the node when they are not what the op takes."""
+    op = node.get("op")
+    if op not in OPS:
+        raise GraphError(f"graph node {node.get('name')!r}: unknown op {op!r}")
+    return _checked_attrs(node, OPS[op], f"graph node {node.get('name')!r}")
+
+
+def _checked_attrs(node: dict, spec: OpSpec, where: str) -> dict:
     attrs = node.get("attrs", {})
     if not isinstance(attrs, dict):
         raise GraphError(f"{where}: attrs must be an object")

@@ -13,8 +13,9 @@ Layouts (all packed tensors are int64, contiguous):
 - packed features ``[N, Wg]`` and linear weights ``[Out, Wg]``, ``Wg = ceil(F / 64)``;
 - float32 / int32 conv outputs ``[N, C_out, OH, OW]`` in channels_last memory.
 
-Every function validates its arguments (``ValueError`` naming the problem) before any
-native code runs; the native code re-checks the numbers. Kernels release the GIL, run
+Every function validates its arguments with :mod:`onebit.engine.geometry` (``ValueError``
+naming the problem, the same text as the reference path's) before any native code runs; the
+native code re-checks the numbers. Kernels release the GIL, run
 on ``torch.get_num_threads()`` threads (small layers stay on one), and are safe to call
 from several Python threads at once. The instruction set is chosen at import (best
 supported, or ``ONEBIT_ISA``) and can be forced with :func:`set_isa`.
@@ -35,7 +36,23 @@ from typing import Sequence
 import torch
 
 from onebit import _C
-from onebit.engine.reference import pool_output_size
+from onebit.engine.geometry import (
+    ConvCall,
+    ConvSpec,
+    check_conv,
+    check_conv_epilogue,
+    check_int,
+    check_linear,
+    check_pack,
+    check_per_channel,
+    check_pool_bits,
+    check_residual,
+    check_tensor,
+    check_threshold_output,
+    conv_output_size,
+    pair,
+    words_for,
+)
 
 __all__ = [
     "isa",
@@ -110,136 +127,22 @@ class WeightCache(_C.WeightCache):
         return hash((version, self._cleared, probe[2].tobytes(), probe[3].tobytes()))
 set_isa = _C.set_isa
 supported_isas = _C.supported_isas
-
-_PAD_CODES = {0.0: 0, 1.0: 1, -1.0: -1}
 _MODE_INT, _MODE_FLOAT, _MODE_THRESHOLD = 0, 1, 2
 
 
-def words_for(channels: int) -> int:
-    """64-bit words holding ``channels`` bits."""
-    return (int(channels) + 63) // 64
+def _custom_op(name: str, schema: str, impl, fake):
+    """Register ``impl`` as the custom op ``onebit::name`` of ``schema`` (its arguments and result, as
+    ``torch.library`` writes them) with ``fake``, the implementation that gives shapes under tracing."""
+    op = torch.library.custom_op(f"onebit::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length of a convolution, as torch computes it (floor)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-# ---------------------------------------------------------------------------
-# argument checks (they only read shapes, dtypes and strides: they run on fake tensors too)
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list, torch.Size)) and len(value) == 2:
-        a, b = value
-        if isinstance(a, (int, torch.SymInt)) and isinstance(b, (int, torch.SymInt)):
-            if not isinstance(a, bool) and not isinstance(b, bool):
-                return (a, b)
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
-def _int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _pad_code(value, name: str) -> int:
-    try:
-        return _PAD_CODES[float(value)]
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{name} must be 0.0, 1.0 or -1.0, got {value!r}") from None
-
-
-def _tensor(t, name: str, dtype: torch.dtype, ndim: int | None = None, contiguous: bool = True) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU, got device {t.device}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {list(t.shape)}")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}; call .contiguous() first")
-
-
-def _per_channel(t, name: str, dtype: torch.dtype, channels: int) -> None:
-    _tensor(t, name, dtype, 1)
-    if t.shape[0] != channels:
-        raise ValueError(f"{name} must have shape [{channels}] (one per output channel), got {list(t.shape)}")
-
-
-class _Conv:
-    """The checked geometry of one binary convolution call."""
-
-    __slots__ = ("n", "hp", "wp", "c", "co", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "g", "pad", "oh", "ow")
-
-    def __init__(self, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
-        c = _int(in_channels, "in_channels", 1)
-        co = _int(out_channels, "out_channels", 1)
-        g = _int(groups, "groups", 1)
-        if c % g or co % g:
-            raise ValueError(f"groups={g} must divide in_channels={c} and out_channels={co}")
-        self.kh, self.kw = _pair(kernel_size, "kernel_size")
-        self.sh, self.sw = _pair(stride, "stride")
-        self.ph, self.pw = _pair(padding, "padding")
-        self.dh, self.dw = _pair(dilation, "dilation")
-        if self.kh < 1 or self.kw < 1:
-            raise ValueError(f"kernel_size must be >= 1, got {(self.kh, self.kw)}")
-        if self.sh < 1 or self.sw < 1:
-            raise ValueError(f"stride must be >= 1, got {(self.sh, self.sw)}")
-        if self.dh < 1 or self.dw < 1:
-            raise ValueError(f"dilation must be >= 1, got {(self.dh, self.dw)}")
-        if self.ph < 0 or self.pw < 0:
-            raise ValueError(f"padding must be >= 0, got {(self.ph, self.pw)}")
-        self.pad = _pad_code(pad_value, "pad_value")
-        wg = words_for(c // g)
-        if isinstance(xp, torch.Tensor) and xp.dtype == torch.float32 and xp.dim() != 4:
-            raise ValueError(
-                "xp must have dtype torch.int64 (packed activations [N, Hp, Wp, G, Wg]) or be the float32 "
-                f"[N, C, H, W] input, got float32 of shape {list(xp.shape)}"
-            )
-        if isinstance(xp, torch.Tensor) and xp.dtype == torch.float32:  # packed on the fly
-            _tensor(xp, "input x", torch.float32, 4, contiguous=False)
-            n, xc, h, w = xp.shape
-            if xc != c:
-                raise ValueError(f"input x has shape {list(xp.shape)}: expected [N, in_channels={c}, H, W]")
-            hp, wpad = h + 2 * self.ph, w + 2 * self.pw
-        else:
-            _tensor(xp, "packed input xp", torch.int64, 5)
-            n, hp, wpad, xg, xwg = xp.shape
-            if xg != g or xwg != wg:
-                raise ValueError(
-                    f"packed input xp has shape {list(xp.shape)}: expected [N, Hp, Wp, groups={g}, "
-                    f"words={wg}] for {c} input channels in {g} groups"
-                )
-            h, w = hp - 2 * self.ph, wpad - 2 * self.pw
-        if h < 1 or w < 1:
-            raise ValueError(
-                f"packed input xp of spatial size {hp}x{wpad} cannot hold padding {self.ph}x{self.pw} "
-                "around a non-empty image"
-            )
-        self.oh = conv_output_size(h, self.kh, self.sh, self.ph, self.dh)
-        self.ow = conv_output_size(w, self.kw, self.sw, self.pw, self.dw)
-        if self.oh < 1 or self.ow < 1:
-            raise ValueError(
-                f"input of spatial size {h}x{w} with padding {self.ph}x{self.pw} is too small for kernel "
-                f"{self.kh}x{self.kw} with dilation {self.dh}x{self.dw}"
-            )
-        _tensor(wp, "packed weight wp", torch.int64, 4)
-        if tuple(wp.shape) != (co, self.kh, self.kw, wg):
-            raise ValueError(
-                f"packed weight wp has shape {list(wp.shape)}: expected [out_channels={co}, KH={self.kh}, "
-                f"KW={self.kw}, words={wg}]"
-            )
-        self.n, self.hp, self.wp, self.c, self.co, self.g = n, hp, wpad, c, co, g
-
-
+#: the arguments every binary convolution op starts with (its schema; ``ConvSpec.op_args`` gives them)
+_CONV_SCHEMA = (
+    "Tensor xp, Tensor wp, SymInt in_channels, SymInt out_channels, SymInt[] kernel_size, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation, SymInt groups, float pad_value"
+)
 
 _PLAN_CACHE: dict = {}
 _PLAN_CACHE_SIZE = 1024
@@ -265,21 +168,12 @@ class _Plan:
         self.native, self.shape, self.co = native, shape, co
 
 
-def _threshold_params(cv, out_padding, out_pad_value, out_groups):
-    oph, opw = _pair(out_padding, "out_padding")
-    if oph < 0 or opw < 0:
-        raise ValueError(f"out_padding must be >= 0, got {(oph, opw)}")
-    opad = _pad_code(out_pad_value, "out_pad_value")
-    og = _int(out_groups, "out_groups", 1)
-    if cv.co % og:
-        raise ValueError(f"out_groups={og} must divide out_channels={cv.co}")
-    shape = (cv.n, cv.oh + 2 * oph, cv.ow + 2 * opw, og, words_for(cv.co // og))
-    return shape, oph, opw, opad, og
 
+def _conv_plan(mode, xp, wp, *args):
+    """The cached plan for this call; validates everything but per-channel tensors (ValueError).
 
-def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, groups, pad_value,
-               out_padding=0, out_pad_value=0.0, out_groups=1):  # fmt: skip
-    """The cached plan for this call; validates everything but per-channel tensors (ValueError)."""
+    ``args``: the convolution's arguments (in_channels, out_channels, kernel_size, stride, padding,
+    dilation, groups, pad_value), then for ``_MODE_THRESHOLD`` out_padding, out_pad_value, out_groups."""
     key = None
     if (
         type(xp) is torch.Tensor
@@ -290,33 +184,34 @@ def _conv_plan(mode, xp, wp, c, co, kernel_size, stride, padding, dilation, grou
         and wp.is_cpu
         and wp.is_contiguous()
     ):
-        key = (mode, xp.dtype, xp.shape, wp.shape, c, co, kernel_size, stride, padding, dilation, groups, pad_value,
-               out_padding, out_pad_value, out_groups)  # fmt: skip
+        key = (mode, xp.dtype, xp.shape, wp.shape, args)
         try:
             plan = _PLAN_CACHE.get(key)
         except TypeError:  # lists (or worse) inside: retry with tuples
-            key = tuple(_hashable(v) for v in key)
+            key = (mode, xp.dtype, xp.shape, wp.shape, tuple(_hashable(v) for v in args))
             try:
                 plan = _PLAN_CACHE.get(key)
             except TypeError:  # something unhashable: the checks below say what is wrong
                 key = plan = None
         if plan is not None:
             return plan
-    cv = _Conv(xp, wp, c, co, kernel_size, stride, padding, dilation, groups, pad_value)
+    call = check_conv(xp, wp, *args[:8])
     if mode == _MODE_THRESHOLD:
-        shape, oph, opw, opad, og = _threshold_params(cv, out_padding, out_pad_value, out_groups)
+        shape, oph, opw, opad, og = check_threshold_output(call, *args[8:])
     else:
-        shape, oph, opw, opad, og = (cv.n, cv.co, cv.oh, cv.ow), 0, 0, 0, 1
+        shape, oph, opw, opad, og = call.output_shape, 0, 0, 0, 1
+    s = call.spec
     native = _C.conv_plan(
-        cv.n, cv.hp, cv.wp, cv.g * wp.shape[3], wp.shape[3], cv.c, cv.co, cv.kh, cv.kw, cv.sh, cv.sw,
-        cv.ph, cv.pw, cv.dh, cv.dw, cv.g, cv.pad, mode, oph, opw, og, opad,
+        call.n, call.hp, call.wp, s.groups * s.words, s.words, s.in_channels, s.out_channels, *s.kernel, *s.stride,
+        *s.padding, *s.dilation, s.groups, s.pad_code, mode, oph, opw, og, opad,
     )  # fmt: skip
-    plan = _Plan(native, shape, cv.co)
+    plan = _Plan(native, shape, s.out_channels)
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
             _PLAN_CACHE.clear()
         _PLAN_CACHE[key] = plan
     return plan
+
 
 
 def _cached(cache, wp):
@@ -364,7 +259,7 @@ def _channel_ptr(t, name: str, dtype: torch.dtype, channels: int) -> int:
         and t.shape[0] == channels
         and t.is_contiguous()
     ):
-        _per_channel(t, name, dtype, channels)
+        check_per_channel(t, name, dtype, channels)
     return t.data_ptr()
 
 
@@ -389,21 +284,6 @@ def _direct(*tensors) -> bool:
 # packing
 
 
-def _check_pack(x, padding, pad_value, groups):
-    _tensor(x, "x", torch.float32, 4, contiguous=False)
-    ph, pw = _pair(padding, "padding")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"padding must be >= 0, got {(ph, pw)}")
-    pad = _pad_code(pad_value, "pad_value")
-    g = _int(groups, "groups", 1)
-    n, c, h, w = x.shape
-    if c < 1:
-        raise ValueError(f"x must have at least one channel, got shape {list(x.shape)}")
-    if c % g:
-        raise ValueError(f"groups={g} must divide the {c} channels of x")
-    return (n, h + 2 * ph, w + 2 * pw, g, words_for(c // g)), ph, pw, pad, g
-
-
 _PACK_CACHE: dict = {}
 
 
@@ -416,7 +296,7 @@ def _pack_activations_impl(x, padding, pad_value, groups):
         except TypeError:
             key = None
     if entry is None:
-        shape, ph, pw, pad, g = _check_pack(x, padding, pad_value, groups)
+        shape, ph, pw, pad, g = check_pack(x, padding, pad_value, groups)
         n, c, h, w = x.shape
         sn, sc, sh, sw = x.stride()
         # Neither channels nor pixels contiguous: torch's copy to NCHW beats a strided gather.
@@ -437,15 +317,15 @@ def _pack_activations_impl(x, padding, pad_value, groups):
     return out
 
 
-@torch.library.custom_op("onebit::pack_activations", mutates_args=())
-def _pack_activations_op(x: torch.Tensor, padding: Sequence[int], pad_value: float, groups: int) -> torch.Tensor:
-    return _pack_activations_impl(x, padding, pad_value, groups)
-
-
-@_pack_activations_op.register_fake
-def _(x, padding, pad_value, groups):
-    shape, *_ = _check_pack(x, padding, pad_value, groups)
+def _pack_activations_fake(x, padding, pad_value, groups):
+    shape, *_ = check_pack(x, padding, pad_value, groups)
     return x.new_empty(shape, dtype=torch.int64)
+
+
+_custom_op(
+    "pack_activations", "(Tensor x, SymInt[] padding, float pad_value, SymInt groups) -> Tensor",
+    _pack_activations_impl, _pack_activations_fake,
+)
 
 
 def pack_activations(
@@ -459,12 +339,12 @@ def pack_activations(
     """
     if _direct(x):
         return _pack_activations_impl(x, padding, pad_value, groups)
-    return torch.ops.onebit.pack_activations(x, list(_pair(padding, "padding")), float(pad_value), groups)
+    return torch.ops.onebit.pack_activations(x, list(pair(padding, "padding")), float(pad_value), groups)
 
 
 def pack_features(x: torch.Tensor) -> torch.Tensor:
     """float32 ``[N, F]`` -> packed int64 ``[N, ceil(F / 64)]`` (the input of :func:`binary_linear`)."""
-    _tensor(x, "x", torch.float32, 2, contiguous=False)
+    check_tensor(x, "x", torch.float32, 2, contiguous=False)
     n, f = x.shape
     return pack_activations(x[:, :, None, None]).view(n, -1)
 
@@ -478,8 +358,8 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """
     if isinstance(w, torch.Tensor):
         w = w.detach()
-    _tensor(w, "w", torch.float32, contiguous=False)
-    g = _int(groups, "groups", 1)
+    check_tensor(w, "w", torch.float32, contiguous=False)
+    g = check_int(groups, "groups", 1)
     if w.dim() == 2:
         out, f = w.shape
         if g != 1:
@@ -493,8 +373,12 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return pack_activations(w).view(co, kh, kw, -1)
 
 
+
 # ---------------------------------------------------------------------------
 # convolutions
+#
+# Internally a convolution's arguments travel as one tuple ``conv`` = (in_channels, out_channels,
+# kernel_size, stride, padding, dilation, groups, pad_value), checked by geometry.check_conv.
 
 
 def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
@@ -507,31 +391,17 @@ def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
     return torch.empty_strided((n, c, h, w), stride, dtype=dtype)
 
 
-def _conv_int_impl(
-    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, cache=None
-):
-    plan = _conv_plan(
-        _MODE_INT, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
-    )
+def _conv_int_impl(xp, wp, conv, cache=None):
+    plan = _conv_plan(_MODE_INT, xp, wp, *conv)
     out = _empty_nchw_channels_last(*plan.shape, torch.int32)
     if out.numel():
         _run(plan, xp, wp, out, cache=cache)
     return out
 
 
-def _check_residual(residual, shape) -> None:
-    _tensor(residual, "residual", torch.float32, 4, contiguous=False)
-    if tuple(residual.shape) != tuple(shape):
-        raise ValueError(f"residual must have the output's shape {list(shape)}, got {list(residual.shape)}")
-
-
-def _conv_float_impl(
-    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-    residual=None, cache=None, bn_scale=None, bn_shift=None, bn_fma=False,
-):  # fmt: skip
-    plan = _conv_plan(
-        _MODE_FLOAT, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value
-    )
+def _conv_float_impl(xp, wp, conv, scale=None, bias=None, residual=None, cache=None, bn_scale=None, bn_shift=None,
+                     bn_fma=False):  # fmt: skip
+    plan = _conv_plan(_MODE_FLOAT, xp, wp, *conv)
     scale_ptr = _channel_ptr(scale, "scale", _F32, plan.co)
     bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
     bn = _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, plan.co)
@@ -541,7 +411,7 @@ def _conv_float_impl(
         if not (
             type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape
         ):
-            _check_residual(residual, out.shape)
+            check_residual(residual, out.shape)
         residual = residual.permute(0, 2, 3, 1)  # the kernel reads it in the output's [N, OH, OW, C_out] order
         if not residual.is_contiguous():
             residual = residual.contiguous()
@@ -561,14 +431,8 @@ def _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, channels: int) -> tuple[int, int
     return scale, _channel_ptr(bn_shift, "bn_shift", _F32, channels), bn_fma
 
 
-def _conv_threshold_impl(
-    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
-    thresholds, direction, out_padding, out_pad_value, out_groups, cache=None,
-):  # fmt: skip
-    plan = _conv_plan(
-        _MODE_THRESHOLD, xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-        pad_value, out_padding, out_pad_value, out_groups,
-    )  # fmt: skip
+def _conv_threshold_impl(xp, wp, conv, thresholds, direction, out_padding, out_pad_value, out_groups, cache=None):
+    plan = _conv_plan(_MODE_THRESHOLD, xp, wp, *conv, out_padding, out_pad_value, out_groups)
     thr_ptr = _channel_ptr(thresholds, "thresholds", _I32, plan.co)
     dir_ptr = _channel_ptr(direction, "direction", _I8, plan.co)
     if not thr_ptr or not dir_ptr:
@@ -579,114 +443,50 @@ def _conv_threshold_impl(
     return out
 
 
-@torch.library.custom_op("onebit::binary_conv2d_int", mutates_args=())
-def _conv_int_op(
-    xp: torch.Tensor,
-    wp: torch.Tensor,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    pad_value: float,
-) -> torch.Tensor:
-    return _conv_int_impl(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
+# The custom ops take the convolution's arguments positionally (_CONV_SCHEMA), then their own.
 
 
-@_conv_int_op.register_fake
-def _(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
-    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    return _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.int32, like=xp)
+def _conv_int_fake(xp, wp, *conv):
+    call = check_conv(xp, wp, *conv)
+    return _empty_nchw_channels_last(*call.output_shape, torch.int32, like=xp)
 
 
-@torch.library.custom_op("onebit::binary_conv2d", mutates_args=())
-def _conv_float_op(
-    xp: torch.Tensor,
-    wp: torch.Tensor,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    pad_value: float,
-    scale: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None = None,
-    bn_scale: torch.Tensor | None = None,
-    bn_shift: torch.Tensor | None = None,
-    bn_fma: bool = False,
-) -> torch.Tensor:
-    return _conv_float_impl(
-        xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-        residual, None, bn_scale, bn_shift, bn_fma,
-    )  # fmt: skip
+def _conv_float_fake(xp, wp, *args):
+    call = check_conv(xp, wp, *args[:8])
+    check_conv_epilogue(call, *args[8:])
+    return _empty_nchw_channels_last(*call.output_shape, torch.float32, like=xp)
 
 
-@_conv_float_op.register_fake
-def _(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-      residual=None, bn_scale=None, bn_shift=None, bn_fma=False):  # fmt: skip
-    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    for t, name in ((scale, "scale"), (bias, "bias"), (bn_scale, "bn_scale"), (bn_shift, "bn_shift")):
-        if t is not None:
-            _per_channel(t, name, torch.float32, cv.co)
-    if (bn_scale is None) != (bn_shift is None):
-        raise ValueError("bn_scale and bn_shift go together: give both or neither")
-    if residual is not None:
-        _check_residual(residual, (cv.n, cv.co, cv.oh, cv.ow))
-    return _empty_nchw_channels_last(cv.n, cv.co, cv.oh, cv.ow, torch.float32, like=xp)
-
-
-@torch.library.custom_op("onebit::binary_conv2d_threshold", mutates_args=())
-def _conv_threshold_op(
-    xp: torch.Tensor,
-    wp: torch.Tensor,
-    in_channels: int,
-    out_channels: int,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    pad_value: float,
-    thresholds: torch.Tensor,
-    direction: torch.Tensor,
-    out_padding: Sequence[int],
-    out_pad_value: float,
-    out_groups: int,
-) -> torch.Tensor:
-    return _conv_threshold_impl(
-        xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
-        thresholds, direction, out_padding, out_pad_value, out_groups,
-    )  # fmt: skip
-
-
-@_conv_threshold_op.register_fake
-def _(
-    xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
-    thresholds, direction, out_padding, out_pad_value, out_groups,
-):  # fmt: skip
-    cv = _Conv(xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    shape, *_ = _threshold_params(cv, out_padding, out_pad_value, out_groups)
-    _per_channel(thresholds, "thresholds", torch.int32, cv.co)
-    _per_channel(direction, "direction", torch.int8, cv.co)
+def _conv_threshold_fake(xp, wp, *args):
+    call: ConvCall = check_conv(xp, wp, *args[:8])
+    thresholds, direction, out_padding, out_pad_value, out_groups = args[8:]
+    shape, *_ = check_threshold_output(call, out_padding, out_pad_value, out_groups)
+    check_per_channel(thresholds, "thresholds", torch.int32, call.spec.out_channels)
+    check_per_channel(direction, "direction", torch.int8, call.spec.out_channels)
     return xp.new_empty(shape, dtype=torch.int64)
 
 
-def _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value):
-    return (
-        in_channels,
-        out_channels,
-        list(_pair(kernel_size, "kernel_size")),
-        list(_pair(stride, "stride")),
-        list(_pair(padding, "padding")),
-        list(_pair(dilation, "dilation")),
-        groups,
-        float(pad_value),
-    )
+_custom_op(
+    "binary_conv2d_int", f"({_CONV_SCHEMA}) -> Tensor",
+    lambda xp, wp, *conv: _conv_int_impl(xp, wp, conv), _conv_int_fake,
+)  # fmt: skip
+_custom_op(
+    "binary_conv2d",
+    f"({_CONV_SCHEMA}, Tensor? scale, Tensor? bias, Tensor? residual=None, Tensor? bn_scale=None, "
+    "Tensor? bn_shift=None, bool bn_fma=False) -> Tensor",
+    lambda xp, wp, *args: _conv_float_impl(xp, wp, args[:8], *args[8:11], None, *args[11:]), _conv_float_fake,
+)  # fmt: skip
+_custom_op(
+    "binary_conv2d_threshold",
+    f"({_CONV_SCHEMA}, Tensor thresholds, Tensor direction, SymInt[] out_padding, float out_pad_value, "
+    "SymInt out_groups) -> Tensor",
+    lambda xp, wp, *args: _conv_threshold_impl(xp, wp, args[:8], *args[8:]), _conv_threshold_fake,
+)  # fmt: skip
+
+
+def _op_args(conv) -> tuple:
+    """The convolution's arguments as the custom ops take them (checked: the same errors as the kernels)."""
+    return ConvSpec.check(*conv).op_args()
 
 
 def binary_conv2d_int(
@@ -717,12 +517,10 @@ def binary_conv2d_int(
     writes are seen); the caller keeps ``wp`` alive while the cache is in use. Without it
     the weights are prepared on every call.
     """
+    conv = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     if _direct(xp, wp):
-        return _conv_int_impl(
-            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, cache
-        )
-    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    return torch.ops.onebit.binary_conv2d_int(xp, wp, *args)
+        return _conv_int_impl(xp, wp, conv, cache)
+    return torch.ops.onebit.binary_conv2d_int(xp, wp, *_op_args(conv))
 
 
 def binary_conv2d(
@@ -757,13 +555,10 @@ def binary_conv2d(
     before the residual: ``y * bn_scale[c] + bn_shift[c]`` rounded once (``bn_fma=True``, a fused
     multiply-add, as torch's vectorized CPU BatchNorm) or twice (``bn_fma=False``).
     """
+    conv = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     if _direct(xp, wp, scale, bias, residual, bn_scale, bn_shift):
-        return _conv_float_impl(
-            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value, scale, bias,
-            residual, cache, bn_scale, bn_shift, bn_fma,
-        )  # fmt: skip
-    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    return torch.ops.onebit.binary_conv2d(xp, wp, *args, scale, bias, residual, bn_scale, bn_shift, bn_fma)
+        return _conv_float_impl(xp, wp, conv, scale, bias, residual, cache, bn_scale, bn_shift, bn_fma)
+    return torch.ops.onebit.binary_conv2d(xp, wp, *_op_args(conv), scale, bias, residual, bn_scale, bn_shift, bn_fma)
 
 
 def _thresholds_int32(thresholds: torch.Tensor) -> torch.Tensor:
@@ -821,15 +616,12 @@ def binary_conv2d_threshold(
     """
     direction = _direction_int8(direction)
     thresholds = _thresholds_int32(thresholds)
+    conv = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
     if _direct(xp, wp, thresholds, direction):
-        return _conv_threshold_impl(
-            xp, wp, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value,
-            thresholds, direction, out_padding, out_pad_value, out_groups, cache,
-        )  # fmt: skip
-    args = _conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, pad_value)
-    out_padding = list(_pair(out_padding, "out_padding"))
+        return _conv_threshold_impl(xp, wp, conv, thresholds, direction, out_padding, out_pad_value, out_groups, cache)
+    out_padding = list(pair(out_padding, "out_padding"))
     return torch.ops.onebit.binary_conv2d_threshold(
-        xp, wp, *args, thresholds, direction, out_padding, float(out_pad_value), out_groups
+        xp, wp, *_op_args(conv), thresholds, direction, out_padding, float(out_pad_value), out_groups
     )
 
 
@@ -838,18 +630,8 @@ def binary_conv2d_threshold(
 
 
 def _linear_views(xp, wp, in_features):
-    f = _int(in_features, "in_features", 1)
-    wg = words_for(f)
-    _tensor(xp, "packed input xp", torch.int64, 2)
-    _tensor(wp, "packed weight wp", torch.int64, 2)
-    if xp.shape[1] != wg:
-        raise ValueError(f"packed input xp has shape {list(xp.shape)}: expected [N, {wg}] for {f} features")
-    if wp.shape[1] != wg:
-        raise ValueError(f"packed weight wp has shape {list(wp.shape)}: expected [Out, {wg}] for {f} features")
-    n, out = xp.shape[0], wp.shape[0]
-    if out < 1:
-        raise ValueError("packed weight wp has no output features")
-    conv = dict(in_channels=f, out_channels=out, kernel_size=1)
+    n, out, wg = check_linear(xp, wp, in_features)
+    conv = dict(in_channels=in_features, out_channels=out, kernel_size=1)
     return xp.view(n, 1, 1, 1, wg), wp.view(out, 1, 1, wg), conv, n, out
 
 
@@ -884,33 +666,8 @@ def binary_linear_threshold(
 # pooling on packed bits
 
 
-def _check_pool_bits(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels):
-    """Validated numbers of a bit max pooling; the output shape first (see reference.max_pool_bits)."""
-    _tensor(xp, "xp", torch.int64, 5, contiguous=False)
-    n, h, w, g, wg = xp.shape
-    for name, t in (("or_mask", or_mask), ("pad_words", pad_words)):
-        _tensor(t, name, torch.int64, 2, contiguous=False)
-        if tuple(t.shape) != (g, wg):
-            raise ValueError(f"max_pool_bits: {name} must have shape [{g}, {wg}], got {list(t.shape)}")
-    kh, kw = _pair(kernel_size, "kernel_size")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(padding, "padding")
-    dh, dw = _pair(dilation, "dilation")
-    oph, opw = _pair(out_padding, "out_padding")
-    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw, oph, opw) < 0:
-        raise ValueError("max_pool_bits: kernel_size, stride and dilation must be positive, paddings not negative")
-    if channels % g or words_for(channels // g) != wg:
-        raise ValueError(f"max_pool_bits: {channels} channels do not fill {g} groups of {wg} words")
-    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
-    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"max_pool_bits: input {h}x{w} is too small for pooling window {kh}x{kw}")
-    shape = (n, oh + 2 * oph, ow + 2 * opw, g, wg)
-    return shape, (n, h, w, g, wg, channels // g, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, oph, opw)
-
-
 def _max_pool_bits_impl(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels):
-    shape, numbers = _check_pool_bits(
+    shape, numbers = check_pool_bits(
         xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels
     )
     xp, or_mask, pad_words = xp.contiguous(), or_mask.contiguous(), pad_words.contiguous()
@@ -920,26 +677,17 @@ def _max_pool_bits_impl(xp, or_mask, pad_words, kernel_size, stride, padding, di
     return out
 
 
-@torch.library.custom_op("onebit::max_pool_bits", mutates_args=())
-def _max_pool_bits_op(
-    xp: torch.Tensor,
-    or_mask: torch.Tensor,
-    pad_words: torch.Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    ceil_mode: bool,
-    out_padding: Sequence[int],
-    channels: int,
-) -> torch.Tensor:
-    return _max_pool_bits_impl(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels)
-
-
-@_max_pool_bits_op.register_fake
-def _(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels):
-    shape, _ = _check_pool_bits(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels)
+def _max_pool_bits_fake(xp, or_mask, pad_words, *args):
+    shape, *_ = check_pool_bits(xp, or_mask, pad_words, *args)
     return xp.new_empty(shape, dtype=torch.int64)
+
+
+_custom_op(
+    "max_pool_bits",
+    "(Tensor xp, Tensor or_mask, Tensor pad_words, SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, "
+    "SymInt[] dilation, bool ceil_mode, SymInt[] out_padding, SymInt channels) -> Tensor",
+    _max_pool_bits_impl, _max_pool_bits_fake,
+)  # fmt: skip
 
 
 def max_pool_bits(
@@ -962,10 +710,10 @@ def max_pool_bits(
     args = (xp, or_mask, pad_words, kernel_size, stride, padding, dilation, bool(ceil_mode), out_padding, int(channels))
     if _direct(xp, or_mask, pad_words):
         return _max_pool_bits_impl(*args)
-    pairs = [list(_pair(v, name)) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
-                                                   (padding, "padding"), (dilation, "dilation"))]
+    pairs = [list(pair(v, name)) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
+                                                  (padding, "padding"), (dilation, "dilation"))]
     return torch.ops.onebit.max_pool_bits(xp, or_mask, pad_words, *pairs, bool(ceil_mode),
-                                          list(_pair(out_padding, "out_padding")), int(channels))
+                                          list(pair(out_padding, "out_padding")), int(channels))
 
 
 # ---------------------------------------------------------------------------
@@ -976,8 +724,8 @@ TERNARY_MAX_FEATURES = 1 << 17
 
 
 def _ternary_weight(wp, in_features) -> tuple[int, int]:
-    f = _int(in_features, "in_features", 1)
-    _tensor(wp, "packed ternary weight wp", torch.uint8, 2)
+    f = check_int(in_features, "in_features", 1)
+    check_tensor(wp, "packed ternary weight wp", torch.uint8, 2)
     row = (f + 3) // 4
     if wp.shape[1] != row or wp.shape[0] < 1:
         raise ValueError(
@@ -989,7 +737,7 @@ def _ternary_weight(wp, in_features) -> tuple[int, int]:
 
 def _check_ternary(x, wp, in_features, dtype) -> tuple[int, int, int]:
     f, out = _ternary_weight(wp, in_features)
-    _tensor(x, "input x", dtype, 2, contiguous=False)
+    check_tensor(x, "input x", dtype, 2, contiguous=False)
     if x.shape[1] != f:
         raise ValueError(f"input x has shape {list(x.shape)}: expected [N, in_features={f}]")
     return x.shape[0], f, out
@@ -1021,33 +769,28 @@ def _ternary_linear_int_impl(x, wp, in_features):
     return y
 
 
-@torch.library.custom_op("onebit::ternary_linear", mutates_args=())
-def _ternary_linear_op(
-    x: torch.Tensor, wp: torch.Tensor, in_features: int, scale: torch.Tensor | None, bias: torch.Tensor | None
-) -> torch.Tensor:
-    return _ternary_linear_impl(x, wp, in_features, scale, bias)
-
-
-@_ternary_linear_op.register_fake
-def _(x, wp, in_features, scale, bias):
+def _ternary_linear_fake(x, wp, in_features, scale, bias):
     n, _, out = _check_ternary(x, wp, in_features, torch.float32)
     if scale is not None:
-        _per_channel(scale, "scale", torch.float32, out)
+        check_per_channel(scale, "scale", torch.float32, out)
     if bias is not None:
-        _per_channel(bias, "bias", torch.float32, out)
+        check_per_channel(bias, "bias", torch.float32, out)
     return x.new_empty((n, out))
 
 
-@torch.library.custom_op("onebit::ternary_linear_int", mutates_args=())
-def _ternary_linear_int_op(x: torch.Tensor, wp: torch.Tensor, in_features: int) -> torch.Tensor:
-    return _ternary_linear_int_impl(x, wp, in_features)
-
-
-@_ternary_linear_int_op.register_fake
-def _(x, wp, in_features):
+def _ternary_linear_int_fake(x, wp, in_features):
     n, _, out = _check_ternary(x, wp, in_features, torch.int8)
     return x.new_empty((n, out), dtype=torch.int32)
 
+
+_custom_op(
+    "ternary_linear", "(Tensor x, Tensor wp, SymInt in_features, Tensor? scale, Tensor? bias) -> Tensor",
+    _ternary_linear_impl, _ternary_linear_fake,
+)
+_custom_op(
+    "ternary_linear_int", "(Tensor x, Tensor wp, SymInt in_features) -> Tensor", _ternary_linear_int_impl,
+    _ternary_linear_int_fake,
+)
 
 def ternary_linear(
     x: torch.Tensor,

@@ -55,6 +55,10 @@ def _binary_weight(q: Any) -> bool:
     return quant.has_sign_levels(q)
 
 
+#: modules that are the identity in eval mode: dropped before lowering, so that patterns see through them
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (QuantizedLayer, QActivation, quant.Quantizer)) or _is_sign_threshold(m):
@@ -66,6 +70,21 @@ def _pair(v) -> list[int]:
     if isinstance(v, int):
         return [v, v]
     return [int(x) for x in v]
+
+
+def _conv_attrs(m: nn.Module, kernel_size, stride, padding, dilation, pad_value: float) -> dict:
+    """The attributes of a 2-d conv node (``binary_conv2d``; ``conv2d`` / ``qconv2d`` add their padding
+    mode) of layer ``m`` (its channels and groups) with this geometry: pairs as lists."""
+    return {
+        "in_channels": int(m.in_channels),
+        "out_channels": int(m.out_channels),
+        "kernel_size": _pair(kernel_size),
+        "stride": _pair(stride),
+        "padding": padding if isinstance(padding, str) else _pair(padding),
+        "dilation": _pair(dilation),
+        "groups": int(m.groups),
+        "pad_value": float(pad_value),
+    }
 
 
 def _t(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -354,16 +373,7 @@ class _Lowering:
         xp = self.packed_input(node, node.args[0], layout)
         wp, scale = self.binary_weights(m)
         bias = _t(m.bias)
-        conv = {
-            "in_channels": int(m.in_channels),
-            "out_channels": int(m.out_channels),
-            "kernel_size": _pair(m.kernel_size),
-            "stride": _pair(m.stride),
-            "padding": list(layout[0]),
-            "dilation": _pair(m.dilation),
-            "groups": int(m.groups),
-            "pad_value": float(m.pad_value),
-        }
+        conv = _conv_attrs(m, m.kernel_size, m.stride, layout[0], m.dilation, m.pad_value)
         if chain is None and scale is not None and self.fold_batchnorm:
             bn_node = self.single_batchnorm_user(node, m.out_channels)
             if bn_node is not None:
@@ -461,16 +471,7 @@ class _Lowering:
         if not binary:
             self.note_fallback(node, m)
         groups, stride = int(m.groups), _pair(m.stride)
-        conv = {
-            "in_channels": int(m.in_channels),
-            "out_channels": int(m.out_channels),
-            "kernel_size": [3, 3],
-            "stride": stride,
-            "padding": [1, 1],
-            "dilation": [1, 1],
-            "groups": groups,
-            "pad_value": 0.0,
-        }
+        conv = _conv_attrs(m, 3, stride, 1, 1, 0.0)
         float_conv = {**conv, "explicit_padding": [1, 1, 1, 1], "padding_mode": "zeros"}
         with torch.no_grad():
             twists = [_t(k) for k in m.twist_kernels()] if m.twist else []
@@ -524,17 +525,9 @@ class _Lowering:
         return self.emit(node.name, "conv2d", [x], attrs, {"weight": weight, "bias": _t(m.bias)}, node.target)
 
     def float_conv_attrs(self, m: nn.Conv2d, pad_value: float) -> dict:
-        padding = m.padding if isinstance(m.padding, str) else _pair(m.padding)
         return {
-            "in_channels": int(m.in_channels),
-            "out_channels": int(m.out_channels),
-            "kernel_size": _pair(m.kernel_size),
-            "stride": _pair(m.stride),
-            "padding": padding,
+            **_conv_attrs(m, m.kernel_size, m.stride, m.padding, m.dilation, pad_value),
             "explicit_padding": list(QF.explicit_padding(m.padding, m.kernel_size, m.dilation)),
-            "dilation": _pair(m.dilation),
-            "groups": int(m.groups),
-            "pad_value": pad_value,
             "padding_mode": m.padding_mode,
         }
 
@@ -543,16 +536,7 @@ class _Lowering:
         (its padding is ``[0, before]``: callers check that ``before == after`` or say otherwise)."""
         pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
         x2d = self.emit(f"{node.name}_2d", "reshape", [x], {"shape": [int(m.in_channels), 1, -1]})
-        return x2d, {
-            "in_channels": int(m.in_channels),
-            "out_channels": int(m.out_channels),
-            "kernel_size": [1, int(m.kernel_size[0])],
-            "stride": [1, int(m.stride[0])],
-            "padding": [0, int(pad[0])],
-            "dilation": [1, int(m.dilation[0])],
-            "groups": int(m.groups),
-            "pad_value": pad_value,
-        }
+        return x2d, _conv_attrs(m, (1, m.kernel_size[0]), (1, m.stride[0]), (0, pad[0]), (1, m.dilation[0]), pad_value)
 
     def emit_conv1d(self, node: fx.Node, m: nn.Conv1d, x: str, weight: torch.Tensor, pad_value: float) -> str:
         """A 1-d conv as torch computes it: a 2-d conv of ``[N, C, 1, L]`` with a ``1 x k`` kernel."""
@@ -648,74 +632,16 @@ class _Lowering:
     # -- float modules ------------------------------------------------------
 
     def lower_module_op(self, node: fx.Node, m: nn.Module, x: str) -> str:
-        """Emit the float op of a parameter-free or simple module; returns the value name."""
-        t = type(m)
-        name, target = node.name, node.target
-        if t is nn.MaxPool2d:
-            if m.return_indices:
-                raise self.unsupported(node, "return_indices=True")
-            stride = m.stride if m.stride is not None else m.kernel_size
-            attrs = {"kernel_size": _pair(m.kernel_size), "stride": _pair(stride), "padding": _pair(m.padding),
-                     "dilation": _pair(m.dilation), "ceil_mode": bool(m.ceil_mode)}
-            return self.emit(name, "max_pool2d", [x], attrs, module=target)
-        if t is nn.AvgPool2d:
-            stride = m.stride if m.stride is not None else m.kernel_size
-            attrs = {"kernel_size": _pair(m.kernel_size), "stride": _pair(stride), "padding": _pair(m.padding),
-                     "ceil_mode": bool(m.ceil_mode), "count_include_pad": bool(m.count_include_pad),
-                     "divisor_override": m.divisor_override}
-            return self.emit(name, "avg_pool2d", [x], attrs, module=target)
-        if t in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
-            out = self._shape(node)
-            if out is None or len(out) != 4:
-                raise self.unsupported(node, "expected a 4-D output")
-            if t is nn.AdaptiveMaxPool2d and m.return_indices:
-                raise self.unsupported(node, "return_indices=True")
-            size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
-            if any(s is None for s in size):
-                size = tuple(out[2 + i] if s is None else s for i, s in enumerate(size))
-            op = "adaptive_avg_pool2d" if t is nn.AdaptiveAvgPool2d else "adaptive_max_pool2d"
-            return self.emit(name, op, [x], {"output_size": _pair(size)}, module=target)
-        if t is nn.Flatten:
-            return self.emit(name, "flatten", [x], {"start_dim": int(m.start_dim), "end_dim": int(m.end_dim)}, module=target)
-        if t in (nn.BatchNorm1d, nn.BatchNorm2d):
-            if m.running_mean is None or m.running_var is None:
-                raise self.unsupported(node, "BatchNorm without running statistics (track_running_stats=False)")
-            return self.emit(
-                name, "batch_norm", [x], {"num_features": int(m.num_features), "eps": float(m.eps)},
-                {"running_mean": _t(m.running_mean), "running_var": _t(m.running_var), "weight": _t(m.weight), "bias": _t(m.bias)},
-                target,
-            )
-        if t is nn.ReLU:
-            return self.emit(name, "relu", [x], module=target)
-        if t is nn.ReLU6:
-            return self.emit(name, "relu6", [x], module=target)
-        if t is nn.LeakyReLU:
-            return self.emit(name, "leaky_relu", [x], {"negative_slope": float(m.negative_slope)}, module=target)
-        if t is nn.Hardtanh:
-            return self.emit(name, "hardtanh", [x], {"min_val": float(m.min_val), "max_val": float(m.max_val)}, module=target)
-        if t is nn.PReLU:
-            return self.emit(name, "prelu", [x], {}, {"weight": _t(m.weight)}, target)
-        if t is nn.Sigmoid:
-            return self.emit(name, "sigmoid", [x], module=target)
-        if t is nn.Tanh:
-            return self.emit(name, "tanh", [x], module=target)
-        if t is nn.Softmax:
-            if m.dim is None:
-                raise self.unsupported(node, "Softmax needs an explicit dim")
-            return self.emit(name, "softmax", [x], {"dim": int(m.dim)}, module=target)
-        if t is nn.Conv2d:
-            return self.emit_conv(node, m, x, _t(m.weight), 0.0)
-        if t is nn.Conv1d:
-            return self.emit_conv1d(node, m, x, _t(m.weight), 0.0)
-        if t is nn.Linear:
-            attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
-            return self.emit(name, "linear", [x], attrs, {"weight": _t(m.weight), "bias": _t(m.bias)}, target)
+        """Emit the float op of a parameter-free or simple module (:data:`EMITTERS`); returns the value name."""
+        emitter = EMITTERS.get(type(m))
+        if emitter is not None:
+            return emitter(self, node, m, x)
         if _is_sign_threshold(m):
             return self.emit(
-                name, "sign_threshold", [x], {"channels": int(m.threshold.numel())},
+                node.name, "sign_threshold", [x], {"channels": int(m.threshold.numel())},
                 {"thresholds": m.threshold.detach().to(torch.int64).clamp(-(2**31), 2**31 - 1).to(torch.int32).contiguous(),
                  "direction": m.direction.detach().to(torch.int8).contiguous()},
-                target,
+                node.target,
             )
         if isinstance(m, QActivation):
             return self.lower_quantizer(node, m.quantizer, x)
@@ -787,7 +713,7 @@ class _Lowering:
             return
         if isinstance(m, QuantizedLayer):
             raise self.unsupported(node, "only 1-d and 2-d convolutions and linear layers are supported")
-        if type(m) in (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout):
+        if type(m) in _IDENTITIES:
             self.value[node] = self.arg(node, node.args[0])
             return
         self.value[node] = self.lower_module_op(node, m, self.arg(node, node.args[0]))
@@ -867,6 +793,94 @@ class _Lowering:
             raise self.unsupported(node)
 
 
+
+# ---------------------------------------------------------------------------
+# float modules: one emitter per module type, emitter(lowering, node, module, input value) -> value
+
+
+def _op(op: str, attrs=lambda m: {}):
+    """The emitter of a module that is one graph op with attributes ``attrs(m)`` and no tensors."""
+
+    def emitter(low: _Lowering, node: fx.Node, m: nn.Module, x: str) -> str:
+        return low.emit(node.name, op, [x], attrs(m), module=node.target)
+
+    return emitter
+
+
+def _emit_max_pool(low: _Lowering, node: fx.Node, m: nn.MaxPool2d, x: str) -> str:
+    if m.return_indices:
+        raise low.unsupported(node, "return_indices=True")
+    stride = m.stride if m.stride is not None else m.kernel_size
+    attrs = {"kernel_size": _pair(m.kernel_size), "stride": _pair(stride), "padding": _pair(m.padding),
+             "dilation": _pair(m.dilation), "ceil_mode": bool(m.ceil_mode)}  # fmt: skip
+    return low.emit(node.name, "max_pool2d", [x], attrs, module=node.target)
+
+
+def _emit_avg_pool(low: _Lowering, node: fx.Node, m: nn.AvgPool2d, x: str) -> str:
+    stride = m.stride if m.stride is not None else m.kernel_size
+    attrs = {"kernel_size": _pair(m.kernel_size), "stride": _pair(stride), "padding": _pair(m.padding),
+             "ceil_mode": bool(m.ceil_mode), "count_include_pad": bool(m.count_include_pad),
+             "divisor_override": m.divisor_override}  # fmt: skip
+    return low.emit(node.name, "avg_pool2d", [x], attrs, module=node.target)
+
+
+def _emit_adaptive_pool(low: _Lowering, node: fx.Node, m: nn.Module, x: str) -> str:
+    out = low._shape(node)
+    if out is None or len(out) != 4:
+        raise low.unsupported(node, "expected a 4-D output")
+    if isinstance(m, nn.AdaptiveMaxPool2d) and m.return_indices:
+        raise low.unsupported(node, "return_indices=True")
+    size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
+    if any(s is None for s in size):
+        size = tuple(out[2 + i] if s is None else s for i, s in enumerate(size))
+    op = "adaptive_avg_pool2d" if isinstance(m, nn.AdaptiveAvgPool2d) else "adaptive_max_pool2d"
+    return low.emit(node.name, op, [x], {"output_size": _pair(size)}, module=node.target)
+
+
+def _emit_batch_norm(low: _Lowering, node: fx.Node, m: nn.Module, x: str) -> str:
+    if m.running_mean is None or m.running_var is None:
+        raise low.unsupported(node, "BatchNorm without running statistics (track_running_stats=False)")
+    return low.emit(
+        node.name, "batch_norm", [x], {"num_features": int(m.num_features), "eps": float(m.eps)},
+        {"running_mean": _t(m.running_mean), "running_var": _t(m.running_var), "weight": _t(m.weight), "bias": _t(m.bias)},
+        node.target,
+    )  # fmt: skip
+
+
+def _emit_softmax(low: _Lowering, node: fx.Node, m: nn.Softmax, x: str) -> str:
+    if m.dim is None:
+        raise low.unsupported(node, "Softmax needs an explicit dim")
+    return low.emit(node.name, "softmax", [x], {"dim": int(m.dim)}, module=node.target)
+
+
+def _emit_linear(low: _Lowering, node: fx.Node, m: nn.Linear, x: str) -> str:
+    attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
+    return low.emit(node.name, "linear", [x], attrs, {"weight": _t(m.weight), "bias": _t(m.bias)}, node.target)
+
+
+#: the float modules the engine runs as graph ops, by exact type
+EMITTERS = {
+    nn.MaxPool2d: _emit_max_pool,
+    nn.AvgPool2d: _emit_avg_pool,
+    nn.AdaptiveAvgPool2d: _emit_adaptive_pool,
+    nn.AdaptiveMaxPool2d: _emit_adaptive_pool,
+    nn.Flatten: _op("flatten", lambda m: {"start_dim": int(m.start_dim), "end_dim": int(m.end_dim)}),
+    nn.BatchNorm1d: _emit_batch_norm,
+    nn.BatchNorm2d: _emit_batch_norm,
+    nn.ReLU: _op("relu"),
+    nn.ReLU6: _op("relu6"),
+    nn.LeakyReLU: _op("leaky_relu", lambda m: {"negative_slope": float(m.negative_slope)}),
+    nn.Hardtanh: _op("hardtanh", lambda m: {"min_val": float(m.min_val), "max_val": float(m.max_val)}),
+    nn.PReLU: lambda low, node, m, x: low.emit(node.name, "prelu", [x], {}, {"weight": _t(m.weight)}, node.target),
+    nn.Sigmoid: _op("sigmoid"),
+    nn.Tanh: _op("tanh"),
+    nn.Softmax: _emit_softmax,
+    nn.Conv2d: lambda low, node, m, x: low.emit_conv(node, m, x, _t(m.weight), 0.0),
+    nn.Conv1d: lambda low, node, m, x: low.emit_conv1d(node, m, x, _t(m.weight), 0.0),
+    nn.Linear: _emit_linear,
+}
+
+
 def is_ternary_linear(m: nn.Module) -> bool:
     """A linear layer the ``ternary_linear`` kernels run: ``absmax8`` input, ``ternary`` weights."""
     return isinstance(m, QLinear) and isinstance(m.input_quantizer, Absmax8) and isinstance(m.weight_quantizer, Ternary)
@@ -881,9 +895,6 @@ def _is_sign_threshold(m: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(m, SignThreshold)
-
-
-_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 def _drop_identities(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:

@@ -1,10 +1,10 @@
 """The engine's kernel entry points, dispatched to the native kernels or the torch reference.
 
-:class:`~onebit.engine.PackedModel` calls only the functions of this module. Each
-checks its arguments (shapes, dtypes, words per pixel, output size), so that a
-wrong input is a ``ValueError`` here and never reaches a kernel, then runs the
-native kernel of :mod:`onebit.engine.kernels` when it is available and the
-backend is ``"auto"`` or ``"native"``, else :mod:`onebit.engine.reference`.
+:class:`~onebit.engine.PackedModel` calls only the functions of this module. Each runs the
+native kernel of :mod:`onebit.engine.kernels` when it is available and the backend is
+``"auto"`` or ``"native"``, else :mod:`onebit.engine.reference`. Both paths check their
+arguments with :mod:`onebit.engine.geometry` first (shapes, dtypes, words per pixel, output
+size), so that a wrong input is the same ``ValueError`` on either and never reaches a kernel.
 
 ``use_backend("reference")`` (a context manager, per thread/task) forces the
 portable reference, e.g. to compare the two; the environment variable
@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from onebit.engine import reference
+from onebit.engine import geometry, reference
 
 __all__ = [
     "use_backend",
@@ -99,63 +99,6 @@ def _impl(name: str):
 
 
 # ---------------------------------------------------------------------------
-# argument checks
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
-
-
-def _check_float4(x: torch.Tensor, what: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"{what}: expected float32, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"{what}: expected a [N, C, H, W] tensor, got shape {list(x.shape)}")
-    if x.device.type != "cpu":
-        raise ValueError(f"{what}: the packed engine runs on the CPU, got a tensor on {x.device}")
-
-
-def _check_packed(xp: torch.Tensor, in_channels: int, groups: int, padding, what: str) -> tuple[int, int]:
-    if not isinstance(xp, torch.Tensor) or xp.dtype != torch.int64 or xp.dim() != 5:
-        raise ValueError(f"{what}: expected packed int64 activations [N, Hp, Wp, G, Wg]")
-    wg = reference.words_for(in_channels // groups)
-    if xp.shape[3] != groups or xp.shape[4] != wg:
-        raise ValueError(
-            f"{what}: packed input has {xp.shape[3]} groups x {xp.shape[4]} words per pixel, expected "
-            f"{groups} x {wg} ({in_channels} channels)"
-        )
-    ph, pw = _pair(padding)
-    h, w = xp.shape[1] - 2 * ph, xp.shape[2] - 2 * pw
-    if h < 1 or w < 1:
-        raise ValueError(f"{what}: packed input of shape {list(xp.shape)} does not hold padding {ph}x{pw}")
-    return h, w
-
-
-def _conv_geometry(xp, wp, conv: dict, what: str) -> None:
-    h, w = _check_packed(xp, conv["in_channels"], conv["groups"], conv["padding"], what)
-    kh, kw = _pair(conv["kernel_size"])
-    sh, sw = _pair(conv["stride"])
-    ph, pw = _pair(conv["padding"])
-    dh, dw = _pair(conv["dilation"])
-    oh = reference.conv_output_size(h, kh, sh, ph, dh)
-    ow = reference.conv_output_size(w, kw, sw, pw, dw)
-    if oh < 1 or ow < 1:
-        raise ValueError(
-            f"{what}: input of spatial size {h}x{w} is too small for kernel {kh}x{kw} with padding {ph}x{pw} "
-            f"and dilation {dh}x{dw}"
-        )
-    wg = reference.words_for(conv["in_channels"] // conv["groups"])
-    expected = (conv["out_channels"], kh, kw, wg)
-    if tuple(wp.shape) != expected or wp.dtype != torch.int64:
-        raise ValueError(f"{what}: packed weight must be int64 {list(expected)}, got {wp.dtype} {list(wp.shape)}")
-
-
-# ---------------------------------------------------------------------------
 # entry points
 
 
@@ -163,18 +106,15 @@ def pack_activations(x: torch.Tensor, padding=(0, 0), pad_value: float = 0.0, gr
     native = _impl("pack_activations")
     if native is not None:
         return native(x, padding, pad_value, groups)
-    _check_float4(x, "pack_activations")
-    if x.shape[1] % groups:
-        raise ValueError(f"pack_activations: {x.shape[1]} channels are not divisible into {groups} groups")
-    return reference.pack_activations(x, _pair(padding), float(pad_value), int(groups))
+    _, ph, pw, _, g = geometry.check_pack(x, padding, pad_value, groups)
+    return reference.pack_activations(x, (ph, pw), float(pad_value), g)
 
 
 def pack_features(x: torch.Tensor) -> torch.Tensor:
     native = _impl("pack_features")
     if native is not None:
         return native(x)
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 2:
-        raise ValueError(f"pack_features: expected float32 [N, F], got {getattr(x, 'dtype', type(x))} {list(getattr(x, 'shape', []))}")
+    geometry.check_tensor(x, "x", torch.float32, 2, contiguous=False)
     return reference.pack_features(x)
 
 
@@ -185,14 +125,14 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return (native or reference.pack_weights)(w, groups).contiguous()
 
 
-def _packed_input(x: torch.Tensor, conv: dict) -> torch.Tensor:
-    """The conv's packed input: ``x`` itself, or float32 ``x`` packed for the conv."""
-    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
-        _check_float4(x, "binary_conv2d")
-        if x.shape[1] != conv["in_channels"]:
-            raise ValueError(f"binary_conv2d: input has {x.shape[1]} channels, expected {conv['in_channels']}")
-        return pack_activations(x, conv.get("padding", 0), conv.get("pad_value", 0.0), conv.get("groups", 1))
-    return x
+def _reference_input(x: torch.Tensor, wp: torch.Tensor, conv: dict) -> tuple[torch.Tensor, geometry.ConvCall]:
+    """The checked call of a convolution on the reference path, and its packed input: ``x`` itself, or
+    float32 ``x`` packed for the conv."""
+    call = geometry.check_conv(x, wp, **conv)
+    if x.dtype == torch.float32:
+        s = call.spec
+        x = reference.pack_activations(x, s.padding, s.pad_value, s.groups)
+    return x, call
 
 
 def weight_cache():
@@ -206,8 +146,7 @@ def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, *, cache=None, **conv)
     native = _impl("binary_conv2d_int")
     if native is not None:
         return native(xp, wp, cache=cache, **conv)
-    xp = _packed_input(xp, conv)
-    _conv_geometry(xp, wp, conv, "binary_conv2d")
+    xp, _ = _reference_input(xp, wp, conv)
     return reference.binary_conv2d_int(xp, wp, **conv)
 
 
@@ -221,8 +160,8 @@ def binary_conv2d(
             xp, wp, scale=scale, bias=bias, residual=residual, cache=cache, bn_scale=bn_scale, bn_shift=bn_shift,
             bn_fma=bn_fma, **conv,
         )  # fmt: skip
-    xp = _packed_input(xp, conv)
-    _conv_geometry(xp, wp, conv, "binary_conv2d")
+    xp, call = _reference_input(xp, wp, conv)
+    geometry.check_conv_epilogue(call, scale, bias, residual, bn_scale, bn_shift, bn_fma)
     out = reference.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)
     if bn_scale is not None:
         s, t = bn_scale.view(1, -1, 1, 1), bn_shift.view(1, -1, 1, 1)
@@ -234,22 +173,17 @@ def binary_conv2d_threshold(
     xp, wp, *, thresholds, direction, out_padding=(0, 0), out_pad_value=0.0, out_groups=1, cache=None, **conv
 ) -> torch.Tensor:
     native = _impl("binary_conv2d_threshold")
-    fn = native or reference.binary_conv2d_threshold
-    if native is None:
-        xp = _packed_input(xp, conv)
-        _conv_geometry(xp, wp, conv, "binary_conv2d")
-    else:
-        conv = dict(conv, cache=cache)
-    return fn(
-        xp,
-        wp,
-        thresholds=thresholds,
-        direction=direction,
-        out_padding=_pair(out_padding),
-        out_pad_value=float(out_pad_value),
-        out_groups=int(out_groups),
-        **conv,
-    )
+    if native is not None:
+        return native(
+            xp, wp, thresholds=thresholds, direction=direction, out_padding=out_padding, out_pad_value=out_pad_value,
+            out_groups=out_groups, cache=cache, **conv,
+        )  # fmt: skip
+    xp, call = _reference_input(xp, wp, conv)
+    _, oph, opw, _, og = geometry.check_threshold_output(call, out_padding, out_pad_value, out_groups)
+    return reference.binary_conv2d_threshold(
+        xp, wp, thresholds=thresholds, direction=direction, out_padding=(oph, opw), out_pad_value=float(out_pad_value),
+        out_groups=og, **conv,
+    )  # fmt: skip
 
 
 def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_value=0.0, out_groups=1):
@@ -260,7 +194,7 @@ def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_va
     """
     if _impl("pack_activations") is None:
         return reference.threshold_pack(
-            acc, thresholds, direction, out_padding=_pair(out_padding), out_pad_value=out_pad_value,
+            acc, thresholds, direction, out_padding=geometry.pair(out_padding, "out_padding"), out_pad_value=out_pad_value,
             out_groups=out_groups,
         )
     shape = (1, -1, 1, 1)
@@ -270,19 +204,11 @@ def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_va
     return pack_activations(signs, out_padding, out_pad_value, out_groups)
 
 
-def _check_linear(xp, wp, in_features: int) -> None:
-    wg = reference.words_for(in_features)
-    if xp.dtype != torch.int64 or xp.dim() != 2 or xp.shape[1] != wg:
-        raise ValueError(f"binary_linear: expected packed int64 [N, {wg}] features, got {xp.dtype} {list(xp.shape)}")
-    if wp.dtype != torch.int64 or wp.dim() != 2 or wp.shape[1] != wg:
-        raise ValueError(f"binary_linear: expected packed int64 [Out, {wg}] weights, got {wp.dtype} {list(wp.shape)}")
-
-
 def binary_linear_int(xp, wp, *, in_features: int) -> torch.Tensor:
     native = _impl("binary_linear_int")
     if native is not None:
         return native(xp, wp, in_features=in_features)
-    _check_linear(xp, wp, in_features)
+    geometry.check_linear(xp, wp, in_features)
     return reference.binary_linear_int(xp, wp, in_features=in_features)
 
 
@@ -290,7 +216,7 @@ def binary_linear(xp, wp, *, in_features: int, scale=None, bias=None) -> torch.T
     native = _impl("binary_linear")
     if native is not None:
         return native(xp, wp, in_features=in_features, scale=scale, bias=bias)
-    _check_linear(xp, wp, in_features)
+    geometry.check_linear(xp, wp, in_features)
     return reference.binary_linear(xp, wp, in_features=in_features, scale=scale, bias=bias)
 
 
@@ -299,7 +225,7 @@ def binary_linear_threshold(xp, wp, *, in_features: int, thresholds, direction) 
     native = _impl("binary_linear_threshold")
     if native is not None:
         return native(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)
-    _check_linear(xp, wp, in_features)
+    geometry.check_linear(xp, wp, in_features)
     return reference.binary_linear_threshold(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)
 
 
@@ -308,10 +234,7 @@ def max_pool_bits(xp, or_mask, pad_words, **pool) -> torch.Tensor:
     native = _impl("max_pool_bits")
     if native is not None:  # checks its own arguments
         return native(xp, or_mask, pad_words, **pool)
-    if not isinstance(xp, torch.Tensor) or xp.dtype != torch.int64 or xp.dim() != 5:
-        raise ValueError("max_pool_bits: expected packed int64 activations [N, H, W, G, Wg]")
-    if tuple(or_mask.shape) != tuple(xp.shape[3:]) or tuple(pad_words.shape) != tuple(xp.shape[3:]):
-        raise ValueError(f"max_pool_bits: masks must have shape {list(xp.shape[3:])}")
+    geometry.check_pool_bits(xp, or_mask, pad_words, **pool)
     return reference.max_pool_bits(xp, or_mask, pad_words, **pool)
 
 

@@ -6,21 +6,41 @@ import copy
 import os
 import time
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from onebit.engine import fileformat, ops
 from onebit.engine import graph as G
-from onebit.engine import ops
 
-__all__ = ["PackedModel", "pack", "InputError", "FallbackWarning"]
+__all__ = ["PackedModel", "pack", "load", "Step", "InputError", "FallbackWarning"]
 
 
 class InputError(TypeError, ValueError):
     """A call with an input the model cannot take (wrong type, dtype, rank, channels or device).
 
     Both a ``TypeError`` and a ``ValueError``, so either ``except`` catches it."""
+
+
+@dataclass(slots=True, eq=False)
+class Step:
+    """One call of :meth:`PackedModel.forward`: ``env[output] = fn(tensors, attrs, *env[inputs])``.
+
+    A step is a graph node, or a binary convolution with the nodes fused into it (the packing of
+    its input, a BatchNorm, the add of a shortcut), named by ``label`` (e.g. ``pack+binary_conv2d``).
+    """
+
+    output: str  #: the value it computes
+    fn: Callable  #: the op's function (:data:`onebit.engine.graph.OPS`)
+    attrs: dict  #: the node's checked attributes (``bn_fma`` added for a fused BatchNorm)
+    inputs: tuple[str, ...]  #: the values it reads
+    tensors: dict  #: role -> tensor (the model's buffers, a weight cache, a fused BatchNorm's epilogue)
+    free: tuple[str, ...] = ()  #: values no later step reads: dropped after this one
+    relayout: str | None = None  #: None, "model" (the memory format of the model's input) or "contiguous"
+    label: str = ""  #: the op, with what it fused
+    module: str = ""  #: the model's module it comes from ("" when none)
 
 
 class PackedModel(nn.Module):
@@ -65,10 +85,10 @@ class PackedModel(nn.Module):
         self._steps = self._compile()  # steps hold tensor references: refresh after .to() & co
         return out
 
-    def _compile(self) -> list[tuple]:
-        """(output name, op fn, attrs, input names, tensor role -> tensor, values to free after, relayout, label, module).
+    def _compile(self) -> list[Step]:
+        """The :class:`Step` list :meth:`forward` runs.
 
-        Two fusions make one native call of several graph nodes (their results are the same):
+        Fusions make one native call of several graph nodes (their results are the same):
 
         - a ``pack`` read only by one binary convolution: the convolution takes the float
           input and packs it itself (one pass over the threads; the bits stay in the caches);
@@ -129,7 +149,7 @@ class PackedModel(nn.Module):
                 i = position
             node = nodes[i]
             spec = G.OPS[node["op"]]
-            attrs = G._attrs(node, spec, node["name"])
+            attrs = G.attrs(node)
             roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
             if node["op"] in _PACKING_CONVS:  # the weights, prepared for the kernel, kept between calls
                 roles[G.WEIGHT_CACHE] = ops.weight_cache()
@@ -148,14 +168,14 @@ class PackedModel(nn.Module):
             # a 1-d conv run as a 1 x k 2-d conv: torch's conv1d returns a contiguous tensor, while
             # a 2-d conv of an ambiguous [N, C, 1, L] shape may choose channels_last
             relayout = "contiguous" if node.get("conv1d") else ("model" if node["op"] == "binary_conv2d" else None)
-            steps.append([out, spec.fn, attrs, tuple(inputs), roles, (), relayout, label, node.get("module", "")])
+            steps.append(Step(out, spec.fn, attrs, tuple(inputs), roles, (), relayout, label, node.get("module", "")))
         last_use: dict[str, int] = {}
         for i, step in enumerate(steps):
-            for ref in step[3]:
+            for ref in step.inputs:
                 last_use[ref] = i
         for i, step in enumerate(steps):
-            step[5] = tuple(ref for ref in dict.fromkeys(step[3]) if last_use.get(ref) == i and ref not in outputs)
-        return [tuple(step) for step in steps]
+            step.free = tuple(ref for ref in dict.fromkeys(step.inputs) if last_use.get(ref) == i and ref not in outputs)
+        return steps
 
     # -- running ------------------------------------------------------------
 
@@ -189,16 +209,19 @@ class PackedModel(nn.Module):
         self._check_input(x)
         env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
         fmt = _memory_format(x)
-        for name, fn, attrs, inputs, roles, free, relayout, label, module in self._steps:
+        for step in self._steps:
             try:
-                out = fn(roles, attrs, *[env[i] for i in inputs])
-                env[name] = out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
+                out = step.fn(step.tensors, step.attrs, *[env[i] for i in step.inputs])
+                relayout = step.relayout
+                env[step.output] = (
+                    out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
+                )
             except (RuntimeError, ValueError) as error:
-                where = f"layer '{module}' (op {label})" if module else f"op {name!r} ({label})"
+                where = f"layer '{step.module}' (op {step.label})" if step.module else f"op {step.output!r} ({step.label})"
                 raise InputError(
                     f"PackedModel: {where} cannot take the input of shape {list(x.shape)}: {error}"
                 ) from error
-            for ref in free:
+            for ref in step.free:
                 del env[ref]
         return self._output(env)
 
@@ -252,16 +275,19 @@ class PackedModel(nn.Module):
         fmt = _memory_format(x)
         for _ in range(max(1, repeat)):
             env = {self.graph["input"]["name"]: x}
-            for k, (name, fn, attrs, inputs, roles, free, relayout, _, _) in enumerate(self._steps):
-                args = [env[i] for i in inputs]
+            for k, step in enumerate(self._steps):
+                args = [env[i] for i in step.inputs]
                 t0 = time.perf_counter()
-                out = fn(roles, attrs, *args)
-                env[name] = out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
+                out = step.fn(step.tensors, step.attrs, *args)
+                relayout = step.relayout
+                env[step.output] = (
+                    out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
+                )
                 times[k].append(time.perf_counter() - t0)
         rows = []
-        for k, (name, *_, label, module) in enumerate(self._steps):
+        for k, step in enumerate(self._steps):
             ts = sorted(times[k])
-            rows.append({"name": name, "op": label, "module": module, "ms": 1e3 * ts[len(ts) // 2]})
+            rows.append({"name": step.output, "op": step.label, "module": step.module, "ms": 1e3 * ts[len(ts) // 2]})
         total = sum(r["ms"] for r in rows) or 1.0
         for r in rows:
             r["share"] = r["ms"] / total
@@ -275,9 +301,7 @@ class PackedModel(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model to one safetensors file (atomically); see :mod:`onebit.engine.fileformat`."""
-        from onebit.engine.fileformat import save
-
-        save(self, path)
+        fileformat.write(path, self.graph, self.named_graph_tensors())
 
     def extra_repr(self) -> str:
         counts: dict[str, int] = {}
@@ -295,7 +319,7 @@ def _batchnorm_epilogue(model: "PackedModel", bn: dict) -> tuple | None:
     from onebit.engine.torch_rounding import batchnorm_epilogue
 
     t = {role: getattr(model, model._keys[key]) for role, key in bn.get("tensors", {}).items()}
-    eps = G._attrs(bn, G.OPS["batch_norm"], bn["name"])["eps"]
+    eps = G.attrs(bn)["eps"]
     return batchnorm_epilogue(t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), eps)
 
 
@@ -308,6 +332,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def load(path: str | os.PathLike) -> PackedModel:
+    """Load a :class:`PackedModel` saved with :meth:`PackedModel.save` (checked as
+    :func:`onebit.engine.fileformat.read` describes; :class:`~onebit.engine.FormatError` when invalid)."""
+    graph, tensors = fileformat.read(path)
+    try:
+        return PackedModel(graph, tensors)
+    except G.GraphError as error:
+        raise fileformat.format_error(path, str(error)) from None
 
 
 def pack(

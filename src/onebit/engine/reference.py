@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from onebit.bits import pack_bits as _pack_bits
 from onebit.bits import unpack_bits as _unpack_bits
 from onebit.bits import words_for
+from onebit.engine.geometry import PoolSpec, check_conv, conv_output_size, pair, pool_output_size
+from onebit.engine.geometry import used_bits as _used_bit_words
 from onebit.thresholds import Thresholds
 
 __all__ = [
@@ -65,15 +67,8 @@ def popcount(x: torch.Tensor) -> torch.Tensor:
     return (x * _H01) >> 56 & 0xFF
 
 
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def _pair(v: int | Sequence[int], name: str = "value") -> tuple[int, int]:
+    return pair(v if not isinstance(v, (tuple, list)) else tuple(int(x) for x in v), name)
 
 
 def pack_activations(
@@ -136,16 +131,12 @@ def binary_conv2d_int(
     ``acc = sum sign(x) * sign(w)`` over the window, with padded taps worth ``pad_value``
     (for 0, the +1 the padded bits hold is subtracted back exactly).
     """
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
+    call = check_conv(xp, wp, in_channels, out_channels, _pair(kernel_size), _pair(stride), _pair(padding),
+                      _pair(dilation), groups, pad_value)  # fmt: skip
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = call.spec.kernel, call.spec.stride, call.spec.padding, call.spec.dilation
     n, hp, wpad, g, wg = xp.shape
     h, w = hp - 2 * ph, wpad - 2 * pw
-    oh = conv_output_size(h, kh, sh, ph, dh)
-    ow = conv_output_size(w, kw, sw, pw, dw)
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"binary_conv2d: input {h}x{w} is too small for kernel {kh}x{kw} (dilation {dh}x{dw})")
+    oh, ow = call.oh, call.ow
     cog = out_channels // groups
     cig = in_channels // groups
     k = cig * kh * kw
@@ -274,15 +265,6 @@ def binary_linear_threshold(
     return _pack_bits(rule.negative(acc, channel_dim=1))
 
 
-def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
-    """Output length of ``max_pool2d`` as torch computes it (ceil mode keeps the last window starting inside)."""
-    span = size + 2 * padding - dilation * (kernel - 1) - 1
-    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
-    if ceil_mode and (out - 1) * stride >= size + padding:
-        out -= 1
-    return out
-
-
 _POOL_INDEX: dict[tuple, torch.Tensor] = {}
 
 
@@ -323,11 +305,7 @@ def used_bits(channels: int, words: int) -> torch.Tensor:
     cached = _USED_BITS.get((channels, words))
     if cached is not None:
         return cached
-    out = []
-    for k in range(words):
-        n = min(max(channels - 64 * k, 0), 64)
-        out.append(-1 if n == 64 else (1 << n) - 1)
-    mask = torch.tensor(out, dtype=torch.int64)
+    mask = torch.tensor(_used_bit_words(channels, words), dtype=torch.int64)
     if len(_USED_BITS) < 1024 and _cacheable(mask):
         _USED_BITS[(channels, words)] = mask
     return mask
@@ -357,12 +335,9 @@ def max_pool_bits(
     border words are ``pad_words [G, Wg]``.
     """
     n, h, w, g, wg = xp.shape
-    kh, kw = _pair(kernel_size)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
-    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
-    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    pool = PoolSpec(_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), bool(ceil_mode))
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pool.kernel, pool.stride, pool.padding, pool.dilation
+    oh, ow = pool.output_size(h, w)
     if oh < 1 or ow < 1:
         raise ValueError(f"max_pool_bits: input {h}x{w} is too small for pooling window {kh}x{kw}")
     flip = (used_bits(channels // g, wg).view(1, wg) & ~or_mask).reshape(1, 1, g * wg)  # the AND channels

@@ -37,7 +37,7 @@ from torch import nn
 from onebit import io
 from onebit.bits import unpack_bits
 from onebit.engine import graph as G
-from onebit.engine.fileformat import _compact
+from onebit.engine.fileformat import compact_weight
 
 __all__ = ["export_onnx", "load_onnx", "OnnxModel", "OnnxExportError"]
 
@@ -124,7 +124,7 @@ class _Exporter:
     def bits_weight(self, node: dict, role: str, attrs: dict, base: str) -> str:
         """+-1 float weights from stored bits: ``1 - 2 * ((bits >> j) & 1)``, reshaped."""
         b = self.b
-        compact = _compact(self.tensors[node["tensors"][role]], attrs)  # uint8 [Co, ceil(K / 8)]
+        compact = compact_weight(self.tensors[node["tensors"][role]], attrs)  # uint8 [Co, ceil(K / 8)]
         co, nbytes = compact.shape
         if "kernel_size" in attrs:
             cg = attrs["in_channels"] // attrs["groups"]
@@ -236,7 +236,7 @@ class _Exporter:
     def emit(self, node: dict) -> None:
         op, name = node["op"], node["name"]
         spec = G.OPS[op]
-        attrs = G._attrs(node, spec, name)
+        attrs = G.attrs(node)
         out = spec.fn(self.roles(node), attrs, *[self.run[i] for i in node["inputs"]])  # shapes, from the engine
         self.run[name] = out
         if out.dtype != torch.int64:

@@ -1,0 +1,31 @@
+// The kernels of each instruction set, as one table per ISA: every driver (the convolution's
+// tiles, activation and row packing, the ternary x int8 layer) picks its kernel as
+// isa_kernels(active_isa()).<entry>, so that adding an ISA is one row here (dispatch.cpp).
+// A null entry means "no kernel of this ISA": the driver runs its portable path.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kernels/conv.h"
+#include "kernels/isa.h"
+#include "kernels/ternary_linear.h"
+
+namespace onebit {
+
+// One image row of W pixels into packed words (see pack.h): (x, W, pixel or channel stride, Cg, G, out).
+using PackRow = void (*)(const float* x, int64_t W, int64_t stride, int64_t Cg, int64_t G, uint64_t* out);
+using PackRows = void (*)(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out);
+using QuantizeToken = bool (*)(const float* x, int64_t K, int8_t* q, float* s_out);
+
+struct IsaKernels {
+  const std::vector<ConvKernel>& (*conv_tiles)();  // the conv's register tiles; null: binary_conv2d_reference
+  PackRows pack_rows;                              // never null
+  PackRow pack_row_cl;                             // channels contiguous; null: pack_row_strided_reference
+  PackRow pack_row_nchw;                           // pixels contiguous; null: pack_row_strided_reference
+  ternary::ChunkDot chunk_dot;                     // null: ternary_rows_reference
+  QuantizeToken quantize_token;                    // null: ternary::quantize_token
+};
+
+const IsaKernels& isa_kernels(Isa isa);
+
+}  // namespace onebit
