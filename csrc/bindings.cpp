@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/bitplanes.h"
 #include "kernels/conv.h"
 #include "kernels/conv_tiles.h"
 #include "kernels/isa.h"
@@ -64,6 +65,25 @@ void pack_activations_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t 
   nb::gil_scoped_release release;
   onebit::pack_activations(ptr<const float>(x), N, C, H, W, sN, sC, sH, sW, ph, pw, pad_value, groups,
                            ptr<uint64_t>(out), threads);
+}
+
+void pack_integer_planes_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
+                             int64_t sH, int64_t sW, int64_t ph, int64_t pw, int64_t groups, bool symmetric, int bits,
+                             float clip, uintptr_t out, int threads) {
+  require(x != 0 && out != 0, "pack_integer_planes: null tensor");
+  nb::gil_scoped_release release;
+  onebit::pack_integer_planes(ptr<const float>(x), N, C, H, W, sN, sC, sH, sW, ph, pw, groups, symmetric, bits, clip,
+                              ptr<uint64_t>(out), threads);
+}
+
+void combine_planes_raw(uintptr_t y, int64_t pixels, int64_t Pa, int64_t G, int64_t Pw, int64_t Cog, uintptr_t coeff,
+                        uintptr_t offset, int32_t exact_divisor, float divisor, uintptr_t scale, uintptr_t bias,
+                        uintptr_t out, int threads) {
+  require(y != 0 && coeff != 0 && out != 0 && exact_divisor > 0, "combine_planes: null tensor or divisor");
+  nb::gil_scoped_release release;
+  onebit::combine_planes(ptr<const int32_t>(y), pixels, Pa, G, Pw, Cog, ptr<const int32_t>(coeff),
+                         ptr<const int32_t>(offset), exact_divisor, divisor, ptr<const float>(scale),
+                         ptr<const float>(bias), ptr<float>(out), threads);
 }
 
 void max_pool_bits_raw(uintptr_t x, uintptr_t or_mask, uintptr_t pad, uintptr_t out, int64_t N, int64_t H, int64_t W,
@@ -232,6 +252,14 @@ NB_MODULE(_C, m) {
         "sW"_a, "ph"_a, "pw"_a, "pad_value"_a, "groups"_a, "out"_a, "threads"_a,
         "Low level (addresses): pack float [N, C, H, W] (element strides) into int64 [N, H+2ph, W+2pw, G, Wg]. "
         "Use onebit.engine.kernels.pack_activations.");
+  m.def("pack_integer_planes_raw", &pack_integer_planes_raw, "x"_a, "N"_a, "C"_a, "H"_a, "W"_a, "sN"_a, "sC"_a,
+        "sH"_a, "sW"_a, "ph"_a, "pw"_a, "groups"_a, "symmetric"_a, "bits"_a, "clip"_a, "out"_a, "threads"_a,
+        "Low level (addresses): k-bit activation levels of float [N, C, H, W] as packed +-1 bit planes "
+        "[N, H+2ph, W+2pw, P*G, Wg]. Use onebit.engine.kernels.pack_integer_planes.");
+  m.def("combine_planes_raw", &combine_planes_raw, "y"_a, "pixels"_a, "Pa"_a, "G"_a, "Pw"_a, "Cog"_a, "coeff"_a,
+        "offset"_a, "exact_divisor"_a, "divisor"_a, "scale"_a, "bias"_a, "out"_a, "threads"_a,
+        "Low level (addresses): the weighted sum of a stacked bit-plane conv's plane pairs, then / divisor * scale "
+        "+ bias. Use onebit.engine.kernels.combine_planes.");
   m.def("max_pool_bits_raw", &max_pool_bits_raw, "x"_a, "or_mask"_a, "pad"_a, "out"_a, "N"_a, "H"_a, "W"_a, "G"_a,
         "Wg"_a, "Cg"_a, "OH"_a, "OW"_a, "KH"_a, "KW"_a, "SH"_a, "SW"_a, "PH"_a, "PW"_a, "DH"_a, "DW"_a, "OPH"_a, "OPW"_a,
         "Low level (addresses): max pooling of thresholded bits [N, H, W, G, Wg] into [N, OH+2OPH, OW+2OPW, G, Wg]. "

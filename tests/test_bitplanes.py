@@ -1,15 +1,25 @@
-"""k-bit and ternary convolutions by bit planes: exact against a float64 convolution of the levels."""
+"""k-bit and ternary convolutions by bit planes: exact against a float64 convolution of the levels,
+and k-bit / ternary layers packed bit-identical to the model (files, every ISA, onnxruntime)."""
 
 from __future__ import annotations
+
+import os
+import tempfile
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import onebit
+from onebit import _C, engine, quant
 from onebit.engine import kernels as K
 from onebit.engine import ops
+from onebit.nn import QActivation, QConv2d, QLinear
+from onebit.quant_lowbit import DoReFaSymmetric, Ternary
 from onebit.engine.bitplanes import PlaneCode, bitplane_conv2d_int, stack_weight_planes
 
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="the native kernels are not built")
@@ -73,3 +83,122 @@ def test_bitplane_conv_equals_the_float64_conv_of_the_levels(act, wcode, n, grou
     )  # fmt: skip
     assert got.dtype == torch.float32
     assert torch.equal(got.double(), expected)
+
+
+# ---------------------------------------------------------------------------
+# k-bit and ternary layers, packed: bit-identical to the model
+
+INPUTS = {
+    "dorefa1": lambda: quant.DoReFa(1), "dorefa2": lambda: quant.DoReFa(2), "dorefa4": lambda: quant.DoReFa(4),
+    "sym1": lambda: DoReFaSymmetric(1, 1.0), "sym2": lambda: DoReFaSymmetric(2, 1.3),
+    "sym3": lambda: DoReFaSymmetric(3, 0.8), "sym2_learned": lambda: DoReFaSymmetric(2, 1.7, learnable=True),
+}  # fmt: skip
+WEIGHTS = {
+    "sign": lambda: quant.get("ste_sign"), "magnitude": lambda: quant.get("magnitude_aware_sign"),
+    "ternary": lambda: Ternary(), "ternary_channel": lambda: Ternary(per_channel=True),
+    "dorefa_weight2": lambda: quant.DoReFaWeight(2), "dorefa_weight3": lambda: quant.DoReFaWeight(3),
+}  # fmt: skip
+
+
+def pack_strict(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no FallbackWarning
+        return engine.pack(model, x, strict=True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(sorted(INPUTS)), st.sampled_from(sorted(WEIGHTS)), st.sampled_from([1, 2]), st.integers(1, 3),
+    st.sampled_from([1, 3]), st.integers(0, 1), st.integers(1, 2), st.booleans(), st.booleans(),
+    st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_kbit_conv_packs_bit_identical_in_both_layouts(act, wq, groups, n, k, pad, stride, bias, channels_last, seed):
+    torch.manual_seed(seed)
+    layer = QConv2d(6 * groups, 4 * groups, k, stride=stride, padding=pad, groups=groups, bias=bias,
+                    input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]())  # fmt: skip
+    model = nn.Sequential(nn.BatchNorm2d(6 * groups), layer, nn.ReLU()).eval()
+    with torch.no_grad():
+        model[0].running_var.uniform_(0.3, 2.0)
+        model[0].running_mean.normal_(0.0, 0.5)
+    x = torch.randn(n, 6 * groups, 7, 6) * 1.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    packed = pack_strict(model, x)
+    assert [node["op"] for node in packed.graph["nodes"]].count("bitplane_conv2d") == 1
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))
+
+
+@pytest.mark.parametrize("act", ["dorefa2", "sym2", "sym3"])
+@pytest.mark.parametrize("wq", ["magnitude", "ternary", "dorefa_weight2"])
+def test_kbit_linear_packs_bit_identical(act, wq):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), QLinear(48, 12, input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]()),
+                          QLinear(12, 5, bias=False, input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]())).eval()  # fmt: skip
+    x = torch.randn(5, 3, 4, 4)
+    packed = pack_strict(model, x)
+    assert [node["op"] for node in packed.graph["nodes"]].count("bitplane_conv2d") == 2
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))
+
+
+def kbit_net() -> nn.Module:
+    torch.manual_seed(5)
+    return nn.Sequential(
+        QConv2d(3, 16, 3, padding=1, bias=True, input_quantizer=DoReFaSymmetric(2, 1.5), weight_quantizer=Ternary()),
+        nn.BatchNorm2d(16), QActivation(DoReFaSymmetric(2, 1.0)),
+        QConv2d(16, 16, 3, padding=1, groups=2, input_quantizer=quant.DoReFa(2), weight_quantizer=quant.DoReFaWeight(2)),
+        nn.Flatten(), QLinear(16 * 8 * 8, 10, input_quantizer=DoReFaSymmetric(2, 1.0), weight_quantizer=Ternary()),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.usefixtures("restore_isa_and_threads")
+def test_kbit_net_on_every_isa_and_the_reference_backend():
+    model, x = kbit_net(), torch.randn(3, 3, 8, 8)
+    packed = pack_strict(model, x)
+    with torch.no_grad():
+        want = model(x)
+        for isa in _C.supported_isas():
+            _C.set_isa(isa)
+            assert torch.equal(packed(x), want), isa
+        with engine.use_backend("reference"):
+            assert torch.equal(packed(x), want)
+
+
+def test_kbit_file_round_trip_and_bits_per_weight():
+    model, x = kbit_net(), torch.randn(2, 3, 8, 8)
+    packed = pack_strict(model, x)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kbit.onebit")
+        packed.save(path)
+        loaded = engine.load(path)
+        size = os.path.getsize(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (QConv2d, QLinear)))
+    # ternary and 2-bit weights: 2 planes, 2 bits a weight (plus BatchNorm, sums, the graph)
+    assert size < weights * 2 / 8 + 8000, size
+
+
+def test_kbit_layers_in_onnxruntime_bit_identical():
+    ort = pytest.importorskip("onnxruntime")
+    model, x = kbit_net(), torch.randn(3, 3, 8, 8)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kbit.onnx")
+        onebit.export_onnx(model, x, path)
+        session = ort.InferenceSession(path)
+        y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(y), model(x))
+
+
+def test_wide_kbit_layers_run_as_the_model_computes_them():
+    # 8-bit activations: more planes than pay; the float conv of the integers, divided as the layer divides
+    torch.manual_seed(1)
+    model = nn.Sequential(QConv2d(4, 6, 3, padding=1, input_quantizer=quant.DoReFa(8), weight_quantizer=Ternary())).eval()
+    x = torch.randn(2, 4, 6, 6)
+    packed = engine.pack(model, x)
+    ops_ = [node["op"] for node in packed.graph["nodes"]]
+    assert ops_ == ["quantize_int", "qconv2d"]
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))

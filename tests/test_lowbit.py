@@ -591,3 +591,44 @@ def test_dorefa_sym_learnable_clip_forward_equals_the_fixed_one_and_never_writes
     assert torch.isfinite(learned(x)).all()
     with pytest.raises(ValueError, match="clip must be a positive number"):
         DoReFaSymmetric(2, clip=0.0)
+
+
+# ---------------------------------------------------------------------------
+# k-bit layers: an exact integer sum, then the divisor, scale and bias
+
+
+@pytest.mark.parametrize("input_quantizer", ["dorefa", "dorefa_sym", DoReFaSymmetric(3, 1.7, learnable=True)])
+@pytest.mark.parametrize("weight_quantizer", ["ternary", "dorefa_weight", "magnitude_aware_sign"])
+def test_kbit_conv_is_the_integer_conv_then_divisor_scale_bias_in_every_layout(input_quantizer, weight_quantizer):
+    from onebit.nn import QConv2d
+
+    torch.manual_seed(0)
+    layer = QConv2d(24, 16, 3, padding=1, bias=True, input_quantizer=input_quantizer, weight_quantizer=weight_quantizer)
+    x = torch.randn(2, 24, 9, 9) * 2
+    x_int, s = layer.input_quantizer.integer_factor(x)
+    levels, scale = layer.weight_quantizer.factor(layer.weight)
+    acc = F.conv2d(x_int.double(), levels.double(), None, 1, 1)  # the exact integer sums
+    assert torch.equal(acc, torch.round(acc))
+    expected = ((acc.float() / s) * scale.view(1, -1, 1, 1)) + layer.bias.view(1, -1, 1, 1)
+    with torch.no_grad():
+        for xl in (x, x.contiguous(memory_format=torch.channels_last), x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+            assert torch.equal(layer(xl), expected)
+    assert torch.allclose(expected, F.conv2d(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), layer.bias, 1, 1),
+                          atol=1e-4)  # fmt: skip
+
+
+def test_dorefa_integer_factors_are_the_forward_levels():
+    x = torch.randn(5000) * 1.5
+    for q in (quant.DoReFa(2), quant.DoReFa(4)):
+        x_int, n = q.integer_factor(x)
+        assert torch.equal(x_int / n, q(x)) and set(x_int.unique().tolist()) <= set(range(int(n) + 1))
+    for q in (DoReFaSymmetric(2, 1.0), DoReFaSymmetric(3, 0.7)):
+        x_int, s = q.integer_factor(x)
+        n = q.steps
+        assert set(x_int.unique().tolist()) <= set(range(-n, n + 1, 2))
+        assert torch.allclose(x_int / s, q(x), atol=1e-6)
+    w = torch.randn(8, 4, 3, 3)
+    qw = quant.DoReFaWeight(2)
+    levels, scale = qw.factor(w)
+    assert set(levels.unique().tolist()) <= {-3.0, -1.0, 1.0, 3.0} and torch.equal(levels / 3, qw(w))
+    assert scale.shape == (8,) and torch.allclose(levels * scale.view(-1, 1, 1, 1), qw(w))

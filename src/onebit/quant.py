@@ -207,6 +207,26 @@ class _Round(torch.autograd.Function):
         return grad
 
 
+def unsigned_integers(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """``round(clamp(x, 0, 1) * n)``: :meth:`DoReFa.integer_factor`'s integers, without gradient."""
+    return torch.round(torch.clamp(x, 0.0, 1.0) * levels)
+
+
+class _UniformIntegers(torch.autograd.Function):
+    """``round(clamp(x, 0, 1) * n)``; gradient ``n * 1[0 <= x <= 1]`` (that of ``n * q(x)``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.levels = levels
+        return torch.round(torch.clamp(x, 0.0, 1.0) * levels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * ((x >= 0.0) & (x <= 1.0)).to(grad.dtype) * ctx.levels, None
+
+
 class _Uniform(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
@@ -374,6 +394,11 @@ class DoReFa(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Uniform.apply(x, self.levels)
 
+    def integer_factor(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(x_int, n)``: ``x_int = round(clamp(x, 0, 1) * n)`` in {0, ..., n} (``x``'s dtype) and
+        ``n = 2^k - 1``, so ``q(x) = x_int / n``. Layers compute ``conv(x_int, levels) / n``."""
+        return _UniformIntegers.apply(x, self.levels), float(self.levels)
+
     def factor(self, w: torch.Tensor) -> tuple[torch.Tensor, None]:
         """Used as a weight quantizer (layers factor their weights): warns once that the
         levels are in [0, 1], then ``(q(w), None)``."""
@@ -403,7 +428,8 @@ class DoReFaWeight(Quantizer):
     Backward: straight through the rounding, through tanh and the normalization:
     dq/dw = d/dw [tanh(w) / max|tanh(w)|].
 
-    ``factor(w)`` is ``(q(w), None)``: the levels are the k-bit values, no separate scale.
+    ``factor(w)`` is ``(2 i - n, 1 / n)``: odd integer levels and their scale, so a layer's sum is an
+    exact integer (``conv(x, levels) * (1 / n)``).
     Bitwise idempotent up to 3 bits; from 4 bits on, tanh compresses the levels of ``q(w)``
     by more than half a step (|tanh(l) / tanh(1) - l| reaches 0.107 > 1 / (2^k - 1)), so
     ``q(q(w))`` moves inner levels one step towards 0.
@@ -424,11 +450,21 @@ class DoReFaWeight(Quantizer):
         return 2**self.precision - 1
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        # 2 round(n r) / n - 1, as (2 i - n) / n: levels exactly symmetric around 0 (-l == l')
+        return self.integer_levels(w) / self.levels
+
+    def integer_levels(self, w: torch.Tensor) -> torch.Tensor:
+        """``2 round(n r) - n``: the odd integers in [-n, n] whose ``1 / n`` multiples are ``q(w)``."""
         t = torch.tanh(w)
         r = t / (2.0 * t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)) + 0.5
         n = self.levels
-        # 2 round(n r) / n - 1, as (2 i - n) / n: levels exactly symmetric around 0 (-l == l')
-        return (2.0 * _Round.apply(r * n) - n) / n
+        return 2.0 * _Round.apply(r * n) - n
+
+    def factor(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(2 i - n, 1 / n)``: odd integer levels and a per-output-channel scale ``1 / n`` (float32),
+        so a layer sums integers exactly and then scales (``q(w)`` equals ``levels / n``)."""
+        channels = w.shape[0] if w.dim() >= 2 else 1
+        return self.integer_levels(w), torch.full((channels,), 1.0 / self.levels, dtype=w.dtype, device=w.device)
 
     def extra_repr(self) -> str:
         return f"bits={self.precision}"

@@ -20,7 +20,7 @@ import torch
 
 from onebit.quant import Quantizer, register
 
-__all__ = ["Ternary", "Absmax8", "DoReFaSymmetric"]
+__all__ = ["Ternary", "Absmax8", "DoReFaSymmetric", "symmetric_integers"]
 
 #: the smallest scale divisor, as BitNet b1.58 clamps its mean and maximum magnitudes
 EPS = 1e-5
@@ -192,12 +192,20 @@ class DoReFaSymmetric(Quantizer):
 
     def clip_value(self) -> float:
         """The clip in use now (a learnable one as a float, at least 1e-5)."""
-        return max(float(self.clip), EPS) if self.learnable else self.clip
+        return max(float(self.clip.detach()), EPS) if self.learnable else self.clip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.learnable:
             return _LearnedClipUniform.apply(x, self.clip.clamp(min=EPS), self.steps)
         return _SymmetricUniform.apply(x, self.clip, self.steps)
+
+    def integer_factor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_int, s)``: ``x_int = 2 floor(u n + 1/2) - n``, the odd integers in [-n, n] (``x``'s
+        dtype), and ``s = n / c`` (a 0-d tensor), so ``q(x) = x_int / s`` up to one rounding. Layers
+        compute ``conv(x_int, levels) / s``. Gradients as in forward (the rounding passed through),
+        for a learnable clip too."""
+        clip = self.clip.clamp(min=EPS) if self.learnable else self.clip
+        return symmetric_integers(x, clip, self.steps)
 
     def extra_repr(self) -> str:
         clip = f"{float(self.clip):g}"
@@ -238,3 +246,25 @@ class _LearnedClipUniform(torch.autograd.Function):
         dq_dc = torch.where(inside, (q - x) / c, torch.sign(x))
         grad_clip = (grad * dq_dc).sum().to(c.dtype)
         return grad_x, grad_clip, None
+
+
+class _RoundHalfUpSTE(torch.autograd.Function):
+    """``floor(v + 1/2)`` with the identity as gradient."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor) -> torch.Tensor:
+        return torch.floor(v + 0.5)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
+def symmetric_integers(x: torch.Tensor, clip: float | torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`DoReFaSymmetric.integer_factor` for a clip ``c`` and ``n = steps``: ``(2 j - n, n / c)``
+    with ``j = floor((clamp(x, -c, c) / c + 1) / 2 * n + 1/2)``, in ``x``'s dtype (the clip as a
+    0-d tensor of that dtype, so that every caller rounds alike)."""
+    c = clip.to(x.dtype) if isinstance(clip, torch.Tensor) else torch.tensor(float(clip), dtype=x.dtype)
+    u = (torch.clamp(x, -c, c) / c + 1.0) / 2.0
+    j = _RoundHalfUpSTE.apply(u * steps)
+    return 2.0 * j - steps, torch.tensor(float(steps), dtype=x.dtype) / c

@@ -32,9 +32,18 @@ from dataclasses import dataclass
 
 import torch
 
-from onebit.engine import kernels as K
+from onebit import quant
+from onebit.engine import ops
+from onebit.nn.functional import scale_and_bias
+from onebit.quant_lowbit import DoReFaSymmetric, Ternary, symmetric_integers
 
-__all__ = ["PlaneCode", "stack_weight_planes", "activation_planes", "bitplane_conv2d_int"]
+__all__ = [
+    "PlaneCode", "input_code", "weight_code", "integer_input", "stack_weight_planes", "activation_planes",
+    "bitplane_conv2d_int", "bitplane_layer",
+]  # fmt: skip
+
+#: the most activation / weight planes a layer is run with by planes (more: a float conv is faster)
+MAX_INPUT_PLANES, MAX_WEIGHT_PLANES = 4, 3
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,35 @@ class PlaneCode:
         return total / self.divisor
 
 
+def input_code(q) -> PlaneCode | None:
+    """The plane code of an input quantizer's integers (``dorefa``, ``dorefa_sym``), else None."""
+    if isinstance(q, quant.DoReFa) and q.precision <= MAX_INPUT_PLANES:
+        return PlaneCode.unsigned(int(q.precision))
+    if isinstance(q, DoReFaSymmetric) and q.precision <= MAX_INPUT_PLANES:
+        return PlaneCode.symmetric(int(q.precision))
+    return None
+
+
+def weight_code(q) -> PlaneCode | None:
+    """The plane code of a weight quantizer's ``factor()`` levels (signs, ternary, ``dorefa_weight``), else None."""
+    if quant.has_sign_levels(q):
+        return PlaneCode.binary()
+    if isinstance(q, Ternary):
+        return PlaneCode.ternary()
+    if isinstance(q, quant.DoReFaWeight) and q.precision <= MAX_WEIGHT_PLANES:
+        return PlaneCode.symmetric(int(q.precision))
+    return None
+
+
+def integer_input(x: torch.Tensor, kind: str, bits: int, clip: float) -> torch.Tensor:
+    """The integers an input quantizer's ``integer_factor`` gives (``"dorefa"``: 0 .. n; ``"dorefa_sym"``:
+    odd -n .. n on the clip), computed by the same functions."""
+    n = (1 << bits) - 1
+    if kind == "dorefa":
+        return quant.unsigned_integers(x, n)
+    return symmetric_integers(x, clip, n)[0]
+
+
 def _bits(bits: int) -> int:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise ValueError(f"bit planes: bits must be an integer in [1, 8], got {bits!r}")
@@ -177,11 +215,11 @@ def bitplane_conv2d_int(
     padding: tuple[int, int] = (0, 0),
     dilation: tuple[int, int] = (1, 1),
     groups: int = 1,
-    cache: K.WeightCache | None = None,
+    cache=None,
 ) -> torch.Tensor:
     """``conv(x_int, levels)`` exactly, as float32 ``[N, C_out, OH, OW]`` (an integer in each element).
 
-    ``weight_planes_packed``: :func:`kernels.pack_weights` of :func:`stack_weight_planes` (with
+    ``weight_planes_packed``: ``pack_weights`` of :func:`stack_weight_planes` (with
     ``groups = act.planes * groups``); ``weight_plane_sums``: ``[P_w, C_out]`` integers, each weight
     plane summed over its kernel window (used by unsigned activations). Zero padding. The result
     is in channels_last memory.
@@ -189,7 +227,7 @@ def bitplane_conv2d_int(
     pa, pw = act.planes, weight.planes
     g = groups * pa
     cog = out_channels // groups
-    y = K.binary_conv2d_int(  # the float planes are packed inside the call
+    y = ops.binary_conv2d_int(  # the float planes are packed inside the call
         activation_planes(x_int, act), weight_planes_packed, in_channels=in_channels * pa, out_channels=pa * groups * pw * cog,
         kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=g,
         pad_value=act.pad_value, cache=cache,
@@ -211,3 +249,53 @@ def bitplane_conv2d_int(
     if divisor != 1:
         total = torch.div(total, divisor, rounding_mode="floor")  # exact: the sum is a multiple
     return total.to(torch.float32).permute(0, 3, 1, 2)
+
+
+def bitplane_layer(
+    x: torch.Tensor,
+    stacked_weight: torch.Tensor,
+    plane_sums: torch.Tensor,
+    *,
+    act: PlaneCode,
+    weight: PlaneCode,
+    quantizer: str,
+    clip: float,
+    input_divisor: float,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    padding: tuple[int, int] = (0, 0),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    cache=None,
+) -> torch.Tensor:
+    """A k-bit layer on its float input ``x`` ``[N, C, H, W]``: ``conv(x_int, levels) / s * scale + bias``
+    (channels_last memory). Natively three calls: the quantizer's integers packed as planes, the
+    stacked binary conv, the weighted sum of plane pairs with ``/ s * scale + bias``; else the same
+    by tensor ops (:func:`integer_input`, :func:`bitplane_conv2d_int`)."""
+    conv = dict(kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation)
+    pa, pw = act.planes, weight.planes
+    if ops.backend() != "native":
+        x_int = integer_input(x, quantizer, act.bits, clip)
+        acc = bitplane_conv2d_int(x_int, stacked_weight, plane_sums, act=act, weight=weight, in_channels=in_channels,
+                                  out_channels=out_channels, groups=groups, cache=cache, **conv)  # fmt: skip
+        return scale_and_bias(acc / input_divisor, scale, bias, spatial_dims=2)
+    from onebit.engine import kernels as K
+
+    xp = K.pack_integer_planes(x, padding, groups, symmetric=act.kind == "symmetric", bits=act.bits, clip=clip)
+    y = ops.binary_conv2d_int(
+        xp, stacked_weight, in_channels=in_channels * pa, out_channels=pa * pw * out_channels, groups=groups * pa,
+        pad_value=act.pad_value, cache=cache, **conv,
+    )  # fmt: skip
+    coeff = torch.tensor([ci * dj for ci in act.coeffs for dj in weight.coeffs], dtype=torch.int32)
+    offset = None
+    if act.offset:
+        sums = (plane_sums.to(torch.int64) * torch.tensor(weight.coeffs).view(-1, 1)).sum(0)
+        offset = (act.offset * sums).to(torch.int32).contiguous()
+    return K.combine_planes(
+        y, coeff, offset, act_planes=pa, groups=groups, weight_planes=pw, exact_divisor=act.divisor * weight.divisor,
+        divisor=input_divisor, scale=scale, bias=bias,
+    )  # fmt: skip

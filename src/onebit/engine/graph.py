@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from onebit.bits import unpack_signs
-from onebit.engine import ops
+from onebit.engine import bitplanes, ops
 from onebit.engine.geometry import ConvSpec, used_bits, words_for
 from onebit.math import sign
 from onebit.nn.functional import scale_and_bias
 from onebit.nn.twist import coordinate_maps
+from onebit.quant_lowbit import DoReFaSymmetric
 
 __all__ = ["OPS", "OpSpec", "validate", "attrs", "GraphError", "binary_weight_shape", "compact_shape"]
 
@@ -82,6 +83,17 @@ def _bool(v):
     if not isinstance(v, bool):
         raise GraphError(f"expected true or false, got {v!r}")
     return v
+
+
+def _positive(v):
+    v = _float(v)
+    if not v > 0:
+        raise GraphError(f"expected a positive number, got {v!r}")
+    return v
+
+
+def _optional_positive(v):
+    return None if v is None else _positive(v)
 
 
 def _pad_value(v):
@@ -151,6 +163,7 @@ class OpSpec:
     attrs: dict[str, Callable] = field(default_factory=dict)
     tensors: dict[str, TensorSpec] = field(default_factory=dict)
     check: Callable[[dict], None] | None = None  # cross-attribute checks
+    defaults: dict[str, Any] = field(default_factory=dict)  # optional attributes and their values
 
 
 _CONV_ATTRS = {
@@ -307,14 +320,57 @@ def _scale_and_bias(t, y, spatial_dims: int):
 
 def _qconv2d(t, a, x):
     """A quantized conv run in float, as :func:`onebit.nn.functional.qconv` computes it:
-    ``conv(pad(x, pad_value), levels) * scale + bias`` (x already quantized)."""
+    ``conv(pad(x, pad_value), levels) [/ input_divisor] * scale + bias`` (x already quantized, or
+    its integers when the input quantizer factors them out)."""
     y = _padded_conv(x, _levels(t, a), None, a)
+    if a["input_divisor"] is not None:
+        y = y / a["input_divisor"]
     return _scale_and_bias(t, y, 2)
 
 
 def _qlinear(t, a, x):
-    """A quantized linear layer run in float: ``(x @ levels.T) * scale + bias`` (x already quantized)."""
-    return _scale_and_bias(t, F.linear(x, _levels(t, a)), 0)
+    """A quantized linear layer run in float: ``(x @ levels.T) [/ input_divisor] * scale + bias``."""
+    y = F.linear(x, _levels(t, a))
+    if a["input_divisor"] is not None:
+        y = y / a["input_divisor"]
+    return _scale_and_bias(t, y, 0)
+
+
+def _quantize_int(t, a, x):
+    """An input quantizer's integers (``integer_factor``), see :func:`onebit.engine.bitplanes.integer_input`."""
+    return bitplanes.integer_input(x, a["kind"], a["bits"], a["clip"])
+
+
+def _dorefa_sym(t, a, x):
+    """``dorefa_sym``'s forward: ``c (2 floor((clamp(x, -c, c) / c + 1) / 2 * n + 1/2) / n - 1)``."""
+    return DoReFaSymmetric(a["bits"], a["clip"])(x)
+
+
+#: the key, beside a bit-plane conv's tensors, of its weight planes repeated for every activation plane
+STACKED_CACHE = "_stacked"
+
+
+def _bitplane_conv2d(t, a, x):
+    """A k-bit / ternary conv (or linear layer, on ``[N, F]``) by bit planes: the input quantizer's
+    integers, their exact integer conv with the weight levels (one binary conv of all plane pairs),
+    then ``/ input_divisor * scale + bias`` as :func:`onebit.nn.functional.qconv` computes it."""
+    act = bitplanes.PlaneCode(a["act_kind"], a["act_bits"])
+    weight = bitplanes.PlaneCode(a["weight_kind"], a["weight_bits"])
+    linear = x.dim() == 2
+    if linear:
+        x = x[:, :, None, None]
+    planes = t["weight"]
+    cached = t.get(STACKED_CACHE)
+    if cached is None or cached[0] is not planes or cached[1] != _bits_state(planes):
+        cached = (planes, _bits_state(planes), planes.repeat(act.planes, 1, 1, 1))
+        t[STACKED_CACHE] = cached
+    y = bitplanes.bitplane_layer(
+        x, cached[2], t["plane_sums"], act=act, weight=weight, quantizer=a["quantizer"], clip=a["clip"],
+        input_divisor=a["input_divisor"], scale=t.get("scale"), bias=t.get("bias"), in_channels=a["in_channels"],
+        out_channels=a["out_channels"], kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
+        dilation=a["dilation"], groups=a["groups"], cache=t.get(WEIGHT_CACHE),
+    )  # fmt: skip
+    return y[:, :, 0, 0].contiguous() if linear else y
 
 
 def _batch_norm(t, a, x):
@@ -595,7 +651,7 @@ OPS: dict[str, OpSpec] = {
         _qconv2d,
         (FLOAT,),
         FLOAT,
-        dict(_FLOAT_CONV_ATTRS),
+        {**_FLOAT_CONV_ATTRS, "input_divisor": _optional_positive},
         {
             "weight": TensorSpec(_F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"]),
                                  required=False),
@@ -604,12 +660,13 @@ OPS: dict[str, OpSpec] = {
             "bias": TensorSpec(_F32, _cout, required=False),
         },
         _check_groups,
+        defaults={"input_divisor": None},
     ),
     "qlinear": OpSpec(
         _qlinear,
         (FLOAT,),
         FLOAT,
-        {"in_features": _int(1), "out_features": _int(1)},
+        {"in_features": _int(1), "out_features": _int(1), "input_divisor": _optional_positive},
         {
             "weight": TensorSpec(_F32, lambda a: (a["out_features"], a["in_features"]), required=False),
             "weight_bits": TensorSpec(torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64),
@@ -617,6 +674,7 @@ OPS: dict[str, OpSpec] = {
             "scale": TensorSpec(_F32, _fout, required=False),
             "bias": TensorSpec(_F32, _fout, required=False),
         },
+        defaults={"input_divisor": None},
     ),
     "batch_norm": OpSpec(
         _batch_norm,
@@ -678,6 +736,41 @@ OPS: dict[str, OpSpec] = {
         {"thresholds": TensorSpec(torch.int32, lambda a: (a["channels"],)), "direction": TensorSpec(torch.int8, lambda a: (a["channels"],))},
     ),
     "dorefa": OpSpec(_dorefa, (FLOAT,), FLOAT, {"bits": _int(1, 16)}),
+    "dorefa_sym": OpSpec(_dorefa_sym, (FLOAT,), FLOAT, {"bits": _int(1, 16), "clip": _positive}),
+    "quantize_int": OpSpec(
+        _quantize_int, (FLOAT,), FLOAT, {"kind": _choice("dorefa", "dorefa_sym"), "bits": _int(1, 16), "clip": _positive}
+    ),
+    "bitplane_conv2d": OpSpec(
+        _bitplane_conv2d,
+        (FLOAT,),
+        FLOAT,
+        {
+            **_CONV_ATTRS,
+            "quantizer": _choice("dorefa", "dorefa_sym"),
+            "clip": _positive,
+            "act_kind": _choice("symmetric", "unsigned"),
+            "act_bits": _int(1, bitplanes.MAX_INPUT_PLANES),
+            "weight_kind": _choice("binary", "ternary", "symmetric"),
+            "weight_bits": _int(1, bitplanes.MAX_WEIGHT_PLANES),
+            "input_divisor": _positive,
+        },
+        {
+            # the weight planes [G, P_w, C_out / G] as output channels, packed (stored once; repeated
+            # for every activation plane at run time)
+            "weight": TensorSpec(
+                torch.int64,
+                lambda a: (bitplanes.PlaneCode(a["weight_kind"], a["weight_bits"]).planes * a["out_channels"],
+                           *a["kernel_size"], words_for(a["in_channels"] // a["groups"])),
+                binary=True,
+            ),  # fmt: skip
+            "plane_sums": TensorSpec(
+                torch.int32, lambda a: (bitplanes.PlaneCode(a["weight_kind"], a["weight_bits"]).planes, a["out_channels"])
+            ),
+            "scale": TensorSpec(_F32, _cout, required=False),
+            "bias": TensorSpec(_F32, _cout, required=False),
+        },
+        _check_groups,
+    ),
     "identity": OpSpec(_identity, (FLOAT,), FLOAT),
     "ternary_linear": OpSpec(
         _ternary_linear,
@@ -729,7 +822,8 @@ def _check_out_groups(a):
 # ranks of float values
 
 _IMAGE_OPS = {"pack", "threshold_pack", "conv2d", "qconv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
-_SAME_RANK = {"relu", "relu6", "leaky_relu", "hardtanh", "prelu", "sigmoid", "tanh", "sign", "dorefa", "identity", "div"}
+_SAME_RANK = {"relu", "relu6", "leaky_relu", "hardtanh", "prelu", "sigmoid", "tanh", "sign", "dorefa", "dorefa_sym",
+              "quantize_int", "identity", "div"}
 
 
 def _dim(dim: int, rank: int, what: str) -> int:
@@ -769,6 +863,10 @@ def _output_rank(op: str, a: dict, ranks: list[int | None]) -> int | None:
         return max(ranks)
     if op == "pack_features":
         return None
+    if op == "bitplane_conv2d":  # a conv on [N, C, H, W], or a linear layer on [N, F]
+        if r not in (2, 4) or (r == 2 and a["kernel_size"] != [1, 1]):
+            raise GraphError(f"op bitplane_conv2d takes a rank-4 input (rank 2 for a 1 x 1 linear form), got rank {r}")
+        return r
     if op in _SAME_RANK or op in ("batch_norm", "sign_threshold", "softmax", "roll", "cat", "linear", "qlinear"):
         return r
     return None  # an op whose output rank this table does not know: later checks skip it
@@ -876,8 +974,9 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
                 if not _layouts_match(_produced_layout(producer), _expected_layout({"op": op, "attrs": _checked_attrs(node, spec, where)})):
                     raise GraphError(f"{where}: packed input {ref!r} has a different layout than {op} expects")
         attrs = _checked_attrs(node, spec, where)
-        if not isinstance(node.get("conv1d", False), bool):
-            raise GraphError(f"{where}: 'conv1d' must be true or false")
+        for flag in ("conv1d", "linear"):  # the layout of the output (see PackedModel)
+            if not isinstance(node.get(flag, False), bool):
+                raise GraphError(f"{where}: {flag!r} must be true or false")
         node_tensors = node.get("tensors", {})
         if not isinstance(node_tensors, dict):
             raise GraphError(f"{where}: tensors must be an object")
@@ -893,8 +992,8 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
             if not isinstance(key, str) or key not in tensors:
                 raise GraphError(f"{where}: tensor {role!r} refers to {key!r}, which is not in the file")
             t = tensors[key]
-            if ts.binary and compact:
-                dtype, shape = torch.uint8, compact_shape(attrs)
+            if ts.binary and compact:  # one row of bits per packed row (output channel, or weight plane)
+                dtype, shape = torch.uint8, (ts.shape(attrs)[0], compact_shape(attrs)[1])
             else:
                 dtype, shape = ts.dtype, ts.shape(attrs)
             if t.dtype != dtype:
@@ -970,6 +1069,9 @@ def _checked_attrs(node: dict, spec: OpSpec, where: str) -> dict:
         if key not in spec.attrs:
             raise GraphError(f"{where}: unknown attribute {key!r} for op {node['op']}")
     for key, check in spec.attrs.items():
+        if key not in attrs and key in spec.defaults:
+            out[key] = spec.defaults[key]
+            continue
         if key not in attrs:
             raise GraphError(f"{where}: missing attribute {key!r}")
         try:

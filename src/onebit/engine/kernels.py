@@ -824,3 +824,54 @@ def ternary_linear_int(x: torch.Tensor, wp: torch.Tensor, *, in_features: int) -
 def ternary_linear_kernel() -> str:
     """The kernel :func:`ternary_linear` runs on the active ISA: ``avx512_vnni``, ``avx2`` or ``reference``."""
     return _C.ternary_linear_kernel()
+
+
+# ---------------------------------------------------------------------------
+# bit planes of k-bit activations (onebit.engine.bitplanes)
+
+
+def pack_integer_planes(
+    x: torch.Tensor, padding: Sequence[int], groups: int, *, symmetric: bool, bits: int, clip: float = 1.0
+) -> torch.Tensor:
+    """float32 ``[N, C, H, W]`` -> int64 ``[N, H + 2 ph, W + 2 pw, bits * G, Wg]``: the +-1 bit planes
+    of the input quantizer's level indices (``dorefa``: ``round(clamp(x, 0, 1) n)``; ``dorefa_sym``:
+    ``floor((clamp(x, -c, c) / c + 1) / 2 n + 1/2)``), group ``i * G + g`` holding plane ``i`` of
+    group ``g``; padded with each code's zero (see ``csrc/kernels/bitplanes.h``)."""
+    if not (type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu and x.dim() == 4):
+        raise ValueError(f"pack_integer_planes: x must be a float32 CPU tensor [N, C, H, W], got {type(x).__name__}")
+    n, c, h, w = x.shape
+    ph, pw = padding
+    if c % groups:
+        raise ValueError(f"pack_integer_planes: groups={groups} must divide the {c} channels")
+    sn, sc, sh, sw = x.stride()
+    if sc != 1 and sw != 1 and c > 1 and w > 1:
+        x = x.contiguous()
+        sn, sc, sh, sw = x.stride()
+    out = torch.empty(n, h + 2 * ph, w + 2 * pw, bits * groups, (c // groups + 63) // 64, dtype=torch.int64)
+    if out.numel():
+        _C.pack_integer_planes_raw(x.data_ptr(), n, c, h, w, sn, sc, sh, sw, ph, pw, groups, symmetric, bits,
+                                   float(clip), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def combine_planes(
+    y: torch.Tensor, coeff: torch.Tensor, offset: torch.Tensor | None, *, act_planes: int, groups: int,
+    weight_planes: int, exact_divisor: int, divisor: float, scale: torch.Tensor | None, bias: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """The stacked bit-plane conv's int32 output (channels_last ``[N, P_a G P_w Cog, OH, OW]``) ->
+    float32 ``[N, G Cog, OH, OW]`` (channels_last): ``(sum_ij coeff[i, j] y_ij + offset) / exact_divisor``
+    (exact), then ``/ divisor``, ``* scale``, ``+ bias`` as three float32 roundings."""
+    n, stacked, oh, ow = y.shape
+    cog = stacked // (act_planes * groups * weight_planes)
+    if not y.is_contiguous(memory_format=torch.channels_last) or y.dtype != torch.int32:
+        raise ValueError("combine_planes: y must be the int32 channels_last output of the stacked conv")
+    out = _empty_nchw_channels_last(n, groups * cog, oh, ow, torch.float32)
+    pixels = n * oh * ow
+    if pixels:
+        _C.combine_planes_raw(
+            y.data_ptr(), pixels, act_planes, groups, weight_planes, cog, coeff.data_ptr(),
+            0 if offset is None else offset.data_ptr(), int(exact_divisor), float(divisor),
+            0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return out

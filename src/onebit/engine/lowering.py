@@ -35,7 +35,8 @@ from onebit.math import sign as onebit_sign
 from onebit.nn import functional as QF
 from onebit.nn.bitlinear import BitLinear
 from onebit.nn.layers import QActivation, QConv1d, QConv2d, QLinear, QuantizedLayer
-from onebit.quant_lowbit import Absmax8, Ternary
+from onebit.engine import bitplanes
+from onebit.quant_lowbit import Absmax8, DoReFaSymmetric, Ternary
 from onebit.nn.twist import TwistConv2d
 from onebit.thresholds import accumulator_bound, batchnorm_sign_thresholds
 
@@ -443,9 +444,8 @@ class _Lowering:
                 why = (f"padding_mode={m.padding_mode!r} (the packed kernels pad with a constant)"
                        if m.padding_mode != "zeros" else f"asymmetric padding {m.padding!r}")
             self.note_fallback(node, m, why)
-            if m.input_quantizer is not None:
-                x = self.lower_quantizer(node, m.input_quantizer, x)
-            self.value[node] = self.emit_qconv1d(node, m, x)
+            x, divisor = self.layer_input(node, m, x)
+            self.value[node] = self.emit_qconv1d(node, m, x, divisor)
             return
         x = self.sign_source.get(x, x)
         x2d, conv = self.conv1d_as_2d(node, m, x, float(m.pad_value))
@@ -514,11 +514,76 @@ class _Lowering:
             why = (f"padding_mode={m.padding_mode!r} (the packed kernels pad with a constant)"
                    if m.padding_mode != "zeros" else f"asymmetric padding {m.padding!r}")
         self.note_fallback(node, m, why)
-        q = m.input_quantizer
-        if q is not None:
-            x = self.lower_quantizer(node, q, x)
-        attrs = self.float_conv_attrs(m, float(m.pad_value))
+        x, divisor = self.layer_input(node, m, x)
+        attrs = {**self.float_conv_attrs(m, float(m.pad_value)), "input_divisor": divisor}
         return self.emit(node.name, "qconv2d", [x], attrs, self.float_layer_tensors(m), node.target)
+
+    def layer_input(self, node: fx.Node, m: nn.Module, x: str) -> tuple[str, float | None]:
+        """A float-run layer's quantized input as the layer computes with it (see
+        :func:`onebit.nn.functional.qconv`): the integers and their divisor when the input
+        quantizer factors them out (``dorefa``, ``dorefa_sym``; zero padding for a conv), else the
+        quantizer's output and None."""
+        q = m.input_quantizer
+        if q is None:
+            return x, None
+        divisor = _integer_divisor(q)
+        if divisor is None or (not isinstance(m, QLinear) and float(m.pad_value) != 0.0):
+            return self.lower_quantizer(node, q, x), None
+        attrs = {"kind": "dorefa" if isinstance(q, quant.DoReFa) else "dorefa_sym", "bits": int(q.precision),
+                 "clip": _clip(q)}  # fmt: skip
+        return self.emit(f"{node.name}_int", "quantize_int", [x], attrs), divisor
+
+    def bitplane_codes(self, m: nn.Module, node: fx.Node) -> tuple | None:
+        """(input code, weight code) of a k-bit or ternary layer the bit-plane conv runs, else None:
+        integer inputs (``dorefa``, ``dorefa_sym``) and integer weight levels (signs, ternary,
+        ``dorefa_weight``), zero padding on both sides, exact integer sums."""
+        act, weight = bitplanes.input_code(m.input_quantizer), bitplanes.weight_code(m.weight_quantizer)
+        if act is None or weight is None:
+            return None
+        if isinstance(m, QConv2d):
+            if m.padding_mode != "zeros" or float(m.pad_value) != 0.0:
+                return None
+            pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
+            if pad[0] != pad[1] or pad[2] != pad[3]:
+                return None
+            taps = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        else:
+            in_shape = self._shape(node.args[0])
+            if in_shape is None or len(in_shape) != 2:
+                return None
+            taps = m.in_features
+        largest = max(abs(v) for v in act.levels) * max(abs(v) for v in weight.levels)
+        return (act, weight) if taps * largest < 1 << 24 else None  # exact in float32
+
+    def lower_bitplane(self, node: fx.Node, m: nn.Module, codes: tuple) -> None:
+        """A k-bit / ternary layer -> one ``bitplane_conv2d`` (a linear layer as a 1 x 1 conv of [N, F])."""
+        act, wcode = codes
+        x = self.arg(node, node.args[0])
+        levels, scale = self.weight_factors(m)
+        if isinstance(m, QConv2d):
+            pad = QF.explicit_padding(m.padding, m.kernel_size, m.dilation)
+            conv = _conv_attrs(m, m.kernel_size, m.stride, (pad[2], pad[0]), m.dilation, 0.0)
+            groups = int(m.groups)
+        else:
+            levels = levels[:, :, None, None]
+            conv = {"in_channels": int(m.in_features), "out_channels": int(m.out_features), "kernel_size": [1, 1],
+                    "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1, "pad_value": 0.0}  # fmt: skip
+            groups = 1
+        planes = bitplanes.stack_weight_planes(levels.contiguous(), wcode, 1, groups)
+        q = m.input_quantizer
+        attrs = {
+            **conv, "quantizer": "dorefa" if isinstance(q, quant.DoReFa) else "dorefa_sym", "clip": _clip(q),
+            "act_kind": act.kind, "act_bits": act.bits, "weight_kind": wcode.kind, "weight_bits": wcode.bits,
+            "input_divisor": _integer_divisor(q),
+        }  # fmt: skip
+        tensors = {
+            "weight": ops.pack_weights(planes, groups),
+            "plane_sums": wcode.split(levels).sum(dim=(2, 3, 4)).to(torch.int32).contiguous(),
+            "scale": scale, "bias": _t(m.bias),
+        }  # fmt: skip
+        self.value[node] = self.emit(node.name, "bitplane_conv2d", [x], attrs, tensors, node.target)
+        if isinstance(m, QLinear):
+            self.nodes[-1]["linear"] = True  # a 2-d output, contiguous as torch's linear gives it
 
     def emit_conv(self, node: fx.Node, m: nn.Conv2d, x: str, weight: torch.Tensor, pad_value: float) -> str:
         attrs = self.float_conv_attrs(m, pad_value)
@@ -546,9 +611,10 @@ class _Lowering:
         self.nodes[-1]["conv1d"] = True  # its output takes the layout torch's conv1d gives
         return self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
 
-    def emit_qconv1d(self, node: fx.Node, m: QConv1d, x: str) -> str:
+    def emit_qconv1d(self, node: fx.Node, m: QConv1d, x: str, divisor: float | None = None) -> str:
         """A quantized 1-d conv run in float: ``qconv2d`` of ``[N, C, 1, L]`` with a ``1 x k`` kernel."""
         x2d, attrs = self.conv1d_float_attrs(node, m, x, float(m.pad_value))
+        attrs["input_divisor"] = divisor
         y = self.emit(node.name, "qconv2d", [x2d], attrs, self.float_layer_tensors(m), node.target)
         self.nodes[-1]["conv1d"] = True  # its output takes the layout torch's conv1d gives
         return self.emit(f"{node.name}_1d", "reshape", [y], {"shape": [int(m.out_channels), -1]})
@@ -570,6 +636,8 @@ class _Lowering:
             return out
         if isinstance(q, quant.DoReFa):
             return self.emit(f"{node.name}_dorefa", "dorefa", [x], {"bits": int(q.precision)})
+        if isinstance(q, DoReFaSymmetric):
+            return self.emit(f"{node.name}_dorefa_sym", "dorefa_sym", [x], {"bits": int(q.precision), "clip": _clip(q)})
         raise self.unsupported(node, f"quantizer {type(q).__name__} has no engine op")
 
     def lower_qlinear(self, node: fx.Node, m: QLinear) -> None:
@@ -609,10 +677,8 @@ class _Lowering:
             self.packed[(bn_node, ("features", int(m.out_features)))] = packed
             return
         self.note_fallback(node, m, why)
-        x = self.arg(node, node.args[0])
-        if m.input_quantizer is not None:
-            x = self.lower_quantizer(node, m.input_quantizer, x)
-        attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
+        x, divisor = self.layer_input(node, m, self.arg(node, node.args[0]))
+        attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features), "input_divisor": divisor}
         self.value[node] = self.emit(node.name, "qlinear", [x], attrs, self.float_layer_tensors(m), node.target)
 
     def lower_ternary_linear(self, node: fx.Node, m: QLinear) -> None:
@@ -692,6 +758,10 @@ class _Lowering:
         m = self.modules[node.target]
         if len(node.args) != 1 or node.kwargs:
             raise self.unsupported(node, "expected one positional tensor argument")
+        codes = self.bitplane_codes(m, node) if isinstance(m, (QConv2d, QLinear)) else None
+        if codes is not None:
+            self.lower_bitplane(node, m, codes)
+            return
         if isinstance(m, QConv2d):
             kind = self.binary_conv_kind(m, node)
             if kind == "packed":
@@ -879,6 +949,21 @@ EMITTERS = {
     nn.Conv1d: lambda low, node, m, x: low.emit_conv1d(node, m, x, _t(m.weight), 0.0),
     nn.Linear: _emit_linear,
 }
+
+
+def _integer_divisor(q: Any) -> float | None:
+    """The divisor ``s`` of an input quantizer's ``integer_factor`` (one number: ``dorefa``,
+    ``dorefa_sym``), as the float32 value the layer divides by; None for any other quantizer."""
+    if not isinstance(q, (quant.DoReFa, DoReFaSymmetric)):
+        return None
+    with torch.no_grad():
+        _, s = q.integer_factor(torch.zeros(1))
+    return float(s)
+
+
+def _clip(q: Any) -> float:
+    """``dorefa_sym``'s clip as a float (1.0, unused, for ``dorefa``)."""
+    return float(q.clip_value()) if isinstance(q, DoReFaSymmetric) else 1.0
 
 
 def is_ternary_linear(m: nn.Module) -> bool:

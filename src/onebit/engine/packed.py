@@ -151,7 +151,7 @@ class PackedModel(nn.Module):
             spec = G.OPS[node["op"]]
             attrs = G.attrs(node)
             roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
-            if node["op"] in _PACKING_CONVS:  # the weights, prepared for the kernel, kept between calls
+            if node["op"] in _WEIGHT_CACHED:  # the weights, prepared for the kernel, kept between calls
                 roles[G.WEIGHT_CACHE] = ops.weight_cache()
             inputs = list(absorbed_pack[i]["inputs"] if i in absorbed_pack else node["inputs"])
             out, label = node["name"], ("pack+" if i in absorbed_pack else "") + node["op"]
@@ -167,7 +167,7 @@ class PackedModel(nn.Module):
             # differently in the two layouts, and the model's layout follows its input's;
             # a 1-d conv run as a 1 x k 2-d conv: torch's conv1d returns a contiguous tensor, while
             # a 2-d conv of an ambiguous [N, C, 1, L] shape may choose channels_last
-            relayout = "contiguous" if node.get("conv1d") else ("model" if node["op"] == "binary_conv2d" else None)
+            relayout = "contiguous" if node.get("conv1d") else ("model" if _writes_channels_last(node) else None)
             steps.append(Step(out, spec.fn, attrs, tuple(inputs), roles, (), relayout, label, node.get("module", "")))
         last_use: dict[str, int] = {}
         for i, step in enumerate(steps):
@@ -312,6 +312,8 @@ class PackedModel(nn.Module):
 
 #: binary convolutions that can take a float input and pack it themselves
 _PACKING_CONVS = ("binary_conv2d", "binary_conv2d_threshold")
+#: ops whose native kernels keep their prepared weights between calls (a WeightCache each)
+_WEIGHT_CACHED = _PACKING_CONVS + ("bitplane_conv2d",)
 
 
 def _batchnorm_epilogue(model: "PackedModel", bn: dict) -> tuple | None:
@@ -321,6 +323,11 @@ def _batchnorm_epilogue(model: "PackedModel", bn: dict) -> tuple | None:
     t = {role: getattr(model, model._keys[key]) for role, key in bn.get("tensors", {}).items()}
     eps = G.attrs(bn)["eps"]
     return batchnorm_epilogue(t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), eps)
+
+
+def _writes_channels_last(node: dict) -> bool:
+    """A node whose float output the native kernels write in channels_last memory."""
+    return node["op"] == "binary_conv2d" or (node["op"] == "bitplane_conv2d" and not node.get("linear"))
 
 
 def _relayout_format(relayout: str, model_format: torch.memory_format) -> torch.memory_format:

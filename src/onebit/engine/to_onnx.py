@@ -307,7 +307,72 @@ class _Exporter:
         w = self.weight(node, a, name)
         y = self.conv(xs[0], w, a, name, explicit=a["explicit_padding"], pad_value=a["pad_value"],
                       mode=a["padding_mode"])
-        return self.scale_bias(y, node, 4, name)
+        return self.divided(y, a["input_divisor"], node, 4, name)
+
+    def divided(self, acc: str, divisor: float | None, node: dict, rank: int, base: str) -> str:
+        """``acc [/ divisor] * scale + bias``: an integer-input layer divides its exact sum first (in
+        float32, after a round trip through int32 that keeps the division out of the Conv)."""
+        if divisor is None:
+            return self.scale_bias(acc, node, rank, base)
+        b = self.b
+        if self.integer_levels(node):
+            f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
+            i32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("int32"))
+            acc = b.op("Cast", [b.op("Cast", [acc], f"{base}_int", to=i32)], f"{base}_acc", to=f32)
+        y = b.op("Div", [acc, b.const(float(divisor))], f"{base}_divided")
+        roles = self.roles(node)
+        if roles.get("scale") is None and roles.get("bias") is None:
+            return y
+        return self.scale_bias(y, node, rank, base)
+
+    def integer_levels(self, node: dict) -> bool:
+        """Whether a layer's weight levels are integers (so its sums of integer inputs are exact)."""
+        tensors = node.get("tensors", {})
+        if node["op"] == "bitplane_conv2d" or "weight_bits" in tensors:
+            return True
+        w = self.tensors[tensors["weight"]]
+        return bool(torch.equal(w, torch.round(w)))
+
+    def integers(self, x: str, kind: str, bits: int, clip: float, base: str) -> str:
+        """An input quantizer's integers, op for op as :func:`onebit.engine.bitplanes.integer_input`."""
+        b, n = self.b, float(2**bits - 1)
+        if kind == "dorefa":
+            clipped = b.op("Clip", [x, b.const(0.0), b.const(1.0)], f"{base}_clip")
+            return b.op("Round", [b.op("Mul", [clipped, b.const(n)], f"{base}_scaled")], f"{base}_int")
+        c = b.const(float(np.float32(clip)))
+        clipped = b.op("Clip", [x, b.op("Neg", [c], f"{base}_negc"), c], f"{base}_clip")
+        u = b.op("Div", [b.op("Add", [b.op("Div", [clipped, c], f"{base}_unit"), b.const(1.0)], f"{base}_shift"),
+                         b.const(2.0)], f"{base}_u")  # fmt: skip
+        j = b.op("Floor", [b.op("Add", [b.op("Mul", [u, b.const(n)], f"{base}_un"), b.const(0.5)], f"{base}_half")],
+                 f"{base}_j")  # fmt: skip
+        return b.op("Sub", [b.op("Mul", [j, b.const(2.0)], f"{base}_2j"), b.const(n)], f"{base}_int")
+
+    def op_quantize_int(self, node, a, xs, name):
+        return self.integers(xs[0], a["kind"], a["bits"], a["clip"], name)
+
+    def op_dorefa_sym(self, node, a, xs, name):
+        b, n = self.b, 2 ** a["bits"] - 1
+        j = b.op("Div", [b.op("Add", [self.integers(xs[0], "dorefa_sym", a["bits"], a["clip"], f"{name}_q"),
+                                       b.const(float(n))], f"{name}_2j"), b.const(2.0)], f"{name}_j")  # fmt: skip
+        level = b.op("Sub", [b.op("Mul", [j, b.const(2.0 / n)], f"{name}_jn"), b.const(1.0)], f"{name}_level")
+        return b.op("Mul", [level, b.const(float(np.float32(a["clip"])))], name)
+
+    def op_bitplane_conv2d(self, node, a, xs, name):
+        from onebit.bits import unpack_signs
+        from onebit.engine.bitplanes import PlaneCode
+
+        roles, b = self.roles(node), self.b
+        code = PlaneCode(a["weight_kind"], a["weight_bits"])
+        g, co, cg = a["groups"], a["out_channels"], a["in_channels"] // a["groups"]
+        signs = unpack_signs(roles["weight"], cg).permute(0, 3, 1, 2)  # [G * P_w * Cog, Cg, KH, KW]
+        planes = signs.reshape(g, code.planes, co // g, cg, *a["kernel_size"]).transpose(0, 1)
+        levels = code.join(planes.reshape(code.planes, co, cg, *a["kernel_size"])).float()
+        x = self.integers(xs[0], a["quantizer"], a["act_bits"], a["clip"], name)
+        if node.get("linear"):
+            w = b.const(levels[:, :, 0, 0].numpy(), np.float32, f"{name}_w")
+            return self.divided(self._matmul(x, w, name), a["input_divisor"], node, 2, name)
+        w = b.const(levels.numpy(), np.float32, f"{name}_w")
+        return self.divided(self.conv(x, w, a, name), a["input_divisor"], node, 4, name)
 
     def op_linear(self, node, a, xs, name):
         roles = self.roles(node)
@@ -319,7 +384,7 @@ class _Exporter:
 
     def op_qlinear(self, node, a, xs, name):
         y = self._matmul(xs[0], self.weight(node, a, name), name)
-        return self.scale_bias(y, node, 2, name)  # [1, F] constants broadcast over any [..., F]
+        return self.divided(y, a["input_divisor"], node, 2, name)  # [1, F] constants broadcast over any [..., F]
 
     def _matmul(self, x, w, name):
         wt = self.b.op("Transpose", [w], f"{name}_wt", perm=[1, 0])

@@ -82,7 +82,10 @@ def qconv(
     """Quantized N-d convolution (N = ``weight.dim() - 2``).
 
     ``y = conv(pad(q_in(x), pad_value), levels(W)) * scale + bias`` (see the module
-    docstring; equal to ``conv(pad(q_in(x)), q_w(W)) + bias`` up to float rounding). With ``padding_mode``
+    docstring; equal to ``conv(pad(q_in(x)), q_w(W)) + bias`` up to float rounding). An input
+    quantizer with ``integer_factor(x) = (x_int, s)`` and one divisor ``s`` (``dorefa``,
+    ``dorefa_sym``) gives ``y = conv(pad(x_int), levels) / s * scale + bias`` with zero padding:
+    the sum of integer products is exact (in any order), then three roundings. With ``padding_mode``
     other than ``'zeros'`` the quantized input is padded by that mode
     (reflect, replicate, circular) and ``pad_value`` must be 0.
 
@@ -96,8 +99,9 @@ def qconv(
     stride = _tuple(stride, ndim)
     dilation = _tuple(dilation, ndim)
     quantized = input_quantizer is not None or weight_quantizer is not None
+    divisor = None
     if input_quantizer is not None:
-        x = input_quantizer(x)
+        x, divisor = _integer_input(x, input_quantizer, pad_value)
     w, scale = weight_factors(weight, weight_quantizer)
     inner_bias = None if quantized else bias
     if padding_mode == "zeros" and pad_value == 0.0:
@@ -111,7 +115,21 @@ def qconv(
         y = conv(x, w, inner_bias, stride, 0, dilation, groups)
     if not quantized:
         return y
+    if divisor is not None:
+        y = y / divisor
     return scale_and_bias(y, scale, bias, spatial_dims=ndim)
+
+
+def _integer_input(x: torch.Tensor, quantizer: Callable, pad_value: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x_int, s)`` when the quantizer factors its output into integers and ONE divisor
+    (``integer_factor``: ``dorefa``, ``dorefa_sym``) and the padding is zero, else ``(q(x), None)``."""
+    integer_factor = getattr(quantizer, "integer_factor", None)
+    if integer_factor is None or pad_value != 0.0:
+        return quantizer(x), None
+    x_int, s = integer_factor(x)
+    if isinstance(s, torch.Tensor) and s.numel() != 1:  # a per-token divisor (absmax8): not a conv's
+        return x_int / s, None
+    return x_int, s
 
 
 def qlinear(

@@ -1,0 +1,140 @@
+"""k-bit and ternary 3x3 convolutions, packed by bit planes, against torch fp32 and onebit's 1-bit conv.
+
+One layer (default 256 -> 256 channels at 14 x 14, batch 1, padding 1) as ``onebit.engine.pack``
+runs it: the input quantizer's integers, one binary conv of every pair of activation and weight
+planes, then ``/ s * scale + bias``; bit-identical to the layer (checked before timing). Candidates:
+
+- ``torch fp32``: ``F.conv2d`` on the float weight, in the faster of NCHW and channels_last;
+- ``1-bit``: sign activations x magnitude-aware sign weights (the binary conv, for reference);
+- ``2-bit x 1-bit``: ``dorefa_sym`` 2-bit activations x ``magnitude_aware_sign`` weights;
+- ``2-bit x ternary``: ``dorefa_sym`` 2-bit x ``ternary`` weights;
+- ``2-bit x 2-bit``: ``dorefa_sym`` 2-bit x ``dorefa_weight`` 2-bit;
+
+each on every ISA the machine has. Every repetition times every candidate once, interleaved (a sample
+is the mean of back-to-back calls filling ~2 ms, after one untimed call and a 2 ms pause); the table
+shows medians and the ratio to torch fp32. File sizes: each packed layer against the float state dict.
+
+Usage: ``python benchmarks/bench_kbit_conv.py [--channels 256] [--size 14] [--batch 1] [--threads 1 2]
+[--reps 15] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import onebit.engine
+from onebit import _C
+from onebit.nn import QConv2d
+from onebit.quant_lowbit import DoReFaSymmetric
+from timing import calibrate, sample  # benchmarks/timing.py
+
+CONFIGS = {
+    "1-bit": ("ste_sign", "magnitude_aware_sign"),
+    "2-bit x 1-bit": (DoReFaSymmetric(2, 1.0), "magnitude_aware_sign"),
+    "2-bit x ternary": (DoReFaSymmetric(2, 1.0), "ternary"),
+    "2-bit x 2-bit": (DoReFaSymmetric(2, 1.0), "dorefa_weight"),
+}
+
+
+def _state_dict_bytes(module: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--size", type=int, default=14)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    c, s, n = args.channels, args.size, args.batch
+    x = torch.randn(n, c, s, s)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, c, 3, 3)
+    weight_cl = weight.contiguous(memory_format=torch.channels_last)
+    layers, packed = {}, {}
+    for name, (iq, wq) in CONFIGS.items():
+        layer = QConv2d(c, c, 3, padding=1, bias=False, input_quantizer=iq, weight_quantizer=wq).eval()
+        layer.weight.data.copy_(weight)
+        layers[name] = layer
+        packed[name] = onebit.engine.pack(nn.Sequential(layer), x, strict=True)
+        with torch.no_grad():
+            assert torch.equal(packed[name](x), layer(x)), f"{name}: the packed layer differs from the layer"
+
+    isas = [isa for isa in ("avx512", "avx2") if isa in _C.supported_isas()]
+    candidates: dict[str, tuple[str | None, callable]] = {
+        "torch fp32 nchw": (None, lambda: F.conv2d(x, weight, None, 1, 1)),
+        "torch fp32 channels_last": (None, lambda: F.conv2d(x_cl, weight_cl, None, 1, 1)),
+    }
+    for isa in isas:
+        for name, model in packed.items():
+            candidates[f"{name} {isa}"] = (isa, lambda model=model: model(x))
+
+    results: dict = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "isas": _C.supported_isas()},
+        "shape": {"channels": c, "size": s, "batch": n},
+        "times_us": {},
+    }  # fmt: skip
+    isa0 = _C.isa()
+    with torch.no_grad():
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            inner = {}
+            for name, (isa, fn) in candidates.items():
+                if isa:
+                    _C.set_isa(isa)
+                inner[name] = calibrate(fn)
+            samples: dict[str, list[float]] = {name: [] for name in candidates}
+            for _ in range(args.reps):
+                for name, (isa, fn) in candidates.items():
+                    if isa:
+                        _C.set_isa(isa)
+                    fn()
+                    time.sleep(0.002)
+                    samples[name].append(sample(fn, inner[name]))
+            results["times_us"][threads] = {name: statistics.median(v) * 1e6 for name, v in samples.items()}
+    _C.set_isa(isa0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results["file_bytes"] = {"fp32 state_dict": _state_dict_bytes(nn.Conv2d(c, c, 3, padding=1, bias=False))}
+        for name, model in packed.items():
+            path = os.path.join(tmp, "layer.onebit")
+            model.save(path)
+            results["file_bytes"][f"{name} packed"] = os.path.getsize(path)
+
+    print(f"3x3 conv {c} -> {c} @ {s}x{s}, batch {n}; torch {torch.__version__}; ISAs {', '.join(_C.supported_isas())}")
+    for threads, times in results["times_us"].items():
+        fp32 = min(times["torch fp32 nchw"], times["torch fp32 channels_last"])
+        print(f"\n{threads} thread(s)                time (us)   vs torch fp32 (best layout)")
+        for name, t in times.items():
+            print(f"  {name:26s} {t:9.1f}   {fp32 / t:6.2f}x")
+    weights = c * c * 9
+    print("\nfile sizes")
+    for name, size in results["file_bytes"].items():
+        print(f"  {name:26s} {size:>12,d} bytes  {8 * size / weights:6.2f} bits a weight")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
