@@ -16,6 +16,7 @@ from torch import nn
 
 import onebit
 from onebit import _C, engine, quant
+from onebit.engine import bitplanes as bitplanes_mod
 from onebit.engine import kernels as K
 from onebit.engine import ops
 from onebit.nn import QActivation, QConv2d, QLinear
@@ -202,3 +203,61 @@ def test_wide_kbit_layers_run_as_the_model_computes_them():
     assert ops_ == ["quantize_int", "qconv2d"]
     with torch.no_grad():
         assert torch.equal(packed(x), model(x))
+
+
+# ---------------------------------------------------------------------------
+# the native plane packer and plane-pair sum, against the tensor-op path
+
+
+@pytest.mark.usefixtures("restore_isa_and_threads")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(ACT_CODES[:-1]), st.integers(1, 3), st.integers(1, 150), st.sampled_from([1, 2, 3]),
+    st.integers(1, 6), st.integers(1, 9), st.integers(0, 2), st.sampled_from(["nchw", "channels_last", "strided"]),
+    st.sampled_from([1, 2]), st.floats(0.25, 3.0), st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_native_plane_packer_equals_the_planes_of_the_quantizer_integers(act, n, cg, groups, h, w, pad, layout,
+                                                                         threads, clip, seed):  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cg * groups, h, w, generator=gen) * 1.5
+    x[torch.rand(x.shape, generator=gen) < 0.1] = 0.0
+    x = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+         "strided": torch.randn(n, cg * groups, h, 2 * w, generator=gen)[..., ::2]}[layout]  # fmt: skip
+    kind = "dorefa_sym" if act.kind == "symmetric" else "dorefa"
+    x_int = bitplanes_mod.integer_input(x, kind, act.bits, clip)
+    want = K.pack_activations(bitplanes_mod.activation_planes(x_int, act), (pad, pad), act.pad_value, act.planes * groups)
+    torch.set_num_threads(threads)
+    for isa in _C.supported_isas():
+        _C.set_isa(isa)
+        got = K.pack_integer_planes(x, (pad, pad), groups, symmetric=act.kind == "symmetric", bits=act.bits, clip=clip)
+        assert torch.equal(got, want), isa
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(ACT_CODES[:-1]), st.sampled_from(WEIGHT_CODES), st.sampled_from([1, 2]), st.integers(1, 40),
+       st.booleans(), st.integers(0, 2**31 - 1))  # fmt: skip
+def test_native_plane_sum_equals_the_tensor_op_sum(act, wcode, groups, cog, affine, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pa, pw, co, d = act.planes, wcode.planes, cog * groups, act.divisor * wcode.divisor
+    sums = torch.randint(-50, 50, (pw, co), generator=gen, dtype=torch.int32)
+    offset = None
+    if act.offset:
+        offset = (act.offset * (sums.to(torch.int64) * torch.tensor(wcode.coeffs).view(-1, 1)).sum(0)).to(torch.int32)
+    coeff = torch.tensor([[ci * dj for dj in wcode.coeffs] for ci in act.coeffs])  # coeff[0, 0] = 1
+    pairs = torch.randint(-300, 300, (2, 3, 4, pa, groups, pw, cog), generator=gen)
+
+    def plane_sum(p):  # [N, OH, OW, C_out]: sum_ij coeff_ij y_ij + offset, by tensor ops
+        total = torch.einsum("nxypgjc,pj->nxygc", p, coeff).reshape(2, 3, 4, co)
+        return total if offset is None else total + offset
+
+    pairs[:, :, :, 0, :, 0, :] -= torch.remainder(plane_sum(pairs), d).reshape(2, 3, 4, groups, cog)  # a multiple of d
+    divisor = float(torch.rand(1, generator=gen).item() * 3 + 0.5)
+    scale = torch.rand(co, generator=gen) + 0.5 if affine else None
+    bias = torch.randn(co, generator=gen) if affine else None
+    want = (plane_sum(pairs) // d).float().permute(0, 3, 1, 2) / divisor
+    if affine:
+        want = want * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+    y = pairs.reshape(2, 3, 4, -1).permute(0, 3, 1, 2).to(torch.int32).contiguous(memory_format=torch.channels_last)
+    got = K.combine_planes(y, coeff.flatten().to(torch.int32), offset, act_planes=pa, groups=groups, weight_planes=pw,
+                           exact_divisor=d, divisor=divisor, scale=scale, bias=bias)  # fmt: skip
+    assert torch.equal(got, want)
