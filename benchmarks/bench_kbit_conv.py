@@ -4,13 +4,14 @@ One layer (default 256 -> 256 channels at 14 x 14, batch 1, padding 1) as ``oneb
 runs it: the input quantizer's integers, one binary conv of every pair of activation and weight
 planes, then ``/ s * scale + bias``; bit-identical to the layer (checked before timing). Candidates:
 
-- ``torch fp32``: ``F.conv2d`` on the float weight, in the faster of NCHW and channels_last;
+- ``torch fp32``: ``F.conv2d`` on the float weight;
 - ``1-bit``: sign activations x magnitude-aware sign weights (the binary conv, for reference);
 - ``2-bit x 1-bit``: ``dorefa_sym`` 2-bit activations x ``magnitude_aware_sign`` weights;
 - ``2-bit x ternary``: ``dorefa_sym`` 2-bit x ``ternary`` weights;
 - ``2-bit x 2-bit``: ``dorefa_sym`` 2-bit x ``dorefa_weight`` 2-bit;
 
-each on every ISA the machine has. Every repetition times every candidate once, interleaved (a sample
+each on every ISA the machine has, and each in NCHW and channels_last (the ratio: best layout against
+torch's best layout). Every repetition times every candidate once, interleaved (a sample
 is the mean of back-to-back calls filling ~2 ms, after one untimed call and a 2 ms pause); the table
 shows medians and the ratio to torch fp32. File sizes: each packed layer against the float state dict.
 
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for isa in isas:
         for name, model in packed.items():
-            candidates[f"{name} {isa}"] = (isa, lambda model=model: model(x))
+            candidates[f"{name} {isa} nchw"] = (isa, lambda model=model: model(x))
+            candidates[f"{name} {isa} channels_last"] = (isa, lambda model=model: model(x_cl))
 
     results: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -123,9 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"3x3 conv {c} -> {c} @ {s}x{s}, batch {n}; torch {torch.__version__}; ISAs {', '.join(_C.supported_isas())}")
     for threads, times in results["times_us"].items():
         fp32 = min(times["torch fp32 nchw"], times["torch fp32 channels_last"])
-        print(f"\n{threads} thread(s)                time (us)   vs torch fp32 (best layout)")
-        for name, t in times.items():
-            print(f"  {name:26s} {t:9.1f}   {fp32 / t:6.2f}x")
+        print(f"\n{threads} thread(s)   time (us), nchw / channels_last    best vs torch fp32's best")
+        names = ["torch fp32"] + [f"{name} {isa}" for isa in isas for name in packed]
+        for name in names:
+            a, b = times[f"{name} nchw"], times[f"{name} channels_last"]
+            print(f"  {name:24s} {a:9.1f} / {b:9.1f}   {fp32 / min(a, b):6.2f}x")
     weights = c * c * 9
     print("\nfile sizes")
     for name, size in results["file_bytes"].items():
