@@ -4,8 +4,10 @@ Every configuration (shape, batch) runs its candidates at every thread count in 
 interleaved: each repetition times every candidate once (a sample = the mean of a few
 back-to-back calls, ~2 ms, after a 2 ms pause so that the previous candidate's
 threads stop spinning, and one untimed warm-up call), and the table shows medians over the
-repetitions. torch's baseline is torch at its best: the faster of its interleaved median and
-its own warm loop (back-to-back calls, best of 3 rounds).
+repetitions. Each candidate is taken at its best: the faster of its interleaved median and its
+own warm loop (back-to-back calls, best of 3 rounds; how a serving loop sees it, and how the
+yardstick in ../shared/yardstick times its kernels). Interleaved, a call right after torch's conv
+shares the cores with torch's still-spinning OpenMP threads, and one after a pause wakes its own.
 
 Candidates:
 
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                     for layout in ("NCHW", "channels_last"):  # the baseline: torch at its best
                         own = warm_loop(torch_candidates(x, w)[f"torch {layout}"], t)
                         med[f"torch {layout}"] = min(med[f"torch {layout}"], own)
+                    for isa in isas:  # onebit at its best too: its own warm loop, as the yardstick times
+                        for name, fn in binary_candidates(x, w, isa).items():
+                            med[name] = min(med[name], warm_loop(fn, t))
                     key = f"{c}x{size}/{n}/{t}"
                     results[key] = med
                     best_layout = min(("NCHW", "channels_last"), key=lambda k: med[f"torch {k}"])
