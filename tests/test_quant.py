@@ -382,3 +382,16 @@ def test_is_binary_is_precision_one_whatever_the_kind():
     assert quant.is_binary(MyBinary()) and not quant.is_sign(MyBinary())
     assert all(quant.is_binary(quant.get(a)) for a in ("ste_sign", "approx_sign", "magnitude_aware_sign"))
     assert not quant.is_binary(None) and not quant.is_binary(quant.get("dorefa")) and not quant.is_binary(torch.tanh)
+
+
+def test_a_quantizer_from_a_dict_takes_its_arguments():
+    # what --model-arg and JSON configs can express: the alias and its arguments
+    q = quant.get({"name": "dorefa_sym", "bits": 3, "clip": 2.0, "learnable": True})
+    assert q.precision == 3 and float(q.clip) == 2.0 and q.learnable
+    assert quant.get({"name": "ternary", "per_channel": True}).per_channel
+    with pytest.raises(ValueError, match="needs its alias under 'name'"):
+        quant.get({"clip": 2.0})
+    with pytest.raises(ValueError, match="unknown quantizer 'nope'"):
+        quant.get({"name": "nope"})
+    with pytest.raises(ValueError, match="quantizer 'ternary': .*unexpected keyword argument 'clip'"):
+        quant.get({"name": "ternary", "clip": 1.0})

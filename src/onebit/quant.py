@@ -40,7 +40,7 @@ __all__ = [
     "is_binary",
 ]
 
-QuantizerLike = Union[str, nn.Module, Callable[[torch.Tensor], torch.Tensor], None]
+QuantizerLike = Union[str, dict, nn.Module, Callable[[torch.Tensor], torch.Tensor], None]
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -68,6 +68,8 @@ def get(identifier: QuantizerLike) -> nn.Module | Callable | None:
 
     - ``None`` -> ``None`` (no quantization);
     - an alias string -> a new instance with default arguments;
+    - a dict ``{"name": alias, **arguments}`` -> a new instance with those arguments (what a command
+      line or a JSON config can give: ``--model-arg 'input_quantizer={"name": "dorefa_sym", "clip": 2.0}'``);
     - a quantizer instance (any ``nn.Module``) -> returned as is;
     - a quantizer class -> a new instance with default arguments;
     - any other callable -> returned as is.
@@ -81,6 +83,17 @@ def get(identifier: QuantizerLike) -> nn.Module | Callable | None:
             raise ValueError(
                 f"unknown quantizer {identifier!r}; known quantizers: {', '.join(names())}"
             ) from None
+    if isinstance(identifier, dict):
+        arguments = dict(identifier)
+        name = arguments.pop("name", None)
+        if not isinstance(name, str):
+            raise ValueError(f"a quantizer given as a dict needs its alias under 'name', got {identifier!r}")
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown quantizer {name!r}; known quantizers: {', '.join(names())}")
+        try:
+            return _REGISTRY[name](**arguments)
+        except TypeError as error:
+            raise ValueError(f"quantizer {name!r}: {error}") from None
     if isinstance(identifier, nn.Module):
         return identifier
     if isinstance(identifier, type) and issubclass(identifier, nn.Module):
@@ -88,7 +101,8 @@ def get(identifier: QuantizerLike) -> nn.Module | Callable | None:
     if callable(identifier):
         return identifier
     raise TypeError(
-        f"a quantizer must be an alias string, a module, a callable or None, got {type(identifier).__name__}"
+        f"a quantizer must be an alias string, a {{'name': alias, ...}} dict, a module, a callable or None, "
+        f"got {type(identifier).__name__}"
     )
 
 
