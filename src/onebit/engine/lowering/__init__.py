@@ -31,12 +31,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from onebit.engine.lowering import trace, walk
 from onebit.engine.lowering.floats import EMITTERS
 from onebit.engine.lowering.patterns import is_sign_quantizer, is_ternary_linear
 from onebit.engine.lowering.quantized import QUANTIZED
 from onebit.engine.lowering.state import Lowering, UnsupportedModelError
-from onebit.engine.lowering.trace import trace
-from onebit.engine.lowering.walk import walk
 
 __all__ = ["EMITTERS", "QUANTIZED", "UnsupportedModelError", "is_sign_quantizer", "is_ternary_linear", "lower"]
 
@@ -48,7 +47,7 @@ def lower(
 
     ``graph["fallbacks"]`` lists the layers with binary weights or a binary input that run
     in float, each with the reason."""
-    lowering = Lowering(trace(model, example_input), example_input, fold_batchnorm)
-    graph = walk(lowering)
+    lowering = Lowering(trace.trace(model, example_input), example_input, fold_batchnorm)
+    graph = walk.walk(lowering)
     live = {key for node in graph["nodes"] for key in node.get("tensors", {}).values()}
     return graph, {key: t for key, t in lowering.tensors.items() if key in live}

@@ -182,7 +182,7 @@ def emit_module(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> str:
 # -- functions: emitter(lowering, node) -> value --------------------------------
 
 
-def _binary(op: str, neutral: float, alpha: bool):
+def _arithmetic(op: str, neutral: float, alpha: bool):
     """``add`` / ``mul`` of two tensors, or of a tensor and a number (``other``); ``alpha`` for add."""
 
     def emitter(low: Lowering, node: fx.Node) -> str:
@@ -233,7 +233,7 @@ def _adaptive_avg_pool(low: Lowering, node: fx.Node) -> str:
     return low.emit(node.name, "adaptive_avg_pool2d", [low.arg(node, node.args[0])], {"output_size": pair(size)})
 
 
-_add, _mul = _binary("add", 0.0, alpha=True), _binary("mul", 1.0, alpha=False)
+_add, _mul = _arithmetic("add", 0.0, alpha=True), _arithmetic("mul", 1.0, alpha=False)
 
 #: the functions the engine runs as graph ops, by fx ``call_function`` target
 FUNCTIONS = {

@@ -2,7 +2,7 @@
 BatchNorm + sign chains that become integer thresholds, the layers the bit-plane conv runs.
 
 Every function reads the lowering state (:class:`~onebit.engine.lowering.state.Lowering`) and
-emits nothing.
+emits no node; :func:`note_fallback` records why a binary layer runs in float.
 """
 
 from __future__ import annotations
