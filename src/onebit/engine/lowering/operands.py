@@ -1,0 +1,154 @@
+"""The operands of quantized layers: their weights as levels, bits and scales, their inputs
+quantized or packed, and the integer thresholds a BatchNorm + sign becomes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from onebit import quant
+from onebit.engine import ops
+from onebit.engine.lowering.attrs import float_copy
+from onebit.engine.lowering.patterns import binary_weight, is_sign_quantizer
+from onebit.engine.lowering.state import Lowering
+from onebit.engine.lowering.trace import is_sign_threshold
+from onebit.nn import functional as QF
+from onebit.nn.layers import QLinear
+from onebit.quant_lowbit import DoReFaSymmetric
+from onebit.thresholds import batchnorm_sign_thresholds
+
+# -- weights ------------------------------------------------------------------
+
+
+def weight_factors(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(levels, scale)`` of the layer's weight quantizer (:meth:`onebit.quant.Quantizer.factor`),
+    computed as the layer computes them; a 1-d conv's levels as the ``1 x k`` kernel it runs as."""
+    with torch.no_grad():
+        levels, scale = QF.weight_factors(m.weight.detach().to(torch.float32), m.weight_quantizer)
+    if levels.dim() == 3:
+        levels = levels.unsqueeze(2)
+    return levels.detach(), None if scale is None else float_copy(scale.reshape(-1))
+
+
+def binary_weights(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(packed sign weights, per-output-channel magnitude scale or None)."""
+    levels, scale = weight_factors(m)
+    return ops.pack_weights(levels.contiguous(), getattr(m, "groups", 1)), scale
+
+
+def float_layer_tensors(m: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The tensors of a quantized layer run in float: its weight levels (as bits when they are
+    +-1: a file stores binary weights as bits whatever the layer's input), scale and bias."""
+    if binary_weight(m.weight_quantizer):
+        bits, scale = binary_weights(m)
+        return {"weight_bits": bits, "scale": scale, "bias": float_copy(m.bias)}
+    levels, scale = weight_factors(m)  # float weights (no quantizer) are their own levels
+    return {"weight": float_copy(levels), "scale": scale, "bias": float_copy(m.bias)}
+
+
+# -- inputs -------------------------------------------------------------------
+
+
+def integer_divisor(q: Any) -> float | None:
+    """The divisor ``s`` of an input quantizer's ``integer_factor`` (one number: ``dorefa``,
+    ``dorefa_sym``), as the float32 value the layer divides by; None for any other quantizer."""
+    if not isinstance(q, (quant.DoReFa, DoReFaSymmetric)):
+        return None
+    with torch.no_grad():
+        _, s = q.integer_factor(torch.zeros(1))
+    return float(s)
+
+
+def clip(q: Any) -> float:
+    """``dorefa_sym``'s clip as a float (1.0, unused, for ``dorefa``)."""
+    return float(q.clip_value()) if isinstance(q, DoReFaSymmetric) else 1.0
+
+
+def quantize(low: Lowering, node: fx.Node, q: Any, x: str) -> str:
+    """Emit quantizer ``q`` applied to value ``x`` (``sign``, ``dorefa``, ``dorefa_sym``)."""
+    if is_sign_quantizer(q):
+        out = low.emit(f"{node.name}_sign", "sign", [x])
+        low.sign_source[out] = low.sign_source.get(x, x)  # sign(sign(x)) = sign(x)
+        return out
+    if isinstance(q, quant.DoReFa):
+        return low.emit(f"{node.name}_dorefa", "dorefa", [x], {"bits": int(q.precision)})
+    if isinstance(q, DoReFaSymmetric):
+        return low.emit(f"{node.name}_dorefa_sym", "dorefa_sym", [x], {"bits": int(q.precision), "clip": clip(q)})
+    raise low.unsupported(node, f"quantizer {type(q).__name__} has no engine op")
+
+
+def layer_input(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> tuple[str, float | None]:
+    """A float-run layer's quantized input as the layer computes with it (see
+    :func:`onebit.nn.functional.qconv`): the integers and their divisor when the input
+    quantizer factors them out (``dorefa``, ``dorefa_sym``; zero padding for a conv), else the
+    quantizer's output and None."""
+    q = m.input_quantizer
+    if q is None:
+        return x, None
+    divisor = integer_divisor(q)
+    if divisor is None or (not isinstance(m, QLinear) and float(m.pad_value) != 0.0):
+        return quantize(low, node, q, x), None
+    attrs = {"kind": "dorefa" if isinstance(q, quant.DoReFa) else "dorefa_sym", "bits": int(q.precision),
+             "clip": clip(q)}  # fmt: skip
+    return low.emit(f"{node.name}_int", "quantize_int", [x], attrs), divisor
+
+
+def packed_input(low: Lowering, node: fx.Node, src: Any, layout: tuple) -> str:
+    """``src`` packed in a binary conv's input ``layout`` (:func:`~.patterns.conv_layout`), packed
+    once per value and layout: a thresholded chain's bits, or a ``pack`` of its float value."""
+    key = (src, layout)
+    if key in low.packed:
+        return low.packed[key]
+    name = low.arg(node, src)
+    name = low.sign_source.get(name, name)  # pack(sign(x)) == pack(x): the same bits
+    vkey = (name, layout)
+    if vkey not in low.packed:
+        padding, pad_value, groups, _ = layout
+        low.packed[vkey] = low.emit(
+            f"{name}_packed", "pack", [name], {"padding": list(padding), "pad_value": pad_value, "groups": groups}
+        )
+    return low.packed[vkey]
+
+
+def packed_features(low: Lowering, node: fx.Node, m: QLinear) -> str:
+    """A binary linear layer's ``[N, features]`` input packed (``pack_features``), once per value."""
+    layout = ("features", int(m.in_features))
+    xp = low.packed.get((node.args[0], layout))
+    if xp is not None:
+        return xp
+    x = low.arg(node, node.args[0])
+    x = low.sign_source.get(x, x)
+    key = (x, layout)
+    if key not in low.packed:
+        low.packed[key] = low.emit(
+            f"{x}_packed", "pack_features", [x], {"features": int(m.in_features)}, module=node.target
+        )
+    return low.packed[key]
+
+
+# -- thresholds ---------------------------------------------------------------
+
+
+def thresholds_of(module: nn.Module, bound: int, scale, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 thresholds, int8 directions) of a BatchNorm (derived) or a canonized SignThreshold (given)."""
+    if is_sign_threshold(module):
+        thr, direction = module.threshold.detach(), module.direction.detach()
+        # the kernels compare int32: clamp to the reachable range, which keeps every decision
+        thr = thr.to(torch.int64).clamp(-bound - 1, bound + 1)
+    else:
+        th = batchnorm_sign_thresholds(module, bound, scale=scale, bias=bias)
+        thr, direction = th.threshold, th.direction
+    return thr.to(torch.int32).contiguous(), direction.to(torch.int8).contiguous()
+
+
+def fold_batchnorm(bn: nn.BatchNorm2d, scale: torch.Tensor, bias: torch.Tensor | None):
+    """``bn(acc * scale + bias) = acc * scale' + bias'`` (computed in float64, rounded once to float32)."""
+    g = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64)
+    g = g / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(bn.num_features, dtype=torch.float64)
+    b = bias.double() if bias is not None else torch.zeros_like(g)
+    new_scale = (scale.double() * g).float().contiguous()
+    new_bias = ((b - bn.running_mean.detach().double()) * g + beta).float().contiguous()
+    return new_scale, new_bias
