@@ -261,3 +261,11 @@ def test_native_plane_sum_equals_the_tensor_op_sum(act, wcode, groups, cog, affi
     got = K.combine_planes(y, coeff.flatten().to(torch.int32), offset, act_planes=pa, groups=groups, weight_planes=pw,
                            exact_divisor=d, divisor=divisor, scale=scale, bias=bias)  # fmt: skip
     assert torch.equal(got, want)
+
+
+def test_kbit_packed_model_through_torch_export():
+    model, x = kbit_net(), torch.randn(2, 3, 8, 8)
+    packed = pack_strict(model, x)
+    program = torch.export.export(packed, (x,))
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), model(x))

@@ -360,12 +360,16 @@ def _bitplane_conv2d(t, a, x):
     if linear:
         x = x[:, :, None, None]
     planes = t["weight"]
-    cached = t.get(STACKED_CACHE)
-    if cached is None or cached[0] is not planes or cached[1] != _bits_state(planes):
-        cached = (planes, _bits_state(planes), planes.repeat(act.planes, 1, 1, 1))
-        t[STACKED_CACHE] = cached
+    if type(planes) is torch.Tensor and not torch.compiler.is_compiling():  # a plain tensor: repeat it once
+        cached = t.get(STACKED_CACHE)
+        if cached is None or cached[0] is not planes or cached[1] != _bits_state(planes):
+            cached = (planes, _bits_state(planes), planes.repeat(act.planes, 1, 1, 1))
+            t[STACKED_CACHE] = cached
+        stacked = cached[2]
+    else:  # traced (torch.export, torch.compile): the repeat is part of the program
+        stacked = planes.repeat(act.planes, 1, 1, 1)
     y = bitplanes.bitplane_layer(
-        x, cached[2], t["plane_sums"], act=act, weight=weight, quantizer=a["quantizer"], clip=a["clip"],
+        x, stacked, t["plane_sums"], act=act, weight=weight, quantizer=a["quantizer"], clip=a["clip"],
         input_divisor=a["input_divisor"], scale=t.get("scale"), bias=t.get("bias"), in_channels=a["in_channels"],
         out_channels=a["out_channels"], kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
         dilation=a["dilation"], groups=a["groups"], cache=t.get(WEIGHT_CACHE),

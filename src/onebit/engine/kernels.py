@@ -837,21 +837,44 @@ def pack_integer_planes(
     of the input quantizer's level indices (``dorefa``: ``round(clamp(x, 0, 1) n)``; ``dorefa_sym``:
     ``floor((clamp(x, -c, c) / c + 1) / 2 n + 1/2)``), group ``i * G + g`` holding plane ``i`` of
     group ``g``; padded with each code's zero (see ``csrc/kernels/bitplanes.h``)."""
-    if not (type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu and x.dim() == 4):
-        raise ValueError(f"pack_integer_planes: x must be a float32 CPU tensor [N, C, H, W], got {type(x).__name__}")
+    if _direct(x):
+        return _pack_integer_planes_impl(x, list(padding), groups, symmetric, bits, clip)
+    return torch.ops.onebit.pack_integer_planes(x, list(padding), groups, symmetric, bits, float(clip))
+
+
+def _integer_planes_shape(x, padding, groups, bits) -> tuple:
+    if not (isinstance(x, torch.Tensor) and x.dtype == _F32 and x.dim() == 4):
+        raise ValueError(f"pack_integer_planes: x must be a float32 tensor [N, C, H, W], got {type(x).__name__}")
     n, c, h, w = x.shape
     ph, pw = padding
     if c % groups:
         raise ValueError(f"pack_integer_planes: groups={groups} must divide the {c} channels")
+    return (n, h + 2 * ph, w + 2 * pw, bits * groups, (c // groups + 63) // 64)
+
+
+def _pack_integer_planes_impl(x, padding, groups, symmetric, bits, clip):
+    shape = _integer_planes_shape(x, padding, groups, bits)
+    if not x.is_cpu:
+        raise ValueError("pack_integer_planes: x must be on the CPU")
+    n, c, h, w = x.shape
     sn, sc, sh, sw = x.stride()
     if sc != 1 and sw != 1 and c > 1 and w > 1:
         x = x.contiguous()
         sn, sc, sh, sw = x.stride()
-    out = torch.empty(n, h + 2 * ph, w + 2 * pw, bits * groups, (c // groups + 63) // 64, dtype=torch.int64)
+    out = torch.empty(shape, dtype=torch.int64)
     if out.numel():
-        _C.pack_integer_planes_raw(x.data_ptr(), n, c, h, w, sn, sc, sh, sw, ph, pw, groups, symmetric, bits,
-                                   float(clip), out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        _C.pack_integer_planes_raw(x.data_ptr(), n, c, h, w, sn, sc, sh, sw, padding[0], padding[1], groups, symmetric,
+                                   bits, float(clip), out.data_ptr(), torch.get_num_threads())  # fmt: skip
     return out
+
+
+_custom_op(
+    "pack_integer_planes", "(Tensor x, SymInt[] padding, SymInt groups, bool symmetric, int bits, float clip) -> Tensor",
+    _pack_integer_planes_impl,
+    lambda x, padding, groups, symmetric, bits, clip: x.new_empty(
+        _integer_planes_shape(x, padding, groups, bits), dtype=torch.int64
+    ),
+)  # fmt: skip
 
 
 def combine_planes(
@@ -861,17 +884,41 @@ def combine_planes(
     """The stacked bit-plane conv's int32 output (channels_last ``[N, P_a G P_w Cog, OH, OW]``) ->
     float32 ``[N, G Cog, OH, OW]`` (channels_last): ``(sum_ij coeff[i, j] y_ij + offset) / exact_divisor``
     (exact), then ``/ divisor``, ``* scale``, ``+ bias`` as three float32 roundings."""
+    args = (act_planes, groups, weight_planes, int(exact_divisor), float(divisor), scale, bias)
+    if _direct(y, coeff, offset, scale, bias):
+        return _combine_planes_impl(y, coeff, offset, *args)
+    return torch.ops.onebit.combine_planes(y, coeff, offset, *args)
+
+
+def _combined_shape(y, act_planes, groups, weight_planes) -> tuple:
     n, stacked, oh, ow = y.shape
-    cog = stacked // (act_planes * groups * weight_planes)
-    if not y.is_contiguous(memory_format=torch.channels_last) or y.dtype != torch.int32:
-        raise ValueError("combine_planes: y must be the int32 channels_last output of the stacked conv")
-    out = _empty_nchw_channels_last(n, groups * cog, oh, ow, torch.float32)
+    if y.dtype != torch.int32 or stacked % (act_planes * groups * weight_planes):
+        raise ValueError("combine_planes: y must be the int32 output of the stacked bit-plane conv")
+    return n, groups * (stacked // (act_planes * groups * weight_planes)), oh, ow
+
+
+def _combine_planes_impl(y, coeff, offset, act_planes, groups, weight_planes, exact_divisor, divisor, scale, bias):
+    n, co, oh, ow = _combined_shape(y, act_planes, groups, weight_planes)
+    if not y.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("combine_planes: y must be in channels_last memory, as the stacked conv writes it")
+    out = _empty_nchw_channels_last(n, co, oh, ow, torch.float32)
     pixels = n * oh * ow
     if pixels:
         _C.combine_planes_raw(
-            y.data_ptr(), pixels, act_planes, groups, weight_planes, cog, coeff.data_ptr(),
-            0 if offset is None else offset.data_ptr(), int(exact_divisor), float(divisor),
+            y.data_ptr(), pixels, act_planes, groups, weight_planes, co // groups, coeff.data_ptr(),
+            0 if offset is None else offset.data_ptr(), exact_divisor, divisor,
             0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
     return out
+
+
+_custom_op(
+    "combine_planes",
+    "(Tensor y, Tensor coeff, Tensor? offset, int act_planes, int groups, int weight_planes, int exact_divisor, "
+    "float divisor, Tensor? scale, Tensor? bias) -> Tensor",
+    _combine_planes_impl,
+    lambda y, coeff, offset, act_planes, groups, weight_planes, *rest: _empty_nchw_channels_last(
+        *_combined_shape(y, act_planes, groups, weight_planes), torch.float32, like=y
+    ),
+)  # fmt: skip
