@@ -745,7 +745,6 @@ def test_float_layers_after_binary_layers_see_the_models_memory_format():
 
 def _random_stack(draw_ops, channels: int, seed: int) -> nn.Sequential:
     """A sequential model from a list of layer codes, tracking the channel count."""
-    g = torch.Generator().manual_seed(seed)
     layers: list[nn.Module] = []
     c = channels
     for code, arg in draw_ops:
