@@ -208,7 +208,7 @@ class DoReFaSymmetric(Quantizer):
         return symmetric_integers(x, clip, self.steps)
 
     def extra_repr(self) -> str:
-        clip = f"{float(self.clip):g}"
+        clip = f"{self.clip_value():g}"
         return f"bits={self.precision}, clip={clip}" + (", learnable=True" if self.learnable else "")
 
 
