@@ -29,9 +29,7 @@ import io
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 import warnings
 
 import torch
@@ -42,7 +40,7 @@ import onebit.engine
 from onebit import _C
 from onebit.engine import kernels as K
 from onebit.nn import BitLinear
-from timing import calibrate, sample  # benchmarks/timing.py
+from timing import interleaved_medians  # benchmarks/timing.py
 
 
 
@@ -108,20 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for threads in args.threads:
             torch.set_num_threads(threads)
-            inner = {}
-            for name, (isa, fn) in candidates.items():
-                if isa:
-                    _C.set_isa(isa)
-                inner[name] = calibrate(fn)
-            samples: dict[str, list[float]] = {name: [] for name in candidates}
-            for _ in range(args.reps):
-                for name, (isa, fn) in candidates.items():
-                    if isa:
-                        _C.set_isa(isa)
-                    fn()
-                    time.sleep(0.002)
-                    samples[name].append(sample(fn, inner[name]))
-            results["times_us"][threads] = {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+            medians = interleaved_medians(candidates, args.reps)
+            results["times_us"][threads] = {name: t * 1e6 for name, t in medians.items()}
     _C.set_isa(isa0)
 
     with tempfile.TemporaryDirectory() as tmp:

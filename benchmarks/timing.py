@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -19,3 +20,27 @@ def calibrate(fn: Callable[[], object], target: float = 2e-3) -> int:
     fn()
     one = max(sample(fn, 1), 1e-7)
     return max(1, min(1000, int(target / one)))
+
+
+def interleaved_medians(candidates: dict[str, tuple[str | None, Callable[[], object]]], reps: int) -> dict[str, float]:
+    """Median seconds per call of every ``{name: (isa, fn)}``, interleaved: every repetition times every
+    candidate once (after one untimed call and a 2 ms pause), with onebit's ISA set to ``isa`` first
+    (None: leave it). The caller sets torch's thread count and restores the ISA."""
+    from onebit import _C
+
+    def use(isa):
+        if isa:
+            _C.set_isa(isa)
+
+    inner = {}
+    for name, (isa, fn) in candidates.items():
+        use(isa)
+        inner[name] = calibrate(fn)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, (isa, fn) in candidates.items():
+            use(isa)
+            fn()
+            time.sleep(0.002)
+            samples[name].append(sample(fn, inner[name]))
+    return {name: statistics.median(values) for name, values in samples.items()}
