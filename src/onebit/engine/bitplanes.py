@@ -28,6 +28,7 @@ kernel).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +202,25 @@ def activation_planes(x_int: torch.Tensor, code: PlaneCode) -> torch.Tensor:
     return torch.cat(planes[::-1], dim=1)
 
 
+def pair_coefficients(act: PlaneCode, weight: PlaneCode) -> list[int]:
+    """``c_i d_j`` of every plane pair, activation plane major (pair ``i * P_w + j``)."""
+    return [ci * dj for ci in act.coeffs for dj in weight.coeffs]
+
+
+@functools.lru_cache(maxsize=64)
+def _coefficient_tensor(act: PlaneCode, weight: PlaneCode) -> torch.Tensor:
+    return torch.tensor(pair_coefficients(act, weight), dtype=torch.int32)  # read only, shared
+
+
+def offset_term(act: PlaneCode, weight: PlaneCode, plane_sums: torch.Tensor) -> torch.Tensor | None:
+    """int32 ``[C_out]`` ``offset_a * sum_j d_j T_j`` (unsigned activations), or None: ``plane_sums``
+    is ``[P_w, C_out]``, each weight plane summed over its kernel window."""
+    if not act.offset:
+        return None
+    sums = (plane_sums.to(torch.int64) * torch.tensor(weight.coeffs).view(-1, 1)).sum(0)
+    return (act.offset * sums).to(torch.int32).contiguous()
+
+
 def bitplane_conv2d_int(
     x_int: torch.Tensor,
     weight_planes_packed: torch.Tensor,
@@ -237,14 +257,14 @@ def bitplane_conv2d_int(
     # plane pairs in int32 (|sum| <= K * n_a * n_w, far below 2^31)
     y = y.permute(0, 2, 3, 1).reshape(n, oh, ow, pa, groups, pw, cog)
     total = None
-    for i, ci in enumerate(act.coeffs):
-        for j, dj in enumerate(weight.coeffs):
-            term = y[:, :, :, i, :, j] if ci * dj == 1 else y[:, :, :, i, :, j] * (ci * dj)
-            total = term if total is None else total + term
+    for k, f in enumerate(pair_coefficients(act, weight)):
+        i, j = divmod(k, pw)
+        term = y[:, :, :, i, :, j] if f == 1 else y[:, :, :, i, :, j] * f
+        total = term if total is None else total + term
     total = total.reshape(n, oh, ow, out_channels)
-    if act.offset:
-        sums = (weight_plane_sums.to(torch.int64) * torch.tensor(weight.coeffs).view(-1, 1)).sum(0)
-        total = total + (act.offset * sums).to(torch.int32)
+    offset = offset_term(act, weight, weight_plane_sums)
+    if offset is not None:
+        total = total + offset
     divisor = act.divisor * weight.divisor
     if divisor != 1:
         total = torch.div(total, divisor, rounding_mode="floor")  # exact: the sum is a multiple
@@ -290,12 +310,7 @@ def bitplane_layer(
         xp, stacked_weight, in_channels=in_channels * pa, out_channels=pa * pw * out_channels, groups=groups * pa,
         pad_value=act.pad_value, cache=cache, **conv,
     )  # fmt: skip
-    coeff = torch.tensor([ci * dj for ci in act.coeffs for dj in weight.coeffs], dtype=torch.int32)
-    offset = None
-    if act.offset:
-        sums = (plane_sums.to(torch.int64) * torch.tensor(weight.coeffs).view(-1, 1)).sum(0)
-        offset = (act.offset * sums).to(torch.int32).contiguous()
     return K.combine_planes(
-        y, coeff, offset, act_planes=pa, groups=groups, weight_planes=pw, exact_divisor=act.divisor * weight.divisor,
+        y, _coefficient_tensor(act, weight), offset_term(act, weight, plane_sums), act_planes=pa, groups=groups, weight_planes=pw, exact_divisor=act.divisor * weight.divisor,
         divisor=input_divisor, scale=scale, bias=bias,
     )  # fmt: skip
