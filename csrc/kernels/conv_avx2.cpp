@@ -54,6 +54,7 @@ struct Ctx {
   const uint64_t* ws;   // [steps][2][J * 4]: low nibbles, then high nibbles
   const int32_t* corr;  // [nclasses][J * 4]
   int64_t steps;
+  int64_t chunk;  // steps per byte-accumulator pass: equal passes of <= kFlush (36 steps: 18 + 18, not 31 + 5)
   int32_t K;
 };
 
@@ -98,6 +99,40 @@ inline void step4(__m256i* acc, __m256i lut, const uint64_t* x, const __m256i* w
       : [lut] "x"(lut), [x0] "m"(x[0]), [x1] "m"(x[1]), [w] "r"(w), [wm] "m"(*reinterpret_cast<const __m256i(*)[8]>(w)));
 }
 
+// One step of one pixel against 2 ymm of weights held in registers (8 channels):
+// acc[j] += lut[xlo ^ wlo[j]] + lut[xhi ^ whi[j]], as 2 broadcasts, 4 xor, 4 vpshufb and
+// 4 adds into the accumulators. Written out for the reason given at step4: compiled from
+// intrinsics, GCC adds the two lookups first and then spills accumulators of the 3- and
+// 4-pixel tiles (8 accumulators, 4 weights, the table and 3 temporaries: all 16 ymm).
+// An aligned load the compiler cannot repeat (it keeps the value in a register instead).
+inline __m256i load_once(const __m256i* p) {
+  __m256i v;
+  __asm__("vmovdqa %[m], %[v]" : [v] "=x"(v) : [m] "m"(*p));
+  return v;
+}
+
+inline void step2(__m256i* acc, __m256i lut, const uint64_t* x, __m256i wl0, __m256i wl1, __m256i wh0,
+                  __m256i wh1) {
+  __m256i v, t0, t1;
+  __asm__(
+      "vpbroadcastq %[x0], %[v]\n\t"
+      "vpxor %[wl0], %[v], %[t0]\n\t"
+      "vpxor %[wl1], %[v], %[t1]\n\t"
+      "vpbroadcastq %[x1], %[v]\n\t"
+      "vpshufb %[t0], %[lut], %[t0]\n\t"
+      "vpshufb %[t1], %[lut], %[t1]\n\t"
+      "vpaddb %[t0], %[a0], %[a0]\n\t"
+      "vpaddb %[t1], %[a1], %[a1]\n\t"
+      "vpxor %[wh0], %[v], %[t0]\n\t"
+      "vpxor %[wh1], %[v], %[t1]\n\t"
+      "vpshufb %[t0], %[lut], %[t0]\n\t"
+      "vpshufb %[t1], %[lut], %[t1]\n\t"
+      "vpaddb %[t0], %[a0], %[a0]\n\t"
+      "vpaddb %[t1], %[a1], %[a1]\n\t"
+      : [a0] "+x"(acc[0]), [a1] "+x"(acc[1]), [v] "=&x"(v), [t0] "=&x"(t0), [t1] "=&x"(t1)
+      : [lut] "x"(lut), [x0] "m"(x[0]), [x1] "m"(x[1]), [wl0] "x"(wl0), [wl1] "x"(wl1), [wh0] "x"(wh0), [wh1] "x"(wh1));
+}
+
 // WReg: the step's weights in registers (for J <= 2), else memory operands.
 template <int P, int J, bool WReg>
 inline void tile(const Ctx& c, const PixInfo* pix) {
@@ -112,8 +147,7 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p) xs[p] = b.x_prepared + 2 * (pix[p].x - b.x);
   const int64_t* so = b.step_off;
-  // Equal chunks of <= kFlush steps (36 steps: 18 + 18, not 31 + 5).
-  const int64_t chunks = (c.steps + kFlush - 1) / kFlush, chunk = (c.steps + chunks - 1) / chunks;
+  const int64_t chunk = c.chunk;
   for (int64_t s = 0; s < c.steps;) {
     const int64_t end = s + chunk < c.steps ? s + chunk : c.steps;
     __m256i acc8[P][J];
@@ -130,23 +164,10 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
         for (int p = 0; p < P; ++p) step4(acc8[p], lut, xs[p] + off, wlo);
         continue;
       }
-      if constexpr (WReg) {
-        __m256i wl[J], wh[J];
+      if constexpr (WReg && J == 2) {
+        const __m256i wl0 = load_once(wlo), wl1 = load_once(wlo + 1), wh0 = load_once(whi), wh1 = load_once(whi + 1);
 #pragma GCC unroll 8
-        for (int j = 0; j < J; ++j) {
-          wl[j] = _mm256_load_si256(wlo + j);
-          wh[j] = _mm256_load_si256(whi + j);
-        }
-#pragma GCC unroll 8
-        for (int p = 0; p < P; ++p) {
-          const __m256i xl = _mm256_set1_epi64x(static_cast<long long>(xs[p][off]));
-          const __m256i xh = _mm256_set1_epi64x(static_cast<long long>(xs[p][off + 1]));
-#pragma GCC unroll 8
-          for (int j = 0; j < J; ++j) {
-            acc8[p][j] = _mm256_add_epi8(acc8[p][j], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xl, wl[j])));
-            acc8[p][j] = _mm256_add_epi8(acc8[p][j], _mm256_shuffle_epi8(lut, _mm256_xor_si256(xh, wh[j])));
-          }
-        }
+        for (int p = 0; p < P; ++p) step2(acc8[p], lut, xs[p] + off, wl0, wl1, wh0, wh1);
         continue;
       }
 #pragma GCC unroll 8
@@ -357,7 +378,8 @@ void compute(const ConvBlock& b, const void* base) {
   const ConvGeometry& g = *b.g;
   const int J = block_j(b);
   const Prepared pr(g, J, const_cast<void*>(base));
-  Ctx c{&b, pr.ws, pr.corr, g.KH * g.KW * g.Wg, static_cast<int32_t>(g.Cg * g.KH * g.KW)};
+  const int64_t steps = g.KH * g.KW * g.Wg, passes = (steps + kFlush - 1) / kFlush;
+  Ctx c{&b, pr.ws, pr.corr, steps, (steps + passes - 1) / passes, static_cast<int32_t>(g.Cg * g.KH * g.KW)};
   switch (J) {
     case 1: run_j<TP, 1, WReg>(c); break;
     case 2: run_j<TP, 2 <= MaxJ ? 2 : 1, WReg>(c); break;

@@ -20,13 +20,19 @@ struct PixInfo {
   int32_t cls;        // border class (0 = interior / no correction)
 };
 
-// Walks output pixels q0, q0 + 1, ... keeping (n, oh, ow) without divisions.
+// Walks output pixels q0, q0 + 1, ... Along an output row every field advances by a
+// constant (the input pointer by stride * words per pixel, the packed output by a pixel);
+// only a new row recomputes them from (n, oh). A pixel costs a few adds and one load.
 struct PixelWalker {
   const ConvBlock& b;
   const ConvGeometry& g;
   int64_t n, oh, ow, q;
-  const uint64_t* xg;  // x + group offset
+  const uint64_t* xg;     // x + group offset
+  const uint64_t* x_at;   // the next pixel's (0, 0) tap
+  int64_t x_step;         // words between horizontally adjacent output pixels' taps
+  int64_t obits_at;       // the next pixel's packed output word (threshold outputs)
   int64_t gwg, ohp, owp, owords;
+  int32_t row_cls;        // row class * column classes (0 without a correction)
   bool threshold;
 
   explicit PixelWalker(const ConvBlock& blk) : b(blk), g(*blk.g) {
@@ -36,25 +42,36 @@ struct PixelWalker {
     n = q / (g.OW * g.OH);
     xg = b.x + (b.co0 / g.Cog) * g.Wg;
     gwg = g.G * g.Wg;
+    x_step = g.sw * gwg;
     const ConvOutput& o = *b.o;
     threshold = o.mode == OutMode::threshold;
     ohp = g.OH + 2 * o.oph;
     owp = g.OW + 2 * o.opw;
     owords = o.OG * o.OWg;
+    start_row();
+  }
+
+  void start_row() {
+    x_at = xg + ((n * g.Hp + oh * g.sh) * g.Wp + ow * g.sw) * gwg;
+    row_cls = b.row_class ? b.row_class[oh] * b.ncol_classes : 0;
+    obits_at = threshold ? ((n * ohp + oh + b.o->oph) * owp + ow + b.o->opw) * owords : 0;
   }
 
   void next(PixInfo& p) {
-    p.x = xg + ((n * g.Hp + oh * g.sh) * g.Wp + ow * g.sw) * gwg;
+    p.x = x_at;
     p.q = q;
-    p.cls = b.row_class ? b.row_class[oh] * b.ncol_classes + b.col_class[ow] : 0;
-    p.obits = threshold ? ((n * ohp + oh + b.o->oph) * owp + ow + b.o->opw) * owords : 0;
+    p.cls = b.row_class ? row_cls + b.col_class[ow] : 0;
+    p.obits = obits_at;
     ++q;
+    x_at += x_step;
+    obits_at += threshold ? owords : 0;
     if (++ow == g.OW) {
       ow = 0;
       if (++oh == g.OH) {
         oh = 0;
         ++n;
       }
+      start_row();
     }
   }
 };

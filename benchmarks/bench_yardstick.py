@@ -1,0 +1,159 @@
+"""onebit's binary conv as a fraction of a reference kernel's speed, measured in the same time window.
+
+A *yardstick* is a plain single-file binary 3x3 conv (one source file, exact against a naive
+conv, one kernel per ISA in a few register tiles), given by its path with ``--yardstick``. It is
+compiled here twice: for the host (``-march=native``: its AVX-512 VPOPCNTDQ kernels, when the CPU
+has them) and for AMD Zen 3 (``-march=znver3``: AVX2 with 16 ymm registers, as an AVX2-only CPU
+runs it). It prints, per layer, thread count and variant, the median and minimum of its pack +
+conv (float NCHW input to int32 output).
+
+onebit's side is the public call a packed layer makes: ``kernels.binary_conv2d`` on the float
+input (packed inside the call) with per-channel scale and bias to a float32 output, weights
+prepared once (a ``WeightCache``), its ISA set to the same one, timed per call in its own warm
+loop as the yardstick times itself; Python's call overhead (a few microseconds) is included.
+
+Each round runs the yardstick, then onebit, for every layer and ISA; rounds repeat the whole
+sequence, so both sides see the same machine. Printed per (layer, threads, ISA): the yardstick's
+best variant, both medians and ``fraction = yardstick / onebit`` (1.0 = as fast, above 1 =
+faster); the summary gives the median and worst fraction over the rounds.
+
+Usage::
+
+    python benchmarks/bench_yardstick.py --yardstick ../shared/yardstick/bconv.cpp [--rounds 3]
+        [--isa avx512 avx2] [--threads 1 2] [--seconds 0.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# The yardstick's layers, by its shape index: (batch, channels, size); 3x3, stride 1, padding 1.
+LAYERS = {0: (1, 256, 14), 1: (8, 256, 14), 2: (1, 64, 56)}
+# Which of its variants belong to which ISA, and how each is compiled.
+VARIANT_PREFIX = {"avx512": "avx512_vpopcnt", "avx2": "avx2_nibble"}
+MARCH = {"avx512": "native", "avx2": "znver3"}
+PACK_LINE = re.compile(
+    r"threads=(\d+) pack\(float NCHW->bits\) median ([\d.]+) ms \(min [\d.]+\) \| pack\+nibble-split median ([\d.]+) ms"
+)
+LINE = re.compile(
+    r"threads=(\d+) (\S+ \S+)\s+conv median ([\d.]+) ms \(min ([\d.]+)\)\s+"
+    r"pack\+conv median ([\d.]+) ms \(min ([\d.]+)\)"
+)
+
+
+def compile_yardstick(source: Path, march: str, out_dir: Path) -> Path:
+    binary = out_dir / f"yardstick_{march}"
+    cmd = ["g++", "-O3", f"-march={march}", "-fopenmp", "-std=c++17", str(source), "-o", str(binary)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"compiling the yardstick failed ({' '.join(cmd)}):\n{result.stderr}")
+    return binary
+
+
+def run_yardstick(binary: Path, isa: str, layer: int, seconds: float) -> dict[int, tuple[str, float, float]]:
+    """{threads: (best variant, its best pack+conv ms, its pack+conv min ms)} for one layer and ISA.
+
+    A variant's pack+conv is the better of its timed pack+conv (two parallel regions back to back)
+    and its pack and conv timed apart and added: at 2 threads the regions of the timed pair
+    sometimes wait on each other (medians 2x their minimum), which is not the kernels' speed."""
+    env = dict(os.environ, OMP_PROC_BIND="true", OMP_PLACES="cores")
+    out = subprocess.run(
+        [str(binary), str(seconds), VARIANT_PREFIX[isa], str(layer)], capture_output=True, text=True, env=env
+    ).stdout
+    pack = {int(m[1]): float(m[3] if isa == "avx2" else m[2]) for m in PACK_LINE.finditer(out)}
+    best: dict[int, tuple[str, float, float]] = {}
+    for m in LINE.finditer(out):
+        threads, name, low = int(m[1]), m[2], float(m[6])
+        median = min(float(m[5]), float(m[3]) + pack[threads])
+        if threads not in best or median < best[threads][1]:
+            best[threads] = (name, median, low)
+    return best
+
+
+def time_onebit(isa: str, batch: int, channels: int, size: int, threads: int, seconds: float) -> tuple[float, float]:
+    """(median, min) ms per call of onebit's pack + conv + scale and bias, in its own warm loop."""
+    from onebit import _C
+    from onebit.engine import kernels as K
+
+    torch.manual_seed(0)
+    x, w = torch.randn(batch, channels, size, size), torch.randn(channels, channels, 3, 3)
+    wp = K.pack_weights(w)
+    scale, bias = torch.rand(channels) + 0.5, torch.randn(channels)
+    conv = dict(in_channels=channels, out_channels=channels, kernel_size=3, padding=1, cache=K.WeightCache())
+    before = _C.isa()
+    _C.set_isa(isa)
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(20):
+            K.binary_conv2d(x, wp, scale=scale, bias=bias, **conv)
+        times, end = [], time.perf_counter() + seconds
+        while len(times) < 200 or time.perf_counter() < end:
+            start = time.perf_counter_ns()
+            K.binary_conv2d(x, wp, scale=scale, bias=bias, **conv)
+            times.append(time.perf_counter_ns() - start)
+    finally:
+        _C.set_isa(before)
+    return statistics.median(times) / 1e6, min(times) / 1e6
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--yardstick", type=Path, required=True, help="the yardstick's C++ source (bconv.cpp)")
+    parser.add_argument("--isa", nargs="+", default=["avx512", "avx2"], choices=sorted(VARIANT_PREFIX))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--layers", nargs="+", type=int, default=sorted(LAYERS), choices=sorted(LAYERS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=0.3, help="timing per candidate and round")
+    args = parser.parse_args(argv)
+    if not args.yardstick.is_file():
+        raise SystemExit(f"--yardstick: no such file: {args.yardstick}")
+
+    from onebit import _C
+    from onebit.heap import keep_freed_memory
+
+    keep_freed_memory()  # outputs reuse the heap, as in `onebit bench`
+    available = _C.supported_isas()
+    isas = [isa for isa in args.isa if isa in available]
+    for isa in sorted(set(args.isa) - set(isas)):
+        print(f"# {isa}: not available on this CPU ({', '.join(available)}), skipped")
+    print(f"# onebit vs the yardstick {args.yardstick}: torch {torch.__version__}, {os.cpu_count()} cpus, "
+          f"{args.rounds} rounds, fraction = yardstick pack+conv / onebit pack+conv (median ms per call; the yardstick's is the "
+          f"better of its pack+conv and its pack + its conv)")
+    fractions: dict[tuple, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        binaries = {isa: compile_yardstick(args.yardstick, MARCH[isa], Path(tmp)) for isa in isas}
+        for rnd in range(args.rounds):
+            print(f"# round {rnd + 1}")
+            print(f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick (best variant)':>38} {'onebit':>16} fraction")
+            for layer in args.layers:
+                n, c, s = LAYERS[layer]
+                for isa in isas:
+                    yard = run_yardstick(binaries[isa], isa, layer, args.seconds)
+                    for t in args.threads:
+                        if t not in yard:
+                            continue
+                        name, y_med, y_min = yard[t]
+                        o_med, o_min = time_onebit(isa, n, c, s, t, args.seconds)
+                        frac = y_med / o_med
+                        fractions.setdefault((layer, t, isa), []).append(frac)
+                        print(f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} "
+                              f"{name:>22} {y_med:.4f} ({y_min:.4f}) {o_med:.4f} ({o_min:.4f}) {frac:8.2f}",
+                              flush=True)
+    print("# summary over rounds: median fraction (worst)")
+    for (layer, t, isa), values in fractions.items():
+        n, c, s = LAYERS[layer]
+        print(f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} {statistics.median(values):8.2f} ({min(values):.2f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
