@@ -281,7 +281,8 @@ NB_MODULE(_C, m) {
   nb::class_<onebit::WeightCache>(m, "WeightCache",
                                   "One layer's weights prepared for the kernels, kept between calls (see conv.h).")
       .def(nb::init<>())
-      .def_prop_ro("entries", &onebit::WeightCache::entries);
+      .def_prop_ro("entries", &onebit::WeightCache::entries)
+      .def_ro_static("PROBE_WORDS", &onebit::WeightCache::kProbeWords);
   m.def("conv_plan", &make_plan, "N"_a, "Hp"_a, "Wp"_a, "x_words_per_pixel"_a, "w_words"_a, "C"_a, "Co"_a, "KH"_a,
         "KW"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a, "groups"_a, "pad_value"_a, "mode"_a, "oph"_a, "opw"_a,
         "out_groups"_a, "out_pad_value"_a, nb::rv_policy::take_ownership,

@@ -150,6 +150,21 @@ void fill_packed_border(uint64_t* out, int64_t N, int64_t H, int64_t W, int64_t 
 
 WeightCache::Entry::~Entry() { std::free(data); }
 
+int64_t WeightCache::state(const uint64_t* w, int64_t words, int64_t version) {
+  // A multiply-xorshift mix of every probed word, so a change of any probed bit changes the state.
+  uint64_t h = static_cast<uint64_t>(version) * 0x9e3779b97f4a7c15ULL;
+  auto mix = [&h](uint64_t v) {
+    h = (h ^ v) * 0xff51afd7ed558ccdULL;
+    h ^= h >> 32;
+  };
+  if (words > 0) {
+    const int64_t step = (words + kProbeWords - 1) / kProbeWords;
+    for (int64_t i = 0; i < words; i += step) mix(w[i]);
+    mix(w[words - 1]);
+  }
+  return static_cast<int64_t>(h);
+}
+
 std::shared_ptr<const WeightCache::Entry> WeightCache::find(uint64_t plan, int isa, const uint64_t* w,
                                                            int64_t version) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -358,6 +373,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   // they come ready from the cache, or go into a new cache entry.
   const size_t block_bytes = (kernel->block_bytes(g, nclasses) + 63) / 64 * 64;
   const int isa_code = static_cast<int>(isa) * 16 + tile_index;
+  if (cache) w_version = WeightCache::state(w, g.Co * g.KH * g.KW * g.Wg, w_version);
   std::shared_ptr<const WeightCache::Entry> cached = cache ? cache->find(id_, isa_code, w, w_version) : nullptr;
   std::shared_ptr<WeightCache::Entry> fresh;
   char* prepared;

@@ -117,6 +117,13 @@ class ConvPlan {
 // kept (a layer called with several input shapes). Thread-safe.
 class WeightCache {
  public:
+  // Words of the packed weights read on every call (evenly spaced, the last one too):
+  // writes that bypass the caller's version count (a raw pointer, a NumPy view) are
+  // noticed when they change one of them (every write, for weights this small or smaller).
+  static constexpr int64_t kProbeWords = 256;
+  // The caller's version mixed with a fingerprint of the probed words of w[0 .. words).
+  static int64_t state(const uint64_t* w, int64_t words, int64_t version);
+
   struct Entry {
     uint64_t plan = 0;
     int isa = 0;  // Isa value * 16 + tile index: the kernel whose layout `data` holds

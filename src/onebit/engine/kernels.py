@@ -80,7 +80,7 @@ isa = _C.isa
 
 #: words of a packed weight a :class:`WeightCache` reads on every call to notice writes that
 #: bypass the tensor's version counter (all of them for a layer this small or smaller)
-PROBE_WORDS = 256
+PROBE_WORDS = _C.WeightCache.PROBE_WORDS
 
 
 class WeightCache(_C.WeightCache):
@@ -91,7 +91,7 @@ class WeightCache(_C.WeightCache):
     (in-place ops on it or on any view of it, ``copy_``, indexing, ``load_state_dict``,
     optimizer steps, writes under ``no_grad``), combined with a fingerprint of
     :data:`PROBE_WORDS` of its words (evenly spaced, the first and the last included), read
-    on every call (about a microsecond). So:
+    by every native call (a fraction of a microsecond). So:
 
     - every write through torch is seen;
     - every write through an alias that bypasses the counter (``t.data``, ``t.numpy()``,
@@ -104,27 +104,19 @@ class WeightCache(_C.WeightCache):
 
     def __init__(self) -> None:
         super().__init__()
-        self._probe: tuple | None = None  # (tensor, data_ptr, sampled words view, last word view)
         self._cleared = 0
 
     def clear(self) -> None:
         """Forget the prepared weights: the next call prepares them again."""
-        self._probe = None
         self._cleared += 1
 
     def state(self, wp: torch.Tensor) -> int:
-        """The int64 the native cache compares: the version counter, the fingerprint of the
-        probed words and the number of :meth:`clear` calls (raises ``RuntimeError`` for
-        inference tensors, which count no writes)."""
-        version = wp._version
-        probe = self._probe
-        if probe is None or probe[0] is not wp or probe[1] != wp.data_ptr():
-            words = wp.detach().reshape(-1).numpy() if wp.is_contiguous() and wp.numel() else None
-            if words is None:  # the plan refuses such a tensor; nothing to probe
-                return hash((version, self._cleared))
-            step = max(1, -(-words.shape[0] // PROBE_WORDS))
-            probe = self._probe = (wp, wp.data_ptr(), words[::step], words[-1:])
-        return hash((version, self._cleared, probe[2].tobytes(), probe[3].tobytes()))
+        """The caller's part of the state the native cache compares: the version counter and the
+        number of :meth:`clear` calls (the native call adds the fingerprint of the probed words;
+        raises ``RuntimeError`` for inference tensors, which count no writes)."""
+        return hash((wp._version, self._cleared))
+
+
 set_isa = _C.set_isa
 supported_isas = _C.supported_isas
 _MODE_INT, _MODE_FLOAT, _MODE_THRESHOLD = 0, 1, 2
