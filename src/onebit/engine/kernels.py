@@ -154,10 +154,12 @@ def _hashable(value):
 class _Plan:
     """A validated convolution of one shape: the native plan and the output shape."""
 
-    __slots__ = ("native", "shape", "co")
+    __slots__ = ("native", "shape", "co", "stride")
 
     def __init__(self, native, shape, co):
         self.native, self.shape, self.co = native, shape, co
+        # the strides of a [N, C, OH, OW] output in channels_last memory (see _empty_nchw_channels_last)
+        self.stride = _channels_last_strides(*shape) if len(shape) == 4 else None
 
 
 
@@ -220,7 +222,7 @@ def _cached(cache, wp):
 
 def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None, residual_ptr=0, bn=(0, 0, False)) -> None:
     """Run a plan on packed ``x``, or on float32 ``x`` packed in the same pass."""
-    threads = torch.get_num_threads()
+    threads = _get_num_threads()
     cache, version = _cached(cache, wp)
     if x.dtype is _I64:
         plan.native.run(
@@ -255,6 +257,7 @@ def _channel_ptr(t, name: str, dtype: torch.dtype, channels: int) -> int:
     return t.data_ptr()
 
 
+_get_num_threads = torch.get_num_threads
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
@@ -373,11 +376,15 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
 # kernel_size, stride, padding, dilation, groups, pad_value), checked by geometry.check_conv.
 
 
+def _channels_last_strides(n, c, h, w) -> tuple[int, int, int, int]:
+    if c == 1:  # the same memory as NCHW: say so, or torch's next op may pick a channels_last kernel
+        return (h * w, h * w, w, 1)
+    return (h * w * c, 1, w * c, c)
+
+
 def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
     """[N, C, H, W] in channels_last memory, with the same strides for real and fake tensors."""
-    stride = (h * w * c, 1, w * c, c)
-    if c == 1:  # the same memory as NCHW: say so, or torch's next op may pick a channels_last kernel
-        stride = (h * w, h * w, w, 1)
+    stride = _channels_last_strides(n, c, h, w)
     if like is not None:
         return like.new_empty_strided((n, c, h, w), stride, dtype=dtype)
     return torch.empty_strided((n, c, h, w), stride, dtype=dtype)
@@ -385,7 +392,7 @@ def _empty_nchw_channels_last(n, c, h, w, dtype, like=None):
 
 def _conv_int_impl(xp, wp, conv, cache=None):
     plan = _conv_plan(_MODE_INT, xp, wp, *conv)
-    out = _empty_nchw_channels_last(*plan.shape, torch.int32)
+    out = torch.empty_strided(plan.shape, plan.stride, dtype=_I32)
     if out.numel():
         _run(plan, xp, wp, out, cache=cache)
     return out
@@ -397,7 +404,7 @@ def _conv_float_impl(xp, wp, conv, scale=None, bias=None, residual=None, cache=N
     scale_ptr = _channel_ptr(scale, "scale", _F32, plan.co)
     bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
     bn = _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, plan.co)
-    out = _empty_nchw_channels_last(*plan.shape, torch.float32)
+    out = torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
     residual_ptr = 0
     if residual is not None:
         if not (
