@@ -572,6 +572,26 @@ def test_fused_steps_equal_the_graph_run_node_by_node(backend, channels_last, na
     assert torch.allclose(fused, model(x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.skipif(not ops.native_available(), reason="needs the native kernels")
+def test_binary_conv_steps_call_their_bound_layer_on_the_native_backend(monkeypatch):
+    """Each binary conv step checks its weights, scale, bias and BatchNorm once (kernels.ConvLayer) and
+    its calls pass only the input and shortcut; the reference backend does not use it."""
+    from onebit.engine import kernels as K
+
+    model = randomize_batchnorms(onebit.models.create("birealnet_small", num_classes=10, in_channels=1), 13).eval()
+    x = torch.randn(2, 1, 28, 28)
+    packed = engine.pack(model, x)
+    convs = sum(node["op"] == "binary_conv2d" for node in packed.graph["nodes"])
+    calls = []
+    bound_call = K.ConvLayer.__call__
+    monkeypatch.setattr(K.ConvLayer, "__call__", lambda self, *a: calls.append(self) or bound_call(self, *a))
+    native = packed(x)
+    assert convs > 0 and len(calls) == convs
+    with engine.use_backend("reference"):
+        reference = packed(x)
+    assert len(calls) == convs and torch.equal(native, reference)
+
+
 def test_writes_to_packed_weights_are_seen_by_the_next_call():
     # the kernels keep each layer's prepared weights between calls, until the weights change
     model = randomize_batchnorms(onebit.models.create("birealnet_small", num_classes=10, in_channels=1), 10).eval()

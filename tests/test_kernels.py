@@ -949,3 +949,70 @@ def test_native_reference_and_fake_paths_raise_the_same_message(bad):
         K.binary_conv2d(mode.from_tensor(xp), mode.from_tensor(wp), **conv)
     messages.append(str(error.value))
     assert messages[0] == messages[1] == messages[2], messages
+
+
+# ----------------------------------------------------------------------------- a conv with its operands bound
+
+
+@pytest.mark.parametrize("layout", ["packed", "nchw", "channels_last", "permuted"])
+@pytest.mark.parametrize("epilogue", ["none", "scale_bias", "batchnorm_residual"])
+def test_conv_layer_equals_binary_conv2d(layout, epilogue):
+    """ConvLayer(wp, ...)(x, residual) is binary_conv2d(x, wp, ..., residual=residual), bit for bit,
+    and both equal the float64 reference conv followed by the epilogue's float32 roundings."""
+    w, x, conv = _conv_case(24, 40, 31)
+    conv = dict(conv, stride=2, pad_value=-1.0)
+    gen = torch.Generator().manual_seed(3)
+    wp = K.pack_weights(w)
+    operands = {}
+    if epilogue != "none":
+        operands = dict(scale=torch.rand(24, generator=gen) + 0.5, bias=torch.randn(24, generator=gen))
+    if epilogue == "batchnorm_residual":
+        operands.update(bn_scale=torch.randn(24, generator=gen), bn_shift=torch.randn(24, generator=gen), bn_fma=True)
+    source = {
+        "packed": K.pack_activations(x, 1, -1.0),
+        "nchw": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "permuted": x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+    }[layout]
+    residual = torch.randn(2, 24, 3, 3, generator=gen) if epilogue == "batchnorm_residual" else None
+    layer = K.ConvLayer(wp, cache=K.WeightCache(), **operands, **conv)
+    got = layer(source, residual)
+    assert torch.equal(got, K.binary_conv2d(source, wp, residual=residual, **operands, **conv))
+    expected = reference_conv(x, w, (2, 2), (1, 1), (1, 1), 1, -1.0).to(torch.float32)
+    if epilogue != "none":
+        expected = expected * operands["scale"].view(1, -1, 1, 1) + operands["bias"].view(1, -1, 1, 1)
+    if epilogue == "batchnorm_residual":
+        from onebit.engine.reference import fused_multiply_add  # one rounding, emulated exactly
+
+        bn_scale, bn_shift = operands["bn_scale"].view(1, -1, 1, 1), operands["bn_shift"].view(1, -1, 1, 1)
+        expected = fused_multiply_add(expected, bn_scale, bn_shift) + residual
+    assert torch.equal(got, expected)
+
+
+def test_conv_layer_checks_its_operands_once_and_its_input_on_every_call():
+    w, x, conv = _conv_case(8, 16, 32)
+    wp = K.pack_weights(w)
+    with pytest.raises(ValueError, match="scale"):
+        K.ConvLayer(wp, scale=torch.ones(7), **conv)
+    with pytest.raises(ValueError, match="bn_scale and bn_shift go together"):
+        K.ConvLayer(wp, bn_scale=torch.ones(8), **conv)
+    with pytest.raises(ValueError, match="wp"):
+        K.ConvLayer(wp.float(), **conv)
+    with pytest.raises(ValueError, match="groups"):
+        K.ConvLayer(wp, **dict(conv, groups=3))
+    layer = K.ConvLayer(wp, **conv)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        layer(x, torch.zeros(2, 8, 5, 6))
+    with pytest.raises(ValueError):
+        layer(x[:, :15])
+
+
+def test_conv_layer_under_fake_tensors_takes_the_custom_op():
+    """A traced call (fake tensors) gets the output's shape and layout from the op's fake implementation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w, x, conv = _conv_case(8, 16, 33)
+    layer = K.ConvLayer(K.pack_weights(w), scale=torch.ones(8), **conv)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = layer(mode.from_tensor(x))
+    assert out.shape == (2, 8, 6, 6) and out.stride() == (288, 1, 48, 8)

@@ -176,6 +176,8 @@ _CONV_ATTRS = {
     "groups": _int(1),
     "pad_value": _pad_value,
 }
+#: the attributes of a binary convolution that are the kernels' convolution arguments
+CONV_ATTRS = tuple(_CONV_ATTRS)
 
 
 def _check_groups(a):
@@ -187,13 +189,22 @@ def _check_binary_conv(a):
     """A binary convolution's attributes make a convolution the kernels run (geometry's one check)."""
     _check_groups(a)
     try:
-        ConvSpec.check(**_conv_args(a))
+        ConvSpec.check(**{k: a[k] for k in _CONV_ATTRS})
     except ValueError as error:
         raise GraphError(str(error)) from None
 
 
 def _conv_args(a) -> dict:
-    return {k: a[k] for k in _CONV_ATTRS}
+    """The convolution's keyword arguments from a node's attributes, pairs as tuples (hashable: the
+    kernels' plan cache takes them as they are); made once per attrs dict and kept in it."""
+    conv = a.get(_CONV_KEY)
+    if conv is None:
+        conv = a[_CONV_KEY] = {k: tuple(a[k]) if isinstance(a[k], list) else a[k] for k in _CONV_ATTRS}
+    return conv
+
+
+#: where _conv_args keeps its result in a step's attrs (not a graph attribute: never saved)
+_CONV_KEY = "_conv_args"
 
 
 # ---------------------------------------------------------------------------
@@ -201,6 +212,8 @@ def _conv_args(a) -> dict:
 
 #: the key, beside a binary conv's tensors, of the runner's cache of its prepared weights
 WEIGHT_CACHE = "_weight_cache"
+#: the key of the runner's bound native call of a binary conv (kernels.ConvLayer), used on the native backend
+CONV_LAYER = "_conv_layer"
 
 
 def _pack(t, a, x):
@@ -216,6 +229,9 @@ def _pack_features(t, a, x):
 
 
 def _binary_conv2d(t, a, xp, residual=None):
+    layer = t.get(CONV_LAYER)
+    if layer is not None and ops.backend_is_native():
+        return layer(xp, residual)
     # bn_scale / bn_shift / bn_fma: a BatchNorm fused into the step by PackedModel (not graph attributes)
     return ops.binary_conv2d(
         xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), residual=residual, cache=t.get(WEIGHT_CACHE),

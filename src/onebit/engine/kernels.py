@@ -405,19 +405,69 @@ def _conv_float_impl(xp, wp, conv, scale=None, bias=None, residual=None, cache=N
     bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
     bn = _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, plan.co)
     out = torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
-    residual_ptr = 0
-    if residual is not None:
-        if not (
-            type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape
-        ):
-            check_residual(residual, out.shape)
-        residual = residual.permute(0, 2, 3, 1)  # the kernel reads it in the output's [N, OH, OW, C_out] order
-        if not residual.is_contiguous():
-            residual = residual.contiguous()
-        residual_ptr = residual.data_ptr()
+    residual = _residual_nhwc(residual, out)
     if out.numel():
+        residual_ptr = residual.data_ptr() if residual is not None else 0
         _run(plan, xp, wp, out, scale_ptr, bias_ptr, cache=cache, residual_ptr=residual_ptr, bn=bn)
     return out
+
+
+def _residual_nhwc(residual, out):
+    """``residual`` (checked against ``out``) as the kernel reads it: ``[N, OH, OW, C_out]``, contiguous."""
+    if residual is None:
+        return None
+    if not (type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape):
+        check_residual(residual, out.shape)
+    residual = residual.permute(0, 2, 3, 1)
+    return residual if residual.is_contiguous() else residual.contiguous()
+
+
+class ConvLayer:
+    """A binary convolution with its constant operands bound: ``layer(x, residual=None)`` is
+    ``binary_conv2d(x, wp, scale=scale, bias=bias, residual=residual, cache=cache, bn_scale=bn_scale,
+    bn_shift=bn_shift, bn_fma=bn_fma, **conv)``, bit for bit.
+
+    The weights, scale, bias and BatchNorm epilogue are checked once, here; a call checks only
+    its input and residual, which saves the per-call argument handling of a layer run many times
+    (a packed model's steps). The bound tensors may be written (the weights as :class:`WeightCache`
+    describes) but not resized or replaced. Under tracing, with tensor subclasses or on anything
+    unusual a call takes :func:`binary_conv2d` itself.
+    """
+
+    __slots__ = ("wp", "scale", "bias", "bn_scale", "bn_shift", "bn_fma", "cache", "conv", "_kwargs")
+
+    def __init__(self, wp, *, scale=None, bias=None, bn_scale=None, bn_shift=None, bn_fma=False, cache=None, **conv):
+        spec = ConvSpec.check(**conv)
+        check_tensor(wp, "wp", _I64)
+        if wp.device.type != "cpu":
+            raise ValueError(f"wp must be on the CPU, got {wp.device}")
+        co = spec.out_channels
+        _channel_ptr(scale, "scale", _F32, co)
+        _channel_ptr(bias, "bias", _F32, co)
+        _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, co)
+        if cache is not None and not isinstance(cache, WeightCache):
+            raise ValueError(f"cache must be a onebit.engine.kernels.WeightCache, got {type(cache).__name__}")
+        self.wp, self.scale, self.bias, self.bn_scale, self.bn_shift, self.bn_fma = wp, scale, bias, bn_scale, bn_shift, bn_fma
+        self.cache = cache
+        self.conv = (spec.in_channels, co, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups,
+                     spec.pad_value)  # fmt: skip
+        self._kwargs = dict(conv, scale=scale, bias=bias, cache=cache, bn_scale=bn_scale, bn_shift=bn_shift,
+                            bn_fma=bn_fma)  # fmt: skip
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not (type(x) is _Tensor and (residual is None or type(residual) is _Tensor) and _direct()):
+            return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)
+        plan = _conv_plan(_MODE_FLOAT, x, self.wp, *self.conv)
+        out = torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
+        residual = _residual_nhwc(residual, out)
+        if out.numel():
+            s, b, bs, bt = self.scale, self.bias, self.bn_scale, self.bn_shift
+            _run(
+                plan, x, self.wp, out, s.data_ptr() if s is not None else 0, b.data_ptr() if b is not None else 0,
+                cache=self.cache, residual_ptr=residual.data_ptr() if residual is not None else 0,
+                bn=(bs.data_ptr(), bt.data_ptr(), self.bn_fma) if bs is not None else (0, 0, False),
+            )  # fmt: skip
+        return out
 
 
 def _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, channels: int) -> tuple[int, int, bool]:

@@ -84,6 +84,18 @@ def backend() -> str:
     return "reference" if _BACKEND.get() == "reference" or not native_available() else "native"
 
 
+def backend_is_native() -> bool:
+    """True when the engine's calls go to the native kernels now (:func:`backend`, also under torch.compile)."""
+    mode = _DEFAULT if torch.compiler.is_compiling() else _BACKEND.get()
+    return mode != "reference" and _native() is not None
+
+
+def conv_layer(wp, **kwargs):
+    """A binary conv with its constant operands bound (``kernels.ConvLayer``), or None without the native kernels."""
+    native = _native()
+    return native.ConvLayer(wp, **kwargs) if native is not None else None
+
+
 def _impl(name: str):
     """The native function ``name`` when it is to be used, else None (the caller checks and runs the reference)."""
     # under torch.compile the default backend is traced (dynamo cannot read context variables)

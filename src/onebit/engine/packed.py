@@ -162,6 +162,12 @@ class PackedModel(nn.Module):
                 add, shortcut = absorbed_add[i]
                 inputs.append(shortcut)
                 out, label = add["name"], label + "+add"
+            if node["op"] == "binary_conv2d" and ops.native_available():  # its operands checked once, not per call
+                roles[G.CONV_LAYER] = ops.conv_layer(
+                    roles["weight"], scale=roles.get("scale"), bias=roles.get("bias"), bn_scale=roles.get("bn_scale"),
+                    bn_shift=roles.get("bn_shift"), bn_fma=attrs.get("bn_fma", False), cache=roles[G.WEIGHT_CACHE],
+                    **{k: attrs[k] for k in G.CONV_ATTRS},
+                )  # fmt: skip
             # float outputs of binary layers take the memory format the model's own tensors have
             # (the native kernels write channels_last): float convs and adaptive pools round
             # differently in the two layouts, and the model's layout follows its input's;
