@@ -7,10 +7,11 @@ has them) and for AMD Zen 3 (``-march=znver3``: AVX2 with 16 ymm registers, as a
 runs it). It prints, per layer, thread count and variant, the median and minimum of its pack +
 conv (float NCHW input to int32 output).
 
-onebit's side is the public call a packed layer makes: ``kernels.binary_conv2d`` on the float
-input (packed inside the call) with per-channel scale and bias to a float32 output, weights
-prepared once (a ``WeightCache``), its ISA set to the same one, timed per call in its own warm
-loop as the yardstick times itself; Python's call overhead (a few microseconds) is included.
+onebit's side is the call a packed model's binary conv step makes: a ``kernels.ConvLayer``
+(weights, per-channel scale and bias bound and checked once, weights prepared once in a
+``WeightCache``) on the float input, packed inside the call, to a float32 output, its ISA set to
+the same one, timed per call in its own warm loop as the yardstick times itself; Python's share
+of the call (about 2.5 microseconds) is included.
 
 Each round runs the yardstick, then onebit, for every layer and ISA; rounds repeat the whole
 sequence, so both sides see the same machine. Printed per (layer, threads, ISA): the yardstick's
@@ -92,17 +93,18 @@ def time_onebit(isa: str, batch: int, channels: int, size: int, threads: int, se
     x, w = torch.randn(batch, channels, size, size), torch.randn(channels, channels, 3, 3)
     wp = K.pack_weights(w)
     scale, bias = torch.rand(channels) + 0.5, torch.randn(channels)
-    conv = dict(in_channels=channels, out_channels=channels, kernel_size=3, padding=1, cache=K.WeightCache())
+    layer = K.ConvLayer(wp, scale=scale, bias=bias, in_channels=channels, out_channels=channels, kernel_size=3,
+                        padding=1, cache=K.WeightCache())  # fmt: skip
     before = _C.isa()
     _C.set_isa(isa)
     torch.set_num_threads(threads)
     try:
         for _ in range(20):
-            K.binary_conv2d(x, wp, scale=scale, bias=bias, **conv)
+            layer(x)
         times, end = [], time.perf_counter() + seconds
         while len(times) < 200 or time.perf_counter() < end:
             start = time.perf_counter_ns()
-            K.binary_conv2d(x, wp, scale=scale, bias=bias, **conv)
+            layer(x)
             times.append(time.perf_counter_ns() - start)
     finally:
         _C.set_isa(before)

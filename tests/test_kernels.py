@@ -978,6 +978,9 @@ def test_conv_layer_equals_binary_conv2d(layout, epilogue):
     layer = K.ConvLayer(wp, cache=K.WeightCache(), **operands, **conv)
     got = layer(source, residual)
     assert torch.equal(got, K.binary_conv2d(source, wp, residual=residual, **operands, **conv))
+    if residual is not None:  # a channels_last shortcut is read in place, any other layout through a copy
+        assert torch.equal(layer(source, residual.contiguous(memory_format=torch.channels_last)), got)
+        assert torch.equal(layer(source, residual.transpose(2, 3).contiguous().transpose(2, 3)), got)
     expected = reference_conv(x, w, (2, 2), (1, 1), (1, 1), 1, -1.0).to(torch.float32)
     if epilogue != "none":
         expected = expected * operands["scale"].view(1, -1, 1, 1) + operands["bias"].view(1, -1, 1, 1)
@@ -1003,8 +1006,23 @@ def test_conv_layer_checks_its_operands_once_and_its_input_on_every_call():
     layer = K.ConvLayer(wp, **conv)
     with pytest.raises(ValueError, match="residual must have the output's shape"):
         layer(x, torch.zeros(2, 8, 5, 6))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="16"):
         layer(x[:, :15])
+    packed = K.pack_activations(x, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        layer(packed.transpose(1, 2))
+    for n, size in [(1, 4), (3, 7), (2, 6)]:  # several input shapes, one layer
+        other = torch.randn(n, 16, size, size)
+        assert torch.equal(layer(other), K.binary_conv2d(other, wp, **conv))
+
+
+def test_conv_layer_on_inference_tensors_prepares_its_weights_every_call():
+    w, x, conv = _conv_case(8, 16, 34)
+    with torch.inference_mode():
+        wp = K.pack_weights(w)  # counts no writes: a cache could not see them
+    layer = K.ConvLayer(wp, cache=K.WeightCache(), **conv)
+    assert layer.cache is None
+    assert torch.equal(layer(x), K.binary_conv2d(x, wp, **conv))
 
 
 def test_conv_layer_under_fake_tensors_takes_the_custom_op():

@@ -139,6 +139,7 @@ _CONV_SCHEMA = (
 _PLAN_CACHE: dict = {}
 _PLAN_CACHE_SIZE = 1024
 _I64, _I32, _I8, _F32 = torch.int64, torch.int32, torch.int8, torch.float32
+_CHANNELS_LAST = torch.channels_last
 
 
 @atexit.register
@@ -418,8 +419,9 @@ def _residual_nhwc(residual, out):
         return None
     if not (type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape):
         check_residual(residual, out.shape)
-    residual = residual.permute(0, 2, 3, 1)
-    return residual if residual.is_contiguous() else residual.contiguous()
+    if residual.is_contiguous(memory_format=_CHANNELS_LAST):
+        return residual  # already that memory (a view would cost more than this check)
+    return residual.permute(0, 2, 3, 1).contiguous()
 
 
 class ConvLayer:
@@ -434,7 +436,8 @@ class ConvLayer:
     unusual a call takes :func:`binary_conv2d` itself.
     """
 
-    __slots__ = ("wp", "scale", "bias", "bn_scale", "bn_shift", "bn_fma", "cache", "conv", "_kwargs")
+    __slots__ = ("wp", "scale", "bias", "bn_scale", "bn_shift", "bn_fma", "cache", "conv", "_kwargs", "_ptrs", "_bn",
+                 "_plans")
 
     def __init__(self, wp, *, scale=None, bias=None, bn_scale=None, bn_shift=None, bn_fma=False, cache=None, **conv):
         spec = ConvSpec.check(**conv)
@@ -442,31 +445,62 @@ class ConvLayer:
         if wp.device.type != "cpu":
             raise ValueError(f"wp must be on the CPU, got {wp.device}")
         co = spec.out_channels
-        _channel_ptr(scale, "scale", _F32, co)
-        _channel_ptr(bias, "bias", _F32, co)
-        _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, co)
+        scale_ptr = _channel_ptr(scale, "scale", _F32, co)
+        bias_ptr = _channel_ptr(bias, "bias", _F32, co)
+        bn = _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, co)
         if cache is not None and not isinstance(cache, WeightCache):
             raise ValueError(f"cache must be a onebit.engine.kernels.WeightCache, got {type(cache).__name__}")
+        if cache is not None:
+            try:
+                wp._version
+            except RuntimeError:  # an inference tensor counts no writes: never cache its preparation
+                cache = None
         self.wp, self.scale, self.bias, self.bn_scale, self.bn_shift, self.bn_fma = wp, scale, bias, bn_scale, bn_shift, bn_fma
         self.cache = cache
         self.conv = (spec.in_channels, co, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups,
                      spec.pad_value)  # fmt: skip
         self._kwargs = dict(conv, scale=scale, bias=bias, cache=cache, bn_scale=bn_scale, bn_shift=bn_shift,
                             bn_fma=bn_fma)  # fmt: skip
+        self._ptrs = (wp.data_ptr(), scale_ptr, bias_ptr, 0, 0)  # the bound tensors' addresses: they stay put
+        self._bn = bn
+        self._plans: dict = {}  # (dtype, shape) of an input -> its checked plan
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not (type(x) is _Tensor and (residual is None or type(residual) is _Tensor) and _direct()):
             return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)
-        plan = _conv_plan(_MODE_FLOAT, x, self.wp, *self.conv)
+        key = (x.dtype, x.shape)
+        plan = self._plans.get(key)
+        if plan is None or not x.is_cpu:
+            plan = _conv_plan(_MODE_FLOAT, x, self.wp, *self.conv)  # checks x (ValueError naming the problem)
+            if len(self._plans) < 8:
+                self._plans[key] = plan
         out = torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
-        residual = _residual_nhwc(residual, out)
-        if out.numel():
-            s, b, bs, bt = self.scale, self.bias, self.bn_scale, self.bn_shift
-            _run(
-                plan, x, self.wp, out, s.data_ptr() if s is not None else 0, b.data_ptr() if b is not None else 0,
-                cache=self.cache, residual_ptr=residual.data_ptr() if residual is not None else 0,
-                bn=(bs.data_ptr(), bt.data_ptr(), self.bn_fma) if bs is not None else (0, 0, False),
+        if not out.numel():
+            return out
+        residual_ptr = 0
+        if residual is not None:
+            residual = _residual_nhwc(residual, out)
+            residual_ptr = residual.data_ptr()
+        cache = self.cache
+        version = hash((self.wp._version, cache._cleared)) if cache is not None else 0
+        w, scale, bias, thr, direction = self._ptrs
+        if x.dtype is _I64:
+            if not x.is_contiguous():
+                return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)  # says what is wrong
+            plan.native.run(
+                x.data_ptr(), w, out.data_ptr(), scale, bias, thr, direction, _get_num_threads(), cache, version,
+                residual_ptr, *self._bn,
             )  # fmt: skip
+            return out
+        _, c, _, width = x.shape
+        sn, sc, sh, sw = x.stride()
+        if sc != 1 and sw != 1 and c > 1 and width > 1:  # neither channels nor pixels contiguous
+            x = x.contiguous()
+            sn, sc, sh, sw = x.stride()
+        plan.native.run_float(
+            x.data_ptr(), sn, sc, sh, sw, w, out.data_ptr(), scale, bias, thr, direction, _get_num_threads(), cache,
+            version, residual_ptr, *self._bn,
+        )  # fmt: skip
         return out
 
 
