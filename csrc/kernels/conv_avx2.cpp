@@ -99,11 +99,6 @@ inline void step4(__m256i* acc, __m256i lut, const uint64_t* x, const __m256i* w
       : [lut] "x"(lut), [x0] "m"(x[0]), [x1] "m"(x[1]), [w] "r"(w), [wm] "m"(*reinterpret_cast<const __m256i(*)[8]>(w)));
 }
 
-// One step of one pixel against 2 ymm of weights held in registers (8 channels):
-// acc[j] += lut[xlo ^ wlo[j]] + lut[xhi ^ whi[j]], as 2 broadcasts, 4 xor, 4 vpshufb and
-// 4 adds into the accumulators. Written out for the reason given at step4: compiled from
-// intrinsics, GCC adds the two lookups first and then spills accumulators of the 3- and
-// 4-pixel tiles (8 accumulators, 4 weights, the table and 3 temporaries: all 16 ymm).
 // An aligned load the compiler cannot repeat (it keeps the value in a register instead).
 inline __m256i load_once(const __m256i* p) {
   __m256i v;
@@ -111,6 +106,11 @@ inline __m256i load_once(const __m256i* p) {
   return v;
 }
 
+// One step of one pixel against 2 ymm of weights held in registers (8 channels):
+// acc[j] += lut[xlo ^ wlo[j]] + lut[xhi ^ whi[j]], as 2 broadcasts, 4 xor, 4 vpshufb and
+// 4 adds into the accumulators. Written out for the reason given at step4: compiled from
+// intrinsics, GCC adds the two lookups first and then spills accumulators of the 3- and
+// 4-pixel tiles (8 accumulators, 4 weights, the table and 3 temporaries: all 16 ymm).
 inline void step2(__m256i* acc, __m256i lut, const uint64_t* x, __m256i wl0, __m256i wl1, __m256i wh0,
                   __m256i wh1) {
   __m256i v, t0, t1;

@@ -60,12 +60,10 @@ inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J
       if (pix[p].cls) a = _mm512_sub_epi32(a, _mm512_loadu_si512(corr + pix[p].cls * J * kVec));
       return a;
     };
-    // The output's pointers as locals: stores through them cannot change them (no reloads per pixel).
-    int32_t* const out_i32 = o.out_i32 + cj;
-    float* const out_f32 = o.out_f32 + cj;
-    const float* const residual = o.residual ? o.residual + cj : nullptr;
+    // The output's pointers are locals: stores through them cannot change them (no reloads per pixel).
     switch (o.mode) {
-      case OutMode::int32:
+      case OutMode::int32: {
+        int32_t* const out_i32 = o.out_i32 + cj;
 #pragma GCC unroll 8
         for (int p = 0; p < P; ++p) {
           if (valid >= 16)
@@ -74,7 +72,10 @@ inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J
             _mm512_mask_storeu_epi32(out_i32 + pix[p].q * Co, m, value(p));
         }
         break;
+      }
       case OutMode::float32: {
+        float* const out_f32 = o.out_f32 + cj;
+        const float* const residual = o.residual ? o.residual + cj : nullptr;
         // x * 1 and x + (-0) are exact for every x (-0 included): no branch for a missing scale or bias.
         const bool bn = o.bn_scale, fma = o.bn_fma;
         const __m512 scale = o.scale ? _mm512_maskz_loadu_ps(m, o.scale + cj) : _mm512_set1_ps(1.0f);

@@ -71,7 +71,7 @@ struct PixelWalker {
         oh = 0;
         ++n;
       }
-      start_row();
+      if (q < b.q1) start_row();
     }
   }
 };
