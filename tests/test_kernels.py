@@ -1009,8 +1009,9 @@ def test_conv_layer_checks_its_operands_once_and_its_input_on_every_call():
     with pytest.raises(ValueError, match="16"):
         layer(x[:, :15])
     packed = K.pack_activations(x, 1)
-    with pytest.raises(ValueError, match="contiguous"):
-        layer(packed.transpose(1, 2))
+    for shortcut in (None, torch.zeros(2, 8, 6, 6)):
+        with pytest.raises(ValueError, match="contiguous"):
+            layer(packed.transpose(1, 2), shortcut)
     for n, size in [(1, 4), (3, 7), (2, 6)]:  # several input shapes, one layer
         other = torch.randn(n, 16, size, size)
         assert torch.equal(layer(other), K.binary_conv2d(other, wp, **conv))

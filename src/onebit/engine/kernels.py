@@ -223,13 +223,18 @@ def _cached(cache, wp):
 
 def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None, residual_ptr=0, bn=(0, 0, False)) -> None:
     """Run a plan on packed ``x``, or on float32 ``x`` packed in the same pass."""
-    threads = _get_num_threads()
     cache, version = _cached(cache, wp)
+    _run_native(plan, x, wp.data_ptr(), out.data_ptr(), (scale_ptr, bias_ptr, thr_ptr, dir_ptr), cache, version,
+                residual_ptr, bn)  # fmt: skip
+
+
+def _run_native(plan, x, w_ptr: int, out_ptr: int, channel_ptrs: tuple, cache, version: int, residual_ptr: int,
+                bn: tuple) -> None:  # fmt: skip
+    """The native call of :func:`_run`: addresses of the weights, the output and the per-channel
+    tensors ``(scale, bias, thresholds, direction)`` already taken and checked."""
+    threads = _get_num_threads()
     if x.dtype is _I64:
-        plan.native.run(
-            x.data_ptr(), wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads, cache, version,
-            residual_ptr, *bn,
-        )  # fmt: skip
+        plan.native.run(x.data_ptr(), w_ptr, out_ptr, *channel_ptrs, threads, cache, version, residual_ptr, *bn)
         return
     _, c, _, w = x.shape
     sn, sc, sh, sw = x.stride()
@@ -237,9 +242,8 @@ def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=
         x = x.contiguous()
         sn, sc, sh, sw = x.stride()
     plan.native.run_float(
-        x.data_ptr(), sn, sc, sh, sw, wp.data_ptr(), out.data_ptr(), scale_ptr, bias_ptr, thr_ptr, dir_ptr, threads,
-        cache, version, residual_ptr, *bn,
-    )  # fmt: skip
+        x.data_ptr(), sn, sc, sh, sw, w_ptr, out_ptr, *channel_ptrs, threads, cache, version, residual_ptr, *bn
+    )
 
 
 def _channel_ptr(t, name: str, dtype: torch.dtype, channels: int) -> int:
@@ -436,8 +440,8 @@ class ConvLayer:
     unusual a call takes :func:`binary_conv2d` itself.
     """
 
-    __slots__ = ("wp", "scale", "bias", "bn_scale", "bn_shift", "bn_fma", "cache", "conv", "_kwargs", "_ptrs", "_bn",
-                 "_plans")
+    __slots__ = ("wp", "scale", "bias", "bn_scale", "bn_shift", "bn_fma", "cache", "conv", "_kwargs", "_w_ptr",
+                 "_channel_ptrs", "_bn", "_plans")
 
     def __init__(self, wp, *, scale=None, bias=None, bn_scale=None, bn_shift=None, bn_fma=False, cache=None, **conv):
         spec = ConvSpec.check(**conv)
@@ -461,7 +465,8 @@ class ConvLayer:
                      spec.pad_value)  # fmt: skip
         self._kwargs = dict(conv, scale=scale, bias=bias, cache=cache, bn_scale=bn_scale, bn_shift=bn_shift,
                             bn_fma=bn_fma)  # fmt: skip
-        self._ptrs = (wp.data_ptr(), scale_ptr, bias_ptr, 0, 0)  # the bound tensors' addresses: they stay put
+        # the bound tensors' addresses (they stay put): weights; scale, bias, thresholds, direction
+        self._w_ptr, self._channel_ptrs = wp.data_ptr(), (scale_ptr, bias_ptr, 0, 0)
         self._bn = bn
         self._plans: dict = {}  # (dtype, shape) of an input -> its checked plan
 
@@ -474,6 +479,8 @@ class ConvLayer:
             plan = _conv_plan(_MODE_FLOAT, x, self.wp, *self.conv)  # checks x (ValueError naming the problem)
             if len(self._plans) < 8:
                 self._plans[key] = plan
+        if x.dtype is _I64 and not x.is_contiguous():
+            return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)  # says what is wrong
         out = torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
         if not out.numel():
             return out
@@ -483,24 +490,7 @@ class ConvLayer:
             residual_ptr = residual.data_ptr()
         cache = self.cache
         version = hash((self.wp._version, cache._cleared)) if cache is not None else 0
-        w, scale, bias, thr, direction = self._ptrs
-        if x.dtype is _I64:
-            if not x.is_contiguous():
-                return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)  # says what is wrong
-            plan.native.run(
-                x.data_ptr(), w, out.data_ptr(), scale, bias, thr, direction, _get_num_threads(), cache, version,
-                residual_ptr, *self._bn,
-            )  # fmt: skip
-            return out
-        _, c, _, width = x.shape
-        sn, sc, sh, sw = x.stride()
-        if sc != 1 and sw != 1 and c > 1 and width > 1:  # neither channels nor pixels contiguous
-            x = x.contiguous()
-            sn, sc, sh, sw = x.stride()
-        plan.native.run_float(
-            x.data_ptr(), sn, sc, sh, sw, w, out.data_ptr(), scale, bias, thr, direction, _get_num_threads(), cache,
-            version, residual_ptr, *self._bn,
-        )  # fmt: skip
+        _run_native(plan, x, self._w_ptr, out.data_ptr(), self._channel_ptrs, cache, version, residual_ptr, self._bn)
         return out
 
 
