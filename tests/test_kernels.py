@@ -1012,6 +1012,8 @@ def test_conv_layer_checks_its_operands_once_and_its_input_on_every_call():
     for shortcut in (None, torch.zeros(2, 8, 6, 6)):
         with pytest.raises(ValueError, match="contiguous"):
             layer(packed.transpose(1, 2), shortcut)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):  # an empty batch too
+        layer(x[:0], torch.zeros(1, 8, 6, 6))
     for n, size in [(1, 4), (3, 7), (2, 6)]:  # several input shapes, one layer
         other = torch.randn(n, 16, size, size)
         assert torch.equal(layer(other), K.binary_conv2d(other, wp, **conv))

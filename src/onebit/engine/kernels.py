@@ -418,7 +418,8 @@ def _conv_float_impl(xp, wp, conv, scale=None, bias=None, residual=None, cache=N
 
 
 def _residual_nhwc(residual, out):
-    """``residual`` (checked against ``out``) as the kernel reads it: ``[N, OH, OW, C_out]``, contiguous."""
+    """``residual`` (checked against ``out``) in the memory the kernel reads: ``[N, OH, OW, C_out]`` in
+    order, that is ``residual`` itself when it is channels_last, else a permuted copy."""
     if residual is None:
         return None
     if not (type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape):
@@ -482,12 +483,10 @@ class ConvLayer:
         if x.dtype is _I64 and not x.is_contiguous():
             return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)  # says what is wrong
         out = torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
+        residual = _residual_nhwc(residual, out)
         if not out.numel():
             return out
-        residual_ptr = 0
-        if residual is not None:
-            residual = _residual_nhwc(residual, out)
-            residual_ptr = residual.data_ptr()
+        residual_ptr = residual.data_ptr() if residual is not None else 0
         cache = self.cache
         version = hash((self.wp._version, cache._cleared)) if cache is not None else 0
         _run_native(plan, x, self._w_ptr, out.data_ptr(), self._channel_ptrs, cache, version, residual_ptr, self._bn)
