@@ -1037,3 +1037,25 @@ def test_conv_layer_under_fake_tensors_takes_the_custom_op():
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         out = layer(mode.from_tensor(x))
     assert out.shape == (2, 8, 6, 6) and out.stride() == (288, 1, 48, 8)
+
+
+def test_conv_layer_copies_and_pickles_read_their_own_tensors():
+    import copy
+    import io
+
+    w, x, conv = _conv_case(8, 16, 35)
+    gen = torch.Generator().manual_seed(4)
+    wp, scale = K.pack_weights(w), torch.rand(8, generator=gen) + 0.5
+    layer = K.ConvLayer(wp, scale=scale, cache=K.WeightCache(), **conv)
+    expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(layer), torch.load(buffer, weights_only=False)]
+    wp.bitwise_not_()  # the original's weights change (all signs flip); the copies keep theirs
+    wp &= K.pack_weights(-torch.ones_like(w))
+    scale.mul_(2)
+    for clone in copies:
+        assert clone.cache is not None and clone.cache is not layer.cache
+        assert torch.equal(clone(x), expected)
+    assert torch.equal(layer(x), -2 * expected)

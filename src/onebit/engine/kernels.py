@@ -471,6 +471,11 @@ class ConvLayer:
         self._bn = bn
         self._plans: dict = {}  # (dtype, shape) of an input -> its checked plan
 
+    def __reduce__(self):
+        # a copy or a pickle is built again from its operands: the addresses it keeps are its own tensors'
+        kwargs = {k: v for k, v in self._kwargs.items() if k != "cache"}
+        return _conv_layer, (self.wp, self.cache is not None, kwargs)
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not (type(x) is _Tensor and (residual is None or type(residual) is _Tensor) and _direct()):
             return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)
@@ -491,6 +496,11 @@ class ConvLayer:
         version = hash((self.wp._version, cache._cleared)) if cache is not None else 0
         _run_native(plan, x, self._w_ptr, out.data_ptr(), self._channel_ptrs, cache, version, residual_ptr, self._bn)
         return out
+
+
+def _conv_layer(wp, cached: bool, kwargs: dict) -> ConvLayer:
+    """A :class:`ConvLayer` built again (copies and pickles), with a cache of its own when it had one."""
+    return ConvLayer(wp, cache=WeightCache() if cached else None, **kwargs)
 
 
 def _batchnorm_ptrs(bn_scale, bn_shift, bn_fma, channels: int) -> tuple[int, int, bool]:
