@@ -125,6 +125,35 @@ def test_binary_weights_are_stored_as_bits(tmp_path):
     assert any(t.data_type == onnx.TensorProto.UINT8 for t in stored.values())
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_bitlinear_runs_in_onnxruntime_with_its_weights_stored_as_2_bit_codes(norm, tmp_path):
+    """BitLinear's ternary_linear: absmax int8 tokens, the exact integer sum, then / s * scale + bias,
+    op for op: bit-identical without the RMSNorm. With it, the norm is composed of standard ops whose
+    reduction rounds differently from torch's in the last bit, so the outputs agree to float
+    rounding. A token holding a NaN or an infinity gives a row of NaN, as in the engine."""
+    from onebit.nn import BitLinear
+
+    torch.manual_seed(1)
+    model = nn.Sequential(BitLinear(90, 48, norm=norm, bias=True), BitLinear(48, 10, norm=norm)).eval()
+    x = torch.randn(6, 90) * torch.linspace(0.01, 20, 6).view(-1, 1)  # tokens of very different magnitudes
+    x[2, 7], x[4, 0] = float("nan"), float("inf")
+    packed = engine.pack(model, x[:1])
+    assert [n["op"] for n in packed.graph["nodes"]] == ["ternary_linear", "ternary_linear"]
+    path = tmp_path / "bitlinear.onnx"
+    onebit.export_onnx(model, x[:1], path)
+    got, expected = run_onnx(path, x), packed(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(expected)) and torch.isnan(got[[2, 4]]).all()
+    finite = ~torch.isnan(expected).any(dim=1)
+    if norm:
+        assert torch.allclose(got[finite], expected[finite], rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(got[finite], expected[finite])
+    stored = [tuple(t.dims) for t in onnx.load(path).graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert sorted(d for d in stored if d[0] > 1) == [(10, 12, 1), (48, 23, 1)]  # [Out, ceil(F / 4), 1]: 2 bits a weight
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 480
+                   for t in onnx.load(path).graph.initializer)  # no float copy of the weights
+
+
 def packed_as_signs(packed_value: torch.Tensor, node: dict, shape) -> torch.Tensor:
     """The engine's packed bits as the +-1 tensor of ``shape`` ([N, C, H, W] or [N, F])."""
     if len(shape) == 2:

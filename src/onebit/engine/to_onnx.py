@@ -374,6 +374,54 @@ class _Exporter:
         w = b.const(levels.numpy(), np.float32, f"{name}_w")
         return self.divided(self.conv(x, w, a, name), a["input_divisor"], node, 4, name)
 
+    def ternary_weight(self, node: dict, attrs: dict, base: str) -> str:
+        """The float levels ``[F, Out]`` (transposed for MatMul) of a 2-bit ternary weight, unpacked in the
+        graph from the stored uint8 codes (``w + 1`` at bits ``2 (k % 4)`` of byte ``k // 4``)."""
+        b = self.b
+        codes = self.tensors[node["tensors"]["weight"]].numpy()  # uint8 [Out, ceil(F / 4)]
+        out, nbytes = codes.shape
+        stored = b.const(codes.reshape(out, nbytes, 1), np.uint8, f"{base}_codes")
+        shifts = b.const(np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4), np.uint8)
+        shifted = b.op("BitShift", [stored, shifts], f"{base}_shift", direction="RIGHT")
+        code = b.op("BitwiseAnd", [shifted, b.const(np.full((1, 1, 1), 3), np.uint8)], f"{base}_code")
+        flat = b.op("Reshape", [code, b.const([out, nbytes * 4], np.int64)], f"{base}_flat")
+        used = b.op("Slice", [flat, b.const([0], np.int64), b.const([attrs["in_features"]], np.int64),
+                              b.const([1], np.int64)], f"{base}_used")  # fmt: skip
+        f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
+        levels = b.op("Sub", [b.op("Cast", [used], f"{base}_float", to=f32), b.const(1.0)], f"{base}_levels")
+        return b.op("Transpose", [levels], f"{base}_wt", perm=[1, 0])
+
+    def op_ternary_linear(self, node, a, xs, name):
+        """BitLinear, op for op as the kernels compute it (docs/engine.md): [RMSNorm,] s = 127 / max(max|x|,
+        1e-5), x_int = clip(round(x s)), the exact sum as a float MatMul of integers (|acc| < 2^24),
+        then fl(fl(fl(acc / s) * scale) + bias); a token holding a NaN or an infinity gives NaN."""
+        b, roles = self.b, self.roles(node)
+        f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
+        i32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("int32"))
+        x = xs[0]
+        last = b.const([-1], np.int64)
+        if a["norm"]:  # F.rms_norm without weight: x * rsqrt(mean(x^2) + eps)
+            mean = b.op("ReduceMean", [b.op("Mul", [x, x], f"{name}_sq"), last], f"{name}_ms", keepdims=1)
+            root = b.op("Sqrt", [b.op("Add", [mean, b.const(float(a["eps"]))], f"{name}_mse")], f"{name}_rms")
+            x = b.op("Mul", [x, b.op("Reciprocal", [root], f"{name}_rrms")], f"{name}_normed")
+        magnitude = b.op("ReduceMax", [b.op("Abs", [x], f"{name}_abs"), last], f"{name}_max", keepdims=1)
+        s = b.op("Div", [b.const(127.0), b.op("Max", [magnitude, b.const(1e-5)], f"{name}_clamped")], f"{name}_s")
+        q = b.op("Clip", [b.op("Round", [b.op("Mul", [x, s], f"{name}_xs")], f"{name}_round"), b.const(-128.0),
+                          b.const(127.0)], f"{name}_q")  # fmt: skip
+        bad = b.op("Or", [b.op("IsNaN", [x], f"{name}_nan"), b.op("IsInf", [x], f"{name}_inf")], f"{name}_bad")
+        bad_token = b.op("ReduceMax", [b.op("Cast", [bad], f"{name}_badf", to=f32), last], f"{name}_badrow", keepdims=1)
+        finite = b.op("Equal", [bad_token, b.const(0.0)], f"{name}_finite")
+        q = b.op("Where", [finite, q, b.const(0.0)], f"{name}_qfinite")
+        acc = b.op("MatMul", [q, self.ternary_weight(node, a, name)], f"{name}_mm")
+        # through int32 and back: keeps the division out of the MatMul (a runtime's fusions)
+        acc = b.op("Cast", [b.op("Cast", [acc], f"{name}_int", to=i32)], f"{name}_acc", to=f32)
+        y = b.op("Div", [acc, s], f"{name}_divided")
+        if roles.get("scale") is not None:
+            y = b.op("Mul", [y, b.const(roles["scale"].numpy(), np.float32, f"{name}_scale")], f"{name}_scaled")
+        if roles.get("bias") is not None:
+            y = b.op("Add", [y, b.const(roles["bias"].numpy(), np.float32, f"{name}_bias")], f"{name}_biased")
+        return b.op("Where", [finite, y, b.const(float("nan"))], name)
+
     def op_linear(self, node, a, xs, name):
         roles = self.roles(node)
         w = self.b.const(roles["weight"].numpy(), np.float32, f"{name}_w")
