@@ -75,6 +75,9 @@ def run_yardstick(binary: Path, isa: str, layer: int, seconds: float) -> dict[in
         [str(binary), str(seconds), VARIANT_PREFIX[isa], str(layer)], capture_output=True, text=True, env=env
     ).stdout
     pack = {int(m[1]): float(m[3] if isa == "avx2" else m[2]) for m in PACK_LINE.finditer(out)}
+    if not pack or not LINE.search(out):
+        head = "\n".join(out.splitlines()[:5]) or "(no output)"
+        raise SystemExit(f"{binary.name} printed no {isa} timings for layer {layer} in the expected form:\n{head}")
     best: dict[int, tuple[str, float]] = {}
     for m in LINE.finditer(out):
         threads, name = int(m[1]), m[2]
