@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from onebit.heap import keep_freed_memory
+from onebit.io import save_json
 from timing import calibrate, sample  # benchmarks/timing.py
 
 DEFAULT_SHAPES = ["256x14", "64x56", "512x7"]
@@ -247,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _C.set_isa(active)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"onebit": results, "torch_restricted": restricted}, f, indent=1)
+        save_json(args.json, {"onebit": results, "torch_restricted": restricted})
     return 0
 
 

@@ -22,8 +22,6 @@ Usage: ``python benchmarks/bench_kbit_conv.py [--channels 256] [--size 14] [--ba
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import platform
 import tempfile
@@ -34,9 +32,10 @@ from torch import nn
 
 import onebit.engine
 from onebit import _C
+from onebit.io import save_json
 from onebit.nn import QConv2d
 from onebit.quant_lowbit import DoReFaSymmetric
-from timing import interleaved_medians  # benchmarks/timing.py
+from timing import interleaved_medians, state_dict_bytes  # benchmarks/timing.py
 
 CONFIGS = {
     "1-bit": ("ste_sign", "magnitude_aware_sign"),
@@ -44,12 +43,6 @@ CONFIGS = {
     "2-bit x ternary": (DoReFaSymmetric(2, 1.0), "ternary"),
     "2-bit x 2-bit": (DoReFaSymmetric(2, 1.0), "dorefa_weight"),
 }
-
-
-def _state_dict_bytes(module: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     _C.set_isa(isa0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        results["file_bytes"] = {"fp32 state_dict": _state_dict_bytes(nn.Conv2d(c, c, 3, padding=1, bias=False))}
+        results["file_bytes"] = {"fp32 state_dict": state_dict_bytes(nn.Conv2d(c, c, 3, padding=1, bias=False))}
         for name, model in packed.items():
             path = os.path.join(tmp, "layer.onebit")
             model.save(path)
@@ -121,8 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, size in results["file_bytes"].items():
         print(f"  {name:26s} {size:>12,d} bytes  {8 * size / weights:6.2f} bits a weight")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+        save_json(args.json, results)
     return results
 
 

@@ -25,8 +25,6 @@ Usage: ``python benchmarks/bench_lowbit.py [--features 4096] [--out 4096] [--bat
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import platform
 import tempfile
@@ -39,16 +37,11 @@ from torch import nn
 import onebit.engine
 from onebit import _C
 from onebit.engine import kernels as K
+from onebit.io import save_json
 from onebit.nn import BitLinear
-from timing import interleaved_medians  # benchmarks/timing.py
+from timing import interleaved_medians, state_dict_bytes  # benchmarks/timing.py
 
 
-
-
-def _state_dict_bytes(module: nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         packed.save(path)
         results["file_bytes"] = {
             "onebit packed": os.path.getsize(path),
-            "fp32 state_dict": _state_dict_bytes(float_layer),
-            "int8 dynamic state_dict": _state_dict_bytes(int8_layer),
+            "fp32 state_dict": state_dict_bytes(float_layer),
+            "int8 dynamic state_dict": state_dict_bytes(int8_layer),
         }
 
     print(f"BitLinear {f} -> {o}, batch {n}; torch {torch.__version__}; ISAs {', '.join(_C.supported_isas())}; "
@@ -131,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, size in results["file_bytes"].items():
         print(f"  {name:24s} {size:>12,d} bytes  {8 * size / weights:6.2f} bits a weight")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+        save_json(args.json, results)
     return results
 
 

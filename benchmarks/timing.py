@@ -1,10 +1,15 @@
-"""Timing helpers shared by the benchmarks: the mean of back-to-back calls, and how many make a sample."""
+"""Helpers shared by the benchmarks: the mean of back-to-back calls, how many make a sample, interleaved
+medians, and the bytes of a layer's float state_dict (the size the packed files are compared with)."""
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 from typing import Callable
+
+import torch
+from torch import nn
 
 
 def sample(fn: Callable[[], object], inner: int) -> float:
@@ -44,3 +49,10 @@ def interleaved_medians(candidates: dict[str, tuple[str | None, Callable[[], obj
             time.sleep(0.002)
             samples[name].append(sample(fn, inner[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes of ``torch.save(module.state_dict())`` (also for layers safetensors cannot hold, e.g. int8 dynamic)."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
