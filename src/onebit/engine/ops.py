@@ -84,10 +84,15 @@ def backend() -> str:
     return "reference" if _BACKEND.get() == "reference" or not native_available() else "native"
 
 
+def _mode() -> str:
+    """The backend asked for now; under torch.compile the default one is traced (dynamo cannot read
+    context variables)."""
+    return _DEFAULT if torch.compiler.is_compiling() else _BACKEND.get()
+
+
 def backend_is_native() -> bool:
     """True when the engine's calls go to the native kernels now (:func:`backend`, also under torch.compile)."""
-    mode = _DEFAULT if torch.compiler.is_compiling() else _BACKEND.get()
-    return mode != "reference" and _native() is not None
+    return _mode() != "reference" and _native() is not None
 
 
 def conv_layer(wp, **kwargs):
@@ -98,8 +103,7 @@ def conv_layer(wp, **kwargs):
 
 def _impl(name: str):
     """The native function ``name`` when it is to be used, else None (the caller checks and runs the reference)."""
-    # under torch.compile the default backend is traced (dynamo cannot read context variables)
-    mode = _DEFAULT if torch.compiler.is_compiling() else _BACKEND.get()
+    mode = _mode()
     if mode != "reference":
         native = _native()
         fn = getattr(native, name, None) if native is not None else None
