@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): $(PY) $(NATIVE_SOURCES) $(PACKAGE_DIRS)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 scikit-build-core==1.1.2 nanobind==3.1.0
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,onnx,tensorboard]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,onnx,tensorboard,hub]'
 	touch $(STAMP)
 
 demo: $(STAMP)
