@@ -501,6 +501,17 @@ def test_untraceable_model_is_refused():
         engine.pack(Branchy().eval(), torch.randn(1, 3, 4, 4))
 
 
+def test_a_model_that_fails_on_its_example_raises_one_clean_error_and_prints_nothing(capfd):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    with pytest.raises(ValueError) as caught:
+        engine.pack(model, torch.randn(1, 5, 8, 8))
+    message = str(caught.value)
+    assert message.startswith("the model fails on example_input of shape [1, 5, 8, 8]: RuntimeError: ")
+    assert "\n" not in message and "While executing" not in message
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
 # ---------------------------------------------------------------------------
 # threads, compile
 

@@ -58,14 +58,40 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         ) from error
     gm = fx.GraphModule(tracer.root, fx_graph)
     drop_identities(gm, dict(gm.named_modules()))
-    from torch.fx.passes.shape_prop import ShapeProp
-
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+            _ShapeRecorder(gm).run(example)
     except Exception as error:
-        root = error.__cause__ or error
         raise ValueError(
-            f"the model fails on example_input of shape {list(example.shape)}: {type(root).__name__}: {root}"
+            f"the model fails on example_input of shape {list(example.shape)}: {type(error).__name__}: {error}"
         ) from error
     return gm
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph once and records each node's output shape (``node.meta["tensor_meta"]``), as
+    torch's ``ShapeProp`` does, but lets a failing node's error through as it is (``ShapeProp`` prints
+    its traceback to stderr and wraps it; the interpreter adds the node and its stack to the message)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False
+
+    def run_node(self, n: fx.Node):
+        from torch.fx.node import map_aggregate
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        result = super().run_node(n)
+        found = False
+
+        def extract(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        return result
