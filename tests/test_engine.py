@@ -435,6 +435,26 @@ def test_tuple_outputs():
     assert isinstance(out, tuple) and all(torch.equal(a, b) for a, b in zip(out, ref))
 
 
+def test_list_outputs_come_back_as_lists(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = QConv2d(4, 4, 3, padding=1, **SIGN)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return [y, torch.relu(y)]
+
+    model = Two().eval()
+    x = torch.randn(1, 4, 5, 5)
+    packed = engine.pack(model, x)
+    packed.save(tmp_path / "two.onebit.safetensors")
+    ref = model(x)
+    for p in (packed, engine.load(tmp_path / "two.onebit.safetensors")):
+        out = p(x)
+        assert type(out) is list and len(out) == 2 and all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
 # ---------------------------------------------------------------------------
 # errors
 

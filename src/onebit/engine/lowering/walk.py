@@ -76,7 +76,8 @@ def walk(low: Lowering) -> dict:
     if isinstance(output, fx.Node):
         outputs, kind = [low.arg(output, output)], "tensor"
     elif isinstance(output, (tuple, list)) and output and all(isinstance(o, fx.Node) for o in output):
-        outputs, kind = [low.arg(o, o) for o in output], type(output).__name__
+        # fx hands a returned list back as its immutable_list (a list subclass)
+        outputs, kind = [low.arg(o, o) for o in output], "list" if isinstance(output, list) else "tuple"
     else:
         raise UnsupportedModelError("the model's output must be a tensor or a tuple/list of tensors")
     shape = tuple(low.example.shape)
