@@ -1,7 +1,9 @@
 """onebit.models: the model zoo and the constructor it is built with.
 
 ``create(name, num_classes=..., in_channels=..., **kwargs)`` builds a registered
-model, ``names(pattern)`` lists them. Zoo models built by
+model, ``names(pattern)`` lists them; ``create(name, weights=REF)`` loads trained weights into it
+and ``from_pretrained(REF)`` builds the model a run, a pushed folder or ``hf://ORG/NAME`` names
+(:mod:`onebit.models.weights`). Zoo models built by
 :class:`ModelConstructor` accept any of its fields as keyword arguments, so
 ``create("birealnet18", conv_layer="twist")`` swaps every block convolution.
 """
@@ -16,9 +18,13 @@ from onebit.models.constructor import (
     Transition,
 )
 from onebit.models.registry import create, is_file_model, names, register_model
+from onebit.models.weights import from_pretrained, load_weights, resolve_weights
 
 __all__ = [
     "create",
+    "from_pretrained",
+    "load_weights",
+    "resolve_weights",
     "is_file_model",
     "names",
     "register_model",
