@@ -888,6 +888,34 @@ def test_nan_inf_and_signed_zero_inputs_follow_the_sign_convention():
         assert torch.equal(run_packed(packed, x, backend), model(x))
 
 
+def _empty_batch_models():
+    from onebit.nn import BitLinear, TwistConv2d
+    from onebit.quant_lowbit import DoReFaSymmetric
+
+    torch.manual_seed(0)
+    yield "lenet_binary", onebit.models.create("lenet_binary", in_channels=1), (1, 8, 8)
+    yield "birealnet_small", onebit.models.create("birealnet_small", in_channels=1, conv_layer="twist"), (1, 12, 12)
+    yield "mlp", nn.Sequential(QLinear(20, 70, **SIGN), nn.BatchNorm1d(70), QLinear(70, 4, **SIGN)), (20,)
+    yield "bitplanes", nn.Sequential(
+        QConv2d(2, 3, 3, padding=1, input_quantizer=DoReFaSymmetric(2), weight_quantizer="ternary"), nn.Flatten(),
+        QLinear(75, 4, input_quantizer="dorefa", weight_quantizer="ternary"),
+    ), (2, 5, 5)  # fmt: skip
+    yield "conv1d", nn.Sequential(QConv1d(3, 8, 3, padding=1, **SIGN), QConv1d(8, 4, 3, padding=1, **SIGN)), (3, 9)
+    yield "twist", nn.Sequential(TwistConv2d(16, 16, iters=2, **SIGN), nn.AdaptiveAvgPool2d(1)), (16, 6, 6)
+    yield "bitlinear", nn.Sequential(BitLinear(12, 5)), (3, 12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_gives_the_models_empty_output(backend):
+    for name, model, shape in _empty_batch_models():
+        model = randomize_batchnorms(model, 3).eval()
+        packed = engine.pack(model, torch.randn(2, *shape))
+        for fmt in (torch.contiguous_format, torch.channels_last) if len(shape) == 3 else (torch.contiguous_format,):
+            x = torch.randn(0, *shape).contiguous(memory_format=fmt)
+            y, ref = run_packed(packed, x, backend), model(x)
+            assert y.shape == ref.shape and y.dtype == ref.dtype, name
+
+
 def test_profile_prints_as_a_table_and_stays_a_list_of_dicts():
     model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), QConv2d(8, 8, 3, padding=1, **SIGN),
                           nn.Flatten(1)).eval()

@@ -426,7 +426,13 @@ def _flatten(t, a, x):
 
 
 def _reshape(t, a, x):
-    return x.reshape(x.shape[0], *a["shape"])
+    """Each sample reshaped to ``shape`` (the batch dimension kept): a -1 stands for the rest of a
+    sample's elements, also in an empty batch (where torch cannot infer it from the total)."""
+    shape = a["shape"]
+    if x.shape[0] == 0 and -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        shape = [math.prod(x.shape[1:]) // known if d == -1 and known else d for d in shape]
+    return x.reshape(x.shape[0], *shape)
 
 
 def _add(t, a, *xs):

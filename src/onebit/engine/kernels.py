@@ -346,7 +346,7 @@ def pack_features(x: torch.Tensor) -> torch.Tensor:
     """float32 ``[N, F]`` -> packed int64 ``[N, ceil(F / 64)]`` (the input of :func:`binary_linear`)."""
     check_tensor(x, "x", torch.float32, 2, contiguous=False)
     n, f = x.shape
-    return pack_activations(x[:, :, None, None]).view(n, -1)
+    return pack_activations(x[:, :, None, None]).view(n, words_for(f))  # (n, -1) is ambiguous for n = 0
 
 
 def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -741,7 +741,7 @@ def binary_linear_threshold(
 ) -> torch.Tensor:
     """Packed int64 ``[N, ceil(Out / 64)]`` of the thresholded accumulators (see :func:`binary_conv2d_threshold`)."""
     x4, w4, conv, n, out = _linear_views(xp, wp, in_features)
-    return binary_conv2d_threshold(x4, w4, thresholds=thresholds, direction=direction, **conv).reshape(n, -1)
+    return binary_conv2d_threshold(x4, w4, thresholds=thresholds, direction=direction, **conv).reshape(n, words_for(out))
 
 
 # ---------------------------------------------------------------------------

@@ -208,8 +208,6 @@ class PackedModel(nn.Module):
             raise InputError(
                 f"PackedModel: expected input of shape {dims} with C = {channels} channels, got shape {list(x.shape)}"
             )
-        if x.shape[0] == 0:
-            raise InputError("PackedModel: empty batch")
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
