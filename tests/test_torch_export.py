@@ -9,7 +9,7 @@ from torch import nn
 
 import onebit
 from onebit import engine
-from onebit.nn import QActivation, QConv2d
+from onebit.nn import QActivation, QConv2d, QLinear
 
 
 def noact_model() -> nn.Module:
@@ -50,3 +50,28 @@ def test_exported_packed_model_saves_loads_and_gives_identical_outputs(name, tmp
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def float_input_binary_weight_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        QConv2d(3, 8, 3, padding=1, padding_mode="reflect", input_quantizer="ste_sign", weight_quantizer="ste_sign"),
+        QConv2d(8, 8, 3, padding=1, weight_quantizer="magnitude_aware_sign"),  # float input: runs in float
+        nn.Flatten(2),
+        QLinear(64, 5, input_quantizer="ste_sign", weight_quantizer="ste_sign"),  # on [N, C, L]: runs in float
+    ).eval()
+
+
+@pytest.mark.parametrize("name", ["lenet_larq", "fallbacks"])
+def test_models_with_layers_run_in_float_on_bit_weights_export_and_run_identically(name):
+    if name == "lenet_larq":
+        model, x = onebit.models.create(name, in_channels=1).eval(), torch.randn(2, 1, 28, 28)
+    else:
+        model, x = float_input_binary_weight_model(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(engine.FallbackWarning):
+        packed = engine.pack(model, x)
+    assert any("weight_bits" in n["tensors"] for n in packed.graph["nodes"])  # float layers on +-1 weights stored as bits
+    program = torch.export.export(packed, (x,))
+    for batch in (x, torch.randn_like(x)):
+        assert torch.equal(program.module()(batch), packed(batch))
+        assert torch.equal(program.module()(batch), model(batch))

@@ -306,16 +306,23 @@ def _levels(t, a) -> torch.Tensor:
     if "weight" in t:
         return t["weight"]
     bits = t["weight_bits"]
+    if type(bits) is not torch.Tensor or torch.compiler.is_compiling():
+        return _unpacked_levels(bits, a)  # traced (torch.export, torch.compile): the unpacking is part of the program
     state = _bits_state(bits)
     cached = t.get(LEVELS_CACHE)
     levels = cached[1] if cached is not None and cached[0] == state else None
     if levels is None:  # first call, or the bits were written since (seen as the kernels' cache sees writes)
-        if "kernel_size" in a:  # [Co, KH, KW, Wg] words -> [Co, Cg, KH, KW] signs
-            levels = unpack_signs(bits, a["in_channels"] // a["groups"]).permute(0, 3, 1, 2).contiguous()
-        else:  # [Co, Wg] -> [Co, F]
-            levels = unpack_signs(bits, a["in_features"]).contiguous()
+        levels = _unpacked_levels(bits, a)
         t[LEVELS_CACHE] = (state, levels)
     return levels
+
+
+def _unpacked_levels(bits: torch.Tensor, a: dict) -> torch.Tensor:
+    """+-1 levels from packed sign weights: conv ``[Co, KH, KW, Wg]`` words -> ``[Co, Cg, KH, KW]``, linear
+    ``[Co, Wg]`` -> ``[Co, F]``."""
+    if "kernel_size" in a:
+        return unpack_signs(bits, a["in_channels"] // a["groups"]).permute(0, 3, 1, 2).contiguous()
+    return unpack_signs(bits, a["in_features"]).contiguous()
 
 
 def _bits_state(bits: torch.Tensor) -> tuple:
