@@ -1,4 +1,5 @@
-"""``onebit eval FILE_OR_RUN --data ...``: test accuracy of a run directory, a packed engine file or an ONNX file."""
+"""``onebit eval SOURCE [--data ...] [--weights REF]``: test accuracy of a run directory, a folder written by
+``onebit push``, ``hf://ORG/NAME``, a packed engine file or an ONNX file."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import time
 from rich.console import Console
 
 from onebit.cli import integer
+from onebit.cli.export import WEIGHTS_HELP
 
 
 def register(commands) -> None:
-    p = commands.add_parser("eval", help="test accuracy of a run directory or a packed engine file")
-    p.add_argument("source", metavar="FILE_OR_RUN", help="run directory (`onebit train --out`) or engine file (`onebit export`)")
+    p = commands.add_parser("eval", help="test accuracy of a run, a pushed model (folder or hf://) or a packed engine file")
+    p.add_argument("source", metavar="SOURCE",
+                   help="run directory (`onebit train --out`), folder written by `onebit push`, hf://ORG/NAME, "
+                   "or engine / ONNX file (`onebit export`)")
     p.add_argument("--data", default=None, help="dataset name or directory (default: the run's own data)")
     p.add_argument("--image-size", type=integer(1, 4096), default=None, help="resize images (default: as in the run)")
     p.add_argument("--batch-size", type=integer(1), default=256)
     p.add_argument("--topk", type=integer(1), default=5)
+    p.add_argument("--weights", default=None, metavar="REF", help=WEIGHTS_HELP)
     p.set_defaults(run=run)
 
 
@@ -34,11 +39,18 @@ def run(args: argparse.Namespace, console: Console) -> int:
     import torch.nn.functional as F
 
     from onebit import data as datasets
-    from onebit.train import load_run
+    from onebit.cli import UsageError
+    from onebit.cli.export import load_model
+    from onebit.models.weights import is_hub_ref, is_pushed_folder
 
-    if os.path.isdir(args.source):
-        model, meta = load_run(args.source)
-        kind = f"{meta['config']['model']} (run {args.source})"
+    hub = is_hub_ref(args.source)
+    if args.weights is not None and not (hub or os.path.isdir(args.source)):
+        raise UsageError(f"--weights needs a run directory, a pushed folder or hf://ORG/NAME as SOURCE, not {args.source!r}")
+    if hub or os.path.isdir(args.source):
+        model, meta, _ = load_model(args.source, args.weights)
+        what = "pushed" if hub or is_pushed_folder(args.source) else "run"
+        weights = f", weights {args.weights}" if args.weights else ""
+        kind = f"{meta['config']['model']} ({what} {args.source}{weights})"
     elif os.path.isfile(args.source) and str(args.source).lower().endswith(".onnx"):
         from onebit.engine.to_onnx import load_onnx
 

@@ -1,4 +1,5 @@
-"""``onebit export RUN_DIR --out FILE [--format packed|onnx]``: a trained run as the engine's file or ONNX."""
+"""``onebit export SOURCE --out FILE [--format packed|onnx] [--weights REF]``: a trained run (a run directory,
+a folder written by ``onebit push`` or ``hf://ORG/NAME``) as the engine's file or ONNX."""
 
 from __future__ import annotations
 
@@ -9,12 +10,39 @@ from rich.console import Console
 
 
 def register(commands) -> None:
-    p = commands.add_parser("export", help="pack a trained run into a bit-packed engine file")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `onebit train --out`")
+    p = commands.add_parser("export", help="pack a trained run (or a pushed model) into a bit-packed engine or ONNX file")
+    p.add_argument("run_dir", metavar="SOURCE",
+                   help="run directory written by `onebit train --out`, folder written by `onebit push`, or hf://ORG/NAME")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write (e.g. model.onebit.safetensors, model.onnx)")
     p.add_argument("--format", choices=["packed", "onnx"], default=None,
                    help="packed engine file or ONNX (standard ops, for onnxruntime); default: from --out's suffix")
+    p.add_argument("--weights", default=None, metavar="REF", help=WEIGHTS_HELP)
     p.set_defaults(run=run)
+
+
+WEIGHTS_HELP = ("the source's model with these weights instead: a run directory, a folder written by `onebit push`, "
+                "a .safetensors state_dict or hf://ORG/NAME[@REVISION]")
+
+
+def load_model(source: str, weights: str | None = None):
+    """``(model, config, weights_path)``: the model (eval mode) of a run directory, a pushed folder or
+    ``hf://ORG/NAME``, its ``config.json`` and its weights file; with ``weights``, the source's model
+    holding those weights (checked by :func:`onebit.models.weights.build`)."""
+    from onebit.models.weights import build, fetch_weights, is_hub_ref, is_pushed_folder
+    from onebit.train import load_run, read_run_config
+
+    pushed = is_hub_ref(source) or (os.path.isdir(source) and is_pushed_folder(source))
+    if weights is None:
+        if pushed:
+            found = fetch_weights(source)
+            return build(found).eval(), found.config, found.path
+        model, meta = load_run(source)
+        return model, meta, os.path.join(source, "model.safetensors")
+    meta = fetch_weights(source).config if pushed else read_run_config(source)
+    run = meta["config"]
+    found = fetch_weights(weights)
+    model = build(found, run["model"], meta["num_classes"], meta["in_channels"], **run.get("model_kwargs", {}))
+    return model.eval(), meta, found.path
 
 
 def engine_module():
@@ -35,8 +63,6 @@ def engine_module():
 def run(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    from onebit.train import load_run
-
     from onebit.cli import UsageError
 
     engine = engine_module()
@@ -47,7 +73,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UsageError(f"--out {args.out}: {parent} is a file, not a directory")
-    model, meta = load_run(args.run_dir)
+    model, meta, weights_path = load_model(args.run_dir, args.weights)
     shape = (1, meta["in_channels"], *meta["image_size"])
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     packed = engine.pack(model, example)
@@ -63,9 +89,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     with torch.no_grad():
         diff = (torch.as_tensor(exported(example)) - model(example)).abs().max().item()
     size = os.path.getsize(args.out)
-    float_size = os.path.getsize(os.path.join(args.run_dir, "model.safetensors"))
+    float_size = os.path.getsize(weights_path)
+    source = args.run_dir + (f" with weights {args.weights}" if args.weights else "")
     console.print(
-        f"exported {meta['config']['model']} from {args.run_dir} to {args.out} ({fmt}): {size / 1024:.1f} KiB "
+        f"exported {meta['config']['model']} from {source} to {args.out} ({fmt}): {size / 1024:.1f} KiB "
         f"({float_size / max(size, 1):.1f}x smaller than model.safetensors), max |{fmt} - model| = {diff:.2e}",
         highlight=False,
     )
