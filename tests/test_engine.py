@@ -865,6 +865,8 @@ def test_binary_linear_on_sequences_runs_as_torch_does():
     x = torch.randn(3, 5, 20)
     packed = engine.pack(model, x)
     assert torch.equal(packed(x), model(x))
+    x = torch.randn(2, 11, 20)  # any sequence length, as for the model
+    assert torch.equal(packed(x), model(x))
 
 
 def test_reshape_of_the_batch_dimension_is_refused():

@@ -473,6 +473,23 @@ def test_packed_bitlinear_models_are_bit_identical(per_channel, shape):
         assert torch.equal(packed(x2), model(x2))
 
 
+def test_packed_bitlinear_takes_every_sequence_length_the_model_takes(tmp_path):
+    torch.manual_seed(12)
+    model = TinyBitNet().eval()
+    packed = onebit.engine.pack(model, torch.randn(2, 3, 100))
+    path = tmp_path / "m.onebit.safetensors"
+    packed.save(path)
+    for p in (packed, onebit.engine.load(path)):
+        for shape in ((2, 7, 100), (5, 1, 100), (1, 64, 100), (0, 3, 100)):
+            x = torch.randn(shape)
+            with torch.no_grad():
+                assert torch.equal(p(x), model(x)), shape
+        with pytest.raises(onebit.engine.InputError, match=r"\[N, L1, F\] with F = 100 features"):
+            p(torch.randn(2, 3, 99))
+        with pytest.raises(onebit.engine.InputError):
+            p(torch.randn(2, 100))  # the example's rank
+
+
 def test_ternary_file_stores_two_bits_a_weight(tmp_path):
     torch.manual_seed(11)
     model = nn.Sequential(BitLinear(1001, 300)).eval()

@@ -963,6 +963,7 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
     try:
         _int(2, 8)(inp.get("rank"))  # batched, with a channel dimension
         _int(1)(inp.get("channels"))
+        _choice(1, -1)(inp.get("channel_dim", 1))
     except GraphError as error:
         raise GraphError(f"graph input: {error}") from None
     if inp.get("dtype") != "float32":

@@ -203,7 +203,13 @@ class PackedModel(nn.Module):
         if x.device.type != "cpu":
             raise InputError(f"PackedModel: the packed engine runs on the CPU, got an input on {x.device}")
         rank, channels = spec["rank"], spec["channels"]
-        if x.dim() != rank or x.shape[1] != channels:
+        if spec.get("channel_dim", 1) == -1:  # [N, ..., F] read by linear layers: the other dims are free
+            if x.dim() != rank or x.shape[-1] != channels:
+                dims = "[N, " + "".join(f"L{i}, " for i in range(1, rank - 1)) + "F]"
+                raise InputError(
+                    f"PackedModel: expected input of shape {dims} with F = {channels} features, got shape {list(x.shape)}"
+                )
+        elif x.dim() != rank or x.shape[1] != channels:
             dims = {4: "[N, C, H, W]", 3: "[N, C, L]", 2: "[N, F]"}.get(rank, f"rank {rank}")
             raise InputError(
                 f"PackedModel: expected input of shape {dims} with C = {channels} channels, got shape {list(x.shape)}"
@@ -366,8 +372,9 @@ def pack(
     """Lower an eval-mode onebit/torch model to a :class:`PackedModel`.
 
     ``example_input``: a float32 ``[N, C, H, W]`` (or ``[N, F]``) tensor the model accepts;
-    it fixes the input rank and channel count and is run once through the model to
-    record shapes. Raises ``ValueError`` (:class:`~onebit.engine.UnsupportedModelError`)
+    it fixes the input rank and channel count (for an input read only by linear layers,
+    ``[N, ..., F]``, the feature count: its other dimensions stay free) and is run once
+    through the model to record shapes. Raises ``ValueError`` (:class:`~onebit.engine.UnsupportedModelError`)
     naming the first module the engine cannot run.
 
     Every binary layer -- a +-1 input (a sign input quantizer, or a sign right before a

@@ -3,7 +3,7 @@ float module, function or tensor method; then the graph's input, live nodes and 
 
 from __future__ import annotations
 
-from torch import fx
+from torch import fx, nn
 
 from onebit.engine.lowering.floats import FUNCTIONS, METHODS, emit_module
 from onebit.engine.lowering.quantized import QUANTIZED
@@ -51,6 +51,15 @@ def live_nodes(nodes: list[dict], outputs: list[str]) -> list[dict]:
     return [node for node in nodes if node["name"] in live]
 
 
+def features_last(low: Lowering, placeholder: fx.Node) -> bool:
+    """The model's input is ``[N, ..., F]``, read only by linear layers (along its last dimension):
+    its dimensions but the last are free, as they are for the model."""
+    users = list(placeholder.users)
+    return bool(users) and all(
+        u.op == "call_module" and isinstance(low.modules[u.target], nn.Linear) for u in users
+    )
+
+
 def walk(low: Lowering) -> dict:
     """Lower every node of ``low.gm`` in order; returns the graph (input, nodes, outputs, fallbacks)."""
     graph_input = None
@@ -81,9 +90,12 @@ def walk(low: Lowering) -> dict:
     else:
         raise UnsupportedModelError("the model's output must be a tensor or a tuple/list of tensors")
     shape = tuple(low.example.shape)
+    spec = {"name": "input", "rank": len(shape), "channels": int(shape[1]), "dtype": "float32",
+            "example_shape": list(shape)}
+    if len(shape) > 2 and graph_input is not None and features_last(low, graph_input):
+        spec.update(channels=int(shape[-1]), channel_dim=-1)
     return {
-        "input": {"name": "input", "rank": len(shape), "channels": int(shape[1]), "dtype": "float32",
-                  "example_shape": list(shape)},
+        "input": spec,
         "nodes": live_nodes(low.nodes, outputs),
         "outputs": outputs,
         "output_kind": kind,
