@@ -14,10 +14,11 @@ PACKAGE_DIRS := $(shell find src/onebit -type d -not -name __pycache__ 2>/dev/nu
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) $(NATIVE_SOURCES) $(PACKAGE_DIRS)
+# pyproject.toml declares ranges; constraints.txt pins the exact versions installed here (torch==2.13.0)
+$(STAMP): $(PY) constraints.txt $(NATIVE_SOURCES) $(PACKAGE_DIRS)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0 scikit-build-core==1.1.2 nanobind==3.1.0
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,onnx,tensorboard,hub]'
+	$(PY) -m pip install -q -c constraints.txt torch scikit-build-core nanobind
+	$(PY) -m pip install -q -c constraints.txt --no-build-isolation -e '.[test,onnx,tensorboard,hub]'
 	touch $(STAMP)
 
 demo: $(STAMP)
