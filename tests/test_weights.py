@@ -194,6 +194,17 @@ def test_a_malformed_hub_reference_is_a_clear_error(ref, why, capsys):
     assert len(lines) == 1 and why in lines[0]
 
 
+def test_a_hub_reference_without_huggingface_hub_installed_names_the_extra(monkeypatch, capsys):
+    from onebit.cli import main
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # an installation without the hub extra
+    with pytest.raises(HubError, match=r"hf://org/name: .*pip install 'onebit\[hub\]'"):
+        from_pretrained("hf://org/name")
+    assert main(["eval", "hf://org/name"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "onebit[hub]" in lines[0]
+
+
 def test_hub_references_parse_into_repository_and_revision():
     assert parse_hub_ref("hf://org/name") == parse_hub_ref("hf://org/name")
     ref = parse_hub_ref("hf://my-org/lenet_binary.v2@refs/pr/1")
