@@ -34,7 +34,20 @@ _OPTIONS = {
     "distill_weight": (float, "weight w of the distillation term: (1-w)*CE + w*T^2*KL(teacher || student) (1.0)"),
     "distill_temperature": (float, "softmax temperature T of the distillation term (1.0)"),
     "memory_format": (str, "contiguous or channels_last (weights and images in NHWC: faster convolutions on CPU)"),
+    "loader_workers": (int, "loader worker processes decoding and augmenting images (0: in the training process)"),
+    "device": (str, "auto (a GPU when there is one), cpu or cuda"),
+    "precision": (str, "fp32, or mixed precision bf16 / fp16 (evaluation and export stay fp32)"),
+    "weights": (str, "start from these weights: a run directory, a weights file, a pushed folder or hf://org/name[@rev]"),
+    "mean": (lambda text: _floats(text, "--mean"), "normalize with this mean per channel, e.g. 0.485,0.456,0.406 (default: the data's)"),
+    "std": (lambda text: _floats(text, "--std"), "normalize with this std per channel, e.g. 0.229,0.224,0.225 (with --mean)"),
 }
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def register(commands) -> None:
@@ -95,7 +108,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from onebit import train as training
 
     if args.resume:
-        given = [n for n in _OPTIONS if getattr(args, n) is not None and n != "workers"] + (["model_arg"] if args.model_arg else [])
+        # how many processes train, and how many decode, changes no number of the run
+        given = [n for n in _OPTIONS if getattr(args, n) is not None and n not in ("workers", "loader_workers")]
+        given += ["model_arg"] if args.model_arg else []
         if given or (args.out and os.path.abspath(args.out) != os.path.abspath(args.resume)):
             names = ", ".join("--" + n.replace("_", "-") for n in given) or "--out"
             raise ValueError(f"--resume continues the run's saved configuration; drop {names}")
@@ -105,6 +120,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
         config.out = args.resume
         if args.workers is not None:
             config.workers = args.workers
+        if args.loader_workers is not None:
+            if (args.loader_workers == 0) != (config.loader_workers == 0):
+                raise ValueError(f"--loader-workers {args.loader_workers}: the run started with {config.loader_workers}; "
+                                 "in-memory data is served whole batches at a time without loader workers and sample "
+                                 "by sample with them, so a resumed run keeps 0, or keeps at least 1")
+            config.loader_workers = args.loader_workers
         config.validate()
     else:
         config = _config(args)
@@ -158,7 +179,7 @@ def _run_here(config, resume_dir: str | None, console: Console) -> int:
     from onebit import train as training
 
     if resume_dir:
-        trainer = training.Trainer.from_run(resume_dir, console, workers=config.workers)
+        trainer = training.Trainer.from_run(resume_dir, console, workers=config.workers, loader_workers=config.loader_workers)
         if trainer.epoch >= config.epochs:
             console.print(f"run {resume_dir} is already complete ({config.epochs} epochs)", highlight=False)
     else:

@@ -1,7 +1,11 @@
-"""Light, batch-level augmentation on normalized image tensors: random translation and flips.
+"""The augmentation of a training run, and its batch-level form for images held in memory.
 
-Randomness comes from an explicit ``torch.Generator`` so a training run (and its
-resumption from a checkpoint) is reproducible.
+:class:`Augment` names what a run does to each training image: a random translation
+(``crop``: pad by 1/8 of the side, crop back), a random resized crop (``resized-crop``:
+Inception's crop of 8-100 % of the area, aspect 3/4-4/3, resized to the model's size) and
+left-right flips. :meth:`onebit.data.DataBundle.train_transform` turns it into a per-sample
+pipeline; ``Augment.__call__`` applies translation and flips to a whole normalized batch at
+once, drawing from an explicit ``torch.Generator`` (the trainer's fast path for in-memory data).
 """
 
 from __future__ import annotations
@@ -22,27 +26,34 @@ class Augment:
 
     crop_padding: int = 0
     flip: bool = False
+    resized_crop: bool = False
 
     @classmethod
     def parse(cls, spec: str, image_size: tuple[int, int]) -> "Augment":
-        """``"none"``, ``"crop"``, ``"flip"`` or ``"crop+flip"``; the crop padding is 1/8 of the image side."""
+        """``"none"``, or ``+``-joined parts: ``crop`` (padding 1/8 of the image side),
+        ``resized-crop`` and ``flip``; e.g. ``"crop+flip"``, ``"resized-crop+flip"``."""
         parts = {p for p in spec.replace(",", "+").split("+") if p and p != "none"}
-        unknown = parts - {"crop", "flip"}
+        unknown = parts - {"crop", "flip", "resized-crop"}
         if unknown:
-            raise ValueError(f"unknown augmentation {spec!r}; use none, crop, flip or crop+flip")
+            raise ValueError(f"unknown augmentation {spec!r}; use none, crop, flip, crop+flip, resized-crop or resized-crop+flip")
+        if {"crop", "resized-crop"} <= parts:
+            raise ValueError(f"augmentation {spec!r}: choose crop or resized-crop, not both")
         pad = max(1, min(image_size) // 8) if "crop" in parts else 0
-        return cls(crop_padding=pad, flip="flip" in parts)
+        return cls(crop_padding=pad, flip="flip" in parts, resized_crop="resized-crop" in parts)
 
     @property
     def enabled(self) -> bool:
-        return self.crop_padding > 0 or self.flip
+        return self.crop_padding > 0 or self.flip or self.resized_crop
 
     def describe(self) -> str:
-        parts = ([f"crop±{self.crop_padding}"] if self.crop_padding else []) + (["flip"] if self.flip else [])
+        parts = ([f"crop±{self.crop_padding}"] if self.crop_padding else []) + (["resized-crop"] if self.resized_crop else [])
+        parts += ["flip"] if self.flip else []
         return "+".join(parts) or "none"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Augment a batch ``[N, C, H, W]``; returns a new tensor."""
+        """Augment a batch ``[N, C, H, W]`` (translation and flips); returns a new tensor."""
+        if self.resized_crop:
+            raise ValueError("a resized crop is a per-sample augmentation (DataBundle.train_transform), not a batch one")
         n, _, h, w = x.shape
         if self.crop_padding:
             p = self.crop_padding

@@ -17,9 +17,8 @@ import pickle
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from onebit.data.bundle import DataBundle, normalize, register_directory_reader, resize
+from onebit.data.bundle import DataBundle, array_bundle, register_directory_reader
 
 __all__ = ["load_cifar_directory", "read_python_batch", "read_binary_batch"]
 
@@ -108,7 +107,8 @@ def _classes(path: str, layout: str, num_classes: int) -> list[str]:
 
 
 @register_directory_reader("CIFAR (python or binary batches)", _detect)
-def load_cifar_directory(path: str, image_size: int | None = None) -> DataBundle:
+def load_cifar_directory(path: str, image_size: int | None = None, mean=None, std=None) -> DataBundle:
+    """Read the train and test batches of a CIFAR-10/100 directory, kept in memory as uint8."""
     layout = _layout(path)
     if layout == "binary":
         train_files, test_files, reader, suffix = _TRAIN, ["test_batch"], read_binary_batch, ".bin"
@@ -126,19 +126,8 @@ def load_cifar_directory(path: str, image_size: int | None = None) -> DataBundle
             x, y = reader(file)
             images.append(x)
             labels.append(y)
-        parts[split] = (torch.from_numpy(np.concatenate(images)).float() / 255.0, torch.from_numpy(np.concatenate(labels)))
+        parts[split] = (torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
-    x_train, x_test = parts["train"][0], parts["test"][0]
-    if image_size:
-        x_train, x_test = resize(x_train, image_size), resize(x_test, image_size)
-    x_train, x_test, mean, std = normalize(x_train, x_test)
-    return DataBundle(
-        name=os.path.basename(os.path.normpath(path)),
-        train=TensorDataset(x_train, parts["train"][1]),
-        test=TensorDataset(x_test, parts["test"][1]),
-        num_classes=num_classes,
-        classes=_classes(path, layout, num_classes),
-        mean=mean,
-        std=std,
-        augment="crop+flip",
-    )
+    return array_bundle(os.path.basename(os.path.normpath(path)), parts["train"], parts["test"], scale=255.0,
+                        num_classes=num_classes, classes=_classes(path, layout, num_classes), augment="crop+flip",
+                        image_size=image_size, mean=mean, std=std)

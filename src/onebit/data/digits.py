@@ -11,9 +11,7 @@ from importlib import resources
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
-
-from onebit.data.bundle import DataBundle, normalize, register_dataset
+from onebit.data.bundle import DataBundle, array_bundle, register_dataset
 
 __all__ = ["load_digits_arrays", "digits"]
 
@@ -61,20 +59,14 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
 
 
 @register_dataset("digits")
-def digits(test_fraction: float = DEFAULT_TEST_FRACTION, split_seed: int = DEFAULT_SPLIT_SEED) -> DataBundle:
+def digits(test_fraction: float = DEFAULT_TEST_FRACTION, split_seed: int = DEFAULT_SPLIT_SEED, image_size: int | None = None,
+           mean=None, std=None) -> DataBundle:
     """The digits with a fixed, stratified train/test split (1,437 / 360 images by default, see
-    :func:`load_digits_arrays`), as ``images / 16`` normalized with the training split's statistics."""
+    :func:`load_digits_arrays`), kept as uint8 and seen as ``images / 16`` normalized with the
+    training split's statistics."""
     images_u8, labels_np, train_np, test_np = load_digits_arrays(test_fraction, split_seed)
-    images = torch.from_numpy(images_u8).float() / 16.0
-    labels = torch.from_numpy(labels_np)
+    images, labels = torch.from_numpy(images_u8), torch.from_numpy(labels_np)
     train_idx, test_idx = torch.from_numpy(train_np), torch.from_numpy(test_np)
-    x_train, x_test, mean, std = normalize(images[train_idx], images[test_idx])
-    return DataBundle(
-        name="digits",
-        train=TensorDataset(x_train, labels[train_idx]),
-        test=TensorDataset(x_test, labels[test_idx]),
-        num_classes=10,
-        classes=[str(i) for i in range(10)],
-        mean=mean,
-        std=std,
-    )
+    return array_bundle("digits", (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx]),
+                        scale=16.0, num_classes=10, classes=[str(i) for i in range(10)], augment="none",
+                        image_size=image_size, mean=mean, std=std)

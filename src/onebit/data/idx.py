@@ -15,9 +15,8 @@ import re
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from onebit.data.bundle import DataBundle, normalize, register_directory_reader, resize
+from onebit.data.bundle import DataBundle, array_bundle, register_directory_reader
 
 __all__ = ["read_idx", "load_idx_directory"]
 
@@ -71,8 +70,8 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
 
 
 @register_directory_reader("IDX (MNIST/Fashion-MNIST layout)", _detect)
-def load_idx_directory(path: str, image_size: int | None = None) -> DataBundle:
-    """Read train/test images and labels from an IDX directory; pixels scaled to [0, 1], then normalized."""
+def load_idx_directory(path: str, image_size: int | None = None, mean=None, std=None) -> DataBundle:
+    """Read train/test images and labels from an IDX directory, kept in memory as uint8."""
     found = _find(path)
     arrays = {}
     for role, expected in _ROLES.items():
@@ -89,19 +88,8 @@ def load_idx_directory(path: str, image_size: int | None = None) -> DataBundle:
             raise ValueError(
                 f"{found[(split, 'labels')]}: {len(labels)} labels for {len(images)} images in {found[(split, 'images')]}"
             )
-        splits.append((torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
+        splits.append((torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
     num_classes = int(max(splits[0][1].max(), splits[1][1].max())) + 1
-    (x_train, y_train), (x_test, y_test) = splits
-    if image_size:
-        x_train, x_test = resize(x_train, image_size), resize(x_test, image_size)
-    x_train, x_test, mean, std = normalize(x_train, x_test)
-    return DataBundle(
-        name=os.path.basename(os.path.normpath(path)),
-        train=TensorDataset(x_train, y_train),
-        test=TensorDataset(x_test, y_test),
-        num_classes=num_classes,
-        classes=[str(i) for i in range(num_classes)],
-        mean=mean,
-        std=std,
-        augment="crop",
-    )
+    return array_bundle(os.path.basename(os.path.normpath(path)), splits[0], splits[1], scale=255.0,
+                        num_classes=num_classes, classes=[str(i) for i in range(num_classes)], augment="crop",
+                        image_size=image_size, mean=mean, std=std)

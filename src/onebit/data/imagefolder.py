@@ -1,29 +1,36 @@
-"""An image-folder tree: one subfolder per class.
+"""An image-folder tree, one subfolder per class, read one image at a time.
 
-Either ``root/train/<class>/*.png`` with ``root/test/<class>/...`` (or ``val`` /
-``valid``), or ``root/<class>/*`` alone, split into a fixed, stratified 80/20
-train/test split. Images (PNG, JPEG, BMP, GIF, PPM/PGM, WebP) are read with
-Pillow, converted to grey-scale when every image is grey, else to RGB, scaled to
-[0, 1] by their format's maximum (255, or 65,535 for 16-bit images, whose precision
-is kept), and resized (shorter side, then centre crop) to ``image_size`` -- by default the size
-all images share, or 64 when they differ.
+Either ImageNet's layout, ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``test`` /
+``valid`` / ``validation``), or ``root/<class>/*`` alone, split into a fixed, stratified 80/20
+train/test split. Images (PNG, JPEG, BMP, GIF, PPM/PGM, WebP, TIFF) are decoded with Pillow when
+asked for (:class:`~onebit.data.datasets.ImageFiles`): nothing but their names is held in memory.
+
+- Channels: grey-scale (``L``) when every image of a sample of the training split is grey, else RGB.
+- Size a model sees: ``image_size``, or by default the size the sampled images share (64 when
+  they differ). Images of at least 64 px (:data:`~onebit.data.bundle.LARGE_IMAGE`) are evaluated
+  as ImageNet's are, resized so that the shorter side is ``size / 0.875`` and centre-cropped to
+  ``size``, and trained with a random resized crop and flips; smaller ones are fitted (shorter
+  side to ``size``, centre crop) and trained with a random translation and flips.
+- Normalization: the mean and std per channel of a sample of up to 1,000 training images as
+  evaluated, unless given.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from onebit.data.bundle import DataBundle, normalize, register_directory_reader
+from onebit.data.bundle import LARGE_IMAGE, DataBundle, eval_transform, make_bundle, register_directory_reader, sample_indices
+from onebit.data.datasets import GREY_MODES, ImageFiles, open_image
 
-__all__ = ["load_image_folder"]
+__all__ = ["load_image_folder", "EXTENSIONS", "STATS_SAMPLE"]
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
-_TEST_NAMES = ("test", "val", "valid", "validation")
+_TEST_NAMES = ("val", "test", "valid", "validation")
+#: how many training images the channel mode, the default size and the statistics are read from
+STATS_SAMPLE = 1000
 
 
 def _is_image(name: str) -> bool:
@@ -31,11 +38,11 @@ def _is_image(name: str) -> bool:
 
 
 def _class_dirs(path: str) -> list[str]:
-    return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    return sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith("."))
 
 
 def _has_images(path: str) -> bool:
-    return any(_is_image(f) for f in os.listdir(path))
+    return any(_is_image(f.name) for f in os.scandir(path))
 
 
 def _detect(path: str) -> bool:
@@ -56,74 +63,16 @@ def _list(root: str, classes: list[str] | None = None) -> tuple[list[str], list[
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
             continue
-        for f in sorted(os.listdir(folder)):
-            if _is_image(f):
-                files.append(os.path.join(folder, f))
-                labels.append(label)
+        names = sorted(f.name for f in os.scandir(folder) if _is_image(f.name))
+        files += [os.path.join(folder, f) for f in names]
+        labels += [label] * len(names)
     if not files:
         raise ValueError(f"{root}: no images found (expected <class>/<image>{'|'.join(EXTENSIONS)})")
     return files, labels, classes
 
 
-_GREY_MODES = ("1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F", "LA", "La")
-
-
-def _unit_grey(im):
-    """A grey image with more than 8 bits (``I;16*``, ``I``, ``F``) as a float ``F`` image in [0, 1]:
-    16-bit values divided by 65,535, 32-bit integers by their type's maximum unless they fit
-    16 bits (then as 16-bit), floats taken as they are."""
-    from PIL import Image
-
-    a = np.asarray(im)
-    if im.mode == "F":
-        peak = 1.0
-    elif im.mode.startswith("I;16") or (a.size and 0 <= a.min() and a.max() <= 65535):
-        peak = 65535.0
-    else:
-        peak = float(2**31 - 1)
-    return Image.fromarray(np.clip(a.astype(np.float64) / peak, 0.0, 1.0).astype(np.float32))
-
-
-def _read(files: list[str], image_size: int | None):
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    images = []
-    for f in files:
-        try:
-            with warnings.catch_warnings():  # above Pillow's pixel limit: refused, not just a warning
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(f) as im:
-                    im.load()
-                    images.append(im.copy())
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ValueError(f"{f}: refused, too many pixels for an image of a dataset ({error})") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-            raise ValueError(f"{f}: cannot read image ({error})") from None
-    grey = all(im.mode in _GREY_MODES for im in images)
-    sizes = {im.size for im in images}
-    if image_size is None:
-        size = next(iter(sizes)) if len(sizes) == 1 else (64, 64)
-    else:
-        size = (image_size, image_size)
-    if size[0] < 1 or size[1] < 1:
-        raise ValueError(f"{files[0]}: an image of {size[0]}x{size[1]} pixels holds nothing to learn from")
-    arrays = []
-    for im in images:
-        deep = im.mode in ("I", "F") or im.mode.startswith("I;16")  # more than 8 bits a pixel
-        im = _unit_grey(im) if deep else im.convert("L" if grey else "RGB")
-        if im.size != size:
-            im = ImageOps.fit(im, size)
-        a = np.asarray(im, dtype=np.float32)
-        if deep and not grey:  # a deep grey image among colour ones: its grey in every channel
-            a = np.repeat(a[..., None], 3, axis=-1)
-        elif not deep:
-            a = a / np.float32(255.0)
-        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays)), size
-
-
-@register_directory_reader("image folder (one subfolder per class)", _detect)
-def load_image_folder(path: str, image_size: int | None = None, test_fraction: float = 0.2, split_seed: int = 0) -> DataBundle:
+def _split(path: str, test_fraction: float, split_seed: int):
+    """(train files, train labels, test files, test labels, classes) of the tree at ``path``."""
     dirs = _class_dirs(path)
     if "train" in dirs:
         test_dir = next((os.path.join(path, d) for d in _TEST_NAMES if d in dirs), None)
@@ -131,31 +80,67 @@ def load_image_folder(path: str, image_size: int | None = None, test_fraction: f
             raise FileNotFoundError(f"{path}: has train/ but no test split (expected one of {', '.join(n + '/' for n in _TEST_NAMES)})")
         train_files, train_labels, classes = _list(os.path.join(path, "train"))
         test_files, test_labels, _ = _list(test_dir, classes)
+        return train_files, train_labels, test_files, test_labels, classes
+    files, labels, classes = _list(path)
+    rng = np.random.default_rng(split_seed)
+    train_idx, test_idx = [], []
+    labels_np = np.asarray(labels)
+    for c in range(len(classes)):
+        idx = np.flatnonzero(labels_np == c)
+        rng.shuffle(idx)
+        n_test = int(round(len(idx) * test_fraction)) if len(idx) > 1 else 0
+        test_idx += idx[:n_test].tolist()
+        train_idx += idx[n_test:].tolist()
+    train_idx, test_idx = sorted(train_idx), sorted(test_idx)
+    if not test_idx:
+        raise ValueError(f"{path}: too few images for a test split; add a test/ folder or more images per class")
+    return ([files[i] for i in train_idx], [labels[i] for i in train_idx],
+            [files[i] for i in test_idx], [labels[i] for i in test_idx], classes)
+
+
+def _survey(files: list[str]) -> tuple[str, set[tuple[int, int]]]:
+    """The channel mode and the (height, width) sizes of a sample of ``files`` (headers only)."""
+    grey, sizes = True, set()
+    for i in sample_indices(len(files), STATS_SAMPLE):
+        with open_image(files[i]) as im:
+            grey = grey and im.mode in GREY_MODES
+            sizes.add((im.height, im.width))
+    return ("L" if grey else "RGB"), sizes
+
+
+def _estimate_stats(source: ImageFiles, size: tuple[int, int], prepare: str) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of up to :data:`STATS_SAMPLE` training images, as evaluated, in ``[0, 1]``."""
+    transform = eval_transform(source, size, prepare, [], None)
+    total = torch.zeros(source.channels, dtype=torch.float64)
+    squares = torch.zeros(source.channels, dtype=torch.float64)
+    count = 0
+    for i in sample_indices(len(source), STATS_SAMPLE):
+        x = transform(source[int(i)][0]).to(torch.float64).flatten(1)
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+        count += x.shape[1]
+    mean = total / count
+    var = (squares - count * mean * mean) / max(count - 1, 1)
+    return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-8).tolist()
+
+
+@register_directory_reader("image folder (one subfolder per class)", _detect)
+def load_image_folder(path: str, image_size: int | None = None, mean=None, std=None, test_fraction: float = 0.2,
+                      split_seed: int = 0) -> DataBundle:
+    """The bundle of the tree at ``path`` (see the module's docstring)."""
+    train_files, train_labels, test_files, test_labels, classes = _split(path, test_fraction, split_seed)
+    mode, sizes = _survey(train_files)
+    if image_size is not None:
+        size = (image_size, image_size)
     else:
-        files, labels, classes = _list(path)
-        rng = np.random.default_rng(split_seed)
-        train_idx, test_idx = [], []
-        labels_np = np.asarray(labels)
-        for c in range(len(classes)):
-            idx = np.flatnonzero(labels_np == c)
-            rng.shuffle(idx)
-            n_test = int(round(len(idx) * test_fraction)) if len(idx) > 1 else 0
-            test_idx += idx[:n_test].tolist()
-            train_idx += idx[n_test:].tolist()
-        train_files, train_labels = [files[i] for i in sorted(train_idx)], [labels[i] for i in sorted(train_idx)]
-        test_files, test_labels = [files[i] for i in sorted(test_idx)], [labels[i] for i in sorted(test_idx)]
-        if not test_files:
-            raise ValueError(f"{path}: too few images for a test split; add a test/ folder or more images per class")
-    images, _ = _read(train_files + test_files, image_size)  # one mode and size for both splits
-    x_train, x_test = images[: len(train_files)], images[len(train_files) :]
-    x_train, x_test, mean, std = normalize(x_train, x_test)
-    return DataBundle(
-        name=os.path.basename(os.path.normpath(path)),
-        train=TensorDataset(x_train, torch.tensor(train_labels)),
-        test=TensorDataset(x_test, torch.tensor(test_labels)),
-        num_classes=len(classes),
-        classes=classes,
-        mean=mean,
-        std=std,
-        augment="crop+flip",
-    )
+        size = next(iter(sizes)) if len(sizes) == 1 else (LARGE_IMAGE, LARGE_IMAGE)
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"{train_files[0]}: an image of {size[1]}x{size[0]} pixels holds nothing to learn from")
+    large = min(size) >= LARGE_IMAGE
+    prepare = "center" if large else "fit"
+    train, test = ImageFiles(train_files, train_labels, mode), ImageFiles(test_files, test_labels, mode)
+    if mean is None:
+        mean, std = _estimate_stats(train, size, prepare)
+    return make_bundle(os.path.basename(os.path.normpath(path)), train, test, num_classes=len(classes), classes=classes,
+                       mean=mean, std=std, augment="resized-crop+flip" if large else "crop+flip", size=size,
+                       prepare=prepare)

@@ -45,13 +45,28 @@ def build(config: TrainConfig, *, model: nn.Module | None = None,
         data = load_data(config)
     if model is None:
         model = create_model(config.model, data.num_classes, data.in_channels, config.model_kwargs)
-        probe(model, config.model, config.model_kwargs, data.test.tensors[0][:1])
+        probe(model, config.model, config.model_kwargs, data.test[0][0][None])
+    if config.weights:
+        load_start_weights(model, config.weights)
     return model, data
 
 
 def load_data(config: TrainConfig) -> datasets.DataBundle:
-    """The dataset ``config.data`` names, resized to ``config.image_size`` when given."""
-    return datasets.load(config.data, image_size=config.image_size)
+    """The dataset ``config.data`` names, at ``config.image_size`` and normalized with
+    ``config.mean`` / ``config.std`` when given."""
+    return datasets.load(config.data, image_size=config.image_size, mean=config.mean, std=config.std)
+
+
+def load_start_weights(model: nn.Module, ref: str) -> None:
+    """Put the weights ``ref`` names (run directory, weights file, pushed folder, ``hf://``) into
+    ``model``; a file that does not fit the model raises ``ValueError`` naming it and the first mismatch."""
+    from onebit.models.weights import load_weights
+
+    state, _ = load_weights(ref)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"--weights {ref}: does not fit model ({_first_line(error)})") from None
 
 
 def create_model(name: str, num_classes: int, in_channels: int, kwargs: dict[str, Any]) -> nn.Module:

@@ -3,7 +3,7 @@
 A run directory (written by rank 0 only, every file atomically, no pickle) holds:
 
 - ``config.json``: the :class:`~onebit.train.TrainConfig` and the data's shape (``num_classes``,
-  ``in_channels``, ``image_size``, ``classes``);
+  ``in_channels``, ``image_size``, ``classes``) and normalization (``mean``, ``std``);
 - ``model.safetensors``: the model's ``state_dict`` (what :func:`load_run` and ``onebit export`` read);
 - ``checkpoint.safetensors``: the model, optimizer tensors (``optimizer.I.PARAM.KEY``), the
   epoch-start signs for ``flip_ratio`` (``flips.I``) and the torch RNG states (``rng.torch``,
@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,8 @@ __all__ = [
 CHECKPOINT = "checkpoint.safetensors"
 #: the files of a run; a directory holding any of the first three holds a run
 RUN_FILES = ("config.json", "model.safetensors", CHECKPOINT, "history.csv")
+#: the directories of a run: the weights after each epoch, TensorBoard's event files
+RUN_DIRECTORIES = ("weights", "tensorboard")
 #: the lock file a trainer holds (flock) while it writes a run directory
 LOCK_FILE = ".onebit-train.lock"
 
@@ -79,11 +82,18 @@ def prepare_run_directory(directory: str) -> None:
 
 
 def clear_run(directory: str) -> None:
-    """Remove the run files of ``directory`` (and stale temporaries); the caller holds its lock."""
+    """Remove the run files of ``directory``: its files, the weights after each epoch
+    (``weights/``), the TensorBoard events and stale temporaries; the caller holds its lock."""
     for name in RUN_FILES:
         path = os.path.join(directory, name)
         if os.path.isfile(path) or os.path.islink(path):
             os.unlink(path)
+    for name in RUN_DIRECTORIES:
+        path = os.path.join(directory, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
     io.remove_stale_temporaries(directory, every=True)
 
 
@@ -198,6 +208,8 @@ def save_config(directory: str, config: TrainConfig, data: DataBundle) -> None:
             "in_channels": data.in_channels,
             "image_size": list(data.image_size),
             "classes": data.classes,
+            "mean": data.mean,
+            "std": data.std,
         },
     )
 
@@ -237,6 +249,7 @@ def checkpoint_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[st
         "elapsed": trainer.elapsed,
         "optimizers": optimizers,
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "rng": _global_rng_state(trainer.mixup_rng),
         "history": {"columns": trainer.table.columns, "rows": trainer.table.rows},
         "world_size": trainer.world_size,
@@ -294,6 +307,8 @@ def restore_checkpoint(trainer: Trainer, meta: dict, tensors: dict[str, torch.Te
         _restore_optimizer(i, opt, saved, tensors)
     if trainer.scheduler is not None and meta["scheduler"] is not None:
         trainer.scheduler.load_state_dict(meta["scheduler"])
+    if trainer.scaler is not None and meta.get("scaler") is not None:
+        trainer.scaler.load_state_dict(meta["scaler"])
     trainer.flips.signs = [tensors[f"flips.{i}"].bool().to(trainer.device) for i in range(len(trainer.flips.params))]
     _restore_rng(trainer, meta, tensors)
     trainer.epoch, trainer.step, trainer.global_step = meta["epoch"], meta["step"], meta["global_step"]

@@ -17,6 +17,7 @@ import torch
 
 from onebit import models
 from onebit.data.augment import Augment
+from onebit.train.precision import DEVICES, PRECISIONS
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "MEMORY_FORMATS"]
 
@@ -25,7 +26,7 @@ SCHEDULES = ("one-cycle", "cosine", "constant")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 #: the options that may be None (off, or "as stored")
-_OPTIONAL = ("out", "image_size", "weight_clip", "teacher")
+_OPTIONAL = ("out", "image_size", "weight_clip", "teacher", "weights", "mean", "std")
 
 
 @dataclass
@@ -69,6 +70,18 @@ class TrainConfig:
     distill_temperature: float = 1.0
     #: write TensorBoard event files (scalars, weight histograms) under out/tensorboard
     tensorboard: bool = False
+    #: loader worker processes decoding and augmenting samples (0: in the training process; in-memory
+    #: data is then served a whole batch at a time)
+    loader_workers: int = 0
+    #: "auto" (a GPU when there is one), "cpu" or "cuda"
+    device: str = "auto"
+    #: "fp32", or mixed precision "bf16" / "fp16" (autocast in training; evaluation and export in fp32)
+    precision: str = "fp32"
+    #: start from these weights: a run directory, a weights file, a pushed folder or hf://org/name[@revision]
+    weights: str | None = None
+    #: normalize with this mean and std per channel (of images in [0, 1]) instead of the data's own
+    mean: list | None = None
+    std: list | None = None
 
     def validate(self) -> None:
         """Check every option (type, finite, in range) before anything starts: ``ValueError``
@@ -100,6 +113,7 @@ class TrainConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
     def _check_counts(self) -> None:
+        _in_range("loader_workers", self.loader_workers, 0, 256)
         for name in ("epochs", "batch_size", "topk", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -140,6 +154,19 @@ class TrainConfig:
     def _check_outputs(self) -> None:
         if self.tensorboard and not self.out:
             raise ValueError("--tensorboard writes under the run directory: give --out")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("--mean and --std go together: give both or neither")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and (not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                             and math.isfinite(v) for v in values)):
+                raise ValueError(f"{_option(name)} must be finite numbers, one per channel, got {values!r}")
+        if self.std is not None and not all(v > 0 for v in self.std):
+            raise ValueError(f"--std must be positive, got {self.std!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"unknown memory format {self.memory_format!r}; choose one of {', '.join(MEMORY_FORMATS)}")
         if not isinstance(self.model_kwargs, dict):
@@ -160,8 +187,10 @@ def _check_type(name: str, value: Any, default: Any) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float) or name == "weight_clip":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif isinstance(default, str) or name in ("out", "teacher"):
+    elif isinstance(default, str) or name in ("out", "teacher", "weights"):
         ok = isinstance(value, str)
+    elif name in ("mean", "std"):
+        ok = isinstance(value, list)
     else:
         ok = name != "model_kwargs" or isinstance(value, dict)
     if not ok:

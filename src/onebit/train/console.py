@@ -76,11 +76,23 @@ def progress_bar(console: Console, enabled: bool) -> Progress:
     )
 
 
-def describe_run(config: TrainConfig, data: DataBundle, augment: str, distilled: bool, world_size: int) -> str:
-    """The run's header: model, data and its shape, then schedule, batch, seed and the extras in use."""
+def describe_run(config: TrainConfig, data: DataBundle, augment: str, distilled: bool, world_size: int,
+                 device: str = "cpu", dropped: int = 0) -> str:
+    """The run's header: model, data and its shape, then schedule, batch, seed and the extras in use
+    (``dropped``: examples the last, too small batch of each epoch leaves out)."""
     c, d = config, data
     shape = "x".join(map(str, (d.in_channels, *d.image_size)))
     extras = [f"augment {augment}"]
+    if c.loader_workers:
+        extras.append(f"{c.loader_workers} loader workers")
+    if dropped:
+        extras.append(f"last batch of {dropped} dropped each epoch (BatchNorm needs 2 examples)")
+    if device != "cpu":
+        extras.append(device)
+    if c.precision != "fp32":
+        extras.append(c.precision)
+    if c.weights:
+        extras.append(f"from weights {c.weights}")
     if c.mixup:
         extras.append(f"mixup {c.mixup}")
     if c.weight_clip is not None:

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -36,14 +35,18 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import Progress
 from torch import nn
+from torch.utils.data import DataLoader
 
 from onebit.data import DataBundle
 from onebit.data.augment import Augment
+from onebit.data.loader import (AugmentedSamples, EpochBatches, IndexBatches, batch_indices, epoch_permutation,
+                                make_loader, steps_per_epoch)
 from onebit.optim import FlipCounter, binary_parameters, clip_weights
 from onebit.train import checkpoint
-from onebit.train.build import build, make_optimizers, make_scheduler, seed_everything
+from onebit.train.build import build, load_start_weights, make_optimizers, make_scheduler, seed_everything
 from onebit.train.config import MEMORY_FORMATS, TrainConfig
 from onebit.train.console import EpochTable, clock, describe_run, progress_bar
+from onebit.train.precision import autocast, make_scaler, resolve_device
 from onebit.train.tensorboard import TensorBoardLog
 
 __all__ = ["Trainer", "Interrupted", "train", "resume", "distillation_loss", "epoch_permutation"]
@@ -71,11 +74,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     log_q = F.log_softmax(student / t, dim=1)
     log_p = F.log_softmax(teacher.detach() / t, dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of the ``n`` training examples in ``epoch``: a function of ``seed`` and ``epoch`` only."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def _rank_and_world_size() -> tuple[int, int]:
@@ -108,15 +106,25 @@ class Trainer:
             model, data = build(config, model=model, data=data)
         else:
             seed_everything(config.seed)  # a model built elsewhere: training starts from the seed
+            if config.weights:
+                load_start_weights(model, config.weights)
         self.data, self.model = data, model
         self._place_model()
         self.teacher = self._load_teacher() if config.teacher else None
         self.binary_params = binary_parameters(self.model)
         self.optimizers = make_optimizers(config, self.model, self.binary_params)
         self.optimizer = self.optimizers[0]  # the float optimizer (Adam or SGD)
-        self.steps_per_epoch = math.ceil(len(self.data.train) / config.batch_size)
+        self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, self.world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.data.train)} training example(s) make no batch of at least 2 per process "
+                             "(BatchNorm in training needs 2): use more data or fewer processes")
         self.scheduler = make_scheduler(config, self.optimizer, config.epochs * self.steps_per_epoch)
+        self.scaler = make_scaler(self.device, config.precision)
         self.augment = Augment.parse(self.data.augment if config.augment == "auto" else config.augment, self.data.image_size)
+        # in-memory data without loader workers: whole batches gathered and augmented at once
+        self.batched = self.data.train.in_memory and config.loader_workers == 0 and not self.augment.resized_crop
+        self._train_loader: DataLoader | None = None
+        self._test_loader: DataLoader | None = None
         self.generator = torch.Generator().manual_seed(config.seed * 7919 + self.rank)
         self.mixup_rng = np.random.default_rng([config.seed, self.rank])
         self.flips = FlipCounter(self.binary_params)
@@ -148,7 +156,7 @@ class Trainer:
     def _place_model(self) -> None:
         """The model on the device, in the configured memory format, wrapped in DDP in a process group."""
         # one GPU per process where GPUs exist (torchrun's LOCAL_RANK), else the CPU
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = resolve_device(self.config.device)
         self.memory_format = MEMORY_FORMATS[self.config.memory_format]
         self.model.to(self.device, memory_format=self.memory_format)
         self.net: nn.Module = self.model
@@ -167,21 +175,43 @@ class Trainer:
             p.requires_grad_(False)
         return teacher.to(self.device, memory_format=self.memory_format)
 
-    # -- one epoch ---------------------------------------------------------------------------
-    def _batch_indices(self, perm: torch.Tensor, step: int) -> torch.Tensor:
-        idx = perm[step * self.config.batch_size : (step + 1) * self.config.batch_size]
-        if self.world_size > 1:
-            short = (-len(idx)) % self.world_size
-            if short:  # pad the last global batch so that every rank gets as many examples
-                idx = torch.cat([idx, perm[:short]])
-            idx = idx[self.rank :: self.world_size]
-        return idx
+    # -- the data ----------------------------------------------------------------------------
+    def _training_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The (augmented) batches of ``epoch`` from ``self.step`` on, on the CPU."""
+        if self.batched:
+            perm = epoch_permutation(len(self.data.train), self.config.seed, epoch)
+            for step in range(self.step, self.steps_per_epoch):
+                idx = batch_indices(perm, step, self.config.batch_size, self.rank, self.world_size)
+                x, y = self.data.train.batch(idx)
+                yield (self.augment(x, self.generator) if self.augment.enabled else x), y
+            return
+        if self._train_loader is None:
+            samples = AugmentedSamples(self.data.train.source, self.data.train_transform(self.augment), self.config.seed)
+            sampler = EpochBatches(len(self.data.train), self.config.batch_size, self.config.seed, self.rank, self.world_size)
+            self._train_loader = make_loader(samples, sampler, self.config.loader_workers, pin_memory=self.device.type == "cuda")
+        self._train_loader.batch_sampler.set_epoch(epoch, self.step)
+        yield from self._train_loader
+
+    def _test_batches(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's share of the test set (every ``world_size``-th example), on the CPU."""
+        test = self.data.test
+        idx = torch.arange(self.rank, len(test), self.world_size)
+        if test.in_memory:
+            for start in range(0, len(idx), batch_size):
+                yield test.batch(idx[start : start + batch_size])
+            return
+        if self._test_loader is None:
+            self._test_loader = make_loader(test, IndexBatches(idx, batch_size), self.config.loader_workers,
+                                            pin_memory=self.device.type == "cuda")
+        yield from self._test_loader
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """An image batch on the device, in the configured memory format (4-D batches only)."""
         if x.dim() == 4:
-            return x.to(self.device, memory_format=self.memory_format)
-        return x.to(self.device)
+            return x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        return x.to(self.device, non_blocking=True)
+
+    # -- one epoch ---------------------------------------------------------------------------
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         alpha = self.config.mixup
@@ -202,15 +232,22 @@ class Trainer:
         return (1 - w) * loss + w * distillation_loss(logits, target, self.config.distill_temperature)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        if self.augment.enabled:
-            x = self.augment(x, self.generator)
-        x, y = self._to_device(x), y.to(self.device)
-        loss = self._loss(x, y)
+        """One step on a batch (already augmented): forward and loss in the run's precision,
+        backward, every optimizer, the schedule and the weight clip."""
+        x, y = self._to_device(x), y.to(self.device, non_blocking=True)
+        with autocast(self.device, self.config.precision):
+            loss = self._loss(x, y)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in self.optimizers:
-            opt.step()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            for opt in self.optimizers:
+                opt.step()
         if self.scheduler is not None:
             self.scheduler.step()
         if self.config.weight_clip is not None:
@@ -220,16 +257,14 @@ class Trainer:
     def train_epoch(self, epoch: int, progress: Progress | None = None) -> float:
         """Run the rest of ``epoch`` from ``self.step``; returns the mean training loss."""
         self.net.train()
-        x_all, y_all = self.data.train.tensors
-        perm = epoch_permutation(len(y_all), self.config.seed, epoch)
         task = None
         if progress is not None:
             task = progress.add_task(f"epoch {epoch}", total=self.steps_per_epoch, completed=self.step, loss=self._mean_loss())
-        while self.step < self.steps_per_epoch:
-            idx = self._batch_indices(perm, self.step)
-            loss = self.train_step(x_all[idx], y_all[idx])  # moved to the device in train_step
-            self.loss_sum += loss * len(idx)
-            self.loss_count += len(idx)
+        batches = self._training_batches(epoch)
+        for x, y in batches:
+            loss = self.train_step(x, y)  # moved to the device in train_step
+            self.loss_sum += loss * len(y)
+            self.loss_count += len(y)
             self.step += 1
             self.global_step += 1
             if progress is not None:
@@ -237,6 +272,7 @@ class Trainer:
             self.on_step_end()
             if self._should_stop():
                 break
+        batches.close()  # a stop mid-epoch: the loader's iterator ends here (its workers persist)
         if progress is not None:
             progress.remove_task(task)
         return self._mean_loss()
@@ -275,13 +311,10 @@ class Trainer:
         """Test-set ``valid_loss``, ``accuracy`` and ``top_k_accuracy`` (sharded across ranks)."""
         model = model or self.model
         model.eval()
-        x_all, y_all = self.data.test.tensors
-        idx = torch.arange(self.rank, len(y_all), self.world_size)
         sums = torch.zeros(4, dtype=torch.float64)
-        for start in range(0, len(idx), 256):
-            batch = idx[start : start + 256]
-            x, y = self._to_device(x_all[batch]), y_all[batch].to(self.device)
-            logits = model(x)
+        for x, y in self._test_batches():
+            x, y = self._to_device(x), y.to(self.device)
+            logits = model(x).float()
             sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
             sums[1] += (logits.argmax(dim=1) == y).sum().item()
             topk = logits.topk(self.k, dim=1).indices
@@ -300,7 +333,9 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------
     def describe(self) -> str:
         """The run's header line (model, data, schedule and options in use)."""
-        return describe_run(self.config, self.data, self.augment.describe(), self.teacher is not None, self.world_size)
+        dropped = len(self.data.train) - min(len(self.data.train), self.steps_per_epoch * self.config.batch_size)
+        return describe_run(self.config, self.data, self.augment.describe(), self.teacher is not None, self.world_size,
+                            str(self.device), dropped)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``config.epochs`` (from where a resumed run stopped). SIGINT/SIGTERM end the
