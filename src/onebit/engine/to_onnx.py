@@ -43,6 +43,16 @@ __all__ = ["export_onnx", "load_onnx", "OnnxModel", "OnnxExportError"]
 
 DEFAULT_OPSET = 18
 
+#: what an integer-valued graph value holds (:attr:`_Exporter.kind`; a value not named there is a float):
+#: +-1 (never NaN: sign(NaN) = +1), or an input quantizer's integers (NaN where its input is NaN)
+SIGNS, INTEGERS = "signs", "integers"
+
+#: graph ops whose output holds +-1 (a packed value is its +-1 tensor in the graph)
+_SIGN_OPS = frozenset({"pack", "pack_features", "threshold_pack", "binary_conv2d_threshold",
+                       "binary_linear_threshold", "max_pool_bits", "sign", "sign_threshold"})
+#: graph ops whose output holds values of their input(s) only
+_SAME_VALUE_OPS = frozenset({"identity", "flatten", "reshape", "roll", "cat", "max_pool2d", "adaptive_max_pool2d"})
+
 
 class OnnxExportError(ValueError):
     """A graph op or configuration that has no standard-ONNX form at the requested opset."""
@@ -105,6 +115,7 @@ class _Exporter:
         self.tensors = packed.named_graph_tensors()
         self.value: dict[str, str] = {}  # graph value -> ONNX tensor name
         self.shape: dict[str, tuple[int, ...]] = {}  # graph value -> logical shape (+-1 NCHW for packed)
+        self.kind: dict[str, str] = {}  # graph value -> SIGNS / INTEGERS when integer-valued (else a float)
         self.run: dict[str, torch.Tensor] = {}
         self.example = example
 
@@ -151,25 +162,35 @@ class _Exporter:
         w = self.tensors[t["weight"]]
         return self.b.const(w.numpy(), np.float32, f"{base}_w")
 
-    def scale_bias(self, y: str, node: dict, rank: int, base: str) -> str:
-        """``fl32(fl32(acc * scale) + bias)`` after a binary ``Conv`` / ``MatMul``, robust to runtime fusions.
+    def exact_sum(self, acc: str, base: str) -> str:
+        """An exact integer sum through int32 and back: the same values, and a runtime cannot
+        fuse what follows (a ``BatchNormalization``, a division) into the ``Conv`` / ``MatMul``
+        that computed it (onnxruntime's ConvBNFusion would turn +-1 weights into floats). Only
+        for sums of integer operands (:meth:`sum_kind`): the cast truncates anything else."""
+        b = self.b
+        i32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("int32"))
+        f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
+        return b.op("Cast", [b.op("Cast", [acc], f"{base}_int", to=i32)], f"{base}_acc", to=f32)
 
-        A runtime may fold a ``Mul`` or ``Add`` that follows a ``Conv`` into its weights or its
-        accumulation (onnxruntime's ConvMulFusion / ConvAddFusion / MatMulAddFusion), which
-        changes the rounding. So the scale and bias go through float64, where they are exact:
-        ``acc * scale`` (an integer below 2^24 times a float32) is exact in float64, and its cast
-        is the one float32 rounding; ``acc + bias`` is exact in float64 for every bias that is
-        not below float32's resolution at ``acc`` (then both give ``acc``).
+    def scale_bias(self, y: str, node: dict, rank: int, base: str, exact: str | None) -> str:
+        """``fl32(fl32(y * scale) + bias)`` after a ``Conv`` / ``MatMul``, robust to runtime fusions.
+
+        ``exact`` says what ``y`` is (:meth:`sum_kind`): the exact integer sum of integer operands,
+        or (None) a float sum, rounded as float sums are. A runtime may fold a ``Mul`` or ``Add``
+        that follows a ``Conv`` into its weights or its accumulation (onnxruntime's ConvMulFusion /
+        ConvAddFusion / MatMulAddFusion), which changes the rounding. So the scale and bias go
+        through float64, where they are exact: ``y * scale`` (a product of two float32) is exact in
+        float64, and its cast is the one float32 rounding; ``y + bias`` (two float32) rounded to
+        float64 then to float32 is the float32 sum (53 >= 2 * 24 + 2 bits: the double rounding is
+        innocuous). With neither, an exact sum goes through :meth:`exact_sum`; a float sum is the
+        layer's output as it is.
         """
         roles, b = self.roles(node), self.b
         scale, bias = roles.get("scale"), roles.get("bias")
         f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
         f64 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float64"))
         if scale is None and bias is None:
-            # the exact accumulator, through int32 and back: keeps a following BatchNormalization
-            # out of the Conv (ConvBNFusion would turn the +-1 weights into floats)
-            i32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("int32"))
-            return b.op("Cast", [b.op("Cast", [y], f"{base}_int", to=i32)], f"{base}_acc", to=f32)
+            return self.exact_sum(y, base) if exact else y
         wide = b.op("Cast", [y], f"{base}_acc64", to=f64)
         if scale is not None:
             product = b.op("Mul", [wide, _channel(b, scale.double(), rank, f"{base}_scale", np.float64)], f"{base}_scaled64")
@@ -246,6 +267,21 @@ class _Exporter:
         if method is None:
             raise OnnxExportError(f"graph op {op!r} (node {name!r}) has no ONNX form")
         self.value[name] = method(node, attrs, xs, name)
+        kind = self.value_kind(node)
+        if kind is not None:
+            self.kind[name] = kind
+
+    def value_kind(self, node: dict) -> str | None:
+        """:data:`SIGNS` or :data:`INTEGERS` when a node's output is integer-valued, else None."""
+        op = node["op"]
+        if op in _SIGN_OPS:
+            return SIGNS
+        if op == "quantize_int":
+            return INTEGERS
+        if op in _SAME_VALUE_OPS:
+            kinds = {self.kind.get(i) for i in node["inputs"]}
+            return None if None in kinds else INTEGERS if INTEGERS in kinds else SIGNS
+        return None
 
     # packing: +-1 floats
     def op_pack(self, node, a, xs, name):
@@ -263,7 +299,7 @@ class _Exporter:
         return self.conv(x, w, a, name, explicit=pad["explicit"], pad_value=pad["pad_value"])
 
     def op_binary_conv2d(self, node, a, xs, name):
-        return self.scale_bias(self._binary_conv_acc(node, a, xs, name), node, 4, name)
+        return self.scale_bias(self._binary_conv_acc(node, a, xs, name), node, 4, name, SIGNS)
 
     def op_binary_conv2d_threshold(self, node, a, xs, name):
         return self.threshold(self._binary_conv_acc(node, a, xs, name), node, 4, name)
@@ -290,7 +326,7 @@ class _Exporter:
         return self.b.op("MatMul", [xs[0], wt], f"{name}_mm")
 
     def op_binary_linear(self, node, a, xs, name):
-        return self.scale_bias(self._binary_linear_acc(node, a, xs, name), node, 2, name)
+        return self.scale_bias(self._binary_linear_acc(node, a, xs, name), node, 2, name, SIGNS)
 
     def op_binary_linear_threshold(self, node, a, xs, name):
         return self.threshold(self._binary_linear_acc(node, a, xs, name), node, 2, name)
@@ -310,23 +346,29 @@ class _Exporter:
         return self.divided(y, a["input_divisor"], node, 4, name)
 
     def divided(self, acc: str, divisor: float | None, node: dict, rank: int, base: str) -> str:
-        """``acc [/ divisor] * scale + bias``: an integer-input layer divides its exact sum first (in
-        float32, after a round trip through int32 that keeps the division out of the Conv)."""
+        """``acc [/ divisor] * scale + bias``: an integer-input layer divides its sum first (in
+        float32; an exact sum after :meth:`exact_sum`, which keeps the division out of the Conv)."""
+        exact = self.sum_kind(node)
         if divisor is None:
-            return self.scale_bias(acc, node, rank, base)
-        b = self.b
-        if self.integer_levels(node):
-            f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
-            i32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("int32"))
-            acc = b.op("Cast", [b.op("Cast", [acc], f"{base}_int", to=i32)], f"{base}_acc", to=f32)
-        y = b.op("Div", [acc, b.const(float(divisor))], f"{base}_divided")
-        roles = self.roles(node)
-        if roles.get("scale") is None and roles.get("bias") is None:
-            return y
-        return self.scale_bias(y, node, rank, base)
+            return self.scale_bias(acc, node, rank, base, exact)
+        if exact:
+            acc = self.exact_sum(acc, base)
+        y = self.b.op("Div", [acc, self.b.const(float(divisor))], f"{base}_divided")
+        return self.scale_bias(y, node, rank, base, None)
+
+    def sum_kind(self, node: dict) -> str | None:
+        """What a quantized layer's sum is: :data:`SIGNS` or :data:`INTEGERS` when both operands
+        are integer-valued (the input's kind; weight levels that are integers), so that the float
+        ``Conv`` / ``MatMul`` computes the exact integer sum in any order; None when either is a float
+        (a float input, float weight levels): the sum is a float, rounded as the runtime sums."""
+        if node["op"] == "bitplane_conv2d":
+            return INTEGERS  # the input quantizer's integers, the weight planes' integer levels
+        if not self.integer_levels(node):
+            return None
+        return self.kind.get(node["inputs"][0])
 
     def integer_levels(self, node: dict) -> bool:
-        """Whether a layer's weight levels are integers (so its sums of integer inputs are exact)."""
+        """Whether a layer's weight levels are integers (+-1 bits, or float levels that are integers)."""
         tensors = node.get("tensors", {})
         if node["op"] == "bitplane_conv2d" or "weight_bits" in tensors:
             return True
