@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from test_engine import randomize_batchnorms
+from test_engine import BACKENDS, randomize_batchnorms
 from onebit import engine
 from onebit.nn import QActivation, QConv1d, QConv2d, QLinear
 
@@ -77,6 +77,60 @@ def test_noact_pattern_packs_as_one_binary_layer(weights):
     assert "sign" not in ops and "qconv2d" not in ops and "qlinear" not in ops  # the signs are the packing
     assert ops.count("binary_conv2d_threshold") == 1 and ops.count("binary_conv2d") == 1 and "binary_linear" in ops
     assert torch.equal(packed(x), model(x))
+
+
+class _SignThen(nn.Module):
+    """A sign, then ``between`` (a flatten, a reshape or a max pool, which commute with it), then a layer
+    without input quantizer; ``side`` also returns ``between``'s float output (read by no binary layer)."""
+
+    def __init__(self, sign, between, layer, side=False):
+        super().__init__()
+        self.pre, self.sign, self.between, self.layer, self.side = nn.Conv2d(3, 8, 3, padding=1), sign, between, layer, side
+
+    def forward(self, x):
+        s = self.sign(self.pre(x))
+        v = self.between(s)
+        return (self.layer(v), v) if self.side else self.layer(v)
+
+
+def _noact_through(kind: str, weights: str):
+    q = {"weight_quantizer": weights}
+    act = QActivation("ste_sign")
+    flat = QLinear(8 * 6 * 6, 10, **q)
+    return {
+        "Flatten": lambda: _SignThen(act, nn.Flatten(), flat),
+        "torch.flatten": lambda: _SignThen(act, lambda v: torch.flatten(v, 1), flat),
+        "view": lambda: _SignThen(act, lambda v: v.view(v.size(0), -1), flat),
+        "reshape": lambda: _SignThen(act, lambda v: v.reshape(v.size(0), 8, 36), QConv1d(8, 4, 3, padding=1, **q)),
+        "MaxPool2d": lambda: _SignThen(act, nn.MaxPool2d(2), QConv2d(8, 4, 3, padding=1, **q)),
+        "MaxPool2d, padded, ceil": lambda: _SignThen(
+            act, nn.MaxPool2d(3, 2, padding=1, ceil_mode=True), QConv2d(8, 4, 3, padding=1, pad_value=-1.0, **q)
+        ),
+        "AdaptiveMaxPool2d": lambda: _SignThen(act, nn.AdaptiveMaxPool2d(4), QConv2d(8, 4, 3, **q)),
+        "MaxPool2d, also an output": lambda: _SignThen(act, nn.MaxPool2d(2), QConv2d(8, 4, 3, padding=1, **q), True),
+    }[kind]()
+
+
+@pytest.mark.parametrize("weights", ["ste_sign", "magnitude_aware_sign"])
+@pytest.mark.parametrize("kind", ["Flatten", "torch.flatten", "view", "reshape", "MaxPool2d", "MaxPool2d, padded, ceil",
+                                  "AdaptiveMaxPool2d", "MaxPool2d, also an output"])
+def test_noact_pattern_packs_through_flatten_reshape_and_max_pooling(kind, weights):
+    """A sign commutes with a flatten, a reshape and a max pool (bitorch's LeNet: sign, flatten, NoAct linear)."""
+    torch.manual_seed(3)
+    model = _noact_through(kind, weights).eval()
+    x = torch.randn(2, 3, 6, 6)
+    x[0, 0, :2, :4] = torch.tensor([[float("nan"), float("inf"), -float("inf"), -0.0], [0.0, -1e-30, 1e-30, -5.0]])
+    packed = pack_quietly(model, x, strict=True)
+    ops = ops_of(packed)
+    assert "qconv2d" not in ops and "qlinear" not in ops
+    assert any(op in ops for op in ("binary_conv2d", "binary_linear"))
+    for backend in BACKENDS:
+        with engine.use_backend(backend):
+            y, ref = packed(x), model(x)
+            if isinstance(ref, tuple):
+                assert all(torch.equal(a, b) for a, b in zip(y, ref))
+            else:
+                assert torch.equal(y, ref)
 
 
 def test_noact_conv1d_packs():

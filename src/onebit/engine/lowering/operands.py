@@ -79,6 +79,27 @@ def quantize(low: Lowering, node: fx.Node, q: Any, x: str) -> str:
     raise low.unsupported(node, f"quantizer {type(q).__name__} has no engine op")
 
 
+#: ops that commute with the sign: ``op(sign(x)) == sign(op(x))`` bit for bit (a flatten or reshape
+#: moves values; a max is non-decreasing, so the max of signs is the sign of the max, NaN included:
+#: torch's max pooling gives NaN, whose sign is +1, as is every sign of a window holding it)
+SIGN_COMMUTING = ("flatten", "reshape", "max_pool2d", "adaptive_max_pool2d")
+
+
+def carry_sign(low: Lowering, value: str) -> None:
+    """When ``value`` is the last node emitted, an op of :data:`SIGN_COMMUTING` on a sign's output
+    ``sign(x)``: ``value`` is a sign too, of the same op applied to ``x`` (emitted beside it), so that
+    a layer without input quantizer reading it is binary (the NoAct pattern through a flatten, a
+    reshape or a max pool) and packs ``op(x)``. The walk keeps only the nodes an output needs."""
+    node = low.nodes[-1] if low.nodes else None
+    if node is None or node["name"] != value or node["op"] not in SIGN_COMMUTING or len(node["inputs"]) != 1:
+        return
+    source = low.sign_source.get(node["inputs"][0])
+    if source is None:
+        return
+    twin = low.emit(f"{value}_of_{source}", node["op"], [source], dict(node["attrs"]), module=node.get("module"))
+    low.sign_source[value] = twin
+
+
 def layer_input(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> tuple[str, float | None]:
     """A float-run layer's quantized input as the layer computes with it (see
     :func:`onebit.nn.functional.qconv`): the integers and their divisor when the input

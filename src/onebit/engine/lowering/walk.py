@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from onebit.engine.lowering.floats import FUNCTIONS, METHODS, emit_module
+from onebit.engine.lowering.operands import carry_sign
 from onebit.engine.lowering.quantized import QUANTIZED
 from onebit.engine.lowering.state import Lowering, UnsupportedModelError
 from onebit.engine.lowering.trace import IDENTITIES
@@ -28,6 +29,7 @@ def lower_call_module(low: Lowering, node: fx.Node) -> None:
         low.value[node] = low.arg(node, node.args[0])
         return
     low.value[node] = emit_module(low, node, m, low.arg(node, node.args[0]))
+    carry_sign(low, low.value[node])
 
 
 def lower_call(low: Lowering, node: fx.Node, table: dict) -> None:
@@ -39,6 +41,7 @@ def lower_call(low: Lowering, node: fx.Node, table: dict) -> None:
     value = emitter(low, node)
     if value is not None:
         low.value[node] = value
+        carry_sign(low, value)
 
 
 def live_nodes(nodes: list[dict], outputs: list[str]) -> list[dict]:
