@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from onebit import data as datasets
 from onebit import engine
 from onebit.cli import main
-from onebit.hub import push, train_command
+from onebit.hub import train_command
 from onebit.models import from_pretrained
 from onebit.train import Trainer, TrainConfig, load_run
 
