@@ -135,6 +135,8 @@ def test_the_cards_command_trains_the_same_run_again(run_dir, pushed, tmp_path, 
          "--schedule one-cycle --seed 0 --image-size 32 --weight-clip 1.0 "
          "--model-arg 'clip={\"name\":\"dorefa_sym\",\"learnable\":true}' --model-arg conv_layer=float "
          "--model-arg 'tag=\"1\"' --model-arg 'widths=[32,96]' --tensorboard --out runs/x"),
+        ({"model": "m", "mean": [0.485, 0.456], "std": [0.229, 0.224], "model_kwargs": {}},
+         "onebit train --model m --mean 0.485,0.456 --std 0.229,0.224 --out runs/x"),
     ],
 )
 def test_train_command_names_every_option_that_differs_from_its_default(config, expected):

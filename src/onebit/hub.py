@@ -81,7 +81,8 @@ def train_command(config: dict[str, Any], out: str = "runs/model") -> str:
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         if value == default and field.name not in _ALWAYS:
             continue
-        args += ["--" + field.name.replace("_", "-"), str(value)]
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)  # --mean 0.5,0.5
+        args += ["--" + field.name.replace("_", "-"), text]
     for key, value in sorted(config.get("model_kwargs", {}).items()):
         args += ["--model-arg", _model_arg(key, value)]
     if config.get("tensorboard"):
