@@ -303,9 +303,69 @@ def test_a_float_sum_is_not_rounded_to_an_integer(case, tmp_path):
     wq = sign(layer.weight) if layer.weight_quantizer is not None else layer.weight.detach().double()
     ref = torch.nn.functional.conv2d(xq, wq, padding=1) if x.dim() == 4 else xq @ wq.T
     assert (ref != ref.round()).float().mean() > 0.9  # the sums are not integers
-    onebit.export_onnx(layer, x, tmp_path / "f.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", engine.FallbackWarning)  # a float operand: it runs in float
+        onebit.export_onnx(layer, x, tmp_path / "f.onnx")
     y = run_onnx(tmp_path / "f.onnx", x)
     assert torch.allclose(y.double(), ref, rtol=0, atol=1e-5), (y.double() - ref).abs().max()
+
+
+def _nan_cases():
+    from onebit.nn import BitLinear
+    from onebit.quant import DoReFa, DoReFaWeight
+    from onebit.quant_lowbit import DoReFaSymmetric
+
+    conv = lambda **q: QConv2d(2, 3, 3, padding=1, **q)  # noqa: E731
+    linear = lambda **q: QLinear(12, 4, **q)  # noqa: E731
+    return {  # every quantized path of the engine: (layer, its ops in the packed graph, exact sums)
+        "sign x sign": (conv(**SIGN), ["pack", "binary_conv2d"], True),
+        "sign x magnitude-aware, linear": (linear(**MAGNITUDE), ["pack_features", "binary_linear"], True),
+        "float x sign": (conv(weight_quantizer="ste_sign", bias=False), ["qconv2d"], False),
+        "sign x float": (conv(input_quantizer="ste_sign", weight_quantizer=None, bias=False), ["sign", "qconv2d"], False),
+        "dorefa_sym(2) x ternary": (conv(input_quantizer=DoReFaSymmetric(2), weight_quantizer="ternary"),
+                                    ["bitplane_conv2d"], True),
+        "dorefa(2) x ternary, no bias": (conv(input_quantizer="dorefa", weight_quantizer="ternary", bias=False),
+                                         ["bitplane_conv2d"], True),
+        "dorefa_sym(2) x sign (bit planes)": (conv(input_quantizer=DoReFaSymmetric(2), weight_quantizer="ste_sign",
+                                                   bias=False), ["bitplane_conv2d"], True),
+        "dorefa(3) x dorefa_weight(2), linear": (linear(input_quantizer=DoReFa(3), weight_quantizer=DoReFaWeight(2)),
+                                                 ["bitplane_conv2d"], True),
+        "dorefa(8) x ternary (integers, float conv)": (conv(input_quantizer=DoReFa(8), weight_quantizer="ternary",
+                                                            bias=False), ["quantize_int", "qconv2d"], True),
+        "dorefa(8) x sign, linear": (linear(input_quantizer=DoReFa(8), weight_quantizer="magnitude_aware_sign"),
+                                     ["quantize_int", "qlinear"], True),
+        "BitLinear (int8 x ternary)": (BitLinear(12, 4, norm=False), ["ternary_linear"], True),
+    }
+
+
+NAN_CASES = list(_nan_cases())
+
+
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_a_nan_input_gives_nan_exactly_where_the_model_does(case, tmp_path):
+    """One rule for every quantized path, the model's: a NaN input is NaN after a k-bit or float
+    input (an input quantizer's integers of NaN are NaN, and so is every sum that reads one) and +1
+    after a sign (sign(NaN) = +1). onnxruntime's output is NaN exactly where the model's is, and
+    elsewhere equal to it (exact sums) or to float rounding (float sums); not a NaN sum cast to an
+    int32 and back (-2^31)."""
+    torch.manual_seed(5)
+    layer, graph_ops, exact = _nan_cases()[case]
+    layer.eval()
+    x = torch.randn(2, 2, 5, 5) if isinstance(layer, QConv2d) else torch.randn(3, 12)
+    x.view(-1)[7] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", engine.FallbackWarning)
+        assert [n["op"] for n in engine.pack(layer, x).graph["nodes"]] == graph_ops
+        onebit.export_onnx(layer, x, tmp_path / "nan.onnx")
+    with torch.no_grad():
+        expected = layer(x)
+    got = run_onnx(tmp_path / "nan.onnx", x)
+    assert torch.isnan(expected).any() != case.startswith("sign x")  # NaN reaches the sum unless signed first
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    if exact:
+        assert torch.equal(got.nan_to_num(0.5), expected.nan_to_num(0.5))
+    else:
+        assert close_to_float_rounding(got, expected)
 
 
 def test_circular_padding_has_no_onnx_form_and_says_so(tmp_path):

@@ -17,6 +17,12 @@ so that a stock runtime (onnxruntime's CPU provider) runs it:
 - thresholds (BatchNorm + sign folded) are comparisons of the exact accumulator,
   ``Where(dir > 0 ? acc < thr : acc > thr, -1, +1)``; a max pool of thresholded bits is a
   ``MaxPool`` of +-1 values flipped by the channel's direction (all-negative or any-negative);
+- a k-bit layer (``bitplane_conv2d``, or ``quantize_int`` then ``qconv2d``) is the input
+  quantizer's integers, a float ``Conv`` of the integer weight levels (exact), then the division,
+  scale and bias; a quantized layer with a float operand (a float input, float weight levels) is a
+  float ``Conv`` / ``MatMul`` whose sum is rounded as float sums are. Only sums known to be exact
+  integers go through int32 (:meth:`_Exporter.sum_kind`); a NaN input gives NaN exactly where the
+  model gives NaN (after a k-bit or float input; a sign makes it +1);
 - float layers are their ONNX ops (``Conv``, ``Gemm``, ``BatchNormalization``, pools,
   activations, ``Concat``, ...), equal to torch's up to float rounding.
 
@@ -162,15 +168,20 @@ class _Exporter:
         w = self.tensors[t["weight"]]
         return self.b.const(w.numpy(), np.float32, f"{base}_w")
 
-    def exact_sum(self, acc: str, base: str) -> str:
+    def exact_sum(self, acc: str, kind: str, base: str) -> str:
         """An exact integer sum through int32 and back: the same values, and a runtime cannot
         fuse what follows (a ``BatchNormalization``, a division) into the ``Conv`` / ``MatMul``
         that computed it (onnxruntime's ConvBNFusion would turn +-1 weights into floats). Only
-        for sums of integer operands (:meth:`sum_kind`): the cast truncates anything else."""
+        for sums of integer operands (``kind``, :meth:`sum_kind`): the cast truncates anything
+        else. A sum of :data:`INTEGERS` is NaN where it read a NaN input, as in the model: it stays
+        NaN (the cast would make it -2^31); a sum of :data:`SIGNS` is never NaN."""
         b = self.b
         i32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("int32"))
         f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
-        return b.op("Cast", [b.op("Cast", [acc], f"{base}_int", to=i32)], f"{base}_acc", to=f32)
+        integer = b.op("Cast", [b.op("Cast", [acc], f"{base}_int", to=i32)], f"{base}_acc", to=f32)
+        if kind == SIGNS:
+            return integer
+        return b.op("Where", [b.op("IsNaN", [acc], f"{base}_nan"), acc, integer], f"{base}_exact")
 
     def scale_bias(self, y: str, node: dict, rank: int, base: str, exact: str | None) -> str:
         """``fl32(fl32(y * scale) + bias)`` after a ``Conv`` / ``MatMul``, robust to runtime fusions.
@@ -190,7 +201,7 @@ class _Exporter:
         f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
         f64 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float64"))
         if scale is None and bias is None:
-            return self.exact_sum(y, base) if exact else y
+            return self.exact_sum(y, exact, base) if exact else y
         wide = b.op("Cast", [y], f"{base}_acc64", to=f64)
         if scale is not None:
             product = b.op("Mul", [wide, _channel(b, scale.double(), rank, f"{base}_scale", np.float64)], f"{base}_scaled64")
@@ -352,7 +363,7 @@ class _Exporter:
         if divisor is None:
             return self.scale_bias(acc, node, rank, base, exact)
         if exact:
-            acc = self.exact_sum(acc, base)
+            acc = self.exact_sum(acc, exact, base)
         y = self.b.op("Div", [acc, self.b.const(float(divisor))], f"{base}_divided")
         return self.scale_bias(y, node, rank, base, None)
 
