@@ -76,7 +76,7 @@ class QuantizedLayer:
             )
         if not x.is_floating_point():
             raise TypeError(f"{self._layer_name()}: expected a floating-point input, got dtype {x.dtype}")
-        if x.dtype != self.weight.dtype:
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts both
             raise TypeError(
                 f"{self._layer_name()}: input dtype {x.dtype} does not match the layer's dtype "
                 f"{self.weight.dtype}; convert one of them (e.g. model.to({x.dtype}))"
