@@ -224,3 +224,41 @@ def test_wrong_feature_count_is_rejected_naming_the_layer():
         model(bad)
     with pytest.raises(engine.InputError, match=r"layer '2'.*expected 100 input features"):
         packed(bad)
+
+
+def test_a_quantizer_subclass_that_overrides_forward_is_never_packed_as_its_parent():
+    from test_quant import _DoubledMagnitude, _OwnFactor, _QuietDoReFa, _RedeclaredSign, _ShiftedDoReFa, _ShiftedSign
+
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 8, 8)
+
+    def conv(iq, wq, **kw):
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 6, 3, padding=1, input_quantizer=iq,
+                                                                      weight_quantizer=wq, **kw)).eval()
+
+    # an input quantizer the engine has no op for: refused by name, never run as a plain sign
+    for model in (conv(_ShiftedSign(), "ste_sign"), nn.Sequential(QActivation(_ShiftedSign()), conv(None, "ste_sign"))):
+        with pytest.raises(engine.UnsupportedModelError, match="_ShiftedSign overrides forward without declaring is_sign"):
+            engine.pack(model, x)
+    with pytest.raises(engine.UnsupportedModelError, match="quantizer _ShiftedDoReFa has no engine op"):
+        engine.pack(conv(_ShiftedDoReFa(), "ternary"), x)
+    # weights whose factor() no longer describes the quantizer: float weights, listed, refused by strict=True
+    for wq, why in ((_DoubledMagnitude(), "_DoubledMagnitude overrides forward without declaring sign_levels again"),
+                    (_OwnFactor(), "_OwnFactor overrides factor without declaring sign_levels again"),
+                    (_ShiftedSign(), "_ShiftedSign overrides forward without declaring is_sign again")):
+        model = conv("ste_sign", wq)
+        with pytest.warns(engine.FallbackWarning, match=why):
+            packed = engine.pack(model, x)
+        assert packed.fallbacks == [{"module": "1", "reason": f"its weight quantizer {type(wq).__name__} does not give "
+                                                              f"+-1 levels ({why})"}]
+        assert "binary_conv2d" not in ops_of(packed)
+        assert torch.equal(packed(x), model(x))
+        with pytest.raises(engine.UnsupportedModelError, match="strict=True"):
+            engine.pack(model, x, strict=True)
+    # declared again, or nothing of the parent's computation overridden: packed as the parent is
+    model = conv(_RedeclaredSign(), _RedeclaredSign())
+    packed = pack_quietly(model, x, strict=True)
+    assert "binary_conv2d" in ops_of(packed) and torch.equal(packed(x), model(x))
+    model = conv(_QuietDoReFa(), "ternary")
+    packed = pack_quietly(model, x, strict=True)
+    assert "bitplane_conv2d" in ops_of(packed) and torch.equal(packed(x), model(x))

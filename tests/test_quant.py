@@ -395,3 +395,106 @@ def test_a_quantizer_from_a_dict_takes_its_arguments():
         quant.get({"name": "nope"})
     with pytest.raises(ValueError, match="quantizer 'ternary': .*unexpected keyword argument 'clip'"):
         quant.get({"name": "ternary", "clip": 1.0})
+
+
+# a user's subclasses of built-in quantizers: a declaration speaks for the forward of the class that makes it
+
+
+class _ShiftedSign(quant.Sign):
+    """Overrides forward, inherits ``is_sign = True`` without declaring it: not a plain sign."""
+
+    def forward(self, x):
+        return super().forward(x - 0.5)
+
+
+class _RedeclaredSign(quant.Sign):
+    """Overrides forward and declares again that it is exactly the sign."""
+
+    is_sign = True
+
+    def forward(self, x):
+        return sign(x)
+
+
+class _DoubledMagnitude(quant.MagnitudeAwareSign):
+    """Overrides forward only: the inherited factor() no longer describes it."""
+
+    def forward(self, w):
+        return 2.0 * super().forward(w)
+
+
+class _OwnFactor(quant.Sign):
+    """Keeps the sign forward (still an input sign) but factors weights into other levels."""
+
+    def factor(self, w):
+        return sign(w) * 3.0, None
+
+
+class _ShiftedDoReFa(quant.DoReFa):
+    def forward(self, x):
+        return super().forward(x + 0.25)
+
+
+class _QuietDoReFa(quant.DoReFa):
+    """Changes nothing of what DoReFa computes (only its default bit width)."""
+
+    def __init__(self, bits: int = 3):
+        super().__init__(bits)
+
+
+def test_a_subclass_overriding_forward_does_not_inherit_its_parents_declarations():
+    assert not quant.is_sign(_ShiftedSign()) and not quant.has_sign_levels(_ShiftedSign())
+    assert quant.void_declaration(_ShiftedSign()) == "_ShiftedSign overrides forward without declaring is_sign again"
+    assert quant.is_sign(_RedeclaredSign()) and quant.has_sign_levels(_RedeclaredSign())
+    assert quant.void_declaration(_RedeclaredSign()) is None
+    assert not quant.has_sign_levels(_DoubledMagnitude())
+    assert quant.void_declaration(_DoubledMagnitude()) == (
+        "_DoubledMagnitude overrides forward without declaring sign_levels again"
+    )
+    assert quant.is_sign(_OwnFactor()) and not quant.has_sign_levels(_OwnFactor())
+    assert quant.void_declaration(_OwnFactor()) == "_OwnFactor overrides factor without declaring sign_levels again"
+    on_instance = _ShiftedSign()
+    on_instance.is_sign = True  # declared on the instance: it holds
+    assert quant.is_sign(on_instance) and not quant.is_sign(_ShiftedSign())
+    for q in (quant.Sign(), quant.ApproxSign(), quant.SwishSign(), quant.MagnitudeAwareSign(), _UsersSign()):
+        assert quant.has_sign_levels(q) and quant.void_declaration(q) is None
+    assert quant.computes_as(_QuietDoReFa(), quant.DoReFa) and not quant.computes_as(_ShiftedDoReFa(), quant.DoReFa)
+    assert not quant.computes_as(_ShiftedSign(), quant.Sign) and not quant.computes_as(quant.Sign(), quant.DoReFa)
+
+
+def test_a_layer_computes_with_factor_only_while_it_describes_the_forward():
+    from onebit.nn import QConv2d, QLinear
+    from onebit.quant_lowbit import DoReFaSymmetric
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 7)
+    conv2d = torch.nn.functional.conv2d
+
+    def layer(wq):
+        return QConv2d(3, 8, 3, padding=1, input_quantizer="ste_sign", weight_quantizer=wq).eval()
+
+    doubled = layer(_DoubledMagnitude())  # forward overridden below factor(): conv(q_in(x), q_w(W)) + bias
+    w = doubled.weight
+    alpha = w.abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.equal(doubled(x), conv2d(sign(x), 2.0 * (alpha * sign(w)), doubled.bias, padding=1))
+    own = layer(_OwnFactor())  # its own factor(): the layer's arithmetic
+    assert torch.equal(own(x), conv2d(sign(x), 3.0 * sign(own.weight), padding=1) + own.bias.view(-1, 1, 1))
+    parent = layer(quant.MagnitudeAwareSign())  # levels, then the scale, then the bias
+    alpha = parent.weight.abs().mean(dim=(1, 2, 3), keepdim=True).view(-1, 1, 1)
+    want = conv2d(sign(x), sign(parent.weight), padding=1) * alpha + parent.bias.view(-1, 1, 1)
+    assert torch.equal(parent(x), want)
+    assert quant.current_method(_DoubledMagnitude(), "factor") is None
+    assert quant.current_method(_OwnFactor(), "factor") is not None
+
+    class ShiftedSymmetric(DoReFaSymmetric):  # integer_factor no longer describes the forward
+        def forward(self, x):
+            return super().forward(x + 0.25)
+
+    q = ShiftedSymmetric(2)
+    conv = QConv2d(3, 4, 3, padding=1, input_quantizer=q, weight_quantizer="ternary").eval()
+    levels, gamma = conv.weight_quantizer.factor(conv.weight)
+    want = torch.nn.functional.conv2d(q(x), levels, padding=1) * gamma.view(-1, 1, 1) + conv.bias.view(-1, 1, 1)
+    assert torch.equal(conv(x), want)
+    linear = QLinear(7, 4, input_quantizer=q, weight_quantizer="ste_sign").eval()
+    want = torch.nn.functional.linear(q(x), sign(linear.weight)) + linear.bias
+    assert torch.equal(linear(x), want)

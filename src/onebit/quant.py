@@ -14,9 +14,9 @@ Quantizers are registered under a short alias and resolved with :func:`get`::
 
 from __future__ import annotations
 
-from typing import Callable, Union
-
+import functools
 import warnings
+from typing import Callable, Union
 
 import torch
 from torch import nn
@@ -36,6 +36,10 @@ __all__ = [
     "names",
     "is_sign",
     "has_sign_levels",
+    "declared",
+    "void_declaration",
+    "current_method",
+    "computes_as",
     "precision_of",
     "is_binary",
 ]
@@ -106,16 +110,141 @@ def get(identifier: QuantizerLike) -> nn.Module | Callable | None:
     )
 
 
+# ---------------------------------------------------------------------------
+# what a quantizer declares, and which of its declarations still hold
+#
+# A declaration (the attributes ``is_sign`` / ``sign_levels``, the methods ``factor`` /
+# ``integer_factor``) describes the ``forward`` of the class that makes it. A subclass that
+# overrides ``forward`` (or ``factor``) below it has not declared anything about its own
+# computation: the declaration is void for it until the subclass makes it again.
+
+#: the methods an attribute speaks about
+_DECLARES_ABOUT = {"is_sign": ("forward",), "sign_levels": ("forward", "factor")}
+
+
+def _defined_at(cls: type, name: str) -> int | None:
+    """The position in ``cls.__mro__`` of the class that defines ``name`` (0: ``cls`` itself), or None
+    (a few dict lookups, traced as constants by torch.compile)."""
+    for depth, c in enumerate(cls.__mro__):
+        if name in c.__dict__:
+            return depth
+    return None
+
+
+def _depth(obj: object, name: str) -> int | None:
+    """Where ``obj``'s ``name`` comes from: -1 for the instance itself, else :func:`_defined_at`."""
+    if name in getattr(obj, "__dict__", ()):
+        return -1
+    return _defined_at(type(obj), name)
+
+
+def _holds(obj: object, name: str, methods: tuple[str, ...]) -> bool:
+    """``name`` (defined on ``obj``) is declared at or below every class that defines one of ``methods``."""
+    own = getattr(obj, "__dict__", None)
+    if own:
+        for attribute in (name, *methods):
+            if attribute in own:  # set on the instance: not cached
+                return _holds_uncached(obj, name, methods)
+    key = (type(obj), name, methods)
+    holds = _HOLDS.get(key)
+    if holds is None:
+        holds = _HOLDS[key] = _holds_uncached(obj, name, methods)
+    return holds
+
+
+#: (class, name, methods) -> :func:`_holds` for instances that set none of them themselves
+_HOLDS: dict[tuple, bool] = {}
+
+
+def _holds_uncached(obj: object, name: str, methods: tuple[str, ...]) -> bool:
+    here = _depth(obj, name)
+    if here is None:
+        return False
+    return all(d is None or here <= d for d in (_depth(obj, m) for m in methods))
+
+
+def declared(quantizer: object, attribute: str) -> bool:
+    """True when ``quantizer`` is a module whose ``attribute`` (``"is_sign"`` or ``"sign_levels"``) is
+    true and still holds: declared on the class that defines its ``forward`` (and, for
+    ``sign_levels``, its ``factor``) or on a subclass of it (or on the instance). A subclass that
+    overrides ``forward`` without declaring the attribute again does not inherit it."""
+    if not isinstance(quantizer, nn.Module) or not getattr(quantizer, attribute, False):
+        return False
+    return _holds(quantizer, attribute, _DECLARES_ABOUT[attribute])
+
+
+def void_declaration(quantizer: object) -> str | None:
+    """Why a quantizer that looks binary is not: ``"ShiftedSign overrides forward without declaring
+    is_sign again"`` when it inherits ``is_sign`` / ``sign_levels = True`` from a class whose
+    ``forward`` (or ``factor``) it overrides, else None."""
+    if not isinstance(quantizer, nn.Module):
+        return None
+    for attribute, holds in (("is_sign", is_sign), ("sign_levels", has_sign_levels)):
+        if getattr(quantizer, attribute, False) and not holds(quantizer):
+            here = _depth(quantizer, attribute)
+            method = next(m for m in _DECLARES_ABOUT[attribute] if (d := _depth(quantizer, m)) is not None and d < here)
+            return f"{type(quantizer).__name__} overrides {method} without declaring {attribute} again"
+    return None
+
+
+def current_method(quantizer: object, name: str) -> Callable | None:
+    """``quantizer``'s ``factor`` / ``integer_factor`` when it describes the ``forward`` in use (defined
+    on the class that defines ``forward`` or on a subclass of it), else None: a subclass that
+    overrides ``forward`` alone computes ``q(x)``, no longer its parent's factorization."""
+    method = getattr(quantizer, name, None)
+    if method is None or not callable(method):
+        return None
+    return method if _holds(quantizer, name, ("forward",)) else None
+
+
+def computes_as(quantizer: object, cls: type) -> bool:
+    """``quantizer`` is a ``cls`` that overrides none of ``cls``'s methods and properties (its
+    ``__init__`` and ``extra_repr`` aside): it computes exactly what ``cls`` computes, so that what
+    onebit knows of ``cls`` (the packed engine's ops for it) holds for it."""
+    if not isinstance(quantizer, cls):
+        return False
+    names = _computing_names(cls)
+    if any(name in getattr(quantizer, "__dict__", ()) for name in names):
+        return False
+    return type(quantizer) is cls or _keeps(type(quantizer), cls)
+
+
+@functools.lru_cache(maxsize=256)
+def _computing_names(cls: type) -> tuple[str, ...]:
+    import inspect
+
+    return tuple(
+        name
+        for klass in cls.__mro__
+        if klass is not object and klass is not nn.Module
+        for name, value in vars(klass).items()
+        if not name.startswith("__") and name != "extra_repr"
+        and (inspect.isfunction(value) or isinstance(value, (property, staticmethod, classmethod)))
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _keeps(sub: type, cls: type) -> bool:
+    import inspect
+
+    return all(inspect.getattr_static(sub, name) is inspect.getattr_static(cls, name) for name in _computing_names(cls))
+
+
 def is_sign(quantizer: object) -> bool:
-    """True when the quantizer's forward is exactly :func:`onebit.math.sign` (a ``Quantizer``
-    with ``is_sign = True``, or ``onebit.math.sign`` itself)."""
-    return quantizer is sign or bool(getattr(quantizer, "is_sign", False) and isinstance(quantizer, nn.Module))
+    """True when the quantizer's forward is exactly :func:`onebit.math.sign`: a module that declares
+    ``is_sign = True`` for its ``forward`` (see :func:`declared`), or ``onebit.math.sign`` itself."""
+    return quantizer is sign or declared(quantizer, "is_sign")
 
 
 def has_sign_levels(quantizer: object) -> bool:
     """True when the quantizer's :meth:`Quantizer.factor` levels are ``sign(w)``: binary weights,
-    possibly with a per-output-channel scale (``ste_sign``, ``magnitude_aware_sign``, ...)."""
-    return is_sign(quantizer) or bool(getattr(quantizer, "sign_levels", False) and isinstance(quantizer, nn.Module))
+    possibly with a per-output-channel scale (``ste_sign``, ``magnitude_aware_sign``, ...): a
+    module that declares ``sign_levels`` (or ``is_sign``) for its ``forward`` and ``factor``."""
+    if quantizer is sign:
+        return True
+    return declared(quantizer, "sign_levels") or (
+        declared(quantizer, "is_sign") and _holds(quantizer, "is_sign", ("factor",))
+    )
 
 
 def precision_of(quantizer: nn.Module | Callable | None) -> int:
@@ -143,6 +272,17 @@ class Quantizer(nn.Module):
       sign(0) = +1); such an input is packed as bits and folded into thresholds.
     - ``sign_levels``: :meth:`factor` returns ``levels = sign(w)`` (with any scale);
       such weights are stored and computed as bits (with a per-channel float scale).
+
+    A declaration speaks for the ``forward`` of the class that makes it: ``is_sign`` holds
+    only when declared on the class that defines ``forward`` (or a subclass of it), and
+    ``sign_levels`` only when declared on (or below) the classes defining ``forward`` and
+    ``factor``. So a subclass that overrides ``forward`` (e.g. ``Sign`` shifted by 0.5) or
+    ``factor`` is no longer binary for onebit until it declares the attribute again itself
+    (:func:`declared`, :func:`void_declaration`). Likewise a layer computes with
+    :meth:`factor` (or ``integer_factor``) only when it is defined on (or below) the class
+    defining ``forward``; a subclass that overrides ``forward`` alone is computed as
+    ``q(w)`` (:func:`current_method`). The packed engine runs a built-in quantizer's own
+    ops for a subclass only when it overrides none of its methods (:func:`computes_as`).
     """
 
     precision: int = 32

@@ -120,9 +120,9 @@ class PlaneCode:
 
 def input_code(q) -> PlaneCode | None:
     """The plane code of an input quantizer's integers (``dorefa``, ``dorefa_sym``), else None."""
-    if isinstance(q, quant.DoReFa) and q.precision <= MAX_INPUT_PLANES:
+    if quant.computes_as(q, quant.DoReFa) and q.precision <= MAX_INPUT_PLANES:
         return PlaneCode.unsigned(int(q.precision))
-    if isinstance(q, DoReFaSymmetric) and q.precision <= MAX_INPUT_PLANES:
+    if quant.computes_as(q, DoReFaSymmetric) and q.precision <= MAX_INPUT_PLANES:
         return PlaneCode.symmetric(int(q.precision))
     return None
 
@@ -131,9 +131,9 @@ def weight_code(q) -> PlaneCode | None:
     """The plane code of a weight quantizer's ``factor()`` levels (signs, ternary, ``dorefa_weight``), else None."""
     if quant.has_sign_levels(q):
         return PlaneCode.binary()
-    if isinstance(q, Ternary):
+    if quant.computes_as(q, Ternary):
         return PlaneCode.ternary()
-    if isinstance(q, quant.DoReFaWeight) and q.precision <= MAX_WEIGHT_PLANES:
+    if quant.computes_as(q, quant.DoReFaWeight) and q.precision <= MAX_WEIGHT_PLANES:
         return PlaneCode.symmetric(int(q.precision))
     return None
 

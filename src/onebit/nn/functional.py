@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from onebit import quant
 from onebit.math import sign
 
 __all__ = ["sign", "explicit_padding", "qconv", "qlinear", "weight_factors", "scale_and_bias"]
@@ -123,7 +124,7 @@ def qconv(
 def _integer_input(x: torch.Tensor, quantizer: Callable, pad_value: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x_int, s)`` when the quantizer factors its output into integers and ONE divisor
     (``integer_factor``: ``dorefa``, ``dorefa_sym``) and the padding is zero, else ``(q(x), None)``."""
-    integer_factor = getattr(quantizer, "integer_factor", None)
+    integer_factor = quant.current_method(quantizer, "integer_factor")
     if integer_factor is None or pad_value != 0.0:
         return quantizer(x), None
     x_int, s = integer_factor(x)
@@ -149,7 +150,7 @@ def qlinear(
     """
     if input_quantizer is None and weight_quantizer is None:
         return F.linear(x, weight, bias)
-    integer_factor = getattr(input_quantizer, "integer_factor", None)
+    integer_factor = quant.current_method(input_quantizer, "integer_factor")
     if integer_factor is not None:
         x_int, s = integer_factor(x)
         w, scale = weight_factors(weight, weight_quantizer)
@@ -165,11 +166,13 @@ def weight_factors(weight: torch.Tensor, weight_quantizer: Callable | None) -> t
 
     Quantizers with a :meth:`~onebit.quant.Quantizer.factor` method provide both (the
     levels carry the straight-through gradient, the scale is a constant); any other
-    quantizer (or callable) gives ``(q_w(W), None)``.
+    quantizer (or callable) gives ``(q_w(W), None)``, and so does a subclass that overrides
+    ``forward`` below the class defining ``factor`` (its ``factor`` no longer describes its
+    forward: :func:`onebit.quant.current_method`).
     """
     if weight_quantizer is None:
         return weight, None
-    factor = getattr(weight_quantizer, "factor", None)
+    factor = quant.current_method(weight_quantizer, "factor")
     if factor is None:
         return weight_quantizer(weight), None
     return factor(weight)

@@ -51,10 +51,23 @@ def float_layer_tensors(m: nn.Module) -> dict[str, torch.Tensor | None]:
 # -- inputs -------------------------------------------------------------------
 
 
+def input_kind(q: Any) -> str | None:
+    """The engine op that computes input quantizer ``q`` exactly: ``"sign"`` (:func:`onebit.quant.is_sign`),
+    ``"dorefa"`` or ``"dorefa_sym"`` (those classes, or subclasses that override none of their methods:
+    :func:`onebit.quant.computes_as`); None when the engine has none."""
+    if is_sign_quantizer(q):
+        return "sign"
+    if quant.computes_as(q, quant.DoReFa):
+        return "dorefa"
+    if quant.computes_as(q, DoReFaSymmetric):
+        return "dorefa_sym"
+    return None
+
+
 def integer_divisor(q: Any) -> float | None:
     """The divisor ``s`` of an input quantizer's ``integer_factor`` (one number: ``dorefa``,
     ``dorefa_sym``), as the float32 value the layer divides by; None for any other quantizer."""
-    if not isinstance(q, (quant.DoReFa, DoReFaSymmetric)):
+    if input_kind(q) not in ("dorefa", "dorefa_sym"):
         return None
     with torch.no_grad():
         _, s = q.integer_factor(torch.zeros(1))
@@ -63,20 +76,22 @@ def integer_divisor(q: Any) -> float | None:
 
 def clip(q: Any) -> float:
     """``dorefa_sym``'s clip as a float (1.0, unused, for ``dorefa``)."""
-    return float(q.clip_value()) if isinstance(q, DoReFaSymmetric) else 1.0
+    return float(q.clip_value()) if input_kind(q) == "dorefa_sym" else 1.0
 
 
 def quantize(low: Lowering, node: fx.Node, q: Any, x: str) -> str:
     """Emit quantizer ``q`` applied to value ``x`` (``sign``, ``dorefa``, ``dorefa_sym``)."""
-    if is_sign_quantizer(q):
+    kind = input_kind(q)
+    if kind == "sign":
         out = low.emit(f"{node.name}_sign", "sign", [x])
         low.sign_source[out] = low.sign_source.get(x, x)  # sign(sign(x)) = sign(x)
         return out
-    if isinstance(q, quant.DoReFa):
+    if kind == "dorefa":
         return low.emit(f"{node.name}_dorefa", "dorefa", [x], {"bits": int(q.precision)})
-    if isinstance(q, DoReFaSymmetric):
+    if kind == "dorefa_sym":
         return low.emit(f"{node.name}_dorefa_sym", "dorefa_sym", [x], {"bits": int(q.precision), "clip": clip(q)})
-    raise low.unsupported(node, f"quantizer {type(q).__name__} has no engine op")
+    why = quant.void_declaration(q)
+    raise low.unsupported(node, f"quantizer {type(q).__name__} has no engine op" + (f" ({why})" if why else ""))
 
 
 #: ops that commute with the sign: ``op(sign(x)) == sign(op(x))`` bit for bit (a flatten or reshape
@@ -111,7 +126,7 @@ def layer_input(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> tuple[str
     divisor = integer_divisor(q)
     if divisor is None or (not isinstance(m, QLinear) and float(m.pad_value) != 0.0):
         return quantize(low, node, q, x), None
-    attrs = {"kind": "dorefa" if isinstance(q, quant.DoReFa) else "dorefa_sym", "bits": int(q.precision),
+    attrs = {"kind": input_kind(q), "bits": int(q.precision),
              "clip": clip(q)}  # fmt: skip
     return low.emit(f"{node.name}_int", "quantize_int", [x], attrs), divisor
 

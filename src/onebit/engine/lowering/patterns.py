@@ -72,7 +72,8 @@ def is_binary_linear(m: nn.Module) -> bool:
 
 def is_ternary_linear(m: nn.Module) -> bool:
     """A linear layer the ``ternary_linear`` kernels run: ``absmax8`` input, ``ternary`` weights."""
-    return isinstance(m, QLinear) and isinstance(m.input_quantizer, Absmax8) and isinstance(m.weight_quantizer, Ternary)
+    return (isinstance(m, QLinear) and quant.computes_as(m.input_quantizer, Absmax8)
+            and quant.computes_as(m.weight_quantizer, Ternary))
 
 
 def _thresholds_layer(bn: nn.Module, m: nn.Module, batchnorm: type, channels: int) -> bool:
@@ -221,11 +222,17 @@ def note_fallback(low: Lowering, node: fx.Node, m: nn.Module, why: str | None = 
         if not binary_in:
             q = m.input_quantizer
             why = ("its input is float (input_quantizer=None on a value that is not the output of a sign)"
-                   if q is None else f"its input quantizer {type(q).__name__} is not a sign")
+                   if q is None else f"its input quantizer {type(q).__name__} is not a sign" + _void(q))
         elif not binary_w:
             q = m.weight_quantizer
             why = ("its weights are float (weight_quantizer=None)" if q is None
-                   else f"its weight quantizer {type(q).__name__} does not give +-1 levels")
+                   else f"its weight quantizer {type(q).__name__} does not give +-1 levels" + _void(q))
         else:
             why = "the packed kernels do not run this configuration"
     low.fallbacks.append({"module": str(node.target), "reason": why})
+
+
+def _void(q: Any) -> str:
+    """`` (why)`` when ``q`` inherits a sign declaration that no longer holds (:func:`onebit.quant.void_declaration`)."""
+    why = quant.void_declaration(q)
+    return f" ({why})" if why else ""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from onebit import quant
 from onebit.engine import bitplanes, ops
 from onebit.engine.lowering.attrs import conv_attrs, float_conv_attrs, float_copy, pair
 from onebit.engine.lowering.floats import conv1d_as_2d, conv1d_float_attrs, to_1d
@@ -20,6 +19,7 @@ from onebit.engine.lowering.operands import (
     clip,
     float_layer_tensors,
     fold_batchnorm,
+    input_kind,
     integer_divisor,
     layer_input,
     packed_features,
@@ -246,7 +246,7 @@ def emit_bitplane(low: Lowering, node: fx.Node, m: nn.Module) -> None:
     planes = bitplanes.stack_weight_planes(levels.contiguous(), wcode, 1, groups)
     q = m.input_quantizer
     attrs = {
-        **conv, "quantizer": "dorefa" if isinstance(q, quant.DoReFa) else "dorefa_sym", "clip": clip(q),
+        **conv, "quantizer": input_kind(q), "clip": clip(q),
         "act_kind": act.kind, "act_bits": act.bits, "weight_kind": wcode.kind, "weight_bits": wcode.bits,
         "input_divisor": integer_divisor(q),
     }  # fmt: skip
