@@ -368,6 +368,98 @@ def test_a_nan_input_gives_nan_exactly_where_the_model_does(case, tmp_path):
         assert close_to_float_rounding(got, expected)
 
 
+def pool_configurations(h: int, w: int) -> list[nn.Module]:
+    """Every max / average pool of kernel 1-3 (and 2x3), stride 1-3, padding 0-1, ceil_mode off and on,
+    dilation 1-2 (max) or count_include_pad on and off (average) that torch accepts on an h x w input."""
+    import itertools
+
+    pools = []
+    for k, st, pad, ceil in itertools.product([1, 2, 3, (2, 3)], [1, 2, 3, (3, 2)], [0, 1], [False, True]):
+        for variant in [1, 2, "include_pad", "exclude_pad"]:
+            if isinstance(variant, int):
+                pool = nn.MaxPool2d(k, st, pad, dilation=variant, ceil_mode=ceil)
+            else:
+                pool = nn.AvgPool2d(k, st, pad, ceil_mode=ceil, count_include_pad=variant == "include_pad")
+            try:
+                pool(torch.zeros(1, 1, h, w))
+            except RuntimeError:  # padding more than half the kernel, or no window
+                continue
+            pools.append(pool)
+    return pools
+
+
+class Pools(nn.Module):
+    def __init__(self, pools):
+        super().__init__()
+        self.pools = nn.ModuleList(pools)
+
+    def forward(self, x):
+        return tuple(pool(x) for pool in self.pools)
+
+
+def assert_shapes_are_as_inferred(path, x) -> int:
+    """onnx's shape inference (the sizes the ONNX spec gives, what a conforming runtime allocates)
+    gives every value of the graph the shape onnxruntime computes. Returns the number of values."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(path), strict_mode=True)
+    inferred = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                for v in model.graph.value_info}
+    for name in inferred:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    for name, value in zip(names, session.run(names, {"input": x.numpy()})):
+        if name in inferred:
+            shape = inferred[name]
+            assert len(shape) == value.ndim and all(d is None or d == n for d, n in zip(shape, value.shape)), (
+                f"{name}: onnx infers {shape}, onnxruntime computes {list(value.shape)}")
+    return len(inferred)
+
+
+def drops_a_window(pool: nn.Module, size: tuple[int, int]) -> bool:
+    """Whether torch gives fewer windows than ONNX's ceil formula, ceil((L + 2p - d (k - 1) - 1) / s) + 1."""
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    k, s, p, d = (pair(getattr(pool, n, 1)) for n in ("kernel_size", "stride", "padding", "dilation"))
+    onnx = [-(-(size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i]) + 1 for i in range(2)]
+    return pool.ceil_mode and list(pool(torch.zeros(1, 1, *size)).shape[2:]) != onnx
+
+
+@pytest.mark.parametrize("size", [(6, 6), (7, 7), (6, 7), (5, 8)])
+def test_every_pool_torch_accepts_exports_and_agrees_with_torch(size, tmp_path):
+    """ceil_mode=True: torch drops a last window that would start in the end padding (kernel 2 stride 3
+    on 6, kernel 2 stride 2 padding 1 on 7), ONNX's formula keeps it; every configuration torch
+    accepts exports (each pool a graph output) and gives torch's shape and numbers in onnxruntime."""
+    pools = pool_configurations(*size)
+    assert len(pools) >= 150 and sum(drops_a_window(p, size) for p in pools) >= 10
+    x = torch.randn(2, 3, *size)
+    model = Pools(pools).eval()
+    onebit.export_onnx(model, x, tmp_path / "pools.onnx")
+    got, expected = run_onnx(tmp_path / "pools.onnx", x), model(x)
+    assert len(got) == len(expected) == len(pools)
+    for pool, y, ref in zip(pools, got, expected):
+        assert y.shape == ref.shape, pool
+        if isinstance(pool, nn.MaxPool2d):
+            assert torch.equal(y, ref), pool
+        else:
+            assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6), pool
+    assert_shapes_are_as_inferred(tmp_path / "pools.onnx", x)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, size", [(2, 3, 0, (6, 6)), (2, 2, 1, (6, 7)), (3, 2, 1, (7, 7))])
+def test_a_ceil_mode_max_pool_of_bits_gives_torchs_windows(kernel, stride, padding, size, tmp_path):
+    """The same for a max pool between a binary conv and the BatchNorm + sign thresholds of the next
+    binary conv (``max_pool_bits``), inside the graph: the next layers see torch's windows only."""
+    model = on_grid(nn.Sequential(
+        QConv2d(3, 8, 3, padding=1, **SIGN),
+        nn.MaxPool2d(kernel, stride, padding, ceil_mode=True), nn.BatchNorm2d(8),
+        QConv2d(8, 8, 3, padding=1, **SIGN), nn.Flatten(1),
+    ), 4)
+    x = integer_input(2, 3, *size, seed=4)
+    assert "max_pool_bits" in [n["op"] for n in engine.pack(model, x).graph["nodes"]]
+    onebit.export_onnx(model, x, tmp_path / "bits.onnx", strict=True)
+    assert torch.equal(run_onnx(tmp_path / "bits.onnx", x), model(x))
+    assert assert_shapes_are_as_inferred(tmp_path / "bits.onnx", x) >= 10
+
+
 def test_circular_padding_has_no_onnx_form_and_says_so(tmp_path):
     model = nn.Sequential(QConv2d(3, 4, 3, padding=1, padding_mode="circular", **SIGN)).eval()
     with pytest.warns(engine.FallbackWarning), pytest.raises(OnnxExportError, match="circular"):

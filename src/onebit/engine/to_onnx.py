@@ -73,6 +73,29 @@ def _onnx():
     return onnx, helper, numpy_helper
 
 
+def _pool_geometry(size: tuple[int, int], a: dict) -> list[dict]:
+    """Per spatial dimension of a pool (``kernel_size``, ``stride``, ``padding``, ``dilation``,
+    ``ceil_mode`` of ``a``) on an input of ``size``: torch's window count ``out``, whether torch's
+    last window is the partial one that ``ceil_mode`` adds (``partial``), and, for ONNX's ceil
+    formula to give exactly the floor formula's windows, the ``crop`` length of the input (None:
+    all of it) and the ``end_pad`` (see :meth:`_Exporter.pool`)."""
+    dims = []
+    for i, length in enumerate(size):
+        k, s, p = a["kernel_size"][i], a["stride"][i], a["padding"][i]
+        extent = a.get("dilation", [1, 1])[i] * (k - 1) + 1
+        span = length + 2 * p - extent
+        floor_out = span // s + 1
+        out = floor_out
+        if a["ceil_mode"]:
+            out = -(-span // s) + 1
+            if (out - 1) * s >= length + p:  # torch: the last window must start before the end padding
+                out -= 1
+        end = (floor_out - 1) * s + extent - p  # where the floor formula's last window ends (input coordinates)
+        dims.append({"out": out, "partial": out > floor_out, "padding": p,
+                     "crop": end if end < length else None, "end_pad": max(end - length, 0)})
+    return dims
+
+
 class _Builder:
     """Collects ONNX nodes and initializers with unique names."""
 
@@ -118,6 +141,7 @@ class _Exporter:
     def __init__(self, packed, example: torch.Tensor):
         self.b = _Builder()
         self.graph = packed.graph
+        self.nodes = {node["name"]: node for node in packed.graph["nodes"]}
         self.tensors = packed.named_graph_tensors()
         self.value: dict[str, str] = {}  # graph value -> ONNX tensor name
         self.shape: dict[str, tuple[int, ...]] = {}  # graph value -> logical shape (+-1 NCHW for packed)
@@ -126,6 +150,16 @@ class _Exporter:
         self.example = example
 
     # -- helpers ------------------------------------------------------------
+
+    def spatial_size(self, value: str) -> tuple[int, int]:
+        """H, W of a graph value: a float ``[N, C, H, W]``, or a packed ``[N, H + 2 ph, W + 2 pw, G, Wg]``
+        stored with its producer's padding (``padding`` of a ``pack``, ``out_padding`` of the others)."""
+        if value in self.shape:
+            return tuple(self.shape[value][2:])
+        attrs = self.nodes[value]["attrs"]
+        ph, pw = attrs["out_padding"] if "out_padding" in attrs else attrs["padding"]
+        stored = self.run[value].shape
+        return stored[1] - 2 * ph, stored[2] - 2 * pw
 
     def roles(self, node: dict) -> dict[str, torch.Tensor]:
         return {role: self.tensors[key] for role, key in node.get("tensors", {}).items()}
@@ -325,10 +359,10 @@ class _Exporter:
         flips = torch.cat([unpack_bits(roles["or_mask"][k], cg) for k in range(g)])
         m = _channel(self.b, torch.where(flips, -1.0, 1.0), 4, f"{name}_flip")
         flipped = self.b.op("Mul", [xs[0], m], f"{name}_in")
-        ph, pw = a["padding"]
-        pooled = self.b.op("MaxPool", [flipped], f"{name}_max", kernel_shape=list(a["kernel_size"]),
-                           strides=list(a["stride"]), pads=[ph, pw, ph, pw], dilations=list(a["dilation"]),
-                           ceil_mode=int(a["ceil_mode"]))
+        oph, opw = a["out_padding"]
+        out = (self.run[name].shape[1] - 2 * oph, self.run[name].shape[2] - 2 * opw)  # the engine's pooled H, W
+        pooled = self.pool("MaxPool", flipped, a, self.spatial_size(node["inputs"][0]), out, f"{name}_max",
+                           dilations=list(a["dilation"]))
         return self.b.op("Mul", [pooled, m], name)
 
     def _binary_linear_acc(self, node, a, xs, name):
@@ -500,19 +534,42 @@ class _Exporter:
                                       ("var", roles["running_var"]))]
         return self.b.op("BatchNormalization", ins, name, epsilon=float(a["eps"]))
 
-    def _pool_pads(self, a):
-        ph, pw = a["padding"]
-        return [ph, pw, ph, pw]
+    def pool(self, op_type: str, x: str, a: dict, size: tuple, out: tuple, base: str, **attrs) -> str:
+        """A ``MaxPool`` / ``AveragePool`` of torch's windows on an input of spatial ``size`` (``out``:
+        the engine's pooled size, which torch's formula gives).
+
+        torch's ``ceil_mode`` adds a last, partial window only where it starts inside the input or the
+        start padding (``(out - 1) * stride < L + padding``); ONNX's formula (``ceil((L + 2 p - d (k - 1) - 1)
+        / s) + 1``, opset 18, and onnx's shape inference) keeps one that starts in the end padding too,
+        while onnxruntime's kernel drops it as torch does. So no node is written where the two differ:
+        per dimension, torch's windows are the floor formula's, or those plus one partial window, which
+        ONNX's ceil formula gives exactly. ``ceil_mode`` is set only when some dimension has the partial
+        window; a dimension without it then gets an exact fit, the input cropped after its last window's
+        end, or that window's end as the end padding (never more than ``padding``), so that ceil and
+        floor agree there. The windows, their elements and their divisors are torch's."""
+        b, dims = self.b, _pool_geometry(size, a)
+        ceil = any(d["partial"] for d in dims)
+        pads_end = []
+        for axis, d in zip((2, 3), dims):
+            end_pad, crop = (d["end_pad"], d["crop"]) if ceil and not d["partial"] else (d["padding"], None)
+            if crop is not None:
+                x = b.op("Slice", [x, b.const([0], np.int64), b.const([crop], np.int64), b.const([axis], np.int64)],
+                         f"{base}_crop{axis}")
+            pads_end.append(end_pad)
+        pads = [dims[0]["padding"], dims[1]["padding"], *pads_end]
+        if [d["out"] for d in dims] != list(out):  # pragma: no cover - torch's formula, as the engine computed it
+            raise OnnxExportError(f"'{base}': pooled size {[d['out'] for d in dims]} is not the engine's {list(out)}")
+        return b.op(op_type, [x], base, kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]), pads=pads,
+                    ceil_mode=int(ceil), **attrs)
 
     def op_max_pool2d(self, node, a, xs, name):
-        return self.b.op("MaxPool", xs, name, kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]),
-                         pads=self._pool_pads(a), dilations=list(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+        return self.pool("MaxPool", xs[0], a, self.shape[node["inputs"][0]][2:], self.shape[name][2:], name,
+                         dilations=list(a["dilation"]))
 
     def op_avg_pool2d(self, node, a, xs, name):
         if a["divisor_override"] is not None:
             raise OnnxExportError(f"node {name!r}: AvgPool2d(divisor_override=...) has no ONNX form")
-        return self.b.op("AveragePool", xs, name, kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]),
-                         pads=self._pool_pads(a), ceil_mode=int(a["ceil_mode"]),
+        return self.pool("AveragePool", xs[0], a, self.shape[node["inputs"][0]][2:], self.shape[name][2:], name,
                          count_include_pad=int(a["count_include_pad"]))
 
     def _adaptive(self, node, a, xs, name, kind):
