@@ -460,6 +460,31 @@ def test_a_ceil_mode_max_pool_of_bits_gives_torchs_windows(kernel, stride, paddi
     assert assert_shapes_are_as_inferred(tmp_path / "bits.onnx", x) >= 10
 
 
+@pytest.mark.parametrize("name", ["mixed", "lenet_binary", "bitlinear", "ceil_pools"])
+def test_an_empty_batch_exports_and_runs(name, tmp_path):
+    """A batch-0 example exports (only its other dimensions fix the graph), and the file runs batch 0:
+    an empty output of the model's shape; the same file runs any other batch as the model."""
+    from onebit.nn import BitLinear
+
+    model, shape = {
+        "mixed": (lambda: on_grid(Mixed(), 1), (3, 8, 8)),
+        "lenet_binary": (lambda: on_grid(onebit.models.create("lenet_binary", in_channels=1), 2), (1, 8, 8)),
+        "bitlinear": (lambda: nn.Sequential(BitLinear(20, 8, bias=True), BitLinear(8, 4)).eval(), (20,)),
+        "ceil_pools": (lambda: Pools([nn.MaxPool2d(2, 3, ceil_mode=True), nn.AvgPool2d(2, 2, 1, ceil_mode=True)]).eval(),
+                       (3, 6, 7)),
+    }[name]  # fmt: skip
+    model = model()
+    onebit.export_onnx(model, torch.empty(0, *shape), tmp_path / "m.onnx")
+    for batch in (0, 3):
+        x = integer_input(batch, *shape, seed=batch)
+        got, expected = run_onnx(tmp_path / "m.onnx", x), model(x)
+        got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+        assert len(got) == len(expected)
+        for y, ref in zip(got, expected):
+            assert y.shape == ref.shape and y.shape[0] == batch
+            assert torch.equal(y, ref) if name != "bitlinear" else torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_circular_padding_has_no_onnx_form_and_says_so(tmp_path):
     model = nn.Sequential(QConv2d(3, 4, 3, padding=1, padding_mode="circular", **SIGN)).eval()
     with pytest.warns(engine.FallbackWarning), pytest.raises(OnnxExportError, match="circular"):

@@ -692,14 +692,19 @@ def export_onnx(
 
     The model is lowered as :func:`onebit.engine.pack` lowers it (``strict`` as there), so
     binary layers give bit-identical outputs in onnxruntime and float layers equal ones up to
-    float rounding. Written atomically. Raises :class:`OnnxExportError` for an op with no
-    standard-ONNX form at ``opset`` (>= 18).
+    float rounding. The file takes any batch size, 0 included; ``example_input`` may be an empty
+    batch (its other dimensions fix the graph). Written atomically. Raises :class:`OnnxExportError`
+    for an op with no standard-ONNX form at ``opset`` (>= 18).
     """
     onnx, helper, _ = _onnx()
     from onebit.engine.packed import PackedModel, pack
 
     if not isinstance(opset, int) or opset < DEFAULT_OPSET:
         raise OnnxExportError(f"export_onnx: opset must be an integer >= {DEFAULT_OPSET}, got {opset!r}")
+    if isinstance(example_input, torch.Tensor) and example_input.dim() >= 1 and example_input.shape[0] == 0:
+        # an empty batch: the graph is built on one zero sample (only the other dimensions fix it; the
+        # batch dimension of the file is free, so it runs batch 0 as any other)
+        example_input = torch.zeros((1, *example_input.shape[1:]), dtype=example_input.dtype)
     packed = model if isinstance(model, PackedModel) else pack(model, example_input, strict=strict)
     packed._check_input(example_input)
     exporter = _Exporter(packed, example_input)
