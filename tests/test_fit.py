@@ -91,6 +91,49 @@ def test_fit_refuses_bad_data_with_a_clear_error():
         onebit.fit(model, TwoBlobs(8, 0), TwoBlobs(8, 1), epochs=1, lerning_rate=0.1)
 
 
+def test_fit_streams_a_map_style_dataset_through_loader_workers_to_the_same_weights(tmp_path):
+    def run(workers):
+        torch.manual_seed(0)
+        model = MyBinaryNet()
+        history = onebit.fit(model, TwoBlobs(200, 0), TwoBlobs(64, 1), epochs=2, batch_size=32, seed=1,
+                             loader_workers=workers)
+        return model, history
+
+    gathered, h0 = run(0)
+    streamed, h2 = run(2)
+    assert [r["train_loss"] for r in h0] == [r["train_loss"] for r in h2]
+    for (name, a), (_, b) in zip(gathered.state_dict().items(), streamed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+class Labelled(Dataset):
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.zeros(2, 6, 6), self.labels[i]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_fit_refuses_labels_that_are_not_classes(workers):
+    model = MyBinaryNet()
+    with pytest.raises(ValueError, match=r"labels must be integer classes; item 2 has 2\.9"):
+        onebit.fit(model, Labelled([0, 1, 2.9, 3]), TwoBlobs(8, 0), epochs=1, loader_workers=workers)
+    with pytest.raises(ValueError, match="train_data has label 7, but num_classes is 4"):
+        onebit.fit(model, Labelled([0, 1, 7, 3]), TwoBlobs(8, 0), epochs=1, num_classes=4, loader_workers=workers)
+    with pytest.raises(ValueError, match="non-negative"):
+        onebit.fit(model, Labelled([0, -1, 2, 3]), TwoBlobs(8, 0), epochs=1, loader_workers=workers)
+
+
+def test_a_last_batch_of_one_example_is_dropped_not_fatal(tmp_path):
+    model = MyBinaryNet()  # BatchNorm in training refuses a batch of one
+    history = onebit.fit(model, TwoBlobs(65, 0), TwoBlobs(16, 1), epochs=2, batch_size=64, out=tmp_path / "run")
+    assert len(history) == 2 and (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
 def test_train_takes_a_model_from_a_python_file(tmp_path):
     import subprocess
     import sys

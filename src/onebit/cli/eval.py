@@ -22,6 +22,8 @@ def register(commands) -> None:
     p.add_argument("--image-size", type=integer(1, 4096), default=None, help="resize images (default: as in the run)")
     p.add_argument("--batch-size", type=integer(1), default=256)
     p.add_argument("--topk", type=integer(1), default=5)
+    p.add_argument("--loader-workers", type=integer(0, 256), default=0,
+                   help="worker processes decoding the images (0: in this process)")
     p.add_argument("--weights", default=None, metavar="REF", help=WEIGHTS_HELP)
     p.set_defaults(run=run)
 
@@ -39,6 +41,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     import torch.nn.functional as F
 
     from onebit import data as datasets
+    from onebit.data.loader import IndexBatches, make_loader
     from onebit.cli import UsageError
     from onebit.cli.export import load_model
     from onebit.models.weights import is_hub_ref, is_pushed_folder
@@ -71,18 +74,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if source is None:
         raise ValueError(f"--data is required: no run configuration found beside {args.source}")
     image_size = args.image_size or (meta or {}).get("config", {}).get("image_size")
-    bundle = datasets.load(source, image_size=image_size)
-    x_all, y_all = bundle.test.tensors
+    stats = {"mean": meta.get("mean"), "std": meta.get("std")} if meta and meta.get("std") else {}
+    bundle = datasets.load(source, image_size=image_size, **stats)  # normalized as the run was trained
     k = min(args.topk, bundle.num_classes)
+    test = bundle.test
+    loader = make_loader(test, IndexBatches(torch.arange(len(test)), args.batch_size), args.loader_workers)
     loss, correct, topk, start = 0.0, 0, 0, time.perf_counter()
     with torch.no_grad():
-        for i in range(0, len(y_all), args.batch_size):
-            x, y = x_all[i : i + args.batch_size], y_all[i : i + args.batch_size]
-            logits = torch.as_tensor(model(x)).float()
+        for x, y in loader:
+            logits = _scores(model(x), args.source, len(y), bundle.num_classes)
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
             topk += int((logits.topk(k, dim=1).indices == y[:, None]).any(1).sum())
-    n = len(y_all)
+    n = len(test)
     seconds = time.perf_counter() - start
     console.print(
         f"{kind} on {bundle.name} test ({n} images): loss {loss / n:.4f}, top-{k} accuracy {topk / n:.4f}, "
@@ -91,3 +95,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(f"accuracy: {correct / n:.4f}", highlight=False)
     return 0
+
+
+def _scores(output, source: str, n: int, num_classes: int):
+    """The model's output as float class scores ``[n, classes]``, or a one-line error naming ``source``."""
+    import torch
+
+    if isinstance(output, (tuple, list)) or not hasattr(output, "shape"):
+        raise ValueError(f"{source}: returns a {type(output).__name__}; onebit eval needs one tensor of class scores [N, classes]")
+    scores = torch.as_tensor(output).float()
+    if scores.dim() != 2 or scores.shape[0] != n:
+        raise ValueError(f"{source}: gives outputs of shape {list(scores.shape)} for {n} images; "
+                         "onebit eval needs class scores [N, classes]")
+    if scores.shape[1] < num_classes:
+        raise ValueError(f"{source}: scores {scores.shape[1]} classes, but the data has {num_classes} "
+                         "(evaluate it on the data it was trained on, or give --data)")
+    return scores

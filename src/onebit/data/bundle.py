@@ -53,9 +53,10 @@ class ToUnit:
 class Split(Dataset):
     """One split as a model sees it: ``split[i] = (transform(source[i].image), label)``."""
 
-    def __init__(self, source: ImageSource, transform: T.Compose, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, source: ImageSource, transform: T.Compose, mean: torch.Tensor | None = None,
+                 std: torch.Tensor | None = None):
         self.source, self.transform = source, transform
-        self.mean, self.std = mean, std  # float32 [C]
+        self.mean, self.std = mean, std  # float32 [C], or None: not normalized
 
     def __len__(self) -> int:
         return len(self.source)
@@ -78,6 +79,8 @@ class Split(Dataset):
         if self.in_memory:
             images, labels = self.source.batch(indices)
             x = images.to(torch.float32) / self.source.scale if images.dtype == torch.uint8 else images
+            if self.mean is None:
+                return x, labels
             return (x - self.mean[None, :, None, None]) / self.std[None, :, None, None], labels
         items = [self[int(i)] for i in indices]
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.int64)
@@ -121,7 +124,8 @@ class DataBundle:
     def train_transform(self, augment: Augment) -> T.Compose:
         """The per-sample training pipeline for ``augment``: a random resized crop of the decoded
         image, or its evaluation-size image (``fit``) randomly translated; flips; normalization."""
-        unit, normalize = ToUnit(self.train.source.scale), T.Normalize(self.mean, self.std)
+        unit = ToUnit(self.train.source.scale)
+        normalize = T.Normalize(self.mean, self.std) if self.mean else T.Compose([])  # a user's data: as it is
         steps: list = []
         if augment.resized_crop:
             steps.append(T.RandomResizedCrop(self.size))

@@ -41,13 +41,13 @@ class ImageSource(Dataset):
 
 class ArrayDataset(ImageSource):
     """Images ``[N, C, H, W]`` in memory (uint8 with ``scale`` 255 or 16, or float32 with ``scale`` 1)
-    and labels ``[N]``."""
+    and labels ``[N]`` (other inputs ``[N, C, ...]`` too, e.g. a user's own data)."""
 
     in_memory = True
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, scale: float = 255.0):
-        if images.dim() != 4:
-            raise ValueError(f"images must be [N, C, H, W], got shape {list(images.shape)}")
+        if images.dim() < 2:
+            raise ValueError(f"images must be [N, C, ...], got shape {list(images.shape)}")
         if len(images) != len(labels):
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
         self.images, self.labels, self.scale = images, labels.to(torch.int64), float(scale)
@@ -55,7 +55,7 @@ class ArrayDataset(ImageSource):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return (int(self.images.shape[2]), int(self.images.shape[3]))
+        return tuple(int(v) for v in self.images.shape[2:])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
