@@ -534,3 +534,43 @@ sys.exit(main(sys.argv[1:]))
     warning = [line for line in result.stderr.splitlines() if "warning" in line]
     assert len(warning) == 1 and "5.00e-01 away from the model's" in warning[0] and "more than float rounding" in warning[0]
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_eval_of_an_onnx_file_on_a_size_it_cannot_take_says_so_in_one_line(lenet_run):
+    """`onebit eval m.onnx --image-size 9` for a file exported at 8x8: one error line naming the file,
+    the shape it expects and the one it got (as for the packed file), no onnxruntime traceback."""
+    path = lenet_run / "model_8x8.onnx"
+    assert onebit_cli("export", str(lenet_run), "--out", str(path)).returncode == 0
+    result = onebit_cli("eval", str(path), "--image-size", "9")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0]
+    assert "expected an input of shape [batch, 1, 8, 8], got [" in lines[0] and ", 1, 9, 9]" in lines[0]
+
+
+def test_onnxruntime_errors_are_one_line_input_errors(tmp_path):
+    """An input of the declared shape that onnxruntime still cannot run (here a Reshape of 3 x 3
+    values to rows of 4) and an input of another shape: both InputError, one line, the file named."""
+    helper, T = onnx.helper, onnx.TensorProto
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["output"])], "g",
+        [helper.make_tensor_value_info("input", T.FLOAT, ["batch", 3])], [helper.make_tensor_value_info("output", T.FLOAT, None)],
+        initializer=[onnx.numpy_helper.from_array(torch.tensor([-1, 4]).numpy(), "shape")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    path = tmp_path / "rows_of_4.onnx"
+    onnx.save(model, path)
+    runner = load_onnx(path)
+    assert runner(torch.zeros(4, 3)).shape == (3, 4)
+    with pytest.raises(engine.InputError) as error:
+        runner(torch.zeros(3, 3))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path}: onnxruntime cannot run the input of shape [3, 3] "
+                                                       "(the file expects [batch, 3]): ")
+    with pytest.raises(engine.InputError, match=r"expected an input of shape \[batch, 3\], got \[2, 5\]$"):
+        runner(torch.zeros(2, 5))
+    with pytest.raises(engine.InputError, match="expected an input of shape"):
+        runner(torch.zeros(3))
+    with pytest.raises(TypeError, match="float32"):
+        runner(torch.zeros(3, 3, dtype=torch.float64))
