@@ -67,12 +67,12 @@ void pack_activations_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t 
                            ptr<uint64_t>(out), threads);
 }
 
-void pack_integer_planes_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
+bool pack_integer_planes_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
                              int64_t sH, int64_t sW, int64_t ph, int64_t pw, int64_t groups, bool symmetric, int bits,
                              float clip, uintptr_t out, int threads) {
   require(x != 0 && out != 0, "pack_integer_planes: null tensor");
   nb::gil_scoped_release release;
-  onebit::pack_integer_planes(ptr<const float>(x), N, C, H, W, sN, sC, sH, sW, ph, pw, groups, symmetric, bits, clip,
+  return onebit::pack_integer_planes(ptr<const float>(x), N, C, H, W, sN, sC, sH, sW, ph, pw, groups, symmetric, bits, clip,
                               ptr<uint64_t>(out), threads);
 }
 
@@ -255,7 +255,7 @@ NB_MODULE(_C, m) {
   m.def("pack_integer_planes_raw", &pack_integer_planes_raw, "x"_a, "N"_a, "C"_a, "H"_a, "W"_a, "sN"_a, "sC"_a,
         "sH"_a, "sW"_a, "ph"_a, "pw"_a, "groups"_a, "symmetric"_a, "bits"_a, "clip"_a, "out"_a, "threads"_a,
         "Low level (addresses): k-bit activation levels of float [N, C, H, W] as packed +-1 bit planes "
-        "[N, H+2ph, W+2pw, P*G, Wg]. Use onebit.engine.kernels.pack_integer_planes.");
+        "[N, H+2ph, W+2pw, P*G, Wg]; returns whether x holds a NaN. Use onebit.engine.kernels.pack_integer_planes.");
   m.def("combine_planes_raw", &combine_planes_raw, "y"_a, "pixels"_a, "Pa"_a, "G"_a, "Pw"_a, "Cog"_a, "coeff"_a,
         "offset"_a, "exact_divisor"_a, "divisor"_a, "scale"_a, "bias"_a, "out"_a, "threads"_a,
         "Low level (addresses): the weighted sum of a stacked bit-plane conv's plane pairs, then / divisor * scale "

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -143,6 +143,94 @@ def test_kbit_linear_packs_bit_identical(act, wq):
         assert torch.equal(packed(x), model(x))
 
 
+def same_with_nans(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, NaN where the other is NaN."""
+    nan = torch.isnan(a)
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan])
+
+
+def with_nans(x: torch.Tensor, gen: torch.Generator, count: int) -> torch.Tensor:
+    """``x`` with ``count`` NaN (and as many infinities, which the quantizers clamp) at random positions."""
+    x = x.clone()
+    flat = x.view(-1)
+    for value in (float("inf"), -float("inf"), float("nan")):
+        for _ in range(count if value != value else max(1, count // 2)):
+            flat[torch.randint(0, flat.numel(), (1,), generator=gen)] = value
+    return x
+
+
+@pytest.mark.usefixtures("restore_isa_and_threads")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(sorted(INPUTS)), st.sampled_from(sorted(WEIGHTS)), st.sampled_from([1, 2, 3]), st.integers(1, 3),
+    st.tuples(st.integers(1, 4), st.integers(1, 4)), st.integers(0, 2), st.integers(1, 2), st.integers(1, 2),
+    st.sampled_from(["nchw", "channels_last", "strided"]), st.integers(1, 4), st.integers(0, 2**31 - 1),
+)  # fmt: skip
+def test_nan_inputs_give_nan_where_the_model_gives_nan(act, wq, groups, n, k, pad, stride, dilation, layout, nans, seed):
+    """A NaN input is NaN after every k-bit input quantizer: the model's float conv of the integers is
+    NaN at every output reading it (any weight level, 0 included); the packed layer too, in every layout."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    layer = QConv2d(5 * groups, 3 * groups, k, stride=stride, padding=pad, dilation=dilation, groups=groups,
+                    input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]())  # fmt: skip
+    model = nn.Sequential(layer).eval()
+    h, w = dilation * (k[0] - 1) + 1 + torch.randint(0, 5, (1,), generator=gen).item(), dilation * (k[1] - 1) + 3
+    x = with_nans(torch.randn(n, 5 * groups, h, w, generator=gen) * 1.5, gen, nans)
+    x = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+         "strided": torch.zeros(n, 5 * groups, h, 2 * w).index_copy_(3, torch.arange(0, 2 * w, 2), x)[..., ::2]}[layout]  # fmt: skip
+    packed = pack_strict(model, torch.randn(1, 5 * groups, h, w))
+    assert [node["op"] for node in packed.graph["nodes"]] == ["bitplane_conv2d"]
+    with torch.no_grad():
+        want = model(x)
+        assume(bool(torch.isnan(want).any()))  # a NaN some output reads (a stride may skip it)
+        for isa in _C.supported_isas():
+            _C.set_isa(isa)
+            assert same_with_nans(packed(x), want), isa
+        with engine.use_backend("reference"):
+            assert same_with_nans(packed(x), want)
+
+
+@pytest.mark.parametrize("act", ["dorefa2", "sym2", "sym3"])
+@pytest.mark.parametrize("wq", ["sign", "ternary", "dorefa_weight2"])
+def test_nan_tokens_give_nan_rows_in_kbit_linear_layers(act, wq):
+    torch.manual_seed(4)
+    model = nn.Sequential(QLinear(40, 12, input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]())).eval()
+    x = torch.randn(6, 40)
+    x[1, 7] = x[4, 0] = float("nan")
+    x[2, 3] = float("inf")
+    packed = pack_strict(model, x)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.isnan(want).any(dim=1).tolist() == [False, True, False, False, True, False]
+        for backend in ("native", "reference"):
+            with engine.use_backend(backend):
+                assert same_with_nans(packed(x), want), backend
+
+
+@pytest.mark.usefixtures("restore_isa_and_threads")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_the_plane_packer_says_whether_its_input_holds_a_nan(layout):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 70, 5, 2 * 6, generator=gen)
+    x = {"nchw": x[..., :6].contiguous(), "channels_last": x[..., :6].contiguous(memory_format=torch.channels_last),
+         "strided": x[..., ::2]}[layout]  # fmt: skip
+    for isa in _C.supported_isas():
+        _C.set_isa(isa)
+        for symmetric in (True, False):
+            for poke in (None, (0, 0, 0, 0), (1, 69, 4, 5), (1, 33, 2, 3)):
+                y = x.clone() if layout != "strided" else x * 1.0
+                y = y.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else y
+                if layout == "strided":
+                    y = torch.zeros(2, 70, 5, 12).index_copy_(3, torch.arange(0, 12, 2), y)[..., ::2]
+                if poke is not None:
+                    y[poke] = float("nan")
+                y[0, 1, 1, 1] = float("inf")
+                planes, nan = K.pack_integer_planes_nan(y, (1, 1), 2, symmetric=symmetric, bits=2, clip=1.0)
+                assert nan is (poke is not None), (isa, symmetric, poke)
+                if poke is None:
+                    assert torch.equal(planes, K.pack_integer_planes(y, (1, 1), 2, symmetric=symmetric, bits=2))
+
+
 def kbit_net() -> nn.Module:
     torch.manual_seed(5)
     return nn.Sequential(
@@ -269,3 +357,5 @@ def test_kbit_packed_model_through_torch_export():
     program = torch.export.export(packed, (x,))
     with torch.no_grad():
         assert torch.equal(program.module()(x), model(x))
+        x[1, 2, 3, 4] = float("nan")  # the exported program keeps the model's NaN too
+        assert bool(torch.isnan(model(x)).any()) and same_with_nans(program.module()(x), model(x))

@@ -23,12 +23,25 @@
 namespace onebit {
 namespace {
 
-// Level indices of `count` values with stride `stride` (the loop the compiler vectorizes).
+// |x|'s bit pattern, an integer above that of infinity (0x7f800000) exactly for a NaN
+inline uint32_t magnitude_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits & 0x7fffffffu;
+}
+
+// Level indices of `count` values with stride `stride` (the loop the compiler vectorizes); returns
+// whether one of them is NaN (whose index is meaningless: the caller makes the layer's outputs that
+// read it NaN). The test is an integer max of the magnitudes' bit patterns: a few vector integer
+// operations, no float compare to widen into a mask.
 ONEBIT_VECTOR_CLONES
-void level_indices(const float* x, int64_t count, int64_t stride, bool symmetric, float n, float clip, uint8_t* q) {
+bool level_indices(const float* x, int64_t count, int64_t stride, bool symmetric, float n, float clip, uint8_t* q) {
+  uint32_t top = 0;
   if (symmetric) {
     for (int64_t k = 0; k < count; ++k) {
       float v = x[k * stride];
+      const uint32_t m = magnitude_bits(v);
+      top = m > top ? m : top;
       v = v < -clip ? -clip : (v > clip ? clip : v);
       float u = v / clip;
       u = u + 1.0f;
@@ -41,12 +54,15 @@ void level_indices(const float* x, int64_t count, int64_t stride, bool symmetric
     const float magic = 8388608.0f;  // 2^23: (v + 2^23) - 2^23 rounds 0 <= v < 2^23 half to even
     for (int64_t k = 0; k < count; ++k) {
       float v = x[k * stride];
+      const uint32_t m = magnitude_bits(v);
+      top = m > top ? m : top;
       v = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
       v = v * n;
       const float r = v + magic;  // no -ffast-math: never reassociated away
       q[k] = static_cast<uint8_t>(static_cast<int32_t>(r - magic));
     }
   }
+  return top > 0x7f800000u;
 }
 
 // Plane i of level indices as +-1 floats.
@@ -81,7 +97,7 @@ void combine_pixel(const int32_t* src, int64_t Pa, int64_t G, int64_t Pw, int64_
 
 }  // namespace
 
-void pack_integer_planes(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
+bool pack_integer_planes(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
                          int64_t sH, int64_t sW, int64_t ph, int64_t pw, int64_t G, bool symmetric, int bits,
                          float clip, uint64_t* out, int threads) {
   if (bits < 1 || bits > 8) throw std::invalid_argument("pack_integer_planes: bits must be in [1, 8]");
@@ -102,10 +118,11 @@ void pack_integer_planes(const float* x, int64_t N, int64_t C, int64_t H, int64_
                      (sC == 1 && sW == C && sH == W * C && sN == H * W * C);
   std::vector<uint8_t> all_q(dense ? static_cast<size_t>(total) : 0);
   const int chunks = static_cast<int>(std::min<int64_t>(rows, 4 * std::max(threads, 1)));
+  std::vector<uint8_t> nan(static_cast<size_t>(std::max(chunks, 1)), 0);  // per chunk: a NaN was seen
   if (dense) {
     parallel_chunks(std::max(1, std::min(threads, chunks)), chunks, [&](int chunk) {
       const int64_t e0 = total * chunk / chunks, e1 = total * (chunk + 1) / chunks;
-      level_indices(x + e0, e1 - e0, 1, symmetric, n, clip, all_q.data() + e0);
+      nan[chunk] = level_indices(x + e0, e1 - e0, 1, symmetric, n, clip, all_q.data() + e0);
     });
   }
   parallel_chunks(std::max(1, std::min(threads, chunks)), chunks, [&](int chunk) {
@@ -123,8 +140,8 @@ void pack_integer_planes(const float* x, int64_t N, int64_t C, int64_t H, int64_
         const float* row = x + nn * sN + h * sH;
         for (int64_t w = 0; w < W; ++w)
           for (int64_t c = 0; c < C; ++c)
-            level_indices(row + w * sW + c * sC, 1, 1, symmetric, n, clip,
-                          q.data() + (channels_contiguous ? w * C + c : c * W + w));
+            nan[chunk] |= level_indices(row + w * sW + c * sC, 1, 1, symmetric, n, clip,
+                                        q.data() + (channels_contiguous ? w * C + c : c * W + w));
       }
       uint64_t* dst = out + ((nn * Hp + h + ph) * Wp + pw) * px;
       for (int64_t i = 0; i < P; ++i) {
@@ -140,6 +157,7 @@ void pack_integer_planes(const float* x, int64_t N, int64_t C, int64_t H, int64_
       }
     }
   });
+  return std::any_of(nan.begin(), nan.end(), [](uint8_t v) { return v != 0; });
 }
 
 void combine_planes(const int32_t* y, int64_t pixels, int64_t Pa, int64_t G, int64_t Pw, int64_t Cog,

@@ -9,7 +9,8 @@
 //   symmetric ("dorefa_sym"):  q = floor((clamp(x, -c, c) / c + 1) / 2 * n + 1/2) (levels 2 q - n)
 // and plane i is +1 where bit i of q is set (packed bit 0), -1 where it is clear (packed bit 1).
 // Padding: -1 in every plane for unsigned levels (their zero), all-clear words (+1, corrected
-// to 0 by the conv) for symmetric ones.
+// to 0 by the conv) for symmetric ones. Returns whether x holds a NaN (its planes are then
+// meaningless: the layer's outputs that read it are NaN, see bitplanes.py).
 //
 // combine_planes: the stacked conv's int32 output [pixels, P_a, G, P_w, Cog] ->
 //   float out[pixel, g * Cog + c] = fl(fl(fl(acc / divisor) * scale) + bias),
@@ -20,7 +21,7 @@
 
 namespace onebit {
 
-void pack_integer_planes(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
+bool pack_integer_planes(const float* x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC,
                          int64_t sH, int64_t sW, int64_t ph, int64_t pw, int64_t G, bool symmetric, int bits,
                          float clip, uint64_t* out, int threads);
 

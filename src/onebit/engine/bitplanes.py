@@ -32,6 +32,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from onebit import quant
 from onebit.engine import ops
@@ -40,7 +41,7 @@ from onebit.quant_lowbit import DoReFaSymmetric, Ternary, symmetric_integers
 
 __all__ = [
     "PlaneCode", "input_code", "weight_code", "integer_input", "stack_weight_planes", "activation_planes",
-    "bitplane_conv2d_int", "bitplane_layer",
+    "bitplane_conv2d_int", "bitplane_layer", "nan_where_read",
 ]  # fmt: skip
 
 #: the most activation / weight planes a layer is run with by planes (more: a float conv is faster)
@@ -302,15 +303,49 @@ def bitplane_layer(
         x_int = integer_input(x, quantizer, act.bits, clip)
         acc = bitplane_conv2d_int(x_int, stacked_weight, plane_sums, act=act, weight=weight, in_channels=in_channels,
                                   out_channels=out_channels, groups=groups, cache=cache, **conv)  # fmt: skip
-        return scale_and_bias(acc / input_divisor, scale, bias, spatial_dims=2)
-    from onebit.engine import kernels as K
+        y = scale_and_bias(acc / input_divisor, scale, bias, spatial_dims=2)
+        traced = type(x) is not torch.Tensor or torch.compiler.is_compiling()
+        nan = None if traced else bool(torch.isnan(x).any())
+    else:
+        from onebit.engine import kernels as K
 
-    xp = K.pack_integer_planes(x, padding, groups, symmetric=act.kind == "symmetric", bits=act.bits, clip=clip)
-    y = ops.binary_conv2d_int(
-        xp, stacked_weight, in_channels=in_channels * pa, out_channels=pa * pw * out_channels, groups=groups * pa,
-        pad_value=act.pad_value, cache=cache, **conv,
-    )  # fmt: skip
-    return K.combine_planes(
-        y, _coefficient_tensor(act, weight), offset_term(act, weight, plane_sums), act_planes=pa, groups=groups, weight_planes=pw, exact_divisor=act.divisor * weight.divisor,
-        divisor=input_divisor, scale=scale, bias=bias,
-    )  # fmt: skip
+        xp, nan = K.pack_integer_planes_nan(x, padding, groups, symmetric=act.kind == "symmetric", bits=act.bits,
+                                            clip=clip)  # fmt: skip
+        y = ops.binary_conv2d_int(
+            xp, stacked_weight, in_channels=in_channels * pa, out_channels=pa * pw * out_channels, groups=groups * pa,
+            pad_value=act.pad_value, cache=cache, **conv,
+        )  # fmt: skip
+        y = K.combine_planes(
+            y, _coefficient_tensor(act, weight), offset_term(act, weight, plane_sums), act_planes=pa, groups=groups,
+            weight_planes=pw, exact_divisor=act.divisor * weight.divisor, divisor=input_divisor, scale=scale, bias=bias,
+        )  # fmt: skip
+    if nan is False:  # the kernel's pass over x saw no NaN: nothing more to do
+        return y
+    return nan_where_read(y, x, groups=groups, **conv)  # a NaN (or, traced, perhaps one)
+
+
+def nan_where_read(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """``y`` (a conv of ``x``'s quantized integers) with NaN at every output that reads a NaN of ``x``.
+
+    The quantizers keep a NaN (``clamp`` and ``round`` of NaN are NaN), so the model's float conv
+    of the integers is NaN at every output channel of a group whose window (kernel, stride,
+    dilation; a zero-padded position is no NaN) holds a NaN in one of that group's input channels,
+    and finite elsewhere: the same positions here, the others untouched (the integer planes of the
+    other inputs are exact). The window test is a max pool of the group's NaN indicator."""
+    n, c, h, w = x.shape
+    ph, pw = padding
+    bad = torch.isnan(x).unflatten(1, (groups, c // groups)).any(dim=2).to(torch.float32)  # [N, G, H, W]
+    if ph or pw:
+        bad = F.pad(bad, (pw, pw, ph, ph))
+    hit = F.max_pool2d(bad, kernel_size, stride, 0, dilation) > 0  # [N, G, OH, OW]
+    hit = hit.repeat_interleave(y.shape[1] // groups, dim=1)
+    return y.masked_fill(hit, float("nan"))

@@ -924,6 +924,16 @@ def pack_integer_planes(
     return torch.ops.onebit.pack_integer_planes(x, list(padding), groups, symmetric, bits, float(clip))
 
 
+def pack_integer_planes_nan(
+    x: torch.Tensor, padding: Sequence[int], groups: int, *, symmetric: bool, bits: int, clip: float = 1.0
+) -> tuple[torch.Tensor, bool | None]:
+    """:func:`pack_integer_planes` and whether ``x`` holds a NaN (seen by the kernel in its one pass
+    over ``x``, at no extra cost), or None under tracing (unknown: assume it may)."""
+    if _direct(x):
+        return _pack_integer_planes_nan(x, list(padding), groups, symmetric, bits, clip)
+    return torch.ops.onebit.pack_integer_planes(x, list(padding), groups, symmetric, bits, float(clip)), None
+
+
 def _integer_planes_shape(x, padding, groups, bits) -> tuple:
     if not (isinstance(x, torch.Tensor) and x.dtype == _F32 and x.dim() == 4):
         raise ValueError(f"pack_integer_planes: x must be a float32 tensor [N, C, H, W], got {type(x).__name__}")
@@ -935,6 +945,10 @@ def _integer_planes_shape(x, padding, groups, bits) -> tuple:
 
 
 def _pack_integer_planes_impl(x, padding, groups, symmetric, bits, clip):
+    return _pack_integer_planes_nan(x, padding, groups, symmetric, bits, clip)[0]
+
+
+def _pack_integer_planes_nan(x, padding, groups, symmetric, bits, clip) -> tuple[torch.Tensor, bool]:
     shape = _integer_planes_shape(x, padding, groups, bits)
     if not x.is_cpu:
         raise ValueError("pack_integer_planes: x must be on the CPU")
@@ -944,10 +958,13 @@ def _pack_integer_planes_impl(x, padding, groups, symmetric, bits, clip):
         x = x.contiguous()
         sn, sc, sh, sw = x.stride()
     out = torch.empty(shape, dtype=torch.int64)
+    nan = False
     if out.numel():
-        _C.pack_integer_planes_raw(x.data_ptr(), n, c, h, w, sn, sc, sh, sw, padding[0], padding[1], groups, symmetric,
-                                   bits, float(clip), out.data_ptr(), torch.get_num_threads())  # fmt: skip
-    return out
+        nan = _C.pack_integer_planes_raw(
+            x.data_ptr(), n, c, h, w, sn, sc, sh, sw, padding[0], padding[1], groups, symmetric, bits, float(clip),
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return out, bool(nan)
 
 
 _custom_op(
