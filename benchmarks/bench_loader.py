@@ -194,7 +194,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--model", default="lenet_binary")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)

@@ -152,6 +152,10 @@ def make_conv_factory(conv_layer: str | Callable[..., nn.Module], input_quantize
             weight_quantizer = "ste_sign" if weight_quantizer is None else weight_quantizer
     else:
         layer = conv_layer
+    # "float" keeps that operand in float: binary activations with float weights (the first stage
+    # of two-stage training, Martinez et al. 2020 and ReActNet), or float inputs (NoAct)
+    input_quantizer = None if input_quantizer == "float" else input_quantizer
+    weight_quantizer = None if weight_quantizer == "float" else weight_quantizer
     accepted = _accepted(layer.func if isinstance(layer, functools.partial) else layer)
     extra: dict[str, Any] = {}
     if accepted is None or "bias" in accepted:
@@ -287,7 +291,8 @@ class ModelConstructor:
             (3x3 stride-1 conv, for 28-32 px images); the stem conv is always float.
         stem_width: stem channels; stem_act: activation after the stem's norm.
         conv_layer: the blocks' 3x3 convolution (see the module docstring).
-        input_quantizer, weight_quantizer: passed to ``conv_layer`` when it accepts them.
+        input_quantizer, weight_quantizer: passed to ``conv_layer`` when it accepts them; ``"float"``
+            keeps that operand in float (e.g. ``weight_quantizer="float"``: binary activations, float weights).
         act_fn: the blocks' activation; norm_layer: their normalization (``nn.BatchNorm2d``).
         pre_sign: Bi-Real blocks only, a module on the sign path in front of each block conv
             (``"affine"``, ``"batchnorm"`` or a factory ``f(channels)``; None: nothing).

@@ -3,7 +3,8 @@
 - ``config.model`` -> :func:`onebit.models.create` (a zoo name or ``path/to/file.py:NAME``), with
   ``config.model_kwargs``, probed with one example of the data;
 - ``config.data`` -> :func:`onebit.data.load` (a dataset name or directory);
-- ``config.optimizer`` / ``config.schedule`` -> torch optimizers (Adam, SGD, Bop) and schedulers.
+- ``config.optimizer`` / ``config.schedule`` -> torch optimizers (Adam, SGD, Bop; weight decay on float
+  parameters only) and schedulers (one-cycle, cosine, linear decay, constant).
 
 :meth:`Trainer.from_config <onebit.train.Trainer.from_config>` builds a trainer through
 :func:`build`; ``onebit train``, ``onebit demo``, ``onebit plot flips`` and resume use it.
@@ -115,7 +116,13 @@ def make_optimizers(config: TrainConfig, model: nn.Module, binary_params: list[n
             torch.optim.Adam(rest, lr=c.lr, weight_decay=c.weight_decay),
             Bop(binary_params, threshold=c.bop_threshold, gamma=c.bop_gamma),
         ]
-    params = model.parameters()
+    # weight decay pulls latent binary weights towards 0, where their sign flips for nothing: it
+    # applies to the float parameters only (as in ReActNet's recipe)
+    params: Any = model.parameters()
+    if c.weight_decay and binary_params:  # (without decay: one group, as runs written before had)
+        binary = {id(p) for p in binary_params}
+        params = [{"params": [p for p in model.parameters() if id(p) not in binary]},
+                  {"params": [p for p in model.parameters() if id(p) in binary], "weight_decay": 0.0}]
     if c.optimizer == "adam":
         return [torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)]
     return [torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)]
@@ -127,6 +134,8 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if config.schedule == "linear":  # lr * (1 - step / total): ReActNet's decay
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
     return None
 
 

@@ -22,7 +22,7 @@ from onebit.train.precision import DEVICES, PRECISIONS
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES", "MEMORY_FORMATS"]
 
 OPTIMIZERS = ("adam", "sgd", "bop")
-SCHEDULES = ("one-cycle", "cosine", "constant")
+SCHEDULES = ("one-cycle", "cosine", "linear", "constant")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 #: the options that may be None (off, or "as stored")
