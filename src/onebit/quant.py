@@ -15,6 +15,7 @@ Quantizers are registered under a short alias and resolved with :func:`get`::
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import Callable, Union
 
@@ -138,6 +139,11 @@ def _depth(obj: object, name: str) -> int | None:
     return _defined_at(type(obj), name)
 
 
+#: (class, name, methods) -> :func:`_holds` for instances that set none of them themselves (one entry
+#: per quantizer class and question)
+_HOLDS: dict[tuple, bool] = {}
+
+
 def _holds(obj: object, name: str, methods: tuple[str, ...]) -> bool:
     """``name`` (defined on ``obj``) is declared at or below every class that defines one of ``methods``."""
     own = getattr(obj, "__dict__", None)
@@ -151,9 +157,6 @@ def _holds(obj: object, name: str, methods: tuple[str, ...]) -> bool:
         holds = _HOLDS[key] = _holds_uncached(obj, name, methods)
     return holds
 
-
-#: (class, name, methods) -> :func:`_holds` for instances that set none of them themselves
-_HOLDS: dict[tuple, bool] = {}
 
 
 def _holds_uncached(obj: object, name: str, methods: tuple[str, ...]) -> bool:
@@ -182,7 +185,8 @@ def void_declaration(quantizer: object) -> str | None:
     for attribute, holds in (("is_sign", is_sign), ("sign_levels", has_sign_levels)):
         if getattr(quantizer, attribute, False) and not holds(quantizer):
             here = _depth(quantizer, attribute)
-            method = next(m for m in _DECLARES_ABOUT[attribute] if (d := _depth(quantizer, m)) is not None and d < here)
+            overridden = (m for m in _DECLARES_ABOUT[attribute] if (d := _depth(quantizer, m)) is not None and d < here)
+            method = next(overridden, "forward")
             return f"{type(quantizer).__name__} overrides {method} without declaring {attribute} again"
     return None
 
@@ -211,8 +215,6 @@ def computes_as(quantizer: object, cls: type) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _computing_names(cls: type) -> tuple[str, ...]:
-    import inspect
-
     return tuple(
         name
         for klass in cls.__mro__
@@ -225,8 +227,6 @@ def _computing_names(cls: type) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1024)
 def _keeps(sub: type, cls: type) -> bool:
-    import inspect
-
     return all(inspect.getattr_static(sub, name) is inspect.getattr_static(cls, name) for name in _computing_names(cls))
 
 
