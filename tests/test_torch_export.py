@@ -75,3 +75,23 @@ def test_models_with_layers_run_in_float_on_bit_weights_export_and_run_identical
     for batch in (x, torch.randn_like(x)):
         assert torch.equal(program.module()(batch), packed(batch))
         assert torch.equal(program.module()(batch), model(batch))
+
+
+@pytest.mark.parametrize("name", ["lenet_binary", "birealnet_small", "noact"])
+def test_a_dynamic_batch_export_runs_every_batch_size_from_zero(name):
+    """``Dim("batch", min=0)``: one program for an empty batch, one example and any number
+    up to the maximum (no batch-dependent choice of the engine becomes a guard)."""
+    if name == "noact":
+        model, shape = noact_model(), (3, 8, 8)
+    else:
+        model = onebit.models.create(name, in_channels=1).eval()
+        shape = (1, 8, 8) if name == "lenet_binary" else (1, 28, 28)
+    x = torch.randn(4, *shape)
+    packed = engine.pack(model, x, strict=True)
+    batch = torch.export.Dim("batch", min=0, max=1 << 20)
+    program = torch.export.export(packed, (x,), dynamic_shapes=({0: batch},))
+    (limits,) = program.range_constraints.values()
+    assert (limits.lower, limits.upper) == (0, 1 << 20)
+    for n in (0, 1, 2, 15, 16, 17, 100):
+        xn = torch.randn(n, *shape)
+        assert torch.equal(program.module()(xn), packed(xn)), n

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from onebit.bits import unpack_signs
 from onebit.engine import bitplanes, ops
@@ -405,9 +406,11 @@ def _batch_norm(t, a, x):
 
 
 def _max_pool2d(t, a, x):
-    if x.dim() == 4 and x.shape[1] > 1 and x.numel() >= 16384 and x.is_contiguous():
+    if x.dim() == 4 and x.shape[1] > 1 and statically_known_true(x.numel() >= 16384) and x.is_contiguous():
         # torch's NCHW max pooling is several times slower than its channels_last one; a max
-        # rounds nothing, so pool channels_last and hand back the NCHW layout the model has
+        # rounds nothing, so pool channels_last and hand back the NCHW layout the model has.
+        # Traced with a symbolic batch, the size is unknown and the plain pool is traced: the
+        # choice never becomes a guard bounding the program's batch (torch.export's Dim)
         y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), a["kernel_size"], a["stride"], a["padding"],
                          a["dilation"], ceil_mode=a["ceil_mode"])
         return y.contiguous()
