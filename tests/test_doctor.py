@@ -1,5 +1,8 @@
 """doctor(): one broken model per failure kind, the right layer named; healthy models pass."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -353,3 +356,17 @@ def test_cli_doctor_on_a_users_file(tmp_path, capsys):
     assert "Net, Other" in err and "FILE.py:NAME" in err
     assert main(["doctor", f"{path}:Net"]) == 2
     assert "--input-shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", ["100000,100000,100000", "0,4,4", "3,-4,4"])
+def test_cli_doctor_refuses_an_input_shape_it_cannot_allocate_or_build_in_one_line(tmp_path, shape):
+    path = tmp_path / "forum.py"
+    path.write_text(FORUM_FILE)
+    result = subprocess.run([sys.executable, "-m", "onebit", "doctor", f"{path}:Net", "--input-shape", shape],
+                            capture_output=True, text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--input-shape" in lines[0] and shape in lines[0]
+    if shape.startswith("100000"):  # the size it would need, found before allocating
+        assert "64,000,000,000,000,000 float32 values" in lines[0] and "GiB" in lines[0]

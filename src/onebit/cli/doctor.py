@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 
 from rich.console import Console
@@ -83,6 +84,42 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def random_inputs(text: str, batch_size: int, generator) -> "torch.Tensor":
+    """``batch_size`` random normal inputs of ``--input-shape`` ``text``; a batch too large for this
+    machine raises ``ValueError`` naming the option and the memory it needs, before allocating."""
+    import torch
+
+    shape = parse_shape(text)
+    values = batch_size * math.prod(shape)
+    need = 4 * values  # float32
+    memory = _physical_memory()
+    # the diagnosis holds the batch, the activations and their gradients: a quarter of the memory
+    if memory is not None and need > memory // 4:
+        raise ValueError(
+            f"--input-shape {text}: a batch of {batch_size} inputs of shape {list(shape)} needs {values:,} float32 "
+            f"values ({_size(need)}), more than a quarter of this machine's memory ({_size(memory)}); "
+            "give a smaller --input-shape or --batch-size"
+        )
+    try:
+        return torch.randn(batch_size, *shape, generator=generator)
+    except (RuntimeError, MemoryError) as error:  # the allocator's refusal
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"--input-shape {text}: cannot allocate a batch of {batch_size} inputs of shape "
+                         f"{list(shape)} ({_size(need)}): {first}") from None
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
 def load_target(target: str, data: str | None):
     """(model, data bundle, description) for a zoo name or a run directory."""
     from onebit import data as datasets
@@ -122,7 +159,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if args.data is None:
             if args.input_shape is None:
                 raise ValueError(f"{what}: give --input-shape C,H,W (random inputs) or --data DATASET")
-            images = torch.randn(args.batch_size, *parse_shape(args.input_shape), generator=g)
+            images = random_inputs(args.input_shape, args.batch_size, g)
             labels, source = None, f"random inputs {list(images.shape[1:])}"
         else:
             from onebit import data as datasets
