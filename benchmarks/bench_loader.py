@@ -81,14 +81,24 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def measure_memory(command: list[str]) -> tuple[int, int, float, int]:
-    """Run ``command``; (peak RSS, peak PSS of its process tree, seconds, exit status)."""
+def measure_memory(command: list[str], seconds: float | None = None) -> tuple[int, int, float, int]:
+    """Run ``command`` (stopped with SIGTERM after ``seconds`` when given: the trainer finishes its
+    step, saves and exits); (peak RSS, peak PSS of its process tree, seconds, exit status)."""
+    import signal
+
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks = [0, 0]
 
     def sample():
         while proc.poll() is None:
+            if seconds is not None and time.perf_counter() - start > seconds:
+                proc.send_signal(signal.SIGTERM)
+                break
+            rss, pss = tree_memory(proc.pid)
+            peaks[0], peaks[1] = max(peaks[0], rss), max(peaks[1], pss)
+            time.sleep(0.05)
+        while proc.poll() is None:  # after the stop request: until the run has saved and exited
             rss, pss = tree_memory(proc.pid)
             peaks[0], peaks[1] = max(peaks[0], rss), max(peaks[1], pss)
             time.sleep(0.05)
@@ -184,6 +194,8 @@ def measure_speed(args) -> None:
     print(f"  onebit trainer     {a:8.1f} images/s  (rounds: {', '.join(f'{v:.1f}' for v in rates['onebit'])})")
     print(f"  plain DataLoader   {b:8.1f} images/s  (rounds: {', '.join(f'{v:.1f}' for v in rates['plain'])})")
     print(f"  ratio onebit / plain: {a / b:.3f}")
+    trainer.close()
+    del plain_iter, loader
 
 
 def main() -> None:
@@ -198,6 +210,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--memory-seconds", type=float, default=None,
+                   help="stop the memory run after this many seconds (SIGTERM) instead of after its epoch")
     p.add_argument("--skip", choices=["memory", "speed"], default=None, help="skip one of the two measurements")
     args = p.parse_args()
     if not os.path.isdir(os.path.join(args.root, "train")):
@@ -209,9 +223,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             onebit = [sys.executable, "-m", "onebit", "train", "--model", args.model, "--data", args.root, "--epochs", "1",
                       "--batch-size", str(args.batch_size), "--loader-workers", str(args.workers), "--out", out]
-            rss, pss, seconds, status = measure_memory(onebit)
-        print(f"memory: one epoch of `onebit train` on {args.images} images ({float_gb:.1f} GB as float32), "
-              f"{args.workers} loader workers, {seconds:.0f} s, exit {status}:")
+            rss, pss, seconds, status = measure_memory(onebit, args.memory_seconds)
+        what = "one epoch" if args.memory_seconds is None else f"the first {args.memory_seconds:.0f} s of an epoch"
+        print(f"memory: {what} of `onebit train` on {args.images} images ({float_gb:.1f} GB as float32), "
+              f"{args.workers} loader workers, batch {args.batch_size}, {seconds:.0f} s, exit {status}:")
         print(f"  peak RSS of the process tree {rss / 1e9:.2f} GB, peak PSS {pss / 1e9:.2f} GB")
     if args.skip != "speed":
         measure_speed(args)

@@ -169,3 +169,39 @@ def test_in_memory_data_with_loader_workers_trains_per_sample(tmp_path):
     assert two.fit()[0]["train_loss"] == history[0]["train_loss"]
     a, b = one.model.state_dict(), two.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _onebit(*args, **kwargs):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "onebit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM to the process group", "kill -9"])
+def test_the_cli_stopped_mid_run_with_loader_workers_resumes_to_an_uninterrupted_runs_weights(tmp_path, stop):
+    import os
+    import time
+
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=20, sizes=(20, 28))
+    common = ["--data", str(root), "--image-size", "16", "--model-arg", "width=4", "--epochs", "3", "--batch-size", "4",
+              "--loader-workers", "2", "--seed", "3"]
+    out = tmp_path / "run"
+    proc = _onebit("train", *common, "--out", str(out), start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "history.csv").exists():  # the first epoch is saved: stop in the second
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM if stop.startswith("SIGTERM") else signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)  # every process of the group has ended
+    if stop.startswith("SIGTERM"):
+        assert proc.returncode == 0 and "stopped by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    resumed = _onebit("train", "--resume", str(out))
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    whole = _onebit("train", *common, "--loader-workers", "1", "--out", str(tmp_path / "whole"))
+    whole.communicate(timeout=300)
+    a, b = io.load_tensors(out / "model.safetensors"), io.load_tensors(tmp_path / "whole" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

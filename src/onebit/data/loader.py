@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Callable, Iterator
 
 import torch
@@ -23,7 +24,7 @@ from onebit.data.datasets import ImageSource
 
 __all__ = [
     "epoch_permutation", "batch_indices", "steps_per_epoch", "sample_seed", "AugmentedSamples", "EpochBatches",
-    "IndexBatches", "make_loader",
+    "IndexBatches", "make_loader", "close_loader",
 ]
 
 _MASK = (1 << 64) - 1
@@ -122,14 +123,32 @@ class AugmentedSamples(Dataset):
         return self.transform(image, generator), label
 
 
-def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, *, pin_memory: bool = False) -> DataLoader:
+def _leave_stops_to_the_trainer(worker_id: int) -> None:
+    """A loader worker ignores SIGINT and SIGTERM: Ctrl-C and a scheduler's SIGTERM reach the whole
+    process group, and the training process, which finishes its step and saves, ends its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, *, pin_memory: bool = False,
+                persistent: bool = False) -> DataLoader:
     """torch's ``DataLoader`` over ``dataset`` with ``workers`` processes (0: in this process),
-    persistent across epochs, pinned batches for a GPU."""
+    pinned batches for a GPU. ``persistent`` workers live across iterations until
+    :func:`close_loader`; others end with their iteration."""
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=workers > 0,
+        persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_leave_stops_to_the_trainer if workers > 0 else None,
     )
+
+
+def close_loader(loader: DataLoader | None) -> None:
+    """End a loader's persistent workers now (they ignore SIGTERM, so they must be told)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None

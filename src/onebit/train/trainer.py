@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader
 
 from onebit.data import DataBundle
 from onebit.data.augment import Augment
-from onebit.data.loader import (AugmentedSamples, EpochBatches, IndexBatches, batch_indices, epoch_permutation,
-                                make_loader, steps_per_epoch)
+from onebit.data.loader import (AugmentedSamples, EpochBatches, IndexBatches, batch_indices, close_loader,
+                                epoch_permutation, make_loader, steps_per_epoch)
 from onebit.optim import FlipCounter, binary_parameters, clip_weights
 from onebit.train import checkpoint
 from onebit.train.build import build, load_start_weights, make_optimizers, make_scheduler, seed_everything
@@ -124,7 +124,6 @@ class Trainer:
         # in-memory data without loader workers: whole batches gathered and augmented at once
         self.batched = self.data.train.in_memory and config.loader_workers == 0 and not self.augment.resized_crop
         self._train_loader: DataLoader | None = None
-        self._test_loader: DataLoader | None = None
         self.generator = torch.Generator().manual_seed(config.seed * 7919 + self.rank)
         self.mixup_rng = np.random.default_rng([config.seed, self.rank])
         self.flips = FlipCounter(self.binary_params)
@@ -188,7 +187,8 @@ class Trainer:
         if self._train_loader is None:
             samples = AugmentedSamples(self.data.train.source, self.data.train_transform(self.augment), self.config.seed)
             sampler = EpochBatches(len(self.data.train), self.config.batch_size, self.config.seed, self.rank, self.world_size)
-            self._train_loader = make_loader(samples, sampler, self.config.loader_workers, pin_memory=self.device.type == "cuda")
+            self._train_loader = make_loader(samples, sampler, self.config.loader_workers,
+                                             pin_memory=self.device.type == "cuda", persistent=True)
         self._train_loader.batch_sampler.set_epoch(epoch, self.step)
         yield from self._train_loader
 
@@ -200,10 +200,9 @@ class Trainer:
             for start in range(0, len(idx), batch_size):
                 yield test.batch(idx[start : start + batch_size])
             return
-        if self._test_loader is None:
-            self._test_loader = make_loader(test, IndexBatches(idx, batch_size), self.config.loader_workers,
-                                            pin_memory=self.device.type == "cuda")
-        yield from self._test_loader
+        # workers started for this pass and ended with it (the training loader's persist)
+        yield from make_loader(test, IndexBatches(idx, batch_size), self.config.loader_workers,
+                               pin_memory=self.device.type == "cuda")
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """An image batch on the device, in the configured memory format (4-D batches only)."""
@@ -349,8 +348,15 @@ class Trainer:
         # one trainer per run directory: the processes a distributed run starts share their
         # starter's lock (the onebit command holds it), a single process takes it here
         lock = checkpoint.lock_run_directory(c.out) if c.out and self.world_size == 1 else contextlib.nullcontext()
-        with lock:
-            return self._fit(progress)
+        try:
+            with lock:
+                return self._fit(progress)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """End the training loader's worker processes (``fit`` does at its end; a later epoch starts new ones)."""
+        close_loader(self._train_loader)
 
     @property
     def _writes(self) -> bool:
