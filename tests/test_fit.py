@@ -163,3 +163,46 @@ def test_train_takes_a_model_from_a_python_file(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "onebit", "train", "--model", f"{source}:Nope", "--epochs", "1"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "Nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_two_fits_on_one_directory_in_two_threads_the_second_fails_at_once(tmp_path):
+    import threading
+    import time
+
+    from rich.console import Console
+
+    from onebit.train import RunDirectoryError, lock_run_directory
+
+    out, quiet = tmp_path / "run", Console(quiet=True)
+    inside, release = threading.Event(), threading.Event()
+
+    class Waiting(nn.Module):
+        """Its first training step waits until the other thread's fit has been tried."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(72, 4)
+
+        def forward(self, x):
+            if self.training and not inside.is_set():
+                inside.set()
+                release.wait(120)
+            return self.fc(x.flatten(1))
+
+    history = []
+    first = threading.Thread(target=lambda: history.extend(
+        onebit.fit(Waiting(), TwoBlobs(16, 0), TwoBlobs(8, 1), epochs=1, out=out, console=quiet)), name="first-fit")
+    first.start()
+    try:
+        assert inside.wait(120)
+        start = time.perf_counter()
+        with pytest.raises(RunDirectoryError, match="in use by another onebit trainer of this process.*first-fit"):
+            onebit.fit(MyBinaryNet(), TwoBlobs(16, 0), TwoBlobs(8, 1), epochs=1, out=out, console=quiet)
+        assert time.perf_counter() - start < 10
+    finally:
+        release.set()
+        first.join(120)
+    assert len(history) == 1  # the first fit ran to its end
+    # the thread holding the lock takes it again (as the onebit train command and its trainer do)
+    with lock_run_directory(str(out)):
+        assert len(onebit.fit(MyBinaryNet(), TwoBlobs(16, 0), TwoBlobs(8, 1), epochs=1, out=out, console=quiet)) == 1

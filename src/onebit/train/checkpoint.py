@@ -97,7 +97,7 @@ def clear_run(directory: str) -> None:
     io.remove_stale_temporaries(directory, every=True)
 
 
-_LOCKS: dict[str, list] = {}  # real path -> [file descriptor, holders in this process]
+_LOCKS: dict[str, list] = {}  # real path -> [file descriptor, holding thread's ident, depth]
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -105,25 +105,34 @@ _LOCKS_GUARD = threading.Lock()
 def lock_run_directory(directory: str):
     """Hold ``directory``'s run lock (an exclusive ``flock`` on its lock file) while in the block.
 
-    A second process asking for it fails at once with :class:`RunDirectoryError` naming the
-    holder's pid; the lock is re-entrant within one process, and the kernel releases it when
-    its holder dies (even by ``kill -9``). Stale temporary files of interrupted writes are
-    removed once the lock is taken."""
+    Another process, or another thread of this one, asking for it fails at once with
+    :class:`RunDirectoryError` naming the holder. The thread holding it may take it again (the
+    ``onebit train`` command holds it and its trainer takes it again); the processes of a
+    distributed run, started by the holder, never take it. The kernel releases it when its
+    holder dies (even by ``kill -9``). Stale temporary files of interrupted writes are removed
+    once the lock is taken."""
     prepare_run_directory(directory)
     key = os.path.realpath(directory)
+    me = threading.get_ident()
     with _LOCKS_GUARD:
         held = _LOCKS.get(key)
+        if held is not None and held[1] != me:
+            holder = next((f"thread {t.name!r}" for t in threading.enumerate() if t.ident == held[1]), "another thread")
+            raise RunDirectoryError(
+                f"{directory} is in use by another onebit trainer of this process (pid {os.getpid()}, {holder}); "
+                "wait for it to end or choose another --out"
+            )
         if held is not None:
-            held[1] += 1
+            held[2] += 1
         else:
-            _LOCKS[key] = held = [_take_lock(directory), 1]
+            _LOCKS[key] = held = [_take_lock(directory), me, 1]
             io.remove_stale_temporaries(directory, every=True)
     try:
         yield
     finally:
         with _LOCKS_GUARD:
-            held[1] -= 1
-            if held[1] == 0:
+            held[2] -= 1
+            if held[2] == 0:
                 del _LOCKS[key]
                 fcntl.flock(held[0], fcntl.LOCK_UN)
                 os.close(held[0])
