@@ -28,6 +28,13 @@ def run(capsys, *args) -> tuple[int, list[str], str]:
     return status, [line for line in captured.err.splitlines() if line.strip()], captured.out
 
 
+def onebit(*args, cwd=None) -> tuple[int, list[str], str]:
+    """Exit status, the non-empty stderr lines and stdout of the real ``onebit ARGS`` command."""
+    result = subprocess.run([sys.executable, "-m", "onebit", *map(str, args)], capture_output=True, text=True,
+                            timeout=600, cwd=cwd)
+    return result.returncode, [line for line in result.stderr.splitlines() if line.strip()], result.stdout
+
+
 def assert_one_line_error(status, lines, *named):
     assert status == 2, lines
     assert len(lines) == 1, lines
@@ -148,6 +155,18 @@ def test_every_numeric_option_is_checked_before_anything_starts(capsys, tmp_path
 def test_a_model_argument_that_breaks_the_model_is_one_line(capsys, tmp_path, width):
     status, lines, _ = run(capsys, "train", "--model", "lenet_binary", "--model-arg", f"width={width}", "--out", str(tmp_path / "r"))
     assert_one_line_error(status, lines, f"width={width}", "lenet_binary")
+
+
+@pytest.mark.parametrize("command", ["train", "doctor"])
+def test_a_model_file_that_exits_while_imported_is_a_one_line_error_naming_it(tmp_path, command):
+    source = tmp_path / "exits.py"
+    source.write_text("import sys\nsys.exit(3)\n")
+    target = f"{source}:Net"
+    if command == "train":
+        status, lines, _ = onebit("train", "--model", target, "--epochs", "1", "--out", tmp_path / "run")
+    else:
+        status, lines, _ = onebit("doctor", target, "--input-shape", "1,8,8")
+    assert_one_line_error(status, lines, str(source), "sys.exit(3)")
 
 
 @pytest.mark.parametrize("args", [["eval", "X", "--batch-size", "0"], ["eval", "X", "--topk", "nan"], ["summary", "lenet", "--num-classes", "0"]])

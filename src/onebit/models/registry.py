@@ -56,6 +56,9 @@ def import_model_file(path: str):
         except Exception as error:
             del sys.modules[module_name]
             raise ValueError(f"model file {path!r} failed to import: {type(error).__name__}: {error}") from error
+        except SystemExit as error:  # sys.exit() in a file that defines models: an error of that file
+            del sys.modules[module_name]
+            raise ValueError(f"model file {path!r} failed to import: it calls sys.exit({error.code!r})") from None
     return module
 
 
