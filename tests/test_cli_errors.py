@@ -157,6 +157,15 @@ def test_a_model_argument_that_breaks_the_model_is_one_line(capsys, tmp_path, wi
     assert_one_line_error(status, lines, f"width={width}", "lenet_binary")
 
 
+@pytest.mark.parametrize("item", ["width={", "widths=[32,64", "width=abc"])
+def test_a_model_argument_that_is_broken_json_or_of_the_wrong_kind_is_named_in_one_line(tmp_path, item):
+    status, lines, _ = onebit("train", "--model-arg", item, "--epochs", "1", "--out", tmp_path / "run")
+    value = item.partition("=")[2]
+    assert_one_line_error(status, lines, "--model-arg", repr(value) if value == "abc" else item)
+    if value != "abc":
+        assert "not valid JSON" in lines[0]
+
+
 @pytest.mark.parametrize("command", ["train", "doctor"])
 def test_a_model_file_that_exits_while_imported_is_a_one_line_error_naming_it(tmp_path, command):
     source = tmp_path / "exits.py"

@@ -146,7 +146,7 @@ def test_train_command_names_every_option_that_differs_from_its_default(config, 
 def test_the_model_card_commands_model_args_parse_back_to_the_config():
     from onebit.cli.train import parse_model_args
 
-    kwargs = {"conv_layer": "float", "widths": [32, 96], "tag": "1", "flag": "true", "none": None, "x": 1.5,
+    kwargs = {"conv_layer": "float", "widths": [32, 96], "tag": "1", "flag": "true", "none": None, "x": 1.5, "odd": "a[b",
               "clip": {"name": "dorefa_sym", "learnable": True}}
     args = shlex.split(train_command({"model": "m", "model_kwargs": kwargs}))
     items = [args[i + 1] for i, a in enumerate(args) if a == "--model-arg"]

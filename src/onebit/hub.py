@@ -60,7 +60,8 @@ class PushResult:
 # -- the card's contents -----------------------------------------------------------------------
 def _model_arg(key: str, value: Any) -> str:
     """``KEY=VALUE`` as ``onebit train --model-arg`` parses it back to ``value``."""
-    if isinstance(value, str) and value.lower() not in ("none", "null", "true", "false"):
+    plain = isinstance(value, str) and not any(c in value for c in '{}[]"')  # brackets or quotes: JSON
+    if plain and value.lower() not in ("none", "null", "true", "false"):
         try:
             json.loads(value)
         except json.JSONDecodeError:

@@ -63,7 +63,8 @@ def register(commands) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     p.add_argument(
         "--model-arg", action="append", default=[], metavar="KEY=VALUE",
-        help="argument of the model builder, e.g. conv_layer=twist or input_quantizer=approx_sign (repeatable)",
+        help="argument of the model builder, e.g. conv_layer=twist, widths=[32,64] or input_quantizer=approx_sign: "
+        "a JSON value, else a string; a value with brackets or quotes must be valid JSON (repeatable)",
     )
     p.add_argument("--out", default=None, help="run directory for checkpoints and history.csv")
     p.add_argument("--tensorboard", action="store_true", default=None,
@@ -74,7 +75,10 @@ def register(commands) -> None:
 
 
 def parse_model_args(items: list[str]) -> dict:
-    """``["conv_layer=twist", "binary=false", "widths=[32,64]"]`` -> a kwargs dict (JSON values, else strings)."""
+    """``["conv_layer=twist", "binary=false", "widths=[32,64]"]`` -> a kwargs dict (JSON values, else strings).
+
+    A value holding JSON's brackets or quotes is JSON: one that does not parse raises ``ValueError``
+    naming the argument, instead of reaching the model as a string."""
     kwargs = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -88,7 +92,10 @@ def parse_model_args(items: list[str]) -> dict:
         else:
             try:
                 parsed = json.loads(text)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as error:
+                if any(c in text for c in '{}[]"'):
+                    raise ValueError(f"--model-arg {item}: the value {text!r} is not valid JSON "
+                                     f"({error.msg} at column {error.colno})") from None
                 parsed = text
         kwargs[key.strip()] = parsed
     return kwargs

@@ -140,7 +140,7 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_
 
 
 def _args(kwargs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no --model-arg"
+    return " ".join(f"--model-arg {k}={v!r}" for k, v in kwargs.items()) or "no --model-arg"
 
 
 def _first_line(error: Exception) -> str:
