@@ -157,6 +157,25 @@ def test_a_model_argument_that_breaks_the_model_is_one_line(capsys, tmp_path, wi
     assert_one_line_error(status, lines, f"width={width}", "lenet_binary")
 
 
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--model-arg", "width=0"], "width=0"),
+        (["--data", "/nonexistent/data"], "/nonexistent/data"),
+        (["--teacher", "/nonexistent/run"], "/nonexistent/run"),
+        (["--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
+        (["--model", "lenet", "--optimizer", "bop"], "--optimizer bop"),
+        (["--workers", "2", "--model-arg", "width=0"], "width=0"),
+    ],
+    ids=["model-arg", "data", "teacher", "weights", "bop-without-binary-weights", "workers"],
+)
+def test_a_train_that_fails_its_checks_creates_nothing(tmp_path, args, named):
+    out = tmp_path / "run"
+    status, lines, _ = onebit("train", "--epochs", "1", *args, "--out", out)
+    assert_one_line_error(status, lines, named)
+    assert not out.exists()  # no directory, no lock file
+
+
 @pytest.mark.parametrize("item", ["width={", "widths=[32,64", "width=abc"])
 def test_a_model_argument_that_is_broken_json_or_of_the_wrong_kind_is_named_in_one_line(tmp_path, item):
     status, lines, _ = onebit("train", "--model-arg", item, "--epochs", "1", "--out", tmp_path / "run")

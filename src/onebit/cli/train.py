@@ -115,8 +115,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from onebit import train as training
 
     if args.resume:
-        # how many processes train, and how many decode, changes no number of the run
-        given = [n for n in _OPTIONS if getattr(args, n) is not None and n not in ("workers", "loader_workers")]
+        # how many processes train and decode, and where, may change (the device only by float rounding)
+        given = [n for n in _OPTIONS if getattr(args, n) is not None and n not in ("workers", "loader_workers", "device")]
         given += ["model_arg"] if args.model_arg else []
         if given or (args.out and os.path.abspath(args.out) != os.path.abspath(args.resume)):
             names = ", ".join("--" + n.replace("_", "-") for n in given) or "--out"
@@ -127,6 +127,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         config.out = args.resume
         if args.workers is not None:
             config.workers = args.workers
+        if args.device is not None:
+            config.device = args.device
         if args.loader_workers is not None:
             if (args.loader_workers == 0) != (config.loader_workers == 0):
                 raise ValueError(f"--loader-workers {args.loader_workers}: the run started with {config.loader_workers}; "
@@ -140,24 +142,41 @@ def run(args: argparse.Namespace, console: Console) -> int:
     # one run per directory: rank 0 (the only writer) holds the directory's lock for the whole
     # command, across the processes it starts; the checks run on every rank before any writes
     writer = int(os.environ.get("RANK", "0")) == 0
-    lock = contextlib.nullcontext()
-    if config.out:
-        training.prepare_run_directory(config.out)
+    distributed = config.workers > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    trainer = None
+    if config.out and not args.resume:
+        _refuse_a_run_without_overwrite(config.out, args.overwrite)
         if writer:
-            lock = training.lock_run_directory(config.out)
+            # every option is checked before --out is created: the model its arguments build, the
+            # data, the teacher, the starting weights and the optimizer, by building the trainer
+            # (the processes of a distributed run then build their own)
+            trainer = training.Trainer.from_config(config, console)
+            trainer = None if distributed else trainer
+    lock = contextlib.nullcontext()
+    if config.out and writer:
+        training.prepare_run_directory(config.out)
+        lock = training.lock_run_directory(config.out)
     with lock:
-        if config.out and not args.resume and training.holds_run(config.out):
-            if not args.overwrite:
-                raise training.RunDirectoryError(
-                    f"--out {config.out} already holds a run; continue it with `onebit train --resume {config.out}`, "
-                    "pass --overwrite to replace it, or choose another --out"
-                )
-            if writer:
+        if config.out and not args.resume:
+            _refuse_a_run_without_overwrite(config.out, args.overwrite)  # again, now that the directory is ours
+            if writer and training.holds_run(config.out):
                 training.clear_run(config.out)
-        return _run(config, args, console)
+        return _run(config, args, console, trainer)
 
 
-def _run(config, args: argparse.Namespace, console: Console) -> int:
+def _refuse_a_run_without_overwrite(out: str, overwrite: bool) -> None:
+    from onebit import train as training
+
+    if not overwrite and training.holds_run(out):
+        raise training.RunDirectoryError(
+            f"--out {out} already holds a run; continue it with `onebit train --resume {out}`, "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+
+
+def _run(config, args: argparse.Namespace, console: Console, trainer=None) -> int:
+    """Train: in this process with ``trainer`` (built already) or a new one, in the processes
+    torchrun started, or in ``config.workers`` processes started here."""
     from onebit import train as training
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
@@ -173,7 +192,7 @@ def _run(config, args: argparse.Namespace, console: Console) -> int:
         if config.out and status == 0:
             console.print(f"saved run to {config.out}/ (model.safetensors, checkpoint.safetensors, config.json, history.csv)", highlight=False)
         return status
-    return _run_here(config, args.resume, console)
+    return _run_here(config, args.resume, console, trainer)
 
 
 def _load_config(directory: str) -> dict:
@@ -182,14 +201,15 @@ def _load_config(directory: str) -> dict:
     return read_run_config(directory)["config"]
 
 
-def _run_here(config, resume_dir: str | None, console: Console) -> int:
+def _run_here(config, resume_dir: str | None, console: Console, trainer=None) -> int:
     from onebit import train as training
 
     if resume_dir:
-        trainer = training.Trainer.from_run(resume_dir, console, workers=config.workers, loader_workers=config.loader_workers)
+        trainer = training.Trainer.from_run(resume_dir, console, workers=config.workers, loader_workers=config.loader_workers,
+                                            device=config.device)
         if trainer.epoch >= config.epochs:
             console.print(f"run {resume_dir} is already complete ({config.epochs} epochs)", highlight=False)
-    else:
+    elif trainer is None:
         trainer = training.Trainer.from_config(config, console)
     try:
         trainer.fit()
