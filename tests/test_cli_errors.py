@@ -219,6 +219,16 @@ def test_out_naming_a_file_or_a_path_under_a_file_is_one_line(capsys, tmp_path, 
     assert_one_line_error(status, lines, str(afile))
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, a directory no file can be made in")
+@pytest.mark.parametrize("out", ["", "/proc/x.onnx", "/proc/x.onebit"])
+def test_export_to_an_out_it_cannot_write_names_out_not_a_temporary_file(finished_run, out):
+    status, lines, _ = onebit("export", finished_run, "--out", out)
+    assert_one_line_error(status, lines, "--out", out)
+    assert ".tmp-" not in lines[0]
+    if not out:
+        assert "--out is empty" in lines[0]
+
+
 def _truncate(path, size):
     with open(path, "r+b") as f:
         f.truncate(size)

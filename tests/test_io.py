@@ -46,3 +46,12 @@ def test_written_files_have_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc, a directory no file can be made in")
+def test_a_write_that_fails_names_the_file_asked_for_not_its_temporary():
+    with pytest.raises(FileNotFoundError) as failed:
+        io.save_tensors("/proc/x.safetensors", {"w": torch.zeros(2)})
+    assert failed.value.filename == "/proc/x.safetensors" and ".tmp-" not in str(failed.value)
+    with pytest.raises(FileNotFoundError, match="without a name"):
+        io.save_json("", {})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -86,15 +87,21 @@ def ensure_directory(directory: str | os.PathLike, what: str = "") -> None:
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
 
-    On any error (or interruption) the temporary file is removed and ``path`` is left as it was.
+    On any error (or interruption) the temporary file is removed and ``path`` is left as it was;
+    an ``OSError`` of the temporary file names ``path``, the file the caller asked for.
     """
     path = os.fspath(path)
+    if not path:
+        raise FileNotFoundError(errno.ENOENT, "cannot write a file without a name", path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory: expected a file name")
     directory = os.path.dirname(os.path.abspath(path))
     ensure_directory(directory, f"cannot write {path}")
     remove_stale_temporaries(directory)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=suffix, dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=suffix, dir=directory)
+    except OSError as error:
+        raise type(error)(error.errno, error.strerror, path) from None  # the file asked for, not the temporary
     os.close(fd)
     try:
         yield tmp
@@ -104,6 +111,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # an ordinary file, not mkstemp's private 0600
         os.replace(tmp, path)
+    except OSError as error:
+        if tmp not in (error.filename, error.filename2):
+            raise
+        raise type(error)(error.errno, error.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

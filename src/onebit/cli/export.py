@@ -66,6 +66,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from onebit.cli import UsageError
 
     engine = engine_module()
+    if not args.out:
+        raise UsageError("--out is empty: name the file to write, e.g. model.onebit.safetensors or model.onnx")
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a directory: name the engine file to write, e.g. {os.path.join(args.out, 'model.onebit.safetensors')}")
     parent = os.path.dirname(os.path.abspath(args.out))
@@ -80,12 +82,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     fmt = args.format or ("onnx" if str(args.out).lower().endswith(".onnx") else "packed")
     if fmt == "onnx":
         from onebit.engine.to_onnx import export_onnx, load_onnx
-
-        export_onnx(packed, example, args.out)
-        exported = load_onnx(args.out)
-    else:
-        packed.save(args.out)
-        exported = packed
+    try:
+        if fmt == "onnx":
+            export_onnx(packed, example, args.out)
+        else:
+            packed.save(args.out)
+    except OSError as error:  # e.g. a directory no file can be made in (/proc), or no permission
+        raise UsageError(f"--out {args.out}: cannot write the file ({error.strerror or error})") from None
+    exported = load_onnx(args.out) if fmt == "onnx" else packed
     with torch.no_grad():
         reference = model(example)
         gap = (torch.as_tensor(exported(example)) - reference).abs()
