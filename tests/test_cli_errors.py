@@ -229,6 +229,41 @@ def test_export_to_an_out_it_cannot_write_names_out_not_a_temporary_file(finishe
         assert "--out is empty" in lines[0]
 
 
+FALLBACK_MODEL = """
+from torch import nn
+from onebit.nn import QConv2d
+
+
+class Net(nn.Module):  # its binary conv pads by reflection: it runs in float in the packed engine
+    def __init__(self, num_classes=10, in_channels=1):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8),
+            QConv2d(8, 8, 3, padding=1, padding_mode="reflect", input_quantizer="ste_sign", weight_quantizer="ste_sign"),
+            nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+
+def test_export_prints_a_layer_run_in_float_as_one_warning_line(tmp_path, capsys):
+    import warnings
+
+    source = tmp_path / "fallback.py"
+    source.write_text(FALLBACK_MODEL)
+    out = tmp_path / "run"
+    Trainer(TrainConfig(model=f"{source}:Net", epochs=1, out=str(out))).fit()
+    status, lines, stdout = onebit("export", out, "--out", tmp_path / "m.onebit")
+    assert status == 0, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("onebit export: warning: ") and "'body.2'" in lines[0] and "reflect" in lines[0]
+    assert "FallbackWarning" not in lines[0] and "exported" in stdout
+    python_way = warnings.showwarning
+    assert run(capsys, "export", str(out), "--out", str(tmp_path / "m2.onebit"))[0] == 0
+    assert warnings.showwarning is python_way  # the command leaves Python's warnings as they were
+
+
 def _truncate(path, size):
     with open(path, "r+b") as f:
         f.truncate(size)

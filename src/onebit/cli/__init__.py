@@ -5,16 +5,20 @@ Each subcommand lives in its own module of this package and defines
 sets ``run(args, console) -> exit code``. Modules are discovered automatically.
 Errors a user can fix (``ValueError``, ``TypeError``, ``KeyError``, ``OSError`` such as a
 missing file or a directory where a file belongs, ``MemoryError``) print one line naming
-the problem and exit with status 2, without a traceback.
+the problem and exit with status 2, without a traceback. onebit's warnings meant for the user
+(:class:`onebit.engine.FallbackWarning`: a binary layer of a packed model runs in float) print
+as one line too, ``onebit COMMAND: warning: ...``; the Python API warns with ``warnings.warn``.
 The command keeps freed memory in the heap (:func:`onebit.heap.keep_freed_memory`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import pkgutil
 import sys
+import warnings
 
 from rich.console import Console
 from rich.markup import escape
@@ -62,13 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Within the block, a :class:`~onebit.engine.FallbackWarning` prints as one line on stderr,
+    ``onebit COMMAND: warning: MESSAGE``; other warnings print as Python prints them."""
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        python_way = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            packed = sys.modules.get("onebit.engine.packed")  # imported by whatever warned
+            if packed is not None and issubclass(category, packed.FallbackWarning):
+                text = " ".join(str(message).split())
+                Console(stderr=True, soft_wrap=True).print(f"[yellow]onebit {command}: warning:[/] " + escape(text),
+                                                           highlight=False)
+            else:
+                python_way(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(soft_wrap=True)
     keep_freed_memory()  # this process is onebit's: reuse freed tensors' memory (see onebit.heap)
     try:
-        return int(args.run(args, console) or 0)
+        with _one_line_warnings(args.command):
+            return int(args.run(args, console) or 0)
     except (UsageError, ValueError, OSError, TypeError, KeyError, MemoryError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         if isinstance(error, MemoryError):
