@@ -274,6 +274,8 @@ def write_push_folder(run_dir: str, folder: str, repo_id: str | None = None) -> 
     card = model_card(meta, metrics, float_bytes, packed_bytes, max_diff, repo_id)
     io.atomic_write_bytes(os.path.join(folder, CARD_FILE), card.encode())
     pushed = {k: v for k, v in meta.items() if k not in ("sha256", "metrics", "packed")}
+    # where the run lived on the pusher's machine is no part of the model (the data's name stays: the card cites it)
+    pushed["config"] = {**run, "out": None}
     pushed["sha256"] = {
         WEIGHTS_FILE: hashlib.sha256(data).hexdigest(),
         PACKED_FILE: _sha256(packed_path),
