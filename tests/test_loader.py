@@ -103,7 +103,7 @@ def test_statistics_are_estimated_from_a_sample_or_given(tmp_path):
     raw = given.test.source[0][0]
     assert given.mean == [0.5] * 3 and torch.equal(given.test[0][0], T.Normalize([0.5] * 3, [0.25] * 3)(
         T.CenterCrop(64)(T.Resize(73)(raw)).float() / 255.0))
-    with pytest.raises(ValueError, match="mean and std need 3 values"):
+    with pytest.raises(ValueError, match="--mean/--std: inet has 3 channel"):
         data.load(str(root), mean=[0.5], std=[0.2])
     with pytest.raises(ValueError, match="both mean and std"):
         data.load(str(root), mean=[0.5, 0.5, 0.5])
@@ -205,3 +205,60 @@ def test_the_cli_stopped_mid_run_with_loader_workers_resumes_to_an_uninterrupted
     whole.communicate(timeout=300)
     a, b = io.load_tensors(out / "model.safetensors"), io.load_tensors(tmp_path / "whole" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class DropoutNet(torch.nn.Module):
+    """Draws from torch's global generator in every training step (dropout)."""
+
+    def __init__(self, num_classes=2, in_channels=3):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * 16 * 16, 16), torch.nn.ReLU(),
+                                       torch.nn.Dropout(0.5), torch.nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_model_drawing_from_the_global_generator_resumes_exactly_on_the_loader_path(tmp_path):
+    root = make_image_folder(tmp_path / "small", classes=2, per_class=9, sizes=(20, 28))
+    model_file = tmp_path / "net.py"
+    model_file.write_text("from test_loader import DropoutNet\n")
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    overrides = dict(model=f"{model_file}:DropoutNet", model_kwargs={}, loader_workers=1)
+    whole = Trainer(streamed(tmp_path / "whole", root, **overrides))
+    whole.fit()
+    StopAt.stop_at = 7
+    first = StopAt(streamed(tmp_path / "split", root, **overrides))
+    with pytest.raises(Interrupted):
+        first.fit()
+    resumed = Trainer.from_run(str(tmp_path / "split"))
+    resumed.fit()
+    a, b = whole.model.state_dict(), io.load_tensors(tmp_path / "split" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unreadable_image_met_by_a_worker_is_one_line_naming_the_file(tmp_path):
+    root = make_image_folder(tmp_path / "broken", classes=2, per_class=9, sizes=(20, 28))
+    bad = sorted((root / "train" / "class1").iterdir())[-1]
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])  # truncated: its header reads, its pixels do not
+    trainer = Trainer(streamed(tmp_path / "run", root, loader_workers=2, epochs=1, mean=[0.5] * 3, std=[0.25] * 3))
+    with pytest.raises(ValueError) as error:
+        trainer.fit()
+    message = str(error.value)
+    assert str(bad) in message and "cannot read image" in message and "\n" not in message
+    assert "Traceback" not in message
+
+
+def test_file_names_that_are_not_utf8_are_read(tmp_path):
+    import os
+
+    root = make_image_folder(tmp_path / "names", classes=2, per_class=3, val_per_class=1, sizes=(20, 20))
+    first = sorted((root / "train" / "class0").iterdir())[0]
+    odd = os.fsencode(str(first.parent)) + b"/caf\xe9.png"
+    os.rename(os.fsencode(str(first)), odd)
+    bundle = data.load(str(root))
+    assert odd in [os.fsencode(bundle.train.source.path(i)) for i in range(len(bundle.train))]
+    assert bundle.train[0][0].shape == (3, 20, 20)

@@ -37,7 +37,8 @@ def test_the_checkpoint_file_keeps_its_tensor_names_and_metadata_entries(tmp_pat
     path = tmp_path / "checkpoint.safetensors"
     meta = json.loads(io.tensors_metadata(str(path))["onebit_checkpoint"])
     assert set(meta) == {"epoch", "step", "global_step", "loss_sum", "loss_count", "elapsed", "optimizers",
-                         "scheduler", "rng", "history", "world_size"}
+                         "scheduler", "scaler", "rng", "history", "world_size"}
+    assert meta["scaler"] is None  # fp32: no loss scaler (fp16's state is saved here)
     assert set(meta["rng"]) == {"numpy", "python", "mixup"} and (meta["epoch"], meta["step"]) == (1, 0)
     names = set(io.load_tensors(str(path)))
     assert {"rng.torch", "rng.generator", "flips.0"} <= names

@@ -134,7 +134,9 @@ def load_target(target: str, data: str | None):
                 f"{target!r} is neither a zoo model nor a run directory (for your own code: FILE.py:NAME)"
             )
         model, meta = load_run(target)
-        bundle = datasets.load(data or meta["config"].get("data", "digits"))
+        stats = {"mean": meta["mean"], "std": meta["std"]} if meta.get("std") else {}  # as the run was trained
+        bundle = datasets.load(data or meta["config"].get("data", "digits"),
+                               image_size=meta["config"].get("image_size"), **stats)
         return model, bundle, f"run {target} ({meta['config']['model']})"
     if target not in models.names():
         raise ValueError(f"unknown model {target!r}; known models: {', '.join(models.names())} "
@@ -165,14 +167,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
             from onebit import data as datasets
 
             bundle = datasets.load(args.data)
-            images, labels = bundle.train.tensors
-            index = torch.randperm(len(labels), generator=g)[: args.batch_size]
-            images, labels, source = images[index], labels[index], bundle.name
+            index = torch.randperm(len(bundle.train), generator=g)[: args.batch_size]
+            (images, labels), source = bundle.train.batch(index), bundle.name
     else:
         model, bundle, what = load_target(args.target, args.data)
-        images, labels = bundle.train.tensors
-        index = torch.randperm(len(labels), generator=g)[: args.batch_size]
-        images, labels, source = images[index], labels[index], bundle.name
+        index = torch.randperm(len(bundle.train), generator=g)[: args.batch_size]
+        (images, labels), source = bundle.train.batch(index), bundle.name
     try:
         report = doctor(model, images, labels)
     except (RuntimeError, IndexError) as error:

@@ -22,6 +22,9 @@ def register(commands) -> None:
     p.add_argument("--image-size", type=integer(1, 4096), default=None, help="resize images (default: as in the run)")
     p.add_argument("--batch-size", type=integer(1), default=256)
     p.add_argument("--topk", type=integer(1), default=5)
+    p.add_argument("--mean", type=lambda t: _floats(t, "--mean"), default=None,
+                   help="normalize with this mean per channel (default: the run's, from its config.json, else the data's)")
+    p.add_argument("--std", type=lambda t: _floats(t, "--std"), default=None, help="normalize with this std per channel (with --mean)")
     p.add_argument("--loader-workers", type=integer(0, 256), default=0,
                    help="worker processes decoding the images (0: in this process)")
     p.add_argument("--weights", default=None, metavar="REF", help=WEIGHTS_HELP)
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     import torch.nn.functional as F
 
     from onebit import data as datasets
-    from onebit.data.loader import IndexBatches, make_loader
+    from onebit.data.loader import IndexBatches, batches_of, make_loader
     from onebit.cli import UsageError
     from onebit.cli.export import load_model
     from onebit.models.weights import is_hub_ref, is_pushed_folder
@@ -75,13 +78,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise ValueError(f"--data is required: no run configuration found beside {args.source}")
     image_size = args.image_size or (meta or {}).get("config", {}).get("image_size")
     stats = {"mean": meta.get("mean"), "std": meta.get("std")} if meta and meta.get("std") else {}
+    if args.mean is not None or args.std is not None:
+        stats = {"mean": args.mean, "std": args.std}
     bundle = datasets.load(source, image_size=image_size, **stats)  # normalized as the run was trained
     k = min(args.topk, bundle.num_classes)
     test = bundle.test
     loader = make_loader(test, IndexBatches(torch.arange(len(test)), args.batch_size), args.loader_workers)
     loss, correct, topk, start = 0.0, 0, 0, time.perf_counter()
     with torch.no_grad():
-        for x, y in loader:
+        for x, y in batches_of(loader):
             logits = _scores(model(x), args.source, len(y), bundle.num_classes)
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
@@ -95,6 +100,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     )
     console.print(f"accuracy: {correct / n:.4f}", highlight=False)
     return 0
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def _scores(output, source: str, n: int, num_classes: int):

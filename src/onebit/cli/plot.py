@@ -70,16 +70,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if args.kind == "weights":
             plot.binary_weights(model, args.layer, out)
         else:
-            images = bundle.test.tensors[0]
-            if not 0 <= args.index < len(images):
-                raise ValueError(f"--index must be in [0, {len(images) - 1}], got {args.index}")
+            if not 0 <= args.index < len(bundle.test):
+                raise ValueError(f"--index must be in [0, {len(bundle.test) - 1}], got {args.index}")
             layer = args.layer
             if layer is None:
                 names = plot.binary_layers(model)
                 if not names:
                     raise ValueError("name a layer with --layer (the model has no binary layer)")
                 layer = names[0]
-            plot.feature_maps(model, layer, images[args.index], out, stage=args.stage)
+            plot.feature_maps(model, layer, bundle.test[args.index][0], out, stage=args.stage)
     console.print(f"wrote {out}", highlight=False)
     return 0
 

@@ -123,7 +123,7 @@ class DataBundle:
 
     def train_transform(self, augment: Augment) -> T.Compose:
         """The per-sample training pipeline for ``augment``: a random resized crop of the decoded
-        image, or its evaluation-size image (``fit``) randomly translated; flips; normalization."""
+        image, or the image prepared as for evaluation, randomly translated; flips; normalization."""
         unit = ToUnit(self.train.source.scale)
         normalize = T.Normalize(self.mean, self.std) if self.mean else T.Compose([])  # a user's data: as it is
         steps: list = []
@@ -132,8 +132,7 @@ class DataBundle:
             if augment.flip:
                 steps.append(T.RandomHorizontalFlip())
             return T.Compose([*steps, unit, normalize])
-        if self.prepare:
-            steps += [T.Resize(min(self.size)), T.CenterCrop(self.size)]
+        steps += prepare_steps(self.size, self.prepare)
         steps += [unit, normalize]
         if augment.crop_padding:
             steps.append(T.RandomCrop(self.size, padding=augment.crop_padding))
@@ -151,15 +150,21 @@ class DataBundle:
 def eval_transform(source: ImageSource, size: tuple[int, int], prepare: str, mean: Sequence[float],
                    std: Sequence[float] | None) -> T.Compose:
     """The deterministic pipeline of a split (``std=None``: to ``[0, 1]`` without normalizing)."""
-    steps: list = []
-    if prepare == "fit":
-        steps += [T.Resize(min(size)), T.CenterCrop(size)]
-    elif prepare == "center":
-        steps += [T.Resize(int(min(size) / CROP_FRACTION)), T.CenterCrop(size)]
+    steps = prepare_steps(size, prepare)
     steps.append(ToUnit(source.scale))
     if std is not None:
         steps.append(T.Normalize(mean, std))
     return T.Compose(steps)
+
+
+def prepare_steps(size: tuple[int, int], prepare: str) -> list:
+    """How a file image becomes ``size``: ``fit`` (shorter side to size, centre crop), ``center``
+    (shorter side to size / CROP_FRACTION, centre crop) or nothing (in memory: already)."""
+    if prepare == "fit":
+        return [T.Resize(min(size)), T.CenterCrop(size)]
+    if prepare == "center":
+        return [T.Resize(int(min(size) / CROP_FRACTION)), T.CenterCrop(size)]
+    return []
 
 
 def make_bundle(name: str, train: ImageSource, test: ImageSource, *, num_classes: int, classes: list[str],
@@ -167,7 +172,7 @@ def make_bundle(name: str, train: ImageSource, test: ImageSource, *, num_classes
                 prepare: str = "") -> DataBundle:
     """A bundle of two sources, their evaluation transforms built from ``size``, ``prepare`` and the statistics."""
     if len(mean) != train.channels or len(std) != train.channels:
-        raise ValueError(f"mean and std need {train.channels} values (one per channel), got {len(mean)} and {len(std)}")
+        raise ValueError(f"--mean/--std: {name} has {train.channels} channel(s), got {len(mean)} and {len(std)} values")
     if not all(s > 0 for s in std):
         raise ValueError(f"std must be positive, got {list(std)}")
     mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)

@@ -15,6 +15,7 @@ float32 in ``[0, 1]`` for images deeper than 8 bits, or images already resized i
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Sequence
 
@@ -127,12 +128,12 @@ class ImageFiles(ImageSource):
             raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
         if len(files) != len(labels):
             raise ValueError(f"{len(labels)} labels for {len(files)} files")
-        self.files = np.array([f.encode() for f in files], dtype=np.bytes_)
+        self.files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.mode, self.channels = mode, 1 if mode == "L" else 3
 
     def path(self, index: int) -> str:
-        return self.files[index].decode()
+        return os.fsdecode(self.files[index])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return decode_image(self.path(index), self.mode), int(self.labels[index])

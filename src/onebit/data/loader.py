@@ -24,7 +24,7 @@ from onebit.data.datasets import ImageSource
 
 __all__ = [
     "epoch_permutation", "batch_indices", "steps_per_epoch", "sample_seed", "AugmentedSamples", "EpochBatches",
-    "IndexBatches", "make_loader", "close_loader",
+    "IndexBatches", "make_loader", "batches_of", "close_loader",
 ]
 
 _MASK = (1 << 64) - 1
@@ -140,10 +140,31 @@ def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, *, pin_m
         batch_sampler=batch_sampler,
         num_workers=workers,
         pin_memory=pin_memory,
+        # the workers' base seed from a generator of its own: torch's global stream (dropout, mixup)
+        # is not drawn from, so a resumed run continues it exactly (samples draw from sample_seed)
+        generator=torch.Generator().manual_seed(0),
         persistent_workers=persistent and workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_leave_stops_to_the_trainer if workers > 0 else None,
     )
+
+
+def batches_of(loader: DataLoader) -> Iterator:
+    """Iterate ``loader``; an error raised in a worker (e.g. an image file that cannot be read)
+    is raised again as its own last line, naming the file, not as the worker's whole traceback."""
+    try:
+        yield from loader
+    except Exception as error:  # noqa: BLE001  (re-raised as the same type, shortened)
+        text = str(error)
+        if "DataLoader worker process" not in text:
+            raise
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        message = last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}:") else last
+        try:
+            short = type(error)(message)
+        except Exception:  # noqa: BLE001  (an exception type that takes other arguments)
+            raise error from None
+        raise short from None
 
 
 def close_loader(loader: DataLoader | None) -> None:

@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader
 
 from onebit.data import DataBundle
 from onebit.data.augment import Augment
-from onebit.data.loader import (AugmentedSamples, EpochBatches, IndexBatches, batch_indices, close_loader,
-                                epoch_permutation, make_loader, steps_per_epoch)
+from onebit.data.loader import (AugmentedSamples, EpochBatches, IndexBatches, batch_indices, batches_of,
+                                close_loader, epoch_permutation, make_loader, steps_per_epoch)
 from onebit.optim import FlipCounter, binary_parameters, clip_weights
 from onebit.train import checkpoint
 from onebit.train.build import build, load_start_weights, make_optimizers, make_scheduler, seed_everything
@@ -156,6 +156,8 @@ class Trainer:
         """The model on the device, in the configured memory format, wrapped in DDP in a process group."""
         # one GPU per process where GPUs exist (torchrun's LOCAL_RANK), else the CPU
         self.device = resolve_device(self.config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # this rank's GPU, also for the loader's pinning thread
         self.memory_format = MEMORY_FORMATS[self.config.memory_format]
         self.model.to(self.device, memory_format=self.memory_format)
         self.net: nn.Module = self.model
@@ -167,7 +169,9 @@ class Trainer:
         """The teacher run's model: eval mode, frozen, on the device, in the run's memory format."""
         teacher, meta = checkpoint.load_run(self.config.teacher)
         mine = {"num_classes": self.data.num_classes, "in_channels": self.data.in_channels, "image_size": list(self.data.image_size)}
-        theirs = {k: meta[k] for k in mine}
+        if meta.get("std") is not None:  # runs written before the statistics were saved have none
+            mine.update(mean=self.data.mean, std=self.data.std)
+        theirs = {k: meta.get(k) for k in mine}
         if theirs != mine:
             raise ValueError(f"teacher {self.config.teacher!r} was trained on data of another shape: {theirs}, this run {mine}")
         for p in teacher.parameters():
@@ -190,7 +194,7 @@ class Trainer:
             self._train_loader = make_loader(samples, sampler, self.config.loader_workers,
                                              pin_memory=self.device.type == "cuda", persistent=True)
         self._train_loader.batch_sampler.set_epoch(epoch, self.step)
-        yield from self._train_loader
+        yield from batches_of(self._train_loader)
 
     def _test_batches(self, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's share of the test set (every ``world_size``-th example), on the CPU."""
@@ -201,8 +205,8 @@ class Trainer:
                 yield test.batch(idx[start : start + batch_size])
             return
         # workers started for this pass and ended with it (the training loader's persist)
-        yield from make_loader(test, IndexBatches(idx, batch_size), self.config.loader_workers,
-                               pin_memory=self.device.type == "cuda")
+        yield from batches_of(make_loader(test, IndexBatches(idx, batch_size), self.config.loader_workers,
+                                          pin_memory=self.device.type == "cuda"))
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """An image batch on the device, in the configured memory format (4-D batches only)."""
@@ -211,7 +215,6 @@ class Trainer:
         return x.to(self.device, non_blocking=True)
 
     # -- one epoch ---------------------------------------------------------------------------
-
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         alpha = self.config.mixup
         if alpha > 0:
@@ -271,7 +274,7 @@ class Trainer:
             self.on_step_end()
             if self._should_stop():
                 break
-        batches.close()  # a stop mid-epoch: the loader's iterator ends here (its workers persist)
+        batches.close()  # a stop mid-epoch: no batch is drawn past this step (the loader's workers persist)
         if progress is not None:
             progress.remove_task(task)
         return self._mean_loss()
