@@ -236,3 +236,27 @@ def test_a_decompression_bomb_is_refused_with_its_name(tmp_path):
         Image.new("1", (side, side)).save(bomb)
         with pytest.raises(ValueError, match="bomb.png: refused, too many pixels"):
             data.load(str(tmp_path / "ds"))
+
+
+def test_a_dataset_registered_as_earlier_versions_did_still_loads_and_trains(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from onebit.data import register_dataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 6, 6, generator=g), torch.arange(40) % 2
+
+    @register_dataset("old_style_blobs")
+    def old_style():  # no image_size/mean/std, TensorDatasets of normalized images
+        return data.DataBundle(name="old_style_blobs", train=TensorDataset(x[:32], y[:32]), test=TensorDataset(x[32:], y[32:]),
+                               num_classes=2, classes=["a", "b"])
+
+    bundle = data.load("old_style_blobs")
+    assert torch.equal(bundle.train.tensors[0], x[:32]) and torch.equal(bundle.test[1][0], x[33])
+    assert bundle.image_size == (6, 6) and bundle.in_channels == 1
+    assert data.load("old_style_blobs", image_size=12).image_size == (12, 12)
+    from onebit.train import Trainer, TrainConfig
+
+    history = Trainer(TrainConfig(model="lenet_binary", data="old_style_blobs", epochs=1, batch_size=8,
+                                  model_kwargs={"width": 4})).fit()
+    assert len(history) == 1

@@ -264,7 +264,7 @@ def load(source: str = "digits", image_size: int | None = None, mean: Sequence[f
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if source in _DATASETS:
-        return _DATASETS[source](image_size=image_size, mean=mean, std=std, **kwargs)
+        return _registered(_DATASETS[source], image_size, mean, std, kwargs)
     if os.path.sep in source or source.startswith(".") or os.path.exists(source):
         if not os.path.isdir(source):
             what = "is a file, not a directory" if os.path.exists(source) else "does not exist"
@@ -275,6 +275,32 @@ def load(source: str = "digits", image_size: int | None = None, mean: Sequence[f
         kinds = "; ".join(kind for kind, _, _ in _DIRECTORY_READERS) or "none registered"
         raise ValueError(f"data directory {source!r} is in no known format (known: {kinds})")
     raise ValueError(f"unknown dataset {source!r}; known datasets: {', '.join(names())}, or a directory path")
+
+
+def _registered(fn: Callable[..., DataBundle], image_size, mean, std, kwargs) -> DataBundle:
+    """Call a registered dataset with the options it takes. A function written for earlier versions
+    (no ``image_size``/``mean``/``std``, a bundle of ``TensorDataset`` s of normalized images) still
+    works: its tensors become in-memory sources, resized when asked, used as they are."""
+    import inspect
+
+    from torch.utils.data import TensorDataset
+
+    params = inspect.signature(fn).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    options = {k: v for k, v in (("image_size", image_size), ("mean", mean), ("std", std)) if takes_all or k in params}
+    bundle = fn(**options, **kwargs)
+    if not isinstance(bundle.train, TensorDataset):
+        return bundle
+    if mean is not None and "mean" not in options:
+        raise ValueError(f"dataset {bundle.name!r} normalizes its own images: it takes no --mean/--std")
+    splits = []
+    for part in (bundle.train, bundle.test):
+        x, y = part.tensors
+        x = resize(x, image_size) if image_size and x.dim() == 4 and "image_size" not in options else x
+        splits.append(Split(ArrayDataset(x, y, scale=1.0), T.Compose([ToUnit(1.0)])))
+    bundle.train, bundle.test = splits
+    bundle.size = tuple(int(v) for v in bundle.train.source.images.shape[2:])
+    return bundle
 
 
 def sample_indices(n: int, count: int) -> np.ndarray:
