@@ -344,3 +344,47 @@ def test_a_write_interrupted_by_kill_leaves_nothing_after_the_next_write(tmp_pat
     io.save_json(tmp_path / "next.json", {})
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
     assert not target.exists()
+
+
+# --------------------------------------------------------------------------- issue-26 regressions
+
+
+def test_overwrite_empties_the_old_runs_per_epoch_weights(capsys, tmp_path):
+    out = tmp_path / "run"
+    status, lines, _ = run(capsys, "train", *SMALL[:-1], "3", "--out", str(out))
+    assert status == 0, lines
+    assert sorted(p.name for p in (out / "weights").iterdir())[-1] == "epoch_0003.safetensors"
+    status, lines, _ = run(capsys, "train", "--model", "lenet", "--model-arg", "width=8", "--epochs", "1",
+                           "--out", str(out), "--overwrite")
+    assert status == 0, lines
+    assert sorted(p.name for p in (out / "weights").iterdir()) == ["epoch_0000.safetensors", "epoch_0001.safetensors"]
+
+
+def test_eval_names_a_file_whose_output_is_not_class_scores_for_the_data(capsys, tmp_path):
+    import torch
+
+    from onebit import engine
+
+    class Scores(torch.nn.Module):
+        def __init__(self, classes, tuple_out=False):
+            super().__init__()
+            self.fc, self.tuple_out = torch.nn.Linear(64, classes), tuple_out
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            return (y, y) if self.tuple_out else y
+
+    x = torch.zeros(1, 1, 8, 8)
+    few = tmp_path / "five.onebit"
+    engine.pack(Scores(5).eval(), x).save(str(few))
+    status, lines, _ = run(capsys, "eval", str(few), "--data", "digits")
+    assert_one_line_error(status, lines, str(few), "scores 5 classes", "10")
+    pair = tmp_path / "pair.onebit"
+    engine.pack(Scores(10, tuple_out=True).eval(), x).save(str(pair))
+    status, lines, _ = run(capsys, "eval", str(pair), "--data", "digits")
+    assert_one_line_error(status, lines, str(pair), "returns a tuple")
+
+
+def test_data_that_names_a_file_says_it_is_a_file(capsys, tmp_path, finished_run):
+    status, lines, _ = run(capsys, "train", *SMALL, "--data", str(finished_run / "config.json"))
+    assert_one_line_error(status, lines, "config.json", "is a file, not a directory")
