@@ -25,7 +25,7 @@ from rich.markup import escape
 
 from onebit.heap import keep_freed_memory
 
-__all__ = ["main", "build_parser", "integer", "UsageError"]
+__all__ = ["main", "build_parser", "integer", "numbers", "UsageError"]
 
 
 class UsageError(Exception):
@@ -46,6 +46,17 @@ def integer(lo: int = 1, hi: int = 1 << 31):
 
     parse.__name__ = "integer"
     return parse
+
+
+def numbers(text: str) -> list[float]:
+    """An ``argparse`` type: numbers separated by commas, e.g. ``0.485,0.456,0.406``."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+numbers.__name__ = "numbers"
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,7 +9,7 @@ import time
 
 from rich.console import Console
 
-from onebit.cli import integer
+from onebit.cli import integer, numbers
 from onebit.cli.export import WEIGHTS_HELP
 
 
@@ -22,9 +22,9 @@ def register(commands) -> None:
     p.add_argument("--image-size", type=integer(1, 4096), default=None, help="resize images (default: as in the run)")
     p.add_argument("--batch-size", type=integer(1), default=256)
     p.add_argument("--topk", type=integer(1), default=5)
-    p.add_argument("--mean", type=lambda t: _floats(t, "--mean"), default=None,
+    p.add_argument("--mean", type=numbers, default=None,
                    help="normalize with this mean per channel (default: the run's, from its config.json, else the data's)")
-    p.add_argument("--std", type=lambda t: _floats(t, "--std"), default=None, help="normalize with this std per channel (with --mean)")
+    p.add_argument("--std", type=numbers, default=None, help="normalize with this std per channel (with --mean)")
     p.add_argument("--loader-workers", type=integer(0, 256), default=0,
                    help="worker processes decoding the images (0: in this process)")
     p.add_argument("--weights", default=None, metavar="REF", help=WEIGHTS_HELP)
@@ -101,12 +101,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"accuracy: {correct / n:.4f}", highlight=False)
     return 0
 
-
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def _scores(output, source: str, n: int, num_classes: int):

@@ -10,6 +10,8 @@ import signal
 
 from rich.console import Console
 
+from onebit.cli import numbers
+
 # option -> TrainConfig field; every option defaults to None so that the config's defaults
 # stay the single source and ``--resume`` can tell which options were given.
 _OPTIONS = {
@@ -38,16 +40,10 @@ _OPTIONS = {
     "device": (str, "auto (a GPU when there is one), cpu or cuda"),
     "precision": (str, "fp32, or mixed precision bf16 / fp16 (evaluation and export stay fp32)"),
     "weights": (str, "start from these weights: a run directory, a weights file, a pushed folder or hf://org/name[@rev]"),
-    "mean": (lambda text: _floats(text, "--mean"), "normalize with this mean per channel, e.g. 0.485,0.456,0.406 (default: the data's)"),
-    "std": (lambda text: _floats(text, "--std"), "normalize with this std per channel, e.g. 0.229,0.224,0.225 (with --mean)"),
+    "mean": (numbers, "normalize with this mean per channel, e.g. 0.485,0.456,0.406 (default: the data's)"),
+    "std": (numbers, "normalize with this std per channel, e.g. 0.229,0.224,0.225 (with --mean)"),
 }
 
-
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def register(commands) -> None:
