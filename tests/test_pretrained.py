@@ -1,6 +1,6 @@
-"""The trained model published in the repository (pretrained/): it loads by reference with its
+"""The trained models published in the repository (pretrained/): each loads by reference with its
 hashes checked, reproduces its card's accuracy through `onebit eval`, its packed file computes the
-model's outputs, and a user fine-tunes from it with --weights."""
+model's outputs, and a user fine-tunes from one with --weights."""
 
 import json
 import os
@@ -13,37 +13,44 @@ import torch
 
 from onebit import data, engine, models
 
-FOLDER = pathlib.Path(__file__).resolve().parents[1] / "pretrained" / "bitnet_mlp-fashion-mnist"
+PRETRAINED = pathlib.Path(__file__).resolve().parents[1] / "pretrained"
+FOLDER = PRETRAINED / "bitnet_mlp-fashion-mnist"
+PUBLISHED = [PRETRAINED / "bitnet_mlp-fashion-mnist", PRETRAINED / "birealnet_small_react_wide-fashion-mnist"]
+each = pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 needs_data = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
                                 reason=f"Fashion-MNIST is not installed at {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
 
 
-def card():
-    return json.loads((FOLDER / "config.json").read_text())
+def card(folder=FOLDER):
+    return json.loads((folder / "config.json").read_text())
 
 
-def test_the_published_model_loads_by_reference_with_its_hashes_checked():
-    model = models.from_pretrained(str(FOLDER))
-    state, config = models.load_weights(str(FOLDER))
-    assert config["config"]["model"] == "bitnet_mlp" and not model.training
+@each
+def test_the_published_model_loads_by_reference_with_its_hashes_checked(folder):
+    model = models.from_pretrained(str(folder))
+    state, config = models.load_weights(str(folder))
+    assert config["config"]["model"] == folder.name.split("-")[0] and not model.training
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert card()["packed"]["max_abs_diff"] == 0.0
+    assert card(folder)["packed"]["max_abs_diff"] < 1e-5  # push's check on one random input; the test set: below
 
 
 @needs_data
-def test_onebit_eval_of_the_published_model_reproduces_its_cards_accuracy():
-    out = subprocess.run([sys.executable, "-m", "onebit", "eval", str(FOLDER)], capture_output=True, text=True, timeout=600)
+@each
+def test_onebit_eval_of_the_published_model_reproduces_its_cards_accuracy(folder):
+    out = subprocess.run([sys.executable, "-m", "onebit", "eval", str(folder)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert f"accuracy: {card()['metrics']['accuracy']:.4f}" in out.stdout
+    assert f"accuracy: {card(folder)['metrics']['accuracy']:.4f}" in out.stdout
 
 
 @needs_data
-def test_its_packed_file_computes_the_models_outputs_on_the_test_set():
-    model = models.from_pretrained(str(FOLDER))
-    packed = engine.load(str(FOLDER / "model.onebit.safetensors"))
-    meta = card()
-    x, _ = data.load(FASHION_MNIST, mean=meta["mean"], std=meta["std"]).test.batch(torch.arange(2000))
+@each
+def test_its_packed_file_computes_the_models_outputs_on_the_test_set(folder):
+    model = models.from_pretrained(str(folder))
+    packed = engine.load(str(folder / "model.onebit.safetensors"))
+    meta = card(folder)
+    stats = {"mean": meta["mean"], "std": meta["std"]} if "std" in meta else {}  # runs before onebit saved them: the data's
+    x, _ = data.load(FASHION_MNIST, **stats).test.batch(torch.arange(2000))
     with torch.no_grad():
         assert torch.equal(packed(x), model(x))
 
