@@ -185,19 +185,19 @@ def test_the_cli_stopped_mid_run_with_loader_workers_resumes_to_an_uninterrupted
     import time
 
     root = make_image_folder(tmp_path / "data", classes=2, per_class=20, sizes=(20, 28))
-    common = ["--data", str(root), "--image-size", "16", "--model-arg", "width=4", "--epochs", "3", "--batch-size", "4",
-              "--loader-workers", "2", "--seed", "3"]
+    common = ["--data", str(root), "--image-size", "16", "--model-arg", "width=4", "--epochs", "20", "--batch-size", "4",
+              "--loader-workers", "2", "--seed", "3"]  # 20 epochs: the stop lands while it trains, on any machine
     out = tmp_path / "run"
     proc = _onebit("train", *common, "--out", str(out), start_new_session=True)
     deadline = time.time() + 300
     while not (out / "history.csv").exists():  # the first epoch is saved: stop in the second
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
-    time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGTERM if stop.startswith("SIGTERM") else signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)  # every process of the group has ended
     if stop.startswith("SIGTERM"):
         assert proc.returncode == 0 and "stopped by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    assert len((out / "history.csv").read_text().splitlines()) - 1 < 20  # stopped before its last epoch
     resumed = _onebit("train", "--resume", str(out))
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
