@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     cl_x, cl_w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
 
     def onebit_conv():
-        K.binary_conv2d(xp, wp, scale=scale, bias=bias, in_channels=c, out_channels=c, kernel_size=3, padding=1,
-                        cache=cache)  # fmt: skip
+        K.binary_conv2d(
+            xp, wp, scale=scale, bias=bias, in_channels=c, out_channels=c, kernel_size=3, padding=1, cache=cache
+        )
 
     candidates = {}
     for t in (1, 2):
@@ -96,15 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         rival.terminate()
         rival.wait()
 
-    print(f"# {args.batch}x{c}x{size}x{size} 3x3 conv, onebit {_C.isa()} (tile {_C.tile(_C.isa())}), torch "
-          f"{torch.__version__}, {os.cpu_count()} cpus; rival: torch conv2d loop on {args.rival_threads} threads; "
-          f"medians of {args.reps} interleaved reps, ms")  # fmt: skip
+    print(
+        f"# {args.batch}x{c}x{size}x{size} 3x3 conv, onebit {_C.isa()} (tile {_C.tile(_C.isa())}), torch "
+        f"{torch.__version__}, {os.cpu_count()} cpus; rival: torch conv2d loop on {args.rival_threads} threads; "
+        f"medians of {args.reps} interleaved reps, ms"
+    )
     print(f"{'':>10} {'1 thread':>9} {'2 threads':>9} {'2T / 1T':>8}   {'1 thread':>9} {'2 threads':>9} {'2T / 1T':>8}")
     print(f"{'':>10} {'quiet':>28}   {'beside the rival':>28}")
     for name in ("onebit", "torch"):
         q1, q2, c1, c2 = quiet[(name, 1)], quiet[(name, 2)], contended[(name, 1)], contended[(name, 2)]
-        print(f"{name:>10} {q1 * 1e3:9.3f} {q2 * 1e3:9.3f} {q2 / q1:7.2f}x   {c1 * 1e3:9.3f} {c2 * 1e3:9.3f} "
-              f"{c2 / c1:7.2f}x")  # fmt: skip
+        print(
+            f"{name:>10} {q1 * 1e3:9.3f} {q2 * 1e3:9.3f} {q2 / q1:7.2f}x   {c1 * 1e3:9.3f} {c2 * 1e3:9.3f} "
+            f"{c2 / c1:7.2f}x"
+        )
     return 0
 
 

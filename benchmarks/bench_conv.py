@@ -52,8 +52,6 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return int(channels), int(size)
 
 
-
-
 def measure(candidates: dict, reps: int, threads: dict | None = None) -> dict:
     """Interleaved medians (seconds) of {name: fn}; ``threads[name]``: torch threads for that candidate.
 
@@ -196,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     active = _C.isa()
     restricted = _torch_restricted(args.torch_isa, args) if args.torch_isa else None
 
-    print(f"# onebit binary conv benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus, ISAs {supported}, medians of {args.reps} interleaved reps, times in ms")  # fmt: skip
+    print(
+        f"# onebit binary conv benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cpus, ISAs {supported}, medians of {args.reps} interleaved reps, times in ms"
+    )
     print("# ratio = torch fp32 conv2d at its faster layout / onebit time (higher is better)")
     header = (
         f"{'layer':>14} {'N':>2} {'thr':>3} {'torch':>8} {'layout':>6} {'isa':>7} "

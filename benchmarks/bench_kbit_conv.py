@@ -81,11 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
             candidates[f"{name} {isa} channels_last"] = (isa, lambda model=model: model(x_cl))
 
     results: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "isas": _C.supported_isas()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "isas": _C.supported_isas(),
+        },
         "shape": {"channels": c, "size": s, "batch": n},
         "times_us": {},
-    }  # fmt: skip
+    }
     isa0 = _C.isa()
     with torch.no_grad():
         for threads in args.threads:

@@ -137,7 +137,7 @@ def measure_speed(args) -> None:
     from torch.utils.data import DataLoader
 
     from onebit import models
-    from onebit.train import Trainer, TrainConfig
+    from onebit.train import TrainConfig, Trainer
 
     class Bench(Trainer):
         """Stops its epoch after step ``limit``."""
@@ -148,15 +148,29 @@ def measure_speed(args) -> None:
             if self.step >= self.limit:
                 self.request_stop()
 
-    config = TrainConfig(model=args.model, data=args.root, image_size=args.size, epochs=1, batch_size=args.batch_size,
-                         loader_workers=args.workers, model_kwargs={}, lr=1e-3)
+    config = TrainConfig(
+        model=args.model,
+        data=args.root,
+        image_size=args.size,
+        epochs=1,
+        batch_size=args.batch_size,
+        loader_workers=args.workers,
+        model_kwargs={},
+        lr=1e-3,
+    )
     trainer = Bench.from_config(config)
     source = trainer.data.train.source
     files = [source.path(i) for i in range(len(source))]
     plain_model = models.create(args.model, num_classes=trainer.data.num_classes, in_channels=3)
     opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
-    loader = DataLoader(PlainFolder(files, source.labels.numpy(), args.size), batch_size=args.batch_size, shuffle=True,
-                        num_workers=args.workers, persistent_workers=args.workers > 0, drop_last=True)
+    loader = DataLoader(
+        PlainFolder(files, source.labels.numpy(), args.size),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+        drop_last=True,
+    )
     plain_iter = iter(loader)
 
     def onebit_steps(n: int) -> float:
@@ -186,11 +200,17 @@ def measure_speed(args) -> None:
     plain_steps(args.warmup)
     rates = {"onebit": [], "plain": []}
     for r in range(args.rounds):
-        for name, fn in (("onebit", onebit_steps), ("plain", plain_steps)) if r % 2 == 0 else (("plain", plain_steps), ("onebit", onebit_steps)):
+        for name, fn in (
+            (("onebit", onebit_steps), ("plain", plain_steps))
+            if r % 2 == 0
+            else (("plain", plain_steps), ("onebit", onebit_steps))
+        ):
             rates[name].append(args.steps * args.batch_size / fn(args.steps))
     a, b = np.median(rates["onebit"]), np.median(rates["plain"])
-    print(f"speed ({args.model}, {args.size} px, batch {args.batch_size}, {args.workers} loader workers, "
-          f"{args.steps} steps x {args.rounds} rounds):")
+    print(
+        f"speed ({args.model}, {args.size} px, batch {args.batch_size}, {args.workers} loader workers, "
+        f"{args.steps} steps x {args.rounds} rounds):"
+    )
     print(f"  onebit trainer     {a:8.1f} images/s  (rounds: {', '.join(f'{v:.1f}' for v in rates['onebit'])})")
     print(f"  plain DataLoader   {b:8.1f} images/s  (rounds: {', '.join(f'{v:.1f}' for v in rates['plain'])})")
     print(f"  ratio onebit / plain: {a / b:.3f}")
@@ -210,23 +230,47 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--memory-seconds", type=float, default=None,
-                   help="stop the memory run after this many seconds (SIGTERM) instead of after its epoch")
+    p.add_argument(
+        "--memory-seconds",
+        type=float,
+        default=None,
+        help="stop the memory run after this many seconds (SIGTERM) instead of after its epoch",
+    )
     p.add_argument("--skip", choices=["memory", "speed"], default=None, help="skip one of the two measurements")
     args = p.parse_args()
     if not os.path.isdir(os.path.join(args.root, "train")):
         start = time.perf_counter()
         make_folder(args.root, args.images, args.size, args.classes)
-        print(f"generated {args.images} JPEGs of {args.size}x{args.size} in {args.root} ({time.perf_counter() - start:.0f} s)")
+        print(
+            f"generated {args.images} JPEGs of {args.size}x{args.size} in {args.root} ({time.perf_counter() - start:.0f} s)"
+        )
     float_gb = args.images * 3 * args.size * args.size * 4 / 1e9
     if args.skip != "memory":
         with tempfile.TemporaryDirectory() as out:
-            onebit = [sys.executable, "-m", "onebit", "train", "--model", args.model, "--data", args.root, "--epochs", "1",
-                      "--batch-size", str(args.batch_size), "--loader-workers", str(args.workers), "--out", out]
+            onebit = [
+                sys.executable,
+                "-m",
+                "onebit",
+                "train",
+                "--model",
+                args.model,
+                "--data",
+                args.root,
+                "--epochs",
+                "1",
+                "--batch-size",
+                str(args.batch_size),
+                "--loader-workers",
+                str(args.workers),
+                "--out",
+                out,
+            ]
             rss, pss, seconds, status = measure_memory(onebit, args.memory_seconds)
         what = "one epoch" if args.memory_seconds is None else f"the first {args.memory_seconds:.0f} s of an epoch"
-        print(f"memory: {what} of `onebit train` on {args.images} images ({float_gb:.1f} GB as float32), "
-              f"{args.workers} loader workers, batch {args.batch_size}, {seconds:.0f} s, exit {status}:")
+        print(
+            f"memory: {what} of `onebit train` on {args.images} images ({float_gb:.1f} GB as float32), "
+            f"{args.workers} loader workers, batch {args.batch_size}, {seconds:.0f} s, exit {status}:"
+        )
         print(f"  peak RSS of the process tree {rss / 1e9:.2f} GB, peak PSS {pss / 1e9:.2f} GB")
     if args.skip != "speed":
         measure_speed(args)

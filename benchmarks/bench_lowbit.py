@@ -42,8 +42,6 @@ from onebit.nn import BitLinear
 from timing import interleaved_medians, state_dict_bytes  # benchmarks/timing.py
 
 
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--features", type=int, default=4096)
@@ -89,12 +87,16 @@ def main(argv: list[str] | None = None) -> dict:
         candidates[f"kernel {isa}"] = (isa, lambda: K.ternary_linear(xn, wp, in_features=f, scale=gamma))
 
     results: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                    "isas": _C.supported_isas(), "vnni": _C.has_avx512_vnni()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "isas": _C.supported_isas(),
+            "vnni": _C.has_avx512_vnni(),
+        },
         "shape": {"features": f, "out": o, "batch": n},
         "kernels": kernel_names,
         "times_us": {},
-    }  # fmt: skip
+    }
     isa0 = _C.isa()
     with torch.no_grad():
         for threads in args.threads:
@@ -112,8 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
             "int8 dynamic state_dict": state_dict_bytes(int8_layer),
         }
 
-    print(f"BitLinear {f} -> {o}, batch {n}; torch {torch.__version__}; ISAs {', '.join(_C.supported_isas())}; "
-          f"kernels {kernel_names}")  # fmt: skip
+    print(
+        f"BitLinear {f} -> {o}, batch {n}; torch {torch.__version__}; ISAs {', '.join(_C.supported_isas())}; "
+        f"kernels {kernel_names}"
+    )
     for threads, times in results["times_us"].items():
         fp32, int8 = times["fp32"], times["int8 dynamic"]
         print(f"\n{threads} thread(s)        time (us)   vs fp32   vs int8 dynamic")

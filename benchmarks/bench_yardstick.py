@@ -96,8 +96,16 @@ def time_onebit(isa: str, batch: int, channels: int, size: int, threads: int, se
     x, w = torch.randn(batch, channels, size, size), torch.randn(channels, channels, 3, 3)
     wp = K.pack_weights(w)
     scale, bias = torch.rand(channels) + 0.5, torch.randn(channels)
-    layer = K.ConvLayer(wp, scale=scale, bias=bias, in_channels=channels, out_channels=channels, kernel_size=3,
-                        padding=1, cache=K.WeightCache())  # fmt: skip
+    layer = K.ConvLayer(
+        wp,
+        scale=scale,
+        bias=bias,
+        in_channels=channels,
+        out_channels=channels,
+        kernel_size=3,
+        padding=1,
+        cache=K.WeightCache(),
+    )
     before = _C.isa()
     _C.set_isa(isa)
     torch.set_num_threads(threads)
@@ -134,15 +142,19 @@ def main(argv=None) -> None:
     isas = [isa for isa in args.isa if isa in available]
     for isa in sorted(set(args.isa) - set(isas)):
         print(f"# {isa}: not available on this CPU ({', '.join(available)}), skipped")
-    print(f"# onebit vs the yardstick {args.yardstick}: torch {torch.__version__}, {os.cpu_count()} cpus, "
-          f"{args.rounds} rounds, fraction = yardstick pack+conv / onebit pack+conv (median ms per call; the yardstick's is the "
-          f"better of its pack+conv and its pack + its conv)")
+    print(
+        f"# onebit vs the yardstick {args.yardstick}: torch {torch.__version__}, {os.cpu_count()} cpus, "
+        f"{args.rounds} rounds, fraction = yardstick pack+conv / onebit pack+conv (median ms per call; the yardstick's is the "
+        f"better of its pack+conv and its pack + its conv)"
+    )
     times: dict[tuple, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         binaries = {isa: compile_yardstick(args.yardstick, MARCH[isa], Path(tmp)) for isa in isas}
         for rnd in range(args.rounds):
             print(f"# round {rnd + 1}")
-            print(f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick (best variant)':>36} {'onebit':>22} fraction")
+            print(
+                f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick (best variant)':>36} {'onebit':>22} fraction"
+            )
             for layer in args.layers:
                 n, c, s = LAYERS[layer]
                 for isa in isas:
@@ -153,17 +165,23 @@ def main(argv=None) -> None:
                         name, y_med = yard[t]
                         o_med, o_min = time_onebit(isa, n, c, s, t, args.seconds)
                         times.setdefault((layer, t, isa), []).append((y_med, o_med))
-                        print(f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} "
-                              f"{name:>29} {y_med:.4f} {o_med:.4f} (min {o_min:.4f}) {y_med / o_med:8.2f}",
-                              flush=True)
+                        print(
+                            f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} "
+                            f"{name:>29} {y_med:.4f} {o_med:.4f} (min {o_min:.4f}) {y_med / o_med:8.2f}",
+                            flush=True,
+                        )
     print("# summary over rounds: each side's best median (ms), best fraction; median and worst per-round fraction")
-    print(f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick':>9} {'onebit':>9} {'best':>5} {'median':>6} {'worst':>5}")
+    print(
+        f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick':>9} {'onebit':>9} {'best':>5} {'median':>6} {'worst':>5}"
+    )
     for (layer, t, isa), pairs in times.items():
         n, c, s = LAYERS[layer]
         yard, ours = min(y for y, _ in pairs), min(o for _, o in pairs)
         per_round = [y / o for y, o in pairs]
-        print(f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} {yard:9.4f} {ours:9.4f} {yard / ours:5.2f} "
-              f"{statistics.median(per_round):6.2f} {min(per_round):5.2f}")
+        print(
+            f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} {yard:9.4f} {ours:9.4f} {yard / ours:5.2f} "
+            f"{statistics.median(per_round):6.2f} {min(per_round):5.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -19,14 +19,21 @@ from onebit import _C, engine, quant
 from onebit.engine import bitplanes as bitplanes_mod
 from onebit.engine import kernels as K
 from onebit.engine import ops
+from onebit.engine.bitplanes import PlaneCode, bitplane_conv2d_int, stack_weight_planes
 from onebit.nn import QActivation, QConv2d, QLinear
 from onebit.quant_lowbit import DoReFaSymmetric, Ternary
-from onebit.engine.bitplanes import PlaneCode, bitplane_conv2d_int, stack_weight_planes
 
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="the native kernels are not built")
 
-ACT_CODES = [PlaneCode.symmetric(1), PlaneCode.symmetric(2), PlaneCode.symmetric(3), PlaneCode.unsigned(1),
-             PlaneCode.unsigned(2), PlaneCode.unsigned(4), PlaneCode.binary()]  # fmt: skip
+ACT_CODES = [
+    PlaneCode.symmetric(1),
+    PlaneCode.symmetric(2),
+    PlaneCode.symmetric(3),
+    PlaneCode.unsigned(1),
+    PlaneCode.unsigned(2),
+    PlaneCode.unsigned(4),
+    PlaneCode.binary(),
+]
 WEIGHT_CODES = [PlaneCode.binary(), PlaneCode.ternary(), PlaneCode.symmetric(2), PlaneCode.symmetric(3)]
 
 
@@ -64,10 +71,17 @@ def test_levels_outside_the_code_are_refused():
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.sampled_from(ACT_CODES), st.sampled_from(WEIGHT_CODES), st.integers(1, 2), st.sampled_from([1, 2]),
-    st.integers(1, 70), st.integers(1, 9), st.sampled_from([1, 3]), st.integers(0, 2), st.integers(1, 2),
+    st.sampled_from(ACT_CODES),
+    st.sampled_from(WEIGHT_CODES),
+    st.integers(1, 2),
+    st.sampled_from([1, 2]),
+    st.integers(1, 70),
+    st.integers(1, 9),
+    st.sampled_from([1, 3]),
+    st.integers(0, 2),
+    st.integers(1, 2),
     st.integers(0, 2**31 - 1),
-)  # fmt: skip
+)
 def test_bitplane_conv_equals_the_float64_conv_of_the_levels(act, wcode, n, groups, cg, cog, k, pad, stride, seed):
     gen = torch.Generator().manual_seed(seed)
     cin, cout = cg * groups, cog * groups
@@ -79,9 +93,18 @@ def test_bitplane_conv_equals_the_float64_conv_of_the_levels(act, wcode, n, grou
     packed = K.pack_weights(stacked, act.planes * groups)
     sums = wcode.split(levels).sum(dim=(2, 3, 4)).double()
     got = bitplane_conv2d_int(
-        x_int, packed, sums, act=act, weight=wcode, in_channels=cin, out_channels=cout, kernel_size=(k, k),
-        stride=(stride, stride), padding=(pad, pad), groups=groups,
-    )  # fmt: skip
+        x_int,
+        packed,
+        sums,
+        act=act,
+        weight=wcode,
+        in_channels=cin,
+        out_channels=cout,
+        kernel_size=(k, k),
+        stride=(stride, stride),
+        padding=(pad, pad),
+        groups=groups,
+    )
     assert got.dtype == torch.float32
     assert torch.equal(got.double(), expected)
 
@@ -90,15 +113,22 @@ def test_bitplane_conv_equals_the_float64_conv_of_the_levels(act, wcode, n, grou
 # k-bit and ternary layers, packed: bit-identical to the model
 
 INPUTS = {
-    "dorefa1": lambda: quant.DoReFa(1), "dorefa2": lambda: quant.DoReFa(2), "dorefa4": lambda: quant.DoReFa(4),
-    "sym1": lambda: DoReFaSymmetric(1, 1.0), "sym2": lambda: DoReFaSymmetric(2, 1.3),
-    "sym3": lambda: DoReFaSymmetric(3, 0.8), "sym2_learned": lambda: DoReFaSymmetric(2, 1.7, learnable=True),
-}  # fmt: skip
+    "dorefa1": lambda: quant.DoReFa(1),
+    "dorefa2": lambda: quant.DoReFa(2),
+    "dorefa4": lambda: quant.DoReFa(4),
+    "sym1": lambda: DoReFaSymmetric(1, 1.0),
+    "sym2": lambda: DoReFaSymmetric(2, 1.3),
+    "sym3": lambda: DoReFaSymmetric(3, 0.8),
+    "sym2_learned": lambda: DoReFaSymmetric(2, 1.7, learnable=True),
+}
 WEIGHTS = {
-    "sign": lambda: quant.get("ste_sign"), "magnitude": lambda: quant.get("magnitude_aware_sign"),
-    "ternary": lambda: Ternary(), "ternary_channel": lambda: Ternary(per_channel=True),
-    "dorefa_weight2": lambda: quant.DoReFaWeight(2), "dorefa_weight3": lambda: quant.DoReFaWeight(3),
-}  # fmt: skip
+    "sign": lambda: quant.get("ste_sign"),
+    "magnitude": lambda: quant.get("magnitude_aware_sign"),
+    "ternary": lambda: Ternary(),
+    "ternary_channel": lambda: Ternary(per_channel=True),
+    "dorefa_weight2": lambda: quant.DoReFaWeight(2),
+    "dorefa_weight3": lambda: quant.DoReFaWeight(3),
+}
 
 
 def pack_strict(model, x):
@@ -109,14 +139,30 @@ def pack_strict(model, x):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.sampled_from(sorted(INPUTS)), st.sampled_from(sorted(WEIGHTS)), st.sampled_from([1, 2]), st.integers(1, 3),
-    st.sampled_from([1, 3]), st.integers(0, 1), st.integers(1, 2), st.booleans(), st.booleans(),
+    st.sampled_from(sorted(INPUTS)),
+    st.sampled_from(sorted(WEIGHTS)),
+    st.sampled_from([1, 2]),
+    st.integers(1, 3),
+    st.sampled_from([1, 3]),
+    st.integers(0, 1),
+    st.integers(1, 2),
+    st.booleans(),
+    st.booleans(),
     st.integers(0, 2**31 - 1),
-)  # fmt: skip
+)
 def test_kbit_conv_packs_bit_identical_in_both_layouts(act, wq, groups, n, k, pad, stride, bias, channels_last, seed):
     torch.manual_seed(seed)
-    layer = QConv2d(6 * groups, 4 * groups, k, stride=stride, padding=pad, groups=groups, bias=bias,
-                    input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]())  # fmt: skip
+    layer = QConv2d(
+        6 * groups,
+        4 * groups,
+        k,
+        stride=stride,
+        padding=pad,
+        groups=groups,
+        bias=bias,
+        input_quantizer=INPUTS[act](),
+        weight_quantizer=WEIGHTS[wq](),
+    )
     model = nn.Sequential(nn.BatchNorm2d(6 * groups), layer, nn.ReLU()).eval()
     with torch.no_grad():
         model[0].running_var.uniform_(0.3, 2.0)
@@ -134,8 +180,11 @@ def test_kbit_conv_packs_bit_identical_in_both_layouts(act, wq, groups, n, k, pa
 @pytest.mark.parametrize("wq", ["magnitude", "ternary", "dorefa_weight2"])
 def test_kbit_linear_packs_bit_identical(act, wq):
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Flatten(), QLinear(48, 12, input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]()),
-                          QLinear(12, 5, bias=False, input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]())).eval()  # fmt: skip
+    model = nn.Sequential(
+        nn.Flatten(),
+        QLinear(48, 12, input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]()),
+        QLinear(12, 5, bias=False, input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]()),
+    ).eval()
     x = torch.randn(5, 3, 4, 4)
     packed = pack_strict(model, x)
     assert [node["op"] for node in packed.graph["nodes"]].count("bitplane_conv2d") == 2
@@ -162,22 +211,44 @@ def with_nans(x: torch.Tensor, gen: torch.Generator, count: int) -> torch.Tensor
 @pytest.mark.usefixtures("restore_isa_and_threads")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.sampled_from(sorted(INPUTS)), st.sampled_from(sorted(WEIGHTS)), st.sampled_from([1, 2, 3]), st.integers(1, 3),
-    st.tuples(st.integers(1, 4), st.integers(1, 4)), st.integers(0, 2), st.integers(1, 2), st.integers(1, 2),
-    st.sampled_from(["nchw", "channels_last", "strided"]), st.integers(1, 4), st.integers(0, 2**31 - 1),
-)  # fmt: skip
-def test_nan_inputs_give_nan_where_the_model_gives_nan(act, wq, groups, n, k, pad, stride, dilation, layout, nans, seed):
+    st.sampled_from(sorted(INPUTS)),
+    st.sampled_from(sorted(WEIGHTS)),
+    st.sampled_from([1, 2, 3]),
+    st.integers(1, 3),
+    st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    st.integers(0, 2),
+    st.integers(1, 2),
+    st.integers(1, 2),
+    st.sampled_from(["nchw", "channels_last", "strided"]),
+    st.integers(1, 4),
+    st.integers(0, 2**31 - 1),
+)
+def test_nan_inputs_give_nan_where_the_model_gives_nan(
+    act, wq, groups, n, k, pad, stride, dilation, layout, nans, seed
+):
     """A NaN input is NaN after every k-bit input quantizer: the model's float conv of the integers is
     NaN at every output reading it (any weight level, 0 included); the packed layer too, in every layout."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    layer = QConv2d(5 * groups, 3 * groups, k, stride=stride, padding=pad, dilation=dilation, groups=groups,
-                    input_quantizer=INPUTS[act](), weight_quantizer=WEIGHTS[wq]())  # fmt: skip
+    layer = QConv2d(
+        5 * groups,
+        3 * groups,
+        k,
+        stride=stride,
+        padding=pad,
+        dilation=dilation,
+        groups=groups,
+        input_quantizer=INPUTS[act](),
+        weight_quantizer=WEIGHTS[wq](),
+    )
     model = nn.Sequential(layer).eval()
     h, w = dilation * (k[0] - 1) + 1 + torch.randint(0, 5, (1,), generator=gen).item(), dilation * (k[1] - 1) + 3
     x = with_nans(torch.randn(n, 5 * groups, h, w, generator=gen) * 1.5, gen, nans)
-    x = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
-         "strided": torch.zeros(n, 5 * groups, h, 2 * w).index_copy_(3, torch.arange(0, 2 * w, 2), x)[..., ::2]}[layout]  # fmt: skip
+    x = {
+        "nchw": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "strided": torch.zeros(n, 5 * groups, h, 2 * w).index_copy_(3, torch.arange(0, 2 * w, 2), x)[..., ::2],
+    }[layout]
     packed = pack_strict(model, torch.randn(1, 5 * groups, h, w))
     assert [node["op"] for node in packed.graph["nodes"]] == ["bitplane_conv2d"]
     with torch.no_grad():
@@ -212,8 +283,11 @@ def test_nan_tokens_give_nan_rows_in_kbit_linear_layers(act, wq):
 def test_the_plane_packer_says_whether_its_input_holds_a_nan(layout):
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(2, 70, 5, 2 * 6, generator=gen)
-    x = {"nchw": x[..., :6].contiguous(), "channels_last": x[..., :6].contiguous(memory_format=torch.channels_last),
-         "strided": x[..., ::2]}[layout]  # fmt: skip
+    x = {
+        "nchw": x[..., :6].contiguous(),
+        "channels_last": x[..., :6].contiguous(memory_format=torch.channels_last),
+        "strided": x[..., ::2],
+    }[layout]
     for isa in _C.supported_isas():
         _C.set_isa(isa)
         for symmetric in (True, False):
@@ -235,10 +309,14 @@ def kbit_net() -> nn.Module:
     torch.manual_seed(5)
     return nn.Sequential(
         QConv2d(3, 16, 3, padding=1, bias=True, input_quantizer=DoReFaSymmetric(2, 1.5), weight_quantizer=Ternary()),
-        nn.BatchNorm2d(16), QActivation(DoReFaSymmetric(2, 1.0)),
-        QConv2d(16, 16, 3, padding=1, groups=2, input_quantizer=quant.DoReFa(2), weight_quantizer=quant.DoReFaWeight(2)),
-        nn.Flatten(), QLinear(16 * 8 * 8, 10, input_quantizer=DoReFaSymmetric(2, 1.0), weight_quantizer=Ternary()),
-    ).eval()  # fmt: skip
+        nn.BatchNorm2d(16),
+        QActivation(DoReFaSymmetric(2, 1.0)),
+        QConv2d(
+            16, 16, 3, padding=1, groups=2, input_quantizer=quant.DoReFa(2), weight_quantizer=quant.DoReFaWeight(2)
+        ),
+        nn.Flatten(),
+        QLinear(16 * 8 * 8, 10, input_quantizer=DoReFaSymmetric(2, 1.0), weight_quantizer=Ternary()),
+    ).eval()
 
 
 @pytest.mark.usefixtures("restore_isa_and_threads")
@@ -284,7 +362,9 @@ def test_kbit_layers_in_onnxruntime_bit_identical():
 def test_wide_kbit_layers_run_as_the_model_computes_them():
     # 8-bit activations: more planes than pay; the float conv of the integers, divided as the layer divides
     torch.manual_seed(1)
-    model = nn.Sequential(QConv2d(4, 6, 3, padding=1, input_quantizer=quant.DoReFa(8), weight_quantizer=Ternary())).eval()
+    model = nn.Sequential(
+        QConv2d(4, 6, 3, padding=1, input_quantizer=quant.DoReFa(8), weight_quantizer=Ternary())
+    ).eval()
     x = torch.randn(2, 4, 6, 6)
     packed = engine.pack(model, x)
     ops_ = [node["op"] for node in packed.graph["nodes"]]
@@ -300,20 +380,34 @@ def test_wide_kbit_layers_run_as_the_model_computes_them():
 @pytest.mark.usefixtures("restore_isa_and_threads")
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.sampled_from(ACT_CODES[:-1]), st.integers(1, 3), st.integers(1, 150), st.sampled_from([1, 2, 3]),
-    st.integers(1, 6), st.integers(1, 9), st.integers(0, 2), st.sampled_from(["nchw", "channels_last", "strided"]),
-    st.sampled_from([1, 2]), st.floats(0.25, 3.0), st.integers(0, 2**31 - 1),
-)  # fmt: skip
-def test_native_plane_packer_equals_the_planes_of_the_quantizer_integers(act, n, cg, groups, h, w, pad, layout,
-                                                                         threads, clip, seed):  # fmt: skip
+    st.sampled_from(ACT_CODES[:-1]),
+    st.integers(1, 3),
+    st.integers(1, 150),
+    st.sampled_from([1, 2, 3]),
+    st.integers(1, 6),
+    st.integers(1, 9),
+    st.integers(0, 2),
+    st.sampled_from(["nchw", "channels_last", "strided"]),
+    st.sampled_from([1, 2]),
+    st.floats(0.25, 3.0),
+    st.integers(0, 2**31 - 1),
+)
+def test_native_plane_packer_equals_the_planes_of_the_quantizer_integers(
+    act, n, cg, groups, h, w, pad, layout, threads, clip, seed
+):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, cg * groups, h, w, generator=gen) * 1.5
     x[torch.rand(x.shape, generator=gen) < 0.1] = 0.0
-    x = {"nchw": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
-         "strided": torch.randn(n, cg * groups, h, 2 * w, generator=gen)[..., ::2]}[layout]  # fmt: skip
+    x = {
+        "nchw": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "strided": torch.randn(n, cg * groups, h, 2 * w, generator=gen)[..., ::2],
+    }[layout]
     kind = "dorefa_sym" if act.kind == "symmetric" else "dorefa"
     x_int = bitplanes_mod.integer_input(x, kind, act.bits, clip)
-    want = K.pack_activations(bitplanes_mod.activation_planes(x_int, act), (pad, pad), act.pad_value, act.planes * groups)
+    want = K.pack_activations(
+        bitplanes_mod.activation_planes(x_int, act), (pad, pad), act.pad_value, act.planes * groups
+    )
     torch.set_num_threads(threads)
     for isa in _C.supported_isas():
         _C.set_isa(isa)
@@ -322,8 +416,14 @@ def test_native_plane_packer_equals_the_planes_of_the_quantizer_integers(act, n,
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(ACT_CODES[:-1]), st.sampled_from(WEIGHT_CODES), st.sampled_from([1, 2]), st.integers(1, 40),
-       st.booleans(), st.integers(0, 2**31 - 1))  # fmt: skip
+@given(
+    st.sampled_from(ACT_CODES[:-1]),
+    st.sampled_from(WEIGHT_CODES),
+    st.sampled_from([1, 2]),
+    st.integers(1, 40),
+    st.booleans(),
+    st.integers(0, 2**31 - 1),
+)
 def test_native_plane_sum_equals_the_tensor_op_sum(act, wcode, groups, cog, affine, seed):
     gen = torch.Generator().manual_seed(seed)
     pa, pw, co, d = act.planes, wcode.planes, cog * groups, act.divisor * wcode.divisor
@@ -346,8 +446,18 @@ def test_native_plane_sum_equals_the_tensor_op_sum(act, wcode, groups, cog, affi
     if affine:
         want = want * scale.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
     y = pairs.reshape(2, 3, 4, -1).permute(0, 3, 1, 2).to(torch.int32).contiguous(memory_format=torch.channels_last)
-    got = K.combine_planes(y, coeff.flatten().to(torch.int32), offset, act_planes=pa, groups=groups, weight_planes=pw,
-                           exact_divisor=d, divisor=divisor, scale=scale, bias=bias)  # fmt: skip
+    got = K.combine_planes(
+        y,
+        coeff.flatten().to(torch.int32),
+        offset,
+        act_planes=pa,
+        groups=groups,
+        weight_planes=pw,
+        exact_divisor=d,
+        divisor=divisor,
+        scale=scale,
+        bias=bias,
+    )
     assert torch.equal(got, want)
 
 

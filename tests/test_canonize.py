@@ -136,7 +136,13 @@ def test_batchnorm_then_padded_strided_conv_needs_and_gets_a_bias_map():
     # the naive merge (constant bias) is wrong on the border: the test can tell
     s = model[0].weight / torch.sqrt(model[0].running_var + model[0].eps)
     t = model[0].bias - model[0].running_mean * s
-    naive = F.conv2d(x, model[1].weight * s.view(1, -1, 1, 1), model[1].bias + (model[1].weight * t.view(1, -1, 1, 1)).sum((1, 2, 3)), 2, 2)
+    naive = F.conv2d(
+        x,
+        model[1].weight * s.view(1, -1, 1, 1),
+        model[1].bias + (model[1].weight * t.view(1, -1, 1, 1)).sum((1, 2, 3)),
+        2,
+        2,
+    )
     assert (naive - y0).abs().max() > 1e-2
     check_roundtrip(model, x)
     # a second input size gets its own map
@@ -156,12 +162,25 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c['cls'].__name__}-s{c['stride']}-p{c['padding']}-d{c['dilation']}-g{c['groups']}-{c['mode']}")
+@pytest.mark.parametrize(
+    "case",
+    CONV_CASES,
+    ids=lambda c: f"{c['cls'].__name__}-s{c['stride']}-p{c['padding']}-d{c['dilation']}-g{c['groups']}-{c['mode']}",
+)
 def test_batchnorm_then_any_conv_merges_right(case):
     cls = case["cls"]
     nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[cls]
     bn = BN_TYPES[nd - 1](4)
-    conv = cls(4, 8, case["k"], stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"], padding_mode=case["mode"])
+    conv = cls(
+        4,
+        8,
+        case["k"],
+        stride=case["stride"],
+        padding=case["padding"],
+        dilation=case["dilation"],
+        groups=case["groups"],
+        padding_mode=case["mode"],
+    )
     model = randomize_batchnorms(nn.Sequential(bn, conv))
     check_roundtrip(model, torch.randn(2, 4, *([7] * nd)))
 
@@ -304,7 +323,15 @@ def test_densenet_style_graph_is_fully_canonized():
 
 def test_state_dict_is_in_sync_while_merged():
     model = randomize_batchnorms(
-        nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.Flatten(), nn.BatchNorm1d(2 * 36), nn.Linear(72, 3))
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 2, 1),
+            nn.Flatten(),
+            nn.BatchNorm1d(2 * 36),
+            nn.Linear(72, 3),
+        )
     )
     x = torch.randn(2, 3, 8, 8)
     with merge_batchnorm(model):
@@ -331,7 +358,9 @@ def test_handle_is_a_context_manager_and_remove_is_idempotent():
 
 
 def _bn_model() -> nn.Module:
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2)
+    )
     return randomize_batchnorms(model, eps=1e-3).eval()
 
 
@@ -395,13 +424,17 @@ def test_handles_on_separate_models_are_removed_in_any_order():
 
 def test_two_merges_touching_one_layer_come_back_bit_exact():
     # the conv is the right-merge target of bn_in and the left-merge target of bn_out
-    model = randomize_batchnorms(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 5, 3, padding=1, stride=2), nn.BatchNorm2d(5)))
+    model = randomize_batchnorms(
+        nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 5, 3, padding=1, stride=2), nn.BatchNorm2d(5))
+    )
     handle = check_roundtrip(model, torch.randn(2, 3, 7, 7))
     assert len(handle) == 2
 
 
 def test_composed_canonizers_remove_in_reverse_order():
-    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3, padding=1)))
+    model = randomize_batchnorms(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3, padding=1))
+    )
     x = torch.randn(2, 3, 8, 8)
     y0 = model(x).detach()
     before = snapshot(model)
@@ -458,7 +491,12 @@ def test_train_mode_is_refused():
 
 def test_batchnorm_before_a_sign_input_layer_points_to_thresholds():
     model = randomize_batchnorms(
-        nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.BatchNorm2d(4), QConv2d(4, 4, 3, input_quantizer="ste_sign", weight_quantizer="ste_sign"))
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(4),
+            QConv2d(4, 4, 3, input_quantizer="ste_sign", weight_quantizer="ste_sign"),
+        )
     )
     with pytest.raises(UnmergeableError, match="fold_thresholds"):
         merge_batchnorm(model)
@@ -542,13 +580,24 @@ def test_fold_thresholds_is_bit_exact_and_reversible(pad_value):
 
 
 def before_bn(state, prefix, acc):
-    return F.batch_norm(acc, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"], state[f"{prefix}.weight"], state[f"{prefix}.bias"], False, 0.0, 1e-5)
+    return F.batch_norm(
+        acc,
+        state[f"{prefix}.running_mean"],
+        state[f"{prefix}.running_var"],
+        state[f"{prefix}.weight"],
+        state[f"{prefix}.bias"],
+        False,
+        0.0,
+        1e-5,
+    )
 
 
 def test_fold_thresholds_refuses_a_batchnorm_on_a_float_accumulator():
     from onebit.canonize import fold_thresholds
 
-    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), QConv2d(4, 2, 3, input_quantizer="ste_sign")))
+    model = randomize_batchnorms(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), QConv2d(4, 2, 3, input_quantizer="ste_sign"))
+    )
     with pytest.raises(UnmergeableError, match="not from a binary layer"):
         fold_thresholds(model)
     with pytest.warns(CanonizationWarning):

@@ -44,8 +44,8 @@ def test_bad_option_exits_nonzero_with_one_line_naming_it(args, named):
 
 
 def test_the_onebit_console_script_is_installed():
-    import shutil
     import os
+    import shutil
 
     script = os.path.join(os.path.dirname(sys.executable), "onebit")
     assert os.path.exists(script) or shutil.which("onebit")

@@ -13,7 +13,7 @@ import pytest
 
 from onebit import io
 from onebit.cli import main
-from onebit.train import Trainer, TrainConfig
+from onebit.train import TrainConfig, Trainer
 
 SMALL = ["--model", "lenet_binary", "--model-arg", "width=8", "--epochs", "1"]
 
@@ -30,8 +30,9 @@ def run(capsys, *args) -> tuple[int, list[str], str]:
 
 def onebit(*args, cwd=None) -> tuple[int, list[str], str]:
     """Exit status, the non-empty stderr lines and stdout of the real ``onebit ARGS`` command."""
-    result = subprocess.run([sys.executable, "-m", "onebit", *map(str, args)], capture_output=True, text=True,
-                            timeout=600, cwd=cwd)
+    result = subprocess.run(
+        [sys.executable, "-m", "onebit", *map(str, args)], capture_output=True, text=True, timeout=600, cwd=cwd
+    )
     return result.returncode, [line for line in result.stderr.splitlines() if line.strip()], result.stdout
 
 
@@ -68,7 +69,9 @@ def test_a_finished_run_is_kept_unless_overwrite_is_given(capsys, tmp_path, fini
     assert (out / "model.safetensors").read_bytes() == weights
     assert json.loads((out / "config.json").read_text())["config"]["model"] == "lenet_binary"
 
-    status, lines, _ = run(capsys, "train", "--model", "lenet", "--model-arg", "width=8", "--epochs", "1", "--out", str(out), "--overwrite")
+    status, lines, _ = run(
+        capsys, "train", "--model", "lenet", "--model-arg", "width=8", "--epochs", "1", "--out", str(out), "--overwrite"
+    )
     assert status == 0, lines
     assert json.loads((out / "config.json").read_text())["config"]["model"] == "lenet"
     history = (out / "history.csv").read_text().splitlines()
@@ -116,7 +119,20 @@ def test_a_second_trainer_on_a_directory_in_use_fails_at_once_and_the_lock_dies_
 
 def test_two_trainers_started_together_on_one_directory_one_fails():
     out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"onebit-race-{os.getpid()}-{time.time_ns()}")
-    args = [sys.executable, "-m", "onebit", "train", "--model", "lenet_binary", "--model-arg", "width=8", "--epochs", "2", "--out", out]
+    args = [
+        sys.executable,
+        "-m",
+        "onebit",
+        "train",
+        "--model",
+        "lenet_binary",
+        "--model-arg",
+        "width=8",
+        "--epochs",
+        "2",
+        "--out",
+        out,
+    ]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
     statuses = sorted(r[2] for r in results)
@@ -135,12 +151,32 @@ def test_two_trainers_started_together_on_one_directory_one_fails():
 @pytest.mark.parametrize(
     "option, value",
     [
-        ("--lr", "inf"), ("--lr", "nan"), ("--lr", "-1"), ("--weight-decay", "inf"), ("--weight-decay", "-0.1"),
-        ("--mixup", "inf"), ("--mixup", "nan"), ("--distill-temperature", "inf"), ("--distill-temperature", "nan"),
-        ("--distill-weight", "nan"), ("--weight-clip", "inf"), ("--weight-clip", "nan"), ("--bop-threshold", "inf"),
-        ("--bop-threshold", "-1"), ("--bop-gamma", "0"), ("--bop-gamma", "1.5"), ("--bop-gamma", "nan"),
-        ("--seed", "100000000000000000000000"), ("--seed", "-1"), ("--seed", "1e23"), ("--epochs", "0"),
-        ("--batch-size", "0"), ("--topk", "-3"), ("--workers", "0"), ("--workers", "100000"), ("--image-size", "0"),
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--lr", "-1"),
+        ("--weight-decay", "inf"),
+        ("--weight-decay", "-0.1"),
+        ("--mixup", "inf"),
+        ("--mixup", "nan"),
+        ("--distill-temperature", "inf"),
+        ("--distill-temperature", "nan"),
+        ("--distill-weight", "nan"),
+        ("--weight-clip", "inf"),
+        ("--weight-clip", "nan"),
+        ("--bop-threshold", "inf"),
+        ("--bop-threshold", "-1"),
+        ("--bop-gamma", "0"),
+        ("--bop-gamma", "1.5"),
+        ("--bop-gamma", "nan"),
+        ("--seed", "100000000000000000000000"),
+        ("--seed", "-1"),
+        ("--seed", "1e23"),
+        ("--epochs", "0"),
+        ("--batch-size", "0"),
+        ("--topk", "-3"),
+        ("--workers", "0"),
+        ("--workers", "100000"),
+        ("--image-size", "0"),
         ("--image-size", "1000000"),
     ],
 )
@@ -153,7 +189,9 @@ def test_every_numeric_option_is_checked_before_anything_starts(capsys, tmp_path
 
 @pytest.mark.parametrize("width", ["-3", "0"])
 def test_a_model_argument_that_breaks_the_model_is_one_line(capsys, tmp_path, width):
-    status, lines, _ = run(capsys, "train", "--model", "lenet_binary", "--model-arg", f"width={width}", "--out", str(tmp_path / "r"))
+    status, lines, _ = run(
+        capsys, "train", "--model", "lenet_binary", "--model-arg", f"width={width}", "--out", str(tmp_path / "r")
+    )
     assert_one_line_error(status, lines, f"width={width}", "lenet_binary")
 
 
@@ -197,7 +235,10 @@ def test_a_model_file_that_exits_while_imported_is_a_one_line_error_naming_it(tm
     assert_one_line_error(status, lines, str(source), "sys.exit(3)")
 
 
-@pytest.mark.parametrize("args", [["eval", "X", "--batch-size", "0"], ["eval", "X", "--topk", "nan"], ["summary", "lenet", "--num-classes", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [["eval", "X", "--batch-size", "0"], ["eval", "X", "--topk", "nan"], ["summary", "lenet", "--num-classes", "0"]],
+)
 def test_other_commands_check_their_numbers_in_one_line(capsys, args):
     status, lines, _ = run(capsys, *args)
     assert_one_line_error(status, lines, args[-2])
@@ -282,7 +323,12 @@ def _drop_key(path, key):
         (lambda run: _truncate(run / "checkpoint.safetensors", 900), "checkpoint.safetensors"),
         (lambda run: _drop_key(run / "config.json", "num_classes"), "config.json"),
         (lambda run: (run / "config.json").write_text("{not json"), "config.json"),
-        (lambda run: (run / "config.json").write_text('{"config": {"model": "lenet"}, "num_classes": "ten", "in_channels": 1, "image_size": [8, 8]}'), "config.json"),
+        (
+            lambda run: (run / "config.json").write_text(
+                '{"config": {"model": "lenet"}, "num_classes": "ten", "in_channels": 1, "image_size": [8, 8]}'
+            ),
+            "config.json",
+        ),
     ],
     ids=["truncated-model", "truncated-checkpoint", "config-without-key", "config-not-json", "config-wrong-type"],
 )
@@ -354,8 +400,9 @@ def test_overwrite_empties_the_old_runs_per_epoch_weights(capsys, tmp_path):
     status, lines, _ = run(capsys, "train", *SMALL[:-1], "3", "--out", str(out))
     assert status == 0, lines
     assert sorted(p.name for p in (out / "weights").iterdir())[-1] == "epoch_0003.safetensors"
-    status, lines, _ = run(capsys, "train", "--model", "lenet", "--model-arg", "width=8", "--epochs", "1",
-                           "--out", str(out), "--overwrite")
+    status, lines, _ = run(
+        capsys, "train", "--model", "lenet", "--model-arg", "width=8", "--epochs", "1", "--out", str(out), "--overwrite"
+    )
     assert status == 0, lines
     assert sorted(p.name for p in (out / "weights").iterdir()) == ["epoch_0000.safetensors", "epoch_0001.safetensors"]
 

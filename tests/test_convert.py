@@ -44,7 +44,16 @@ def test_hyperparameters_and_weights_are_copied():
     b = binarize(model)
     for name in ("body.1", "body.3", "seq", "vol"):
         old, new = model.get_submodule(name), b.get_submodule(name)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+        ):
             assert getattr(old, attr) == getattr(new, attr), (name, attr)
         assert (old.bias is None) == (new.bias is None)
         assert torch.equal(old.weight, new.weight) and old.weight.data_ptr() != new.weight.data_ptr()

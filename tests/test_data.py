@@ -188,7 +188,8 @@ def test_augment_translates_and_flips_reproducibly():
     for i in range(2):  # every output is a translate of its input by at most one pixel
         found = any(
             torch.equal(shifted[i, 0, 1:-1, 1:-1], x[i, 0, 1 + dy : 5 + dy, 1 + dx : 5 + dx])
-            for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
         )
         assert found
     with pytest.raises(ValueError, match="unknown augmentation"):
@@ -248,15 +249,21 @@ def test_a_dataset_registered_as_earlier_versions_did_still_loads_and_trains(tmp
 
     @register_dataset("old_style_blobs")
     def old_style():  # no image_size/mean/std, TensorDatasets of normalized images
-        return data.DataBundle(name="old_style_blobs", train=TensorDataset(x[:32], y[:32]), test=TensorDataset(x[32:], y[32:]),
-                               num_classes=2, classes=["a", "b"])
+        return data.DataBundle(
+            name="old_style_blobs",
+            train=TensorDataset(x[:32], y[:32]),
+            test=TensorDataset(x[32:], y[32:]),
+            num_classes=2,
+            classes=["a", "b"],
+        )
 
     bundle = data.load("old_style_blobs")
     assert torch.equal(bundle.train.tensors[0], x[:32]) and torch.equal(bundle.test[1][0], x[33])
     assert bundle.image_size == (6, 6) and bundle.in_channels == 1
     assert data.load("old_style_blobs", image_size=12).image_size == (12, 12)
-    from onebit.train import Trainer, TrainConfig
+    from onebit.train import TrainConfig, Trainer
 
-    history = Trainer(TrainConfig(model="lenet_binary", data="old_style_blobs", epochs=1, batch_size=8,
-                                  model_kwargs={"width": 4})).fit()
+    history = Trainer(
+        TrainConfig(model="lenet_binary", data="old_style_blobs", epochs=1, batch_size=8, model_kwargs={"width": 4})
+    ).fit()
     assert len(history) == 1

@@ -37,7 +37,11 @@ def healthy():
     )
 
 
-@pytest.mark.parametrize("build", [healthy, lambda: models.create("lenet_binary", in_channels=1, width=8)], ids=["hand-built", "lenet_binary"])
+@pytest.mark.parametrize(
+    "build",
+    [healthy, lambda: models.create("lenet_binary", in_channels=1, width=8)],
+    ids=["hand-built", "lenet_binary"],
+)
 @pytest.mark.parametrize("with_targets", [True, False])
 def test_healthy_models_are_ok(build, with_targets):
     x, y = batch()
@@ -48,7 +52,14 @@ def test_healthy_models_are_ok(build, with_targets):
 
 
 def test_relu_straight_into_a_sign_gives_constant_output():
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), QConv2d(8, 8, 3, padding=1, **Q), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(512, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        QConv2d(8, 8, 3, padding=1, **Q),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
     report = doctor(model, *batch())
     assert not report.ok
     constant = report.of_kind("constant_output")
@@ -64,7 +75,13 @@ def test_relu_into_a_qactivation_names_the_activation():
 
 
 def test_huge_preactivations_outside_the_clip():
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), QConv2d(8, 8, 3, padding=1, **Q), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(512, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        QConv2d(8, 8, 3, padding=1, **Q),
+        nn.BatchNorm2d(8),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    )
     with torch.no_grad():
         model[0].weight.mul_(1000.0)
     report = doctor(model, *batch())
@@ -104,7 +121,9 @@ class HandSign(nn.Module):
 
 
 def test_zeros_into_a_hand_written_sign():
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), HandSign(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(288, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), HandSign(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(288, 10)
+    )
     report = doctor(model, *batch())
     zero = report.of_kind("sign_of_zero")
     assert [f.layer for f in zero] == ["2"] and "sign(0) = +1" in zero[0].message
@@ -124,13 +143,17 @@ class GradScale(nn.Module):
 
 
 def test_where_the_gradient_collapses_along_the_depth():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Linear(32, 32), GradScale(1e-6), nn.Linear(32, 32), nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), nn.Linear(32, 32), GradScale(1e-6), nn.Linear(32, 32), nn.Linear(32, 10)
+    )
     report = doctor(model, *batch())
     assert report.layers("vanishing_gradient") == ["2"]
 
 
 def test_exploding_gradient():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), GradScale(1e7), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), GradScale(1e7), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+    )
     report = doctor(model, *batch())
     assert report.layers("exploding_gradient") == ["1"]
 
@@ -289,8 +312,15 @@ def test_tensor_sign_and_onebit_sign_in_a_forward_are_one_site_each():
 
 
 def test_causes_come_before_their_consequences():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), GradScale(1e7), nn.Linear(32, 32), nn.ReLU(),
-                          QActivation("ste_sign"), nn.Linear(32, 10))
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        GradScale(1e7),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        QActivation("ste_sign"),
+        nn.Linear(32, 10),
+    )
     report = doctor(model, *batch())
     kinds = [f.kind for f in report.findings]
     assert "exploding_gradient" in kinds and "constant_output" in kinds
@@ -309,7 +339,7 @@ def test_signs_inside_onebit_layers_are_not_counted_twice():
     assert [s.layer for s in report.sites if not s.weights] == ["2", "5", "7"]
 
 
-FORUM_FILE = '''
+FORUM_FILE = """
 import torch
 from torch import nn
 
@@ -337,7 +367,7 @@ class Net(nn.Module):
 
 def make():
     return Net()
-'''
+"""
 
 
 def test_cli_doctor_on_a_users_file(tmp_path, capsys):
@@ -362,8 +392,12 @@ def test_cli_doctor_on_a_users_file(tmp_path, capsys):
 def test_cli_doctor_refuses_an_input_shape_it_cannot_allocate_or_build_in_one_line(tmp_path, shape):
     path = tmp_path / "forum.py"
     path.write_text(FORUM_FILE)
-    result = subprocess.run([sys.executable, "-m", "onebit", "doctor", f"{path}:Net", "--input-shape", shape],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "onebit", "doctor", f"{path}:Net", "--input-shape", shape],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

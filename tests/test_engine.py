@@ -104,8 +104,9 @@ def build_conv(cfg) -> tuple[nn.Module, torch.Tensor]:
     cin, cout = cfg["cin_per_group"] * g, cfg["cout_per_group"] * g
     cin, cout = min(cin, 300 - 300 % g), min(cout, 300 - 300 % g)
     (kh, kw), (dh, dw), (ph, pw) = cfg["kernel"], cfg["dilation"], cfg["padding"]
-    conv = QConv2d(cin, cout, (kh, kw), cfg["stride"], (ph, pw), (dh, dw), g, bias=cfg["bias"],
-                   pad_value=cfg["pad_value"], **SIGN)
+    conv = QConv2d(
+        cin, cout, (kh, kw), cfg["stride"], (ph, pw), (dh, dw), g, bias=cfg["bias"], pad_value=cfg["pad_value"], **SIGN
+    )
     torch.manual_seed(cfg["seed"])
     if cfg["bias"]:
         nn.init.normal_(conv.bias)
@@ -155,8 +156,18 @@ chain_configs = st.fixed_dictionaries(
         "pv2": st.sampled_from([0.0, 1.0, -1.0]),
         "groups2": st.sampled_from([1, 2]),
         # (kernel, stride, padding, dilation, ceil_mode)
-        "pool": st.sampled_from([None, (2, 2, 0, 1, False), (3, 3, 0, 1, True), (2, 2, 0, 1, True), (3, 2, 1, 1, False),
-                                 (3, 2, 1, 1, True), (2, 1, 0, 1, False), (3, 1, 1, 2, False)]),
+        "pool": st.sampled_from(
+            [
+                None,
+                (2, 2, 0, 1, False),
+                (3, 3, 0, 1, True),
+                (2, 2, 0, 1, True),
+                (3, 2, 1, 1, False),
+                (3, 2, 1, 1, True),
+                (2, 1, 0, 1, False),
+                (3, 1, 1, 2, False),
+            ]
+        ),
         "bias": st.booleans(),
         "size": st.tuples(st.integers(9, 15), st.integers(9, 15)),
         "batch": st.integers(1, 3),
@@ -169,9 +180,7 @@ def build_chain(cfg) -> tuple[nn.Module, torch.Tensor]:
     g2 = cfg["groups2"]
     c2 = max(g2, cfg["c2"] - cfg["c2"] % g2)
     c3 = max(g2, cfg["c3"] - cfg["c3"] % g2)
-    layers = [
-        QConv2d(cfg["c1"], c2, cfg["k1"], padding=cfg["pad1"], pad_value=cfg["pv1"], bias=cfg["bias"], **SIGN)
-    ]
+    layers = [QConv2d(cfg["c1"], c2, cfg["k1"], padding=cfg["pad1"], pad_value=cfg["pv1"], bias=cfg["bias"], **SIGN)]
     if cfg["pool"] is not None:
         k, stride, pad, dil, ceil = cfg["pool"]
         layers.append(nn.MaxPool2d(k, stride, pad, dil, ceil_mode=ceil))
@@ -327,20 +336,42 @@ def test_lenet_binary_from_the_zoo(backend):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cin=st.integers(1, 150), cout=st.integers(1, 100), k=st.integers(1, 7), stride=st.integers(1, 3),
-       dilation=st.integers(1, 2), padding=st.sampled_from([0, 1, 3, "same", "valid"]),
-       pad_value=st.sampled_from([0.0, 1.0, -1.0]), groups=st.sampled_from([1, 2]), bias=st.booleans(),
-       length=st.integers(1, 40), batch=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
-def test_binary_conv1d_packs_as_a_1xk_conv2d(cin, cout, k, stride, dilation, padding, pad_value, groups, bias,
-                                             length, batch, seed):
+@given(
+    cin=st.integers(1, 150),
+    cout=st.integers(1, 100),
+    k=st.integers(1, 7),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, 3, "same", "valid"]),
+    pad_value=st.sampled_from([0.0, 1.0, -1.0]),
+    groups=st.sampled_from([1, 2]),
+    bias=st.booleans(),
+    length=st.integers(1, 40),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_binary_conv1d_packs_as_a_1xk_conv2d(
+    cin, cout, k, stride, dilation, padding, pad_value, groups, bias, length, batch, seed
+):
     cin, cout = cin * groups, cout * groups
     if padding == "same":
         stride = 1
-    assume((length + 2 * (padding if isinstance(padding, int) else 0) - dilation * (k - 1) - 1) >= 0
-           or padding == "same")
+    assume(
+        (length + 2 * (padding if isinstance(padding, int) else 0) - dilation * (k - 1) - 1) >= 0 or padding == "same"
+    )
     torch.manual_seed(seed)
-    conv = QConv1d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
-                   pad_value=pad_value, **SIGN)
+    conv = QConv1d(
+        cin,
+        cout,
+        k,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        pad_value=pad_value,
+        **SIGN,
+    )
     model = nn.Sequential(conv, nn.BatchNorm1d(cout), nn.Flatten(1)).eval()
     randomize_batchnorms(model, seed)
     x = torch.randn(batch, cin, length)
@@ -366,8 +397,16 @@ def test_a_1d_conv_gives_the_layout_torchs_conv1d_gives():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(iters=3), dict(iters=1), dict(twist=False), dict(permute=False, groups=4), dict(stride=2, groups=1),
-     dict(groups=3, twist=True), dict(weight_quantizer="magnitude_aware_sign")],
+    [
+        dict(),
+        dict(iters=3),
+        dict(iters=1),
+        dict(twist=False),
+        dict(permute=False, groups=4),
+        dict(stride=2, groups=1),
+        dict(groups=3, twist=True),
+        dict(weight_quantizer="magnitude_aware_sign"),
+    ],
 )
 def test_twist_conv_runs_packed_and_exact(backend, options):
     from onebit.nn import TwistConv2d
@@ -403,7 +442,9 @@ def test_binary_conv_with_reflect_padding_runs_simulated_and_says_so():
     with pytest.warns(engine.FallbackWarning, match="'0': padding_mode='reflect'"):
         packed = engine.pack(model, x)
     assert [n["op"] for n in packed.graph["nodes"]] == ["sign", "qconv2d"]
-    assert packed.fallbacks == [{"module": "0", "reason": "padding_mode='reflect' (the packed kernels pad with a constant)"}]
+    assert packed.fallbacks == [
+        {"module": "0", "reason": "padding_mode='reflect' (the packed kernels pad with a constant)"}
+    ]
     assert torch.equal(packed(x), model(x))
 
 
@@ -673,9 +714,25 @@ def test_concurrent_multithreaded_calls_get_their_own_answers():
 
 
 def test_results_do_not_depend_on_thread_count():
-    model, x = build_chain({"c1": 70, "c2": 130, "c3": 66, "k1": 3, "k2": 3, "pad1": 1, "pad2": 1, "pv1": 0.0,
-                            "pv2": -1.0, "groups2": 2, "pool": None, "bias": True, "size": (23, 19), "batch": 4,
-                            "seed": 7})
+    model, x = build_chain(
+        {
+            "c1": 70,
+            "c2": 130,
+            "c3": 66,
+            "k1": 3,
+            "k2": 3,
+            "pad1": 1,
+            "pad2": 1,
+            "pv1": 0.0,
+            "pv2": -1.0,
+            "groups2": 2,
+            "pool": None,
+            "bias": True,
+            "size": (23, 19),
+            "batch": 4,
+            "seed": 7,
+        }
+    )
     packed = engine.pack(model, x)
     threads = torch.get_num_threads()
     try:
@@ -705,8 +762,14 @@ def test_packed_model_exports_with_torch_export(name, size):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
-@given(f1=st.integers(1, 300), f2=st.integers(1, 200), f3=st.integers(1, 50), bias=st.booleans(),
-       batch=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
+@given(
+    f1=st.integers(1, 300),
+    f2=st.integers(1, 200),
+    f3=st.integers(1, 50),
+    bias=st.booleans(),
+    batch=st.integers(1, 5),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_binary_mlp_keeps_features_packed(backend, f1, f2, f3, bias, batch, seed):
     torch.manual_seed(seed)
     model = nn.Sequential(QLinear(f1, f2, bias=bias, **SIGN), nn.BatchNorm1d(f2), QLinear(f2, f3, bias=False, **SIGN))
@@ -740,6 +803,7 @@ def test_canonized_sign_thresholds_pack_like_batchnorms():
 
 def test_standalone_sign_threshold_runs_as_a_float_op(tmp_path):
     canonize = pytest.importorskip("onebit.canonize")
+
     class TwoLayouts(nn.Module):  # the BatchNorm's consumers want different packed layouts: no fusion
         def __init__(self):
             super().__init__()
@@ -820,8 +884,16 @@ def _random_stack(draw_ops, channels: int, seed: int) -> nn.Sequential:
 
 stack_ops = st.lists(
     st.one_of(
-        st.tuples(st.just("bconv"), st.tuples(st.sampled_from([1, 3]), st.integers(0, 1), st.sampled_from([0.0, 1.0, -1.0]),
-                                              st.sampled_from([1, 2]), st.integers(1, 90))),
+        st.tuples(
+            st.just("bconv"),
+            st.tuples(
+                st.sampled_from([1, 3]),
+                st.integers(0, 1),
+                st.sampled_from([0.0, 1.0, -1.0]),
+                st.sampled_from([1, 2]),
+                st.integers(1, 90),
+            ),
+        ),
         st.tuples(st.just("bn"), st.none()),
         st.tuples(st.just("maxpool"), st.none()),
         st.tuples(st.just("avgpool"), st.none()),
@@ -834,8 +906,13 @@ stack_ops = st.lists(
 
 
 @settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(ops_list=stack_ops, channels=st.integers(1, 70), size=st.integers(6, 12), seed=st.integers(0, 2**31 - 1),
-       channels_last=st.booleans())
+@given(
+    ops_list=stack_ops,
+    channels=st.integers(1, 70),
+    size=st.integers(6, 12),
+    seed=st.integers(0, 2**31 - 1),
+    channels_last=st.booleans(),
+)
 def test_random_layer_stacks_are_exact(ops_list, channels, size, seed, channels_last):
     model = _random_stack(ops_list, channels, seed)
     x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(seed))
@@ -879,9 +956,14 @@ def test_reshape_of_the_batch_dimension_is_refused():
 
 
 def test_nan_inf_and_signed_zero_inputs_follow_the_sign_convention():
-    model = randomize_batchnorms(nn.Sequential(
-        QConv2d(5, 6, 3, padding=1, bias=False, **SIGN), nn.BatchNorm2d(6), QConv2d(6, 4, 3, padding=1, bias=False, **SIGN)
-    ), 11).eval()
+    model = randomize_batchnorms(
+        nn.Sequential(
+            QConv2d(5, 6, 3, padding=1, bias=False, **SIGN),
+            nn.BatchNorm2d(6),
+            QConv2d(6, 4, 3, padding=1, bias=False, **SIGN),
+        ),
+        11,
+    ).eval()
     x = torch.randn(2, 5, 7, 7)
     x[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
     x[1, 2] = 0.0
@@ -898,10 +980,15 @@ def _empty_batch_models():
     yield "lenet_binary", onebit.models.create("lenet_binary", in_channels=1), (1, 8, 8)
     yield "birealnet_small", onebit.models.create("birealnet_small", in_channels=1, conv_layer="twist"), (1, 12, 12)
     yield "mlp", nn.Sequential(QLinear(20, 70, **SIGN), nn.BatchNorm1d(70), QLinear(70, 4, **SIGN)), (20,)
-    yield "bitplanes", nn.Sequential(
-        QConv2d(2, 3, 3, padding=1, input_quantizer=DoReFaSymmetric(2), weight_quantizer="ternary"), nn.Flatten(),
-        QLinear(75, 4, input_quantizer="dorefa", weight_quantizer="ternary"),
-    ), (2, 5, 5)  # fmt: skip
+    yield (
+        "bitplanes",
+        nn.Sequential(
+            QConv2d(2, 3, 3, padding=1, input_quantizer=DoReFaSymmetric(2), weight_quantizer="ternary"),
+            nn.Flatten(),
+            QLinear(75, 4, input_quantizer="dorefa", weight_quantizer="ternary"),
+        ),
+        (2, 5, 5),
+    )
     yield "conv1d", nn.Sequential(QConv1d(3, 8, 3, padding=1, **SIGN), QConv1d(8, 4, 3, padding=1, **SIGN)), (3, 9)
     yield "twist", nn.Sequential(TwistConv2d(16, 16, iters=2, **SIGN), nn.AdaptiveAvgPool2d(1)), (16, 6, 6)
     yield "bitlinear", nn.Sequential(BitLinear(12, 5)), (3, 12)
@@ -919,11 +1006,17 @@ def test_an_empty_batch_gives_the_models_empty_output(backend):
 
 
 def test_profile_prints_as_a_table_and_stays_a_list_of_dicts():
-    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), QConv2d(8, 8, 3, padding=1, **SIGN),
-                          nn.Flatten(1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), QConv2d(8, 8, 3, padding=1, **SIGN), nn.Flatten(1)
+    ).eval()
     x = torch.randn(2, 2, 8, 8)
     profile = engine.pack(model, x).profile(x, repeat=1)
-    assert isinstance(profile, list) and [r["op"] for r in profile] == ["conv2d", "batch_norm", "pack+binary_conv2d", "flatten"]
+    assert isinstance(profile, list) and [r["op"] for r in profile] == [
+        "conv2d",
+        "batch_norm",
+        "pack+binary_conv2d",
+        "flatten",
+    ]
     assert abs(sum(r["share"] for r in profile) - 1.0) < 1e-9
     lines = str(profile).splitlines()
     assert lines[0].startswith("packed model profile: 4 steps")

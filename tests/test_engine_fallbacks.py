@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from test_engine import BACKENDS, randomize_batchnorms
 from onebit import engine
 from onebit.nn import QActivation, QConv1d, QConv2d, QLinear
+from test_engine import BACKENDS, randomize_batchnorms
 
 SIGN = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
 
@@ -85,7 +85,13 @@ class _SignThen(nn.Module):
 
     def __init__(self, sign, between, layer, side=False):
         super().__init__()
-        self.pre, self.sign, self.between, self.layer, self.side = nn.Conv2d(3, 8, 3, padding=1), sign, between, layer, side
+        self.pre, self.sign, self.between, self.layer, self.side = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            sign,
+            between,
+            layer,
+            side,
+        )
 
     def forward(self, x):
         s = self.sign(self.pre(x))
@@ -112,8 +118,19 @@ def _noact_through(kind: str, weights: str):
 
 
 @pytest.mark.parametrize("weights", ["ste_sign", "magnitude_aware_sign"])
-@pytest.mark.parametrize("kind", ["Flatten", "torch.flatten", "view", "reshape", "MaxPool2d", "MaxPool2d, padded, ceil",
-                                  "AdaptiveMaxPool2d", "MaxPool2d, also an output"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "Flatten",
+        "torch.flatten",
+        "view",
+        "reshape",
+        "MaxPool2d",
+        "MaxPool2d, padded, ceil",
+        "AdaptiveMaxPool2d",
+        "MaxPool2d, also an output",
+    ],
+)
 def test_noact_pattern_packs_through_flatten_reshape_and_max_pooling(kind, weights):
     """A sign commutes with a flatten, a reshape and a max pool (bitorch's LeNet: sign, flatten, NoAct linear)."""
     torch.manual_seed(3)
@@ -233,24 +250,30 @@ def test_a_quantizer_subclass_that_overrides_forward_is_never_packed_as_its_pare
     x = torch.randn(2, 3, 8, 8)
 
     def conv(iq, wq, **kw):
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 6, 3, padding=1, input_quantizer=iq,
-                                                                      weight_quantizer=wq, **kw)).eval()
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 6, 3, padding=1, input_quantizer=iq, weight_quantizer=wq, **kw)
+        ).eval()
 
     # an input quantizer the engine has no op for: refused by name, never run as a plain sign
     for model in (conv(_ShiftedSign(), "ste_sign"), nn.Sequential(QActivation(_ShiftedSign()), conv(None, "ste_sign"))):
-        with pytest.raises(engine.UnsupportedModelError, match="_ShiftedSign overrides forward without declaring is_sign"):
+        with pytest.raises(
+            engine.UnsupportedModelError, match="_ShiftedSign overrides forward without declaring is_sign"
+        ):
             engine.pack(model, x)
     with pytest.raises(engine.UnsupportedModelError, match="quantizer _ShiftedDoReFa has no engine op"):
         engine.pack(conv(_ShiftedDoReFa(), "ternary"), x)
     # weights whose factor() no longer describes the quantizer: float weights, listed, refused by strict=True
-    for wq, why in ((_DoubledMagnitude(), "_DoubledMagnitude overrides forward without declaring sign_levels again"),
-                    (_OwnFactor(), "_OwnFactor overrides factor without declaring sign_levels again"),
-                    (_ShiftedSign(), "_ShiftedSign overrides forward without declaring is_sign again")):
+    for wq, why in (
+        (_DoubledMagnitude(), "_DoubledMagnitude overrides forward without declaring sign_levels again"),
+        (_OwnFactor(), "_OwnFactor overrides factor without declaring sign_levels again"),
+        (_ShiftedSign(), "_ShiftedSign overrides forward without declaring is_sign again"),
+    ):
         model = conv("ste_sign", wq)
         with pytest.warns(engine.FallbackWarning, match=why):
             packed = engine.pack(model, x)
-        assert packed.fallbacks == [{"module": "1", "reason": f"its weight quantizer {type(wq).__name__} does not give "
-                                                              f"+-1 levels ({why})"}]
+        assert packed.fallbacks == [
+            {"module": "1", "reason": f"its weight quantizer {type(wq).__name__} does not give +-1 levels ({why})"}
+        ]
         assert "binary_conv2d" not in ops_of(packed)
         assert torch.equal(packed(x), model(x))
         with pytest.raises(engine.UnsupportedModelError, match="strict=True"):

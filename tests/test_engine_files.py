@@ -163,13 +163,29 @@ def corrupt_files(good: str, d: str) -> dict[str, str]:
 
     variant("unknown_op", graph=lambda g: set_op(g, "system"))
     variant("dangling_input", graph=lambda g: g["nodes"][2]["inputs"].__setitem__(0, "nowhere"))
-    variant("dangling_tensor", graph=lambda g: _first(g, "binary_conv2d_threshold")["tensors"].__setitem__("weight", "missing"))
+    variant(
+        "dangling_tensor",
+        graph=lambda g: _first(g, "binary_conv2d_threshold")["tensors"].__setitem__("weight", "missing"),
+    )
     variant("dangling_output", graph=lambda g: g.__setitem__("outputs", ["nope"]))
     variant("cycle", graph=lambda g: g["nodes"][0]["inputs"].__setitem__(0, g["nodes"][-1]["name"]))
-    variant("bad_attr_type", graph=lambda g: _first(g, "binary_conv2d_threshold")["attrs"].__setitem__("kernel_size", "3"))
-    variant("negative_channels", graph=lambda g: _first(g, "binary_conv2d_threshold")["attrs"].__setitem__("out_channels", -5))
-    variant("huge_channels", graph=lambda g: _first(g, "binary_conv2d_threshold")["attrs"].__setitem__("in_channels", 1 << 40))
-    variant("packed_into_float_op", graph=lambda g: [n for n in g["nodes"] if n["op"] == "batch_norm"][-1]["inputs"].__setitem__(0, _first(g, "pack")["name"]))
+    variant(
+        "bad_attr_type", graph=lambda g: _first(g, "binary_conv2d_threshold")["attrs"].__setitem__("kernel_size", "3")
+    )
+    variant(
+        "negative_channels",
+        graph=lambda g: _first(g, "binary_conv2d_threshold")["attrs"].__setitem__("out_channels", -5),
+    )
+    variant(
+        "huge_channels",
+        graph=lambda g: _first(g, "binary_conv2d_threshold")["attrs"].__setitem__("in_channels", 1 << 40),
+    )
+    variant(
+        "packed_into_float_op",
+        graph=lambda g: [n for n in g["nodes"] if n["op"] == "batch_norm"][-1]["inputs"].__setitem__(
+            0, _first(g, "pack")["name"]
+        ),
+    )
     variant("float_weight_stem_shape", tensors=lambda t: t.__setitem__("_0__weight", torch.ones(64, 3, 3)))
     variant("graph_not_json", meta=lambda m: m.__setitem__("graph", "{nope"))
     variant("graph_missing", meta=lambda m: m.pop("graph"))
@@ -210,13 +226,19 @@ def corrupt_files(good: str, d: str) -> dict[str, str]:
     variant("softmax_dim_7", graph=lambda g: append_node(g, "softmax", {"dim": 7}))
     variant("flatten_dim_out_of_range", graph=lambda g: append_node(g, "flatten", {"start_dim": 3, "end_dim": -1}))
     variant("pool_of_a_2d_value", graph=lambda g: append_node(g, "max_pool2d", pool))
-    variant("pool_padding_over_half", graph=lambda g: append_node(g, "max_pool2d", {**pool, "padding": [2, 2]}, [_first(g, "conv2d")["name"]]))
+    variant(
+        "pool_padding_over_half",
+        graph=lambda g: append_node(g, "max_pool2d", {**pool, "padding": [2, 2]}, [_first(g, "conv2d")["name"]]),
+    )
     variant("negative_eps", graph=lambda g: set_bn_eps(g, -1.0))
     variant("rank_1_input", graph=lambda g: g["input"].__setitem__("rank", 1))
     variant("output_is_the_input", graph=lambda g: g.__setitem__("outputs", [g["input"]["name"]]))
     variant("hardtanh_min_over_max", graph=lambda g: append_node(g, "hardtanh", {"min_val": 1.0, "max_val": -1.0}))
     variant("reshape_two_unknowns", graph=lambda g: append_node(g, "reshape", {"shape": [-1, -1]}))
-    variant("graph_with_5000_digits", meta=lambda m: m.__setitem__("graph", m["graph"].replace('"eps":', '"eps":' + "9" * 5000 + ',"x":', 1)))
+    variant(
+        "graph_with_5000_digits",
+        meta=lambda m: m.__setitem__("graph", m["graph"].replace('"eps":', '"eps":' + "9" * 5000 + ',"x":', 1)),
+    )
     raw = open(good, "rb").read()
     (n,) = struct.unpack("<Q", raw[:8])
     big = raw[8 : 8 + n].replace(b'"format_version":"1"', b'"format_version":"1","n":' + b"7" * 5000, 1)
@@ -274,8 +296,14 @@ def test_every_corrupt_file_raises_a_clear_format_error(saved, tmp_path):
         assert "not a valid onebit packed model file" in message, (name, message)
     assert "pickle" in results["pickle"]
     assert "empty" in results["empty"]
-    for name in ("softmax_dim_7", "flatten_dim_out_of_range", "pool_of_a_2d_value", "pool_padding_over_half",
-                 "hardtanh_min_over_max", "reshape_two_unknowns"):
+    for name in (
+        "softmax_dim_7",
+        "flatten_dim_out_of_range",
+        "pool_of_a_2d_value",
+        "pool_padding_over_half",
+        "hardtanh_min_over_max",
+        "reshape_two_unknowns",
+    ):
         assert "'tampered'" in results[name], (name, results[name])  # the node is named
     assert "out of range" in results["softmax_dim_7"] and "rank-4" in results["pool_of_a_2d_value"]
     assert "non-negative" in results["negative_eps"] and "graph input" in results["rank_1_input"]
@@ -346,7 +374,9 @@ def test_a_packed_weight_written_behind_the_version_counter_is_seen(padding_mode
     import copy
     import warnings
 
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 16, 3, padding=1, padding_mode=padding_mode, **SIGN))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 16, 3, padding=1, padding_mode=padding_mode, **SIGN)
+    )
     x = torch.randn(2, 3, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

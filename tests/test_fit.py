@@ -1,6 +1,5 @@
 """``onebit.fit``: onebit's trainer on a user's own module and datasets."""
 
-
 import pytest
 import torch
 from torch import nn
@@ -48,8 +47,17 @@ def test_fit_trains_a_users_model_and_writes_its_run(optimizer, tmp_path):
     torch.manual_seed(0)
     model = MyBinaryNet()
     out = tmp_path / "run"
-    history = onebit.fit(model, TwoBlobs(512, 0), DataLoader(TwoBlobs(256, 1), batch_size=50), epochs=6,
-                         batch_size=32, lr=1e-2, optimizer=optimizer, out=out, seed=0)
+    history = onebit.fit(
+        model,
+        TwoBlobs(512, 0),
+        DataLoader(TwoBlobs(256, 1), batch_size=50),
+        epochs=6,
+        batch_size=32,
+        lr=1e-2,
+        optimizer=optimizer,
+        out=out,
+        seed=0,
+    )
     assert [row["epoch"] for row in history] == list(range(6))
     assert {"train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"} <= set(history[0])
     assert history[-1]["accuracy"] >= 0.9
@@ -69,8 +77,17 @@ def test_fit_resumes_to_the_same_weights(tmp_path):
     def run(epochs, out, resume=False, model=None):
         torch.manual_seed(0)
         model = model or MyBinaryNet()
-        onebit.fit(model, TwoBlobs(256, 0), TwoBlobs(64, 1), epochs=epochs, batch_size=32, out=out, seed=3,
-                   resume=resume, schedule="constant")
+        onebit.fit(
+            model,
+            TwoBlobs(256, 0),
+            TwoBlobs(64, 1),
+            epochs=epochs,
+            batch_size=32,
+            out=out,
+            seed=3,
+            resume=resume,
+            schedule="constant",
+        )
         return model
 
     straight = run(4, tmp_path / "a")
@@ -83,10 +100,13 @@ def test_fit_resumes_to_the_same_weights(tmp_path):
 def test_fit_refuses_bad_data_with_a_clear_error():
     model = MyBinaryNet()
     with pytest.raises(ValueError, match="valid_data is empty"):
-        onebit.fit(model, TwoBlobs(8, 0), TensorDataset(torch.zeros(0, 2, 6, 6), torch.zeros(0, dtype=torch.long)),
-                   epochs=1)
+        onebit.fit(
+            model, TwoBlobs(8, 0), TensorDataset(torch.zeros(0, 2, 6, 6), torch.zeros(0, dtype=torch.long)), epochs=1
+        )
     with pytest.raises(ValueError, match="labels"):
-        onebit.fit(model, TensorDataset(torch.zeros(4, 2, 6, 6), torch.tensor([0.5, 1, 2, 3])), TwoBlobs(8, 0), epochs=1)
+        onebit.fit(
+            model, TensorDataset(torch.zeros(4, 2, 6, 6), torch.tensor([0.5, 1, 2, 3])), TwoBlobs(8, 0), epochs=1
+        )
     with pytest.raises(TypeError, match="unknown option"):
         onebit.fit(model, TwoBlobs(8, 0), TwoBlobs(8, 1), epochs=1, lerning_rate=0.1)
 
@@ -95,8 +115,9 @@ def test_fit_streams_a_map_style_dataset_through_loader_workers_to_the_same_weig
     def run(workers):
         torch.manual_seed(0)
         model = MyBinaryNet()
-        history = onebit.fit(model, TwoBlobs(200, 0), TwoBlobs(64, 1), epochs=2, batch_size=32, seed=1,
-                             loader_workers=workers)
+        history = onebit.fit(
+            model, TwoBlobs(200, 0), TwoBlobs(64, 1), epochs=2, batch_size=32, seed=1, loader_workers=workers
+        )
         return model, history
 
     gathered, h0 = run(0)
@@ -152,16 +173,24 @@ def test_train_takes_a_model_from_a_python_file(tmp_path):
         "        return self.body(x)\n"
     )
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "onebit", "train", "--model", f"{source}:Tiny", "--epochs", "1",
-                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "onebit", "train", "--model", f"{source}:Tiny", "--epochs", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").exists()
     from onebit.train import load_run
 
     model, meta = load_run(str(out))  # rebuilt from the same file
     assert type(model).__name__ == "Tiny" and meta["num_classes"] == 10
-    bad = subprocess.run([sys.executable, "-m", "onebit", "train", "--model", f"{source}:Nope", "--epochs", "1"],
-                         capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "onebit", "train", "--model", f"{source}:Nope", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode != 0 and "Nope" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -190,8 +219,12 @@ def test_two_fits_on_one_directory_in_two_threads_the_second_fails_at_once(tmp_p
             return self.fc(x.flatten(1))
 
     history = []
-    first = threading.Thread(target=lambda: history.extend(
-        onebit.fit(Waiting(), TwoBlobs(16, 0), TwoBlobs(8, 1), epochs=1, out=out, console=quiet)), name="first-fit")
+    first = threading.Thread(
+        target=lambda: history.extend(
+            onebit.fit(Waiting(), TwoBlobs(16, 0), TwoBlobs(8, 1), epochs=1, out=out, console=quiet)
+        ),
+        name="first-fit",
+    )
     first.start()
     try:
         assert inside.wait(120)

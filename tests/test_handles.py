@@ -14,9 +14,13 @@ from onebit.nn import QConv2d
 def small_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        QConv2d(4, 4, 3, input_quantizer="ste_sign", weight_quantizer="ste_sign", bias=False), nn.BatchNorm2d(4),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        QConv2d(4, 4, 3, input_quantizer="ste_sign", weight_quantizer="ste_sign", bias=False),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
     )
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -266,9 +266,16 @@ def test_conv_float_batchnorm_epilogue_exact(cfg, fma, fused_input, with_residua
     wp = K.pack_weights(w, cfg["groups"])
     results = on_every_isa(
         lambda: K.binary_conv2d(
-            conv_input(x, cfg, fused_input), wp, scale=scale, bias=bias, residual=residual, bn_scale=bn_scale,
-            bn_shift=bn_shift, bn_fma=fma, **conv_kwargs(cfg),
-        )  # fmt: skip
+            conv_input(x, cfg, fused_input),
+            wp,
+            scale=scale,
+            bias=bias,
+            residual=residual,
+            bn_scale=bn_scale,
+            bn_shift=bn_shift,
+            bn_fma=fma,
+            **conv_kwargs(cfg),
+        )
     )
     for isa, got in results.items():
         assert torch.equal(got, expected), isa
@@ -284,7 +291,9 @@ def test_batchnorm_epilogue_rounds_once_or_twice_as_asked():
     x, wp = torch.ones(1, 1, 1, 1), K.pack_weights(torch.ones(1, 1, 1, 1))
     conv = dict(in_channels=1, out_channels=1, kernel_size=1)
     for fma, want in ((True, 1 + 2**-23), (False, 1 + 2**-22)):
-        results = on_every_isa(lambda: K.binary_conv2d(x, wp, scale=y_scale, bn_scale=s, bn_shift=t, bn_fma=fma, **conv))
+        results = on_every_isa(
+            lambda: K.binary_conv2d(x, wp, scale=y_scale, bn_scale=s, bn_shift=t, bn_fma=fma, **conv)
+        )
         for isa, got in results.items():
             assert got.item() == want, (isa, fma)
     assert fused_multiply_add(y_scale, s, t).item() == 1 + 2**-23
@@ -414,7 +423,9 @@ def forced_tile():
 
 
 @pytest.mark.parametrize("isa,tile", TILES)
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(cfg=threshold_configs(), fused=st.booleans(), threads=st.sampled_from([1, 2]))
 def test_every_tile_is_exact(forced_tile, isa, tile, cfg, fused, threads):
     x, w, gen = make(cfg)
@@ -496,8 +507,9 @@ def test_onebit_tile_environment_variable(value, ok):
     import sys
 
     code = "from onebit import _C; print(_C.tile('avx2'))"
-    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, ONEBIT_TILE=value),
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=dict(os.environ, ONEBIT_TILE=value), capture_output=True, text=True
+    )
     if ok:
         assert result.returncode == 0 and result.stdout.strip() == "3x8", result.stderr
     else:
@@ -654,7 +666,9 @@ def test_threshold_bad_arguments():
     with pytest.raises(ValueError, match="direction must hold only"):
         K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=torch.zeros(8, dtype=torch.int32), **conv)
     with pytest.raises(ValueError, match=r"direction\[3\] = 0"):
-        K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.int8), **conv)
+        K.binary_conv2d_threshold(
+            xp, wp, thresholds=thr, direction=torch.tensor([1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.int8), **conv
+        )
     with pytest.raises(ValueError, match="out_groups=3 must divide"):
         K.binary_conv2d_threshold(xp, wp, thresholds=thr, direction=d, out_groups=3, **conv)
     with pytest.raises(ValueError, match="out_pad_value"):
@@ -682,11 +696,71 @@ def test_native_layer_revalidates():
     """The low-level binding checks the numbers itself (ValueError, no crash)."""
     xp, wp, _ = _good()
     with pytest.raises(ValueError, match="words per pixel"):
-        _C.conv2d_raw(xp.data_ptr(), 1, 8, 8, 2, wp.data_ptr(), 2, 200, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0, 0,
-                      wp.data_ptr(), 0, 0, 0, 0, 0, 0, 1, 0, 1)  # fmt: skip
+        _C.conv2d_raw(
+            xp.data_ptr(),
+            1,
+            8,
+            8,
+            2,
+            wp.data_ptr(),
+            2,
+            200,
+            8,
+            3,
+            3,
+            1,
+            1,
+            1,
+            1,
+            1,
+            1,
+            1,
+            0,
+            0,
+            wp.data_ptr(),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0,
+            1,
+        )
     with pytest.raises(ValueError, match="mode"):
-        _C.conv2d_raw(xp.data_ptr(), 1, 8, 8, 2, wp.data_ptr(), 2, 70, 8, 3, 3, 1, 1, 1, 1, 1, 1, 1, 0, 7,
-                      wp.data_ptr(), 0, 0, 0, 0, 0, 0, 1, 0, 1)  # fmt: skip
+        _C.conv2d_raw(
+            xp.data_ptr(),
+            1,
+            8,
+            8,
+            2,
+            wp.data_ptr(),
+            2,
+            70,
+            8,
+            3,
+            3,
+            1,
+            1,
+            1,
+            1,
+            1,
+            1,
+            1,
+            0,
+            7,
+            wp.data_ptr(),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0,
+            1,
+        )
     with pytest.raises(ValueError, match="unknown ISA"):
         _C.set_isa("sse9")
 
@@ -749,7 +823,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.onebit.binary_conv2d_threshold.default, args + (thr, d, [1, 1], -1.0, 2))
     torch.library.opcheck(torch.ops.onebit.pack_activations.default, (torch.randn(2, 5, 3, 3), [1, 0], -1.0, 1))
     # linear layers: 1x1 images, where channels_last strides are easy to get subtly wrong
-    xl, wl = K.pack_features(torch.randn(3, 100)).view(3, 1, 1, 1, 2), K.pack_weights(torch.randn(5, 100)).view(5, 1, 1, 2)
+    xl, wl = (
+        K.pack_features(torch.randn(3, 100)).view(3, 1, 1, 1, 2),
+        K.pack_weights(torch.randn(5, 100)).view(5, 1, 1, 2),
+    )
     lin = (xl, wl, 100, 5, [1, 1], [1, 1], [0, 0], [1, 1], 1, 0.0)
     torch.library.opcheck(torch.ops.onebit.binary_conv2d.default, lin + (None, torch.rand(5)))
     torch.library.opcheck(torch.ops.onebit.binary_conv2d_int.default, lin)
@@ -823,10 +900,21 @@ def _packed_signs(negative: torch.Tensor, groups: int) -> torch.Tensor:
 
 @SETTINGS
 @given(
-    st.integers(1, 2), st.integers(1, 150), st.sampled_from([1, 2, 3]), st.integers(1, 7), st.integers(1, 7),
-    st.integers(1, 3), st.integers(1, 3), st.integers(1, 2), st.booleans(), st.integers(0, 1), st.data(),
+    st.integers(1, 2),
+    st.integers(1, 150),
+    st.sampled_from([1, 2, 3]),
+    st.integers(1, 7),
+    st.integers(1, 7),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 2),
+    st.booleans(),
+    st.integers(0, 1),
+    st.data(),
 )
-def test_max_pool_bits_equals_the_bits_of_max_pooled_accumulators(n, cg, groups, h, w, kh, kw, dil, ceil, out_pad, data):
+def test_max_pool_bits_equals_the_bits_of_max_pooled_accumulators(
+    n, cg, groups, h, w, kh, kw, dil, ceil, out_pad, data
+):
     """Pooling the thresholded bits == thresholding the max-pooled integer accumulators (torch)."""
     stride = data.draw(st.integers(1, 3))
     ph, pw = data.draw(st.integers(0, kh // 2)), data.draw(st.integers(0, kw // 2))
@@ -846,8 +934,18 @@ def test_max_pool_bits_equals_the_bits_of_max_pooled_accumulators(n, cg, groups,
         border = pad_words.expand(n, expected.shape[1] + 2, expected.shape[2] + 2, *pad_words.shape).clone()
         border[:, 1:-1, 1:-1] = expected
         expected = border
-    got = K.max_pool_bits(_packed_signs(negative(acc), groups), or_mask, pad_words, kernel_size=(kh, kw), stride=stride,
-                          padding=(ph, pw), dilation=dil, ceil_mode=ceil, out_padding=out_pad, channels=c)
+    got = K.max_pool_bits(
+        _packed_signs(negative(acc), groups),
+        or_mask,
+        pad_words,
+        kernel_size=(kh, kw),
+        stride=stride,
+        padding=(ph, pw),
+        dilation=dil,
+        ceil_mode=ceil,
+        out_padding=out_pad,
+        channels=c,
+    )
     assert torch.equal(got, expected)
 
 
@@ -935,8 +1033,9 @@ def test_weight_cache_clear_after_a_small_write_through_an_alias_into_a_large_we
 )
 def test_native_reference_and_fake_paths_raise_the_same_message(bad):
     """One argument check (onebit.engine.geometry) for every path of a binary convolution."""
-    from onebit.engine import ops
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from onebit.engine import ops
 
     xp, wp, conv = _good()
     conv = dict(conv, **bad)

@@ -11,9 +11,16 @@ from PIL import Image
 from onebit import data, io
 from onebit.data import transforms as T
 from onebit.data.augment import Augment
-from onebit.data.loader import (AugmentedSamples, EpochBatches, batch_indices, epoch_permutation, make_loader,
-                                sample_seed, steps_per_epoch)
-from onebit.train import Interrupted, Trainer, TrainConfig
+from onebit.data.loader import (
+    AugmentedSamples,
+    EpochBatches,
+    batch_indices,
+    epoch_permutation,
+    make_loader,
+    sample_seed,
+    steps_per_epoch,
+)
+from onebit.train import Interrupted, TrainConfig, Trainer
 
 
 def make_image_folder(root, classes=3, per_class=6, val_per_class=2, sizes=(64, 128), seed=0, kind="png"):
@@ -32,15 +39,18 @@ def make_image_folder(root, classes=3, per_class=6, val_per_class=2, sizes=(64, 
 
 
 # -- the epoch's batches --------------------------------------------------------------------------
-@pytest.mark.parametrize("n, batch, world, steps", [
-    (1437, 4, 1, 359),    # 1437 = 4 * 359 + 1: the last batch of one would break BatchNorm: dropped
-    (65, 64, 1, 1),       # 64 + 1: dropped
-    (66, 64, 1, 2),       # 64 + 2: kept
-    (60000, 128, 1, 469),  # 468 full batches + 96
-    (130, 64, 2, 2),      # 2 left over: one example per process: dropped
-    (131, 64, 2, 3),      # 3 left over, padded to 4: two per process: kept
-    (128, 64, 1, 2),
-])
+@pytest.mark.parametrize(
+    "n, batch, world, steps",
+    [
+        (1437, 4, 1, 359),  # 1437 = 4 * 359 + 1: the last batch of one would break BatchNorm: dropped
+        (65, 64, 1, 1),  # 64 + 1: dropped
+        (66, 64, 1, 2),  # 64 + 2: kept
+        (60000, 128, 1, 469),  # 468 full batches + 96
+        (130, 64, 2, 2),  # 2 left over: one example per process: dropped
+        (131, 64, 2, 3),  # 3 left over, padded to 4: two per process: kept
+        (128, 64, 1, 2),
+    ],
+)
 def test_the_last_batch_is_dropped_only_when_a_process_would_get_fewer_than_two(n, batch, world, steps):
     assert steps_per_epoch(n, batch, world) == steps
 
@@ -101,8 +111,9 @@ def test_statistics_are_estimated_from_a_sample_or_given(tmp_path):
     assert torch.allclose(x.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4)
     given = data.load(str(root), image_size=64, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     raw = given.test.source[0][0]
-    assert given.mean == [0.5] * 3 and torch.equal(given.test[0][0], T.Normalize([0.5] * 3, [0.25] * 3)(
-        T.CenterCrop(64)(T.Resize(73)(raw)).float() / 255.0))
+    assert given.mean == [0.5] * 3 and torch.equal(
+        given.test[0][0], T.Normalize([0.5] * 3, [0.25] * 3)(T.CenterCrop(64)(T.Resize(73)(raw)).float() / 255.0)
+    )
     with pytest.raises(ValueError, match="--mean/--std: inet has 3 channel"):
         data.load(str(root), mean=[0.5], std=[0.2])
     with pytest.raises(ValueError, match="both mean and std"):
@@ -112,7 +123,9 @@ def test_statistics_are_estimated_from_a_sample_or_given(tmp_path):
 def test_training_samples_are_the_same_for_any_number_of_workers(tmp_path):
     root = make_image_folder(tmp_path / "inet")
     bundle = data.load(str(root), image_size=64)
-    samples = AugmentedSamples(bundle.train.source, bundle.train_transform(Augment.parse("resized-crop+flip", (64, 64))), 3)
+    samples = AugmentedSamples(
+        bundle.train.source, bundle.train_transform(Augment.parse("resized-crop+flip", (64, 64))), 3
+    )
     batches = {}
     for workers in (0, 2):
         sampler = EpochBatches(len(samples), 4, seed=3)
@@ -136,8 +149,18 @@ class StopAt(Trainer):
 
 
 def streamed(out, root, **overrides):
-    values = dict(model="lenet_binary", data=str(root), image_size=16, epochs=2, batch_size=4, lr=1e-2, seed=1,
-                  out=str(out), model_kwargs={"width": 4}, loader_workers=2)
+    values = dict(
+        model="lenet_binary",
+        data=str(root),
+        image_size=16,
+        epochs=2,
+        batch_size=4,
+        lr=1e-2,
+        seed=1,
+        out=str(out),
+        model_kwargs={"width": 4},
+        loader_workers=2,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -160,12 +183,28 @@ def test_a_streamed_run_stopped_mid_epoch_with_workers_resumes_to_identical_weig
 
 
 def test_in_memory_data_with_loader_workers_trains_per_sample(tmp_path):
-    one = Trainer(TrainConfig(model="lenet_binary", model_kwargs={"width": 4}, epochs=1, loader_workers=1,
-                              augment="crop+flip", out=str(tmp_path / "a")))
+    one = Trainer(
+        TrainConfig(
+            model="lenet_binary",
+            model_kwargs={"width": 4},
+            epochs=1,
+            loader_workers=1,
+            augment="crop+flip",
+            out=str(tmp_path / "a"),
+        )
+    )
     assert not one.batched
     history = one.fit()
-    two = Trainer(TrainConfig(model="lenet_binary", model_kwargs={"width": 4}, epochs=1, loader_workers=2,
-                              augment="crop+flip", out=str(tmp_path / "b")))
+    two = Trainer(
+        TrainConfig(
+            model="lenet_binary",
+            model_kwargs={"width": 4},
+            epochs=1,
+            loader_workers=2,
+            augment="crop+flip",
+            out=str(tmp_path / "b"),
+        )
+    )
     assert two.fit()[0]["train_loss"] == history[0]["train_loss"]
     a, b = one.model.state_dict(), two.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -175,8 +214,9 @@ def _onebit(*args, **kwargs):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "onebit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "onebit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM to the process group", "kill -9"])
@@ -185,8 +225,22 @@ def test_the_cli_stopped_mid_run_with_loader_workers_resumes_to_an_uninterrupted
     import time
 
     root = make_image_folder(tmp_path / "data", classes=2, per_class=20, sizes=(20, 28))
-    common = ["--data", str(root), "--image-size", "16", "--model-arg", "width=4", "--epochs", "20", "--batch-size", "4",
-              "--loader-workers", "2", "--seed", "3"]  # 20 epochs: the stop lands while it trains, on any machine
+    common = [
+        "--data",
+        str(root),
+        "--image-size",
+        "16",
+        "--model-arg",
+        "width=4",
+        "--epochs",
+        "20",
+        "--batch-size",
+        "4",
+        "--loader-workers",
+        "2",
+        "--seed",
+        "3",
+    ]  # 20 epochs: the stop lands while it trains, on any machine
     out = tmp_path / "run"
     proc = _onebit("train", *common, "--out", str(out), start_new_session=True)
     deadline = time.time() + 300
@@ -212,8 +266,13 @@ class DropoutNet(torch.nn.Module):
 
     def __init__(self, num_classes=2, in_channels=3):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_channels * 16 * 16, 16), torch.nn.ReLU(),
-                                       torch.nn.Dropout(0.5), torch.nn.Linear(16, num_classes))
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(in_channels * 16 * 16, 16),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.5),
+            torch.nn.Linear(16, num_classes),
+        )
 
     def forward(self, x):
         return self.net(x)

@@ -74,7 +74,9 @@ def ref_bitlinear_float(x, levels, scale, bias):
 # quantizers
 
 
-@pytest.mark.parametrize("alias, cls, precision", [("ternary", Ternary, 2), ("absmax8", Absmax8, 8), ("dorefa_sym", DoReFaSymmetric, 2)])
+@pytest.mark.parametrize(
+    "alias, cls, precision", [("ternary", Ternary, 2), ("absmax8", Absmax8, 8), ("dorefa_sym", DoReFaSymmetric, 2)]
+)
 def test_aliases_resolve_in_string_and_instance_form(alias, cls, precision):
     assert alias in quant.names()
     for form in (alias, cls, cls()):
@@ -300,17 +302,30 @@ def test_ternary_weights_pack_two_bits_each_and_unpack():
 
 
 def test_kernel_choice_follows_the_isa():
-    want = {"avx512": "avx512_vnni" if _C.has_avx512_vnni() else "avx2", "avx2": "avx2", "scalar": "reference",
-            "reference": "reference"}  # fmt: skip
+    want = {
+        "avx512": "avx512_vnni" if _C.has_avx512_vnni() else "avx2",
+        "avx2": "avx2",
+        "scalar": "reference",
+        "reference": "reference",
+    }
     for isa in ISAS:
         _C.set_isa(isa)
         assert K.ternary_linear_kernel() == want[isa]
 
 
 SHAPES = [  # (N, F, Out): odd features, partial and full 256-feature chunks, partial 4-row tiles
-    (1, 1, 1), (1, 3, 5), (2, 255, 3), (3, 256, 4), (1, 257, 65), (5, 511, 7), (4, 512, 64), (9, 1000, 33),
-    (2, 1023, 129), (1, 4096, 130), (7, 4099, 6),
-]  # fmt: skip
+    (1, 1, 1),
+    (1, 3, 5),
+    (2, 255, 3),
+    (3, 256, 4),
+    (1, 257, 65),
+    (5, 511, 7),
+    (4, 512, 64),
+    (9, 1000, 33),
+    (2, 1023, 129),
+    (1, 4096, 130),
+    (7, 4099, 6),
+]
 
 
 @pytest.mark.parametrize("n, features, out", SHAPES)
@@ -398,16 +413,30 @@ def test_empty_batch():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda wp: K.ternary_linear(torch.zeros(2, 10, dtype=torch.float64), wp, in_features=10), "input x must have dtype torch.float32"),
+        (
+            lambda wp: K.ternary_linear(torch.zeros(2, 10, dtype=torch.float64), wp, in_features=10),
+            "input x must have dtype torch.float32",
+        ),
         (lambda wp: K.ternary_linear(torch.zeros(2, 11), wp, in_features=10), r"expected \[N, in_features=10\]"),
         (lambda wp: K.ternary_linear(torch.zeros(2, 10), wp, in_features=20), r"expected \[Out >= 1, 5\]"),
-        (lambda wp: K.ternary_linear(torch.zeros(2, 10), wp.to(torch.int64), in_features=10), "must have dtype torch.uint8"),
-        (lambda wp: K.ternary_linear(torch.zeros(2, 10), wp, in_features=10, scale=torch.ones(4)), r"scale must have shape \[3\]"),
-        (lambda wp: K.ternary_linear(torch.zeros(2, 10), wp, in_features=10, bias=torch.ones(3, dtype=torch.float64)), "bias must have dtype"),
+        (
+            lambda wp: K.ternary_linear(torch.zeros(2, 10), wp.to(torch.int64), in_features=10),
+            "must have dtype torch.uint8",
+        ),
+        (
+            lambda wp: K.ternary_linear(torch.zeros(2, 10), wp, in_features=10, scale=torch.ones(4)),
+            r"scale must have shape \[3\]",
+        ),
+        (
+            lambda wp: K.ternary_linear(
+                torch.zeros(2, 10), wp, in_features=10, bias=torch.ones(3, dtype=torch.float64)
+            ),
+            "bias must have dtype",
+        ),
         (lambda wp: K.ternary_linear(torch.zeros(10), wp, in_features=10), "2 dimensions"),
         (lambda wp: K.ternary_linear_int(torch.zeros(2, 10), wp, in_features=10), "torch.int8"),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments_raise_value_error_naming_the_problem(call, match):
     wp = R.pack_ternary_weights(torch.zeros(3, 10))
     with pytest.raises(ValueError, match=match):
@@ -427,7 +456,9 @@ def test_custom_ops_pass_opcheck_and_trace():
     wp = R.pack_ternary_weights(levels)
     x = torch.randn(3, 70, generator=gen)
     torch.library.opcheck(torch.ops.onebit.ternary_linear, (x, wp, 70, torch.rand(5), None))
-    torch.library.opcheck(torch.ops.onebit.ternary_linear_int, (torch.randint(-128, 128, (3, 70), dtype=torch.int8), wp, 70))
+    torch.library.opcheck(
+        torch.ops.onebit.ternary_linear_int, (torch.randint(-128, 128, (3, 70), dtype=torch.int8), wp, 70)
+    )
 
     class M(nn.Module):
         def forward(self, x):
@@ -628,10 +659,15 @@ def test_kbit_conv_is_the_integer_conv_then_divisor_scale_bias_in_every_layout(i
     assert torch.equal(acc, torch.round(acc))
     expected = ((acc.float() / s) * scale.view(1, -1, 1, 1)) + layer.bias.view(1, -1, 1, 1)
     with torch.no_grad():
-        for xl in (x, x.contiguous(memory_format=torch.channels_last), x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)):
+        for xl in (
+            x,
+            x.contiguous(memory_format=torch.channels_last),
+            x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+        ):
             assert torch.equal(layer(xl), expected)
-    assert torch.allclose(expected, F.conv2d(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), layer.bias, 1, 1),
-                          atol=1e-4)  # fmt: skip
+    assert torch.allclose(
+        expected, F.conv2d(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), layer.bias, 1, 1), atol=1e-4
+    )
 
 
 def test_dorefa_integer_factors_are_the_forward_levels():

@@ -1,6 +1,7 @@
 """The model zoo and its constructor: names, building, forward/backward, paper structure, swaps."""
 
 import functools
+
 import pytest
 import torch
 import torch.fx
@@ -11,9 +12,20 @@ from onebit.models import BiRealBlock, DenseLayer, ModelConstructor
 from onebit.nn import QConv2d, QuantizedLayer
 from onebit.nn.twist import TwistConv2d
 
-ZOO = ["lenet", "lenet_binary", "lenet_larq", "resnet18", "birealnet18", "birealnet_small", "birealnet_small_react",
-       "birealnet_small_react_wide", "resnete18",
-       "binary_densenet28", "binary_densenet37", "binary_densenet45"]
+ZOO = [
+    "lenet",
+    "lenet_binary",
+    "lenet_larq",
+    "resnet18",
+    "birealnet18",
+    "birealnet_small",
+    "birealnet_small_react",
+    "birealnet_small_react_wide",
+    "resnete18",
+    "binary_densenet28",
+    "binary_densenet37",
+    "binary_densenet45",
+]
 
 
 def example(name: str, batch: int = 2) -> torch.Tensor:
@@ -37,7 +49,12 @@ def binary_layers(model):
 
 def test_names_lists_the_zoo_and_filters_by_pattern():
     assert set(ZOO) <= set(models.names())
-    assert models.names("birealnet*") == ["birealnet18", "birealnet_small", "birealnet_small_react", "birealnet_small_react_wide"]
+    assert models.names("birealnet*") == [
+        "birealnet18",
+        "birealnet_small",
+        "birealnet_small_react",
+        "birealnet_small_react_wide",
+    ]
     assert models.names("binary_densenet*") == ["binary_densenet28", "binary_densenet37", "binary_densenet45"]
 
 
@@ -104,8 +121,10 @@ def test_birealnet18_follows_the_paper():
 
 def test_resnete18_and_densenet_use_plain_sign_and_float_transitions():
     resnete = models.create("resnete18")
-    assert all(isinstance(m.input_quantizer, quant.Sign) and isinstance(m.weight_quantizer, quant.Sign)
-               for m in binary_layers(resnete))
+    assert all(
+        isinstance(m.input_quantizer, quant.Sign) and isinstance(m.weight_quantizer, quant.Sign)
+        for m in binary_layers(resnete)
+    )
     assert len(binary_layers(resnete)) == 16
     dense = models.create("binary_densenet28")
     layers = [m for m in dense.modules() if isinstance(m, DenseLayer)]
@@ -140,11 +159,18 @@ def test_conv_layer_callables_get_bias_false_and_twist_accepts_it():
         calls.append(kwargs)
         return TwistConv2d(c_in, c_out, kernel_size, **kwargs)
 
-    net = ModelConstructor(block="bireal", layers=(1, 1), widths=(8, 16), stem="small", stem_width=8,
-                           conv_layer=conv_layer)()
+    net = ModelConstructor(
+        block="bireal", layers=(1, 1), widths=(8, 16), stem="small", stem_width=8, conv_layer=conv_layer
+    )()
     assert calls and all(kw["bias"] is False and kw["padding"] == 1 for kw in calls)
-    auto = ModelConstructor(block="bireal", layers=(1,), widths=(64,), stem="small", stem_width=64,
-                            conv_layer=functools.partial(TwistConv2d, groups="auto"))()
+    auto = ModelConstructor(
+        block="bireal",
+        layers=(1,),
+        widths=(64,),
+        stem="small",
+        stem_width=64,
+        conv_layer=functools.partial(TwistConv2d, groups="auto"),
+    )()
     assert [m.groups for m in auto.modules() if isinstance(m, TwistConv2d)] == [2]
     assert net(torch.randn(2, 3, 8, 8)).shape == auto(torch.randn(2, 3, 8, 8)).shape == (2, 10)
 
@@ -152,15 +178,24 @@ def test_conv_layer_callables_get_bias_false_and_twist_accepts_it():
 def test_quantizers_go_to_convs_that_accept_them():
     twist = models.create("birealnet18", conv_layer="twist")
     conv = twist.stage2[1].conv
-    assert isinstance(conv.input_quantizer, quant.ApproxSign) and isinstance(conv.weight_quantizer, quant.MagnitudeAwareSign)
+    assert isinstance(conv.input_quantizer, quant.ApproxSign) and isinstance(
+        conv.weight_quantizer, quant.MagnitudeAwareSign
+    )
     binary_resnet = models.create("resnet18", conv_layer="binary")  # "binary" defaults to ste_sign
     assert len(binary_layers(binary_resnet)) == 16
     assert binary_layers(binary_resnet)[0].input_quantizer is not binary_layers(binary_resnet)[1].input_quantizer
 
 
 def test_constructor_swaps_activation_norm_and_block():
-    net = ModelConstructor(block="basic", layers=(1, 1), widths=(8, 16), stem="small", stem_width=8,
-                           act_fn="prelu", norm_layer=lambda c: nn.GroupNorm(2, c))()
+    net = ModelConstructor(
+        block="basic",
+        layers=(1, 1),
+        widths=(8, 16),
+        stem="small",
+        stem_width=8,
+        act_fn="prelu",
+        norm_layer=lambda c: nn.GroupNorm(2, c),
+    )()
     assert any(isinstance(m, nn.PReLU) and m.num_parameters == 8 for m in net.modules())
     assert any(isinstance(m, nn.GroupNorm) for m in net.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
@@ -176,7 +211,9 @@ def test_constructor_swaps_activation_norm_and_block():
 def test_float_twin_has_no_binary_layer():
     twin = models.create("birealnet18", conv_layer="float")
     assert binary_layers(twin) == []
-    assert sum(p.numel() for p in twin.parameters()) == sum(p.numel() for p in models.create("birealnet18").parameters())
+    assert sum(p.numel() for p in twin.parameters()) == sum(
+        p.numel() for p in models.create("birealnet18").parameters()
+    )
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -202,8 +239,16 @@ def test_packs_with_the_engine_bit_identical_in_both_layouts(name):
 
 def test_affine_pre_sign_shifts_and_scales_the_sign_path_only():
     torch.manual_seed(0)
-    conv = lambda c_in, c_out, stride: QConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False,  # noqa: E731
-                                               input_quantizer="approx_sign", weight_quantizer="magnitude_aware_sign")
+    conv = lambda c_in, c_out, stride: QConv2d(
+        c_in,
+        c_out,
+        3,
+        stride=stride,
+        padding=1,
+        bias=False,  # noqa: E731
+        input_quantizer="approx_sign",
+        weight_quantizer="magnitude_aware_sign",
+    )
     block = BiRealBlock(8, 8, 1, conv=conv, act_fn="prelu", norm_layer=nn.BatchNorm2d, pre_sign="affine")
     assert type(block.pre) is nn.Conv2d and block.pre.groups == 8  # a depthwise 1x1 conv: a float op for every tool
     assert torch.equal(block.pre.weight, torch.ones(8, 1, 1, 1)) and torch.equal(block.pre.bias, torch.zeros(8))
@@ -220,7 +265,8 @@ def test_affine_pre_sign_shifts_and_scales_the_sign_path_only():
     w_q = w.abs().mean(dim=(1, 2, 3), keepdim=True) * torch.where(w >= 0, 1.0, -1.0)
     bn = block.bn
     y = (torch.nn.functional.conv2d(signs, w_q, padding=1) - bn.running_mean.view(1, 8, 1, 1)) / torch.sqrt(
-        bn.running_var.view(1, 8, 1, 1) + bn.eps) * bn.weight.view(1, 8, 1, 1) + bn.bias.view(1, 8, 1, 1)
+        bn.running_var.view(1, 8, 1, 1) + bn.eps
+    ) * bn.weight.view(1, 8, 1, 1) + bn.bias.view(1, 8, 1, 1)
     s = y + x  # the shortcut carries x itself, not the shifted x
     slope = block.act.weight.view(1, 8, 1, 1)
     expected = torch.where(s >= 0, s, slope * s)
@@ -233,7 +279,9 @@ def test_pre_sign_is_off_by_default_and_only_for_blocks_with_a_sign_path():
     assert not any(".pre." in k for k in plain.state_dict())  # existing runs load unchanged
     react = models.create("birealnet_small_react", in_channels=1)
     blocks = [m for m in react.modules() if isinstance(m, BiRealBlock)]
-    assert len(blocks) == 6 and all(isinstance(b.act, nn.PReLU) and b.act.num_parameters == b.out_channels for b in blocks)
+    assert len(blocks) == 6 and all(
+        isinstance(b.act, nn.PReLU) and b.act.num_parameters == b.out_channels for b in blocks
+    )
     assert [b.pre.in_channels for b in blocks] == [32, 32, 32, 64, 64, 128]
     assert len(binary_layers(react)) == 6
     wide = models.create("birealnet_small_react_wide", in_channels=1)

@@ -33,7 +33,9 @@ def reference_binary_conv(x, layer, pad_value):
         pad += [p, p]
     xs = F.pad(sign_reference(x), pad, value=pad_value)
     conv = CONV[ndim][2]
-    return plus_bias(conv(xs, sign_reference(layer.weight), None, layer.stride, 0, layer.dilation, layer.groups), layer.bias)
+    return plus_bias(
+        conv(xs, sign_reference(layer.weight), None, layer.stride, 0, layer.dilation, layer.groups), layer.bias
+    )
 
 
 @st.composite
@@ -49,9 +51,18 @@ def conv2d_configs(draw):
     h = draw(st.integers(max(1, dilation * (k - 1) + 1 - 2 * padding), 11))
     w = draw(st.integers(max(1, dilation * (kw - 1) + 1 - 2 * padding), 11))
     return dict(
-        cin=cin, cout=cout, kernel=(k, kw), stride=stride, dilation=dilation, padding=padding, groups=groups,
-        bias=draw(st.booleans()), pad_value=draw(st.sampled_from([0.0, 1.0, -1.0])), batch=draw(st.integers(1, 3)),
-        h=h, w=w,
+        cin=cin,
+        cout=cout,
+        kernel=(k, kw),
+        stride=stride,
+        dilation=dilation,
+        padding=padding,
+        groups=groups,
+        bias=draw(st.booleans()),
+        pad_value=draw(st.sampled_from([0.0, 1.0, -1.0])),
+        batch=draw(st.integers(1, 3)),
+        h=h,
+        w=w,
     )
 
 
@@ -59,8 +70,16 @@ def conv2d_configs(draw):
 @given(conv2d_configs())
 def test_qconv2d_equals_float_conv_of_explicitly_padded_signs(c):
     layer = QConv2d(
-        c["cin"], c["cout"], c["kernel"], c["stride"], c["padding"], c["dilation"], c["groups"], c["bias"],
-        pad_value=c["pad_value"], **BINARY,
+        c["cin"],
+        c["cout"],
+        c["kernel"],
+        c["stride"],
+        c["padding"],
+        c["dilation"],
+        c["groups"],
+        c["bias"],
+        pad_value=c["pad_value"],
+        **BINARY,
     )
     x = torch.randn(c["batch"], c["cin"], c["h"], c["w"])
     x[x.abs() < 0.1] = 0.0  # exact zeros must behave as +1
@@ -110,7 +129,9 @@ def test_padding_forms(padding, pad_value):
 def test_other_padding_modes_pad_the_quantized_input(mode):
     layer = QConv2d(3, 4, 3, padding=1, padding_mode=mode, **BINARY)
     x = torch.randn(2, 3, 6, 6)
-    expected = plus_bias(F.conv2d(F.pad(sign_reference(x), (1, 1, 1, 1), mode=mode), sign_reference(layer.weight)), layer.bias)
+    expected = plus_bias(
+        F.conv2d(F.pad(sign_reference(x), (1, 1, 1, 1), mode=mode), sign_reference(layer.weight)), layer.bias
+    )
     assert torch.equal(layer(x), expected)
 
 

@@ -37,7 +37,9 @@ def on_grid(model: nn.Module, seed: int) -> nn.Module:
                 c = m.num_features
                 m.running_mean.copy_(torch.randint(-8, 8, (c,), generator=g) + 0.375)
                 m.running_var.copy_(torch.ones(c) * 4.0 - m.eps)  # sqrt(var + eps) = 2: exact
-                m.weight.copy_(torch.randint(1, 4, (c,), generator=g) * torch.where(torch.rand(c, generator=g) < 0.4, -1.0, 1.0))
+                m.weight.copy_(
+                    torch.randint(1, 4, (c,), generator=g) * torch.where(torch.rand(c, generator=g) < 0.4, -1.0, 1.0)
+                )
                 m.bias.copy_(torch.randint(-4, 4, (c,), generator=g) * 0.25)
             elif isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight.copy_(torch.randint(-4, 5, m.weight.shape, generator=g) * 0.25)
@@ -97,11 +99,19 @@ def test_mixed_model_is_bit_identical_in_onnxruntime(tmp_path):
 
 
 def test_noact_pattern_and_thresholds_through_a_sign_activation(tmp_path):
-    model = on_grid(nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), QActivation("ste_sign"),
-        QConv2d(8, 8, 3, padding=1, weight_quantizer="ste_sign"), nn.BatchNorm2d(8), QActivation("ste_sign"),
-        QConv2d(8, 8, 3, padding=1, weight_quantizer="magnitude_aware_sign"), nn.Flatten(1),
-    ), 2)
+    model = on_grid(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            QActivation("ste_sign"),
+            QConv2d(8, 8, 3, padding=1, weight_quantizer="ste_sign"),
+            nn.BatchNorm2d(8),
+            QActivation("ste_sign"),
+            QConv2d(8, 8, 3, padding=1, weight_quantizer="magnitude_aware_sign"),
+            nn.Flatten(1),
+        ),
+        2,
+    )
     x = integer_input(2, 3, 6, 6)
     onebit.export_onnx(model, x, tmp_path / "m.onnx", strict=True)
     assert torch.equal(run_onnx(tmp_path / "m.onnx", x), model(x))
@@ -110,11 +120,17 @@ def test_noact_pattern_and_thresholds_through_a_sign_activation(tmp_path):
 def test_binary_weights_are_stored_as_bits(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32),
-        QConv2d(32, 128, 3, padding=1, bias=False, **SIGN), nn.BatchNorm2d(128),
-        QConv2d(128, 256, 3, padding=1, bias=False, **SIGN), nn.BatchNorm2d(256),
-        QConv2d(256, 256, 3, padding=1, bias=False, **SIGN), nn.BatchNorm2d(256),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(256, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        QConv2d(32, 128, 3, padding=1, bias=False, **SIGN),
+        nn.BatchNorm2d(128),
+        QConv2d(128, 256, 3, padding=1, bias=False, **SIGN),
+        nn.BatchNorm2d(256),
+        QConv2d(256, 256, 3, padding=1, bias=False, **SIGN),
+        nn.BatchNorm2d(256),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.Linear(256, 10),
     ).eval()
     x = torch.randn(1, 3, 8, 8)
     path = tmp_path / "cnn.onnx"
@@ -150,8 +166,10 @@ def test_bitlinear_runs_in_onnxruntime_with_its_weights_stored_as_2_bit_codes(no
         assert torch.equal(got[finite], expected[finite])
     stored = [tuple(t.dims) for t in onnx.load(path).graph.initializer if t.data_type == onnx.TensorProto.UINT8]
     assert sorted(d for d in stored if d[0] > 1) == [(10, 12, 1), (48, 23, 1)]  # [Out, ceil(F / 4), 1]: 2 bits a weight
-    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 480
-                   for t in onnx.load(path).graph.initializer)  # no float copy of the weights
+    assert not any(
+        t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 480
+        for t in onnx.load(path).graph.initializer
+    )  # no float copy of the weights
 
 
 def packed_as_signs(packed_value: torch.Tensor, node: dict, shape) -> torch.Tensor:
@@ -244,7 +262,8 @@ def check_every_layer(packed, path, x) -> list[str]:
             assert torch.equal(as_signs(name, expected), got), f"{op} {name}: not bit-identical on the same input"
         else:
             assert close_to_float_rounding(got, expected), (
-                f"{op} {name}: differs by {(got - expected).abs().max().item():.3g} on the same input")
+                f"{op} {name}: differs by {(got - expected).abs().max().item():.3g} on the same input"
+            )
         if spec.output == G.PACKED or op in ("sign", "sign_threshold"):  # the two runs' own +-1 values
             mine = as_signs(name, engine_values[name])
             if not torch.equal(mine, got):
@@ -254,7 +273,8 @@ def check_every_layer(packed, path, x) -> list[str]:
                     scale = before.abs().max().item()
                     flipped = (mine != got).reshape(before.shape) if before.shape == got.shape else None
                     assert flipped is not None and (before[flipped].abs() <= 1e-5 * scale).all(), (
-                        f"{op} {name}: a sign flipped on a value {before[flipped].abs().max().item():.3g} away from 0")
+                        f"{op} {name}: a sign flipped on a value {before[flipped].abs().max().item():.3g} away from 0"
+                    )
                 differing.append(name)
     return differing
 
@@ -263,8 +283,12 @@ def check_every_layer(packed, path, x) -> list[str]:
 def test_zoo_models_run_in_onnxruntime(name, tmp_path):
     torch.manual_seed(0)
     small = name.startswith(("lenet", "birealnet_small"))
-    x = torch.randn(2, 1 if small else 3, 8 if name == "lenet_binary" else 28 if small else 32,
-                    8 if name == "lenet_binary" else 28 if small else 32)
+    x = torch.randn(
+        2,
+        1 if small else 3,
+        8 if name == "lenet_binary" else 28 if small else 32,
+        8 if name == "lenet_binary" else 28 if small else 32,
+    )
     x[x.abs() < 0.05] = 0.0
     model = onebit.models.create(name, in_channels=x.shape[1]).eval()
     with warnings.catch_warnings():
@@ -281,12 +305,18 @@ def test_zoo_models_run_in_onnxruntime(name, tmp_path):
 
 FLOAT_SUMS = {  # a quantized layer with a float operand, no scale and no bias: its sum is a float
     "float input, sign weights (lenet_larq's first layer)": (
-        lambda: QConv2d(2, 3, 3, padding=1, weight_quantizer="ste_sign", bias=False), (2, 2, 5, 5)),
+        lambda: QConv2d(2, 3, 3, padding=1, weight_quantizer="ste_sign", bias=False),
+        (2, 2, 5, 5),
+    ),
     "float input, sign weights, linear": (lambda: QLinear(10, 4, weight_quantizer="ste_sign", bias=False), (3, 10)),
     "sign input, float weights": (
-        lambda: QConv2d(2, 3, 3, padding=1, input_quantizer="ste_sign", weight_quantizer=None, bias=False), (2, 2, 5, 5)),
+        lambda: QConv2d(2, 3, 3, padding=1, input_quantizer="ste_sign", weight_quantizer=None, bias=False),
+        (2, 2, 5, 5),
+    ),
     "sign input, float weights, linear": (
-        lambda: QLinear(10, 4, input_quantizer="ste_sign", weight_quantizer=None, bias=False), (3, 10)),
+        lambda: QLinear(10, 4, input_quantizer="ste_sign", weight_quantizer=None, bias=False),
+        (3, 10),
+    ),
 }
 
 
@@ -321,19 +351,41 @@ def _nan_cases():
         "sign x sign": (conv(**SIGN), ["pack", "binary_conv2d"], True),
         "sign x magnitude-aware, linear": (linear(**MAGNITUDE), ["pack_features", "binary_linear"], True),
         "float x sign": (conv(weight_quantizer="ste_sign", bias=False), ["qconv2d"], False),
-        "sign x float": (conv(input_quantizer="ste_sign", weight_quantizer=None, bias=False), ["sign", "qconv2d"], False),
-        "dorefa_sym(2) x ternary": (conv(input_quantizer=DoReFaSymmetric(2), weight_quantizer="ternary"),
-                                    ["bitplane_conv2d"], True),
-        "dorefa(2) x ternary, no bias": (conv(input_quantizer="dorefa", weight_quantizer="ternary", bias=False),
-                                         ["bitplane_conv2d"], True),
-        "dorefa_sym(2) x sign (bit planes)": (conv(input_quantizer=DoReFaSymmetric(2), weight_quantizer="ste_sign",
-                                                   bias=False), ["bitplane_conv2d"], True),
-        "dorefa(3) x dorefa_weight(2), linear": (linear(input_quantizer=DoReFa(3), weight_quantizer=DoReFaWeight(2)),
-                                                 ["bitplane_conv2d"], True),
-        "dorefa(8) x ternary (integers, float conv)": (conv(input_quantizer=DoReFa(8), weight_quantizer="ternary",
-                                                            bias=False), ["quantize_int", "qconv2d"], True),
-        "dorefa(8) x sign, linear": (linear(input_quantizer=DoReFa(8), weight_quantizer="magnitude_aware_sign"),
-                                     ["quantize_int", "qlinear"], True),
+        "sign x float": (
+            conv(input_quantizer="ste_sign", weight_quantizer=None, bias=False),
+            ["sign", "qconv2d"],
+            False,
+        ),
+        "dorefa_sym(2) x ternary": (
+            conv(input_quantizer=DoReFaSymmetric(2), weight_quantizer="ternary"),
+            ["bitplane_conv2d"],
+            True,
+        ),
+        "dorefa(2) x ternary, no bias": (
+            conv(input_quantizer="dorefa", weight_quantizer="ternary", bias=False),
+            ["bitplane_conv2d"],
+            True,
+        ),
+        "dorefa_sym(2) x sign (bit planes)": (
+            conv(input_quantizer=DoReFaSymmetric(2), weight_quantizer="ste_sign", bias=False),
+            ["bitplane_conv2d"],
+            True,
+        ),
+        "dorefa(3) x dorefa_weight(2), linear": (
+            linear(input_quantizer=DoReFa(3), weight_quantizer=DoReFaWeight(2)),
+            ["bitplane_conv2d"],
+            True,
+        ),
+        "dorefa(8) x ternary (integers, float conv)": (
+            conv(input_quantizer=DoReFa(8), weight_quantizer="ternary", bias=False),
+            ["quantize_int", "qconv2d"],
+            True,
+        ),
+        "dorefa(8) x sign, linear": (
+            linear(input_quantizer=DoReFa(8), weight_quantizer="magnitude_aware_sign"),
+            ["quantize_int", "qlinear"],
+            True,
+        ),
         "BitLinear (int8 x ternary)": (BitLinear(12, 4, norm=False), ["ternary_linear"], True),
     }
 
@@ -401,8 +453,10 @@ def assert_shapes_are_as_inferred(path, x) -> int:
     """onnx's shape inference (the sizes the ONNX spec gives, what a conforming runtime allocates)
     gives every value of the graph the shape onnxruntime computes. Returns the number of values."""
     model = onnx.shape_inference.infer_shapes(onnx.load(path), strict_mode=True)
-    inferred = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                for v in model.graph.value_info}
+    inferred = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in model.graph.value_info
+    }
     for name in inferred:
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -411,7 +465,8 @@ def assert_shapes_are_as_inferred(path, x) -> int:
         if name in inferred:
             shape = inferred[name]
             assert len(shape) == value.ndim and all(d is None or d == n for d, n in zip(shape, value.shape)), (
-                f"{name}: onnx infers {shape}, onnxruntime computes {list(value.shape)}")
+                f"{name}: onnx infers {shape}, onnxruntime computes {list(value.shape)}"
+            )
     return len(inferred)
 
 
@@ -448,11 +503,16 @@ def test_every_pool_torch_accepts_exports_and_agrees_with_torch(size, tmp_path):
 def test_a_ceil_mode_max_pool_of_bits_gives_torchs_windows(kernel, stride, padding, size, tmp_path):
     """The same for a max pool between a binary conv and the BatchNorm + sign thresholds of the next
     binary conv (``max_pool_bits``), inside the graph: the next layers see torch's windows only."""
-    model = on_grid(nn.Sequential(
-        QConv2d(3, 8, 3, padding=1, **SIGN),
-        nn.MaxPool2d(kernel, stride, padding, ceil_mode=True), nn.BatchNorm2d(8),
-        QConv2d(8, 8, 3, padding=1, **SIGN), nn.Flatten(1),
-    ), 4)
+    model = on_grid(
+        nn.Sequential(
+            QConv2d(3, 8, 3, padding=1, **SIGN),
+            nn.MaxPool2d(kernel, stride, padding, ceil_mode=True),
+            nn.BatchNorm2d(8),
+            QConv2d(8, 8, 3, padding=1, **SIGN),
+            nn.Flatten(1),
+        ),
+        4,
+    )
     x = integer_input(2, 3, *size, seed=4)
     assert "max_pool_bits" in [n["op"] for n in engine.pack(model, x).graph["nodes"]]
     onebit.export_onnx(model, x, tmp_path / "bits.onnx", strict=True)
@@ -470,9 +530,11 @@ def test_an_empty_batch_exports_and_runs(name, tmp_path):
         "mixed": (lambda: on_grid(Mixed(), 1), (3, 8, 8)),
         "lenet_binary": (lambda: on_grid(onebit.models.create("lenet_binary", in_channels=1), 2), (1, 8, 8)),
         "bitlinear": (lambda: nn.Sequential(BitLinear(20, 8, bias=True), BitLinear(8, 4)).eval(), (20,)),
-        "ceil_pools": (lambda: Pools([nn.MaxPool2d(2, 3, ceil_mode=True), nn.AvgPool2d(2, 2, 1, ceil_mode=True)]).eval(),
-                       (3, 6, 7)),
-    }[name]  # fmt: skip
+        "ceil_pools": (
+            lambda: Pools([nn.MaxPool2d(2, 3, ceil_mode=True), nn.AvgPool2d(2, 2, 1, ceil_mode=True)]).eval(),
+            (3, 6, 7),
+        ),
+    }[name]
     model = model()
     onebit.export_onnx(model, torch.empty(0, *shape), tmp_path / "m.onnx")
     for batch in (0, 3):
@@ -532,7 +594,11 @@ sys.exit(main(sys.argv[1:]))
     assert result.returncode == 0, result.stderr
     assert "max |onnx - model| = 5.00e-01" in result.stdout
     warning = [line for line in result.stderr.splitlines() if "warning" in line]
-    assert len(warning) == 1 and "5.00e-01 away from the model's" in warning[0] and "more than float rounding" in warning[0]
+    assert (
+        len(warning) == 1
+        and "5.00e-01 away from the model's" in warning[0]
+        and "more than float rounding" in warning[0]
+    )
     assert (tmp_path / "m.onnx").is_file()
 
 
@@ -553,10 +619,12 @@ def test_onnxruntime_errors_are_one_line_input_errors(tmp_path):
     values to rows of 4) and an input of another shape: both InputError, one line, the file named."""
     helper, T = onnx.helper, onnx.TensorProto
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["input", "shape"], ["output"])], "g",
-        [helper.make_tensor_value_info("input", T.FLOAT, ["batch", 3])], [helper.make_tensor_value_info("output", T.FLOAT, None)],
+        [helper.make_node("Reshape", ["input", "shape"], ["output"])],
+        "g",
+        [helper.make_tensor_value_info("input", T.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("output", T.FLOAT, None)],
         initializer=[onnx.numpy_helper.from_array(torch.tensor([-1, 4]).numpy(), "shape")],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     path = tmp_path / "rows_of_4.onnx"
@@ -566,8 +634,9 @@ def test_onnxruntime_errors_are_one_line_input_errors(tmp_path):
     with pytest.raises(engine.InputError) as error:
         runner(torch.zeros(3, 3))
     message = str(error.value)
-    assert "\n" not in message and message.startswith(f"{path}: onnxruntime cannot run the input of shape [3, 3] "
-                                                       "(the file expects [batch, 3]): ")
+    assert "\n" not in message and message.startswith(
+        f"{path}: onnxruntime cannot run the input of shape [3, 3] (the file expects [batch, 3]): "
+    )
     with pytest.raises(engine.InputError, match=r"expected an input of shape \[batch, 3\], got \[2, 5\]$"):
         runner(torch.zeros(2, 5))
     with pytest.raises(engine.InputError, match="expected an input of shape"):

@@ -71,7 +71,9 @@ def test_constraints_pin_every_declared_package_within_its_range():
     for req in DECLARED:
         name = canonicalize_name(req.name)
         assert name in pins, f"constraints.txt pins no version of {req.name} (make would resolve it freely)"
-        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt: {name}=={pins[name]} is outside {req}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt: {name}=={pins[name]} is outside {req}"
+        )
     assert pins["torch"] == Version("2.13.0")
 
 
@@ -79,13 +81,17 @@ def test_constraints_pin_every_declared_package_within_its_range():
 
 
 def test_bundled_digits_are_scikit_learns_digits_and_default_split():
-    pytest.importorskip("sklearn", reason="scikit-learn (in the test extra) is needed to compare the bundled digits with its own")
+    pytest.importorskip(
+        "sklearn", reason="scikit-learn (in the test extra) is needed to compare the bundled digits with its own"
+    )
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     raw = load_digits()
     images, labels, train_idx, test_idx = load_digits_arrays()
-    expected_train, expected_test = train_test_split(np.arange(len(raw.target)), test_size=0.2, random_state=0, stratify=raw.target)
+    expected_train, expected_test = train_test_split(
+        np.arange(len(raw.target)), test_size=0.2, random_state=0, stratify=raw.target
+    )
     assert images.dtype == np.uint8 and images.shape == (1797, 1, 8, 8)
     assert np.array_equal(images[:, 0].astype(np.float64), raw.images)
     assert labels.dtype == np.int64 and np.array_equal(labels, raw.target)

@@ -49,7 +49,8 @@ def _labels(axis) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "ratios", [[0.02, 0.011, 0.012, 0.01], [0.2, 0.03, 0.004, 0.0005, 0.0], [0.05], [0.0, 0.0]],
+    "ratios",
+    [[0.02, 0.011, 0.012, 0.01], [0.2, 0.03, 0.004, 0.0005, 0.0], [0.05], [0.0, 0.0]],
 )
 def test_flip_plot_has_readable_y_ticks(ratios, tmp_path):
     fig = plot.weight_flips({"layer": ratios}, tmp_path / "flips.png")
@@ -64,10 +65,17 @@ def test_flip_plot_has_readable_y_ticks(ratios, tmp_path):
 
 def test_every_plot_labels_its_axes(model, tmp_path):
     rows = [[e, 1.0 / (e + 1), 1.2 / (e + 1), 0.5 + 0.1 * e, 0.9, 0.01, "00:01"] for e in range(3)]
-    io.save_csv(tmp_path / "history.csv", ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"], rows)
+    io.save_csv(
+        tmp_path / "history.csv",
+        ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"],
+        rows,
+    )
     figures = [
-        plot.binary_weights(model, "3"), plot.binary_weights(model, "0"), plot.training_curves(tmp_path),
-        plot.weight_flips(tmp_path), plot.feature_maps(model, "3", torch.randn(1, 8, 8)),
+        plot.binary_weights(model, "3"),
+        plot.binary_weights(model, "0"),
+        plot.training_curves(tmp_path),
+        plot.weight_flips(tmp_path),
+        plot.feature_maps(model, "3", torch.randn(1, 8, 8)),
     ]
     for fig in figures[:4]:
         for ax in fig.axes:
@@ -79,10 +87,18 @@ def test_every_plot_labels_its_axes(model, tmp_path):
 def test_training_records_weights_and_the_animation_shows_them(tmp_path, capsys):
     from PIL import Image
 
-    from onebit.train import Trainer, TrainConfig
+    from onebit.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(model="lenet_binary", data="digits", epochs=2, batch_size=128, lr=1e-2, seed=0,
-                      out=str(tmp_path), model_kwargs={"width": 8})
+    cfg = TrainConfig(
+        model="lenet_binary",
+        data="digits",
+        epochs=2,
+        batch_size=128,
+        lr=1e-2,
+        seed=0,
+        out=str(tmp_path),
+        model_kwargs={"width": 8},
+    )
     trainer = Trainer(cfg, console=None)
     trainer.fit()
     files = sorted(p.name for p in (tmp_path / "weights").iterdir())
@@ -104,7 +120,9 @@ def test_training_records_weights_and_the_animation_shows_them(tmp_path, capsys)
             image.seek(k)
             frames.append(image.convert("RGB").tobytes())
     assert len(set(frames)) == 3  # every epoch looks different
-    assert main(["plot", "weights", str(tmp_path), "--animate", "--layer", "0", "--out", str(tmp_path / "stem.gif")]) == 0
+    assert (
+        main(["plot", "weights", str(tmp_path), "--animate", "--layer", "0", "--out", str(tmp_path / "stem.gif")]) == 0
+    )
     assert main(["plot", "weights", str(tmp_path), "--animate", "--layer", "nope"]) == 2
     assert "recorded" in capsys.readouterr().err
     assert main(["plot", "curves", str(tmp_path), "--animate"]) == 2
@@ -124,7 +142,11 @@ def test_feature_maps_differ_between_inputs_and_layers(model, tmp_path):
 
 def test_training_curves_and_flips_from_a_history(tmp_path):
     rows = [[e, 1.0 / (e + 1), 1.2 / (e + 1), 0.5 + 0.1 * e, 0.9, 0.2 / (e + 1) ** 2, "00:01"] for e in range(5)]
-    io.save_csv(tmp_path / "history.csv", ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"], rows)
+    io.save_csv(
+        tmp_path / "history.csv",
+        ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"],
+        rows,
+    )
     plot.training_curves(tmp_path, tmp_path / "curves.png")
     plot.weight_flips(tmp_path, tmp_path / "flips.png")
     assert digest(tmp_path / "curves.png") != digest(tmp_path / "flips.png")
@@ -139,7 +161,9 @@ def test_flip_recorder_counts_sign_changes(model, tmp_path):
     recorder = plot.FlipRecorder(m)
     with torch.no_grad():
         m[3].weight[:4].neg_()  # 4 of 16 output channels of layer '3' change sign (weights are never exactly 0)
-    assert recorder.record() == pytest.approx(m[3].weight[:4].numel() / sum(m.get_submodule(n).weight.numel() for n in recorder.layers))
+    assert recorder.record() == pytest.approx(
+        m[3].weight[:4].numel() / sum(m.get_submodule(n).weight.numel() for n in recorder.layers)
+    )
     assert recorder.flips["3"] == [0.25] and recorder.flips["7"] == [0.0]
     plot.weight_flips(recorder, tmp_path / "flips.png")
     digest(tmp_path / "flips.png")

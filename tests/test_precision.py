@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from onebit import engine, io
-from onebit.train import Interrupted, Trainer, TrainConfig
+from onebit.train import Interrupted, TrainConfig, Trainer
 from onebit.train.precision import resolve_device
 
 SMALL = {"width": 8}
 
 
 def run(out, **overrides) -> TrainConfig:
-    values = dict(model="lenet_binary", data="digits", epochs=2, batch_size=64, seed=2, out=str(out), model_kwargs=SMALL)
+    values = dict(
+        model="lenet_binary", data="digits", epochs=2, batch_size=64, seed=2, out=str(out), model_kwargs=SMALL
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -84,9 +86,11 @@ def test_bad_device_and_precision_options_are_named(tmp_path):
         assert resolve_device("auto") == torch.device("cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="no CUDA device on this machine: the GPU path (cuda, fp16 with loss scaling, channels_last, "
-                           "pinned loader batches) runs where a GPU is lent")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device on this machine: the GPU path (cuda, fp16 with loss scaling, channels_last, "
+    "pinned loader batches) runs where a GPU is lent",
+)
 def test_the_gpu_path_trains_in_fp16_channels_last_and_packs_on_the_cpu(tmp_path):
     trainer = Trainer(run(tmp_path, device="cuda", precision="fp16", memory_format="channels_last", loader_workers=2))
     assert trainer.device.type == "cuda"

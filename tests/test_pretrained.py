@@ -18,8 +18,10 @@ FOLDER = PRETRAINED / "bitnet_mlp-fashion-mnist"
 PUBLISHED = [PRETRAINED / "bitnet_mlp-fashion-mnist", PRETRAINED / "birealnet_small_react_wide-fashion-mnist"]
 each = pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-needs_data = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
-                                reason=f"Fashion-MNIST is not installed at {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
+needs_data = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST),
+    reason=f"Fashion-MNIST is not installed at {FASHION_MNIST} (apt-get install dataset-fashion-mnist)",
+)
 
 
 def card(folder=FOLDER):
@@ -38,7 +40,9 @@ def test_the_published_model_loads_by_reference_with_its_hashes_checked(folder):
 @needs_data
 @each
 def test_onebit_eval_of_the_published_model_reproduces_its_cards_accuracy(folder):
-    out = subprocess.run([sys.executable, "-m", "onebit", "eval", str(folder)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "onebit", "eval", str(folder)], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     assert f"accuracy: {card(folder)['metrics']['accuracy']:.4f}" in out.stdout
 
@@ -49,7 +53,9 @@ def test_its_packed_file_computes_the_models_outputs_on_the_test_set(folder):
     model = models.from_pretrained(str(folder))
     packed = engine.load(str(folder / "model.onebit.safetensors"))
     meta = card(folder)
-    stats = {"mean": meta["mean"], "std": meta["std"]} if "std" in meta else {}  # runs before onebit saved them: the data's
+    stats = (
+        {"mean": meta["mean"], "std": meta["std"]} if "std" in meta else {}
+    )  # runs before onebit saved them: the data's
     x, _ = data.load(FASHION_MNIST, **stats).test.batch(torch.arange(2000))
     with torch.no_grad():
         assert torch.equal(packed(x), model(x))
@@ -57,9 +63,31 @@ def test_its_packed_file_computes_the_models_outputs_on_the_test_set(folder):
 
 @needs_data
 def test_a_user_fine_tunes_from_it(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "onebit", "train", "--model", "bitnet_mlp", "--data", FASHION_MNIST,
-                          "--weights", str(FOLDER), "--epochs", "1", "--lr", "1e-3", "--schedule", "constant",
-                          "--out", str(tmp_path / "tuned")], capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onebit",
+            "train",
+            "--model",
+            "bitnet_mlp",
+            "--data",
+            FASHION_MNIST,
+            "--weights",
+            str(FOLDER),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--schedule",
+            "constant",
+            "--out",
+            str(tmp_path / "tuned"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr
     assert "from weights" in out.stdout
     accuracy = float(out.stdout.rsplit("test accuracy:", 1)[1].split()[0])

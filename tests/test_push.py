@@ -19,7 +19,7 @@ from onebit import engine
 from onebit.cli import main
 from onebit.hub import train_command
 from onebit.models import from_pretrained
-from onebit.train import Trainer, TrainConfig, load_run
+from onebit.train import TrainConfig, Trainer, load_run
 
 FILES = {"model.safetensors", "model.onebit.safetensors", "README.md", "config.json"}
 
@@ -27,8 +27,9 @@ FILES = {"model.safetensors", "model.onebit.safetensors", "README.md", "config.j
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("push") / "run"
-    config = TrainConfig(model="lenet_binary", data="digits", epochs=1, seed=7, lr=0.02, topk=3, out=str(out),
-                         model_kwargs={"width": 8})
+    config = TrainConfig(
+        model="lenet_binary", data="digits", epochs=1, seed=7, lr=0.02, topk=3, out=str(out), model_kwargs={"width": 8}
+    )
     Trainer(config).fit()
     return out
 
@@ -99,10 +100,16 @@ def test_the_card_has_hub_metadata_and_the_final_metrics_of_history_csv(run_dir,
     assert meta["datasets"] == ["digits"] and "accuracy" in meta["metrics"]
     results = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert results == {"accuracy": float(last["accuracy"]), "top_3_accuracy": float(last["top_k_accuracy"])}
-    assert f"| 1 | {float(last['accuracy']):.4f} | {float(last['top_k_accuracy']):.4f} | {float(last['valid_loss']):.4f} |" in body
+    assert (
+        f"| 1 | {float(last['accuracy']):.4f} | {float(last['top_k_accuracy']):.4f} | {float(last['valid_loss']):.4f} |"
+        in body
+    )
     kib = lambda name: f"{os.path.getsize(pushed / name) / 1024:.1f} KiB"  # noqa: E731
     assert kib("model.safetensors") in body and kib("model.onebit.safetensors") in body
-    assert 'from_pretrained("hf://onebit-tests/lenet-digits")' in body and "onebit eval hf://onebit-tests/lenet-digits" in body
+    assert (
+        'from_pretrained("hf://onebit-tests/lenet-digits")' in body
+        and "onebit eval hf://onebit-tests/lenet-digits" in body
+    )
 
 
 def test_the_cards_command_trains_the_same_run_again(run_dir, pushed, tmp_path, capsys):
@@ -119,25 +126,59 @@ def test_the_cards_command_trains_the_same_run_again(run_dir, pushed, tmp_path, 
         again = json.load(f)
     original["config"].pop("out"), again["config"].pop("out")
     assert again == original
-    first, second = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    first, second = (
+        load_file(str(run_dir / "model.safetensors")),
+        load_file(str(tmp_path / "again" / "model.safetensors")),
+    )
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize(
     "config, expected",
     [
-        ({"model": "m", "data": "d", "epochs": 2, "batch_size": 64, "lr": 0.01, "optimizer": "adam",
-          "schedule": "one-cycle", "seed": 0, "model_kwargs": {}},
-         "onebit train --model m --data d --epochs 2 --batch-size 64 --lr 0.01 --optimizer adam --schedule one-cycle --seed 0 --out runs/x"),
-        ({"model": "m", "data": "/data/fashion mnist", "epochs": 2, "batch_size": 64, "lr": 0.01, "optimizer": "bop",
-          "schedule": "one-cycle", "seed": 0, "weight_clip": 1.0, "image_size": 32, "tensorboard": True,
-          "model_kwargs": {"conv_layer": "float", "widths": [32, 96], "tag": "1", "clip": {"name": "dorefa_sym", "learnable": True}}},
-         "onebit train --model m --data '/data/fashion mnist' --epochs 2 --batch-size 64 --lr 0.01 --optimizer bop "
-         "--schedule one-cycle --seed 0 --image-size 32 --weight-clip 1.0 "
-         "--model-arg 'clip={\"name\":\"dorefa_sym\",\"learnable\":true}' --model-arg conv_layer=float "
-         "--model-arg 'tag=\"1\"' --model-arg 'widths=[32,96]' --tensorboard --out runs/x"),
-        ({"model": "m", "mean": [0.485, 0.456], "std": [0.229, 0.224], "model_kwargs": {}},
-         "onebit train --model m --mean 0.485,0.456 --std 0.229,0.224 --out runs/x"),
+        (
+            {
+                "model": "m",
+                "data": "d",
+                "epochs": 2,
+                "batch_size": 64,
+                "lr": 0.01,
+                "optimizer": "adam",
+                "schedule": "one-cycle",
+                "seed": 0,
+                "model_kwargs": {},
+            },
+            "onebit train --model m --data d --epochs 2 --batch-size 64 --lr 0.01 --optimizer adam --schedule one-cycle --seed 0 --out runs/x",
+        ),
+        (
+            {
+                "model": "m",
+                "data": "/data/fashion mnist",
+                "epochs": 2,
+                "batch_size": 64,
+                "lr": 0.01,
+                "optimizer": "bop",
+                "schedule": "one-cycle",
+                "seed": 0,
+                "weight_clip": 1.0,
+                "image_size": 32,
+                "tensorboard": True,
+                "model_kwargs": {
+                    "conv_layer": "float",
+                    "widths": [32, 96],
+                    "tag": "1",
+                    "clip": {"name": "dorefa_sym", "learnable": True},
+                },
+            },
+            "onebit train --model m --data '/data/fashion mnist' --epochs 2 --batch-size 64 --lr 0.01 --optimizer bop "
+            "--schedule one-cycle --seed 0 --image-size 32 --weight-clip 1.0 "
+            '--model-arg \'clip={"name":"dorefa_sym","learnable":true}\' --model-arg conv_layer=float '
+            "--model-arg 'tag=\"1\"' --model-arg 'widths=[32,96]' --tensorboard --out runs/x",
+        ),
+        (
+            {"model": "m", "mean": [0.485, 0.456], "std": [0.229, 0.224], "model_kwargs": {}},
+            "onebit train --model m --mean 0.485,0.456 --std 0.229,0.224 --out runs/x",
+        ),
     ],
 )
 def test_train_command_names_every_option_that_differs_from_its_default(config, expected):
@@ -147,8 +188,16 @@ def test_train_command_names_every_option_that_differs_from_its_default(config, 
 def test_the_model_card_commands_model_args_parse_back_to_the_config():
     from onebit.cli.train import parse_model_args
 
-    kwargs = {"conv_layer": "float", "widths": [32, 96], "tag": "1", "flag": "true", "none": None, "x": 1.5, "odd": "a[b",
-              "clip": {"name": "dorefa_sym", "learnable": True}}
+    kwargs = {
+        "conv_layer": "float",
+        "widths": [32, 96],
+        "tag": "1",
+        "flag": "true",
+        "none": None,
+        "x": 1.5,
+        "odd": "a[b",
+        "clip": {"name": "dorefa_sym", "learnable": True},
+    }
     args = shlex.split(train_command({"model": "m", "model_kwargs": kwargs}))
     items = [args[i + 1] for i, a in enumerate(args) if a == "--model-arg"]
     assert parse_model_args(items) == kwargs
@@ -176,7 +225,9 @@ def test_export_of_the_pushed_folder_packs_the_same_model(run_dir, pushed, tmp_p
 def test_weights_option_evaluates_the_sources_model_with_other_weights(run_dir, pushed, tmp_path, capsys):
     state = load_file(str(run_dir / "model.safetensors"))
     generator = torch.Generator().manual_seed(1)
-    other = {k: (v + torch.randn(v.shape, generator=generator) if v.is_floating_point() else v) for k, v in state.items()}
+    other = {
+        k: (v + torch.randn(v.shape, generator=generator) if v.is_floating_point() else v) for k, v in state.items()
+    }
     path = tmp_path / "other.safetensors"
     save_file(other, str(path))
     model, _ = load_run(str(run_dir))
@@ -232,8 +283,13 @@ def test_push_to_the_hub_without_a_token_says_how_to_configure_one(run_dir, tmp_
     pytest.importorskip("huggingface_hub")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_") and k != "HUGGING_FACE_HUB_TOKEN"}
     env["HF_HOME"] = str(tmp_path / "hf")  # no token file there
-    result = subprocess.run([sys.executable, "-m", "onebit", "push", str(run_dir), "hf://onebit-tests/lenet-digits"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "onebit", "push", str(run_dir), "hf://onebit-tests/lenet-digits"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "hf://onebit-tests/lenet-digits" in lines[0] and "no Hugging Face token" in lines[0]

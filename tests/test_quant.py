@@ -24,7 +24,9 @@ def test_math_sign_is_never_zero():
     assert sign(x).tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int8])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int8]
+)
 def test_math_sign_is_minus_one_exactly_where_x_is_negative_in_every_dtype(dtype):
     values = [-3, -1, 0, 1, 7]
     if dtype.is_floating_point:
@@ -359,8 +361,12 @@ def test_a_users_sign_quantizer_is_packed_and_folded_like_the_built_in_ones():
     assert not quant.is_sign(quant.DoReFa()) and not quant.has_sign_levels(quant.DoReFa())
     torch.manual_seed(0)
     q = dict(input_quantizer=_UsersSign(), weight_quantizer=_UsersSign())
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), QConv2d(8, 8, 3, padding=1, bias=False, **q),
-                          nn.BatchNorm2d(8), QConv2d(8, 4, 3, padding=1, **q)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        QConv2d(8, 8, 3, padding=1, bias=False, **q),
+        nn.BatchNorm2d(8),
+        QConv2d(8, 4, 3, padding=1, **q),
+    ).eval()
     with torch.no_grad():
         model[2].running_mean.normal_()
     x = torch.randn(2, 3, 6, 6)

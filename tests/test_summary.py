@@ -37,7 +37,9 @@ class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)  # float
-        self.binary = QConv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False, input_quantizer="ste_sign", weight_quantizer="ste_sign")
+        self.binary = QConv2d(
+            8, 8, 3, stride=2, padding=1, groups=2, bias=False, input_quantizer="ste_sign", weight_quantizer="ste_sign"
+        )
         self.noact = QConv2d(8, 4, 1, input_quantizer=None, weight_quantizer="ste_sign")  # float input, binary weights
         self.sign = QActivation("ste_sign")
         self.twobit = QLinear(64, 6, input_quantizer=quant.DoReFa(2), weight_quantizer="ste_sign")

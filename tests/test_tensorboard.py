@@ -12,9 +12,22 @@ event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.ev
 def test_train_writes_scalars_and_weight_histograms(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "onebit", "train", "--model", "lenet_binary", "--epochs", "2", "--out", str(run),
-         "--tensorboard"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "onebit",
+            "train",
+            "--model",
+            "lenet_binary",
+            "--epochs",
+            "2",
+            "--out",
+            str(run),
+            "--tensorboard",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     events = event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0})
@@ -34,6 +47,10 @@ def test_train_writes_scalars_and_weight_histograms(tmp_path):
 
 
 def test_tensorboard_needs_a_run_directory():
-    result = subprocess.run([sys.executable, "-m", "onebit", "train", "--epochs", "1", "--tensorboard"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "onebit", "train", "--epochs", "1", "--tensorboard"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0 and "--out" in result.stderr and "Traceback" not in result.stderr

@@ -15,11 +15,15 @@ from onebit.nn import QActivation, QConv2d, QLinear
 def noact_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), QActivation("ste_sign"),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        QActivation("ste_sign"),
         QConv2d(16, 16, 3, padding=1, weight_quantizer="magnitude_aware_sign"),  # with a bias
-        nn.BatchNorm2d(16), QActivation("ste_sign"),
+        nn.BatchNorm2d(16),
+        QActivation("ste_sign"),
         QConv2d(16, 8, 3, padding=1, pad_value=-1.0, weight_quantizer="ste_sign"),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
     ).eval()
 
 
@@ -70,7 +74,9 @@ def test_models_with_layers_run_in_float_on_bit_weights_export_and_run_identical
         model, x = float_input_binary_weight_model(), torch.randn(2, 3, 8, 8)
     with pytest.warns(engine.FallbackWarning):
         packed = engine.pack(model, x)
-    assert any("weight_bits" in n["tensors"] for n in packed.graph["nodes"])  # float layers on +-1 weights stored as bits
+    assert any(
+        "weight_bits" in n["tensors"] for n in packed.graph["nodes"]
+    )  # float layers on +-1 weights stored as bits
     program = torch.export.export(packed, (x,))
     for batch in (x, torch.randn_like(x)):
         assert torch.equal(program.module()(batch), packed(batch))

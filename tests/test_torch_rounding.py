@@ -49,8 +49,16 @@ def test_the_conv_epilogue_equals_torchs_batchnorm_of_the_conv_output(channels, 
     conv = dict(in_channels=24, out_channels=channels, kernel_size=3, padding=1)
     conv_scale = torch.rand(channels, generator=g) + 0.1
     y = K.binary_conv2d(x, wp, scale=conv_scale, **conv)
-    want = F.batch_norm(y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),
-                        bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)  # fmt: skip
+    want = F.batch_norm(
+        y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),
+        bn.running_mean,
+        bn.running_var,
+        bn.weight,
+        bn.bias,
+        False,
+        0.0,
+        bn.eps,
+    )
     got = K.binary_conv2d(x, wp, scale=conv_scale, bn_scale=scale, bn_shift=shift, bn_fma=fused, **conv)
     assert torch.equal(got, want)
 

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from onebit import io
-from onebit.train import Interrupted, Trainer, TrainConfig, load_run
+from onebit.train import Interrupted, TrainConfig, Trainer, load_run
 
 SMALL = {"width": 8}
 
 
 def config(out, **overrides) -> TrainConfig:
-    values = dict(model="lenet_binary", data="digits", epochs=3, batch_size=64, lr=1e-2, seed=3,
-                  out=str(out), model_kwargs=SMALL)
+    values = dict(
+        model="lenet_binary", data="digits", epochs=3, batch_size=64, lr=1e-2, seed=3, out=str(out), model_kwargs=SMALL
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -57,7 +58,7 @@ def test_history_has_the_epoch_table_columns(tmp_path):
 @pytest.mark.parametrize(
     "overrides, stop_at",
     [
-        ({"mixup": 0.4, "augment": "crop+flip"}, 30),          # mid-epoch, one-cycle Adam
+        ({"mixup": 0.4, "augment": "crop+flip"}, 30),  # mid-epoch, one-cycle Adam
         ({"optimizer": "sgd", "schedule": "cosine", "lr": 0.05, "weight_clip": 1.0}, 23),  # at an epoch's end
         ({"optimizer": "bop", "bop_threshold": 1e-6, "bop_gamma": 1e-3}, 41),
     ],
@@ -80,7 +81,9 @@ def test_resume_after_an_interruption_gives_identical_weights(tmp_path, override
     for key in a:
         assert torch.equal(a[key], b[key]), key
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
-    assert strip(read_history(tmp_path / "whole" / "history.csv")) == strip(read_history(tmp_path / "split" / "history.csv"))
+    assert strip(read_history(tmp_path / "whole" / "history.csv")) == strip(
+        read_history(tmp_path / "split" / "history.csv")
+    )
 
 
 def test_weight_clip_keeps_binary_latent_weights_in_range(tmp_path):
@@ -121,8 +124,9 @@ def test_bad_trainer_options_are_value_errors(tmp_path):
 
 
 def onebit(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "onebit", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "onebit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def test_sigterm_finishes_the_step_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
@@ -177,8 +181,16 @@ def test_two_processes_spawned_by_the_trainer(tmp_path):
 
 def test_two_processes_under_torchrun(tmp_path):
     out = tmp_path / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "onebit", *_ddp_args(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "onebit",
+        *_ddp_args(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(read_history(out / "history.csv")) == 3
@@ -221,7 +233,10 @@ def write_tiny_idx(root, n=32, size=28):
     root.mkdir()
     rng = np.random.default_rng(0)
     for prefix, count in (("train", n), ("t10k", n // 2)):
-        for kind, array in (("images-idx3", rng.integers(0, 256, (count, size, size))), ("labels-idx1", np.arange(count) % 10)):
+        for kind, array in (
+            ("images-idx3", rng.integers(0, 256, (count, size, size))),
+            ("labels-idx1", np.arange(count) % 10),
+        ):
             header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
             (root / f"{prefix}-{kind}-ubyte").write_bytes(header + array.astype(np.uint8).tobytes())
     return root
@@ -229,12 +244,16 @@ def write_tiny_idx(root, n=32, size=28):
 
 @pytest.mark.parametrize(
     "model, extra",
-    [("birealnet_small", {"model_kwargs": {"conv_layer": "twist"}}),
-     ("resnete18", {"image_size": 32, "weight_clip": 1.0, "mixup": 0.2})],
+    [
+        ("birealnet_small", {"model_kwargs": {"conv_layer": "twist"}}),
+        ("resnete18", {"image_size": 32, "weight_clip": 1.0, "mixup": 0.2}),
+    ],
 )
 def test_zoo_models_train_on_an_idx_directory(tmp_path, model, extra):
     data_dir = write_tiny_idx(tmp_path / "idx")
-    cfg = TrainConfig(model=model, data=str(data_dir), epochs=1, batch_size=16, seed=0, out=str(tmp_path / "run"), **extra)
+    cfg = TrainConfig(
+        model=model, data=str(data_dir), epochs=1, batch_size=16, seed=0, out=str(tmp_path / "run"), **extra
+    )
     history = Trainer(cfg).fit()
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     loaded, meta = load_run(str(tmp_path / "run"))
@@ -261,8 +280,15 @@ def test_distilled_training_mixes_labels_and_teacher_and_leaves_the_teacher_alon
     teacher_run = Trainer(config(tmp_path / "teacher", model="lenet", epochs=1))
     teacher_run.fit()
     before = {k: v.clone() for k, v in teacher_run.model.state_dict().items()}
-    student = Trainer(config(tmp_path / "student", epochs=1, teacher=str(tmp_path / "teacher"),
-                             distill_weight=0.25, distill_temperature=2.0))
+    student = Trainer(
+        config(
+            tmp_path / "student",
+            epochs=1,
+            teacher=str(tmp_path / "teacher"),
+            distill_weight=0.25,
+            distill_temperature=2.0,
+        )
+    )
     assert not any(p.requires_grad for p in student.teacher.parameters()) and not student.teacher.training
     x, y = student.data.train.tensors
     x, y = x[:32], y[:32]
@@ -283,7 +309,9 @@ def test_distilled_training_mixes_labels_and_teacher_and_leaves_the_teacher_alon
 def test_channels_last_trains_the_same_function_and_resumes_exactly(tmp_path):
     torch.manual_seed(0)
     plain = Trainer(config(tmp_path / "nchw", model="lenet", epochs=1, schedule="constant", lr=1e-3))
-    nhwc = Trainer(config(tmp_path / "nhwc", model="lenet", epochs=1, schedule="constant", lr=1e-3, memory_format="channels_last"))
+    nhwc = Trainer(
+        config(tmp_path / "nhwc", model="lenet", epochs=1, schedule="constant", lr=1e-3, memory_format="channels_last")
+    )
     conv = nhwc.model[3]  # a conv with several input channels (with one, both layouts are the same)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     plain.fit(), nhwc.fit()

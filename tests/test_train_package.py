@@ -6,7 +6,7 @@ import json
 import torch
 
 from onebit import io
-from onebit.train import Trainer, TrainConfig
+from onebit.train import TrainConfig, Trainer
 from onebit.train.build import build
 
 
@@ -36,8 +36,20 @@ def test_the_checkpoint_file_keeps_its_tensor_names_and_metadata_entries(tmp_pat
     Trainer(small(tmp_path, optimizer="bop")).fit()
     path = tmp_path / "checkpoint.safetensors"
     meta = json.loads(io.tensors_metadata(str(path))["onebit_checkpoint"])
-    assert set(meta) == {"epoch", "step", "global_step", "loss_sum", "loss_count", "elapsed", "optimizers",
-                         "scheduler", "scaler", "rng", "history", "world_size"}
+    assert set(meta) == {
+        "epoch",
+        "step",
+        "global_step",
+        "loss_sum",
+        "loss_count",
+        "elapsed",
+        "optimizers",
+        "scheduler",
+        "scaler",
+        "rng",
+        "history",
+        "world_size",
+    }
     assert meta["scaler"] is None  # fp32: no loss scaler (fp16's state is saved here)
     assert set(meta["rng"]) == {"numpy", "python", "mixup"} and (meta["epoch"], meta["step"]) == (1, 0)
     names = set(io.load_tensors(str(path)))

@@ -74,8 +74,18 @@ def post_twin(layer: TwistConv2d) -> PostConvTwist:
 
 @pytest.mark.parametrize(
     "c_in, c_out, groups, stride, iters",
-    [(8, 8, 2, 1, 4), (8, 8, 2, 1, 1), (12, 12, 3, 1, 2), (8, 16, 2, 1, 4), (16, 8, 4, 2, 4),
-     (6, 6, 1, 1, 3), (64, 64, "auto", 1, 4), (128, 64, "auto", 2, 4), (16, 16, "auto", 1, 4), (4, 6, 2, 2, 1)],
+    [
+        (8, 8, 2, 1, 4),
+        (8, 8, 2, 1, 1),
+        (12, 12, 3, 1, 2),
+        (8, 16, 2, 1, 4),
+        (16, 8, 4, 2, 4),
+        (6, 6, 1, 1, 3),
+        (64, 64, "auto", 1, 4),
+        (128, 64, "auto", 2, 4),
+        (16, 16, "auto", 1, 4),
+        (4, 6, 2, 2, 1),
+    ],
 )
 def test_twist_conv_equals_the_posts_conv_twist(c_in, c_out, groups, stride, iters):
     torch.manual_seed(0)
@@ -217,8 +227,9 @@ def test_traces_with_fx():
 
 def test_zoo_with_twist_convs_trains():
     torch.manual_seed(0)
-    model = models.ModelConstructor(block="bireal", layers=(1, 1), widths=(8, 16), stem="small", stem_width=8,
-                                    conv_layer="twist", num_classes=2)()
+    model = models.ModelConstructor(
+        block="bireal", layers=(1, 1), widths=(8, 16), stem="small", stem_width=8, conv_layer="twist", num_classes=2
+    )()
     assert any(isinstance(m, TwistConv2d) and m.iterates for m in model.modules())
     x = torch.randn(16, 3, 8, 8)
     y = (x[:, 0].mean(dim=(1, 2)) > 0).long()  # a learnable rule

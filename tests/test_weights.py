@@ -18,7 +18,7 @@ from onebit import data as datasets
 from onebit.hub import push
 from onebit.models import create, from_pretrained, load_weights, resolve_weights
 from onebit.models.weights import ChecksumError, HubError, WeightsError, git_blob_sha1, parse_hub_ref
-from onebit.train import Trainer, TrainConfig, load_run
+from onebit.train import TrainConfig, Trainer, load_run
 
 SMALL = {"width": 8}
 
@@ -208,7 +208,11 @@ def test_a_hub_reference_without_huggingface_hub_installed_names_the_extra(monke
 def test_hub_references_parse_into_repository_and_revision():
     assert parse_hub_ref("hf://org/name") == parse_hub_ref("hf://org/name")
     ref = parse_hub_ref("hf://my-org/lenet_binary.v2@refs/pr/1")
-    assert (ref.repo_id, ref.revision, str(ref)) == ("my-org/lenet_binary.v2", "refs/pr/1", "hf://my-org/lenet_binary.v2@refs/pr/1")
+    assert (ref.repo_id, ref.revision, str(ref)) == (
+        "my-org/lenet_binary.v2",
+        "refs/pr/1",
+        "hf://my-org/lenet_binary.v2@refs/pr/1",
+    )
     assert parse_hub_ref("hf://org/name").revision is None
 
 
@@ -307,8 +311,9 @@ def test_a_pushed_model_in_the_hub_cache_loads_offline_and_a_damaged_blob_is_cau
     env = hub_env(home, HF_HUB_OFFLINE="1")
     for ref in ("hf://onebit-tests/lenet-digits", f"hf://onebit-tests/lenet-digits@{commit}"):
         out = tmp_path / "state.safetensors"
-        result = subprocess.run([sys.executable, "-c", SAVE_STATE, ref, str(out)], capture_output=True, text=True,
-                                env=env, timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", SAVE_STATE, ref, str(out)], capture_output=True, text=True, env=env, timeout=600
+        )
         assert result.returncode == 0 and result.stdout.split()[1] == "False", result.stderr
         reference = load_file(str(run / "model.safetensors"))
         state = load_file(str(out))

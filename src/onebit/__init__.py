@@ -22,7 +22,21 @@ from onebit.summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["binarize", "canonize", "doctor", "engine", "export_onnx", "fit", "math", "nn", "plot", "quant", "quant_lowbit", "summary", "__version__"]
+__all__ = [
+    "binarize",
+    "canonize",
+    "doctor",
+    "engine",
+    "export_onnx",
+    "fit",
+    "math",
+    "nn",
+    "plot",
+    "quant",
+    "quant_lowbit",
+    "summary",
+    "__version__",
+]
 
 
 def fit(model, train_data, valid_data, **kwargs):

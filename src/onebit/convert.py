@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 

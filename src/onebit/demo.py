@@ -32,7 +32,9 @@ def run(out: str = "runs/demo", epochs: int = 20, console: Console | None = None
     layer = plot.binary_layers(model)[0]
     weights = plot.binary_weights(model, layer, path=os.path.join(out, "weights.png"))
     del curves, weights
-    console.print(f"pictures: {out}/curves.png (training curves), {out}/weights.png (binary weights of layer {layer})\n")
+    console.print(
+        f"pictures: {out}/curves.png (training curves), {out}/weights.png (binary weights of layer {layer})\n"
+    )
 
     from onebit.engine.bench import demo_report
 

@@ -52,8 +52,9 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -160,18 +161,30 @@ class Report:
     def _renderables(self) -> list:
         parts: list = []
         head = Text(f"onebit doctor: batch of {self.batch}, loss {self.loss:.4g}, ", style="bold")
-        head.append(f"{'ok' if self.ok else f'{len(self.findings)} finding' + ('s' if len(self.findings) != 1 else '')}",
-                    style="green" if self.ok else "red")
+        head.append(
+            f"{'ok' if self.ok else f'{len(self.findings)} finding' + ('s' if len(self.findings) != 1 else '')}",
+            style="green" if self.ok else "red",
+        )
         parts.append(head)
         if self.sites:
-            t = Table(title="sign sites (input statistics; const = outputs equal across the batch)", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+            t = Table(
+                title="sign sites (input statistics; const = outputs equal across the batch)",
+                box=box.SIMPLE_HEAD,
+                title_justify="left",
+                pad_edge=False,
+            )
             for h in ("layer", "quantizer", "in mean", "in std", "const", "no grad", "zeros"):
                 text = h in ("layer", "quantizer")
                 t.add_column(h, justify="left" if text else "right", no_wrap=not text, overflow="fold")
             for s in self.sites:
                 t.add_row(
-                    s.layer + (" (weights)" if s.weights else ""), s.quantizer, f"{s.mean:.3g}", f"{s.std:.3g}",
-                    "-" if s.weights else _pct(s.constant), _pct(s.blocked), _pct(s.zeros),
+                    s.layer + (" (weights)" if s.weights else ""),
+                    s.quantizer,
+                    f"{s.mean:.3g}",
+                    f"{s.std:.3g}",
+                    "-" if s.weights else _pct(s.constant),
+                    _pct(s.blocked),
+                    _pct(s.zeros),
                 )
             parts.append(t)
         if self.gradients:
@@ -191,7 +204,11 @@ class Report:
                 parts.append(line)
                 parts.append(Padding(Text(f.message), (0, 0, 0, 4)))
         else:
-            parts.append(Text("No problems found: every sign sees varied, in-range inputs and every layer gets a finite gradient."))
+            parts.append(
+                Text(
+                    "No problems found: every sign sees varied, in-range inputs and every layer gets a finite gradient."
+                )
+            )
         return parts
 
     def __rich__(self):
@@ -260,9 +277,17 @@ def _site_stats(rec: _SiteRecord, x: torch.Tensor, weights: bool = False) -> tup
         constant = float(same.float().mean())
     xf = x.detach().float()
     site = SignSite(
-        layer=rec.layer, quantizer=rec.qname, inputs=x.numel(), constant=constant, blocked=blocked,
-        zeros=float((xf == 0).float().mean()), mean=float(xf.mean()), std=float(xf.std()) if xf.numel() > 1 else 0.0,
-        minimum=float(xf.min()), maximum=float(xf.max()), weights=weights,
+        layer=rec.layer,
+        quantizer=rec.qname,
+        inputs=x.numel(),
+        constant=constant,
+        blocked=blocked,
+        zeros=float((xf == 0).float().mean()),
+        mean=float(xf.mean()),
+        std=float(xf.std()) if xf.numel() > 1 else 0.0,
+        minimum=float(xf.min()),
+        maximum=float(xf.max()),
+        weights=weights,
     )
     return site, y, d0
 
@@ -285,39 +310,67 @@ def _sign_findings(site: SignSite, y: torch.Tensor, d0: float, clip: float | Non
                 f"each input position has the same sign for every example (input mean {site.mean:.3g}, std {site.std:.3g}). "
                 "Normalize the input of the sign per channel with a BatchNorm"
             )
-        out.append(Finding(name, "constant_output",
-                           f"{site.constant:.1%} of the sign's outputs are identical across the batch (all {what}), so it "
-                           f"carries no information. Cause: {why}.", site.constant))
+        out.append(
+            Finding(
+                name,
+                "constant_output",
+                f"{site.constant:.1%} of the sign's outputs are identical across the batch (all {what}), so it "
+                f"carries no information. Cause: {why}.",
+                site.constant,
+            )
+        )
     if site.blocked >= BLOCKED_FRACTION:
         if d0 == 0.0:
-            out.append(Finding(name, "blocked_gradient",
-                               f"the sign passes no gradient ({site.blocked:.1%} of its inputs get a zero pseudo-gradient, "
-                               "even at 0): it has no straight-through estimator, like torch.sign. Use "
-                               "onebit.quant.Sign ('ste_sign') or another quantizer with a pseudo-gradient.", site.blocked))
+            out.append(
+                Finding(
+                    name,
+                    "blocked_gradient",
+                    f"the sign passes no gradient ({site.blocked:.1%} of its inputs get a zero pseudo-gradient, "
+                    "even at 0): it has no straight-through estimator, like torch.sign. Use "
+                    "onebit.quant.Sign ('ste_sign') or another quantizer with a pseudo-gradient.",
+                    site.blocked,
+                )
+            )
         else:
-            where = f"outside the straight-through clip |x| <= {clip:g}" if clip is not None else "where its pseudo-gradient is ~0"
+            where = (
+                f"outside the straight-through clip |x| <= {clip:g}"
+                if clip is not None
+                else "where its pseudo-gradient is ~0"
+            )
             subject = "latent weights" if site.weights else "inputs"
             fix = (
                 "Clip the latent weights to the clip range after each step (or lower the learning rate)"
                 if site.weights
                 else "Normalize what feeds the sign (a BatchNorm before it) or use a wider clip"
             )
-            out.append(Finding(name, "outside_clip",
-                               f"{site.blocked:.1%} of its {subject} lie {where} (mean {site.mean:.3g}, std {site.std:.3g}), "
-                               f"so almost no gradient passes the sign. {fix}.", site.blocked))
+            out.append(
+                Finding(
+                    name,
+                    "outside_clip",
+                    f"{site.blocked:.1%} of its {subject} lie {where} (mean {site.mean:.3g}, std {site.std:.3g}), "
+                    f"so almost no gradient passes the sign. {fix}.",
+                    site.blocked,
+                )
+            )
     if not site.weights and site.zeros >= ZERO_FRACTION:
         gives_zero = isinstance(y, torch.Tensor) and bool((y == 0).any())
         if gives_zero:
-            msg = (f"{site.zeros:.1%} of its inputs are exactly 0 and it maps them to 0 (like torch.sign), so those "
-                   "activations are neither +1 nor -1 and differ from what a packed engine computes. Use "
-                   "onebit.math.sign / onebit.quant.Sign, which define sign(0) = +1.")
+            msg = (
+                f"{site.zeros:.1%} of its inputs are exactly 0 and it maps them to 0 (like torch.sign), so those "
+                "activations are neither +1 nor -1 and differ from what a packed engine computes. Use "
+                "onebit.math.sign / onebit.quant.Sign, which define sign(0) = +1."
+            )
             if site.minimum >= 0:
-                msg += (f" Its input is never negative (min {site.minimum:.3g}): a ReLU or another non-negative "
-                        "operation feeds the sign, which then outputs only 0 and +1. Remove it or put a BatchNorm "
-                        "between it and the sign.")
+                msg += (
+                    f" Its input is never negative (min {site.minimum:.3g}): a ReLU or another non-negative "
+                    "operation feeds the sign, which then outputs only 0 and +1. Remove it or put a BatchNorm "
+                    "between it and the sign."
+                )
         else:
-            msg = (f"{site.zeros:.1%} of its inputs are exactly 0. onebit's sign maps them to +1, but a hand-written "
-                   "torch.sign would give 0; zeros usually come from a ReLU before the sign. Put a BatchNorm before it.")
+            msg = (
+                f"{site.zeros:.1%} of its inputs are exactly 0. onebit's sign maps them to +1, but a hand-written "
+                "torch.sign would give 0; zeros usually come from a ReLU before the sign. Put a BatchNorm before it."
+            )
         out.append(Finding(name, "sign_of_zero", msg, site.zeros))
     return out
 
@@ -336,9 +389,14 @@ def _first_tensor(out: Any) -> Any:
 def _looks_like_sign(x: Any, y: Any) -> bool:
     """``y`` is a +-1/0 float tensor of ``x``'s shape and ``x`` is not (a sign of ``x``)."""
     return (
-        isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.is_floating_point()
-        and y.is_floating_point() and y.shape == x.shape and y.numel() > 0
-        and _is_ternary(y.detach()) and not _is_ternary(x.detach())
+        isinstance(x, torch.Tensor)
+        and isinstance(y, torch.Tensor)
+        and x.is_floating_point()
+        and y.is_floating_point()
+        and y.shape == x.shape
+        and y.numel() > 0
+        and _is_ternary(y.detach())
+        and not _is_ternary(x.detach())
     )
 
 
@@ -417,7 +475,7 @@ class _FunctionTap:
         self.recorder = recorder
         self.original = torch.autograd.Function.__dict__["apply"]
 
-    def __enter__(self) -> "_FunctionTap":
+    def __enter__(self) -> _FunctionTap:
         original, recorder = self.original.__func__, self.recorder
 
         def apply(cls, *args, **kwargs):
@@ -509,7 +567,12 @@ class _Probe:
                 self.site_of[id(m)] = _SiteRecord(name, q, _quantizer_name(q), _clip_of(q))
                 self.handled.add(id(q))
         for name, m in self.model.named_modules():
-            if isinstance(m, quant.Quantizer) and quant.is_binary(m) and id(m) not in self.handled and id(m) not in self.site_of:
+            if (
+                isinstance(m, quant.Quantizer)
+                and quant.is_binary(m)
+                and id(m) not in self.handled
+                and id(m) not in self.site_of
+            ):
                 if not (isinstance(self.modules.get(name.rpartition(".")[0]), QuantizedLayer)):
                     self.site_of[id(m)] = _SiteRecord(name, m, _quantizer_name(m), _clip_of(m))
 
@@ -580,11 +643,18 @@ class _Probe:
     def _note_handwritten_sign(self, m: nn.Module, name: str, a: tuple, out: Any) -> None:
         """A leaf module with ternary outputs from non-ternary inputs of the same shape is a sign site."""
         if (
-            id(m) not in self.site_of and id(m) not in self.handled and id(m) not in self.recorder.inside
-            and isinstance(out, torch.Tensor) and a
-            and isinstance(a[0], torch.Tensor) and a[0].is_floating_point() and out.shape == a[0].shape
-            and out.numel() and not isinstance(m, (quant.Quantizer, QuantizedLayer))
-            and _is_ternary(out.detach()) and not _is_ternary(a[0].detach())
+            id(m) not in self.site_of
+            and id(m) not in self.handled
+            and id(m) not in self.recorder.inside
+            and isinstance(out, torch.Tensor)
+            and a
+            and isinstance(a[0], torch.Tensor)
+            and a[0].is_floating_point()
+            and out.shape == a[0].shape
+            and out.numel()
+            and not isinstance(m, (quant.Quantizer, QuantizedLayer))
+            and _is_ternary(out.detach())
+            and not _is_ternary(a[0].detach())
         ):
             rec = _SiteRecord(name, m, type(m).__name__, _clip_of(m))
             rec.x = a[0].detach().clone()
@@ -592,7 +662,9 @@ class _Probe:
             self.sites.append((rec, rec.x))
 
 
-def _gradients(saved: ModelSnapshot, output: Any, targets: Any, loss_fn: Callable | None) -> tuple[float, dict[int, torch.Tensor | None]]:
+def _gradients(
+    saved: ModelSnapshot, output: Any, targets: Any, loss_fn: Callable | None
+) -> tuple[float, dict[int, torch.Tensor | None]]:
     """(loss, {id(parameter): its gradient}) for the parameters the model had before forward, from
     ``torch.autograd.grad`` (``.grad`` is not touched)."""
     loss = _loss(output, targets, loss_fn)
@@ -639,7 +711,9 @@ def _sign_sites(probe: _Probe, saved: ModelSnapshot) -> tuple[list[SignSite], li
 def _layer_gradients(probe: _Probe, grad_of: dict[int, torch.Tensor | None]) -> list[LayerGradient]:
     """Gradient RMS per layer with trainable parameters, in forward order (then layers never called)."""
     order = probe.order
-    never_called = [n for n, m in probe.model.named_modules() if n not in order and any(True for _ in m.parameters(recurse=False))]
+    never_called = [
+        n for n, m in probe.model.named_modules() if n not in order and any(True for _ in m.parameters(recurse=False))
+    ]
     layer_grads: list[LayerGradient] = []
     for name in order + never_called:
         m = probe.modules[name]
@@ -659,40 +733,63 @@ def _mutation_findings(mutated: dict[str, list[str]]) -> list[Finding]:
     findings = []
     for name, written in mutated.items():
         prefix = f"{name}." if name else ""
-        own = sorted({w[len(prefix):] for w in written if w.startswith(prefix) and "." not in w[len(prefix):]})
-        others = sorted({w for w in written if w[len(prefix):] not in own or not w.startswith(prefix)})
-        what = ", ".join([f"its parameter(s) {', '.join(own)}"] * bool(own) + [f"the parameter(s) {', '.join(others)}"] * bool(others))
-        findings.append(Finding(name, "mutates_parameter",
-                                f"its forward changes {what} (e.g. `self.weight.data = sign(self.weight.data)` or "
-                                "`bn.weight.data.clamp_(...)`): the optimizer then updates the written values instead "
-                                "of the latent weights (binarized weights never change sign again). Compute the "
-                                "binary or clamped value as a new tensor in forward (as onebit.nn layers do) and "
-                                "leave the parameter alone."))
+        own = sorted({w[len(prefix) :] for w in written if w.startswith(prefix) and "." not in w[len(prefix) :]})
+        others = sorted({w for w in written if w[len(prefix) :] not in own or not w.startswith(prefix)})
+        what = ", ".join(
+            [f"its parameter(s) {', '.join(own)}"] * bool(own)
+            + [f"the parameter(s) {', '.join(others)}"] * bool(others)
+        )
+        findings.append(
+            Finding(
+                name,
+                "mutates_parameter",
+                f"its forward changes {what} (e.g. `self.weight.data = sign(self.weight.data)` or "
+                "`bn.weight.data.clamp_(...)`): the optimizer then updates the written values instead "
+                "of the latent weights (binarized weights never change sign again). Compute the "
+                "binary or clamped value as a new tensor in forward (as onebit.nn layers do) and "
+                "leave the parameter alone.",
+            )
+        )
     return findings
 
 
 def _nonfinite_findings(first_nonfinite: list[str]) -> list[Finding]:
     if not first_nonfinite:
         return []
-    return [Finding(first_nonfinite[0], "nan_activation",
-                    "is the first layer whose output contains NaN or infinity; check its inputs and "
-                    "parameters (a division by a zero variance, a log of a non-positive value, an "
-                    "overflowing scale).")]
+    return [
+        Finding(
+            first_nonfinite[0],
+            "nan_activation",
+            "is the first layer whose output contains NaN or infinity; check its inputs and "
+            "parameters (a division by a zero variance, a log of a non-positive value, an "
+            "overflowing scale).",
+        )
+    ]
 
 
 def _no_binarization() -> Finding:
-    return Finding("", "no_binarization",
-                   "no sign ran in forward: no onebit quantizer, torch.sign / Tensor.sign, custom autograd "
-                   "Function with +-1 outputs or module with +-1 outputs, so this is a float network. "
-                   "Binarize with onebit.nn layers (QConv2d, QLinear, QActivation) or onebit.quant "
-                   "quantizers, or check that the binary path is taken in train mode.")
+    return Finding(
+        "",
+        "no_binarization",
+        "no sign ran in forward: no onebit quantizer, torch.sign / Tensor.sign, custom autograd "
+        "Function with +-1 outputs or module with +-1 outputs, so this is a float network. "
+        "Binarize with onebit.nn layers (QConv2d, QLinear, QActivation) or onebit.quant "
+        "quantizers, or check that the binary path is taken in train mode.",
+    )
 
 
 def _in_report_order(findings: list[Finding], order: list[str]) -> list[Finding]:
     """Root causes first (in forward order), then what they cause on the gradients."""
     rank = {n: i for i, n in enumerate(order)}
-    return sorted(findings, key=lambda f: (f.kind != "no_binarization", f.kind in CONSEQUENCES,
-                                           rank.get(f.layer, -1 if f.layer == "" else len(rank)), KINDS.index(f.kind)))
+    return sorted(
+        findings,
+        key=lambda f: (
+            f.kind != "no_binarization",
+            f.kind in CONSEQUENCES,
+            rank.get(f.layer, -1 if f.layer == "" else len(rank)),
+            KINDS.index(f.kind),
+        ),
+    )
 
 
 def doctor(
@@ -737,34 +834,62 @@ def _gradient_findings(layers: list[LayerGradient], called: set[str]) -> list[Fi
     out: list[Finding] = []
     for g in layers:
         if not g.received:
-            why = "it is not used in forward" if g.layer not in called else "its output does not reach the loss (detached?)"
+            why = (
+                "it is not used in forward"
+                if g.layer not in called
+                else "its output does not reach the loss (detached?)"
+            )
             out.append(Finding(g.layer, "zero_gradient", f"its parameters receive no gradient: {why}.", 0.0))
         elif not g.finite:
-            out.append(Finding(g.layer, "nan_gradient",
-                               "its parameter gradient contains NaN or infinity; look for the first nan_activation, a "
-                               "log/sqrt/division of bad values, or lower the learning rate.", math.nan))
+            out.append(
+                Finding(
+                    g.layer,
+                    "nan_gradient",
+                    "its parameter gradient contains NaN or infinity; look for the first nan_activation, a "
+                    "log/sqrt/division of bad values, or lower the learning rate.",
+                    math.nan,
+                )
+            )
         elif g.rms == 0.0:
-            out.append(Finding(g.layer, "zero_gradient",
-                               "its parameters receive an all-zero gradient, so it does not learn: something between it "
-                               "and the loss blocks the gradient (a sign without straight-through estimator, inputs "
-                               "outside a sign's clip, a dead ReLU).", 0.0))
+            out.append(
+                Finding(
+                    g.layer,
+                    "zero_gradient",
+                    "its parameters receive an all-zero gradient, so it does not learn: something between it "
+                    "and the loss blocks the gradient (a sign without straight-through estimator, inputs "
+                    "outside a sign's clip, a dead ReLU).",
+                    0.0,
+                )
+            )
     healthy = [g for g in layers if g.received and g.finite and g.rms > 0]
     if len(healthy) >= 2:
         median = sorted(g.rms for g in healthy)[len(healthy) // 2]
         for g in healthy:
             if g.rms >= EXPLODING_RATIO * median:
-                out.append(Finding(g.layer, "exploding_gradient",
-                                   f"its gradient RMS {g.rms:.3g} is {g.rms / median:.3g}x the median over layers "
-                                   f"({median:.3g}); normalize its input (BatchNorm), lower the learning rate or clip "
-                                   "gradients.", g.rms))
+                out.append(
+                    Finding(
+                        g.layer,
+                        "exploding_gradient",
+                        f"its gradient RMS {g.rms:.3g} is {g.rms / median:.3g}x the median over layers "
+                        f"({median:.3g}); normalize its input (BatchNorm), lower the learning rate or clip "
+                        "gradients.",
+                        g.rms,
+                    )
+                )
         # walk from the output to the input: where does the gradient collapse?
         chain = [g for g in healthy if g.layer in called]
         for shallow, deep in zip(reversed(chain[:-1]), reversed(chain[1:])):
             if shallow.rms <= VANISHING_RATIO * deep.rms:
-                out.append(Finding(shallow.layer, "vanishing_gradient",
-                                   f"the gradient RMS falls from {deep.rms:.3g} at '{deep.layer}' to {shallow.rms:.3g} here "
-                                   f"({deep.rms / shallow.rms:.3g}x smaller), so this layer and the ones before it barely "
-                                   f"learn. Look between '{shallow.layer}' and '{deep.layer}' for a sign whose inputs "
-                                   "lie outside its clip or a saturated activation.", shallow.rms))
+                out.append(
+                    Finding(
+                        shallow.layer,
+                        "vanishing_gradient",
+                        f"the gradient RMS falls from {deep.rms:.3g} at '{deep.layer}' to {shallow.rms:.3g} here "
+                        f"({deep.rms / shallow.rms:.3g}x smaller), so this layer and the ones before it barely "
+                        f"learn. Look between '{shallow.layer}' and '{deep.layer}' for a sign whose inputs "
+                        "lie outside its clip or a saturated activation.",
+                        shallow.rms,
+                    )
+                )
                 break
     return out

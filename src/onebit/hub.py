@@ -30,8 +30,17 @@ import torch
 
 from onebit import io
 from onebit.models.weights import (
-    CARD_FILE, CONFIG_FILE, PACKED_FILE, WEIGHTS_FILE, HubError, HubRef, import_hub, is_hub_ref, is_pushed_folder,
-    parse_hub_ref, quiet_hub,
+    CARD_FILE,
+    CONFIG_FILE,
+    PACKED_FILE,
+    WEIGHTS_FILE,
+    HubError,
+    HubRef,
+    import_hub,
+    is_hub_ref,
+    is_pushed_folder,
+    parse_hub_ref,
+    quiet_hub,
 )
 
 __all__ = ["PushResult", "push", "write_push_folder", "train_command", "final_metrics", "model_card"]
@@ -119,8 +128,14 @@ def _yaml_list(items: list[str]) -> str:
     return "".join(f"\n- {json.dumps(item)}" for item in items)
 
 
-def model_card(meta: dict[str, Any], metrics: dict[str, Any], float_bytes: int, packed_bytes: int,
-               max_diff: float, repo_id: str | None) -> str:
+def model_card(
+    meta: dict[str, Any],
+    metrics: dict[str, Any],
+    float_bytes: int,
+    packed_bytes: int,
+    max_diff: float,
+    repo_id: str | None,
+) -> str:
     """The ``README.md`` of a push: YAML front matter (library, tags, datasets, metrics, model-index)
     and the data, reproduction command, final metrics, file sizes and loading instructions."""
     run = meta["config"]
@@ -143,9 +158,17 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], float_bytes: int, 
         results = [("accuracy", accuracy, "test accuracy")]
         if "top_k_accuracy" in metrics:
             results.append((f"top_{k}_accuracy", metrics["top_k_accuracy"], f"test top-{k} accuracy"))
-        lines += ["model-index:", f"- name: {json.dumps(model)}", "  results:", "  - task:",
-                  "      type: image-classification", "    dataset:", f"      name: {json.dumps(dataset)}",
-                  f"      type: {json.dumps(dataset)}", "    metrics:"]
+        lines += [
+            "model-index:",
+            f"- name: {json.dumps(model)}",
+            "  results:",
+            "  - task:",
+            "      type: image-classification",
+            "    dataset:",
+            f"      name: {json.dumps(dataset)}",
+            f"      type: {json.dumps(dataset)}",
+            "    metrics:",
+        ]
         for kind, value, name in results:
             lines += [f"    - type: {kind}", f"      value: {value}", f"      name: {json.dumps(name)}"]
     lines.append("---")
@@ -197,7 +220,8 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any], float_bytes: int, 
         "",
         f'model = onebit.models.from_pretrained("{hub}")  # checks each file\'s SHA-256',
         f'model = onebit.models.create("{model}", weights="{hub}"'
-        + "".join(f", {k_}={v!r}" for k_, v in sorted(run.get("model_kwargs", {}).items())) + ")",
+        + "".join(f", {k_}={v!r}" for k_, v in sorted(run.get("model_kwargs", {}).items()))
+        + ")",
         f'packed = onebit.engine.load("{PACKED_FILE}")  # the packed model, from a downloaded copy',
         "```",
         "",
@@ -235,10 +259,14 @@ def _check_packed(engine, model: torch.nn.Module, path: str, example: torch.Tens
         expected = model(example)
         got = torch.as_tensor(loaded(example))
     if got.shape != expected.shape:
-        raise ValueError(f"{path}: the packed model's output has shape {list(got.shape)}, the model's {list(expected.shape)}")
+        raise ValueError(
+            f"{path}: the packed model's output has shape {list(got.shape)}, the model's {list(expected.shape)}"
+        )
     diff = (got.float() - expected.float()).abs().max().item() if expected.numel() else 0.0
     if not diff <= PACKED_TOLERANCE * max(1.0, expected.abs().max().item()):
-        raise ValueError(f"{path}: the packed model's output differs from the model's by {diff:.3g} on the check example")
+        raise ValueError(
+            f"{path}: the packed model's output differs from the model's by {diff:.3g} on the check example"
+        )
     return diff
 
 
@@ -282,8 +310,12 @@ def write_push_folder(run_dir: str, folder: str, repo_id: str | None = None) -> 
         CARD_FILE: hashlib.sha256(card.encode()).hexdigest(),
     }
     pushed["metrics"] = metrics
-    pushed["packed"] = {"bytes": packed_bytes, "float_bytes": float_bytes, "max_abs_diff": max_diff,
-                        "check_input": f"torch.randn({list(shape)}, generator seeded 0)"}
+    pushed["packed"] = {
+        "bytes": packed_bytes,
+        "float_bytes": float_bytes,
+        "max_abs_diff": max_diff,
+        "check_input": f"torch.randn({list(shape)}, generator seeded 0)",
+    }
     io.save_json(os.path.join(folder, CONFIG_FILE), pushed)
     return PushResult(folder, run["model"], float_bytes, packed_bytes, max_diff, metrics)
 
@@ -301,8 +333,9 @@ def _check_local_dest(run_dir: str, dest: str, overwrite: bool) -> None:
             )
 
 
-def push(run_dir: str, dest: str, *, overwrite: bool = False, repo_id: str | None = None,
-         private: bool = False) -> PushResult:
+def push(
+    run_dir: str, dest: str, *, overwrite: bool = False, repo_id: str | None = None, private: bool = False
+) -> PushResult:
     """Push the run ``run_dir`` to ``dest``: a local folder, or ``hf://ORG/NAME`` (uploaded with the
     configured Hugging Face token). A non-empty local folder (or Hub repository) that holds no previous
     push is refused unless ``overwrite``. ``repo_id`` names the Hub repository in a local push's card."""
@@ -346,7 +379,9 @@ def _upload(hf, ref: HubRef, folder: str, token: str, overwrite: bool, private: 
                     except (ValueError, AttributeError):
                         pushed = False
             if not pushed:
-                raise HubError(f"{ref}: the repository holds files of something else than a onebit push: pass --overwrite")
+                raise HubError(
+                    f"{ref}: the repository holds files of something else than a onebit push: pass --overwrite"
+                )
         info = api.upload_folder(repo_id=ref.repo_id, folder_path=folder, commit_message=f"onebit push: {model}")
     except HubError:
         raise

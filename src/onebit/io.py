@@ -20,12 +20,24 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["FileFormatError", "remove_stale_temporaries", "atomic_path", "atomic_write_bytes", "save_json", "load_json", "save_csv", "save_tensors", "load_tensors", "tensors_metadata"]
+__all__ = [
+    "FileFormatError",
+    "remove_stale_temporaries",
+    "atomic_path",
+    "atomic_write_bytes",
+    "save_json",
+    "load_json",
+    "save_csv",
+    "save_tensors",
+    "load_tensors",
+    "tensors_metadata",
+]
 
 
 class FileFormatError(ValueError):
@@ -149,7 +161,9 @@ def save_csv(path: str | os.PathLike, header: list[str], rows: Iterable[Iterable
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Save tensors as safetensors, atomically; tensors are made contiguous and unshared."""
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))

@@ -7,7 +7,7 @@ has precision 1 (and the twist coefficients of a binary ``TwistConv2d``).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn

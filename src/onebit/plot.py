@@ -21,7 +21,8 @@ import functools
 import io as _io
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,8 @@ from torch import nn
 
 from onebit import io, quant
 from onebit.math import sign
-from onebit.optim import FlipCounter
 from onebit.nn.layers import QuantizedLayer
+from onebit.optim import FlipCounter
 
 __all__ = [
     "save",
@@ -77,14 +78,17 @@ def _done(fig: Figure, path: str | os.PathLike | None) -> Figure:
 
 def binary_layers(model: nn.Module) -> list[str]:
     """Qualified names of the layers whose weights are quantized to 1 bit, in ``named_modules`` order."""
-    return [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer) and quant.is_binary(m.weight_quantizer)]
+    return [
+        n for n, m in model.named_modules() if isinstance(m, QuantizedLayer) and quant.is_binary(m.weight_quantizer)
+    ]
 
 
 def weight_layers(model: nn.Module) -> list[str]:
     """Qualified names of the layers with a weight of 2 or more dimensions (convolutions, linear
     layers; float or quantized), in ``named_modules`` order."""
     return [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
     ]
 
@@ -96,8 +100,11 @@ def _layer(model: nn.Module, layer: str | nn.Module | None, need_binary: bool = 
     if layer is None:
         candidates = binary_layers(model) or (weight_layers(model) if need_binary else [])
         if not candidates:
-            raise ValueError("the model has no layer with weights; name a layer" if need_binary
-                             else "the model has no layer with 1-bit weights; name a layer")
+            raise ValueError(
+                "the model has no layer with weights; name a layer"
+                if need_binary
+                else "the model has no layer with 1-bit weights; name a layer"
+            )
         layer = candidates[0]
     modules = dict(model.named_modules())
     if layer not in modules:
@@ -109,15 +116,19 @@ def _layer(model: nn.Module, layer: str | nn.Module | None, need_binary: bool = 
 def _tile(weights: np.ndarray, max_rows: int, max_cols: int) -> tuple[np.ndarray, tuple[int, int]]:
     """[O, I, *k] -> a 2-D image of kernels (one row per output channel), NaN gaps between kernels."""
     if weights.ndim == 2:
-        return weights[:max_rows * 4, : max_cols * 4], (weights.shape[0], weights.shape[1])
+        return weights[: max_rows * 4, : max_cols * 4], (weights.shape[0], weights.shape[1])
     o, i = weights.shape[:2]
-    k = weights.reshape(o, i, -1, weights.shape[-1]) if weights.ndim > 3 else weights.reshape(o, i, 1, weights.shape[-1])
+    k = (
+        weights.reshape(o, i, -1, weights.shape[-1])
+        if weights.ndim > 3
+        else weights.reshape(o, i, 1, weights.shape[-1])
+    )
     ro, ri = min(o, max_rows), min(i, max_cols)
     kh, kw = k.shape[2], k.shape[3]
     image = np.full((ro * (kh + 1) - 1, ri * (kw + 1) - 1), np.nan)
     for a in range(ro):
         for b in range(ri):
-            image[a * (kh + 1): a * (kh + 1) + kh, b * (kw + 1): b * (kw + 1) + kw] = k[a, b]
+            image[a * (kh + 1) : a * (kh + 1) + kh, b * (kw + 1) : b * (kw + 1) + kw] = k[a, b]
     return image, (o, i)
 
 
@@ -165,22 +176,39 @@ def binary_weights(
         left.set_xlabel("input channel (one kernel each)")
         left.set_ylabel("output channel")
         step = pattern.shape[-1] + 1
-        left.set_xticks(np.arange(min(i, max_channels)) * step + (pattern.shape[-1] - 1) / 2, labels=[str(c) for c in range(min(i, max_channels))], fontsize=6)
+        left.set_xticks(
+            np.arange(min(i, max_channels)) * step + (pattern.shape[-1] - 1) / 2,
+            labels=[str(c) for c in range(min(i, max_channels))],
+            fontsize=6,
+        )
         rstep = (pattern.shape[-2] + 1) if pattern.ndim > 3 else 2
         rk = pattern.shape[-2] if pattern.ndim > 3 else 1
-        left.set_yticks(np.arange(min(o, max_channels)) * rstep + (rk - 1) / 2, labels=[str(c) for c in range(min(o, max_channels))], fontsize=6)
+        left.set_yticks(
+            np.arange(min(o, max_channels)) * rstep + (rk - 1) / 2,
+            labels=[str(c) for c in range(min(o, max_channels))],
+            fontsize=6,
+        )
         left.tick_params(length=0)
         aspect = "equal"
     if binary:
-        left.imshow(np.ma.masked_invalid(image), cmap=BINARY_CMAP, vmin=-1, vmax=1, interpolation="nearest", aspect=aspect)
+        left.imshow(
+            np.ma.masked_invalid(image), cmap=BINARY_CMAP, vmin=-1, vmax=1, interpolation="nearest", aspect=aspect
+        )
         plus = float((used > 0).float().mean())
-        left.set_title(f"binary weights used in forward: -1 (blue) {1 - plus:.1%}, +1 (gold) {plus:.1%}\n{shown}", fontsize=9)
+        left.set_title(
+            f"binary weights used in forward: -1 (blue) {1 - plus:.1%}, +1 (gold) {plus:.1%}\n{shown}", fontsize=9
+        )
     else:
         top = float(np.nanmax(np.abs(image))) or 1.0
-        shown_image = left.imshow(np.ma.masked_invalid(image), cmap="RdBu_r", vmin=-top, vmax=top,
-                                  interpolation="nearest", aspect=aspect)
+        shown_image = left.imshow(
+            np.ma.masked_invalid(image), cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest", aspect=aspect
+        )
         fig.colorbar(shown_image, ax=left, shrink=0.8, label="weight value")
-        what = "float weights (no weight quantizer)" if quantizer is None else f"{quant.precision_of(quantizer)}-bit weights used in forward"
+        what = (
+            "float weights (no weight quantizer)"
+            if quantizer is None
+            else f"{quant.precision_of(quantizer)}-bit weights used in forward"
+        )
         left.set_title(f"{what}\n{shown}", fontsize=9)
     values = latent.flatten().numpy()
     data_lim = float(np.abs(values).max()) or 1.0
@@ -194,8 +222,13 @@ def binary_weights(
     if clip is not None:
         outside = float((latent.abs() > clip).float().mean())
         for k, c in enumerate((-clip, clip)):
-            right.axvline(c, color="#b22222", linestyle="--", linewidth=1,
-                          label=f"clip |w| <= {clip:g}: {outside:.1%} outside (no gradient)" if k == 0 else None)
+            right.axvline(
+                c,
+                color="#b22222",
+                linestyle="--",
+                linewidth=1,
+                label=f"clip |w| <= {clip:g}: {outside:.1%} outside (no gradient)" if k == 0 else None,
+            )
     right.set_title(f"latent float weights ({values.size:,}; std {values.std():.3g})", fontsize=10)
     right.set_xlabel("weight value")
     right.set_ylabel("count")
@@ -248,11 +281,17 @@ def record_weights(model: nn.Module, directory: str | os.PathLike, epoch: int, *
 
 def _recorded(run_dir: str | os.PathLike) -> list[tuple[int, dict[str, torch.Tensor]]]:
     folder = os.path.join(os.fspath(run_dir), WEIGHTS_DIR)
-    files = sorted(f for f in os.listdir(folder) if f.startswith("epoch_") and f.endswith(".safetensors")) if os.path.isdir(folder) else []
+    files = (
+        sorted(f for f in os.listdir(folder) if f.startswith("epoch_") and f.endswith(".safetensors"))
+        if os.path.isdir(folder)
+        else []
+    )
     if not files:
-        raise ValueError(f"{os.fspath(run_dir)}: no recorded weights in {WEIGHTS_DIR}/ (`onebit train --out DIR` "
-                         "records them after every epoch; or call onebit.plot.record_weights)")
-    return [(int(f[len("epoch_"):-len(".safetensors")]), io.load_tensors(os.path.join(folder, f))) for f in files]
+        raise ValueError(
+            f"{os.fspath(run_dir)}: no recorded weights in {WEIGHTS_DIR}/ (`onebit train --out DIR` "
+            "records them after every epoch; or call onebit.plot.record_weights)"
+        )
+    return [(int(f[len("epoch_") : -len(".safetensors")]), io.load_tensors(os.path.join(folder, f))) for f in files]
 
 
 def recorded_layers(run_dir: str | os.PathLike) -> list[str]:
@@ -261,7 +300,7 @@ def recorded_layers(run_dir: str | os.PathLike) -> list[str]:
     return [k[: -len(".latent")] for k in first if k.endswith(".latent")]
 
 
-def _frame(fig: Figure) -> "Any":
+def _frame(fig: Figure) -> Any:
     from PIL import Image
 
     buffer = _io.BytesIO()
@@ -303,8 +342,9 @@ def weights_animation(
         fig = Figure(figsize=(12.5 if quantized else 9.0, 4.4), layout="constrained")
         axes = fig.subplots(1, 3 if quantized else 2, width_ratios=[1, 1, 1.1] if quantized else [1, 1.1])
         lat_img, (o, i) = _tile(latent.numpy(), 16, 16)
-        shown = axes[0].imshow(np.ma.masked_invalid(lat_img), cmap="RdBu_r", vmin=-top, vmax=top,
-                               interpolation="nearest", aspect="auto")
+        shown = axes[0].imshow(
+            np.ma.masked_invalid(lat_img), cmap="RdBu_r", vmin=-top, vmax=top, interpolation="nearest", aspect="auto"
+        )
         fig.colorbar(shown, ax=axes[0], shrink=0.85, label="latent weight")
         axes[0].set_title(f"latent weights ({o} x {i} channels shown)", fontsize=9)
         for ax in axes[: 2 if quantized else 1]:
@@ -317,12 +357,26 @@ def weights_animation(
             binary = bool(np.isin(np.sign(u), (-1, 1)).all() and np.unique(np.abs(u).round(6)).size <= u.shape[0])
             u_img, _ = _tile(np.sign(u) if binary else u, 16, 16)
             if binary:
-                axes[1].imshow(np.ma.masked_invalid(u_img), cmap=BINARY_CMAP, vmin=-1, vmax=1, interpolation="nearest", aspect="auto")
+                axes[1].imshow(
+                    np.ma.masked_invalid(u_img),
+                    cmap=BINARY_CMAP,
+                    vmin=-1,
+                    vmax=1,
+                    interpolation="nearest",
+                    aspect="auto",
+                )
                 plus = float((used > 0).float().mean())
                 axes[1].set_title(f"binarized: -1 (blue) {1 - plus:.0%}, +1 (gold) {plus:.0%}", fontsize=9)
             else:
                 peak = float(np.nanmax(np.abs(u_img))) or 1.0
-                axes[1].imshow(np.ma.masked_invalid(u_img), cmap="RdBu_r", vmin=-peak, vmax=peak, interpolation="nearest", aspect="auto")
+                axes[1].imshow(
+                    np.ma.masked_invalid(u_img),
+                    cmap="RdBu_r",
+                    vmin=-peak,
+                    vmax=peak,
+                    interpolation="nearest",
+                    aspect="auto",
+                )
                 axes[1].set_title(f"quantized: {len(np.unique(u))} levels", fontsize=9)
         hist_ax = axes[-1]
         values = sample.numpy()
@@ -483,7 +537,9 @@ def _clock_seconds(text: str | None) -> float:
     return math.nan
 
 
-def training_curves(source: str | os.PathLike | Mapping[str, Sequence[float]], path: str | os.PathLike | None = None) -> Figure:
+def training_curves(
+    source: str | os.PathLike | Mapping[str, Sequence[float]], path: str | os.PathLike | None = None
+) -> Figure:
     """Train/valid loss and accuracy per epoch, from a ``history.csv`` (file, run directory, or its columns)."""
     h = dict(source) if isinstance(source, Mapping) else read_history(source)
     epochs = h.get("epoch") or list(range(len(next(iter(h.values())))))
@@ -501,7 +557,13 @@ def training_curves(source: str | os.PathLike | Mapping[str, Sequence[float]], p
         acc = h["accuracy"]
         acc_ax.plot(epochs, acc, marker="o", markersize=3, color="#2e7d32")
         best = int(np.nanargmax(acc))
-        acc_ax.scatter([epochs[best]], [acc[best]], color="#b22222", zorder=3, label=f"best {acc[best]:.2%} (epoch {epochs[best]:g})")
+        acc_ax.scatter(
+            [epochs[best]],
+            [acc[best]],
+            color="#b22222",
+            zorder=3,
+            label=f"best {acc[best]:.2%} (epoch {epochs[best]:g})",
+        )
         acc_ax.legend(frameon=False, loc="lower right")
         acc_ax.set_ylim(min(acc) - 0.05, min(1.0, max(acc) + 0.03))
         acc_ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
@@ -599,7 +661,9 @@ def weight_flips(
         title_source = f" ({os.fspath(flips)})"
         history = read_history(flips)
         if "flip_ratio" not in history:
-            raise ValueError(f"{os.fspath(flips)}: history.csv has no flip_ratio column (written by `onebit train` since it counts sign flips)")
+            raise ValueError(
+                f"{os.fspath(flips)}: history.csv has no flip_ratio column (written by `onebit train` since it counts sign flips)"
+            )
         total, flips = history["flip_ratio"], {}
     if not any(len(v) for v in flips.values()) and not (total is not None and len(total)):
         raise ValueError("no epochs recorded: call FlipRecorder.record() after each epoch")
@@ -628,7 +692,9 @@ def weight_flips(
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"sign flips of the binary weights per epoch{title_source}\n(training settles as this falls)", fontsize=10)
+    ax.set_title(
+        f"sign flips of the binary weights per epoch{title_source}\n(training settles as this falls)", fontsize=10
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, frameon=False, ncol=2 if len(flips) > 4 else 1)
     return _done(fig, path)

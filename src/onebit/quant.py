@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 import torch
 from torch import nn
@@ -85,9 +86,7 @@ def get(identifier: QuantizerLike) -> nn.Module | Callable | None:
         try:
             return _REGISTRY[identifier]()
         except KeyError:
-            raise ValueError(
-                f"unknown quantizer {identifier!r}; known quantizers: {', '.join(names())}"
-            ) from None
+            raise ValueError(f"unknown quantizer {identifier!r}; known quantizers: {', '.join(names())}") from None
     if isinstance(identifier, dict):
         arguments = dict(identifier)
         name = arguments.pop("name", None)
@@ -158,7 +157,6 @@ def _holds(obj: object, name: str, methods: tuple[str, ...]) -> bool:
     return holds
 
 
-
 def _holds_uncached(obj: object, name: str, methods: tuple[str, ...]) -> bool:
     here = _depth(obj, name)
     if here is None:
@@ -220,9 +218,10 @@ def _computing_names(cls: type) -> tuple[str, ...]:
         for klass in cls.__mro__
         if klass is not object and klass is not nn.Module
         for name, value in vars(klass).items()
-        if not name.startswith("__") and name != "extra_repr"
+        if not name.startswith("__")
+        and name != "extra_repr"
         and (inspect.isfunction(value) or isinstance(value, (property, staticmethod, classmethod)))
-    )  # fmt: skip
+    )
 
 
 @functools.lru_cache(maxsize=1024)

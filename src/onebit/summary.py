@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from rich import box
@@ -134,7 +135,9 @@ class Summary:
     def table(self) -> Table:
         title = f"{self.model_name} " if self.model_name else ""
         shape = f"input {_shape(self.input_shape)}" if self.input_shape else ""
-        table = Table(title=f"{title}{shape}".strip() or None, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+        table = Table(
+            title=f"{title}{shape}".strip() or None, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False
+        )
         for heading, justify in [
             ("Layer", "left"),
             ("Type", "left"),
@@ -161,7 +164,15 @@ class Summary:
             )
         table.add_section()
         table.add_row(
-            "Total", "", "", _count(self.total_params), _count(self.binary_params), "", "", _count(self.macs), _count(self.binary_macs)
+            "Total",
+            "",
+            "",
+            _count(self.total_params),
+            _count(self.binary_params),
+            "",
+            "",
+            _count(self.macs),
+            _count(self.binary_macs),
         )
         return table
 
@@ -279,7 +290,11 @@ def summary(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
         def hook(m: nn.Module, args: Any, output: Any) -> None:
             row = rows[id(m)]
             if row.calls == 0:
-                out = output[0] if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor) else output
+                out = (
+                    output[0]
+                    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor)
+                    else output
+                )
                 row.output_shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
                 order.append(id(m))
             row.calls += 1

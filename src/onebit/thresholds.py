@@ -31,8 +31,8 @@ canonization (``onebit.canonize.fold_thresholds``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

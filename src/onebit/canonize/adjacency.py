@@ -59,8 +59,8 @@ class _Node:
     module: nn.Module | None = None
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
-    inputs: list["_Node"] = field(default_factory=list)
-    users: list["_Node"] = field(default_factory=list)
+    inputs: list[_Node] = field(default_factory=list)
+    users: list[_Node] = field(default_factory=list)
 
     def describe(self) -> str:
         if self.op == "module":
@@ -70,7 +70,9 @@ class _Node:
         if self.op == "input":
             return f"the input of module '{self.target}'" if self.target else "the model's input"
         if self.op == "function":
-            return f"{getattr(self.target, '__module__', '') or ''}.{getattr(self.target, '__name__', self.target)}()".lstrip(".")
+            return f"{getattr(self.target, '__module__', '') or ''}.{getattr(self.target, '__name__', self.target)}()".lstrip(
+                "."
+            )
         if self.op == "method":
             return f"Tensor.{self.target}()"
         return f"module '{self.target}' (not traced into)" if self.target else "an untraced operation"
@@ -193,7 +195,13 @@ def _from_fx(graph: fx.Graph, module: nn.Module, prefix: str) -> list[_Node]:
     """An fx graph of ``module`` as nodes; module targets become qualified names in the whole model."""
     mapping: dict[fx.Node, _Node] = {}
     nodes: list[_Node] = []
-    kinds = {"placeholder": "input", "call_module": "module", "call_function": "function", "call_method": "method", "output": "output"}
+    kinds = {
+        "placeholder": "input",
+        "call_module": "module",
+        "call_function": "function",
+        "call_method": "method",
+        "output": "output",
+    }
     for n in graph.nodes:
         op = kinds.get(n.op, "other")
         target: Any = n.target
@@ -217,8 +225,22 @@ def _from_fx(graph: fx.Graph, module: nn.Module, prefix: str) -> list[_Node]:
 _DROPOUTS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+_MAX_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+_MAX_POOL_FUNCTIONS = (
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+)
 _FLATTENS_OTHER = "flattens other dimensions than 1..-1"
 
 

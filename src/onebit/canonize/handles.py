@@ -20,7 +20,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class HandleOrderError(RuntimeError):
 
 
 #: the leaf handles registered now (weakly: a dropped handle can no longer be removed anyway)
-_REGISTERED: "weakref.WeakSet[Handle]" = weakref.WeakSet()
+_REGISTERED: weakref.WeakSet[Handle] = weakref.WeakSet()
 _SERIALS = itertools.count(1)
 
 
@@ -71,7 +72,7 @@ class Handle:
     def registered(self) -> bool:
         return self._registered
 
-    def register(self) -> "Handle":
+    def register(self) -> Handle:
         if not self._registered:
             self._apply()
             self._registered = True
@@ -86,7 +87,7 @@ class Handle:
             self._registered = False
             _REGISTERED.discard(self)
 
-    def _leaves(self) -> Iterator["Handle"]:
+    def _leaves(self) -> Iterator[Handle]:
         """The registered handles that hold changes (a composite's, or this one)."""
         if self._registered:
             yield self
@@ -102,7 +103,7 @@ class Handle:
     def _undo(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> "Handle":
+    def __enter__(self) -> Handle:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -139,7 +140,7 @@ class CompositeHandle(Handle):
         self.handles.append(handle)
         self._registered = self._registered or handle.registered
 
-    def register(self) -> "Handle":
+    def register(self) -> Handle:
         if not self._registered:
             self._apply()
             self._registered = True

@@ -162,7 +162,9 @@ class _LeftMerge(Handle):
 class _RightMerge(Handle):
     """``bn -> [relu, pooling, flatten] -> layers`` becomes ``identity (or d (x - theta)) -> ... -> layers'``."""
 
-    def __init__(self, root: nn.Module, bn: nn.Module, name: str, consumers: list[_Consumer], relus: list[_ReluSite]) -> None:
+    def __init__(
+        self, root: nn.Module, bn: nn.Module, name: str, consumers: list[_Consumer], relus: list[_ReluSite]
+    ) -> None:
         super().__init__()
         self.root, self.bn, self.name, self.consumers, self.relus = root, bn, name, consumers, relus
         self._patch = Patch()
@@ -177,7 +179,9 @@ class _RightMerge(Handle):
         bn_dtype = self.bn.running_mean.dtype
         for r in self.relus:
             if r.swap:
-                patch.replace_module(self.root, r.node.target, ThresholdedReLU(theta.to(bn_dtype), direction.to(bn_dtype)))
+                patch.replace_module(
+                    self.root, r.node.target, ThresholdedReLU(theta.to(bn_dtype), direction.to(bn_dtype))
+                )
         if any(not r.swap for r in self.relus):
             # the ReLU is a function call: the BatchNorm computes d (x - theta) itself
             _set_affine(patch, self.bn, direction, -direction * theta)
@@ -251,8 +255,15 @@ class _BiasMap:
         b = b.double() if b is not None else None
         if isinstance(layer, QuantizedLayer):
             return QF.qconv(
-                x, w, b, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                pad_value=layer.pad_value, padding_mode=layer.padding_mode,
+                x,
+                w,
+                b,
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                groups=layer.groups,
+                pad_value=layer.pad_value,
+                padding_mode=layer.padding_mode,
             )
         return layer._conv_forward(x, w, b)
 
@@ -264,7 +275,9 @@ class _BiasMap:
             image = self.offset.view(1, c, *([1] * len(spatial))).expand(1, c, *spatial).to(device)
             zeros = torch.zeros_like(image)
             corr = self._conv(image, self.old_w.to(device), None if self.old_b is None else self.old_b.to(device))
-            corr = corr - self._conv(zeros, self.new_w.to(device), None if self.new_b is None else self.new_b.to(device))
+            corr = corr - self._conv(
+                zeros, self.new_w.to(device), None if self.new_b is None else self.new_b.to(device)
+            )
             self.cache[key] = corr[0].to(dtype)
         return self.cache[key]
 
@@ -272,7 +285,6 @@ class _BiasMap:
         ndim = self.old_w.dim() - 2
         spatial = tuple(args[0].shape[-ndim:])
         return output + self.correction(spatial, output.dtype, output.device)
-
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +314,6 @@ def _left_candidate(plan: _Plan, node: _Node) -> tuple[_Node | None, str]:
     if out != bn.num_features:
         return None, f"its input layer {desc} has {out} outputs, the BatchNorm {bn.num_features} channels"
     return producer, ""
-
 
 
 @dataclass
@@ -363,7 +374,9 @@ class _RightMergeSearch:
             return self._through_relu(user, state, branched)
         if kind == "layer":
             return self._into_layer(user, state)
-        return f"its output goes to {desc}" + (f", which {problem}" if problem else ", which is not a convolution, linear layer or per-channel operation")
+        return f"its output goes to {desc}" + (
+            f", which {problem}" if problem else ", which is not a convolution, linear layer or per-channel operation"
+        )
 
     def _through_pooling(self, user: _Node, kind: str, state: _MapSoFar, branched: bool) -> str:
         """Average pooling commutes with the map; max pooling only while it is non-decreasing."""
@@ -385,7 +398,9 @@ class _RightMergeSearch:
         if not swap and (self.bn.weight is None or self.bn.bias is None):
             return f"the ReLU after it ({desc}) is not a module of its own and the BatchNorm has no affine parameters to hold the threshold"
         if not swap and branched:
-            return f"the ReLU after it ({desc}) is not a module of its own and the BatchNorm's output also goes elsewhere"
+            return (
+                f"the ReLU after it ({desc}) is not a module of its own and the BatchNorm's output also goes elsewhere"
+            )
         self.relus.append(_ReluSite(user, swap))
         s, t = self.scale, self.offset
         after = _MapSoFar(s.abs(), torch.where(s == 0, torch.relu(t), torch.zeros_like(t)), True, False)
@@ -463,7 +478,9 @@ def _plan_merges(model: nn.Module, skip_unmergeable: bool) -> list[Handle]:
                 claimed |= targets
                 rights.append(_RightMerge(model, bn, name, search.consumers, search.relus))
                 continue
-        plan.fail(f"BatchNorm '{name}' cannot be merged exactly: {left_reason}; and {right_reason or 'it feeds no layer'}.")
+        plan.fail(
+            f"BatchNorm '{name}' cannot be merged exactly: {left_reason}; and {right_reason or 'it feeds no layer'}."
+        )
     for name in plan.unreached():
         if not getattr(model.get_submodule(name), "_onebit_merged", False):
             note = f" ({'; '.join(plan.graphs.notes)})" if plan.graphs.notes else ""

@@ -69,4 +69,3 @@ class SignThreshold(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.threshold.numel()}"
-

@@ -88,8 +88,9 @@ def _one_line_warnings(command: str):
             packed = sys.modules.get("onebit.engine.packed")  # imported by whatever warned
             if packed is not None and issubclass(category, packed.FallbackWarning):
                 text = " ".join(str(message).split())
-                Console(stderr=True, soft_wrap=True).print(f"[yellow]onebit {command}: warning:[/] " + escape(text),
-                                                           highlight=False)
+                Console(stderr=True, soft_wrap=True).print(
+                    f"[yellow]onebit {command}: warning:[/] " + escape(text), highlight=False
+                )
             else:
                 python_way(message, category, filename, lineno, file, line)
 
@@ -110,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, MemoryError):
             message = f"out of memory ({error})" if str(error) else "out of memory"
         text = " ".join(str(message).split()) or type(error).__name__  # one line, always
-        Console(stderr=True, soft_wrap=True).print(f"[red]onebit {args.command}: error:[/] " + escape(text), highlight=False)
+        Console(stderr=True, soft_wrap=True).print(
+            f"[red]onebit {args.command}: error:[/] " + escape(text), highlight=False
+        )
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print(f"onebit {args.command}: interrupted", highlight=False)

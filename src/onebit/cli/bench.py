@@ -12,14 +12,20 @@ import json
 import os
 
 from rich.console import Console
+
 from onebit.cli import integer
 
 
 def register(commands) -> None:
     p = commands.add_parser("bench", help="benchmark the packed engine against float PyTorch")
     p.add_argument("--what", choices=["all", "conv", "e2e"], default="all", help="which benchmark to run")
-    p.add_argument("--models", nargs="+", default=None, metavar="BINARY:FLOAT@IMAGE",
-                   help="end-to-end pairs (default: birealnet18:resnet18@224)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="BINARY:FLOAT@IMAGE",
+        help="end-to-end pairs (default: birealnet18:resnet18@224)",
+    )
     p.add_argument("--batch", type=integer(1, 1 << 16), default=1, help="end-to-end batch size")
     p.add_argument("--threads", nargs="+", type=integer(1, 1024), default=[1, 2])
     p.add_argument("--reps", type=integer(1, 10**6), default=15, help="interleaved repetitions (medians are reported)")

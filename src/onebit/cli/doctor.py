@@ -8,6 +8,7 @@ import math
 import os
 
 from rich.console import Console
+
 from onebit.cli import integer
 
 
@@ -18,12 +19,21 @@ def register(commands) -> None:
         help="zoo model name (see `onebit models`), a run directory written by `onebit train`, or FILE.py:NAME, "
         "a module class or zero-argument factory defined in a Python file",
     )
-    p.add_argument("--data", default=None,
-                   help="dataset for the batch (default: the run's dataset, digits for a zoo model, random "
-                   "inputs of --input-shape for FILE.py:NAME)")
-    p.add_argument("--input-shape", default=None, metavar="C,H,W",
-                   help="shape of one example for FILE.py:NAME without --data (random normal inputs)")
-    p.add_argument("--batch-size", type=integer(1, 1 << 16), default=64, help="examples in the diagnostic batch (default 64)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset for the batch (default: the run's dataset, digits for a zoo model, random "
+        "inputs of --input-shape for FILE.py:NAME)",
+    )
+    p.add_argument(
+        "--input-shape",
+        default=None,
+        metavar="C,H,W",
+        help="shape of one example for FILE.py:NAME without --data (random normal inputs)",
+    )
+    p.add_argument(
+        "--batch-size", type=integer(1, 1 << 16), default=64, help="examples in the diagnostic batch (default 64)"
+    )
     p.add_argument("--seed", type=integer(0, 2**32 - 1), default=0)
     p.set_defaults(run=run)
 
@@ -48,7 +58,8 @@ def load_user_model(path: str, name: str | None):
 
     module = import_model_file(path)
     defined = [
-        n for n, v in vars(module).items()
+        n
+        for n, v in vars(module).items()
         if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__
     ]
     if name is None:
@@ -61,13 +72,21 @@ def load_user_model(path: str, name: str | None):
     factory = getattr(module, name)
     if not callable(factory):
         raise TypeError(f"{path}:{name} is a {type(factory).__name__}, expected an nn.Module class or a factory")
-    required = [
-        p.name for p in inspect.signature(factory).parameters.values()
-        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ] if not isinstance(factory, nn.Module) else []
+    required = (
+        [
+            p.name
+            for p in inspect.signature(factory).parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        if not isinstance(factory, nn.Module)
+        else []
+    )
     if required:
-        raise TypeError(f"{path}:{name} needs arguments ({', '.join(required)}); give a class or factory "
-                        "that builds the model without arguments")
+        raise TypeError(
+            f"{path}:{name} needs arguments ({', '.join(required)}); give a class or factory "
+            "that builds the model without arguments"
+        )
     model = factory if isinstance(factory, nn.Module) else factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{path}:{name}() returned {type(model).__name__}, expected an nn.Module")
@@ -84,7 +103,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def random_inputs(text: str, batch_size: int, generator) -> "torch.Tensor":
+def random_inputs(text: str, batch_size: int, generator) -> torch.Tensor:
     """``batch_size`` random normal inputs of ``--input-shape`` ``text``; a batch too large for this
     machine raises ``ValueError`` naming the option and the memory it needs, before allocating."""
     import torch
@@ -104,8 +123,10 @@ def random_inputs(text: str, batch_size: int, generator) -> "torch.Tensor":
         return torch.randn(batch_size, *shape, generator=generator)
     except (RuntimeError, MemoryError) as error:  # the allocator's refusal
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"--input-shape {text}: cannot allocate a batch of {batch_size} inputs of shape "
-                         f"{list(shape)} ({_size(need)}): {first}") from None
+        raise ValueError(
+            f"--input-shape {text}: cannot allocate a batch of {batch_size} inputs of shape "
+            f"{list(shape)} ({_size(need)}): {first}"
+        ) from None
 
 
 def _physical_memory() -> int | None:
@@ -135,12 +156,15 @@ def load_target(target: str, data: str | None):
             )
         model, meta = load_run(target)
         stats = {"mean": meta["mean"], "std": meta["std"]} if meta.get("std") else {}  # as the run was trained
-        bundle = datasets.load(data or meta["config"].get("data", "digits"),
-                               image_size=meta["config"].get("image_size"), **stats)
+        bundle = datasets.load(
+            data or meta["config"].get("data", "digits"), image_size=meta["config"].get("image_size"), **stats
+        )
         return model, bundle, f"run {target} ({meta['config']['model']})"
     if target not in models.names():
-        raise ValueError(f"unknown model {target!r}; known models: {', '.join(models.names())} "
-                         "(or give a run directory, or FILE.py:NAME)")
+        raise ValueError(
+            f"unknown model {target!r}; known models: {', '.join(models.names())} "
+            "(or give a run directory, or FILE.py:NAME)"
+        )
     bundle = datasets.load(data or "digits")
     model = models.create(target, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
     return model, bundle, f"{target} (randomly initialized)"

@@ -14,19 +14,32 @@ from onebit.cli.export import WEIGHTS_HELP
 
 
 def register(commands) -> None:
-    p = commands.add_parser("eval", help="test accuracy of a run, a pushed model (folder or hf://) or a packed engine file")
-    p.add_argument("source", metavar="SOURCE",
-                   help="run directory (`onebit train --out`), folder written by `onebit push`, hf://ORG/NAME, "
-                   "or engine / ONNX file (`onebit export`)")
+    p = commands.add_parser(
+        "eval", help="test accuracy of a run, a pushed model (folder or hf://) or a packed engine file"
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="run directory (`onebit train --out`), folder written by `onebit push`, hf://ORG/NAME, "
+        "or engine / ONNX file (`onebit export`)",
+    )
     p.add_argument("--data", default=None, help="dataset name or directory (default: the run's own data)")
     p.add_argument("--image-size", type=integer(1, 4096), default=None, help="resize images (default: as in the run)")
     p.add_argument("--batch-size", type=integer(1), default=256)
     p.add_argument("--topk", type=integer(1), default=5)
-    p.add_argument("--mean", type=numbers, default=None,
-                   help="normalize with this mean per channel (default: the run's, from its config.json, else the data's)")
+    p.add_argument(
+        "--mean",
+        type=numbers,
+        default=None,
+        help="normalize with this mean per channel (default: the run's, from its config.json, else the data's)",
+    )
     p.add_argument("--std", type=numbers, default=None, help="normalize with this std per channel (with --mean)")
-    p.add_argument("--loader-workers", type=integer(0, 256), default=0,
-                   help="worker processes decoding the images (0: in this process)")
+    p.add_argument(
+        "--loader-workers",
+        type=integer(0, 256),
+        default=0,
+        help="worker processes decoding the images (0: in this process)",
+    )
     p.add_argument("--weights", default=None, metavar="REF", help=WEIGHTS_HELP)
     p.set_defaults(run=run)
 
@@ -44,14 +57,16 @@ def run(args: argparse.Namespace, console: Console) -> int:
     import torch.nn.functional as F
 
     from onebit import data as datasets
-    from onebit.data.loader import IndexBatches, batches_of, make_loader
     from onebit.cli import UsageError
     from onebit.cli.export import load_model
+    from onebit.data.loader import IndexBatches, batches_of, make_loader
     from onebit.models.weights import is_hub_ref, is_pushed_folder
 
     hub = is_hub_ref(args.source)
     if args.weights is not None and not (hub or os.path.isdir(args.source)):
-        raise UsageError(f"--weights needs a run directory, a pushed folder or hf://ORG/NAME as SOURCE, not {args.source!r}")
+        raise UsageError(
+            f"--weights needs a run directory, a pushed folder or hf://ORG/NAME as SOURCE, not {args.source!r}"
+        )
     if hub or os.path.isdir(args.source):
         model, meta, _ = load_model(args.source, args.weights)
         what = "pushed" if hub or is_pushed_folder(args.source) else "run"
@@ -102,18 +117,23 @@ def run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-
 def _scores(output, source: str, n: int, num_classes: int):
     """The model's output as float class scores ``[n, classes]``, or a one-line error naming ``source``."""
     import torch
 
     if isinstance(output, (tuple, list)) or not hasattr(output, "shape"):
-        raise ValueError(f"{source}: returns a {type(output).__name__}; onebit eval needs one tensor of class scores [N, classes]")
+        raise ValueError(
+            f"{source}: returns a {type(output).__name__}; onebit eval needs one tensor of class scores [N, classes]"
+        )
     scores = torch.as_tensor(output).float()
     if scores.dim() != 2 or scores.shape[0] != n:
-        raise ValueError(f"{source}: gives outputs of shape {list(scores.shape)} for {n} images; "
-                         "onebit eval needs class scores [N, classes]")
+        raise ValueError(
+            f"{source}: gives outputs of shape {list(scores.shape)} for {n} images; "
+            "onebit eval needs class scores [N, classes]"
+        )
     if scores.shape[1] < num_classes:
-        raise ValueError(f"{source}: scores {scores.shape[1]} classes, but the data has {num_classes} "
-                         "(evaluate it on the data it was trained on, or give --data)")
+        raise ValueError(
+            f"{source}: scores {scores.shape[1]} classes, but the data has {num_classes} "
+            "(evaluate it on the data it was trained on, or give --data)"
+        )
     return scores

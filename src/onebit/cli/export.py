@@ -10,18 +10,31 @@ from rich.console import Console
 
 
 def register(commands) -> None:
-    p = commands.add_parser("export", help="pack a trained run (or a pushed model) into a bit-packed engine or ONNX file")
-    p.add_argument("run_dir", metavar="SOURCE",
-                   help="run directory written by `onebit train --out`, folder written by `onebit push`, or hf://ORG/NAME")
-    p.add_argument("--out", required=True, metavar="FILE", help="file to write (e.g. model.onebit.safetensors, model.onnx)")
-    p.add_argument("--format", choices=["packed", "onnx"], default=None,
-                   help="packed engine file or ONNX (standard ops, for onnxruntime); default: from --out's suffix")
+    p = commands.add_parser(
+        "export", help="pack a trained run (or a pushed model) into a bit-packed engine or ONNX file"
+    )
+    p.add_argument(
+        "run_dir",
+        metavar="SOURCE",
+        help="run directory written by `onebit train --out`, folder written by `onebit push`, or hf://ORG/NAME",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="file to write (e.g. model.onebit.safetensors, model.onnx)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["packed", "onnx"],
+        default=None,
+        help="packed engine file or ONNX (standard ops, for onnxruntime); default: from --out's suffix",
+    )
     p.add_argument("--weights", default=None, metavar="REF", help=WEIGHTS_HELP)
     p.set_defaults(run=run)
 
 
-WEIGHTS_HELP = ("the source's model with these weights instead: a run directory, a folder written by `onebit push`, "
-                "a .safetensors state_dict or hf://ORG/NAME[@REVISION]")
+WEIGHTS_HELP = (
+    "the source's model with these weights instead: a run directory, a folder written by `onebit push`, "
+    "a .safetensors state_dict or hf://ORG/NAME[@REVISION]"
+)
 
 
 def load_model(source: str, weights: str | None = None):
@@ -47,9 +60,9 @@ def load_model(source: str, weights: str | None = None):
 
 def engine_module():
     """``onebit.engine`` with ``pack``/``load``, or a one-line error when this build has none."""
-    from onebit.cli import UsageError
-
     import importlib
+
+    from onebit.cli import UsageError
 
     try:
         engine = importlib.import_module("onebit.engine")
@@ -69,7 +82,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if not args.out:
         raise UsageError("--out is empty: name the file to write, e.g. model.onebit.safetensors or model.onnx")
     if os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a directory: name the engine file to write, e.g. {os.path.join(args.out, 'model.onebit.safetensors')}")
+        raise UsageError(
+            f"--out {args.out} is a directory: name the engine file to write, e.g. {os.path.join(args.out, 'model.onebit.safetensors')}"
+        )
     parent = os.path.dirname(os.path.abspath(args.out))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

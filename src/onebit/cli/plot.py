@@ -6,6 +6,7 @@ import argparse
 import os
 
 from rich.console import Console
+
 from onebit.cli import integer
 
 KINDS = ("weights", "features", "curves", "flips")
@@ -28,13 +29,23 @@ def register(commands) -> None:
     p.add_argument("kind", choices=KINDS, help="which picture")
     p.add_argument("target", help="zoo model name or run directory (curves: a run directory)")
     p.add_argument("--layer", default=None, help="qualified layer name (default: the first layer with 1-bit weights)")
-    p.add_argument("--animate", action="store_true",
-                   help="weights: an animated GIF over the epochs a run recorded (default path RUN_DIR/weights.gif)")
+    p.add_argument(
+        "--animate",
+        action="store_true",
+        help="weights: an animated GIF over the epochs a run recorded (default path RUN_DIR/weights.gif)",
+    )
     p.add_argument("--index", type=integer(0), default=0, help="features: index of the test image (default 0)")
-    p.add_argument("--stage", choices=("output", "input"), default="output", help="features: the layer's output, or its (quantized) input")
+    p.add_argument(
+        "--stage",
+        choices=("output", "input"),
+        default="output",
+        help="features: the layer's output, or its (quantized) input",
+    )
     p.add_argument("--data", default=None, help="dataset (default: the run's, or digits)")
     p.add_argument("--epochs", type=integer(1, 10**6), default=5, help="flips: epochs to train (default 5)")
-    p.add_argument("--out", default=None, help="PNG path (default: KIND.png in the run directory, or in the current directory)")
+    p.add_argument(
+        "--out", default=None, help="PNG path (default: KIND.png in the run directory, or in the current directory)"
+    )
     p.set_defaults(run=run)
 
 
@@ -102,12 +113,17 @@ def _flips(args: argparse.Namespace, out: str, console: Console) -> None:
             if self.step == self.steps_per_epoch:
                 recorder.record()
 
-    trainer = Recording.from_config(TrainConfig(model=args.target, data=args.data or "digits", epochs=args.epochs), console)
+    trainer = Recording.from_config(
+        TrainConfig(model=args.target, data=args.data or "digits", epochs=args.epochs), console
+    )
     recorder = plot.FlipRecorder(trainer.model)
     trainer.fit()
     plot.weight_flips(recorder, out)
     io.save_csv(
         os.path.splitext(out)[0] + ".csv",
         ["epoch", "all", *recorder.layers],
-        ([e, f"{recorder.total[e]:.6f}", *(f"{recorder.flips[n][e]:.6f}" for n in recorder.layers)] for e in range(len(recorder.total))),
+        (
+            [e, f"{recorder.total[e]:.6f}", *(f"{recorder.flips[n][e]:.6f}" for n in recorder.layers)]
+            for e in range(len(recorder.total))
+        ),
     )

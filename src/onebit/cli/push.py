@@ -19,10 +19,17 @@ def register(commands) -> None:
     )
     p.add_argument("run_dir", metavar="RUN", help="run directory written by `onebit train --out`")
     p.add_argument("dest", metavar="DEST", help="local folder, or hf://ORG/NAME")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty DEST that holds no previous push (its other files are kept)")
-    p.add_argument("--name", default=None, metavar="ORG/NAME",
-                   help="the Hub repository the model card names, for a local DEST (default: hf://ORG/NAME)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty DEST that holds no previous push (its other files are kept)",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        metavar="ORG/NAME",
+        help="the Hub repository the model card names, for a local DEST (default: hf://ORG/NAME)",
+    )
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
     p.set_defaults(run=run)
 

@@ -39,11 +39,13 @@ _OPTIONS = {
     "loader_workers": (int, "loader worker processes decoding and augmenting images (0: in the training process)"),
     "device": (str, "auto (a GPU when there is one), cpu or cuda"),
     "precision": (str, "fp32, or mixed precision bf16 / fp16 (evaluation and export stay fp32)"),
-    "weights": (str, "start from these weights: a run directory, a weights file, a pushed folder or hf://org/name[@rev]"),
+    "weights": (
+        str,
+        "start from these weights: a run directory, a weights file, a pushed folder or hf://org/name[@rev]",
+    ),
     "mean": (numbers, "normalize with this mean per channel, e.g. 0.485,0.456,0.406 (default: the data's)"),
     "std": (numbers, "normalize with this std per channel, e.g. 0.229,0.224,0.225 (with --mean)"),
 }
-
 
 
 def register(commands) -> None:
@@ -58,13 +60,20 @@ def register(commands) -> None:
     for name, (kind, help_text) in _OPTIONS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     p.add_argument(
-        "--model-arg", action="append", default=[], metavar="KEY=VALUE",
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="argument of the model builder, e.g. conv_layer=twist, widths=[32,64] or input_quantizer=approx_sign: "
         "a JSON value, else a string; a value with brackets or quotes must be valid JSON (repeatable)",
     )
     p.add_argument("--out", default=None, help="run directory for checkpoints and history.csv")
-    p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also write TensorBoard event files (scalars, weight histograms) under OUT/tensorboard")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also write TensorBoard event files (scalars, weight histograms) under OUT/tensorboard",
+    )
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the interrupted run saved in DIR")
     p.add_argument("--overwrite", action="store_true", help="replace the run --out already holds")
     p.set_defaults(run=run)
@@ -90,8 +99,10 @@ def parse_model_args(items: list[str]) -> dict:
                 parsed = json.loads(text)
             except json.JSONDecodeError as error:
                 if any(c in text for c in '{}[]"'):
-                    raise ValueError(f"--model-arg {item}: the value {text!r} is not valid JSON "
-                                     f"({error.msg} at column {error.colno})") from None
+                    raise ValueError(
+                        f"--model-arg {item}: the value {text!r} is not valid JSON "
+                        f"({error.msg} at column {error.colno})"
+                    ) from None
                 parsed = text
         kwargs[key.strip()] = parsed
     return kwargs
@@ -101,8 +112,9 @@ def _config(args: argparse.Namespace):
     from onebit.train import TrainConfig
 
     values = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
-    config = TrainConfig(**values, out=args.out, model_kwargs=parse_model_args(args.model_arg),
-                         tensorboard=bool(args.tensorboard))
+    config = TrainConfig(
+        **values, out=args.out, model_kwargs=parse_model_args(args.model_arg), tensorboard=bool(args.tensorboard)
+    )
     config.validate()
     return config
 
@@ -112,7 +124,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     if args.resume:
         # how many processes train and decode, and where, may change (the device only by float rounding)
-        given = [n for n in _OPTIONS if getattr(args, n) is not None and n not in ("workers", "loader_workers", "device")]
+        given = [
+            n for n in _OPTIONS if getattr(args, n) is not None and n not in ("workers", "loader_workers", "device")
+        ]
         given += ["model_arg"] if args.model_arg else []
         if given or (args.out and os.path.abspath(args.out) != os.path.abspath(args.resume)):
             names = ", ".join("--" + n.replace("_", "-") for n in given) or "--out"
@@ -127,9 +141,11 @@ def run(args: argparse.Namespace, console: Console) -> int:
             config.device = args.device
         if args.loader_workers is not None:
             if (args.loader_workers == 0) != (config.loader_workers == 0):
-                raise ValueError(f"--loader-workers {args.loader_workers}: the run started with {config.loader_workers}; "
-                                 "in-memory data is served whole batches at a time without loader workers and sample "
-                                 "by sample with them, so a resumed run keeps 0, or keeps at least 1")
+                raise ValueError(
+                    f"--loader-workers {args.loader_workers}: the run started with {config.loader_workers}; "
+                    "in-memory data is served whole batches at a time without loader workers and sample "
+                    "by sample with them, so a resumed run keeps 0, or keeps at least 1"
+                )
             config.loader_workers = args.loader_workers
         config.validate()
     else:
@@ -186,7 +202,10 @@ def _run(config, args: argparse.Namespace, console: Console, trainer=None) -> in
     if config.workers > 1:
         status = training.run_distributed(config, config.workers, args.resume)
         if config.out and status == 0:
-            console.print(f"saved run to {config.out}/ (model.safetensors, checkpoint.safetensors, config.json, history.csv)", highlight=False)
+            console.print(
+                f"saved run to {config.out}/ (model.safetensors, checkpoint.safetensors, config.json, history.csv)",
+                highlight=False,
+            )
         return status
     return _run_here(config, args.resume, console, trainer)
 
@@ -201,8 +220,9 @@ def _run_here(config, resume_dir: str | None, console: Console, trainer=None) ->
     from onebit import train as training
 
     if resume_dir:
-        trainer = training.Trainer.from_run(resume_dir, console, workers=config.workers, loader_workers=config.loader_workers,
-                                            device=config.device)
+        trainer = training.Trainer.from_run(
+            resume_dir, console, workers=config.workers, loader_workers=config.loader_workers, device=config.device
+        )
         if trainer.epoch >= config.epochs:
             console.print(f"run {resume_dir} is already complete ({config.epochs} epochs)", highlight=False)
     elif trainer is None:
@@ -215,7 +235,10 @@ def _run_here(config, resume_dir: str | None, console: Console, trainer=None) ->
         return 130 if stop.signum == signal.SIGINT else 0
     metrics = trainer.evaluate_metrics()
     if config.out:
-        console.print(f"saved run to {config.out}/ (model.safetensors, checkpoint.safetensors, config.json, history.csv)", highlight=False)
+        console.print(
+            f"saved run to {config.out}/ (model.safetensors, checkpoint.safetensors, config.json, history.csv)",
+            highlight=False,
+        )
     console.print(f"test accuracy: {metrics['accuracy']:.4f}", highlight=False)
     return 0
 

@@ -9,8 +9,8 @@ uint8; image folders are decoded an image at a time. :class:`Augment` names a ru
 augmentation; :mod:`onebit.data.loader` serves the splits to the trainer.
 """
 
+from onebit.data import cifar, digits, idx, imagefolder  # noqa: F401  (register their readers)
 from onebit.data.augment import Augment
 from onebit.data.bundle import DataBundle, load, names, register_dataset, register_directory_reader
-from onebit.data import cifar, digits, idx, imagefolder  # noqa: F401  (register their readers)
 
 __all__ = ["Augment", "DataBundle", "load", "names", "register_dataset", "register_directory_reader"]

@@ -29,13 +29,15 @@ class Augment:
     resized_crop: bool = False
 
     @classmethod
-    def parse(cls, spec: str, image_size: tuple[int, int]) -> "Augment":
+    def parse(cls, spec: str, image_size: tuple[int, int]) -> Augment:
         """``"none"``, or ``+``-joined parts: ``crop`` (padding 1/8 of the image side),
         ``resized-crop`` and ``flip``; e.g. ``"crop+flip"``, ``"resized-crop+flip"``."""
         parts = {p for p in spec.replace(",", "+").split("+") if p and p != "none"}
         unknown = parts - {"crop", "flip", "resized-crop"}
         if unknown:
-            raise ValueError(f"unknown augmentation {spec!r}; use none, crop, flip, crop+flip, resized-crop or resized-crop+flip")
+            raise ValueError(
+                f"unknown augmentation {spec!r}; use none, crop, flip, crop+flip, resized-crop or resized-crop+flip"
+            )
         if {"crop", "resized-crop"} <= parts:
             raise ValueError(f"augmentation {spec!r}: choose crop or resized-crop, not both")
         pad = max(1, min(image_size) // 8) if "crop" in parts else 0
@@ -46,14 +48,18 @@ class Augment:
         return self.crop_padding > 0 or self.flip or self.resized_crop
 
     def describe(self) -> str:
-        parts = ([f"crop±{self.crop_padding}"] if self.crop_padding else []) + (["resized-crop"] if self.resized_crop else [])
+        parts = ([f"crop±{self.crop_padding}"] if self.crop_padding else []) + (
+            ["resized-crop"] if self.resized_crop else []
+        )
         parts += ["flip"] if self.flip else []
         return "+".join(parts) or "none"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augment a batch ``[N, C, H, W]`` (translation and flips); returns a new tensor."""
         if self.resized_crop:
-            raise ValueError("a resized crop is a per-sample augmentation (DataBundle.train_transform), not a batch one")
+            raise ValueError(
+                "a resized crop is a per-sample augmentation (DataBundle.train_transform), not a batch one"
+            )
         n, _, h, w = x.shape
         if self.crop_padding:
             p = self.crop_padding

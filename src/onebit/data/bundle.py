@@ -15,8 +15,8 @@ normalizing the whole set at once); image folders stay on disk.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,16 @@ from onebit.data.augment import Augment
 from onebit.data.datasets import ArrayDataset, ImageSource
 
 __all__ = [
-    "DataBundle", "Split", "ToUnit", "register_dataset", "register_directory_reader", "load", "names",
-    "array_bundle", "resize", "channel_stats",
+    "DataBundle",
+    "Split",
+    "ToUnit",
+    "register_dataset",
+    "register_directory_reader",
+    "load",
+    "names",
+    "array_bundle",
+    "resize",
+    "channel_stats",
 ]
 
 #: the fraction of the resized image a centre crop keeps when evaluating large images (ImageNet's 224 of 256)
@@ -53,8 +61,13 @@ class ToUnit:
 class Split(Dataset):
     """One split as a model sees it: ``split[i] = (transform(source[i].image), label)``."""
 
-    def __init__(self, source: ImageSource, transform: T.Compose, mean: torch.Tensor | None = None,
-                 std: torch.Tensor | None = None):
+    def __init__(
+        self,
+        source: ImageSource,
+        transform: T.Compose,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ):
         self.source, self.transform = source, transform
         self.mean, self.std = mean, std  # float32 [C], or None: not normalized
 
@@ -147,8 +160,9 @@ class DataBundle:
         )
 
 
-def eval_transform(source: ImageSource, size: tuple[int, int], prepare: str, mean: Sequence[float],
-                   std: Sequence[float] | None) -> T.Compose:
+def eval_transform(
+    source: ImageSource, size: tuple[int, int], prepare: str, mean: Sequence[float], std: Sequence[float] | None
+) -> T.Compose:
     """The deterministic pipeline of a split (``std=None``: to ``[0, 1]`` without normalizing)."""
     steps = prepare_steps(size, prepare)
     steps.append(ToUnit(source.scale))
@@ -167,9 +181,19 @@ def prepare_steps(size: tuple[int, int], prepare: str) -> list:
     return []
 
 
-def make_bundle(name: str, train: ImageSource, test: ImageSource, *, num_classes: int, classes: list[str],
-                mean: Sequence[float], std: Sequence[float], augment: str, size: tuple[int, int],
-                prepare: str = "") -> DataBundle:
+def make_bundle(
+    name: str,
+    train: ImageSource,
+    test: ImageSource,
+    *,
+    num_classes: int,
+    classes: list[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: str,
+    size: tuple[int, int],
+    prepare: str = "",
+) -> DataBundle:
     """A bundle of two sources, their evaluation transforms built from ``size``, ``prepare`` and the statistics."""
     if len(mean) != train.channels or len(std) != train.channels:
         raise ValueError(f"--mean/--std: {name} has {train.channels} channel(s), got {len(mean)} and {len(std)} values")
@@ -177,14 +201,33 @@ def make_bundle(name: str, train: ImageSource, test: ImageSource, *, num_classes
         raise ValueError(f"std must be positive, got {list(std)}")
     mean_t, std_t = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     splits = [Split(s, eval_transform(s, size, prepare, mean, std), mean_t, std_t) for s in (train, test)]
-    return DataBundle(name=name, train=splits[0], test=splits[1], num_classes=num_classes, classes=classes,
-                      mean=[float(v) for v in mean], std=[float(v) for v in std], augment=augment,
-                      size=tuple(size), prepare=prepare)
+    return DataBundle(
+        name=name,
+        train=splits[0],
+        test=splits[1],
+        num_classes=num_classes,
+        classes=classes,
+        mean=[float(v) for v in mean],
+        std=[float(v) for v in std],
+        augment=augment,
+        size=tuple(size),
+        prepare=prepare,
+    )
 
 
-def array_bundle(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], *,
-                 scale: float, num_classes: int, classes: list[str], augment: str, image_size: int | None = None,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> DataBundle:
+def array_bundle(
+    name: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    scale: float,
+    num_classes: int,
+    classes: list[str],
+    augment: str,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> DataBundle:
     """A bundle of in-memory images (uint8 ``[N, C, H, W]`` with ``scale``), kept as uint8.
 
     The statistics are the training images' own (``x / scale`` in float32, mean and std per
@@ -200,8 +243,16 @@ def array_bundle(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tupl
             mean, std = channel_stats(unit)
         del unit
     sources = ArrayDataset(x_train, y_train, scale), ArrayDataset(x_test, y_test, scale)
-    return make_bundle(name, *sources, num_classes=num_classes, classes=classes, mean=mean, std=std,
-                       augment=augment, size=sources[0].image_size)
+    return make_bundle(
+        name,
+        *sources,
+        num_classes=num_classes,
+        classes=classes,
+        mean=mean,
+        std=std,
+        augment=augment,
+        size=sources[0].image_size,
+    )
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -251,8 +302,13 @@ def names() -> list[str]:
     return sorted(_DATASETS)
 
 
-def load(source: str = "digits", image_size: int | None = None, mean: Sequence[float] | None = None,
-         std: Sequence[float] | None = None, **kwargs) -> DataBundle:
+def load(
+    source: str = "digits",
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs,
+) -> DataBundle:
     """Load a dataset by registered name or from a directory in a standard format.
 
     Directory formats: IDX files (MNIST/Fashion-MNIST layout), CIFAR batches, an image-folder

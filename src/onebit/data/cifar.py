@@ -85,7 +85,9 @@ def read_binary_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images, labels)`` from one binary-version batch (records of 1 + 3072 bytes)."""
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % 3073:
-        raise ValueError(f"{path}: size {raw.size} bytes is not a whole number of CIFAR-10 records (1 label byte + 3072 pixel bytes)")
+        raise ValueError(
+            f"{path}: size {raw.size} bytes is not a whole number of CIFAR-10 records (1 label byte + 3072 pixel bytes)"
+        )
     records = raw.reshape(-1, 3073)
     return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
 
@@ -122,12 +124,23 @@ def load_cifar_directory(path: str, image_size: int | None = None, mean=None, st
         for name in files:
             file = os.path.join(path, name + suffix)
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"{path}: missing CIFAR batch {name + suffix} (expected {', '.join(f + suffix for f in train_files + test_files)})")
+                raise FileNotFoundError(
+                    f"{path}: missing CIFAR batch {name + suffix} (expected {', '.join(f + suffix for f in train_files + test_files)})"
+                )
             x, y = reader(file)
             images.append(x)
             labels.append(y)
         parts[split] = (torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
     num_classes = int(max(parts["train"][1].max(), parts["test"][1].max())) + 1
-    return array_bundle(os.path.basename(os.path.normpath(path)), parts["train"], parts["test"], scale=255.0,
-                        num_classes=num_classes, classes=_classes(path, layout, num_classes), augment="crop+flip",
-                        image_size=image_size, mean=mean, std=std)
+    return array_bundle(
+        os.path.basename(os.path.normpath(path)),
+        parts["train"],
+        parts["test"],
+        scale=255.0,
+        num_classes=num_classes,
+        classes=_classes(path, layout, num_classes),
+        augment="crop+flip",
+        image_size=image_size,
+        mean=mean,
+        std=std,
+    )

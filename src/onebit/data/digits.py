@@ -11,6 +11,7 @@ from importlib import resources
 
 import numpy as np
 import torch
+
 from onebit.data.bundle import DataBundle, array_bundle, register_dataset
 
 __all__ = ["load_digits_arrays", "digits"]
@@ -59,14 +60,28 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tu
 
 
 @register_dataset("digits")
-def digits(test_fraction: float = DEFAULT_TEST_FRACTION, split_seed: int = DEFAULT_SPLIT_SEED, image_size: int | None = None,
-           mean=None, std=None) -> DataBundle:
+def digits(
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    image_size: int | None = None,
+    mean=None,
+    std=None,
+) -> DataBundle:
     """The digits with a fixed, stratified train/test split (1,437 / 360 images by default, see
     :func:`load_digits_arrays`), kept as uint8 and seen as ``images / 16`` normalized with the
     training split's statistics."""
     images_u8, labels_np, train_np, test_np = load_digits_arrays(test_fraction, split_seed)
     images, labels = torch.from_numpy(images_u8), torch.from_numpy(labels_np)
     train_idx, test_idx = torch.from_numpy(train_np), torch.from_numpy(test_np)
-    return array_bundle("digits", (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx]),
-                        scale=16.0, num_classes=10, classes=[str(i) for i in range(10)], augment="none",
-                        image_size=image_size, mean=mean, std=std)
+    return array_bundle(
+        "digits",
+        (images[train_idx], labels[train_idx]),
+        (images[test_idx], labels[test_idx]),
+        scale=16.0,
+        num_classes=10,
+        classes=[str(i) for i in range(10)],
+        augment="none",
+        image_size=image_size,
+        mean=mean,
+        std=std,
+    )

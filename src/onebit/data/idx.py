@@ -53,7 +53,9 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
     except (OSError, EOFError) as error:
         raise ValueError(f"{path}: cannot read IDX file ({error})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (expected the magic bytes 00 00 <type> <ndim>, got {raw[:4].hex(' ') or 'an empty file'})")
+        raise ValueError(
+            f"{path}: not an IDX file (expected the magic bytes 00 00 <type> <ndim>, got {raw[:4].hex(' ') or 'an empty file'})"
+        )
     dtype, ndim = raw[2], raw[3]
     if dtype != 0x08:
         raise ValueError(f"{path}: IDX type 0x{dtype:02x} is not supported (expected 0x08, unsigned bytes)")
@@ -65,7 +67,9 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     size = int(np.prod(shape)) if shape else 0
     if len(raw) - header != size:
-        raise ValueError(f"{path}: IDX header announces shape {list(shape)} ({size} bytes) but the file holds {len(raw) - header} data bytes")
+        raise ValueError(
+            f"{path}: IDX header announces shape {list(shape)} ({size} bytes) but the file holds {len(raw) - header} data bytes"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -82,14 +86,25 @@ def load_idx_directory(path: str, image_size: int | None = None, mean=None, std=
     for split in ("train", "test"):
         images, labels = arrays[(split, "images")], arrays[(split, "labels")]
         if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-            raise ValueError(f"{found[(split, 'images')]}: holds {images.shape[0]} images of {images.shape[1]}x{images.shape[2]} pixels; "
-                             "a dataset needs at least one image of at least 1x1 pixel")
+            raise ValueError(
+                f"{found[(split, 'images')]}: holds {images.shape[0]} images of {images.shape[1]}x{images.shape[2]} pixels; "
+                "a dataset needs at least one image of at least 1x1 pixel"
+            )
         if len(images) != len(labels):
             raise ValueError(
                 f"{found[(split, 'labels')]}: {len(labels)} labels for {len(images)} images in {found[(split, 'images')]}"
             )
         splits.append((torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
     num_classes = int(max(splits[0][1].max(), splits[1][1].max())) + 1
-    return array_bundle(os.path.basename(os.path.normpath(path)), splits[0], splits[1], scale=255.0,
-                        num_classes=num_classes, classes=[str(i) for i in range(num_classes)], augment="crop",
-                        image_size=image_size, mean=mean, std=std)
+    return array_bundle(
+        os.path.basename(os.path.normpath(path)),
+        splits[0],
+        splits[1],
+        scale=255.0,
+        num_classes=num_classes,
+        classes=[str(i) for i in range(num_classes)],
+        augment="crop",
+        image_size=image_size,
+        mean=mean,
+        std=std,
+    )

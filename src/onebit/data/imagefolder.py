@@ -22,7 +22,14 @@ import os
 import numpy as np
 import torch
 
-from onebit.data.bundle import LARGE_IMAGE, DataBundle, eval_transform, make_bundle, register_directory_reader, sample_indices
+from onebit.data.bundle import (
+    LARGE_IMAGE,
+    DataBundle,
+    eval_transform,
+    make_bundle,
+    register_directory_reader,
+    sample_indices,
+)
 from onebit.data.datasets import GREY_MODES, ImageFiles, open_image
 
 __all__ = ["load_image_folder", "EXTENSIONS", "STATS_SAMPLE"]
@@ -57,7 +64,9 @@ def _list(root: str, classes: list[str] | None = None) -> tuple[list[str], list[
     classes = classes or found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f"{root}: class folder(s) {', '.join(unknown)} do not exist in the training split ({', '.join(classes)})")
+        raise ValueError(
+            f"{root}: class folder(s) {', '.join(unknown)} do not exist in the training split ({', '.join(classes)})"
+        )
     files, labels = [], []
     for label, name in enumerate(classes):
         folder = os.path.join(root, name)
@@ -77,7 +86,9 @@ def _split(path: str, test_fraction: float, split_seed: int):
     if "train" in dirs:
         test_dir = next((os.path.join(path, d) for d in _TEST_NAMES if d in dirs), None)
         if test_dir is None:
-            raise FileNotFoundError(f"{path}: has train/ but no test split (expected one of {', '.join(n + '/' for n in _TEST_NAMES)})")
+            raise FileNotFoundError(
+                f"{path}: has train/ but no test split (expected one of {', '.join(n + '/' for n in _TEST_NAMES)})"
+            )
         train_files, train_labels, classes = _list(os.path.join(path, "train"))
         test_files, test_labels, _ = _list(test_dir, classes)
         return train_files, train_labels, test_files, test_labels, classes
@@ -94,8 +105,13 @@ def _split(path: str, test_fraction: float, split_seed: int):
     train_idx, test_idx = sorted(train_idx), sorted(test_idx)
     if not test_idx:
         raise ValueError(f"{path}: too few images for a test split; add a test/ folder or more images per class")
-    return ([files[i] for i in train_idx], [labels[i] for i in train_idx],
-            [files[i] for i in test_idx], [labels[i] for i in test_idx], classes)
+    return (
+        [files[i] for i in train_idx],
+        [labels[i] for i in train_idx],
+        [files[i] for i in test_idx],
+        [labels[i] for i in test_idx],
+        classes,
+    )
 
 
 def _survey(files: list[str]) -> tuple[str, set[tuple[int, int]]]:
@@ -125,8 +141,9 @@ def _estimate_stats(source: ImageFiles, size: tuple[int, int], prepare: str) -> 
 
 
 @register_directory_reader("image folder (one subfolder per class)", _detect)
-def load_image_folder(path: str, image_size: int | None = None, mean=None, std=None, test_fraction: float = 0.2,
-                      split_seed: int = 0) -> DataBundle:
+def load_image_folder(
+    path: str, image_size: int | None = None, mean=None, std=None, test_fraction: float = 0.2, split_seed: int = 0
+) -> DataBundle:
     """The bundle of the tree at ``path`` (see the module's docstring)."""
     train_files, train_labels, test_files, test_labels, classes = _split(path, test_fraction, split_seed)
     mode, sizes = _survey(train_files)
@@ -141,6 +158,15 @@ def load_image_folder(path: str, image_size: int | None = None, mean=None, std=N
     train, test = ImageFiles(train_files, train_labels, mode), ImageFiles(test_files, test_labels, mode)
     if mean is None:
         mean, std = _estimate_stats(train, size, prepare)
-    return make_bundle(os.path.basename(os.path.normpath(path)), train, test, num_classes=len(classes), classes=classes,
-                       mean=mean, std=std, augment="resized-crop+flip" if large else "crop+flip", size=size,
-                       prepare=prepare)
+    return make_bundle(
+        os.path.basename(os.path.normpath(path)),
+        train,
+        test,
+        num_classes=len(classes),
+        classes=classes,
+        mean=mean,
+        std=std,
+        augment="resized-crop+flip" if large else "crop+flip",
+        size=size,
+        prepare=prepare,
+    )

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import signal
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -23,8 +23,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from onebit.data.datasets import ImageSource
 
 __all__ = [
-    "epoch_permutation", "batch_indices", "steps_per_epoch", "sample_seed", "AugmentedSamples", "EpochBatches",
-    "IndexBatches", "make_loader", "batches_of", "close_loader",
+    "epoch_permutation",
+    "batch_indices",
+    "steps_per_epoch",
+    "sample_seed",
+    "AugmentedSamples",
+    "EpochBatches",
+    "IndexBatches",
+    "make_loader",
+    "batches_of",
+    "close_loader",
 ]
 
 _MASK = (1 << 64) - 1
@@ -130,8 +138,9 @@ def _leave_stops_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset: Dataset, batch_sampler: Sampler, workers: int, *, pin_memory: bool = False,
-                persistent: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_sampler: Sampler, workers: int, *, pin_memory: bool = False, persistent: bool = False
+) -> DataLoader:
     """torch's ``DataLoader`` over ``dataset`` with ``workers`` processes (0: in this process),
     pinned batches for a GPU. ``persistent`` workers live across iterations until
     :func:`close_loader`; others end with their iteration."""

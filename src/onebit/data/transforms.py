@@ -354,6 +354,5 @@ class RandomResizedCrop:
 
     def __repr__(self) -> str:
         return (
-            f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-            f"antialias={self.antialias})"
+            f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio}, antialias={self.antialias})"
         )

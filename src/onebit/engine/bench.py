@@ -16,8 +16,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class Pair:
     results: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "Pair":
+    def parse(cls, text: str) -> Pair:
         """``binary:float@image``, e.g. ``birealnet18:resnet18@224`` or ``lenet_binary:lenet@8``."""
         names, _, image = text.partition("@")
         binary, _, float_name = names.partition(":")
@@ -240,20 +241,31 @@ def demo_report(model: nn.Module, x_test: torch.Tensor, out_dir: str, console, *
     packed_bytes = os.path.getsize(path)
     one, batch = x_test[:1].contiguous(), x_test.contiguous()
     t = _interleaved(
-        {"packed 1": lambda: loaded(one), "simulated 1": lambda: model(one),
-         "packed all": lambda: loaded(batch), "simulated all": lambda: model(batch)},
+        {
+            "packed 1": lambda: loaded(one),
+            "simulated 1": lambda: model(one),
+            "packed all": lambda: loaded(batch),
+            "simulated all": lambda: model(batch),
+        },
         reps,
     )
     table = Table(title=f"packed engine ({_backend_name()}) vs the simulated binary model")
     for col in ("", "simulated (PyTorch)", "packed", "ratio"):
         table.add_column(col, justify="right")
-    table.add_row("file", f"{float_bytes / 1e3:.1f} kB", f"{packed_bytes / 1e3:.1f} kB", f"{float_bytes / packed_bytes:.1f}x smaller")
+    table.add_row(
+        "file",
+        f"{float_bytes / 1e3:.1f} kB",
+        f"{packed_bytes / 1e3:.1f} kB",
+        f"{float_bytes / packed_bytes:.1f}x smaller",
+    )
     for label, key in (("batch 1", "1"), (f"batch {len(x_test)}", "all")):
         s, p = t[f"simulated {key}"], t[f"packed {key}"]
         table.add_row(label, f"{1e3 * s:.3f} ms", f"{1e3 * p:.3f} ms", f"{s / p:.1f}x faster")
     console.print(table)
     verdict = "[green]identical[/]" if mismatches == 0 else f"[red]{mismatches} differ[/]"
-    console.print(f"test-set predictions, packed file reloaded vs simulated model: {verdict} ({len(x_test)} images); saved {path}")
+    console.print(
+        f"test-set predictions, packed file reloaded vs simulated model: {verdict} ({len(x_test)} images); saved {path}"
+    )
     return {
         "path": path,
         "mismatches": mismatches,

@@ -40,9 +40,16 @@ from onebit.nn.functional import scale_and_bias
 from onebit.quant_lowbit import DoReFaSymmetric, Ternary, symmetric_integers
 
 __all__ = [
-    "PlaneCode", "input_code", "weight_code", "integer_input", "stack_weight_planes", "activation_planes",
-    "bitplane_conv2d_int", "bitplane_layer", "nan_where_read",
-]  # fmt: skip
+    "PlaneCode",
+    "input_code",
+    "weight_code",
+    "integer_input",
+    "stack_weight_planes",
+    "activation_planes",
+    "bitplane_conv2d_int",
+    "bitplane_layer",
+    "nan_where_read",
+]
 
 #: the most activation / weight planes a layer is run with by planes (more: a float conv is faster)
 MAX_INPUT_PLANES, MAX_WEIGHT_PLANES = 4, 3
@@ -56,19 +63,19 @@ class PlaneCode:
     bits: int
 
     @staticmethod
-    def symmetric(bits: int) -> "PlaneCode":
+    def symmetric(bits: int) -> PlaneCode:
         return PlaneCode("symmetric", _bits(bits))
 
     @staticmethod
-    def unsigned(bits: int) -> "PlaneCode":
+    def unsigned(bits: int) -> PlaneCode:
         return PlaneCode("unsigned", _bits(bits))
 
     @staticmethod
-    def ternary() -> "PlaneCode":
+    def ternary() -> PlaneCode:
         return PlaneCode("ternary", 2)
 
     @staticmethod
-    def binary() -> "PlaneCode":
+    def binary() -> PlaneCode:
         return PlaneCode("binary", 1)
 
     @property
@@ -249,10 +256,18 @@ def bitplane_conv2d_int(
     g = groups * pa
     cog = out_channels // groups
     y = ops.binary_conv2d_int(  # the float planes are packed inside the call
-        activation_planes(x_int, act), weight_planes_packed, in_channels=in_channels * pa, out_channels=pa * groups * pw * cog,
-        kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=g,
-        pad_value=act.pad_value, cache=cache,
-    )  # fmt: skip
+        activation_planes(x_int, act),
+        weight_planes_packed,
+        in_channels=in_channels * pa,
+        out_channels=pa * groups * pw * cog,
+        kernel_size=kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=g,
+        pad_value=act.pad_value,
+        cache=cache,
+    )
     n, _, oh, ow = y.shape
     # [N, OH, OW, P_a, G, P_w, Cog] in the kernel's channels-last memory: a weighted sum of the
     # plane pairs in int32 (|sum| <= K * n_a * n_w, far below 2^31)
@@ -301,24 +316,49 @@ def bitplane_layer(
     pa, pw = act.planes, weight.planes
     if ops.backend() != "native":
         x_int = integer_input(x, quantizer, act.bits, clip)
-        acc = bitplane_conv2d_int(x_int, stacked_weight, plane_sums, act=act, weight=weight, in_channels=in_channels,
-                                  out_channels=out_channels, groups=groups, cache=cache, **conv)  # fmt: skip
+        acc = bitplane_conv2d_int(
+            x_int,
+            stacked_weight,
+            plane_sums,
+            act=act,
+            weight=weight,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            groups=groups,
+            cache=cache,
+            **conv,
+        )
         y = scale_and_bias(acc / input_divisor, scale, bias, spatial_dims=2)
         traced = type(x) is not torch.Tensor or torch.compiler.is_compiling()
         nan = None if traced else bool(torch.isnan(x).any())
     else:
         from onebit.engine import kernels as K
 
-        xp, nan = K.pack_integer_planes_nan(x, padding, groups, symmetric=act.kind == "symmetric", bits=act.bits,
-                                            clip=clip)  # fmt: skip
+        xp, nan = K.pack_integer_planes_nan(
+            x, padding, groups, symmetric=act.kind == "symmetric", bits=act.bits, clip=clip
+        )
         y = ops.binary_conv2d_int(
-            xp, stacked_weight, in_channels=in_channels * pa, out_channels=pa * pw * out_channels, groups=groups * pa,
-            pad_value=act.pad_value, cache=cache, **conv,
-        )  # fmt: skip
+            xp,
+            stacked_weight,
+            in_channels=in_channels * pa,
+            out_channels=pa * pw * out_channels,
+            groups=groups * pa,
+            pad_value=act.pad_value,
+            cache=cache,
+            **conv,
+        )
         y = K.combine_planes(
-            y, _coefficient_tensor(act, weight), offset_term(act, weight, plane_sums), act_planes=pa, groups=groups,
-            weight_planes=pw, exact_divisor=act.divisor * weight.divisor, divisor=input_divisor, scale=scale, bias=bias,
-        )  # fmt: skip
+            y,
+            _coefficient_tensor(act, weight),
+            offset_term(act, weight, plane_sums),
+            act_planes=pa,
+            groups=groups,
+            weight_planes=pw,
+            exact_divisor=act.divisor * weight.divisor,
+            divisor=input_divisor,
+            scale=scale,
+            bias=bias,
+        )
     if nan is False:  # the kernel's pass over x saw no NaN: nothing more to do
         return y
     return nan_where_read(y, x, groups=groups, **conv)  # a NaN (or, traced, perhaps one)

@@ -42,7 +42,16 @@ from onebit import io
 from onebit.engine import graph as G
 from onebit.engine import ops
 
-__all__ = ["FormatError", "read", "write", "compact_weight", "expand_weight", "format_error", "FORMAT", "FORMAT_VERSION"]
+__all__ = [
+    "FormatError",
+    "read",
+    "write",
+    "compact_weight",
+    "expand_weight",
+    "format_error",
+    "FORMAT",
+    "FORMAT_VERSION",
+]
 
 FORMAT = "onebit.packed"
 FORMAT_VERSION = "1"
@@ -123,7 +132,10 @@ def _header_tensors(path, header: dict, data_size: int) -> dict[str, tuple[torch
         if key == "__metadata__":
             continue
         if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-            raise format_error(path, f"tensor {key!r} has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+            raise format_error(
+                path,
+                f"tensor {key!r} has an unsupported dtype {info.get('dtype') if isinstance(info, dict) else info!r}",
+            )
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and len(shape) <= 8 and all(_plain_int(d) and 0 <= d < 1 << 40 for d in shape)):
             raise format_error(path, f"tensor {key!r} has a bad shape {shape!r}")
@@ -132,17 +144,25 @@ def _header_tensors(path, header: dict, data_size: int) -> dict[str, tuple[torch
         dtype = _DTYPES[info["dtype"]]
         nbytes = math.prod(shape) * dtype.itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise format_error(path, f"tensor {key!r} of shape {shape} ({info['dtype']}) needs {nbytes} bytes, its data offsets span {offsets[1] - offsets[0]}")
+            raise format_error(
+                path,
+                f"tensor {key!r} of shape {shape} ({info['dtype']}) needs {nbytes} bytes, its data offsets span {offsets[1] - offsets[0]}",
+            )
         entries.append((offsets[0], offsets[1], key, dtype, shape))
     entries.sort()
     end = 0
     for begin, stop, key, _, _ in entries:
         if begin != end:
-            raise format_error(path, f"tensor {key!r} starts at byte {begin} of the data, expected {end} (gaps or overlaps)")
+            raise format_error(
+                path, f"tensor {key!r} starts at byte {begin} of the data, expected {end} (gaps or overlaps)"
+            )
         end = stop
     if end != data_size:
-        raise format_error(path, f"the data section holds {data_size} bytes, the header describes {end}"
-                    + (" (the file is longer than it claims)" if data_size > end else " (truncated)"))
+        raise format_error(
+            path,
+            f"the data section holds {data_size} bytes, the header describes {end}"
+            + (" (the file is longer than it claims)" if data_size > end else " (truncated)"),
+        )
     return {key: (dtype, shape) for _, _, key, dtype, shape in entries}
 
 
@@ -169,7 +189,9 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
             raise format_error(path, "it is a zip archive (a torch.save checkpoint?), not safetensors")
         pickled = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
         if size < 8:
-            raise format_error(path, "it looks like a pickle, which onebit never loads" if pickled else f"truncated ({size} bytes)")
+            raise format_error(
+                path, "it looks like a pickle, which onebit never loads" if pickled else f"truncated ({size} bytes)"
+            )
         (header_len,) = struct.unpack("<Q", head[:8])
         if header_len < 2 or header_len > _MAX_HEADER or 8 + header_len > size or head[8:9] != b"{":
             if pickled:
@@ -189,7 +211,9 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise format_error(path, f"no {FORMAT!r} format tag in the metadata (a plain safetensors file?)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise format_error(path, f"unsupported format version {meta.get('format_version')!r} (this onebit reads {FORMAT_VERSION})")
+        raise format_error(
+            path, f"unsupported format version {meta.get('format_version')!r} (this onebit reads {FORMAT_VERSION})"
+        )
     declared = _header_tensors(path, header, size - 8 - header_len)
     try:
         graph = json.loads(meta.get("graph", ""))
@@ -204,7 +228,9 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         with safe_open(os.fspath(path), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in declared}
     except MemoryError:
-        raise MemoryError(f"{os.fspath(path)}: not enough memory for its {size - 8 - header_len} bytes of tensors") from None
+        raise MemoryError(
+            f"{os.fspath(path)}: not enough memory for its {size - 8 - header_len} bytes of tensors"
+        ) from None
     except Exception as error:  # safetensors raises its own error types on malformed data
         raise format_error(path, f"safetensors could not read the tensors ({error})") from None
     try:
@@ -217,4 +243,3 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     except G.GraphError as error:
         raise format_error(path, str(error)) from None
     return graph, tensors
-

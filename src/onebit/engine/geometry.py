@@ -149,8 +149,9 @@ class ConvSpec:
     pad_value: float = 0.0
 
     @classmethod
-    def check(cls, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-              pad_value=0.0) -> "ConvSpec":  # fmt: skip
+    def check(
+        cls, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, pad_value=0.0
+    ) -> ConvSpec:
         """The spec of these arguments (as :func:`onebit.engine.kernels.binary_conv2d` takes them),
         or a ``ValueError`` naming the first bad one."""
         c = check_int(in_channels, "in_channels", 1)
@@ -162,8 +163,12 @@ class ConvSpec:
         stride = pair(stride, "stride")
         padding = pair(padding, "padding")
         dilation = pair(dilation, "dilation")
-        for name, value, minimum in (("kernel_size", kernel, 1), ("stride", stride, 1), ("dilation", dilation, 1),
-                                     ("padding", padding, 0)):  # fmt: skip
+        for name, value, minimum in (
+            ("kernel_size", kernel, 1),
+            ("stride", stride, 1),
+            ("dilation", dilation, 1),
+            ("padding", padding, 0),
+        ):
             if value[0] < minimum or value[1] < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {value}")
         pad_code(pad_value, "pad_value")
@@ -192,8 +197,16 @@ class ConvSpec:
 
     def op_args(self) -> tuple:
         """The positional arguments of the ``torch.ops.onebit.binary_conv2d*`` schemas."""
-        return (self.in_channels, self.out_channels, list(self.kernel), list(self.stride), list(self.padding),
-                list(self.dilation), self.groups, self.pad_value)  # fmt: skip
+        return (
+            self.in_channels,
+            self.out_channels,
+            list(self.kernel),
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            self.groups,
+            self.pad_value,
+        )
 
     def attrs(self) -> dict:
         """The graph attributes of a ``binary_conv2d`` node (JSON: pairs are lists)."""
@@ -227,8 +240,9 @@ class ConvCall:
         return (self.n, self.spec.out_channels, self.oh, self.ow)
 
 
-def check_conv(xp, wp, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-               pad_value=0.0) -> ConvCall:  # fmt: skip
+def check_conv(
+    xp, wp, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, pad_value=0.0
+) -> ConvCall:
     """Check a binary convolution's arguments: ``xp`` packed int64 activations
     ``[N, H + 2 ph, W + 2 pw, G, Wg]`` or the float32 ``[N, C_in, H, W]`` input (packed by the
     call), ``wp`` the packed weight ``[C_out, KH, KW, Wg]``. ``ValueError`` naming the problem."""
@@ -274,8 +288,9 @@ def check_conv(xp, wp, in_channels, out_channels, kernel_size, stride=1, padding
     return ConvCall(spec, n, hp, wpad, oh, ow)
 
 
-def check_conv_epilogue(call: ConvCall, scale=None, bias=None, residual=None, bn_scale=None, bn_shift=None,
-                        bn_fma=False) -> None:  # fmt: skip
+def check_conv_epilogue(
+    call: ConvCall, scale=None, bias=None, residual=None, bn_scale=None, bn_shift=None, bn_fma=False
+) -> None:
     """Check the per-channel tensors and the shortcut of a float-output binary convolution."""
     co = call.spec.out_channels
     for t, name in ((scale, "scale"), (bias, "bias")):
@@ -361,8 +376,9 @@ class PoolSpec:
         )
 
 
-def check_pool_bits(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding,
-                    channels) -> tuple:  # fmt: skip
+def check_pool_bits(
+    xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels
+) -> tuple:
     """``(output shape, numbers)`` of a max pooling on packed bits (see
     :func:`onebit.engine.reference.max_pool_bits`), or a ``ValueError``; ``numbers`` are those the
     native kernel takes: ``(N, H, W, G, Wg, C / G, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, OPH, OPW)``."""

@@ -19,8 +19,9 @@ before a graph runs.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -183,7 +184,9 @@ CONV_ATTRS = tuple(_CONV_ATTRS)
 
 def _check_groups(a):
     if a["in_channels"] % a["groups"] or a["out_channels"] % a["groups"]:
-        raise GraphError(f"{a['in_channels']} -> {a['out_channels']} channels are not divisible by groups={a['groups']}")
+        raise GraphError(
+            f"{a['in_channels']} -> {a['out_channels']} channels are not divisible by groups={a['groups']}"
+        )
 
 
 def _check_binary_conv(a):
@@ -235,9 +238,17 @@ def _binary_conv2d(t, a, xp, residual=None):
         return layer(xp, residual)
     # bn_scale / bn_shift / bn_fma: a BatchNorm fused into the step by PackedModel (not graph attributes)
     return ops.binary_conv2d(
-        xp, t["weight"], scale=t.get("scale"), bias=t.get("bias"), residual=residual, cache=t.get(WEIGHT_CACHE),
-        bn_scale=t.get("bn_scale"), bn_shift=t.get("bn_shift"), bn_fma=a.get("bn_fma", False), **_conv_args(a),
-    )  # fmt: skip
+        xp,
+        t["weight"],
+        scale=t.get("scale"),
+        bias=t.get("bias"),
+        residual=residual,
+        cache=t.get(WEIGHT_CACHE),
+        bn_scale=t.get("bn_scale"),
+        bn_shift=t.get("bn_shift"),
+        bn_fma=a.get("bn_fma", False),
+        **_conv_args(a),
+    )
 
 
 def _binary_conv2d_threshold(t, a, xp):
@@ -256,14 +267,26 @@ def _binary_conv2d_threshold(t, a, xp):
 
 def _max_pool_bits(t, a, xp):
     return ops.max_pool_bits(
-        xp, t["or_mask"], t["pad_words"], kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
-        dilation=a["dilation"], ceil_mode=a["ceil_mode"], out_padding=a["out_padding"], channels=a["channels"],
+        xp,
+        t["or_mask"],
+        t["pad_words"],
+        kernel_size=a["kernel_size"],
+        stride=a["stride"],
+        padding=a["padding"],
+        dilation=a["dilation"],
+        ceil_mode=a["ceil_mode"],
+        out_padding=a["out_padding"],
+        channels=a["channels"],
     )
 
 
 def _threshold_pack(t, a, acc):
     return ops.threshold_pack(
-        acc, t["thresholds"], t["direction"], out_padding=a["out_padding"], out_pad_value=a["out_pad_value"],
+        acc,
+        t["thresholds"],
+        t["direction"],
+        out_padding=a["out_padding"],
+        out_pad_value=a["out_pad_value"],
         out_groups=a["out_groups"],
     )
 
@@ -393,11 +416,25 @@ def _bitplane_conv2d(t, a, x):
     else:  # traced (torch.export, torch.compile): the repeat is part of the program
         stacked = planes.repeat(act.planes, 1, 1, 1)
     y = bitplanes.bitplane_layer(
-        x, stacked, t["plane_sums"], act=act, weight=weight, quantizer=a["quantizer"], clip=a["clip"],
-        input_divisor=a["input_divisor"], scale=t.get("scale"), bias=t.get("bias"), in_channels=a["in_channels"],
-        out_channels=a["out_channels"], kernel_size=a["kernel_size"], stride=a["stride"], padding=a["padding"],
-        dilation=a["dilation"], groups=a["groups"], cache=t.get(WEIGHT_CACHE),
-    )  # fmt: skip
+        x,
+        stacked,
+        t["plane_sums"],
+        act=act,
+        weight=weight,
+        quantizer=a["quantizer"],
+        clip=a["clip"],
+        input_divisor=a["input_divisor"],
+        scale=t.get("scale"),
+        bias=t.get("bias"),
+        in_channels=a["in_channels"],
+        out_channels=a["out_channels"],
+        kernel_size=a["kernel_size"],
+        stride=a["stride"],
+        padding=a["padding"],
+        dilation=a["dilation"],
+        groups=a["groups"],
+        cache=t.get(WEIGHT_CACHE),
+    )
     return y[:, :, 0, 0].contiguous() if linear else y
 
 
@@ -411,8 +448,14 @@ def _max_pool2d(t, a, x):
         # rounds nothing, so pool channels_last and hand back the NCHW layout the model has.
         # Traced with a symbolic batch, the size is unknown and the plain pool is traced: the
         # choice never becomes a guard bounding the program's batch (torch.export's Dim)
-        y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), a["kernel_size"], a["stride"], a["padding"],
-                         a["dilation"], ceil_mode=a["ceil_mode"])
+        y = F.max_pool2d(
+            x.contiguous(memory_format=torch.channels_last),
+            a["kernel_size"],
+            a["stride"],
+            a["padding"],
+            a["dilation"],
+            ceil_mode=a["ceil_mode"],
+        )
         return y.contiguous()
     return F.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"])
 
@@ -646,7 +689,9 @@ OPS: dict[str, OpSpec] = {
         FLOAT,
         {"in_features": _int(1), "out_features": _int(1)},
         {
-            "weight": TensorSpec(torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64), binary=True),
+            "weight": TensorSpec(
+                torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64), binary=True
+            ),
             "scale": TensorSpec(_F32, _fout, required=False),
             "bias": TensorSpec(_F32, _fout, required=False),
         },
@@ -657,7 +702,9 @@ OPS: dict[str, OpSpec] = {
         PACKED,
         {"in_features": _int(1), "out_features": _int(1)},
         {
-            "weight": TensorSpec(torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64), binary=True),
+            "weight": TensorSpec(
+                torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64), binary=True
+            ),
             "thresholds": TensorSpec(torch.int32, _fout),
             "direction": TensorSpec(torch.int8, _fout),
         },
@@ -668,7 +715,9 @@ OPS: dict[str, OpSpec] = {
         FLOAT,
         dict(_FLOAT_CONV_ATTRS),
         {
-            "weight": TensorSpec(_F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"])),
+            "weight": TensorSpec(
+                _F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"])
+            ),
             "bias": TensorSpec(_F32, _cout, required=False),
         },
         _check_groups,
@@ -689,8 +738,9 @@ OPS: dict[str, OpSpec] = {
         FLOAT,
         {**_FLOAT_CONV_ATTRS, "input_divisor": _optional_positive},
         {
-            "weight": TensorSpec(_F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"]),
-                                 required=False),
+            "weight": TensorSpec(
+                _F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"]), required=False
+            ),
             "weight_bits": TensorSpec(torch.int64, binary_weight_shape, required=False, binary=True),
             "scale": TensorSpec(_F32, _cout, required=False),
             "bias": TensorSpec(_F32, _cout, required=False),
@@ -705,8 +755,9 @@ OPS: dict[str, OpSpec] = {
         {"in_features": _int(1), "out_features": _int(1), "input_divisor": _optional_positive},
         {
             "weight": TensorSpec(_F32, lambda a: (a["out_features"], a["in_features"]), required=False),
-            "weight_bits": TensorSpec(torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64),
-                                      required=False, binary=True),
+            "weight_bits": TensorSpec(
+                torch.int64, lambda a: (a["out_features"], (a["in_features"] + 63) // 64), required=False, binary=True
+            ),
             "scale": TensorSpec(_F32, _fout, required=False),
             "bias": TensorSpec(_F32, _fout, required=False),
         },
@@ -758,7 +809,9 @@ OPS: dict[str, OpSpec] = {
     "relu": OpSpec(_relu, (FLOAT,), FLOAT),
     "relu6": OpSpec(_relu6, (FLOAT,), FLOAT),
     "leaky_relu": OpSpec(_leaky_relu, (FLOAT,), FLOAT, {"negative_slope": _float}),
-    "hardtanh": OpSpec(_hardtanh, (FLOAT,), FLOAT, {"min_val": _float, "max_val": _float}, check=lambda a: _check_order(a)),
+    "hardtanh": OpSpec(
+        _hardtanh, (FLOAT,), FLOAT, {"min_val": _float, "max_val": _float}, check=lambda a: _check_order(a)
+    ),
     "prelu": OpSpec(_prelu, (FLOAT,), FLOAT, {}, {"weight": TensorSpec(_F32, _ANY)}),
     "sigmoid": OpSpec(_sigmoid, (FLOAT,), FLOAT),
     "tanh": OpSpec(_tanh, (FLOAT,), FLOAT),
@@ -769,12 +822,18 @@ OPS: dict[str, OpSpec] = {
         (FLOAT,),
         FLOAT,
         {"channels": _int(1)},
-        {"thresholds": TensorSpec(torch.int32, lambda a: (a["channels"],)), "direction": TensorSpec(torch.int8, lambda a: (a["channels"],))},
+        {
+            "thresholds": TensorSpec(torch.int32, lambda a: (a["channels"],)),
+            "direction": TensorSpec(torch.int8, lambda a: (a["channels"],)),
+        },
     ),
     "dorefa": OpSpec(_dorefa, (FLOAT,), FLOAT, {"bits": _int(1, 16)}),
     "dorefa_sym": OpSpec(_dorefa_sym, (FLOAT,), FLOAT, {"bits": _int(1, 16), "clip": _positive}),
     "quantize_int": OpSpec(
-        _quantize_int, (FLOAT,), FLOAT, {"kind": _choice("dorefa", "dorefa_sym"), "bits": _int(1, 16), "clip": _positive}
+        _quantize_int,
+        (FLOAT,),
+        FLOAT,
+        {"kind": _choice("dorefa", "dorefa_sym"), "bits": _int(1, 16), "clip": _positive},
     ),
     "bitplane_conv2d": OpSpec(
         _bitplane_conv2d,
@@ -795,12 +854,16 @@ OPS: dict[str, OpSpec] = {
             # for every activation plane at run time)
             "weight": TensorSpec(
                 torch.int64,
-                lambda a: (bitplanes.PlaneCode(a["weight_kind"], a["weight_bits"]).planes * a["out_channels"],
-                           *a["kernel_size"], words_for(a["in_channels"] // a["groups"])),
+                lambda a: (
+                    bitplanes.PlaneCode(a["weight_kind"], a["weight_bits"]).planes * a["out_channels"],
+                    *a["kernel_size"],
+                    words_for(a["in_channels"] // a["groups"]),
+                ),
                 binary=True,
-            ),  # fmt: skip
+            ),
             "plane_sums": TensorSpec(
-                torch.int32, lambda a: (bitplanes.PlaneCode(a["weight_kind"], a["weight_bits"]).planes, a["out_channels"])
+                torch.int32,
+                lambda a: (bitplanes.PlaneCode(a["weight_kind"], a["weight_bits"]).planes, a["out_channels"]),
             ),
             "scale": TensorSpec(_F32, _cout, required=False),
             "bias": TensorSpec(_F32, _cout, required=False),
@@ -814,8 +877,9 @@ OPS: dict[str, OpSpec] = {
         FLOAT,
         {"in_features": _int(1, 1 << 17), "out_features": _int(1), "norm": _bool, "eps": _float},
         {
-            "weight": TensorSpec(torch.uint8, lambda a: (a["out_features"], (a["in_features"] + 3) // 4),
-                                 check=_ternary_codes_problem),
+            "weight": TensorSpec(
+                torch.uint8, lambda a: (a["out_features"], (a["in_features"] + 3) // 4), check=_ternary_codes_problem
+            ),
             "scale": TensorSpec(_F32, _fout, required=False),
             "bias": TensorSpec(_F32, _fout, required=False),
         },
@@ -857,9 +921,31 @@ def _check_out_groups(a):
 # ---------------------------------------------------------------------------
 # ranks of float values
 
-_IMAGE_OPS = {"pack", "threshold_pack", "conv2d", "qconv2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d"}
-_SAME_RANK = {"relu", "relu6", "leaky_relu", "hardtanh", "prelu", "sigmoid", "tanh", "sign", "dorefa", "dorefa_sym",
-              "quantize_int", "identity", "div"}
+_IMAGE_OPS = {
+    "pack",
+    "threshold_pack",
+    "conv2d",
+    "qconv2d",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+}
+_SAME_RANK = {
+    "relu",
+    "relu6",
+    "leaky_relu",
+    "hardtanh",
+    "prelu",
+    "sigmoid",
+    "tanh",
+    "sign",
+    "dorefa",
+    "dorefa_sym",
+    "quantize_int",
+    "identity",
+    "div",
+}
 
 
 def _dim(dim: int, rank: int, what: str) -> int:
@@ -1008,7 +1094,9 @@ def validate(graph: Any, tensors: dict[str, torch.Tensor], *, compact: bool = Fa
                 raise GraphError(f"{where}: op {op} expects a {want} input, {ref!r} is {kinds[ref]}")
             if want == PACKED:
                 producer = producers[ref]
-                if not _layouts_match(_produced_layout(producer), _expected_layout({"op": op, "attrs": _checked_attrs(node, spec, where)})):
+                if not _layouts_match(
+                    _produced_layout(producer), _expected_layout({"op": op, "attrs": _checked_attrs(node, spec, where)})
+                ):
                     raise GraphError(f"{where}: packed input {ref!r} has a different layout than {op} expects")
         attrs = _checked_attrs(node, spec, where)
         for flag in ("conv1d", "linear"):  # the layout of the output (see PackedModel)

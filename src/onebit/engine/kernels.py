@@ -31,7 +31,7 @@ so a repeated call only re-checks dtypes, devices and contiguity.
 from __future__ import annotations
 
 import atexit
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -163,7 +163,6 @@ class _Plan:
         self.stride = _channels_last_strides(*shape) if len(shape) == 4 else None
 
 
-
 def _conv_plan(mode, xp, wp, *args):
     """The cached plan for this call; validates everything but per-channel tensors (ValueError).
 
@@ -197,16 +196,31 @@ def _conv_plan(mode, xp, wp, *args):
         shape, oph, opw, opad, og = call.output_shape, 0, 0, 0, 1
     s = call.spec
     native = _C.conv_plan(
-        call.n, call.hp, call.wp, s.groups * s.words, s.words, s.in_channels, s.out_channels, *s.kernel, *s.stride,
-        *s.padding, *s.dilation, s.groups, s.pad_code, mode, oph, opw, og, opad,
-    )  # fmt: skip
+        call.n,
+        call.hp,
+        call.wp,
+        s.groups * s.words,
+        s.words,
+        s.in_channels,
+        s.out_channels,
+        *s.kernel,
+        *s.stride,
+        *s.padding,
+        *s.dilation,
+        s.groups,
+        s.pad_code,
+        mode,
+        oph,
+        opw,
+        og,
+        opad,
+    )
     plan = _Plan(native, shape, s.out_channels)
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
             _PLAN_CACHE.clear()
         _PLAN_CACHE[key] = plan
     return plan
-
 
 
 def _cached(cache, wp):
@@ -221,15 +235,27 @@ def _cached(cache, wp):
         return None, 0
 
 
-def _run(plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None, residual_ptr=0, bn=(0, 0, False)) -> None:
+def _run(
+    plan, x, wp, out, scale_ptr=0, bias_ptr=0, thr_ptr=0, dir_ptr=0, cache=None, residual_ptr=0, bn=(0, 0, False)
+) -> None:
     """Run a plan on packed ``x``, or on float32 ``x`` packed in the same pass."""
     cache, version = _cached(cache, wp)
-    _run_native(plan, x, wp.data_ptr(), out.data_ptr(), (scale_ptr, bias_ptr, thr_ptr, dir_ptr), cache, version,
-                residual_ptr, bn)  # fmt: skip
+    _run_native(
+        plan,
+        x,
+        wp.data_ptr(),
+        out.data_ptr(),
+        (scale_ptr, bias_ptr, thr_ptr, dir_ptr),
+        cache,
+        version,
+        residual_ptr,
+        bn,
+    )
 
 
-def _run_native(plan, x, w_ptr: int, out_ptr: int, channel_ptrs: tuple, cache, version: int, residual_ptr: int,
-                bn: tuple) -> None:  # fmt: skip
+def _run_native(
+    plan, x, w_ptr: int, out_ptr: int, channel_ptrs: tuple, cache, version: int, residual_ptr: int, bn: tuple
+) -> None:
     """The native call of :func:`_run`: addresses of the weights, the output and the per-channel
     tensors ``(scale, bias, thresholds, direction)`` already taken and checked."""
     threads = _get_num_threads()
@@ -323,8 +349,10 @@ def _pack_activations_fake(x, padding, pad_value, groups):
 
 
 _custom_op(
-    "pack_activations", "(Tensor x, SymInt[] padding, float pad_value, SymInt groups) -> Tensor",
-    _pack_activations_impl, _pack_activations_fake,
+    "pack_activations",
+    "(Tensor x, SymInt[] padding, float pad_value, SymInt groups) -> Tensor",
+    _pack_activations_impl,
+    _pack_activations_fake,
 )
 
 
@@ -373,7 +401,6 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return pack_activations(w).view(co, kh, kw, -1)
 
 
-
 # ---------------------------------------------------------------------------
 # convolutions
 #
@@ -403,8 +430,9 @@ def _conv_int_impl(xp, wp, conv, cache=None):
     return out
 
 
-def _conv_float_impl(xp, wp, conv, scale=None, bias=None, residual=None, cache=None, bn_scale=None, bn_shift=None,
-                     bn_fma=False):  # fmt: skip
+def _conv_float_impl(
+    xp, wp, conv, scale=None, bias=None, residual=None, cache=None, bn_scale=None, bn_shift=None, bn_fma=False
+):
     plan = _conv_plan(_MODE_FLOAT, xp, wp, *conv)
     scale_ptr = _channel_ptr(scale, "scale", _F32, plan.co)
     bias_ptr = _channel_ptr(bias, "bias", _F32, plan.co)
@@ -422,7 +450,9 @@ def _residual_nhwc(residual, out):
     order, that is ``residual`` itself when it is channels_last, else a permuted copy."""
     if residual is None:
         return None
-    if not (type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape):
+    if not (
+        type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape
+    ):
         check_residual(residual, out.shape)
     if residual.is_contiguous(memory_format=_CHANNELS_LAST):
         return residual  # already that memory (a view would cost more than this check)
@@ -441,8 +471,21 @@ class ConvLayer:
     unusual a call takes :func:`binary_conv2d` itself.
     """
 
-    __slots__ = ("wp", "scale", "bias", "bn_scale", "bn_shift", "bn_fma", "cache", "conv", "_kwargs", "_w_ptr",
-                 "_channel_ptrs", "_bn", "_plans")
+    __slots__ = (
+        "wp",
+        "scale",
+        "bias",
+        "bn_scale",
+        "bn_shift",
+        "bn_fma",
+        "cache",
+        "conv",
+        "_kwargs",
+        "_w_ptr",
+        "_channel_ptrs",
+        "_bn",
+        "_plans",
+    )
 
     def __init__(self, wp, *, scale=None, bias=None, bn_scale=None, bn_shift=None, bn_fma=False, cache=None, **conv):
         spec = ConvSpec.check(**conv)
@@ -460,12 +503,28 @@ class ConvLayer:
                 wp._version
             except RuntimeError:  # an inference tensor counts no writes: never cache its preparation
                 cache = None
-        self.wp, self.scale, self.bias, self.bn_scale, self.bn_shift, self.bn_fma = wp, scale, bias, bn_scale, bn_shift, bn_fma
+        self.wp, self.scale, self.bias, self.bn_scale, self.bn_shift, self.bn_fma = (
+            wp,
+            scale,
+            bias,
+            bn_scale,
+            bn_shift,
+            bn_fma,
+        )
         self.cache = cache
-        self.conv = (spec.in_channels, co, spec.kernel, spec.stride, spec.padding, spec.dilation, spec.groups,
-                     spec.pad_value)  # fmt: skip
-        self._kwargs = dict(conv, scale=scale, bias=bias, cache=cache, bn_scale=bn_scale, bn_shift=bn_shift,
-                            bn_fma=bn_fma)  # fmt: skip
+        self.conv = (
+            spec.in_channels,
+            co,
+            spec.kernel,
+            spec.stride,
+            spec.padding,
+            spec.dilation,
+            spec.groups,
+            spec.pad_value,
+        )
+        self._kwargs = dict(
+            conv, scale=scale, bias=bias, cache=cache, bn_scale=bn_scale, bn_shift=bn_shift, bn_fma=bn_fma
+        )
         # the bound tensors' addresses (they stay put): weights; scale, bias, thresholds, direction
         self._w_ptr, self._channel_ptrs = wp.data_ptr(), (scale_ptr, bias_ptr, 0, 0)
         self._bn = bn
@@ -549,21 +608,25 @@ def _conv_threshold_fake(xp, wp, *args):
 
 
 _custom_op(
-    "binary_conv2d_int", f"({_CONV_SCHEMA}) -> Tensor",
-    lambda xp, wp, *conv: _conv_int_impl(xp, wp, conv), _conv_int_fake,
-)  # fmt: skip
+    "binary_conv2d_int",
+    f"({_CONV_SCHEMA}) -> Tensor",
+    lambda xp, wp, *conv: _conv_int_impl(xp, wp, conv),
+    _conv_int_fake,
+)
 _custom_op(
     "binary_conv2d",
     f"({_CONV_SCHEMA}, Tensor? scale, Tensor? bias, Tensor? residual=None, Tensor? bn_scale=None, "
     "Tensor? bn_shift=None, bool bn_fma=False) -> Tensor",
-    lambda xp, wp, *args: _conv_float_impl(xp, wp, args[:8], *args[8:11], None, *args[11:]), _conv_float_fake,
-)  # fmt: skip
+    lambda xp, wp, *args: _conv_float_impl(xp, wp, args[:8], *args[8:11], None, *args[11:]),
+    _conv_float_fake,
+)
 _custom_op(
     "binary_conv2d_threshold",
     f"({_CONV_SCHEMA}, Tensor thresholds, Tensor direction, SymInt[] out_padding, float out_pad_value, "
     "SymInt out_groups) -> Tensor",
-    lambda xp, wp, *args: _conv_threshold_impl(xp, wp, args[:8], *args[8:]), _conv_threshold_fake,
-)  # fmt: skip
+    lambda xp, wp, *args: _conv_threshold_impl(xp, wp, args[:8], *args[8:]),
+    _conv_threshold_fake,
+)
 
 
 def _op_args(conv) -> tuple:
@@ -741,14 +804,18 @@ def binary_linear_threshold(
 ) -> torch.Tensor:
     """Packed int64 ``[N, ceil(Out / 64)]`` of the thresholded accumulators (see :func:`binary_conv2d_threshold`)."""
     x4, w4, conv, n, out = _linear_views(xp, wp, in_features)
-    return binary_conv2d_threshold(x4, w4, thresholds=thresholds, direction=direction, **conv).reshape(n, words_for(out))
+    return binary_conv2d_threshold(x4, w4, thresholds=thresholds, direction=direction, **conv).reshape(
+        n, words_for(out)
+    )
 
 
 # ---------------------------------------------------------------------------
 # pooling on packed bits
 
 
-def _max_pool_bits_impl(xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels):
+def _max_pool_bits_impl(
+    xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels
+):
     shape, numbers = check_pool_bits(
         xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels
     )
@@ -768,8 +835,9 @@ _custom_op(
     "max_pool_bits",
     "(Tensor xp, Tensor or_mask, Tensor pad_words, SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, "
     "SymInt[] dilation, bool ceil_mode, SymInt[] out_padding, SymInt channels) -> Tensor",
-    _max_pool_bits_impl, _max_pool_bits_fake,
-)  # fmt: skip
+    _max_pool_bits_impl,
+    _max_pool_bits_fake,
+)
 
 
 def max_pool_bits(
@@ -792,10 +860,13 @@ def max_pool_bits(
     args = (xp, or_mask, pad_words, kernel_size, stride, padding, dilation, bool(ceil_mode), out_padding, int(channels))
     if _direct(xp, or_mask, pad_words):
         return _max_pool_bits_impl(*args)
-    pairs = [list(pair(v, name)) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
-                                                  (padding, "padding"), (dilation, "dilation"))]
-    return torch.ops.onebit.max_pool_bits(xp, or_mask, pad_words, *pairs, bool(ceil_mode),
-                                          list(pair(out_padding, "out_padding")), int(channels))
+    pairs = [
+        list(pair(v, name))
+        for v, name in ((kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation"))
+    ]
+    return torch.ops.onebit.max_pool_bits(
+        xp, or_mask, pad_words, *pairs, bool(ceil_mode), list(pair(out_padding, "out_padding")), int(channels)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -836,9 +907,17 @@ def _ternary_linear_impl(x, wp, in_features, scale, bias):
     y = torch.empty((n, out), dtype=torch.float32)
     if n > 0:
         _C.ternary_linear_raw(
-            x.data_ptr(), n, f, x.stride(0), wp.data_ptr(), out, scale_ptr, bias_ptr, y.data_ptr(),
+            x.data_ptr(),
+            n,
+            f,
+            x.stride(0),
+            wp.data_ptr(),
+            out,
+            scale_ptr,
+            bias_ptr,
+            y.data_ptr(),
             torch.get_num_threads(),
-        )  # fmt: skip
+        )
     return y
 
 
@@ -866,13 +945,18 @@ def _ternary_linear_int_fake(x, wp, in_features):
 
 
 _custom_op(
-    "ternary_linear", "(Tensor x, Tensor wp, SymInt in_features, Tensor? scale, Tensor? bias) -> Tensor",
-    _ternary_linear_impl, _ternary_linear_fake,
+    "ternary_linear",
+    "(Tensor x, Tensor wp, SymInt in_features, Tensor? scale, Tensor? bias) -> Tensor",
+    _ternary_linear_impl,
+    _ternary_linear_fake,
 )
 _custom_op(
-    "ternary_linear_int", "(Tensor x, Tensor wp, SymInt in_features) -> Tensor", _ternary_linear_int_impl,
+    "ternary_linear_int",
+    "(Tensor x, Tensor wp, SymInt in_features) -> Tensor",
+    _ternary_linear_int_impl,
     _ternary_linear_int_fake,
 )
+
 
 def ternary_linear(
     x: torch.Tensor,
@@ -961,25 +1045,50 @@ def _pack_integer_planes_nan(x, padding, groups, symmetric, bits, clip) -> tuple
     nan = False
     if out.numel():
         nan = _C.pack_integer_planes_raw(
-            x.data_ptr(), n, c, h, w, sn, sc, sh, sw, padding[0], padding[1], groups, symmetric, bits, float(clip),
-            out.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+            x.data_ptr(),
+            n,
+            c,
+            h,
+            w,
+            sn,
+            sc,
+            sh,
+            sw,
+            padding[0],
+            padding[1],
+            groups,
+            symmetric,
+            bits,
+            float(clip),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
     return out, bool(nan)
 
 
 _custom_op(
-    "pack_integer_planes", "(Tensor x, SymInt[] padding, SymInt groups, bool symmetric, int bits, float clip) -> Tensor",
+    "pack_integer_planes",
+    "(Tensor x, SymInt[] padding, SymInt groups, bool symmetric, int bits, float clip) -> Tensor",
     _pack_integer_planes_impl,
     lambda x, padding, groups, symmetric, bits, clip: x.new_empty(
         _integer_planes_shape(x, padding, groups, bits), dtype=torch.int64
     ),
-)  # fmt: skip
+)
 
 
 def combine_planes(
-    y: torch.Tensor, coeff: torch.Tensor, offset: torch.Tensor | None, *, act_planes: int, groups: int,
-    weight_planes: int, exact_divisor: int, divisor: float, scale: torch.Tensor | None, bias: torch.Tensor | None,
-) -> torch.Tensor:  # fmt: skip
+    y: torch.Tensor,
+    coeff: torch.Tensor,
+    offset: torch.Tensor | None,
+    *,
+    act_planes: int,
+    groups: int,
+    weight_planes: int,
+    exact_divisor: int,
+    divisor: float,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """The stacked bit-plane conv's int32 output (channels_last ``[N, P_a G P_w Cog, OH, OW]``) ->
     float32 ``[N, G Cog, OH, OW]`` (channels_last): ``(sum_ij coeff[i, j] y_ij + offset) / exact_divisor``
     (exact), then ``/ divisor``, ``* scale``, ``+ bias`` as three float32 roundings."""
@@ -1004,11 +1113,21 @@ def _combine_planes_impl(y, coeff, offset, act_planes, groups, weight_planes, ex
     pixels = n * oh * ow
     if pixels:
         _C.combine_planes_raw(
-            y.data_ptr(), pixels, act_planes, groups, weight_planes, co // groups, coeff.data_ptr(),
-            0 if offset is None else offset.data_ptr(), exact_divisor, divisor,
-            0 if scale is None else scale.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+            y.data_ptr(),
+            pixels,
+            act_planes,
+            groups,
+            weight_planes,
+            co // groups,
+            coeff.data_ptr(),
+            0 if offset is None else offset.data_ptr(),
+            exact_divisor,
+            divisor,
+            0 if scale is None else scale.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            out.data_ptr(),
             torch.get_num_threads(),
-        )  # fmt: skip
+        )
     return out
 
 
@@ -1020,4 +1139,4 @@ _custom_op(
     lambda y, coeff, offset, act_planes, groups, weight_planes, *rest: _empty_nchw_channels_last(
         *_combined_shape(y, act_planes, groups, weight_planes), torch.float32, like=y
     ),
-)  # fmt: skip
+)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -173,9 +173,17 @@ def binary_conv2d(
     native = _impl("binary_conv2d")
     if native is not None:
         return native(
-            xp, wp, scale=scale, bias=bias, residual=residual, cache=cache, bn_scale=bn_scale, bn_shift=bn_shift,
-            bn_fma=bn_fma, **conv,
-        )  # fmt: skip
+            xp,
+            wp,
+            scale=scale,
+            bias=bias,
+            residual=residual,
+            cache=cache,
+            bn_scale=bn_scale,
+            bn_shift=bn_shift,
+            bn_fma=bn_fma,
+            **conv,
+        )
     xp, call = _reference_input(xp, wp, conv)
     geometry.check_conv_epilogue(call, scale, bias, residual, bn_scale, bn_shift, bn_fma)
     out = reference.binary_conv2d(xp, wp, scale=scale, bias=bias, **conv)
@@ -191,15 +199,28 @@ def binary_conv2d_threshold(
     native = _impl("binary_conv2d_threshold")
     if native is not None:
         return native(
-            xp, wp, thresholds=thresholds, direction=direction, out_padding=out_padding, out_pad_value=out_pad_value,
-            out_groups=out_groups, cache=cache, **conv,
-        )  # fmt: skip
+            xp,
+            wp,
+            thresholds=thresholds,
+            direction=direction,
+            out_padding=out_padding,
+            out_pad_value=out_pad_value,
+            out_groups=out_groups,
+            cache=cache,
+            **conv,
+        )
     xp, call = _reference_input(xp, wp, conv)
     _, oph, opw, _, og = geometry.check_threshold_output(call, out_padding, out_pad_value, out_groups)
     return reference.binary_conv2d_threshold(
-        xp, wp, thresholds=thresholds, direction=direction, out_padding=(oph, opw), out_pad_value=float(out_pad_value),
-        out_groups=og, **conv,
-    )  # fmt: skip
+        xp,
+        wp,
+        thresholds=thresholds,
+        direction=direction,
+        out_padding=(oph, opw),
+        out_pad_value=float(out_pad_value),
+        out_groups=og,
+        **conv,
+    )
 
 
 def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_value=0.0, out_groups=1):
@@ -210,7 +231,11 @@ def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_va
     """
     if _impl("pack_activations") is None:
         return reference.threshold_pack(
-            acc, thresholds, direction, out_padding=geometry.pair(out_padding, "out_padding"), out_pad_value=out_pad_value,
+            acc,
+            thresholds,
+            direction,
+            out_padding=geometry.pair(out_padding, "out_padding"),
+            out_pad_value=out_pad_value,
             out_groups=out_groups,
         )
     shape = (1, -1, 1, 1)
@@ -242,7 +267,9 @@ def binary_linear_threshold(xp, wp, *, in_features: int, thresholds, direction) 
     if native is not None:
         return native(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)
     geometry.check_linear(xp, wp, in_features)
-    return reference.binary_linear_threshold(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)
+    return reference.binary_linear_threshold(
+        xp, wp, in_features=in_features, thresholds=thresholds, direction=direction
+    )
 
 
 def max_pool_bits(xp, or_mask, pad_words, **pool) -> torch.Tensor:

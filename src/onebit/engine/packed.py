@@ -6,8 +6,9 @@ import copy
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -164,10 +165,15 @@ class PackedModel(nn.Module):
                 out, label = add["name"], label + "+add"
             if node["op"] == "binary_conv2d" and ops.native_available():  # its operands checked once, not per call
                 roles[G.CONV_LAYER] = ops.conv_layer(
-                    roles["weight"], scale=roles.get("scale"), bias=roles.get("bias"), bn_scale=roles.get("bn_scale"),
-                    bn_shift=roles.get("bn_shift"), bn_fma=attrs.get("bn_fma", False), cache=roles[G.WEIGHT_CACHE],
+                    roles["weight"],
+                    scale=roles.get("scale"),
+                    bias=roles.get("bias"),
+                    bn_scale=roles.get("bn_scale"),
+                    bn_shift=roles.get("bn_shift"),
+                    bn_fma=attrs.get("bn_fma", False),
+                    cache=roles[G.WEIGHT_CACHE],
                     **{k: attrs[k] for k in G.CONV_ATTRS},
-                )  # fmt: skip
+                )
             # float outputs of binary layers take the memory format the model's own tensors have
             # (the native kernels write channels_last): float convs and adaptive pools round
             # differently in the two layouts, and the model's layout follows its input's;
@@ -180,7 +186,9 @@ class PackedModel(nn.Module):
             for ref in step.inputs:
                 last_use[ref] = i
         for i, step in enumerate(steps):
-            step.free = tuple(ref for ref in dict.fromkeys(step.inputs) if last_use.get(ref) == i and ref not in outputs)
+            step.free = tuple(
+                ref for ref in dict.fromkeys(step.inputs) if last_use.get(ref) == i and ref not in outputs
+            )
         return steps
 
     # -- running ------------------------------------------------------------
@@ -227,7 +235,9 @@ class PackedModel(nn.Module):
                     out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
                 )
             except (RuntimeError, ValueError) as error:
-                where = f"layer '{step.module}' (op {step.label})" if step.module else f"op {step.output!r} ({step.label})"
+                where = (
+                    f"layer '{step.module}' (op {step.label})" if step.module else f"op {step.output!r} ({step.label})"
+                )
                 raise InputError(
                     f"PackedModel: {where} cannot take the input of shape {list(x.shape)}: {error}"
                 ) from error
@@ -251,8 +261,12 @@ class PackedModel(nn.Module):
             from rich.table import Table
 
             total = sum(r["ms"] for r in self)
-            t = Table(title=f"packed model profile: {len(self)} steps, {total:.3f} ms", box=box.SIMPLE_HEAD,
-                      title_justify="left", pad_edge=False)
+            t = Table(
+                title=f"packed model profile: {len(self)} steps, {total:.3f} ms",
+                box=box.SIMPLE_HEAD,
+                title_justify="left",
+                pad_edge=False,
+            )
             for h in ("step", "op", "module", "ms", "share"):
                 t.add_column(h, justify="right" if h in ("ms", "share") else "left", overflow="fold")
             for r in self:
@@ -274,7 +288,7 @@ class PackedModel(nn.Module):
             return f"Profile({list.__repr__(self)})"
 
     @torch.no_grad()
-    def profile(self, x: torch.Tensor, repeat: int = 10) -> "PackedModel.Profile":
+    def profile(self, x: torch.Tensor, repeat: int = 10) -> PackedModel.Profile:
         """Time every step on ``x``: a list of ``{name, op, module, ms, share}``, median over ``repeat`` runs,
         that prints as a table (``print(packed.profile(x))``).
 
@@ -326,7 +340,7 @@ _PACKING_CONVS = ("binary_conv2d", "binary_conv2d_threshold")
 _WEIGHT_CACHED = _PACKING_CONVS + ("bitplane_conv2d",)
 
 
-def _batchnorm_epilogue(model: "PackedModel", bn: dict) -> tuple | None:
+def _batchnorm_epilogue(model: PackedModel, bn: dict) -> tuple | None:
     """``(scale, shift, fused)`` of a ``batch_norm`` node for a convolution's epilogue, or None."""
     from onebit.engine.torch_rounding import batchnorm_epilogue
 
@@ -400,7 +414,9 @@ def pack(
     if not isinstance(example_input, torch.Tensor) or example_input.dtype != torch.float32:
         raise InputError("pack: example_input must be a float32 tensor")
     if not 2 <= example_input.dim() <= 5:
-        raise InputError(f"pack: example_input must be batched, e.g. [N, C, H, W], got shape {list(example_input.shape)}")
+        raise InputError(
+            f"pack: example_input must be batched, e.g. [N, C, H, W], got shape {list(example_input.shape)}"
+        )
     # modules whose forward depends on the mode: BatchNorm (batch statistics) and dropout
     mode_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
     training = [

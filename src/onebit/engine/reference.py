@@ -19,7 +19,7 @@ Shapes:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +131,18 @@ def binary_conv2d_int(
     ``acc = sum sign(x) * sign(w)`` over the window, with padded taps worth ``pad_value``
     (for 0, the +1 the padded bits hold is subtracted back exactly).
     """
-    call = check_conv(xp, wp, in_channels, out_channels, _pair(kernel_size), _pair(stride), _pair(padding),
-                      _pair(dilation), groups, pad_value)  # fmt: skip
+    call = check_conv(
+        xp,
+        wp,
+        in_channels,
+        out_channels,
+        _pair(kernel_size),
+        _pair(stride),
+        _pair(padding),
+        _pair(dilation),
+        groups,
+        pad_value,
+    )
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = call.spec.kernel, call.spec.stride, call.spec.padding, call.spec.dilation
     n, hp, wpad, g, wg = xp.shape
     h, w = hp - 2 * ph, wpad - 2 * pw
@@ -279,8 +289,9 @@ def _cacheable(t: torch.Tensor) -> bool:
     )
 
 
-def _pool_index(h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
-                oh: int, ow: int) -> torch.Tensor:
+def _pool_index(
+    h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int, oh: int, ow: int
+) -> torch.Tensor:
     """int64 ``[OH * OW, KH * KW]``: flat input positions of every window tap; ``H * W`` where the
     tap falls into the padding (max pooling ignores those)."""
     key = (h, w, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)

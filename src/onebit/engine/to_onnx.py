@@ -54,8 +54,18 @@ DEFAULT_OPSET = 18
 SIGNS, INTEGERS = "signs", "integers"
 
 #: graph ops whose output holds +-1 (a packed value is its +-1 tensor in the graph)
-_SIGN_OPS = frozenset({"pack", "pack_features", "threshold_pack", "binary_conv2d_threshold",
-                       "binary_linear_threshold", "max_pool_bits", "sign", "sign_threshold"})
+_SIGN_OPS = frozenset(
+    {
+        "pack",
+        "pack_features",
+        "threshold_pack",
+        "binary_conv2d_threshold",
+        "binary_linear_threshold",
+        "max_pool_bits",
+        "sign",
+        "sign_threshold",
+    }
+)
 #: graph ops whose output holds values of their input(s) only
 _SAME_VALUE_OPS = frozenset({"identity", "flatten", "reshape", "roll", "cat", "max_pool2d", "adaptive_max_pool2d"})
 
@@ -91,8 +101,15 @@ def _pool_geometry(size: tuple[int, int], a: dict) -> list[dict]:
             if (out - 1) * s >= length + p:  # torch: the last window must start before the end padding
                 out -= 1
         end = (floor_out - 1) * s + extent - p  # where the floor formula's last window ends (input coordinates)
-        dims.append({"out": out, "partial": out > floor_out, "padding": p,
-                     "crop": end if end < length else None, "end_pad": max(end - length, 0)})
+        dims.append(
+            {
+                "out": out,
+                "partial": out > floor_out,
+                "padding": p,
+                "crop": end if end < length else None,
+                "end_pad": max(end - length, 0),
+            }
+        )
     return dims
 
 
@@ -184,12 +201,14 @@ class _Exporter:
             shape = [co, attrs["in_features"]]
         k = int(np.prod(shape[1:]))
         bits = b.const(compact.numpy().reshape(co, nbytes, 1), np.uint8, f"{base}_bits")
-        shifted = b.op("BitShift", [bits, b.const(np.arange(8).reshape(1, 1, 8), np.uint8)], f"{base}_shift",
-                       direction="RIGHT")
+        shifted = b.op(
+            "BitShift", [bits, b.const(np.arange(8).reshape(1, 1, 8), np.uint8)], f"{base}_shift", direction="RIGHT"
+        )
         one_bit = b.op("BitwiseAnd", [shifted, b.const(np.ones((1, 1, 1)), np.uint8)], f"{base}_and")
         flat = b.op("Reshape", [one_bit, b.const([co, nbytes * 8], np.int64)], f"{base}_flat")
-        used = b.op("Slice", [flat, b.const([0], np.int64), b.const([k], np.int64), b.const([1], np.int64)],
-                    f"{base}_used")
+        used = b.op(
+            "Slice", [flat, b.const([0], np.int64), b.const([k], np.int64), b.const([1], np.int64)], f"{base}_used"
+        )
         as_float = b.op("Cast", [used], f"{base}_float", to=self.b.helper.np_dtype_to_tensor_dtype(np.dtype("float32")))
         signs = b.op("Sub", [b.const(1.0), b.op("Mul", [as_float, b.const(2.0)], f"{base}_x2")], f"{base}_signs")
         return b.op("Reshape", [signs, b.const(shape, np.int64)], f"{base}_w")
@@ -238,7 +257,9 @@ class _Exporter:
             return self.exact_sum(y, exact, base) if exact else y
         wide = b.op("Cast", [y], f"{base}_acc64", to=f64)
         if scale is not None:
-            product = b.op("Mul", [wide, _channel(b, scale.double(), rank, f"{base}_scale", np.float64)], f"{base}_scaled64")
+            product = b.op(
+                "Mul", [wide, _channel(b, scale.double(), rank, f"{base}_scale", np.float64)], f"{base}_scaled64"
+            )
             y = b.op("Cast", [product], f"{base}_scaled", to=f32)
             if bias is not None:
                 y = b.op("Add", [y, _channel(b, bias, rank, f"{base}_bias")], f"{base}_biased")
@@ -257,8 +278,18 @@ class _Exporter:
         gt = b.op("And", [b.op("Greater", [acc64, thr], f"{base}_gt"), neg], f"{base}_neg_gt")
         return self.signs_where(b.op("Or", [lt, gt], f"{base}_negative"), base)
 
-    def conv(self, x: str, w: str, attrs: dict, base: str, *, explicit=None, pad_value=0.0, mode="zeros",
-             bias: str | None = None) -> str:
+    def conv(
+        self,
+        x: str,
+        w: str,
+        attrs: dict,
+        base: str,
+        *,
+        explicit=None,
+        pad_value=0.0,
+        mode="zeros",
+        bias: str | None = None,
+    ) -> str:
         """``Conv`` of x with w; padding by the conv's zero ``pads`` or an explicit ``Pad`` first."""
         b = self.b
         if explicit is None:
@@ -278,8 +309,14 @@ class _Exporter:
             x = b.op("Pad", inputs, f"{base}_pad", mode=onnx_mode)
             conv_pads = [0, 0, 0, 0]
         return b.op(
-            "Conv", [x, w] + ([bias] if bias else []), f"{base}_conv", pads=conv_pads, strides=list(attrs["stride"]),
-            dilations=list(attrs["dilation"]), group=int(attrs["groups"]), kernel_shape=list(attrs["kernel_size"]),
+            "Conv",
+            [x, w] + ([bias] if bias else []),
+            f"{base}_conv",
+            pads=conv_pads,
+            strides=list(attrs["stride"]),
+            dilations=list(attrs["dilation"]),
+            group=int(attrs["groups"]),
+            kernel_shape=list(attrs["kernel_size"]),
         )
 
     def packed_conv_input(self, xp: str, attrs: dict) -> tuple[str, dict]:
@@ -361,8 +398,15 @@ class _Exporter:
         flipped = self.b.op("Mul", [xs[0], m], f"{name}_in")
         oph, opw = a["out_padding"]
         out = (self.run[name].shape[1] - 2 * oph, self.run[name].shape[2] - 2 * opw)  # the engine's pooled H, W
-        pooled = self.pool("MaxPool", flipped, a, self.spatial_size(node["inputs"][0]), out, f"{name}_max",
-                           dilations=list(a["dilation"]))
+        pooled = self.pool(
+            "MaxPool",
+            flipped,
+            a,
+            self.spatial_size(node["inputs"][0]),
+            out,
+            f"{name}_max",
+            dilations=list(a["dilation"]),
+        )
         return self.b.op("Mul", [pooled, m], name)
 
     def _binary_linear_acc(self, node, a, xs, name):
@@ -381,13 +425,22 @@ class _Exporter:
         roles = self.roles(node)
         w = self.b.const(roles["weight"].numpy(), np.float32, f"{name}_w")
         bias = self.b.const(roles["bias"].numpy(), np.float32, f"{name}_b") if roles.get("bias") is not None else None
-        return self.conv(xs[0], w, a, name, explicit=a["explicit_padding"], pad_value=a["pad_value"],
-                         mode=a["padding_mode"], bias=bias)
+        return self.conv(
+            xs[0],
+            w,
+            a,
+            name,
+            explicit=a["explicit_padding"],
+            pad_value=a["pad_value"],
+            mode=a["padding_mode"],
+            bias=bias,
+        )
 
     def op_qconv2d(self, node, a, xs, name):
         w = self.weight(node, a, name)
-        y = self.conv(xs[0], w, a, name, explicit=a["explicit_padding"], pad_value=a["pad_value"],
-                      mode=a["padding_mode"])
+        y = self.conv(
+            xs[0], w, a, name, explicit=a["explicit_padding"], pad_value=a["pad_value"], mode=a["padding_mode"]
+        )
         return self.divided(y, a["input_divisor"], node, 4, name)
 
     def divided(self, acc: str, divisor: float | None, node: dict, rank: int, base: str) -> str:
@@ -428,10 +481,16 @@ class _Exporter:
             return b.op("Round", [b.op("Mul", [clipped, b.const(n)], f"{base}_scaled")], f"{base}_int")
         c = b.const(float(np.float32(clip)))
         clipped = b.op("Clip", [x, b.op("Neg", [c], f"{base}_negc"), c], f"{base}_clip")
-        u = b.op("Div", [b.op("Add", [b.op("Div", [clipped, c], f"{base}_unit"), b.const(1.0)], f"{base}_shift"),
-                         b.const(2.0)], f"{base}_u")  # fmt: skip
-        j = b.op("Floor", [b.op("Add", [b.op("Mul", [u, b.const(n)], f"{base}_un"), b.const(0.5)], f"{base}_half")],
-                 f"{base}_j")  # fmt: skip
+        u = b.op(
+            "Div",
+            [b.op("Add", [b.op("Div", [clipped, c], f"{base}_unit"), b.const(1.0)], f"{base}_shift"), b.const(2.0)],
+            f"{base}_u",
+        )
+        j = b.op(
+            "Floor",
+            [b.op("Add", [b.op("Mul", [u, b.const(n)], f"{base}_un"), b.const(0.5)], f"{base}_half")],
+            f"{base}_j",
+        )
         return b.op("Sub", [b.op("Mul", [j, b.const(2.0)], f"{base}_2j"), b.const(n)], f"{base}_int")
 
     def op_quantize_int(self, node, a, xs, name):
@@ -439,8 +498,18 @@ class _Exporter:
 
     def op_dorefa_sym(self, node, a, xs, name):
         b, n = self.b, 2 ** a["bits"] - 1
-        j = b.op("Div", [b.op("Add", [self.integers(xs[0], "dorefa_sym", a["bits"], a["clip"], f"{name}_q"),
-                                       b.const(float(n))], f"{name}_2j"), b.const(2.0)], f"{name}_j")  # fmt: skip
+        j = b.op(
+            "Div",
+            [
+                b.op(
+                    "Add",
+                    [self.integers(xs[0], "dorefa_sym", a["bits"], a["clip"], f"{name}_q"), b.const(float(n))],
+                    f"{name}_2j",
+                ),
+                b.const(2.0),
+            ],
+            f"{name}_j",
+        )
         level = b.op("Sub", [b.op("Mul", [j, b.const(2.0 / n)], f"{name}_jn"), b.const(1.0)], f"{name}_level")
         return b.op("Mul", [level, b.const(float(np.float32(a["clip"])))], name)
 
@@ -472,8 +541,11 @@ class _Exporter:
         shifted = b.op("BitShift", [stored, shifts], f"{base}_shift", direction="RIGHT")
         code = b.op("BitwiseAnd", [shifted, b.const(np.full((1, 1, 1), 3), np.uint8)], f"{base}_code")
         flat = b.op("Reshape", [code, b.const([out, nbytes * 4], np.int64)], f"{base}_flat")
-        used = b.op("Slice", [flat, b.const([0], np.int64), b.const([attrs["in_features"]], np.int64),
-                              b.const([1], np.int64)], f"{base}_used")  # fmt: skip
+        used = b.op(
+            "Slice",
+            [flat, b.const([0], np.int64), b.const([attrs["in_features"]], np.int64), b.const([1], np.int64)],
+            f"{base}_used",
+        )
         f32 = b.helper.np_dtype_to_tensor_dtype(np.dtype("float32"))
         levels = b.op("Sub", [b.op("Cast", [used], f"{base}_float", to=f32), b.const(1.0)], f"{base}_levels")
         return b.op("Transpose", [levels], f"{base}_wt", perm=[1, 0])
@@ -493,8 +565,11 @@ class _Exporter:
             x = b.op("Mul", [x, b.op("Reciprocal", [root], f"{name}_rrms")], f"{name}_normed")
         magnitude = b.op("ReduceMax", [b.op("Abs", [x], f"{name}_abs"), last], f"{name}_max", keepdims=1)
         s = b.op("Div", [b.const(127.0), b.op("Max", [magnitude, b.const(1e-5)], f"{name}_clamped")], f"{name}_s")
-        q = b.op("Clip", [b.op("Round", [b.op("Mul", [x, s], f"{name}_xs")], f"{name}_round"), b.const(-128.0),
-                          b.const(127.0)], f"{name}_q")  # fmt: skip
+        q = b.op(
+            "Clip",
+            [b.op("Round", [b.op("Mul", [x, s], f"{name}_xs")], f"{name}_round"), b.const(-128.0), b.const(127.0)],
+            f"{name}_q",
+        )
         bad = b.op("Or", [b.op("IsNaN", [x], f"{name}_nan"), b.op("IsInf", [x], f"{name}_inf")], f"{name}_bad")
         bad_token = b.op("ReduceMax", [b.op("Cast", [bad], f"{name}_badf", to=f32), last], f"{name}_badrow", keepdims=1)
         finite = b.op("Equal", [bad_token, b.const(0.0)], f"{name}_finite")
@@ -529,9 +604,10 @@ class _Exporter:
         roles, c = self.roles(node), a["num_features"]
         weight = roles.get("weight") if roles.get("weight") is not None else torch.ones(c)
         bias = roles.get("bias") if roles.get("bias") is not None else torch.zeros(c)
-        ins = [xs[0]] + [self.b.const(t.numpy(), np.float32, f"{name}_{k}")
-                         for k, t in (("w", weight), ("b", bias), ("mean", roles["running_mean"]),
-                                      ("var", roles["running_var"]))]
+        ins = [xs[0]] + [
+            self.b.const(t.numpy(), np.float32, f"{name}_{k}")
+            for k, t in (("w", weight), ("b", bias), ("mean", roles["running_mean"]), ("var", roles["running_var"]))
+        ]
         return self.b.op("BatchNormalization", ins, name, epsilon=float(a["eps"]))
 
     def pool(self, op_type: str, x: str, a: dict, size: tuple, out: tuple, base: str, **attrs) -> str:
@@ -553,24 +629,49 @@ class _Exporter:
         for axis, d in zip((2, 3), dims):
             end_pad, crop = (d["end_pad"], d["crop"]) if ceil and not d["partial"] else (d["padding"], None)
             if crop is not None:
-                x = b.op("Slice", [x, b.const([0], np.int64), b.const([crop], np.int64), b.const([axis], np.int64)],
-                         f"{base}_crop{axis}")
+                x = b.op(
+                    "Slice",
+                    [x, b.const([0], np.int64), b.const([crop], np.int64), b.const([axis], np.int64)],
+                    f"{base}_crop{axis}",
+                )
             pads_end.append(end_pad)
         pads = [dims[0]["padding"], dims[1]["padding"], *pads_end]
         if [d["out"] for d in dims] != list(out):  # pragma: no cover - torch's formula, as the engine computed it
             raise OnnxExportError(f"'{base}': pooled size {[d['out'] for d in dims]} is not the engine's {list(out)}")
-        return b.op(op_type, [x], base, kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]), pads=pads,
-                    ceil_mode=int(ceil), **attrs)
+        return b.op(
+            op_type,
+            [x],
+            base,
+            kernel_shape=list(a["kernel_size"]),
+            strides=list(a["stride"]),
+            pads=pads,
+            ceil_mode=int(ceil),
+            **attrs,
+        )
 
     def op_max_pool2d(self, node, a, xs, name):
-        return self.pool("MaxPool", xs[0], a, self.shape[node["inputs"][0]][2:], self.shape[name][2:], name,
-                         dilations=list(a["dilation"]))
+        return self.pool(
+            "MaxPool",
+            xs[0],
+            a,
+            self.shape[node["inputs"][0]][2:],
+            self.shape[name][2:],
+            name,
+            dilations=list(a["dilation"]),
+        )
 
     def op_avg_pool2d(self, node, a, xs, name):
         if a["divisor_override"] is not None:
             raise OnnxExportError(f"node {name!r}: AvgPool2d(divisor_override=...) has no ONNX form")
-        return self.pool("AveragePool", xs[0], a, self.shape[node["inputs"][0]][2:], self.shape[name][2:], name,
-                         count_include_pad=int(a["count_include_pad"]))
+        return self.pool(
+            "AveragePool",
+            xs[0],
+            a,
+            self.shape[node["inputs"][0]][2:],
+            self.shape[name][2:],
+            name,
+            count_include_pad=int(a["count_include_pad"]),
+        )
 
     def _adaptive(self, node, a, xs, name, kind):
         h, w = self.shape[node["inputs"][0]][2:]
@@ -686,7 +787,7 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     strict: bool = False,
-) -> "Any":
+) -> Any:
     """Write ``model`` (an eval-mode onebit/torch model, or a :class:`~onebit.engine.PackedModel`)
     as an ONNX file of standard ops; returns the ``onnx.ModelProto``.
 
@@ -719,7 +820,10 @@ def export_onnx(
         shape = ["batch", *list(run[value].shape[1:])]
         graph_outputs.append(helper.make_tensor_value_info(name, float32, shape))
     graph = helper.make_graph(
-        exporter.b.nodes, "onebit", [helper.make_tensor_value_info("input", float32, in_shape)], graph_outputs,
+        exporter.b.nodes,
+        "onebit",
+        [helper.make_tensor_value_info("input", float32, in_shape)],
+        graph_outputs,
         initializer=exporter.b.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="onebit")

@@ -80,8 +80,11 @@ def batchnorm_rounding() -> str | None:
         var = torch.rand(channels, generator=g) * 2 + 0.1
         weight = torch.randn(channels, generator=g)
         bias = torch.randn(channels, generator=g)
-        found = [name for name, fused in (("fma", True), ("mul_add", False))
-                 if _matches(mean, var, weight, bias, 1e-5, fused)]  # fmt: skip
+        found = [
+            name
+            for name, fused in (("fma", True), ("mul_add", False))
+            if _matches(mean, var, weight, bias, 1e-5, fused)
+        ]
         if len(found) != 1:
             return None
         answers.add(found[0])
@@ -101,7 +104,9 @@ def batchnorm_epilogue(
     mode = batchnorm_rounding()
     if mode is None:
         return None
-    tensors = [t.detach().to(torch.float32) if t is not None else None for t in (running_mean, running_var, weight, bias)]
+    tensors = [
+        t.detach().to(torch.float32) if t is not None else None for t in (running_mean, running_var, weight, bias)
+    ]
     fused = mode == "fma"
     if not _matches(*tensors, eps, fused):
         return None

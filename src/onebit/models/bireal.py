@@ -37,7 +37,9 @@ BIREALNET18 = ModelConstructor(
 #: A small Bi-Real-style network for 28-32 px images (Fashion-MNIST, CIFAR): float 3x3 stem,
 #: three stages of two Bi-Real units (32, 64, 128 channels, each stage halving the resolution),
 #: the same quantizers and real-valued shortcuts as Bi-Real Net 18.
-BIREALNET_SMALL = BIREALNET18.replace(stem="small", stem_width=32, layers=(2, 2, 2), widths=(32, 64, 128), strides=(2, 2, 2))
+BIREALNET_SMALL = BIREALNET18.replace(
+    stem="small", stem_width=32, layers=(2, 2, 2), widths=(32, 64, 128), strides=(2, 2, 2)
+)
 
 
 @register_model

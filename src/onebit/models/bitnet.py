@@ -9,7 +9,9 @@ from onebit.nn import BitLinear
 
 
 @register_model
-def bitnet_mlp(num_classes: int = 10, in_channels: int = 1, hidden: int = 256, depth: int = 2, grid: int = 8) -> nn.Module:
+def bitnet_mlp(
+    num_classes: int = 10, in_channels: int = 1, hidden: int = 256, depth: int = 2, grid: int = 8
+) -> nn.Module:
     """An MLP of ``depth`` BitLinear layers (``hidden`` units, ReLU) and a float classifier.
 
     The image is average-pooled to ``grid x grid`` (the identity on 8x8 digits) and flattened;

@@ -37,8 +37,9 @@ import dataclasses
 import functools
 import inspect
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,7 +128,7 @@ def make_norm(norm_layer: str | Callable[[int], nn.Module] | None, channels: int
     return _from_alias("norm_layer", norm_layer, NORMS, channels)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepted(fn: Callable) -> frozenset[str] | None:
     """Keyword names ``fn`` accepts (None: any)."""
     target = fn.__init__ if isinstance(fn, type) else fn
@@ -140,13 +141,17 @@ def _accepted(fn: Callable) -> frozenset[str] | None:
     return frozenset(params)
 
 
-def make_conv_factory(conv_layer: str | Callable[..., nn.Module], input_quantizer=None, weight_quantizer=None) -> Callable[[int, int, int], nn.Module]:
+def make_conv_factory(
+    conv_layer: str | Callable[..., nn.Module], input_quantizer=None, weight_quantizer=None
+) -> Callable[[int, int, int], nn.Module]:
     """``conv(c_in, c_out, stride)`` building a 3x3, padding-1, bias-free convolution with ``conv_layer``."""
     if isinstance(conv_layer, str):
         try:
             layer = CONV_LAYERS[conv_layer.lower()]
         except KeyError:
-            raise ValueError(f"unknown conv_layer {conv_layer!r}; known: {', '.join(CONV_LAYERS)} or a callable") from None
+            raise ValueError(
+                f"unknown conv_layer {conv_layer!r}; known: {', '.join(CONV_LAYERS)} or a callable"
+            ) from None
         if conv_layer.lower() == "binary":
             input_quantizer = "ste_sign" if input_quantizer is None else input_quantizer
             weight_quantizer = "ste_sign" if weight_quantizer is None else weight_quantizer
@@ -221,7 +226,9 @@ class BiRealBlock(nn.Module):
     (``"affine"``: a learnable per-channel scale and shift, ReActNet's RSign). Downsampling
     shortcut: 2x2 average pooling, a float 1x1 conv and norm."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, conv, act_fn, norm_layer, pre_sign=None):
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int = 1, *, conv, act_fn, norm_layer, pre_sign=None
+    ):
         super().__init__()
         self.out_channels = out_channels
         if pre_sign is not None:  # only then, so the state_dict keys of plain Bi-Real nets stay as they were
@@ -320,7 +327,7 @@ class ModelConstructor:
     head_act: ActLike = None
     dropout: float = 0.0
 
-    def replace(self, **changes) -> "ModelConstructor":
+    def replace(self, **changes) -> ModelConstructor:
         """A copy with ``changes``; unknown names raise ``ValueError`` listing the fields."""
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
@@ -374,7 +381,11 @@ class ModelConstructor:
             raise ValueError(f"layers {list(self.layers)} and widths {list(self.widths)} must have the same length")
         block = self._block_class()
         dense = issubclass(block, DenseLayer)
-        strides = list(self.strides) if self.strides is not None else [1 if (i == 0 or dense) else 2 for i in range(len(self.layers))]
+        strides = (
+            list(self.strides)
+            if self.strides is not None
+            else [1 if (i == 0 or dense) else 2 for i in range(len(self.layers))]
+        )
         conv = make_conv_factory(self.conv_layer, self.input_quantizer, self.weight_quantizer)
         extra = {}
         if self.pre_sign is not None and str(self.pre_sign).lower() not in ("none", "identity"):
@@ -386,7 +397,15 @@ class ModelConstructor:
         for i, (n, width, stride) in enumerate(zip(self.layers, self.widths, strides)):
             blocks = []
             for j in range(n):
-                b = block(channels, width, stride if j == 0 else 1, conv=conv, act_fn=self.act_fn, norm_layer=self.norm_layer, **extra)
+                b = block(
+                    channels,
+                    width,
+                    stride if j == 0 else 1,
+                    conv=conv,
+                    act_fn=self.act_fn,
+                    norm_layer=self.norm_layer,
+                    **extra,
+                )
                 channels = b.out_channels
                 blocks.append(b)
             if dense and i < len(self.layers) - 1:

@@ -12,7 +12,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -99,7 +99,9 @@ def create(
             raise ValueError(f"{name!r} is not a module class or a factory function")
         accepted = inspect.signature(builder).parameters
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-        shape = {k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in accepted or takes_any}
+        shape = {
+            k: v for k, v in (("num_classes", num_classes), ("in_channels", in_channels)) if k in accepted or takes_any
+        }
         model = builder(**shape, **kwargs)
         if not isinstance(model, nn.Module):
             raise ValueError(f"{name!r} returned a {type(model).__name__}, not a torch.nn.Module")

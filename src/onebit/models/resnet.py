@@ -10,7 +10,9 @@ from onebit.models.registry import register_model
 __all__ = ["RESNET18", "RESNETE18", "resnet18", "resnete18"]
 
 #: He et al. (2016), ResNet-18: 7x7 stem, four stages of two basic blocks, strided 1x1 shortcuts.
-RESNET18 = ModelConstructor(block="basic", layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_act="relu", act_fn="relu")
+RESNET18 = ModelConstructor(
+    block="basic", layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_act="relu", act_fn="relu"
+)
 
 #: Bethge et al. (2019), "Back to Simplicity" (larq zoo's BinaryResNetE18): float 7x7 stem with
 #: ReLU and max pooling, 16 binary 3x3 convs (ste_sign inputs and weights, no scaling), each with its

@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,9 +33,27 @@ from torch import nn
 from onebit import io
 
 __all__ = [
-    "WEIGHTS_FILE", "CONFIG_FILE", "PACKED_FILE", "CARD_FILE", "WeightsError", "ChecksumError", "HubError",
-    "HubRef", "Weights", "parse_hub_ref", "is_hub_ref", "is_pushed_folder", "fetch_weights", "resolve_weights",
-    "load_weights", "load_into", "build", "from_pretrained", "git_blob_sha1", "import_hub", "quiet_hub",
+    "WEIGHTS_FILE",
+    "CONFIG_FILE",
+    "PACKED_FILE",
+    "CARD_FILE",
+    "WeightsError",
+    "ChecksumError",
+    "HubError",
+    "HubRef",
+    "Weights",
+    "parse_hub_ref",
+    "is_hub_ref",
+    "is_pushed_folder",
+    "fetch_weights",
+    "resolve_weights",
+    "load_weights",
+    "load_into",
+    "build",
+    "from_pretrained",
+    "git_blob_sha1",
+    "import_hub",
+    "quiet_hub",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -83,7 +102,7 @@ def parse_hub_ref(ref: str) -> HubRef:
     form = "expected hf://ORG/NAME or hf://ORG/NAME@REVISION"
     if not is_hub_ref(ref):
         raise WeightsError(f"{ref!r}: not a Hub reference ({form})")
-    body = ref[len(HUB_PREFIX):]
+    body = ref[len(HUB_PREFIX) :]
     repo_id, at, revision = body.partition("@")
     if not repo_id:
         raise WeightsError(f"{ref!r}: no repository named ({form})")
@@ -396,7 +415,9 @@ def _hub_listing(hf, ref: HubRef) -> tuple[str, dict[str, str]]:
     try:
         info = hf.HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
     except hf.errors.GatedRepoError:
-        raise HubError(f"{ref}: a gated repository: accept its terms on the Hub and configure a token (`hf auth login`)") from None
+        raise HubError(
+            f"{ref}: a gated repository: accept its terms on the Hub and configure a token (`hf auth login`)"
+        ) from None
     except hf.errors.RevisionNotFoundError:
         raise HubError(f"{ref}: the repository has no revision {ref.revision!r}") from None
     except hf.errors.RepositoryNotFoundError:

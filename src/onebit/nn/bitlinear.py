@@ -49,9 +49,14 @@ class BitLinear(QLinear):
         per_channel: bool = False,
     ):
         super().__init__(
-            in_features, out_features, bias, device, dtype,
-            input_quantizer=Absmax8(), weight_quantizer=Ternary(per_channel=per_channel),
-        )  # fmt: skip
+            in_features,
+            out_features,
+            bias,
+            device,
+            dtype,
+            input_quantizer=Absmax8(),
+            weight_quantizer=Ternary(per_channel=per_channel),
+        )
         if not eps > 0:
             raise ValueError(f"BitLinear: eps must be positive, got {eps!r}")
         self.norm = bool(norm)

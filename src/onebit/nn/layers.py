@@ -59,7 +59,9 @@ class QuantizedLayer:
     def _torch_extra_repr(self) -> str:
         raise NotImplementedError
 
-    def _check_input(self, x: torch.Tensor, channel_dim_from_end: int, channels: int, ranks: tuple[int, ...], shape_hint: str) -> None:
+    def _check_input(
+        self, x: torch.Tensor, channel_dim_from_end: int, channels: int, ranks: tuple[int, ...], shape_hint: str
+    ) -> None:
         if isinstance(x, torch.fx.Proxy):
             return  # symbolic tracing: nothing to check yet
         if not isinstance(x, torch.Tensor):
@@ -159,7 +161,13 @@ class _QConvNd(QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self._ndim
         spatial = ", ".join("DHW"[3 - n :])
-        self._check_input(x, n + 1, self.in_channels, (n + 1, n + 2), f"[N, {self.in_channels}, {spatial}] or [{self.in_channels}, {spatial}]")
+        self._check_input(
+            x,
+            n + 1,
+            self.in_channels,
+            (n + 1, n + 2),
+            f"[N, {self.in_channels}, {spatial}] or [{self.in_channels}, {spatial}]",
+        )
         return QF.qconv(
             x,
             self.weight,
@@ -211,8 +219,18 @@ def _make_conv(torch_cls: type[nn.Module], ndim: int) -> type[nn.Module]:
             pad_value: float = 0.0,
         ):
             torch_cls.__init__(
-                self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                padding_mode, device, dtype,
+                self,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                groups,
+                bias,
+                padding_mode,
+                device,
+                dtype,
             )
             self._init_q(input_quantizer, weight_quantizer, pad_value)
 

@@ -117,7 +117,9 @@ class TwistConv2d(QuantizedLayer, nn.Module):
     ):
         super().__init__()
         if kernel_size not in (3, (3, 3)) or padding not in (1, (1, 1)):
-            raise ValueError(f"TwistConv2d replaces 3x3 convs with padding 1, got kernel_size={kernel_size}, padding={padding}")
+            raise ValueError(
+                f"TwistConv2d replaces 3x3 convs with padding 1, got kernel_size={kernel_size}, padding={padding}"
+            )
         if bias:
             raise ValueError("TwistConv2d has no bias (follow it with BatchNorm); pass bias=False")
         if isinstance(stride, tuple):
@@ -177,8 +179,14 @@ class TwistConv2d(QuantizedLayer, nn.Module):
             # output group i reads input group i - 1: roll the channels forward by one group
             x = torch.roll(x, shifts=self.in_channels // self.groups, dims=1)
         y = QF.qconv(
-            x, self.weight, None, stride=self.stride, padding=1, groups=self.groups,
-            weight_quantizer=self.weight_quantizer, kernel_size=(3, 3),
+            x,
+            self.weight,
+            None,
+            stride=self.stride,
+            padding=1,
+            groups=self.groups,
+            weight_quantizer=self.weight_quantizer,
+            kernel_size=(3, 3),
         )
         if self.twist:
             kx, ky = self.twist_kernels() if kernels is None else kernels

@@ -35,8 +35,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(config: TrainConfig, *, model: nn.Module | None = None,
-          data: datasets.DataBundle | None = None) -> tuple[nn.Module, datasets.DataBundle]:
+def build(
+    config: TrainConfig, *, model: nn.Module | None = None, data: datasets.DataBundle | None = None
+) -> tuple[nn.Module, datasets.DataBundle]:
     """The model and data ``config`` names (those not given): the global generators seeded
     from ``config.seed``, then the data loaded, then the model created for the data's classes
     and channels (so that a seed always gives the same initial weights)."""
@@ -74,7 +75,7 @@ def create_model(name: str, num_classes: int, in_channels: int, kwargs: dict[str
     """``models.create``; a model its arguments cannot build raises ``ValueError`` naming them."""
     try:
         with warnings.catch_warnings(record=True) as caught:  # torch's warnings about empty tensors:
-            warnings.simplefilter("always")                   # raised as one error below instead
+            warnings.simplefilter("always")  # raised as one error below instead
             model = models.create(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
         if not any(p.numel() == 0 for p in model.parameters()):
             for w in caught:
@@ -103,7 +104,9 @@ def probe(model: nn.Module, name: str, kwargs: dict[str, Any], example: torch.Te
         model.train(was_training)
 
 
-def make_optimizers(config: TrainConfig, model: nn.Module, binary_params: list[nn.Parameter]) -> list[torch.optim.Optimizer]:
+def make_optimizers(
+    config: TrainConfig, model: nn.Module, binary_params: list[nn.Parameter]
+) -> list[torch.optim.Optimizer]:
     """The optimizers ``config.optimizer`` names, the float one (Adam or SGD) first; ``"bop"`` is
     Adam for the float parameters and Bop for ``binary_params``."""
     c = config
@@ -121,8 +124,10 @@ def make_optimizers(config: TrainConfig, model: nn.Module, binary_params: list[n
     params: Any = model.parameters()
     if c.weight_decay and binary_params:  # (without decay: one group, as runs written before had)
         binary = {id(p) for p in binary_params}
-        params = [{"params": [p for p in model.parameters() if id(p) not in binary]},
-                  {"params": [p for p in model.parameters() if id(p) in binary], "weight_decay": 0.0}]
+        params = [
+            {"params": [p for p in model.parameters() if id(p) not in binary]},
+            {"params": [p for p in model.parameters() if id(p) in binary], "weight_decay": 0.0},
+        ]
     if c.optimizer == "adam":
         return [torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)]
     return [torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)]

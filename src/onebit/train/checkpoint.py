@@ -45,9 +45,22 @@ if TYPE_CHECKING:
     from onebit.train.trainer import Trainer
 
 __all__ = [
-    "CHECKPOINT", "RUN_FILES", "LOCK_FILE", "RunDirectoryError", "holds_run", "prepare_run_directory", "clear_run",
-    "lock_run_directory", "read_run_config", "load_run", "save_config", "save_run", "checkpoint_state",
-    "load_checkpoint", "restore_checkpoint", "record_weights",
+    "CHECKPOINT",
+    "RUN_FILES",
+    "LOCK_FILE",
+    "RunDirectoryError",
+    "holds_run",
+    "prepare_run_directory",
+    "clear_run",
+    "lock_run_directory",
+    "read_run_config",
+    "load_run",
+    "save_config",
+    "save_run",
+    "checkpoint_state",
+    "load_checkpoint",
+    "restore_checkpoint",
+    "record_weights",
 ]
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -181,7 +194,11 @@ def read_run_config(directory: str) -> dict[str, Any]:
         if not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and 1 <= meta[key] <= 1 << 20):
             raise bad(f"entry {key!r} is not a positive integer: {meta[key]!r}")
     size = meta["image_size"]
-    if not (isinstance(size, list) and 1 <= len(size) <= 3 and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in size)):
+    if not (
+        isinstance(size, list)
+        and 1 <= len(size) <= 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in size)
+    ):
         raise bad(f"entry 'image_size' is not a list of positive integers: {size!r}")
     return meta
 
@@ -227,7 +244,9 @@ def save_run(trainer: Trainer, directory: str) -> None:
     """Write the run: ``model.safetensors``, ``checkpoint.safetensors``, ``config.json``,
     ``history.csv`` (each atomically)."""
     io.ensure_directory(directory)
-    io.save_tensors(os.path.join(directory, "model.safetensors"), {k: v.cpu() for k, v in trainer.model.state_dict().items()})
+    io.save_tensors(
+        os.path.join(directory, "model.safetensors"), {k: v.cpu() for k, v in trainer.model.state_dict().items()}
+    )
     tensors, meta = checkpoint_state(trainer)
     io.save_tensors(os.path.join(directory, CHECKPOINT), tensors, metadata={"onebit_checkpoint": json.dumps(meta)})
     save_config(directory, trainer.config, trainer.data)

@@ -95,7 +95,7 @@ class TrainConfig:
         self._check_outputs()
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """The config of ``values`` (a saved ``config.json``'s ``config``); unknown keys are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
@@ -162,8 +162,10 @@ class TrainConfig:
             raise ValueError("--mean and --std go together: give both or neither")
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if values is not None and (not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                             and math.isfinite(v) for v in values)):
+            if values is not None and (
+                not values
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+            ):
                 raise ValueError(f"{_option(name)} must be finite numbers, one per channel, got {values!r}")
         if self.std is not None and not all(v > 0 for v in self.std):
             raise ValueError(f"--std must be positive, got {self.std!r}")
@@ -194,7 +196,9 @@ def _check_type(name: str, value: Any, default: Any) -> None:
     else:
         ok = name != "model_kwargs" or isinstance(value, dict)
     if not ok:
-        raise TypeError(f"{_option(name)} must be {type(default).__name__ if default is not None else 'a value'}, got {value!r}")
+        raise TypeError(
+            f"{_option(name)} must be {type(default).__name__ if default is not None else 'a value'}, got {value!r}"
+        )
 
 
 def _in_range(name: str, value: float, lo: float, hi: float, low_open: bool = False) -> None:

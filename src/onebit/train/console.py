@@ -35,7 +35,9 @@ class EpochTable:
         self.widths = [max(len(c), 5 if c == "epoch" else 10) for c in columns]
 
     def print_header(self) -> None:
-        self.console.print("  ".join(c.ljust(w) for c, w in zip(self.columns, self.widths)), style="bold", highlight=False)
+        self.console.print(
+            "  ".join(c.ljust(w) for c, w in zip(self.columns, self.widths)), style="bold", highlight=False
+        )
 
     def print_row(self, values: list[Any]) -> None:
         self.console.print("  ".join(format_value(v).ljust(w) for v, w in zip(values, self.widths)), highlight=False)
@@ -76,8 +78,15 @@ def progress_bar(console: Console, enabled: bool) -> Progress:
     )
 
 
-def describe_run(config: TrainConfig, data: DataBundle, augment: str, distilled: bool, world_size: int,
-                 device: str = "cpu", dropped: int = 0) -> str:
+def describe_run(
+    config: TrainConfig,
+    data: DataBundle,
+    augment: str,
+    distilled: bool,
+    world_size: int,
+    device: str = "cpu",
+    dropped: int = 0,
+) -> str:
     """The run's header: model, data and its shape, then schedule, batch, seed and the extras in use
     (``dropped``: examples the last, too small batch of each epoch leaves out)."""
     c, d = config, data

@@ -59,8 +59,15 @@ def _free_port() -> int:
 def _worker(rank: int, world_size: int, port: int, config_dict: dict, resume_dir: str | None) -> None:
     """One spawned process: join the group, train (or resume), evaluate, leave the group."""
     keep_freed_memory()  # a spawned interpreter: as the onebit command does in its own process
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     init_distributed_from_env()
     done, trainer = False, None
     try:
@@ -91,8 +98,11 @@ def run_distributed(config: TrainConfig, workers: int, resume_dir: str | None = 
 
     config.validate()
     ctx = mp.start_processes(
-        _worker, args=(workers, _free_port(), dataclasses.asdict(config), resume_dir), nprocs=workers,
-        join=False, start_method="spawn",
+        _worker,
+        args=(workers, _free_port(), dataclasses.asdict(config), resume_dir),
+        nprocs=workers,
+        join=False,
+        start_method="spawn",
     )
     received: list[int] = []
 

@@ -45,7 +45,9 @@ def _labels(y: torch.Tensor, what: str, num_classes: int | None) -> torch.Tensor
     if len(y) and int(y.min()) < 0:
         raise ValueError(f"fit: {what}'s labels must be non-negative classes, got {int(y.min())}")
     if num_classes is not None and len(y) and int(y.max()) >= num_classes:
-        raise ValueError(f"fit: {what} has label {int(y.max())}, but num_classes is {num_classes} (classes 0..{num_classes - 1})")
+        raise ValueError(
+            f"fit: {what} has label {int(y.max())}, but num_classes is {num_classes} (classes 0..{num_classes - 1})"
+        )
     return y.long()
 
 
@@ -130,8 +132,15 @@ def _bundle(train: Any, valid: Any, num_classes: int | None, streamed: bool) -> 
         raise ValueError(f"fit: train inputs {list(shapes[0])} and valid inputs {list(shapes[1])} differ in shape")
     classes = num_classes or int(max(sources[0].labels.max(), sources[1].labels.max())) + 1
     train_split, valid_split = (Split(s, Compose([ToUnit(1.0)])) for s in sources)
-    return DataBundle(name="user data", train=train_split, test=valid_split, num_classes=classes,
-                      classes=[str(c) for c in range(classes)], augment="none", size=tuple(shapes[0][1:]))
+    return DataBundle(
+        name="user data",
+        train=train_split,
+        test=valid_split,
+        num_classes=classes,
+        classes=[str(c) for c in range(classes)],
+        augment="none",
+        size=tuple(shapes[0][1:]),
+    )
 
 
 def fit(
@@ -169,10 +178,18 @@ def fit(
     if unknown:
         raise TypeError(f"fit: unknown option(s) {', '.join(unknown)}")
     options.setdefault("augment", "none")
-    config = TrainConfig(model=f"<{type(model).__name__}>", data="<user data>", epochs=epochs,
-                         batch_size=batch_size, lr=lr, optimizer=optimizer,
-                         out=None if out is None else os.fspath(out), tensorboard=tensorboard,
-                         loader_workers=loader_workers, **options)
+    config = TrainConfig(
+        model=f"<{type(model).__name__}>",
+        data="<user data>",
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        out=None if out is None else os.fspath(out),
+        tensorboard=tensorboard,
+        loader_workers=loader_workers,
+        **options,
+    )
     trainer = Trainer(config, console, model=model, data=data)
     if resume:
         if out is None:

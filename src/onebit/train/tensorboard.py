@@ -15,7 +15,8 @@ The ``tensorboard`` package is an optional dependency (``pip install 'onebit[ten
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

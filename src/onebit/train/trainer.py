@@ -26,7 +26,8 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,17 @@ from torch.utils.data import DataLoader
 
 from onebit.data import DataBundle
 from onebit.data.augment import Augment
-from onebit.data.loader import (AugmentedSamples, EpochBatches, IndexBatches, batch_indices, batches_of,
-                                close_loader, epoch_permutation, make_loader, steps_per_epoch)
+from onebit.data.loader import (
+    AugmentedSamples,
+    EpochBatches,
+    IndexBatches,
+    batch_indices,
+    batches_of,
+    close_loader,
+    epoch_permutation,
+    make_loader,
+    steps_per_epoch,
+)
 from onebit.optim import FlipCounter, binary_parameters, clip_weights
 from onebit.train import checkpoint
 from onebit.train.build import build, load_start_weights, make_optimizers, make_scheduler, seed_everything
@@ -92,8 +102,14 @@ class Trainer:
 
     base_columns = ["epoch", "train_loss", "valid_loss", "accuracy", "top_k_accuracy", "flip_ratio", "time"]
 
-    def __init__(self, config: TrainConfig, console: Console | None = None, *, model: nn.Module | None = None,
-                 data: DataBundle | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        console: Console | None = None,
+        *,
+        model: nn.Module | None = None,
+        data: DataBundle | None = None,
+    ):
         config.validate()
         self.config = config
         self.rank, self.world_size = _rank_and_world_size()
@@ -116,11 +132,15 @@ class Trainer:
         self.optimizer = self.optimizers[0]  # the float optimizer (Adam or SGD)
         self.steps_per_epoch = steps_per_epoch(len(self.data.train), config.batch_size, self.world_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.data.train)} training example(s) make no batch of at least 2 per process "
-                             "(BatchNorm in training needs 2): use more data or fewer processes")
+            raise ValueError(
+                f"{len(self.data.train)} training example(s) make no batch of at least 2 per process "
+                "(BatchNorm in training needs 2): use more data or fewer processes"
+            )
         self.scheduler = make_scheduler(config, self.optimizer, config.epochs * self.steps_per_epoch)
         self.scaler = make_scaler(self.device, config.precision)
-        self.augment = Augment.parse(self.data.augment if config.augment == "auto" else config.augment, self.data.image_size)
+        self.augment = Augment.parse(
+            self.data.augment if config.augment == "auto" else config.augment, self.data.image_size
+        )
         # in-memory data without loader workers: whole batches gathered and augmented at once
         self.batched = self.data.train.in_memory and config.loader_workers == 0 and not self.augment.resized_crop
         self._train_loader: DataLoader | None = None
@@ -135,13 +155,13 @@ class Trainer:
         self.interrupted: Interrupted | None = None
 
     @classmethod
-    def from_config(cls, config: TrainConfig, console: Console | None = None) -> "Trainer":
+    def from_config(cls, config: TrainConfig, console: Console | None = None) -> Trainer:
         """A trainer of the model on the data ``config`` names, both built by :func:`onebit.train.build.build`
         (the generators seeded from ``config.seed`` first, so that a seed gives the same initial weights)."""
         return cls(config, console)
 
     @classmethod
-    def from_run(cls, directory: str, console: Console | None = None, **overrides) -> "Trainer":
+    def from_run(cls, directory: str, console: Console | None = None, **overrides) -> Trainer:
         """A trainer continuing the run saved in ``directory`` (its config, checkpoint and history)."""
         config = TrainConfig.from_dict(checkpoint.read_run_config(directory)["config"])
         config.out = directory
@@ -168,12 +188,18 @@ class Trainer:
     def _load_teacher(self) -> nn.Module:
         """The teacher run's model: eval mode, frozen, on the device, in the run's memory format."""
         teacher, meta = checkpoint.load_run(self.config.teacher)
-        mine = {"num_classes": self.data.num_classes, "in_channels": self.data.in_channels, "image_size": list(self.data.image_size)}
+        mine = {
+            "num_classes": self.data.num_classes,
+            "in_channels": self.data.in_channels,
+            "image_size": list(self.data.image_size),
+        }
         if meta.get("std") is not None:  # runs written before the statistics were saved have none
             mine.update(mean=self.data.mean, std=self.data.std)
         theirs = {k: meta.get(k) for k in mine}
         if theirs != mine:
-            raise ValueError(f"teacher {self.config.teacher!r} was trained on data of another shape: {theirs}, this run {mine}")
+            raise ValueError(
+                f"teacher {self.config.teacher!r} was trained on data of another shape: {theirs}, this run {mine}"
+            )
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher.to(self.device, memory_format=self.memory_format)
@@ -189,10 +215,15 @@ class Trainer:
                 yield (self.augment(x, self.generator) if self.augment.enabled else x), y
             return
         if self._train_loader is None:
-            samples = AugmentedSamples(self.data.train.source, self.data.train_transform(self.augment), self.config.seed)
-            sampler = EpochBatches(len(self.data.train), self.config.batch_size, self.config.seed, self.rank, self.world_size)
-            self._train_loader = make_loader(samples, sampler, self.config.loader_workers,
-                                             pin_memory=self.device.type == "cuda", persistent=True)
+            samples = AugmentedSamples(
+                self.data.train.source, self.data.train_transform(self.augment), self.config.seed
+            )
+            sampler = EpochBatches(
+                len(self.data.train), self.config.batch_size, self.config.seed, self.rank, self.world_size
+            )
+            self._train_loader = make_loader(
+                samples, sampler, self.config.loader_workers, pin_memory=self.device.type == "cuda", persistent=True
+            )
         self._train_loader.batch_sampler.set_epoch(epoch, self.step)
         yield from batches_of(self._train_loader)
 
@@ -205,8 +236,11 @@ class Trainer:
                 yield test.batch(idx[start : start + batch_size])
             return
         # workers started for this pass and ended with it (the training loader's persist)
-        yield from batches_of(make_loader(test, IndexBatches(idx, batch_size), self.config.loader_workers,
-                                          pin_memory=self.device.type == "cuda"))
+        yield from batches_of(
+            make_loader(
+                test, IndexBatches(idx, batch_size), self.config.loader_workers, pin_memory=self.device.type == "cuda"
+            )
+        )
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """An image batch on the device, in the configured memory format (4-D batches only)."""
@@ -261,7 +295,9 @@ class Trainer:
         self.net.train()
         task = None
         if progress is not None:
-            task = progress.add_task(f"epoch {epoch}", total=self.steps_per_epoch, completed=self.step, loss=self._mean_loss())
+            task = progress.add_task(
+                f"epoch {epoch}", total=self.steps_per_epoch, completed=self.step, loss=self._mean_loss()
+            )
         batches = self._training_batches(epoch)
         for x, y in batches:
             loss = self.train_step(x, y)  # moved to the device in train_step
@@ -336,8 +372,15 @@ class Trainer:
     def describe(self) -> str:
         """The run's header line (model, data, schedule and options in use)."""
         dropped = len(self.data.train) - min(len(self.data.train), self.steps_per_epoch * self.config.batch_size)
-        return describe_run(self.config, self.data, self.augment.describe(), self.teacher is not None, self.world_size,
-                            str(self.device), dropped)
+        return describe_run(
+            self.config,
+            self.data,
+            self.augment.describe(),
+            self.teacher is not None,
+            self.world_size,
+            str(self.device),
+            dropped,
+        )
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``config.epochs`` (from where a resumed run stopped). SIGINT/SIGTERM end the
@@ -389,7 +432,9 @@ class Trainer:
         if self.step == 0:
             self.flips.snapshot()
         if self.epoch == 0 and self.step == 0 and self._writes:
-            checkpoint.record_weights(self.model, self.config.out, 0)  # the initial weights, for `onebit plot weights --animate`
+            checkpoint.record_weights(
+                self.model, self.config.out, 0
+            )  # the initial weights, for `onebit plot weights --animate`
         train_loss = self.train_epoch(self.epoch, progress)
         if self._stop_signal is not None and self.step < self.steps_per_epoch:
             self.elapsed = time.perf_counter() - start

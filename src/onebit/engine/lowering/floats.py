@@ -69,16 +69,26 @@ def _emit_max_pool(low: Lowering, node: fx.Node, m: nn.MaxPool2d, x: str) -> str
     if m.return_indices:
         raise low.unsupported(node, "return_indices=True")
     stride = m.stride if m.stride is not None else m.kernel_size
-    attrs = {"kernel_size": pair(m.kernel_size), "stride": pair(stride), "padding": pair(m.padding),
-             "dilation": pair(m.dilation), "ceil_mode": bool(m.ceil_mode)}  # fmt: skip
+    attrs = {
+        "kernel_size": pair(m.kernel_size),
+        "stride": pair(stride),
+        "padding": pair(m.padding),
+        "dilation": pair(m.dilation),
+        "ceil_mode": bool(m.ceil_mode),
+    }
     return low.emit(node.name, "max_pool2d", [x], attrs, module=node.target)
 
 
 def _emit_avg_pool(low: Lowering, node: fx.Node, m: nn.AvgPool2d, x: str) -> str:
     stride = m.stride if m.stride is not None else m.kernel_size
-    attrs = {"kernel_size": pair(m.kernel_size), "stride": pair(stride), "padding": pair(m.padding),
-             "ceil_mode": bool(m.ceil_mode), "count_include_pad": bool(m.count_include_pad),
-             "divisor_override": m.divisor_override}  # fmt: skip
+    attrs = {
+        "kernel_size": pair(m.kernel_size),
+        "stride": pair(stride),
+        "padding": pair(m.padding),
+        "ceil_mode": bool(m.ceil_mode),
+        "count_include_pad": bool(m.count_include_pad),
+        "divisor_override": m.divisor_override,
+    }
     return low.emit(node.name, "avg_pool2d", [x], attrs, module=node.target)
 
 
@@ -99,11 +109,18 @@ def _emit_batch_norm(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> str:
     if m.running_mean is None or m.running_var is None:
         raise low.unsupported(node, "BatchNorm without running statistics (track_running_stats=False)")
     return low.emit(
-        node.name, "batch_norm", [x], {"num_features": int(m.num_features), "eps": float(m.eps)},
-        {"running_mean": float_copy(m.running_mean), "running_var": float_copy(m.running_var),
-         "weight": float_copy(m.weight), "bias": float_copy(m.bias)},
+        node.name,
+        "batch_norm",
+        [x],
+        {"num_features": int(m.num_features), "eps": float(m.eps)},
+        {
+            "running_mean": float_copy(m.running_mean),
+            "running_var": float_copy(m.running_var),
+            "weight": float_copy(m.weight),
+            "bias": float_copy(m.bias),
+        },
         node.target,
-    )  # fmt: skip
+    )
 
 
 def _emit_softmax(low: Lowering, node: fx.Node, m: nn.Softmax, x: str) -> str:
@@ -118,8 +135,9 @@ def _emit_prelu(low: Lowering, node: fx.Node, m: nn.PReLU, x: str) -> str:
 
 def _emit_conv2d(low: Lowering, node: fx.Node, m: nn.Conv2d, x: str) -> str:
     attrs = float_conv_attrs(m, 0.0)
-    return low.emit(node.name, "conv2d", [x], attrs, {"weight": float_copy(m.weight), "bias": float_copy(m.bias)},
-                    node.target)
+    return low.emit(
+        node.name, "conv2d", [x], attrs, {"weight": float_copy(m.weight), "bias": float_copy(m.bias)}, node.target
+    )
 
 
 def _emit_conv1d(low: Lowering, node: fx.Node, m: nn.Conv1d, x: str) -> str:
@@ -132,8 +150,9 @@ def _emit_conv1d(low: Lowering, node: fx.Node, m: nn.Conv1d, x: str) -> str:
 
 def _emit_linear(low: Lowering, node: fx.Node, m: nn.Linear, x: str) -> str:
     attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
-    return low.emit(node.name, "linear", [x], attrs, {"weight": float_copy(m.weight), "bias": float_copy(m.bias)},
-                    node.target)
+    return low.emit(
+        node.name, "linear", [x], attrs, {"weight": float_copy(m.weight), "bias": float_copy(m.bias)}, node.target
+    )
 
 
 #: the float modules the engine runs as graph ops, by exact type
@@ -167,11 +186,20 @@ def emit_module(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> str:
         return emitter(low, node, m, x)
     if is_sign_threshold(m):
         return low.emit(
-            node.name, "sign_threshold", [x], {"channels": int(m.threshold.numel())},
-            {"thresholds": m.threshold.detach().to(torch.int64).clamp(-(2**31), 2**31 - 1).to(torch.int32).contiguous(),
-             "direction": m.direction.detach().to(torch.int8).contiguous()},
+            node.name,
+            "sign_threshold",
+            [x],
+            {"channels": int(m.threshold.numel())},
+            {
+                "thresholds": m.threshold.detach()
+                .to(torch.int64)
+                .clamp(-(2**31), 2**31 - 1)
+                .to(torch.int32)
+                .contiguous(),
+                "direction": m.direction.detach().to(torch.int8).contiguous(),
+            },
             node.target,
-        )  # fmt: skip
+        )
     if isinstance(m, QActivation):
         return quantize(low, node, m.quantizer, x)
     if isinstance(m, quant.Quantizer):
@@ -237,17 +265,24 @@ _add, _mul = _arithmetic("add", 0.0, alpha=True), _arithmetic("mul", 1.0, alpha=
 
 #: the functions the engine runs as graph ops, by fx ``call_function`` target
 FUNCTIONS = {
-    operator.add: _add, torch.add: _add, operator.iadd: _add,
-    operator.mul: _mul, torch.mul: _mul, operator.imul: _mul,
+    operator.add: _add,
+    torch.add: _add,
+    operator.iadd: _add,
+    operator.mul: _mul,
+    torch.mul: _mul,
+    operator.imul: _mul,
     torch.cat: _cat,
     torch.flatten: _flatten,
-    F.relu: _unary("relu"), torch.relu: _unary("relu"),
-    torch.sigmoid: _unary("sigmoid"), F.sigmoid: _unary("sigmoid"),
-    torch.tanh: _unary("tanh"), F.tanh: _unary("tanh"),
+    F.relu: _unary("relu"),
+    torch.relu: _unary("relu"),
+    torch.sigmoid: _unary("sigmoid"),
+    F.sigmoid: _unary("sigmoid"),
+    torch.tanh: _unary("tanh"),
+    F.tanh: _unary("tanh"),
     onebit_sign: _unary("sign"),
     F.hardtanh: _hardtanh,
     F.adaptive_avg_pool2d: _adaptive_avg_pool,
-}  # fmt: skip
+}
 
 
 # -- tensor methods: emitter(lowering, node) -> value | None ---------------------

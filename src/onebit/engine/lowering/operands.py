@@ -126,8 +126,7 @@ def layer_input(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> tuple[str
     divisor = integer_divisor(q)
     if divisor is None or (not isinstance(m, QLinear) and float(m.pad_value) != 0.0):
         return quantize(low, node, q, x), None
-    attrs = {"kind": input_kind(q), "bits": int(q.precision),
-             "clip": clip(q)}  # fmt: skip
+    attrs = {"kind": input_kind(q), "bits": int(q.precision), "clip": clip(q)}
     return low.emit(f"{node.name}_int", "quantize_int", [x], attrs), divisor
 
 

@@ -40,8 +40,9 @@ def binary_input(low: Lowering, node: fx.Node | None, m: nn.Module) -> bool:
     return node.args[0] in low.packed_signs or low.value.get(node.args[0]) in low.sign_source
 
 
-def binary_conv_kind(low: Lowering, m: nn.Module, node: fx.Node | None = None,
-                     input_binary: bool | None = None) -> str | None:
+def binary_conv_kind(
+    low: Lowering, m: nn.Module, node: fx.Node | None = None, input_binary: bool | None = None
+) -> str | None:
     """'packed' for a binary QConv2d the kernels run, 'float' for one that runs simulated, None otherwise."""
     if not isinstance(m, QConv2d):
         return None
@@ -72,8 +73,11 @@ def is_binary_linear(m: nn.Module) -> bool:
 
 def is_ternary_linear(m: nn.Module) -> bool:
     """A linear layer the ``ternary_linear`` kernels run: ``absmax8`` input, ``ternary`` weights."""
-    return (isinstance(m, QLinear) and quant.computes_as(m.input_quantizer, Absmax8)
-            and quant.computes_as(m.weight_quantizer, Ternary))
+    return (
+        isinstance(m, QLinear)
+        and quant.computes_as(m.input_quantizer, Absmax8)
+        and quant.computes_as(m.weight_quantizer, Ternary)
+    )
 
 
 def _thresholds_layer(bn: nn.Module, m: nn.Module, batchnorm: type, channels: int) -> bool:
@@ -221,12 +225,18 @@ def note_fallback(low: Lowering, node: fx.Node, m: nn.Module, why: str | None = 
     if why is None:
         if not binary_in:
             q = m.input_quantizer
-            why = ("its input is float (input_quantizer=None on a value that is not the output of a sign)"
-                   if q is None else f"its input quantizer {type(q).__name__} is not a sign" + _void(q))
+            why = (
+                "its input is float (input_quantizer=None on a value that is not the output of a sign)"
+                if q is None
+                else f"its input quantizer {type(q).__name__} is not a sign" + _void(q)
+            )
         elif not binary_w:
             q = m.weight_quantizer
-            why = ("its weights are float (weight_quantizer=None)" if q is None
-                   else f"its weight quantizer {type(q).__name__} does not give +-1 levels" + _void(q))
+            why = (
+                "its weights are float (weight_quantizer=None)"
+                if q is None
+                else f"its weight quantizer {type(q).__name__} does not give +-1 levels" + _void(q)
+            )
         else:
             why = "the packed kernels do not run this configuration"
     low.fallbacks.append({"module": str(node.target), "reason": why})

@@ -51,8 +51,11 @@ from onebit.thresholds import accumulator_bound
 
 def _padding_reason(m: nn.Module) -> str:
     """Why a binary conv with constant-incompatible padding runs in float."""
-    return (f"padding_mode={m.padding_mode!r} (the packed kernels pad with a constant)"
-            if m.padding_mode != "zeros" else f"asymmetric padding {m.padding!r}")  # fmt: skip
+    return (
+        f"padding_mode={m.padding_mode!r} (the packed kernels pad with a constant)"
+        if m.padding_mode != "zeros"
+        else f"asymmetric padding {m.padding!r}"
+    )
 
 
 # -- binary 2-d convs -----------------------------------------------------------
@@ -80,14 +83,16 @@ def emit_binary_conv(low: Lowering, node: fx.Node, m: QConv2d) -> None:
             low.skip.add(bn_node)
             return
     if chain is None:
-        low.value[node] = low.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias},
-                                   node.target)  # fmt: skip
+        low.value[node] = low.emit(
+            node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target
+        )
         return
     _emit_threshold_chain(low, node, m, chain, xp, wp, scale, bias, conv)
 
 
-def _emit_threshold_chain(low: Lowering, node: fx.Node, m: QConv2d, chain: tuple, xp: str, wp: torch.Tensor,
-                          scale, bias, conv: dict) -> None:
+def _emit_threshold_chain(
+    low: Lowering, node: fx.Node, m: QConv2d, chain: tuple, xp: str, wp: torch.Tensor, scale, bias, conv: dict
+) -> None:
     """conv -> [max pool] -> BatchNorm -> sign as ``binary_conv2d_threshold`` [+ ``max_pool_bits``]:
     the readers' packed input, written directly."""
     pool, bn_node, out_layout, sign_node = chain
@@ -96,15 +101,22 @@ def _emit_threshold_chain(low: Lowering, node: fx.Node, m: QConv2d, chain: tuple
     out = {"out_padding": list(out_layout[0]), "out_pad_value": out_layout[1], "out_groups": out_layout[2]}
     if pool is None:
         packed = low.emit(
-            node.name, "binary_conv2d_threshold", [xp], {**conv, **out},
-            {"weight": wp, "thresholds": thr, "direction": direction}, node.target,
-        )  # fmt: skip
+            node.name,
+            "binary_conv2d_threshold",
+            [xp],
+            {**conv, **out},
+            {"weight": wp, "thresholds": thr, "direction": direction},
+            node.target,
+        )
     else:
         bits = low.emit(
-            node.name, "binary_conv2d_threshold", [xp],
+            node.name,
+            "binary_conv2d_threshold",
+            [xp],
             {**conv, "out_padding": [0, 0], "out_pad_value": 0.0, "out_groups": out_layout[2]},
-            {"weight": wp, "thresholds": thr, "direction": direction}, node.target,
-        )  # fmt: skip
+            {"weight": wp, "thresholds": thr, "direction": direction},
+            node.target,
+        )
         packed = _emit_pooled_bits(low, pool, int(m.out_channels), direction, out, bits)
         low.skip.add(pool)
     low.skip.add(bn_node)
@@ -125,10 +137,18 @@ def _emit_pooled_bits(low: Lowering, pool: fx.Node, c: int, direction: torch.Ten
     or_mask = ops.pack_activations(or_signs.contiguous(), (0, 0), 0.0, g).view(g, -1).contiguous()
     pad_signs = torch.full((1, c, 1, 1), -1.0 if out["out_pad_value"] < 0 else 1.0)
     pad_words = ops.pack_activations(pad_signs, (0, 0), 0.0, g).view(g, -1).contiguous()
-    attrs = {"channels": c, "kernel_size": pair(p.kernel_size), "stride": pair(stride),
-             "padding": pair(p.padding), "dilation": pair(p.dilation), "ceil_mode": bool(p.ceil_mode), **out}
-    return low.emit(f"{pool.name}_bits", "max_pool_bits", [bits], attrs, {"or_mask": or_mask, "pad_words": pad_words},
-                    pool.target)  # fmt: skip
+    attrs = {
+        "channels": c,
+        "kernel_size": pair(p.kernel_size),
+        "stride": pair(stride),
+        "padding": pair(p.padding),
+        "dilation": pair(p.dilation),
+        "ceil_mode": bool(p.ceil_mode),
+        **out,
+    }
+    return low.emit(
+        f"{pool.name}_bits", "max_pool_bits", [bits], attrs, {"or_mask": or_mask, "pad_words": pad_words}, pool.target
+    )
 
 
 def emit_float_qconv(low: Lowering, node: fx.Node, m: QConv2d) -> None:
@@ -165,11 +185,16 @@ def emit_qconv1d(low: Lowering, node: fx.Node, m: QConv1d) -> None:
         return
     x = low.sign_source.get(x, x)
     x2d, conv = conv1d_as_2d(low, node, m, x, float(m.pad_value))
-    xp = low.emit(f"{x2d}_packed", "pack", [x2d],
-                  {"padding": conv["padding"], "pad_value": conv["pad_value"], "groups": conv["groups"]})
+    xp = low.emit(
+        f"{x2d}_packed",
+        "pack",
+        [x2d],
+        {"padding": conv["padding"], "pad_value": conv["pad_value"], "groups": conv["groups"]},
+    )
     wp, scale = binary_weights(m)  # [Co, 1, k, Wg]: the 1 x k kernel
-    y = low.emit(node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": float_copy(m.bias)},
-                 node.target)  # fmt: skip
+    y = low.emit(
+        node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": float_copy(m.bias)}, node.target
+    )
     low.value[node] = to_1d(low, node, m, y)
 
 
@@ -210,8 +235,10 @@ def emit_twist(low: Lowering, node: fx.Node, m: TwistConv2d) -> None:
             y = low.emit(base, "qconv2d", [v], float_conv, layer_tensors, node.target)
         if not twists:
             return y
-        gx, gy = (low.emit(f"{base}_{axis}", "conv2d", [v], float_conv, {"weight": kernel}, node.target)
-                  for axis, kernel in zip("xy", twists))
+        gx, gy = (
+            low.emit(f"{base}_{axis}", "conv2d", [v], float_conv, {"weight": kernel}, node.target)
+            for axis, kernel in zip("xy", twists)
+        )
         return low.emit(f"{base}_twist", "twist_mix", [y, gx, gy], module=node.target)
 
     x = low.arg(node, node.args[0])
@@ -240,21 +267,35 @@ def emit_bitplane(low: Lowering, node: fx.Node, m: nn.Module) -> None:
         groups = int(m.groups)
     else:
         levels = levels[:, :, None, None]
-        conv = {"in_channels": int(m.in_features), "out_channels": int(m.out_features), "kernel_size": [1, 1],
-                "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1, "pad_value": 0.0}  # fmt: skip
+        conv = {
+            "in_channels": int(m.in_features),
+            "out_channels": int(m.out_features),
+            "kernel_size": [1, 1],
+            "stride": [1, 1],
+            "padding": [0, 0],
+            "dilation": [1, 1],
+            "groups": 1,
+            "pad_value": 0.0,
+        }
         groups = 1
     planes = bitplanes.stack_weight_planes(levels.contiguous(), wcode, 1, groups)
     q = m.input_quantizer
     attrs = {
-        **conv, "quantizer": input_kind(q), "clip": clip(q),
-        "act_kind": act.kind, "act_bits": act.bits, "weight_kind": wcode.kind, "weight_bits": wcode.bits,
+        **conv,
+        "quantizer": input_kind(q),
+        "clip": clip(q),
+        "act_kind": act.kind,
+        "act_bits": act.bits,
+        "weight_kind": wcode.kind,
+        "weight_bits": wcode.bits,
         "input_divisor": integer_divisor(q),
-    }  # fmt: skip
+    }
     tensors = {
         "weight": ops.pack_weights(planes, groups),
         "plane_sums": wcode.split(levels).sum(dim=(2, 3, 4)).to(torch.int32).contiguous(),
-        "scale": scale, "bias": float_copy(m.bias),
-    }  # fmt: skip
+        "scale": scale,
+        "bias": float_copy(m.bias),
+    }
     low.value[node] = low.emit(node.name, "bitplane_conv2d", [x], attrs, tensors, node.target)
     if isinstance(m, QLinear):
         low.nodes[-1]["linear"] = True  # a 2-d output, contiguous as torch's linear gives it
@@ -295,9 +336,13 @@ def _emit_binary_linear(low: Lowering, node: fx.Node, m: QLinear) -> None:
         return
     thr, direction = thresholds_of(low.modules[bn_node.target], int(m.in_features), scale, bias)
     packed = low.emit(
-        node.name, "binary_linear_threshold", [xp], attrs,
-        {"weight": wp, "thresholds": thr, "direction": direction}, node.target,
-    )  # fmt: skip
+        node.name,
+        "binary_linear_threshold",
+        [xp],
+        attrs,
+        {"weight": wp, "thresholds": thr, "direction": direction},
+        node.target,
+    )
     low.skip.add(bn_node)
     low.packed[(bn_node, ("features", int(m.out_features)))] = packed
 
@@ -311,20 +356,26 @@ def emit_ternary_linear(low: Lowering, node: fx.Node, m: QLinear) -> None:
     x = low.arg(node, node.args[0])
     levels, gamma = weight_factors(m)
     norm = isinstance(m, BitLinear) and m.norm
-    attrs = {"in_features": f, "out_features": int(m.out_features), "norm": bool(norm),
-             "eps": float(m.eps) if isinstance(m, BitLinear) else 1e-5}  # fmt: skip
+    attrs = {
+        "in_features": f,
+        "out_features": int(m.out_features),
+        "norm": bool(norm),
+        "eps": float(m.eps) if isinstance(m, BitLinear) else 1e-5,
+    }
     tensors = {"weight": ops.pack_ternary_weights(levels.contiguous()), "scale": gamma, "bias": float_copy(m.bias)}
     low.value[node] = low.emit(node.name, "ternary_linear", [x], attrs, tensors, node.target)
 
 
 #: the quantized layers, in order: the first ``(predicate(low, node, m), emitter)`` that holds lowers ``m``
 QUANTIZED = [
-    (lambda low, node, m: isinstance(m, (QConv2d, QLinear)) and bitplane_codes(low, m, node) is not None,
-     emit_bitplane),
+    (
+        lambda low, node, m: isinstance(m, (QConv2d, QLinear)) and bitplane_codes(low, m, node) is not None,
+        emit_bitplane,
+    ),
     (lambda low, node, m: binary_conv_kind(low, m, node) == "packed", emit_binary_conv),
     (lambda low, node, m: isinstance(m, QConv2d), emit_float_qconv),
     (lambda low, node, m: is_ternary_linear(m), emit_ternary_linear),
     (lambda low, node, m: isinstance(m, QLinear), emit_qlinear),
     (lambda low, node, m: isinstance(m, QConv1d), emit_qconv1d),
     (lambda low, node, m: isinstance(m, TwistConv2d), emit_twist),
-]  # fmt: skip
+]

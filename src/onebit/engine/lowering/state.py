@@ -46,8 +46,15 @@ class Lowering:
         self.names.add(name)
         return name
 
-    def emit(self, base: str, op: str, inputs: list[str], attrs: dict | None = None, tensors: dict | None = None,
-             module: str | None = None) -> str:
+    def emit(
+        self,
+        base: str,
+        op: str,
+        inputs: list[str],
+        attrs: dict | None = None,
+        tensors: dict | None = None,
+        module: str | None = None,
+    ) -> str:
         """Append a graph node; its tensors (None ones left out) are stored as ``<name>__<role>``.
         Returns the node's (output value's) name."""
         name = self.name(base)

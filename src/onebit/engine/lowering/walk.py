@@ -58,9 +58,7 @@ def features_last(low: Lowering, placeholder: fx.Node) -> bool:
     """The model's input is ``[N, ..., F]``, read only by linear layers (along its last dimension):
     its dimensions but the last are free, as they are for the model."""
     users = list(placeholder.users)
-    return bool(users) and all(
-        u.op == "call_module" and isinstance(low.modules[u.target], nn.Linear) for u in users
-    )
+    return bool(users) and all(u.op == "call_module" and isinstance(low.modules[u.target], nn.Linear) for u in users)
 
 
 def walk(low: Lowering) -> dict:
@@ -93,8 +91,13 @@ def walk(low: Lowering) -> dict:
     else:
         raise UnsupportedModelError("the model's output must be a tensor or a tuple/list of tensors")
     shape = tuple(low.example.shape)
-    spec = {"name": "input", "rank": len(shape), "channels": int(shape[1]), "dtype": "float32",
-            "example_shape": list(shape)}
+    spec = {
+        "name": "input",
+        "rank": len(shape),
+        "channels": int(shape[1]),
+        "dtype": "float32",
+        "example_shape": list(shape),
+    }
     if len(shape) > 2 and graph_input is not None and features_last(low, graph_input):
         spec.update(channels=int(shape[-1]), channel_dim=-1)
     return {
