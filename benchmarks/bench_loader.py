@@ -215,7 +215,6 @@ def measure_speed(args) -> None:
     print(f"  plain DataLoader   {b:8.1f} images/s  (rounds: {', '.join(f'{v:.1f}' for v in rates['plain'])})")
     print(f"  ratio onebit / plain: {a / b:.3f}")
     trainer.close()
-    del plain_iter, loader
 
 
 def main() -> None:
@@ -242,7 +241,8 @@ def main() -> None:
         start = time.perf_counter()
         make_folder(args.root, args.images, args.size, args.classes)
         print(
-            f"generated {args.images} JPEGs of {args.size}x{args.size} in {args.root} ({time.perf_counter() - start:.0f} s)"
+            f"generated {args.images} JPEGs of {args.size}x{args.size} in {args.root} "
+            f"({time.perf_counter() - start:.0f} s)"
         )
     float_gb = args.images * 3 * args.size * args.size * 4 / 1e9
     if args.skip != "memory":

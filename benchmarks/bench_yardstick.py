@@ -144,8 +144,8 @@ def main(argv=None) -> None:
         print(f"# {isa}: not available on this CPU ({', '.join(available)}), skipped")
     print(
         f"# onebit vs the yardstick {args.yardstick}: torch {torch.__version__}, {os.cpu_count()} cpus, "
-        f"{args.rounds} rounds, fraction = yardstick pack+conv / onebit pack+conv (median ms per call; the yardstick's is the "
-        f"better of its pack+conv and its pack + its conv)"
+        f"{args.rounds} rounds, fraction = yardstick pack+conv / onebit pack+conv (median ms per call; "
+        "the yardstick's is the better of its pack+conv and its pack + its conv)"
     )
     times: dict[tuple, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +172,8 @@ def main(argv=None) -> None:
                         )
     print("# summary over rounds: each side's best median (ms), best fraction; median and worst per-round fraction")
     print(
-        f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick':>9} {'onebit':>9} {'best':>5} {'median':>6} {'worst':>5}"
+        f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick':>9} "
+        f"{'onebit':>9} {'best':>5} {'median':>6} {'worst':>5}"
     )
     for (layer, t, isa), pairs in times.items():
         n, c, s = LAYERS[layer]

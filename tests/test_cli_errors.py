@@ -280,7 +280,8 @@ class Net(nn.Module):  # its binary conv pads by reflection: it runs in float in
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8),
-            QConv2d(8, 8, 3, padding=1, padding_mode="reflect", input_quantizer="ste_sign", weight_quantizer="ste_sign"),
+            QConv2d(8, 8, 3, padding=1, padding_mode="reflect", \
+input_quantizer="ste_sign", weight_quantizer="ste_sign"),
             nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, num_classes))
 
     def forward(self, x):

@@ -65,7 +65,7 @@ def test_loss_falls():
     x, y = digits_hcw(512)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for epoch in range(8):
+    for _ in range(8):
         for i in range(0, len(y), 64):
             loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
             opt.zero_grad()

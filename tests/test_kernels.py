@@ -292,7 +292,7 @@ def test_batchnorm_epilogue_rounds_once_or_twice_as_asked():
     conv = dict(in_channels=1, out_channels=1, kernel_size=1)
     for fma, want in ((True, 1 + 2**-23), (False, 1 + 2**-22)):
         results = on_every_isa(
-            lambda: K.binary_conv2d(x, wp, scale=y_scale, bn_scale=s, bn_shift=t, bn_fma=fma, **conv)
+            lambda fma=fma: K.binary_conv2d(x, wp, scale=y_scale, bn_scale=s, bn_shift=t, bn_fma=fma, **conv)
         )
         for isa, got in results.items():
             assert got.item() == want, (isa, fma)

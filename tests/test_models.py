@@ -239,16 +239,19 @@ def test_packs_with_the_engine_bit_identical_in_both_layouts(name):
 
 def test_affine_pre_sign_shifts_and_scales_the_sign_path_only():
     torch.manual_seed(0)
-    conv = lambda c_in, c_out, stride: QConv2d(
-        c_in,
-        c_out,
-        3,
-        stride=stride,
-        padding=1,
-        bias=False,  # noqa: E731
-        input_quantizer="approx_sign",
-        weight_quantizer="magnitude_aware_sign",
-    )
+
+    def conv(c_in, c_out, stride):
+        return QConv2d(
+            c_in,
+            c_out,
+            3,
+            stride=stride,
+            padding=1,
+            bias=False,
+            input_quantizer="approx_sign",
+            weight_quantizer="magnitude_aware_sign",
+        )
+
     block = BiRealBlock(8, 8, 1, conv=conv, act_fn="prelu", norm_layer=nn.BatchNorm2d, pre_sign="affine")
     assert type(block.pre) is nn.Conv2d and block.pre.groups == 8  # a depthwise 1x1 conv: a float op for every tool
     assert torch.equal(block.pre.weight, torch.ones(8, 1, 1, 1)) and torch.equal(block.pre.bias, torch.zeros(8))

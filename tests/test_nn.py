@@ -1,4 +1,5 @@
-"""Quantized layers: the specification y = conv(pad(q_in(x), pad_value), levels(W)) * scale + bias, and drop-in behaviour.
+"""Quantized layers: the specification y = conv(pad(q_in(x), pad_value), levels(W)) * scale + bias,
+and drop-in behaviour.
 
 The convolution of quantized operands is exact (integer sums of +-1), and the scale and bias
 are applied after it, once each: the same bits in every layout, on every CPU.

@@ -59,7 +59,7 @@ def test_flip_plot_has_readable_y_ticks(ratios, tmp_path):
     labels = _labels(ax.yaxis)
     low, high = ax.get_ylim()
     ticks = [t for t in ax.get_yticks() if low <= t <= high]
-    assert len(ticks) >= 3 and len(labels) >= 3 and all(l.endswith("%") for l in labels), labels
+    assert len(ticks) >= 3 and len(labels) >= 3 and all(label.endswith("%") for label in labels), labels
     assert len(set(labels)) == len(labels)
 
 

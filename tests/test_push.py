@@ -148,7 +148,10 @@ def test_the_cards_command_trains_the_same_run_again(run_dir, pushed, tmp_path, 
                 "seed": 0,
                 "model_kwargs": {},
             },
-            "onebit train --model m --data d --epochs 2 --batch-size 64 --lr 0.01 --optimizer adam --schedule one-cycle --seed 0 --out runs/x",
+            (
+                "onebit train --model m --data d --epochs 2 --batch-size 64 --lr 0.01 --optimizer adam "
+                "--schedule one-cycle --seed 0 --out runs/x"
+            ),
         ),
         (
             {

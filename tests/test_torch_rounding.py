@@ -105,7 +105,8 @@ for m in model.modules():
 x = torch.randn(2, 1, 28, 28)
 packed = engine.pack(model, x)
 steps = [row["op"] for row in packed.profile(x, repeat=1)]
-print(torch_rounding.batchnorm_rounding(), "pack+binary_conv2d+batch_norm+add" in steps, torch.equal(packed(x), model(x)))
+print(torch_rounding.batchnorm_rounding(), "pack+binary_conv2d+batch_norm+add" in steps, \
+torch.equal(packed(x), model(x)))
 """
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

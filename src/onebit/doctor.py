@@ -304,10 +304,14 @@ def _sign_findings(site: SignSite, y: torch.Tensor, d0: float, clip: float | Non
                 "feeds the sign. Remove that activation or put a BatchNorm between it and the sign"
             )
         elif site.maximum < 0:
-            why = f"its input is always negative (max {site.maximum:.3g}). Put a BatchNorm (or a learnable bias) before the sign"
+            why = (
+                f"its input is always negative (max {site.maximum:.3g}). "
+                "Put a BatchNorm (or a learnable bias) before the sign"
+            )
         else:
             why = (
-                f"each input position has the same sign for every example (input mean {site.mean:.3g}, std {site.std:.3g}). "
+                "each input position has the same sign for every example "
+                f"(input mean {site.mean:.3g}, std {site.std:.3g}). "
                 "Normalize the input of the sign per channel with a BatchNorm"
             )
         out.append(
@@ -596,7 +600,8 @@ class _Probe:
                 m.__dict__.pop("_doctor_before", None)
 
     def forward(self, args: tuple, train: bool) -> Any:
-        """Run the model in train (or eval) mode with the hooks and the recorder; the parameter writes join ``mutated``."""
+        """Run the model in train (or eval) mode with the hooks and the recorder;
+        the parameter writes join ``mutated``."""
         self.model.train(train)
         with self.recorder, _FunctionTap(self.recorder):
             output = self.model(*args)

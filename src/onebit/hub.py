@@ -189,7 +189,7 @@ def model_card(
         "",
         "## Results",
         "",
-        "| epochs | test accuracy | test top-%s accuracy | test loss |" % k,
+        f"| epochs | test accuracy | test top-{k} accuracy | test loss |",
         "|---|---|---|---|",
         "| {} | {} | {} | {} |".format(
             epochs if epochs is not None else "—",
@@ -355,7 +355,8 @@ def push(
     token = hf.get_token()
     if not token:
         raise HubError(
-            f"{dest}: no Hugging Face token configured: run `hf auth login` or set HF_TOKEN to a token with write access"
+            f"{dest}: no Hugging Face token configured: "
+            "run `hf auth login` or set HF_TOKEN to a token with write access"
         )
     with tempfile.TemporaryDirectory(prefix="onebit-push-") as folder:
         result = write_push_folder(run_dir, folder, ref.repo_id)

@@ -494,7 +494,8 @@ def feature_maps(
     kind = "binary (+-1, dark = -1)" if binary else f"range +-{lim:.3g}"
     what = "output" if stage == "output" else "input as the layer sees it"
     fig.suptitle(
-        f"{name} ({type(module).__name__}) {what}: {shown} of {channels} channels, shape {list(captured['t'].shape[1:])}, {kind}",
+        f"{name} ({type(module).__name__}) {what}: {shown} of {channels} channels, "
+        f"shape {list(captured['t'].shape[1:])}, {kind}",
         fontsize=10,
     )
     return _done(fig, path)
@@ -662,7 +663,8 @@ def weight_flips(
         history = read_history(flips)
         if "flip_ratio" not in history:
             raise ValueError(
-                f"{os.fspath(flips)}: history.csv has no flip_ratio column (written by `onebit train` since it counts sign flips)"
+                f"{os.fspath(flips)}: history.csv has no flip_ratio column "
+                "(written by `onebit train` since it counts sign flips)"
             )
         total, flips = history["flip_ratio"], {}
     if not any(len(v) for v in flips.values()) and not (total is not None and len(total)):

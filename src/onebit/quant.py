@@ -18,7 +18,6 @@ import functools
 import inspect
 import warnings
 from collections.abc import Callable
-from typing import Union
 
 import torch
 from torch import nn
@@ -46,7 +45,7 @@ __all__ = [
     "is_binary",
 ]
 
-QuantizerLike = Union[str, dict, nn.Module, Callable[[torch.Tensor], torch.Tensor], None]
+QuantizerLike = str | dict | nn.Module | Callable[[torch.Tensor], torch.Tensor] | None
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 

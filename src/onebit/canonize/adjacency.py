@@ -70,9 +70,9 @@ class _Node:
         if self.op == "input":
             return f"the input of module '{self.target}'" if self.target else "the model's input"
         if self.op == "function":
-            return f"{getattr(self.target, '__module__', '') or ''}.{getattr(self.target, '__name__', self.target)}()".lstrip(
-                "."
-            )
+            return (
+                f"{getattr(self.target, '__module__', '') or ''}.{getattr(self.target, '__name__', self.target)}()"
+            ).lstrip(".")
         if self.op == "method":
             return f"Tensor.{self.target}()"
         return f"module '{self.target}' (not traced into)" if self.target else "an untraced operation"
@@ -349,7 +349,10 @@ def _bn_problem(bn: nn.Module, name: str, calls: int) -> str | None:
     if bn.training:
         return "is in train mode (it normalizes with batch statistics); call model.eval() first"
     if bn.running_mean is None or bn.running_var is None:
-        return "has no running statistics (track_running_stats=False), so it normalizes with batch statistics even in eval mode"
+        return (
+            "has no running statistics (track_running_stats=False), "
+            "so it normalizes with batch statistics even in eval mode"
+        )
     if calls > 1:
         return f"is called {calls} times in forward; merging it into one neighbour would change the others"
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():

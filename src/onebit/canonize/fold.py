@@ -102,9 +102,15 @@ def _accumulator_problem(plan: _Plan, source: _Node | None) -> str | None:
     """None when ``source`` is a binary layer whose output is an exact integer accumulator, else why not."""
     layer = source.module if source is not None and source.op == "module" else None
     if not isinstance(layer, QuantizedLayer) or not isinstance(layer, WEIGHT_LAYERS):
-        return f"its input comes from {source.describe() if source is not None else 'nothing'}, not from a binary layer's accumulator"
+        return (
+            f"its input comes from {source.describe() if source is not None else 'nothing'}, "
+            "not from a binary layer's accumulator"
+        )
     if not quant.is_sign(layer.input_quantizer) or not quant.is_sign(layer.weight_quantizer):
-        return f"{source.describe()} does not binarize both its input and its weights with a plain sign, so its output is not an integer accumulator"
+        return (
+            f"{source.describe()} does not binarize both its input and its weights with a plain sign, "
+            "so its output is not an integer accumulator"
+        )
     if layer.bias is not None:
         return f"{source.describe()} has a bias, so its output is not an integer accumulator"
     if plan.calls(layer) != 1:
@@ -113,7 +119,8 @@ def _accumulator_problem(plan: _Plan, source: _Node | None) -> str | None:
 
 
 def _fold_plan(model: nn.Module, skip_unmergeable: bool) -> list[_FoldThreshold]:
-    """One unregistered fold per BatchNorm that feeds signs from a binary layer's accumulator; the others fail or warn."""
+    """One unregistered fold per BatchNorm that feeds signs from a binary layer's accumulator;
+    the others fail or warn."""
     plan = _Plan(model, skip_unmergeable)
     folds: list[_FoldThreshold] = []
     for node in plan.bn_nodes():
@@ -140,7 +147,8 @@ def _fold_plan(model: nn.Module, skip_unmergeable: bool) -> list[_FoldThreshold]
 
 
 class FoldThresholds(Canonizer):
-    """Replace ``binary layer -> [max pool] -> BatchNorm -> sign`` by integer thresholds (see :func:`fold_thresholds`)."""
+    """Replace ``binary layer -> [max pool] -> BatchNorm -> sign`` by integer thresholds
+    (see :func:`fold_thresholds`)."""
 
     def __init__(self, skip_unmergeable: bool = False) -> None:
         self.skip_unmergeable = skip_unmergeable

@@ -91,7 +91,8 @@ def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _set_affine(patch: Patch, bn: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
-    """Make ``bn`` compute ``weight * x + bias`` (statistics 0 and 1, eps 0); a None keeps an absent parameter absent."""
+    """Make ``bn`` compute ``weight * x + bias`` (statistics 0 and 1, eps 0);
+    a None keeps an absent parameter absent."""
     if weight is not None:
         patch.set_tensor(bn, "weight", weight)
     if bias is not None:
@@ -198,7 +199,8 @@ class _RightMerge(Handle):
 
 
 def _per_weight(layer: nn.Module, w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Per-input-channel ``values`` laid out like ``w`` (``[out, in / groups, *kernel]``, or ``[1, in]`` for a linear layer)."""
+    """Per-input-channel ``values`` laid out like ``w``
+    (``[out, in / groups, *kernel]``, or ``[1, in]`` for a linear layer)."""
     if isinstance(layer, nn.Linear):
         return values.view(1, -1)
     out_c, in_pg = w.shape[0], w.shape[1]
@@ -396,7 +398,10 @@ class _RightMergeSearch:
             return f"its output is flattened before the ReLU {desc}"
         swap = user.op == "module" and self.plan.calls(user.module) == 1
         if not swap and (self.bn.weight is None or self.bn.bias is None):
-            return f"the ReLU after it ({desc}) is not a module of its own and the BatchNorm has no affine parameters to hold the threshold"
+            return (
+                f"the ReLU after it ({desc}) is not a module of its own "
+                "and the BatchNorm has no affine parameters to hold the threshold"
+            )
         if not swap and branched:
             return (
                 f"the ReLU after it ({desc}) is not a module of its own and the BatchNorm's output also goes elsewhere"
@@ -432,7 +437,8 @@ class _RightMergeSearch:
         return ""
 
     def _per_input(self, layer: nn.Module, desc: str, state: _MapSoFar) -> tuple[torch.Tensor, torch.Tensor] | str:
-        """(scale, offset) per input of ``layer`` (a channel's repeated over its features after a flatten), or why they do not fit."""
+        """(scale, offset) per input of ``layer`` (a channel's repeated over its features after a flatten),
+        or why they do not fit."""
         channels = self.channels
         if isinstance(layer, nn.Linear):
             if not state.flattened:
@@ -494,7 +500,8 @@ def _plan_merges(model: nn.Module, skip_unmergeable: bool) -> list[Handle]:
 
 
 class MergeBatchNorm(Canonizer):
-    """Merge every eval-mode BatchNorm into its neighbouring convolution or linear layer (see :func:`merge_batchnorm`)."""
+    """Merge every eval-mode BatchNorm into its neighbouring convolution or linear layer
+    (see :func:`merge_batchnorm`)."""
 
     def __init__(self, skip_unmergeable: bool = False) -> None:
         self.skip_unmergeable = skip_unmergeable

@@ -6,10 +6,14 @@ import argparse
 import inspect
 import math
 import os
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from onebit.cli import integer
+
+if TYPE_CHECKING:
+    import torch
 
 
 def register(commands) -> None:

@@ -83,7 +83,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("--out is empty: name the file to write, e.g. model.onebit.safetensors or model.onnx")
     if os.path.isdir(args.out):
         raise UsageError(
-            f"--out {args.out} is a directory: name the engine file to write, e.g. {os.path.join(args.out, 'model.onebit.safetensors')}"
+            f"--out {args.out} is a directory: name the engine file to write, "
+            f"e.g. {os.path.join(args.out, 'model.onebit.safetensors')}"
         )
     parent = os.path.dirname(os.path.abspath(args.out))
     while not os.path.exists(parent):

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"pushed {result.model} from {args.run_dir} to {result.url or result.dest}: model.safetensors "
         f"{result.float_bytes / 1024:.1f} KiB, model.onebit.safetensors {result.packed_bytes / 1024:.1f} KiB "
-        f"({result.float_bytes / max(result.packed_bytes, 1):.1f}x smaller), max |packed - model| = {result.max_diff:.3g}"
+        f"({result.float_bytes / max(result.packed_bytes, 1):.1f}x smaller), "
+        f"max |packed - model| = {result.max_diff:.3g}"
         + (f", accuracy {accuracy:.4f}" if accuracy is not None else ""),
         highlight=False,
     )

@@ -41,7 +41,8 @@ __all__ = [
 
 #: the fraction of the resized image a centre crop keeps when evaluating large images (ImageNet's 224 of 256)
 CROP_FRACTION = 0.875
-#: images at least this large (in pixels a side) are "large": RandomResizedCrop to train, Resize + CenterCrop to evaluate
+#: images at least this large (in pixels a side) are "large": RandomResizedCrop to train,
+#: Resize + CenterCrop to evaluate
 LARGE_IMAGE = 64
 
 

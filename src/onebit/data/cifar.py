@@ -125,7 +125,8 @@ def load_cifar_directory(path: str, image_size: int | None = None, mean=None, st
             file = os.path.join(path, name + suffix)
             if not os.path.isfile(file):
                 raise FileNotFoundError(
-                    f"{path}: missing CIFAR batch {name + suffix} (expected {', '.join(f + suffix for f in train_files + test_files)})"
+                    f"{path}: missing CIFAR batch {name + suffix} "
+                    f"(expected {', '.join(f + suffix for f in train_files + test_files)})"
                 )
             x, y = reader(file)
             images.append(x)

@@ -54,7 +54,8 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
         raise ValueError(f"{path}: cannot read IDX file ({error})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(
-            f"{path}: not an IDX file (expected the magic bytes 00 00 <type> <ndim>, got {raw[:4].hex(' ') or 'an empty file'})"
+            f"{path}: not an IDX file (expected the magic bytes 00 00 <type> <ndim>, "
+            f"got {raw[:4].hex(' ') or 'an empty file'})"
         )
     dtype, ndim = raw[2], raw[3]
     if dtype != 0x08:
@@ -68,7 +69,8 @@ def read_idx(path: str, expected_ndim: int | None = None) -> np.ndarray:
     size = int(np.prod(shape)) if shape else 0
     if len(raw) - header != size:
         raise ValueError(
-            f"{path}: IDX header announces shape {list(shape)} ({size} bytes) but the file holds {len(raw) - header} data bytes"
+            f"{path}: IDX header announces shape {list(shape)} ({size} bytes) "
+            f"but the file holds {len(raw) - header} data bytes"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
@@ -87,12 +89,14 @@ def load_idx_directory(path: str, image_size: int | None = None, mean=None, std=
         images, labels = arrays[(split, "images")], arrays[(split, "labels")]
         if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
             raise ValueError(
-                f"{found[(split, 'images')]}: holds {images.shape[0]} images of {images.shape[1]}x{images.shape[2]} pixels; "
+                f"{found[(split, 'images')]}: holds {images.shape[0]} images "
+                f"of {images.shape[1]}x{images.shape[2]} pixels; "
                 "a dataset needs at least one image of at least 1x1 pixel"
             )
         if len(images) != len(labels):
             raise ValueError(
-                f"{found[(split, 'labels')]}: {len(labels)} labels for {len(images)} images in {found[(split, 'images')]}"
+                f"{found[(split, 'labels')]}: {len(labels)} labels for {len(images)} images "
+                f"in {found[(split, 'images')]}"
             )
         splits.append((torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))))
     num_classes = int(max(splits[0][1].max(), splits[1][1].max())) + 1

@@ -146,7 +146,8 @@ def _header_tensors(path, header: dict, data_size: int) -> dict[str, tuple[torch
         if offsets[1] - offsets[0] != nbytes:
             raise format_error(
                 path,
-                f"tensor {key!r} of shape {shape} ({info['dtype']}) needs {nbytes} bytes, its data offsets span {offsets[1] - offsets[0]}",
+                f"tensor {key!r} of shape {shape} ({info['dtype']}) needs {nbytes} bytes, "
+                f"its data offsets span {offsets[1] - offsets[0]}",
             )
         entries.append((offsets[0], offsets[1], key, dtype, shape))
     entries.sort()

@@ -152,7 +152,8 @@ def _reference_input(x: torch.Tensor, wp: torch.Tensor, conv: dict) -> tuple[tor
 
 
 def weight_cache():
-    """A cache for one layer's prepared weights (see ``kernels.binary_conv2d_int``), or None without the native kernels."""
+    """A cache for one layer's prepared weights (see ``kernels.binary_conv2d_int``),
+    or None without the native kernels."""
     native = _native()
     return native.WeightCache() if native is not None else None
 
@@ -309,7 +310,8 @@ def ternary_linear_int(x, wp, *, in_features: int) -> torch.Tensor:
 
 
 def ternary_linear(x, wp, *, in_features: int, scale=None, bias=None) -> torch.Tensor:
-    """BitLinear's ``(x_int @ levels.T) / s * scale + bias`` of float32 tokens ``[N, F]`` (see kernels.ternary_linear)."""
+    """BitLinear's ``(x_int @ levels.T) / s * scale + bias`` of float32 tokens ``[N, F]``
+    (see kernels.ternary_linear)."""
     native = _impl("ternary_linear")
     if native is not None:
         return native(x, wp, in_features=in_features, scale=scale, bias=bias)

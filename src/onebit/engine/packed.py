@@ -215,7 +215,8 @@ class PackedModel(nn.Module):
             if x.dim() != rank or x.shape[-1] != channels:
                 dims = "[N, " + "".join(f"L{i}, " for i in range(1, rank - 1)) + "F]"
                 raise InputError(
-                    f"PackedModel: expected input of shape {dims} with F = {channels} features, got shape {list(x.shape)}"
+                    f"PackedModel: expected input of shape {dims} with F = {channels} features, "
+                    f"got shape {list(x.shape)}"
                 )
         elif x.dim() != rank or x.shape[1] != channels:
             dims = {4: "[N, C, H, W]", 3: "[N, C, L]", 2: "[N, F]"}.get(rank, f"rank {rank}")

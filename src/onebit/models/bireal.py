@@ -45,8 +45,9 @@ BIREALNET_SMALL = BIREALNET18.replace(
 @register_model
 def birealnet18(num_classes: int = 10, in_channels: int = 3, **overrides) -> nn.Module:
     """Bi-Real Net 18 (Liu et al. 2018); ``stem="small"`` for 28-32 px images; any
-    :class:`~onebit.models.ModelConstructor` field can be overridden (``conv_layer="float", act_fn="relu"`` gives its float twin: without the sign, a
-    Bi-Real network has no nonlinearity, so the twin needs an activation)."""
+    :class:`~onebit.models.ModelConstructor` field can be overridden (``conv_layer="float", act_fn="relu"``
+    gives its float twin: without the sign, a Bi-Real network has no nonlinearity, so the twin needs an
+    activation)."""
     return _build(BIREALNET18, num_classes, in_channels, overrides)
 
 

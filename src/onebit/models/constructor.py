@@ -18,7 +18,8 @@ and adds ``bias=False`` when the callable accepts ``bias`` (or ``**kwargs``), so
 ``functools.partial(TwistConv2d, groups="auto")`` or an ``nn.Conv2d`` subclass works as is.
 The constructor's ``input_quantizer`` and ``weight_quantizer`` are passed to
 ``conv_layer`` when it accepts them (so ``nn.Conv2d`` drops them; a float twin of a
-binary model also needs ``act_fn="relu"``, since its only nonlinearity was the sign); ``"binary"`` uses ``ste_sign`` for a quantizer left at ``None``.
+binary model also needs ``act_fn="relu"``, since its only nonlinearity was the sign);
+``"binary"`` uses ``ste_sign`` for a quantizer left at ``None``.
 
 The stem's first convolution, the real-valued downsampling shortcuts (average
 pooling and a 1x1 conv, or the 1x1 transition of DenseNets) and the classifier

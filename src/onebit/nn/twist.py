@@ -132,7 +132,8 @@ class TwistConv2d(QuantizedLayer, nn.Module):
             raise ValueError(f"TwistConv2d: groups must be a positive integer or 'auto', got {groups!r}")
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(
-                f"TwistConv2d: in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+                f"TwistConv2d: in_channels ({in_channels}) and out_channels ({out_channels}) "
+                f"must be divisible by groups ({groups})"
             )
         if not isinstance(iters, int) or iters < 1:
             raise ValueError(f"TwistConv2d: iters must be a positive integer, got {iters!r}")

@@ -98,7 +98,8 @@ def probe(model: nn.Module, name: str, kwargs: dict[str, Any], example: torch.Te
             model.eval()(example)
     except (RuntimeError, ValueError, IndexError, TypeError) as error:
         raise ValueError(
-            f"model {name!r} built with {args} cannot take the data's input of shape {list(example.shape)}: {_first_line(error)}"
+            f"model {name!r} built with {args} cannot take the data's input of shape {list(example.shape)}: "
+            f"{_first_line(error)}"
         ) from None
     finally:
         model.train(was_training)

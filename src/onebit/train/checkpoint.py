@@ -254,7 +254,8 @@ def save_run(trainer: Trainer, directory: str) -> None:
 
 
 def record_weights(model: nn.Module, directory: str, epoch: int) -> None:
-    """Every layer's weights after ``epoch`` epochs, in ``directory/weights/`` (see :func:`onebit.plot.record_weights`)."""
+    """Every layer's weights after ``epoch`` epochs, in ``directory/weights/``
+    (see :func:`onebit.plot.record_weights`)."""
     from onebit.plot import record_weights as record  # matplotlib loads on first use
 
     record(model, directory, epoch)

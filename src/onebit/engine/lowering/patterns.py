@@ -243,6 +243,7 @@ def note_fallback(low: Lowering, node: fx.Node, m: nn.Module, why: str | None = 
 
 
 def _void(q: Any) -> str:
-    """`` (why)`` when ``q`` inherits a sign declaration that no longer holds (:func:`onebit.quant.void_declaration`)."""
+    """`` (why)`` when ``q`` inherits a sign declaration that no longer holds
+    (:func:`onebit.quant.void_declaration`)."""
     why = quant.void_declaration(q)
     return f" ({why})" if why else ""
