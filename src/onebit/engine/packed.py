@@ -6,15 +6,15 @@ import copy
 import os
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from onebit.engine import fileformat, ops
+from onebit.engine import fileformat
 from onebit.engine import graph as G
+from onebit.engine.fuse import fuse
+from onebit.engine.steps import Step
 
 __all__ = ["PackedModel", "pack", "load", "Step", "InputError", "FallbackWarning"]
 
@@ -23,25 +23,6 @@ class InputError(TypeError, ValueError):
     """A call with an input the model cannot take (wrong type, dtype, rank, channels or device).
 
     Both a ``TypeError`` and a ``ValueError``, so either ``except`` catches it."""
-
-
-@dataclass(slots=True, eq=False)
-class Step:
-    """One call of :meth:`PackedModel.forward`: ``env[output] = fn(tensors, attrs, *env[inputs])``.
-
-    A step is a graph node, or a binary convolution with the nodes fused into it (the packing of
-    its input, a BatchNorm, the add of a shortcut), named by ``label`` (e.g. ``pack+binary_conv2d``).
-    """
-
-    output: str  #: the value it computes
-    fn: Callable  #: the op's function (:data:`onebit.engine.graph.OPS`)
-    attrs: dict  #: the node's checked attributes (``bn_fma`` added for a fused BatchNorm)
-    inputs: tuple[str, ...]  #: the values it reads
-    tensors: dict  #: role -> tensor (the model's buffers, a weight cache, a fused BatchNorm's epilogue)
-    free: tuple[str, ...] = ()  #: values no later step reads: dropped after this one
-    relayout: str | None = None  #: None, "model" (the memory format of the model's input) or "contiguous"
-    label: str = ""  #: the op, with what it fused
-    module: str = ""  #: the model's module it comes from ("" when none)
 
 
 class PackedModel(nn.Module):
@@ -87,109 +68,8 @@ class PackedModel(nn.Module):
         return out
 
     def _compile(self) -> list[Step]:
-        """The :class:`Step` list :meth:`forward` runs.
-
-        Fusions make one native call of several graph nodes (their results are the same):
-
-        - a ``pack`` read only by one binary convolution: the convolution takes the float
-          input and packs it itself (one pass over the threads; the bits stay in the caches);
-        - ``batch_norm(binary_conv2d(...))`` where the BatchNorm is the convolution's only reader:
-          the convolution applies it as it writes its output, rounded as this process's torch
-          rounds it (see :mod:`onebit.engine.torch_rounding`; checked per layer, else the
-          BatchNorm stays torch's op);
-        - ``add(binary_conv2d(...), shortcut)`` (or ``add(batch_norm(binary_conv2d(...)), shortcut)``)
-          where the add is the only reader: the convolution adds the shortcut as it writes its output
-          (``residual``), as a Bi-Real block does, saving a pass over the tensor. The fused step runs
-          where the add was, so the shortcut (e.g. a downsampling branch) is ready.
-        """
-        nodes = self.graph["nodes"]
-        outputs = set(self.graph["outputs"])
-        index = {node["name"]: i for i, node in enumerate(nodes)}
-        readers: dict[str, list[int]] = {}
-        for i, node in enumerate(nodes):
-            for ref in node["inputs"]:
-                readers.setdefault(ref, []).append(i)
-
-        def only_reader(i: int) -> dict | None:
-            users = readers.get(nodes[i]["name"], [])
-            return nodes[users[0]] if len(users) == 1 and nodes[i]["name"] not in outputs else None
-
-        absorbed_pack: dict[int, dict] = {}  # conv index -> the pack node it absorbs
-        absorbed_bn: dict[int, tuple[dict, tuple]] = {}  # conv index -> (the batch_norm node, its epilogue)
-        absorbed_add: dict[int, tuple[dict, str]] = {}  # conv index -> (the add node, the shortcut's name)
-        for i, node in enumerate(nodes):
-            user = only_reader(i)
-            if user is None:
-                continue
-            if node["op"] == "pack" and user["op"] in _PACKING_CONVS and user["inputs"] == [node["name"]]:
-                absorbed_pack[index[user["name"]]] = node
-            elif node["op"] == "binary_conv2d":
-                last = node
-                if user["op"] == "batch_norm" and ops.native_available():
-                    epilogue = _batchnorm_epilogue(self, user)
-                    if epilogue is not None:
-                        absorbed_bn[i] = (user, epilogue)
-                        last, user = user, only_reader(index[user["name"]])
-                if user is not None and user["op"] == "add" and len(user["inputs"]) == 2:
-                    a, b = user["inputs"]
-                    taken = any(add is user for add, _ in absorbed_add.values())  # add(conv, conv): the first one
-                    if a != b and user["attrs"].get("alpha", 1.0) == 1.0 and not taken:
-                        absorbed_add[i] = (user, b if a == last["name"] else a)
-        # nodes that are no step of their own; a conv with a BatchNorm or an add runs at the last one's place
-        absorbed = {index[n["name"]] for n in absorbed_pack.values()} | set(absorbed_add) | set(absorbed_bn)
-        absorbed |= {index[bn["name"]] for bn, _ in absorbed_bn.values()}
-        run_at = {index[add["name"]]: i for i, (add, _) in absorbed_add.items()}
-        run_at.update({index[bn["name"]]: i for i, (bn, _) in absorbed_bn.items() if i not in absorbed_add})
-        steps = []
-        for position in range(len(nodes)):
-            if position in run_at:
-                i = run_at[position]
-            elif position in absorbed:
-                continue
-            else:
-                i = position
-            node = nodes[i]
-            spec = G.OPS[node["op"]]
-            attrs = G.attrs(node)
-            roles = {role: getattr(self, self._keys[key]) for role, key in node.get("tensors", {}).items()}
-            if node["op"] in _WEIGHT_CACHED:  # the weights, prepared for the kernel, kept between calls
-                roles[G.WEIGHT_CACHE] = ops.weight_cache()
-            inputs = list(absorbed_pack[i]["inputs"] if i in absorbed_pack else node["inputs"])
-            out, label = node["name"], ("pack+" if i in absorbed_pack else "") + node["op"]
-            if i in absorbed_bn:
-                bn, (roles["bn_scale"], roles["bn_shift"], attrs["bn_fma"]) = absorbed_bn[i]
-                out, label = bn["name"], label + "+batch_norm"
-            if i in absorbed_add:
-                add, shortcut = absorbed_add[i]
-                inputs.append(shortcut)
-                out, label = add["name"], label + "+add"
-            if node["op"] == "binary_conv2d" and ops.native_available():  # its operands checked once, not per call
-                roles[G.CONV_LAYER] = ops.conv_layer(
-                    roles["weight"],
-                    scale=roles.get("scale"),
-                    bias=roles.get("bias"),
-                    bn_scale=roles.get("bn_scale"),
-                    bn_shift=roles.get("bn_shift"),
-                    bn_fma=attrs.get("bn_fma", False),
-                    cache=roles[G.WEIGHT_CACHE],
-                    **{k: attrs[k] for k in G.CONV_ATTRS},
-                )
-            # float outputs of binary layers take the memory format the model's own tensors have
-            # (the native kernels write channels_last): float convs and adaptive pools round
-            # differently in the two layouts, and the model's layout follows its input's;
-            # a 1-d conv run as a 1 x k 2-d conv: torch's conv1d returns a contiguous tensor, while
-            # a 2-d conv of an ambiguous [N, C, 1, L] shape may choose channels_last
-            relayout = "contiguous" if node.get("conv1d") else ("model" if _writes_channels_last(node) else None)
-            steps.append(Step(out, spec.fn, attrs, tuple(inputs), roles, (), relayout, label, node.get("module", "")))
-        last_use: dict[str, int] = {}
-        for i, step in enumerate(steps):
-            for ref in step.inputs:
-                last_use[ref] = i
-        for i, step in enumerate(steps):
-            step.free = tuple(
-                ref for ref in dict.fromkeys(step.inputs) if last_use.get(ref) == i and ref not in outputs
-            )
-        return steps
+        """The :class:`Step` list :meth:`forward` runs: the graph fused (see :mod:`onebit.engine.fuse`)."""
+        return fuse(self.graph, self.named_graph_tensors())
 
     # -- running ------------------------------------------------------------
 
@@ -226,25 +106,30 @@ class PackedModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
+        return self._output(self._run(x))
+
+    def _run(self, x: torch.Tensor, times: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
+        """Run the steps on ``x``: the values left (the outputs); each step's time appended to ``times``."""
         env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
         fmt = _memory_format(x)
-        for step in self._steps:
+        for k, step in enumerate(self._steps):
+            args = [env[i] for i in step.inputs]
+            start = time.perf_counter() if times is not None else 0.0
             try:
-                out = step.fn(step.tensors, step.attrs, *[env[i] for i in step.inputs])
-                relayout = step.relayout
-                env[step.output] = (
-                    out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
-                )
+                out = step.run(*args)
             except (RuntimeError, ValueError) as error:
-                where = (
-                    f"layer '{step.module}' (op {step.label})" if step.module else f"op {step.output!r} ({step.label})"
-                )
                 raise InputError(
-                    f"PackedModel: {where} cannot take the input of shape {list(x.shape)}: {error}"
+                    f"PackedModel: {_where(step)} cannot take the input of shape {list(x.shape)}: {error}"
                 ) from error
+            relayout = step.relayout
+            env[step.output] = (
+                out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
+            )
+            if times is not None:
+                times[k].append(time.perf_counter() - start)
             for ref in step.free:
                 del env[ref]
-        return self._output(env)
+        return env
 
     def _output(self, env: dict[str, torch.Tensor]):
         outs = [env[o] for o in self.graph["outputs"]]
@@ -297,18 +182,8 @@ class PackedModel(nn.Module):
         (op ``pack+binary_conv2d``), which run as one native call."""
         self._check_input(x)
         times: list[list[float]] = [[] for _ in self._steps]
-        fmt = _memory_format(x)
         for _ in range(max(1, repeat)):
-            env = {self.graph["input"]["name"]: x}
-            for k, step in enumerate(self._steps):
-                args = [env[i] for i in step.inputs]
-                t0 = time.perf_counter()
-                out = step.fn(step.tensors, step.attrs, *args)
-                relayout = step.relayout
-                env[step.output] = (
-                    out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
-                )
-                times[k].append(time.perf_counter() - t0)
+            self._run(x, times)
         rows = []
         for k, step in enumerate(self._steps):
             ts = sorted(times[k])
@@ -335,24 +210,9 @@ class PackedModel(nn.Module):
         return ", ".join(f"{op}: {n}" for op, n in counts.items())
 
 
-#: binary convolutions that can take a float input and pack it themselves
-_PACKING_CONVS = ("binary_conv2d", "binary_conv2d_threshold")
-#: ops whose native kernels keep their prepared weights between calls (a WeightCache each)
-_WEIGHT_CACHED = _PACKING_CONVS + ("bitplane_conv2d",)
-
-
-def _batchnorm_epilogue(model: PackedModel, bn: dict) -> tuple | None:
-    """``(scale, shift, fused)`` of a ``batch_norm`` node for a convolution's epilogue, or None."""
-    from onebit.engine.torch_rounding import batchnorm_epilogue
-
-    t = {role: getattr(model, model._keys[key]) for role, key in bn.get("tensors", {}).items()}
-    eps = G.attrs(bn)["eps"]
-    return batchnorm_epilogue(t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), eps)
-
-
-def _writes_channels_last(node: dict) -> bool:
-    """A node whose float output the native kernels write in channels_last memory."""
-    return node["op"] == "binary_conv2d" or (node["op"] == "bitplane_conv2d" and not node.get("linear"))
+def _where(step: Step) -> str:
+    """A step as an error names it: its model's module, else its value."""
+    return f"layer '{step.module}' (op {step.label})" if step.module else f"op {step.output!r} ({step.label})"
 
 
 def _relayout_format(relayout: str, model_format: torch.memory_format) -> torch.memory_format:
@@ -382,7 +242,6 @@ def pack(
     *,
     strict: bool = False,
     fold_batchnorm: bool = False,
-    exact_bias: bool | None = None,
 ) -> PackedModel:
     """Lower an eval-mode onebit/torch model to a :class:`PackedModel`.
 
@@ -406,7 +265,6 @@ def pack(
     equal to the model up to float rounding, no longer bit for bit). The default keeps the
     BatchNorm as the model's own op: bit-identical.
 
-    ``exact_bias`` is accepted for compatibility and has no effect: biases are always exact.
     """
     from onebit.engine.lowering import UnsupportedModelError, lower
 
@@ -430,12 +288,6 @@ def pack(
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.device.type != "cpu" or (p.is_floating_point() and p.dtype != torch.float32):
             raise ValueError(f"pack: the packed engine runs float32 CPU models; '{name}' is {p.dtype} on {p.device}")
-    if exact_bias is not None:
-        warnings.warn(
-            "pack(exact_bias=...) has no effect: binary layers with a bias always run packed and bit-exact",
-            DeprecationWarning,
-            stacklevel=2,
-        )
     graph, tensors = lower(model, example_input, fold_batchnorm=fold_batchnorm)
     fallbacks = graph.get("fallbacks", [])
     if fallbacks:

@@ -1,0 +1,173 @@
+"""``fuse``: a graph and its tensors -> the list of :class:`~onebit.engine.steps.Step` a packed model runs.
+
+The one stage where graph nodes become calls. It reads the graph and changes nothing in it; a
+fusion makes one native call of several nodes, with the same results:
+
+- ``pack`` read only by one binary convolution: the convolution takes the float input and packs
+  it itself (one pass over the threads; the bits stay in the caches);
+- ``batch_norm(binary_conv2d(...))`` where the BatchNorm is the convolution's only reader: the
+  convolution applies it as it writes its output (:class:`~onebit.engine.steps.Epilogue`),
+  rounded as this process's torch rounds it (see :mod:`onebit.engine.torch_rounding`; checked
+  per layer, else the BatchNorm stays torch's op);
+- ``add(binary_conv2d(...), shortcut)`` (or ``add(batch_norm(binary_conv2d(...)), shortcut)``)
+  where the add is the only reader: the convolution adds the shortcut as it writes its output,
+  as a Bi-Real block does. The fused step runs where the add was, so the shortcut is ready.
+
+Thresholds (BatchNorm + sign as integer comparisons) are decided by the lowering, as graph ops
+(``binary_conv2d_threshold``, ``threshold_pack``, ``sign_threshold``): they are what the file
+stores. Each step also gets its op's runtime state: a weight cache for ops whose kernels keep
+prepared weights, and a binary conv's bound native layer (operands checked once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from onebit.engine import ops
+from onebit.engine.graph import CONV_ATTRS, OPS, attrs
+from onebit.engine.steps import Epilogue, Step
+from onebit.engine.torch_rounding import batchnorm_epilogue
+
+__all__ = ["fuse", "Fusions"]
+
+
+@dataclass
+class Fusions:
+    """The nodes a fusion absorbs, by the index of the convolution that absorbs them."""
+
+    packs: dict[int, dict] = field(default_factory=dict)  #: conv -> the pack node it absorbs
+    batchnorms: dict[int, tuple[dict, Epilogue]] = field(default_factory=dict)  #: conv -> (batch_norm, epilogue)
+    adds: dict[int, tuple[dict, str]] = field(default_factory=dict)  #: conv -> (the add node, the shortcut)
+
+    def absorbed(self, index: dict[str, int]) -> set[int]:
+        """The nodes that are no step of their own (a conv with a BatchNorm or an add runs at the last one's place)."""
+        out = {index[n["name"]] for n in self.packs.values()} | set(self.adds) | set(self.batchnorms)
+        return out | {index[bn["name"]] for bn, _ in self.batchnorms.values()}
+
+    def run_at(self, index: dict[str, int]) -> dict[int, int]:
+        """position -> the conv that runs there: at its add, else at its BatchNorm."""
+        at = {index[add["name"]]: i for i, (add, _) in self.adds.items()}
+        at.update({index[bn["name"]]: i for i, (bn, _) in self.batchnorms.items() if i not in self.adds})
+        return at
+
+
+def fuse(graph: dict, tensors: dict[str, torch.Tensor], *, native: bool | None = None) -> list[Step]:
+    """The steps that run ``graph`` on ``tensors`` (graph key -> tensor), fused as the module says.
+
+    ``native``: fuse for the native kernels (BatchNorm epilogues and bound layers need them);
+    by default when they are available."""
+    native = ops.native_available() if native is None else native
+    nodes = graph["nodes"]
+    outputs = set(graph["outputs"])
+    index = {node["name"]: i for i, node in enumerate(nodes)}
+    fusions = find_fusions(nodes, outputs, tensors, native)
+    absorbed, run_at = fusions.absorbed(index), fusions.run_at(index)
+    steps = []
+    for position in range(len(nodes)):
+        if position in absorbed and position not in run_at:
+            continue
+        steps.append(_step(nodes, run_at.get(position, position), fusions, tensors, native))
+    _mark_frees(steps, outputs)
+    return steps
+
+
+def find_fusions(nodes: list[dict], outputs: set[str], tensors: dict, native: bool) -> Fusions:
+    """Which nodes each binary convolution absorbs (see the module's docstring)."""
+    index = {node["name"]: i for i, node in enumerate(nodes)}
+    readers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for ref in node["inputs"]:
+            readers.setdefault(ref, []).append(i)
+
+    def only_reader(i: int) -> dict | None:
+        users = readers.get(nodes[i]["name"], [])
+        return nodes[users[0]] if len(users) == 1 and nodes[i]["name"] not in outputs else None
+
+    fusions = Fusions()
+    for i, node in enumerate(nodes):
+        user = only_reader(i)
+        if user is None:
+            continue
+        if node["op"] == "pack" and OPS[user["op"]].packs_input and user["inputs"] == [node["name"]]:
+            fusions.packs[index[user["name"]]] = node
+        elif node["op"] == "binary_conv2d":
+            last = node
+            if user["op"] == "batch_norm" and native:
+                epilogue = _batchnorm_epilogue(user, tensors)
+                if epilogue is not None:
+                    fusions.batchnorms[i] = (user, epilogue)
+                    last, user = user, only_reader(index[user["name"]])
+            if user is not None and user["op"] == "add" and len(user["inputs"]) == 2:
+                a, b = user["inputs"]
+                taken = any(add is user for add, _ in fusions.adds.values())  # add(conv, conv): the first one
+                if a != b and user["attrs"].get("alpha", 1.0) == 1.0 and not taken:
+                    fusions.adds[i] = (user, b if a == last["name"] else a)
+    return fusions
+
+
+def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bool) -> Step:
+    """The step of node ``i`` with what it absorbs, its runtime state and its bound runner."""
+    node = nodes[i]
+    spec = OPS[node["op"]]
+    roles = {role: tensors[key] for role, key in node.get("tensors", {}).items()}
+    step = Step(node["op"], node["name"], tuple(node["inputs"]), roles, attrs(node), module=node.get("module", ""))
+    step.label = node["op"]
+    if i in fusions.packs:
+        step.inputs, step.label = tuple(fusions.packs[i]["inputs"]), "pack+" + step.label
+    if i in fusions.batchnorms:
+        bn, step.epilogue = fusions.batchnorms[i]
+        step.output, step.label = bn["name"], step.label + "+batch_norm"
+    if i in fusions.adds:
+        add, shortcut = fusions.adds[i]
+        step.inputs, step.output, step.label = step.inputs + (shortcut,), add["name"], step.label + "+add"
+    if spec.weight_cache:  # the weights, prepared for the kernel, kept between calls
+        step.cache = ops.weight_cache()
+    if node["op"] == "binary_conv2d" and native:  # its operands checked once, not per call
+        bn = step.epilogue or Epilogue()
+        step.layer = ops.conv_layer(
+            roles["weight"],
+            scale=roles.get("scale"),
+            bias=roles.get("bias"),
+            bn_scale=bn.bn_scale,
+            bn_shift=bn.bn_shift,
+            bn_fma=bn.bn_fma,
+            cache=step.cache,
+            **{k: step.attrs[k] for k in CONV_ATTRS},
+        )
+    step.relayout = _relayout(node)
+    step.run = spec.bind(step) if spec.bind is not None else partial(spec.fn, step.tensors, step.attrs)
+    return step
+
+
+def _batchnorm_epilogue(bn: dict, tensors: dict) -> Epilogue | None:
+    """A ``batch_norm`` node as a convolution's epilogue, or None when the kernels cannot round it as torch does."""
+    t = {role: tensors[key] for role, key in bn.get("tensors", {}).items()}
+    fused = batchnorm_epilogue(t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), attrs(bn)["eps"])
+    return None if fused is None else Epilogue(*fused)
+
+
+def _relayout(node: dict) -> str | None:
+    """How a step's float output is laid out again.
+
+    Float outputs of binary layers take the memory format the model's own tensors have (the
+    native kernels write channels_last): float convs and adaptive pools round differently in the
+    two layouts, and the model's layout follows its input's. A 1-d conv is run as a 1 x k 2-d
+    conv: torch's conv1d returns a contiguous tensor, while a 2-d conv of an ambiguous
+    ``[N, C, 1, L]`` shape may choose channels_last."""
+    if node.get("conv1d"):
+        return "contiguous"
+    writes_channels_last = node["op"] == "binary_conv2d" or (node["op"] == "bitplane_conv2d" and not node.get("linear"))
+    return "model" if writes_channels_last else None
+
+
+def _mark_frees(steps: list[Step], outputs: set[str]) -> None:
+    """Each step's ``free``: the values no later step reads (dropped after it)."""
+    last_use: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for ref in step.inputs:
+            last_use[ref] = i
+    for i, step in enumerate(steps):
+        step.free = tuple(ref for ref in dict.fromkeys(step.inputs) if last_use.get(ref) == i and ref not in outputs)

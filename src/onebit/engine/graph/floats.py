@@ -1,0 +1,264 @@
+"""Float ops: the model's own torch ops (convolutions, linear layers, BatchNorm, pools, shapes,
+arithmetic and activations) on the same values in the same memory format."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from onebit.engine.graph.schema import (
+    F32,
+    FLOAT,
+    FLOAT_CONV_ATTRS,
+    GraphError,
+    OpSpec,
+    TensorSpec,
+    any_length,
+    boolean,
+    check_groups,
+    int_list,
+    integer,
+    non_negative,
+    number,
+    optional,
+    pair,
+    per_feature,
+    per_out_channel,
+    per_out_feature,
+)
+from onebit.nn.twist import coordinate_maps
+
+
+def padded_conv(x, weight, bias, a):
+    """``conv2d(pad(x), weight) + bias`` with the node's padding: the conv's own zero ``padding``,
+    or ``explicit_padding`` ([left, right, top, bottom]) of ``pad_value`` / ``padding_mode`` first."""
+    if a["pad_value"] == 0.0 and a["padding_mode"] == "zeros":
+        return F.conv2d(x, weight, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+    if a["padding_mode"] == "zeros":
+        x = F.pad(x, a["explicit_padding"], mode="constant", value=a["pad_value"])
+    else:
+        x = F.pad(x, a["explicit_padding"], mode=a["padding_mode"])
+    return F.conv2d(x, weight, bias, a["stride"], 0, a["dilation"], a["groups"])
+
+
+def _conv2d(t, a, x):
+    return padded_conv(x, t["weight"], t.get("bias"), a)
+
+
+def _linear(t, a, x):
+    return F.linear(x, t["weight"], t.get("bias"))
+
+
+def _batch_norm(t, a, x):
+    return F.batch_norm(x, t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), False, 0.0, a["eps"])
+
+
+def _max_pool2d(t, a, x):
+    if x.dim() == 4 and x.shape[1] > 1 and statically_known_true(x.numel() >= 16384) and x.is_contiguous():
+        # torch's NCHW max pooling is several times slower than its channels_last one; a max
+        # rounds nothing, so pool channels_last and hand back the NCHW layout the model has.
+        # Traced with a symbolic batch, the size is unknown and the plain pool is traced: the
+        # choice never becomes a guard bounding the program's batch (torch.export's Dim)
+        y = F.max_pool2d(
+            x.contiguous(memory_format=torch.channels_last),
+            a["kernel_size"],
+            a["stride"],
+            a["padding"],
+            a["dilation"],
+            ceil_mode=a["ceil_mode"],
+        )
+        return y.contiguous()
+    return F.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"])
+
+
+def _avg_pool2d(t, a, x):
+    return F.avg_pool2d(
+        x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"], a["divisor_override"]
+    )
+
+
+def _adaptive_avg_pool2d(t, a, x):
+    return F.adaptive_avg_pool2d(x, a["output_size"])
+
+
+def _adaptive_max_pool2d(t, a, x):
+    return F.adaptive_max_pool2d(x, a["output_size"])
+
+
+def _flatten(t, a, x):
+    return torch.flatten(x, a["start_dim"], a["end_dim"])
+
+
+def _reshape(t, a, x):
+    """Each sample reshaped to ``shape`` (the batch dimension kept): a -1 stands for the rest of a
+    sample's elements, also in an empty batch (where torch cannot infer it from the total)."""
+    shape = a["shape"]
+    if x.shape[0] == 0 and -1 in shape:
+        known = math.prod(d for d in shape if d != -1)
+        shape = [math.prod(x.shape[1:]) // known if d == -1 and known else d for d in shape]
+    return x.reshape(x.shape[0], *shape)
+
+
+def _add(t, a, *xs):
+    if len(xs) == 1:
+        return xs[0] + a["other"] * a["alpha"] if a["alpha"] != 1.0 else xs[0] + a["other"]
+    if a["alpha"] != 1.0:
+        return torch.add(xs[0], xs[1], alpha=a["alpha"])
+    return xs[0] + xs[1]
+
+
+def _mul(t, a, *xs):
+    return xs[0] * xs[1] if len(xs) == 2 else xs[0] * a["other"]
+
+
+def _div(t, a, x):
+    return x / a["other"]
+
+
+def _roll(t, a, x):
+    return torch.roll(x, shifts=a["shifts"], dims=a["dim"])
+
+
+def _twist_mix(t, a, y, gx, gy):
+    xs, ys = coordinate_maps(y)  # TwistConv2d's sum, term for term
+    return y + xs * gx + ys * gy
+
+
+def _cat(t, a, *xs):
+    return torch.cat(xs, dim=a["dim"])
+
+
+def _relu(t, a, x):
+    return F.relu(x)
+
+
+def _relu6(t, a, x):
+    return F.relu6(x)
+
+
+def _leaky_relu(t, a, x):
+    return F.leaky_relu(x, a["negative_slope"])
+
+
+def _hardtanh(t, a, x):
+    return F.hardtanh(x, a["min_val"], a["max_val"])
+
+
+def _prelu(t, a, x):
+    return F.prelu(x, t["weight"])
+
+
+def _sigmoid(t, a, x):
+    return torch.sigmoid(x)
+
+
+def _tanh(t, a, x):
+    return torch.tanh(x)
+
+
+def _softmax(t, a, x):
+    return F.softmax(x, dim=a["dim"])
+
+
+def _identity(t, a, x):
+    return x
+
+
+def _check_order(a):
+    if a["min_val"] > a["max_val"]:
+        raise GraphError(f"min_val {a['min_val']} is greater than max_val {a['max_val']}")
+
+
+def _check_shape(a):
+    if a["shape"].count(-1) > 1:
+        raise GraphError(f"shape {a['shape']} has more than one -1")
+
+
+def _check_pool_padding(a):
+    for k, p, d in zip(a["kernel_size"], a["padding"], a.get("dilation", [1, 1])):
+        if p > (d * (k - 1) + 1) // 2:
+            raise GraphError(f"padding {a['padding']} is more than half the kernel {a['kernel_size']}")
+
+
+FLOAT_OPS: dict[str, OpSpec] = {
+    "conv2d": OpSpec(
+        _conv2d,
+        (FLOAT,),
+        FLOAT,
+        dict(FLOAT_CONV_ATTRS),
+        {
+            "weight": TensorSpec(
+                F32, lambda a: (a["out_channels"], a["in_channels"] // a["groups"], *a["kernel_size"])
+            ),
+            "bias": TensorSpec(F32, per_out_channel, required=False),
+        },
+        check_groups,
+    ),
+    "linear": OpSpec(
+        _linear,
+        (FLOAT,),
+        FLOAT,
+        {"in_features": integer(1), "out_features": integer(1)},
+        {
+            "weight": TensorSpec(F32, lambda a: (a["out_features"], a["in_features"])),
+            "bias": TensorSpec(F32, per_out_feature, required=False),
+        },
+    ),
+    "batch_norm": OpSpec(
+        _batch_norm,
+        (FLOAT,),
+        FLOAT,
+        {"num_features": integer(1), "eps": non_negative},
+        {
+            "running_mean": TensorSpec(F32, per_feature),
+            "running_var": TensorSpec(F32, per_feature),
+            "weight": TensorSpec(F32, per_feature, required=False),
+            "bias": TensorSpec(F32, per_feature, required=False),
+        },
+    ),
+    "max_pool2d": OpSpec(
+        _max_pool2d,
+        (FLOAT,),
+        FLOAT,
+        {"kernel_size": pair(1), "stride": pair(1), "padding": pair(0), "dilation": pair(1), "ceil_mode": boolean},
+        check=lambda a: _check_pool_padding(a),
+    ),
+    "avg_pool2d": OpSpec(
+        _avg_pool2d,
+        (FLOAT,),
+        FLOAT,
+        {
+            "kernel_size": pair(1),
+            "stride": pair(1),
+            "padding": pair(0),
+            "ceil_mode": boolean,
+            "count_include_pad": boolean,
+            "divisor_override": optional(integer(1)),
+        },
+        check=lambda a: _check_pool_padding(a),
+    ),
+    "adaptive_avg_pool2d": OpSpec(_adaptive_avg_pool2d, (FLOAT,), FLOAT, {"output_size": pair(1)}),
+    "adaptive_max_pool2d": OpSpec(_adaptive_max_pool2d, (FLOAT,), FLOAT, {"output_size": pair(1)}),
+    "flatten": OpSpec(_flatten, (FLOAT,), FLOAT, {"start_dim": integer(-8, 8), "end_dim": integer(-8, 8)}),
+    "reshape": OpSpec(_reshape, (FLOAT,), FLOAT, {"shape": int_list}, check=lambda a: _check_shape(a)),
+    "add": OpSpec(_add, (FLOAT, "..."), FLOAT, {"other": number, "alpha": number}),
+    "mul": OpSpec(_mul, (FLOAT, "..."), FLOAT, {"other": number}),
+    "div": OpSpec(_div, (FLOAT,), FLOAT, {"other": number}),
+    "roll": OpSpec(_roll, (FLOAT,), FLOAT, {"shifts": integer(-(1 << 30), 1 << 30), "dim": integer(-8, 8)}),
+    "twist_mix": OpSpec(_twist_mix, (FLOAT, FLOAT, FLOAT), FLOAT),
+    "cat": OpSpec(_cat, (FLOAT, "..."), FLOAT, {"dim": integer(-8, 8)}),
+    "relu": OpSpec(_relu, (FLOAT,), FLOAT),
+    "relu6": OpSpec(_relu6, (FLOAT,), FLOAT),
+    "leaky_relu": OpSpec(_leaky_relu, (FLOAT,), FLOAT, {"negative_slope": number}),
+    "hardtanh": OpSpec(
+        _hardtanh, (FLOAT,), FLOAT, {"min_val": number, "max_val": number}, check=lambda a: _check_order(a)
+    ),
+    "prelu": OpSpec(_prelu, (FLOAT,), FLOAT, {}, {"weight": TensorSpec(F32, any_length)}),
+    "sigmoid": OpSpec(_sigmoid, (FLOAT,), FLOAT),
+    "tanh": OpSpec(_tanh, (FLOAT,), FLOAT),
+    "softmax": OpSpec(_softmax, (FLOAT,), FLOAT, {"dim": integer(-8, 8)}),
+    "identity": OpSpec(_identity, (FLOAT,), FLOAT),
+}
