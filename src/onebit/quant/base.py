@@ -18,6 +18,7 @@ import functools
 import inspect
 import warnings
 from collections.abc import Callable
+from typing import Union
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ __all__ = [
     "is_binary",
 ]
 
-QuantizerLike = str | dict | nn.Module | Callable[[torch.Tensor], torch.Tensor] | None
+QuantizerLike = Union[str, dict, nn.Module, Callable[[torch.Tensor], torch.Tensor], None]
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 

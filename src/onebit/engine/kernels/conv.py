@@ -500,7 +500,7 @@ class ConvLayer:
             raise ValueError(f"cache must be a onebit.engine.kernels.WeightCache, got {type(cache).__name__}")
         if cache is not None:
             try:
-                _ = wp._version
+                wp._version
             except RuntimeError:  # an inference tensor counts no writes: never cache its preparation
                 cache = None
         self.wp, self.scale, self.bias, self.bn_scale, self.bn_shift, self.bn_fma = (
@@ -981,8 +981,7 @@ def ternary_linear(
 
 
 def ternary_linear_int(x: torch.Tensor, wp: torch.Tensor, *, in_features: int) -> torch.Tensor:
-    """int32 ``[N, Out]`` ``= x @ levels.T`` of int8 ``x`` ``[N, F]`` and 2-bit ternary weights
-    (see :func:`ternary_linear`)."""
+    """int32 ``[N, Out]`` ``= x @ levels.T`` of int8 ``x`` ``[N, F]`` and 2-bit ternary weights (see :func:`ternary_linear`)."""
     if _direct(x, wp):
         return _ternary_linear_int_impl(x, wp, in_features)
     return torch.ops.onebit.ternary_linear_int(x, wp, in_features)
