@@ -31,6 +31,8 @@ NUMERICS_TESTS := tests/test_nn.py tests/test_engine.py tests/test_engine_fallba
 AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEBIT_ISA=avx2
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
 	@if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then \
 	  echo "# the numerics-sensitive tests again, torch and onebit forced to AVX2 ($(AVX2_ONLY))"; \
