@@ -519,19 +519,6 @@ def _loss(output: Any, targets: Any, loss_fn: Callable | None) -> torch.Tensor:
     return (output * projection).sum() / max(1, output.shape[0])
 
 
-def _reporting_layer(model: nn.Module) -> Callable[[str], str]:
-    """Map a quantizer module's name to the onebit layer it belongs to (``conv.input_quantizer`` -> ``conv``)."""
-    modules = dict(model.named_modules())
-
-    def up(name: str) -> str:
-        parent = name.rpartition(".")[0] if "." in name else ("" if name else None)
-        if parent is not None and parent in modules and isinstance(modules[parent], (QuantizedLayer, QActivation)):
-            return parent
-        return name
-
-    return up
-
-
 class _Probe:
     """The hooks of one doctor run and what they record while the model runs forward.
 
