@@ -7,8 +7,23 @@ from torch import nn
 from onebit import quant
 from onebit.math import sign
 
-SIGN_ALIASES = ["ste_sign", "approx_sign", "swish_sign", "magnitude_aware_sign"]
-ALL_ALIASES = SIGN_ALIASES + ["dorefa", "dorefa_weight"]
+#: every registered quantizer: a newly registered one is tested by every test over ALL_ALIASES
+ALL_ALIASES = quant.names()
+#: those with +-1 levels (a sign, or a scaled sign), and those whose forward is exactly the sign
+SIGN_ALIASES = [a for a in ALL_ALIASES if quant.has_sign_levels(quant.get(a))]
+PLAIN_SIGN_ALIASES = [a for a in ALL_ALIASES if quant.is_sign(quant.get(a))]
+#: the quantizers onebit ships
+BUILT_IN = {
+    "ste_sign": 1,
+    "approx_sign": 1,
+    "swish_sign": 1,
+    "magnitude_aware_sign": 1,
+    "dorefa": 2,
+    "dorefa_weight": 2,
+    "dorefa_sym": 2,
+    "ternary": 2,
+    "absmax8": 8,
+}
 
 
 def make(alias_or_cls, form):
@@ -55,7 +70,7 @@ def test_sign_of_zero_is_plus_one_in_every_sign_quantizer(alias, form):
     assert torch.equal(torch.sign(out), torch.tensor([[1.0, 1.0, 1.0, -1.0]]))
 
 
-@pytest.mark.parametrize("alias", ["ste_sign", "approx_sign", "swish_sign"])
+@pytest.mark.parametrize("alias", PLAIN_SIGN_ALIASES)
 def test_sign_quantizers_output_exactly_plus_minus_one(alias):
     x = torch.randn(1000) * 3
     out = quant.get(alias)(x)
@@ -257,8 +272,11 @@ def test_binarize_with_weight_bits_gives_symmetric_k_bit_weights():
 
 @pytest.mark.parametrize("alias", ALL_ALIASES)
 def test_precision_attribute(alias):
-    expected = 2 if alias in ("dorefa", "dorefa_weight") else 1
-    assert quant.get(alias).precision == expected
+    precision = quant.get(alias).precision
+    assert isinstance(precision, int) and 1 <= precision <= 32
+    assert quant.is_binary(quant.get(alias)) == (precision == 1)
+    if alias in BUILT_IN:
+        assert precision == BUILT_IN[alias]
     assert quant.DoReFa(bits=4).precision == 4
 
 
@@ -287,7 +305,34 @@ def test_unknown_alias_lists_known_names():
 
 
 def test_names_lists_every_alias():
-    assert set(ALL_ALIASES) <= set(quant.names())
+    assert set(BUILT_IN) <= set(quant.names())
+    assert quant.names() == sorted(quant.names())
+
+
+@pytest.mark.parametrize("alias", ALL_ALIASES)
+def test_every_alias_round_trips_through_the_registry(alias):
+    q = quant.get(alias)
+    cls = type(q)
+    assert isinstance(q, quant.Quantizer) and q.alias == alias == cls.alias
+    assert quant._REGISTRY[alias] is cls
+    for form in (alias, {"name": alias}, cls):
+        again = quant.get(form)
+        assert type(again) is cls and again is not q
+        assert repr(again) == repr(q)
+    assert quant.get(q) is q
+
+
+@pytest.mark.parametrize("alias", ALL_ALIASES)
+def test_forward_and_backward_leave_the_input_and_the_quantizer_alone(alias):
+    q = quant.get(alias)
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    x = (torch.randn(6, 5, 3, 3) * 2).requires_grad_(True)
+    before = x.detach().clone()
+    q(x).backward(torch.ones_like(x))
+    assert torch.equal(x.detach(), before)
+    assert x.grad is not None and x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    assert q.state_dict().keys() == state.keys()
+    assert all(torch.equal(q.state_dict()[k], v) for k, v in state.items())
 
 
 def test_get_rejects_non_quantizers():

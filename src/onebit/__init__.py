@@ -3,8 +3,9 @@
 Layers, from the bottom up:
 
 - ``onebit.math``: the one sign convention (sign(0) = +1);
-- ``onebit.quant``, ``onebit.quant_lowbit``: quantizers with straight-through gradients, by alias
-  (1-bit; ternary, 8-bit per-token and symmetric k-bit);
+- ``onebit.quant``: quantizers with straight-through gradients, by alias and by family (signs,
+  uniform k-bit, BitNet's ternary and 8-bit per-token), under one contract (``onebit.quant_lowbit``
+  is kept for old imports);
 - ``onebit.nn``: quantized layers, drop-in for torch.nn (``onebit.nn.functional`` holds the arithmetic);
 - ``onebit.binarize``: float -> binary model conversion;
 - ``onebit.canonize``, ``onebit.summary``, ``onebit.doctor``, ``onebit.plot``: model tools

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from onebit import quant
 from onebit.engine import ops
 from onebit.nn.functional import scale_and_bias
-from onebit.quant_lowbit import DoReFaSymmetric, Ternary, symmetric_integers
 
 __all__ = [
     "PlaneCode",
@@ -127,23 +126,23 @@ class PlaneCode:
 
 
 def input_code(q) -> PlaneCode | None:
-    """The plane code of an input quantizer's integers (``dorefa``, ``dorefa_sym``), else None."""
-    if quant.computes_as(q, quant.DoReFa) and q.precision <= MAX_INPUT_PLANES:
-        return PlaneCode.unsigned(int(q.precision))
-    if quant.computes_as(q, DoReFaSymmetric) and q.precision <= MAX_INPUT_PLANES:
-        return PlaneCode.symmetric(int(q.precision))
-    return None
+    """The plane code of an input quantizer's integers (:func:`onebit.quant.integer_code_of`:
+    ``unsigned`` or ``symmetric``, at most :data:`MAX_INPUT_PLANES` bits), else None."""
+    code = quant.integer_code_of(q)
+    if code is None or code.kind not in ("unsigned", "symmetric") or code.bits > MAX_INPUT_PLANES:
+        return None
+    return PlaneCode(code.kind, code.bits)
 
 
 def weight_code(q) -> PlaneCode | None:
-    """The plane code of a weight quantizer's ``factor()`` levels (signs, ternary, ``dorefa_weight``), else None."""
-    if quant.has_sign_levels(q):
-        return PlaneCode.binary()
-    if quant.computes_as(q, Ternary):
-        return PlaneCode.ternary()
-    if quant.computes_as(q, quant.DoReFaWeight) and q.precision <= MAX_WEIGHT_PLANES:
-        return PlaneCode.symmetric(int(q.precision))
-    return None
+    """The plane code of a weight quantizer's ``factor()`` levels (:func:`onebit.quant.factor_code_of`:
+    ``binary``, ``ternary``, or ``symmetric`` of at most :data:`MAX_WEIGHT_PLANES` bits), else None."""
+    code = quant.factor_code_of(q)
+    if code is None or code.kind not in ("binary", "ternary", "symmetric"):
+        return None
+    if code.kind == "symmetric" and code.bits > MAX_WEIGHT_PLANES:
+        return None
+    return PlaneCode(code.kind, code.bits)
 
 
 def integer_input(x: torch.Tensor, kind: str, bits: int, clip: float) -> torch.Tensor:
@@ -152,7 +151,7 @@ def integer_input(x: torch.Tensor, kind: str, bits: int, clip: float) -> torch.T
     n = (1 << bits) - 1
     if kind == "dorefa":
         return quant.unsigned_integers(x, n)
-    return symmetric_integers(x, clip, n)[0]
+    return quant.symmetric_integers(x, clip, n)[0]
 
 
 def _bits(bits: int) -> int:

@@ -1,43 +1,34 @@
-"""Quantizers: small modules that map latent float tensors to low-bit values.
+"""The quantizer contract: the :class:`Quantizer` base, the registry by alias, and the rules that
+say which of a quantizer's declarations hold for the forward it computes.
 
-Each quantizer keeps shape and dtype, never modifies its input, is bitwise idempotent
-(``q(q(x)) == q(x)``; :class:`DoReFaWeight` from 4 bits on is the one exception, see
-its docstring) and has a ``precision`` attribute, the number of bits of
-its output (used by summaries and by the packed engine). Forward and
-pseudo-gradient (straight-through estimator, STE) are stated in each docstring.
-
-Quantizers are registered under a short alias and resolved with :func:`get`::
-
-    >>> get("ste_sign")
-    Sign(clip=1.0)
+What a quantizer tells the rest of onebit (layers, converter, canonizers, the packed engine) is
+declared on :class:`Quantizer`; :func:`is_sign`, :func:`has_sign_levels`, :func:`integer_code_of`,
+:func:`factor_code_of` and :func:`current_method` are how they ask.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 from collections.abc import Callable
-from typing import Union
 
 import torch
 from torch import nn
 
 from onebit.math import sign
+from onebit.quant.codes import IntegerCode
 
 __all__ = [
     "Quantizer",
-    "Sign",
-    "ApproxSign",
-    "SwishSign",
-    "MagnitudeAwareSign",
-    "DoReFa",
-    "DoReFaWeight",
+    "QuantizerLike",
+    "EPS",
     "register",
     "get",
     "names",
     "is_sign",
     "has_sign_levels",
+    "integer_code_of",
+    "factor_code_of",
     "declared",
     "void_declaration",
     "current_method",
@@ -46,7 +37,10 @@ __all__ = [
     "is_binary",
 ]
 
-QuantizerLike = Union[str, dict, nn.Module, Callable[[torch.Tensor], torch.Tensor], None]
+#: the smallest scale divisor or clip, as BitNet b1.58 clamps its mean and maximum magnitudes
+EPS = 1e-5
+
+QuantizerLike = str | dict | nn.Module | Callable[[torch.Tensor], torch.Tensor] | None
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -114,12 +108,21 @@ def get(identifier: QuantizerLike) -> nn.Module | Callable | None:
 # what a quantizer declares, and which of its declarations still hold
 #
 # A declaration (the attributes ``is_sign`` / ``sign_levels``, the methods ``factor`` /
-# ``integer_factor``) describes the ``forward`` of the class that makes it. A subclass that
-# overrides ``forward`` (or ``factor``) below it has not declared anything about its own
-# computation: the declaration is void for it until the subclass makes it again.
+# ``integer_factor`` / ``integer_code`` / ``factor_code``) describes the ``forward`` of the class
+# that makes it. A subclass that overrides ``forward`` (or the factorization a declaration speaks
+# of) below it has not declared anything about its own computation: the declaration is void for
+# it until the subclass makes it again.
 
-#: the methods an attribute speaks about
-_DECLARES_ABOUT = {"is_sign": ("forward",), "sign_levels": ("forward", "factor")}
+#: the methods a declaration speaks about
+_DECLARES_ABOUT = {
+    "is_sign": ("forward",),
+    "sign_levels": ("forward", "factor"),
+    "integer_code": ("forward", "integer_factor"),
+    "factor_code": ("forward", "factor"),
+}
+
+#: the declarations that are methods returning an :class:`IntegerCode` (None on the base)
+_CODES = ("integer_code", "factor_code")
 
 
 def _defined_at(cls: type, name: str) -> int | None:
@@ -175,18 +178,37 @@ def declared(quantizer: object, attribute: str) -> bool:
 
 
 def void_declaration(quantizer: object) -> str | None:
-    """Why a quantizer that looks binary is not: ``"ShiftedSign overrides forward without declaring
-    is_sign again"`` when it inherits ``is_sign`` / ``sign_levels = True`` from a class whose
-    ``forward`` (or ``factor``) it overrides, else None."""
+    """Why a quantizer that looks binary or k-bit is not: ``"ShiftedSign overrides forward without
+    declaring is_sign again"`` when it inherits ``is_sign`` / ``sign_levels = True`` or an
+    ``integer_code`` / ``factor_code`` from a class whose ``forward`` (or ``factor`` /
+    ``integer_factor``) it overrides, else None."""
     if not isinstance(quantizer, nn.Module):
         return None
-    for attribute, holds in (("is_sign", is_sign), ("sign_levels", has_sign_levels)):
-        if getattr(quantizer, attribute, False) and not holds(quantizer):
-            here = _depth(quantizer, attribute)
-            overridden = (m for m in _DECLARES_ABOUT[attribute] if (d := _depth(quantizer, m)) is not None and d < here)
-            method = next(overridden, "forward")
-            return f"{type(quantizer).__name__} overrides {method} without declaring {attribute} again"
+    for attribute, methods in _DECLARES_ABOUT.items():
+        if not _declares(quantizer, attribute) or _still_holds(quantizer, attribute):
+            continue
+        here = _depth(quantizer, attribute)
+        overridden = (m for m in methods if (d := _depth(quantizer, m)) is not None and d < here)
+        method = next(overridden, "forward")
+        return f"{type(quantizer).__name__} overrides {method} without declaring {attribute} again"
     return None
+
+
+def _declares(quantizer: nn.Module, attribute: str) -> bool:
+    """``quantizer`` carries ``attribute``'s declaration, held or not: a true ``is_sign`` /
+    ``sign_levels``, or an ``integer_code`` / ``factor_code`` other than the base's."""
+    if attribute in _CODES:
+        method = inspect.getattr_static(quantizer, attribute, None)
+        return callable(method) and method is not Quantizer.__dict__[attribute]
+    return bool(getattr(quantizer, attribute, False))
+
+
+def _still_holds(quantizer: nn.Module, attribute: str) -> bool:
+    if attribute == "is_sign":
+        return is_sign(quantizer)
+    if attribute == "sign_levels":
+        return has_sign_levels(quantizer)
+    return _holds(quantizer, attribute, _DECLARES_ABOUT[attribute])
 
 
 def current_method(quantizer: object, name: str) -> Callable | None:
@@ -246,6 +268,34 @@ def has_sign_levels(quantizer: object) -> bool:
     )
 
 
+def integer_code_of(quantizer: object) -> IntegerCode | None:
+    """The integers of an input quantizer's ``integer_factor(x) = (x_int, s)``, and so of its
+    forward (:class:`IntegerCode`): its :meth:`Quantizer.integer_code` while declared on (or below)
+    the classes that define ``forward`` and ``integer_factor``, else None."""
+    return _declared_code(quantizer, "integer_code")
+
+
+def factor_code_of(quantizer: object) -> IntegerCode | None:
+    """The integer levels of a weight quantizer's ``factor(w) = (levels, scale)``
+    (:class:`IntegerCode`): ``binary`` for sign levels (:func:`has_sign_levels`), else its
+    :meth:`Quantizer.factor_code` while declared on (or below) the classes that define ``forward``
+    and ``factor``, else None."""
+    if has_sign_levels(quantizer):
+        return IntegerCode.binary()
+    return _declared_code(quantizer, "factor_code")
+
+
+def _declared_code(quantizer: object, name: str) -> IntegerCode | None:
+    if not isinstance(quantizer, nn.Module) or not callable(getattr(quantizer, name, None)):
+        return None
+    if not _holds(quantizer, name, _DECLARES_ABOUT[name]):
+        return None
+    code = getattr(quantizer, name)()
+    if code is not None and not isinstance(code, IntegerCode):
+        raise TypeError(f"{type(quantizer).__name__}.{name}() must return an IntegerCode or None, got {code!r}")
+    return code
+
+
 def precision_of(quantizer: nn.Module | Callable | None) -> int:
     """Bits of a quantizer's output: its ``precision`` attribute, 32 for ``None`` or an unknown callable."""
     if quantizer is None:
@@ -261,27 +311,25 @@ def is_binary(quantizer: object) -> bool:
 
 
 class Quantizer(nn.Module):
-    """Base class: ``precision`` bits, no parameters, no state.
+    """Base class: the contract every quantizer keeps and declares.
 
-    Two class attributes tell the rest of onebit (layers, converter, canonizers, the
-    packed engine) what a quantizer computes, so that a user's own quantizer is
-    handled like a built-in one by setting them:
+    ``q(x)`` keeps shape and dtype, never modifies ``x``, and has ``precision`` bits. What the rest
+    of onebit (layers, converter, canonizers, the packed engine) knows of a quantizer is what it
+    declares here, so a user's own quantizer is handled like a built-in one by declaring the same:
 
-    - ``is_sign``: the forward is exactly :func:`onebit.math.sign` (values +-1,
-      sign(0) = +1); such an input is packed as bits and folded into thresholds.
-    - ``sign_levels``: :meth:`factor` returns ``levels = sign(w)`` (with any scale);
-      such weights are stored and computed as bits (with a per-channel float scale).
+    - ``is_sign``: the forward is exactly :func:`onebit.math.sign` (+-1, sign(0) = +1); such an
+      input is packed as bits and a BatchNorm before it folds into integer thresholds;
+    - ``sign_levels``: :meth:`factor` gives ``levels = sign(w)`` (any scale): the weights are bits;
+    - :meth:`factor`: ``q(w) = levels * scale``; layers compute with the levels, then scale;
+    - :meth:`integer_factor`: ``q(x) = x_int / s``; layers compute with the integers, then divide;
+    - :meth:`integer_code` / :meth:`factor_code`: which integers those are
+      (:class:`~onebit.quant.IntegerCode`), so that the packed engine computes them itself.
 
-    A declaration speaks for the ``forward`` of the class that makes it: ``is_sign`` holds
-    only when declared on the class that defines ``forward`` (or a subclass of it), and
-    ``sign_levels`` only when declared on (or below) the classes defining ``forward`` and
-    ``factor``. So a subclass that overrides ``forward`` (e.g. ``Sign`` shifted by 0.5) or
-    ``factor`` is no longer binary for onebit until it declares the attribute again itself
-    (:func:`declared`, :func:`void_declaration`). Likewise a layer computes with
-    :meth:`factor` (or ``integer_factor``) only when it is defined on (or below) the class
-    defining ``forward``; a subclass that overrides ``forward`` alone is computed as
-    ``q(w)`` (:func:`current_method`). The packed engine runs a built-in quantizer's own
-    ops for a subclass only when it overrides none of its methods (:func:`computes_as`).
+    A declaration speaks for the ``forward`` of the class that makes it: it holds only when made on
+    (or below) the classes that define ``forward`` and the factorization it describes. A subclass
+    that overrides ``forward`` (e.g. ``Sign`` shifted by 0.5) inherits none of them until it
+    declares them again (:func:`declared`, :func:`current_method`, :func:`integer_code_of`,
+    :func:`factor_code_of`, :func:`void_declaration`).
     """
 
     precision: int = 32
@@ -298,326 +346,20 @@ class Quantizer(nn.Module):
         """
         return self(w), None
 
-
-# ---------------------------------------------------------------------------
-# autograd functions: forward sign(x) (never 0), backward grad * d(x)
-
-
-class _SignSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, clip: float | None) -> torch.Tensor:
-        ctx.clip = clip
-        if clip is not None:
-            ctx.save_for_backward(x)
-        return sign(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        if ctx.clip is None:
-            return grad, None
-        (x,) = ctx.saved_tensors
-        return grad * (x.abs() <= ctx.clip).to(grad.dtype), None
-
-
-class _ApproxSign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return sign(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        # max(0, 2 - 2|x|) * grad, in place on one new buffer
-        return x.abs().mul_(-2.0).add_(2.0).clamp_(min=0.0).mul_(grad)
-
-
-class _SwishSign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, beta: float) -> torch.Tensor:
-        ctx.beta = beta
-        ctx.save_for_backward(x)
-        return sign(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        b = ctx.beta
-        bx = b * x
-        # d/dx [2 sigmoid(bx) (1 + bx (1 - sigmoid(bx))) - 1] = b (2 - bx tanh(bx/2)) / (1 + cosh(bx))
-        return grad * (b * (2.0 - bx * torch.tanh(bx / 2.0)) / (1.0 + torch.cosh(bx))), None
-
-
-class _Round(torch.autograd.Function):
-    """round(x), straight-through (identity) gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad
-
-
-def unsigned_integers(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """``round(clamp(x, 0, 1) * n)``: :meth:`DoReFa.integer_factor`'s integers, without gradient."""
-    return torch.round(torch.clamp(x, 0.0, 1.0) * levels)
-
-
-class _UniformIntegers(torch.autograd.Function):
-    """``round(clamp(x, 0, 1) * n)``; gradient ``n * 1[0 <= x <= 1]`` (that of ``n * q(x)``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.levels = levels
-        return torch.round(torch.clamp(x, 0.0, 1.0) * levels)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        return grad * ((x >= 0.0) & (x <= 1.0)).to(grad.dtype) * ctx.levels, None
-
-
-class _Uniform(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return torch.round(torch.clamp(x, 0.0, 1.0) * levels) / levels
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        return grad * ((x >= 0.0) & (x <= 1.0)).to(grad.dtype), None
-
-
-# ---------------------------------------------------------------------------
-# quantizers
-
-
-@register("ste_sign")
-class Sign(Quantizer):
-    r"""Binarization with the clipped straight-through estimator.
-
-    Forward:  q(x) = +1 if x >= 0 else -1   (sign(0) = +1)
-
-    Backward: dq/dx = 1[|x| <= clip]; with ``clip=None`` the plain identity, dq/dx = 1.
-
-    Courbariaux et al., "Binarized Neural Networks", 2016.
-    """
-
-    precision = 1
-    is_sign = True
-    sign_levels = True
-
-    def __init__(self, clip: float | None = 1.0):
-        super().__init__()
-        if clip is not None and not clip > 0:
-            raise ValueError(f"Sign: clip must be positive or None, got {clip}")
-        self.clip = None if clip is None else float(clip)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SignSTE.apply(x, self.clip)
-
-    def extra_repr(self) -> str:
-        return f"clip={self.clip}"
-
-
-@register("approx_sign")
-class ApproxSign(Quantizer):
-    r"""Binarization with Bi-Real Net's piecewise-polynomial gradient.
-
-    Forward:  q(x) = +1 if x >= 0 else -1
-
-    Backward: dq/dx = max(0, 2 - 2|x|)   (the derivative of the polynomial
-    approximation 2x + x|x| ... clipped to [-1, 1]).
-
-    Liu et al., "Bi-Real Net", ECCV 2018.
-    """
-
-    precision = 1
-    is_sign = True
-    sign_levels = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ApproxSign.apply(x)
-
-
-@register("swish_sign")
-class SwishSign(Quantizer):
-    r"""Binarization with BNN+'s swish-sign gradient.
-
-    Forward:  q(x) = +1 if x >= 0 else -1
-
-    Backward: dq/dx = beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x)),
-    the derivative of SS_beta(x) = 2 sigmoid(beta x) (1 + beta x (1 - sigmoid(beta x))) - 1.
-
-    Darabi et al., "BNN+: Improved Binary Network Training", 2018.
-    """
-
-    precision = 1
-    is_sign = True
-    sign_levels = True
-
-    def __init__(self, beta: float = 5.0):
-        super().__init__()
-        if not beta > 0:
-            raise ValueError(f"SwishSign: beta must be positive, got {beta}")
-        self.beta = float(beta)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SwishSign.apply(x, self.beta)
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}"
-
-
-@register("magnitude_aware_sign")
-class MagnitudeAwareSign(Quantizer):
-    r"""Bi-Real Net's weight binarization: signs scaled by the mean magnitude per output channel.
-
-    Forward:  q(w)[o] = alpha_o * sign(w[o]),  alpha_o = mean(|w[o]|) over all dims but the
-    first (the output channel); a 1-D tensor gets a single alpha.
-
-    Backward: dq/dw = alpha_o * 1[|w| <= clip] (alpha is treated as a constant).
-
-    Bitwise idempotent: where all magnitudes of a row are equal (as in ``q(w)``), alpha is
-    that magnitude exactly rather than a rounded sum divided by the count.
-    Liu et al., "Bi-Real Net", ECCV 2018.
-    """
-
-    precision = 1
-    sign_levels = True
-
-    def __init__(self, clip: float | None = 1.0):
-        super().__init__()
-        if clip is not None and not clip > 0:
-            raise ValueError(f"MagnitudeAwareSign: clip must be positive or None, got {clip}")
-        self.clip = None if clip is None else float(clip)
-
-    @staticmethod
-    def scale(w: torch.Tensor) -> torch.Tensor:
-        """alpha, shaped to broadcast against ``w``."""
-        a = w.detach().abs()
-        if w.dim() <= 1:
-            top = a.amax()
-            return torch.where(top == a.amin(), top, a.mean())
-        dims = tuple(range(1, w.dim()))
-        top = a.amax(dim=dims, keepdim=True)
-        return torch.where(top == a.amin(dim=dims, keepdim=True), top, a.mean(dim=dims, keepdim=True))
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.scale(w) * _SignSTE.apply(w, self.clip)
-
-    def factor(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sign(w), alpha)`` with ``alpha`` of shape ``[C_out]`` (``[1]`` for a 1-D ``w``)."""
-        return _SignSTE.apply(w, self.clip), self.scale(w).reshape(-1)
-
-    def extra_repr(self) -> str:
-        return f"clip={self.clip}"
-
-
-@register("dorefa")
-class DoReFa(Quantizer):
-    r"""k-bit uniform quantization on [0, 1] (DoReFa-Net activations).
-
-    Forward:  q(x) = round(clamp(x, 0, 1) * (2^k - 1)) / (2^k - 1), exactly 2^k levels.
-
-    Backward: dq/dx = 1[0 <= x <= 1].
-
-    An activation quantizer: used for weights it maps every negative weight to 0 (warned
-    about once per instance); for k-bit weights use :class:`DoReFaWeight` (``"dorefa_weight"``).
-
-    Zhou et al., "DoReFa-Net", 2016.
-    """
-
-    output_range = (0.0, 1.0)
-
-    def __init__(self, bits: int = 2):
-        super().__init__()
-        if not isinstance(bits, int) or not 1 <= bits <= 16:
-            raise ValueError(f"DoReFa: bits must be an integer in [1, 16], got {bits!r}")
-        self.precision = bits
-
-    @property
-    def levels(self) -> int:
-        return 2**self.precision - 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Uniform.apply(x, self.levels)
-
-    def integer_factor(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``(x_int, n)``: ``x_int = round(clamp(x, 0, 1) * n)`` in {0, ..., n} (``x``'s dtype) and
-        ``n = 2^k - 1``, so ``q(x) = x_int / n``. Layers compute ``conv(x_int, levels) / n``."""
-        return _UniformIntegers.apply(x, self.levels), float(self.levels)
-
-    def factor(self, w: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Used as a weight quantizer (layers factor their weights): warns once that the
-        levels are in [0, 1], then ``(q(w), None)``."""
-        if not getattr(self, "_warned_weights", False):
-            self._warned_weights = True
-            warnings.warn(
-                f"{type(self).__name__} quantizes into [0, 1] (an activation quantizer): used for weights it maps "
-                "every negative weight to 0. For symmetric k-bit weights use DoReFaWeight ('dorefa_weight').",
-                UserWarning,
-                stacklevel=3,
-            )
-        return self(w), None
-
-    def extra_repr(self) -> str:
-        return f"bits={self.precision}"
-
-
-@register("dorefa_weight")
-class DoReFaWeight(Quantizer):
-    r"""DoReFa-Net's k-bit weights: symmetric levels in [-1, 1].
-
-    Forward:  q(w) = 2 quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1,
-    quantize_k(r) = round((2^k - 1) r) / (2^k - 1): the 2^k levels 2 i / (2^k - 1) - 1,
-    symmetric around 0 ({-1, -1/3, +1/3, +1} at 2 bits, as BMXNet's 2-bit weights); the max
-    is over the whole tensor.
-
-    Backward: straight through the rounding, through tanh and the normalization:
-    dq/dw = d/dw [tanh(w) / max|tanh(w)|].
-
-    ``factor(w)`` is ``(2 i - n, 1 / n)``: odd integer levels and their scale, so a layer's sum is an
-    exact integer (``conv(x, levels) * (1 / n)``).
-    Bitwise idempotent up to 3 bits; from 4 bits on, tanh compresses the levels of ``q(w)``
-    by more than half a step (|tanh(l) / tanh(1) - l| reaches 0.107 > 1 / (2^k - 1)), so
-    ``q(q(w))`` moves inner levels one step towards 0.
-
-    Zhou et al., "DoReFa-Net", 2016.
-    """
-
-    output_range = (-1.0, 1.0)
-
-    def __init__(self, bits: int = 2):
-        super().__init__()
-        if not isinstance(bits, int) or not 1 <= bits <= 16:
-            raise ValueError(f"DoReFaWeight: bits must be an integer in [1, 16], got {bits!r}")
-        self.precision = bits
-
-    @property
-    def levels(self) -> int:
-        return 2**self.precision - 1
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        # 2 round(n r) / n - 1, as (2 i - n) / n: levels exactly symmetric around 0 (-l == l')
-        return self.integer_levels(w) / self.levels
-
-    def integer_levels(self, w: torch.Tensor) -> torch.Tensor:
-        """``2 round(n r) - n``: the odd integers in [-n, n] whose ``1 / n`` multiples are ``q(w)``."""
-        t = torch.tanh(w)
-        r = t / (2.0 * t.abs().max().clamp_min(torch.finfo(t.dtype).tiny)) + 0.5
-        n = self.levels
-        return 2.0 * _Round.apply(r * n) - n
-
-    def factor(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(2 i - n, 1 / n)``: odd integer levels and a per-output-channel scale ``1 / n`` (float32),
-        so a layer sums integers exactly and then scales (``q(w)`` equals ``levels / n``)."""
-        channels = w.shape[0] if w.dim() >= 2 else 1
-        return self.integer_levels(w), torch.full((channels,), 1.0 / self.levels, dtype=w.dtype, device=w.device)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.precision}"
+    def integer_factor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(x_int, s)`` with ``q(x) = x_int / s``: integers in ``x``'s dtype (with the gradient of
+        ``s * q(x)``) and their divisor. Layers compute ``conv(x_int, levels) / s``.
+
+        The base has none (it raises); a layer calls it only when defined on (or below) the class
+        that defines ``forward`` (:func:`current_method`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not factor its output into integers")
+
+    def integer_code(self) -> IntegerCode | None:
+        """The integers :meth:`integer_factor` gives, as an :class:`~onebit.quant.IntegerCode`; None
+        (the base): none the packed engine can compute."""
+        return None
+
+    def factor_code(self) -> IntegerCode | None:
+        """The integer levels :meth:`factor` gives, as an :class:`~onebit.quant.IntegerCode`; None (the
+        base): none beyond the +-1 levels ``sign_levels`` declares."""
+        return None

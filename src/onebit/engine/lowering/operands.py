@@ -16,7 +16,6 @@ from onebit.engine.lowering.state import Lowering
 from onebit.engine.lowering.trace import is_sign_threshold
 from onebit.nn import functional as QF
 from onebit.nn.layers import QLinear
-from onebit.quant_lowbit import DoReFaSymmetric
 from onebit.thresholds import batchnorm_sign_thresholds
 
 # -- weights ------------------------------------------------------------------
@@ -51,17 +50,24 @@ def float_layer_tensors(m: nn.Module) -> dict[str, torch.Tensor | None]:
 # -- inputs -------------------------------------------------------------------
 
 
+#: the engine op that computes an input quantizer of each integer code (:class:`onebit.quant.IntegerCode`)
+INTEGER_INPUT_OPS = {"unsigned": "dorefa", "symmetric": "dorefa_sym"}
+
+
+def input_code(q: Any) -> quant.IntegerCode | None:
+    """The integer code of input quantizer ``q`` (:func:`onebit.quant.integer_code_of`) when the
+    engine has an op for it (:data:`INTEGER_INPUT_OPS`), else None."""
+    code = quant.integer_code_of(q)
+    return code if code is not None and code.kind in INTEGER_INPUT_OPS else None
+
+
 def input_kind(q: Any) -> str | None:
     """The engine op that computes input quantizer ``q`` exactly: ``"sign"`` (:func:`onebit.quant.is_sign`),
-    ``"dorefa"`` or ``"dorefa_sym"`` (those classes, or subclasses that override none of their methods:
-    :func:`onebit.quant.computes_as`); None when the engine has none."""
+    ``"dorefa"`` or ``"dorefa_sym"`` (its :func:`input_code`); None when the engine has none."""
     if is_sign_quantizer(q):
         return "sign"
-    if quant.computes_as(q, quant.DoReFa):
-        return "dorefa"
-    if quant.computes_as(q, DoReFaSymmetric):
-        return "dorefa_sym"
-    return None
+    code = input_code(q)
+    return None if code is None else INTEGER_INPUT_OPS[code.kind]
 
 
 def integer_divisor(q: Any) -> float | None:
@@ -75,8 +81,14 @@ def integer_divisor(q: Any) -> float | None:
 
 
 def clip(q: Any) -> float:
-    """``dorefa_sym``'s clip as a float (1.0, unused, for ``dorefa``)."""
-    return float(q.clip_value()) if input_kind(q) == "dorefa_sym" else 1.0
+    """A ``symmetric`` input code's clip as a float (1.0, unused, for ``unsigned``)."""
+    code = input_code(q)
+    return float(code.clip) if code is not None and code.kind == "symmetric" else 1.0
+
+
+def bits(q: Any) -> int:
+    """The bit width of an integer input code (``dorefa``, ``dorefa_sym``)."""
+    return input_code(q).bits
 
 
 def quantize(low: Lowering, node: fx.Node, q: Any, x: str) -> str:
@@ -87,9 +99,9 @@ def quantize(low: Lowering, node: fx.Node, q: Any, x: str) -> str:
         low.sign_source[out] = low.sign_source.get(x, x)  # sign(sign(x)) = sign(x)
         return out
     if kind == "dorefa":
-        return low.emit(f"{node.name}_dorefa", "dorefa", [x], {"bits": int(q.precision)})
+        return low.emit(f"{node.name}_dorefa", "dorefa", [x], {"bits": bits(q)})
     if kind == "dorefa_sym":
-        return low.emit(f"{node.name}_dorefa_sym", "dorefa_sym", [x], {"bits": int(q.precision), "clip": clip(q)})
+        return low.emit(f"{node.name}_dorefa_sym", "dorefa_sym", [x], {"bits": bits(q), "clip": clip(q)})
     why = quant.void_declaration(q)
     raise low.unsupported(node, f"quantizer {type(q).__name__} has no engine op" + (f" ({why})" if why else ""))
 
@@ -126,7 +138,7 @@ def layer_input(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> tuple[str
     divisor = integer_divisor(q)
     if divisor is None or (not isinstance(m, QLinear) and float(m.pad_value) != 0.0):
         return quantize(low, node, q, x), None
-    attrs = {"kind": input_kind(q), "bits": int(q.precision), "clip": clip(q)}
+    attrs = {"kind": input_kind(q), "bits": bits(q), "clip": clip(q)}
     return low.emit(f"{node.name}_int", "quantize_int", [x], attrs), divisor
 
 

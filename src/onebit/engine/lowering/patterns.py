@@ -17,7 +17,6 @@ from onebit.engine.lowering.state import Lowering
 from onebit.engine.lowering.trace import is_sign_threshold
 from onebit.nn import functional as QF
 from onebit.nn.layers import QActivation, QConv2d, QLinear
-from onebit.quant_lowbit import Absmax8, Ternary
 
 
 def is_sign_quantizer(q: Any) -> bool:
@@ -72,11 +71,12 @@ def is_binary_linear(m: nn.Module) -> bool:
 
 
 def is_ternary_linear(m: nn.Module) -> bool:
-    """A linear layer the ``ternary_linear`` kernels run: ``absmax8`` input, ``ternary`` weights."""
+    """A linear layer the ``ternary_linear`` kernels run: 8-bit ``absmax`` input integers
+    (``absmax8``), ``ternary`` weight levels (:class:`onebit.quant.IntegerCode`)."""
     return (
         isinstance(m, QLinear)
-        and quant.computes_as(m.input_quantizer, Absmax8)
-        and quant.computes_as(m.weight_quantizer, Ternary)
+        and quant.integer_code_of(m.input_quantizer) == quant.IntegerCode.absmax(8)
+        and quant.factor_code_of(m.weight_quantizer) == quant.IntegerCode.ternary()
     )
 
 
