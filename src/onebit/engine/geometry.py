@@ -31,12 +31,23 @@ __all__ = [
     "ConvSpec",
     "ConvCall",
     "check_conv",
+    "check_conv_weight",
+    "check_epilogue",
     "check_conv_epilogue",
+    "check_direction",
+    "check_thresholds",
+    "check_threshold_pack",
     "check_threshold_output",
     "check_linear",
     "check_residual",
     "check_pack",
+    "check_pack_features",
+    "check_pack_weights",
     "check_pool_bits",
+    "check_ternary",
+    "check_integer_planes",
+    "check_combine_planes",
+    "check_int",
     "check_tensor",
     "check_per_channel",
 ]
@@ -279,38 +290,100 @@ def check_conv(
             f"input of spatial size {h}x{w} with padding {ph}x{pw} is too small for kernel "
             f"{kh}x{kw} with dilation {dh}x{dw}"
         )
+    check_conv_weight(wp, spec)
+    return ConvCall(spec, n, hp, wpad, oh, ow)
+
+
+def check_conv_weight(wp, spec: ConvSpec) -> None:
+    """``wp`` is the packed weight of ``spec``: int64 ``[C_out, KH, KW, Wg]``, contiguous, on the CPU."""
     check_tensor(wp, "packed weight wp", torch.int64, 4)
     if tuple(wp.shape) != spec.weight_shape:
+        (kh, kw), wg = spec.kernel, spec.words
         raise ValueError(
             f"packed weight wp has shape {list(wp.shape)}: expected [out_channels={spec.out_channels}, KH={kh}, "
             f"KW={kw}, words={wg}]"
         )
-    return ConvCall(spec, n, hp, wpad, oh, ow)
 
 
 def check_conv_epilogue(
     call: ConvCall, scale=None, bias=None, residual=None, bn_scale=None, bn_shift=None, bn_fma=False
 ) -> None:
-    """Check the per-channel tensors and the shortcut of a float-output binary convolution."""
-    co = call.spec.out_channels
+    """Check the per-channel tensors (:func:`check_epilogue`) and the shortcut of a float-output binary
+    convolution."""
+    check_epilogue(call.spec.out_channels, scale, bias, bn_scale, bn_shift, bn_fma)
+    if residual is not None:
+        check_residual(residual, call.output_shape)
+
+
+def check_epilogue(channels: int, scale=None, bias=None, bn_scale=None, bn_shift=None, bn_fma=False) -> None:
+    """The epilogue ``(acc * scale + bias) * bn_scale + bn_shift`` of a float output: each tensor optional,
+    float32 ``[channels]``; ``bn_scale`` and ``bn_shift`` together; ``bn_fma`` a bool."""
     for t, name in ((scale, "scale"), (bias, "bias")):
         if t is not None:
-            check_per_channel(t, name, torch.float32, co)
+            check_per_channel(t, name, torch.float32, channels)
     if (bn_scale is None) != (bn_shift is None):
         raise ValueError("bn_scale and bn_shift go together: give both or neither")
     if not isinstance(bn_fma, bool):
         raise ValueError(f"bn_fma must be a bool, got {type(bn_fma).__name__}")
     for t, name in ((bn_scale, "bn_scale"), (bn_shift, "bn_shift")):
         if t is not None:
-            check_per_channel(t, name, torch.float32, co)
-    if residual is not None:
-        check_residual(residual, call.output_shape)
+            check_per_channel(t, name, torch.float32, channels)
 
 
 def check_residual(residual, shape) -> None:
     check_tensor(residual, "residual", torch.float32, 4, contiguous=False)
     if tuple(residual.shape) != tuple(shape):
         raise ValueError(f"residual must have the output's shape {list(shape)}, got {list(residual.shape)}")
+
+
+def check_direction(direction, channels: int | None = None, *, values: bool = True) -> torch.Tensor:
+    """The per-channel direction of a threshold as int8: ``+1`` (negative iff ``acc < thr``) or ``-1``
+    (negative iff ``acc > thr``). int8 as given, bool as "negate above" (True = -1), other integers
+    when each is +1 or -1. ``channels``: check the shape ``[channels]`` too. ``values=False`` leaves the
+    values of an int8 tensor to the native kernel, which checks each as it reads it (no extra pass)."""
+    if not isinstance(direction, torch.Tensor):
+        raise ValueError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
+    dtype = direction.dtype
+    if dtype == torch.bool:
+        direction = torch.where(direction, -1, 1).to(torch.int8)
+    elif dtype.is_floating_point or dtype.is_complex:
+        raise ValueError(f"direction must be int8 (+1 / -1) or bool (negate_above), got {dtype}")
+    elif dtype != torch.int8 or values:
+        wrong = (direction != 1) & (direction != -1)
+        if wrong.any():
+            i = int(wrong.flatten().nonzero()[0])
+            raise ValueError(f"direction must hold only +1 and -1, got direction[{i}] = {int(direction.flatten()[i])}")
+        direction = direction.to(torch.int8)
+    if channels is not None:
+        check_per_channel(direction, "direction", torch.int8, channels)
+    return direction
+
+
+def check_thresholds(
+    thresholds, direction, channels: int | None = None, *, values: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int32 thresholds, int8 direction)`` of a thresholded output (channel ``c`` negative iff
+    ``acc < thresholds[c]`` for direction +1, ``acc > thresholds[c]`` for -1): integer thresholds,
+    clamped to int32 (``|acc| <= 2^24``: no decision changes); the direction by :func:`check_direction`.
+    ``channels``: check both shapes ``[channels]`` too."""
+    if not isinstance(thresholds, torch.Tensor):
+        raise ValueError(f"thresholds must be a torch.Tensor, got {type(thresholds).__name__}")
+    dtype = thresholds.dtype
+    if dtype != torch.int32:
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise ValueError(f"thresholds must be integers (int32), got {dtype}")
+        thresholds = thresholds.clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    if channels is not None:
+        check_per_channel(thresholds, "thresholds", torch.int32, channels)
+    return thresholds, check_direction(direction, channels, values=values)
+
+
+def check_threshold_pack(acc, thresholds, direction) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`check_thresholds` of thresholding the accumulators ``acc [N, C, H, W]`` (any real dtype)."""
+    if not isinstance(acc, torch.Tensor) or acc.dim() != 4 or acc.device.type != "cpu":
+        got = f"shape {list(acc.shape)} on {acc.device}" if isinstance(acc, torch.Tensor) else type(acc).__name__
+        raise ValueError(f"acc must be a CPU tensor [N, C, H, W], got {got}")
+    return check_thresholds(thresholds, direction, acc.shape[1])
 
 
 def check_threshold_output(call: ConvCall, out_padding, out_pad_value, out_groups) -> tuple:
@@ -342,6 +415,33 @@ def check_linear(xp, wp, in_features) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------------
+# ternary weights x int8 activations (BitLinear)
+
+
+def check_ternary(x, wp, in_features, dtype: torch.dtype, scale=None, bias=None) -> tuple[int, int, int]:
+    """``(N, F, Out)`` of a ternary linear layer: ``x`` ``[N, F]`` of ``dtype`` (float32 tokens, or their
+    int8 integers), ``wp`` the uint8 ``[Out, ceil(F / 4)]`` 2-bit weight, optional float32 ``[Out]``
+    ``scale`` and ``bias``."""
+    f = check_int(in_features, "in_features", 1)
+    check_tensor(wp, "packed ternary weight wp", torch.uint8, 2)
+    row = (f + 3) // 4
+    if wp.shape[1] != row or wp.shape[0] < 1:
+        raise ValueError(
+            f"packed ternary weight wp has shape {list(wp.shape)}: expected [Out >= 1, {row}] "
+            f"(four 2-bit codes a byte) for {f} input features"
+        )
+    check_tensor(x, "input x", dtype, 2, contiguous=False)
+    if x.shape[1] != f:
+        raise ValueError(
+            f"ternary_linear: expected {dtype} [N, {f}] input x, got shape {list(x.shape)} "
+            f"(expected [N, in_features={f}])"
+        )
+    out = wp.shape[0]
+    check_epilogue(out, scale, bias)
+    return x.shape[0], f, out
+
+
+# ---------------------------------------------------------------------------
 # packing and bit max pooling
 
 
@@ -357,6 +457,64 @@ def check_pack(x, padding, pad_value, groups) -> tuple:
     if c % g:
         raise ValueError(f"groups={g} must divide the {c} channels of x")
     return (n, h + 2 * ph, w + 2 * pw, g, words_for(c // g)), ph, pw, pad, g
+
+
+def check_pack_features(x) -> tuple[int, int]:
+    """``(N, F)`` of packing float32 features ``x [N, F]`` (any strides)."""
+    check_tensor(x, "x", torch.float32, 2, contiguous=False)
+    return x.shape[0], x.shape[1]
+
+
+def check_pack_weights(w, groups) -> int:
+    """The groups of packing the signs of float32 weights ``w``: ``[C_out, C_in / G, KH, KW]`` with
+    ``G`` dividing ``C_out``, or a linear ``[Out, F]`` (one group)."""
+    check_tensor(w, "w", torch.float32, contiguous=False)
+    g = check_int(groups, "groups", 1)
+    if w.dim() == 2:
+        if g != 1:
+            raise ValueError("a 2-D (linear) weight has no groups")
+        return g
+    if w.dim() != 4:
+        raise ValueError(f"w must be [C_out, C_in / groups, KH, KW] or [Out, F], got shape {list(w.shape)}")
+    if w.shape[0] % g:
+        raise ValueError(f"groups={g} must divide the {w.shape[0]} output channels of w")
+    return g
+
+
+def check_integer_planes(x, padding, groups, bits, symmetric, clip) -> tuple:
+    """``(shape, ph, pw)`` of packing the ``bits`` +-1 planes of a k-bit quantizer's level indices of
+    float32 ``x [N, C, H, W]``: ``[N, H + 2 ph, W + 2 pw, bits * G, Wg]``, ``Wg = words_for(C / G)``."""
+    check_tensor(x, "x", torch.float32, 4, contiguous=False)
+    ph, pw = _non_negative_pair(padding, "padding")
+    g = check_int(groups, "groups", 1)
+    if not _is_int(bits) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    if symmetric and not clip > 0:
+        raise ValueError(f"clip must be positive, got {clip!r}")
+    n, c, h, w = x.shape
+    if c % g:
+        raise ValueError(f"groups={g} must divide the {c} channels of x")
+    return (n, h + 2 * ph, w + 2 * pw, bits * g, words_for(c // g)), ph, pw
+
+
+def check_combine_planes(y, coeff, act_planes, groups, weight_planes, exact_divisor) -> tuple[int, int, int, int]:
+    """``[N, C_out, OH, OW]`` of combining the int32 output ``y`` (channels_last ``[N, P_a G P_w Cog, OH, OW]``)
+    of a stacked bit-plane conv with the int32 ``coeff [P_a * P_w]`` of its plane pairs."""
+    pa = check_int(act_planes, "act_planes", 1)
+    g = check_int(groups, "groups", 1)
+    pw = check_int(weight_planes, "weight_planes", 1)
+    check_int(exact_divisor, "exact_divisor", 1)
+    check_tensor(y, "y", torch.int32, 4, contiguous=False)
+    n, stacked, oh, ow = y.shape
+    if stacked % (pa * g * pw) or not y.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(
+            f"y must be the stacked bit-plane conv's int32 output in channels_last memory, [N, {pa} x {g} x {pw} "
+            f"x C_out / groups, OH, OW], got shape {list(y.shape)} and strides {y.stride()}"
+        )
+    check_tensor(coeff, "coeff", torch.int32, 1)
+    if coeff.shape[0] != pa * pw:
+        raise ValueError(f"coeff must have shape [{pa * pw}] (one per plane pair), got {list(coeff.shape)}")
+    return n, g * (stacked // (pa * g * pw)), oh, ow
 
 
 @dataclass(frozen=True)

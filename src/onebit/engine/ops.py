@@ -1,10 +1,12 @@
-"""The engine's kernel entry points, dispatched to the native kernels or the torch reference.
+"""The engine's ops: one entry per op, run by the native kernels or by the pure-torch reference.
 
-:class:`~onebit.engine.PackedModel` calls only the functions of this module. Each runs the
-native kernel of :mod:`onebit.engine.kernels` when it is available and the backend is
-``"auto"`` or ``"native"``, else :mod:`onebit.engine.reference`. Both paths check their
-arguments with :mod:`onebit.engine.geometry` first (shapes, dtypes, words per pixel, output
-size), so that a wrong input is the same ``ValueError`` on either and never reaches a kernel.
+A packed model calls only the functions of this module. Each runs the native implementation of
+:mod:`onebit.engine.kernels` when it is available and the backend is ``"auto"`` or ``"native"``;
+otherwise it checks its arguments with :mod:`onebit.engine.geometry` and runs
+:mod:`onebit.engine.reference`. The native implementation checks with the same functions (once per
+shape), so that a wrong input is the same ``ValueError`` on either path and never reaches a kernel.
+:func:`conv_layer` binds a binary conv's constant operands for the native path (``kernels.ConvLayer``),
+:func:`weight_cache` keeps a layer's prepared weights between native calls.
 
 ``use_backend("reference")`` (a context manager, per thread/task) forces the
 portable reference, e.g. to compare the two; the environment variable
@@ -25,7 +27,10 @@ from onebit.engine import geometry, reference
 __all__ = [
     "use_backend",
     "backend",
+    "backend_is_native",
     "native_available",
+    "weight_cache",
+    "conv_layer",
     "pack_activations",
     "pack_features",
     "pack_weights",
@@ -36,6 +41,7 @@ __all__ = [
     "binary_linear",
     "binary_linear_int",
     "binary_linear_threshold",
+    "max_pool_bits",
     "pack_ternary_weights",
     "ternary_linear",
     "ternary_linear_int",
@@ -95,6 +101,13 @@ def backend_is_native() -> bool:
     return _mode() != "reference" and _native() is not None
 
 
+def weight_cache():
+    """A cache for one layer's prepared weights (see ``kernels.binary_conv2d_int``),
+    or None without the native kernels."""
+    native = _native()
+    return native.WeightCache() if native is not None else None
+
+
 def conv_layer(wp, **kwargs):
     """A binary conv with its constant operands bound (``kernels.ConvLayer``), or None without the native kernels."""
     native = _native()
@@ -115,10 +128,12 @@ def _impl(name: str):
 
 
 # ---------------------------------------------------------------------------
-# entry points
+# the ops: native, or checked (geometry) and run by the reference
 
 
 def pack_activations(x: torch.Tensor, padding=(0, 0), pad_value: float = 0.0, groups: int = 1) -> torch.Tensor:
+    """float32 ``[N, C, H, W]`` -> packed int64 ``[N, H + 2 ph, W + 2 pw, G, Wg]`` (``pad_value`` -1.0: padded
+    taps -1, else +1)."""
     native = _impl("pack_activations")
     if native is not None:
         return native(x, padding, pad_value, groups)
@@ -127,18 +142,22 @@ def pack_activations(x: torch.Tensor, padding=(0, 0), pad_value: float = 0.0, gr
 
 
 def pack_features(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``[N, F]`` -> packed int64 ``[N, ceil(F / 64)]``."""
     native = _impl("pack_features")
     if native is not None:
         return native(x)
-    geometry.check_tensor(x, "x", torch.float32, 2, contiguous=False)
+    geometry.check_pack_features(x)
     return reference.pack_features(x)
 
 
 def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """Signs of float32 weights, packed (``[C_out, KH, KW, Wg]``, or ``[Out, Wg]`` for a 2-D weight)."""
+    """Signs of weights (as float32), packed: ``[C_out, KH, KW, Wg]``, or ``[Out, Wg]`` for a 2-D weight."""
     w = w.detach().to(torch.float32)
     native = _impl("pack_weights")
-    return (native or reference.pack_weights)(w, groups).contiguous()
+    if native is not None:
+        return native(w, groups).contiguous()
+    geometry.check_pack_weights(w, groups)
+    return reference.pack_weights(w, groups).contiguous()
 
 
 def _reference_input(x: torch.Tensor, wp: torch.Tensor, conv: dict) -> tuple[torch.Tensor, geometry.ConvCall]:
@@ -151,15 +170,9 @@ def _reference_input(x: torch.Tensor, wp: torch.Tensor, conv: dict) -> tuple[tor
     return x, call
 
 
-def weight_cache():
-    """A cache for one layer's prepared weights (see ``kernels.binary_conv2d_int``),
-    or None without the native kernels."""
-    native = _native()
-    return native.WeightCache() if native is not None else None
-
-
 def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, *, cache=None, **conv) -> torch.Tensor:
-    """``xp``: packed activations, or the float32 input (packed in the same call)."""
+    """int32 ``[N, C_out, OH, OW]`` ``acc = sum sign(x) sign(w)`` over each window (padded taps worth
+    ``pad_value``); ``xp``: packed activations, or the float32 input (packed in the same call)."""
     native = _impl("binary_conv2d_int")
     if native is not None:
         return native(xp, wp, cache=cache, **conv)
@@ -170,7 +183,8 @@ def binary_conv2d_int(xp: torch.Tensor, wp: torch.Tensor, *, cache=None, **conv)
 def binary_conv2d(
     xp, wp, *, scale=None, bias=None, residual=None, cache=None, bn_scale=None, bn_shift=None, bn_fma=False, **conv
 ) -> torch.Tensor:
-    """``acc * scale + bias`` (then ``* bn_scale + bn_shift``) ``(+ residual)``; ``xp`` packed, or the float32 input."""
+    """float32 ``acc * scale + bias`` (then ``* bn_scale + bn_shift``, one rounding with ``bn_fma``)
+    ``(+ residual)``; ``xp`` packed, or the float32 input."""
     native = _impl("binary_conv2d")
     if native is not None:
         return native(
@@ -197,6 +211,8 @@ def binary_conv2d(
 def binary_conv2d_threshold(
     xp, wp, *, thresholds, direction, out_padding=(0, 0), out_pad_value=0.0, out_groups=1, cache=None, **conv
 ) -> torch.Tensor:
+    """Packed signs of the thresholded accumulators (bit set iff ``acc < thr`` for direction +1, ``acc > thr``
+    for -1), padded for the next layer: ``[N, OH + 2 oph, OW + 2 opw, out_groups, Wg]``."""
     native = _impl("binary_conv2d_threshold")
     if native is not None:
         return native(
@@ -212,6 +228,7 @@ def binary_conv2d_threshold(
         )
     xp, call = _reference_input(xp, wp, conv)
     _, oph, opw, _, og = geometry.check_threshold_output(call, out_padding, out_pad_value, out_groups)
+    thresholds, direction = geometry.check_thresholds(thresholds, direction, call.spec.out_channels)
     return reference.binary_conv2d_threshold(
         xp,
         wp,
@@ -230,23 +247,13 @@ def threshold_pack(acc, thresholds, direction, *, out_padding=(0, 0), out_pad_va
     Bit set (-1) iff ``acc < thr`` (direction +1) or ``acc > thr`` (direction -1): the
     comparison runs in torch, the packing on the native kernel when available.
     """
-    if _impl("pack_activations") is None:
-        return reference.threshold_pack(
-            acc,
-            thresholds,
-            direction,
-            out_padding=geometry.pair(out_padding, "out_padding"),
-            out_pad_value=out_pad_value,
-            out_groups=out_groups,
-        )
-    shape = (1, -1, 1, 1)
-    thr = thresholds.view(shape).to(acc.dtype)  # |thr| <= K + 1 < 2**24: exact in float32
-    negative = torch.where((direction > 0).view(shape), acc < thr, acc > thr)
-    signs = torch.where(negative, -1.0, 1.0)
+    thresholds, direction = geometry.check_threshold_pack(acc, thresholds, direction)
+    signs = reference.threshold_signs(acc, thresholds, direction)
     return pack_activations(signs, out_padding, out_pad_value, out_groups)
 
 
 def binary_linear_int(xp, wp, *, in_features: int) -> torch.Tensor:
+    """int32 ``[N, Out]`` ``acc = in_features - 2 popcount(x xor w)`` of packed ``[N, Wg]`` and ``[Out, Wg]``."""
     native = _impl("binary_linear_int")
     if native is not None:
         return native(xp, wp, in_features=in_features)
@@ -255,10 +262,12 @@ def binary_linear_int(xp, wp, *, in_features: int) -> torch.Tensor:
 
 
 def binary_linear(xp, wp, *, in_features: int, scale=None, bias=None) -> torch.Tensor:
+    """float32 ``[N, Out]`` ``= acc * scale + bias``."""
     native = _impl("binary_linear")
     if native is not None:
         return native(xp, wp, in_features=in_features, scale=scale, bias=bias)
-    geometry.check_linear(xp, wp, in_features)
+    _, out, _ = geometry.check_linear(xp, wp, in_features)
+    geometry.check_epilogue(out, scale, bias)
     return reference.binary_linear(xp, wp, in_features=in_features, scale=scale, bias=bias)
 
 
@@ -267,7 +276,8 @@ def binary_linear_threshold(xp, wp, *, in_features: int, thresholds, direction) 
     native = _impl("binary_linear_threshold")
     if native is not None:
         return native(xp, wp, in_features=in_features, thresholds=thresholds, direction=direction)
-    geometry.check_linear(xp, wp, in_features)
+    _, out, _ = geometry.check_linear(xp, wp, in_features)
+    thresholds, direction = geometry.check_thresholds(thresholds, direction, out)
     return reference.binary_linear_threshold(
         xp, wp, in_features=in_features, thresholds=thresholds, direction=direction
     )
@@ -276,24 +286,10 @@ def binary_linear_threshold(xp, wp, *, in_features: int, thresholds, direction) 
 def max_pool_bits(xp, or_mask, pad_words, **pool) -> torch.Tensor:
     """Max pooling of thresholded accumulators on their packed bits (see :func:`reference.max_pool_bits`)."""
     native = _impl("max_pool_bits")
-    if native is not None:  # checks its own arguments
+    if native is not None:
         return native(xp, or_mask, pad_words, **pool)
     geometry.check_pool_bits(xp, or_mask, pad_words, **pool)
     return reference.max_pool_bits(xp, or_mask, pad_words, **pool)
-
-
-# ---------------------------------------------------------------------------
-# ternary weights x int8 activations (BitLinear)
-
-
-def _check_ternary(x, wp, in_features: int, dtype: torch.dtype) -> None:
-    row = reference.ternary_row_bytes(in_features)
-    if not isinstance(wp, torch.Tensor) or wp.dtype != torch.uint8 or wp.dim() != 2 or wp.shape[1] != row:
-        got = f"{wp.dtype} {list(wp.shape)}" if isinstance(wp, torch.Tensor) else type(wp).__name__
-        raise ValueError(f"ternary_linear: expected packed uint8 [Out, {row}] weights, got {got}")
-    if not isinstance(x, torch.Tensor) or x.dtype != dtype or x.dim() != 2 or x.shape[1] != in_features:
-        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"ternary_linear: expected {dtype} [N, {in_features}] input, got {got}")
 
 
 def pack_ternary_weights(levels: torch.Tensor) -> torch.Tensor:
@@ -302,10 +298,11 @@ def pack_ternary_weights(levels: torch.Tensor) -> torch.Tensor:
 
 
 def ternary_linear_int(x, wp, *, in_features: int) -> torch.Tensor:
+    """int32 ``[N, Out]`` ``= x @ levels.T`` of int8 ``x`` ``[N, F]`` and 2-bit ternary weights."""
     native = _impl("ternary_linear_int")
     if native is not None:
         return native(x, wp, in_features=in_features)
-    _check_ternary(x, wp, in_features, torch.int8)
+    geometry.check_ternary(x, wp, in_features, torch.int8)
     return reference.ternary_linear_int(x, wp, in_features=in_features)
 
 
@@ -315,5 +312,5 @@ def ternary_linear(x, wp, *, in_features: int, scale=None, bias=None) -> torch.T
     native = _impl("ternary_linear")
     if native is not None:
         return native(x, wp, in_features=in_features, scale=scale, bias=bias)
-    _check_ternary(x, wp, in_features, torch.float32)
+    geometry.check_ternary(x, wp, in_features, torch.float32, scale, bias)
     return reference.ternary_linear(x, wp, in_features=in_features, scale=scale, bias=bias)

@@ -5,6 +5,7 @@ Every function here has the signature and result of its native twin in
 SWAR popcount on int64 words), independently of the float convolution the
 simulated model uses. The packed engine runs on these when the native kernels
 are not available or when asked to (``onebit.engine.ops.use_backend("reference")``).
+The arguments are checked before, by :mod:`onebit.engine.ops` (with :mod:`onebit.engine.geometry`).
 
 Bit convention (see ``csrc/kernels/pack.h``): bit set = -1 (``x < 0``), bit clear = +1,
 so sign(0) = +1 and NaN packs as +1. Channel ``c`` of group ``g`` lives in word
@@ -25,21 +26,20 @@ import torch
 import torch.nn.functional as F
 
 from onebit.bits import pack_bits as _pack_bits
-from onebit.bits import unpack_bits as _unpack_bits
 from onebit.bits import words_for
-from onebit.engine.geometry import PoolSpec, check_conv, conv_output_size, pair, pool_output_size
+from onebit.engine.geometry import PoolSpec, conv_output_size, pair, pool_output_size
 from onebit.engine.geometry import used_bits as _used_bit_words
-from onebit.thresholds import Thresholds
 
 __all__ = [
     "words_for",
     "pack_activations",
     "pack_weights",
     "pack_features",
-    "unpack_activations",
     "binary_conv2d_int",
     "binary_conv2d",
     "binary_conv2d_threshold",
+    "threshold_negative",
+    "threshold_signs",
     "threshold_pack",
     "binary_linear_int",
     "binary_linear",
@@ -81,8 +81,6 @@ def pack_activations(
     """
     n, c, h, w = x.shape
     ph, pw = _pair(padding)
-    if c % groups:
-        raise ValueError(f"pack_activations: {c} channels are not divisible into {groups} groups")
     bits = x < 0
     if ph or pw:
         bits = F.pad(bits, (pw, pw, ph, ph), value=bool(pad_value < 0))
@@ -105,14 +103,6 @@ def pack_weights(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return _pack_bits((w < 0).permute(0, 2, 3, 1))
 
 
-def unpack_activations(xp: torch.Tensor, channels: int) -> torch.Tensor:
-    """int64 ``[N, Hp, Wp, G, Wg]`` -> float32 +-1 ``[N, channels, Hp, Wp]`` (padding included)."""
-    n, hp, wp, g, _ = xp.shape
-    bits = _unpack_bits(xp, channels // g)  # [N, Hp, Wp, G, C/G]
-    signs = torch.where(bits, -1.0, 1.0).reshape(n, hp, wp, channels)
-    return signs.permute(0, 3, 1, 2).contiguous()
-
-
 def binary_conv2d_int(
     xp: torch.Tensor,
     wp: torch.Tensor,
@@ -131,22 +121,10 @@ def binary_conv2d_int(
     ``acc = sum sign(x) * sign(w)`` over the window, with padded taps worth ``pad_value``
     (for 0, the +1 the padded bits hold is subtracted back exactly).
     """
-    call = check_conv(
-        xp,
-        wp,
-        in_channels,
-        out_channels,
-        _pair(kernel_size),
-        _pair(stride),
-        _pair(padding),
-        _pair(dilation),
-        groups,
-        pad_value,
-    )
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = call.spec.kernel, call.spec.stride, call.spec.padding, call.spec.dilation
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
     n, hp, wpad, g, wg = xp.shape
     h, w = hp - 2 * ph, wpad - 2 * pw
-    oh, ow = call.oh, call.ow
+    oh, ow = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     cog = out_channels // groups
     cig = in_channels // groups
     k = cig * kh * kw
@@ -187,6 +165,25 @@ def binary_conv2d(
     return y
 
 
+def threshold_negative(acc: torch.Tensor, thresholds: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """bool, ``acc``'s shape (channels in dimension 1): True (the sign -1) iff ``acc < thr`` (direction
+    +1) or ``acc > thr`` (direction -1). Compared in ``acc``'s float dtype (``|thr| <= K + 1 < 2^24``:
+    exact; a NaN is never negative) or in int64 for integer accumulators."""
+    shape = [1] * acc.dim()
+    shape[1] = -1
+    thr = thresholds.view(shape)
+    if acc.is_floating_point():
+        thr = thr.to(acc.dtype)
+    else:
+        acc, thr = acc.to(torch.int64), thr.to(torch.int64)
+    return torch.where((direction > 0).view(shape), acc < thr, acc > thr)
+
+
+def threshold_signs(acc: torch.Tensor, thresholds: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """float32 +-1 of :func:`threshold_negative` (-1 where it is True)."""
+    return torch.where(threshold_negative(acc, thresholds, direction), -1.0, 1.0)
+
+
 def threshold_pack(
     acc: torch.Tensor,
     thresholds: torch.Tensor,
@@ -200,8 +197,7 @@ def threshold_pack(
 
     Bit set (-1) iff ``acc < thr`` (direction +1) or ``acc > thr`` (direction -1).
     """
-    rule = Thresholds(thresholds.to(torch.int32), direction.to(torch.int32))
-    return pack_activations(rule.sign(acc, channel_dim=1), out_padding, out_pad_value, out_groups)
+    return pack_activations(threshold_signs(acc, thresholds, direction), out_padding, out_pad_value, out_groups)
 
 
 def fused_multiply_add(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -271,8 +267,7 @@ def binary_linear_threshold(
 ) -> torch.Tensor:
     """Packed int64 ``[N, ceil(Out/64)]``: bit set iff ``acc < thr`` (direction +1) or ``acc > thr`` (-1)."""
     acc = binary_linear_int(xp, wp, in_features=in_features)
-    rule = Thresholds(thresholds.to(torch.int32), direction.to(torch.int32))
-    return _pack_bits(rule.negative(acc, channel_dim=1))
+    return _pack_bits(threshold_negative(acc, thresholds, direction))
 
 
 _POOL_INDEX: dict[tuple, torch.Tensor] = {}
@@ -349,8 +344,6 @@ def max_pool_bits(
     pool = PoolSpec(_pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation), bool(ceil_mode))
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = pool.kernel, pool.stride, pool.padding, pool.dilation
     oh, ow = pool.output_size(h, w)
-    if oh < 1 or ow < 1:
-        raise ValueError(f"max_pool_bits: input {h}x{w} is too small for pooling window {kh}x{kw}")
     flip = (used_bits(channels // g, wg).view(1, wg) & ~or_mask).reshape(1, 1, g * wg)  # the AND channels
     if (kh, kw) == (sh, sw) and ph == pw == 0 and dh == dw == 1 and h % kh == 0 and w % kw == 0:
         # non-overlapping windows tiling the image: a view, no gather

@@ -1,0 +1,69 @@
+"""Native max pooling of thresholded accumulators on their packed bits (custom op ``onebit::max_pool_bits``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from onebit import _C
+from onebit.engine.geometry import check_pool_bits, pair
+from onebit.engine.kernels.registry import custom_op, direct
+
+__all__ = ["max_pool_bits"]
+
+
+def _max_pool_bits_impl(
+    xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels
+):
+    shape, numbers = check_pool_bits(
+        xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels
+    )
+    xp, or_mask, pad_words = xp.contiguous(), or_mask.contiguous(), pad_words.contiguous()
+    out = torch.empty(shape, dtype=torch.int64)
+    if out.numel():
+        _C.max_pool_bits_raw(xp.data_ptr(), or_mask.data_ptr(), pad_words.data_ptr(), out.data_ptr(), *numbers)
+    return out
+
+
+def _max_pool_bits_fake(xp, or_mask, pad_words, *args):
+    shape, *_ = check_pool_bits(xp, or_mask, pad_words, *args)
+    return xp.new_empty(shape, dtype=torch.int64)
+
+
+custom_op(
+    "max_pool_bits",
+    "(Tensor xp, Tensor or_mask, Tensor pad_words, SymInt[] kernel_size, SymInt[] stride, SymInt[] padding, "
+    "SymInt[] dilation, bool ceil_mode, SymInt[] out_padding, SymInt channels) -> Tensor",
+    _max_pool_bits_impl,
+    _max_pool_bits_fake,
+)
+
+
+def max_pool_bits(
+    xp: torch.Tensor,
+    or_mask: torch.Tensor,
+    pad_words: torch.Tensor,
+    *,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+    dilation: int | Sequence[int],
+    ceil_mode: bool,
+    out_padding: int | Sequence[int],
+    channels: int,
+) -> torch.Tensor:
+    """Max pooling of thresholded accumulators on their packed bits ``[N, H, W, G, Wg]``: the AND of
+    the window's bits for direction +1, the OR for direction -1 (bits set in ``or_mask [G, Wg]``);
+    padded window positions take no part; ``out_padding`` border pixels are ``pad_words [G, Wg]``.
+    Bit for bit :func:`onebit.engine.reference.max_pool_bits`, in one native loop."""
+    args = (xp, or_mask, pad_words, kernel_size, stride, padding, dilation, bool(ceil_mode), out_padding, int(channels))
+    if direct(xp, or_mask, pad_words):
+        return _max_pool_bits_impl(*args)
+    pairs = [
+        list(pair(v, name))
+        for v, name in ((kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation"))
+    ]
+    return torch.ops.onebit.max_pool_bits(
+        xp, or_mask, pad_words, *pairs, bool(ceil_mode), list(pair(out_padding, "out_padding")), int(channels)
+    )
