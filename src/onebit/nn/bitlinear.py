@@ -5,7 +5,7 @@
     x_n   = x / sqrt(mean(x^2) + eps)                  (over the features; no learnable gain)
     s     = 127 / max(max|x_n|, 1e-5)                  (per token)
     x_int = clamp(round(x_n * s), -128, 127)
-    gamma = mean|W|,  levels = clamp(round(W / gamma), -1, 1)    (onebit.quant_lowbit.Ternary)
+    gamma = mean|W|,  levels = clamp(round(W / gamma), -1, 1)    (onebit.quant.Ternary)
     y     = (x_int @ levels.T) / s * gamma + bias
 
 The integer sum is exact (``|x_int| <= 128``, levels in {-1, 0, +1}); the three float32
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from onebit.nn import functional as QF
 from onebit.nn.layers import QLinear
-from onebit.quant_lowbit import Absmax8, Ternary
+from onebit.quant import Absmax8, Ternary
 
 __all__ = ["BitLinear"]
 
