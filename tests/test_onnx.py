@@ -7,6 +7,7 @@ multiples of 1/4, BatchNorm means off the grid) so that every float op is exact 
 summation order and no sign sits within rounding of 0: the whole output is bit-identical.
 """
 
+import re
 import subprocess
 import sys
 import warnings
@@ -643,3 +644,56 @@ def test_onnxruntime_errors_are_one_line_input_errors(tmp_path):
         runner(torch.zeros(3))
     with pytest.raises(TypeError, match="float32"):
         runner(torch.zeros(3, 3, dtype=torch.float64))
+
+
+class Tokens(nn.Module):
+    """A features-last model ([N, ..., F], read by linear layers only): BitLinear, a sign-input QLinear
+    (which runs in float on a rank-3 input), activations, BitLinear."""
+
+    def __init__(self):
+        super().__init__()
+        from onebit.nn import BitLinear
+
+        self.embed = BitLinear(8, 16, norm=False, bias=True)
+        self.mix = QLinear(16, 12, **SIGN)
+        self.head = BitLinear(12, 5, norm=False)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.hardtanh(self.mix(torch.relu(self.embed(x)))))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 3, 4, 8)])
+def test_a_features_last_input_exports_bit_identical_at_the_examples_shape(shape, tmp_path):
+    """A graph input with channel_dim -1 ([N, ..., F]): every op reads the last dimension as the
+    engine does, so the file gives the packed model's output bit for bit; its dimensions but the
+    batch are the example's, and an input of another length is one InputError naming both shapes."""
+    model = on_grid(Tokens(), 2)
+    x = integer_input(*shape, seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", engine.FallbackWarning)
+        packed = engine.pack(model, x)
+    assert packed.graph["input"]["channel_dim"] == -1
+    path = tmp_path / "tokens.onnx"
+    onebit.export_onnx(packed, x, path)
+    got, expected = run_onnx(path, x), packed(x)
+    assert got.shape == expected.shape == (*shape[:-1], 5) and torch.equal(got, expected)
+    x2 = integer_input(1, *shape[1:], seed=5)  # another batch size
+    assert torch.equal(run_onnx(path, x2), packed(x2))
+    longer = integer_input(shape[0], shape[1] + 2, *shape[2:], seed=6)
+    assert packed(longer).shape[1] == shape[1] + 2  # the packed model takes any length
+    expects = "[batch, " + ", ".join(str(d) for d in shape[1:]) + "]"
+    with pytest.raises(engine.InputError, match=rf"expected an input of shape {re.escape(expects)}, got \[") as error:
+        load_onnx(path)(longer)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_every_graph_op_has_one_onnx_form_in_one_family_table():
+    """The ONNX forms are tables by op family (binary, quantized, float ops), which together cover the
+    graph's ops once each; their integer-valued kinds name only ops of their own table."""
+    from onebit.engine import graph as G
+    from onebit.engine.onnx import binary, export, floats, quantized
+
+    families = (binary, quantized, floats)
+    ops = [op for family in families for op in family.EMITTERS]
+    assert sorted(ops) == sorted(G.OPS) and set(export.EMITTERS) == set(G.OPS)
+    assert all(set(family.KINDS) <= set(family.EMITTERS) for family in families)

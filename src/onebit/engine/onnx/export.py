@@ -9,9 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+import onebit.engine.onnx.binary as binary
+import onebit.engine.onnx.floats as floats
+import onebit.engine.onnx.quantized as quantized
 from onebit import io
 from onebit.engine import graph as G
-from onebit.engine.onnx import binary, floats, quantized
 from onebit.engine.onnx.builder import onnx_modules
 from onebit.engine.onnx.context import AS_INPUTS, INTEGERS, SIGNS, Emitter, ExportContext
 from onebit.engine.onnx.errors import OnnxExportError
@@ -78,8 +80,9 @@ def export_onnx(
     The model is lowered as :func:`onebit.engine.pack` lowers it (``strict`` as there), so
     binary layers give bit-identical outputs in onnxruntime and float layers equal ones up to
     float rounding. The file takes any batch size, 0 included; ``example_input`` may be an empty
-    batch (its other dimensions fix the graph, a features-last ``[N, ..., F]`` input's too). Written
-    atomically. Raises :class:`OnnxExportError` for an op with no standard-ONNX form at ``opset`` (>= 18).
+    batch. Its other dimensions fix the graph, a features-last ``[N, ..., F]`` input's too (the packed
+    model takes any length there; the file, the example's). Written atomically. Raises
+    :class:`OnnxExportError` for an op with no standard-ONNX form at ``opset`` (>= 18).
     """
     onnx, helper, _ = onnx_modules()
     if not isinstance(opset, int) or opset < DEFAULT_OPSET:
