@@ -21,7 +21,7 @@ from onebit.engine import kernels as K
 from onebit.engine import ops
 from onebit.engine.bitplanes import PlaneCode, bitplane_conv2d_int, stack_weight_planes
 from onebit.nn import QActivation, QConv2d, QLinear
-from onebit.quant_lowbit import DoReFaSymmetric, Ternary
+from onebit.quant import DoReFaSymmetric, Ternary
 
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="the native kernels are not built")
 

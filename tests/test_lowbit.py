@@ -24,7 +24,7 @@ from onebit.engine import kernels as K
 from onebit.engine import ops
 from onebit.engine import reference as R
 from onebit.nn import BitLinear, QLinear
-from onebit.quant_lowbit import Absmax8, DoReFaSymmetric, Ternary
+from onebit.quant import Absmax8, DoReFaSymmetric, Ternary
 
 ISAS = _C.supported_isas()
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -34,7 +34,7 @@ from onebit.engine.graph.schema import (
 from onebit.engine.steps import Step
 from onebit.math import sign
 from onebit.nn.functional import scale_and_bias
-from onebit.quant_lowbit import DoReFaSymmetric
+from onebit.quant import DoReFaSymmetric
 
 
 class DerivedWeights:
