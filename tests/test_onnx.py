@@ -343,8 +343,7 @@ def test_a_float_sum_is_not_rounded_to_an_integer(case, tmp_path):
 
 def _nan_cases():
     from onebit.nn import BitLinear
-    from onebit.quant import DoReFa, DoReFaWeight
-    from onebit.quant import DoReFaSymmetric
+    from onebit.quant import DoReFa, DoReFaSymmetric, DoReFaWeight
 
     conv = lambda **q: QConv2d(2, 3, 3, padding=1, **q)  # noqa: E731
     linear = lambda **q: QLinear(12, 4, **q)  # noqa: E731
