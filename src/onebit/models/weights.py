@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from onebit import io
+from onebit.models.config_file import CONFIG_FILE, read_config
 
 __all__ = [
     "WEIGHTS_FILE",
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 PACKED_FILE = "model.onebit.safetensors"
 CARD_FILE = "README.md"
 HUB_PREFIX = "hf://"
@@ -158,7 +158,7 @@ def fetch_weights(ref: str | os.PathLike) -> Weights:
     if os.path.isdir(text):
         weights_path = os.path.join(text, WEIGHTS_FILE)
         config_path = os.path.join(text, CONFIG_FILE)
-        config = _read_config(config_path, config_path) if os.path.isfile(config_path) else None
+        config = read_config(config_path) if os.path.isfile(config_path) else None
         if not os.path.isfile(weights_path):
             raise FileNotFoundError(
                 f"{weights_path} not found: {text!r} is not a onebit run directory or pushed folder"
@@ -266,35 +266,6 @@ def from_pretrained(ref: str | os.PathLike, **kwargs: Any) -> nn.Module:
 
 
 # -- reading and checking ----------------------------------------------------------------------
-def _read_config(path: str, name: str) -> dict[str, Any]:
-    """A run's or push's ``config.json``, checked for what building its model needs."""
-    meta = io.load_json(path)
-
-    def bad(why: str) -> io.FileFormatError:
-        return io.FileFormatError(f"{name}: {why} (not a onebit run's or push's config.json, or damaged)")
-
-    if not isinstance(meta, dict):
-        raise bad("not a JSON object")
-    for key in ("config", "num_classes", "in_channels", "image_size"):
-        if key not in meta:
-            raise bad(f"missing entry {key!r}")
-    run = meta["config"]
-    if not isinstance(run, dict) or not isinstance(run.get("model"), str):
-        raise bad("entry 'config' has no model name")
-    if not isinstance(run.get("model_kwargs", {}), dict):
-        raise bad("entry 'config.model_kwargs' is not an object")
-    for key in ("num_classes", "in_channels"):
-        value = meta[key]
-        if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 20):
-            raise bad(f"entry {key!r} is not a positive integer: {value!r}")
-    sums = meta.get("sha256")
-    if sums is not None and not (
-        isinstance(sums, dict) and all(isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in sums.values())
-    ):
-        raise bad("entry 'sha256' is not an object of SHA-256 hex digests")
-    return meta
-
-
 def _recorded_sha256(config: dict[str, Any], config_name: str) -> str:
     """The SHA-256 ``config.json`` records for ``model.safetensors``."""
     digest = config["sha256"].get(WEIGHTS_FILE)
@@ -482,7 +453,7 @@ def _fetch_hub(text: str) -> Weights:
     config_name = f"{ref}/{CONFIG_FILE}"
     with open(paths[CONFIG_FILE], "rb") as f:
         _check_digests(config_name, f.read(), expected[CONFIG_FILE])
-    config = _read_config(paths[CONFIG_FILE], config_name)
+    config = read_config(paths[CONFIG_FILE], config_name)
     if "sha256" not in config:
         raise WeightsError(f"{config_name}: records no SHA-256 of the files (not written by `onebit push`)")
     expected[WEIGHTS_FILE][CONFIG_FILE] = _recorded_sha256(config, config_name)

@@ -6,8 +6,14 @@ From the bottom up:
 - ``build``: the config's names (model, dataset, optimizer, schedule) resolved to objects, in one place;
 - ``console``: the run's header, progress bar and :class:`EpochTable`;
 - ``tensorboard``: TensorBoard event files of a run (optional);
+- ``epoch_log``: the header, progress bar, epoch table and TensorBoard log of a run's epochs;
 - ``checkpoint``: the run directory: its files and format, its lock, :func:`load_run`;
-- ``trainer``: :class:`Trainer`, the loop over epochs and steps, stop requests, :func:`train`, :func:`resume`;
+- ``collective``: what a run's processes agree on (rank, sums, the step to stop at);
+- ``batches``, ``loss``, ``update``, ``evaluation``: a step's batch, its loss, the update after it,
+  and the test metrics; ``teacher``: a distilled run's teacher; ``state``: a run's random streams and
+  position; ``stopping``: stop signals and :class:`Interrupted`;
+- ``trainer``: :class:`Trainer`, the loop over epochs and steps, ``state_dict`` / ``load_state_dict``,
+  :func:`train`, :func:`resume`;
 - ``distributed``: the processes of a multi-process run (spawned or under torchrun);
 - ``fit``: :func:`onebit.fit`, the trainer on a user's module and dataset.
 """

@@ -7,17 +7,17 @@ A run directory (written by rank 0 only, every file atomically, no pickle) holds
 - ``model.safetensors``: the model's ``state_dict`` (what :func:`load_run` and ``onebit export`` read);
 - ``checkpoint.safetensors``: the model, optimizer tensors (``optimizer.I.PARAM.KEY``), the
   epoch-start signs for ``flip_ratio`` (``flips.I``) and the torch RNG states (``rng.torch``,
-  ``rng.generator``), with everything else (position, optimizer hyperparameters, scheduler
-  state, numpy, Python and mixup RNG states, history rows) as JSON in the file's metadata
+  ``rng.generator``), with everything else (position, optimizer hyperparameters, scheduler and
+  fp16 loss scaler states, numpy, Python and mixup RNG states, history rows) as JSON in the file's metadata
   (``onebit_checkpoint``): one file, so a checkpoint is never half written;
 - ``history.csv``: the epoch table;
 - ``weights/epoch_NNNN.safetensors``: every layer's weights after each epoch (``onebit plot``);
 - ``.onebit-train.lock``: the lock a trainer holds while it writes the directory.
 
-:func:`save_run`, :func:`checkpoint_state` and :func:`restore_checkpoint` read and write a
-:class:`~onebit.train.Trainer`'s state: ``model``, ``optimizers``, ``scheduler``, ``flips``,
-``generator``, ``mixup_rng``, ``table`` and its position (``epoch``, ``step``, ``global_step``,
-``loss_sum``, ``loss_count``, ``elapsed``).
+A checkpoint is a :meth:`Trainer.state_dict() <onebit.train.Trainer.state_dict>`:
+:func:`encode_checkpoint` / :func:`decode_checkpoint` turn one into the file's tensors and JSON and
+back, :func:`write_run` writes a run's files from one and :func:`read_checkpoint` reads one back.
+This module handles files only; what a state holds, and how it is restored, is the trainer's.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import dataclasses
 import fcntl
 import json
 import os
-import random
 import shutil
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -38,11 +38,10 @@ from torch import nn
 
 from onebit import io
 from onebit.data import DataBundle
+from onebit.models.config_file import CONFIG_FILE, read_config
 from onebit.train.build import create_model
 from onebit.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from onebit.train.trainer import Trainer
+from onebit.train.console import format_value
 
 __all__ = [
     "CHECKPOINT",
@@ -56,16 +55,24 @@ __all__ = [
     "read_run_config",
     "load_run",
     "save_config",
+    "save_history",
+    "write_run",
+    "encode_checkpoint",
+    "decode_checkpoint",
+    "read_checkpoint",
+    "checkpoint_path",
+    "naming_damage",
+    "record_weights",
+    "Resumable",
     "save_run",
     "checkpoint_state",
     "load_checkpoint",
     "restore_checkpoint",
-    "record_weights",
 ]
 
 CHECKPOINT = "checkpoint.safetensors"
 #: the files of a run; a directory holding any of the first three holds a run
-RUN_FILES = ("config.json", "model.safetensors", CHECKPOINT, "history.csv")
+RUN_FILES = (CONFIG_FILE, "model.safetensors", CHECKPOINT, "history.csv")
 #: the directories of a run: the weights after each epoch, TensorBoard's event files
 RUN_DIRECTORIES = ("weights", "tensorboard")
 #: the lock file a trainer holds (flock) while it writes a run directory
@@ -170,37 +177,13 @@ def _take_lock(directory: str) -> int:
 
 # -- reading a run ---------------------------------------------------------------------------
 def read_run_config(directory: str) -> dict[str, Any]:
-    """The checked ``config.json`` of a run directory: ``FileNotFoundError`` when missing,
-    :class:`onebit.io.FileFormatError` naming the file and the entry when damaged."""
-    path = os.path.join(directory, "config.json")
+    """The checked ``config.json`` of a run directory (:func:`onebit.models.config_file.check_config`):
+    ``FileNotFoundError`` when missing, :class:`onebit.io.FileFormatError` naming the file and the
+    entry when damaged."""
+    path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {directory!r} is not a onebit run directory")
-    meta = io.load_json(path)
-
-    def bad(why: str) -> io.FileFormatError:
-        return io.FileFormatError(f"{path}: {why} (not a onebit run's config.json, or damaged)")
-
-    if not isinstance(meta, dict):
-        raise bad("not a JSON object")
-    for key in ("config", "num_classes", "in_channels", "image_size"):
-        if key not in meta:
-            raise bad(f"missing entry {key!r}")
-    cfg = meta["config"]
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), str):
-        raise bad("entry 'config' has no model name")
-    if not isinstance(cfg.get("model_kwargs", {}), dict):
-        raise bad("entry 'config.model_kwargs' is not an object")
-    for key in ("num_classes", "in_channels"):
-        if not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and 1 <= meta[key] <= 1 << 20):
-            raise bad(f"entry {key!r} is not a positive integer: {meta[key]!r}")
-    size = meta["image_size"]
-    if not (
-        isinstance(size, list)
-        and 1 <= len(size) <= 3
-        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in size)
-    ):
-        raise bad(f"entry 'image_size' is not a list of positive integers: {size!r}")
-    return meta
+    return read_config(path)
 
 
 def load_run(directory: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -240,17 +223,20 @@ def save_config(directory: str, config: TrainConfig, data: DataBundle) -> None:
     )
 
 
-def save_run(trainer: Trainer, directory: str) -> None:
-    """Write the run: ``model.safetensors``, ``checkpoint.safetensors``, ``config.json``,
-    ``history.csv`` (each atomically)."""
+def save_history(path: str, history: dict[str, Any]) -> None:
+    """Write ``history.csv``: the epoch table's ``columns`` and ``rows``, as the table prints them."""
+    io.save_csv(path, history["columns"], ([format_value(v) for v in row] for row in history["rows"]))
+
+
+def write_run(directory: str, state: dict[str, Any], config: TrainConfig, data: DataBundle) -> None:
+    """Write the run of a trainer's ``state`` (see :meth:`onebit.train.Trainer.state_dict`):
+    ``model.safetensors``, ``checkpoint.safetensors``, ``config.json``, ``history.csv`` (each atomically)."""
     io.ensure_directory(directory)
-    io.save_tensors(
-        os.path.join(directory, "model.safetensors"), {k: v.cpu() for k, v in trainer.model.state_dict().items()}
-    )
-    tensors, meta = checkpoint_state(trainer)
+    io.save_tensors(os.path.join(directory, "model.safetensors"), {k: v.cpu() for k, v in state["model"].items()})
+    tensors, meta = encode_checkpoint(state)
     io.save_tensors(os.path.join(directory, CHECKPOINT), tensors, metadata={"onebit_checkpoint": json.dumps(meta)})
-    save_config(directory, trainer.config, trainer.data)
-    trainer.table.save(os.path.join(directory, "history.csv"))
+    save_config(directory, config, data)
+    save_history(os.path.join(directory, "history.csv"), state["history"])
 
 
 def record_weights(model: nn.Module, directory: str, epoch: int) -> None:
@@ -261,34 +247,39 @@ def record_weights(model: nn.Module, directory: str, epoch: int) -> None:
     record(model, directory, epoch)
 
 
-def checkpoint_state(trainer: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Everything needed to continue the run exactly: tensors and a JSON-able dict."""
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.cpu() for k, v in trainer.model.state_dict().items()}
-    optimizers = [_optimizer_state(i, opt, tensors) for i, opt in enumerate(trainer.optimizers)]
-    for i, s in enumerate(trainer.flips.signs):
-        tensors[f"flips.{i}"] = s.to(torch.uint8).cpu()
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.generator"] = trainer.generator.get_state()
-    meta = {
-        "epoch": trainer.epoch,
-        "step": trainer.step,
-        "global_step": trainer.global_step,
-        "loss_sum": trainer.loss_sum,
-        "loss_count": trainer.loss_count,
-        "elapsed": trainer.elapsed,
-        "optimizers": optimizers,
-        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
-        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-        "rng": _global_rng_state(trainer.mixup_rng),
-        "history": {"columns": trainer.table.columns, "rows": trainer.table.rows},
-        "world_size": trainer.world_size,
-    }
+# -- the checkpoint file ---------------------------------------------------------------------
+#: a state's entries kept in the file's JSON as they are, in the order written
+_POSITION = ("epoch", "step", "global_step", "loss_sum", "loss_count", "elapsed")
+
+
+def encode_checkpoint(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A trainer's ``state`` as the checkpoint file holds it: CPU tensors by name and a JSON-able dict."""
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.cpu() for k, v in state["model"].items()}
+    optimizers = [_encode_optimizer(i, sd, tensors) for i, sd in enumerate(state["optimizers"])]
+    for i, signs in enumerate(state["flips"]):
+        tensors[f"flips.{i}"] = signs.to(torch.uint8).cpu()
+    rng = state["rng"]
+    tensors["rng.torch"] = rng["torch"]
+    tensors["rng.generator"] = rng["generator"]
+    n, p = rng["numpy"], rng["python"]
+    meta = {key: state[key] for key in _POSITION}
+    meta.update(
+        optimizers=optimizers,
+        scheduler=state["scheduler"],
+        scaler=state["scaler"],
+        rng={
+            "numpy": [n[0], n[1].tolist(), int(n[2]), int(n[3]), float(n[4])],
+            "python": [p[0], list(p[1]), p[2]],
+            "mixup": rng["mixup"],
+        },
+        history=state["history"],
+        world_size=state["world_size"],
+    )
     return tensors, meta
 
 
-def _optimizer_state(i: int, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Optimizer ``i``'s state: its tensors put in ``tensors``, the rest returned as JSON."""
-    sd = optimizer.state_dict()
+def _encode_optimizer(i: int, sd: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Optimizer ``i``'s ``state_dict`` ``sd``: its tensors put in ``tensors``, the rest returned as JSON."""
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in sd["state"].items():
         for key, value in state.items():
@@ -299,53 +290,32 @@ def _optimizer_state(i: int, optimizer: torch.optim.Optimizer, tensors: dict[str
     return {"param_groups": sd["param_groups"], "scalars": scalars, "params": sorted(map(str, sd["state"]))}
 
 
-def _global_rng_state(mixup_rng: np.random.Generator) -> dict[str, Any]:
-    """numpy's and Python's global generator states and the mixup generator's, as JSON."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+def decode_checkpoint(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's state a checkpoint's ``tensors`` and ``meta`` hold (the inverse of
+    :func:`encode_checkpoint`); checkpoints written before the loss scaler was saved have none."""
+    rng, flips = meta["rng"], sum(1 for key in tensors if key.startswith("flips."))
+    n, p = rng["numpy"], rng["python"]
     return {
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "mixup": mixup_rng.bit_generator.state,
+        "model": {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")},
+        "optimizers": [_decode_optimizer(i, saved, tensors) for i, saved in enumerate(meta["optimizers"])],
+        "scheduler": meta["scheduler"],
+        "scaler": meta.get("scaler"),
+        "flips": [tensors[f"flips.{i}"].bool() for i in range(flips)],
+        "rng": {
+            "torch": tensors["rng.torch"],
+            "generator": tensors["rng.generator"],
+            "numpy": (n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]),
+            "python": (p[0], tuple(p[1]), p[2]),
+            "mixup": rng["mixup"],
+        },
+        **{key: meta[key] for key in _POSITION},
+        "history": meta["history"],
+        "world_size": meta.get("world_size", 1),
     }
 
 
-# -- continuing a run ------------------------------------------------------------------------
-def load_checkpoint(trainer: Trainer, directory: str) -> None:
-    """Restore model, optimizers, scheduler, RNG states, position and history from ``directory``.
-
-    A damaged checkpoint raises :class:`onebit.io.FileFormatError` naming the file."""
-    path = os.path.join(directory, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {directory!r} has no checkpoint to resume from")
-    try:
-        meta = json.loads(io.tensors_metadata(path)["onebit_checkpoint"])
-        tensors = io.load_tensors(path)
-        restore_checkpoint(trainer, meta, tensors)
-    except io.FileFormatError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
-        what = f"missing entry {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
-        raise io.FileFormatError(f"{path}: damaged or not this run's checkpoint ({what})") from None
-
-
-def restore_checkpoint(trainer: Trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Put a checkpoint's ``tensors`` and ``meta`` (see :func:`checkpoint_state`) into ``trainer``."""
-    trainer.model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
-    for i, (opt, saved) in enumerate(zip(trainer.optimizers, meta["optimizers"])):
-        _restore_optimizer(i, opt, saved, tensors)
-    if trainer.scheduler is not None and meta["scheduler"] is not None:
-        trainer.scheduler.load_state_dict(meta["scheduler"])
-    if trainer.scaler is not None and meta.get("scaler") is not None:
-        trainer.scaler.load_state_dict(meta["scaler"])
-    trainer.flips.signs = [tensors[f"flips.{i}"].bool().to(trainer.device) for i in range(len(trainer.flips.params))]
-    _restore_rng(trainer, meta, tensors)
-    trainer.epoch, trainer.step, trainer.global_step = meta["epoch"], meta["step"], meta["global_step"]
-    trainer.loss_sum, trainer.loss_count, trainer.elapsed = meta["loss_sum"], meta["loss_count"], meta["elapsed"]
-    trainer.table.rows = [list(r) for r in meta["history"]["rows"]]
-
-
-def _restore_optimizer(i: int, optimizer: torch.optim.Optimizer, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _decode_optimizer(i: int, saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Optimizer ``i``'s ``state_dict`` from its tensors and its JSON entry ``saved``."""
     state: dict[int, dict[str, Any]] = {}
     prefix = f"optimizer.{i}."
     for key, value in tensors.items():
@@ -354,20 +324,69 @@ def _restore_optimizer(i: int, optimizer: torch.optim.Optimizer, saved: dict, te
             state.setdefault(int(pid), {})[name] = value
     for pid, scalars in saved["scalars"].items():
         state.setdefault(int(pid), {}).update(scalars)
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    return {"state": state, "param_groups": saved["param_groups"]}
 
 
-def _restore_rng(trainer: Trainer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Rank 0 continues its saved streams; other ranks start fresh but deterministic ones."""
-    rng = meta["rng"]
-    if trainer.rank == 0:
-        torch.set_rng_state(tensors["rng.torch"])
-        trainer.generator.set_state(tensors["rng.generator"])
-        n = rng["numpy"]
-        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-        p = rng["python"]
-        random.setstate((p[0], tuple(p[1]), p[2]))
-        trainer.mixup_rng.bit_generator.state = rng["mixup"]
-    else:
-        trainer.generator.manual_seed(trainer.config.seed * 7919 + trainer.rank + 104_729 * meta["global_step"])
-        trainer.mixup_rng = np.random.default_rng([trainer.config.seed, trainer.rank, meta["global_step"]])
+@contextlib.contextmanager
+def naming_damage(path: str) -> Iterator[None]:
+    """Errors of reading or restoring the checkpoint ``path`` inside the block raised again as one
+    :class:`onebit.io.FileFormatError` naming the file."""
+    try:
+        yield
+    except io.FileFormatError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+        what = f"missing entry {error}" if isinstance(error, KeyError) else str(error).splitlines()[0]
+        raise io.FileFormatError(f"{path}: damaged or not this run's checkpoint ({what})") from None
+
+
+def checkpoint_path(directory: str) -> str:
+    """The checkpoint file of the run in ``directory``; ``FileNotFoundError`` when it has none."""
+    path = os.path.join(directory, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {directory!r} has no checkpoint to resume from")
+    return path
+
+
+def read_checkpoint(directory: str) -> dict[str, Any]:
+    """The trainer's state saved in ``directory`` (see :func:`decode_checkpoint`); a damaged
+    checkpoint raises :class:`onebit.io.FileFormatError` naming the file."""
+    path = checkpoint_path(directory)
+    with naming_damage(path):
+        meta = json.loads(io.tensors_metadata(path)["onebit_checkpoint"])
+        return decode_checkpoint(io.load_tensors(path), meta)
+
+
+# -- the names of earlier versions, for any object with state_dict / load_state_dict ---------
+class Resumable(Protocol):
+    """What resumes from a checkpoint: a :class:`~onebit.train.Trainer`."""
+
+    config: TrainConfig
+    data: DataBundle
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def save_run(trainer: Resumable, directory: str) -> None:
+    """:func:`write_run` of ``trainer.state_dict()``."""
+    write_run(directory, trainer.state_dict(), trainer.config, trainer.data)
+
+
+def checkpoint_state(trainer: Resumable) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """:func:`encode_checkpoint` of ``trainer.state_dict()``."""
+    return encode_checkpoint(trainer.state_dict())
+
+
+def load_checkpoint(trainer: Resumable, directory: str) -> None:
+    """``trainer.load_state_dict`` of :func:`read_checkpoint` ``(directory)``; a checkpoint that
+    does not fit raises :class:`onebit.io.FileFormatError` naming the file."""
+    state = read_checkpoint(directory)
+    with naming_damage(checkpoint_path(directory)):
+        trainer.load_state_dict(state)
+
+
+def restore_checkpoint(trainer: Resumable, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """``trainer.load_state_dict`` of :func:`decode_checkpoint` ``(tensors, meta)``."""
+    trainer.load_state_dict(decode_checkpoint(tensors, meta))

@@ -14,8 +14,9 @@ import contextlib
 import os
 
 import torch
+from torch import nn
 
-__all__ = ["DEVICES", "PRECISIONS", "resolve_device", "autocast", "make_scaler"]
+__all__ = ["DEVICES", "PRECISIONS", "resolve_device", "place_model", "autocast", "make_scaler"]
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,6 +32,20 @@ def resolve_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available to this torch (use --device cpu or auto)")
     return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+
+
+def place_model(
+    model: nn.Module, device: torch.device, memory_format: torch.memory_format, world_size: int = 1
+) -> nn.Module:
+    """``model`` moved to ``device`` in ``memory_format`` (a GPU becomes this process's current device,
+    also for the loader's pinning thread); returns the module a step calls: ``model`` itself, or in a
+    process group of ``world_size > 1`` its DistributedDataParallel wrapper."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model.to(device, memory_format=memory_format)
+    if world_size == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def autocast(device: torch.device, precision: str):
