@@ -28,6 +28,11 @@ The package is layered; a module imports only from those below it::
     adjacency.py                 graphs, what each node does to a per-channel map, planning
     handles.py   modules.py      undo records and preserve; ThresholdedReLU, SignThreshold
 
+and below it, shared with the packed engine: the tracer and the layer kinds
+(:mod:`onebit.tracing`, :mod:`onebit.layerkinds`), the BatchNorm -> sign chain
+(:mod:`onebit.sign_chain`), the BatchNorm as an affine map (:mod:`onebit.batchnorm`) and the
+canonized modules themselves (:mod:`onebit.nn.thresholded`).
+
 A structure that cannot be canonized exactly raises :class:`UnmergeableError` naming the
 BatchNorm and why, before anything is changed; ``skip_unmergeable=True`` leaves it alone
 with a :class:`CanonizationWarning` instead. ``state_dict()`` stays in sync while merged:
@@ -49,7 +54,7 @@ from onebit.canonize.handles import (
     register_all,
 )
 from onebit.canonize.merge import MergeBatchNorm, merge_batchnorm
-from onebit.canonize.modules import SignThreshold, ThresholdedReLU
+from onebit.nn.thresholded import SignThreshold, ThresholdedReLU
 
 __all__ = [
     "Handle",

@@ -3,8 +3,8 @@ r"""Adjacency: which module feeds which, and what each step between a BatchNorm 
 A model becomes a list of small graphs of :class:`_Node` (inputs, module calls, function and
 method calls, outputs). An ``nn.Sequential`` whose children are leaves (nested Sequentials
 flattened) is a chain read from the module structure; any other module is traced with
-``torch.fx``, where onebit's layers, quantizers, BatchNorms, the canonized modules and every
-module without children are leaves. A module that fx cannot trace is split into its
+``torch.fx`` (:class:`onebit.tracing.Tracer`), where onebit's leaves, BatchNorms, the
+canonized modules and every module without children are leaves. A module that fx cannot trace is split into its
 children (the reason is kept in :attr:`_Graphs.notes`), and a BatchNorm that no graph reaches
 is reported as one whose neighbours are unknown.
 
@@ -26,16 +26,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from onebit import quant
-from onebit.canonize.modules import SignThreshold, ThresholdedReLU
-from onebit.nn.layers import QActivation, QuantizedLayer
-
-BATCHNORMS = nn.modules.batchnorm._BatchNorm
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+from onebit.layerkinds import (
+    ADAPTIVE_AVG_POOL_FUNCTIONS,
+    ADAPTIVE_AVG_POOLS,
+    AVG_POOL_FUNCTIONS,
+    AVG_POOLS,
+    BATCHNORMS,
+    DROPOUT_FUNCTIONS,
+    IDENTITIES,
+    MAX_POOL_FUNCTIONS,
+    MAX_POOLS,
+    RELU_FUNCTIONS,
+    WEIGHT_LAYERS,
+)
+from onebit.nn.layers import QuantizedLayer
+from onebit.nn.thresholded import ThresholdedReLU
+from onebit.tracing import Tracer, is_onebit_leaf
 
 
 class UnmergeableError(ValueError):
@@ -79,16 +87,18 @@ class _Node:
 
 
 def _is_leaf(module: nn.Module) -> bool:
-    """A module the graphs call as one step (never traced into)."""
-    if isinstance(module, (QuantizedLayer, QActivation, quant.Quantizer, BATCHNORMS, ThresholdedReLU, SignThreshold)):
+    """A module the graphs call as one step (never traced into): onebit's leaves
+    (:func:`onebit.tracing.is_onebit_leaf`), BatchNorms, ThresholdedReLU, and every module without
+    children but a ``Sequential``."""
+    if is_onebit_leaf(module) or isinstance(module, (BATCHNORMS, ThresholdedReLU)):
         return True
     if isinstance(module, nn.Sequential):
         return False
     return next(iter(module.children()), None) is None
 
 
-class _Tracer(fx.Tracer):
-    """``torch.fx`` tracer that keeps :func:`_is_leaf` modules whole."""
+class _Tracer(Tracer):
+    """onebit's tracer, keeping every :func:`_is_leaf` module whole."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return _is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
@@ -222,25 +232,6 @@ def _from_fx(graph: fx.Graph, module: nn.Module, prefix: str) -> list[_Node]:
 # ---------------------------------------------------------------------------
 # what a node does to a per-channel affine map
 
-_DROPOUTS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_MAX_POOLS = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
-_MAX_POOL_FUNCTIONS = (
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-)
 _FLATTENS_OTHER = "flattens other dimensions than 1..-1"
 
 
@@ -270,22 +261,22 @@ def _classify(node: _Node) -> tuple[str, str | None]:
 def _classify_module(m: nn.Module) -> tuple[str, str | None]:
     if isinstance(m, WEIGHT_LAYERS):
         return "layer", None
-    if isinstance(m, _DROPOUTS):
+    if isinstance(m, IDENTITIES):
         if isinstance(m, nn.Identity) or not m.training:
             return "identity", None
         return "other", "is a dropout layer in train mode"
     if type(m) is nn.ReLU:
         return "relu", None
-    if isinstance(m, _ADAPTIVE_AVG_POOLS):
+    if isinstance(m, ADAPTIVE_AVG_POOLS):
         return "avgpool", None
-    if isinstance(m, _AVG_POOLS):
+    if isinstance(m, AVG_POOLS):
         padded = any(int(p) > 0 for p in _as_tuple(m.padding))
-        if m.divisor_override is not None:
+        if getattr(m, "divisor_override", None) is not None:  # AvgPool1d has none
             return "other", "is an average pooling with divisor_override (not an average of real values)"
         if padded and m.count_include_pad:
             return "other", "is a padded average pooling with count_include_pad=True (border windows average in zeros)"
         return "avgpool", None
-    if isinstance(m, _MAX_POOLS):
+    if isinstance(m, MAX_POOLS):
         if getattr(m, "return_indices", False):
             return "other", "is a max pooling that returns indices"
         return "maxpool", None
@@ -298,24 +289,24 @@ def _classify_module(m: nn.Module) -> tuple[str, str | None]:
 
 def _classify_function(node: _Node) -> tuple[str, str | None]:
     fn = node.target
-    if fn in (F.relu, torch.relu):
+    if fn in RELU_FUNCTIONS:
         return "relu", None
-    if fn in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d):
+    if fn in ADAPTIVE_AVG_POOL_FUNCTIONS:
         return "avgpool", None
-    if fn in (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d):
+    if fn in AVG_POOL_FUNCTIONS:
         padding = _arg(node, 3, "padding", 0)
         include = _arg(node, 5, "count_include_pad", True)
         divisor = _arg(node, 6, "divisor_override", None)
         if divisor is not None or (any(int(p) > 0 for p in _as_tuple(padding)) and include):
             return "other", "is a padded average pooling counting the padding"
         return "avgpool", None
-    if fn in _MAX_POOL_FUNCTIONS:
+    if fn in MAX_POOL_FUNCTIONS:
         return "maxpool", None
     if fn is torch.flatten:
         if _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1:
             return "flatten", None
         return "other", _FLATTENS_OTHER
-    if fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
+    if fn in DROPOUT_FUNCTIONS:
         if not _arg(node, 2, "training", True):
             return "identity", None
         return "other", "is a dropout that may be active"

@@ -12,7 +12,8 @@ with the thresholds of :func:`onebit.thresholds.batchnorm_sign_thresholds`, the 
 engine's own derivation (every ``acc`` in ``[-K, K]`` is evaluated, so the result is the
 float model's bit for bit). :func:`fold_thresholds` replaces each such BatchNorm by a
 :class:`SignThreshold`; every path from it must reach a sign through identities and
-flattens only.
+flattens only. The chain is found by :func:`onebit.sign_chain.find_sign_chain`, as the packed
+engine finds it.
 """
 
 from __future__ import annotations
@@ -20,24 +21,40 @@ from __future__ import annotations
 from torch import nn
 
 from onebit import quant
-from onebit.canonize.adjacency import WEIGHT_LAYERS, _bn_problem, _classify, _Node, _Plan
+from onebit.canonize.adjacency import _bn_problem, _classify, _Node, _Plan
 from onebit.canonize.handles import Canonizer, CompositeHandle, Handle, Patch, register_all
-from onebit.canonize.modules import SignThreshold
-from onebit.nn.layers import QActivation, QuantizedLayer
+from onebit.layerkinds import WEIGHT_LAYERS
+from onebit.nn.layers import QuantizedLayer
+from onebit.nn.thresholded import SignThreshold
+from onebit.sign_chain import find_sign_chain, takes_sign
 
 __all__ = ["FoldThresholds", "fold_thresholds"]
 
 
-def _sign_consumer(node: _Node) -> bool:
-    """A node that applies a plain sign (+-1 output) to its input first (:func:`onebit.quant.is_sign`)."""
-    m = node.module
-    if node.op != "module":
-        return False
-    if isinstance(m, QuantizedLayer):
-        return quant.is_sign(m.input_quantizer)
-    if isinstance(m, QActivation):
-        return quant.is_sign(m.quantizer)
-    return quant.is_sign(m)
+class _ChainView:
+    """The graphs of :mod:`~onebit.canonize.adjacency` as a :class:`~onebit.sign_chain.ChainView`:
+    identities and max pooling before the BatchNorm, identities and flattens after it."""
+
+    def inputs(self, node: _Node) -> list[_Node]:
+        return node.inputs
+
+    def users(self, node: _Node) -> list[_Node]:
+        return node.users
+
+    def module(self, node: _Node) -> nn.Module | None:
+        return node.module if node.op == "module" else None
+
+    def reads_alone(self, node: _Node, value: _Node) -> bool:
+        return len(node.inputs) == 1
+
+    def crosses_before(self, node: _Node) -> bool:
+        return _classify(node)[0] in ("identity", "maxpool")
+
+    def crosses_after(self, node: _Node) -> bool:
+        return _classify(node)[0] in ("identity", "flatten")
+
+    def describe(self, node: _Node) -> str:
+        return node.describe()
 
 
 class _FoldThreshold(Handle):
@@ -71,33 +88,6 @@ class _FoldThreshold(Handle):
         return f"<thresholds {self.producer_name} -> {self.name} -> sign>"
 
 
-def _path_to_signs_problem(node: _Node) -> str | None:
-    """None when every path from ``node``'s output reaches a sign through identities and flattens only, else why not."""
-    ends: list[_Node] = []
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if not n.users:
-            return "its output is not used"
-        for u in n.users:
-            kind, _ = _classify(u)
-            if _sign_consumer(u) and len(u.inputs) == 1:
-                ends.append(u)
-            elif kind in ("identity", "flatten") and len(u.inputs) == 1:
-                stack.append(u)
-            else:
-                return f"its output goes to {u.describe()}, which does not take its sign first"
-    return None if ends else "it feeds no sign"
-
-
-def _accumulator_source(node: _Node) -> _Node | None:
-    """The node that feeds the BatchNorm ``node``, back through identities and max pooling."""
-    p = node.inputs[0] if node.inputs else None
-    while p is not None and _classify(p)[0] in ("identity", "maxpool") and len(p.inputs) == 1:
-        p = p.inputs[0]
-    return p
-
-
 def _accumulator_problem(plan: _Plan, source: _Node | None) -> str | None:
     """None when ``source`` is a binary layer whose output is an exact integer accumulator, else why not."""
     layer = source.module if source is not None and source.op == "module" else None
@@ -122,22 +112,23 @@ def _fold_plan(model: nn.Module, skip_unmergeable: bool) -> list[_FoldThreshold]
     """One unregistered fold per BatchNorm that feeds signs from a binary layer's accumulator;
     the others fail or warn."""
     plan = _Plan(model, skip_unmergeable)
+    view = _ChainView()
     folds: list[_FoldThreshold] = []
     for node in plan.bn_nodes():
         bn, name = node.module, node.target
         if getattr(bn, "_onebit_merged", False):
             continue
-        problem = _path_to_signs_problem(node)
-        if problem is not None:
+        chain = find_sign_chain(view, node)
+        if chain.problem is not None:
             # a BatchNorm that feeds no sign is merge_batchnorm's business, not an error here
-            if any(_sign_consumer(u) for u in node.users):
-                plan.fail(f"BatchNorm '{name}' cannot be folded into thresholds: {problem}.")
+            if any(takes_sign(view.module(u)) for u in node.users):
+                plan.fail(f"BatchNorm '{name}' cannot be folded into thresholds: {chain.problem}.")
             continue
         problem = _bn_problem(bn, name, plan.calls(bn))
         if problem:
             plan.fail(f"BatchNorm '{name}' cannot be folded into thresholds: it {problem}.")
             continue
-        source = _accumulator_source(node)
+        source = chain.source
         problem = _accumulator_problem(plan, source)
         if problem:
             plan.fail(f"BatchNorm '{name}' cannot be folded into thresholds: {problem}.")

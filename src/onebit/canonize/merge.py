@@ -54,9 +54,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from onebit.batchnorm import batchnorm_affine
 from onebit.canonize.adjacency import (
-    CONVOLUTIONS,
-    WEIGHT_LAYERS,
     _bn_problem,
     _classify,
     _input_quantized,
@@ -65,9 +64,10 @@ from onebit.canonize.adjacency import (
     _weight_quantized,
 )
 from onebit.canonize.handles import Canonizer, CompositeHandle, Handle, Patch, register_all
-from onebit.canonize.modules import ThresholdedReLU
+from onebit.layerkinds import CONVOLUTIONS, WEIGHT_LAYERS
 from onebit.nn import functional as QF
 from onebit.nn.layers import QuantizedLayer
+from onebit.nn.thresholded import ThresholdedReLU
 
 __all__ = ["MergeBatchNorm", "merge_batchnorm"]
 
@@ -77,16 +77,9 @@ __all__ = ["MergeBatchNorm", "merge_batchnorm"]
 
 
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, t) in float64 with bn(x) = s x + t (eval mode)."""
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
-    s = 1.0 / torch.sqrt(var + float(bn.eps))
-    if bn.weight is not None:
-        s = bn.weight.detach().double() * s
-    t = -mean * s
-    if bn.bias is not None:
-        t = t + bn.bias.detach().double()
-    return s, t
+    """(s, t) in float64 with bn(x) = s x + t (eval mode): ``s = gamma * (1 / sqrt(var + eps))``,
+    ``t = beta - mean * s`` (:func:`onebit.batchnorm.batchnorm_affine`)."""
+    return batchnorm_affine(bn, reciprocal=True)
 
 
 @torch.no_grad()

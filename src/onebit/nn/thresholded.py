@@ -5,6 +5,9 @@ r"""The modules a canonized model contains in place of a ReLU or a BatchNorm + s
   put there by :func:`onebit.canonize.merge_batchnorm`.
 * :class:`SignThreshold`, ``sign(bn(acc))`` from one integer comparison per channel on a binary
   layer's accumulator, put there by :func:`onebit.canonize.fold_thresholds`.
+
+They are layers like the others in :mod:`onebit.nn`, below the tools that put them in a model
+(the canonizers) and read them back (the packed engine); :mod:`onebit.canonize` re-exports both.
 """
 
 from __future__ import annotations

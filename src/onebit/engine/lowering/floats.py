@@ -18,10 +18,10 @@ from onebit import quant
 from onebit.engine.lowering.attrs import conv_attrs, float_conv_attrs, float_copy, pair
 from onebit.engine.lowering.operands import quantize
 from onebit.engine.lowering.state import Lowering
-from onebit.engine.lowering.trace import is_sign_threshold
 from onebit.math import sign as onebit_sign
 from onebit.nn import functional as QF
 from onebit.nn.layers import QActivation
+from onebit.tracing import is_sign_threshold
 
 # -- 1-d convs ----------------------------------------------------------------
 

@@ -9,14 +9,15 @@ import torch
 from torch import fx, nn
 
 from onebit import quant
+from onebit.batchnorm import batchnorm_affine
 from onebit.engine import ops
 from onebit.engine.lowering.attrs import float_copy
 from onebit.engine.lowering.patterns import binary_weight, is_sign_quantizer
 from onebit.engine.lowering.state import Lowering
-from onebit.engine.lowering.trace import is_sign_threshold
 from onebit.nn import functional as QF
 from onebit.nn.layers import QLinear
 from onebit.thresholds import batchnorm_sign_thresholds
+from onebit.tracing import is_sign_threshold
 
 # -- weights ------------------------------------------------------------------
 
@@ -191,11 +192,9 @@ def thresholds_of(module: nn.Module, bound: int, scale, bias) -> tuple[torch.Ten
 
 
 def fold_batchnorm(bn: nn.BatchNorm2d, scale: torch.Tensor, bias: torch.Tensor | None):
-    """``bn(acc * scale + bias) = acc * scale' + bias'`` (computed in float64, rounded once to float32)."""
-    g = bn.weight.detach().double() if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64)
-    g = g / torch.sqrt(bn.running_var.detach().double() + bn.eps)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros(bn.num_features, dtype=torch.float64)
-    b = bias.double() if bias is not None else torch.zeros_like(g)
-    new_scale = (scale.double() * g).float().contiguous()
-    new_bias = ((b - bn.running_mean.detach().double()) * g + beta).float().contiguous()
-    return new_scale, new_bias
+    """``bn(acc * scale + bias) = acc * scale' + bias'``: :func:`onebit.batchnorm.batchnorm_affine`
+    in float64 (a missing bias as zeros), rounded once to float32."""
+    if bias is None:
+        bias = torch.zeros(bn.num_features, dtype=torch.float64)
+    new_scale, new_bias = batchnorm_affine(bn, scale, bias)
+    return new_scale.float().contiguous(), new_bias.float().contiguous()

@@ -14,9 +14,10 @@ from torch import fx, nn
 from onebit import quant
 from onebit.engine import bitplanes
 from onebit.engine.lowering.state import Lowering
-from onebit.engine.lowering.trace import is_sign_threshold
 from onebit.nn import functional as QF
 from onebit.nn.layers import QActivation, QConv2d, QLinear
+from onebit.sign_chain import SignChain, find_sign_chain
+from onebit.tracing import is_sign_threshold
 
 
 def is_sign_quantizer(q: Any) -> bool:
@@ -97,34 +98,57 @@ def _is_sign_activation(low: Lowering, node: fx.Node, src: fx.Node) -> bool:
     return is_sign_quantizer(m.quantizer if isinstance(m, QActivation) else m)
 
 
-def _pool_and_batchnorm(low: Lowering, node: fx.Node, m: QConv2d) -> tuple | None:
-    """(pool node | None, BatchNorm node) when conv ``node`` -> [MaxPool2d] -> BatchNorm2d (or a
-    SignThreshold), each the only reader of the one before it."""
-    users = list(node.users)
-    if len(users) != 1:
-        return None
-    nxt, pool = users[0], None
-    if nxt.op == "call_module" and type(low.modules[nxt.target]) is nn.MaxPool2d:
-        p = low.modules[nxt.target]
-        if p.return_indices or len(nxt.users) != 1:
-            return None
-        pool, nxt = nxt, next(iter(nxt.users))
-    if nxt.op != "call_module" or len(nxt.args) != 1:
-        return None
-    if not _thresholds_layer(low.modules[nxt.target], m, nn.BatchNorm2d, m.out_channels):
-        return None
-    if pool is not None and pool.args[0] is not node:
-        return None
-    if nxt.args[0] is not (pool or node):
-        return None
-    return pool, nxt
+class _TracedView:
+    """The traced graph as a :class:`~onebit.sign_chain.ChainView`: between a layer and its
+    BatchNorm one ``nn.MaxPool2d`` (exactly that class, without indices, read once); nothing after
+    the BatchNorm (eval-mode identities are dropped before lowering)."""
+
+    def __init__(self, low: Lowering) -> None:
+        self.low = low
+
+    def inputs(self, node: fx.Node) -> list[fx.Node]:
+        return node.all_input_nodes
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        return list(node.users)
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return self.low.modules[node.target] if node.op == "call_module" else None
+
+    def reads_alone(self, node: fx.Node, value: fx.Node) -> bool:
+        return len(node.args) == 1 and not node.kwargs and node.args[0] is value
+
+    def crosses_before(self, node: fx.Node) -> bool:
+        m = self.module(node)
+        return type(m) is nn.MaxPool2d and not m.return_indices and len(node.users) == 1
+
+    def crosses_after(self, node: fx.Node) -> bool:
+        return False
+
+    def describe(self, node: fx.Node) -> str:
+        return node.format_node()
 
 
-def _consumers_layout(low: Lowering, bn_node: fx.Node) -> tuple | None:
+def _sign_chain(
+    low: Lowering, node: fx.Node, m: nn.Module, bn_node: fx.Node, batchnorm: type, channels: int
+) -> SignChain | None:
+    """The chain layer ``m`` (``node``) -> [max pool] -> ``bn_node`` -> readers that take the sign
+    (:func:`onebit.sign_chain.find_sign_chain`), when ``bn_node`` becomes integer thresholds after
+    ``m`` (:func:`_thresholds_layer`); else None."""
+    if bn_node.op != "call_module" or len(bn_node.args) != 1:
+        return None
+    if not _thresholds_layer(low.modules[bn_node.target], m, batchnorm, channels):
+        return None
+    chain = find_sign_chain(_TracedView(low), bn_node)
+    return chain if chain.problem is None and chain.source is node else None
+
+
+def _consumers_layout(low: Lowering, chain: SignChain) -> tuple | None:
     """(consumer layout, sign node | None) when the BatchNorm's readers are binary convs with one
     input layout, or one sign activation whose readers are binary-weight convs without input
     quantizer (the NoAct pattern) with one layout."""
-    consumers, sign_node = list(bn_node.users), None
+    bn_node = chain.batchnorm
+    consumers, sign_node = list(chain.readers), None
     if len(consumers) == 1 and _is_sign_activation(low, consumers[0], bn_node):
         sign_node = consumers[0]
         consumers = list(sign_node.users)
@@ -148,15 +172,20 @@ def _consumers_layout(low: Lowering, bn_node: fx.Node) -> tuple | None:
 def threshold_chain(low: Lowering, node: fx.Node, m: QConv2d) -> tuple | None:
     """(pool node | None, bn node, consumer layout, sign node | None) when conv -> [maxpool] -> BN ->
     binary convs only, or conv -> [maxpool] -> BN -> one sign (``QActivation``) -> convs without
-    input quantizer and with binary weights only (the NoAct pattern)."""
-    found = _pool_and_batchnorm(low, node, m)
-    if found is None:
+    input quantizer and with binary weights only (the NoAct pattern); each node the only reader
+    of the one before it up to the BatchNorm."""
+    users = list(node.users)
+    if len(users) != 1:
         return None
-    pool, bn_node = found
-    consumers = _consumers_layout(low, bn_node)
+    bn_node = users[0]
+    if _TracedView(low).crosses_before(bn_node):
+        bn_node = next(iter(bn_node.users))
+    chain = _sign_chain(low, node, m, bn_node, nn.BatchNorm2d, m.out_channels)
+    consumers = None if chain is None else _consumers_layout(low, chain)
     if consumers is None:
         return None
     layout, sign_node = consumers
+    pool = chain.before[0] if chain.before else None
     return pool, bn_node, layout, sign_node
 
 
@@ -166,18 +195,11 @@ def linear_threshold_chain(low: Lowering, node: fx.Node, m: QLinear) -> fx.Node 
     if len(node.users) != 1 or shape is None or len(shape) != 2:
         return None
     bn_node = next(iter(node.users))
-    if bn_node.op != "call_module" or len(bn_node.args) != 1 or bn_node.args[0] is not node:
+    chain = _sign_chain(low, node, m, bn_node, nn.BatchNorm1d, m.out_features)
+    if chain is None or chain.before:
         return None
-    if not _thresholds_layer(low.modules[bn_node.target], m, nn.BatchNorm1d, m.out_features):
+    if not all(is_binary_linear(low.modules[c.target]) for c in chain.readers):
         return None
-    consumers = list(bn_node.users)
-    if not consumers:
-        return None
-    for c in consumers:
-        if c.op != "call_module" or len(c.args) != 1 or c.kwargs or c.args[0] is not bn_node:
-            return None
-        if not is_binary_linear(low.modules[c.target]):
-            return None
     return bn_node
 
 

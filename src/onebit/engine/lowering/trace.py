@@ -1,52 +1,23 @@
 """The model as a torch.fx graph: onebit's layers and quantizers as leaves, eval-mode identities
-removed, every node's shape on the example input recorded."""
+removed, every node's shape on the example input recorded (the tracer, its leaf rule and the
+identities are :mod:`onebit.tracing`'s)."""
 
 from __future__ import annotations
 
 import torch
 from torch import fx, nn
 
-from onebit import quant
 from onebit.engine.lowering.state import UnsupportedModelError
-from onebit.nn.layers import QActivation, QuantizedLayer
+from onebit.layerkinds import IDENTITIES
+from onebit.tracing import Tracer, drop_identities, is_sign_threshold
 
-#: modules that are the identity in eval mode: dropped before lowering, so that patterns see through them
-IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-
-
-def is_sign_threshold(m: nn.Module) -> bool:
-    """A :class:`onebit.canonize.SignThreshold` (imported lazily: canonization is optional here)."""
-    if type(m).__name__ != "SignThreshold":
-        return False
-    try:
-        from onebit.canonize import SignThreshold
-    except ImportError:
-        return False
-    return isinstance(m, SignThreshold)
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (QuantizedLayer, QActivation, quant.Quantizer)) or is_sign_threshold(m):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def drop_identities(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> None:
-    """Remove eval-mode identities (Identity, Dropout, ``.contiguous()``) so that patterns see through them."""
-    for node in list(gm.graph.nodes):
-        identity = (
-            node.op == "call_module" and type(modules.get(node.target)) in IDENTITIES and len(node.args) == 1
-        ) or (node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1 and not node.kwargs)
-        if identity and isinstance(node.args[0], fx.Node):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
+__all__ = ["trace", "IDENTITIES", "drop_identities", "is_sign_threshold"]
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """``model`` traced (a single layer as a one-layer ``Sequential``), identities dropped, shapes
     propagated from ``example`` (``node.meta["tensor_meta"]``)."""
-    tracer = _Tracer()
+    tracer = Tracer()
     if tracer.is_leaf_module(model, ""):
         model = nn.Sequential(model)  # a single layer: trace it as a call, not through its forward
     try:

@@ -9,7 +9,7 @@ from onebit.engine.lowering.floats import FUNCTIONS, METHODS, emit_module
 from onebit.engine.lowering.operands import carry_sign
 from onebit.engine.lowering.quantized import QUANTIZED
 from onebit.engine.lowering.state import Lowering, UnsupportedModelError
-from onebit.engine.lowering.trace import IDENTITIES
+from onebit.layerkinds import IDENTITIES
 from onebit.nn.layers import QuantizedLayer
 
 
