@@ -147,6 +147,22 @@ def test_attribute_checkers_refuse_with_the_value_named(check, value, message):
         check(value)
 
 
+POOL = {"kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "ceil_mode": False}
+
+
+def conv_attrs(cin: int, cout: int, *, k=3, padding=1, pad_value=0.0, groups=1, stride=1, dilation=1) -> dict:
+    return {
+        "in_channels": cin,
+        "out_channels": cout,
+        "kernel_size": [k, k],
+        "stride": [stride, stride],
+        "padding": [padding, padding],
+        "dilation": [dilation, dilation],
+        "groups": groups,
+        "pad_value": pad_value,
+    }
+
+
 def test_a_nodes_attributes_are_checked_against_its_op_and_errors_name_the_node():
     assert G.attrs({"name": "a", "op": "leaky_relu", "attrs": {"negative_slope": 1}}) == {"negative_slope": 1.0}
     assert G.attrs({"name": "q", "op": "qlinear", "attrs": {"in_features": 3, "out_features": 2}}) == {
@@ -186,22 +202,6 @@ def test_a_nodes_attributes_are_checked_against_its_op_and_errors_name_the_node(
     for node, message in cases:
         with pytest.raises(G.GraphError, match=message):
             G.attrs(node)
-
-
-POOL = {"kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "ceil_mode": False}
-
-
-def conv_attrs(cin: int, cout: int, *, k=3, padding=1, pad_value=0.0, groups=1, stride=1, dilation=1) -> dict:
-    return {
-        "in_channels": cin,
-        "out_channels": cout,
-        "kernel_size": [k, k],
-        "stride": [stride, stride],
-        "padding": [padding, padding],
-        "dilation": [dilation, dilation],
-        "groups": groups,
-        "pad_value": pad_value,
-    }
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 from onebit import engine
 from onebit.engine import graph as G
 from onebit.engine.packed import InputError, PackedModel
+from onebit.engine.torch_rounding import batchnorm_rounding
 from onebit.nn import QConv1d, QConv2d
 
 SIGN = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
@@ -157,7 +158,8 @@ def test_profile_has_one_row_per_step_whose_shares_sum_to_one_and_prints_as_a_ta
     rows = packed.profile(x, repeat=3)
     steps = packed._steps
     assert [(r["name"], r["op"], r["module"]) for r in rows] == [(s.output, s.label, s.module) for s in steps]
-    assert "pack+binary_conv2d+batch_norm+add" in [r["op"] for r in rows] or not engine.ops.native_available()
+    if engine.ops.native_available() and batchnorm_rounding() is not None:  # each block is one fused step
+        assert [r["op"] for r in rows].count("pack+binary_conv2d+batch_norm+add") == 2
     assert all(r["ms"] >= 0 for r in rows) and abs(sum(r["share"] for r in rows) - 1.0) < 1e-9
     total = sum(r["ms"] for r in rows)
     assert all(abs(r["share"] - r["ms"] / total) < 1e-12 for r in rows)
@@ -202,15 +204,15 @@ def test_a_loaded_models_tensors_are_aligned_as_torch_allocates_them(packed_and_
     assert misaligned == []
 
 
-def _copies(packed: PackedModel) -> dict[str, PackedModel]:
+def _copy(packed: PackedModel, how: str) -> PackedModel:
+    if how == "deepcopy":
+        return copy.deepcopy(packed)
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(packed))
     buffer = io.BytesIO()
     torch.save(packed, buffer)
     buffer.seek(0)
-    return {
-        "deepcopy": copy.deepcopy(packed),
-        "pickle": pickle.loads(pickle.dumps(packed)),
-        "torch.save": torch.load(buffer, weights_only=False),
-    }
+    return torch.load(buffer, weights_only=False)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
@@ -218,7 +220,7 @@ def test_copies_and_pickles_have_steps_of_their_own_and_equal_outputs(packed_and
     packed, model = packed_and_model
     x = torch.randn(2, 3, 6, 6)
     expected = packed(x)  # its native weight caches are filled
-    clone = _copies(packed)[how]
+    clone = _copy(packed, how)
     assert clone._steps is not packed._steps
     assert [s.label for s in clone._steps] == [s.label for s in packed._steps]
     for mine, theirs in zip(clone._steps, packed._steps):
