@@ -343,20 +343,24 @@ def check_direction(direction, channels: int | None = None, *, values: bool = Tr
     values of an int8 tensor to the native kernel, which checks each as it reads it (no extra pass)."""
     if not isinstance(direction, torch.Tensor):
         raise ValueError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
-    dtype = direction.dtype
-    if dtype == torch.bool:
-        direction = torch.where(direction, -1, 1).to(torch.int8)
-    elif dtype.is_floating_point or dtype.is_complex:
-        raise ValueError(f"direction must be int8 (+1 / -1) or bool (negate_above), got {dtype}")
-    elif dtype != torch.int8 or values:
-        wrong = (direction != 1) & (direction != -1)
-        if wrong.any():
-            i = int(wrong.flatten().nonzero()[0])
-            raise ValueError(f"direction must hold only +1 and -1, got direction[{i}] = {int(direction.flatten()[i])}")
-        direction = direction.to(torch.int8)
+    if values or direction.dtype != torch.int8:
+        direction = _int8_direction(direction)
     if channels is not None:
         check_per_channel(direction, "direction", torch.int8, channels)
     return direction
+
+
+def _int8_direction(direction: torch.Tensor) -> torch.Tensor:
+    dtype = direction.dtype
+    if dtype == torch.bool:  # "negate above": True -> bit set iff acc > thr
+        return torch.where(direction, -1, 1).to(torch.int8)
+    if dtype.is_floating_point or dtype.is_complex:
+        raise ValueError(f"direction must be int8 (+1 / -1) or bool (negate_above), got {dtype}")
+    wrong = (direction != 1) & (direction != -1)
+    if wrong.any():
+        i = int(wrong.flatten().nonzero()[0])
+        raise ValueError(f"direction must hold only +1 and -1, got direction[{i}] = {int(direction.flatten()[i])}")
+    return direction.to(torch.int8)
 
 
 def check_thresholds(
@@ -368,8 +372,8 @@ def check_thresholds(
     ``channels``: check both shapes ``[channels]`` too."""
     if not isinstance(thresholds, torch.Tensor):
         raise ValueError(f"thresholds must be a torch.Tensor, got {type(thresholds).__name__}")
-    dtype = thresholds.dtype
-    if dtype != torch.int32:
+    if thresholds.dtype != torch.int32:
+        dtype = thresholds.dtype
         if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
             raise ValueError(f"thresholds must be integers (int32), got {dtype}")
         thresholds = thresholds.clamp(-(2**31), 2**31 - 1).to(torch.int32)
@@ -437,7 +441,8 @@ def check_ternary(x, wp, in_features, dtype: torch.dtype, scale=None, bias=None)
             f"(expected [N, in_features={f}])"
         )
     out = wp.shape[0]
-    check_epilogue(out, scale, bias)
+    if scale is not None or bias is not None:
+        check_epilogue(out, scale, bias)
     return x.shape[0], f, out
 
 

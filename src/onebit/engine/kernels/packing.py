@@ -8,14 +8,23 @@ import torch
 
 from onebit import _C
 from onebit.engine.geometry import check_pack, check_pack_features, check_pack_weights, pair, words_for
-from onebit.engine.kernels.plans import pack_plan
+from onebit.engine.kernels.plans import PACK_PLANS, pack_plan
 from onebit.engine.kernels.registry import custom_op, direct
 
 __all__ = ["pack_activations", "pack_features", "pack_weights"]
 
+_F32 = torch.float32
+
 
 def _pack_activations_impl(x, padding, pad_value, groups):
-    shape, numbers, copy = pack_plan(x, padding, pad_value, groups)
+    key = entry = None
+    if type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu:
+        key = (x.shape, x.stride(), tuple(padding) if type(padding) is list else padding, pad_value, groups)
+        try:
+            entry = PACK_PLANS.get(key)
+        except TypeError:  # unhashable: pack_plan says what is wrong
+            key = None
+    shape, numbers, copy = entry if entry is not None else pack_plan(x, padding, pad_value, groups, key)
     if copy:
         x = x.contiguous()
     out = torch.empty(shape, dtype=torch.int64)

@@ -14,6 +14,7 @@ import torch
 from onebit import _C
 from onebit.engine.geometry import check_combine_planes, check_integer_planes
 from onebit.engine.kernels.operands import channel_ptr, empty_nchw_channels_last
+from onebit.engine.kernels.plans import combine_planes_plan, integer_planes_plan
 from onebit.engine.kernels.registry import custom_op, direct
 
 __all__ = ["pack_integer_planes", "pack_integer_planes_nan", "combine_planes"]
@@ -22,7 +23,7 @@ _I32, _F32 = torch.int32, torch.float32
 
 
 def _pack_integer_planes_nan(x, padding, groups, symmetric, bits, clip) -> tuple[torch.Tensor, bool]:
-    shape, ph, pw = check_integer_planes(x, padding, groups, bits, symmetric, clip)
+    shape, ph, pw = integer_planes_plan(x, padding, groups, bits, symmetric, clip)
     n, c, h, w = x.shape
     sn, sc, sh, sw = x.stride()
     if sc != 1 and sw != 1 and c > 1 and w > 1:  # neither channels nor pixels contiguous
@@ -93,11 +94,12 @@ def pack_integer_planes_nan(
 
 
 def _combine_planes_impl(y, coeff, offset, act_planes, groups, weight_planes, exact_divisor, divisor, scale, bias):
-    n, co, oh, ow = check_combine_planes(y, coeff, act_planes, groups, weight_planes, exact_divisor)
+    shape, stride = combine_planes_plan(y, coeff, act_planes, groups, weight_planes, exact_divisor)
+    n, co, oh, ow = shape
     offset_ptr = channel_ptr(offset, "offset", _I32, co)
     scale_ptr = channel_ptr(scale, "scale", _F32, co)
     bias_ptr = channel_ptr(bias, "bias", _F32, co)
-    out = empty_nchw_channels_last(n, co, oh, ow, _F32)
+    out = torch.empty_strided(shape, stride, dtype=_F32)
     pixels = n * oh * ow
     if pixels:
         _C.combine_planes_raw(

@@ -12,23 +12,43 @@ import atexit
 import torch
 
 from onebit import _C
-from onebit.engine.geometry import check_conv, check_pack, check_threshold_output
+from onebit.engine.geometry import (
+    check_combine_planes,
+    check_conv,
+    check_integer_planes,
+    check_pack,
+    check_threshold_output,
+)
 from onebit.engine.kernels.operands import channels_last_strides
 
-__all__ = ["MODE_INT", "MODE_FLOAT", "MODE_THRESHOLD", "ConvPlan", "conv_plan", "pack_plan", "CACHE_SIZE"]
+__all__ = [
+    "MODE_INT",
+    "MODE_FLOAT",
+    "MODE_THRESHOLD",
+    "ConvPlan",
+    "conv_plan",
+    "pack_plan",
+    "PACK_PLANS",
+    "integer_planes_plan",
+    "combine_planes_plan",
+    "CACHE_SIZE",
+]
 
 #: a convolution's output: the int32 accumulators, float32 with its epilogue, or thresholded packed bits
 MODE_INT, MODE_FLOAT, MODE_THRESHOLD = 0, 1, 2
 CACHE_SIZE = 1024
 _CONV_PLANS: dict = {}
-_PACK_PLANS: dict = {}
-_I64, _F32 = torch.int64, torch.float32
+#: (shape, strides, padding, pad_value, groups) of a float32 CPU input -> :func:`pack_plan`'s entry
+PACK_PLANS: dict = {}
+_PLANES_PLANS: dict = {}
+_COMBINE_PLANS: dict = {}
+_I64, _I32, _F32 = torch.int64, torch.int32, torch.float32
 
 
 @atexit.register
 def _clear_caches() -> None:  # native plans are freed before the extension goes away
-    _CONV_PLANS.clear()
-    _PACK_PLANS.clear()
+    for cache in (_CONV_PLANS, PACK_PLANS, _PLANES_PLANS, _COMBINE_PLANS):
+        cache.clear()
 
 
 def _hashable(value):
@@ -110,18 +130,10 @@ def conv_plan(mode: int, xp, wp, *args) -> ConvPlan:
     return plan
 
 
-def pack_plan(x, padding, pad_value, groups) -> tuple:
-    """``(output shape, numbers of the native call, copy)`` of packing float32 ``x`` (checked: ``ValueError``);
-    ``copy``: ``x`` is read from a contiguous copy (neither its channels nor its pixels are contiguous)."""
-    key = None
-    if type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu:
-        key = (x.shape, x.stride(), _hashable(padding), pad_value, groups)
-        try:
-            entry = _PACK_PLANS.get(key)
-        except TypeError:
-            key = entry = None
-        if entry is not None:
-            return entry
+def pack_plan(x, padding, pad_value, groups, key=None) -> tuple:
+    """``(output shape, numbers of the native call, copy)`` of packing float32 ``x`` (checked: ``ValueError``),
+    kept in :data:`PACK_PLANS` under ``key`` (the caller's lookup missed); ``copy``: ``x`` is read from a
+    contiguous copy (neither its channels nor its pixels are contiguous)."""
     shape, ph, pw, pad, g = check_pack(x, padding, pad_value, groups)
     n, c, h, w = x.shape
     sn, sc, sh, sw = x.stride()
@@ -131,5 +143,52 @@ def pack_plan(x, padding, pad_value, groups) -> tuple:
         sn, sc, sh, sw = c * h * w, h * w, w, 1
     entry = (shape, (n, c, h, w, sn, sc, sh, sw, ph, pw, pad, g), copy)
     if key is not None:
-        _store(_PACK_PLANS, key, entry)
+        _store(PACK_PLANS, key, entry)
     return entry
+
+
+def _cached(cache: dict, key, check, *args):
+    """``check(*args)`` (raising ``ValueError``), kept in ``cache`` under ``key`` (None: not kept)."""
+    if key is not None:
+        try:
+            entry = cache.get(key)
+        except TypeError:  # unhashable: the check says what is wrong
+            key = entry = None
+        if entry is not None:
+            return entry
+    entry = check(*args)
+    if key is not None:
+        _store(cache, key, entry)
+    return entry
+
+
+def integer_planes_plan(x, padding, groups, bits, symmetric, clip) -> tuple:
+    """:func:`~onebit.engine.geometry.check_integer_planes` of this call, kept by shape."""
+    key = None
+    if type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu:
+        key = (x.shape, tuple(padding) if type(padding) is list else padding, groups, bits, symmetric, clip)
+    return _cached(_PLANES_PLANS, key, check_integer_planes, x, padding, groups, bits, symmetric, clip)
+
+
+def _combine_planes_output(y, coeff, act_planes, groups, weight_planes, exact_divisor) -> tuple:
+    shape = check_combine_planes(y, coeff, act_planes, groups, weight_planes, exact_divisor)
+    return shape, channels_last_strides(*shape)
+
+
+def combine_planes_plan(y, coeff, act_planes, groups, weight_planes, exact_divisor) -> tuple:
+    """``(shape, strides)`` of the channels_last output of combining bit planes (checked by
+    :func:`~onebit.engine.geometry.check_combine_planes`), kept by shape and strides."""
+    key = None
+    if (
+        type(y) is torch.Tensor
+        and type(coeff) is torch.Tensor
+        and y.dtype is _I32
+        and coeff.dtype is _I32
+        and y.is_cpu
+        and coeff.is_cpu
+        and coeff.is_contiguous()
+    ):
+        key = (y.shape, y.stride(), coeff.shape, act_planes, groups, weight_planes, exact_divisor)
+    return _cached(
+        _COMBINE_PLANS, key, _combine_planes_output, y, coeff, act_planes, groups, weight_planes, exact_divisor
+    )
