@@ -227,7 +227,10 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise format_error(path, str(error)) from None
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in declared}
+            # each tensor copied into an allocation of its own: the file's tensors lie at any byte
+            # offset, and torch's float kernels round differently on unaligned operands (the
+            # loaded model would not be bit-identical to the one saved)
+            tensors = {key: f.get_tensor(key).clone() for key in declared}
     except MemoryError:
         raise MemoryError(
             f"{os.fspath(path)}: not enough memory for its {size - 8 - header_len} bytes of tensors"
