@@ -83,7 +83,7 @@ def ternary_linear(
     """float32 ``[N, Out]`` ``= (x_int @ levels.T) / s * scale + bias``: BitLinear's arithmetic.
 
     ``x`` is float32 ``[N, F]`` (rows may be strided), quantized per token inside the kernel as
-    :class:`onebit.quant_lowbit.Absmax8` does (``s = 127 / max(max|x|, 1e-5)``,
+    :class:`onebit.quant.Absmax8` does (``s = 127 / max(max|x|, 1e-5)``,
     ``x_int = clamp(round(x s), -128, 127)``); ``wp`` is the uint8 ``[Out, ceil(F / 4)]`` 2-bit
     weight of :func:`onebit.engine.reference.pack_ternary_weights`; ``scale`` and ``bias`` are
     optional float32 ``[Out]``. The integer sum is exact, the three roundings after it are those of
