@@ -1,8 +1,8 @@
 """The kinds of layers the model tools tell apart, as the module classes (and functions) of each.
 
 Shared by the canonizers (:mod:`onebit.canonize`), the packed engine's lowering
-(:mod:`onebit.engine.lowering`) and the tracer (:mod:`onebit.tracing`): a kind is named once,
-here. A tuple is for ``isinstance`` (subclasses count) or ``type(m) in`` (exact classes only);
+(:mod:`onebit.engine.lowering`), the tracer (:mod:`onebit.tracing`), the summary and the
+thresholds: a kind is named once, here. A tuple is for ``isinstance`` (subclasses count) or ``type(m) in`` (exact classes only);
 each reader says which it uses.
 """
 

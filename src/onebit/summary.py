@@ -45,11 +45,10 @@ from rich.table import Table
 from torch import nn
 
 from onebit import quant
+from onebit.layerkinds import CONVOLUTIONS, WEIGHT_LAYERS
 from onebit.nn.layers import QActivation, QuantizedLayer
 
 __all__ = ["LayerSummary", "Summary", "summary"]
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
@@ -244,7 +243,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _bits(module: nn.Module) -> tuple[int | None, int | None]:
     if isinstance(module, QuantizedLayer):
         return module.weight_precision, module.input_precision
-    if isinstance(module, (*_CONV, nn.Linear)):
+    if isinstance(module, WEIGHT_LAYERS):
         return 32, 32
     if any(True for _ in module.parameters()):
         return 32, None
@@ -260,7 +259,7 @@ def _binary_weight(module: nn.Module) -> nn.Parameter | None:
 def _macs(module: nn.Module, output: Any) -> int:
     if not isinstance(output, torch.Tensor):
         return 0
-    if isinstance(module, _CONV):
+    if isinstance(module, CONVOLUTIONS):
         return output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     if isinstance(module, nn.Linear):
         return output.numel() * module.in_features

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onebit.layerkinds import BATCHNORMS
+
 __all__ = [
     "Thresholds",
     "thresholds_from_decisions",
@@ -190,7 +192,7 @@ def batchnorm_sign_thresholds(
     """
     channels = None
     if bn is not None:
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if not isinstance(bn, BATCHNORMS):
             raise TypeError(f"batchnorm_sign_thresholds: expected a BatchNorm module, got {type(bn).__name__}")
         channels = bn.num_features
     for v in (scale, bias):
