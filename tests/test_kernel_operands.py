@@ -1,0 +1,82 @@
+"""onebit.engine.kernels.operands: a native call's tensors, checked before their addresses are taken,
+and its outputs in channels_last memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from onebit.engine import ops
+
+pytestmark = pytest.mark.skipif(not ops.native_available(), reason="the native kernels are not built")
+
+
+def test_channel_ptr_gives_the_address_of_a_good_vector_and_zero_for_none():
+    from onebit.engine.kernels.operands import channel_ptr
+
+    v = torch.zeros(8)
+    assert channel_ptr(None, "scale", torch.float32, 8) == 0
+    assert channel_ptr(v, "scale", torch.float32, 8) == v.data_ptr()
+    p = torch.nn.Parameter(torch.zeros(8))  # a subclass: checked the long way, accepted
+    assert channel_ptr(p, "scale", torch.float32, 8) == p.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "t,match",
+    [
+        (torch.zeros(7), r"scale must have shape \[8\]"),
+        (torch.zeros(8, dtype=torch.float64), "scale must have dtype torch.float32"),
+        (torch.zeros(16)[::2], "scale must be contiguous"),
+        (torch.zeros(1, 8), "scale must have 1 dimensions"),
+        ([0.0] * 8, "scale must be a torch.Tensor"),
+    ],
+)
+def test_channel_ptr_refuses_what_the_kernel_cannot_read(t, match):
+    from onebit.engine.kernels.operands import channel_ptr
+
+    with pytest.raises(ValueError, match=match):
+        channel_ptr(t, "scale", torch.float32, 8)
+
+
+def test_epilogue_ptrs_take_a_whole_batchnorm_or_none():
+    from onebit.engine.kernels.operands import epilogue_ptrs
+
+    s, t = torch.zeros(4), torch.ones(4)
+    assert epilogue_ptrs(4, None, None, None, None, False) == (0, 0, (0, 0, False))
+    assert epilogue_ptrs(4, s, None, s, t, True) == (s.data_ptr(), 0, (s.data_ptr(), t.data_ptr(), True))
+    with pytest.raises(ValueError, match="bn_scale and bn_shift go together"):
+        epilogue_ptrs(4, None, None, s, None, False)
+    with pytest.raises(ValueError, match="bn_fma must be a bool"):
+        epilogue_ptrs(4, None, None, s, t, 1)
+    with pytest.raises(ValueError, match=r"bias must have shape \[4\]"):
+        epilogue_ptrs(4, s, torch.zeros(5), None, None, False)
+
+
+def test_residual_nhwc_reads_channels_last_in_place_and_copies_other_layouts():
+    from onebit.engine.kernels.operands import residual_nhwc
+
+    out = torch.empty(2, 3, 4, 5)
+    assert residual_nhwc(None, out) is None
+    cl = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert residual_nhwc(cl, out) is cl
+    nchw = torch.randn(2, 3, 4, 5)
+    nhwc = residual_nhwc(nchw, out)
+    assert nhwc.shape == (2, 4, 5, 3) and nhwc.is_contiguous() and torch.equal(nhwc, nchw.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \[2, 3, 4, 5\]"):
+        residual_nhwc(torch.zeros(2, 3, 4, 4), out)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 3, 3), (0, 8, 2, 2)])
+def test_outputs_have_torchs_channels_last_strides_real_or_fake(shape):
+    from onebit.engine.kernels.operands import channels_last_strides, empty_nchw_channels_last
+
+    out = empty_nchw_channels_last(*shape, torch.float32)
+    assert out.shape == shape and out.stride() == channels_last_strides(*shape)
+    if shape[1] > 1:
+        assert out.stride() == torch.empty(shape).contiguous(memory_format=torch.channels_last).stride()
+    else:  # one channel: the same memory as NCHW, and said so
+        assert out.is_contiguous()
+    with FakeTensorMode() as mode:
+        fake = empty_nchw_channels_last(*shape, torch.int32, like=mode.from_tensor(torch.zeros(1)))
+        assert fake.stride() == out.stride() and fake.dtype == torch.int32
