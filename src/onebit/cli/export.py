@@ -40,8 +40,9 @@ WEIGHTS_HELP = (
 def load_model(source: str, weights: str | None = None):
     """``(model, config, weights_path)``: the model (eval mode) of a run directory, a pushed folder or
     ``hf://ORG/NAME``, its ``config.json`` and its weights file; with ``weights``, the source's model
-    holding those weights (checked by :func:`onebit.models.weights.build`)."""
-    from onebit.models.weights import build, fetch_weights, is_hub_ref, is_pushed_folder
+    holding those weights (checked by :func:`onebit.models.pretrained.build`)."""
+    from onebit.models.pretrained import build
+    from onebit.models.weights import fetch_weights, is_hub_ref, is_pushed_folder
     from onebit.train import load_run, read_run_config
 
     pushed = is_hub_ref(source) or (os.path.isdir(source) and is_pushed_folder(source))

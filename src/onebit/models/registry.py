@@ -74,23 +74,11 @@ def load_file_attribute(spec: str):
     return getattr(module, attr)
 
 
-def create(
-    name: str,
-    num_classes: int | None = None,
-    in_channels: int | None = None,
-    weights: str | os.PathLike | None = None,
-    **kwargs,
-) -> nn.Module:
+def create(name: str, num_classes: int | None = None, in_channels: int | None = None, **kwargs) -> nn.Module:
     """Build the zoo model ``name`` (randomly initialized), or a user's ``"file.py:NAME"``.
 
-    ``num_classes`` and ``in_channels`` default to 10 and 3. With ``weights`` (a run directory, a
-    ``.safetensors`` file, a folder written by ``onebit push`` or ``hf://ORG/NAME[@REVISION]``; see
-    :mod:`onebit.models.weights`) the model is loaded with those weights, bit for bit: they default to
-    the weights' config, and a config naming another model or shape raises ``ValueError``."""
-    if weights is not None:
-        from onebit.models.weights import build, fetch_weights
-
-        return build(fetch_weights(weights), name, num_classes, in_channels, **kwargs)
+    ``num_classes`` and ``in_channels`` default to 10 and 3. (:func:`onebit.models.create` also
+    takes trained ``weights``: see :mod:`onebit.models.pretrained`.)"""
     num_classes = 10 if num_classes is None else num_classes
     in_channels = 3 if in_channels is None else in_channels
     if is_file_model(name):

@@ -12,7 +12,8 @@ Weights are read from safetensors only, never pickle. A file is read once: its S
 against the pushed ``config.json`` (and, from the Hub, against the Hub's own: the LFS SHA-256 or git
 blob id of its listing, or offline the name of the cache's blob) and its tensors are parsed from those
 same bytes. Errors are one line naming the reference or file: :class:`WeightsError` (a ``ValueError``),
-:class:`ChecksumError`, :class:`HubError` (an ``OSError``).
+:class:`ChecksumError`, :class:`HubError` (an ``OSError``). The model built with them is
+:mod:`onebit.models.pretrained`'s (``create(name, weights=)``, ``from_pretrained``, ``build``).
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ __all__ = [
     "resolve_weights",
     "load_weights",
     "load_into",
-    "build",
-    "from_pretrained",
     "git_blob_sha1",
     "import_hub",
     "quiet_hub",
@@ -209,60 +208,6 @@ def load_into(model: nn.Module, weights: Weights, model_name: str = "the model")
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(f"{weights.name}: does not fit {model_name}: {first}") from None
     return model
-
-
-def build(
-    weights: Weights,
-    name: str | None = None,
-    num_classes: int | None = None,
-    in_channels: int | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """The model ``name`` (default: the one ``weights.config`` names, with its ``model_kwargs``) holding
-    ``weights``. ``num_classes`` / ``in_channels`` default to the config's; a config naming another
-    model or shape raises :class:`WeightsError`. ``kwargs`` are the builder's (not merged with the config's)."""
-    from onebit.models.registry import create, is_file_model
-
-    config = weights.config
-    run = config["config"] if config is not None else None
-    if name is None:
-        if run is None:
-            raise WeightsError(
-                f"{weights.name}: a weights file without a config.json naming its model: "
-                "build it with onebit.models.create(NAME, weights=...)"
-            )
-        name = run["model"]
-        kwargs = {**run.get("model_kwargs", {}), **kwargs}
-        if name.startswith("<"):
-            raise WeightsError(
-                f"{weights.ref}: trained with onebit.fit on a user's module {name}: build that module and "
-                "call onebit.models.weights.load_into(module, fetch_weights(ref))"
-            )
-        if is_file_model(name) and is_hub_ref(weights.ref):
-            raise WeightsError(
-                f"{weights.ref}: its model is defined in a Python file ({name}), which is not run from a Hub "
-                "reference: build it with onebit.models.create('path/to/file.py:NAME', weights=...)"
-            )
-    elif run is not None and run["model"] != name:
-        raise WeightsError(
-            f"{weights.ref} holds weights of model {run['model']!r}, not {name!r}: "
-            f"use create({run['model']!r}, weights=...) or onebit.models.from_pretrained(ref)"
-        )
-    for key, given in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if config is not None and given is not None and given != config[key]:
-            raise WeightsError(f"{weights.ref} was trained with {key}={config[key]}, not {key}={given}")
-    if num_classes is None:
-        num_classes = config["num_classes"] if config is not None else 10
-    if in_channels is None:
-        in_channels = config["in_channels"] if config is not None else 3
-    model = create(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
-    return load_into(model, weights, repr(name))
-
-
-def from_pretrained(ref: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """The model ``ref``'s ``config.json`` names (its ``model_kwargs`` updated by ``kwargs``), holding
-    ``ref``'s verified weights, in eval mode."""
-    return build(fetch_weights(ref), **kwargs).eval()
 
 
 # -- reading and checking ----------------------------------------------------------------------
