@@ -95,7 +95,6 @@ def test_the_engine_traces_with_the_shared_tracer():
     gm = lowering_trace.trace(model, torch.randn(1, 3, 6, 6))
     assert _module_calls(gm) == ["0"]
     assert lowering_trace.Tracer is tracing.Tracer
-    assert lowering_trace.IDENTITIES is layerkinds.IDENTITIES
     assert lowering_trace.drop_identities is tracing.drop_identities
     # a single leaf is traced as a one-layer Sequential: one call of it
     single = lowering_trace.trace(QActivation("ste_sign"), torch.randn(1, 3))

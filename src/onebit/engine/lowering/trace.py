@@ -8,10 +8,9 @@ import torch
 from torch import fx, nn
 
 from onebit.engine.lowering.state import UnsupportedModelError
-from onebit.layerkinds import IDENTITIES
-from onebit.tracing import Tracer, drop_identities, is_sign_threshold
+from onebit.tracing import Tracer, drop_identities
 
-__all__ = ["trace", "IDENTITIES", "drop_identities", "is_sign_threshold"]
+__all__ = ["trace"]
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
