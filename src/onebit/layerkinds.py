@@ -2,8 +2,8 @@
 
 Shared by the canonizers (:mod:`onebit.canonize`), the packed engine's lowering
 (:mod:`onebit.engine.lowering`), the tracer (:mod:`onebit.tracing`), the summary and the
-thresholds: a kind is named once, here. A tuple is for ``isinstance`` (subclasses count) or ``type(m) in`` (exact classes only);
-each reader says which it uses.
+thresholds: a kind is named once, here. A tuple is for ``isinstance`` (subclasses count) or
+``type(m) in`` (exact classes only); each reader says which it uses.
 """
 
 from __future__ import annotations
