@@ -161,9 +161,9 @@ def test_without_native_kernels_no_batchnorm_epilogue_or_bound_layer_is_made():
 
 @pytest.mark.skipif(not NATIVE, reason="BatchNorm epilogues need the native kernels")
 def test_a_batchnorm_whose_rounding_cannot_be_matched_stays_torchs_op(monkeypatch):
-    import onebit.engine.fuse as fuse_module
+    from onebit.engine import torch_rounding
 
-    monkeypatch.setattr(fuse_module, "batchnorm_epilogue", lambda *args: None)
+    monkeypatch.setattr(torch_rounding, "batchnorm_epilogue", lambda *args: None)
     graph, tensors = residual_block()
     steps = fuse(graph, tensors, native=True)
     assert labels(steps) == ["pack+binary_conv2d", "batch_norm", "add"]

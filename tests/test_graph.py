@@ -414,11 +414,11 @@ def test_validate_refuses_each_defect_naming_the_node_or_tensor(defect):
 THRESHOLD_DEFECTS = {
     "a direction of 0": (
         _tensor("c1.direction", torch.tensor([1, -1, 0, 1, -1], dtype=torch.int8)),
-        r"^graph node 'c1': tensor 'c1.direction' must hold only \+1 and -1$",
+        r"^graph node 'c1': tensor 'c1.direction': direction must hold only \+1 and -1, got direction\[2\] = 0$",
     ),
     "a direction of 2": (
         _tensor("c1.direction", torch.tensor([1, -1, 1, 2, -1], dtype=torch.int8)),
-        r"^graph node 'c1': tensor 'c1.direction' must hold only \+1 and -1$",
+        r"^graph node 'c1': tensor 'c1.direction': direction must hold only \+1 and -1, got direction\[3\] = 2$",
     ),
     "thresholds as int64": (
         _tensor("c1.thresholds", torch.zeros(5, dtype=torch.int64)),

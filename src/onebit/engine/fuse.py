@@ -26,10 +26,9 @@ from functools import partial
 
 import torch
 
-from onebit.engine import ops
+from onebit.engine import ops, torch_rounding
 from onebit.engine.graph import CONV_ATTRS, OPS, attrs
 from onebit.engine.steps import Epilogue, Step
-from onebit.engine.torch_rounding import batchnorm_epilogue
 
 __all__ = ["fuse", "Fusions"]
 
@@ -145,7 +144,9 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
 def _batchnorm_epilogue(bn: dict, tensors: dict) -> Epilogue | None:
     """A ``batch_norm`` node as a convolution's epilogue, or None when the kernels cannot round it as torch does."""
     t = {role: tensors[key] for role, key in bn.get("tensors", {}).items()}
-    fused = batchnorm_epilogue(t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), attrs(bn)["eps"])
+    fused = torch_rounding.batchnorm_epilogue(
+        t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), attrs(bn)["eps"]
+    )
     return None if fused is None else Epilogue(*fused)
 
 

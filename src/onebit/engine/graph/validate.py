@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from onebit.engine.geometry import used_bits
+from onebit.engine.geometry import check_direction, used_bits
 from onebit.engine.graph.ops import OPS
 from onebit.engine.graph.ranks import expected_layout, layouts_match, output_rank, produced_layout
 from onebit.engine.graph.schema import (
@@ -178,8 +178,11 @@ def _check_tensor(t: torch.Tensor, key: str, role: str, ts: TensorSpec, attrs: d
     problem = ts.check(t, attrs) if ts.check is not None else None
     if problem:
         raise GraphError(f"{where}: tensor {key!r} {problem}")
-    if role == "direction" and not bool(((t == 1) | (t == -1)).all()):
-        raise GraphError(f"{where}: tensor {key!r} must hold only +1 and -1")
+    if role == "direction":
+        try:
+            check_direction(t)
+        except ValueError as error:
+            raise GraphError(f"{where}: tensor {key!r}: {error}") from None
     if role in ("or_mask", "pad_words"):
         cg = attrs["channels"] // attrs["out_groups"]
         if bool(((t & _unused_bits(cg, t.shape[-1])) != 0).any()):
