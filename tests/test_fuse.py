@@ -297,7 +297,7 @@ def test_each_value_is_freed_after_its_last_reader_and_outputs_never():
     assert all(torch.equal(a, b) for a, b in zip(run_steps(steps, graph, x), run_nodes(graph, tensors, x)))
 
 
-def test_relayout_binary_conv_outputs_take_the_models_format_and_1d_convs_are_contiguous():
+def test_outputs_pass_on_as_written_but_1d_convs_are_contiguous_and_layout_bound_ops_get_the_models_layout():
     net = Net()
     xp = net.pack("xp")
     net.conv("c1", xp)
@@ -305,7 +305,10 @@ def test_relayout_binary_conv_outputs_take_the_models_format_and_1d_convs_are_co
     net.relu("r", "c1")
     graph, tensors = net.graph("r", "c2")
     steps = fuse(graph, tensors, native=False)
-    assert [(s.output, s.relayout) for s in steps] == [("xp", None), ("c1", "model"), ("c2", "contiguous"), ("r", None)]
+    assert [(s.output, s.relayout) for s in steps] == [("xp", None), ("c1", None), ("c2", "contiguous"), ("r", None)]
+    # binary convs and relu give the same values in any layout: none waits for the model's layout
+    assert [s.model_layout for s in steps] == [False, False, False, False]
+    assert all(s.model_layout == (not G.OPS[s.op].layout_free) for s in steps)
 
 
 def test_steps_carry_the_nodes_module_and_each_weighted_conv_its_own_cache():

@@ -13,6 +13,11 @@ fusion makes one native call of several nodes, with the same results:
   where the add is the only reader: the convolution adds the shortcut as it writes its output,
   as a Bi-Real block does. The fused step runs where the add was, so the shortcut is ready.
 
+Layouts: the native kernels write channels_last, and a step passes its output on as it is. Only an
+op whose rounding depends on the memory format (``OpSpec.layout_free`` false: float convs, adaptive
+average pools, ...) gets its inputs in the model's own layout (that of the model's input), where it
+rounds as the model's op does; every other op's values are the same in any layout.
+
 Thresholds (BatchNorm + sign as integer comparisons) are decided by the lowering, as graph ops
 (``binary_conv2d_threshold``, ``threshold_pack``, ``sign_threshold``): they are what the file
 stores. Each step also gets its op's runtime state: a weight cache for ops whose kernels keep
@@ -137,6 +142,7 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
             **{k: step.attrs[k] for k in CONV_ATTRS},
         )
     step.relayout = _relayout(node)
+    step.model_layout = not spec.layout_free
     step.run = spec.bind(step) if spec.bind is not None else partial(spec.fn, step.tensors, step.attrs)
     return step
 
@@ -151,17 +157,10 @@ def _batchnorm_epilogue(bn: dict, tensors: dict) -> Epilogue | None:
 
 
 def _relayout(node: dict) -> str | None:
-    """How a step's float output is laid out again.
-
-    Float outputs of binary layers take the memory format the model's own tensors have (the
-    native kernels write channels_last): float convs and adaptive pools round differently in the
-    two layouts, and the model's layout follows its input's. A 1-d conv is run as a 1 x k 2-d
-    conv: torch's conv1d returns a contiguous tensor, while a 2-d conv of an ambiguous
-    ``[N, C, 1, L]`` shape may choose channels_last."""
-    if node.get("conv1d"):
-        return "contiguous"
-    writes_channels_last = node["op"] == "binary_conv2d" or (node["op"] == "bitplane_conv2d" and not node.get("linear"))
-    return "model" if writes_channels_last else None
+    """How a step's float output is laid out again: a 1-d conv runs as a 1 x k 2-d conv, and torch's
+    conv1d returns a contiguous tensor, while a 2-d conv of an ambiguous ``[N, C, 1, L]`` shape may
+    choose channels_last."""
+    return "contiguous" if node.get("conv1d") else None
 
 
 def _mark_frees(steps: list[Step], outputs: set[str]) -> None:

@@ -106,7 +106,7 @@ class PackedModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
-        return self._output(self._run(x))
+        return self._output(self._run(x), _memory_format(x))
 
     def _run(self, x: torch.Tensor, times: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
         """Run the steps on ``x``: the values left (the outputs); each step's time appended to ``times``."""
@@ -114,6 +114,8 @@ class PackedModel(nn.Module):
         fmt = _memory_format(x)
         for k, step in enumerate(self._steps):
             args = [env[i] for i in step.inputs]
+            if step.model_layout:  # an op that rounds by layout runs in the model's own
+                args = [a.contiguous(memory_format=fmt) if a.dim() == 4 else a for a in args]
             start = time.perf_counter() if times is not None else 0.0
             try:
                 out = step.run(*args)
@@ -121,18 +123,16 @@ class PackedModel(nn.Module):
                 raise InputError(
                     f"PackedModel: {_where(step)} cannot take the input of shape {list(x.shape)}: {error}"
                 ) from error
-            relayout = step.relayout
-            env[step.output] = (
-                out if relayout is None else out.contiguous(memory_format=_relayout_format(relayout, fmt))
-            )
+            env[step.output] = out if step.relayout is None else out.contiguous()
             if times is not None:
                 times[k].append(time.perf_counter() - start)
             for ref in step.free:
                 del env[ref]
         return env
 
-    def _output(self, env: dict[str, torch.Tensor]):
-        outs = [env[o] for o in self.graph["outputs"]]
+    def _output(self, env: dict[str, torch.Tensor], fmt: torch.memory_format):
+        """The graph's outputs, as the model returns them (4-d ones in the model's memory format)."""
+        outs = [env[o].contiguous(memory_format=fmt) if env[o].dim() == 4 else env[o] for o in self.graph["outputs"]]
         kind = self.graph.get("output_kind", "tensor")
         if kind == "tensor":
             return outs[0]
@@ -213,10 +213,6 @@ class PackedModel(nn.Module):
 def _where(step: Step) -> str:
     """A step as an error names it: its model's module, else its value."""
     return f"layer '{step.module}' (op {step.label})" if step.module else f"op {step.output!r} ({step.label})"
-
-
-def _relayout_format(relayout: str, model_format: torch.memory_format) -> torch.memory_format:
-    return torch.contiguous_format if relayout == "contiguous" else model_format
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -40,7 +40,10 @@ class Step:
     layer: Callable | None = None  #: a binary conv's bound native call (``kernels.ConvLayer``), operands checked once
     epilogue: Epilogue | None = None  #: a BatchNorm fused into a binary conv
     free: tuple[str, ...] = ()  #: values no later step reads: dropped after this one
-    relayout: str | None = None  #: None, "model" (the memory format of the model's input) or "contiguous"
+    #: its 4-d inputs in the model's memory format first (an op whose rounding depends on the layout: it
+    #: runs as the model's op runs); a layout-free op takes them as they come
+    model_layout: bool = False
+    relayout: str | None = None  #: None, or "contiguous": its output laid out as torch's op returns it
     label: str = ""  #: the op, with what it fused (e.g. ``pack+binary_conv2d+batch_norm+add``)
     module: str = ""  #: the model's module it comes from ("" when none)
     run: Callable = field(default=None, repr=False)  #: the bound op: ``run(*inputs) -> Tensor``

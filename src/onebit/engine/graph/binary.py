@@ -147,9 +147,13 @@ def group_words(a):
 
 BINARY_OPS: dict[str, OpSpec] = {
     "pack": OpSpec(
-        _pack, (FLOAT,), PACKED, {"padding": pair(0, 1 << 10), "pad_value": padding_value, "groups": integer(1)}
+        _pack,
+        (FLOAT,),
+        PACKED,
+        {"padding": pair(0, 1 << 10), "pad_value": padding_value, "groups": integer(1)},
+        layout_free=True,
     ),
-    "pack_features": OpSpec(_pack_features, (FLOAT,), PACKED, {"features": integer(1)}),
+    "pack_features": OpSpec(_pack_features, (FLOAT,), PACKED, {"features": integer(1)}, layout_free=True),
     "binary_conv2d": OpSpec(
         _binary_conv2d,
         (PACKED,),
@@ -164,6 +168,7 @@ BINARY_OPS: dict[str, OpSpec] = {
         bind=_bind_binary_conv2d,
         weight_cache=True,
         packs_input=True,
+        layout_free=True,
     ),
     "binary_conv2d_threshold": OpSpec(
         _binary_conv2d_threshold,
@@ -179,6 +184,7 @@ BINARY_OPS: dict[str, OpSpec] = {
         bind=_bind_binary_conv2d_threshold,
         weight_cache=True,
         packs_input=True,
+        layout_free=True,
     ),
     "threshold_pack": OpSpec(
         _threshold_pack,
@@ -187,6 +193,7 @@ BINARY_OPS: dict[str, OpSpec] = {
         {"out_channels": integer(1), **THRESHOLD_ATTRS},
         {"thresholds": TensorSpec(torch.int32, per_out_channel), "direction": TensorSpec(torch.int8, per_out_channel)},
         lambda a: check_out_groups(a),
+        layout_free=True,
     ),
     "max_pool_bits": OpSpec(
         _max_pool_bits,
@@ -206,6 +213,7 @@ BINARY_OPS: dict[str, OpSpec] = {
             "pad_words": TensorSpec(torch.int64, group_words),
         },
         lambda a: check_out_groups({**a, "out_channels": a["channels"]}),
+        layout_free=True,
     ),
     "binary_linear": OpSpec(
         _binary_linear,
@@ -219,6 +227,7 @@ BINARY_OPS: dict[str, OpSpec] = {
             "scale": TensorSpec(F32, per_out_feature, required=False),
             "bias": TensorSpec(F32, per_out_feature, required=False),
         },
+        layout_free=True,
     ),
     "binary_linear_threshold": OpSpec(
         _binary_linear_threshold,
@@ -232,5 +241,6 @@ BINARY_OPS: dict[str, OpSpec] = {
             "thresholds": TensorSpec(torch.int32, per_out_feature),
             "direction": TensorSpec(torch.int8, per_out_feature),
         },
+        layout_free=True,
     ),
 }

@@ -59,10 +59,10 @@ def _batch_norm(t, a, x):
 def _max_pool2d(t, a, x):
     if x.dim() == 4 and x.shape[1] > 1 and statically_known_true(x.numel() >= 16384) and x.is_contiguous():
         # torch's NCHW max pooling is several times slower than its channels_last one; a max
-        # rounds nothing, so pool channels_last and hand back the NCHW layout the model has.
+        # rounds nothing, so pool channels_last (a layout-free op: the output stays channels_last).
         # Traced with a symbolic batch, the size is unknown and the plain pool is traced: the
         # choice never becomes a guard bounding the program's batch (torch.export's Dim)
-        y = F.max_pool2d(
+        return F.max_pool2d(
             x.contiguous(memory_format=torch.channels_last),
             a["kernel_size"],
             a["stride"],
@@ -70,7 +70,6 @@ def _max_pool2d(t, a, x):
             a["dilation"],
             ceil_mode=a["ceil_mode"],
         )
-        return y.contiguous()
     return F.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"])
 
 
@@ -218,6 +217,7 @@ FLOAT_OPS: dict[str, OpSpec] = {
             "weight": TensorSpec(F32, per_feature, required=False),
             "bias": TensorSpec(F32, per_feature, required=False),
         },
+        layout_free=True,
     ),
     "max_pool2d": OpSpec(
         _max_pool2d,
@@ -225,6 +225,7 @@ FLOAT_OPS: dict[str, OpSpec] = {
         FLOAT,
         {"kernel_size": pair(1), "stride": pair(1), "padding": pair(0), "dilation": pair(1), "ceil_mode": boolean},
         check=lambda a: _check_pool_padding(a),
+        layout_free=True,
     ),
     "avg_pool2d": OpSpec(
         _avg_pool2d,
@@ -239,26 +240,38 @@ FLOAT_OPS: dict[str, OpSpec] = {
             "divisor_override": optional(integer(1)),
         },
         check=lambda a: _check_pool_padding(a),
+        layout_free=True,
     ),
     "adaptive_avg_pool2d": OpSpec(_adaptive_avg_pool2d, (FLOAT,), FLOAT, {"output_size": pair(1)}),
-    "adaptive_max_pool2d": OpSpec(_adaptive_max_pool2d, (FLOAT,), FLOAT, {"output_size": pair(1)}),
-    "flatten": OpSpec(_flatten, (FLOAT,), FLOAT, {"start_dim": integer(-8, 8), "end_dim": integer(-8, 8)}),
-    "reshape": OpSpec(_reshape, (FLOAT,), FLOAT, {"shape": int_list}, check=lambda a: _check_shape(a)),
-    "add": OpSpec(_add, (FLOAT, "..."), FLOAT, {"other": number, "alpha": number}),
-    "mul": OpSpec(_mul, (FLOAT, "..."), FLOAT, {"other": number}),
-    "div": OpSpec(_div, (FLOAT,), FLOAT, {"other": number}),
-    "roll": OpSpec(_roll, (FLOAT,), FLOAT, {"shifts": integer(-(1 << 30), 1 << 30), "dim": integer(-8, 8)}),
-    "twist_mix": OpSpec(_twist_mix, (FLOAT, FLOAT, FLOAT), FLOAT),
-    "cat": OpSpec(_cat, (FLOAT, "..."), FLOAT, {"dim": integer(-8, 8)}),
-    "relu": OpSpec(_relu, (FLOAT,), FLOAT),
-    "relu6": OpSpec(_relu6, (FLOAT,), FLOAT),
-    "leaky_relu": OpSpec(_leaky_relu, (FLOAT,), FLOAT, {"negative_slope": number}),
-    "hardtanh": OpSpec(
-        _hardtanh, (FLOAT,), FLOAT, {"min_val": number, "max_val": number}, check=lambda a: _check_order(a)
+    "adaptive_max_pool2d": OpSpec(_adaptive_max_pool2d, (FLOAT,), FLOAT, {"output_size": pair(1)}, layout_free=True),
+    "flatten": OpSpec(
+        _flatten, (FLOAT,), FLOAT, {"start_dim": integer(-8, 8), "end_dim": integer(-8, 8)}, layout_free=True
     ),
-    "prelu": OpSpec(_prelu, (FLOAT,), FLOAT, {}, {"weight": TensorSpec(F32, any_length)}),
+    "reshape": OpSpec(
+        _reshape, (FLOAT,), FLOAT, {"shape": int_list}, check=lambda a: _check_shape(a), layout_free=True
+    ),
+    "add": OpSpec(_add, (FLOAT, "..."), FLOAT, {"other": number, "alpha": number}, layout_free=True),
+    "mul": OpSpec(_mul, (FLOAT, "..."), FLOAT, {"other": number}, layout_free=True),
+    "div": OpSpec(_div, (FLOAT,), FLOAT, {"other": number}, layout_free=True),
+    "roll": OpSpec(
+        _roll, (FLOAT,), FLOAT, {"shifts": integer(-(1 << 30), 1 << 30), "dim": integer(-8, 8)}, layout_free=True
+    ),
+    "twist_mix": OpSpec(_twist_mix, (FLOAT, FLOAT, FLOAT), FLOAT, layout_free=True),
+    "cat": OpSpec(_cat, (FLOAT, "..."), FLOAT, {"dim": integer(-8, 8)}, layout_free=True),
+    "relu": OpSpec(_relu, (FLOAT,), FLOAT, layout_free=True),
+    "relu6": OpSpec(_relu6, (FLOAT,), FLOAT, layout_free=True),
+    "leaky_relu": OpSpec(_leaky_relu, (FLOAT,), FLOAT, {"negative_slope": number}, layout_free=True),
+    "hardtanh": OpSpec(
+        _hardtanh,
+        (FLOAT,),
+        FLOAT,
+        {"min_val": number, "max_val": number},
+        check=lambda a: _check_order(a),
+        layout_free=True,
+    ),
+    "prelu": OpSpec(_prelu, (FLOAT,), FLOAT, {}, {"weight": TensorSpec(F32, any_length)}, layout_free=True),
     "sigmoid": OpSpec(_sigmoid, (FLOAT,), FLOAT),
     "tanh": OpSpec(_tanh, (FLOAT,), FLOAT),
     "softmax": OpSpec(_softmax, (FLOAT,), FLOAT, {"dim": integer(-8, 8)}),
-    "identity": OpSpec(_identity, (FLOAT,), FLOAT),
+    "identity": OpSpec(_identity, (FLOAT,), FLOAT, layout_free=True),
 }

@@ -246,7 +246,7 @@ QUANTIZED_OPS: dict[str, OpSpec] = {
         defaults={"input_divisor": None},
         bind=_bind_levels(_qlinear),
     ),
-    "sign": OpSpec(_sign, (FLOAT,), FLOAT),
+    "sign": OpSpec(_sign, (FLOAT,), FLOAT, layout_free=True),
     "sign_threshold": OpSpec(
         _sign_threshold,
         (FLOAT,),
@@ -256,14 +256,16 @@ QUANTIZED_OPS: dict[str, OpSpec] = {
             "thresholds": TensorSpec(torch.int32, lambda a: (a["channels"],)),
             "direction": TensorSpec(torch.int8, lambda a: (a["channels"],)),
         },
+        layout_free=True,
     ),
-    "dorefa": OpSpec(_dorefa, (FLOAT,), FLOAT, {"bits": integer(1, 16)}),
-    "dorefa_sym": OpSpec(_dorefa_sym, (FLOAT,), FLOAT, {"bits": integer(1, 16), "clip": positive}),
+    "dorefa": OpSpec(_dorefa, (FLOAT,), FLOAT, {"bits": integer(1, 16)}, layout_free=True),
+    "dorefa_sym": OpSpec(_dorefa_sym, (FLOAT,), FLOAT, {"bits": integer(1, 16), "clip": positive}, layout_free=True),
     "quantize_int": OpSpec(
         _quantize_int,
         (FLOAT,),
         FLOAT,
         {"kind": choice("dorefa", "dorefa_sym"), "bits": integer(1, 16), "clip": positive},
+        layout_free=True,
     ),
     "bitplane_conv2d": OpSpec(
         _bitplane_conv2d,
@@ -301,6 +303,7 @@ QUANTIZED_OPS: dict[str, OpSpec] = {
         check_groups,
         bind=_bind_bitplane_conv2d,
         weight_cache=True,
+        layout_free=True,
     ),
     "ternary_linear": OpSpec(
         _ternary_linear,

@@ -180,6 +180,10 @@ class OpSpec:
     bind: Callable | None = None  # step -> the step's runner (see above)
     weight_cache: bool = False  # its native kernels keep the prepared weights between calls (a WeightCache)
     packs_input: bool = False  # a binary conv that takes the float input and packs it itself
+    #: its values do not depend on the memory format of its inputs (exact, or computed element by element
+    #: in the same order in both): a packed model runs it in the layout its input comes in; other ops
+    #: get their inputs in the model's own layout, where they round as the model's op rounds
+    layout_free: bool = False
 
 
 # ---------------------------------------------------------------------------
