@@ -11,7 +11,7 @@ from torch import nn
 
 from onebit.batchnorm import batchnorm_affine
 from onebit.canonize import merge
-from onebit.engine.lowering import operands
+from onebit.engine.fuse.batchnorm import folded_scale_bias
 
 
 def _batchnorm(c: int = 16, affine: bool = True, seed: int = 0) -> nn.BatchNorm2d:
@@ -83,7 +83,7 @@ def test_merge_and_the_engine_use_it():
     want = batchnorm_affine(bn, reciprocal=True)
     assert torch.equal(s, want[0]) and torch.equal(t, want[1])
     scale = torch.rand(16) + 0.5
-    new_scale, new_bias = operands.fold_batchnorm(bn, scale, None)
+    new_scale, new_bias = folded_scale_bias(bn, scale, None)
     s, t = batchnorm_affine(bn, scale, torch.zeros(16, dtype=torch.float64))
     assert new_scale.dtype == torch.float32 and torch.equal(new_scale, s.float()) and torch.equal(new_bias, t.float())
     x = torch.randn(2, 16, 3, 3)

@@ -1,5 +1,5 @@
 """The operands of quantized layers: their weights as levels, bits and scales, their inputs
-quantized or packed, and the integer thresholds a BatchNorm + sign becomes."""
+quantized or packed."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ import torch
 from torch import fx, nn
 
 from onebit import quant
-from onebit.batchnorm import batchnorm_affine
 from onebit.engine import ops
 from onebit.engine.lowering.attrs import float_copy
 from onebit.engine.lowering.patterns import binary_weight, is_sign_quantizer
 from onebit.engine.lowering.state import Lowering
 from onebit.nn import functional as QF
 from onebit.nn.layers import QLinear
-from onebit.thresholds import batchnorm_sign_thresholds
-from onebit.tracing import is_sign_threshold
 
 # -- weights ------------------------------------------------------------------
 
@@ -144,57 +141,26 @@ def layer_input(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> tuple[str
 
 
 def packed_input(low: Lowering, node: fx.Node, src: Any, layout: tuple) -> str:
-    """``src`` packed in a binary conv's input ``layout`` (:func:`~.patterns.conv_layout`), packed
-    once per value and layout: a thresholded chain's bits, or a ``pack`` of its float value."""
-    key = (src, layout)
-    if key in low.packed:
-        return low.packed[key]
+    """``src`` packed in a binary conv's input ``layout`` (:func:`~.patterns.conv_layout`): one
+    ``pack`` per float value and layout."""
     name = low.arg(node, src)
     name = low.sign_source.get(name, name)  # pack(sign(x)) == pack(x): the same bits
-    vkey = (name, layout)
-    if vkey not in low.packed:
+    key = (name, layout)
+    if key not in low.packed:
         padding, pad_value, groups, _ = layout
-        low.packed[vkey] = low.emit(
+        low.packed[key] = low.emit(
             f"{name}_packed", "pack", [name], {"padding": list(padding), "pad_value": pad_value, "groups": groups}
         )
-    return low.packed[vkey]
+    return low.packed[key]
 
 
 def packed_features(low: Lowering, node: fx.Node, m: QLinear) -> str:
     """A binary linear layer's ``[N, features]`` input packed (``pack_features``), once per value."""
-    layout = ("features", int(m.in_features))
-    xp = low.packed.get((node.args[0], layout))
-    if xp is not None:
-        return xp
     x = low.arg(node, node.args[0])
     x = low.sign_source.get(x, x)
-    key = (x, layout)
+    key = (x, ("features", int(m.in_features)))
     if key not in low.packed:
         low.packed[key] = low.emit(
             f"{x}_packed", "pack_features", [x], {"features": int(m.in_features)}, module=node.target
         )
     return low.packed[key]
-
-
-# -- thresholds ---------------------------------------------------------------
-
-
-def thresholds_of(module: nn.Module, bound: int, scale, bias) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int32 thresholds, int8 directions) of a BatchNorm (derived) or a canonized SignThreshold (given)."""
-    if is_sign_threshold(module):
-        thr, direction = module.threshold.detach(), module.direction.detach()
-        # the kernels compare int32: clamp to the reachable range, which keeps every decision
-        thr = thr.to(torch.int64).clamp(-bound - 1, bound + 1)
-    else:
-        th = batchnorm_sign_thresholds(module, bound, scale=scale, bias=bias)
-        thr, direction = th.threshold, th.direction
-    return thr.to(torch.int32).contiguous(), direction.to(torch.int8).contiguous()
-
-
-def fold_batchnorm(bn: nn.BatchNorm2d, scale: torch.Tensor, bias: torch.Tensor | None):
-    """``bn(acc * scale + bias) = acc * scale' + bias'``: :func:`onebit.batchnorm.batchnorm_affine`
-    in float64 (a missing bias as zeros), rounded once to float32."""
-    if bias is None:
-        bias = torch.zeros(bn.num_features, dtype=torch.float64)
-    new_scale, new_bias = batchnorm_affine(bn, scale, bias)
-    return new_scale.float().contiguous(), new_bias.float().contiguous()

@@ -1,7 +1,7 @@
 """The emitters of onebit's quantized layers.
 
 An emitter ``emitter(low, node, m)`` writes the ops of layer ``m`` (the fx ``node`` calling it)
-and sets ``low.value`` of every fx node it computes (a BatchNorm it folds into thresholds too).
+and sets its ``low.value``; it fuses nothing (:mod:`onebit.engine.fuse` does).
 :data:`QUANTIZED` lists them in order as ``(predicate(low, node, m), emitter)``: the first whose
 predicate holds lowers the layer. A new quantized layer is one emitter and one entry.
 """
@@ -18,14 +18,12 @@ from onebit.engine.lowering.operands import (
     binary_weights,
     clip,
     float_layer_tensors,
-    fold_batchnorm,
     input_kind,
     integer_divisor,
     layer_input,
     packed_features,
     packed_input,
     quantize,
-    thresholds_of,
     weight_factors,
 )
 from onebit.engine.lowering.patterns import (
@@ -36,17 +34,13 @@ from onebit.engine.lowering.patterns import (
     conv_layout,
     is_sign_quantizer,
     is_ternary_linear,
-    linear_threshold_chain,
     note_fallback,
-    single_batchnorm_user,
-    threshold_chain,
 )
 from onebit.engine.lowering.state import Lowering
 from onebit.nn import functional as QF
 from onebit.nn.bitlinear import BitLinear
 from onebit.nn.layers import QConv1d, QConv2d, QLinear
 from onebit.nn.twist import TwistConv2d
-from onebit.thresholds import accumulator_bound
 
 
 def _padding_reason(m: nn.Module) -> str:
@@ -63,91 +57,13 @@ def _padding_reason(m: nn.Module) -> str:
 
 def emit_binary_conv(low: Lowering, node: fx.Node, m: QConv2d) -> None:
     """A binary QConv2d the packed kernels run: ``pack`` (shared by every conv reading the same
-    value in the same layout) + ``binary_conv2d``, or the thresholded chain that keeps the output
-    packed (:func:`~.patterns.threshold_chain`)."""
-    chain = threshold_chain(low, node, m)
+    value in the same layout) + ``binary_conv2d`` with the per-channel scale and bias."""
     layout = conv_layout(m)
     xp = packed_input(low, node, node.args[0], layout)
     wp, scale = binary_weights(m)
-    bias = float_copy(m.bias)
     conv = conv_attrs(m, m.kernel_size, m.stride, layout[0], m.dilation, m.pad_value)
-    if chain is None and scale is not None and low.fold_batchnorm:
-        bn_node = single_batchnorm_user(low, node, m.out_channels)
-        if bn_node is not None:
-            # fold_batchnorm=True: the following BatchNorm goes into the per-channel scale and
-            # bias (one op less; equal to the model up to float rounding, not bit for bit)
-            scale, bias = fold_batchnorm(low.modules[bn_node.target], scale, bias)
-            low.value[bn_node] = low.emit(
-                node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target
-            )
-            low.skip.add(bn_node)
-            return
-    if chain is None:
-        low.value[node] = low.emit(
-            node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": bias}, node.target
-        )
-        return
-    _emit_threshold_chain(low, node, m, chain, xp, wp, scale, bias, conv)
-
-
-def _emit_threshold_chain(
-    low: Lowering, node: fx.Node, m: QConv2d, chain: tuple, xp: str, wp: torch.Tensor, scale, bias, conv: dict
-) -> None:
-    """conv -> [max pool] -> BatchNorm -> sign as ``binary_conv2d_threshold`` [+ ``max_pool_bits``]:
-    the readers' packed input, written directly."""
-    pool, bn_node, out_layout, sign_node = chain
-    bound = accumulator_bound(m.in_channels, m.groups, m.kernel_size)
-    thr, direction = thresholds_of(low.modules[bn_node.target], bound, scale, bias)
-    out = {"out_padding": list(out_layout[0]), "out_pad_value": out_layout[1], "out_groups": out_layout[2]}
-    if pool is None:
-        packed = low.emit(
-            node.name,
-            "binary_conv2d_threshold",
-            [xp],
-            {**conv, **out},
-            {"weight": wp, "thresholds": thr, "direction": direction},
-            node.target,
-        )
-    else:
-        bits = low.emit(
-            node.name,
-            "binary_conv2d_threshold",
-            [xp],
-            {**conv, "out_padding": [0, 0], "out_pad_value": 0.0, "out_groups": out_layout[2]},
-            {"weight": wp, "thresholds": thr, "direction": direction},
-            node.target,
-        )
-        packed = _emit_pooled_bits(low, pool, int(m.out_channels), direction, out, bits)
-        low.skip.add(pool)
-    low.skip.add(bn_node)
-    low.packed[(bn_node, out_layout)] = packed
-    if sign_node is not None:  # the NoAct convs read the thresholded bits as their +-1 input
-        low.skip.add(sign_node)
-        low.packed_signs.add(sign_node)
-        low.packed[(sign_node, out_layout)] = packed
-
-
-def _emit_pooled_bits(low: Lowering, pool: fx.Node, c: int, direction: torch.Tensor, out: dict, bits: str) -> str:
-    """The max pool of thresholded bits (``max_pool_bits``): max(acc) < thr iff all acc < thr,
-    max(acc) > thr iff any acc > thr, so the pool of the bits is an AND (direction +1) or an OR (-1)."""
-    g = out["out_groups"]
-    p = low.modules[pool.target]
-    stride = p.stride if p.stride is not None else p.kernel_size
-    or_signs = torch.where(direction.view(1, c, 1, 1) < 0, -1.0, 1.0).to(torch.float32)
-    or_mask = ops.pack_activations(or_signs.contiguous(), (0, 0), 0.0, g).view(g, -1).contiguous()
-    pad_signs = torch.full((1, c, 1, 1), -1.0 if out["out_pad_value"] < 0 else 1.0)
-    pad_words = ops.pack_activations(pad_signs, (0, 0), 0.0, g).view(g, -1).contiguous()
-    attrs = {
-        "channels": c,
-        "kernel_size": pair(p.kernel_size),
-        "stride": pair(stride),
-        "padding": pair(p.padding),
-        "dilation": pair(p.dilation),
-        "ceil_mode": bool(p.ceil_mode),
-        **out,
-    }
-    return low.emit(
-        f"{pool.name}_bits", "max_pool_bits", [bits], attrs, {"or_mask": or_mask, "pad_words": pad_words}, pool.target
+    low.value[node] = low.emit(
+        node.name, "binary_conv2d", [xp], conv, {"weight": wp, "scale": scale, "bias": float_copy(m.bias)}, node.target
     )
 
 
@@ -305,8 +221,7 @@ def emit_bitplane(low: Lowering, node: fx.Node, m: nn.Module) -> None:
 
 
 def emit_qlinear(low: Lowering, node: fx.Node, m: QLinear) -> None:
-    """A QLinear: ``pack_features`` + ``binary_linear`` (or ``binary_linear_threshold`` before a
-    BatchNorm1d read only by binary linear layers) when binary on ``[N, features]``; else as the
+    """A QLinear: ``pack_features`` + ``binary_linear`` when binary on ``[N, features]``; else as the
     model runs it: quantized input, ``qlinear`` of the weight levels."""
     binary = binary_input(low, node, m) and binary_weight(m.weight_quantizer)
     in_shape = low.shape(node.args[0])
@@ -326,25 +241,10 @@ def emit_qlinear(low: Lowering, node: fx.Node, m: QLinear) -> None:
 def _emit_binary_linear(low: Lowering, node: fx.Node, m: QLinear) -> None:
     xp = packed_features(low, node, m)
     wp, scale = binary_weights(m)
-    bias = float_copy(m.bias)
     attrs = {"in_features": int(m.in_features), "out_features": int(m.out_features)}
-    bn_node = linear_threshold_chain(low, node, m)
-    if bn_node is None:
-        low.value[node] = low.emit(
-            node.name, "binary_linear", [xp], attrs, {"weight": wp, "scale": scale, "bias": bias}, node.target
-        )
-        return
-    thr, direction = thresholds_of(low.modules[bn_node.target], int(m.in_features), scale, bias)
-    packed = low.emit(
-        node.name,
-        "binary_linear_threshold",
-        [xp],
-        attrs,
-        {"weight": wp, "thresholds": thr, "direction": direction},
-        node.target,
+    low.value[node] = low.emit(
+        node.name, "binary_linear", [xp], attrs, {"weight": wp, "scale": scale, "bias": float_copy(m.bias)}, node.target
     )
-    low.skip.add(bn_node)
-    low.packed[(bn_node, ("features", int(m.out_features)))] = packed
 
 
 def emit_ternary_linear(low: Lowering, node: fx.Node, m: QLinear) -> None:

@@ -17,24 +17,20 @@ class Lowering:
     """What lowering a traced model has built so far.
 
     ``value`` maps an fx node to the name of the graph value holding its float result; ``packed``
-    maps ``(float value name | fx node, layout)`` to the packed copy of that value, so that every
-    value is packed once per layout. ``skip`` holds the fx nodes an emitter already computed (a
-    BatchNorm folded into thresholds), which the walk passes over.
+    maps ``(float value name, layout)`` to the packed copy of that value, so that every value is
+    packed once per layout.
     """
 
-    def __init__(self, gm: fx.GraphModule, example: torch.Tensor, fold_batchnorm: bool = False):
+    def __init__(self, gm: fx.GraphModule, example: torch.Tensor):
         self.gm = gm
         self.modules: dict[str, nn.Module] = dict(gm.named_modules())
         self.example = example
-        self.fold_batchnorm = fold_batchnorm
         self.fallbacks: list[dict[str, str]] = []  # binary layers that run in float, with the reason
         self.sign_source: dict[str, str] = {}  # a sign op's output value -> the float value it signs
-        self.packed_signs: set[fx.Node] = set()  # sign activations that exist only as packed thresholds
         self.nodes: list[dict] = []
         self.tensors: dict[str, torch.Tensor] = {}
         self.value: dict[fx.Node, str] = {}
-        self.packed: dict[tuple, str] = {}  # (float value name | fx node, layout) -> packed value name
-        self.skip: set[fx.Node] = set()
+        self.packed: dict[tuple, str] = {}  # (float value name, layout) -> packed value name
         self.names: set[str] = {"input"}
 
     def name(self, base: str) -> str:

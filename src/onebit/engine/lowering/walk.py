@@ -66,8 +66,6 @@ def walk(low: Lowering) -> dict:
     graph_input = None
     output = None
     for node in low.gm.graph.nodes:
-        if node in low.skip:
-            continue
         if node.op == "placeholder":
             if graph_input is not None:
                 raise UnsupportedModelError("the packed engine supports models with one tensor input")

@@ -1,7 +1,7 @@
 """``fuse``: a graph and its tensors -> the list of :class:`~onebit.engine.steps.Step` a packed model runs.
 
-The one stage where graph nodes become calls. It reads the graph and changes nothing in it; a
-fusion makes one native call of several nodes, with the same results:
+Where graph nodes become calls. It reads the graph and changes nothing in it; a step fusion makes
+one native call of several nodes, with the same results:
 
 - ``pack`` read only by one binary convolution: the convolution takes the float input and packs
   it itself (one pass over the threads; the bits stay in the caches);
@@ -18,10 +18,10 @@ op whose rounding depends on the memory format (``OpSpec.layout_free`` false: fl
 average pools, ...) gets its inputs in the model's own layout (that of the model's input), where it
 rounds as the model's op does; every other op's values are the same in any layout.
 
-Thresholds (BatchNorm + sign as integer comparisons) are decided by the lowering, as graph ops
-(``binary_conv2d_threshold``, ``threshold_pack``, ``sign_threshold``): they are what the file
-stores. Each step also gets its op's runtime state: a weight cache for ops whose kernels keep
-prepared weights, and a binary conv's bound native layer (operands checked once).
+Thresholds (BatchNorm + sign as integer comparisons) and BatchNorm folding are graph passes before
+this stage (:mod:`.thresholds`, :mod:`.batchnorm`): their ops are what the file stores. Each step
+also gets its op's runtime state: a weight cache for ops whose kernels keep prepared weights, and
+a binary conv's bound native layer (operands checked once).
 """
 
 from __future__ import annotations
