@@ -7,9 +7,9 @@ r"""The BatchNorm -> sign chain: a per-channel map whose every reader takes its 
 an integer (identities, max pooling), the whole chain is one integer comparison per channel.
 
 The canonizer (:func:`onebit.canonize.fold_thresholds`, on its graphs of
-:class:`~onebit.canonize.adjacency._Node`) and the packed engine's lowering
-(:mod:`onebit.engine.lowering.patterns`, on the traced ``torch.fx`` graph) both find chains with
-:func:`find_sign_chain`. Each sees its graph through a :class:`ChainView`, which also says which
+:class:`~onebit.canonize.adjacency._Node`) and the packed engine's threshold pass
+(:mod:`onebit.engine.fuse.thresholds`, on the engine graph, where a ``pack`` takes the sign) both
+find chains with :func:`find_sign_chain`. Each sees its graph through a :class:`ChainView`, which also says which
 steps it crosses; what each then asks of the source and of the readers is its own.
 """
 

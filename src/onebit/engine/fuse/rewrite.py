@@ -30,6 +30,7 @@ class GraphView:
 
     def __init__(self, graph: dict) -> None:
         self.outputs = set(graph["outputs"])
+        self.nodes = {node["name"]: node for node in graph["nodes"]}
         self.names = {node["name"] for node in graph["nodes"]} | {graph["input"]["name"]}
         self.readers: dict[str, list[dict]] = {}
         for node in graph["nodes"]:

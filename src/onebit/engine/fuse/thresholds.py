@@ -25,10 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from onebit import quant
 from onebit.engine import ops
 from onebit.engine.fuse.batchnorm import batchnorm_module
 from onebit.engine.fuse.rewrite import GraphView, Rewrite, node_tensors, tensor_key
+from onebit.sign_chain import find_sign_chain
 from onebit.thresholds import accumulator_bound, batchnorm_sign_thresholds
 
 __all__ = ["ThresholdChain", "find_threshold_chain", "fuse_thresholds"]
@@ -36,7 +39,7 @@ __all__ = ["ThresholdChain", "find_threshold_chain", "fuse_thresholds"]
 
 @dataclass(frozen=True)
 class _Family:
-    """The ops of one kind of binary layer: the layer, the pack its readers read, the readers."""
+    """The ops of one kind of binary layer: the layer, its thresholded form, the pack its readers read, the readers."""
 
     layer: str
     fused: str
@@ -49,6 +52,8 @@ _LINEAR = _Family(
     "binary_linear", "binary_linear_threshold", "pack_features", ("binary_linear", "binary_linear_threshold")
 )
 _FAMILIES = {family.layer: family for family in (_CONV, _LINEAR)}
+#: what a pack applies to its input before it packs it
+_PACK_SIGN = quant.Sign()
 
 
 @dataclass(frozen=True)
@@ -78,26 +83,61 @@ def fuse_thresholds(graph: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict
 
 
 def find_threshold_chain(view: GraphView, layer: dict) -> ThresholdChain | None:
-    """The chain from binary ``layer`` to its readers' pack, when every value in it has one reader
-    (and is no output) and the pack's readers are all binary layers of the same family; else None."""
+    """The chain from binary ``layer`` to its readers' pack (:func:`onebit.sign_chain.find_sign_chain`
+    on the engine graph), when the layer and its max pool have one reader each, the BatchNorm's only
+    reader is one pack, and that pack's readers are all binary layers of the layer's family; else None."""
     family = _FAMILIES.get(layer["op"])
-    if family is None:
+    first = None if family is None else view.only_reader(layer)
+    if first is None:
         return None
-    pool = None
-    decision = view.only_reader(layer)
-    if decision is not None and decision["op"] == "max_pool2d" and family is _CONV:
-        pool, decision = decision, view.only_reader(decision)
+    pool = first if first["op"] == "max_pool2d" and family is _CONV else None
+    decision = first if pool is None else view.only_reader(pool)
     if decision is None or not _decides_signs(decision, layer):
         return None
-    pack = view.only_reader(decision)
-    if pack is None or pack["op"] != family.pack:
+    chain = find_sign_chain(_SignChainView(view), decision)
+    if chain.problem is not None or chain.source is not layer or len(chain.readers) != 1:
         return None
+    pack = chain.readers[0]
     readers = view.readers_of(pack)
-    if not readers or pack["name"] in view.outputs:
+    if pack["op"] != family.pack or not readers or pack["name"] in view.outputs:
         return None
     if not all(r["op"] in family.readers and r["inputs"] == [pack["name"]] for r in readers):
         return None
     return ThresholdChain(layer, pool, decision, pack)
+
+
+class _SignChainView:
+    """The engine graph as a :class:`~onebit.sign_chain.ChainView`: a ``pack`` / ``pack_features``
+    takes the sign of its input first (its bit is set where the value is negative, as a sign
+    quantizer gives -1); between a layer and its BatchNorm one ``max_pool2d`` read once; nothing
+    after the BatchNorm. A graph output is a reader that takes no sign."""
+
+    _PACKS = ("pack", "pack_features")
+    _OUTPUT = {"name": "", "op": "output", "inputs": []}
+
+    def __init__(self, view: GraphView) -> None:
+        self.view = view
+
+    def inputs(self, node: dict) -> list[dict]:
+        return [self.view.nodes[ref] for ref in node["inputs"] if ref in self.view.nodes]
+
+    def users(self, node: dict) -> list[dict]:
+        return self.view.readers_of(node) + ([self._OUTPUT] if node["name"] in self.view.outputs else [])
+
+    def module(self, node: dict) -> nn.Module | None:
+        return _PACK_SIGN if node["op"] in self._PACKS else None
+
+    def reads_alone(self, node: dict, value: dict) -> bool:
+        return node["inputs"] == [value["name"]]
+
+    def crosses_before(self, node: dict) -> bool:
+        return node["op"] == "max_pool2d" and self.view.only_reader(node) is not None
+
+    def crosses_after(self, node: dict) -> bool:
+        return False
+
+    def describe(self, node: dict) -> str:
+        return f"{node['op']} '{node['name']}'"
 
 
 def _decides_signs(node: dict, layer: dict) -> bool:
