@@ -19,6 +19,7 @@
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/pool_bits.h"
+#include "kernels/relayout.h"
 #include "kernels/ternary_linear.h"
 
 namespace nb = nanobind;
@@ -100,6 +101,17 @@ void max_pool_bits_raw(uintptr_t x, uintptr_t or_mask, uintptr_t pad, uintptr_t 
   nb::gil_scoped_release release;
   onebit::max_pool_bits(ptr<const uint64_t>(x), ptr<const uint64_t>(or_mask), ptr<const uint64_t>(pad), ptr<uint64_t>(out),
                         g);
+}
+
+// out [N, cols, rows] (contiguous) = each sample's [rows, cols] plane of x transposed: float32
+// NCHW <-> channels_last. The numbers bound what is read (x) and written (out).
+void relayout_raw(uintptr_t x, int64_t N, int64_t rows, int64_t cols, int64_t sample_stride, int64_t row_stride,
+                  uintptr_t out, int threads) {
+  require(x != 0 && out != 0, "relayout: null tensor");
+  require(N >= 0 && rows >= 0 && cols >= 0 && sample_stride >= 0 && row_stride >= 0, "relayout: negative shape");
+  nb::gil_scoped_release release;
+  onebit::transpose_planes(ptr<const uint32_t>(x), N, rows, cols, sample_stride, row_stride, ptr<uint32_t>(out),
+                           threads);
 }
 
 // Builds a validated plan from the numbers of a call (see onebit/engine/kernels.py).
@@ -264,6 +276,10 @@ NB_MODULE(_C, m) {
         "Wg"_a, "Cg"_a, "OH"_a, "OW"_a, "KH"_a, "KW"_a, "SH"_a, "SW"_a, "PH"_a, "PW"_a, "DH"_a, "DW"_a, "OPH"_a, "OPW"_a,
         "Low level (addresses): max pooling of thresholded bits [N, H, W, G, Wg] into [N, OH+2OPH, OW+2OPW, G, Wg]. "
         "Use onebit.engine.kernels.max_pool_bits.");
+  m.def("relayout_raw", &relayout_raw, "x"_a, "N"_a, "rows"_a, "cols"_a, "sample_stride"_a, "row_stride"_a, "out"_a,
+        "threads"_a,
+        "Low level (addresses): out [N, cols, rows] = each sample's [rows, cols] plane of 32-bit x (element "
+        "strides) transposed; float32 NCHW <-> channels_last. Use onebit.engine.kernels.relayout.");
   nb::class_<onebit::ConvPlan>(m, "ConvPlan",
                                 "A validated binary convolution of one shape; run() it on packed tensors.")
       .def_prop_ro("out_height", [](const onebit::ConvPlan& p) { return p.geometry().OH; })

@@ -115,16 +115,16 @@ bool has_avx512_vnni() { return cpu().avx512_vnni; }
 Isa active_isa() { return static_cast<Isa>(active().load(std::memory_order_relaxed)); }
 
 const IsaKernels& isa_kernels(Isa isa) {
-  static const IsaKernels reference{nullptr, pack_rows_reference, nullptr, nullptr, nullptr, nullptr};
+  static const IsaKernels reference{nullptr, pack_rows_reference, nullptr, nullptr, nullptr, nullptr, nullptr};
   static const IsaKernels scalar{conv_kernels_scalar, pack_rows_scalar, pack_row_cl_scalar, pack_row_nchw_scalar,
-                                 nullptr, nullptr};
+                                 nullptr, nullptr, transpose_block_scalar};
 #if ONEBIT_X86
   static const IsaKernels avx2{conv_kernels_avx2, pack_rows_avx2, pack_row_cl_avx2, pack_row_nchw_avx2,
-                               ternary::chunk_dot_avx2, ternary::quantize_token_avx2};
+                               ternary::chunk_dot_avx2, ternary::quantize_token_avx2, transpose_block_avx2};
   // the int8 dot products use VNNI where the CPU has it (a feature on top of the avx512 level)
   static const IsaKernels avx512{conv_kernels_avx512, pack_rows_avx512, pack_row_cl_avx512, pack_row_nchw_avx512,
                                  has_avx512_vnni() ? ternary::chunk_dot_vnni : ternary::chunk_dot_avx2,
-                                 ternary::quantize_token_avx2};
+                                 ternary::quantize_token_avx2, transpose_block_avx512};
 #else
   static const IsaKernels& avx2 = scalar;  // never active: isa_supported() is false
   static const IsaKernels& avx512 = scalar;

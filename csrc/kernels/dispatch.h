@@ -1,5 +1,5 @@
 // The kernels of each instruction set, as one table per ISA: every driver (the convolution's
-// tiles, activation and row packing, the ternary x int8 layer) picks its kernel as
+// tiles, activation and row packing, the ternary x int8 layer, the float relayout) picks its kernel as
 // isa_kernels(active_isa()).<entry>, so that adding an ISA is one row here (dispatch.cpp).
 // A null entry means "no kernel of this ISA": the driver runs its portable path.
 #pragma once
@@ -8,6 +8,7 @@
 
 #include "kernels/conv.h"
 #include "kernels/isa.h"
+#include "kernels/relayout.h"
 #include "kernels/ternary_linear.h"
 
 namespace onebit {
@@ -24,6 +25,7 @@ struct IsaKernels {
   PackRow pack_row_nchw;                           // pixels contiguous; null: pack_row_strided_reference
   ternary::ChunkDot chunk_dot;                     // null: ternary_rows_reference
   QuantizeToken quantize_token;                    // null: ternary::quantize_token
+  TransposeBlock transpose_block;                  // NCHW <-> channels_last planes; null: transpose_block_reference
 };
 
 const IsaKernels& isa_kernels(Isa isa);

@@ -45,6 +45,7 @@ __all__ = [
     "check_pack_weights",
     "check_pool_bits",
     "check_ternary",
+    "check_relayout",
     "check_integer_planes",
     "check_combine_planes",
     "check_int",
@@ -444,6 +445,18 @@ def check_ternary(x, wp, in_features, dtype: torch.dtype, scale=None, bias=None)
     if scale is not None or bias is not None:
         check_epilogue(out, scale, bias)
     return x.shape[0], f, out
+
+
+# ---------------------------------------------------------------------------
+# memory formats
+
+
+def check_relayout(x, memory_format) -> None:
+    """Copying float32 ``x [N, C, H, W]`` (any strides, on the CPU) into ``memory_format`` memory:
+    ``torch.channels_last`` or ``torch.contiguous_format``."""
+    check_tensor(x, "x", torch.float32, 4, contiguous=False)
+    if memory_format not in (torch.channels_last, torch.contiguous_format):
+        raise ValueError(f"memory_format must be torch.channels_last or torch.contiguous_format, got {memory_format!r}")
 
 
 # ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ __all__ = [
     "pack_ternary_weights",
     "ternary_linear",
     "ternary_linear_int",
+    "relayout",
 ]
 
 _DEFAULT = os.environ.get("ONEBIT_ENGINE_BACKEND", "auto")
@@ -314,3 +315,13 @@ def ternary_linear(x, wp, *, in_features: int, scale=None, bias=None) -> torch.T
         return native(x, wp, in_features=in_features, scale=scale, bias=bias)
     geometry.check_ternary(x, wp, in_features, torch.float32, scale, bias)
     return reference.ternary_linear(x, wp, in_features=in_features, scale=scale, bias=bias)
+
+
+def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """float32 ``x [N, C, H, W]`` in ``memory_format`` memory (channels_last or contiguous_format): ``x``
+    itself when it already is, else a copy equal to ``x.contiguous(memory_format=...)`` in values and strides."""
+    native = _impl("relayout")
+    if native is not None:
+        return native(x, memory_format)
+    geometry.check_relayout(x, memory_format)
+    return x.contiguous(memory_format=memory_format)
