@@ -26,8 +26,10 @@ demo: $(STAMP)
 
 # The tests whose numbers depend on the CPU's vector ISA (torch's and onebit's), run a second
 # time with both forced to AVX2: what an AVX2-only machine computes, caught on any x86 machine.
-NUMERICS_TESTS := tests/test_nn.py tests/test_engine.py tests/test_engine_fallbacks.py tests/test_kernels.py \
-	tests/test_thresholds.py tests/test_canonize.py tests/test_models.py tests/test_lowbit.py tests/test_torch_rounding.py tests/test_bitplanes.py
+NUMERICS_TESTS := tests/nn/test_nn.py tests/nn/test_lowbit.py tests/canonize/test_thresholds.py tests/canonize/test_canonize.py \
+	tests/models/test_models.py $(addprefix tests/engine/,test_engine.py test_engine_fallbacks.py test_kernels.py \
+	test_torch_rounding.py test_bitplanes.py test_graph.py test_fuse.py test_fuse_thresholds.py test_packed.py \
+	test_lowering.py test_layouts.py test_geometry.py test_ops.py test_reference.py)
 AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEBIT_ISA=avx2
 
 test: $(STAMP)

@@ -6,6 +6,7 @@ from torch import nn
 
 from onebit import quant
 from onebit.math import sign
+from quantizer_cases import _DoubledMagnitude, _OwnFactor, _QuietDoReFa, _RedeclaredSign, _ShiftedDoReFa, _ShiftedSign
 
 #: every registered quantizer: a newly registered one is tested by every test over ALL_ALIASES
 ALL_ALIASES = quant.names()
@@ -446,51 +447,6 @@ def test_a_quantizer_from_a_dict_takes_its_arguments():
         quant.get({"name": "nope"})
     with pytest.raises(ValueError, match="quantizer 'ternary': .*unexpected keyword argument 'clip'"):
         quant.get({"name": "ternary", "clip": 1.0})
-
-
-# a user's subclasses of built-in quantizers: a declaration speaks for the forward of the class that makes it
-
-
-class _ShiftedSign(quant.Sign):
-    """Overrides forward, inherits ``is_sign = True`` without declaring it: not a plain sign."""
-
-    def forward(self, x):
-        return super().forward(x - 0.5)
-
-
-class _RedeclaredSign(quant.Sign):
-    """Overrides forward and declares again that it is exactly the sign."""
-
-    is_sign = True
-
-    def forward(self, x):
-        return sign(x)
-
-
-class _DoubledMagnitude(quant.MagnitudeAwareSign):
-    """Overrides forward only: the inherited factor() no longer describes it."""
-
-    def forward(self, w):
-        return 2.0 * super().forward(w)
-
-
-class _OwnFactor(quant.Sign):
-    """Keeps the sign forward (still an input sign) but factors weights into other levels."""
-
-    def factor(self, w):
-        return sign(w) * 3.0, None
-
-
-class _ShiftedDoReFa(quant.DoReFa):
-    def forward(self, x):
-        return super().forward(x + 0.25)
-
-
-class _QuietDoReFa(quant.DoReFa):
-    """Changes nothing of what DoReFa computes (only its default bit width)."""
-
-    def __init__(self, bits: int = 3):
-        super().__init__(bits)
 
 
 def test_a_subclass_overriding_forward_does_not_inherit_its_parents_declarations():

@@ -13,7 +13,7 @@ import torch
 
 from onebit import data, engine, models
 
-PRETRAINED = pathlib.Path(__file__).resolve().parents[1] / "pretrained"
+PRETRAINED = pathlib.Path(__file__).resolve().parents[2] / "pretrained"
 FOLDER = PRETRAINED / "bitnet_mlp-fashion-mnist"
 PUBLISHED = [PRETRAINED / "bitnet_mlp-fashion-mnist", PRETRAINED / "birealnet_small_react_wide-fashion-mnist"]
 each = pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)

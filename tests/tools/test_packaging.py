@@ -17,7 +17,7 @@ from packaging.version import Version
 from onebit import data
 from onebit.data.digits import load_digits_arrays
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 DEPENDENCIES = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
 EXTRAS = {name: [Requirement(r) for r in reqs] for name, reqs in PYPROJECT["project"]["optional-dependencies"].items()}

@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_engine import BACKENDS, randomize_batchnorms
 from torch import nn
 
 from onebit import engine
 from onebit.nn import QActivation, QConv1d, QConv2d, QLinear
-from test_engine import BACKENDS, randomize_batchnorms
 
 SIGN = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
 
@@ -244,7 +244,14 @@ def test_wrong_feature_count_is_rejected_naming_the_layer():
 
 
 def test_a_quantizer_subclass_that_overrides_forward_is_never_packed_as_its_parent():
-    from test_quant import _DoubledMagnitude, _OwnFactor, _QuietDoReFa, _RedeclaredSign, _ShiftedDoReFa, _ShiftedSign
+    from quantizer_cases import (
+        _DoubledMagnitude,
+        _OwnFactor,
+        _QuietDoReFa,
+        _RedeclaredSign,
+        _ShiftedDoReFa,
+        _ShiftedSign,
+    )
 
     torch.manual_seed(4)
     x = torch.randn(2, 3, 8, 8)
