@@ -3,7 +3,8 @@
 For every thread count, the candidates run interleaved: each repetition times every
 candidate once (a sample is the mean of a few back-to-back calls, ~20 ms or more), and
 the reported time is the median over repetitions. Each model runs at its best input
-layout (NCHW or channels_last, both measured). Also reported: the packed model's time
+layout (NCHW or channels_last, both measured); the headline speedup is the packed model called
+with an NCHW tensor, as users call it, against the float model at its best. Also reported: the packed model's time
 per op kind (where the time goes) and the file sizes (float state_dicts as safetensors
 vs the packed file).
 
@@ -140,9 +141,17 @@ def end_to_end(
         torch.set_num_threads(before)
     summary = {}
     for n, t in timings.items():
-        p = min(t["packed nchw"], t["packed channels_last"])
+        p, best = t["packed nchw"], min(t["packed nchw"], t["packed channels_last"])
         f = min(t["float nchw"], t["float channels_last"])
-        summary[n] = {"packed_ms": 1e3 * p, "float_ms": 1e3 * f, "speedup": f / p}
+        # the headline: the packed model called as users call it (an NCHW tensor) against the
+        # float model at its best layout; best-vs-best beside it
+        summary[n] = {
+            "packed_ms": 1e3 * p,
+            "packed_best_ms": 1e3 * best,
+            "float_ms": 1e3 * f,
+            "speedup": f / p,
+            "speedup_best": f / best,
+        }
     return {
         "pair": f"{pair.binary} (packed) vs {pair.float} (float)",
         "input": list(x.shape),
@@ -171,7 +180,8 @@ def print_report(result: dict[str, Any], console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{result['pair']}, input {result['input']}, kernels {result['backend']}")
-    for col in ("threads", "packed nchw", "packed ch-last", "float nchw", "float ch-last", "speedup (best vs best)"):
+    columns = ("threads", "packed nchw", "packed ch-last", "float nchw", "float ch-last")
+    for col in (*columns, "speedup (packed nchw vs float best)", "best vs best"):
         table.add_column(col, justify="right")
     for n, t in result["timings_ms"].items():
         table.add_row(
@@ -181,6 +191,7 @@ def print_report(result: dict[str, Any], console) -> None:
             f"{t['float nchw']:.2f} ms",
             f"{t['float channels_last']:.2f} ms",
             f"{result['summary'][n]['speedup']:.2f}x",
+            f"{result['summary'][n]['speedup_best']:.2f}x",
         )
     console.print(table)
     ths = list(result["summary"])
