@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from onebit import _C
+import onebit
+from onebit import _C, engine
 from onebit.engine import kernels as K
 from onebit.engine import ops
 from onebit.engine.kernels import memory_formats
@@ -19,6 +20,12 @@ CHANNELS = (1, 3, 7, 16, 64, 65, 512)
 SIDES = ((1, 1), (1, 5), (3, 3), (7, 7), (5, 13), (14, 14), (112, 112))
 
 pytestmark = pytest.mark.usefixtures("restore_isa_and_threads")  # tests switch ISAs and threads
+
+
+@pytest.fixture
+def native_for_every_size(monkeypatch):
+    """Small tensors take the native copy too (by default torch's copy takes them)."""
+    monkeypatch.setattr(memory_formats, "NATIVE_MIN_ELEMENTS", 1)
 
 
 def other_format(fmt: torch.memory_format) -> torch.memory_format:
@@ -42,6 +49,7 @@ def assert_same_copy(out: torch.Tensor, x: torch.Tensor, fmt: torch.memory_forma
     assert out.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.usefixtures("native_for_every_size")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("target", FORMATS)
 def test_relayout_equals_torchs_copy_for_every_shape(isa, target):
@@ -91,6 +99,7 @@ def strided_inputs() -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.usefixtures("native_for_every_size")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("target", FORMATS)
 @pytest.mark.parametrize("case", list(strided_inputs()))
@@ -119,12 +128,16 @@ class CountingNative:
         return _C.relayout_raw(*args)
 
 
-def test_plain_tensors_take_the_native_copy(monkeypatch):
+def test_plain_tensors_take_the_native_copy_from_the_smallest_native_size(monkeypatch):
     native = CountingNative()
     monkeypatch.setattr(memory_formats, "_C", native)
-    x = random_bits((2, 16, 5, 6))
+    small = random_bits((1, 16, 8, 8))
+    assert small.numel() < memory_formats.NATIVE_MIN_ELEMENTS
+    assert_same_copy(ops.relayout(small, torch.channels_last), small, torch.channels_last)
+    assert native.calls == 0
+    x = random_bits((2, 16, 15, 16))
     assert_same_copy(ops.relayout(x, torch.channels_last), x, torch.channels_last)
-    y = x.contiguous(memory_format=torch.channels_last)[:, 2:9]
+    y = x.contiguous(memory_format=torch.channels_last)[:, 2:11]
     assert_same_copy(ops.relayout(y, torch.contiguous_format), y, torch.contiguous_format)
     assert native.calls == 2
 
@@ -132,12 +145,29 @@ def test_plain_tensors_take_the_native_copy(monkeypatch):
 def test_autograd_and_tracing_keep_torchs_copy(monkeypatch):
     native = CountingNative()
     monkeypatch.setattr(memory_formats, "_C", native)
-    x = torch.randn(1, 8, 4, 4, requires_grad=True)
+    x = torch.randn(1, 64, 8, 8, requires_grad=True)
     assert ops.relayout(x, torch.channels_last).grad_fn is not None
-    traced = make_fx(lambda t: ops.relayout(t, torch.channels_last))(torch.randn(1, 8, 4, 4))
-    y = torch.randn(1, 8, 4, 4)
+    traced = make_fx(lambda t: ops.relayout(t, torch.channels_last))(torch.randn(1, 64, 8, 8))
+    y = torch.randn(1, 64, 8, 8)
     assert_same_copy(traced(y), y, torch.channels_last)
     assert native.calls == 0
+
+
+def test_a_packed_model_converts_with_the_native_copy_and_gives_torchs_outputs(monkeypatch):
+    """An NCHW input to a packed model whose binary convolutions write channels_last: the float ops
+    between them get NCHW values by the native copy, and every output is what torch's copy gives."""
+    torch.manual_seed(0)
+    model = onebit.models.create("birealnet_small", num_classes=10, in_channels=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        packed = engine.pack(model, x)
+        native = CountingNative()
+        monkeypatch.setattr(memory_formats, "_C", native)
+        out = packed(x)
+        assert native.calls > 0
+        monkeypatch.setattr(ops, "relayout", lambda t, fmt: t.contiguous(memory_format=fmt))
+        expected = packed(x)
+    assert torch.equal(out, expected) and out.stride() == expected.stride()
 
 
 @pytest.mark.parametrize(

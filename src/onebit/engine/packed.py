@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from onebit.engine import fileformat
+from onebit.engine import fileformat, ops
 from onebit.engine import graph as G
 from onebit.engine.fuse import fuse
 from onebit.engine.steps import Step
@@ -115,7 +115,7 @@ class PackedModel(nn.Module):
         for k, step in enumerate(self._steps):
             args = [env[i] for i in step.inputs]
             if step.model_layout:  # an op that rounds by layout runs in the model's own
-                args = [a.contiguous(memory_format=fmt) if a.dim() == 4 else a for a in args]
+                args = [_in_format(a, fmt) for a in args]
             start = time.perf_counter() if times is not None else 0.0
             try:
                 out = step.run(*args)
@@ -132,7 +132,7 @@ class PackedModel(nn.Module):
 
     def _output(self, env: dict[str, torch.Tensor], fmt: torch.memory_format):
         """The graph's outputs, as the model returns them (4-d ones in the model's memory format)."""
-        outs = [env[o].contiguous(memory_format=fmt) if env[o].dim() == 4 else env[o] for o in self.graph["outputs"]]
+        outs = [_in_format(env[o], fmt) for o in self.graph["outputs"]]
         kind = self.graph.get("output_kind", "tensor")
         if kind == "tensor":
             return outs[0]
@@ -220,6 +220,15 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def _in_format(value: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """A 4-d ``value`` in memory format ``fmt`` (float32 ones by the engine's native copy); other ranks as they are."""
+    if value.dim() != 4 or value.is_contiguous(memory_format=fmt):
+        return value
+    if value.dtype == torch.float32 and value.device.type == "cpu":
+        return ops.relayout(value, fmt)
+    return value.contiguous(memory_format=fmt)
 
 
 def load(path: str | os.PathLike) -> PackedModel:

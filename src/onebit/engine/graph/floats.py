@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from onebit.engine import ops
 from onebit.engine.graph.schema import (
     F32,
     FLOAT,
@@ -63,7 +64,7 @@ def _max_pool2d(t, a, x):
         # Traced with a symbolic batch, the size is unknown and the plain pool is traced: the
         # choice never becomes a guard bounding the program's batch (torch.export's Dim)
         return F.max_pool2d(
-            x.contiguous(memory_format=torch.channels_last),
+            ops.relayout(x, torch.channels_last),
             a["kernel_size"],
             a["stride"],
             a["padding"],

@@ -10,6 +10,9 @@ from onebit.engine.kernels.registry import direct
 
 __all__ = ["relayout"]
 
+#: below this many elements torch's copy is quicker than the native call's checks and allocation
+NATIVE_MIN_ELEMENTS = 4096
+
 
 def _planes(x: torch.Tensor, memory_format: torch.memory_format) -> tuple[int, int, int, int] | None:
     """``(rows, cols, sample stride, row stride)``: each sample of ``x`` as a ``[rows, cols]`` plane with
@@ -31,17 +34,18 @@ def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tenso
     ``torch.contiguous_format``): ``x`` itself when it already is, else a copy with the values and strides
     of ``x.contiguous(memory_format=memory_format)``, ``out[n, c, h, w] = x[n, c, h, w]`` bit for bit.
 
-    Eager plain tensors take the native transpose; under tracing, for tensor subclasses, autograd or
-    strides that do not flatten to planes, torch's own copy runs."""
+    Eager plain tensors take the native transpose; under tracing, for tensor subclasses, autograd,
+    small tensors or strides that do not flatten to planes, torch's own copy runs."""
     check_relayout(x, memory_format)
-    if not direct(x) or (x.requires_grad and torch.is_grad_enabled()):
+    # direct() first: it is False while tracing, where the size is symbolic and must not be compared
+    if not direct(x) or x.numel() < NATIVE_MIN_ELEMENTS or (x.requires_grad and torch.is_grad_enabled()):
         return x.contiguous(memory_format=memory_format)
     if x.is_contiguous(memory_format=memory_format):
         return x
     planes = _planes(x, memory_format)
-    if planes is None or x.numel() == 0:
+    if planes is None:
         return x.contiguous(memory_format=memory_format)
-    out = torch.empty(x.shape, dtype=torch.float32, memory_format=memory_format)
+    out = torch.empty_like(x, memory_format=memory_format)  # the strides torch's copy gives
     rows, cols, sample_stride, row_stride = planes
     _C.relayout_raw(
         x.data_ptr(), x.shape[0], rows, cols, sample_stride, row_stride, out.data_ptr(), torch.get_num_threads()
