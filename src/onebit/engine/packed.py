@@ -14,6 +14,8 @@ from torch import nn
 from onebit.engine import fileformat, ops
 from onebit.engine import graph as G
 from onebit.engine.fuse import fuse
+from onebit.engine.kernels.memory_formats import NATIVE_MIN_ELEMENTS
+from onebit.engine.kernels.registry import direct
 from onebit.engine.steps import Step
 
 __all__ = ["PackedModel", "pack", "load", "Step", "InputError", "FallbackWarning"]
@@ -226,8 +228,9 @@ def _in_format(value: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """A 4-d ``value`` in memory format ``fmt`` (float32 ones by the engine's native copy); other ranks as they are."""
     if value.dim() != 4 or value.is_contiguous(memory_format=fmt):
         return value
-    if value.dtype == torch.float32 and value.device.type == "cpu":
-        return ops.relayout(value, fmt)
+    if value.dtype == torch.float32 and value.device.type == "cpu" and direct(value):
+        if value.numel() >= NATIVE_MIN_ELEMENTS:  # smaller copies are quicker in torch than a checked native call
+            return ops.relayout(value, fmt)
     return value.contiguous(memory_format=fmt)
 
 
