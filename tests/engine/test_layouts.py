@@ -147,3 +147,32 @@ def test_a_packed_model_equals_the_model_for_either_layout_and_returns_the_model
             want, got = model(inp), packed(inp)
             assert torch.equal(got, want)
             assert got.stride() == want.stride()
+
+
+class _PooledShortcut(torch.nn.Module):
+    """A binary conv (the kernels write channels_last), pooled to 1 x 1, into a float 1 x 1 conv: the
+    pooled value is contiguous in both formats, and torch's conv chooses its path by the strides."""
+
+    def __init__(self):
+        super().__init__()
+        self.binary = onebit.nn.QConv2d(32, 64, 3, padding=1, input_quantizer="ste_sign", weight_quantizer="ste_sign")
+        self.pool = torch.nn.AvgPool2d(4)
+        self.conv = torch.nn.Conv2d(64, 48, 1)
+
+    def forward(self, x):
+        return self.conv(self.pool(self.binary(x)))
+
+
+def test_a_value_contiguous_in_both_formats_reaches_a_float_conv_with_the_models_strides():
+    torch.manual_seed(0)
+    model = _PooledShortcut().eval()
+    x = torch.randn(3, 32, 4, 4, generator=torch.Generator().manual_seed(2))
+    packed = engine.pack(model, x)
+    seen = []
+    conv = next(s for s in packed._steps if s.op == "conv2d")
+    run = conv.run
+    conv.run = lambda t: seen.append(t.stride()) or run(t)
+    with torch.no_grad():
+        for inp in (x.contiguous(), x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(packed(inp), model(inp))
+    assert seen == [(64, 1, 1, 1), (64, 1, 64, 64)]  # as torch's pool gives them in each layout

@@ -225,13 +225,27 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _in_format(value: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """A 4-d ``value`` in memory format ``fmt`` (float32 ones by the engine's native copy); other ranks as they are."""
-    if value.dim() != 4 or value.is_contiguous(memory_format=fmt):
+    """A 4-d ``value`` with exactly the strides torch gives a tensor of its shape in memory format ``fmt``
+    (float32 ones copied by the engine's native copy); other ranks as they are.
+
+    Exactly: a shape with unit dimensions (``[N, C, 1, 1]``) is contiguous in both formats, but torch's
+    convolutions choose their path by the strides, so an ambiguous tensor is laid out again too."""
+    if value.dim() != 4 or value.stride() == _strides(value.shape, fmt):
         return value
+    if value.is_contiguous(memory_format=fmt):  # ambiguous: same memory order, other strides
+        return value.clone(memory_format=fmt)
     if value.dtype == torch.float32 and value.device.type == "cpu" and direct(value):
         if value.numel() >= NATIVE_MIN_ELEMENTS:  # smaller copies are quicker in torch than a checked native call
             return ops.relayout(value, fmt)
     return value.contiguous(memory_format=fmt)
+
+
+def _strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, int, int, int]:
+    """The strides torch gives a new ``[N, C, H, W]`` tensor in memory format ``fmt``."""
+    _, c, h, w = shape
+    if fmt == torch.channels_last:
+        return (h * w * c, 1, w * c, c)
+    return (c * h * w, h * w, w, 1)
 
 
 def load(path: str | os.PathLike) -> PackedModel:
