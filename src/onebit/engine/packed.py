@@ -225,26 +225,33 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _in_format(value: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    """A 4-d ``value`` with exactly the strides torch gives a tensor of its shape in memory format ``fmt``
-    (float32 ones copied by the engine's native copy); other ranks as they are.
+    """A 4-d ``value`` laid out as the model's own tensor is in memory format ``fmt`` (float32 ones
+    copied by the engine's native copy); other ranks as they are.
 
-    Exactly: a shape with unit dimensions (``[N, C, 1, 1]``) is contiguous in both formats, but torch's
-    convolutions choose their path by the strides, so an ambiguous tensor is laid out again too."""
-    if value.dim() != 4 or value.stride() == _strides(value.shape, fmt):
+    torch's convolutions choose their path by the strides, and a shape with unit dimensions
+    (``[N, C, 1, 1]``) is contiguous in both formats. With an NCHW input every tensor of the model
+    has the plain contiguous strides, so a value gets exactly those. With a channels_last input the
+    model's ambiguous tensors take whichever strides its ops give, as the packed model's values do
+    (they come from the same ops on the same formats): a value already contiguous in
+    channels_last is kept as it is."""
+    if value.dim() != 4:
         return value
-    if value.is_contiguous(memory_format=fmt):  # ambiguous: same memory order, other strides
-        return value.clone(memory_format=fmt)
+    if fmt == torch.contiguous_format:
+        if value.stride() == _contiguous_strides(value.shape):
+            return value
+        if value.is_contiguous():  # ambiguous: the same memory order with other strides
+            return value.clone(memory_format=torch.contiguous_format)
+    elif value.is_contiguous(memory_format=fmt):
+        return value
     if value.dtype == torch.float32 and value.device.type == "cpu" and direct(value):
         if value.numel() >= NATIVE_MIN_ELEMENTS:  # smaller copies are quicker in torch than a checked native call
             return ops.relayout(value, fmt)
     return value.contiguous(memory_format=fmt)
 
 
-def _strides(shape: torch.Size, fmt: torch.memory_format) -> tuple[int, int, int, int]:
-    """The strides torch gives a new ``[N, C, H, W]`` tensor in memory format ``fmt``."""
+def _contiguous_strides(shape: torch.Size) -> tuple[int, int, int, int]:
+    """The strides torch gives a new contiguous ``[N, C, H, W]`` tensor."""
     _, c, h, w = shape
-    if fmt == torch.channels_last:
-        return (h * w * c, 1, w * c, c)
     return (c * h * w, h * w, w, 1)
 
 
