@@ -179,9 +179,11 @@ def print_report(result: dict[str, Any], console) -> None:
     """Render one :func:`end_to_end` result with rich tables."""
     from rich.table import Table
 
-    table = Table(title=f"{result['pair']}, input {result['input']}, kernels {result['backend']}")
-    columns = ("threads", "packed nchw", "packed ch-last", "float nchw", "float ch-last")
-    for col in (*columns, "speedup (packed nchw vs float best)", "best vs best"):
+    table = Table(
+        title=f"{result['pair']}, input {result['input']}, kernels {result['backend']}",
+        caption="speedup: the packed model on an NCHW input (as users call it) vs the float model at its best layout",
+    )
+    for col in ("threads", "packed nchw", "packed ch-last", "float nchw", "float ch-last", "speedup", "best vs best"):
         table.add_column(col, justify="right")
     for n, t in result["timings_ms"].items():
         table.add_row(
