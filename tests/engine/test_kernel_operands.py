@@ -61,8 +61,11 @@ def test_residual_nhwc_reads_channels_last_in_place_and_copies_other_layouts():
     cl = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     assert residual_nhwc(cl, out) is cl
     nchw = torch.randn(2, 3, 4, 5)
-    nhwc = residual_nhwc(nchw, out)
-    assert nhwc.shape == (2, 4, 5, 3) and nhwc.is_contiguous() and torch.equal(nhwc, nchw.permute(0, 2, 3, 1))
+    copy = residual_nhwc(nchw, out)  # the same values, in channels_last memory: [N, H, W, C] in order
+    assert torch.equal(copy, nchw) and copy.permute(0, 2, 3, 1).is_contiguous()
+    large = torch.randn(2, 64, 8, 8)  # large enough for the native copy
+    copy = residual_nhwc(large, torch.empty(2, 64, 8, 8))
+    assert torch.equal(copy, large) and copy.permute(0, 2, 3, 1).is_contiguous()
     with pytest.raises(ValueError, match=r"residual must have the output's shape \[2, 3, 4, 5\]"):
         residual_nhwc(torch.zeros(2, 3, 4, 4), out)
 

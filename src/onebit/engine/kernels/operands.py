@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from onebit.engine.geometry import check_epilogue, check_per_channel, check_residual
+from onebit.engine.kernels.memory_formats import relayout
 
 __all__ = ["channel_ptr", "epilogue_ptrs", "residual_nhwc", "channels_last_strides", "empty_nchw_channels_last"]
 
@@ -46,8 +47,8 @@ def epilogue_ptrs(channels: int, scale, bias, bn_scale, bn_shift, bn_fma) -> tup
 
 
 def residual_nhwc(residual, out: torch.Tensor):
-    """``residual`` (checked against ``out``) in the memory the kernel reads: ``[N, OH, OW, C_out]`` in
-    order, that is ``residual`` itself when it is channels_last, else a permuted copy."""
+    """``residual`` (checked against ``out``) in the memory the kernel reads, ``[N, OH, OW, C_out]`` in
+    order: ``residual`` itself when it is channels_last, else a copy in channels_last memory."""
     if residual is None:
         return None
     if not (
@@ -56,7 +57,7 @@ def residual_nhwc(residual, out: torch.Tensor):
         check_residual(residual, out.shape)
     if residual.is_contiguous(memory_format=_CHANNELS_LAST):
         return residual  # already that memory (a view would cost more than this check)
-    return residual.permute(0, 2, 3, 1).contiguous()
+    return relayout(residual, _CHANNELS_LAST)  # the same memory as permute(0, 2, 3, 1).contiguous()
 
 
 def channels_last_strides(n: int, c: int, h: int, w: int) -> tuple[int, int, int, int]:
