@@ -201,6 +201,7 @@ def meets(value: float, target: tuple[str, float] | None) -> bool | None:
 
 
 def ratio_row(isa: str, name: str, target, by_batch: dict[int, float]) -> dict:
+    """One ratio per batch, with whether each meets ``target``."""
     return {
         "isa": isa,
         "ratio": name,
@@ -240,6 +241,7 @@ def target_ratios(results: dict, isas: list[str]) -> list[dict]:
 
 
 def bandwidth_table(results: dict) -> Table:
+    """Read bandwidth per thread count, and the weights' bytes divided by it (the memory time)."""
     nbytes, llc = results["weight_bytes"], results["machine"]["llc_bytes"]
     table = Table(title="read bandwidth (torch.sum, best of 5)", box=box.SIMPLE_HEAD)
     table.add_column("threads", justify="right")
@@ -272,6 +274,7 @@ def memory_table(results: dict, isa: str) -> Table:
 
 
 def targets_table(results: dict) -> Table:
+    """Issue #22's ratios per ISA and batch, each marked met or MISSED where a target applies."""
     batches = results["shape"]["batches"]
     table = Table(title="issue #22 targets, per batch (met / MISSED)", box=box.SIMPLE_HEAD)
     for name in ("isa", "ratio", "target", *(f"batch {n}" for n in batches)):
