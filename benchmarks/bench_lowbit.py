@@ -42,10 +42,8 @@ import itertools
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -61,7 +59,7 @@ from onebit import _C
 from onebit.engine import kernels as K
 from onebit.io import save_json
 from onebit.nn import BitLinear
-from timing import calibrate, sample, state_dict_bytes  # benchmarks/timing.py
+from timing import interleaved_medians, sample, state_dict_bytes  # benchmarks/timing.py
 
 #: issue #22's targets: cold call / memory time and warm call / kernel at most, 1 / 2 threads at least
 COLD_TARGET, WARM_TARGET, SCALING_TARGET = 1.25, 1.25, 1.6
@@ -92,32 +90,6 @@ def last_level_cache_bytes(default: int = 32 << 20) -> int:
         if level > best_level:
             best_level, best_size = level, size
     return best_size
-
-
-def interleaved_steady_medians(candidates: dict, reps: int, warmup: float = 10e-3) -> dict[str, float]:
-    """Median seconds per call of every ``{name: (isa, fn)}``, interleaved: every repetition times
-    every candidate once, with onebit's ISA set to ``isa`` first (None: leave it), as the mean of
-    back-to-back calls filling ~2 ms right after untimed calls filling ``warmup`` seconds (a packed
-    call whose weights were read a call earlier needs about ten calls to settle here; a rotation
-    of copies stays cold through them). The caller sets torch's thread count and restores the ISA."""
-
-    def use(isa):
-        if isa:
-            _C.set_isa(isa)
-
-    inner = {}
-    for name, (isa, fn) in candidates.items():
-        use(isa)
-        inner[name] = calibrate(fn)
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(reps):
-        for name, (isa, fn) in candidates.items():
-            use(isa)
-            end = time.perf_counter() + warmup
-            while time.perf_counter() < end:
-                fn()
-            samples[name].append(sample(fn, inner[name]))
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def read_bandwidth(nbytes: int, runs: int = 5) -> float:
@@ -389,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["times_us"][threads] = {}
             for n, x in inputs.items():
                 candidates = candidates_for(x, layer, float_weight, int8_layer, packed, copies, isas)
-                medians = interleaved_steady_medians(candidates, args.reps)
+                medians = interleaved_medians(candidates, args.reps, warmup=10e-3)
                 results["times_us"][threads][n] = {name: t * 1e6 for name, t in medians.items()}
     _C.set_isa(isa0)
     results["machine"]["load_average_after"] = os.getloadavg()[0]

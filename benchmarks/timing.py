@@ -27,10 +27,14 @@ def calibrate(fn: Callable[[], object], target: float = 2e-3) -> int:
     return max(1, min(1000, int(target / one)))
 
 
-def interleaved_medians(candidates: dict[str, tuple[str | None, Callable[[], object]]], reps: int) -> dict[str, float]:
+def interleaved_medians(
+    candidates: dict[str, tuple[str | None, Callable[[], object]]], reps: int, warmup: float | None = None
+) -> dict[str, float]:
     """Median seconds per call of every ``{name: (isa, fn)}``, interleaved: every repetition times every
-    candidate once (after one untimed call and a 2 ms pause), with onebit's ISA set to ``isa`` first
-    (None: leave it). The caller sets torch's thread count and restores the ISA."""
+    candidate once, with onebit's ISA set to ``isa`` first (None: leave it). Before each sample: one
+    untimed call and a 2 ms pause, or with ``warmup`` untimed calls filling that many seconds, no pause
+    (a packed call whose weights were read a call earlier needs about ten calls to settle). The caller
+    sets torch's thread count and restores the ISA."""
     from onebit import _C
 
     def use(isa):
@@ -45,8 +49,13 @@ def interleaved_medians(candidates: dict[str, tuple[str | None, Callable[[], obj
     for _ in range(reps):
         for name, (isa, fn) in candidates.items():
             use(isa)
-            fn()
-            time.sleep(0.002)
+            if warmup is None:
+                fn()
+                time.sleep(0.002)
+            else:
+                end = time.perf_counter() + warmup
+                while time.perf_counter() < end:
+                    fn()
             samples[name].append(sample(fn, inner[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
