@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from onebit.engine.graph.schema import fresh_name
+
 __all__ = ["GraphView", "Rewrite", "tensor_key", "node_tensors"]
 
 
@@ -50,13 +52,8 @@ class GraphView:
         return readers[0]
 
     def fresh_name(self, base: str) -> str:
-        """A value name from ``base`` that no value has yet (``_1``, ``_2``... when taken), taken now."""
-        base = base.replace(".", "_") or "v"
-        name, k = base, 1
-        while name in self.names:
-            name, k = f"{base}_{k}", k + 1
-        self.names.add(name)
-        return name
+        """A value name from ``base`` that no value has yet, taken now (``schema.fresh_name``)."""
+        return fresh_name(self.names, base)
 
 
 @dataclass

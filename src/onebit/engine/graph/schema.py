@@ -18,6 +18,17 @@ import torch
 from onebit.engine.geometry import ConvSpec, words_for
 
 
+def fresh_name(names: set[str], base: str) -> str:
+    """A value name from ``base`` that is not in ``names`` (dots become underscores; ``_1``, ``_2``...
+    when taken), added to ``names``."""
+    base = base.replace(".", "_") or "v"
+    name, k = base, 1
+    while name in names:
+        name, k = f"{base}_{k}", k + 1
+    names.add(name)
+    return name
+
+
 class GraphError(ValueError):
     """A graph (or its tensors) is malformed."""
 

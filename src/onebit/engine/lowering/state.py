@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from onebit.engine.graph.schema import fresh_name
+
 
 class UnsupportedModelError(ValueError):
     """The model contains a module, function or configuration the packed engine cannot run."""
@@ -34,13 +36,8 @@ class Lowering:
         self.names: set[str] = {"input"}
 
     def name(self, base: str) -> str:
-        """A new value name from ``base`` (dots become underscores; ``_1``, ``_2``... when taken)."""
-        base = base.replace(".", "_") or "v"
-        name, k = base, 1
-        while name in self.names:
-            name, k = f"{base}_{k}", k + 1
-        self.names.add(name)
-        return name
+        """A new value name from ``base`` (:func:`~onebit.engine.graph.schema.fresh_name`)."""
+        return fresh_name(self.names, base)
 
     def emit(
         self,
