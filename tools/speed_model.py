@@ -103,6 +103,10 @@ class McaResult:
 # ---------------------------------------------------------------- assembly
 
 
+# b.ne, and GCC's spelling bne
+AARCH64_CONDITIONAL = re.compile(r"b\.?(eq|ne|cs|hs|cc|lo|mi|pl|vs|vc|hi|ls|ge|lt|gt|le|al|nv)")
+
+
 def _comment_marker(arch: str) -> str:
     return "//" if arch == "aarch64" else "#"
 
@@ -112,7 +116,7 @@ def _branch_target(arch: str, line: str) -> str | None:
     mnemonic, _, operands = line.partition(" ")
     mnemonic = mnemonic.strip()
     if arch == "aarch64":
-        conditional = mnemonic.startswith("b.") or mnemonic in ("cbz", "cbnz", "tbz", "tbnz")
+        conditional = AARCH64_CONDITIONAL.fullmatch(mnemonic) or mnemonic in ("cbz", "cbnz", "tbz", "tbnz")
         if not (conditional or mnemonic in ("b", "br", "bl", "blr", "ret")):
             return None
     elif not (mnemonic.startswith("j") or mnemonic in ("ret", "call", "callq", "retq")):
@@ -181,10 +185,15 @@ def select_loop(loops: list[Loop], tile: Tile) -> Loop:
     return loop
 
 
+def _is_clang(cxx: str) -> bool:
+    return "clang" in pathlib.Path(cxx).name
+
+
 def compile_asm(source: pathlib.Path, arch: str, cpu: str | None, cxx: str) -> str:
     """``source`` compiled to assembly with onebit's flags for ``arch`` (and ``-mcpu`` on AArch64)."""
     if arch == "aarch64":
-        flags = ["--target=aarch64-linux-gnu", f"-mcpu={cpu}"] if cpu else ["--target=aarch64-linux-gnu"]
+        flags = ["--target=aarch64-linux-gnu"] if _is_clang(cxx) else []  # else a cross gcc
+        flags += [f"-mcpu={cpu}"] if cpu else []
     else:
         flags = AVX2_FLAGS
     cmd = [cxx, *BUILD_FLAGS, *flags, "-S", "-o", "-", str(source)]
@@ -306,6 +315,7 @@ class Row:
     cpu: str
     macs: int
     mca: McaResult
+    report: str = dataclasses.field(repr=False, default="")  # llvm-mca's whole output
 
     @property
     def macs_per_cycle(self) -> float:
@@ -317,15 +327,17 @@ class Row:
 
 
 def model_loop(name: str, loop: Loop, macs: int, arch: str, cpus: tuple[str, ...]) -> list[Row]:
-    return [Row(name, cpu, macs, parse_mca(run_mca(loop.instructions, arch, cpu))) for cpu in cpus]
+    reports = [run_mca(loop.instructions, arch, cpu) for cpu in cpus]
+    return [Row(name, cpu, macs, parse_mca(text), text) for cpu, text in zip(cpus, reports)]
 
 
 def model_source(source: pathlib.Path, tiles: tuple[Tile, ...], cpus: tuple[str, ...], cxx: str) -> list[Row]:
-    """Every tile of ``source`` on every CPU (AArch64 code is compiled for each ``-mcpu``)."""
+    """Every tile of ``source`` on every CPU. AArch64 code is compiled for each ``-mcpu`` by clang;
+    by a gcc (12 knows no neoverse-v2) once, with the build's flags (no ``-mcpu``, as ``pip install``)."""
     rows = []
     asm_by_cpu: dict[str | None, list[Loop]] = {}
     for cpu in cpus:
-        key = cpu if tiles[0].arch == "aarch64" else None
+        key = cpu if tiles[0].arch == "aarch64" and _is_clang(cxx) else None
         if key not in asm_by_cpu:
             asm_by_cpu[key] = find_loops(compile_asm(source, tiles[0].arch, key, cxx), tiles[0].arch)
         for tile in tiles:
@@ -371,10 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tile", action="append", default=[], help="FUNCTION_REGEX=PxCxB of a loop in --neon")
     parser.add_argument("--standalone", action="store_true", help="also model tools/speed_model_neon_tile.cpp")
     parser.add_argument("--lce", type=pathlib.Path, default=None, help="LCE's kernel_8x4x2_aarch64.h (a local copy)")
+    parser.add_argument("--arm-cxx", default=CLANG, help="AArch64 compiler (clang++-19, or aarch64-linux-gnu-g++)")
     parser.add_argument("--x86-cxx", default="g++", help="compiler for the AVX2 tile (onebit's build compiler)")
     parser.add_argument("--no-x86", action="store_true", help="skip the AVX2 tile")
     parser.add_argument("--measure", action="store_true", help="time the AVX2 tiles here beside their estimate")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the rows as JSON")
+    parser.add_argument("--detail", default=None, help="print llvm-mca's report of the rows whose 'kernel cpu' matches")
     args = parser.parse_args(argv)
     _require(CLANG)
     _require(MCA)
@@ -382,16 +396,19 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     neon = args.neon or (SHIPPED_NEON if SHIPPED_NEON.exists() else None)
     if neon is not None and args.tile:
-        rows += model_source(neon, tuple(parse_tile(t, "aarch64") for t in args.tile), ARM_CPUS, CLANG)
+        rows += model_source(neon, tuple(parse_tile(t, "aarch64") for t in args.tile), ARM_CPUS, args.arm_cxx)
     elif neon is not None:
-        rows += model_source(neon, SHIPPED_TILES, ARM_CPUS, CLANG)
+        rows += model_source(neon, SHIPPED_TILES, ARM_CPUS, args.arm_cxx)
     if args.standalone or neon is None:
-        rows += model_source(STANDALONE_NEON, STANDALONE_TILES, ARM_CPUS, CLANG)
+        rows += model_source(STANDALONE_NEON, STANDALONE_TILES, ARM_CPUS, args.arm_cxx)
     if args.lce is not None:
         rows += model_loop(LCE_TILE.name, lce_loop(args.lce), LCE_TILE.macs, "aarch64", ARM_CPUS)
     if not args.no_x86:
         rows += model_source(ROOT / "csrc" / "kernels" / "conv_avx2.cpp", AVX2_TILES, X86_CPUS, args.x86_cxx)
     print(format_table(rows))
+    for r in rows:
+        if args.detail is not None and re.search(args.detail, f"{r.kernel} {r.cpu}"):
+            print(f"\n## {r.kernel} on {r.cpu}\n\n{r.report}")
     if args.measure:
         from speed_model_measure import compare_avx2  # tools/, beside this file
 
