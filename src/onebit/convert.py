@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from onebit import quant
+from onebit.nn.float_layers import check_float_layers, quantizers
 from onebit.nn.layers import QConv1d, QConv2d, QConv3d, QLinear, QuantizedLayer
 
 __all__ = ["binarize", "name_layers"]
@@ -30,6 +31,7 @@ def binarize(
     keep_last: bool = True,
     exclude: Iterable[str] = (),
     weight_bits: int | None = None,
+    float_layers: str = "float",
 ) -> nn.Module:
     """Return a copy of ``model`` whose convolutions and linear layers are binary.
 
@@ -48,6 +50,10 @@ def binarize(
         weight_bits: k-bit weights instead: ``k > 1`` replaces ``weight_quantizer`` by
             :class:`onebit.quant.DoReFaWeight` (``bits=k``, levels symmetric around 0, e.g.
             {-1, -1/3, +1/3, +1} at 2 bits); ``1`` or None keeps ``weight_quantizer``.
+        float_layers: what the layers left out (``keep_first``, ``keep_last``, ``exclude``) become:
+            ``"float"`` (unchanged) or ``"int8"`` (``QConv``/``QLinear`` with ``int8`` inputs and
+            ``int8_weight`` weights, :mod:`onebit.nn.float_layers`); a layer whose integer sum could
+            pass 2^24 (over 1040 taps) is refused with its name.
 
     A module reachable under several names (``self.b = self.a``) is converted once, and the
     result holds that one binary module under every name, so the tie is kept.
@@ -57,6 +63,7 @@ def binarize(
             raise ValueError(f"binarize: weight_bits must be a positive integer, got {weight_bits!r}")
         if weight_bits > 1:
             weight_quantizer = quant.DoReFaWeight(bits=weight_bits)
+    check_float_layers(float_layers, "binarize: float_layers")
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     candidates = [
         (name, module)
@@ -90,10 +97,13 @@ def binarize(
     result = copy.deepcopy(model)  # deepcopy keeps ties: a module shared by two parents stays shared
     replacements: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(module of result) -> (it, its binary twin)
     for name, module in candidates:
-        if name in keep or isinstance(module, QuantizedLayer):
+        if isinstance(module, QuantizedLayer) or (name in keep and float_layers == "float"):
             continue
         original = result.get_submodule(name)
-        replacement = _binary_counterpart(original, input_quantizer, weight_quantizer)
+        if name in keep:
+            replacement = _kept_counterpart(original, name or type(model).__name__, float_layers)
+        else:
+            replacement = _binary_counterpart(original, input_quantizer, weight_quantizer)
         replacement._onebit_name = name or type(model).__name__
         if name == "":
             return replacement
@@ -111,6 +121,16 @@ def name_layers(model: nn.Module) -> nn.Module:
         if isinstance(module, QuantizedLayer):
             module._onebit_name = name
     return model
+
+
+def _kept_counterpart(layer: nn.Module, name: str, float_layers: str) -> nn.Module:
+    """A kept layer as ``float_layers`` asks (its quantized counterpart with those quantizers)."""
+    try:
+        return _binary_counterpart(layer, **quantizers(float_layers))
+    except ValueError as error:
+        raise ValueError(
+            f"binarize: float_layers={float_layers!r} cannot make layer {name!r} {float_layers}: {error}"
+        ) from None
 
 
 def _binary_counterpart(layer: nn.Module, input_quantizer, weight_quantizer) -> nn.Module:
@@ -136,7 +156,11 @@ def _binary_counterpart(layer: nn.Module, input_quantizer, weight_quantizer) -> 
             **factory,
             **quantizers,
         )
-    new.load_state_dict(layer.state_dict())
+    missing, unexpected = new.load_state_dict(layer.state_dict(), strict=False)  # the quantizers keep their own state
+    if unexpected or any(not key.startswith(("input_quantizer.", "weight_quantizer.")) for key in missing):
+        raise RuntimeError(
+            f"binarize: {type(layer).__name__} and {cls.__name__} differ in state: {missing + unexpected}"
+        )
     new.train(layer.training)
     new.weight.requires_grad_(layer.weight.requires_grad)
     if layer.bias is not None:

@@ -289,9 +289,14 @@ def test_integer_codes_refuse_what_they_cannot_describe(kind, bits, clip, match)
 # ----------------------------------------------------------------------------- every registered quantizer
 
 
-def code_integers(code: quant.IntegerCode, x: torch.Tensor):
-    """``(x_int, s, q(x))`` by the definition of an input code (:class:`onebit.quant.IntegerCode`)."""
+def code_integers(code: quant.IntegerCode, x: torch.Tensor, given_s):
+    """``(x_int, s, q(x))`` by the definition of an input code (:class:`onebit.quant.IntegerCode`);
+    ``given_s``: the divisor the quantizer's ``integer_factor`` returned (a ``signed`` code's own)."""
     n = 2**code.bits - 1
+    if code.kind == "signed":
+        m = 2 ** (code.bits - 1) - 1
+        x_int = torch.round(x * given_s).clamp(-m, m)
+        return x_int, given_s, x_int / given_s
     if code.kind == "absmax":
         m = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
         s = torch.full_like(m, 127.0) / m  # one division (``127.0 / m`` is 127 * (1 / m) in torch)
@@ -310,6 +315,7 @@ LEVELS = {
     "binary": lambda v, n: set(v.unique().tolist()) <= {-1.0, 1.0},
     "ternary": lambda v, n: set(v.unique().tolist()) <= {-1.0, 0.0, 1.0},
     "symmetric": lambda v, n: bool(((v.abs() <= n) & (torch.remainder(v, 2) == 1)).all()),
+    "signed": lambda v, n: bool(((v.abs() <= n // 2) & (v == torch.round(v))).all()),
 }
 
 
@@ -323,7 +329,7 @@ def test_every_registered_quantizer_computes_the_integers_it_declares(alias):
     if code is not None:
         with torch.no_grad():
             x_int, s = q.integer_factor(x)
-            want_int, want_s, want_q = code_integers(code, x)
+            want_int, want_s, want_q = code_integers(code, x, s)
             assert torch.equal(x_int, want_int)
             assert torch.equal(torch.as_tensor(s, dtype=x.dtype), torch.as_tensor(want_s, dtype=x.dtype))
             assert torch.equal(q(x), want_q)

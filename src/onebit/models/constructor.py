@@ -23,7 +23,8 @@ binary model also needs ``act_fn="relu"``, since its only nonlinearity was the s
 
 The stem's first convolution, the real-valued downsampling shortcuts (average
 pooling and a 1x1 conv, or the 1x1 transition of DenseNets) and the classifier
-always stay float, as the binary-network papers keep them.
+stay float, as the binary-network papers keep them; ``float_layers="int8"`` makes them
+int8 ``QConv2d`` / ``QLinear`` layers instead (:mod:`onebit.nn.float_layers`).
 
 Every block class takes ``(in_channels, out_channels, stride, *, conv, act_fn,
 norm_layer)`` where ``conv(c_in, c_out, stride)`` builds a 3x3 convolution and
@@ -47,6 +48,7 @@ from torch import nn
 
 from onebit import quant
 from onebit.nn import QConv2d
+from onebit.nn import float_layers as kept
 from onebit.nn.twist import TwistConv2d
 
 __all__ = [
@@ -180,17 +182,20 @@ def make_conv_factory(
     return conv
 
 
-def downsample_shortcut(c_in: int, c_out: int, stride: int, norm_layer, mode: str = "avgpool") -> nn.Module:
-    """Real-valued shortcut: identity when shapes agree, else (average pooling then) a float 1x1 conv and norm."""
+def downsample_shortcut(
+    c_in: int, c_out: int, stride: int, norm_layer, mode: str = "avgpool", float_layers: str = "float"
+) -> nn.Module:
+    """Real-valued shortcut: identity when shapes agree, else (average pooling then) a 1x1 conv (float,
+    or int8 for ``float_layers="int8"``) and norm."""
     if stride == 1 and c_in == c_out:
         return nn.Identity()
     layers: list[nn.Module] = []
     if mode == "avgpool":
         if stride > 1:
             layers.append(nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False))
-        layers.append(nn.Conv2d(c_in, c_out, 1, bias=False))
+        layers.append(kept.conv2d(float_layers, c_in, c_out, 1, bias=False))
     elif mode == "conv":
-        layers.append(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False))
+        layers.append(kept.conv2d(float_layers, c_in, c_out, 1, stride=stride, bias=False))
     else:
         raise ValueError(f"unknown shortcut mode {mode!r}; known: avgpool, conv")
     layers.append(make_norm(norm_layer, c_out))
@@ -199,11 +204,21 @@ def downsample_shortcut(c_in: int, c_out: int, stride: int, norm_layer, mode: st
 
 class BasicBlock(nn.Module):
     """ResNet's basic block (He et al. 2016): ``act(bn(conv(act(bn(conv(x))))) + shortcut(x))``;
-    downsampling shortcut: a strided float 1x1 conv and norm."""
+    downsampling shortcut: a strided 1x1 conv (float, or int8 for ``float_layers="int8"``) and norm."""
 
     shortcut_mode = "conv"
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, conv, act_fn, norm_layer):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        conv,
+        act_fn,
+        norm_layer,
+        float_layers: str = "float",
+    ):
         super().__init__()
         self.out_channels = out_channels
         self.conv1 = conv(in_channels, out_channels, stride)
@@ -211,7 +226,9 @@ class BasicBlock(nn.Module):
         self.act1 = make_act(act_fn, out_channels)
         self.conv2 = conv(out_channels, out_channels, 1)
         self.bn2 = make_norm(norm_layer, out_channels)
-        self.shortcut = downsample_shortcut(in_channels, out_channels, stride, norm_layer, self.shortcut_mode)
+        self.shortcut = downsample_shortcut(
+            in_channels, out_channels, stride, norm_layer, self.shortcut_mode, float_layers
+        )
         self.act = make_act(act_fn, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,10 +242,19 @@ class BiRealBlock(nn.Module):
     quantizer; ``act`` is the identity in both papers (ReActNet, Liu et al. 2020: a PReLU-like
     RPReLU); ``pre`` is the identity unless ``pre_sign`` names a module for the sign path only
     (``"affine"``: a learnable per-channel scale and shift, ReActNet's RSign). Downsampling
-    shortcut: 2x2 average pooling, a float 1x1 conv and norm."""
+    shortcut: 2x2 average pooling, a 1x1 conv (float, or int8 for ``float_layers="int8"``) and norm."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int = 1, *, conv, act_fn, norm_layer, pre_sign=None
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        conv,
+        act_fn,
+        norm_layer,
+        pre_sign=None,
+        float_layers: str = "float",
     ):
         super().__init__()
         self.out_channels = out_channels
@@ -236,7 +262,7 @@ class BiRealBlock(nn.Module):
             self.pre = make_pre_sign(pre_sign, in_channels)
         self.conv = conv(in_channels, out_channels, stride)
         self.bn = make_norm(norm_layer, out_channels)
-        self.shortcut = downsample_shortcut(in_channels, out_channels, stride, norm_layer, "avgpool")
+        self.shortcut = downsample_shortcut(in_channels, out_channels, stride, norm_layer, "avgpool", float_layers)
         self.act = make_act(act_fn, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,15 +287,16 @@ class DenseLayer(nn.Module):
 
 
 class Transition(nn.Sequential):
-    """DenseNet transition: norm, 2x2 max pooling, activation, float 1x1 conv reducing the channels."""
+    """DenseNet transition: norm, 2x2 max pooling, activation, 1x1 conv reducing the channels (float,
+    or int8 for ``float_layers="int8"``)."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, act_fn, norm_layer):
+    def __init__(self, in_channels: int, out_channels: int, *, act_fn, norm_layer, float_layers: str = "float"):
         super().__init__(
             OrderedDict(
                 norm=make_norm(norm_layer, in_channels),
                 pool=nn.MaxPool2d(2, 2, ceil_mode=True),
                 act=make_act(act_fn, in_channels),
-                conv=nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                conv=kept.conv2d(float_layers, in_channels, out_channels, 1, bias=False),
             )
         )
         self.out_channels = out_channels
@@ -305,7 +332,10 @@ class ModelConstructor:
         pre_sign: Bi-Real blocks only, a module on the sign path in front of each block conv
             (``"affine"``, ``"batchnorm"`` or a factory ``f(channels)``; None: nothing).
         head_norm, head_act: norm / activation before global average pooling.
-        dropout: dropout before the float classifier.
+        dropout: dropout before the classifier.
+        float_layers: the stem conv, the downsampling shortcut and transition convs and the classifier:
+            ``"float"`` or ``"int8"`` (:mod:`onebit.nn.float_layers`; a block class given as ``block``
+            takes it as the keyword ``float_layers`` when it is not ``"float"``).
     """
 
     in_channels: int = 3
@@ -327,6 +357,7 @@ class ModelConstructor:
     head_norm: bool = False
     head_act: ActLike = None
     dropout: float = 0.0
+    float_layers: str = "float"
 
     def replace(self, **changes) -> ModelConstructor:
         """A copy with ``changes``; unknown names raise ``ValueError`` listing the fields."""
@@ -344,12 +375,24 @@ class ModelConstructor:
                 raise ValueError(f"unknown block {self.block!r}; known: {', '.join(BLOCKS)} or a block class") from None
         return self.block
 
+    def _float_layers_argument(self, block: type[nn.Module], dense: bool) -> dict[str, str]:
+        """``{"float_layers": ...}`` for a block that builds shortcuts, when not ``"float"``; checks the value."""
+        kept.check_float_layers(self.float_layers)
+        if self.float_layers == "float" or dense:  # dense layers hold no shortcut; transitions take it
+            return {}
+        if "float_layers" not in inspect.signature(block).parameters:
+            raise ValueError(
+                f"float_layers={self.float_layers!r}: block {block.__name__} takes no float_layers argument "
+                "for its shortcut convs"
+            )
+        return {"float_layers": self.float_layers}
+
     def make_stem(self) -> nn.Sequential:
         c = self.stem_width
         if self.stem == "imagenet":
             return nn.Sequential(
                 OrderedDict(
-                    conv=nn.Conv2d(self.in_channels, c, 7, stride=2, padding=3, bias=False),
+                    conv=kept.conv2d(self.float_layers, self.in_channels, c, 7, stride=2, padding=3, bias=False),
                     norm=make_norm(self.norm_layer, c),
                     act=make_act(self.stem_act, c),
                     pool=nn.MaxPool2d(3, stride=2, padding=1),
@@ -358,7 +401,7 @@ class ModelConstructor:
         if self.stem == "small":
             return nn.Sequential(
                 OrderedDict(
-                    conv=nn.Conv2d(self.in_channels, c, 3, stride=1, padding=1, bias=False),
+                    conv=kept.conv2d(self.float_layers, self.in_channels, c, 3, stride=1, padding=1, bias=False),
                     norm=make_norm(self.norm_layer, c),
                     act=make_act(self.stem_act, c),
                 )
@@ -374,7 +417,7 @@ class ModelConstructor:
         parts += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
         if self.dropout:
             parts.append(("dropout", nn.Dropout(self.dropout)))
-        parts.append(("fc", nn.Linear(channels, self.num_classes)))
+        parts.append(("fc", kept.linear(self.float_layers, channels, self.num_classes)))
         return nn.Sequential(OrderedDict(parts))
 
     def __call__(self) -> Net:
@@ -388,7 +431,7 @@ class ModelConstructor:
             else [1 if (i == 0 or dense) else 2 for i in range(len(self.layers))]
         )
         conv = make_conv_factory(self.conv_layer, self.input_quantizer, self.weight_quantizer)
-        extra = {}
+        extra = self._float_layers_argument(block, dense)
         if self.pre_sign is not None and str(self.pre_sign).lower() not in ("none", "identity"):
             if "pre_sign" not in inspect.signature(block).parameters:
                 raise ValueError(f"pre_sign={self.pre_sign!r}: block {block.__name__} has no sign path to put it on")
@@ -412,7 +455,9 @@ class ModelConstructor:
             if dense and i < len(self.layers) - 1:
                 r = self.reduction[i] if i < len(self.reduction) else 2.0
                 reduced = max(32, int(round(channels / r / 32)) * 32)
-                t = Transition(channels, reduced, act_fn="relu", norm_layer=self.norm_layer)
+                t = Transition(
+                    channels, reduced, act_fn="relu", norm_layer=self.norm_layer, float_layers=self.float_layers
+                )
                 channels = t.out_channels
                 blocks.append(t)
             modules.append((f"stage{i + 1}", nn.Sequential(*blocks)))

@@ -32,7 +32,16 @@ import torch.nn.functional as F
 from onebit import quant
 from onebit.math import sign
 
-__all__ = ["sign", "explicit_padding", "qconv", "qlinear", "weight_factors", "scale_and_bias"]
+__all__ = [
+    "sign",
+    "explicit_padding",
+    "qconv",
+    "qlinear",
+    "weight_factors",
+    "scale_and_bias",
+    "EXACT_SUM",
+    "exact_sum_taps",
+]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -193,6 +202,23 @@ def scale_and_bias(
     if bias is not None:
         y = y + bias.reshape(shape)
     return y
+
+
+#: float32 holds every integer of magnitude up to 2^24: a sum whose partial sums stay below it is exact
+EXACT_SUM = 2**24
+
+
+def exact_sum_taps(input_quantizer: Callable | None, weight_quantizer: Callable | None) -> int | None:
+    """The most taps (products summed per output: ``C_in / groups * prod(kernel)``, or ``in_features``)
+    whose integer sum stays exact in float32, for a layer with a ``signed`` (int8) input or weight code:
+    the largest ``t`` with ``t * largest(x_int) * largest(level) < 2^24`` (1040 for int8 x int8: every
+    partial sum of such products is at most that bound, in any order). None when the layer sums no
+    integers of a signed code (no bound is checked)."""
+    input_code = quant.integer_code_of(input_quantizer)
+    weight_code = quant.factor_code_of(weight_quantizer)
+    if input_code is None or weight_code is None or "signed" not in (input_code.kind, weight_code.kind):
+        return None
+    return (EXACT_SUM - 1) // (input_code.largest * weight_code.largest)
 
 
 def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:

@@ -16,6 +16,8 @@ gives the same result.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx
 from torch import nn
@@ -37,6 +39,22 @@ class QuantizedLayer:
     def _init_quantizers(self, input_quantizer, weight_quantizer) -> None:
         self.input_quantizer = quant.get(input_quantizer)
         self.weight_quantizer = quant.get(weight_quantizer)
+        self._check_exact_sum()
+
+    def taps(self) -> int | None:
+        """Products summed per output value (``C_in / groups * prod(kernel)``, ``in_features``); None: unknown."""
+        return None
+
+    def _check_exact_sum(self) -> None:
+        """Refuse an int8 layer whose integer sum could pass 2^24 (:func:`onebit.nn.functional.exact_sum_taps`)."""
+        limit = QF.exact_sum_taps(self.input_quantizer, self.weight_quantizer)
+        taps = self.taps()
+        if limit is not None and taps is not None and taps > limit:
+            raise ValueError(
+                f"{self._layer_name()}: {taps} taps per output, over the {limit} whose integer sum of "
+                f"{self.input_precision}-bit inputs and {self.weight_precision}-bit weights stays exact in float32 "
+                f"(taps * largest input * largest level < 2^24); use fewer input channels per group or a smaller kernel"
+            )
 
     @property
     def input_precision(self) -> int:
@@ -135,6 +153,9 @@ class QLinear(QuantizedLayer, nn.Linear):
             x, self.weight, self.bias, input_quantizer=self.input_quantizer, weight_quantizer=self.weight_quantizer
         )
 
+    def taps(self) -> int:
+        return self.in_features
+
     def _torch_extra_repr(self) -> str:
         return nn.Linear.extra_repr(self)
 
@@ -146,6 +167,9 @@ class QLinear(QuantizedLayer, nn.Linear):
 
 class _QConvNd(QuantizedLayer):
     _ndim: int
+
+    def taps(self) -> int:
+        return self.in_channels // self.groups * math.prod(self.kernel_size)
 
     def _init_q(self, input_quantizer, weight_quantizer, pad_value) -> None:
         self._init_quantizers(input_quantizer, weight_quantizer)

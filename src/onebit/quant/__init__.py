@@ -13,7 +13,8 @@ One concept per module, each importing only those above it:
 - ``ste``: :func:`round_ste`, the one rounding straight-through estimator;
 - ``signs``: 1-bit quantizers (``ste_sign``, ``approx_sign``, ``swish_sign``, ``magnitude_aware_sign``);
 - ``uniform``: uniform k-bit quantizers (``dorefa``, ``dorefa_weight``, ``dorefa_sym``);
-- ``ternary``: BitNet b1.58's ``ternary`` weights and ``absmax8`` activations.
+- ``ternary``: BitNet b1.58's ``ternary`` weights and ``absmax8`` activations;
+- ``int8``: symmetric 8-bit ``int8_weight`` weights and ``int8`` activations (a learned step).
 
 Quantizers are registered under a short alias and resolved with :func:`get`::
 
@@ -43,6 +44,7 @@ from onebit.quant.base import (
     void_declaration,
 )
 from onebit.quant.codes import IntegerCode
+from onebit.quant.int8 import Int8, Int8Weight
 from onebit.quant.signs import ApproxSign, MagnitudeAwareSign, Sign, SwishSign
 from onebit.quant.ste import round_ste
 from onebit.quant.ternary import Absmax8, Ternary
@@ -62,6 +64,8 @@ __all__ = [
     "DoReFaSymmetric",
     "Ternary",
     "Absmax8",
+    "Int8",
+    "Int8Weight",
     "unsigned_integers",
     "symmetric_integers",
     "round_ste",

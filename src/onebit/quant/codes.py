@@ -11,7 +11,7 @@ from dataclasses import dataclass
 __all__ = ["IntegerCode", "KINDS"]
 
 #: the integer codes onebit knows, each one exact arithmetic (see :class:`IntegerCode`)
-KINDS = ("unsigned", "symmetric", "ternary", "binary", "absmax")
+KINDS = ("unsigned", "symmetric", "ternary", "binary", "absmax", "signed")
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,18 @@ class IntegerCode:
       ``x_int = 2 floor(u n + 1/2) - n`` (odd, in [-n, n]), ``s = n / c``,
       ``q(x) = c (2 floor(u n + 1/2) / n - 1)`` (``dorefa_sym``);
     - ``"absmax"`` (8 bits): per token (last dim) ``s = 127 / max(max|x|, 1e-5)``,
-      ``x_int = clamp(round(x s), -128, 127)`` (ties to even), ``q(x) = x_int / s`` (``absmax8``).
+      ``x_int = clamp(round(x s), -128, 127)`` (ties to even), ``q(x) = x_int / s`` (``absmax8``);
+    - ``"signed"``: with ``m = 2^(bits-1) - 1`` and ONE divisor ``s`` per tensor (the one
+      ``integer_factor`` returns), ``x_int = clamp(round(x s), -m, m)`` (ties to even),
+      ``q(x) = x_int / s`` (``int8``: m = 127).
 
     As a levels code (:meth:`~onebit.quant.Quantizer.factor_code`), of the levels of
     ``factor(w) = (levels, scale)``: ``"symmetric"`` (odd integers in [-n, n], ``dorefa_weight``),
-    ``"ternary"`` ({-1, 0, +1}) or ``"binary"`` (+-1, what ``sign_levels`` declares); ``clip`` is unused.
+    ``"ternary"`` ({-1, 0, +1}), ``"binary"`` (+-1, what ``sign_levels`` declares) or ``"signed"``
+    (every integer in [-m, m], m = 2^(bits-1) - 1; ``int8_weight``); ``clip`` is unused.
+
+    :attr:`largest` bounds ``|x_int|`` (or ``|levels|``): a layer's integer sum is exact in float32
+    while ``taps * largest_in * largest_w < 2^24``.
     """
 
     kind: str
@@ -43,8 +50,19 @@ class IntegerCode:
             raise ValueError(f"IntegerCode: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 16:
             raise ValueError(f"IntegerCode: bits must be an integer in [1, 16], got {self.bits!r}")
+        if self.kind == "signed" and self.bits < 2:
+            raise ValueError(f"IntegerCode: a signed code needs bits >= 2, got {self.bits!r}")
         if not self.clip > 0:
             raise ValueError(f"IntegerCode: clip must be positive, got {self.clip!r}")
+
+    @property
+    def largest(self) -> int:
+        """The largest magnitude of the code's integers: ``n`` (unsigned, symmetric), 128 (absmax),
+        ``2^(bits-1) - 1`` (signed), 1 (ternary, binary)."""
+        n = 2**self.bits - 1
+        return {"unsigned": n, "symmetric": n, "absmax": 2 ** (self.bits - 1), "signed": 2 ** (self.bits - 1) - 1}.get(
+            self.kind, 1
+        )
 
     @staticmethod
     def unsigned(bits: int) -> IntegerCode:
@@ -65,3 +83,7 @@ class IntegerCode:
     @staticmethod
     def absmax(bits: int = 8) -> IntegerCode:
         return IntegerCode("absmax", bits)
+
+    @staticmethod
+    def signed(bits: int = 8) -> IntegerCode:
+        return IntegerCode("signed", bits)
