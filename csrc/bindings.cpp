@@ -235,13 +235,13 @@ void ternary_linear_int_raw(uintptr_t x, int64_t N, int64_t K, uintptr_t w, int6
 NB_MODULE(_C, m) {
   m.doc() = "onebit's native kernels (bit-packing and binary layers).";
   m.def("isa", [] { return std::string(onebit::isa_name(onebit::active_isa())); },
-        "The instruction set the kernels use now: avx512, avx2, scalar or reference.");
+        "The instruction set the kernels use now: avx512, avx2, neon_dotprod, neon, scalar or reference.");
   m.def("set_isa", &onebit::set_isa, "name"_a,
-        "Force the kernels onto one instruction set (avx512, avx2, scalar, reference).");
+        "Force the kernels onto one instruction set (avx512, avx2, neon_dotprod, neon, scalar, reference).");
   m.def("supported_isas", &onebit::supported_isas, "Instruction sets this CPU can run, fastest first.");
   m.def("has_avx512_vnni", &onebit::has_avx512_vnni, "Whether this CPU has AVX-512 VNNI (used on the avx512 ISA).");
   m.def("ternary_linear_kernel", [] { return std::string(onebit::ternary_linear_kernel()); },
-        "The ternary x int8 kernel the active ISA runs: avx512_vnni, avx2 or reference.");
+        "The ternary x int8 kernel the active ISA runs: avx512_vnni, avx2, neon_dotprod, neon or reference.");
   m.def("ternary_linear_raw", &ternary_linear_raw, "x"_a, "N"_a, "K"_a, "x_stride"_a, "w"_a, "O"_a, "scale"_a,
         "bias"_a, "out"_a, "threads"_a,
         "Low level (addresses): float32 [N, O] of float32 tokens [N, K] (absmax8-quantized inside) and 2-bit "

@@ -235,7 +235,7 @@ ConvPlan::ConvPlan(const ConvGeometry& geometry, const ConvOutput& params, int64
 
 std::string ConvPlan::tile(int isa) const {
   const auto* tiles = conv_tiles(static_cast<Isa>(isa));
-  if (!tiles || isa < 0 || isa >= 4) return "";
+  if (!tiles || isa < 0 || isa >= kIsaCount) return "";
   const std::string forced = forced_tile(isa_name(static_cast<Isa>(isa)));
   if (forced != "auto") return forced;
   const int chosen = tile_[isa].load(std::memory_order_relaxed);

@@ -32,6 +32,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/isa.h"
+
 namespace onebit {
 
 class ActivationPacker;  // pack.h
@@ -107,7 +109,7 @@ class ConvPlan {
   int32_t ncol_ = 1, nclasses_ = 1;
   std::vector<int64_t> step_off_;
   // Per ISA (index = Isa value): the index of the tile chosen by timing, -1 until the first run.
-  mutable std::atomic<int> tile_[4] = {-1, -1, -1, -1};
+  mutable std::atomic<int> tile_[kIsaCount] = {-1, -1, -1, -1, -1, -1};
 };
 
 // The weights of one layer prepared in a kernel's layout (blocks of output channels,
@@ -190,6 +192,7 @@ struct ConvKernel {
 const std::vector<ConvKernel>& conv_kernels_scalar();
 const std::vector<ConvKernel>& conv_kernels_avx2();
 const std::vector<ConvKernel>& conv_kernels_avx512();
+const std::vector<ConvKernel>& conv_kernels_neon();
 
 // The independent reference: plain loops, one output at a time, padding skipped tap by tap.
 void binary_conv2d_reference(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w);

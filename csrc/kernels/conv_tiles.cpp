@@ -16,7 +16,6 @@
 namespace onebit {
 namespace {
 
-constexpr int kIsas = 4;
 // Timing: each sample runs about this many word steps (pixels x channels x steps),
 // repeated up to kRounds interleaved rounds while the whole choice stays under kBudget.
 constexpr int64_t kSampleWork = int64_t{1} << 19;
@@ -24,18 +23,21 @@ constexpr int kRounds = 5;
 constexpr double kBudget = 4e-3;   // seconds
 constexpr double kMinSample = 5e-5;  // seconds per timed sample (repeated runs when shorter)
 
-std::atomic<int> forced[kIsas] = {-1, -1, -1, -1};
-
-Isa parse_isa(const std::string& name) {
-  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::scalar, Isa::reference})
-    if (name == isa_name(isa)) return isa;
-  throw std::invalid_argument("unknown ISA '" + name + "': expected one of avx512, avx2, scalar, reference");
-}
+std::atomic<int> forced[kIsaCount] = {-1, -1, -1, -1, -1, -1};
 
 std::string joined(const std::vector<std::string>& names) {
   std::string out;
   for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
   return out;
+}
+
+Isa parse_isa(const std::string& name) {
+  std::vector<std::string> names;
+  for (Isa isa : kIsasFastestFirst) {
+    if (name == isa_name(isa)) return isa;
+    names.emplace_back(isa_name(isa));
+  }
+  throw std::invalid_argument("unknown ISA '" + name + "': expected one of " + joined(names));
 }
 
 int tile_index(const std::string& isa, const std::string& name) {

@@ -1,4 +1,5 @@
-// The ISA: what this CPU supports (cpuid on x86-64), the active one, and each ISA's kernels.
+// The ISA: what this CPU supports (cpuid on x86-64, hardware capabilities on aarch64), the active
+// one, and each ISA's kernels.
 #include "kernels/dispatch.h"
 
 #include <atomic>
@@ -7,8 +8,15 @@
 
 #include "kernels/isa.h"
 #include "kernels/pack.h"
+#include <string>
 #if ONEBIT_X86
 #include <cpuid.h>
+#endif
+#if ONEBIT_NEON && defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#if ONEBIT_NEON && defined(__APPLE__)
+#include <sys/sysctl.h>
 #endif
 
 namespace onebit {
@@ -22,7 +30,7 @@ unsigned long long xgetbv0() {
 }
 
 struct CpuFeatures {
-  bool popcnt = false, avx2 = false, avx512 = false, avx512_vnni = false;
+  bool popcnt = false, avx2 = false, avx512 = false, avx512_vnni = false, neon = false, dotprod = false;
   CpuFeatures() {
     unsigned int a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return;
@@ -41,11 +49,37 @@ struct CpuFeatures {
     avx512_vnni = avx512 && (c & (1u << 11));  // CPUID.(EAX=7,ECX=0):ECX[11] AVX512_VNNI
   }
 };
+#elif ONEBIT_NEON
+// AdvSIMD (NEON) is part of every aarch64 core; SDOT/UDOT (dotprod, Armv8.2+) is optional.
+bool dotprod_available() {
+#if defined(__linux__)
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+  int value = 0;
+  size_t size = sizeof value;
+  return sysctlbyname("hw.optional.arm.FEAT_DotProd", &value, &size, nullptr, 0) == 0 && value != 0;
 #else
-struct CpuFeatures {  // no x86 kernels here: the scalar kernels (portable popcount) and the reference
-  bool popcnt = true, avx2 = false, avx512 = false, avx512_vnni = false;
+  return false;
+#endif
+}
+
+struct CpuFeatures {
+  bool popcnt = true, avx2 = false, avx512 = false, avx512_vnni = false, neon = true, dotprod = dotprod_available();
+};
+#else
+struct CpuFeatures {  // no vector kernels here: the scalar kernels (portable popcount) and the reference
+  bool popcnt = true, avx2 = false, avx512 = false, avx512_vnni = false, neon = false, dotprod = false;
 };
 #endif
+
+std::string isa_list() {
+  std::string out;
+  for (Isa isa : kIsasFastestFirst) out += (out.empty() ? "" : ", ") + std::string(isa_name(isa));
+  return out;
+}
 
 const CpuFeatures& cpu() {
   static const CpuFeatures features;
@@ -53,17 +87,14 @@ const CpuFeatures& cpu() {
 }
 
 Isa parse(const std::string& name) {
-  if (name == "reference") return Isa::reference;
-  if (name == "scalar") return Isa::scalar;
-  if (name == "avx2") return Isa::avx2;
-  if (name == "avx512") return Isa::avx512;
-  throw std::invalid_argument("unknown ISA '" + name + "': expected one of avx512, avx2, scalar, reference");
+  for (Isa isa : kIsasFastestFirst)
+    if (name == isa_name(isa)) return isa;
+  throw std::invalid_argument("unknown ISA '" + name + "': expected one of " + isa_list());
 }
 
 Isa best_isa() {
-  if (isa_supported(Isa::avx512)) return Isa::avx512;
-  if (isa_supported(Isa::avx2)) return Isa::avx2;
-  if (isa_supported(Isa::scalar)) return Isa::scalar;
+  for (Isa isa : kIsasFastestFirst)
+    if (isa_supported(isa)) return isa;
   return Isa::reference;
 }
 
@@ -89,6 +120,8 @@ const char* isa_name(Isa isa) {
     case Isa::scalar: return "scalar";
     case Isa::avx2: return "avx2";
     case Isa::avx512: return "avx512";
+    case Isa::neon: return "neon";
+    case Isa::neon_dotprod: return "neon_dotprod";
   }
   return "?";
 }
@@ -99,13 +132,15 @@ bool isa_supported(Isa isa) {
     case Isa::scalar: return cpu().popcnt;
     case Isa::avx2: return cpu().avx2;
     case Isa::avx512: return cpu().avx512;
+    case Isa::neon: return cpu().neon;
+    case Isa::neon_dotprod: return cpu().neon && cpu().dotprod;
   }
   return false;
 }
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
-  for (Isa isa : {Isa::avx512, Isa::avx2, Isa::scalar, Isa::reference})
+  for (Isa isa : kIsasFastestFirst)
     if (isa_supported(isa)) names.emplace_back(isa_name(isa));
   return names;
 }
@@ -126,10 +161,23 @@ const IsaKernels& isa_kernels(Isa isa) {
                                  has_avx512_vnni() ? ternary::chunk_dot_vnni : ternary::chunk_dot_avx2,
                                  ternary::quantize_token_avx2, transpose_block_avx512};
 #else
-  static const IsaKernels& avx2 = scalar;  // never active: isa_supported() is false
-  static const IsaKernels& avx512 = scalar;
+  static const IsaKernels& avx2 = reference;  // never active (isa_supported() is false): no tiles to list
+  static const IsaKernels& avx512 = reference;
+#endif
+#if ONEBIT_NEON
+  static const IsaKernels neon{conv_kernels_neon, pack_rows_neon, pack_row_cl_neon, pack_row_nchw_neon,
+                               ternary::chunk_dot_neon, ternary::quantize_token_neon, transpose_block_neon};
+  // the same, with the int8 dot products on SDOT (vdotq_s32)
+  static const IsaKernels neon_dotprod{conv_kernels_neon, pack_rows_neon, pack_row_cl_neon, pack_row_nchw_neon,
+                                       ternary::chunk_dot_neon_dotprod, ternary::quantize_token_neon,
+                                       transpose_block_neon};
+#else
+  static const IsaKernels& neon = reference;  // never active (isa_supported() is false): no tiles to list
+  static const IsaKernels& neon_dotprod = reference;
 #endif
   switch (isa) {
+    case Isa::neon_dotprod: return neon_dotprod;
+    case Isa::neon: return neon;
     case Isa::avx512: return avx512;
     case Isa::avx2: return avx2;
     case Isa::scalar: return scalar;

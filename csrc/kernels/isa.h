@@ -1,8 +1,9 @@
 // Instruction-set selection for onebit's kernels.
 //
 // Every kernel has a portable reference implementation and optimized paths.
-// The active path is chosen once at import from cpuid, may be forced with the
-// environment variable ONEBIT_ISA=avx512|avx2|scalar|reference, and may be
+// The active path is chosen once at import from cpuid (x86-64) or the hardware capabilities
+// (aarch64: NEON always, dotprod from getauxval / sysctl), may be forced with the environment
+// variable ONEBIT_ISA=avx512|avx2|neon_dotprod|neon|scalar|reference, and may be
 // changed at run time with set_isa() (the tests exercise every path this way).
 #pragma once
 #include <string>
@@ -18,7 +19,18 @@
 
 namespace onebit {
 
-enum class Isa { reference = 0, scalar = 1, avx2 = 2, avx512 = 3 };
+// The 64-bit ARM kernels (NEON, and SDOT where the core has dotprod) exist only on aarch64.
+#if defined(__aarch64__) || defined(_M_ARM64)
+#define ONEBIT_NEON 1
+#else
+#define ONEBIT_NEON 0
+#endif
+
+enum class Isa { reference = 0, scalar = 1, avx2 = 2, avx512 = 3, neon = 4, neon_dotprod = 5 };
+constexpr int kIsaCount = 6;
+// Every ISA, fastest first: the order of supported_isas() and of error messages.
+constexpr Isa kIsasFastestFirst[kIsaCount] = {Isa::avx512, Isa::avx2, Isa::neon_dotprod, Isa::neon, Isa::scalar,
+                                              Isa::reference};
 
 const char* isa_name(Isa isa);
 bool isa_supported(Isa isa);           // can this CPU run it?

@@ -23,6 +23,7 @@ void pack_rows_reference(const float* x, int64_t rows, int64_t channels, int64_t
 void pack_rows_scalar(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out);
 void pack_rows_avx2(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out);
 void pack_rows_avx512(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out);
+void pack_rows_neon(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out);
 
 // ---- activations: float [N, C, H, W] with any element strides -> packed, padded
 // [N, H + 2 ph, W + 2 pw, G, Wg] with Wg = words_for(C / G): group g's channels
@@ -66,5 +67,7 @@ void pack_row_cl_avx2(const float* x, int64_t W, int64_t sW, int64_t Cg, int64_t
 void pack_row_nchw_avx2(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out);
 void pack_row_cl_avx512(const float* x, int64_t W, int64_t sW, int64_t Cg, int64_t G, uint64_t* out);
 void pack_row_nchw_avx512(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out);
+void pack_row_cl_neon(const float* x, int64_t W, int64_t sW, int64_t Cg, int64_t G, uint64_t* out);
+void pack_row_nchw_neon(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out);
 
 }  // namespace onebit

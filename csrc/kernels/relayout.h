@@ -23,6 +23,10 @@ void transpose_block_avx2(const uint32_t* src, int64_t rows, int64_t cols, int64
 void transpose_block_avx512(const uint32_t* src, int64_t rows, int64_t cols, int64_t src_ld, uint32_t* dst,
                             int64_t dst_ld);
 #endif
+#if ONEBIT_NEON
+void transpose_block_neon(const uint32_t* src, int64_t rows, int64_t cols, int64_t src_ld, uint32_t* dst,
+                          int64_t dst_ld);
+#endif
 
 // out[n, j, i] = x[n * sample_stride + i * row_stride + j] for n < N, i < rows, j < cols: out is contiguous
 // [N, cols, rows]. Runs the active ISA's TransposeBlock on blocks of each plane, on up to `threads`

@@ -76,6 +76,10 @@ const char* ternary_linear_kernel() {
   if (kernel == ternary::chunk_dot_vnni) return "avx512_vnni";
   if (kernel == ternary::chunk_dot_avx2) return "avx2";
 #endif
+#if ONEBIT_NEON
+  if (kernel == ternary::chunk_dot_neon_dotprod) return "neon_dotprod";
+  if (kernel == ternary::chunk_dot_neon) return "neon";
+#endif
   return "reference";
 }
 

@@ -12,7 +12,7 @@
 // (no fused multiply-add). A token holding a NaN or an infinity gives a row of NaN.
 //
 // The optimized kernels use sum_k q * w = sum_k q * code - sum_k q, with the codes as unsigned
-// and the activations as signed bytes (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd). They see the
+// and the activations as signed bytes (AVX2 vpmaddubsw, AVX-512 VNNI vpdpbusd, NEON vmull_s8 / SDOT). They see the
 // activations permuted per 256-feature chunk so that each unpacked 2-bit plane lines up with
 // them: xperm[256 c + 64 i + j] = q[256 c + 4 j + i] (j < 64, i < 4); byte j of a row's chunk c
 // then feeds lane j of plane i. Features beyond the last full chunk run as plain loops.
@@ -33,7 +33,7 @@ void ternary_linear_int(const int8_t* x, int64_t N, int64_t K, const uint8_t* w,
 void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, const uint8_t* w, int64_t O,
                     const float* scale, const float* bias, float* out, int threads);
 
-// The name of the kernel the active ISA runs: "avx512_vnni", "avx2" or "reference".
+// The name of the kernel the active ISA runs: "avx512_vnni", "avx2", "neon_dotprod", "neon" or "reference".
 const char* ternary_linear_kernel();
 
 namespace ternary {
@@ -71,6 +71,12 @@ void chunk_dot_avx2(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64
                     int32_t* dot);
 void chunk_dot_vnni(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
                     int32_t* dot);
+// aarch64: widening multiplies (vmull_s8 / vpadalq_s16) on every core, SDOT (vdotq_s32) with dotprod.
+bool quantize_token_neon(const float* x, int64_t K, int8_t* q, float* s_out);
+void chunk_dot_neon(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
+                    int32_t* dot);
+void chunk_dot_neon_dotprod(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
+                            int32_t* dot);
 
 // The reference: plain loops over the 2-bit codes, acc[r] = sum_k q[k] * (code - 1), no permutation.
 void ternary_rows_reference(const int8_t* q, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t rows,

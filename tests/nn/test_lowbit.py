@@ -305,6 +305,8 @@ def test_kernel_choice_follows_the_isa():
     want = {
         "avx512": "avx512_vnni" if _C.has_avx512_vnni() else "avx2",
         "avx2": "avx2",
+        "neon_dotprod": "neon_dotprod",
+        "neon": "neon",
         "scalar": "reference",
         "reference": "reference",
     }

@@ -103,5 +103,6 @@ def ternary_linear_int(x: torch.Tensor, wp: torch.Tensor, *, in_features: int) -
 
 
 def ternary_linear_kernel() -> str:
-    """The kernel :func:`ternary_linear` runs on the active ISA: ``avx512_vnni``, ``avx2`` or ``reference``."""
+    """The kernel :func:`ternary_linear` runs on the active ISA: ``avx512_vnni``, ``avx2``,
+    ``neon_dotprod``, ``neon`` or ``reference``."""
     return _C.ternary_linear_kernel()

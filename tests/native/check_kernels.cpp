@@ -1,0 +1,373 @@
+// onebit's C++ kernels against independent references, on every ISA this CPU runs and every
+// register tile of each, on random shapes: what tests/engine/test_kernels.py checks through
+// Python, as one static program that also runs under qemu on ARM (make test-aarch64).
+//
+//   check_kernels [--seed S] [--count N] [--verbose]
+//
+// Each of the N cases draws one shape per kernel family from seed S:
+//   binary conv: groups, channels (1 to 3 words a group), kernel, stride, dilation, padding 0/+1/-1,
+//     int32 / float (scale, bias, BatchNorm rounded once or twice, shortcut) / threshold (out padding,
+//     out groups) outputs, packed or float input (packed inside the call), 1 or 2 threads;
+//     against plain loops (xor-popcount from the definition, float ops one by one);
+//   activation packing (any strides, groups, pad values), row (weight) packing, bit planes (k-bit
+//     levels as +-1 planes), ternary x int8 linear (int and float), the float plane transpose.
+// Every mismatch prints a FAIL line naming the kernel, ISA, tile and shape; the exit status is 1.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/bitplanes.h"
+#include "kernels/conv.h"
+#include "kernels/conv_tiles.h"
+#include "kernels/isa.h"
+#include "kernels/pack.h"
+#include "kernels/relayout.h"
+#include "kernels/ternary_linear.h"
+
+#include "check_support.h"
+
+using namespace onebit;
+using namespace onebit_check;
+
+namespace {
+
+// ---- binary convolution ------------------------------------------------------------------------
+
+struct ConvCase {
+  ConvGeometry g;
+  ConvOutput o;  // mode and packed-output parameters
+  bool scale = false, bias = false, bn = false, residual = false, fused_input = false;
+  int threads = 1;
+  std::string text() const {
+    const ConvGeometry& v = g;
+    std::string s = "N" + str(v.N) + " C" + str(v.C) + " Co" + str(v.Co) + " G" + str(v.G) + " " + str(v.Hp - 2 * v.ph) +
+                    "x" + str(v.Wp - 2 * v.pw) + " k" + str(v.KH) + "x" + str(v.KW) + " s" + str(v.sh) + "x" +
+                    str(v.sw) + " p" + str(v.ph) + "x" + str(v.pw) + " d" + str(v.dh) + "x" + str(v.dw) + " pad" +
+                    str(v.pad_value) + " threads" + str(threads) + (fused_input ? " float-input" : " packed-input");
+    if (o.mode == OutMode::int32) return s + " out=int32";
+    if (o.mode == OutMode::threshold)
+      return s + " out=threshold op" + str(o.oph) + "x" + str(o.opw) + " OG" + str(o.OG) + " opad" +
+             str(o.out_pad_value);
+    return s + " out=float" + (scale ? " scale" : "") + (bias ? " bias" : "") +
+           (bn ? (o.bn_fma ? " bn(fma)" : " bn(2 roundings)") : "") + (residual ? " shortcut" : "");
+  }
+};
+
+ConvCase draw_conv(Rng& r) {
+  ConvCase c;
+  ConvGeometry& g = c.g;
+  g.G = r.pick({1, 1, 2, 3});
+  const int64_t Cg = r.pick({1, 5, 31, 63, 64, 65, 100, 128, 150, 192});
+  g.C = Cg * g.G;
+  g.Co = r.range(1, 19) * g.G;
+  g.KH = r.range(1, 3), g.KW = r.range(1, 3);
+  g.sh = r.range(1, 2), g.sw = r.range(1, 2);
+  g.dh = r.range(1, 2), g.dw = r.range(1, 2);
+  g.ph = r.range(0, 2), g.pw = r.range(0, 2);
+  g.pad_value = static_cast<int>(r.range(-1, 1));
+  g.N = r.range(1, 2);
+  const int64_t H = r.range(1, 9), W = r.range(1, 9);
+  g.Hp = std::max(H + 2 * g.ph, g.dh * (g.KH - 1) + 1);  // the dilated kernel fits the padded input
+  g.Wp = std::max(W + 2 * g.pw, g.dw * (g.KW - 1) + 1);
+  g.Wg = words_for(Cg);
+  const int mode = static_cast<int>(r.range(0, 2));
+  c.o.mode = static_cast<OutMode>(mode);
+  if (c.o.mode == OutMode::float32) {
+    c.scale = r.coin(), c.bias = r.coin(), c.bn = r.coin(), c.residual = r.coin();
+    c.o.bn_fma = r.coin();
+  } else if (c.o.mode == OutMode::threshold) {
+    c.o.oph = r.range(0, 1), c.o.opw = r.range(0, 1);
+    c.o.out_pad_value = static_cast<int>(r.range(-1, 1));
+    c.o.OG = g.Co % 2 == 0 && r.coin() ? 2 : 1;
+  }
+  c.fused_input = r.coin();
+  c.threads = r.coin() ? 2 : 1;
+  return c;
+}
+
+struct ConvData {
+  std::vector<float> x;       // [N, C, H, W] float input
+  std::vector<uint64_t> xp;   // packed, padded
+  std::vector<uint64_t> wp;   // [Co, KH, KW, Wg]
+  std::vector<float> scale, bias, bn_scale, bn_shift, residual;
+  std::vector<int32_t> thr;
+  std::vector<int8_t> dir;
+};
+
+ConvData conv_data(Rng& r, const ConvCase& c) {
+  const ConvGeometry& g = c.g;
+  const int64_t H = g.Hp - 2 * g.ph, W = g.Wp - 2 * g.pw, Cg = g.C / g.G;
+  ConvData d;
+  d.x = r.floats(g.N * g.C * H * W);
+  d.xp = naive_pack_activations(d.x.data(), g.N, g.C, H, W, g.C * H * W, H * W, W, 1, g.ph, g.pw, g.pad_value, g.G);
+  const std::vector<float> w = r.floats(g.Co * g.KH * g.KW * Cg);  // [Co, KH, KW, Cg]
+  d.wp = naive_pack_rows(w.data(), g.Co * g.KH * g.KW, Cg, Cg);
+  const int64_t outs = g.N * g.Co * ((g.Hp - g.dh * (g.KH - 1) - 1) / g.sh + 1) * ((g.Wp - g.dw * (g.KW - 1) - 1) / g.sw + 1);
+  d.scale = r.normals(g.Co), d.bias = r.normals(g.Co), d.bn_scale = r.normals(g.Co), d.bn_shift = r.normals(g.Co);
+  d.residual = r.normals(outs);
+  const int64_t K = Cg * g.KH * g.KW;
+  for (int64_t co = 0; co < g.Co; ++co) {
+    d.thr.push_back(static_cast<int32_t>(r.range(-K / 2, K / 2)));
+    d.dir.push_back(r.coin() ? 1 : -1);
+  }
+  return d;
+}
+
+// The outputs of the plain-loop definition, or of one kernel run.
+struct ConvResult {
+  std::vector<int32_t> i32;
+  std::vector<float> f32;
+  std::vector<uint64_t> bits;
+};
+
+ConvOutput conv_pointers(const ConvCase& c, ConvData& d, ConvResult& out, const ConvOutput& shape) {
+  ConvOutput o = shape;
+  const ConvGeometry& g = c.g;
+  const int64_t outs = g.N * g.OH * g.OW * g.Co;
+  if (o.mode == OutMode::int32) out.i32.assign(outs, 0x7eadbeef), o.out_i32 = out.i32.data();
+  if (o.mode == OutMode::float32) {
+    out.f32.assign(outs, -12345.0f), o.out_f32 = out.f32.data();
+    if (c.scale) o.scale = d.scale.data();
+    if (c.bias) o.bias = d.bias.data();
+    if (c.bn) o.bn_scale = d.bn_scale.data(), o.bn_shift = d.bn_shift.data();
+    if (c.residual) o.residual = d.residual.data();
+  }
+  if (o.mode == OutMode::threshold) {
+    out.bits.assign(g.N * (g.OH + 2 * o.oph) * (g.OW + 2 * o.opw) * o.OG * o.OWg, 0x5555555555555555ULL);
+    o.out_bits = out.bits.data(), o.thr = d.thr.data(), o.dir = d.dir.data();
+  }
+  return o;
+}
+
+// The definition, loop by loop (no tiles, no border classes): padded taps of pad_value 0 skipped.
+ConvResult naive_conv(const ConvCase& c, ConvData& d, const ConvOutput& shape) {
+  const ConvGeometry& g = c.g;
+  ConvResult res;
+  const ConvOutput o = conv_pointers(c, d, res, shape);
+  if (o.mode == OutMode::threshold) {
+    std::fill(res.bits.begin(), res.bits.end(), 0);
+    if (o.out_pad_value < 0) fill_packed_border(res.bits.data(), g.N, g.OH, g.OW, o.oph, o.opw, o.OG, o.OCg, -1);
+  }
+  const int64_t px = g.G * g.Wg;
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t oh = 0; oh < g.OH; ++oh)
+      for (int64_t ow = 0; ow < g.OW; ++ow)
+        for (int64_t co = 0; co < g.Co; ++co) {
+          const int64_t q = (n * g.OH + oh) * g.OW + ow, grp = co / g.Cog;
+          int32_t acc = 0;
+          for (int64_t kh = 0; kh < g.KH; ++kh)
+            for (int64_t kw = 0; kw < g.KW; ++kw) {
+              const int64_t ih = oh * g.sh + kh * g.dh, iw = ow * g.sw + kw * g.dw;
+              if (g.pad_value == 0 && (ih < g.ph || ih >= g.Hp - g.ph || iw < g.pw || iw >= g.Wp - g.pw)) continue;
+              for (int64_t k = 0; k < g.Wg; ++k) {
+                const uint64_t xv = d.xp[((n * g.Hp + ih) * g.Wp + iw) * px + grp * g.Wg + k];
+                const uint64_t wv = d.wp[((co * g.KH + kh) * g.KW + kw) * g.Wg + k];
+                const int64_t bits = std::min<int64_t>(64, g.Cg - 64 * k);
+                for (int64_t b = 0; b < bits; ++b) acc += ((xv ^ wv) >> b & 1) ? -1 : 1;
+              }
+            }
+          if (o.mode == OutMode::int32) o.out_i32[q * g.Co + co] = acc;
+          if (o.mode == OutMode::float32) {
+            float f = static_cast<float>(acc);  // one rounding per operation (-ffp-contract=off)
+            if (o.scale) f = f * o.scale[co];
+            if (o.bias) f = f + o.bias[co];
+            if (o.bn_scale) {
+              if (o.bn_fma) {
+                f = std::fma(f, o.bn_scale[co], o.bn_shift[co]);
+              } else {
+                f = f * o.bn_scale[co];
+                f = f + o.bn_shift[co];
+              }
+            }
+            if (o.residual) f = f + o.residual[q * g.Co + co];
+            o.out_f32[q * g.Co + co] = f;
+          }
+          if (o.mode == OutMode::threshold && (o.dir[co] > 0 ? acc < o.thr[co] : acc > o.thr[co])) {
+            const int64_t pix = (n * (g.OH + 2 * o.oph) + oh + o.oph) * (g.OW + 2 * o.opw) + ow + o.opw;
+            const int64_t og = co / o.OCg, b = co % o.OCg;
+            o.out_bits[pix * o.OG * o.OWg + og * o.OWg + b / 64] |= uint64_t{1} << (b % 64);
+          }
+        }
+  return res;
+}
+
+bool same(const ConvResult& a, const ConvResult& b) {
+  return a.i32 == b.i32 && a.bits == b.bits && a.f32.size() == b.f32.size() &&
+         (a.f32.empty() || std::memcmp(a.f32.data(), b.f32.data(), a.f32.size() * sizeof(float)) == 0);
+}
+
+void check_conv(Rng& r, Report& report) {
+  ConvCase c = draw_conv(r);
+  ConvData d = conv_data(r, c);
+  ConvOutput shape = c.o;
+  validate_conv(c.g, shape, c.g.G * c.g.Wg, c.g.Wg);
+  const ConvResult want = naive_conv(c, d, shape);
+  const ConvPlan plan(c.g, shape, c.g.G * c.g.Wg, c.g.Wg);
+  const int64_t H = c.g.H, W = c.g.W;
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<std::string> tiles = tile_names(isa);
+    if (tiles.empty()) tiles.push_back("");  // the reference ISA: binary_conv2d_reference
+    for (const std::string& tile : tiles) {
+      if (!tile.empty()) set_tile(isa, tile);
+      ConvResult got;
+      const ConvOutput o = conv_pointers(c, d, got, shape);
+      if (c.fused_input)
+        plan.run(d.x.data(), c.g.C * H * W, H * W, W, 1, d.wp.data(), o, c.threads);
+      else
+        plan.run(d.xp.data(), d.wp.data(), o, c.threads);
+      report.check(same(got, want), "binary_conv2d", isa, tile, c.text());
+      if (!tile.empty()) set_tile(isa, "auto");
+    }
+  }
+}
+
+// ---- packing, bit planes, ternary linear, relayout --------------------------------------------
+
+void check_pack(Rng& r, Report& report) {
+  const int64_t G = r.pick({1, 1, 2, 4}), Cg = r.pick({1, 3, 17, 64, 65, 100, 130}), C = Cg * G;
+  const int64_t N = r.range(1, 2), H = r.range(1, 6), W = r.range(1, 11), ph = r.range(0, 2), pw = r.range(0, 2);
+  const int pad_value = static_cast<int>(r.range(-1, 1));
+  const int layout = static_cast<int>(r.range(0, 2));  // NCHW, channels_last, W outermost (neither)
+  std::vector<float> x = r.floats(N * C * H * W);
+  int64_t sN = C * H * W, sC = H * W, sH = W, sW = 1;
+  if (layout == 1) sC = 1, sW = C, sH = W * C;
+  if (layout == 2) sW = N * C * H, sN = C * H, sC = H, sH = 1;
+  const std::string text = "N" + str(N) + " C" + str(C) + " G" + str(G) + " " + str(H) + "x" + str(W) + " p" + str(ph) +
+                           "x" + str(pw) + " pad" + str(pad_value) + " layout" + str(layout);
+  const std::vector<uint64_t> want = naive_pack_activations(x.data(), N, C, H, W, sN, sC, sH, sW, ph, pw, pad_value, G);
+  const int64_t rows = r.range(1, 5), channels = r.pick({1, 15, 16, 63, 64, 65, 200}), stride = channels + r.range(0, 3);
+  std::vector<float> m = r.floats(rows * stride);
+  const std::vector<uint64_t> want_rows = naive_pack_rows(m.data(), rows, channels, stride);
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<uint64_t> got(want.size(), 0xdeadbeefULL);
+    pack_activations(x.data(), N, C, H, W, sN, sC, sH, sW, ph, pw, pad_value, G, got.data(), static_cast<int>(r.range(1, 2)));
+    report.check(got == want, "pack_activations", isa, "", text);
+    std::vector<uint64_t> got_rows(want_rows.size(), 0xdeadbeefULL);
+    pack_rows(m.data(), rows, channels, stride, got_rows.data());
+    report.check(got_rows == want_rows, "pack_rows (weights)", isa, "",
+                 "rows" + str(rows) + " channels" + str(channels) + " stride" + str(stride));
+  }
+}
+
+void check_planes(Rng& r, Report& report) {
+  const int64_t G = r.pick({1, 2}), Cg = r.pick({1, 7, 64, 70}), C = Cg * G;
+  const int64_t N = r.range(1, 2), H = r.range(1, 5), W = r.range(1, 9), ph = r.range(0, 1), pw = r.range(0, 1);
+  const bool symmetric = r.coin(), channels_last = r.coin();
+  const int bits = static_cast<int>(r.range(1, 4));
+  const float clip = symmetric ? 0.5f + static_cast<float>(r.range(0, 3)) * 0.25f : 1.0f;
+  std::vector<float> x = r.normals(N * C * H * W);
+  for (float& v : x) v = v * 0.7f + 0.3f;
+  if (r.range(0, 7) == 0) x[r.range(0, static_cast<int64_t>(x.size()) - 1)] = std::numeric_limits<float>::quiet_NaN();
+  int64_t sN = C * H * W, sC = H * W, sH = W, sW = 1;
+  if (channels_last) sC = 1, sW = C, sH = W * C;
+  bool want_nan = false;
+  const std::vector<uint64_t> want =
+      naive_planes(x.data(), N, C, H, W, sN, sC, sH, sW, ph, pw, G, symmetric, bits, clip, want_nan);
+  const std::string text = "N" + str(N) + " C" + str(C) + " G" + str(G) + " " + str(H) + "x" + str(W) + " bits" +
+                           str(bits) + (symmetric ? " symmetric" : " unsigned") + (channels_last ? " channels_last" : " NCHW");
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<uint64_t> got(want.size(), 0xdeadbeefULL);
+    const bool nan = pack_integer_planes(x.data(), N, C, H, W, sN, sC, sH, sW, ph, pw, G, symmetric, bits, clip,
+                                         got.data(), static_cast<int>(r.range(1, 2)));
+    report.check(nan == want_nan && (want_nan || got == want), "pack_integer_planes", isa, "", text);
+  }
+}
+
+void check_ternary(Rng& r, Report& report) {
+  const int64_t N = r.range(1, 3), K = r.pick({1, 3, 255, 256, 257, 512, 700, 1024}), O = r.range(1, 70);
+  const int64_t row_bytes = ternary_row_bytes(K);
+  std::vector<uint8_t> w(O * row_bytes, 0);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t k = 0; k < K; ++k) w[o * row_bytes + k / 4] |= static_cast<uint8_t>(r.range(0, 2) << (2 * (k % 4)));
+  std::vector<int8_t> q(N * K);
+  for (int8_t& v : q) v = static_cast<int8_t>(r.coin() ? r.range(-128, 127) : r.pick({-128, 127, 0}));
+  std::vector<float> x = r.normals(N * K), scale = r.normals(O), bias = r.normals(O);
+  if (r.range(0, 5) == 0) x[r.range(0, N * K - 1)] = std::numeric_limits<float>::infinity();
+  std::vector<int32_t> want_int;
+  std::vector<float> want_float;
+  naive_ternary(q.data(), x.data(), N, K, w.data(), O, scale.data(), bias.data(), want_int, want_float);
+  const std::string text = "N" + str(N) + " K" + str(K) + " O" + str(O);
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    const int threads = static_cast<int>(r.range(1, 2));
+    std::vector<int32_t> got_int(N * O, 0x7eadbeef);
+    ternary_linear_int(q.data(), N, K, w.data(), O, got_int.data(), threads);
+    report.check(got_int == want_int, "ternary_linear_int", isa, ternary_linear_kernel(), text);
+    std::vector<float> got(N * O, -1.0f);
+    ternary_linear(x.data(), N, K, K, w.data(), O, scale.data(), bias.data(), got.data(), threads);
+    report.check(std::memcmp(got.data(), want_float.data(), got.size() * sizeof(float)) == 0, "ternary_linear", isa,
+                 ternary_linear_kernel(), text);
+  }
+}
+
+void check_relayout(Rng& r, Report& report) {
+  const int64_t N = r.range(1, 3), rows = r.range(1, 40), cols = r.range(1, 40), pad = r.range(0, 3);
+  const int64_t row_stride = cols + pad, sample_stride = rows * row_stride + r.range(0, 5);
+  std::vector<uint32_t> x(N * sample_stride);
+  for (uint32_t& v : x) v = static_cast<uint32_t>(r.next());
+  std::vector<uint32_t> want(N * rows * cols);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) want[(n * cols + j) * rows + i] = x[n * sample_stride + i * row_stride + j];
+  const std::string text = "N" + str(N) + " " + str(rows) + "x" + str(cols) + " row_stride" + str(row_stride);
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<uint32_t> got(want.size(), 0xfeedfaceu);
+    transpose_planes(x.data(), N, rows, cols, sample_stride, row_stride, got.data(), static_cast<int>(r.range(1, 2)));
+    report.check(got == want, "transpose_planes (relayout)", isa, "", text);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  uint64_t seed = 1;
+  int64_t count = 200;
+  bool verbose = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if ((a == "--seed" || a == "--count") && i + 1 < argc) {
+      char* end = nullptr;
+      const long long v = std::strtoll(argv[++i], &end, 10);
+      if (*end || v < 0) return usage(argv[0], "bad number '" + std::string(argv[i]) + "' for " + a);
+      if (a == "--seed") seed = static_cast<uint64_t>(v);
+      else count = v;
+    } else if (a == "--verbose") {
+      verbose = true;
+    } else {
+      return usage(argv[0], "unknown argument '" + a + "'");
+    }
+  }
+  std::string isas;
+  for (const std::string& isa : supported_isas()) {
+    isas += (isas.empty() ? "" : ", ") + isa;
+    const std::vector<std::string> tiles = tile_names(isa);
+    if (!tiles.empty()) {
+      isas += " (tiles";
+      for (const std::string& t : tiles) isas += " " + t;
+      isas += ")";
+    }
+  }
+  std::printf("check_kernels: seed %llu, %lld cases; ISAs: %s\n", static_cast<unsigned long long>(seed),
+              static_cast<long long>(count), isas.c_str());
+  Report report(verbose);
+  Rng r(seed);
+  for (int64_t i = 0; i < count; ++i) {
+    report.set_case(i);
+    check_conv(r, report);
+    check_pack(r, report);
+    check_planes(r, report);
+    check_ternary(r, report);
+    check_relayout(r, report);
+  }
+  return report.finish();
+}
