@@ -298,6 +298,7 @@ SHIPPED_TILES = (
 )
 STANDALONE_TILES = (
     Tile("onebit NEON 4x8 stand-alone (ld1r)", "aarch64", r"^tile_4x8_dup\b", 4, 8, 64),
+    Tile("onebit NEON 2x16 stand-alone (ld1r)", "aarch64", r"^tile_2x16_dup\b", 2, 16, 64),
     Tile("onebit NEON 4x4x2 stand-alone (ldr q)", "aarch64", r"^tile_4x4_pair\b", 4, 4, 128),
 )
 AVX2_TILES = (
