@@ -9,7 +9,7 @@ NATIVE_SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev
 # (which changes its directory) needs a new install
 PACKAGE_DIRS := $(shell find src/onebit -type d -not -name __pycache__ 2>/dev/null)
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean check-kernels test-aarch64 wheel-aarch64
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,34 @@ test: $(STAMP)
 	  echo "# the numerics-sensitive tests again, torch and onebit forced to AVX2 ($(AVX2_ONLY))"; \
 	  $(AVX2_ONLY) $(PY) -m pytest -q $(NUMERICS_TESTS); \
 	fi
+	$(MAKE) --no-print-directory check-kernels
+
+# The C++ kernels on their own: tests/native/check_kernels.cpp checks every ISA x tile this CPU
+# runs against plain-loop references on COUNT random shapes drawn from SEED.
+SEED ?= 1
+COUNT ?= 300
+KERNEL_SOURCES := $(wildcard csrc/kernels/*) $(wildcard tests/native/*)
+build/check_kernels: $(KERNEL_SOURCES)
+	@mkdir -p build
+	tests/native/build.sh $@ c++
+check-kernels: build/check_kernels
+	build/check_kernels --seed $(SEED) --count $(COUNT)
+
+# The same on 64-bit ARM, emulated: cross-compiled (static) and run under qemu on a core without
+# dotprod (cortex-a53: the neon ISA; SDOT would be SIGILL), one with it (neoverse-n1: neon_dotprod)
+# and every feature qemu has (max). Installs Debian's cross compiler and qemu when they are missing.
+AARCH64_CXX := aarch64-linux-gnu-g++
+AARCH64_CPUS := cortex-a53 neoverse-n1 max
+build/check_kernels_aarch64: $(KERNEL_SOURCES)
+	@command -v $(AARCH64_CXX) >/dev/null && command -v qemu-aarch64-static >/dev/null || tools/install_aarch64_tools.sh
+	@mkdir -p build
+	tests/native/build.sh $@ $(AARCH64_CXX) -static
+test-aarch64: build/check_kernels_aarch64
+	@command -v qemu-aarch64-static >/dev/null || tools/install_aarch64_tools.sh
+	@for cpu in $(AARCH64_CPUS); do \
+	  echo "# qemu-aarch64-static -cpu $$cpu"; \
+	  qemu-aarch64-static -cpu $$cpu build/check_kernels_aarch64 --seed $(SEED) --count $(COUNT) || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(PY) -m onebit bench
