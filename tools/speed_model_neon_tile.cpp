@@ -29,10 +29,11 @@ void tile_4x8_dup(const uint64_t* const* xs, const int64_t* step_off, const uint
   const uint64_t *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t off = step_off[s];
-    const uint8x16_t w[4] = {vreinterpretq_u8_u64(vld1q_u64(ws + 8 * s)), vreinterpretq_u8_u64(vld1q_u64(ws + 8 * s + 2)),
-                             vreinterpretq_u8_u64(vld1q_u64(ws + 8 * s + 4)), vreinterpretq_u8_u64(vld1q_u64(ws + 8 * s + 6))};
-    const uint8x16_t x[4] = {vreinterpretq_u8_u64(vld1q_dup_u64(x0 + off)), vreinterpretq_u8_u64(vld1q_dup_u64(x1 + off)),
-                             vreinterpretq_u8_u64(vld1q_dup_u64(x2 + off)), vreinterpretq_u8_u64(vld1q_dup_u64(x3 + off))};
+    uint8x16_t w[4];
+    for (int j = 0; j < 4; ++j) w[j] = vreinterpretq_u8_u64(vld1q_u64(ws + 8 * s + 2 * j));
+    const uint8x16_t x[4] = {
+        vreinterpretq_u8_u64(vld1q_dup_u64(x0 + off)), vreinterpretq_u8_u64(vld1q_dup_u64(x1 + off)),
+        vreinterpretq_u8_u64(vld1q_dup_u64(x2 + off)), vreinterpretq_u8_u64(vld1q_dup_u64(x3 + off))};
     for (int p = 0; p < 4; ++p)
       for (int j = 0; j < 4; ++j) acc[p][j] = vaddq_u8(acc[p][j], vcntq_u8(veorq_u8(x[p], w[j])));
   }
@@ -49,7 +50,8 @@ void tile_2x16_dup(const uint64_t* const* xs, const int64_t* step_off, const uin
   const uint64_t *x0 = xs[0], *x1 = xs[1];
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t off = step_off[s];
-    const uint8x16_t x[2] = {vreinterpretq_u8_u64(vld1q_dup_u64(x0 + off)), vreinterpretq_u8_u64(vld1q_dup_u64(x1 + off))};
+    const uint8x16_t x[2] = {vreinterpretq_u8_u64(vld1q_dup_u64(x0 + off)),
+                             vreinterpretq_u8_u64(vld1q_dup_u64(x1 + off))};
     for (int j = 0; j < 8; ++j) {
       const uint8x16_t w = vreinterpretq_u8_u64(vld1q_u64(ws + 16 * s + 2 * j));
       for (int p = 0; p < 2; ++p) acc[p][j] = vaddq_u8(acc[p][j], vcntq_u8(veorq_u8(x[p], w)));
