@@ -10,7 +10,9 @@ and ``torch.compile`` behaviour, plus keyword-only ``input_quantizer``,
 ``input_quantizer=None`` keeps the input float (the "NoAct" variant: float input,
 binary weights). Forward never writes to a parameter or buffer, in train or
 eval mode: the quantized weight is recomputed from the latent float weight at
-every call. Any input layout (contiguous, permuted, channels_last, strided)
+every call (one exception: an ``int8`` input quantizer sets its step from its first
+training batch, once). A layer whose integer sum could pass 2^24 (an int8 layer of more
+than 1040 taps) is refused when built. Any input layout (contiguous, permuted, channels_last, strided)
 gives the same result.
 """
 
