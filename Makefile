@@ -69,6 +69,12 @@ test-aarch64: build/check_kernels_aarch64
 	  qemu-aarch64-static -cpu $$cpu build/check_kernels_aarch64 --seed $(SEED) --count $(COUNT) || exit 1; \
 	done
 
+# A linux_aarch64 wheel, cross-built into build/wheelhouse, and its extension loaded and run by an
+# arm64 CPython under qemu (tools/wheel_aarch64.sh).
+wheel-aarch64: $(PY)
+	$(PY) -m pip install -q -c constraints.txt scikit-build-core nanobind
+	tools/wheel_aarch64.sh $(PY) build/wheelhouse
+
 bench: $(STAMP)
 	$(PY) -m onebit bench
 
