@@ -193,6 +193,7 @@ const std::vector<ConvKernel>& conv_kernels_scalar();
 const std::vector<ConvKernel>& conv_kernels_avx2();
 const std::vector<ConvKernel>& conv_kernels_avx512();
 const std::vector<ConvKernel>& conv_kernels_neon();
+const std::vector<ConvKernel>& conv_kernels_neon_pairs();  // part of conv_kernels_neon()
 
 // The independent reference: plain loops, one output at a time, padding skipped tap by tap.
 void binary_conv2d_reference(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w);

@@ -8,13 +8,13 @@
 // memory so that the byte accumulators have the registers. Register tiles (pixels x channels):
 //   8x4: 8 pixels x 2 weight registers (16 byte accumulators), each weight load reused 8 times;
 //   4x8: 4 pixels x 4 weight registers; 4x4 and 2x8: smaller tiles for short rows or few channels.
-// The epilogue (acc = K - 2 popcount - correction, then int32 / float with scale, bias, BatchNorm,
-// shortcut / thresholds) works on 4 channels per register, the same IEEE operations as the
-// reference (vmulq_f32 then vaddq_f32; vfmaq_f32 only for a fused BatchNorm).
+// The epilogue (acc = K - 2 popcount - correction, then conv_epilogue_neon.h) works on 4 channels
+// per register. conv_pairs_neon.cpp holds the tiles that load two input words at once.
 #include <arm_neon.h>
 
 #include "kernels/conv.h"
 #include "kernels/conv_common.h"
+#include "kernels/conv_epilogue_neon.h"
 
 namespace onebit {
 namespace {
@@ -73,73 +73,6 @@ struct Ctx {
   int32_t K;
 };
 
-// Channels cj .. cj + valid - 1 of one pixel, one at a time (a block's last, partial register):
-// the reference's operations; a threshold output's bit of channel cj + l goes to bit shift + l.
-inline void epilogue_lanes(const ConvBlock& b, const PixInfo& px, int64_t cj, int64_t valid, const int32_t* a,
-                           uint64_t& bits, int shift) {
-  const ConvOutput& o = *b.o;
-  const int64_t Co = b.g->Co;
-  for (int64_t l = 0; l < valid; ++l) {
-    const int64_t c = cj + l;
-    switch (o.mode) {
-      case OutMode::int32:
-        o.out_i32[px.q * Co + c] = a[l];
-        break;
-      case OutMode::float32: {
-        float f = static_cast<float>(a[l]);
-        if (o.scale) f = f * o.scale[c];
-        if (o.bias) f = f + o.bias[c];
-        if (o.bn_scale) f = batchnorm(f, o.bn_scale[c], o.bn_shift[c], o.bn_fma);
-        if (o.residual) f = f + o.residual[px.q * Co + c];
-        o.out_f32[px.q * Co + c] = f;
-        break;
-      }
-      case OutMode::threshold:
-        bits |= static_cast<uint64_t>(threshold_bit(a[l], o.thr[c], o.dir[c])) << (shift + l);
-        break;
-    }
-  }
-}
-
-// One pixel's 4 channels cj .. cj + 3 (valid of them) after the popcounts: the output mode's epilogue.
-inline void epilogue4(const ConvBlock& b, const PixInfo& px, int64_t cj, int64_t valid, int32x4_t a,
-                      uint64_t& bits, int shift) {
-  const ConvOutput& o = *b.o;
-  const int64_t Co = b.g->Co;
-  if (valid < 4) {  // a partial register: lane by lane, the same operations
-    alignas(16) int32_t lanes[4];
-    vst1q_s32(lanes, a);
-    epilogue_lanes(b, px, cj, valid, lanes, bits, shift);
-    return;
-  }
-  switch (o.mode) {
-    case OutMode::int32:
-      vst1q_s32(o.out_i32 + px.q * Co + cj, a);
-      break;
-    case OutMode::float32: {
-      float32x4_t f = vcvtq_f32_s32(a);
-      if (o.scale) f = vmulq_f32(f, vld1q_f32(o.scale + cj));
-      if (o.bias) f = vaddq_f32(f, vld1q_f32(o.bias + cj));
-      if (o.bn_scale) {
-        const float32x4_t sc = vld1q_f32(o.bn_scale + cj), sh = vld1q_f32(o.bn_shift + cj);
-        f = o.bn_fma ? vfmaq_f32(sh, f, sc) : vaddq_f32(vmulq_f32(f, sc), sh);
-      }
-      if (o.residual) f = vaddq_f32(f, vld1q_f32(o.residual + px.q * Co + cj));
-      vst1q_f32(o.out_f32 + px.q * Co + cj, f);
-      break;
-    }
-    case OutMode::threshold: {
-      const int32x4_t thr = vld1q_s32(o.thr + cj);
-      const int32_t d[4] = {o.dir[cj], o.dir[cj + 1], o.dir[cj + 2], o.dir[cj + 3]};
-      const uint32x4_t pos = vcgtq_s32(vld1q_s32(d), vdupq_n_s32(0));
-      const uint32x4_t neg = vbslq_u32(pos, vcltq_s32(a, thr), vcgtq_s32(a, thr));
-      const uint32x4_t weights = {1, 2, 4, 8};
-      bits |= static_cast<uint64_t>(vaddvq_u32(vandq_u32(neg, weights))) << shift;
-      break;
-    }
-  }
-}
-
 template <int P, int J>
 inline void tile(const Ctx& c, const PixInfo* pix) {
   const ConvBlock& b = *c.b;
@@ -175,7 +108,7 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
       int32x4_t a = vsubq_s32(K, vaddq_s32(pc, pc));
       if (pix[p].cls) a = vsubq_s32(a, vld1q_s32(c.corr + pix[p].cls * J * kPerReg + j * kPerReg));
       const int64_t valid = b.nco - j * kPerReg;
-      epilogue4(b, pix[p], b.co0 + j * kPerReg, valid < 4 ? valid : 4, a, bits, j * kPerReg);
+      epilogue4_neon(b, pix[p], b.co0 + j * kPerReg, valid < 4 ? valid : 4, a, bits, j * kPerReg);
     }
     if (b.o->mode == OutMode::threshold) write_bits(*b.o, pix[p].obits, b.co0, b.nco, bits, b.bits_bytewise);
   }
@@ -232,12 +165,16 @@ constexpr ConvKernel make_tile(const char* name) {
 }  // namespace
 
 const std::vector<ConvKernel>& conv_kernels_neon() {
-  static const std::vector<ConvKernel> tiles{
-      make_tile<8, 2>("8x4"),
-      make_tile<4, 4>("4x8"),
-      make_tile<4, 2>("4x4"),
-      make_tile<2, 4>("2x8"),
-  };
+  static const std::vector<ConvKernel> tiles = [] {
+    std::vector<ConvKernel> all{
+        make_tile<8, 2>("8x4"),
+        make_tile<4, 4>("4x8"),
+        make_tile<4, 2>("4x4"),
+        make_tile<2, 4>("2x8"),
+    };
+    for (const ConvKernel& k : conv_kernels_neon_pairs()) all.push_back(k);
+    return all;
+  }();
   return tiles;
 }
 
