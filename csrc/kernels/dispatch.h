@@ -8,6 +8,7 @@
 
 #include "kernels/conv.h"
 #include "kernels/isa.h"
+#include "kernels/pool_float.h"
 #include "kernels/relayout.h"
 #include "kernels/ternary_linear.h"
 
@@ -26,6 +27,7 @@ struct IsaKernels {
   ternary::ChunkDot chunk_dot;                     // null: ternary_rows_reference
   QuantizeToken quantize_token;                    // null: ternary::quantize_token
   TransposeBlock transpose_block;                  // NCHW <-> channels_last planes; null: transpose_block_reference
+  MaxPoolPixels max_pool_pixels;                   // float max pool, a run of pixels; null: reference
 };
 
 const IsaKernels& isa_kernels(Isa isa);

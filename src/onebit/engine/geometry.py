@@ -552,6 +552,27 @@ class PoolSpec:
         )
 
 
+def check_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode) -> tuple:
+    """``(output shape, numbers)`` of torch's max pooling of float32 ``x [N, C, H, W]`` (any strides), or a
+    ``ValueError``; ``numbers`` are those the native kernel takes: ``(N, C, H, W, OH, OW, KH, KW, SH, SW, PH,
+    PW, DH, DW)``."""
+    check_tensor(x, "x", torch.float32, 4, contiguous=False)
+    n, c, h, w = x.shape
+    kh, kw = pair(kernel_size, "kernel_size")
+    sh, sw = pair(stride, "stride")
+    ph, pw = pair(padding, "padding")
+    dh, dw = pair(dilation, "dilation")
+    if min(kh, kw, sh, sw, dh, dw) < 1 or min(ph, pw) < 0:
+        raise ValueError("max_pool2d: kernel_size, stride and dilation must be positive, padding not negative")
+    if ph > kh // 2 or pw > kw // 2:  # torch's bound: every window holds an input tap
+        raise ValueError(f"max_pool2d: padding {(ph, pw)} must be at most half the pooling window {(kh, kw)}")
+    oh = pool_output_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = pool_output_size(w, kw, sw, pw, dw, ceil_mode)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"max_pool2d: input {h}x{w} is too small for pooling window {kh}x{kw}")
+    return (n, c, oh, ow), (n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
+
+
 def check_pool_bits(
     xp, or_mask, pad_words, kernel_size, stride, padding, dilation, ceil_mode, out_padding, channels
 ) -> tuple:

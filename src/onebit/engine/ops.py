@@ -45,6 +45,7 @@ __all__ = [
     "pack_ternary_weights",
     "ternary_linear",
     "ternary_linear_int",
+    "max_pool2d",
     "relayout",
 ]
 
@@ -325,3 +326,13 @@ def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tenso
         return native(x, memory_format)
     geometry.check_relayout(x, memory_format)
     return x.contiguous(memory_format=memory_format)
+
+
+def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1, ceil_mode: bool = False) -> torch.Tensor:
+    """torch's ``max_pool2d`` of float32 ``x [N, C, H, W]`` (NCHW or channels_last), bit for bit, in
+    channels_last memory (see kernels.max_pool2d)."""
+    native = _impl("max_pool2d")
+    if native is not None:
+        return native(x, kernel_size, stride, padding, dilation, ceil_mode)
+    geometry.check_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return reference.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)

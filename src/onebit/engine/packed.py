@@ -118,6 +118,8 @@ class PackedModel(nn.Module):
             args = [env[i] for i in step.inputs]
             if step.model_layout:  # an op that rounds by layout runs in the model's own
                 args = [_in_format(a, fmt) for a in args]
+            elif fmt == torch.contiguous_format and (step.channels_last or _mixed_layouts(args)):
+                args = _channels_last(args)
             start = time.perf_counter() if times is not None else 0.0
             try:
                 out = step.run(*args)
@@ -247,6 +249,17 @@ def _in_format(value: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
         if value.numel() >= NATIVE_MIN_ELEMENTS:  # smaller copies are quicker in torch than a checked native call
             return ops.relayout(value, fmt)
     return value.contiguous(memory_format=fmt)
+
+
+def _mixed_layouts(args: list) -> bool:
+    """Whether a step's 4-d maps come in both layouts (an NCHW one meets a channels_last one)."""
+    maps = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
+    return len(maps) > 1 and any(not m.is_contiguous() for m in maps) and any(m.is_contiguous() for m in maps)
+
+
+def _channels_last(args: list) -> list:
+    """A layout-free step's inputs with its 4-d maps in channels_last memory (the values are the same)."""
+    return [_in_format(a, torch.channels_last) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, int, int, int]:

@@ -46,6 +46,7 @@ __all__ = [
     "binary_linear_threshold",
     "conv_output_size",
     "pool_output_size",
+    "max_pool2d",
     "max_pool_bits",
     "pack_ternary_weights",
     "unpack_ternary_weights",
@@ -439,3 +440,9 @@ def ternary_linear(
     if bias is not None:
         y = y + bias
     return torch.where(finite, y, float("nan"))
+
+
+def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1, ceil_mode: bool = False) -> torch.Tensor:
+    """torch's ``max_pool2d`` of ``x [N, C, H, W]``, in channels_last memory."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)

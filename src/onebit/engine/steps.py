@@ -43,6 +43,10 @@ class Step:
     #: its 4-d inputs in the model's memory format first (an op whose rounding depends on the layout: it
     #: runs as the model's op runs); a layout-free op takes them as they come
     model_layout: bool = False
+    #: a layout-free op that torch runs faster on channels_last maps (``OpSpec.prefers_channels_last``): given
+    #: its 4-d inputs so when the model's layout is NCHW (as is any layout-free op whose maps come in both
+    #: layouts: torch would copy the channels_last ones into the first one's layout)
+    channels_last: bool = False
     relayout: str | None = None  #: None, or "contiguous": its output laid out as torch's op returns it
     label: str = ""  #: the op, with what it fused (e.g. ``pack+binary_conv2d+batch_norm+add``)
     module: str = ""  #: the model's module it comes from ("" when none)

@@ -16,7 +16,11 @@ one native call of several nodes, with the same results:
 Layouts: the native kernels write channels_last, and a step passes its output on as it is. Only an
 op whose rounding depends on the memory format (``OpSpec.layout_free`` false: float convs, adaptive
 average pools, ...) gets its inputs in the model's own layout (that of the model's input), where it
-rounds as the model's op does; every other op's values are the same in any layout.
+rounds as the model's op does; every other op's values are the same in any layout. With an NCHW
+model, a layout-free op that torch runs faster on channels_last maps (``OpSpec.prefers_channels_last``)
+gets its maps in channels_last (``Step.channels_last``), as does one whose maps come in both layouts
+(the packed model checks as it runs): an NCHW value (the output of a float conv) meets channels_last
+ones once, and the run goes on in channels_last.
 
 Thresholds (BatchNorm + sign as integer comparisons) and BatchNorm folding are graph passes before
 this stage (:mod:`.thresholds`, :mod:`.batchnorm`): their ops are what the file stores. Each step
@@ -143,6 +147,7 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
         )
     step.relayout = _relayout(node)
     step.model_layout = not spec.layout_free
+    step.channels_last = spec.layout_free and spec.prefers_channels_last
     step.run = spec.bind(step) if spec.bind is not None else partial(spec.fn, step.tensors, step.attrs)
     return step
 

@@ -57,20 +57,19 @@ def _batch_norm(t, a, x):
     return F.batch_norm(x, t["running_mean"], t["running_var"], t.get("weight"), t.get("bias"), False, 0.0, a["eps"])
 
 
+#: input sizes from which onebit's native max pool beats torch's: NCHW maps (torch's NCHW pool is several
+#: times slower than its channels_last one) and channels_last ones
+NATIVE_POOL_MIN_NCHW, NATIVE_POOL_MIN_CHANNELS_LAST = 2048, 16384
+
+
 def _max_pool2d(t, a, x):
-    if x.dim() == 4 and x.shape[1] > 1 and statically_known_true(x.numel() >= 16384) and x.is_contiguous():
-        # torch's NCHW max pooling is several times slower than its channels_last one; a max
-        # rounds nothing, so pool channels_last (a layout-free op: the output stays channels_last).
-        # Traced with a symbolic batch, the size is unknown and the plain pool is traced: the
-        # choice never becomes a guard bounding the program's batch (torch.export's Dim)
-        return F.max_pool2d(
-            ops.relayout(x, torch.channels_last),
-            a["kernel_size"],
-            a["stride"],
-            a["padding"],
-            a["dilation"],
-            ceil_mode=a["ceil_mode"],
-        )
+    if x.dim() == 4 and x.dtype == torch.float32 and x.shape[1] > 1:
+        # a max rounds nothing, so the pool is layout-free: onebit's native pool reads NCHW or channels_last
+        # and writes channels_last. Traced with a symbolic batch, the size is unknown and the plain pool
+        # is traced: the choice never becomes a guard bounding the program's batch (torch.export's Dim)
+        least = NATIVE_POOL_MIN_NCHW if x.is_contiguous() else NATIVE_POOL_MIN_CHANNELS_LAST
+        if statically_known_true(x.numel() >= least):
+            return ops.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
     return F.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"])
 
 
@@ -242,6 +241,7 @@ FLOAT_OPS: dict[str, OpSpec] = {
         },
         check=lambda a: _check_pool_padding(a),
         layout_free=True,
+        prefers_channels_last=True,
     ),
     "adaptive_avg_pool2d": OpSpec(_adaptive_avg_pool2d, (FLOAT,), FLOAT, {"output_size": pair(1)}),
     "adaptive_max_pool2d": OpSpec(_adaptive_max_pool2d, (FLOAT,), FLOAT, {"output_size": pair(1)}, layout_free=True),

@@ -195,6 +195,9 @@ class OpSpec:
     #: in the same order in both): a packed model runs it in the layout its input comes in; other ops
     #: get their inputs in the model's own layout, where they round as the model's op rounds
     layout_free: bool = False
+    #: a layout-free op that torch runs several times faster on channels_last maps than on NCHW ones: a
+    #: packed model gives it its 4-d inputs in channels_last
+    prefers_channels_last: bool = False
 
 
 # ---------------------------------------------------------------------------

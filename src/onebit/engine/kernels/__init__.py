@@ -49,7 +49,7 @@ from onebit.engine.kernels.memory_formats import relayout
 from onebit.engine.kernels.packing import pack_activations, pack_features, pack_weights
 from onebit.engine.kernels.planes import combine_planes, pack_integer_planes, pack_integer_planes_nan
 from onebit.engine.kernels.plans import MODE_FLOAT, MODE_INT, MODE_THRESHOLD, conv_plan
-from onebit.engine.kernels.pool import max_pool_bits
+from onebit.engine.kernels.pool import max_pool2d, max_pool_bits
 from onebit.engine.kernels.registry import custom_op, direct
 from onebit.engine.kernels.ternary import (
     TERNARY_MAX_FEATURES,
@@ -75,6 +75,7 @@ __all__ = [
     "binary_linear_int",
     "binary_linear_threshold",
     "max_pool_bits",
+    "max_pool2d",
     "ConvLayer",
     "WeightCache",
     "PROBE_WORDS",

@@ -1,16 +1,18 @@
-"""Native max pooling of thresholded accumulators on their packed bits (custom op ``onebit::max_pool_bits``)."""
+"""Native max pooling: of thresholded accumulators on their packed bits (custom op ``onebit::max_pool_bits``),
+and of float32 maps into channels_last memory (:func:`max_pool2d`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from onebit import _C
-from onebit.engine.geometry import check_pool_bits, pair
+from onebit.engine.geometry import check_max_pool2d, check_pool_bits, pair
 from onebit.engine.kernels.registry import custom_op, direct
 
-__all__ = ["max_pool_bits"]
+__all__ = ["max_pool2d", "max_pool_bits"]
 
 
 def _max_pool_bits_impl(
@@ -67,3 +69,37 @@ def max_pool_bits(
     return torch.ops.onebit.max_pool_bits(
         xp, or_mask, pad_words, *pairs, bool(ceil_mode), list(pair(out_padding, "out_padding")), int(channels)
     )
+
+
+#: below this many input elements torch's pool (of a channels_last copy) is quicker than the native call
+NATIVE_POOL_MIN_ELEMENTS = 2048
+
+
+def max_pool2d(
+    x: torch.Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    ceil_mode: bool = False,
+) -> torch.Tensor:
+    """torch's ``max_pool2d`` of float32 ``x [N, C, H, W]`` (NCHW or channels_last), bit for bit, returned
+    in channels_last memory: ``out[n, c, i, j]`` is the first of the window's largest values in (kh, kw)
+    order, or its last NaN; padding takes no part.
+
+    Eager plain tensors with channels_last or NCHW rows take the native kernel (an NCHW input is read
+    in place, a block of channels at a time); under tracing, for autograd, small tensors or other
+    strides, torch pools a channels_last copy."""
+    shape, numbers = check_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if (
+        not direct(x)
+        or x.numel() < NATIVE_POOL_MIN_ELEMENTS
+        or (x.requires_grad and torch.is_grad_enabled())
+        or (x.stride(1) != 1 and x.stride(3) != 1)
+    ):
+        return F.max_pool2d(
+            x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation, ceil_mode=ceil_mode
+        )
+    out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+    _C.max_pool2d_raw(x.data_ptr(), out.data_ptr(), *numbers, *x.stride(), torch.get_num_threads())
+    return out
