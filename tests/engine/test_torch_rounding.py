@@ -4,6 +4,7 @@ rounds it: the packed model stays bit-identical to the model whatever torch kern
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -90,8 +91,10 @@ def test_a_batchnorm_that_cannot_be_reproduced_stays_torchs_op(monkeypatch):
 
 
 @needs_native
-def test_torchs_default_kernel_rounds_twice_and_the_packed_model_follows():
-    # torch's default CPU kernel (no FMA) is what a machine without AVX2 runs: a fresh process
+def test_torchs_default_kernel_rounding_is_found_and_the_packed_model_follows():
+    # torch's default CPU kernel is what a machine without AVX2 runs: a fresh process. On x86-64 it
+    # rounds twice (no FMA); elsewhere the compiler may fuse it (gcc on aarch64 does), so there the
+    # rounding found is only required to be one of the two, and the packed model to follow it.
     code = """
 import torch, onebit.models
 from torch import nn
@@ -111,4 +114,6 @@ torch.equal(packed(x), model(x)))
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["mul_add", "True", "True"]
+    rounding, fused_step, equal = out.stdout.split()
+    assert rounding == "mul_add" if platform.machine() in ("x86_64", "AMD64") else rounding in ("fma", "mul_add")
+    assert (fused_step, equal) == ("True", "True")
