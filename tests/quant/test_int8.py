@@ -163,3 +163,25 @@ def test_signed_codes_bound_their_integers():
     assert quant.IntegerCode.symmetric(3).largest == 7 and quant.IntegerCode.binary().largest == 1
     with pytest.raises(ValueError, match="signed"):
         quant.IntegerCode("signed", 1)
+
+
+def _calibrate_on_rank(rank: int, init_file: str, steps) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        q = quant.Int8()
+        q(torch.tensor([-1.0, 1.0] * 8) * (rank + 1))  # clip 1 on rank 0, 2 on rank 1
+        steps[rank] = q.step.item()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_of_a_process_group_calibrate_to_one_step(tmp_path):
+    ctx = torch.multiprocessing.get_context("spawn")
+    steps = ctx.Manager().dict()
+    workers = [ctx.Process(target=_calibrate_on_rank, args=(r, str(tmp_path / "init"), steps)) for r in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert steps[0] == steps[1] == pytest.approx(1.5 / 127, rel=1e-6)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from onebit.quant.base import EPS, Quantizer, register
@@ -138,7 +139,8 @@ class Int8(Quantizer):
     with LSQ's gradient scale ``g = 1 / sqrt(numel(x) * 127)``.
 
     Calibration: the first forward in training mode sets ``d = max(min(3 std(x), max|x|), 1e-5) / 127``
-    from that batch and records it in the ``calibrated`` buffer (saved in ``state_dict``, with
+    from that batch (in a process group: the mean of the ranks' clips, so every rank holds one ``d``)
+    and records it in the ``calibrated`` buffer (saved in ``state_dict``, with
     ``step``), so a loaded model is not calibrated again. Before that (or in eval mode) ``d`` keeps its
     initial value (``step``, default 1 / 127: the range [-1, 1]). Forward writes nothing else.
 
@@ -162,9 +164,13 @@ class Int8(Quantizer):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
-        """``d = max(min(3 std(x), max|x|), 1e-5) / 127`` from ``x``; marks the quantizer calibrated."""
+        """``d = max(min(3 std(x), max|x|), 1e-5) / 127`` from ``x`` (the clip averaged over the ranks of
+        a process group, each calibrating on its own batch at the same step); marks the quantizer calibrated."""
         v = x.detach().to(torch.float32)
         clip = torch.minimum(3.0 * v.std(correction=0), v.abs().amax()).clamp_(min=EPS)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(clip)
+            clip /= dist.get_world_size()
         self.step.copy_(clip / INT8_MAX)
         self.calibrated.fill_(True)
         self._is_calibrated = True
