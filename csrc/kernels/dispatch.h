@@ -28,6 +28,7 @@ struct IsaKernels {
   QuantizeToken quantize_token;                    // null: ternary::quantize_token
   TransposeBlock transpose_block;                  // NCHW <-> channels_last planes; null: transpose_block_reference
   MaxPoolPixels max_pool_pixels;                   // float max pool, a run of pixels; null: reference
+  ternary::RowsDot rows_dot;                       // all tokens a row pass; null: chunk_dot per token
 };
 
 const IsaKernels& isa_kernels(Isa isa);

@@ -15,8 +15,10 @@ namespace onebit {
 namespace {
 
 using ternary::ChunkDot;
+using ternary::RowsDot;
 
 constexpr int64_t kRowBlock = 64;     // output rows a thread claims at a time
+constexpr int64_t kTokenBlock = 8;    // tokens a pass over a row block serves
 constexpr int64_t kSerialMacs = 1 << 21;  // smaller layers stay on the calling thread
 
 ChunkDot chunk_kernel() { return isa_kernels(active_isa()).chunk_dot; }  // null: the plain loops
@@ -46,24 +48,35 @@ void run(const int8_t* q, int64_t N, int64_t K, const uint8_t* w, int64_t O, int
   }
   const int64_t blocks = (O + kRowBlock - 1) / kRowBlock;
   if (N * O * K < kSerialMacs) threads = 1;
+  const RowsDot rows_kernel = kernel ? isa_kernels(active_isa()).rows_dot : nullptr;
   parallel_chunks(threads, static_cast<int>(blocks), [&](int b) {
     const int64_t o0 = b * kRowBlock, rows = std::min(kRowBlock, O - o0);
     const uint8_t* wb = w + o0 * row_bytes;
-    int32_t acc[kRowBlock];
-    for (int64_t n = 0; n < N; ++n) {
-      const int8_t* qn = q + n * K;
-      if (kernel) {
-        kernel(xperm.data() + n * main, chunks, wb, row_bytes, rows, acc);
-        for (int64_t r = 0; r < rows; ++r) acc[r] -= qsum[n];
-        if (main < K) {  // the features after the last full chunk
-          int32_t tail[kRowBlock];
-          ternary::ternary_rows_reference(qn + main, K - main, wb + main / 4, row_bytes, rows, tail);
-          for (int64_t r = 0; r < rows; ++r) acc[r] += tail[r];
-        }
-      } else {
-        ternary::ternary_rows_reference(qn, K, wb, row_bytes, rows, acc);
+    int32_t dots[kTokenBlock * kRowBlock];
+    for (int64_t n0 = 0; n0 < N; n0 += kTokenBlock) {  // the block's codes read once per kTokenBlock tokens
+      const int64_t tokens = std::min(kTokenBlock, N - n0);
+      if (rows_kernel) {
+        rows_kernel(xperm.data() + n0 * main, main, tokens, chunks, wb, row_bytes, rows, dots);
+      } else if (kernel) {
+        for (int64_t t = 0; t < tokens; ++t)
+          kernel(xperm.data() + (n0 + t) * main, chunks, wb, row_bytes, rows, dots + t * rows);
       }
-      epi(n, o0, rows, acc);
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t n = n0 + t;
+        const int8_t* qn = q + n * K;
+        int32_t* acc = dots + t * rows;
+        if (kernel) {
+          for (int64_t r = 0; r < rows; ++r) acc[r] -= qsum[n];
+          if (main < K) {  // the features after the last full chunk
+            int32_t tail[kRowBlock];
+            ternary::ternary_rows_reference(qn + main, K - main, wb + main / 4, row_bytes, rows, tail);
+            for (int64_t r = 0; r < rows; ++r) acc[r] += tail[r];
+          }
+        } else {
+          ternary::ternary_rows_reference(qn, K, wb, row_bytes, rows, acc);
+        }
+        epi(n, o0, rows, acc);
+      }
     }
   });
 }

@@ -43,6 +43,13 @@ namespace ternary {
 using ChunkDot = void (*)(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
                           int32_t* dot);
 
+// dot[n * rows + r]: the same sums for tokens n < tokens (token n's xperm at xperm + n * x_stride) and
+// rows r < rows. The rows' codes are read once for all the tokens, in memory order (one sequential
+// stream, prefetched kPrefetchBytes ahead), so a cold layer streams from memory once per call.
+using RowsDot = void (*)(const int8_t* xperm, int64_t x_stride, int64_t tokens, int64_t chunks, const uint8_t* w,
+                         int64_t row_bytes, int64_t rows, int32_t* dot);
+constexpr int64_t kPrefetchBytes = 8192;  // into L2: about two row passes ahead of the loads
+
 // Quantizes one token into q as Absmax8 does and stores s; false when the token holds a NaN or an
 // infinity (q is then all 0). `static`: every file compiles its own copy with its own vector ISA
 // (the AVX2 file's copy is vectorized), and no copy can stand in for another at link time.
@@ -71,6 +78,10 @@ void chunk_dot_avx2(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64
                     int32_t* dot);
 void chunk_dot_vnni(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
                     int32_t* dot);
+void rows_dot_avx2(const int8_t* xperm, int64_t x_stride, int64_t tokens, int64_t chunks, const uint8_t* w,
+                   int64_t row_bytes, int64_t rows, int32_t* dot);
+void rows_dot_vnni(const int8_t* xperm, int64_t x_stride, int64_t tokens, int64_t chunks, const uint8_t* w,
+                   int64_t row_bytes, int64_t rows, int32_t* dot);
 // aarch64: widening multiplies (vmull_s8 / vpadalq_s16) on every core, SDOT (vdotq_s32) with dotprod.
 bool quantize_token_neon(const float* x, int64_t K, int8_t* q, float* s_out);
 void chunk_dot_neon(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,

@@ -1,6 +1,8 @@
 // AVX2 kernel of the ternary x int8 linear layer: vpmaddubsw on the unpacked 2-bit codes.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels/ternary_linear.h"
 
 namespace onebit {
@@ -72,6 +74,81 @@ void chunk_dot_avx2(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64
       a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(s0, ones));
     }
     dot[r] = hsum(a0);
+  }
+}
+
+namespace {
+
+// R rows x T tokens: each 32 packed bytes are unpacked once (shift, mask) for all T tokens; the R
+// rows' codes are read once, in memory order, with the lines kPrefetchBytes ahead requested as they go.
+template <int R, int T>
+void rows_pass(const int8_t* xperm, int64_t x_stride, int64_t chunks, const uint8_t* w, int64_t row_bytes,
+               int32_t* dot, int64_t dot_stride) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R][T];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_si256();
+  for (int64_t c = 0; c < chunks; ++c) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + 64 * (R * c + r)), _MM_HINT_T1);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m256i s[T];  // a chunk's eight int16 products per lane stay within +-4096: widen once per chunk
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) s[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int h = 0; h < 2; ++h) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * row_bytes + 64 * c + 32 * h));
+        const __m256i p[4] = {_mm256_and_si256(wv, mask), _mm256_and_si256(_mm256_srli_epi16(wv, 2), mask),
+                              _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask),
+                              _mm256_and_si256(_mm256_srli_epi16(wv, 6), mask)};
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) {
+          const int8_t* xs = xperm + t * x_stride + 256 * c + 32 * h;
+#pragma GCC unroll 8
+          for (int i = 0; i < 4; ++i) {
+            const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + 64 * i));
+            s[t] = _mm256_add_epi16(s[t], _mm256_maddubs_epi16(p[i], x));
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(s[t], ones));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) dot[t * dot_stride + r] = hsum(acc[r][t]);
+}
+
+// Rows [0, rows) of T tokens: R at a time, then one at a time.
+template <int R, int T>
+void rows_of_tokens(const int8_t* xperm, int64_t x_stride, int64_t chunks, const uint8_t* w, int64_t row_bytes,
+                    int64_t rows, int32_t* dot, int64_t dot_stride) {
+  int64_t r = 0;
+  for (; r + R <= rows; r += R)
+    rows_pass<R, T>(xperm, x_stride, chunks, w + r * row_bytes, row_bytes, dot + r, dot_stride);
+  for (; r < rows; ++r) rows_pass<1, T>(xperm, x_stride, chunks, w + r * row_bytes, row_bytes, dot + r, dot_stride);
+}
+
+}  // namespace
+
+void rows_dot_avx2(const int8_t* xperm, int64_t x_stride, int64_t tokens, int64_t chunks, const uint8_t* w,
+                   int64_t row_bytes, int64_t rows, int32_t* dot) {
+  // two tokens a pass over the rows (16 ymm registers); the next pair reads them again from L1/L2
+  for (int64_t t = 0; t < tokens; t += 2) {
+    const int8_t* xt = xperm + t * x_stride;
+    int32_t* dt = dot + t * rows;
+    switch (std::min<int64_t>(2, tokens - t)) {
+      case 1: rows_of_tokens<4, 1>(xt, x_stride, chunks, w, row_bytes, rows, dt, rows); break;
+      case 2: rows_of_tokens<2, 2>(xt, x_stride, chunks, w, row_bytes, rows, dt, rows); break;
+      default: rows_of_tokens<2, 2>(xt, x_stride, chunks, w, row_bytes, rows, dt, rows); break;
+    }
   }
 }
 

@@ -1,0 +1,88 @@
+"""The native ternary x int8 kernels on every ISA this CPU runs, against plain integer matmuls.
+
+Shapes cover the kernels' blocking: 1 to 17 tokens (the multi-token row passes take up to four
+tokens at a time, the driver eight), output rows across several 64-row blocks with remainders,
+features with several 256-feature chunks and a tail, and the extreme codes and activations (every
+weight +1 against -128, the largest in-place plane products).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onebit import _C
+from onebit.engine import kernels as K
+from onebit.engine import ops
+
+pytestmark = pytest.mark.skipif(not ops.native_available(), reason="no native kernels")
+
+ISAS = _C.supported_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = _C.isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(before)
+
+
+def levels_of(out: int, features: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(-1, 2, (out, features), generator=gen).to(torch.float32)
+
+
+def integer_matmul(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    return x.long() @ levels.long().T
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17])
+@pytest.mark.parametrize(("out", "features"), [(67, 300), (131, 1024 + 77), (5, 512)])
+def test_int_kernel_is_the_integer_matmul_for_every_token_count(isa, tokens, out, features):
+    gen = torch.Generator().manual_seed(1000 * tokens + out)
+    levels = levels_of(out, features, gen)
+    x = torch.randint(-128, 128, (tokens, features), generator=gen, dtype=torch.int8)
+    got = K.ternary_linear_int(x, ops.pack_ternary_weights(levels), in_features=features)
+    assert torch.equal(got.long(), integer_matmul(x, levels))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4, 8])
+@pytest.mark.parametrize("level", [1.0, -1.0])
+def test_int_kernel_is_exact_at_the_extremes(isa, tokens, level):
+    features, out = 1024, 70
+    levels = torch.full((out, features), level)
+    levels[::3] = 0.0
+    x = torch.full((tokens, features), -128, dtype=torch.int8)
+    x[:, 1::2] = 127
+    x[tokens // 2 :] = -128
+    got = K.ternary_linear_int(x, ops.pack_ternary_weights(levels), in_features=features)
+    assert torch.equal(got.long(), integer_matmul(x, levels))
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 9])
+def test_float_kernel_rounds_as_bitlinear_for_every_token_count(isa, tokens):
+    features, out = 768 + 5, 129
+    gen = torch.Generator().manual_seed(tokens)
+    levels = levels_of(out, features, gen)
+    x = torch.randn(tokens, features, generator=gen) * 2
+    scale, bias = torch.rand(out, generator=gen), torch.randn(out, generator=gen)
+    got = K.ternary_linear(x, ops.pack_ternary_weights(levels), in_features=features, scale=scale, bias=bias)
+    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+    s = torch.full_like(m, 127.0) / m
+    acc = (torch.round(x * s).clamp(-128, 127).double() @ levels.double().T).float()
+    assert torch.equal(got, acc / s * scale + bias)
+
+
+def test_two_threads_give_the_one_thread_integers(isa):
+    features, out, tokens = 1024, 1000, 3  # above the serial threshold (2^21 products)
+    gen = torch.Generator().manual_seed(7)
+    levels = levels_of(out, features, gen)
+    x = torch.randint(-128, 128, (tokens, features), generator=gen, dtype=torch.int8)
+    wp = ops.pack_ternary_weights(levels)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = K.ternary_linear_int(x, wp, in_features=features)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got.long(), integer_matmul(x, levels))
