@@ -31,6 +31,8 @@ vanishing_gradient   going from the output to the input, the gradient RMS drops 
 mutates_parameter    a module changes a parameter inside ``forward`` (e.g.
                      ``self.weight.data = sign(self.weight.data)``, or a parent clamping
                      its BatchNorms' weights): the module whose code writes is named
+                     (not a quantizer calibrating itself on its first training batch:
+                     an ``int8`` step while its ``calibrated`` buffer is False)
 nan_activation       the first layer whose output contains NaN or infinity
 ==================== ===================================================================
 
@@ -721,6 +723,28 @@ def _layer_gradients(probe: _Probe, grad_of: dict[int, torch.Tensor | None]) -> 
     return layer_grads
 
 
+def _calibrating_modules(model: nn.Module) -> set[str]:
+    """Names of the modules that set their parameters from their first training batch: a ``calibrate``
+    method and a ``calibrated`` buffer still False (``int8`` quantizers)."""
+    return {
+        name
+        for name, m in model.named_modules()
+        if callable(getattr(m, "calibrate", None))
+        and isinstance(getattr(m, "calibrated", None), torch.Tensor)
+        and not bool(m.calibrated)
+    }
+
+
+def _drop_calibrations(mutated: dict[str, list[str]], calibrating: set[str]) -> None:
+    """Forget the writes of a first-batch calibration (parameters owned by a ``calibrating`` module)."""
+    for layer in list(mutated):
+        kept = [w for w in mutated[layer] if w.rpartition(".")[0] not in calibrating]
+        if kept:
+            mutated[layer] = kept
+        else:
+            del mutated[layer]
+
+
 def _mutation_findings(mutated: dict[str, list[str]]) -> list[Finding]:
     findings = []
     for name, written in mutated.items():
@@ -805,12 +829,14 @@ def doctor(
     """
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     batch = int(args[0].shape[0]) if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 0
+    calibrating = _calibrating_modules(model) if train else set()
     with preserve(model) as saved:
         probe = _Probe(model)
         with probe.hooks():
             output = probe.forward(args, train)
             loss_value, grad_of = _gradients(saved, output, targets, loss_fn)
             _note_writes_outside_forward(probe, saved)
+            _drop_calibrations(probe.mutated, calibrating)
             site_list, findings = _sign_sites(probe, saved)
             layer_grads = _layer_gradients(probe, grad_of)
             findings += _gradient_findings(layer_grads, set(probe.order))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onebit import models
+from onebit import models, quant
 from onebit.cli import main
 from onebit.doctor import KINDS, doctor
 from onebit.nn import QActivation, QConv2d, QLinear
@@ -113,6 +113,27 @@ def test_module_that_mutates_a_parameter_in_forward():
     report = doctor(model, *batch())
     assert report.layers("mutates_parameter") == ["3"]
     assert torch.equal(model[3].weight, before)  # the doctor put it back
+
+
+class SteppingInt8(quant.Int8):
+    """Writes its step at every call, calibrated or not."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.step.mul_(1.01)
+        return super().forward(x)
+
+
+def test_an_int8_quantizer_calibrating_on_its_first_batch_is_not_a_mutation_later_writes_are():
+    model = models.create("birealnet_small", in_channels=1, float_layers="int8")
+    report = doctor(model, *batch())
+    assert report.layers("mutates_parameter") == []
+    assert not bool(model.stem.conv.input_quantizer.calibrated)  # the doctor put it back
+    stepping = nn.Sequential(
+        nn.Flatten(), QLinear(64, 10, input_quantizer=SteppingInt8(), weight_quantizer="int8_weight")
+    )
+    stepping(batch()[0])  # calibrated: from now on a write is the module's own
+    assert doctor(stepping, *batch()).layers("mutates_parameter") == ["1.input_quantizer"]
 
 
 class HandSign(nn.Module):
