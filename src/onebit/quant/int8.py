@@ -51,8 +51,9 @@ class Int8Weight(Quantizer):
 
         levels = clamp(round(W / scale_o), -127, 127),   q(W) = levels * scale_o,
 
-    ``round`` half to even. Idempotent bit for bit in float32: ``fl(fl(127 scale) / 127) == scale``
-    for every float32 scale (checked over every mantissa), and ``round(fl(l scale) / scale) == l``.
+    ``round`` half to even. Idempotent bit for bit in float32: the channel's maximum becomes
+    ``fl(127 scale)``, and ``fl(fl(127 scale) / 127) == scale`` for every ``scale = fl(a / 127)``
+    (checked over every float32 mantissa of ``a``); ``round(fl(l scale) / scale) == l``.
 
     Backward: dq/dW = 1 (straight-through, no clipping: every weight lies within its channel's
     maximum); the scale is a constant.
