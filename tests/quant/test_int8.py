@@ -185,3 +185,10 @@ def test_ranks_of_a_process_group_calibrate_to_one_step(tmp_path):
         w.join(timeout=120)
     assert [w.exitcode for w in workers] == [0, 0]
     assert steps[0] == steps[1] == pytest.approx(1.5 / 127, rel=1e-6)
+
+
+def test_int8_weight_scales_are_fixed_points_for_every_float32_mantissa():
+    mantissas = torch.arange(2**23, dtype=torch.int32) | (127 << 23)  # every float32 in [1, 2)
+    for a in (mantissas.view(torch.float32), mantissas.view(torch.float32) * 2.0**-20):
+        scale = a / 127
+        assert torch.equal((scale * 127) / 127, scale)  # the maximum of q(w) gives back the same scale
