@@ -212,6 +212,7 @@ void check_conv(Rng& r, Report& report) {
   ConvOutput shape = c.o;
   validate_conv(c.g, shape, c.g.G * c.g.Wg, c.g.Wg);
   const ConvResult want = naive_conv(c, d, shape);
+  report.trace("binary_conv2d: " + c.text());
   const ConvPlan plan(c.g, shape, c.g.G * c.g.Wg, c.g.Wg);
   const int64_t H = c.g.H, W = c.g.W;
   for (const std::string& isa : supported_isas()) {
@@ -363,6 +364,7 @@ int main(int argc, char** argv) {
   }
   std::printf("check_kernels: seed %llu, %lld cases; ISAs: %s\n", static_cast<unsigned long long>(seed),
               static_cast<long long>(count), isas.c_str());
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // every line out before a crash, if one comes
   Report report(verbose);
   Rng r(seed);
   for (int64_t i = 0; i < count; ++i) {

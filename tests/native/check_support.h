@@ -70,6 +70,9 @@ class Report {
     if (!ok) std::printf("FAIL %s\n", what.c_str());
     else if (verbose_) std::printf("ok   %s\n", what.c_str());
   }
+  void trace(const std::string& what) const {
+    if (verbose_) std::printf("case %lld: %s\n", static_cast<long long>(case_), what.c_str());
+  }
   int finish() const {
     std::printf("%lld passed, %lld failed\n", static_cast<long long>(passed_), static_cast<long long>(failed_));
     return failed_ ? 1 : 0;
