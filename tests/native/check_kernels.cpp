@@ -10,7 +10,8 @@
 //     out groups) outputs, packed or float input (packed inside the call), 1 or 2 threads;
 //     against plain loops (xor-popcount from the definition, float ops one by one);
 //   activation packing (any strides, groups, pad values), row (weight) packing, bit planes (k-bit
-//     levels as +-1 planes), ternary x int8 linear (int and float), the float plane transpose.
+//     levels as +-1 planes) and the sum of their plane pairs, ternary x int8 linear (int and float),
+//     the float plane transpose.
 // Every mismatch prints a FAIL line naming the kernel, ISA, tile and shape; the exit status is 1.
 #include <cmath>
 #include <cstdint>
@@ -287,6 +288,43 @@ void check_planes(Rng& r, Report& report) {
   }
 }
 
+// The stacked bit-plane conv's plane pairs summed (bitplanes.h): coefficients and offsets multiples of
+// the exact divisor, so that the integer division is exact as the layer's is.
+void check_combine(Rng& r, Report& report) {
+  const int64_t pixels = r.range(1, 30), Pa = r.range(1, 3), G = r.range(1, 2), Pw = r.range(1, 3), Cog = r.range(1, 20);
+  const int32_t exact = static_cast<int32_t>(r.pick({1, 2, 4}));
+  const float divisor = static_cast<float>(r.pick({1, 3, 7, 15}));
+  const int64_t Co = G * Cog, stacked = Pa * G * Pw * Cog;
+  std::vector<int32_t> y(pixels * stacked), coeff(Pa * Pw), offset(Co);
+  for (int32_t& v : y) v = static_cast<int32_t>(r.range(-300, 300));
+  for (int32_t& v : coeff) v = static_cast<int32_t>(r.range(-4, 4)) * exact;
+  for (int32_t& v : offset) v = static_cast<int32_t>(r.range(-50, 50)) * exact;
+  const std::vector<float> scale = r.normals(Co), bias = r.normals(Co);
+  const bool with_offset = r.coin(), with_scale = r.coin(), with_bias = r.coin();
+  std::vector<float> want(pixels * Co);
+  for (int64_t p = 0; p < pixels; ++p)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < Cog; ++c) {
+        int32_t acc = with_offset ? offset[g * Cog + c] : 0;
+        for (int64_t i = 0; i < Pa; ++i)
+          for (int64_t j = 0; j < Pw; ++j) acc += coeff[i * Pw + j] * y[p * stacked + ((i * G + g) * Pw + j) * Cog + c];
+        float v = static_cast<float>(acc / exact) / divisor;
+        if (with_scale) v = v * scale[g * Cog + c];
+        if (with_bias) v = v + bias[g * Cog + c];
+        want[p * Co + g * Cog + c] = v;
+      }
+  const std::string text = "pixels" + str(pixels) + " Pa" + str(Pa) + " G" + str(G) + " Pw" + str(Pw) + " Cog" + str(Cog) +
+                           " exact" + str(exact);
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<float> got(want.size(), -1.0f);
+    combine_planes(y.data(), pixels, Pa, G, Pw, Cog, coeff.data(), with_offset ? offset.data() : nullptr, exact, divisor,
+                   with_scale ? scale.data() : nullptr, with_bias ? bias.data() : nullptr, got.data(),
+                   static_cast<int>(r.range(1, 2)));
+    report.check(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0, "combine_planes", isa, "", text);
+  }
+}
+
 void check_ternary(Rng& r, Report& report) {
   const int64_t N = r.range(1, 3), K = r.pick({1, 3, 255, 256, 257, 512, 700, 1024}), O = r.range(1, 70);
   const int64_t row_bytes = ternary_row_bytes(K);
@@ -372,6 +410,7 @@ int main(int argc, char** argv) {
     check_conv(r, report);
     check_pack(r, report);
     check_planes(r, report);
+    check_combine(r, report);
     check_ternary(r, report);
     check_relayout(r, report);
   }
