@@ -16,6 +16,7 @@
 #include "kernels/bitplanes.h"
 #include "kernels/conv.h"
 #include "kernels/conv_tiles.h"
+#include "kernels/int8_conv.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/pool_bits.h"
@@ -202,8 +203,10 @@ onebit::ConvOutput plan_output(const onebit::ConvPlan& plan, uintptr_t out, uint
 
 void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias,
               uintptr_t thr, uintptr_t dir, int threads, onebit::WeightCache* cache, int64_t w_version,
-              uintptr_t residual, uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma) {
-  const onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual, {bn_scale, bn_shift, bn_fma});
+              uintptr_t residual, uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma, bool out_nchw) {
+  onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual, {bn_scale, bn_shift, bn_fma});
+  require(!out_nchw || plan.params().mode == onebit::OutMode::float32, "binary_conv2d: an NCHW output is float32");
+  o.out_nchw = out_nchw;
   nb::gil_scoped_release release;
   plan.run(ptr<const uint64_t>(x), ptr<const uint64_t>(w), o, threads, cache, w_version);
 }
@@ -212,8 +215,10 @@ void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t 
 void run_plan_float(const onebit::ConvPlan& plan, uintptr_t x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                     uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias, uintptr_t thr, uintptr_t dir,
                     int threads, onebit::WeightCache* cache, int64_t w_version, uintptr_t residual,
-                    uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma) {
-  const onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual, {bn_scale, bn_shift, bn_fma});
+                    uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma, bool out_nchw) {
+  onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual, {bn_scale, bn_shift, bn_fma});
+  require(!out_nchw || plan.params().mode == onebit::OutMode::float32, "binary_conv2d: an NCHW output is float32");
+  o.out_nchw = out_nchw;
   nb::gil_scoped_release release;
   plan.run(ptr<const float>(x), sN, sC, sH, sW, ptr<const uint64_t>(w), o, threads, cache, w_version);
 }
@@ -226,7 +231,7 @@ void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_
   std::unique_ptr<onebit::ConvPlan> plan(make_plan(N, Hp, Wp, x_words_per_pixel, w_words, C, Co, KH, KW, sh, sw, ph,
                                                    pw, dh, dw, groups, pad_value, mode, oph, opw, out_groups,
                                                    out_pad_value));
-  run_plan(*plan, x, w, out, scale, bias, thr, dir, threads, nullptr, 0, 0, 0, 0, false);
+  run_plan(*plan, x, w, out, scale, bias, thr, dir, threads, nullptr, 0, 0, 0, 0, false, false);
 }
 
 void ternary_linear_raw(uintptr_t x, int64_t N, int64_t K, int64_t x_stride, uintptr_t w, int64_t O, uintptr_t scale,
@@ -247,6 +252,27 @@ void ternary_linear_int_raw(uintptr_t x, int64_t N, int64_t K, uintptr_t w, int6
   onebit::ternary_linear_int(ptr<const int8_t>(x), N, K, ptr<const uint8_t>(w), O, ptr<int32_t>(out), threads);
 }
 
+// geometry: N, C, H, W, x strides (n, c, h, w), O, KH, KW, sh, sw, ph, pw, dh, dw, G; out strides (n, c, pixel).
+bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, uintptr_t w, uintptr_t scale,
+                     uintptr_t bias, uintptr_t out, std::vector<int64_t> out_strides, int threads) {
+  require(x != 0 && w != 0 && out != 0, "int8_conv2d: null tensor");
+  require(geometry.size() == 18 && out_strides.size() == 3, "int8_conv2d: bad geometry");
+  const int64_t* g = geometry.data();
+  const onebit::Int8Conv conv{g[0],  g[1],  g[2],  g[3],  g[4],  g[5],  g[6],  g[7],  g[8],     g[9],
+                              g[10], g[11], g[12], g[13], g[14], g[15], g[16], g[17], divisor};
+  require(conv.N >= 0 && conv.C > 0 && conv.H > 0 && conv.W > 0 && conv.O > 0 && conv.KH > 0 && conv.KW > 0 &&
+              conv.sh > 0 && conv.sw > 0 && conv.ph >= 0 && conv.pw >= 0 && conv.dh > 0 && conv.dw > 0 &&
+              conv.G > 0 && conv.C % conv.G == 0 && conv.O % conv.G == 0 && conv.OH() > 0 && conv.OW() > 0,
+          "int8_conv2d: bad shape");
+  require(conv.C / conv.G * conv.KH * conv.KW * 127 * 127 < (int64_t{1} << 24),
+          "int8_conv2d: taps x 127^2 must be < 2^24 (exact float32 sums)");
+  require(divisor > 0.0f, "int8_conv2d: the divisor must be positive");
+  nb::gil_scoped_release release;
+  return onebit::int8_conv2d(conv, ptr<const float>(x), ptr<const int8_t>(w), ptr<const float>(scale),
+                             ptr<const float>(bias), ptr<float>(out), out_strides[0], out_strides[1], out_strides[2],
+                             threads);
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -259,6 +285,12 @@ NB_MODULE(_C, m) {
   m.def("has_avx512_vnni", &onebit::has_avx512_vnni, "Whether this CPU has AVX-512 VNNI (used on the avx512 ISA).");
   m.def("ternary_linear_kernel", [] { return std::string(onebit::ternary_linear_kernel()); },
         "The ternary x int8 kernel the active ISA runs: avx512_vnni, avx2, neon_dotprod, neon or reference.");
+  m.def("int8_conv_kernel", [] { return std::string(onebit::int8_conv_kernel()); },
+        "The int8 x int8 conv kernel the active ISA runs: avx512_vnni, avx2 or reference.");
+  m.def("int8_conv2d_raw", &int8_conv2d_raw, "x"_a, "geometry"_a, "divisor"_a, "w"_a, "scale"_a, "bias"_a, "out"_a,
+        "out_strides"_a, "threads"_a,
+        "Low level (addresses): the int8 x int8 conv (kernels/int8_conv.h); False when x holds a NaN. "
+        "Use onebit.engine.kernels.int8.");
   m.def("ternary_linear_raw", &ternary_linear_raw, "x"_a, "N"_a, "K"_a, "x_stride"_a, "w"_a, "O"_a, "scale"_a,
         "bias"_a, "out"_a, "threads"_a,
         "Low level (addresses): float32 [N, O] of float32 tokens [N, K] (absmax8-quantized inside) and 2-bit "
@@ -310,10 +342,12 @@ NB_MODULE(_C, m) {
           "The register tile this plan runs with on the active ISA ('' before its first run there).")
       .def("run", &run_plan, "x"_a, "w"_a, "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "threads"_a,
            "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0, "bn_scale"_a = 0, "bn_shift"_a = 0,
-           "bn_fma"_a = false, "Low level (addresses): run on packed input x, packed weights w into out.")
+           "bn_fma"_a = false, "out_nchw"_a = false,
+           "Low level (addresses): run on packed input x, packed weights w into out (a float32 out in NCHW "
+           "memory with out_nchw).")
       .def("run_float", &run_plan_float, "x"_a, "sN"_a, "sC"_a, "sH"_a, "sW"_a, "w"_a, "out"_a, "scale"_a, "bias"_a,
            "thr"_a, "dir"_a, "threads"_a, "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0,
-           "bn_scale"_a = 0, "bn_shift"_a = 0, "bn_fma"_a = false,
+           "bn_scale"_a = 0, "bn_shift"_a = 0, "bn_fma"_a = false, "out_nchw"_a = false,
            "Low level (addresses): pack the float32 [N, C, H, W] input x (element strides) and run, in one pass.");
   nb::class_<onebit::WeightCache>(m, "WeightCache",
                                   "One layer's weights prepared for the kernels, kept between calls (see conv.h).")

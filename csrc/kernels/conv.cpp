@@ -8,6 +8,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -50,6 +51,37 @@ struct Scratch {
 thread_local Scratch tls_packed;  // the packed float input (fused packing)
 thread_local Scratch tls_input;   // prepared input
 thread_local Scratch tls_blocks;  // prepared weight blocks
+thread_local Scratch tls_nhwc;    // a worker's run of output pixels, channels_last (NCHW outputs)
+
+// Output pixels per run of an NCHW output (rounded up to whole register tiles and transpose blocks):
+// written channels_last into the worker's buffer, then transposed into place from the L1 cache.
+constexpr int64_t kNchwRunPixels = 64;
+
+// The block's pixels [q0, q1) for an NCHW float output, a run at a time: the kernel writes the run into
+// the worker's buffer (out_f32 offset so that pixel q lands on the buffer's row q - r0), and the run's
+// [pixels, block channels] is transposed into each image's [channels, OH * OW] plane.
+void compute_nchw(const ConvKernel& kernel, const ConvBlock& b, const void* prepared, TransposeBlock transpose) {
+  const ConvGeometry& g = *b.g;
+  // a run: whole register tiles and whole 16-pixel rows of the transpose's 16 x 16 blocks
+  const int64_t unit = std::lcm<int64_t>(kernel.tile_pix, 16), hw = g.OH * g.OW;
+  const int64_t run = (kNchwRunPixels + unit - 1) / unit * unit;
+  float* buffer = static_cast<float*>(tls_nhwc.get(static_cast<size_t>(run * g.Co) * sizeof(float)));
+  ConvOutput o = *b.o;
+  ConvBlock r = b;
+  r.o = &o;
+  for (int64_t r0 = b.q0; r0 < b.q1; r0 += run) {
+    r.q0 = r0;
+    r.q1 = std::min(b.q1, r0 + run);
+    o.out_f32 = buffer - r0 * g.Co;
+    kernel.compute(r, prepared);
+    for (int64_t q = r.q0; q < r.q1;) {  // the run's pixels of each image
+      const int64_t n = q / hw, end = std::min(r.q1, (n + 1) * hw);
+      transpose(reinterpret_cast<const uint32_t*>(buffer + (q - r0) * g.Co + b.co0), end - q, b.nco, g.Co,
+                reinterpret_cast<uint32_t*>(b.o->out_f32 + (n * g.Co + b.co0) * hw + (q - n * hw)), hw);
+      q = end;
+    }
+  }
+}
 
 // Row (or column) classes: for every output row, the set of kernel rows that fall in
 // the padding. Class 0 is always the empty set.
@@ -277,7 +309,9 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   o.bn_fma = ptrs.bn_fma;
   o.thr = ptrs.thr;
   o.dir = ptrs.dir;
+  o.out_nchw = ptrs.out_nchw;
   if (!x || !w) fail("binary_conv2d: null input");
+  if (o.out_nchw && o.mode != OutMode::float32) fail("binary_conv2d: an NCHW output must be float32");
   switch (o.mode) {
     case OutMode::int32:
       if (!o.out_i32) fail("binary_conv2d: missing int32 output");
@@ -305,7 +339,18 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   if (!tiles) {
     if (packer)
       for (int64_t r = 0; r < packer->rows(); ++r) packer->row(r);
-    binary_conv2d_reference(g, o, x, w);
+    if (!o.out_nchw) {
+      binary_conv2d_reference(g, o, x, w);
+      return;
+    }
+    std::vector<float> nhwc(static_cast<size_t>(g.N * g.OH * g.OW * g.Co));
+    ConvOutput to_nhwc = o;
+    to_nhwc.out_f32 = nhwc.data();
+    binary_conv2d_reference(g, to_nhwc, x, w);
+    const int64_t hw = g.OH * g.OW;
+    for (int64_t n = 0; n < g.N; ++n)
+      transpose_block_reference(reinterpret_cast<const uint32_t*>(nhwc.data() + n * hw * g.Co), hw, g.Co, g.Co,
+                                reinterpret_cast<uint32_t*>(o.out_f32 + n * g.Co * hw), hw);
     return;
   }
   const bool correct = correct_;
@@ -324,6 +369,8 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   proto.nclasses = nclasses;
   proto.class_taps = correct ? class_taps_.data() : nullptr;
   proto.x_prepared = nullptr;
+  TransposeBlock transpose = isa_kernels(isa).transpose_block;
+  if (transpose == nullptr) transpose = transpose_block_reference;
   // The register tile: forced, or timed on this shape at the plan's first run (conv_tiles.h).
   const int tile_index = choose_tile(isa, proto, tile_[static_cast<int>(isa)]);
   const ConvKernel* kernel = &(*tiles)[tile_index];
@@ -425,7 +472,12 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
       ConvBlock b = block(bi);
       b.q0 = tile0 * P;
       b.q1 = std::min(tile1 * P, Q);
-      if (b.q0 < b.q1) kernel->compute(b, ready(bi));
+      if (b.q0 >= b.q1) return;
+      if (o.out_nchw) {
+        compute_nchw(*kernel, b, ready(bi), transpose);
+      } else {
+        kernel->compute(b, ready(bi));
+      }
     };
     if (pixel_major) {
       for (int64_t bi = 0; bi < nblocks; ++bi) run(bi, i0, i1);

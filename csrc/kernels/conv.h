@@ -4,7 +4,8 @@
 //   activations  x  [N, Hp, Wp, G, Wg]   Hp = H + 2 ph, Wp = W + 2 pw (already padded),
 //                                        G = groups of the conv, Wg = ceil((C / G) / 64)
 //   weights      w  [Co, KH, KW, Wg]     output channel co belongs to group co / (Co / G)
-//   float / int32 output  [N, OH, OW, Co]  (channels last; logically [N, Co, OH, OW])
+//   float / int32 output  [N, OH, OW, Co]  (channels last; logically [N, Co, OH, OW]; a float
+//                                        output may also be NCHW: ConvOutput::out_nchw)
 //   packed output         [N, OH + 2 oph, OW + 2 opw, OG, OWg]  OWg = ceil((Co / OG) / 64)
 //
 // The arithmetic: with Cg = C / G real channels per group and K = Cg * KH * KW,
@@ -61,6 +62,9 @@ struct ConvOutput {
   const float* bn_shift = nullptr;  // [Co], with bn_scale
   bool bn_fma = false;
   const float* residual = nullptr;  // [N, OH, OW, Co] or null: added last (float32 output)
+  // float32 output in NCHW memory, out_f32 [N, Co, OH, OW]: each run of pixels is written channels_last
+  // into a small per-thread buffer, then transposed into place while it is in the caches
+  bool out_nchw = false;
   const int32_t* thr = nullptr;  // [Co]
   const int8_t* dir = nullptr;   // [Co], +1 or -1
   uint64_t* out_bits = nullptr;  // [N, OH + 2 oph, OW + 2 opw, OG, OWg]

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from onebit import _C
+from onebit.engine import kernels as K
 from onebit.engine import ops
 
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="the native kernels are not built")
@@ -83,3 +85,43 @@ def test_outputs_have_torchs_channels_last_strides_real_or_fake(shape):
     with FakeTensorMode() as mode:
         fake = empty_nchw_channels_last(*shape, torch.int32, like=mode.from_tensor(torch.zeros(1)))
         assert fake.stride() == out.stride() and fake.dtype == torch.int32
+
+
+@pytest.mark.usefixtures("restore_isa_and_threads")
+@pytest.mark.parametrize("isa", _C.supported_isas())
+def test_a_conv_layer_writes_nchw_output_equal_to_its_channels_last_one(isa):
+    """``layer(x, memory_format=torch.contiguous_format)``: the same values as the channels_last output,
+    in NCHW memory, with a residual and a BatchNorm epilogue, runs of pixels that span images, on 1 and 2
+    threads."""
+    _C.set_isa(isa)
+    g = torch.Generator().manual_seed(4)
+    for n, c, co, side, stride, groups in ((1, 64, 64, 14, 1, 1), (3, 40, 72, 5, 1, 1), (2, 64, 32, 11, 2, 2)):
+        w = torch.randn(co, c // groups, 3, 3, generator=g)
+        channels = [torch.rand(co, generator=g) + 0.5 for _ in range(2)] + [torch.randn(co, generator=g)]
+        layer = K.ConvLayer(
+            K.pack_weights(w),
+            scale=channels[0],
+            bias=channels[2],
+            bn_scale=channels[1],
+            bn_shift=channels[2],
+            in_channels=c,
+            out_channels=co,
+            kernel_size=3,
+            stride=stride,
+            padding=1,
+            dilation=1,
+            groups=groups,
+            pad_value=0.0,
+        )
+        x = torch.randn(n, c, side, side, generator=g)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            want = layer(x)
+            residual = torch.randn(want.shape, generator=g)
+            for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+                got = layer(inp, memory_format=torch.contiguous_format)
+                assert got.is_contiguous() and torch.equal(got, want)
+                got = layer(inp, residual, memory_format=torch.contiguous_format)
+                assert got.is_contiguous() and torch.equal(got, layer(inp, residual))
+    with pytest.raises(ValueError, match="memory_format must be torch.channels_last or torch.contiguous_format"):
+        layer(x, memory_format=torch.preserve_format)

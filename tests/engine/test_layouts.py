@@ -176,3 +176,43 @@ def test_a_value_contiguous_in_both_formats_reaches_a_float_conv_with_the_models
         for inp in (x.contiguous(), x.contiguous(memory_format=torch.channels_last)):
             assert torch.equal(packed(inp), model(inp))
     assert seen == [(64, 1, 1, 1), (64, 1, 64, 64)]  # as torch's pool gives them in each layout
+
+
+class _BinaryIntoFloat(torch.nn.Module):
+    """A binary conv read only by a float conv (layout-bound), a second binary conv whose output the model
+    returns, and a float conv beside a binary one joined by a cat (maps of both layouts meet)."""
+
+    def __init__(self):
+        super().__init__()
+        sign = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
+        self.binary = onebit.nn.QConv2d(16, 24, 3, padding=1, **sign)
+        self.pointwise = torch.nn.Conv2d(24, 16, 1)
+        self.side = onebit.nn.QConv2d(16, 16, 3, padding=1, **sign)
+        self.last = onebit.nn.QConv2d(32, 8, 3, padding=1, **sign)
+
+    def forward(self, x):
+        y = self.pointwise(self.binary(x))
+        return self.last(torch.cat([y, self.side(y)], 1))
+
+
+def test_an_nchw_model_runs_its_layout_free_steps_channels_last_and_writes_nchw_where_it_is_read_so():
+    """With an NCHW input: the binary conv read only by a float conv, and the one the model returns,
+    write NCHW directly (``Step.writes_nchw``); the cat, where the float conv's NCHW map meets a binary
+    conv's channels_last one, gets both in channels_last. Outputs and strides equal the model's."""
+    torch.manual_seed(0)
+    model = _BinaryIntoFloat().eval()
+    x = torch.randn(2, 16, 9, 9, generator=torch.Generator().manual_seed(3))
+    packed = engine.pack(model, x)
+    writers = {s.output: s.writes_nchw for s in packed._steps if s.op == "binary_conv2d"}
+    assert writers == {"binary": True, "side": False, "last": True}
+    cat = next(s for s in packed._steps if s.op == "cat")
+    seen, run = [], cat.run
+    cat.run = lambda *maps: (
+        seen.append([m.is_contiguous(memory_format=torch.channels_last) for m in maps]) or run(*maps)
+    )
+    with torch.no_grad():
+        for inp in (x.contiguous(), x.contiguous(memory_format=torch.channels_last)):
+            want, got = model(inp), packed(inp)
+            assert torch.equal(got, want)
+            assert got.stride() == want.stride()
+    assert seen == [[True, True], [True, True]]

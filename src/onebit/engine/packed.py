@@ -114,15 +114,16 @@ class PackedModel(nn.Module):
         """Run the steps on ``x``: the values left (the outputs); each step's time appended to ``times``."""
         env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
         fmt = _memory_format(x)
+        nchw = fmt == torch.contiguous_format
         for k, step in enumerate(self._steps):
             args = [env[i] for i in step.inputs]
             if step.model_layout:  # an op that rounds by layout runs in the model's own
                 args = [_in_format(a, fmt) for a in args]
-            elif fmt == torch.contiguous_format and (step.channels_last or _mixed_layouts(args)):
+            elif nchw and (step.channels_last or _mixed_layouts(args)):
                 args = _channels_last(args)
             start = time.perf_counter() if times is not None else 0.0
             try:
-                out = step.run(*args)
+                out = step.run(*args, memory_format=fmt) if step.writes_nchw and nchw else step.run(*args)
             except (RuntimeError, ValueError) as error:
                 raise InputError(
                     f"PackedModel: {_where(step)} cannot take the input of shape {list(x.shape)}: {error}"

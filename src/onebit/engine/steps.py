@@ -47,6 +47,9 @@ class Step:
     #: its 4-d inputs so when the model's layout is NCHW (as is any layout-free op whose maps come in both
     #: layouts: torch would copy the channels_last ones into the first one's layout)
     channels_last: bool = False
+    #: in an NCHW model, run as ``run(*inputs, memory_format=torch.contiguous_format)``: a binary conv that
+    #: writes its output in NCHW memory, as its readers (layout-bound ops) or the model's caller take it
+    writes_nchw: bool = False
     relayout: str | None = None  #: None, or "contiguous": its output laid out as torch's op returns it
     label: str = ""  #: the op, with what it fused (e.g. ``pack+binary_conv2d+batch_norm+add``)
     module: str = ""  #: the model's module it comes from ("" when none)

@@ -20,7 +20,8 @@ rounds as the model's op does; every other op's values are the same in any layou
 model, a layout-free op that torch runs faster on channels_last maps (``OpSpec.prefers_channels_last``)
 gets its maps in channels_last (``Step.channels_last``), as does one whose maps come in both layouts
 (the packed model checks as it runs): an NCHW value (the output of a float conv) meets channels_last
-ones once, and the run goes on in channels_last.
+ones once, and the run goes on in channels_last. A binary conv whose readers all take the model's layout,
+or whose output the model returns, writes NCHW directly in an NCHW model (``Step.writes_nchw``).
 
 Thresholds (BatchNorm + sign as integer comparisons) and BatchNorm folding are graph passes before
 this stage (:mod:`.thresholds`, :mod:`.batchnorm`): their ops are what the file stores. Each step
@@ -79,6 +80,7 @@ def fuse(graph: dict, tensors: dict[str, torch.Tensor], *, native: bool | None =
             continue
         steps.append(_step(nodes, run_at.get(position, position), fusions, tensors, native))
     _mark_frees(steps, outputs)
+    _mark_nchw_writers(steps, outputs)
     return steps
 
 
@@ -166,6 +168,20 @@ def _relayout(node: dict) -> str | None:
     conv1d returns a contiguous tensor, while a 2-d conv of an ambiguous ``[N, C, 1, L]`` shape may
     choose channels_last."""
     return "contiguous" if node.get("conv1d") else None
+
+
+def _mark_nchw_writers(steps: list[Step], outputs: set[str]) -> None:
+    """``writes_nchw`` for the binary convs (with a bound native layer) whose output every reader takes in
+    the model's own layout (float convs, adaptive pools) or that the model returns: in an NCHW model they
+    write NCHW directly, instead of channels_last copied once more."""
+    readers: dict[str, list[Step]] = {}
+    for step in steps:
+        for ref in step.inputs:
+            readers.setdefault(ref, []).append(step)
+    for step in steps:
+        users = readers.get(step.output, [])
+        if step.layer is not None and (users or step.output in outputs):
+            step.writes_nchw = all(user.model_layout for user in users)
 
 
 def _mark_frees(steps: list[Step], outputs: set[str]) -> None:

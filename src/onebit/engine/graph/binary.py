@@ -66,10 +66,10 @@ def _bind_binary_conv2d(step: Step) -> Callable:
     bn = step.epilogue or Epilogue()
     weight, scale, bias = t["weight"], t.get("scale"), t.get("bias")
 
-    def run(xp, residual=None):
+    def run(xp, residual=None, memory_format=torch.channels_last):
         if layer is not None and ops.backend_is_native():
-            return layer(xp, residual)
-        return ops.binary_conv2d(
+            return layer(xp, residual, memory_format)
+        return ops.binary_conv2d(  # channels_last: a reader that takes another layout converts it
             xp,
             weight,
             scale=scale,

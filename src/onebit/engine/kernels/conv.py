@@ -40,22 +40,23 @@ _get_num_threads = torch.get_num_threads
 _NO_BATCHNORM = (0, 0, False)
 
 
-def run_native(plan, x, w_ptr: int, out_ptr: int, channel_ptrs: tuple, cache, version: int, residual_ptr: int, bn):
+def run_native(
+    plan, x, w_ptr: int, out_ptr: int, channel_ptrs: tuple, cache, version: int, residual_ptr: int, bn, out_nchw=False
+):
     """Run ``plan`` on packed ``x``, or on float32 ``x`` packed in the same pass. The addresses of the
     weights, the output and the per-channel tensors ``(scale, bias, thresholds, direction)`` are
-    taken and checked; ``bn``: ``(bn_scale, bn_shift, bn_fma)``."""
-    threads = _get_num_threads()
+    taken and checked; ``bn``: ``(bn_scale, bn_shift, bn_fma)``; ``out_nchw``: a float32 output in NCHW
+    memory instead of channels_last."""
+    args = (w_ptr, out_ptr, *channel_ptrs, _get_num_threads(), cache, version, residual_ptr, *bn, out_nchw)
     if x.dtype is _I64:
-        plan.native.run(x.data_ptr(), w_ptr, out_ptr, *channel_ptrs, threads, cache, version, residual_ptr, *bn)
+        plan.native.run(x.data_ptr(), *args)
         return
     _, c, _, w = x.shape
     sn, sc, sh, sw = x.stride()
     if sc != 1 and sw != 1 and c > 1 and w > 1:  # neither channels nor pixels contiguous
         x = x.contiguous()
         sn, sc, sh, sw = x.stride()
-    plan.native.run_float(
-        x.data_ptr(), sn, sc, sh, sw, w_ptr, out_ptr, *channel_ptrs, threads, cache, version, residual_ptr, *bn
-    )
+    plan.native.run_float(x.data_ptr(), sn, sc, sh, sw, *args)
 
 
 def _run(plan, x, wp, out, channel_ptrs=(0, 0, 0, 0), cache=None, residual_ptr=0, bn=_NO_BATCHNORM) -> None:

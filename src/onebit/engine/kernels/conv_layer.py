@@ -68,9 +68,19 @@ class ConvLayer:
         kwargs = {k: v for k, v in self._kwargs.items() if k != "cache"}
         return _conv_layer, (self.wp, self.cache is not None, kwargs)
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, memory_format=torch.channels_last
+    ) -> torch.Tensor:
+        """The output in ``memory_format`` memory: channels_last (as the kernels write it), or NCHW
+        (``torch.contiguous_format``: each run of output pixels transposed in place as it is written)."""
+        nchw = memory_format is torch.contiguous_format
+        if not nchw and memory_format is not torch.channels_last:
+            raise ValueError(
+                f"memory_format must be torch.channels_last or torch.contiguous_format, got {memory_format!r}"
+            )
         if not (type(x) is _Tensor and (residual is None or type(residual) is _Tensor) and direct()):
-            return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)
+            out = binary_conv2d(x, self.wp, residual=residual, **self._kwargs)
+            return out.contiguous() if nchw else out
         key = (x.dtype, x.shape)
         plan = self._plans.get(key)
         if plan is None or not x.is_cpu:
@@ -79,7 +89,7 @@ class ConvLayer:
                 self._plans[key] = plan
         if x.dtype is _I64 and not x.is_contiguous():
             return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)  # says what is wrong
-        out = torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
+        out = torch.empty(plan.shape, dtype=_F32) if nchw else torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
         residual = residual_nhwc(residual, out)
         if not out.numel():
             return out
@@ -87,7 +97,9 @@ class ConvLayer:
         cache = self.cache
         # WeightCache.state, inline: this call is the engine's hottest
         version = hash((self.wp._version, cache._cleared)) if cache is not None else 0
-        run_native(plan, x, self._w_ptr, out.data_ptr(), self._channel_ptrs, cache, version, residual_ptr, self._bn)
+        run_native(
+            plan, x, self._w_ptr, out.data_ptr(), self._channel_ptrs, cache, version, residual_ptr, self._bn, nchw
+        )
         return out
 
 
