@@ -380,10 +380,12 @@ int main(int argc, char** argv) {
     const std::string a = argv[i];
     if ((a == "--seed" || a == "--count") && i + 1 < argc) {
       char* end = nullptr;
-      const long long v = std::strtoll(argv[++i], &end, 10);
-      if (*end || v < 0) return usage(argv[0], "bad number '" + std::string(argv[i]) + "' for " + a);
-      if (a == "--seed") seed = static_cast<uint64_t>(v);
-      else count = v;
+      const char* text = argv[++i];
+      const unsigned long long v = std::strtoull(text, &end, 10);
+      if (!*text || *end || *text == '-' || (a == "--count" && v > (1ULL << 40)))
+        return usage(argv[0], "bad number '" + std::string(text) + "' for " + a);
+      if (a == "--seed") seed = v;
+      else count = static_cast<int64_t>(v);
     } else if (a == "--verbose") {
       verbose = true;
     } else {
