@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from onebit.engine.graph.binary import BINARY_OPS
 from onebit.engine.graph.floats import FLOAT_OPS
+from onebit.engine.graph.int8 import INT8_OPS
 from onebit.engine.graph.quantized import QUANTIZED_OPS
 from onebit.engine.graph.schema import GraphError, OpSpec, checked_attrs
 
 #: every op a graph may name: its float semantics, input and output kinds, attributes and tensors
-OPS: dict[str, OpSpec] = {**BINARY_OPS, **QUANTIZED_OPS, **FLOAT_OPS}
+OPS: dict[str, OpSpec] = {**BINARY_OPS, **QUANTIZED_OPS, **INT8_OPS, **FLOAT_OPS}
 
 
 def attrs(node: dict) -> dict:

@@ -78,6 +78,15 @@ def integer_divisor(q: Any) -> float | None:
     return float(s)
 
 
+def int8_divisor(q: Any) -> float | None:
+    """The float32 divisor ``s`` of an ``int8`` input quantizer (its ``divisor()``), None for any other."""
+    code = quant.integer_code_of(q)
+    if code is None or code.kind != "signed" or code.bits != 8 or not callable(getattr(q, "divisor", None)):
+        return None
+    with torch.no_grad():
+        return float(q.divisor().to(torch.float32))
+
+
 def clip(q: Any) -> float:
     """A ``symmetric`` input code's clip as a float (1.0, unused, for ``unsigned``)."""
     code = input_code(q)
@@ -100,6 +109,9 @@ def quantize(low: Lowering, node: fx.Node, q: Any, x: str) -> str:
         return low.emit(f"{node.name}_dorefa", "dorefa", [x], {"bits": bits(q)})
     if kind == "dorefa_sym":
         return low.emit(f"{node.name}_dorefa_sym", "dorefa_sym", [x], {"bits": bits(q), "clip": clip(q)})
+    divisor = int8_divisor(q)
+    if divisor is not None:
+        return low.emit(f"{node.name}_int8", "int8_quantize", [x], {"divisor": divisor})
     why = quant.void_declaration(q)
     raise low.unsupported(node, f"quantizer {type(q).__name__} has no engine op" + (f" ({why})" if why else ""))
 
@@ -128,11 +140,14 @@ def carry_sign(low: Lowering, value: str) -> None:
 def layer_input(low: Lowering, node: fx.Node, m: nn.Module, x: str) -> tuple[str, float | None]:
     """A float-run layer's quantized input as the layer computes with it (see
     :func:`onebit.nn.functional.qconv`): the integers and their divisor when the input
-    quantizer factors them out (``dorefa``, ``dorefa_sym``; zero padding for a conv), else the
+    quantizer factors them out (``dorefa``, ``dorefa_sym``, ``int8``; zero padding for a conv), else the
     quantizer's output and None."""
     q = m.input_quantizer
     if q is None:
         return x, None
+    step_divisor = int8_divisor(q)
+    if step_divisor is not None and (isinstance(m, QLinear) or float(m.pad_value) == 0.0):
+        return low.emit(f"{node.name}_int", "int8_integers", [x], {"divisor": step_divisor}), step_divisor
     divisor = integer_divisor(q)
     if divisor is None or (not isinstance(m, QLinear) and float(m.pad_value) != 0.0):
         return quantize(low, node, q, x), None

@@ -14,6 +14,7 @@ from torch import fx, nn
 from onebit.engine import bitplanes, ops
 from onebit.engine.lowering.attrs import conv_attrs, float_conv_attrs, float_copy, pair
 from onebit.engine.lowering.floats import conv1d_as_2d, conv1d_float_attrs, to_1d
+from onebit.engine.lowering.int8 import emit_int8_layer, is_int8_layer
 from onebit.engine.lowering.operands import (
     binary_weights,
     clip,
@@ -268,6 +269,7 @@ def emit_ternary_linear(low: Lowering, node: fx.Node, m: QLinear) -> None:
 
 #: the quantized layers, in order: the first ``(predicate(low, node, m), emitter)`` that holds lowers ``m``
 QUANTIZED = [
+    (lambda low, node, m: is_int8_layer(m), emit_int8_layer),
     (
         lambda low, node, m: isinstance(m, (QConv2d, QLinear)) and bitplane_codes(low, m, node) is not None,
         emit_bitplane,

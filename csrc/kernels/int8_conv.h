@@ -1,0 +1,56 @@
+// int8 x int8 convolution and linear layers, exact in integers (onebit.engine.graph.int8).
+//
+// The input x (float32 [N, C, H, W], any strides) is quantized as the int8 quantizer does it:
+//   x_int = clamp(round_half_even(fl(x * s)), -127, 127),
+// the weights are int8 levels [O, C / G, KH, KW] in -127 .. 127, zero padding is applied to x_int, and
+//   acc[n, o, p] = sum over (c, kh, kw) of x_int * w        (an exact int32: |acc| <= taps * 127^2)
+//   out          = fl(fl(fl(float(acc) / s) * scale[o]) + bias[o])   (no fused multiply-add),
+// which is the simulated layer's float32 arithmetic bit for bit while taps * 127^2 < 2^24.
+//
+// The kernels multiply a block of im2col rows (one row a pixel: its taps as (kh, kw, c) in groups of
+// four bytes, zero beyond the taps) by weight panels: per group, per block of 16 output channels, per
+// four taps, 16 channels x 4 int8 (64 bytes). AVX-512 VNNI (vpdpbusd) takes x + 128 as unsigned bytes
+// and starts each sum at -128 * sum(w), AVX2 widens both operands to int16 pairs (vpmaddwd), so
+// every partial sum is an exact int32 on every ISA.
+#pragma once
+#include <cstdint>
+
+namespace onebit {
+namespace int8 {
+
+constexpr int kChannelBlock = 16;  // output channels a panel holds
+constexpr int kTapGroup = 4;       // taps a panel row holds per channel
+
+// acc[p * acc_stride + o] for pixels p < pixels and output channels o < 16 * blocks: im2col rows a
+// (row p at a + p * a_stride, quads * 4 bytes) times panels w ([blocks][quads][16][4]);
+// wsum[o] = the sum of channel o's weights (the VNNI kernel's offset correction).
+using Gemm = void (*)(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,
+                      const int32_t* wsum, int64_t blocks, int32_t* acc, int64_t acc_stride);
+
+void gemm_reference(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,
+                    const int32_t* wsum, int64_t blocks, int32_t* acc, int64_t acc_stride);
+void gemm_avx2(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,
+               const int32_t* wsum, int64_t blocks, int32_t* acc, int64_t acc_stride);
+void gemm_vnni(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,
+               const int32_t* wsum, int64_t blocks, int32_t* acc, int64_t acc_stride);
+
+}  // namespace int8
+
+struct Int8Conv {
+  int64_t N, C, H, W;          // input
+  int64_t xs_n, xs_c, xs_h, xs_w;  // input strides, in elements
+  int64_t O, KH, KW, sh, sw, ph, pw, dh, dw, G;
+  float divisor;               // s
+  int64_t OH() const { return (H + 2 * ph - dh * (KH - 1) - 1) / sh + 1; }
+  int64_t OW() const { return (W + 2 * pw - dw * (KW - 1) - 1) / sw + 1; }
+};
+
+// out[n * os_n + o * os_c + p * os_p] (p = oh * OW + ow) of x and int8 weights [O, C / G, KH, KW];
+// scale and bias [O] or null. False (nothing written) when x holds a NaN.
+bool int8_conv2d(const Int8Conv& conv, const float* x, const int8_t* w, const float* scale, const float* bias,
+                 float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
+
+// The name of the kernel the active ISA runs: "avx512_vnni", "avx2" or "reference".
+const char* int8_conv_kernel();
+
+}  // namespace onebit
