@@ -69,7 +69,8 @@ ConvCase draw_conv(Rng& r) {
   g.G = large ? 1 : r.pick({1, 1, 2, 3});
   const int64_t Cg = large ? r.pick({256, 320, 512}) : r.pick({1, 5, 31, 63, 64, 65, 100, 128, 150, 192});
   g.C = Cg * g.G;
-  g.Co = (large ? r.range(33, 80) : r.range(1, 19)) * g.G;
+  // channels per group: partial blocks of every tile, and multiples of 8 (whole output bytes)
+  g.Co = (large ? r.range(33, 80) : r.pick({1, 2, 3, 4, 5, 7, 8, 9, 12, 15, 16, 17, 19, 24, 32})) * g.G;
   g.KH = r.range(1, 3), g.KW = r.range(1, 3);
   g.sh = r.range(1, 2), g.sw = r.range(1, 2);
   g.dh = r.range(1, 2), g.dw = r.range(1, 2);
