@@ -7,11 +7,13 @@ has them) and for AMD Zen 3 (``-march=znver3``: AVX2 with 16 ymm registers, as a
 runs it). It prints, per layer, thread count and variant, the median and minimum of its pack +
 conv (float NCHW input to int32 output).
 
-onebit's side is the call a packed model's binary conv step makes: a ``kernels.ConvLayer``
-(weights, per-channel scale and bias bound and checked once, weights prepared once in a
-``WeightCache``) on the float input, packed inside the call, to a float32 output, its ISA set to
-the same one, timed per call in its own warm loop as the yardstick times itself; Python's share
-of the call (about 2.5 microseconds) is included.
+onebit's side (``--onebit packed``, the default) is the call a user makes: a packed model of the one
+binary conv layer called on a float NCHW input, returning its float32 output in NCHW as torch would
+(packed inside the conv's call, the output transposed as it is written); with ``--onebit layer``,
+the conv step alone (``kernels.ConvLayer`` on the same input, channels_last output). Its ISA is set
+to the same one, and it is timed per call in its own warm loop as the yardstick times itself;
+Python's share of the call is included. Each row names the register tile onebit's timing chose;
+``--tiles`` also times onebit forced to each of its tiles, and to the yardstick's best variant's.
 
 Each round runs the yardstick, then onebit, for every layer and ISA; rounds repeat the whole
 sequence, so both sides see the same machine. Printed per (layer, threads, ISA): the yardstick's
@@ -24,7 +26,7 @@ rounds, and also gives the median and worst per-round fraction.
 Usage::
 
     python benchmarks/bench_yardstick.py --yardstick ../shared/yardstick/bconv.cpp [--rounds 3]
-        [--isa avx512 avx2] [--threads 1 2] [--seconds 0.3]
+        [--isa avx512 avx2] [--threads 1 2] [--seconds 0.3] [--onebit packed|layer] [--tiles]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -87,39 +90,61 @@ def run_yardstick(binary: Path, isa: str, layer: int, seconds: float) -> dict[in
     return best
 
 
-def time_onebit(isa: str, batch: int, channels: int, size: int, threads: int, seconds: float) -> tuple[float, float]:
-    """(median, min) ms per call of onebit's pack + conv + scale and bias, in its own warm loop."""
-    from onebit import _C
+def onebit_call(kind: str, batch: int, channels: int, size: int):
+    """``(call, tile)``: onebit's side as a user calls it (``packed``: a packed one-layer model on an NCHW
+    input, NCHW output, as torch returns it) or the conv step alone (``layer``: ``kernels.ConvLayer`` on
+    the same input, channels_last output); ``tile()`` names the register tile its conv runs with."""
+    from onebit import engine
+    from onebit import nn as onn
     from onebit.engine import kernels as K
 
     torch.manual_seed(0)
-    x, w = torch.randn(batch, channels, size, size), torch.randn(channels, channels, 3, 3)
-    wp = K.pack_weights(w)
-    scale, bias = torch.rand(channels) + 0.5, torch.randn(channels)
-    layer = K.ConvLayer(
-        wp,
-        scale=scale,
-        bias=bias,
-        in_channels=channels,
-        out_channels=channels,
-        kernel_size=3,
-        padding=1,
-        cache=K.WeightCache(),
-    )
+    x = torch.randn(batch, channels, size, size)
+    sign = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
+    model = torch.nn.Sequential(onn.QConv2d(channels, channels, 3, padding=1, **sign)).eval()
+    packed = engine.pack(model, x)
+    layer = packed._steps[0].layer
+    if kind == "packed":
+        call = partial(packed, x)
+    else:
+        call = partial(layer, x)
+
+    shape = f"{channels}->{channels} @{size}x{size} k3x3 s1x1 p1x1 d1x1 g1 pad0"
+
+    def tile(isa: str) -> str:
+        return next((t for i, s, t in K._C.tile_choices() if i == isa and s == shape), "?")
+
+    return call, tile
+
+
+def time_onebit(call, isa: str, threads: int, seconds: float, tile: str = "auto") -> tuple[float, float]:
+    """(median, min) ms per ``call()`` in its own warm loop, on ``isa`` and ``threads``, the conv's register
+    tile forced to ``tile`` (or chosen by timing: ``auto``)."""
+    from onebit import _C
+
     before = _C.isa()
     _C.set_isa(isa)
+    _C.set_tile(isa, tile)
     torch.set_num_threads(threads)
     try:
-        for _ in range(20):
-            layer(x)
-        times, end = [], time.perf_counter() + seconds
-        while len(times) < 200 or time.perf_counter() < end:
-            start = time.perf_counter_ns()
-            layer(x)
-            times.append(time.perf_counter_ns() - start)
+        with torch.no_grad():
+            for _ in range(20):
+                call()
+            times, end = [], time.perf_counter() + seconds
+            while len(times) < 200 or time.perf_counter() < end:
+                start = time.perf_counter_ns()
+                call()
+                times.append(time.perf_counter_ns() - start)
     finally:
+        _C.set_tile(isa, "auto")
         _C.set_isa(before)
     return statistics.median(times) / 1e6, min(times) / 1e6
+
+
+def yardstick_tile(variant: str) -> str:
+    """onebit's name of a yardstick variant's register tile: ``avx512_vpopcnt P7xJ4(32oc)`` -> ``7x32``."""
+    m = re.search(r"P(\d+)xJ\d+\((\d+)oc\)", variant)
+    return f"{m[1]}x{m[2]}" if m else "?"
 
 
 def main(argv=None) -> None:
@@ -130,6 +155,14 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", nargs="+", type=int, default=sorted(LAYERS), choices=sorted(LAYERS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=0.3, help="timing per candidate and round")
+    parser.add_argument(
+        "--onebit",
+        choices=["packed", "layer"],
+        default="packed",
+        help="onebit's side: a packed one-layer model called on an NCHW input (as users call it), or the conv "
+        "step alone (kernels.ConvLayer, channels_last output)",
+    )
+    parser.add_argument("--tiles", action="store_true", help="also time onebit forced to each register tile, per layer")
     args = parser.parse_args(argv)
     if not args.yardstick.is_file():
         raise SystemExit(f"--yardstick: no such file: {args.yardstick}")
@@ -148,26 +181,32 @@ def main(argv=None) -> None:
         "the yardstick's is the better of its pack+conv and its pack + its conv)"
     )
     times: dict[tuple, list[tuple[float, float]]] = {}
+    best_variant: dict[tuple, str] = {}
+    calls = {layer: onebit_call(args.onebit, *LAYERS[layer]) for layer in args.layers}
     with tempfile.TemporaryDirectory() as tmp:
         binaries = {isa: compile_yardstick(args.yardstick, MARCH[isa], Path(tmp)) for isa in isas}
         for rnd in range(args.rounds):
             print(f"# round {rnd + 1}")
             print(
-                f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick (best variant)':>36} {'onebit':>22} fraction"
+                f"{'layer':>16} {'N':>2} {'thr':>3} {'isa':>6} {'yardstick (best variant)':>36} "
+                f"{'onebit (tile)':>30} fraction"
             )
             for layer in args.layers:
                 n, c, s = LAYERS[layer]
+                call, tile = calls[layer]
                 for isa in isas:
                     yard = run_yardstick(binaries[isa], isa, layer, args.seconds)
                     for t in args.threads:
                         if t not in yard:
                             continue
                         name, y_med = yard[t]
-                        o_med, o_min = time_onebit(isa, n, c, s, t, args.seconds)
+                        o_med, o_min = time_onebit(call, isa, t, args.seconds)
                         times.setdefault((layer, t, isa), []).append((y_med, o_med))
+                        best_variant[(layer, t, isa)] = name
                         print(
                             f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} "
-                            f"{name:>29} {y_med:.4f} {o_med:.4f} (min {o_min:.4f}) {y_med / o_med:8.2f}",
+                            f"{name:>29} {y_med:.4f} {o_med:.4f} (min {o_min:.4f}, {tile(isa):>5}) "
+                            f"{y_med / o_med:8.2f}",
                             flush=True,
                         )
     print("# summary over rounds: each side's best median (ms), best fraction; median and worst per-round fraction")
@@ -182,6 +221,31 @@ def main(argv=None) -> None:
         print(
             f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} {yard:9.4f} {ours:9.4f} {yard / ours:5.2f} "
             f"{statistics.median(per_round):6.2f} {min(per_round):5.2f}"
+        )
+    if args.tiles:
+        print_tiles(calls, isas, best_variant, times, args.seconds)
+
+
+def print_tiles(calls: dict, isas: list[str], best_variant: dict, times: dict, seconds: float) -> None:
+    """Per layer, ISA and thread count: onebit forced to each of its tiles (median ms), the tile its timing
+    chose, and the yardstick's best variant's tile with onebit's fraction of the yardstick forced to it."""
+    from onebit import _C
+
+    print("# onebit forced to each register tile (median ms); * = the tile onebit's timing chose")
+    for (layer, t, isa), pairs in times.items():
+        n, c, s = LAYERS[layer]
+        call, tile = calls[layer]
+        chosen, ours = tile(isa), {}
+        for name in _C.tiles(isa):
+            ours[name] = time_onebit(call, isa, t, seconds, tile=name)[0]
+        fastest = min(ours, key=ours.get)
+        cells = " ".join(f"{name}{'*' if name == chosen else ''} {ms:.4f}" for name, ms in ours.items())
+        target = yardstick_tile(best_variant[(layer, t, isa)])
+        yard = min(y for y, _ in pairs)
+        forced = f"{yard / ours[target]:.2f}" if target in ours else "(no such tile)"
+        print(
+            f"{f'{c}->{c} @{s}x{s}':>16} {n:>2} {t:>3} {isa:>6} {cells} | fastest {fastest}, chose {chosen}; "
+            f"yardstick's {target}: fraction forced to it {forced}"
         )
 
 

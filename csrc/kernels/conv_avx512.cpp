@@ -5,7 +5,9 @@
 // accumulators of 8 x 64-bit counts): each step loads MaxJ weight vectors and, per
 // pixel, broadcasts one input word and does xor + vpopcntq + add against them.
 // Tiles: 6x32 (24 accumulators), 7x32 (28), 8x16 (16, half the weight loads per
-// pixel and fewer live registers); the driver picks one per layer (conv_tiles.h).
+// pixel and fewer live registers), 6x16 (12), 12x16 (24: each weight load serves 12 pixels);
+// the driver times them and picks one per layer (conv_tiles.h), so the winner on the running
+// CPU (Zen 5, Intel's cores with their own port layout) is among them.
 #include <immintrin.h>
 
 #include "kernels/conv.h"
@@ -292,6 +294,8 @@ const std::vector<ConvKernel>& conv_kernels_avx512() {
       make_tile<6, 4>("6x32"),
       make_tile<7, 4>("7x32"),
       make_tile<8, 2>("8x16"),
+      make_tile<6, 2>("6x16"),
+      make_tile<12, 2>("12x16"),
   };
   return tiles;
 }
