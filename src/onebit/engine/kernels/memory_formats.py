@@ -12,6 +12,8 @@ __all__ = ["relayout"]
 
 #: below this many elements torch's copy is quicker than the native call's checks and allocation
 NATIVE_MIN_ELEMENTS = 4096
+_Tensor, _F32 = torch.Tensor, torch.float32
+_FORMATS = (torch.channels_last, torch.contiguous_format)
 
 
 def _planes(x: torch.Tensor, memory_format: torch.memory_format) -> tuple[int, int, int, int] | None:
@@ -36,7 +38,8 @@ def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tenso
 
     Eager plain tensors take the native transpose; under tracing, for tensor subclasses, autograd,
     small tensors or strides that do not flatten to planes, torch's own copy runs."""
-    check_relayout(x, memory_format)
+    if not (type(x) is _Tensor and x.dtype is _F32 and x.is_cpu and x.dim() == 4 and memory_format in _FORMATS):
+        check_relayout(x, memory_format)  # the common case passes the quick test above
     # direct() first: it is False while tracing, where the size is symbolic and must not be compared
     if not direct(x) or x.numel() < NATIVE_MIN_ELEMENTS or (x.requires_grad and torch.is_grad_enabled()):
         return x.contiguous(memory_format=memory_format)
