@@ -169,11 +169,12 @@ const IsaKernels& isa_kernels(Isa isa) {
 #endif
 #if ONEBIT_NEON
   static const IsaKernels neon{conv_kernels_neon, pack_rows_neon, pack_row_cl_neon, pack_row_nchw_neon,
-                               ternary::chunk_dot_neon, ternary::quantize_token_neon, transpose_block_neon};
+                               ternary::chunk_dot_neon, ternary::quantize_token_neon, transpose_block_neon,
+                               nullptr, ternary::rows_dot_neon};
   // the same, with the int8 dot products on SDOT (vdotq_s32)
   static const IsaKernels neon_dotprod{conv_kernels_neon, pack_rows_neon, pack_row_cl_neon, pack_row_nchw_neon,
                                        ternary::chunk_dot_neon_dotprod, ternary::quantize_token_neon,
-                                       transpose_block_neon};
+                                       transpose_block_neon, nullptr, ternary::rows_dot_neon_dotprod};
 #else
   static const IsaKernels& neon = reference;  // never active (isa_supported() is false): no tiles to list
   static const IsaKernels& neon_dotprod = reference;

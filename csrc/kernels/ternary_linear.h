@@ -88,6 +88,10 @@ void chunk_dot_neon(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64
                     int32_t* dot);
 void chunk_dot_neon_dotprod(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
                             int32_t* dot);
+void rows_dot_neon(const int8_t* xperm, int64_t x_stride, int64_t tokens, int64_t chunks, const uint8_t* w,
+                   int64_t row_bytes, int64_t rows, int32_t* dot);
+void rows_dot_neon_dotprod(const int8_t* xperm, int64_t x_stride, int64_t tokens, int64_t chunks, const uint8_t* w,
+                           int64_t row_bytes, int64_t rows, int32_t* dot);
 
 // The reference: plain loops over the 2-bit codes, acc[r] = sum_k q[k] * (code - 1), no permutation.
 void ternary_rows_reference(const int8_t* q, int64_t K, const uint8_t* w, int64_t row_bytes, int64_t rows,

@@ -327,7 +327,8 @@ void check_combine(Rng& r, Report& report) {
 }
 
 void check_ternary(Rng& r, Report& report) {
-  const int64_t N = r.range(1, 3), K = r.pick({1, 3, 255, 256, 257, 512, 700, 1024}), O = r.range(1, 70);
+  // tokens: one, an odd count, more than a pass of 8 tokens over a row block
+  const int64_t N = r.pick({1, 1, 2, 3, 5, 8, 11}), K = r.pick({1, 3, 255, 256, 257, 512, 700, 1024}), O = r.range(1, 70);
   const int64_t row_bytes = ternary_row_bytes(K);
   std::vector<uint8_t> w(O * row_bytes, 0);
   for (int64_t o = 0; o < O; ++o)
