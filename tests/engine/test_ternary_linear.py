@@ -3,10 +3,13 @@
 Shapes cover the kernels' blocking: 1 to 17 tokens (the multi-token row passes take up to four
 tokens at a time, the driver eight), output rows across several 64-row blocks with remainders,
 features with several 256-feature chunks and a tail, and the extreme codes and activations (every
-weight +1 against -128, the largest in-place plane products).
+weight +1 against -128, the largest in-place plane products). The bound layer a packed model's
+BitLinear steps call is the op, bit for bit.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -86,3 +89,51 @@ def test_two_threads_give_the_one_thread_integers(isa):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(got.long(), integer_matmul(x, levels))
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 3, 9])
+@pytest.mark.parametrize("epilogue", ["none", "scale", "scale+bias"])
+def test_bound_layer_is_the_op_bit_for_bit(tokens, epilogue):
+    features, out = 300, 70
+    gen = torch.Generator().manual_seed(tokens + 5)
+    wp = ops.pack_ternary_weights(levels_of(out, features, gen))
+    scale = torch.rand(out, generator=gen) if epilogue != "none" else None
+    bias = torch.randn(out, generator=gen) if epilogue == "scale+bias" else None
+    layer = K.TernaryLayer(wp, in_features=features, scale=scale, bias=bias)
+    x = torch.randn(tokens, features, generator=gen)
+    want = K.ternary_linear(x, wp, in_features=features, scale=scale, bias=bias)
+    assert torch.equal(layer(x), want)
+    strided = torch.randn(tokens, 2 * features, generator=gen)[:, ::2]  # a strided view takes the op
+    assert torch.equal(layer(strided), K.ternary_linear(strided, wp, in_features=features, scale=scale, bias=bias))
+
+
+def test_bound_layer_checks_its_operands_once_and_its_input_each_call():
+    wp = torch.zeros(4, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="packed ternary weight wp"):
+        K.TernaryLayer(wp, in_features=20)
+    with pytest.raises(ValueError, match="scale"):
+        K.TernaryLayer(wp, in_features=10, scale=torch.ones(5))
+    layer = K.TernaryLayer(wp, in_features=10)
+    with pytest.raises(ValueError, match="in_features=10"):
+        layer(torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="float32"):
+        layer(torch.zeros(2, 10, dtype=torch.float64))
+
+
+def test_packed_bitlinear_runs_the_bound_layer_natively_and_the_reference_on_request():
+    from torch import nn
+
+    import onebit.engine
+    from onebit.nn import BitLinear
+
+    torch.manual_seed(3)
+    layer = BitLinear(300, 70).eval()
+    packed = onebit.engine.pack(nn.Sequential(layer), torch.randn(2, 300))
+    x = torch.randn(5, 300)
+    with torch.no_grad():
+        want = layer(x)
+        assert torch.equal(packed(x), want)
+        with ops.use_backend("reference"):
+            assert torch.equal(packed(x), want)
+        copied = copy.deepcopy(packed)
+        assert torch.equal(copied(x), want)

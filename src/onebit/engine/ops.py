@@ -6,6 +6,7 @@ otherwise it checks its arguments with :mod:`onebit.engine.geometry` and runs
 :mod:`onebit.engine.reference`. The native implementation checks with the same functions (once per
 shape), so that a wrong input is the same ``ValueError`` on either path and never reaches a kernel.
 :func:`conv_layer` binds a binary conv's constant operands for the native path (``kernels.ConvLayer``),
+:func:`ternary_layer` a ternary linear layer's (``kernels.TernaryLayer``),
 :func:`weight_cache` keeps a layer's prepared weights between native calls.
 
 ``use_backend("reference")`` (a context manager, per thread/task) forces the
@@ -45,6 +46,7 @@ __all__ = [
     "pack_ternary_weights",
     "ternary_linear",
     "ternary_linear_int",
+    "ternary_layer",
     "max_pool2d",
     "relayout",
 ]
@@ -297,6 +299,13 @@ def max_pool_bits(xp, or_mask, pad_words, **pool) -> torch.Tensor:
 def pack_ternary_weights(levels: torch.Tensor) -> torch.Tensor:
     """Ternary levels ``[Out, F]`` -> the 2-bit uint8 ``[Out, ceil(F / 4)]`` weight (kernels and files)."""
     return reference.pack_ternary_weights(levels)
+
+
+def ternary_layer(wp, *, in_features: int, scale=None, bias=None):
+    """A ternary linear layer with its constant operands bound (``kernels.TernaryLayer``), or None without
+    the native kernels."""
+    native = _native()
+    return native.TernaryLayer(wp, in_features=in_features, scale=scale, bias=bias) if native is not None else None
 
 
 def ternary_linear_int(x, wp, *, in_features: int) -> torch.Tensor:

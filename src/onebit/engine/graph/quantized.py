@@ -185,16 +185,27 @@ def _dorefa(t, a, x):
     return torch.round(torch.clamp(x, 0.0, 1.0) * levels) / levels
 
 
-def _ternary_linear(t, a, x):
-    """BitLinear: ``[rms_norm] -> absmax8 -> (x_int @ levels.T) / s * scale + bias`` over the last dimension."""
+def _ternary_linear(t, a, x, layer=None):
+    """BitLinear: ``[rms_norm] -> absmax8 -> (x_int @ levels.T) / s * scale + bias`` over the last dimension;
+    by ``layer`` (the step's bound native layer) on the native backend."""
     f = a["in_features"]
     if x.shape[-1] != f:
         raise ValueError(f"expected {f} input features, got shape {list(x.shape)}")
     if a["norm"]:
         x = F.rms_norm(x, (f,), eps=a["eps"])
     lead = x.shape[:-1]
-    y = ops.ternary_linear(x.reshape(-1, f), t["weight"], in_features=f, scale=t.get("scale"), bias=t.get("bias"))
+    if layer is not None and ops.backend_is_native():
+        y = layer(x.reshape(-1, f))
+    else:
+        y = ops.ternary_linear(x.reshape(-1, f), t["weight"], in_features=f, scale=t.get("scale"), bias=t.get("bias"))
     return y.reshape(*lead, a["out_features"])
+
+
+def _bind_ternary_linear(step: Step) -> Callable:
+    """A ternary linear step with its weight, scale and bias bound to a native layer (checked once)."""
+    t, a = step.tensors, step.attrs
+    layer = ops.ternary_layer(t["weight"], in_features=a["in_features"], scale=t.get("scale"), bias=t.get("bias"))
+    return lambda x: _ternary_linear(t, a, x, layer)
 
 
 def _ternary_codes_problem(t: torch.Tensor, a: dict) -> str | None:
@@ -318,5 +329,6 @@ QUANTIZED_OPS: dict[str, OpSpec] = {
             "bias": TensorSpec(F32, per_out_feature, required=False),
         },
         lambda a: _check_positive_eps(a),
+        bind=_bind_ternary_linear,
     ),
 }

@@ -4,12 +4,13 @@ Layering: :mod:`onebit.engine.geometry` checks every argument (one check, one me
 this package runs an op natively on checked arguments, :mod:`onebit.engine.reference` in pure torch;
 :mod:`onebit.engine.ops` is the one entry per op, choosing between the two. The functions here are
 the native implementations behind ``ops`` (tests and benchmarks call them to pick an ISA), and
-:class:`ConvLayer` is ``binary_conv2d`` with its constant operands bound.
+:class:`ConvLayer` is ``binary_conv2d`` with its constant operands bound, :class:`TernaryLayer`
+``ternary_linear``.
 
 Modules, each one concept: ``registry`` (custom-op registration, the eager bypass of the dispatcher),
 ``operands`` (addresses of checked tensors, channels_last outputs), ``weight_cache`` (:class:`WeightCache`),
 ``plans`` (validated calls cached by shape), ``packing``, ``conv``, ``conv_layer``, ``linear``, ``pool``,
-``ternary``, ``planes``, ``memory_formats`` (the ops).
+``ternary``, ``ternary_layer``, ``planes``, ``memory_formats`` (the ops).
 
 Bit convention (``csrc/kernels/pack.h``): bit set = -1 (``x < 0``), bit clear = +1, so
 sign(0) = sign(-0.0) = +1 and NaN packs as +1. Channel ``c`` of a group lives in word
@@ -57,6 +58,7 @@ from onebit.engine.kernels.ternary import (
     ternary_linear_int,
     ternary_linear_kernel,
 )
+from onebit.engine.kernels.ternary_layer import TernaryLayer, _ternary_layer  # noqa: F401 (pickles name it here)
 from onebit.engine.kernels.weight_cache import PROBE_WORDS, WeightCache
 
 __all__ = [
@@ -82,6 +84,7 @@ __all__ = [
     "ternary_linear",
     "ternary_linear_int",
     "ternary_linear_kernel",
+    "TernaryLayer",
     "TERNARY_MAX_FEATURES",
     "pack_integer_planes",
     "pack_integer_planes_nan",
