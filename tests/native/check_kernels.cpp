@@ -43,7 +43,7 @@ namespace {
 struct ConvCase {
   ConvGeometry g;
   ConvOutput o;  // mode and packed-output parameters
-  bool scale = false, bias = false, bn = false, residual = false, fused_input = false;
+  bool scale = false, bias = false, bn = false, residual = false, fused_input = false, nchw = false;
   int threads = 1;
   std::string text() const {
     const ConvGeometry& v = g;
@@ -56,7 +56,8 @@ struct ConvCase {
       return s + " out=threshold op" + str(o.oph) + "x" + str(o.opw) + " OG" + str(o.OG) + " opad" +
              str(o.out_pad_value);
     return s + " out=float" + (scale ? " scale" : "") + (bias ? " bias" : "") +
-           (bn ? (o.bn_fma ? " bn(fma)" : " bn(2 roundings)") : "") + (residual ? " shortcut" : "");
+           (bn ? (o.bn_fma ? " bn(fma)" : " bn(2 roundings)") : "") + (residual ? " shortcut" : "") +
+           (nchw ? " NCHW-out" : "");
   }
 };
 
@@ -86,6 +87,7 @@ ConvCase draw_conv(Rng& r) {
   if (c.o.mode == OutMode::float32) {
     c.scale = r.coin(), c.bias = r.coin(), c.bn = r.coin(), c.residual = r.coin();
     c.o.bn_fma = r.coin();
+    c.nchw = r.coin();  // the output in NCHW memory (the shortcut stays channels_last)
   } else if (c.o.mode == OutMode::threshold) {
     c.o.oph = r.range(0, 1), c.o.opw = r.range(0, 1);
     c.o.out_pad_value = static_cast<int>(r.range(-1, 1));
@@ -213,7 +215,16 @@ void check_conv(Rng& r, Report& report) {
   ConvData d = conv_data(r, c);
   ConvOutput shape = c.o;
   validate_conv(c.g, shape, c.g.G * c.g.Wg, c.g.Wg);
-  const ConvResult want = naive_conv(c, d, shape);
+  ConvResult want = naive_conv(c, d, shape);
+  if (c.nchw) {  // [N, OH * OW, Co] -> [N, Co, OH * OW]
+    const int64_t hw = c.g.OH * c.g.OW, Co = c.g.Co;
+    std::vector<float> planes(want.f32.size());
+    for (int64_t n = 0; n < c.g.N; ++n)
+      for (int64_t q = 0; q < hw; ++q)
+        for (int64_t co = 0; co < Co; ++co) planes[(n * Co + co) * hw + q] = want.f32[(n * hw + q) * Co + co];
+    want.f32 = planes;
+  }
+  shape.out_nchw = c.nchw;
   report.trace("binary_conv2d: " + c.text());
   const ConvPlan plan(c.g, shape, c.g.G * c.g.Wg, c.g.Wg);
   const int64_t H = c.g.H, W = c.g.W;
