@@ -253,9 +253,10 @@ void ternary_linear_int_raw(uintptr_t x, int64_t N, int64_t K, uintptr_t w, int6
 }
 
 // geometry: N, C, H, W, x strides (n, c, h, w), O, KH, KW, sh, sw, ph, pw, dh, dw, G; out strides (n, c, pixel).
-bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, uintptr_t w, uintptr_t scale,
-                     uintptr_t bias, uintptr_t out, std::vector<int64_t> out_strides, int threads) {
-  require(x != 0 && w != 0 && out != 0, "int8_conv2d: null tensor");
+// panels and wsum: int8_make_panels' output for this conv's weights (int8_panels_raw).
+bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, uintptr_t panels, uintptr_t wsum,
+                     uintptr_t scale, uintptr_t bias, uintptr_t out, std::vector<int64_t> out_strides, int threads) {
+  require(x != 0 && panels != 0 && wsum != 0 && out != 0, "int8_conv2d: null tensor");
   require(geometry.size() == 18 && out_strides.size() == 3, "int8_conv2d: bad geometry");
   const int64_t* g = geometry.data();
   const onebit::Int8Conv conv{g[0],  g[1],  g[2],  g[3],  g[4],  g[5],  g[6],  g[7],  g[8],     g[9],
@@ -268,9 +269,17 @@ bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, 
           "int8_conv2d: taps x 127^2 must be < 2^24 (exact float32 sums)");
   require(divisor > 0.0f, "int8_conv2d: the divisor must be positive");
   nb::gil_scoped_release release;
-  return onebit::int8_conv2d(conv, ptr<const float>(x), ptr<const int8_t>(w), ptr<const float>(scale),
-                             ptr<const float>(bias), ptr<float>(out), out_strides[0], out_strides[1], out_strides[2],
-                             threads);
+  return onebit::int8_conv2d(conv, ptr<const float>(x), ptr<const int8_t>(panels), ptr<const int32_t>(wsum),
+                             ptr<const float>(scale), ptr<const float>(bias), ptr<float>(out), out_strides[0],
+                             out_strides[1], out_strides[2], threads);
+}
+
+void int8_panels_raw(uintptr_t w, int64_t O, int64_t Cg, int64_t KH, int64_t KW, int64_t G, uintptr_t panels,
+                     uintptr_t wsum) {
+  require(w != 0 && panels != 0 && wsum != 0, "int8_panels: null tensor");
+  require(O > 0 && Cg > 0 && KH > 0 && KW > 0 && G > 0 && O % G == 0, "int8_panels: bad shape");
+  nb::gil_scoped_release release;
+  onebit::int8_make_panels(ptr<const int8_t>(w), O, Cg, KH, KW, G, ptr<int8_t>(panels), ptr<int32_t>(wsum));
 }
 
 }  // namespace
@@ -287,8 +296,15 @@ NB_MODULE(_C, m) {
         "The ternary x int8 kernel the active ISA runs: avx512_vnni, avx2, neon_dotprod, neon or reference.");
   m.def("int8_conv_kernel", [] { return std::string(onebit::int8_conv_kernel()); },
         "The int8 x int8 conv kernel the active ISA runs: avx512_vnni, avx2 or reference.");
-  m.def("int8_conv2d_raw", &int8_conv2d_raw, "x"_a, "geometry"_a, "divisor"_a, "w"_a, "scale"_a, "bias"_a, "out"_a,
-        "out_strides"_a, "threads"_a,
+  m.def("int8_panel_sizes",
+        [](int64_t O, int64_t Cg, int64_t KH, int64_t KW, int64_t G) {
+          return std::make_tuple(onebit::int8_panel_bytes(O, Cg, KH, KW, G), onebit::int8_panel_sums(O, G));
+        },
+        "O"_a, "Cg"_a, "KH"_a, "KW"_a, "G"_a, "(int8 bytes, int32 sums) of an int8 conv's weight panels.");
+  m.def("int8_panels_raw", &int8_panels_raw, "w"_a, "O"_a, "Cg"_a, "KH"_a, "KW"_a, "G"_a, "panels"_a, "wsum"_a,
+        "Low level (addresses): an int8 conv's weight panels and channel sums. Use onebit.engine.kernels.int8.");
+  m.def("int8_conv2d_raw", &int8_conv2d_raw, "x"_a, "geometry"_a, "divisor"_a, "panels"_a, "wsum"_a, "scale"_a,
+        "bias"_a, "out"_a, "out_strides"_a, "threads"_a,
         "Low level (addresses): the int8 x int8 conv (kernels/int8_conv.h); False when x holds a NaN. "
         "Use onebit.engine.kernels.int8.");
   m.def("ternary_linear_raw", &ternary_linear_raw, "x"_a, "N"_a, "K"_a, "x_stride"_a, "w"_a, "O"_a, "scale"_a,

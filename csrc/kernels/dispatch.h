@@ -30,7 +30,7 @@ struct IsaKernels {
   TransposeBlock transpose_block;                  // NCHW <-> channels_last planes; null: transpose_block_reference
   MaxPoolPixels max_pool_pixels;                   // float max pool, a run of pixels; null: reference
   ternary::RowsDot rows_dot;                       // all tokens a row pass; null: chunk_dot per token
-  int8::Gemm int8_gemm;                            // int8 x int8 conv / linear; null: int8::gemm_reference
+  int8::ConvRun int8_conv;                         // int8 x int8 conv / linear; null: int8::conv_reference
 };
 
 const IsaKernels& isa_kernels(Isa isa);

@@ -36,6 +36,24 @@ void gemm_vnni(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads,
 
 }  // namespace int8
 
+struct Int8Conv;
+
+namespace int8 {
+
+// The whole conv (int8_conv2d's arguments) with one GEMM kernel, each compiled for its ISA.
+using ConvRun = bool (*)(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum,
+                         const float* scale, const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p,
+                         int threads);
+bool conv_reference(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum,
+                    const float* scale, const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p,
+                    int threads);
+bool conv_avx2(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
+               const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
+bool conv_vnni(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
+               const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
+
+}  // namespace int8
+
 struct Int8Conv {
   int64_t N, C, H, W;          // input
   int64_t xs_n, xs_c, xs_h, xs_w;  // input strides, in elements
@@ -45,10 +63,18 @@ struct Int8Conv {
   int64_t OW() const { return (W + 2 * pw - dw * (KW - 1) - 1) / sw + 1; }
 };
 
-// out[n * os_n + o * os_c + p * os_p] (p = oh * OW + ow) of x and int8 weights [O, C / G, KH, KW];
+// The sizes of the weight panels of a conv: int8 bytes [G][blocks][quads][16][4] and int32 sums [G][blocks * 16].
+int64_t int8_panel_bytes(int64_t O, int64_t Cg, int64_t KH, int64_t KW, int64_t G);
+int64_t int8_panel_sums(int64_t O, int64_t G);
+
+// The panels and the channels' weight sums of int8 weights [O, C / G, KH, KW] (made once per weight).
+void int8_make_panels(const int8_t* w, int64_t O, int64_t Cg, int64_t KH, int64_t KW, int64_t G, int8_t* panels,
+                      int32_t* wsum);
+
+// out[n * os_n + o * os_c + p * os_p] (p = oh * OW + ow) of x and the weights' panels;
 // scale and bias [O] or null. False (nothing written) when x holds a NaN.
-bool int8_conv2d(const Int8Conv& conv, const float* x, const int8_t* w, const float* scale, const float* bias,
-                 float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
+bool int8_conv2d(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
+                 const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
 
 // The name of the kernel the active ISA runs: "avx512_vnni", "avx2" or "reference".
 const char* int8_conv_kernel();

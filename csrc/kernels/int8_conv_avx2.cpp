@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels/int8_conv.h"
+#include "kernels/int8_conv_driver.h"
 
 namespace onebit {
 namespace int8 {
@@ -53,6 +54,11 @@ void gemm_avx2(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads,
     for (; p + 4 <= pixels; p += 4) tile<4>(a + p * a_stride, a_stride, quads, wb, ab + p * acc_stride, acc_stride);
     for (; p < pixels; ++p) tile<1>(a + p * a_stride, a_stride, quads, wb, ab + p * acc_stride, acc_stride);
   }
+}
+
+bool conv_avx2(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
+               const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
+  return run_conv<gemm_avx2>(conv, x, panels, wsum, scale, bias, out, os_n, os_c, os_p, threads);
 }
 
 }  // namespace int8

@@ -1,5 +1,6 @@
 // The portable int8 GEMM of the int8 conv: plain loops over the panels (see int8_conv.h).
 #include "kernels/int8_conv.h"
+#include "kernels/int8_conv_driver.h"
 
 namespace onebit {
 namespace int8 {
@@ -10,11 +11,17 @@ void gemm_reference(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t q
     for (int64_t b = 0; b < blocks; ++b)
       for (int64_t lane = 0; lane < kChannelBlock; ++lane) {
         int32_t sum = 0;
+        const int8_t* panel = w + b * quads * kChannelBlock * kTapGroup;
         for (int64_t k = 0; k < quads * kTapGroup; ++k)
           sum += static_cast<int32_t>(a[p * a_stride + k]) *
-                 static_cast<int32_t>(w[((b * quads + k / kTapGroup) * kChannelBlock + lane) * kTapGroup + k % kTapGroup]);
+                 static_cast<int32_t>(panel[((k / kTapGroup) * kChannelBlock + lane) * kTapGroup + k % kTapGroup]);
         acc[p * acc_stride + b * kChannelBlock + lane] = sum;
       }
+}
+
+bool conv_reference(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
+                    const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
+  return run_conv<gemm_reference>(conv, x, panels, wsum, scale, bias, out, os_n, os_c, os_p, threads);
 }
 
 }  // namespace int8

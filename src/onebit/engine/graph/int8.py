@@ -89,14 +89,15 @@ def _int8_linear(t, a, x, derived=None):
 
 
 def _bind(fn: Callable, native: Callable) -> Callable:
-    """A runner that calls the native int8 kernel on the native backend (float32 input), else ``fn``."""
+    """A runner that calls the native int8 kernel on the native backend (float32 input; its weight
+    panels made once per write of the weight), else ``fn``."""
 
     def bind(step: Step) -> Callable:
-        t, a, derived = step.tensors, step.attrs, DerivedWeights()
+        t, a, derived, panels = step.tensors, step.attrs, DerivedWeights(), DerivedWeights()
 
         def run(x):
             if x.dtype == torch.float32 and ops.backend_is_native() and ops.native_available():
-                y = native(x, t, a)
+                y = native(x, t, a, panels)
                 if y is not None:
                     return y
             return fn(t, a, x, derived)
@@ -106,16 +107,18 @@ def _bind(fn: Callable, native: Callable) -> Callable:
     return bind
 
 
-def _native_conv(x, t, a):
+def _native_conv(x, t, a, panels: DerivedWeights):
     from onebit.engine.kernels import int8 as kernels  # noqa: PLC0415 (the native module loads lazily)
 
-    return kernels.int8_conv2d(x, t["weight"], t.get("scale"), t.get("bias"), a)
+    prepared = panels.get(t["weight"], lambda w: kernels.int8_panels(w, a["groups"]))
+    return kernels.int8_conv2d(x, t["weight"], t.get("scale"), t.get("bias"), a, prepared)
 
 
-def _native_linear(x, t, a):
+def _native_linear(x, t, a, panels: DerivedWeights):
     from onebit.engine.kernels import int8 as kernels  # noqa: PLC0415
 
-    return kernels.int8_linear(x, t["weight"], t.get("scale"), t.get("bias"), a)
+    prepared = panels.get(t["weight"], kernels.int8_panels)
+    return kernels.int8_linear(x, t["weight"], t.get("scale"), t.get("bias"), a, prepared)
 
 
 def _levels_problem(w: torch.Tensor, a: dict) -> str | None:

@@ -10,7 +10,7 @@ import torch
 from onebit import _C
 from onebit.engine.kernels.operands import channel_ptr
 
-__all__ = ["int8_conv2d", "int8_linear", "int8_conv_kernel"]
+__all__ = ["int8_conv2d", "int8_linear", "int8_conv_kernel", "int8_panels"]
 
 _F32 = torch.float32
 
@@ -25,12 +25,27 @@ def _check_weight(w: torch.Tensor) -> None:
         raise ValueError(f"int8 layer: the weight must be a contiguous int8 tensor, got {w.dtype}")
 
 
-def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict) -> torch.Tensor | None:
+def int8_panels(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' form of int8 weights ``[O, C / G, KH, KW]`` (or ``[O, F]``): panels of 16 output
+    channels x 4 taps, and each channel's weight sum (int32). Made once per weight by a packed model."""
+    _check_weight(w)
+    if w.dim() == 2:
+        w = w[:, :, None, None]
+    o, cg, kh, kw = w.shape
+    nbytes, nsums = _C.int8_panel_sizes(o, cg, kh, kw, groups)
+    panels = torch.empty(nbytes, dtype=torch.int8)
+    sums = torch.empty(nsums, dtype=torch.int32)
+    _C.int8_panels_raw(w.data_ptr(), o, cg, kh, kw, groups, panels.data_ptr(), sums.data_ptr())
+    return panels, sums
+
+
+def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None) -> torch.Tensor | None:
     """``conv(x_int, w) / s * scale + bias`` of float32 ``x`` ``[N, C, H, W]`` (output in ``x``'s memory
-    format: channels_last for a channels_last input, else NCHW); ``a`` the ``int8_conv2d`` attributes."""
+    format: channels_last for a channels_last input, else NCHW); ``a`` the ``int8_conv2d`` attributes,
+    ``panels`` :func:`int8_panels` of ``w`` (made here when None)."""
     if x.dim() != 4 or x.dtype != _F32 or x.shape[1] != a["in_channels"]:
         raise ValueError(f"int8_conv2d: expected float32 [N, {a['in_channels']}, H, W], got {list(x.shape)} {x.dtype}")
-    _check_weight(w)
+    panels, sums = int8_panels(w, a["groups"]) if panels is None else panels
     n, c, h, wd = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel_size"], a["stride"], a["padding"], a["dilation"]
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -52,7 +67,8 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict) -> torch
         x.data_ptr(),
         geometry,
         float(a["divisor"]),
-        w.data_ptr(),
+        panels.data_ptr(),
+        sums.data_ptr(),
         channel_ptr(scale, "scale", _F32, co),
         channel_ptr(bias, "bias", _F32, co),
         y.data_ptr(),
@@ -62,12 +78,12 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict) -> torch
     return y if ok else None
 
 
-def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict) -> torch.Tensor | None:
+def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None) -> torch.Tensor | None:
     """``(x_int @ w.T) / s * scale + bias`` over the last dimension of float32 ``x``."""
     f, out = a["in_features"], a["out_features"]
     if x.dtype != _F32 or x.dim() < 1 or x.shape[-1] != f:
         raise ValueError(f"int8_linear: expected float32 [..., {f}], got {list(x.shape)} {x.dtype}")
-    _check_weight(w)
+    panels, sums = int8_panels(w) if panels is None else panels
     lead = x.shape[:-1]
     rows = x.reshape(-1, f)
     if rows.stride(-1) != 1:
@@ -80,7 +96,8 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict) -> torch
             rows.data_ptr(),
             geometry,
             float(a["divisor"]),
-            w.data_ptr(),
+            panels.data_ptr(),
+            sums.data_ptr(),
             channel_ptr(scale, "scale", _F32, out),
             channel_ptr(bias, "bias", _F32, out),
             y.data_ptr(),

@@ -1,0 +1,156 @@
+// The int8 conv's driver as a template over its GEMM kernel, compiled in each ISA's file with that
+// file's flags (the quantization and the float epilogue vectorize to the ISA): quantization into
+// [N, H, W, C] int8, im2col rows of kPixelBlock pixels, the GEMM, the epilogue (see int8_conv.h).
+// Everything here has internal linkage: no copy compiled for one ISA can stand in for another's (and
+// buffers are plain arrays, not std::vector, whose shared inline code would be compiled once per ISA).
+#pragma once
+#include <algorithm>
+#include <cstring>
+#include <memory>
+
+#include "kernels/int8_conv.h"
+#include "kernels/parallel.h"
+
+namespace onebit {
+namespace int8 {
+namespace {
+
+constexpr int64_t kPixelBlock = 32;         // im2col rows a thread builds and multiplies at a time
+constexpr int64_t kSerialMacs = 1 << 20;    // smaller layers stay on the calling thread
+constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23: (v + it) - it rounds |v| < 2^22 half to even
+
+// q[i] = clamp(round_half_even(fl(x[i] * s)), -127, 127) (the clamp first: round is monotone and
+// fixes +-127; the rounding by the float adder); returns nonzero when some x[i] * s is NaN.
+inline int quantize_run(const float* x, int64_t count, float s, int8_t* q) {
+  int nan = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    float t = x[i] * s;
+    nan |= t != t;
+    t = t < -127.0f ? -127.0f : t;
+    t = t > 127.0f ? 127.0f : t;
+    q[i] = static_cast<int8_t>(static_cast<int32_t>((t + kRoundShift) - kRoundShift));
+  }
+  return nan;
+}
+
+// x_int as [N, H, W, C] int8; false when x holds a NaN.
+inline bool quantize_input(const Int8Conv& c, const float* x, int8_t* q, int threads) {
+  const int64_t rows = c.N * c.H;
+  std::unique_ptr<char[]> finite(new char[static_cast<size_t>(rows)]);
+  if (rows * c.W * c.C < (1 << 16)) threads = 1;
+  parallel_chunks(threads, static_cast<int>(rows), [&](int r) {
+    const int64_t n = r / c.H, h = r % c.H;
+    const float* xr = x + n * c.xs_n + h * c.xs_h;
+    int8_t* qr = q + (n * c.H + h) * c.W * c.C;
+    int nan = 0;
+    if (c.xs_c == 1 && c.xs_w == c.C) {
+      nan = quantize_run(xr, c.W * c.C, c.divisor, qr);
+    } else if (c.xs_w == 1) {  // NCHW: each channel's row quantized, then interleaved
+      std::unique_ptr<int8_t[]> plane(new int8_t[static_cast<size_t>(c.W)]);
+      for (int64_t ch = 0; ch < c.C; ++ch) {
+        nan |= quantize_run(xr + ch * c.xs_c, c.W, c.divisor, plane.get());
+        for (int64_t w = 0; w < c.W; ++w) qr[w * c.C + ch] = plane[w];
+      }
+    } else {
+      for (int64_t w = 0; w < c.W; ++w)
+        for (int64_t ch = 0; ch < c.C; ++ch)
+          nan |= quantize_run(xr + w * c.xs_w + ch * c.xs_c, 1, c.divisor, qr + w * c.C + ch);
+    }
+    finite[r] = nan == 0;
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    if (!finite[r]) return false;
+  return true;
+}
+
+// im2col rows of pixels [p0, p0 + count) of group g: taps as (kh, kw, c), zero padding and tail.
+inline void im2col(const Int8Conv& c, const int8_t* q, int64_t g, int64_t p0, int64_t count, int64_t row_bytes,
+                   int8_t* a) {
+  const int64_t Cg = c.C / c.G, OH = c.OH(), OW = c.OW();
+  const bool run = c.G == 1 && c.dw == 1;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t p = p0 + i, n = p / (OH * OW), oh = p / OW % OH, ow = p % OW;
+    int8_t* row = a + i * row_bytes;
+    int64_t k = 0;
+    for (int64_t kh = 0; kh < c.KH; ++kh) {
+      const int64_t ih = oh * c.sh - c.ph + kh * c.dh;
+      const int64_t iw0 = ow * c.sw - c.pw;
+      if (run && ih >= 0 && ih < c.H && iw0 >= 0 && iw0 + c.KW <= c.W) {  // the row's taps are one run of q
+        std::memcpy(row + k, q + ((n * c.H + ih) * c.W + iw0) * c.C, static_cast<size_t>(c.KW * c.C));
+        k += c.KW * c.C;
+        continue;
+      }
+      for (int64_t kw = 0; kw < c.KW; ++kw, k += Cg) {
+        const int64_t iw = iw0 + kw * c.dw;
+        if (ih < 0 || ih >= c.H || iw < 0 || iw >= c.W)
+          std::memset(row + k, 0, static_cast<size_t>(Cg));
+        else
+          std::memcpy(row + k, q + ((n * c.H + ih) * c.W + iw) * c.C + g * Cg, static_cast<size_t>(Cg));
+      }
+    }
+    std::memset(row + k, 0, static_cast<size_t>(row_bytes - k));
+  }
+}
+
+// y[o] = fl(fl(fl(float(acc[o]) / s) * scale[o]) + bias[o]) for o < count (scale when S, bias when B).
+template <bool S, bool B>
+void epilogue_row(const int32_t* acc, int64_t count, float s, const float* scale, const float* bias, float* y) {
+  for (int64_t o = 0; o < count; ++o) {
+    float v = static_cast<float>(acc[o]) / s;  // exact int -> float: |acc| < 2^24
+    if (S) v = v * scale[o];
+    if (B) v = v + bias[o];
+    y[o] = v;
+  }
+}
+
+using EpilogueRow = void (*)(const int32_t*, int64_t, float, const float*, const float*, float*);
+
+inline EpilogueRow epilogue_for(const float* scale, const float* bias) {
+  if (scale) return bias ? epilogue_row<true, true> : epilogue_row<true, false>;
+  return bias ? epilogue_row<false, true> : epilogue_row<false, false>;
+}
+
+template <Gemm gemm>
+bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t* wsum, const float* scale,
+              const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
+  std::unique_ptr<int8_t[]> q(new int8_t[static_cast<size_t>(c.N * c.H * c.W * c.C)]);
+  if (!quantize_input(c, x, q.get(), threads)) return false;
+  const int64_t Cg = c.C / c.G, OH = c.OH(), OW = c.OW(), pixels = c.N * OH * OW, Og = c.O / c.G;
+  const int64_t taps = c.KH * c.KW * Cg, quads = (taps + kTapGroup - 1) / kTapGroup;
+  const int64_t blocks = (Og + kChannelBlock - 1) / kChannelBlock;
+  const int64_t row_bytes = quads * kTapGroup, width = blocks * kChannelBlock;
+  const int64_t block_bytes = quads * kChannelBlock * kTapGroup;
+  const int64_t chunks = (pixels + kPixelBlock - 1) / kPixelBlock;
+  if (pixels * c.O * taps < kSerialMacs) threads = 1;
+  const EpilogueRow epilogue = epilogue_for(scale, bias);
+  parallel_chunks(threads, static_cast<int>(chunks), [&](int chunk) {
+    const int64_t p0 = chunk * kPixelBlock, count = std::min(kPixelBlock, pixels - p0);
+    std::unique_ptr<int8_t[]> a(new int8_t[static_cast<size_t>(kPixelBlock * row_bytes)]);
+    std::unique_ptr<int32_t[]> acc(new int32_t[static_cast<size_t>(kPixelBlock * width)]);
+    std::unique_ptr<float[]> rows(new float[static_cast<size_t>(kPixelBlock * Og)]);
+    int64_t base[kPixelBlock];  // each pixel's output offset
+    for (int64_t i = 0; i < count; ++i) base[i] = (p0 + i) / (OH * OW) * os_n + (p0 + i) % (OH * OW) * os_p;
+    for (int64_t g = 0; g < c.G; ++g) {
+      im2col(c, q.get(), g, p0, count, row_bytes, a.get());
+      gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes, wsum + g * width, blocks, acc.get(),
+           width);
+      const float* sg = scale ? scale + g * Og : nullptr;
+      const float* bg = bias ? bias + g * Og : nullptr;
+      if (os_c == 1) {  // channels contiguous: the rows straight into the output
+        for (int64_t i = 0; i < count; ++i)
+          epilogue(acc.get() + i * width, Og, c.divisor, sg, bg, out + base[i] + g * Og);
+        continue;
+      }
+      for (int64_t i = 0; i < count; ++i) epilogue(acc.get() + i * width, Og, c.divisor, sg, bg, rows.get() + i * Og);
+      for (int64_t o = 0; o < Og; ++o) {  // NCHW: each channel's run of pixels
+        float* channel = out + (g * Og + o) * os_c;
+        for (int64_t i = 0; i < count; ++i) channel[base[i]] = rows[i * Og + o];
+      }
+    }
+  });
+  return true;
+}
+
+}  // namespace
+}  // namespace int8
+}  // namespace onebit
