@@ -216,3 +216,48 @@ def test_an_nchw_model_runs_its_layout_free_steps_channels_last_and_writes_nchw_
             assert torch.equal(got, want)
             assert got.stride() == want.stride()
     assert seen == [[True, True], [True, True]]
+
+
+class _Stem(torch.nn.Module):
+    """A ResNet stem (7x7, stride 2, 3 channels; torch's kernel on AVX-512 sums in the same order in both
+    layouts) and a 1x1 conv (never the same order), each read by a binary conv."""
+
+    def __init__(self):
+        super().__init__()
+        sign = {"input_quantizer": "ste_sign", "weight_quantizer": "ste_sign"}
+        self.stem = torch.nn.Conv2d(3, 16, 7, stride=2, padding=3)
+        self.binary = onebit.nn.QConv2d(16, 16, 3, padding=1, **sign)
+        self.pointwise = torch.nn.Conv2d(16, 32, 1)
+
+    def forward(self, x):
+        return self.pointwise(self.binary(self.stem(x)))
+
+
+def torch_rounds_alike(conv: torch.nn.Conv2d, shape) -> bool:
+    """Whether torch's conv gives the same bits in both layouts on a fresh input of wide dynamic range."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=g) * torch.exp(2 * torch.randn(shape, generator=g))
+    with torch.no_grad():
+        a, b = conv(x), conv(x.contiguous(memory_format=torch.channels_last))
+    return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+
+
+def test_a_float_conv_runs_channels_last_in_an_nchw_model_exactly_where_torch_rounds_alike_there():
+    """``Step.layout_probe``: with an NCHW input, a float conv runs on channels_last maps when torch's conv
+    gives the same bits there for the input's shape (as torch itself shows on a fresh input), else NCHW;
+    the outputs equal the model's either way."""
+    torch.manual_seed(0)
+    model = _Stem().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    packed = engine.pack(model, x)
+    seen: dict[str, list[bool]] = {"stem": [], "pointwise": []}
+    for step in packed._steps:
+        if step.op == "conv2d":
+            run, name = step.run, step.output
+            step.run = lambda t, run=run, name=name: seen[name].append(t.is_contiguous()) or run(t)
+    with torch.no_grad():
+        want, got = model(x), packed(x)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32)) and got.stride() == want.stride()
+    assert seen["stem"] == [not torch_rounds_alike(model.stem, (2, 3, 32, 32))]
+    assert seen["pointwise"] == [not torch_rounds_alike(model.pointwise, (2, 16, 16, 16))]
+    assert seen["pointwise"] == [True]  # a 1x1 conv sums in another order in each layout

@@ -118,7 +118,9 @@ class PackedModel(nn.Module):
         for k, step in enumerate(self._steps):
             args = [env[i] for i in step.inputs]
             if step.model_layout:  # an op that rounds by layout runs in the model's own
-                args = [_in_format(a, fmt) for a in args]
+                args = (
+                    _channels_last(args) if nchw and _same_in_channels_last(step, args) else _in_format_all(args, fmt)
+                )
             elif nchw and (step.channels_last or _mixed_layouts(args)):
                 args = _channels_last(args)
             start = time.perf_counter() if times is not None else 0.0
@@ -250,6 +252,24 @@ def _in_format(value: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
         if value.numel() >= NATIVE_MIN_ELEMENTS:  # smaller copies are quicker in torch than a checked native call
             return ops.relayout(value, fmt)
     return value.contiguous(memory_format=fmt)
+
+
+def _in_format_all(args: list, fmt: torch.memory_format) -> list:
+    return [_in_format(a, fmt) for a in args]
+
+
+def _same_in_channels_last(step: Step, args: list) -> bool:
+    """Whether a layout-bound step gives the model's NCHW bits on channels_last inputs too: a float conv
+    that torch runs with the same summation order in both layouts for this shape (asked of torch once per
+    shape, :class:`~onebit.engine.layout_probe.LayoutProbe`); eager float32 calls only."""
+    if step.layout_probe is None or len(args) != 1:
+        return False
+    x = args[0]
+    if not (type(x) is torch.Tensor and x.dtype == torch.float32 and x.dim() == 4 and direct(x)):
+        return False
+    # a map with one channel or one pixel is contiguous in both formats, and torch's conv picks its path by
+    # the strides it happens to have: it keeps the model's
+    return x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1 and step.layout_probe(x)
 
 
 def _mixed_layouts(args: list) -> bool:

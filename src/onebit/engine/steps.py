@@ -50,6 +50,9 @@ class Step:
     #: in an NCHW model, run as ``run(*inputs, memory_format=torch.contiguous_format)``: a binary conv that
     #: writes its output in NCHW memory, as its readers (layout-bound ops) or the model's caller take it
     writes_nchw: bool = False
+    #: a float conv's :class:`~onebit.engine.layout_probe.LayoutProbe`: in an NCHW model it runs on
+    #: channels_last inputs where torch's conv gives the same bits so
+    layout_probe: Callable | None = None
     relayout: str | None = None  #: None, or "contiguous": its output laid out as torch's op returns it
     label: str = ""  #: the op, with what it fused (e.g. ``pack+binary_conv2d+batch_norm+add``)
     module: str = ""  #: the model's module it comes from ("" when none)

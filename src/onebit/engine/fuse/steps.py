@@ -21,7 +21,8 @@ model, a layout-free op that torch runs faster on channels_last maps (``OpSpec.p
 gets its maps in channels_last (``Step.channels_last``), as does one whose maps come in both layouts
 (the packed model checks as it runs): an NCHW value (the output of a float conv) meets channels_last
 ones once, and the run goes on in channels_last. A binary conv whose readers all take the model's layout,
-or whose output the model returns, writes NCHW directly in an NCHW model (``Step.writes_nchw``).
+or whose output the model returns, writes NCHW directly in an NCHW model (``Step.writes_nchw``); a float
+conv that torch rounds the same in channels_last for the input's shape runs there (``Step.layout_probe``).
 
 Thresholds (BatchNorm + sign as integer comparisons) and BatchNorm folding are graph passes before
 this stage (:mod:`.thresholds`, :mod:`.batchnorm`): their ops are what the file stores. Each step
@@ -38,6 +39,7 @@ import torch
 
 from onebit.engine import ops, torch_rounding
 from onebit.engine.graph import CONV_ATTRS, OPS, attrs
+from onebit.engine.layout_probe import LayoutProbe
 from onebit.engine.steps import Epilogue, Step
 
 __all__ = ["fuse", "Fusions"]
@@ -151,6 +153,8 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
     step.model_layout = not spec.layout_free
     step.channels_last = spec.layout_free and spec.prefers_channels_last
     step.run = spec.bind(step) if spec.bind is not None else partial(spec.fn, step.tensors, step.attrs)
+    if spec.probes_layout:
+        step.layout_probe = LayoutProbe(step.run)
     return step
 
 

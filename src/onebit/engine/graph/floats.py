@@ -195,6 +195,7 @@ FLOAT_OPS: dict[str, OpSpec] = {
             "bias": TensorSpec(F32, per_out_channel, required=False),
         },
         check_groups,
+        probes_layout=True,
     ),
     "linear": OpSpec(
         _linear,

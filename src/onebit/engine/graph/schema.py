@@ -198,6 +198,9 @@ class OpSpec:
     #: a layout-free op that torch runs several times faster on channels_last maps than on NCHW ones: a
     #: packed model gives it its 4-d inputs in channels_last
     prefers_channels_last: bool = False
+    #: a layout-bound op that may round the same in both layouts for some shapes (a float conv): a packed
+    #: model with an NCHW input asks torch per input shape (:mod:`onebit.engine.layout_probe`)
+    probes_layout: bool = False
 
 
 # ---------------------------------------------------------------------------

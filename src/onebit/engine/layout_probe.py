@@ -1,0 +1,52 @@
+"""Whether torch's float conv rounds the same on channels_last inputs as on NCHW ones, asked of torch.
+
+A float conv is layout-bound: torch (oneDNN) may sum in another order for each memory format, and a
+packed model must round as the model does. But the order is a property of the kernel torch picks for a
+shape, its thread count and the CPU, not of the data: on a CPU with AVX-512, the 3-channel 7x7 stem of a
+ResNet runs the same kernel in both formats, while its 1x1 convs and every conv with AVX2 do not. So a
+packed model with an NCHW input asks, once per input shape and thread count, by running the conv on a
+probe in both formats: equal bits (every output; on a probe of wide dynamic range, a different order
+changes a large share of them) let it run in channels_last, where torch's conv is faster and the maps
+that follow stay channels_last. As the BatchNorm epilogue's rounding (:mod:`.torch_rounding`), it is
+decided by the torch that runs the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["LayoutProbe"]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+class LayoutProbe:
+    """``probe(x)`` for a step's one 4-d float32 input ``x``: True when ``run`` gives the same bits for
+    ``x`` in channels_last memory as in NCHW, known from a probe of the same shape on the same number of
+    threads (asked once per shape and thread count)."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor]):
+        self.run = run
+        self.answers: dict[tuple, bool] = {}
+
+    def __call__(self, x: torch.Tensor) -> bool:
+        key = (tuple(x.shape), torch.get_num_threads())
+        answer = self.answers.get(key)
+        if answer is None:
+            answer = self.answers[key] = self._same_bits(x.shape)
+        return answer
+
+    def _same_bits(self, shape: torch.Size) -> bool:
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
+        try:
+            with torch.no_grad():
+                nchw = self.run(probe)
+                channels_last = self.run(probe.contiguous(memory_format=torch.channels_last))
+        except (RuntimeError, ValueError):  # a shape the op refuses: the model's own call says why
+            return False
+        return torch.equal(_bits(nchw), _bits(channels_last))
