@@ -268,6 +268,7 @@ bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, 
   require(conv.C / conv.G * conv.KH * conv.KW * 127 * 127 < (int64_t{1} << 24),
           "int8_conv2d: taps x 127^2 must be < 2^24 (exact float32 sums)");
   require(divisor > 0.0f, "int8_conv2d: the divisor must be positive");
+  require(out_strides[1] == 1 || out_strides[2] == 1, "int8_conv2d: the output's channels or pixels must be contiguous");
   nb::gil_scoped_release release;
   return onebit::int8_conv2d(conv, ptr<const float>(x), ptr<const int8_t>(panels), ptr<const int32_t>(wsum),
                              ptr<const float>(scale), ptr<const float>(bias), ptr<float>(out), out_strides[0],

@@ -71,7 +71,7 @@ int64_t int8_panel_sums(int64_t O, int64_t G);
 void int8_make_panels(const int8_t* w, int64_t O, int64_t Cg, int64_t KH, int64_t KW, int64_t G, int8_t* panels,
                       int32_t* wsum);
 
-// out[n * os_n + o * os_c + p * os_p] (p = oh * OW + ow) of x and the weights' panels;
+// out[n * os_n + o * os_c + p * os_p] (p = oh * OW + ow; os_c == 1 or os_p == 1) of x and the weights' panels;
 // scale and bias [O] or null. False (nothing written) when x holds a NaN.
 bool int8_conv2d(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
                  const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);

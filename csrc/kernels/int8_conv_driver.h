@@ -8,53 +8,58 @@
 #include <cstring>
 #include <memory>
 
+#include "kernels/dispatch.h"
 #include "kernels/int8_conv.h"
 #include "kernels/parallel.h"
+#include "kernels/relayout.h"
 
 namespace onebit {
 namespace int8 {
 namespace {
 
 constexpr int64_t kPixelBlock = 32;         // im2col rows a thread builds and multiplies at a time
+constexpr int64_t kOutBlock = 256;          // pixels a thread claims: an NCHW output's runs per channel
 constexpr int64_t kSerialMacs = 1 << 20;    // smaller layers stay on the calling thread
 constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23: (v + it) - it rounds |v| < 2^22 half to even
 
 // q[i] = clamp(round_half_even(fl(x[i] * s)), -127, 127) (the clamp first: round is monotone and
 // fixes +-127; the rounding by the float adder); returns nonzero when some x[i] * s is NaN.
-inline int quantize_run(const float* x, int64_t count, float s, int8_t* q) {
+inline int quantize_run(const float* __restrict x, int64_t count, float s, int8_t* __restrict q) {
   int nan = 0;
-  for (int64_t i = 0; i < count; ++i) {
+  for (int64_t i = 0; i < count; ++i) {  // vectorized: the clamps are max / min instructions
     float t = x[i] * s;
     nan |= t != t;
-    t = t < -127.0f ? -127.0f : t;
-    t = t > 127.0f ? 127.0f : t;
+    t = -127.0f > t ? -127.0f : t;
+    t = 127.0f < t ? 127.0f : t;
     q[i] = static_cast<int8_t>(static_cast<int32_t>((t + kRoundShift) - kRoundShift));
   }
   return nan;
 }
 
-// x_int as [N, H, W, C] int8; false when x holds a NaN.
+// x_int as [N, H, W, C] int8; false when x holds a NaN. An NCHW row is transposed to channels_last
+// floats first (the ISA's TransposeBlock), then quantized in one run.
 inline bool quantize_input(const Int8Conv& c, const float* x, int8_t* q, int threads) {
-  const int64_t rows = c.N * c.H;
+  const int64_t H = c.H, W = c.W, C = c.C, rows = c.N * H;
+  const int64_t xs_n = c.xs_n, xs_c = c.xs_c, xs_h = c.xs_h, xs_w = c.xs_w;
+  const float s = c.divisor;
   std::unique_ptr<char[]> finite(new char[static_cast<size_t>(rows)]);
-  if (rows * c.W * c.C < (1 << 16)) threads = 1;
+  if (rows * W * C < (1 << 16)) threads = 1;
+  const TransposeBlock kernel = isa_kernels(active_isa()).transpose_block;
+  const TransposeBlock transpose = kernel ? kernel : transpose_block_reference;
   parallel_chunks(threads, static_cast<int>(rows), [&](int r) {
-    const int64_t n = r / c.H, h = r % c.H;
-    const float* xr = x + n * c.xs_n + h * c.xs_h;
-    int8_t* qr = q + (n * c.H + h) * c.W * c.C;
+    const int64_t n = r / H, h = r % H;
+    const float* xr = x + n * xs_n + h * xs_h;
+    int8_t* qr = q + (n * H + h) * W * C;
     int nan = 0;
-    if (c.xs_c == 1 && c.xs_w == c.C) {
-      nan = quantize_run(xr, c.W * c.C, c.divisor, qr);
-    } else if (c.xs_w == 1) {  // NCHW: each channel's row quantized, then interleaved
-      std::unique_ptr<int8_t[]> plane(new int8_t[static_cast<size_t>(c.W)]);
-      for (int64_t ch = 0; ch < c.C; ++ch) {
-        nan |= quantize_run(xr + ch * c.xs_c, c.W, c.divisor, plane.get());
-        for (int64_t w = 0; w < c.W; ++w) qr[w * c.C + ch] = plane[w];
-      }
+    if (xs_c == 1 && xs_w == C) {
+      nan = quantize_run(xr, W * C, s, qr);
+    } else if (xs_w == 1) {
+      std::unique_ptr<float[]> row(new float[static_cast<size_t>(W * C)]);
+      transpose(reinterpret_cast<const uint32_t*>(xr), C, W, xs_c, reinterpret_cast<uint32_t*>(row.get()), C);
+      nan = quantize_run(row.get(), W * C, s, qr);
     } else {
-      for (int64_t w = 0; w < c.W; ++w)
-        for (int64_t ch = 0; ch < c.C; ++ch)
-          nan |= quantize_run(xr + w * c.xs_w + ch * c.xs_c, 1, c.divisor, qr + w * c.C + ch);
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t ch = 0; ch < C; ++ch) nan |= quantize_run(xr + w * xs_w + ch * xs_c, 1, s, qr + w * C + ch);
     }
     finite[r] = nan == 0;
   });
@@ -120,31 +125,38 @@ bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t*
   const int64_t blocks = (Og + kChannelBlock - 1) / kChannelBlock;
   const int64_t row_bytes = quads * kTapGroup, width = blocks * kChannelBlock;
   const int64_t block_bytes = quads * kChannelBlock * kTapGroup;
-  const int64_t chunks = (pixels + kPixelBlock - 1) / kPixelBlock;
+  const int64_t chunks = (pixels + kOutBlock - 1) / kOutBlock;
   if (pixels * c.O * taps < kSerialMacs) threads = 1;
   const EpilogueRow epilogue = epilogue_for(scale, bias);
+  const bool nchw = os_c != 1;  // then os_p == 1 (int8_conv2d's contract)
+  const TransposeBlock kernel = isa_kernels(active_isa()).transpose_block;
+  const TransposeBlock transpose = kernel ? kernel : transpose_block_reference;
   parallel_chunks(threads, static_cast<int>(chunks), [&](int chunk) {
-    const int64_t p0 = chunk * kPixelBlock, count = std::min(kPixelBlock, pixels - p0);
+    const int64_t c0 = chunk * kOutBlock, ccount = std::min(kOutBlock, pixels - c0);
     std::unique_ptr<int8_t[]> a(new int8_t[static_cast<size_t>(kPixelBlock * row_bytes)]);
     std::unique_ptr<int32_t[]> acc(new int32_t[static_cast<size_t>(kPixelBlock * width)]);
-    std::unique_ptr<float[]> rows(new float[static_cast<size_t>(kPixelBlock * Og)]);
-    int64_t base[kPixelBlock];  // each pixel's output offset
-    for (int64_t i = 0; i < count; ++i) base[i] = (p0 + i) / (OH * OW) * os_n + (p0 + i) % (OH * OW) * os_p;
+    std::unique_ptr<float[]> rows(new float[static_cast<size_t>(nchw ? kOutBlock * Og : 1)]);
+    std::unique_ptr<int64_t[]> base(new int64_t[static_cast<size_t>(ccount)]);  // each pixel's output offset
+    for (int64_t i = 0; i < ccount; ++i) base[i] = (c0 + i) / (OH * OW) * os_n + (c0 + i) % (OH * OW) * os_p;
     for (int64_t g = 0; g < c.G; ++g) {
-      im2col(c, q.get(), g, p0, count, row_bytes, a.get());
-      gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes, wsum + g * width, blocks, acc.get(),
-           width);
       const float* sg = scale ? scale + g * Og : nullptr;
       const float* bg = bias ? bias + g * Og : nullptr;
-      if (os_c == 1) {  // channels contiguous: the rows straight into the output
-        for (int64_t i = 0; i < count; ++i)
-          epilogue(acc.get() + i * width, Og, c.divisor, sg, bg, out + base[i] + g * Og);
-        continue;
+      for (int64_t p0 = c0; p0 < c0 + ccount; p0 += kPixelBlock) {
+        const int64_t count = std::min(kPixelBlock, c0 + ccount - p0);
+        im2col(c, q.get(), g, p0, count, row_bytes, a.get());
+        gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes, wsum + g * width, blocks, acc.get(),
+             width);
+        for (int64_t i = 0; i < count; ++i)  // channels_last: straight into the output; NCHW: into rows
+          epilogue(acc.get() + i * width, Og, c.divisor, sg, bg,
+                   nchw ? rows.get() + (p0 - c0 + i) * Og : out + base[p0 - c0 + i] + g * Og);
       }
-      for (int64_t i = 0; i < count; ++i) epilogue(acc.get() + i * width, Og, c.divisor, sg, bg, rows.get() + i * Og);
-      for (int64_t o = 0; o < Og; ++o) {  // NCHW: each channel's run of pixels
-        float* channel = out + (g * Og + o) * os_c;
-        for (int64_t i = 0; i < count; ++i) channel[base[i]] = rows[i * Og + o];
+      if (!nchw) continue;
+      for (int64_t i0 = 0; i0 < ccount;) {  // NCHW: the rows of each image's run of pixels transposed
+        const int64_t n = (c0 + i0) / (OH * OW);
+        const int64_t run = std::min(ccount - i0, (n + 1) * OH * OW - (c0 + i0));
+        transpose(reinterpret_cast<const uint32_t*>(rows.get() + i0 * Og), run, Og, Og,
+                  reinterpret_cast<uint32_t*>(out + base[i0] + g * Og * os_c), os_c);
+        i0 += run;
       }
     }
   });
