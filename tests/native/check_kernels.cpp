@@ -28,6 +28,7 @@
 #include "kernels/conv_tiles.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
+#include "kernels/pool_float.h"
 #include "kernels/relayout.h"
 #include "kernels/ternary_linear.h"
 
@@ -383,6 +384,69 @@ void check_relayout(Rng& r, Report& report) {
   }
 }
 
+// torch's max_pool2d output length (ceil mode keeps the last window starting inside).
+int64_t pool_length(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil) {
+  const int64_t span = size + 2 * p - d * (k - 1) - 1;
+  int64_t out = (span + (ceil ? s - 1 : 0)) / s + 1;
+  if (ceil && (out - 1) * s >= size + p) --out;
+  return out;
+}
+
+// The float max pool (NCHW or channels_last in, channels_last out) against torch's rule as a plain loop:
+// per output, the first tap in (kh, kw) order greater than all before it, or a NaN (the last one);
+// values drawn with ties (-0.0 beside +0.0), infinities and NaNs of several payloads.
+void check_max_pool(Rng& r, Report& report) {
+  const int64_t N = r.range(1, 2), C = r.range(1, 40), KH = r.range(1, 3), KW = r.range(1, 3);
+  const int64_t SH = r.range(1, 2), SW = r.range(1, 2), DH = r.range(1, 2), DW = r.range(1, 2);
+  const int64_t PH = r.range(0, KH / 2), PW = r.range(0, KW / 2);
+  const int64_t H = r.range(DH * (KH - 1) + 1, 20), W = r.range(DW * (KW - 1) + 1, 20);
+  const bool ceil = r.coin(), channels_last = r.coin();
+  const int64_t OH = pool_length(H, KH, SH, PH, DH, ceil), OW = pool_length(W, KW, SW, PW, DW, ceil);
+  const float pick[] = {0.0f, -0.0f, 1.0f, -1.0f, 2.0f, INFINITY, -INFINITY};
+  std::vector<float> x(N * C * H * W);
+  for (float& v : x) {
+    const uint64_t k = r.next() % 24;
+    if (k < 7) {
+      v = pick[k];
+    } else if (k == 7) {
+      const uint32_t nan = 0x7fc00000u | static_cast<uint32_t>(r.next() & 0x3fffff);
+      std::memcpy(&v, &nan, sizeof v);
+    } else {
+      v = static_cast<float>(static_cast<int64_t>(r.next() % 5) - 2);
+    }
+  }
+  const int64_t sN = C * H * W, sC = channels_last ? 1 : H * W, sH = channels_last ? W * C : W,
+                sW = channels_last ? C : 1;
+  std::vector<float> want(N * OH * OW * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          bool first = true;
+          float best = 0.0f;
+          for (int64_t i = 0; i < KH; ++i)
+            for (int64_t j = 0; j < KW; ++j) {
+              const int64_t ih = oh * SH - PH + i * DH, iw = ow * SW - PW + j * DW;
+              if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+              const float v = x[n * sN + c * sC + ih * sH + iw * sW];
+              if (first || v > best || std::isnan(v)) best = v;
+              first = false;
+            }
+          want[((n * OH + oh) * OW + ow) * C + c] = best;
+        }
+  const MaxPoolGeometry g{N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, sN, sC, sH, sW};
+  const std::string text = "N" + str(N) + " C" + str(C) + " " + str(H) + "x" + str(W) + " k" + str(KH) + "x" +
+                           str(KW) + " s" + str(SH) + "x" + str(SW) + " p" + str(PH) + "x" + str(PW) + " d" +
+                           str(DH) + "x" + str(DW) + (ceil ? " ceil" : "") + (channels_last ? " channels_last" : " nchw");
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<float> got(want.size(), 12345.0f);
+    max_pool2d_float(x.data(), got.data(), g, static_cast<int>(r.range(1, 2)));
+    report.check(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0, "max_pool2d_float", isa, "",
+                 text);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -428,6 +492,7 @@ int main(int argc, char** argv) {
     check_combine(r, report);
     check_ternary(r, report);
     check_relayout(r, report);
+    check_max_pool(r, report);
   }
   return report.finish();
 }
