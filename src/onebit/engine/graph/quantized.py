@@ -193,12 +193,12 @@ def _ternary_linear(t, a, x, layer=None):
         raise ValueError(f"expected {f} input features, got shape {list(x.shape)}")
     if a["norm"]:
         x = F.rms_norm(x, (f,), eps=a["eps"])
-    lead = x.shape[:-1]
+    tokens = x if x.dim() == 2 else x.reshape(-1, f)  # [N, F] as it comes: a decoding step's reshapes cost µs
     if layer is not None and ops.backend_is_native():
-        y = layer(x.reshape(-1, f))
+        y = layer(tokens)
     else:
-        y = ops.ternary_linear(x.reshape(-1, f), t["weight"], in_features=f, scale=t.get("scale"), bias=t.get("bias"))
-    return y.reshape(*lead, a["out_features"])
+        y = ops.ternary_linear(tokens, t["weight"], in_features=f, scale=t.get("scale"), bias=t.get("bias"))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], a["out_features"])
 
 
 def _bind_ternary_linear(step: Step) -> Callable:
