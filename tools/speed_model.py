@@ -24,8 +24,8 @@ its inline-asm block ``XOR_POPCOUNT_ACCUM_LOAD_BLOCK_64`` gets concrete register
 loop's ``subs``/``b.gt`` around it, as its ``AccumulationLoop_Depth2OrMore`` runs it.
 
 Usage: ``python tools/speed_model.py [--lce PATH] [--neon PATH] [--tile FUNC=PxCxB ...]
-[--json out.json] [--measure]`` (``--measure``: time onebit's AVX2 tiles on this machine beside
-their x86 estimate, see tools/speed_model_measure.py).
+[--arm-cxx CXX] [--json out.json] [--measure]`` (``--measure``: time onebit's AVX2 tiles on this
+machine beside their x86 estimate, see tools/speed_model_measure.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ MCA = "llvm-mca-19"
 ARM_CPUS = ("neoverse-n1", "neoverse-v1", "neoverse-v2")
 X86_CPUS = ("znver3", "znver4", "znver5", "skylake-avx512", "sapphirerapids")
 STANDALONE_NEON = ROOT / "tools" / "speed_model_neon_tile.cpp"
-SHIPPED_NEON = ROOT / "csrc" / "kernels" / "conv_neon.cpp"
+KERNELS = ROOT / "csrc" / "kernels"
+SHIPPED_NEON = KERNELS / "conv_neon.cpp"
+SHIPPED_NEON_PAIRS = KERNELS / "conv_pairs_neon.cpp"
 ITERATIONS = 500
 # Bit products one popcount instruction of a loop covers, by (arch, mnemonic).
 MACS_PER_POPCOUNT = {("aarch64", "cnt"): 128, ("x86_64", "vpshufb"): 128, ("x86_64", "vpopcntq"): 512}
@@ -66,6 +68,7 @@ class Tile:
     pixels: int
     channels: int
     bits: int  # depth bits per iteration
+    excluded: str | None = None  # regex: a loop with a matching instruction is not this tile's
 
     @property
     def macs(self) -> int:
@@ -169,12 +172,22 @@ def find_loops(asm: str, arch: str) -> list[Loop]:
 
 
 def select_loop(loops: list[Loop], tile: Tile) -> Loop:
-    """The loop of ``tile.function`` with the most popcounts; checks that they cover ``tile.macs``."""
+    """The loop of ``tile.function`` with the most popcounts and no instruction matching
+    ``tile.excluded``; checks that its popcounts cover ``tile.macs``."""
     key = POPCOUNT[tile.arch]
-    mine = [loop for loop in loops if re.search(tile.function, loop.function) and loop.count(key)]
+    mine = [
+        loop
+        for loop in loops
+        if re.search(tile.function, loop.function)
+        and loop.count(key)
+        and not (tile.excluded and any(re.search(tile.excluded, line) for line in loop.instructions))
+    ]
     if not mine:
         found = sorted({loop.function for loop in loops})
-        raise ValueError(f"{tile.name}: no loop with {key} in a function matching {tile.function!r}; loops in: {found}")
+        without = f" without {tile.excluded!r}" if tile.excluded else ""
+        raise ValueError(
+            f"{tile.name}: no loop with {key}{without} in a function matching {tile.function!r}; loops in: {found}"
+        )
     loop = max(mine, key=lambda lp: lp.count(key))
     covered = loop.count(key) * MACS_PER_POPCOUNT[(tile.arch, key)]
     if covered != tile.macs:
@@ -288,18 +301,27 @@ def lce_loop(header: pathlib.Path) -> Loop:
 # ---------------------------------------------------------------- the model
 
 
-# The tiles of csrc/kernels/conv_neon.cpp (its conv_kernels_neon() table): the loop is found in the
-# tile's own function or wherever the compiler inlined it (compute / run_j / tile<P, J>).
-SHIPPED_TILES = (
-    Tile("onebit NEON 8x4", "aarch64", r"<8, 2>\(", 8, 4, 64),
-    Tile("onebit NEON 4x8", "aarch64", r"<4, 4>\(", 4, 8, 64),
-    Tile("onebit NEON 4x4", "aarch64", r"<4, 2>\(", 4, 4, 64),
-    Tile("onebit NEON 2x8", "aarch64", r"<2, 4>\(", 2, 8, 64),
-)
+# The tiles of conv_kernels_neon(), by source, in its order: conv_neon.cpp's make_tile<P, J>
+# (P pixels x 2 J channels, one 64-bit step an iteration), then conv_pairs_neon.cpp's
+# conv_kernels_neon_pairs() make_tile<P, L> (P pixels x L channels, a pair of steps, 128 bits, an
+# iteration; its odd-word loop, one step with a 64-bit `ldr d` input load, is excluded). The loop is
+# found in the tile's own function or wherever the compiler inlined it (compute / run_j / tile<P, J>).
+SHIPPED_NEON_TILES = {
+    SHIPPED_NEON: (
+        Tile("onebit NEON 8x4", "aarch64", r"<8, 2>\(", 8, 4, 64),
+        Tile("onebit NEON 4x8", "aarch64", r"<4, 4>\(", 4, 8, 64),
+        Tile("onebit NEON 4x4", "aarch64", r"<4, 2>\(", 4, 4, 64),
+        Tile("onebit NEON 2x8", "aarch64", r"<2, 4>\(", 2, 8, 64),
+    ),
+    SHIPPED_NEON_PAIRS: (
+        Tile("onebit NEON 4x4x2", "aarch64", r"<4, 4>\(", 4, 4, 128, excluded=r"^ldr d"),
+        Tile("onebit NEON 2x8x2", "aarch64", r"<2, 8>\(", 2, 8, 128, excluded=r"^ldr d"),
+    ),
+}
+SHIPPED_TILES = tuple(tile for tiles in SHIPPED_NEON_TILES.values() for tile in tiles)
 STANDALONE_TILES = (
     Tile("onebit NEON 4x8 stand-alone (ld1r)", "aarch64", r"^tile_4x8_dup\b", 4, 8, 64),
     Tile("onebit NEON 2x16 stand-alone (ld1r)", "aarch64", r"^tile_2x16_dup\b", 2, 16, 64),
-    Tile("onebit NEON 4x4x2 stand-alone (ldr q)", "aarch64", r"^tile_4x4_pair\b", 4, 4, 128),
 )
 AVX2_TILES = (
     Tile("onebit AVX2 2x16", "x86_64", r"<2, 4, false>\(", 2, 16, 64),
@@ -373,6 +395,21 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def neon_sources(neon: pathlib.Path | None, tiles: list[str]) -> dict[pathlib.Path, tuple[Tile, ...]]:
+    """{source: its tiles}: the shipped sources, or ``neon`` with the ``--tile`` loops or else the
+    shipped tiles of the source of that file name (e.g. an older commit's conv_neon.cpp)."""
+    if neon is None:
+        if tiles:
+            raise ValueError("--tile needs --neon, the source that holds the loops")
+        return dict(SHIPPED_NEON_TILES)
+    if tiles:
+        return {neon: tuple(parse_tile(t, "aarch64") for t in tiles)}
+    shipped = {path.name: found for path, found in SHIPPED_NEON_TILES.items()}
+    if neon.name not in shipped:
+        raise ValueError(f"--neon {neon}: no shipped tiles for a file of that name ({sorted(shipped)}); give --tile")
+    return {neon: shipped[neon.name]}
+
+
 def _require(tool: str) -> None:
     if shutil.which(tool) is None:
         sys.exit(f"{tool} not found: apt-get install -y clang-19 llvm-19")
@@ -380,8 +417,15 @@ def _require(tool: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--neon", type=pathlib.Path, default=None, help="NEON conv source (default: the shipped one)")
-    parser.add_argument("--tile", action="append", default=[], help="FUNCTION_REGEX=PxCxB of a loop in --neon")
+    parser.add_argument(
+        "--neon", type=pathlib.Path, default=None, help="a NEON conv source (default: the shipped ones, every tile)"
+    )
+    parser.add_argument(
+        "--tile",
+        action="append",
+        default=[],
+        help="FUNCTION_REGEX=PxCxB of a loop in --neon (default: the shipped tiles of a source of that file name)",
+    )
     parser.add_argument("--standalone", action="store_true", help="also model tools/speed_model_neon_tile.cpp")
     parser.add_argument("--lce", type=pathlib.Path, default=None, help="LCE's kernel_8x4x2_aarch64.h (a local copy)")
     parser.add_argument("--arm-cxx", default=CLANG, help="AArch64 compiler (clang++-19, or aarch64-linux-gnu-g++)")
@@ -394,13 +438,14 @@ def main(argv: list[str] | None = None) -> None:
     _require(CLANG)
     _require(MCA)
 
+    try:
+        sources = neon_sources(args.neon, args.tile)
+    except ValueError as e:
+        parser.error(str(e))
     rows: list[Row] = []
-    neon = args.neon or (SHIPPED_NEON if SHIPPED_NEON.exists() else None)
-    if neon is not None and args.tile:
-        rows += model_source(neon, tuple(parse_tile(t, "aarch64") for t in args.tile), ARM_CPUS, args.arm_cxx)
-    elif neon is not None:
-        rows += model_source(neon, SHIPPED_TILES, ARM_CPUS, args.arm_cxx)
-    if args.standalone or neon is None:
+    for source, tiles in sources.items():
+        rows += model_source(source, tiles, ARM_CPUS, args.arm_cxx)
+    if args.standalone:
         rows += model_source(STANDALONE_NEON, STANDALONE_TILES, ARM_CPUS, args.arm_cxx)
     if args.lce is not None:
         rows += model_loop(LCE_TILE.name, lce_loop(args.lce), LCE_TILE.macs, "aarch64", ARM_CPUS)

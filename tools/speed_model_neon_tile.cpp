@@ -10,10 +10,7 @@
 //   tile_4x8_dup:  one step = one 64-bit word per pixel, broadcast to both halves (ld1r);
 //                  4 weight vectors of 2 channels. 16 eor + 16 cnt + 16 add per 2048 MACs.
 //   tile_2x16_dup: 2 pixels x 8 weight vectors: 2 broadcasts per 2048 MACs instead of 4.
-//   tile_4x4_pair: one iteration = two consecutive words of a pixel in one q register (a
-//                  tap's Wg >= 2 words are contiguous), weights [step pair][channel][2]:
-//                  4 vectors of 1 channel x 2 steps. 16 eor + 16 cnt + 16 add per 2048 MACs,
-//                  and the input is read by plain ldr q (no broadcast uop on the ASIMD pipes).
+// (The word-pair loop, two steps of a pixel in one ldr q, ships: csrc/kernels/conv_pairs_neon.cpp.)
 #include <arm_neon.h>
 
 #include <cstdint>
@@ -59,25 +56,5 @@ void tile_2x16_dup(const uint64_t* const* xs, const int64_t* step_off, const uin
   }
   for (int p = 0; p < 2; ++p)
     for (int j = 0; j < 8; ++j) acc_out[8 * p + j] = acc[p][j];
-}
-
-// pair_off[i]: word offset of step pair i (2 words of one tap), ws: [pairs][4 channels][2] words.
-void tile_4x4_pair(const uint64_t* const* xs, const int64_t* pair_off, const uint64_t* ws, int64_t pairs,
-                   uint8x16_t* acc_out) {
-  uint8x16_t acc[4][4];
-  for (int p = 0; p < 4; ++p)
-    for (int j = 0; j < 4; ++j) acc[p][j] = vdupq_n_u8(0);
-  const uint64_t *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
-  for (int64_t i = 0; i < pairs; ++i) {
-    const int64_t off = pair_off[i];
-    const uint8x16_t x[4] = {vreinterpretq_u8_u64(vld1q_u64(x0 + off)), vreinterpretq_u8_u64(vld1q_u64(x1 + off)),
-                             vreinterpretq_u8_u64(vld1q_u64(x2 + off)), vreinterpretq_u8_u64(vld1q_u64(x3 + off))};
-    for (int j = 0; j < 4; ++j) {
-      const uint8x16_t w = vreinterpretq_u8_u64(vld1q_u64(ws + 8 * i + 2 * j));
-      for (int p = 0; p < 4; ++p) acc[p][j] = vaddq_u8(acc[p][j], vcntq_u8(veorq_u8(x[p], w)));
-    }
-  }
-  for (int p = 0; p < 4; ++p)
-    for (int j = 0; j < 4; ++j) acc_out[4 * p + j] = acc[p][j];
 }
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 import shutil
 import sys
 
@@ -192,3 +193,82 @@ def test_model_of_a_tiny_neon_loop(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + 3  # header, rule, one row per CPU model
     assert table[2].startswith("| ^tiny$ 1x2x64 | neoverse-n1 | 128 |")
+
+
+def _cxx_tiles(source: pathlib.Path, function: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """The body of ``function`` in ``source`` and its make_tile<A, B>("name") entries, in order."""
+    text = source.read_text()
+    start = text.index(f"& {function}() {{")
+    body = text[start : text.index("\n}\n", start)]
+    tiles = re.findall(r'make_tile<(\d+),\s*(\d+)>\("([^"]+)"\)', body)
+    return body, [(name, int(a), int(b)) for a, b, name in tiles]
+
+
+def test_shipped_tiles_are_the_tile_lists_of_conv_kernels_neon():
+    body, plain = _cxx_tiles(sm.SHIPPED_NEON, "conv_kernels_neon")
+    _, pairs = _cxx_tiles(sm.SHIPPED_NEON_PAIRS, "conv_kernels_neon_pairs")
+    assert "conv_kernels_neon_pairs()" in body  # the pair tiles are part of conv_kernels_neon()
+    assert plain and pairs
+    # make_tile<P, J>: P pixels x J registers of 2 channels, one 64-bit word a step
+    expected_plain = tuple(sm.Tile(f"onebit NEON {n}", "aarch64", rf"<{p}, {j}>\(", p, 2 * j, 64) for n, p, j in plain)
+    # make_tile<P, L>: P pixels x L channels, two words (128 bits) a step; not the odd-word loop
+    expected_pairs = tuple(
+        sm.Tile(f"onebit NEON {n}", "aarch64", rf"<{p}, {c}>\(", p, c, 128, excluded=r"^ldr d") for n, p, c in pairs
+    )
+    assert [n for n, p, j in plain] == [f"{p}x{2 * j}" for n, p, j in plain]
+    assert [n for n, p, c in pairs] == [f"{p}x{c}x2" for n, p, c in pairs]
+    assert sm.SHIPPED_NEON_TILES == {sm.SHIPPED_NEON: expected_plain, sm.SHIPPED_NEON_PAIRS: expected_pairs}
+    assert sm.SHIPPED_TILES == expected_plain + expected_pairs
+
+
+PAIR_ASM = """\
+compute:
+.LBB3_1:
+\tldr\tq2, [x8, x1]
+\teor\tv3.16b, v2.16b, v1.16b
+\tcnt\tv3.16b, v3.16b
+\tadd\tv13.16b, v3.16b, v13.16b
+\tb.ne\t.LBB3_1
+.LBB3_2:
+\tldr\td2, [x8, x1, lsl #3]
+\teor\tv3.16b, v1.16b, v2.16b
+\tcnt\tv3.16b, v3.16b
+\tadd\tv14.16b, v3.16b, v14.16b
+\tb.ne\t.LBB3_2
+"""
+
+
+def test_select_loop_skips_loops_with_an_excluded_instruction():
+    loops = sm.find_loops(PAIR_ASM, "aarch64")
+    assert len(loops) == 2 and loops[0].count("cnt") == loops[1].count("cnt") == 1
+    assert sm.select_loop(loops, sm.Tile("p", "aarch64", "^compute$", 1, 1, 128, excluded=r"^ldr d")).label == ".LBB3_1"
+    assert sm.select_loop(loops, sm.Tile("s", "aarch64", "^compute$", 1, 1, 128, excluded=r"^ldr q")).label == ".LBB3_2"
+    with pytest.raises(ValueError, match="without '\\^ldr'"):
+        sm.select_loop(loops, sm.Tile("n", "aarch64", "^compute$", 1, 1, 128, excluded=r"^ldr"))
+
+
+def test_neon_sources_default_to_every_shipped_tile_and_match_a_source_by_file_name(tmp_path):
+    assert sm.neon_sources(None, []) == sm.SHIPPED_NEON_TILES
+    old = tmp_path / "conv_pairs_neon.cpp"
+    assert sm.neon_sources(old, []) == {old: sm.SHIPPED_NEON_TILES[sm.SHIPPED_NEON_PAIRS]}
+    (tile,) = sm.neon_sources(old, ["^f$=1x2x64"])[old]
+    assert (tile.function, tile.macs) == ("^f$", 128)
+    with pytest.raises(ValueError, match="give --tile"):
+        sm.neon_sources(tmp_path / "other.cpp", [])
+    with pytest.raises(ValueError, match="--tile needs --neon"):
+        sm.neon_sources(None, ["^f$=1x2x64"])
+
+
+@pytest.mark.skipif(
+    shutil.which(sm.CLANG) is None or shutil.which(sm.MCA) is None,
+    reason=f"{sm.CLANG} / {sm.MCA} not installed (apt-get install -y clang-19 llvm-19)",
+)
+def test_model_of_the_shipped_pair_tiles_on_neoverse_n1():
+    tiles = sm.SHIPPED_NEON_TILES[sm.SHIPPED_NEON_PAIRS]
+    rows = sm.model_source(sm.SHIPPED_NEON_PAIRS, tiles, ("neoverse-n1",), sm.CLANG)
+    assert [r.kernel for r in rows] == [t.name for t in tiles]
+    for r in rows:
+        # per 2048 bit products: 16 eor + 16 cnt + 16 add on N1's two ASIMD pipes (the input's
+        # ldr q and the weights' ldp q use the load pipes only), so at least 24 cycles
+        assert r.mca.pressure["N1UnitV0"] + r.mca.pressure["N1UnitV1"] == pytest.approx(48.0)
+        assert r.macs == 2048 and 24.0 <= r.mca.cycles_per_iteration < 30.0
