@@ -255,7 +255,8 @@ void ternary_linear_int_raw(uintptr_t x, int64_t N, int64_t K, uintptr_t w, int6
 // geometry: N, C, H, W, x strides (n, c, h, w), O, KH, KW, sh, sw, ph, pw, dh, dw, G; out strides (n, c, pixel).
 // panels and wsum: int8_make_panels' output for this conv's weights (int8_panels_raw).
 bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, uintptr_t panels, uintptr_t wsum,
-                     uintptr_t scale, uintptr_t bias, uintptr_t out, std::vector<int64_t> out_strides, int threads) {
+                     uintptr_t scale, uintptr_t bias, uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma, uintptr_t out,
+                     std::vector<int64_t> out_strides, int threads) {
   require(x != 0 && panels != 0 && wsum != 0 && out != 0, "int8_conv2d: null tensor");
   require(geometry.size() == 18 && out_strides.size() == 3, "int8_conv2d: bad geometry");
   const int64_t* g = geometry.data();
@@ -270,9 +271,15 @@ bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, 
   require(divisor > 0.0f, "int8_conv2d: the divisor must be positive");
   require(out_strides[1] == 1 || out_strides[2] == 1, "int8_conv2d: the output's channels or pixels must be contiguous");
   nb::gil_scoped_release release;
-  return onebit::int8_conv2d(conv, ptr<const float>(x), ptr<const int8_t>(panels), ptr<const int32_t>(wsum),
-                             ptr<const float>(scale), ptr<const float>(bias), ptr<float>(out), out_strides[0],
-                             out_strides[1], out_strides[2], threads);
+  require((bn_scale == 0) == (bn_shift == 0), "int8_conv2d: bn_scale and bn_shift go together");
+  onebit::Int8Epilogue epi;
+  epi.scale = ptr<const float>(scale);
+  epi.bias = ptr<const float>(bias);
+  epi.bn_scale = ptr<const float>(bn_scale);
+  epi.bn_shift = ptr<const float>(bn_shift);
+  epi.bn_fma = bn_fma;
+  return onebit::int8_conv2d(conv, ptr<const float>(x), ptr<const int8_t>(panels), ptr<const int32_t>(wsum), epi,
+                             ptr<float>(out), out_strides[0], out_strides[1], out_strides[2], threads);
 }
 
 void int8_panels_raw(uintptr_t w, int64_t O, int64_t Cg, int64_t KH, int64_t KW, int64_t G, uintptr_t panels,
@@ -305,7 +312,7 @@ NB_MODULE(_C, m) {
   m.def("int8_panels_raw", &int8_panels_raw, "w"_a, "O"_a, "Cg"_a, "KH"_a, "KW"_a, "G"_a, "panels"_a, "wsum"_a,
         "Low level (addresses): an int8 conv's weight panels and channel sums. Use onebit.engine.kernels.int8.");
   m.def("int8_conv2d_raw", &int8_conv2d_raw, "x"_a, "geometry"_a, "divisor"_a, "panels"_a, "wsum"_a, "scale"_a,
-        "bias"_a, "out"_a, "out_strides"_a, "threads"_a,
+        "bias"_a, "bn_scale"_a, "bn_shift"_a, "bn_fma"_a, "out"_a, "out_strides"_a, "threads"_a,
         "Low level (addresses): the int8 x int8 conv (kernels/int8_conv.h); False when x holds a NaN. "
         "Use onebit.engine.kernels.int8.");
   m.def("ternary_linear_raw", &ternary_linear_raw, "x"_a, "N"_a, "K"_a, "x_stride"_a, "w"_a, "O"_a, "scale"_a,

@@ -65,9 +65,9 @@ void int8_make_panels(const int8_t* w, int64_t O, int64_t Cg, int64_t KH, int64_
     }
 }
 
-bool int8_conv2d(const Int8Conv& c, const float* x, const int8_t* w, const int32_t* wsum, const float* scale,
-                 const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
-  return conv_kernel()(c, x, w, wsum, scale, bias, out, os_n, os_c, os_p, threads);
+bool int8_conv2d(const Int8Conv& c, const float* x, const int8_t* w, const int32_t* wsum, const Int8Epilogue& epi,
+                 float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
+  return conv_kernel()(c, x, w, wsum, epi, out, os_n, os_c, os_p, threads);
 }
 
 }  // namespace onebit

@@ -38,19 +38,27 @@ void gemm_vnni(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads,
 
 struct Int8Conv;
 
+// The float epilogue's per-channel operands (each [O] or null): out = fl(fl(fl(acc / s) * scale) + bias),
+// then a BatchNorm's fl(out * bn_scale + bn_shift), rounded once (bn_fma) or twice, when bn_scale is set.
+struct Int8Epilogue {
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  const float* bn_scale = nullptr;
+  const float* bn_shift = nullptr;
+  bool bn_fma = false;
+};
+
 namespace int8 {
 
 // The whole conv (int8_conv2d's arguments) with one GEMM kernel, each compiled for its ISA.
 using ConvRun = bool (*)(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum,
-                         const float* scale, const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p,
-                         int threads);
+                         const Int8Epilogue& epi, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
 bool conv_reference(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum,
-                    const float* scale, const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p,
-                    int threads);
-bool conv_avx2(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
-               const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
-bool conv_vnni(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
-               const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
+                    const Int8Epilogue& epi, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
+bool conv_avx2(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const Int8Epilogue& epi,
+               float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
+bool conv_vnni(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const Int8Epilogue& epi,
+               float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
 
 }  // namespace int8
 
@@ -71,10 +79,10 @@ int64_t int8_panel_sums(int64_t O, int64_t G);
 void int8_make_panels(const int8_t* w, int64_t O, int64_t Cg, int64_t KH, int64_t KW, int64_t G, int8_t* panels,
                       int32_t* wsum);
 
-// out[n * os_n + o * os_c + p * os_p] (p = oh * OW + ow; os_c == 1 or os_p == 1) of x and the weights' panels;
-// scale and bias [O] or null. False (nothing written) when x holds a NaN.
-bool int8_conv2d(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
-                 const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
+// out[n * os_n + o * os_c + p * os_p] (p = oh * OW + ow; os_c == 1 or os_p == 1) of x and the weights' panels,
+// through the epilogue. False (nothing written) when x holds a NaN.
+bool int8_conv2d(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum,
+                 const Int8Epilogue& epi, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
 
 // The name of the kernel the active ISA runs: "avx512_vnni", "avx2" or "reference".
 const char* int8_conv_kernel();

@@ -5,6 +5,7 @@
 // buffers are plain arrays, not std::vector, whose shared inline code would be compiled once per ISA).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 
@@ -97,27 +98,40 @@ inline void im2col(const Int8Conv& c, const int8_t* q, int64_t g, int64_t p0, in
   }
 }
 
-// y[o] = fl(fl(fl(float(acc[o]) / s) * scale[o]) + bias[o]) for o < count (scale when S, bias when B).
-template <bool S, bool B>
-void epilogue_row(const int32_t* acc, int64_t count, float s, const float* scale, const float* bias, float* y) {
+// y[o] = fl(fl(fl(float(acc[o]) / s) * scale[o]) + bias[o]) for o < count (scale when S, bias when B), then
+// the BatchNorm fl(y * bn_scale[o] + bn_shift[o]): BN 0 none, 1 rounded twice, 2 once (std::fma).
+template <bool S, bool B, int BN>
+void epilogue_row(const int32_t* acc, int64_t count, float s, const Int8Epilogue& e, int64_t o0, float* y) {
+  const float* scale = S ? e.scale + o0 : nullptr;
+  const float* bias = B ? e.bias + o0 : nullptr;
+  const float* bn_scale = BN ? e.bn_scale + o0 : nullptr;
+  const float* bn_shift = BN ? e.bn_shift + o0 : nullptr;
   for (int64_t o = 0; o < count; ++o) {
     float v = static_cast<float>(acc[o]) / s;  // exact int -> float: |acc| < 2^24
     if (S) v = v * scale[o];
     if (B) v = v + bias[o];
+    if (BN == 1) v = v * bn_scale[o] + bn_shift[o];  // -ffp-contract=off: two roundings
+    if (BN == 2) v = std::fma(v, bn_scale[o], bn_shift[o]);
     y[o] = v;
   }
 }
 
-using EpilogueRow = void (*)(const int32_t*, int64_t, float, const float*, const float*, float*);
+using EpilogueRow = void (*)(const int32_t*, int64_t, float, const Int8Epilogue&, int64_t, float*);
 
-inline EpilogueRow epilogue_for(const float* scale, const float* bias) {
-  if (scale) return bias ? epilogue_row<true, true> : epilogue_row<true, false>;
-  return bias ? epilogue_row<false, true> : epilogue_row<false, false>;
+template <int BN>
+EpilogueRow epilogue_with(const Int8Epilogue& e) {
+  if (e.scale) return e.bias ? epilogue_row<true, true, BN> : epilogue_row<true, false, BN>;
+  return e.bias ? epilogue_row<false, true, BN> : epilogue_row<false, false, BN>;
+}
+
+inline EpilogueRow epilogue_for(const Int8Epilogue& e) {
+  if (!e.bn_scale) return epilogue_with<0>(e);
+  return e.bn_fma ? epilogue_with<2>(e) : epilogue_with<1>(e);
 }
 
 template <Gemm gemm>
-bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t* wsum, const float* scale,
-              const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
+bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t* wsum, const Int8Epilogue& epi,
+              float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
   std::unique_ptr<int8_t[]> q(new int8_t[static_cast<size_t>(c.N * c.H * c.W * c.C)]);
   if (!quantize_input(c, x, q.get(), threads)) return false;
   const int64_t Cg = c.C / c.G, OH = c.OH(), OW = c.OW(), pixels = c.N * OH * OW, Og = c.O / c.G;
@@ -127,7 +141,7 @@ bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t*
   const int64_t block_bytes = quads * kChannelBlock * kTapGroup;
   const int64_t chunks = (pixels + kOutBlock - 1) / kOutBlock;
   if (pixels * c.O * taps < kSerialMacs) threads = 1;
-  const EpilogueRow epilogue = epilogue_for(scale, bias);
+  const EpilogueRow epilogue = epilogue_for(epi);
   const bool nchw = os_c != 1;  // then os_p == 1 (int8_conv2d's contract)
   const TransposeBlock kernel = isa_kernels(active_isa()).transpose_block;
   const TransposeBlock transpose = kernel ? kernel : transpose_block_reference;
@@ -139,15 +153,13 @@ bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t*
     std::unique_ptr<int64_t[]> base(new int64_t[static_cast<size_t>(ccount)]);  // each pixel's output offset
     for (int64_t i = 0; i < ccount; ++i) base[i] = (c0 + i) / (OH * OW) * os_n + (c0 + i) % (OH * OW) * os_p;
     for (int64_t g = 0; g < c.G; ++g) {
-      const float* sg = scale ? scale + g * Og : nullptr;
-      const float* bg = bias ? bias + g * Og : nullptr;
       for (int64_t p0 = c0; p0 < c0 + ccount; p0 += kPixelBlock) {
         const int64_t count = std::min(kPixelBlock, c0 + ccount - p0);
         im2col(c, q.get(), g, p0, count, row_bytes, a.get());
         gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes, wsum + g * width, blocks, acc.get(),
              width);
         for (int64_t i = 0; i < count; ++i)  // channels_last: straight into the output; NCHW: into rows
-          epilogue(acc.get() + i * width, Og, c.divisor, sg, bg,
+          epilogue(acc.get() + i * width, Og, c.divisor, epi, g * Og,
                    nchw ? rows.get() + (p0 - c0 + i) * Og : out + base[p0 - c0 + i] + g * Og);
       }
       if (!nchw) continue;

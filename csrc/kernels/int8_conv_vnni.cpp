@@ -71,9 +71,9 @@ void gemm_vnni(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads,
     pixels_pass<1>(a + p * a_stride, a_stride, quads, w, wsum, blocks, acc + p * acc_stride, acc_stride);
 }
 
-bool conv_vnni(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const float* scale,
-               const float* bias, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
-  return run_conv<gemm_vnni>(conv, x, panels, wsum, scale, bias, out, os_n, os_c, os_p, threads);
+bool conv_vnni(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const Int8Epilogue& epi,
+               float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
+  return run_conv<gemm_vnni>(conv, x, panels, wsum, epi, out, os_n, os_c, os_p, threads);
 }
 
 }  // namespace int8

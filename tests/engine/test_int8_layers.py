@@ -181,6 +181,8 @@ def test_packed_equals_simulated(backend, isa_name, channels_last):
     packed = engine.pack(model, x)
     ops_used = {n["op"] for n in packed.graph["nodes"]}
     assert {"int8_conv2d", "int8_linear"} <= ops_used
+    if ops.native_available():  # the BatchNorm after the first conv runs in its epilogue
+        assert "int8_conv2d+batch_norm" in {step.label for step in packed._steps}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
     before = _C.isa() if ops.native_available() else None

@@ -9,6 +9,7 @@ one native call of several nodes, with the same results:
   convolution applies it as it writes its output (:class:`~onebit.engine.steps.Epilogue`),
   rounded as this process's torch rounds it (see :mod:`onebit.engine.torch_rounding`; checked
   per layer, else the BatchNorm stays torch's op);
+- ``batch_norm(int8_conv2d(...))`` likewise (:mod:`onebit.engine.graph.int8`);
 - ``add(binary_conv2d(...), shortcut)`` (or ``add(batch_norm(binary_conv2d(...)), shortcut)``)
   where the add is the only reader: the convolution adds the shortcut as it writes its output,
   as a Bi-Real block does. The fused step runs where the add was, so the shortcut is ready.
@@ -105,6 +106,10 @@ def find_fusions(nodes: list[dict], outputs: set[str], tensors: dict, native: bo
             continue
         if node["op"] == "pack" and OPS[user["op"]].packs_input and user["inputs"] == [node["name"]]:
             fusions.packs[index[user["name"]]] = node
+        elif node["op"] == "int8_conv2d" and user["op"] == "batch_norm" and native:
+            epilogue = _batchnorm_epilogue(user, tensors)
+            if epilogue is not None:
+                fusions.batchnorms[i] = (user, epilogue)
         elif node["op"] == "binary_conv2d":
             last = node
             if user["op"] == "batch_norm" and native:

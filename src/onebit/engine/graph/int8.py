@@ -9,7 +9,8 @@ With the input quantizer's divisor ``s`` (float32) and int8 weights ``w`` (level
 The sum is of integers, exact in float32 while ``taps * 127^2 < 2^24`` (the layers refuse more),
 so it is the same in every summation order, layout and ISA. For other layers with an ``int8`` input,
 ``int8_integers`` gives ``x_int`` (the layer divides its sum by ``s``) and ``int8_quantize`` gives
-``x_int / s`` (a conv with a nonzero ``pad_value``).
+``x_int / s`` (a conv with a nonzero ``pad_value``). A BatchNorm read only by an ``int8_conv2d`` is
+applied in its epilogue (:class:`onebit.engine.steps.Epilogue`, rounded as torch rounds it).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from onebit.engine.graph.schema import (
     per_out_feature,
     positive,
 )
-from onebit.engine.steps import Step
+from onebit.engine.reference import fused_multiply_add
+from onebit.engine.steps import Epilogue, Step
 from onebit.nn.functional import EXACT_SUM, scale_and_bias
 
 #: the largest magnitude of an int8 level or input integer
@@ -94,27 +96,37 @@ def _bind(fn: Callable, native: Callable) -> Callable:
 
     def bind(step: Step) -> Callable:
         t, a, derived, panels = step.tensors, step.attrs, DerivedWeights(), DerivedWeights()
+        epilogue = step.epilogue
 
         def run(x):
             if x.dtype == torch.float32 and ops.backend_is_native() and ops.native_available():
-                y = native(x, t, a, panels)
+                y = native(x, t, a, panels, epilogue)
                 if y is not None:
                     return y
-            return fn(t, a, x, derived)
+            y = fn(t, a, x, derived)
+            return y if epilogue is None else _batch_norm_epilogue(y, epilogue)
 
         return run
 
     return bind
 
 
-def _native_conv(x, t, a, panels: DerivedWeights):
+def _batch_norm_epilogue(y: torch.Tensor, e: Epilogue) -> torch.Tensor:
+    """A fused BatchNorm as the kernels round it: ``y * bn_scale + bn_shift`` per channel, once or twice."""
+    view = (1, -1) + (1,) * (y.dim() - 2)
+    s, b = e.bn_scale.view(view), e.bn_shift.view(view)
+    return fused_multiply_add(y, s, b) if e.bn_fma else y * s + b
+
+
+def _native_conv(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None):
     from onebit.engine.kernels import int8 as kernels  # noqa: PLC0415 (the native module loads lazily)
 
     prepared = panels.get(t["weight"], lambda w: kernels.int8_panels(w, a["groups"]))
-    return kernels.int8_conv2d(x, t["weight"], t.get("scale"), t.get("bias"), a, prepared)
+    bn = None if epilogue is None else (epilogue.bn_scale, epilogue.bn_shift, epilogue.bn_fma)
+    return kernels.int8_conv2d(x, t["weight"], t.get("scale"), t.get("bias"), a, prepared, bn)
 
 
-def _native_linear(x, t, a, panels: DerivedWeights):
+def _native_linear(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None):
     from onebit.engine.kernels import int8 as kernels  # noqa: PLC0415
 
     prepared = panels.get(t["weight"], kernels.int8_panels)

@@ -39,10 +39,19 @@ def int8_panels(w: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.T
     return panels, sums
 
 
-def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None) -> torch.Tensor | None:
+def _bn_operands(bn, channels: int) -> tuple[int, int, bool]:
+    """Addresses of a BatchNorm epilogue ``(bn_scale, bn_shift, fma)`` (or None) and its rounding."""
+    if bn is None:
+        return 0, 0, False
+    bn_scale, bn_shift, fma = bn
+    return channel_ptr(bn_scale, "bn_scale", _F32, channels), channel_ptr(bn_shift, "bn_shift", _F32, channels), fma
+
+
+def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None, bn=None) -> torch.Tensor | None:
     """``conv(x_int, w) / s * scale + bias`` of float32 ``x`` ``[N, C, H, W]`` (output in ``x``'s memory
     format: channels_last for a channels_last input, else NCHW); ``a`` the ``int8_conv2d`` attributes,
-    ``panels`` :func:`int8_panels` of ``w`` (made here when None)."""
+    ``panels`` :func:`int8_panels` of ``w`` (made here when None); ``bn = (bn_scale, bn_shift, fma)``: a
+    BatchNorm applied after, ``y * bn_scale + bn_shift`` rounded once (``fma``) or twice."""
     if x.dim() != 4 or x.dtype != _F32 or x.shape[1] != a["in_channels"]:
         raise ValueError(f"int8_conv2d: expected float32 [N, {a['in_channels']}, H, W], got {list(x.shape)} {x.dtype}")
     panels, sums = int8_panels(w, a["groups"]) if panels is None else panels
@@ -71,6 +80,7 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=N
         sums.data_ptr(),
         channel_ptr(scale, "scale", _F32, co),
         channel_ptr(bias, "bias", _F32, co),
+        *_bn_operands(bn, co),
         y.data_ptr(),
         out_strides,
         torch.get_num_threads(),
@@ -100,6 +110,9 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=N
             sums.data_ptr(),
             channel_ptr(scale, "scale", _F32, out),
             channel_ptr(bias, "bias", _F32, out),
+            0,
+            0,
+            False,
             y.data_ptr(),
             [out, 1, out],
             torch.get_num_threads(),
