@@ -69,6 +69,8 @@ class Tile:
     channels: int
     bits: int  # depth bits per iteration
     excluded: str | None = None  # regex: a loop with a matching instruction is not this tile's
+    required: str | None = None  # regex: the tile's loop has a matching instruction
+    bits_per_popcount: int | None = None  # useful bit products per popcount, if not all of them
 
     @property
     def macs(self) -> int:
@@ -172,24 +174,31 @@ def find_loops(asm: str, arch: str) -> list[Loop]:
 
 
 def select_loop(loops: list[Loop], tile: Tile) -> Loop:
-    """The loop of ``tile.function`` with the most popcounts and no instruction matching
-    ``tile.excluded``; checks that its popcounts cover ``tile.macs``."""
+    """The loop of ``tile.function`` with the most popcounts, an instruction matching
+    ``tile.required`` and none matching ``tile.excluded``; checks that its popcounts cover ``tile.macs``."""
     key = POPCOUNT[tile.arch]
+
+    def has(loop: Loop, pattern: str) -> bool:
+        return any(re.search(pattern, line) for line in loop.instructions)
+
     mine = [
         loop
         for loop in loops
         if re.search(tile.function, loop.function)
         and loop.count(key)
-        and not (tile.excluded and any(re.search(tile.excluded, line) for line in loop.instructions))
+        and not (tile.excluded and has(loop, tile.excluded))
+        and not (tile.required and not has(loop, tile.required))
     ]
     if not mine:
         found = sorted({loop.function for loop in loops})
         without = f" without {tile.excluded!r}" if tile.excluded else ""
+        with_ = f" with {tile.required!r}" if tile.required else ""
         raise ValueError(
-            f"{tile.name}: no loop with {key}{without} in a function matching {tile.function!r}; loops in: {found}"
+            f"{tile.name}: no loop with {key}{with_}{without} in a function matching {tile.function!r}; "
+            f"loops in: {found}"
         )
     loop = max(mine, key=lambda lp: lp.count(key))
-    covered = loop.count(key) * MACS_PER_POPCOUNT[(tile.arch, key)]
+    covered = loop.count(key) * (tile.bits_per_popcount or MACS_PER_POPCOUNT[(tile.arch, key)])
     if covered != tile.macs:
         raise ValueError(
             f"{tile.name}: the loop at {loop.label} in {loop.function} has {loop.count(key)} {key} "
@@ -319,6 +328,12 @@ SHIPPED_NEON_TILES = {
     ),
 }
 SHIPPED_TILES = tuple(tile for tiles in SHIPPED_NEON_TILES.values() for tile in tiles)
+# The word-pair tiles' other loop, a tap's odd last word: one 64-bit `ldr d` a pixel (upper half zero,
+# as the weights' second word), so a `cnt` covers 64 useful bit products of its 128.
+ODD_WORD_TILES = (
+    Tile("onebit NEON 4x4x2, odd word", "aarch64", r"<4, 4>\(", 4, 4, 64, required=r"^ldr d", bits_per_popcount=64),
+    Tile("onebit NEON 2x8x2, odd word", "aarch64", r"<2, 8>\(", 2, 8, 64, required=r"^ldr d", bits_per_popcount=64),
+)
 STANDALONE_TILES = (
     Tile("onebit NEON 4x8 stand-alone (ld1r)", "aarch64", r"^tile_4x8_dup\b", 4, 8, 64),
     Tile("onebit NEON 2x16 stand-alone (ld1r)", "aarch64", r"^tile_2x16_dup\b", 2, 16, 64),
@@ -396,15 +411,20 @@ def format_table(rows: list[Row]) -> str:
 
 
 def neon_sources(neon: pathlib.Path | None, tiles: list[str]) -> dict[pathlib.Path, tuple[Tile, ...]]:
-    """{source: its tiles}: the shipped sources, or ``neon`` with the ``--tile`` loops or else the
-    shipped tiles of the source of that file name (e.g. an older commit's conv_neon.cpp)."""
+    """{source: its tiles}: the shipped sources (the word-pair source with its odd-word loops too), or
+    ``neon`` with the ``--tile`` loops or else the tiles of the shipped source of that file name
+    (e.g. an older commit's conv_neon.cpp)."""
+    shipped_sources = {
+        **SHIPPED_NEON_TILES,
+        SHIPPED_NEON_PAIRS: SHIPPED_NEON_TILES[SHIPPED_NEON_PAIRS] + ODD_WORD_TILES,
+    }
     if neon is None:
         if tiles:
             raise ValueError("--tile needs --neon, the source that holds the loops")
-        return dict(SHIPPED_NEON_TILES)
+        return shipped_sources
     if tiles:
         return {neon: tuple(parse_tile(t, "aarch64") for t in tiles)}
-    shipped = {path.name: found for path, found in SHIPPED_NEON_TILES.items()}
+    shipped = {path.name: found for path, found in shipped_sources.items()}
     if neon.name not in shipped:
         raise ValueError(f"--neon {neon}: no shipped tiles for a file of that name ({sorted(shipped)}); give --tile")
     return {neon: shipped[neon.name]}

@@ -245,12 +245,18 @@ def test_select_loop_skips_loops_with_an_excluded_instruction():
     assert sm.select_loop(loops, sm.Tile("s", "aarch64", "^compute$", 1, 1, 128, excluded=r"^ldr q")).label == ".LBB3_2"
     with pytest.raises(ValueError, match="without '\\^ldr'"):
         sm.select_loop(loops, sm.Tile("n", "aarch64", "^compute$", 1, 1, 128, excluded=r"^ldr"))
+    # the odd-word loop: its one cnt covers 64 useful bit products
+    odd = sm.Tile("o", "aarch64", "^compute$", 1, 1, 64, required=r"^ldr d", bits_per_popcount=64)
+    assert sm.select_loop(loops, odd).label == ".LBB3_2"
+    with pytest.raises(ValueError, match="1 cnt"):
+        sm.select_loop(loops, sm.Tile("o", "aarch64", "^compute$", 1, 1, 64, required=r"^ldr d"))
 
 
 def test_neon_sources_default_to_every_shipped_tile_and_match_a_source_by_file_name(tmp_path):
-    assert sm.neon_sources(None, []) == sm.SHIPPED_NEON_TILES
+    pairs = sm.SHIPPED_NEON_TILES[sm.SHIPPED_NEON_PAIRS] + sm.ODD_WORD_TILES
+    assert sm.neon_sources(None, []) == {**sm.SHIPPED_NEON_TILES, sm.SHIPPED_NEON_PAIRS: pairs}
     old = tmp_path / "conv_pairs_neon.cpp"
-    assert sm.neon_sources(old, []) == {old: sm.SHIPPED_NEON_TILES[sm.SHIPPED_NEON_PAIRS]}
+    assert sm.neon_sources(old, []) == {old: pairs}
     (tile,) = sm.neon_sources(old, ["^f$=1x2x64"])[old]
     assert (tile.function, tile.macs) == ("^f$", 128)
     with pytest.raises(ValueError, match="give --tile"):
@@ -264,11 +270,12 @@ def test_neon_sources_default_to_every_shipped_tile_and_match_a_source_by_file_n
     reason=f"{sm.CLANG} / {sm.MCA} not installed (apt-get install -y clang-19 llvm-19)",
 )
 def test_model_of_the_shipped_pair_tiles_on_neoverse_n1():
-    tiles = sm.SHIPPED_NEON_TILES[sm.SHIPPED_NEON_PAIRS]
+    tiles = sm.SHIPPED_NEON_TILES[sm.SHIPPED_NEON_PAIRS] + sm.ODD_WORD_TILES
     rows = sm.model_source(sm.SHIPPED_NEON_PAIRS, tiles, ("neoverse-n1",), sm.CLANG)
     assert [r.kernel for r in rows] == [t.name for t in tiles]
     for r in rows:
-        # per 2048 bit products: 16 eor + 16 cnt + 16 add on N1's two ASIMD pipes (the input's
-        # ldr q and the weights' ldp q use the load pipes only), so at least 24 cycles
+        # an iteration: 16 eor + 16 cnt + 16 add on N1's two ASIMD pipes (the input's ldr q or
+        # ldr d and the weights' ldp q use the load pipes only), so at least 24 cycles
         assert r.mca.pressure["N1UnitV0"] + r.mca.pressure["N1UnitV1"] == pytest.approx(48.0)
-        assert r.macs == 2048 and 24.0 <= r.mca.cycles_per_iteration < 30.0
+        assert 24.0 <= r.mca.cycles_per_iteration < 30.0
+    assert [r.macs for r in rows] == [2048, 2048, 1024, 1024]  # odd word: half the products are on zeros
