@@ -203,10 +203,12 @@ onebit::ConvOutput plan_output(const onebit::ConvPlan& plan, uintptr_t out, uint
 
 void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias,
               uintptr_t thr, uintptr_t dir, int threads, onebit::WeightCache* cache, int64_t w_version,
-              uintptr_t residual, uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma, bool out_nchw) {
+              uintptr_t residual, uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma, bool out_nchw,
+              bool residual_nchw) {
   onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual, {bn_scale, bn_shift, bn_fma});
   require(!out_nchw || plan.params().mode == onebit::OutMode::float32, "binary_conv2d: an NCHW output is float32");
   o.out_nchw = out_nchw;
+  o.residual_nchw = residual_nchw;
   nb::gil_scoped_release release;
   plan.run(ptr<const uint64_t>(x), ptr<const uint64_t>(w), o, threads, cache, w_version);
 }
@@ -215,10 +217,11 @@ void run_plan(const onebit::ConvPlan& plan, uintptr_t x, uintptr_t w, uintptr_t 
 void run_plan_float(const onebit::ConvPlan& plan, uintptr_t x, int64_t sN, int64_t sC, int64_t sH, int64_t sW,
                     uintptr_t w, uintptr_t out, uintptr_t scale, uintptr_t bias, uintptr_t thr, uintptr_t dir,
                     int threads, onebit::WeightCache* cache, int64_t w_version, uintptr_t residual,
-                    uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma, bool out_nchw) {
+                    uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma, bool out_nchw, bool residual_nchw) {
   onebit::ConvOutput o = plan_output(plan, out, scale, bias, thr, dir, residual, {bn_scale, bn_shift, bn_fma});
   require(!out_nchw || plan.params().mode == onebit::OutMode::float32, "binary_conv2d: an NCHW output is float32");
   o.out_nchw = out_nchw;
+  o.residual_nchw = residual_nchw;
   nb::gil_scoped_release release;
   plan.run(ptr<const float>(x), sN, sC, sH, sW, ptr<const uint64_t>(w), o, threads, cache, w_version);
 }
@@ -231,7 +234,7 @@ void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_
   std::unique_ptr<onebit::ConvPlan> plan(make_plan(N, Hp, Wp, x_words_per_pixel, w_words, C, Co, KH, KW, sh, sw, ph,
                                                    pw, dh, dw, groups, pad_value, mode, oph, opw, out_groups,
                                                    out_pad_value));
-  run_plan(*plan, x, w, out, scale, bias, thr, dir, threads, nullptr, 0, 0, 0, 0, false, false);
+  run_plan(*plan, x, w, out, scale, bias, thr, dir, threads, nullptr, 0, 0, 0, 0, false, false, false);
 }
 
 void ternary_linear_raw(uintptr_t x, int64_t N, int64_t K, int64_t x_stride, uintptr_t w, int64_t O, uintptr_t scale,
@@ -366,12 +369,12 @@ NB_MODULE(_C, m) {
           "The register tile this plan runs with on the active ISA ('' before its first run there).")
       .def("run", &run_plan, "x"_a, "w"_a, "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "threads"_a,
            "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0, "bn_scale"_a = 0, "bn_shift"_a = 0,
-           "bn_fma"_a = false, "out_nchw"_a = false,
+           "bn_fma"_a = false, "out_nchw"_a = false, "residual_nchw"_a = false,
            "Low level (addresses): run on packed input x, packed weights w into out (a float32 out in NCHW "
-           "memory with out_nchw).")
+           "memory with out_nchw; a residual in NCHW memory with residual_nchw).")
       .def("run_float", &run_plan_float, "x"_a, "sN"_a, "sC"_a, "sH"_a, "sW"_a, "w"_a, "out"_a, "scale"_a, "bias"_a,
            "thr"_a, "dir"_a, "threads"_a, "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0,
-           "bn_scale"_a = 0, "bn_shift"_a = 0, "bn_fma"_a = false, "out_nchw"_a = false,
+           "bn_scale"_a = 0, "bn_shift"_a = 0, "bn_fma"_a = false, "out_nchw"_a = false, "residual_nchw"_a = false,
            "Low level (addresses): pack the float32 [N, C, H, W] input x (element strides) and run, in one pass.");
   nb::class_<onebit::WeightCache>(m, "WeightCache",
                                   "One layer's weights prepared for the kernels, kept between calls (see conv.h).")

@@ -52,31 +52,45 @@ thread_local Scratch tls_packed;  // the packed float input (fused packing)
 thread_local Scratch tls_input;   // prepared input
 thread_local Scratch tls_blocks;  // prepared weight blocks
 thread_local Scratch tls_nhwc;    // a worker's run of output pixels, channels_last (NCHW outputs)
+thread_local Scratch tls_shortcut;  // a worker's run of the residual, channels_last (NCHW residuals)
 
-// Output pixels per run of an NCHW output (rounded up to whole register tiles and transpose blocks):
-// written channels_last into the worker's buffer, then transposed into place from the L1 cache.
+// Output pixels per run of an NCHW output or residual (rounded up to whole register tiles and transpose
+// blocks): transposed between NCHW memory and a worker's channels_last buffer while in the L1 cache.
 constexpr int64_t kNchwRunPixels = 64;
 
-// The block's pixels [q0, q1) for an NCHW float output, a run at a time: the kernel writes the run into
-// the worker's buffer (out_f32 offset so that pixel q lands on the buffer's row q - r0), and the run's
-// [pixels, block channels] is transposed into each image's [channels, OH * OW] plane.
+// The block's pixels [q0, q1) with an NCHW float output or residual, a run at a time. An NCHW residual's
+// [block channels, pixels] share is transposed into the worker's buffer (its pointer offset so that pixel q
+// reads the buffer's row q - r0); the kernel writes an NCHW output's run into another buffer likewise, then
+// the run's [pixels, block channels] is transposed into each image's [channels, OH * OW] plane.
 void compute_nchw(const ConvKernel& kernel, const ConvBlock& b, const void* prepared, TransposeBlock transpose) {
   const ConvGeometry& g = *b.g;
   // a run: whole register tiles and whole 16-pixel rows of the transpose's 16 x 16 blocks
   const int64_t unit = std::lcm<int64_t>(kernel.tile_pix, 16), hw = g.OH * g.OW;
   const int64_t run = (kNchwRunPixels + unit - 1) / unit * unit;
-  float* buffer = static_cast<float*>(tls_nhwc.get(static_cast<size_t>(run * g.Co) * sizeof(float)));
+  const size_t bytes = static_cast<size_t>(run * g.Co) * sizeof(float);
+  float* out_run = b.o->out_nchw ? static_cast<float*>(tls_nhwc.get(bytes)) : nullptr;
+  float* shortcut_run = b.o->residual_nchw ? static_cast<float*>(tls_shortcut.get(bytes)) : nullptr;
   ConvOutput o = *b.o;
   ConvBlock r = b;
   r.o = &o;
   for (int64_t r0 = b.q0; r0 < b.q1; r0 += run) {
     r.q0 = r0;
     r.q1 = std::min(b.q1, r0 + run);
-    o.out_f32 = buffer - r0 * g.Co;
+    if (shortcut_run) {
+      for (int64_t q = r.q0; q < r.q1;) {  // the run's pixels of each image
+        const int64_t n = q / hw, end = std::min(r.q1, (n + 1) * hw);
+        transpose(reinterpret_cast<const uint32_t*>(b.o->residual + (n * g.Co + b.co0) * hw + (q - n * hw)), b.nco,
+                  end - q, hw, reinterpret_cast<uint32_t*>(shortcut_run + (q - r0) * g.Co + b.co0), g.Co);
+        q = end;
+      }
+      o.residual = shortcut_run - r0 * g.Co;
+    }
+    if (out_run) o.out_f32 = out_run - r0 * g.Co;
     kernel.compute(r, prepared);
-    for (int64_t q = r.q0; q < r.q1;) {  // the run's pixels of each image
+    if (!out_run) continue;
+    for (int64_t q = r.q0; q < r.q1;) {
       const int64_t n = q / hw, end = std::min(r.q1, (n + 1) * hw);
-      transpose(reinterpret_cast<const uint32_t*>(buffer + (q - r0) * g.Co + b.co0), end - q, b.nco, g.Co,
+      transpose(reinterpret_cast<const uint32_t*>(out_run + (q - r0) * g.Co + b.co0), end - q, b.nco, g.Co,
                 reinterpret_cast<uint32_t*>(b.o->out_f32 + (n * g.Co + b.co0) * hw + (q - n * hw)), hw);
       q = end;
     }
@@ -310,6 +324,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   o.thr = ptrs.thr;
   o.dir = ptrs.dir;
   o.out_nchw = ptrs.out_nchw;
+  o.residual_nchw = ptrs.residual_nchw && ptrs.residual;
   if (!x || !w) fail("binary_conv2d: null input");
   if (o.out_nchw && o.mode != OutMode::float32) fail("binary_conv2d: an NCHW output must be float32");
   switch (o.mode) {
@@ -339,18 +354,25 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   if (!tiles) {
     if (packer)
       for (int64_t r = 0; r < packer->rows(); ++r) packer->row(r);
-    if (!o.out_nchw) {
-      binary_conv2d_reference(g, o, x, w);
-      return;
+    const int64_t hw = g.OH * g.OW, values = g.N * hw * g.Co;
+    std::vector<float> shortcut, nhwc;  // channels_last copies of an NCHW residual and output
+    ConvOutput cl = o;
+    if (o.residual_nchw) {
+      shortcut.resize(static_cast<size_t>(values));
+      for (int64_t n = 0; n < g.N; ++n)
+        transpose_block_reference(reinterpret_cast<const uint32_t*>(o.residual + n * g.Co * hw), g.Co, hw, hw,
+                                  reinterpret_cast<uint32_t*>(shortcut.data() + n * hw * g.Co), g.Co);
+      cl.residual = shortcut.data();
     }
-    std::vector<float> nhwc(static_cast<size_t>(g.N * g.OH * g.OW * g.Co));
-    ConvOutput to_nhwc = o;
-    to_nhwc.out_f32 = nhwc.data();
-    binary_conv2d_reference(g, to_nhwc, x, w);
-    const int64_t hw = g.OH * g.OW;
-    for (int64_t n = 0; n < g.N; ++n)
-      transpose_block_reference(reinterpret_cast<const uint32_t*>(nhwc.data() + n * hw * g.Co), hw, g.Co, g.Co,
-                                reinterpret_cast<uint32_t*>(o.out_f32 + n * g.Co * hw), hw);
+    if (o.out_nchw) {
+      nhwc.resize(static_cast<size_t>(values));
+      cl.out_f32 = nhwc.data();
+    }
+    binary_conv2d_reference(g, cl, x, w);
+    if (o.out_nchw)
+      for (int64_t n = 0; n < g.N; ++n)
+        transpose_block_reference(reinterpret_cast<const uint32_t*>(nhwc.data() + n * hw * g.Co), hw, g.Co, g.Co,
+                                  reinterpret_cast<uint32_t*>(o.out_f32 + n * g.Co * hw), hw);
     return;
   }
   const bool correct = correct_;
@@ -473,7 +495,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
       b.q0 = tile0 * P;
       b.q1 = std::min(tile1 * P, Q);
       if (b.q0 >= b.q1) return;
-      if (o.out_nchw) {
+      if (o.out_nchw || o.residual_nchw) {
         compute_nchw(*kernel, b, ready(bi), transpose);
       } else {
         kernel->compute(b, ready(bi));

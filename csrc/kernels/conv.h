@@ -65,6 +65,9 @@ struct ConvOutput {
   // float32 output in NCHW memory, out_f32 [N, Co, OH, OW]: each run of pixels is written channels_last
   // into a small per-thread buffer, then transposed into place while it is in the caches
   bool out_nchw = false;
+  // the residual in NCHW memory, [N, Co, OH, OW]: each run of pixels' share transposed into a per-thread
+  // channels_last buffer before the kernel reads it
+  bool residual_nchw = false;
   const int32_t* thr = nullptr;  // [Co]
   const int8_t* dir = nullptr;   // [Co], +1 or -1
   uint64_t* out_bits = nullptr;  // [N, OH + 2 oph, OW + 2 opw, OG, OWg]

@@ -91,8 +91,8 @@ def test_outputs_have_torchs_channels_last_strides_real_or_fake(shape):
 @pytest.mark.parametrize("isa", _C.supported_isas())
 def test_a_conv_layer_writes_nchw_output_equal_to_its_channels_last_one(isa):
     """``layer(x, memory_format=torch.contiguous_format)``: the same values as the channels_last output,
-    in NCHW memory, with a residual and a BatchNorm epilogue, runs of pixels that span images, on 1 and 2
-    threads."""
+    in NCHW memory, with a BatchNorm epilogue, runs of pixels that span images, on 1 and 2 threads; and a
+    residual in NCHW memory (read as it is, a run of pixels at a time) adds as its channels_last copy does."""
     _C.set_isa(isa)
     g = torch.Generator().manual_seed(4)
     for n, c, co, side, stride, groups in ((1, 64, 64, 14, 1, 1), (3, 40, 72, 5, 1, 1), (2, 64, 32, 11, 2, 2)):
@@ -121,7 +121,9 @@ def test_a_conv_layer_writes_nchw_output_equal_to_its_channels_last_one(isa):
             for inp in (x, x.contiguous(memory_format=torch.channels_last)):
                 got = layer(inp, memory_format=torch.contiguous_format)
                 assert got.is_contiguous() and torch.equal(got, want)
-                got = layer(inp, residual, memory_format=torch.contiguous_format)
-                assert got.is_contiguous() and torch.equal(got, layer(inp, residual))
+                with_shortcut = layer(inp, residual.contiguous(memory_format=torch.channels_last))
+                for fmt in (torch.contiguous_format, torch.channels_last):  # an NCHW residual, read as it is
+                    got = layer(inp, residual, memory_format=fmt)
+                    assert got.is_contiguous(memory_format=fmt) and torch.equal(got, with_shortcut)
     with pytest.raises(ValueError, match="memory_format must be torch.channels_last or torch.contiguous_format"):
         layer(x, memory_format=torch.preserve_format)

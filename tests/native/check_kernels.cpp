@@ -45,6 +45,7 @@ struct ConvCase {
   ConvGeometry g;
   ConvOutput o;  // mode and packed-output parameters
   bool scale = false, bias = false, bn = false, residual = false, fused_input = false, nchw = false;
+  bool residual_nchw = false;
   int threads = 1;
   std::string text() const {
     const ConvGeometry& v = g;
@@ -58,7 +59,7 @@ struct ConvCase {
              str(o.out_pad_value);
     return s + " out=float" + (scale ? " scale" : "") + (bias ? " bias" : "") +
            (bn ? (o.bn_fma ? " bn(fma)" : " bn(2 roundings)") : "") + (residual ? " shortcut" : "") +
-           (nchw ? " NCHW-out" : "");
+           (nchw ? " NCHW-out" : "") + (residual_nchw ? " NCHW-shortcut" : "");
   }
 };
 
@@ -88,7 +89,8 @@ ConvCase draw_conv(Rng& r) {
   if (c.o.mode == OutMode::float32) {
     c.scale = r.coin(), c.bias = r.coin(), c.bn = r.coin(), c.residual = r.coin();
     c.o.bn_fma = r.coin();
-    c.nchw = r.coin();  // the output in NCHW memory (the shortcut stays channels_last)
+    c.nchw = r.coin();                          // the output in NCHW memory
+    c.residual_nchw = c.residual && r.coin();  // the shortcut in NCHW memory
   } else if (c.o.mode == OutMode::threshold) {
     c.o.oph = r.range(0, 1), c.o.opw = r.range(0, 1);
     c.o.out_pad_value = static_cast<int>(r.range(-1, 1));
@@ -226,6 +228,14 @@ void check_conv(Rng& r, Report& report) {
     want.f32 = planes;
   }
   shape.out_nchw = c.nchw;
+  std::vector<float> shortcut_planes;  // the shortcut [N, Co, OH * OW], for an NCHW-shortcut case
+  if (c.residual_nchw) {
+    const int64_t hw = c.g.OH * c.g.OW, Co = c.g.Co;
+    shortcut_planes.resize(d.residual.size());
+    for (int64_t n = 0; n < c.g.N; ++n)
+      for (int64_t q = 0; q < hw; ++q)
+        for (int64_t co = 0; co < Co; ++co) shortcut_planes[(n * Co + co) * hw + q] = d.residual[(n * hw + q) * Co + co];
+  }
   report.trace("binary_conv2d: " + c.text());
   const ConvPlan plan(c.g, shape, c.g.G * c.g.Wg, c.g.Wg);
   const int64_t H = c.g.H, W = c.g.W;
@@ -236,7 +246,8 @@ void check_conv(Rng& r, Report& report) {
     for (const std::string& tile : tiles) {
       if (!tile.empty()) set_tile(isa, tile);
       ConvResult got;
-      const ConvOutput o = conv_pointers(c, d, got, shape);
+      ConvOutput o = conv_pointers(c, d, got, shape);
+      if (c.residual_nchw) o.residual = shortcut_planes.data(), o.residual_nchw = true;
       if (c.fused_input)
         plan.run(d.x.data(), c.g.C * H * W, H * W, W, 1, d.wp.data(), o, c.threads);
       else

@@ -121,7 +121,7 @@ class PackedModel(nn.Module):
                 args = (
                     _channels_last(args) if nchw and _same_in_channels_last(step, args) else _in_format_all(args, fmt)
                 )
-            elif nchw and (step.channels_last or _mixed_layouts(args)):
+            elif nchw and (step.channels_last or (step.joins_maps and _mixed_layouts(args))):
                 args = _channels_last(args)
             start = time.perf_counter() if times is not None else 0.0
             try:

@@ -44,9 +44,11 @@ class Step:
     #: runs as the model's op runs); a layout-free op takes them as they come
     model_layout: bool = False
     #: a layout-free op that torch runs faster on channels_last maps (``OpSpec.prefers_channels_last``): given
-    #: its 4-d inputs so when the model's layout is NCHW (as is any layout-free op whose maps come in both
-    #: layouts: torch would copy the channels_last ones into the first one's layout)
+    #: its 4-d inputs so when the model's layout is NCHW
     channels_last: bool = False
+    #: a layout-free op of several maps (``cat``, ``add``): in an NCHW model, given them all in channels_last
+    #: when they come in both layouts (a binary conv reads any layout itself)
+    joins_maps: bool = False
     #: in an NCHW model, run as ``run(*inputs, memory_format=torch.contiguous_format)``: a binary conv that
     #: writes its output in NCHW memory, as its readers (layout-bound ops) or the model's caller take it
     writes_nchw: bool = False

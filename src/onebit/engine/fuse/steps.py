@@ -19,8 +19,9 @@ op whose rounding depends on the memory format (``OpSpec.layout_free`` false: fl
 average pools, ...) gets its inputs in the model's own layout (that of the model's input), where it
 rounds as the model's op does; every other op's values are the same in any layout. With an NCHW
 model, a layout-free op that torch runs faster on channels_last maps (``OpSpec.prefers_channels_last``)
-gets its maps in channels_last (``Step.channels_last``), as does one whose maps come in both layouts
-(the packed model checks as it runs): an NCHW value (the output of a float conv) meets channels_last
+gets its maps in channels_last (``Step.channels_last``), as does one that joins maps that come in both
+layouts (``Step.joins_maps``; the packed model checks as it runs; a binary conv reads a float input and
+a shortcut in either layout itself): an NCHW value (the output of a float conv) meets channels_last
 ones once, and the run goes on in channels_last. A binary conv whose readers all take the model's layout,
 or whose output the model returns, writes NCHW directly in an NCHW model (``Step.writes_nchw``); a float
 conv that torch rounds the same in channels_last for the input's shape runs there (``Step.layout_probe``).
@@ -157,6 +158,7 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
     step.relayout = _relayout(node)
     step.model_layout = not spec.layout_free
     step.channels_last = spec.layout_free and spec.prefers_channels_last
+    step.joins_maps = spec.layout_free and not spec.packs_input and len(step.inputs) > 1
     step.run = spec.bind(step) if spec.bind is not None else partial(spec.fn, step.tensors, step.attrs)
     if spec.probes_layout:
         step.layout_probe = LayoutProbe(step.run)

@@ -41,13 +41,24 @@ _NO_BATCHNORM = (0, 0, False)
 
 
 def run_native(
-    plan, x, w_ptr: int, out_ptr: int, channel_ptrs: tuple, cache, version: int, residual_ptr: int, bn, out_nchw=False
+    plan,
+    x,
+    w_ptr: int,
+    out_ptr: int,
+    channel_ptrs: tuple,
+    cache,
+    version: int,
+    residual_ptr: int,
+    bn,
+    out_nchw=False,
+    residual_nchw=False,
 ):
     """Run ``plan`` on packed ``x``, or on float32 ``x`` packed in the same pass. The addresses of the
     weights, the output and the per-channel tensors ``(scale, bias, thresholds, direction)`` are
-    taken and checked; ``bn``: ``(bn_scale, bn_shift, bn_fma)``; ``out_nchw``: a float32 output in NCHW
-    memory instead of channels_last."""
-    args = (w_ptr, out_ptr, *channel_ptrs, _get_num_threads(), cache, version, residual_ptr, *bn, out_nchw)
+    taken and checked; ``bn``: ``(bn_scale, bn_shift, bn_fma)``; ``out_nchw`` / ``residual_nchw``: a float32
+    output / residual in NCHW memory instead of channels_last."""
+    layouts = (out_nchw, residual_nchw)
+    args = (w_ptr, out_ptr, *channel_ptrs, _get_num_threads(), cache, version, residual_ptr, *bn, *layouts)
     if x.dtype is _I64:
         plan.native.run(x.data_ptr(), *args)
         return

@@ -6,7 +6,7 @@ import torch
 
 from onebit.engine.geometry import ConvSpec, check_conv_weight
 from onebit.engine.kernels.conv import binary_conv2d, run_native
-from onebit.engine.kernels.operands import epilogue_ptrs, residual_nhwc
+from onebit.engine.kernels.operands import epilogue_ptrs, residual_operand
 from onebit.engine.kernels.plans import MODE_FLOAT, conv_plan
 from onebit.engine.kernels.registry import direct
 from onebit.engine.kernels.weight_cache import WeightCache, usable_cache
@@ -90,15 +90,16 @@ class ConvLayer:
         if x.dtype is _I64 and not x.is_contiguous():
             return binary_conv2d(x, self.wp, residual=residual, **self._kwargs)  # says what is wrong
         out = torch.empty(plan.shape, dtype=_F32) if nchw else torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
-        residual = residual_nhwc(residual, out)
+        residual, residual_nchw = residual_operand(residual, out)
         if not out.numel():
             return out
         residual_ptr = residual.data_ptr() if residual is not None else 0
         cache = self.cache
         # WeightCache.state, inline: this call is the engine's hottest
         version = hash((self.wp._version, cache._cleared)) if cache is not None else 0
+        layouts = (nchw, residual_nchw)
         run_native(
-            plan, x, self._w_ptr, out.data_ptr(), self._channel_ptrs, cache, version, residual_ptr, self._bn, nchw
+            plan, x, self._w_ptr, out.data_ptr(), self._channel_ptrs, cache, version, residual_ptr, self._bn, *layouts
         )
         return out
 

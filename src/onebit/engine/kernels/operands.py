@@ -12,7 +12,14 @@ import torch
 from onebit.engine.geometry import check_epilogue, check_per_channel, check_residual
 from onebit.engine.kernels.memory_formats import relayout
 
-__all__ = ["channel_ptr", "epilogue_ptrs", "residual_nhwc", "channels_last_strides", "empty_nchw_channels_last"]
+__all__ = [
+    "channel_ptr",
+    "epilogue_ptrs",
+    "residual_nhwc",
+    "residual_operand",
+    "channels_last_strides",
+    "empty_nchw_channels_last",
+]
 
 _F32 = torch.float32
 _CHANNELS_LAST = torch.channels_last
@@ -58,6 +65,23 @@ def residual_nhwc(residual, out: torch.Tensor):
     if residual.is_contiguous(memory_format=_CHANNELS_LAST):
         return residual  # already that memory (a view would cost more than this check)
     return relayout(residual, _CHANNELS_LAST)  # the same memory as permute(0, 2, 3, 1).contiguous()
+
+
+def residual_operand(residual, out: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """``(residual, nchw)``: ``residual`` (checked against ``out``) as the kernel reads it, in channels_last
+    memory or, with ``nchw``, in NCHW memory (transposed a run of pixels at a time inside the call); other
+    strides copied to channels_last."""
+    if residual is None:
+        return None, False
+    if not (
+        type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape
+    ):
+        check_residual(residual, out.shape)
+    if residual.is_contiguous(memory_format=_CHANNELS_LAST):
+        return residual, False
+    if residual.is_contiguous():
+        return residual, True
+    return relayout(residual, _CHANNELS_LAST), False
 
 
 def channels_last_strides(n: int, c: int, h: int, w: int) -> tuple[int, int, int, int]:
