@@ -5,6 +5,7 @@ then the float32 epilogue) and against the simulated layers with ``torch.equal``
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
@@ -270,3 +271,58 @@ def test_zoo_model_with_int8_layers_packs_exactly():
     assert not any(isinstance(m, quant.Int8) for m in packed.modules())
     with torch.no_grad():
         assert torch.equal(packed(x), model(x))
+
+
+def int8_chain(seed: int) -> nn.Module:
+    """int8 layers without BatchNorm: every op of its ONNX form is exact, so onnxruntime agrees bit for bit."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        QConv2d(3, 16, 3, stride=2, padding=1, bias=True, input_quantizer="int8", weight_quantizer="int8_weight"),
+        nn.ReLU(),
+        QConv2d(16, 8, 1, input_quantizer="int8", weight_quantizer="int8_weight"),
+        nn.Flatten(),
+        QLinear(8 * 9 * 8, 10, bias=True, input_quantizer="int8", weight_quantizer="int8_weight"),
+    )
+    model.train()
+    model(torch.randn(8, 3, 17, 15))
+    return model.eval()
+
+
+def test_onnx_export_is_bit_identical_in_onnxruntime(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onebit.engine.to_onnx import load_onnx
+
+    model = int8_chain(6)
+    x = torch.randn(5, 3, 17, 15) * 2
+    x[1, 0, 0, 0] = float("nan")
+    path = tmp_path / "int8.onnx"
+    onebit.export_onnx(model, x[:1], path)
+    with torch.no_grad():
+        want = engine.pack(model, x[:1])(x)
+    got = load_onnx(path)(x)
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got[1].isnan().all())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
+    stored = onnx.load(path).graph.initializer
+    int8_dims = sorted(tuple(t.dims) for t in stored if t.data_type == onnx.TensorProto.INT8)
+    assert int8_dims == [(8, 16, 1, 1), (10, 576), (16, 3, 3, 3)]  # the weights as int8, no float copy
+    floats = [math.prod(t.dims) for t in stored if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)]
+    assert max(floats) <= 16  # per-channel scales and biases only
+
+
+def test_onnx_export_of_the_zoo_model_agrees(tmp_path):
+    """With BatchNorms (onnxruntime rounds them its own way) and float convs: equal up to float rounding."""
+    pytest.importorskip("onnxruntime")
+    from onebit.engine.to_onnx import load_onnx
+
+    model = onebit.models.create("birealnet_small_react_wide", float_layers="int8").train()
+    model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    path = tmp_path / "zoo.onnx"
+    onebit.export_onnx(model, x[:1], path)
+    with torch.no_grad():
+        want = engine.pack(model, x[:1])(x)
+    got = load_onnx(path)(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(1), want.argmax(1))

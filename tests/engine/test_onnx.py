@@ -687,12 +687,12 @@ def test_a_features_last_input_exports_bit_identical_at_the_examples_shape(shape
 
 
 def test_every_graph_op_has_one_onnx_form_in_one_family_table():
-    """The ONNX forms are tables by op family (binary, quantized, float ops), which together cover the
+    """The ONNX forms are tables by op family (binary, quantized, int8, float ops), which together cover the
     graph's ops once each; their integer-valued kinds name only ops of their own table."""
     from onebit.engine import graph as G
-    from onebit.engine.onnx import binary, export, floats, quantized
+    from onebit.engine.onnx import binary, export, floats, int8, quantized
 
-    families = (binary, quantized, floats)
+    families = (binary, quantized, int8, floats)
     ops = [op for family in families for op in family.EMITTERS]
     assert sorted(ops) == sorted(G.OPS) and set(export.EMITTERS) == set(G.OPS)
     assert all(set(family.KINDS) <= set(family.EMITTERS) for family in families)

@@ -11,6 +11,7 @@ from torch import nn
 
 import onebit.engine.onnx.binary as binary
 import onebit.engine.onnx.floats as floats
+import onebit.engine.onnx.int8 as int8
 import onebit.engine.onnx.quantized as quantized
 from onebit import io
 from onebit.engine import graph as G
@@ -22,9 +23,9 @@ from onebit.engine.packed import PackedModel, pack
 DEFAULT_OPSET = 18
 
 #: every graph op's ONNX form, by op name
-EMITTERS: dict[str, Emitter] = {**binary.EMITTERS, **quantized.EMITTERS, **floats.EMITTERS}
+EMITTERS: dict[str, Emitter] = {**binary.EMITTERS, **quantized.EMITTERS, **int8.EMITTERS, **floats.EMITTERS}
 #: what the output of an integer-valued op holds (:data:`SIGNS`, :data:`INTEGERS`, :data:`AS_INPUTS`)
-KINDS: dict[str, str] = {**binary.KINDS, **quantized.KINDS, **floats.KINDS}
+KINDS: dict[str, str] = {**binary.KINDS, **quantized.KINDS, **int8.KINDS, **floats.KINDS}
 
 
 class Exporter(ExportContext):
