@@ -69,6 +69,23 @@ inline bool quantize_input(const Int8Conv& c, const float* x, int8_t* q, int thr
   return true;
 }
 
+// dst[0, n) = src[0, n) by fixed-size moves (overlapping at the end): im2col's runs are short, where a
+// call to memcpy costs more than the copy.
+inline void copy_run(int8_t* __restrict dst, const int8_t* __restrict src, int64_t n) {
+  if (n >= 16) {
+    for (int64_t j = 0; j + 16 <= n; j += 16) std::memcpy(dst + j, src + j, 16);
+    std::memcpy(dst + n - 16, src + n - 16, 16);
+  } else if (n >= 8) {
+    std::memcpy(dst, src, 8);
+    std::memcpy(dst + n - 8, src + n - 8, 8);
+  } else if (n >= 4) {
+    std::memcpy(dst, src, 4);
+    std::memcpy(dst + n - 4, src + n - 4, 4);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+  }
+}
+
 // im2col rows of pixels [p0, p0 + count) of group g: taps as (kh, kw, c), zero padding and tail.
 inline void im2col(const Int8Conv& c, const int8_t* q, int64_t g, int64_t p0, int64_t count, int64_t row_bytes,
                    int8_t* a) {
@@ -82,7 +99,7 @@ inline void im2col(const Int8Conv& c, const int8_t* q, int64_t g, int64_t p0, in
       const int64_t ih = oh * c.sh - c.ph + kh * c.dh;
       const int64_t iw0 = ow * c.sw - c.pw;
       if (run && ih >= 0 && ih < c.H && iw0 >= 0 && iw0 + c.KW <= c.W) {  // the row's taps are one run of q
-        std::memcpy(row + k, q + ((n * c.H + ih) * c.W + iw0) * c.C, static_cast<size_t>(c.KW * c.C));
+        copy_run(row + k, q + ((n * c.H + ih) * c.W + iw0) * c.C, c.KW * c.C);
         k += c.KW * c.C;
         continue;
       }
@@ -91,10 +108,10 @@ inline void im2col(const Int8Conv& c, const int8_t* q, int64_t g, int64_t p0, in
         if (ih < 0 || ih >= c.H || iw < 0 || iw >= c.W)
           std::memset(row + k, 0, static_cast<size_t>(Cg));
         else
-          std::memcpy(row + k, q + ((n * c.H + ih) * c.W + iw) * c.C + g * Cg, static_cast<size_t>(Cg));
+          copy_run(row + k, q + ((n * c.H + ih) * c.W + iw) * c.C + g * Cg, Cg);
       }
     }
-    std::memset(row + k, 0, static_cast<size_t>(row_bytes - k));
+    for (int64_t j = k; j < row_bytes; ++j) row[j] = 0;  // at most 3 bytes
   }
 }
 
