@@ -97,6 +97,8 @@ def test_native_conv_is_the_integer_reference(isa, case, channels_last):
     got = K8.int8_conv2d(x, w, scale, bias, a)
     assert torch.equal(got, want)
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    forced = K8.int8_conv2d(x, w, scale, bias, a, out_channels_last=True)
+    assert torch.equal(forced, want) and forced.is_contiguous(memory_format=torch.channels_last)
     torch_op = INT8_OPS["int8_conv2d"].fn({"weight": w, "scale": scale, "bias": bias}, a, x)
     assert torch.equal(torch_op, want)  # the float conv on integers is exact too
 

@@ -41,6 +41,8 @@ from onebit.nn.functional import EXACT_SUM, scale_and_bias
 
 #: the largest magnitude of an int8 level or input integer
 INT8_MAX = 127
+#: native int8 convs write channels_last maps whatever their input's layout (as binary convs do)
+OUT_CHANNELS_LAST = True
 
 
 def int8_integers(x: torch.Tensor, divisor: float) -> torch.Tensor:
@@ -123,7 +125,7 @@ def _native_conv(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None):
 
     prepared = panels.get(t["weight"], lambda w: kernels.int8_panels(w, a["groups"]))
     bn = None if epilogue is None else (epilogue.bn_scale, epilogue.bn_shift, epilogue.bn_fma)
-    return kernels.int8_conv2d(x, t["weight"], t.get("scale"), t.get("bias"), a, prepared, bn)
+    return kernels.int8_conv2d(x, t["weight"], t.get("scale"), t.get("bias"), a, prepared, bn, OUT_CHANNELS_LAST)
 
 
 def _native_linear(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None):

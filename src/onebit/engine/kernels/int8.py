@@ -47,11 +47,14 @@ def _bn_operands(bn, channels: int) -> tuple[int, int, bool]:
     return channel_ptr(bn_scale, "bn_scale", _F32, channels), channel_ptr(bn_shift, "bn_shift", _F32, channels), fma
 
 
-def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None, bn=None) -> torch.Tensor | None:
+def int8_conv2d(
+    x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None, bn=None, out_channels_last: bool = False
+) -> torch.Tensor | None:
     """``conv(x_int, w) / s * scale + bias`` of float32 ``x`` ``[N, C, H, W]`` (output in ``x``'s memory
     format: channels_last for a channels_last input, else NCHW); ``a`` the ``int8_conv2d`` attributes,
     ``panels`` :func:`int8_panels` of ``w`` (made here when None); ``bn = (bn_scale, bn_shift, fma)``: a
-    BatchNorm applied after, ``y * bn_scale + bn_shift`` rounded once (``fma``) or twice."""
+    BatchNorm applied after, ``y * bn_scale + bn_shift`` rounded once (``fma``) or twice;
+    ``out_channels_last``: the output in channels_last whatever the input's layout."""
     if x.dim() != 4 or x.dtype != _F32 or x.shape[1] != a["in_channels"]:
         raise ValueError(f"int8_conv2d: expected float32 [N, {a['in_channels']}, H, W], got {list(x.shape)} {x.dtype}")
     panels, sums = int8_panels(w, a["groups"]) if panels is None else panels
@@ -62,7 +65,7 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=N
     if oh <= 0 or ow <= 0:
         raise ValueError(f"int8_conv2d: input {list(x.shape)} is smaller than the kernel")
     co = a["out_channels"]
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = out_channels_last or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
     if channels_last:
         y = torch.empty((n, oh, ow, co), dtype=_F32).permute(0, 3, 1, 2)
         out_strides = [oh * ow * co, 1, co]
