@@ -31,8 +31,8 @@ int8::ConvRun conv_kernel() {
 }  // namespace
 
 const char* int8_conv_kernel() {
-  const int8::ConvRun kernel = conv_kernel();
 #if ONEBIT_X86
+  const int8::ConvRun kernel = conv_kernel();
   if (kernel == int8::conv_vnni) return "avx512_vnni";
   if (kernel == int8::conv_avx2) return "avx2";
 #endif
