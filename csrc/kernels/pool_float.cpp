@@ -1,6 +1,7 @@
 // The float max pool's driver: each output pixel's valid taps as offsets, in torch's (kh, kw) order, for
 // the active ISA's MaxPoolPixels; NCHW inputs go through a ring of input rows transposed to channels_last.
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "kernels/dispatch.h"
@@ -27,12 +28,12 @@ TransposeBlock transpose_kernel() {
   return k != nullptr ? k : transpose_block_reference;
 }
 
-// The window rows of output row oh that lie inside the input: their kh indices and input rows.
-int valid_rows(const MaxPoolGeometry& g, int64_t oh, int64_t* kh, int64_t* ih) {
+// The input rows of output row oh's window that lie inside the input, in kh order; returns their number.
+int valid_rows(const MaxPoolGeometry& g, int64_t oh, int64_t* ih) {
   int n = 0;
   for (int64_t k = 0; k < g.KH; ++k) {
     const int64_t r = oh * g.SH - g.PH + k * g.DH;
-    if (r >= 0 && r < g.H) kh[n] = k, ih[n++] = r;
+    if (r >= 0 && r < g.H) ih[n++] = r;
   }
   return n;
 }
@@ -64,6 +65,10 @@ void pool_row(MaxPoolPixels pixels, const MaxPoolGeometry& g, const float* x, co
       continue;
     }
     const int t = window(g, ow, row_offset, rows, col_step, offsets);
+    if (t == 0) {  // a window of padding only (torch's pool starts from -inf)
+      std::fill(dst + ow * g.C, dst + ow * g.C + channels, -std::numeric_limits<float>::infinity());
+      continue;
+    }
     pixels(x, offsets, t, 0, 1, channels, dst + ow * g.C, g.C);
   }
 }
@@ -92,8 +97,8 @@ void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int 
   if (g.sC == 1) {  // channels_last: the taps are whole pixels of the input
     run_chunks(threads, g.N * g.OH, outputs, [&](int64_t task) {
       const int64_t n = task / g.OH, oh = task % g.OH;
-      std::vector<int64_t> kh(g.KH), ih(g.KH), offsets(taps);
-      const int rows = valid_rows(g, oh, kh.data(), ih.data());
+      std::vector<int64_t> ih(g.KH), offsets(taps);
+      const int rows = valid_rows(g, oh, ih.data());
       for (int i = 0; i < rows; ++i) ih[i] *= g.sH;
       pool_row(pixels, g, x + n * g.sN, ih.data(), rows, g.sW, g.C, out + (n * g.OH + oh) * g.OW * g.C,
                offsets.data());
@@ -107,10 +112,10 @@ void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int 
   run_chunks(threads, runs, outputs, [&](int64_t task) {
     const int64_t per_sample = (g.OH + kRowsPerRun - 1) / kRowsPerRun, n = task / per_sample;
     const int64_t oh_begin = task % per_sample * kRowsPerRun, oh_end = std::min(g.OH, oh_begin + kRowsPerRun);
-    std::vector<int64_t> kh(g.KH), ih(g.KH), offsets(taps), held(ring, -1);
+    std::vector<int64_t> ih(g.KH), offsets(taps), held(ring, -1);
     std::vector<float> rows_cl(ring * g.W * g.C);
     for (int64_t oh = oh_begin; oh < oh_end; ++oh) {
-      const int rows = valid_rows(g, oh, kh.data(), ih.data());
+      const int rows = valid_rows(g, oh, ih.data());
       for (int i = 0; i < rows; ++i) {
         const int64_t slot = ih[i] % ring;
         float* dst = rows_cl.data() + slot * g.W * g.C;
