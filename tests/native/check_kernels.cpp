@@ -26,6 +26,7 @@
 #include "kernels/bitplanes.h"
 #include "kernels/conv.h"
 #include "kernels/conv_tiles.h"
+#include "kernels/int8_conv.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/pool_float.h"
@@ -458,6 +459,72 @@ void check_max_pool(Rng& r, Report& report) {
   }
 }
 
+// The int8 x int8 conv (int8_conv2d, every ISA's GEMM) against the definition as plain loops: x quantized
+// as clamp(round-half-even(fl(x * s)), -127, 127), an exact integer sum over the taps (zero padding), then
+// fl(fl(fl(acc / s) * scale) + bias) and an optional BatchNorm rounded once (fma) or twice.
+void check_int8_conv(Rng& r, Report& report) {
+  Int8Conv cv{};
+  cv.G = r.coin() ? 1 : 2;
+  const int64_t Cg = r.range(1, 24), Og = r.range(1, 20);
+  cv.N = r.range(1, 2), cv.C = Cg * cv.G, cv.O = Og * cv.G;
+  cv.KH = r.range(1, 3), cv.KW = r.range(1, 3), cv.sh = r.range(1, 2), cv.sw = r.range(1, 2);
+  cv.dh = r.range(1, 2), cv.dw = r.range(1, 2), cv.ph = r.range(0, 1), cv.pw = r.range(0, 1);
+  cv.H = r.range(cv.dh * (cv.KH - 1) + 1, 12), cv.W = r.range(cv.dw * (cv.KW - 1) + 1, 12);
+  cv.divisor = static_cast<float>(r.range(1, 400)) / 8.0f;
+  const bool x_channels_last = r.coin(), out_channels_last = r.coin(), bn = r.coin(), bn_fma = r.coin();
+  const int64_t N = cv.N, C = cv.C, H = cv.H, W = cv.W, O = cv.O, OH = cv.OH(), OW = cv.OW(), P = OH * OW;
+  cv.xs_n = C * H * W;
+  cv.xs_c = x_channels_last ? 1 : H * W, cv.xs_h = x_channels_last ? W * C : W, cv.xs_w = x_channels_last ? C : 1;
+  std::vector<float> x = r.normals(N * C * H * W);
+  for (float& v : x) v *= 6.0f;  // some clamp at +-127
+  std::vector<int8_t> w(O * Cg * cv.KH * cv.KW);
+  for (int8_t& v : w) v = static_cast<int8_t>(r.range(-127, 127));
+  std::vector<float> scale = r.normals(O), bias = r.normals(O), bn_scale = r.normals(O), bn_shift = r.normals(O);
+  Int8Epilogue epi;
+  epi.scale = scale.data(), epi.bias = bias.data();
+  if (bn) epi.bn_scale = bn_scale.data(), epi.bn_shift = bn_shift.data(), epi.bn_fma = bn_fma;
+  const int64_t os_n = O * P, os_c = out_channels_last ? 1 : P, os_p = out_channels_last ? O : 1;
+  std::vector<float> want(N * O * P);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t oh = 0; oh < OH; ++oh)
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          int32_t acc = 0;
+          const int64_t g = o / Og;
+          for (int64_t c = 0; c < Cg; ++c)
+            for (int64_t i = 0; i < cv.KH; ++i)
+              for (int64_t j = 0; j < cv.KW; ++j) {
+                const int64_t ih = oh * cv.sh - cv.ph + i * cv.dh, iw = ow * cv.sw - cv.pw + j * cv.dw;
+                if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+                const float v = x[n * cv.xs_n + (g * Cg + c) * cv.xs_c + ih * cv.xs_h + iw * cv.xs_w];
+                const float q = std::nearbyint(v * cv.divisor);
+                const int32_t xi = static_cast<int32_t>(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));
+                acc += xi * w[((o * Cg + c) * cv.KH + i) * cv.KW + j];
+              }
+          float y = static_cast<float>(acc) / cv.divisor;
+          y = y * scale[o];
+          y = y + bias[o];
+          if (bn) y = bn_fma ? std::fma(y, bn_scale[o], bn_shift[o]) : y * bn_scale[o] + bn_shift[o];
+          want[n * os_n + o * os_c + (oh * OW + ow) * os_p] = y;
+        }
+  std::vector<int8_t> panels(int8_panel_bytes(O, Cg, cv.KH, cv.KW, cv.G));
+  std::vector<int32_t> wsum(int8_panel_sums(O, cv.G));
+  int8_make_panels(w.data(), O, Cg, cv.KH, cv.KW, cv.G, panels.data(), wsum.data());
+  const std::string text = "N" + str(N) + " C" + str(C) + " O" + str(O) + " G" + str(cv.G) + " " + str(H) + "x" +
+                           str(W) + " k" + str(cv.KH) + "x" + str(cv.KW) + " s" + str(cv.sh) + "x" + str(cv.sw) +
+                           " p" + str(cv.ph) + "x" + str(cv.pw) + " d" + str(cv.dh) + "x" + str(cv.dw) +
+                           (x_channels_last ? " x:channels_last" : " x:nchw") +
+                           (out_channels_last ? " out:channels_last" : " out:nchw") + (bn ? " bn" : "");
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<float> got(want.size(), 12345.0f);
+    const bool ran = int8_conv2d(cv, x.data(), panels.data(), wsum.data(), epi, got.data(), os_n, os_c, os_p,
+                                 static_cast<int>(r.range(1, 2)));
+    report.check(ran && std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0, "int8_conv2d", isa,
+                 int8_conv_kernel(), text);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -504,6 +571,7 @@ int main(int argc, char** argv) {
     check_ternary(r, report);
     check_relayout(r, report);
     check_max_pool(r, report);
+    check_int8_conv(r, report);
   }
   return report.finish();
 }
