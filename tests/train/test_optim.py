@@ -77,3 +77,27 @@ def test_clip_and_flip_counter():
         w[3] = -0.5
     assert counter.ratio() == pytest.approx(2 / 5)
     assert FlipCounter([]).ratio() == 0.0
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "bop"])
+def test_weight_decay_leaves_binary_weights_and_quantizer_steps_alone(optimizer):
+    """``--weight-decay`` decays the float parameters only: not the latent binary weights (their sign is
+    what counts) and not an ``int8`` quantizer's learned step (LSQ's recipe); without it, one group."""
+    from onebit.train.build import make_optimizers
+    from onebit.train.config import TrainConfig
+
+    model = nn.Sequential(
+        QConv2d(3, 8, 3, input_quantizer="int8", weight_quantizer="int8_weight"),
+        QConv2d(8, 8, 3, input_quantizer="ste_sign", weight_quantizer="ste_sign"),
+    )
+    step, binary = model[0].input_quantizer.step, model[1].weight
+    decay_of = {}
+    for opt in make_optimizers(TrainConfig(optimizer=optimizer, weight_decay=1e-3), model, [binary]):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                decay_of[id(p)] = group.get("weight_decay", 0.0)
+    assert decay_of[id(step)] == 0.0
+    assert decay_of[id(binary)] == 0.0
+    assert decay_of[id(model[0].weight)] == 1e-3 and decay_of[id(model[1].bias)] == 1e-3
+    (plain,) = make_optimizers(TrainConfig(optimizer="adam"), model, [binary])[:1]
+    assert len(plain.param_groups) == 1

@@ -23,6 +23,7 @@ from torch import nn
 from onebit import data as datasets
 from onebit import models
 from onebit.optim import Bop
+from onebit.quant import Quantizer
 from onebit.train.config import TrainConfig
 
 __all__ = ["build", "load_data", "create_model", "make_optimizers", "make_scheduler", "seed_everything"]
@@ -115,23 +116,35 @@ def make_optimizers(
         binary = {id(p) for p in binary_params}
         if not binary:
             raise ValueError(f"--optimizer bop needs binary weights, and model {c.model!r} has none")
-        rest = [p for p in model.parameters() if id(p) not in binary]
+        rest: Any = [p for p in model.parameters() if id(p) not in binary]
+        steps = {id(p) for p in quantizer_parameters(model)}
+        if c.weight_decay and steps:
+            rest = [
+                {"params": [p for p in rest if id(p) not in steps]},
+                {"params": [p for p in rest if id(p) in steps], "weight_decay": 0.0},
+            ]
         return [
             torch.optim.Adam(rest, lr=c.lr, weight_decay=c.weight_decay),
             Bop(binary_params, threshold=c.bop_threshold, gamma=c.bop_gamma),
         ]
-    # weight decay pulls latent binary weights towards 0, where their sign flips for nothing: it
-    # applies to the float parameters only (as in ReActNet's recipe)
+    # weight decay pulls latent binary weights towards 0, where their sign flips for nothing, and a
+    # quantizer's learned step (LSQ) towards a coarser grid: it applies to the other float parameters
+    # only (as in ReActNet's and LSQ's recipes)
     params: Any = model.parameters()
-    if c.weight_decay and binary_params:  # (without decay: one group, as runs written before had)
-        binary = {id(p) for p in binary_params}
+    undecayed = {id(p) for p in binary_params} | {id(p) for p in quantizer_parameters(model)}
+    if c.weight_decay and undecayed:  # (without decay: one group, as runs written before had)
         params = [
-            {"params": [p for p in model.parameters() if id(p) not in binary]},
-            {"params": [p for p in model.parameters() if id(p) in binary], "weight_decay": 0.0},
+            {"params": [p for p in model.parameters() if id(p) not in undecayed]},
+            {"params": [p for p in model.parameters() if id(p) in undecayed], "weight_decay": 0.0},
         ]
     if c.optimizer == "adam":
         return [torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)]
     return [torch.optim.SGD(params, lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)]
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters quantizers own (an ``int8`` quantizer's step), which weight decay leaves alone."""
+    return [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters(recurse=False)]
 
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
