@@ -63,21 +63,7 @@ void pack_activations(const float* x, int64_t N, int64_t C, int64_t H, int64_t W
   if (N == 0) return;
   packer.border();
   if (H == 0 || W == 0) return;
-  const int64_t rows = packer.rows();
-  int64_t nthreads = threads < 1 ? 1 : threads;
-  const int64_t by_size = N * C * H * W / kMinFloatsPerThread;
-  if (nthreads > by_size) nthreads = by_size < 1 ? 1 : by_size;
-  if (nthreads > rows) nthreads = rows;
-  if (nthreads > 256) nthreads = 256;
-  if (nthreads <= 1) {
-    for (int64_t r = 0; r < rows; ++r) packer.row(r);
-    return;
-  }
-  const int64_t nchunks = rows < nthreads * 4 ? rows : nthreads * 4;
-  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(nchunks), [&](int c) {
-    const int64_t r0 = rows * c / nchunks, r1 = rows * (c + 1) / nchunks;
-    for (int64_t r = r0; r < r1; ++r) packer.row(r);
-  });
+  parallel_tasks(threads, packer.rows(), N * C * H * W, kMinFloatsPerThread, 4, [&](int64_t r) { packer.row(r); });
 }
 
 }  // namespace onebit

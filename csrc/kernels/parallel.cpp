@@ -242,3 +242,24 @@ void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn
 }  // namespace onebit
 
 #endif  // ONEBIT_OPENMP
+
+namespace onebit {
+
+void parallel_tasks(int threads, int64_t tasks, int64_t work, int64_t min_work_per_thread, int chunks_per_thread,
+                    const std::function<void(int64_t)>& fn) {
+  int64_t nthreads = threads < 1 ? 1 : threads;
+  const int64_t by_size = work / min_work_per_thread;
+  if (nthreads > by_size) nthreads = by_size < 1 ? 1 : by_size;
+  if (nthreads > tasks) nthreads = tasks;
+  if (nthreads > 256) nthreads = 256;
+  if (nthreads <= 1) {
+    for (int64_t i = 0; i < tasks; ++i) fn(i);
+    return;
+  }
+  const int64_t chunks = tasks < nthreads * chunks_per_thread ? tasks : nthreads * chunks_per_thread;
+  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(chunks), [&](int c) {
+    for (int64_t i = tasks * c / chunks, end = tasks * (c + 1) / chunks; i < end; ++i) fn(i);
+  });
+}
+
+}  // namespace onebit

@@ -12,10 +12,17 @@
 // itself, so concurrent calls are always safe. No OpenMP, so no second OpenMP
 // runtime next to the one bundled with torch. fn must not throw.
 #pragma once
+#include <cstdint>
 #include <functional>
 
 namespace onebit {
 
 void parallel_chunks(int threads, int chunks, const std::function<void(int)>& fn);
+
+// fn(i) for i < tasks, each exactly once: on up to `threads` threads, but no more than one per
+// `min_work_per_thread` of the call's `work`, nor more than `tasks` or 256; each thread's share cut into
+// about `chunks_per_thread` chunks (claimed dynamically, see above). On one thread, in order, on the caller.
+void parallel_tasks(int threads, int64_t tasks, int64_t work, int64_t min_work_per_thread, int chunks_per_thread,
+                    const std::function<void(int64_t)>& fn);
 
 }  // namespace onebit

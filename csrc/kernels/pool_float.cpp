@@ -73,21 +73,6 @@ void pool_row(MaxPoolPixels pixels, const MaxPoolGeometry& g, const float* x, co
   }
 }
 
-void run_chunks(int threads, int64_t tasks, int64_t outputs, const std::function<void(int64_t)>& task) {
-  int64_t nthreads = threads < 1 ? 1 : threads;
-  const int64_t by_size = outputs / kMinOutputsPerThread;
-  if (nthreads > by_size) nthreads = by_size < 1 ? 1 : by_size;
-  if (nthreads > tasks) nthreads = tasks;
-  if (nthreads <= 1) {
-    for (int64_t i = 0; i < tasks; ++i) task(i);
-    return;
-  }
-  const int64_t chunks = tasks < nthreads * 8 ? tasks : nthreads * 8;
-  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(chunks), [&](int c) {
-    for (int64_t i = tasks * c / chunks, end = tasks * (c + 1) / chunks; i < end; ++i) task(i);
-  });
-}
-
 }  // namespace
 
 void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int threads) {
@@ -95,7 +80,7 @@ void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int 
   const MaxPoolPixels pixels = pixels_kernel();
   const int64_t taps = g.KH * g.KW, outputs = g.N * g.C * g.OH * g.OW;
   if (g.sC == 1) {  // channels_last: the taps are whole pixels of the input
-    run_chunks(threads, g.N * g.OH, outputs, [&](int64_t task) {
+    parallel_tasks(threads, g.N * g.OH, outputs, kMinOutputsPerThread, 8, [&](int64_t task) {
       const int64_t n = task / g.OH, oh = task % g.OH;
       std::vector<int64_t> ih(g.KH), offsets(taps);
       const int rows = valid_rows(g, oh, ih.data());
@@ -109,7 +94,7 @@ void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int 
   // of the last (KH - 1) * DH + 1 rows (rows shared by consecutive windows stay in place)
   const TransposeBlock transpose = transpose_kernel();
   const int64_t ring = (g.KH - 1) * g.DH + 1, runs = g.N * ((g.OH + kRowsPerRun - 1) / kRowsPerRun);
-  run_chunks(threads, runs, outputs, [&](int64_t task) {
+  parallel_tasks(threads, runs, outputs, kMinOutputsPerThread, 8, [&](int64_t task) {
     const int64_t per_sample = (g.OH + kRowsPerRun - 1) / kRowsPerRun, n = task / per_sample;
     const int64_t oh_begin = task % per_sample * kRowsPerRun, oh_end = std::min(g.OH, oh_begin + kRowsPerRun);
     std::vector<int64_t> ih(g.KH), offsets(taps), held(ring, -1);

@@ -33,19 +33,7 @@ void transpose_planes(const uint32_t* x, int64_t N, int64_t rows, int64_t cols, 
     const int64_t nc = cols - j < block_cols ? cols - j : block_cols;
     block(x + n * sample_stride + i * row_stride + j, nr, nc, row_stride, out + (n * cols + j) * rows + i, rows);
   };
-  int64_t nthreads = threads < 1 ? 1 : threads;
-  const int64_t by_size = N * rows * cols / kMinElementsPerThread;
-  if (nthreads > by_size) nthreads = by_size < 1 ? 1 : by_size;
-  if (nthreads > blocks) nthreads = blocks;
-  if (nthreads > 256) nthreads = 256;
-  if (nthreads <= 1) {
-    for (int64_t b = 0; b < blocks; ++b) run(b);
-    return;
-  }
-  const int64_t chunks = blocks < nthreads * 8 ? blocks : nthreads * 8;
-  parallel_chunks(static_cast<int>(nthreads), static_cast<int>(chunks), [&](int c) {
-    for (int64_t b = blocks * c / chunks, end = blocks * (c + 1) / chunks; b < end; ++b) run(b);
-  });
+  parallel_tasks(threads, blocks, N * rows * cols, kMinElementsPerThread, 8, run);
 }
 
 }  // namespace onebit
