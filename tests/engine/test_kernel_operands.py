@@ -55,21 +55,21 @@ def test_epilogue_ptrs_take_a_whole_batchnorm_or_none():
         epilogue_ptrs(4, s, torch.zeros(5), None, None, False)
 
 
-def test_residual_nhwc_reads_channels_last_in_place_and_copies_other_layouts():
-    from onebit.engine.kernels.operands import residual_nhwc
+def test_a_residual_is_read_in_place_in_either_layout_and_other_strides_are_copied_to_channels_last():
+    from onebit.engine.kernels.operands import residual_operand
 
     out = torch.empty(2, 3, 4, 5)
-    assert residual_nhwc(None, out) is None
+    assert residual_operand(None, out) == (None, False)
     cl = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
-    assert residual_nhwc(cl, out) is cl
+    assert residual_operand(cl, out) == (cl, False)
     nchw = torch.randn(2, 3, 4, 5)
-    copy = residual_nhwc(nchw, out)  # the same values, in channels_last memory: [N, H, W, C] in order
-    assert torch.equal(copy, nchw) and copy.permute(0, 2, 3, 1).is_contiguous()
-    large = torch.randn(2, 64, 8, 8)  # large enough for the native copy
-    copy = residual_nhwc(large, torch.empty(2, 64, 8, 8))
-    assert torch.equal(copy, large) and copy.permute(0, 2, 3, 1).is_contiguous()
+    got, in_nchw = residual_operand(nchw, out)  # read as it is, a run of pixels transposed at a time
+    assert got is nchw and in_nchw
+    for strided in (torch.randn(2, 3, 4, 10)[..., ::2], torch.randn(2, 64, 8, 16)[..., ::2]):  # every other column
+        copy, in_nchw = residual_operand(strided, torch.empty(strided.shape))
+        assert torch.equal(copy, strided) and copy.permute(0, 2, 3, 1).is_contiguous() and not in_nchw
     with pytest.raises(ValueError, match=r"residual must have the output's shape \[2, 3, 4, 5\]"):
-        residual_nhwc(torch.zeros(2, 3, 4, 4), out)
+        residual_operand(torch.zeros(2, 3, 4, 4), out)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 3, 3), (0, 8, 2, 2)])

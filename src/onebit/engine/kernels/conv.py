@@ -23,7 +23,7 @@ from onebit.engine.geometry import (
     check_thresholds,
     pair,
 )
-from onebit.engine.kernels.operands import channel_ptr, empty_nchw_channels_last, epilogue_ptrs, residual_nhwc
+from onebit.engine.kernels.operands import channel_ptr, empty_nchw_channels_last, epilogue_ptrs, residual_operand
 from onebit.engine.kernels.plans import MODE_FLOAT, MODE_INT, MODE_THRESHOLD, conv_plan
 from onebit.engine.kernels.registry import custom_op, direct
 from onebit.engine.kernels.weight_cache import WeightCache, cache_state
@@ -70,9 +70,13 @@ def run_native(
     plan.native.run_float(x.data_ptr(), sn, sc, sh, sw, *args)
 
 
-def _run(plan, x, wp, out, channel_ptrs=(0, 0, 0, 0), cache=None, residual_ptr=0, bn=_NO_BATCHNORM) -> None:
+def _run(
+    plan, x, wp, out, channel_ptrs=(0, 0, 0, 0), cache=None, residual_ptr=0, bn=_NO_BATCHNORM, residual_nchw=False
+) -> None:
     cache, version = cache_state(cache, wp)
-    run_native(plan, x, wp.data_ptr(), out.data_ptr(), channel_ptrs, cache, version, residual_ptr, bn)
+    run_native(
+        plan, x, wp.data_ptr(), out.data_ptr(), channel_ptrs, cache, version, residual_ptr, bn, False, residual_nchw
+    )
 
 
 def _conv_int_impl(xp, wp, conv, cache=None):
@@ -89,10 +93,10 @@ def _conv_float_impl(
     plan = conv_plan(MODE_FLOAT, xp, wp, *conv)
     scale_ptr, bias_ptr, bn = epilogue_ptrs(plan.co, scale, bias, bn_scale, bn_shift, bn_fma)
     out = torch.empty_strided(plan.shape, plan.stride, dtype=_F32)
-    residual = residual_nhwc(residual, out)
+    residual, residual_nchw = residual_operand(residual, out)
     if out.numel():
         residual_ptr = residual.data_ptr() if residual is not None else 0
-        _run(plan, xp, wp, out, (scale_ptr, bias_ptr, 0, 0), cache, residual_ptr, bn)
+        _run(plan, xp, wp, out, (scale_ptr, bias_ptr, 0, 0), cache, residual_ptr, bn, residual_nchw)
     return out
 
 

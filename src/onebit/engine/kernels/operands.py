@@ -15,7 +15,6 @@ from onebit.engine.kernels.memory_formats import relayout
 __all__ = [
     "channel_ptr",
     "epilogue_ptrs",
-    "residual_nhwc",
     "residual_operand",
     "channels_last_strides",
     "empty_nchw_channels_last",
@@ -51,20 +50,6 @@ def epilogue_ptrs(channels: int, scale, bias, bn_scale, bn_shift, bn_fma) -> tup
         channel_ptr(bias, "bias", _F32, channels),
         (channel_ptr(bn_scale, "bn_scale", _F32, channels), channel_ptr(bn_shift, "bn_shift", _F32, channels), bn_fma),
     )
-
-
-def residual_nhwc(residual, out: torch.Tensor):
-    """``residual`` (checked against ``out``) in the memory the kernel reads, ``[N, OH, OW, C_out]`` in
-    order: ``residual`` itself when it is channels_last, else a copy in channels_last memory."""
-    if residual is None:
-        return None
-    if not (
-        type(residual) is torch.Tensor and residual.dtype is _F32 and residual.is_cpu and residual.shape == out.shape
-    ):
-        check_residual(residual, out.shape)
-    if residual.is_contiguous(memory_format=_CHANNELS_LAST):
-        return residual  # already that memory (a view would cost more than this check)
-    return relayout(residual, _CHANNELS_LAST)  # the same memory as permute(0, 2, 3, 1).contiguous()
 
 
 def residual_operand(residual, out: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
