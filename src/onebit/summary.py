@@ -18,13 +18,19 @@ quantized layer is part of that layer's row). Per layer:
   divided by the batch size (the first dimension of the example input), summed over
   every call of the layer;
 * ``binary_macs``: the MACs whose two operands are both 1-bit (``input_bits == 1`` and
-  ``weight_bits == 1``); all others are float MACs.
+  ``weight_bits == 1``); all others are ``float_macs``, and of those the ``integer_macs`` have
+  both operands quantized below 32 bits (an int8 stem, a 2-bit layer).
 
 Totals (parameters shared between layers are counted once)::
 
     memory_float_bytes  = 4 * total_params
-    memory_packed_bytes = binary_params / 8 + 4 * (total_params - binary_params)
+    memory_packed_bytes = (sum over low-bit weights of numel * weight_bits
+                           + 32 * (total_params - low-bit weight params)) / 8
     compression_ratio   = memory_float_bytes / memory_packed_bytes
+
+A *low-bit weight* is the ``weight`` of a quantized layer whose ``weight_precision`` is under 32:
+1-bit weights count 1 bit each, ternary 2, ``int8_weight`` 8 (scales, biases and every other
+parameter stay float32).
 
 Buffers (BatchNorm statistics) are not counted. ``str(summary)`` is a table (rich) with the
 totals; ``onebit summary MODEL_NAME`` prints it for a zoo model.
@@ -93,6 +99,8 @@ class Summary:
     binary_params: int
     model_name: str = ""
     input_shape: tuple[int, ...] | None = None
+    #: bits of every weight quantized below 32 bits, keyed by bit width: ``{1: n, 2: n, 8: n}`` parameters
+    lowbit_params: dict[int, int] = field(default_factory=dict)
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -105,7 +113,8 @@ class Summary:
 
     @property
     def memory_packed_bytes(self) -> int | float:
-        bits = self.binary_params + 32 * self.float_params
+        lowbit = self.lowbit_params or ({1: self.binary_params} if self.binary_params else {})
+        bits = sum(b * n for b, n in lowbit.items()) + 32 * (self.total_params - sum(lowbit.values()))
         return bits // 8 if bits % 8 == 0 else bits / 8
 
     @property
@@ -124,6 +133,11 @@ class Summary:
     @property
     def macs(self) -> int:
         return self.binary_macs + self.float_macs
+
+    @property
+    def integer_macs(self) -> int:
+        """Non-binary MACs of layers whose inputs and weights are both quantized below 32 bits."""
+        return sum(r.float_macs for r in self.rows if _low(r.input_bits) and _low(r.weight_bits))
 
     def row(self, name: str) -> LayerSummary:
         for r in self.rows:
@@ -179,13 +193,33 @@ class Summary:
         binary_share = self.binary_macs / self.macs if self.macs else 0.0
         return "\n".join(
             [
-                f"Parameters: {self.total_params:,} ({self.binary_params:,} binary, {self.float_params:,} float)",
+                f"Parameters: {self.total_params:,} ({self._params_by_width()})",
                 f"Memory:     {_bytes(self.memory_float_bytes)} as float32, {_bytes(self.memory_packed_bytes)} packed "
-                f"(binary weights at 1 bit): {self.compression_ratio:.2f}x smaller",
+                f"({self._packed_widths()}): {self.compression_ratio:.2f}x smaller",
                 f"MACs:       {self.macs:,} per example ({self.binary_macs:,} binary = {binary_share:.1%}, "
-                f"{self.float_macs:,} float)",
+                f"{self._non_binary_macs()})",
             ]
         )
+
+    def _non_binary_macs(self) -> str:
+        if not self.integer_macs:
+            return f"{self.float_macs:,} float"
+        return f"{self.integer_macs:,} integer, {self.float_macs - self.integer_macs:,} float"
+
+    def _params_by_width(self) -> str:
+        lowbit = self.lowbit_params or ({1: self.binary_params} if self.binary_params else {})
+        names = {1: "binary", 2: "ternary"}
+        parts = [f"{n:,} {names.get(b, f'{b}-bit')}" for b, n in sorted(lowbit.items())]
+        if not lowbit:
+            parts.append(f"{self.binary_params:,} binary")
+        return ", ".join([*parts, f"{self.total_params - sum(lowbit.values()):,} float"])
+
+    def _packed_widths(self) -> str:
+        lowbit = self.lowbit_params or ({1: self.binary_params} if self.binary_params else {})
+        if not lowbit:
+            return "no low-bit weights"
+        names = {1: "binary weights at 1 bit", 2: "ternary weights at 2 bits"}
+        return ", ".join(names.get(b, f"{b}-bit weights at {b} bits") for b in sorted(lowbit))
 
     def __str__(self) -> str:
         buffer = io.StringIO()
@@ -199,6 +233,10 @@ class Summary:
         from rich.text import Text
 
         return Group(self.table(), Text(self.totals_text()))
+
+
+def _low(bits: int | None) -> bool:
+    return bits is not None and bits < 32
 
 
 def _shape(shape: Sequence[int] | None) -> str:
@@ -253,6 +291,13 @@ def _bits(module: nn.Module) -> tuple[int | None, int | None]:
 def _binary_weight(module: nn.Module) -> nn.Parameter | None:
     if isinstance(module, QuantizedLayer) and quant.is_binary(module.weight_quantizer):
         return module.weight
+    return None
+
+
+def _lowbit_weight(module: nn.Module) -> tuple[nn.Parameter, int] | None:
+    """The weight a quantized layer stores below 32 bits, with its bit width."""
+    if isinstance(module, QuantizedLayer) and module.weight_quantizer is not None and module.weight_precision < 32:
+        return module.weight, module.weight_precision
     return None
 
 
@@ -344,11 +389,21 @@ def summary(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tenso
         w = _binary_weight(module)
         if w is not None:
             binary_ids.add(id(w))
+    lowbit_bits: dict[int, int] = {}
+    for _, module in layers:
+        found = _lowbit_weight(module)
+        if found is not None:
+            lowbit_bits.setdefault(id(found[0]), found[1])
     unique = {id(p): p for p in model.parameters()}
+    lowbit: dict[int, int] = {}
+    for i, p in unique.items():
+        if i in lowbit_bits:
+            lowbit[lowbit_bits[i]] = lowbit.get(lowbit_bits[i], 0) + p.numel()
     return Summary(
         rows=called + uncalled,
         total_params=sum(p.numel() for p in unique.values()),
         binary_params=sum(p.numel() for i, p in unique.items() if i in binary_ids),
         model_name=name,
         input_shape=tuple(inputs[0].shape),
+        lowbit_params=dict(sorted(lowbit.items())),
     )

@@ -71,6 +71,35 @@ def test_mixed_model_counts_match_the_formulas():
     assert [r.name for r in s.rows] == ["stem", "binary", "noact", "sign", "twobit", "shared", "head"]
 
 
+class LowBit(nn.Module):
+    """An int8 stem, a binary conv and a ternary classifier: three weight widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = QConv2d(3, 8, 3, padding=1, bias=False, input_quantizer="int8", weight_quantizer="int8_weight")
+        self.binary = QConv2d(8, 8, 3, padding=1, bias=False, input_quantizer="ste_sign", weight_quantizer="ste_sign")
+        self.head = QLinear(8 * 16, 5, input_quantizer="absmax8", weight_quantizer="ternary")
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.binary(self.stem(x)), 1))
+
+
+def test_memory_counts_each_weight_at_its_own_width():
+    model = LowBit()
+    s = summary(model, torch.randn(2, 3, 4, 4))
+    stem_w, bin_w, head_w = 8 * 3 * 9, 8 * 8 * 9, 5 * 128
+    assert s.lowbit_params == {1: bin_w, 2: head_w, 8: stem_w}
+    assert s.binary_params == bin_w
+    lowbit_bits = 1 * bin_w + 2 * head_w + 8 * stem_w
+    others = s.total_params - stem_w - bin_w - head_w  # quantizer steps, scales, the head's bias
+    assert others == sum(p.numel() for p in model.parameters()) - stem_w - bin_w - head_w > 0
+    assert s.memory_packed_bytes == (lowbit_bits + 32 * others) / 8
+    assert (s.row("stem").weight_bits, s.row("stem").input_bits) == (8, 8)
+    assert s.integer_macs == 8 * 16 * 27 + 5 * 128  # stem and head, per example: both operands under 32 bits
+    assert s.integer_macs == s.float_macs  # the binary conv's MACs are binary
+    assert "8-bit weights at 8 bits" in str(s) and "ternary weights at 2 bits" in str(s)
+
+
 def test_summary_leaves_the_model_as_it_was():
     model = models.create("lenet_binary", in_channels=1, width=4).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -116,3 +145,16 @@ def test_cli_prints_the_table_for_a_zoo_model(capsys):
     assert "QConv2d" in out and "Total" in out and "smaller" in out
     assert main(["summary", "no_such_model"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_cli_builds_the_model_with_its_model_args(capsys):
+    assert main(["summary", "lenet_binary", "--model-arg", "width=4"]) == 0
+    narrow = capsys.readouterr().out
+    assert main(["summary", "lenet_binary", "--model-arg", "width=8"]) == 0
+    wide = capsys.readouterr().out
+    assert (
+        summary(models.create("lenet_binary", in_channels=1, width=4), torch.zeros(1, 1, 8, 8)).totals_text() in narrow
+    )
+    assert narrow != wide
+    assert main(["summary", "lenet_binary", "--model-arg", "widht=4"]) == 2
+    assert "widht" in capsys.readouterr().err

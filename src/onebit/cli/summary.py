@@ -18,6 +18,13 @@ def register(commands) -> None:
         help="input shape CxHxW (default: 1x8x8, the digits, for LeNets; 3x224x224 otherwise)",
     )
     p.add_argument("--num-classes", type=integer(1, 1 << 20), default=10)
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="argument of the model builder, as for `onebit train` (e.g. float_layers=int8); repeatable",
+    )
     p.set_defaults(run=run)
 
 
@@ -41,10 +48,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     import torch
 
     from onebit import models
+    from onebit.cli.train import parse_model_args
     from onebit.summary import summary
 
     shape = parse_shape(args.shape) if args.shape else default_shape(args.model)
-    model = models.create(args.model, num_classes=args.num_classes, in_channels=shape[0])
+    model = models.create(
+        args.model, num_classes=args.num_classes, in_channels=shape[0], **parse_model_args(args.model_arg)
+    )
     try:
         result = summary(model, torch.zeros(1, *shape), name=args.model)
     except RuntimeError as error:
