@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,6 +212,79 @@ def test_nan_input_propagates_as_in_the_model():
         want, got = model(x), packed(x)
     assert torch.equal(got.isnan(), want.isnan()) and bool(got[1].isnan().all())
     assert torch.equal(got[0], want[0])
+
+
+@native
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_custom_ops_are_the_reference_with_and_without_nans(channels_last):
+    """``torch.ops.onebit.int8_conv2d`` / ``int8_linear`` (what traced programs call) equal the integer
+    reference, in the layout the eager kernel writes, also where the input holds a NaN (the op then
+    runs the float form itself, as the eager caller does)."""
+    from onebit.engine import reference
+
+    gen = torch.Generator().manual_seed(7)
+    w, scale, bias = random_case(gen, 16, 24, 3, 2)
+    x = torch.randn(2, 16, 9, 7, generator=gen)
+    x[1, 3, 4, 4] = float("nan")
+    s = 40.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bn = (torch.rand(24, generator=gen) + 0.5, torch.randn(24, generator=gen), True)
+    for out_cl in (False, True):
+        got = torch.ops.onebit.int8_conv2d(x, w, [2, 1], [1, 1], [1, 1], 2, s, scale, bias, *bn, out_cl)
+        want = reference.int8_conv2d(x, w, s, scale, bias, [2, 1], [1, 1], [1, 1], 2, bn)
+        assert torch.equal(got.isnan(), want.isnan()) and bool(got[1].isnan().any())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        wants_cl = out_cl or channels_last
+        assert got.is_contiguous(memory_format=torch.channels_last if wants_cl else torch.contiguous_format)
+        clean = x[:1].contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        integer = reference_conv(clean, w, s, scale, bias, [2, 1], [1, 1], [1, 1], 2)
+        direct = torch.ops.onebit.int8_conv2d(
+            clean, w, [2, 1], [1, 1], [1, 1], 2, s, scale, bias, None, None, False, out_cl
+        )
+        assert torch.equal(direct, integer)
+    wl = torch.randint(-127, 128, (5, 16), generator=gen, dtype=torch.int8)
+    rows = torch.randn(3, 4, 16, generator=gen)
+    rows[2, 1, 0] = float("nan")
+    got = torch.ops.onebit.int8_linear(rows, wl, s, None, scale[:5])
+    want = reference.int8_linear(rows, wl, s, None, scale[:5])
+    assert got.shape == (3, 4, 5) and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_packed_int8_model_exports_saves_loads_and_compiles(backend, tmp_path):
+    if backend == "native" and not ops.native_available():
+        pytest.skip("no native kernels")
+    model = int8_model(3)
+    x = torch.randn(2, 3, 17, 15)
+    packed = engine.pack(model, x)
+    with ops.use_backend(backend):
+        program = torch.export.export(packed, (x,))
+        if backend == "native":
+            code = program.graph_module.code
+            assert "torch.ops.onebit.int8_conv2d" in code and "torch.ops.onebit.int8_linear" in code
+        torch.export.save(program, tmp_path / "int8.pt2")
+        loaded = torch.export.load(tmp_path / "int8.pt2").module()
+        with torch.no_grad():
+            want = model(x)
+            assert torch.equal(loaded(x), want)
+            x_nan = x.clone()
+            x_nan[1, 0, 2, 2] = float("nan")
+            got, want_nan = loaded(x_nan), model(x_nan)
+            assert torch.equal(got.isnan(), want_nan.isnan()) and torch.equal(got[0], want_nan[0])
+            compiled = torch.compile(packed, backend="eager", fullgraph=True)
+            assert torch.equal(compiled(x), want)
+    if backend == "native":  # a fresh process: importing onebit registers the int8 ops the program names
+        torch.save({"x": x, "y": want}, tmp_path / "io.pt")
+        script = (
+            "import sys, torch, onebit\n"
+            f"p = torch.export.load({str(tmp_path / 'int8.pt2')!r}).module()\n"
+            f"d = torch.load({str(tmp_path / 'io.pt')!r})\n"
+            "sys.exit(0 if torch.equal(p(d['x']), d['y']) else 1)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
 
 
 def test_linear_on_three_dimensional_input():

@@ -52,6 +52,10 @@ __all__ = [
     "unpack_ternary_weights",
     "ternary_linear_int",
     "ternary_linear",
+    "int8_integers",
+    "batch_norm_epilogue",
+    "int8_conv2d",
+    "int8_linear",
 ]
 
 _M1 = 0x5555555555555555
@@ -446,3 +450,64 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1, ceil
     """torch's ``max_pool2d`` of ``x [N, C, H, W]``, in channels_last memory."""
     x = x.contiguous(memory_format=torch.channels_last)
     return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
+
+#: the largest magnitude of an int8 level or input integer
+INT8_MAX = 127
+
+
+def int8_integers(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``clamp(round(x * s), -127, 127)`` in ``x``'s dtype (``x * s`` rounded first, then half to even)."""
+    s = torch.tensor(divisor, dtype=torch.float32).to(x.dtype)
+    return torch.round(x * s).clamp_(-INT8_MAX, INT8_MAX)
+
+
+def batch_norm_epilogue(y: torch.Tensor, bn_scale: torch.Tensor, bn_shift: torch.Tensor, fma: bool) -> torch.Tensor:
+    """A BatchNorm fused into a kernel's epilogue: ``y * bn_scale + bn_shift`` per channel (dim 1),
+    rounded once (``fma``) or twice."""
+    view = (1, -1) + (1,) * (y.dim() - 2)
+    s, b = bn_scale.view(view), bn_shift.view(view)
+    return fused_multiply_add(y, s, b) if fma else y * s + b
+
+
+def _int8_epilogue(y: torch.Tensor, divisor: float, scale, bias, spatial_dims: int) -> torch.Tensor:
+    """``fl(fl(fl(acc / s) * scale) + bias)`` per channel (the dimension before ``spatial_dims``)."""
+    view = [-1] + [1] * spatial_dims
+    y = y / torch.tensor(divisor, dtype=torch.float32).to(y.dtype)
+    if scale is not None:
+        y = y * scale.reshape(view)
+    if bias is not None:
+        y = y + bias.reshape(view)
+    return y
+
+
+def int8_conv2d(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    divisor: float,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    bn=None,
+) -> torch.Tensor:
+    """``conv(x_int, w) / s * scale + bias`` (then ``bn``) of float ``x`` and int8 levels ``w`` (or the
+    same levels as floats), ``bn = (bn_scale, bn_shift, fma)`` a BatchNorm after it (see
+    :func:`batch_norm_epilogue`): the integer sum is exact in float32 while taps x 127^2 < 2^24."""
+    levels = w.to(x.dtype)
+    y = F.conv2d(int8_integers(x, divisor), levels, None, stride, padding, dilation, groups)
+    y = _int8_epilogue(y, divisor, scale, bias, 2)
+    return y if bn is None else batch_norm_epilogue(y, *bn)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    divisor: float,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(x_int @ w.T) / s * scale + bias`` over the last dimension of float ``x``."""
+    return _int8_epilogue(F.linear(int8_integers(x, divisor), w.to(x.dtype)), divisor, scale, bias, 0)

@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from onebit.engine import ops
+from onebit.engine import ops, reference
 from onebit.engine.graph.quantized import DerivedWeights
 from onebit.engine.graph.schema import (
     F32,
@@ -35,20 +34,12 @@ from onebit.engine.graph.schema import (
     per_out_feature,
     positive,
 )
-from onebit.engine.reference import fused_multiply_add
+from onebit.engine.reference import INT8_MAX, int8_integers
 from onebit.engine.steps import Epilogue, Step
-from onebit.nn.functional import EXACT_SUM, scale_and_bias
+from onebit.nn.functional import EXACT_SUM
 
-#: the largest magnitude of an int8 level or input integer
-INT8_MAX = 127
 #: native int8 convs write channels_last maps whatever their input's layout (as binary convs do)
 OUT_CHANNELS_LAST = True
-
-
-def int8_integers(x: torch.Tensor, divisor: float) -> torch.Tensor:
-    """``clamp(round(x * s), -127, 127)`` in ``x``'s dtype, as :meth:`onebit.quant.Int8.integer_factor`."""
-    s = torch.tensor(divisor, dtype=torch.float32).to(x.dtype)
-    return torch.round(x * s).clamp_(-INT8_MAX, INT8_MAX)
 
 
 def _divide(y: torch.Tensor, divisor: float) -> torch.Tensor:
@@ -72,24 +63,16 @@ def _float_levels(t, derived: DerivedWeights | None, dtype: torch.dtype) -> torc
 
 def _int8_conv2d(t, a, x, derived=None):
     """``conv(x_int, w) / s * scale + bias`` in float: the integer conv is exact (see the module)."""
-    y = F.conv2d(
-        int8_integers(x, a["divisor"]),
-        _float_levels(t, derived, x.dtype),
-        None,
-        a["stride"],
-        a["padding"],
-        a["dilation"],
-        a["groups"],
-    )
-    return scale_and_bias(_divide(y, a["divisor"]), t.get("scale"), t.get("bias"), 2)
+    levels = _float_levels(t, derived, x.dtype)
+    args = (a["stride"], a["padding"], a["dilation"], a["groups"])
+    return reference.int8_conv2d(x, levels, a["divisor"], t.get("scale"), t.get("bias"), *args)
 
 
 def _int8_linear(t, a, x, derived=None):
     """``(x_int @ w.T) / s * scale + bias`` over the last dimension."""
     if x.shape[-1] != a["in_features"]:
         raise ValueError(f"int8_linear: expected {a['in_features']} input features, got shape {list(x.shape)}")
-    y = F.linear(int8_integers(x, a["divisor"]), _float_levels(t, derived, x.dtype))
-    return scale_and_bias(_divide(y, a["divisor"]), t.get("scale"), t.get("bias"), 0)
+    return reference.int8_linear(x, _float_levels(t, derived, x.dtype), a["divisor"], t.get("scale"), t.get("bias"))
 
 
 def _bind(fn: Callable, native: Callable) -> Callable:
@@ -114,25 +97,25 @@ def _bind(fn: Callable, native: Callable) -> Callable:
 
 
 def _batch_norm_epilogue(y: torch.Tensor, e: Epilogue) -> torch.Tensor:
-    """A fused BatchNorm as the kernels round it: ``y * bn_scale + bn_shift`` per channel, once or twice."""
-    view = (1, -1) + (1,) * (y.dim() - 2)
-    s, b = e.bn_scale.view(view), e.bn_shift.view(view)
-    return fused_multiply_add(y, s, b) if e.bn_fma else y * s + b
+    """A fused BatchNorm as the kernels round it."""
+    return reference.batch_norm_epilogue(y, e.bn_scale, e.bn_shift, e.bn_fma)
 
 
 def _native_conv(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None):
     from onebit.engine.kernels import int8 as kernels  # noqa: PLC0415 (the native module loads lazily)
 
-    prepared = panels.get(t["weight"], lambda w: kernels.int8_panels(w, a["groups"]))
+    w = t["weight"]
+    prepared = panels.get(w, lambda w: kernels.int8_panels(w, a["groups"])) if kernels.direct(x, w) else None
     bn = None if epilogue is None else (epilogue.bn_scale, epilogue.bn_shift, epilogue.bn_fma)
-    return kernels.int8_conv2d(x, t["weight"], t.get("scale"), t.get("bias"), a, prepared, bn, OUT_CHANNELS_LAST)
+    return kernels.int8_conv2d(x, w, t.get("scale"), t.get("bias"), a, prepared, bn, OUT_CHANNELS_LAST)
 
 
 def _native_linear(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None):
     from onebit.engine.kernels import int8 as kernels  # noqa: PLC0415
 
-    prepared = panels.get(t["weight"], kernels.int8_panels)
-    return kernels.int8_linear(x, t["weight"], t.get("scale"), t.get("bias"), a, prepared)
+    w = t["weight"]
+    prepared = panels.get(w, kernels.int8_panels) if kernels.direct(x, w) else None
+    return kernels.int8_linear(x, w, t.get("scale"), t.get("bias"), a, prepared)
 
 
 def _levels_problem(w: torch.Tensor, a: dict) -> str | None:

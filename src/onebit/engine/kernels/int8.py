@@ -1,14 +1,18 @@
 """Native int8 x int8 conv and linear layers (``csrc/kernels/int8_conv.h``): the input quantized by
 the ``int8`` quantizer's divisor inside the kernel, int32 sums, the float epilogue
-``fl(fl(fl(acc / s) * scale) + bias)``. Each returns None when the input holds a NaN (the caller
-then runs the float path, which propagates it)."""
+``fl(fl(fl(acc / s) * scale) + bias)``. Called eagerly, each returns None when the input holds a NaN
+(the caller then runs the float path, which propagates it); traced, each is a custom op
+(``onebit::int8_conv2d``, ``onebit::int8_linear``) that runs :mod:`onebit.engine.reference`'s form
+for such an input itself."""
 
 from __future__ import annotations
 
 import torch
 
 from onebit import _C
+from onebit.engine import reference
 from onebit.engine.kernels.operands import channel_ptr
+from onebit.engine.kernels.registry import custom_op, direct
 
 __all__ = ["int8_conv2d", "int8_linear", "int8_conv_kernel", "int8_panels"]
 
@@ -47,38 +51,46 @@ def _bn_operands(bn, channels: int) -> tuple[int, int, bool]:
     return channel_ptr(bn_scale, "bn_scale", _F32, channels), channel_ptr(bn_shift, "bn_shift", _F32, channels), fma
 
 
-def int8_conv2d(
-    x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None, bn=None, out_channels_last: bool = False
-) -> torch.Tensor | None:
-    """``conv(x_int, w) / s * scale + bias`` of float32 ``x`` ``[N, C, H, W]`` (output in ``x``'s memory
-    format: channels_last for a channels_last input, else NCHW); ``a`` the ``int8_conv2d`` attributes,
-    ``panels`` :func:`int8_panels` of ``w`` (made here when None); ``bn = (bn_scale, bn_shift, fma)``: a
-    BatchNorm applied after, ``y * bn_scale + bn_shift`` rounded once (``fma``) or twice;
-    ``out_channels_last``: the output in channels_last whatever the input's layout."""
-    if x.dim() != 4 or x.dtype != _F32 or x.shape[1] != a["in_channels"]:
-        raise ValueError(f"int8_conv2d: expected float32 [N, {a['in_channels']}, H, W], got {list(x.shape)} {x.dtype}")
-    panels, sums = int8_panels(w, a["groups"]) if panels is None else panels
-    n, c, h, wd = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel_size"], a["stride"], a["padding"], a["dilation"]
+def _conv_shape(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int) -> tuple[int, ...]:
+    """``[N, C_out, OH, OW]`` of the conv, after checking ``x`` against ``w`` (one-line errors)."""
+    if x.dim() != 4 or x.dtype != _F32 or x.shape[1] != w.shape[1] * groups:
+        raise ValueError(
+            f"int8_conv2d: expected float32 [N, {w.shape[1] * groups}, H, W], got {list(x.shape)} {x.dtype}"
+        )
+    n, _, h, wd = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = w.shape[2:], stride, padding, dilation
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if oh <= 0 or ow <= 0:
         raise ValueError(f"int8_conv2d: input {list(x.shape)} is smaller than the kernel")
-    co = a["out_channels"]
-    channels_last = out_channels_last or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    return n, w.shape[0], oh, ow
+
+
+def _writes_channels_last(x: torch.Tensor, out_channels_last: bool) -> bool:
+    return out_channels_last or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+def _empty_output(shape, channels_last: bool) -> torch.Tensor:
+    n, co, oh, ow = shape
     if channels_last:
-        y = torch.empty((n, oh, ow, co), dtype=_F32).permute(0, 3, 1, 2)
-        out_strides = [oh * ow * co, 1, co]
-    else:
-        y = torch.empty((n, co, oh, ow), dtype=_F32)
-        out_strides = [co * oh * ow, oh * ow, 1]
+        return torch.empty((n, oh, ow, co), dtype=_F32).permute(0, 3, 1, 2)
+    return torch.empty((n, co, oh, ow), dtype=_F32)
+
+
+def _native_conv2d(x, w, stride, padding, dilation, groups, divisor, scale, bias, bn, out_channels_last, panels):
+    """The native kernel's result, or None where ``x`` holds a NaN."""
+    n, co, oh, ow = shape = _conv_shape(x, w, stride, padding, dilation, groups)
+    panels, sums = int8_panels(w, groups) if panels is None else panels
+    channels_last = _writes_channels_last(x, out_channels_last)
+    y = _empty_output(shape, channels_last)
     if n == 0:
         return y
-    geometry = [n, c, h, wd, *x.stride(), co, kh, kw, sh, sw, ph, pw, dh, dw, a["groups"]]
+    out_strides = [oh * ow * co, 1, co] if channels_last else [co * oh * ow, oh * ow, 1]
+    geometry = [*x.shape, *x.stride(), co, *w.shape[2:], *stride, *padding, *dilation, groups]
     ok = _C.int8_conv2d_raw(
         x.data_ptr(),
         geometry,
-        float(a["divisor"]),
+        float(divisor),
         panels.data_ptr(),
         sums.data_ptr(),
         channel_ptr(scale, "scale", _F32, co),
@@ -91,9 +103,26 @@ def int8_conv2d(
     return y if ok else None
 
 
-def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None) -> torch.Tensor | None:
-    """``(x_int @ w.T) / s * scale + bias`` over the last dimension of float32 ``x``."""
-    f, out = a["in_features"], a["out_features"]
+def _int8_conv2d_impl(x, w, stride, padding, dilation, groups, divisor, scale, bias, bn_scale, bn_shift, bn_fma, cl):
+    """The custom op: the native kernel, or (an input holding a NaN) the reference, in the same layout."""
+    bn = None if bn_scale is None else (bn_scale, bn_shift, bn_fma)
+    conv = (stride, padding, dilation, groups)
+    y = _native_conv2d(x, w, *conv, divisor, scale, bias, bn, cl, None)
+    if y is None:
+        y = reference.int8_conv2d(x, w, divisor, scale, bias, *conv, bn)
+        layout = torch.channels_last if _writes_channels_last(x, cl) else torch.contiguous_format
+        y = y.contiguous(memory_format=layout)
+    return y
+
+
+def _int8_conv2d_fake(x, w, stride, padding, dilation, groups, divisor, scale, bias, bn_scale, bn_shift, bn_fma, cl):
+    shape = _conv_shape(x, w, stride, padding, dilation, groups)
+    layout = torch.channels_last if _writes_channels_last(x, cl) else torch.contiguous_format
+    return x.new_empty(shape).contiguous(memory_format=layout)
+
+
+def _native_linear(x, w, divisor, scale, bias, panels):
+    out, f = w.shape
     if x.dtype != _F32 or x.dim() < 1 or x.shape[-1] != f:
         raise ValueError(f"int8_linear: expected float32 [..., {f}], got {list(x.shape)} {x.dtype}")
     panels, sums = int8_panels(w) if panels is None else panels
@@ -108,7 +137,7 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=N
         ok = _C.int8_conv2d_raw(
             rows.data_ptr(),
             geometry,
-            float(a["divisor"]),
+            float(divisor),
             panels.data_ptr(),
             sums.data_ptr(),
             channel_ptr(scale, "scale", _F32, out),
@@ -123,3 +152,59 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=N
         if not ok:
             return None
     return y.reshape(*lead, out)
+
+
+def _int8_linear_impl(x, w, divisor, scale, bias):
+    y = _native_linear(x, w, divisor, scale, bias, None)
+    return reference.int8_linear(x, w, divisor, scale, bias) if y is None else y
+
+
+def _int8_linear_fake(x, w, divisor, scale, bias):
+    out, f = w.shape
+    if x.dtype != _F32 or x.dim() < 1 or x.shape[-1] != f:
+        raise ValueError(f"int8_linear: expected float32 [..., {f}], got {list(x.shape)} {x.dtype}")
+    return x.new_empty((*x.shape[:-1], out))
+
+
+custom_op(
+    "int8_conv2d",
+    "(Tensor x, Tensor w, SymInt[] stride, SymInt[] padding, SymInt[] dilation, SymInt groups, float divisor, "
+    "Tensor? scale, Tensor? bias, Tensor? bn_scale, Tensor? bn_shift, bool bn_fma, bool out_channels_last) -> Tensor",
+    _int8_conv2d_impl,
+    _int8_conv2d_fake,
+)
+custom_op(
+    "int8_linear",
+    "(Tensor x, Tensor w, float divisor, Tensor? scale, Tensor? bias) -> Tensor",
+    _int8_linear_impl,
+    _int8_linear_fake,
+)
+
+
+def int8_conv2d(
+    x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None, bn=None, out_channels_last: bool = False
+) -> torch.Tensor | None:
+    """``conv(x_int, w) / s * scale + bias`` of float32 ``x`` ``[N, C, H, W]`` (output in ``x``'s memory
+    format: channels_last for a channels_last input, else NCHW); ``a`` the ``int8_conv2d`` attributes,
+    ``panels`` :func:`int8_panels` of ``w`` (made here when None); ``bn = (bn_scale, bn_shift, fma)``: a
+    BatchNorm applied after, ``y * bn_scale + bn_shift`` rounded once (``fma``) or twice;
+    ``out_channels_last``: the output in channels_last whatever the input's layout.
+
+    Eager, None where ``x`` holds a NaN (the caller runs its float path). Traced (``torch.export``,
+    ``torch.compile``), the op ``onebit::int8_conv2d``, which runs the reference there itself."""
+    _check_weight(w)
+    conv = (a["stride"], a["padding"], a["dilation"], a["groups"])
+    bn_scale, bn_shift, bn_fma = (None, None, False) if bn is None else bn
+    if not direct(x, w, scale, bias, bn_scale, bn_shift):
+        args = (float(a["divisor"]), scale, bias, bn_scale, bn_shift, bn_fma, out_channels_last)
+        return torch.ops.onebit.int8_conv2d(x, w, *conv, *args)
+    return _native_conv2d(x, w, *conv, a["divisor"], scale, bias, bn, out_channels_last, panels)
+
+
+def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None) -> torch.Tensor | None:
+    """``(x_int @ w.T) / s * scale + bias`` over the last dimension of float32 ``x`` (None where ``x``
+    holds a NaN, eager; traced, the op ``onebit::int8_linear``)."""
+    _check_weight(w)
+    if not direct(x, w, scale, bias):
+        return torch.ops.onebit.int8_linear(x, w, float(a["divisor"]), scale, bias)
+    return _native_linear(x, w, a["divisor"], scale, bias, panels)
