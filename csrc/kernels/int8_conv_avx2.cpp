@@ -1,6 +1,6 @@
 // AVX2 GEMM of the int8 conv: both operands widened to int16 pairs (once per call: the weights of a
-// block for all its pixels, the taps of a pixel for all the blocks) and multiplied by vpmaddwd (no
-// vpmaddubsw, whose int16 sums saturate): every partial sum is an exact int32.
+// block for all its pixels, the taps of a pixel for all the blocks, each by a few vector ops) and
+// multiplied by vpmaddwd (no vpmaddubsw, whose int16 sums saturate): every partial sum is an exact int32.
 #include <immintrin.h>
 
 #include <cstring>
@@ -13,30 +13,27 @@ namespace onebit {
 namespace int8 {
 namespace {
 
-// int16 lanes of the bytes 0 and 2 of each 32-bit lane (sign-extended), and of the bytes 1 and 3.
-inline __m256i even_bytes(__m256i v) { return _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8); }
-inline __m256i odd_bytes(__m256i v) { return _mm256_srai_epi16(v, 8); }
-
-// P pixels x one block of 16 channels (two halves of 8), on operands widened once per call: the block's
-// weights ww[q] = {even half 0, odd half 0, even half 1, odd half 1} and each pixel's taps
-// xw[p][q] = {(x0, x2), (x1, x3)} as int16 pairs: acc += w0 x0 + w2 x2 + w1 x1 + w3 x3 a lane.
+// P pixels x one block of 16 channels (two halves of 8), on operands widened to int16 once per call: the
+// block's weights ww[q] = {(w0, w1) half 0, (w2, w3) half 0, (w0, w1) half 1, (w2, w3) half 1} and each
+// pixel's taps xw[p] as int16 in order, so int32 lane 2q of a row is (x0, x1) and 2q + 1 is (x2, x3):
+// acc += w0 x0 + w1 x1 + w2 x2 + w3 x3 a lane.
 template <int P>
-void tile(const int32_t* xw, int64_t quads, const int16_t* ww, int32_t* acc, int64_t acc_stride) {
+void tile(const int32_t* xw, int64_t x_stride, int64_t quads, const int16_t* ww, int32_t* acc, int64_t acc_stride) {
   __m256i sum[P][2];
 #pragma GCC unroll 4
   for (int p = 0; p < P; ++p) sum[p][0] = sum[p][1] = _mm256_setzero_si256();
   for (int64_t q = 0; q < quads; ++q) {
     const __m256i* w = reinterpret_cast<const __m256i*>(ww + 64 * q);
-    const __m256i we0 = _mm256_loadu_si256(w), wo0 = _mm256_loadu_si256(w + 1);
-    const __m256i we1 = _mm256_loadu_si256(w + 2), wo1 = _mm256_loadu_si256(w + 3);
+    const __m256i lo0 = _mm256_loadu_si256(w), hi0 = _mm256_loadu_si256(w + 1);
+    const __m256i lo1 = _mm256_loadu_si256(w + 2), hi1 = _mm256_loadu_si256(w + 3);
 #pragma GCC unroll 4
     for (int p = 0; p < P; ++p) {
-      const __m256i xe = _mm256_set1_epi32(xw[(p * quads + q) * 2]);
-      const __m256i xo = _mm256_set1_epi32(xw[(p * quads + q) * 2 + 1]);
-      sum[p][0] = _mm256_add_epi32(sum[p][0], _mm256_madd_epi16(we0, xe));
-      sum[p][1] = _mm256_add_epi32(sum[p][1], _mm256_madd_epi16(we1, xe));
-      sum[p][0] = _mm256_add_epi32(sum[p][0], _mm256_madd_epi16(wo0, xo));
-      sum[p][1] = _mm256_add_epi32(sum[p][1], _mm256_madd_epi16(wo1, xo));
+      const __m256i x01 = _mm256_set1_epi32(xw[p * x_stride + 2 * q]);
+      const __m256i x23 = _mm256_set1_epi32(xw[p * x_stride + 2 * q + 1]);
+      sum[p][0] = _mm256_add_epi32(sum[p][0], _mm256_madd_epi16(lo0, x01));
+      sum[p][1] = _mm256_add_epi32(sum[p][1], _mm256_madd_epi16(lo1, x01));
+      sum[p][0] = _mm256_add_epi32(sum[p][0], _mm256_madd_epi16(hi0, x23));
+      sum[p][1] = _mm256_add_epi32(sum[p][1], _mm256_madd_epi16(hi1, x23));
     }
   }
 #pragma GCC unroll 4
@@ -46,40 +43,45 @@ void tile(const int32_t* xw, int64_t quads, const int16_t* ww, int32_t* acc, int
   }
 }
 
-// (x0, x2) and (x1, x3) of a pixel's four taps as int16 pairs (one int32 each).
-inline void widen_taps(const int8_t* t, int32_t* out) {
-  const auto pair = [](int8_t lo, int8_t hi) {
-    return static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(lo)) |
-                                (static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(hi))) << 16));
-  };
-  out[0] = pair(t[0], t[2]);
-  out[1] = pair(t[1], t[3]);
+// n (a multiple of 4) int8 taps sign-extended to int16, in order.
+inline void widen_taps(const int8_t* t, int64_t n, int16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + i))));
+  for (; i < n; ++i) out[i] = t[i];
+}
+
+// A panel row's 8 channels x 4 taps (32 bytes) as int16 pairs (w0, w1) and (w2, w3) a channel.
+inline void widen_weights(__m256i v, __m256i* out) {
+  const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);  // (w0, w2) a channel
+  const __m256i odd = _mm256_srai_epi16(v, 8);                         // (w1, w3)
+  _mm256_storeu_si256(out, _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xAA));
+  _mm256_storeu_si256(out + 1, _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xAA));
 }
 
 }  // namespace
 
 void gemm_avx2(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,
                const int32_t* /*wsum*/, int64_t blocks, int32_t* acc, int64_t acc_stride) {
-  const int64_t block_stride = quads * kChannelBlock * kTapGroup;
-  std::unique_ptr<int32_t[]> xw(new int32_t[static_cast<size_t>(pixels * quads * 2)]);
-  for (int64_t p = 0; p < pixels; ++p)
-    for (int64_t q = 0; q < quads; ++q) widen_taps(a + p * a_stride + 4 * q, xw.get() + (p * quads + q) * 2);
+  const int64_t block_stride = quads * kChannelBlock * kTapGroup, taps = quads * kTapGroup;
+  std::unique_ptr<int16_t[]> xw(new int16_t[static_cast<size_t>(pixels * taps)]);
+  for (int64_t p = 0; p < pixels; ++p) widen_taps(a + p * a_stride, taps, xw.get() + p * taps);
+  const int32_t* rows = reinterpret_cast<const int32_t*>(xw.get());
+  const int64_t row_stride = taps / 2;  // int32 pairs a pixel
   std::unique_ptr<int16_t[]> ww(new int16_t[static_cast<size_t>(quads * 64)]);
   for (int64_t b = 0; b < blocks; ++b) {
     const int8_t* wb = w + b * block_stride;
     for (int64_t q = 0; q < quads; ++q) {  // the block's weights widened once for all the pixels
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + 32));
       __m256i* out = reinterpret_cast<__m256i*>(ww.get() + 64 * q);
-      _mm256_storeu_si256(out, even_bytes(w0));
-      _mm256_storeu_si256(out + 1, odd_bytes(w0));
-      _mm256_storeu_si256(out + 2, even_bytes(w1));
-      _mm256_storeu_si256(out + 3, odd_bytes(w1));
+      widen_weights(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64)), out);
+      widen_weights(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + 32)), out + 2);
     }
     int32_t* ab = acc + b * kChannelBlock;
     int64_t p = 0;
-    for (; p + 4 <= pixels; p += 4) tile<4>(xw.get() + p * quads * 2, quads, ww.get(), ab + p * acc_stride, acc_stride);
-    for (; p < pixels; ++p) tile<1>(xw.get() + p * quads * 2, quads, ww.get(), ab + p * acc_stride, acc_stride);
+    for (; p + 4 <= pixels; p += 4)
+      tile<4>(rows + p * row_stride, row_stride, quads, ww.get(), ab + p * acc_stride, acc_stride);
+    for (; p < pixels; ++p) tile<1>(rows + p * row_stride, row_stride, quads, ww.get(), ab + p * acc_stride, acc_stride);
   }
 }
 
