@@ -9,13 +9,16 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 
 #include "kernels/bitplanes.h"
 #include "kernels/conv.h"
 #include "kernels/conv_tiles.h"
+#include "kernels/huge_pages.h"
 #include "kernels/int8_conv.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
@@ -293,6 +296,22 @@ void int8_panels_raw(uintptr_t w, int64_t O, int64_t Cg, int64_t KH, int64_t KW,
   onebit::int8_make_panels(ptr<const int8_t>(w), O, Cg, KH, KW, G, ptr<int8_t>(panels), ptr<int32_t>(wsum));
 }
 
+// A uint8 torch tensor of nbytes in memory from huge_page_alloc (released with the tensor), and whether
+// its whole 2 MiB pages were advised as huge pages.
+std::tuple<nb::ndarray<nb::pytorch, uint8_t, nb::ndim<1>>, bool> huge_page_buffer(int64_t nbytes) {
+  require(nbytes > 0, "huge_page_buffer: nbytes must be positive, got " + std::to_string(nbytes));
+  const onebit::HugePageBuffer b = onebit::huge_page_alloc(nbytes);
+  if (b.data == nullptr) throw std::bad_alloc();
+  auto* held = new onebit::HugePageBuffer(b);
+  nb::capsule owner(held, [](void* p) noexcept {
+    auto* buffer = static_cast<onebit::HugePageBuffer*>(p);
+    onebit::huge_page_free(*buffer);
+    delete buffer;
+  });
+  const size_t shape[1] = {static_cast<size_t>(nbytes)};
+  return {nb::ndarray<nb::pytorch, uint8_t, nb::ndim<1>>(static_cast<uint8_t*>(b.data), 1, shape, owner), b.advised};
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -325,6 +344,9 @@ NB_MODULE(_C, m) {
   m.def("ternary_linear_int_raw", &ternary_linear_int_raw, "x"_a, "N"_a, "K"_a, "w"_a, "O"_a, "out"_a, "threads"_a,
         "Low level (addresses): int32 [N, O] of int8 [N, K] and 2-bit ternary weights [O, ceil(K/4)] uint8. "
         "Use onebit.engine.kernels.ternary_linear_int.");
+  m.def("huge_page_buffer", &huge_page_buffer, "nbytes"_a,
+        "(uint8 tensor of nbytes, advised): memory aligned to 2 MiB whose whole 2 MiB pages are advised as "
+        "transparent huge pages (Linux). Use onebit.engine.kernels.in_huge_pages.");
   onebit::init_tiles_from_env();  // a bad ONEBIT_TILE fails the import, naming the valid tiles
   m.def("tiles", &onebit::tile_names, "isa"_a,
         "The convolution's register tiles for an ISA (pixels x channels), the default first.");

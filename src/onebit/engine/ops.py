@@ -118,6 +118,13 @@ def conv_layer(wp, **kwargs):
     return native.ConvLayer(wp, **kwargs) if native is not None else None
 
 
+def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into transparent huge pages when it is 2 MiB or more (``kernels.in_huge_pages``), else
+    (or without the native kernels) ``t`` itself."""
+    native = _native()
+    return native.in_huge_pages(t) if native is not None else t
+
+
 def _impl(name: str):
     """The native function ``name`` when it is to be used, else None (the caller checks and runs the reference)."""
     mode = _mode()

@@ -53,7 +53,14 @@ class PackedModel(nn.Module):
                 attr += "_"
             self.register_buffer(attr, t)
             self._keys[key] = attr
+        self._place_in_huge_pages()
         self._steps = self._compile()
+
+    def _place_in_huge_pages(self) -> None:
+        """Tensors of 2 MiB or more (weights a call may stream from memory) into transparent huge pages."""
+        for name, t in self._buffers.items():
+            if t is not None:
+                self._buffers[name] = ops.in_huge_pages(t)
 
     def __getstate__(self):  # copies and pickles rebuild the steps (they hold native weight caches)
         state = dict(super().__getstate__())
@@ -62,6 +69,7 @@ class PackedModel(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._place_in_huge_pages()  # a copy's tensors are new allocations
         self._steps = self._compile()
 
     def _apply(self, fn, *args, **kwargs):

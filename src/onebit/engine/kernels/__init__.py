@@ -10,7 +10,8 @@ the native implementations behind ``ops`` (tests and benchmarks call them to pic
 Modules, each one concept: ``registry`` (custom-op registration, the eager bypass of the dispatcher),
 ``operands`` (addresses of checked tensors, channels_last outputs), ``weight_cache`` (:class:`WeightCache`),
 ``plans`` (validated calls cached by shape), ``packing``, ``conv``, ``conv_layer``, ``linear``, ``pool``,
-``ternary``, ``ternary_layer``, ``int8``, ``planes``, ``memory_formats`` (the ops).
+``ternary``, ``ternary_layer``, ``int8``, ``planes``, ``memory_formats`` (the ops), ``huge_pages``
+(large weights in transparent huge pages).
 
 Bit convention (``csrc/kernels/pack.h``): bit set = -1 (``x < 0``), bit clear = +1, so
 sign(0) = sign(-0.0) = +1 and NaN packs as +1. Channel ``c`` of a group lives in word
@@ -45,6 +46,7 @@ from onebit import _C
 from onebit.engine.geometry import conv_output_size, words_for
 from onebit.engine.kernels.conv import binary_conv2d, binary_conv2d_int, binary_conv2d_threshold
 from onebit.engine.kernels.conv_layer import ConvLayer, _conv_layer  # noqa: F401 (pickles name it here)
+from onebit.engine.kernels.huge_pages import HUGE_PAGE, in_huge_pages
 from onebit.engine.kernels.int8 import int8_conv2d, int8_linear
 from onebit.engine.kernels.linear import binary_linear, binary_linear_int, binary_linear_threshold
 from onebit.engine.kernels.memory_formats import relayout
@@ -79,6 +81,8 @@ __all__ = [
     "binary_linear_threshold",
     "int8_conv2d",
     "int8_linear",
+    "HUGE_PAGE",
+    "in_huge_pages",
     "max_pool_bits",
     "max_pool2d",
     "ConvLayer",
