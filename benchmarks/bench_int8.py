@@ -3,9 +3,11 @@
 1. Layers: ResNet-18's float layers (the 7x7 stem at 224 px, the three 1x1 downsampling shortcuts as a
    Bi-Real block runs them, after its 2x2 average pool, and the 512 -> 1000 classifier), batch 1, NCHW
    float input: onebit's ``int8_conv2d`` / ``int8_linear`` on each ISA this CPU runs (quantization and
-   epilogue included, weight panels prepared once) against torch's float32 conv / linear and, for the
-   classifier, torch's dynamic int8 linear (``torch.ao.quantization.quantize_dynamic``). Each onebit
-   result is checked bit for bit against the int8 layer's float reference before timing.
+   epilogue included, weight panels prepared once) against torch's float32 conv / linear, torch's own
+   int8 conv (``torch.ao.nn.quantized.Conv2d`` between a per-tensor quantization of the input and a
+   dequantization of its output) and, for the classifier, torch's dynamic int8 linear
+   (``torch.ao.quantization.quantize_dynamic``). Each onebit result is checked bit for bit against
+   the int8 layer's float reference before timing.
 2. End to end: ``birealnet18(float_layers="int8")`` packed against the float ``resnet18``, 224 px, batch 1,
    NCHW input, onebit on each ISA; and the packed file against the float state_dict.
 
@@ -62,6 +64,22 @@ def conv_case(c_in, c_out, k, stride, padding, size, gen):
     return x, w, attrs, scale, bias
 
 
+def torch_int8_conv(x: torch.Tensor, c_in, c_out, k, stride, padding, size):
+    """torch's own int8 conv as a float layer runs it: the input quantized per tensor (quint8), the
+    quantized conv (``torch.ao.nn.quantized.Conv2d``, int8 weights per tensor, the ``x86`` / fbgemm
+    engine), the output dequantized."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates its quantized tensors
+        conv = torch.ao.nn.quantized.Conv2d(c_in, c_out, k, stride=stride, padding=padding)
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return conv(torch.quantize_per_tensor(x, 1 / 42.5, 128, torch.quint8)).dequantize()
+
+    return run
+
+
 def layer_rows(isas: list[str], reps: int) -> list[tuple[str, dict[str, float]]]:
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -69,7 +87,10 @@ def layer_rows(isas: list[str], reps: int) -> list[tuple[str, dict[str, float]]]
         x, w, a, scale, bias = conv_case(*shape, gen)
         wf, panels = w.float(), K8.int8_panels(w)
         want = INT8_OPS["int8_conv2d"].fn({"weight": w, "scale": scale, "bias": bias}, a, x)
-        candidates = {"torch fp32": (None, lambda x=x, wf=wf, a=a: F.conv2d(x, wf, None, a["stride"], a["padding"]))}
+        candidates = {
+            "torch fp32": (None, lambda x=x, wf=wf, a=a: F.conv2d(x, wf, None, a["stride"], a["padding"])),
+            "torch static int8": (None, torch_int8_conv(x, *shape)),
+        }
         for isa in isas:
             _C.set_isa(isa)
             got = K8.int8_conv2d(x, w, scale, bias, a, panels)
@@ -132,7 +153,8 @@ def print_rows(title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
         base = times.get("torch fp32", times.get("resnet18 fp32 (torch)"))
         parts = []
         for who, t in times.items():
-            ratio = f" ({base / t:.2f}x)" if who.startswith(("onebit", "packed", "torch dynamic")) else ""
+            compared = who.startswith(("onebit", "packed", "torch dynamic", "torch static"))
+            ratio = f" ({base / t:.2f}x)" if compared else ""
             parts.append(f"{who} {1e3 * t:.3f}{ratio}")
         print(f"{name:28s} " + " | ".join(parts))
 

@@ -4,7 +4,10 @@ the kernel grants them, kept by copies, and nothing else about the packed model 
 from __future__ import annotations
 
 import copy
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -100,3 +103,16 @@ def test_packed_model_keeps_large_weights_in_huge_pages_through_copies_and_files
     assert all(b.data_ptr() % HUGE_PAGE == 0 for b in loaded.buffers() if b.numel() >= HUGE_PAGE)
     assert torch.equal(loaded(x), want)
     assert path.stat().st_size < 4096 * 1024 + 64 * 1024 + 100_000  # 2-bit weights, nothing padded
+
+
+def test_the_environment_can_turn_the_placement_off():
+    script = (
+        "import torch\n"
+        "from onebit.engine.kernels import in_huge_pages\n"
+        "t = torch.zeros(3 << 20, dtype=torch.uint8)\n"
+        "print(in_huge_pages(t) is t)\n"
+    )
+    env = {**os.environ, "ONEBIT_HUGE_PAGES": "0"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
