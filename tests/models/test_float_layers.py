@@ -65,7 +65,7 @@ def test_an_int8_zoo_model_trains_and_calibrates_its_int8_inputs():
     for name in int8_layers(model):
         layer = model.get_submodule(name)
         assert bool(layer.input_quantizer.calibrated), name
-        assert layer.input_quantizer.step.grad is not None and layer.weight.grad is not None, name
+        assert layer.input_quantizer.log_step.grad is not None and layer.weight.grad is not None, name
 
 
 @pytest.mark.parametrize("bad", ["int4", "INT8", 8, None])

@@ -129,10 +129,10 @@ def test_an_int8_layer_trains_its_weight_and_step_and_calibrates_once():
     x = torch.randn(2, 4, 8, 8)
     layer(x).square().mean().backward()
     q = layer.input_quantizer
-    assert bool(q.calibrated) and q.step.grad is not None and q.step.grad.item() != 0.0
+    assert bool(q.calibrated) and q.log_step.grad is not None and q.log_step.grad.item() != 0.0
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     step = q.step.detach().clone()
     layer(x * 3)
     assert torch.equal(q.step.detach(), step)
     keys = set(layer.state_dict())
-    assert {"input_quantizer.step", "input_quantizer.calibrated", "weight"} <= keys
+    assert {"input_quantizer.log_step", "input_quantizer.calibrated", "weight"} <= keys

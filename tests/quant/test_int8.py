@@ -140,14 +140,32 @@ def test_int8_gradients_are_lsq_straight_through_inside_and_the_scaled_step_grad
     g = torch.linspace(0.5, 1.5, 101, dtype=torch.float64)
     q(x).backward(g)
     xd = x.detach()
-    s = 1.0 / torch.tensor(step, dtype=torch.float32).double()
+    s = 1.0 / q.step.detach().double()  # d = exp(log 0.05) in float32
     inside = (xd * s).abs() <= 127
     x_int = torch.round(xd * s).clamp(-127, 127)
     assert torch.allclose(x.grad, g * inside, rtol=1e-12, atol=0)  # s / s, one rounding each
     lsq = torch.where(inside, x_int - xd * s, x_int)  # dq/dd: x_int - x / d inside, +-127 outside
     want = (g * lsq).sum() / math.sqrt(101 * 127)
     assert inside.any() and (~inside).any()
-    assert q.step.grad.item() == pytest.approx(want.item(), rel=1e-5)
+    assert q.log_step.grad.item() == pytest.approx(want.item() * q.step.item(), rel=1e-5)  # dd/dlog_step = d
+
+
+def test_int8_loads_a_state_dict_that_holds_the_step_itself():
+    old = {"step": torch.tensor(0.0314), "calibrated": torch.tensor(True)}  # as Int8 saved it before
+    q = quant.Int8()
+    q.load_state_dict(old)
+    assert bool(q.calibrated) and q.step.item() == pytest.approx(0.0314, rel=1e-6)
+    assert set(q.state_dict()) == {"log_step", "calibrated"}
+
+
+def test_adam_moves_the_step_by_a_fraction_of_itself():
+    """One Adam update of lr changes log d by about lr: the step moves by ~lr of itself, whatever its size."""
+    for step in (0.001, 0.02, 0.5):
+        q = quant.Int8(step=step).eval()  # eval: no calibration, the gradient still flows
+        opt = torch.optim.Adam(q.parameters(), lr=0.005)
+        q(torch.linspace(-3.0, 3.0, 64)).pow(2).sum().backward()
+        opt.step()
+        assert abs(q.step.item() / step - 1.0) == pytest.approx(0.005, rel=0.02)
 
 
 def test_int8_refuses_a_step_that_is_not_positive():

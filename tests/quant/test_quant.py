@@ -378,7 +378,7 @@ def test_dorefa_refuses_bad_bit_widths():
 
 
 #: the quantizers that learn: their state_dict keys
-LEARNED = {"int8": {"step", "calibrated"}}
+LEARNED = {"int8": {"log_step", "calibrated"}}
 
 
 def test_quantizers_have_no_parameters_or_state_but_the_learned_ones():

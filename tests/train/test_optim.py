@@ -90,7 +90,7 @@ def test_weight_decay_leaves_binary_weights_and_quantizer_steps_alone(optimizer)
         QConv2d(3, 8, 3, input_quantizer="int8", weight_quantizer="int8_weight"),
         QConv2d(8, 8, 3, input_quantizer="ste_sign", weight_quantizer="ste_sign"),
     )
-    step, binary = model[0].input_quantizer.step, model[1].weight
+    step, binary = model[0].input_quantizer.log_step, model[1].weight
     decay_of = {}
     for opt in make_optimizers(TrainConfig(optimizer=optimizer, weight_decay=1e-3), model, [binary]):
         for group in opt.param_groups:

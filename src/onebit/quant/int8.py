@@ -3,8 +3,8 @@ downsampling shortcuts, classifier): levels -127 .. 127 times a scale.
 
 - ``"int8_weight"``: :class:`Int8Weight`, weights per output channel by their maximum magnitude;
   ``factor(w) = (levels, scale)`` with ``q(w) = levels * scale``;
-- ``"int8"``: :class:`Int8`, activations per tensor on a learned step (LSQ), calibrated on the
-  first training batch; ``integer_factor(x) = (x_int, s)`` with ``q(x) = x_int / s``.
+- ``"int8"``: :class:`Int8`, activations per tensor on a learned step (LSQ, as its logarithm),
+  calibrated on the first training batch; ``integer_factor(x) = (x_int, s)`` with ``q(x) = x_int / s``.
 
 Both declare the ``signed`` 8-bit code (:meth:`onebit.quant.IntegerCode.signed`). In a layer,
 ``conv(x_int, levels)`` sums integers of magnitude at most 127 * 127: exact in float32 while
@@ -124,9 +124,9 @@ class _StepIntegers(torch.autograd.Function):
 
 @register("int8")
 class Int8(Quantizer):
-    r"""Symmetric 8-bit activations per tensor, on a learned step (LSQ).
+    r"""Symmetric 8-bit activations per tensor, on a learned step (LSQ), held as its logarithm.
 
-    Forward, with the step ``d`` (a parameter, at least 1e-5 / 127) and ``s = fl32(1 / d)``:
+    Forward, with the step ``d = exp(log_step)`` (at least 1e-5 / 127) and ``s = fl32(1 / d)``:
 
         x_int = clamp(round(x s), -127, 127),   q(x) = x_int / s,
 
@@ -136,14 +136,18 @@ class Int8(Quantizer):
 
         dq/dx = 1[inside],
         dq/dd = (x_int - x / d) * g  inside,   x_int * g = +-127 g  outside,
+        dq/dlog_step = d * dq/dd,
 
-    with LSQ's gradient scale ``g = 1 / sqrt(numel(x) * 127)``.
+    with LSQ's gradient scale ``g = 1 / sqrt(numel(x) * 127)``. The parameter is ``log d``, so an
+    optimizer's update moves the step by a fraction of itself: Adam's steps of about ``lr`` would
+    otherwise move a step of 0.02 by a quarter of itself per update at ``lr = 0.005``.
 
     Calibration: the first forward in training mode sets ``d = max(min(3 std(x), max|x|), 1e-5) / 127``
     from that batch (in a process group: the mean of the ranks' clips, so every rank holds one ``d``)
     and records it in the ``calibrated`` buffer (saved in ``state_dict``, with
-    ``step``), so a loaded model is not calibrated again. Before that (or in eval mode) ``d`` keeps its
-    initial value (``step``, default 1 / 127: the range [-1, 1]). Forward writes nothing else.
+    ``log_step``), so a loaded model is not calibrated again. Before that (or in eval mode) ``d`` keeps its
+    initial value (``step``, default 1 / 127: the range [-1, 1]). Forward writes nothing else. A
+    ``state_dict`` holding ``step`` itself (written before the logarithm) loads as its logarithm.
 
     :meth:`integer_factor` returns ``(x_int, s)``: a layer computes ``conv(x_int, levels) / s``,
     an exact integer sum divided once.
@@ -155,11 +159,19 @@ class Int8(Quantizer):
         super().__init__()
         if not isinstance(step, (int, float)) or isinstance(step, bool) or not step > 0:
             raise ValueError(f"Int8: step must be a positive number, got {step!r}")
-        self.step = nn.Parameter(torch.tensor(float(step)))
+        self.log_step = nn.Parameter(torch.tensor(math.log(float(step))))
         self.register_buffer("calibrated", torch.tensor(False))
         self._is_calibrated = False  # the buffer as a Python bool: no tensor read in forward
 
+    @property
+    def step(self) -> torch.Tensor:
+        """The step ``d = exp(log_step)`` (0-d, with the gradient of ``log_step``)."""
+        return self.log_step.exp()
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        old = state_dict.pop(prefix + "step", None)
+        if old is not None and prefix + "log_step" not in state_dict:
+            state_dict[prefix + "log_step"] = torch.log(old.to(torch.float32))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._is_calibrated = bool(self.calibrated)
 
@@ -172,14 +184,14 @@ class Int8(Quantizer):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(clip)
             clip /= dist.get_world_size()
-        self.step.copy_(clip / INT8_MAX)
+        self.log_step.copy_(torch.log(clip / INT8_MAX))
         self.calibrated.fill_(True)
         self._is_calibrated = True
 
     def divisor(self) -> torch.Tensor:
         """``s = fl32(1 / max(d, 1e-5 / 127))``: the 0-d float32 tensor a float32 layer divides by
         (without gradient)."""
-        return torch.reciprocal(self.step.detach().clamp(min=EPS / INT8_MAX))
+        return torch.reciprocal(self.log_step.detach().exp().clamp(min=EPS / INT8_MAX))
 
     def integer_factor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_int, s)``: the integers in [-127, 127] (``x``'s dtype, with the gradient of ``s q(x)``)
@@ -188,7 +200,7 @@ class Int8(Quantizer):
         if self.training and not self._is_calibrated:
             self.calibrate(x)
         g = 1.0 / math.sqrt(max(x.numel(), 1) * INT8_MAX)
-        step = _GradientScale.apply(self.step, g)
+        step = _GradientScale.apply(self.log_step.exp(), g)
         s = torch.reciprocal(step.clamp(min=EPS / INT8_MAX)).to(x.dtype)
         return _StepIntegers.apply(x, s, INT8_MAX), s
 
