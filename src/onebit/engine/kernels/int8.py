@@ -121,10 +121,16 @@ def _int8_conv2d_fake(x, w, stride, padding, dilation, groups, divisor, scale, b
     return x.new_empty(shape).contiguous(memory_format=layout)
 
 
-def _native_linear(x, w, divisor, scale, bias, panels):
+def _check_linear(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int]:
+    """``(out_features, in_features)`` after checking ``x`` against ``w`` (a one-line error)."""
     out, f = w.shape
     if x.dtype != _F32 or x.dim() < 1 or x.shape[-1] != f:
         raise ValueError(f"int8_linear: expected float32 [..., {f}], got {list(x.shape)} {x.dtype}")
+    return out, f
+
+
+def _native_linear(x, w, divisor, scale, bias, panels):
+    out, f = _check_linear(x, w)
     panels, sums = int8_panels(w) if panels is None else panels
     lead = x.shape[:-1]
     rows = x.reshape(-1, f)
@@ -160,9 +166,7 @@ def _int8_linear_impl(x, w, divisor, scale, bias):
 
 
 def _int8_linear_fake(x, w, divisor, scale, bias):
-    out, f = w.shape
-    if x.dtype != _F32 or x.dim() < 1 or x.shape[-1] != f:
-        raise ValueError(f"int8_linear: expected float32 [..., {f}], got {list(x.shape)} {x.dtype}")
+    out, _ = _check_linear(x, w)
     return x.new_empty((*x.shape[:-1], out))
 
 
