@@ -15,7 +15,11 @@ from onebit import data, engine, models
 
 PRETRAINED = pathlib.Path(__file__).resolve().parents[2] / "pretrained"
 FOLDER = PRETRAINED / "bitnet_mlp-fashion-mnist"
-PUBLISHED = [PRETRAINED / "bitnet_mlp-fashion-mnist", PRETRAINED / "birealnet_small_react_wide-fashion-mnist"]
+PUBLISHED = [
+    PRETRAINED / "bitnet_mlp-fashion-mnist",
+    PRETRAINED / "birealnet_small_react_wide-fashion-mnist",
+    PRETRAINED / "birealnet_small_react_wide-int8-fashion-mnist",  # int8 stem, shortcuts and classifier
+]
 each = pytest.mark.parametrize("folder", PUBLISHED, ids=lambda p: p.name)
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 needs_data = pytest.mark.skipif(
@@ -92,3 +96,16 @@ def test_a_user_fine_tunes_from_it(tmp_path):
     assert "from weights" in out.stdout
     accuracy = float(out.stdout.rsplit("test accuracy:", 1)[1].split()[0])
     assert accuracy > 0.80  # starts from 82.8 %, not from random weights (about 10 %)
+
+
+def test_the_int8_model_keeps_its_stem_shortcuts_and_classifier_in_int8():
+    folder = PRETRAINED / "birealnet_small_react_wide-int8-fashion-mnist"
+    assert card(folder)["config"]["model_kwargs"] == {"float_layers": "int8"}
+    packed = engine.load(str(folder / "model.onebit.safetensors"))
+    ops = [n["op"] for n in packed.graph["nodes"]]
+    assert ops.count("int8_conv2d") == 4 and ops.count("int8_linear") == 1  # stem, 3 shortcuts, classifier
+    assert "linear" not in ops
+    for node in packed.graph["nodes"]:  # the float convs left are ReAct's per-channel sign shifts (1x1 depthwise)
+        if node["op"] == "conv2d":
+            a = node["attrs"]
+            assert a["kernel_size"] == [1, 1] and a["groups"] == a["in_channels"] == a["out_channels"], node["module"]
