@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import onebit
+from exported_programs import gives_in_fresh_process
 from onebit import _C, engine, quant
 from onebit.engine import ops
 from onebit.engine.graph.int8 import INT8_OPS
@@ -276,14 +275,7 @@ def test_packed_int8_model_exports_saves_loads_and_compiles(backend, tmp_path):
             compiled = torch.compile(packed, backend="eager", fullgraph=True)
             assert torch.equal(compiled(x), want)
     if backend == "native":  # a fresh process: importing onebit registers the int8 ops the program names
-        torch.save({"x": x, "y": want}, tmp_path / "io.pt")
-        script = (
-            "import sys, torch, onebit\n"
-            f"p = torch.export.load({str(tmp_path / 'int8.pt2')!r}).module()\n"
-            f"d = torch.load({str(tmp_path / 'io.pt')!r})\n"
-            "sys.exit(0 if torch.equal(p(d['x']), d['y']) else 1)\n"
-        )
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        result = gives_in_fresh_process(tmp_path / "int8.pt2", x, want)
         assert result.returncode == 0, result.stderr
 
 

@@ -1,13 +1,11 @@
 """torch.export of a PackedModel: the onebit kernels as registered custom ops, saved and loaded."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
 
 import onebit
+from exported_programs import gives_in_fresh_process
 from onebit import engine
 from onebit.nn import QActivation, QConv2d, QLinear
 
@@ -45,14 +43,7 @@ def test_exported_packed_model_saves_loads_and_gives_identical_outputs(name, tmp
     assert torch.equal(loaded.module()(x), model(x))
 
     # a fresh process: importing onebit registers the ops the program names
-    torch.save({"x": x, "y": packed(x)}, tmp_path / "io.pt")
-    script = (
-        "import sys, torch, onebit\n"
-        f"p = torch.export.load({str(path)!r}).module()\n"
-        f"d = torch.load({str(tmp_path / 'io.pt')!r})\n"
-        "sys.exit(0 if torch.equal(p(d['x']), d['y']) else 1)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = gives_in_fresh_process(path, x, packed(x))
     assert result.returncode == 0, result.stderr
 
 
