@@ -120,6 +120,18 @@ def final_metrics(history_path: str, topk: int, num_classes: int) -> dict[str, A
     return metrics
 
 
+def _python_literal(value: Any) -> str:
+    """``value`` as Python source in ruff's and black's style (double-quoted strings), as the card shows it."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_python_literal(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_python_literal(k)}: {_python_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
 def _kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB"
 
@@ -172,7 +184,7 @@ def model_card(
         for kind, value, name in results:
             lines += [f"    - type: {kind}", f"      value: {value}", f"      name: {json.dumps(name)}"]
     lines.append("---")
-    kwargs = ", ".join(f"{k_}={v!r}" for k_, v in sorted(run.get("model_kwargs", {}).items()))
+    kwargs = ", ".join(f"{k_}={_python_literal(v)}" for k_, v in sorted(run.get("model_kwargs", {}).items()))
     epochs = metrics.get("epochs")
     planned = run.get("epochs")
     trained = f"{epochs} epoch(s)" if epochs is not None else "an unknown number of epochs (no history.csv)"
@@ -220,7 +232,7 @@ def model_card(
         "",
         f'model = onebit.models.from_pretrained("{hub}")  # checks each file\'s SHA-256',
         f'model = onebit.models.create("{model}", weights="{hub}"'
-        + "".join(f", {k_}={v!r}" for k_, v in sorted(run.get("model_kwargs", {}).items()))
+        + "".join(f", {k_}={_python_literal(v)}" for k_, v in sorted(run.get("model_kwargs", {}).items()))
         + ")",
         f'packed = onebit.engine.load("{PACKED_FILE}")  # the packed model, from a downloaded copy',
         "```",

@@ -297,3 +297,14 @@ def test_push_to_the_hub_without_a_token_says_how_to_configure_one(run_dir, tmp_
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "hf://onebit-tests/lenet-digits" in lines[0] and "no Hugging Face token" in lines[0]
     assert "hf auth login" in lines[0] and "HF_TOKEN" in lines[0]
+
+
+def test_the_cards_python_shows_model_args_as_ruff_formats_them():
+    from onebit.hub import _python_literal
+
+    assert _python_literal("int8") == '"int8"'
+    assert _python_literal([32, "a", True, None, 1.5]) == '[32, "a", True, None, 1.5]'
+    assert _python_literal({"name": "dorefa_sym", "clip": 1.5}) == '{"name": "dorefa_sym", "clip": 1.5}'
+    assert _python_literal(("x",)) == '("x",)'
+    for value in ("int8", [32, "a", True, None], {"k": [1, "v"]}, ("x",), 0.25):
+        assert eval(_python_literal(value)) == value  # noqa: S307 (literals written above)
