@@ -99,7 +99,7 @@ class Summary:
     binary_params: int
     model_name: str = ""
     input_shape: tuple[int, ...] | None = None
-    #: bits of every weight quantized below 32 bits, keyed by bit width: ``{1: n, 2: n, 8: n}`` parameters
+    #: parameters of the weights quantized below 32 bits, by bit width: ``{1: n, 2: n, 8: n}``
     lowbit_params: dict[int, int] = field(default_factory=dict)
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -112,8 +112,13 @@ class Summary:
         return 4 * self.total_params
 
     @property
+    def _widths(self) -> dict[int, int]:
+        """:attr:`lowbit_params`, or for a summary built without them its binary weights."""
+        return self.lowbit_params or ({1: self.binary_params} if self.binary_params else {})
+
+    @property
     def memory_packed_bytes(self) -> int | float:
-        lowbit = self.lowbit_params or ({1: self.binary_params} if self.binary_params else {})
+        lowbit = self._widths
         bits = sum(b * n for b, n in lowbit.items()) + 32 * (self.total_params - sum(lowbit.values()))
         return bits // 8 if bits % 8 == 0 else bits / 8
 
@@ -207,15 +212,13 @@ class Summary:
         return f"{self.integer_macs:,} integer, {self.float_macs - self.integer_macs:,} float"
 
     def _params_by_width(self) -> str:
-        lowbit = self.lowbit_params or ({1: self.binary_params} if self.binary_params else {})
+        lowbit = self._widths or {1: 0}  # "0 binary" for a float model
         names = {1: "binary", 2: "ternary"}
         parts = [f"{n:,} {names.get(b, f'{b}-bit')}" for b, n in sorted(lowbit.items())]
-        if not lowbit:
-            parts.append(f"{self.binary_params:,} binary")
         return ", ".join([*parts, f"{self.total_params - sum(lowbit.values()):,} float"])
 
     def _packed_widths(self) -> str:
-        lowbit = self.lowbit_params or ({1: self.binary_params} if self.binary_params else {})
+        lowbit = self._widths
         if not lowbit:
             return "no low-bit weights"
         names = {1: "binary weights at 1 bit", 2: "ternary weights at 2 bits"}
