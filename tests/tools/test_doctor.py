@@ -120,7 +120,7 @@ class SteppingInt8(quant.Int8):
 
     def forward(self, x):
         with torch.no_grad():
-            self.step.mul_(1.01)
+            self.log_step.add_(0.01)
         return super().forward(x)
 
 
