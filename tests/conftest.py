@@ -12,6 +12,26 @@ def _deterministic():
     yield
 
 
+def _native_isas() -> list[str]:
+    """The instruction sets this CPU runs the native kernels on (none without the extension)."""
+    try:
+        from onebit import _C
+    except ImportError:
+        return []
+    return _C.supported_isas()
+
+
+@pytest.fixture(params=_native_isas())
+def isa(request):
+    """Each instruction set this CPU runs, made the active one for the test (the one before put back)."""
+    from onebit import _C
+
+    previous = _C.isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(previous)
+
+
 @pytest.fixture
 def restore_isa_and_threads():
     """Puts back the active native ISA and torch's thread count after a test that changes them."""

@@ -24,14 +24,6 @@ native = pytest.mark.skipif(not ops.native_available(), reason="no native kernel
 ISAS = _C.supported_isas() if ops.native_available() else []
 
 
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before = _C.isa()
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa(before)
-
-
 def reference_conv(x, w, s, scale, bias, stride, padding, dilation, groups):
     """x_int = clamp(round(x s)) by float32 ops, the sum in int64 by unfold, then the three roundings."""
     s32 = torch.tensor(s, dtype=torch.float32)
@@ -290,26 +282,24 @@ def test_linear_on_three_dimensional_input():
         assert torch.equal(packed(x), model(x))
 
 
-def test_int8_input_with_float_weights_runs_the_quantizer():
+@pytest.mark.parametrize(
+    ("layer", "op"),
+    [
+        (lambda: nn.Sequential(QConv2d(3, 5, 3, padding=1, input_quantizer="int8"), nn.Flatten()), "int8_integers"),
+        (lambda: QConv2d(3, 5, 3, padding=1, pad_value=1.0, input_quantizer="int8"), "int8_quantize"),
+    ],
+    ids=["float weights", "pad value"],
+)
+def test_int8_input_without_an_int8_kernel_runs_the_quantizer(layer, op):
+    """An int8 input whose layer has float weights (the layer divides its sum by s) or a nonzero pad
+    value (the conv reads x_int / s) keeps the quantizer as its own op."""
     torch.manual_seed(4)
-    model = nn.Sequential(QConv2d(3, 5, 3, padding=1, input_quantizer="int8"), nn.Flatten()).train()
+    model = layer().train()
     model(torch.randn(4, 3, 6, 6))
     model.eval()
     x = torch.randn(2, 3, 6, 6)
     packed = engine.pack(model, x)
-    assert "int8_integers" in {n["op"] for n in packed.graph["nodes"]}
-    with torch.no_grad():
-        assert torch.equal(packed(x), model(x))
-
-
-def test_int8_input_with_a_pad_value_runs_the_quantizer():
-    torch.manual_seed(5)
-    model = QConv2d(3, 5, 3, padding=1, pad_value=1.0, input_quantizer="int8").train()
-    model(torch.randn(4, 3, 6, 6))
-    model.eval()
-    x = torch.randn(2, 3, 6, 6)
-    packed = engine.pack(model, x)
-    assert "int8_quantize" in {n["op"] for n in packed.graph["nodes"]}
+    assert op in {n["op"] for n in packed.graph["nodes"]}
     with torch.no_grad():
         assert torch.equal(packed(x), model(x))
 

@@ -14,21 +14,10 @@ import copy
 import pytest
 import torch
 
-from onebit import _C
 from onebit.engine import kernels as K
 from onebit.engine import ops
 
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="no native kernels")
-
-ISAS = _C.supported_isas()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before = _C.isa()
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa(before)
 
 
 def levels_of(out: int, features: int, gen: torch.Generator) -> torch.Tensor:

@@ -12,14 +12,6 @@ from onebit import _C
 from onebit.bits import pack_signs, pack_signs_reference, unpack_signs, words_for
 
 
-@pytest.fixture(params=_C.supported_isas())
-def isa(request):
-    previous = _C.isa()
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa(previous)
-
-
 def test_convention_on_a_hand_worked_word():
     x = torch.tensor([1.0, -1.0, 0.0, -0.0, -3.0, float("nan")] + [2.0] * 60 + [-1.0])
     words = pack_signs(x)
