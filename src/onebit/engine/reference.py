@@ -53,6 +53,7 @@ __all__ = [
     "ternary_linear_int",
     "ternary_linear",
     "int8_integers",
+    "int8_quantize",
     "batch_norm_epilogue",
     "int8_conv2d",
     "int8_linear",
@@ -462,6 +463,16 @@ def int8_integers(x: torch.Tensor, divisor: float) -> torch.Tensor:
     return torch.round(x * s).clamp_(-INT8_MAX, INT8_MAX)
 
 
+def _divide(y: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``y / s`` with ``s`` the float32 divisor (in ``y``'s dtype)."""
+    return y / torch.tensor(divisor, dtype=torch.float32).to(y.dtype)
+
+
+def int8_quantize(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """The ``int8`` quantizer's forward ``x_int / s``."""
+    return _divide(int8_integers(x, divisor), divisor)
+
+
 def batch_norm_epilogue(y: torch.Tensor, bn_scale: torch.Tensor, bn_shift: torch.Tensor, fma: bool) -> torch.Tensor:
     """A BatchNorm fused into a kernel's epilogue: ``y * bn_scale + bn_shift`` per channel (dim 1),
     rounded once (``fma``) or twice."""
@@ -473,7 +484,7 @@ def batch_norm_epilogue(y: torch.Tensor, bn_scale: torch.Tensor, bn_shift: torch
 def _int8_epilogue(y: torch.Tensor, divisor: float, scale, bias, spatial_dims: int) -> torch.Tensor:
     """``fl(fl(fl(acc / s) * scale) + bias)`` per channel (the dimension before ``spatial_dims``)."""
     view = [-1] + [1] * spatial_dims
-    y = y / torch.tensor(divisor, dtype=torch.float32).to(y.dtype)
+    y = _divide(y, divisor)
     if scale is not None:
         y = y * scale.reshape(view)
     if bias is not None:
