@@ -261,7 +261,7 @@ void ternary_linear_int_raw(uintptr_t x, int64_t N, int64_t K, uintptr_t w, int6
 // panels and wsum: int8_make_panels' output for this conv's weights (int8_panels_raw).
 bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, uintptr_t panels, uintptr_t wsum,
                      uintptr_t scale, uintptr_t bias, uintptr_t bn_scale, uintptr_t bn_shift, bool bn_fma, uintptr_t out,
-                     std::vector<int64_t> out_strides, int threads) {
+                     std::vector<int64_t> out_strides, int threads, std::vector<int64_t> pool, uintptr_t pool_sign) {
   require(x != 0 && panels != 0 && wsum != 0 && out != 0, "int8_conv2d: null tensor");
   require(geometry.size() == 18 && out_strides.size() == 3, "int8_conv2d: bad geometry");
   const int64_t* g = geometry.data();
@@ -283,6 +283,19 @@ bool int8_conv2d_raw(uintptr_t x, std::vector<int64_t> geometry, float divisor, 
   epi.bn_scale = ptr<const float>(bn_scale);
   epi.bn_shift = ptr<const float>(bn_shift);
   epi.bn_fma = bn_fma;
+  onebit::Int8Pool max_pool{};
+  if (!pool.empty()) {  // kernel, stride, padding, dilation (each h, w), ceil_mode
+    require(pool.size() == 9 && pool_sign != 0, "int8_conv2d: bad pool");
+    const int64_t* p = pool.data();
+    max_pool = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8] != 0, ptr<const int32_t>(pool_sign)};
+    require(p[0] > 0 && p[1] > 0 && p[2] > 0 && p[3] > 0 && p[6] > 0 && p[7] > 0 && p[4] >= 0 && p[5] >= 0 &&
+                2 * p[4] <= p[0] && 2 * p[5] <= p[1],
+            "int8_conv2d: bad pool (padding must be at most half the kernel)");
+    require(onebit::Int8Pool::out_size(conv.OH(), p[0], p[2], p[4], p[6], p[8] != 0) > 0 &&
+                onebit::Int8Pool::out_size(conv.OW(), p[1], p[3], p[5], p[7], p[8] != 0) > 0,
+            "int8_conv2d: the pool's window is larger than the conv's output");
+    epi.pool = &max_pool;
+  }
   return onebit::int8_conv2d(conv, ptr<const float>(x), ptr<const int8_t>(panels), ptr<const int32_t>(wsum), epi,
                              ptr<float>(out), out_strides[0], out_strides[1], out_strides[2], threads);
 }
@@ -334,7 +347,9 @@ NB_MODULE(_C, m) {
         "Low level (addresses): an int8 conv's weight panels and channel sums. Use onebit.engine.kernels.int8.");
   m.def("int8_conv2d_raw", &int8_conv2d_raw, "x"_a, "geometry"_a, "divisor"_a, "panels"_a, "wsum"_a, "scale"_a,
         "bias"_a, "bn_scale"_a, "bn_shift"_a, "bn_fma"_a, "out"_a, "out_strides"_a, "threads"_a,
-        "Low level (addresses): the int8 x int8 conv (kernels/int8_conv.h); False when x holds a NaN. "
+        "pool"_a = std::vector<int64_t>(), "pool_sign"_a = uintptr_t{0},
+        "Low level (addresses): the int8 x int8 conv (kernels/int8_conv.h), then a max pool of its sums when "
+        "pool (kernel, stride, padding, dilation, ceil_mode) is given; False when x holds a NaN. "
         "Use onebit.engine.kernels.int8.");
   m.def("ternary_linear_raw", &ternary_linear_raw, "x"_a, "N"_a, "K"_a, "x_stride"_a, "w"_a, "O"_a, "scale"_a,
         "bias"_a, "out"_a, "threads"_a,

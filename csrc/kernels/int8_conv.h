@@ -38,14 +38,33 @@ void gemm_vnni(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads,
 
 struct Int8Conv;
 
+// A max pool over the conv's int32 sums, before the float epilogue: torch's max_pool2d of the epilogue's
+// floats, exactly, where the epilogue e is monotone in each channel's sum (the caller checks it): then
+// max pool(e(acc)) = e(max acc) where e is non-decreasing (sign +1) and e(min acc) where it is
+// non-increasing (sign -1). Windows as max_pool2d's: padding excluded, ceil_mode's last window kept
+// only where it starts inside the input or its left padding.
+struct Int8Pool {
+  int64_t KH, KW, sh, sw, ph, pw, dh, dw;
+  bool ceil_mode;
+  const int32_t* sign;  // [O]: +1 or -1
+  static int64_t out_size(int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, bool ceil_mode) {
+    const int64_t span = size + 2 * p - d * (k - 1) - 1;
+    int64_t out = (span + (ceil_mode ? s - 1 : 0)) / s + 1;
+    if (ceil_mode && (out - 1) * s >= size + p) --out;
+    return out;
+  }
+};
+
 // The float epilogue's per-channel operands (each [O] or null): out = fl(fl(fl(acc / s) * scale) + bias),
-// then a BatchNorm's fl(out * bn_scale + bn_shift), rounded once (bn_fma) or twice, when bn_scale is set.
+// then a BatchNorm's fl(out * bn_scale + bn_shift), rounded once (bn_fma) or twice, when bn_scale is set;
+// with pool set, of the pooled sums (the output is the pool's).
 struct Int8Epilogue {
   const float* scale = nullptr;
   const float* bias = nullptr;
   const float* bn_scale = nullptr;
   const float* bn_shift = nullptr;
   bool bn_fma = false;
+  const Int8Pool* pool = nullptr;
 };
 
 namespace int8 {
@@ -80,7 +99,7 @@ void int8_make_panels(const int8_t* w, int64_t O, int64_t Cg, int64_t KH, int64_
                       int32_t* wsum);
 
 // out[n * os_n + o * os_c + p * os_p] (p = oh * OW + ow; os_c == 1 or os_p == 1) of x and the weights' panels,
-// through the epilogue. False (nothing written) when x holds a NaN.
+// through the epilogue (OH x OW the pool's output with epi.pool). False (nothing written) when x holds a NaN.
 bool int8_conv2d(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum,
                  const Int8Epilogue& epi, float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads);
 

@@ -148,11 +148,110 @@ inline EpilogueRow epilogue_for(const Int8Epilogue& e) {
   return e.bn_fma ? epilogue_with<2>(e) : epilogue_with<1>(e);
 }
 
+inline void max_into(int32_t* __restrict m, const int32_t* __restrict v, int64_t n) {
+  for (int64_t o = 0; o < n; ++o) m[o] = m[o] > v[o] ? m[o] : v[o];
+}
+
+// m = max(a, b) (no memcpy call for a short copy: a == b copies)
+inline void max_of(int32_t* __restrict m, const int32_t* a, const int32_t* b, int64_t n) {
+  for (int64_t o = 0; o < n; ++o) m[o] = a[o] > b[o] ? a[o] : b[o];
+}
+
+inline void times_sign(int32_t* __restrict v, const int32_t* __restrict sign, int64_t n) {
+  for (int64_t o = 0; o < n; ++o) v[o] *= sign[o];
+}
+
+// The conv with a max pool of its sums (epi.pool), by bands of pooled rows: a thread computes each
+// conv row its band's windows reach once (in a ring of the window's rows: only a band's first window
+// computes rows another band computes too), pools each channel's sums (the max of sign * acc, times
+// sign: the sums of a ring row are multiplied by their sign once, where any is -1), and runs the float
+// epilogue on the pooled pixels only.
+template <Gemm gemm>
+void run_pooled(const Int8Conv& c, const int8_t* q, const int8_t* w, const int32_t* wsum, const Int8Epilogue& epi,
+                float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
+  const Int8Pool& pool = *epi.pool;
+  const int64_t Cg = c.C / c.G, OH = c.OH(), OW = c.OW(), Og = c.O / c.G;
+  const int64_t POH = Int8Pool::out_size(OH, pool.KH, pool.sh, pool.ph, pool.dh, pool.ceil_mode);
+  const int64_t POW = Int8Pool::out_size(OW, pool.KW, pool.sw, pool.pw, pool.dw, pool.ceil_mode);
+  const int64_t taps = c.KH * c.KW * Cg, quads = (taps + kTapGroup - 1) / kTapGroup;
+  const int64_t blocks = (Og + kChannelBlock - 1) / kChannelBlock;
+  const int64_t row_bytes = quads * kTapGroup, width = blocks * kChannelBlock;
+  const int64_t block_bytes = quads * kChannelBlock * kTapGroup;
+  const int64_t ring = (pool.KH - 1) * pool.dh + 1;  // conv rows a window spans
+  const int64_t bands_total = c.N * POH;
+  if (c.N * OH * OW * c.O * taps < kSerialMacs) threads = 1;
+  const int bands = static_cast<int>(std::min<int64_t>(bands_total, threads > 1 ? 2 * threads : 1));
+  const EpilogueRow epilogue = epilogue_for(epi);
+  const bool nchw = os_c != 1;
+  const TransposeBlock kernel = isa_kernels(active_isa()).transpose_block;
+  const TransposeBlock transpose = kernel ? kernel : transpose_block_reference;
+  parallel_chunks(threads, bands, [&](int band) {
+    const int64_t u0 = bands_total * band / bands, u1 = bands_total * (band + 1) / bands;
+    std::unique_ptr<int8_t[]> a(new int8_t[static_cast<size_t>(kPixelBlock * row_bytes)]);
+    std::unique_ptr<int32_t[]> rows(new int32_t[static_cast<size_t>(ring * OW * width)]);
+    std::unique_ptr<int32_t[]> columns(new int32_t[static_cast<size_t>(OW * width)]);
+    std::unique_ptr<int32_t[]> pooled(new int32_t[static_cast<size_t>(POW * Og)]);
+    std::unique_ptr<float[]> y(new float[static_cast<size_t>(nchw ? POW * Og : 1)]);
+    for (int64_t g = 0; g < c.G; ++g) {
+      const int32_t* sign = pool.sign + g * Og;
+      const bool negated = std::any_of(sign, sign + Og, [](int32_t v) { return v < 0; });
+      int64_t image = -1, next = 0;  // conv rows [.., next) of image are in the ring
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t n = u / POH, pr = u % POH;
+        if (n != image) image = n, next = 0;
+        const int64_t start = pr * pool.sh - pool.ph;  // the window's rows: start + k dh (those in [0, OH))
+        int64_t first = start, last = start + (pool.KH - 1) * pool.dh;
+        while (first < 0) first += pool.dh;
+        while (last >= OH) last -= pool.dh;
+        // the conv rows from the window's start on not yet computed (the next windows start no lower)
+        for (int64_t r = std::max(next, std::max<int64_t>(start, 0)); r <= last; ++r) {
+          int32_t* slot = rows.get() + (r % ring) * OW * width;
+          for (int64_t x0 = 0; x0 < OW; x0 += kPixelBlock) {
+            const int64_t count = std::min(kPixelBlock, OW - x0);
+            im2col(c, q, g, (n * OH + r) * OW + x0, count, row_bytes, a.get());
+            gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes, wsum + g * width, blocks,
+                 slot + x0 * width, width);
+          }
+          if (negated)  // sign * acc, so that the pool is a max (|acc| < 2^24)
+            for (int64_t p = 0; p < OW; ++p) times_sign(slot + p * width, sign, Og);
+        }
+        next = std::max(next, last + 1);
+        // the window's rows' max at every conv column, then each pooled pixel's max over its columns
+        const int64_t row_ints = OW * width;
+        const int32_t* top = rows.get() + (first % ring) * row_ints;
+        const int32_t* second = first + pool.dh <= last ? rows.get() + ((first + pool.dh) % ring) * row_ints : top;
+        max_of(columns.get(), top, second, row_ints);
+        for (int64_t r = first + 2 * pool.dh; r <= last; r += pool.dh)
+          max_into(columns.get(), rows.get() + (r % ring) * row_ints, row_ints);
+        for (int64_t pc = 0; pc < POW; ++pc) {
+          int32_t* m = pooled.get() + pc * Og;
+          int64_t col = pc * pool.sw - pool.pw, end_col = col + (pool.KW - 1) * pool.dw;
+          while (col < 0) col += pool.dw;
+          while (end_col >= OW) end_col -= pool.dw;
+          const int32_t* left = columns.get() + col * width;
+          max_of(m, left, col + pool.dw <= end_col ? left + pool.dw * width : left, Og);
+          for (col += 2 * pool.dw; col <= end_col; col += pool.dw) max_into(m, columns.get() + col * width, Og);
+          if (negated) times_sign(m, sign, Og);
+          float* dst = nchw ? y.get() + pc * Og : out + n * os_n + (pr * POW + pc) * os_p + g * Og;
+          epilogue(m, Og, c.divisor, epi, g * Og, dst);
+        }
+        if (nchw)  // the pooled row's [POW, Og] into each channel's plane
+          transpose(reinterpret_cast<const uint32_t*>(y.get()), POW, Og, Og,
+                    reinterpret_cast<uint32_t*>(out + n * os_n + g * Og * os_c + pr * POW), os_c);
+      }
+    }
+  });
+}
+
 template <Gemm gemm>
 bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t* wsum, const Int8Epilogue& epi,
               float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
   std::unique_ptr<int8_t[]> q(new int8_t[static_cast<size_t>(c.N * c.H * c.W * c.C)]);
   if (!quantize_input(c, x, q.get(), threads)) return false;
+  if (epi.pool) {
+    run_pooled<gemm>(c, q.get(), w, wsum, epi, out, os_n, os_c, os_p, threads);
+    return true;
+  }
   const int64_t Cg = c.C / c.G, OH = c.OH(), OW = c.OW(), pixels = c.N * OH * OW, Og = c.O / c.G;
   const int64_t taps = c.KH * c.KW * Cg, quads = (taps + kTapGroup - 1) / kTapGroup;
   const int64_t blocks = (Og + kChannelBlock - 1) / kChannelBlock;

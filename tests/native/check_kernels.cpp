@@ -461,7 +461,9 @@ void check_max_pool(Rng& r, Report& report) {
 
 // The int8 x int8 conv (int8_conv2d, every ISA's GEMM) against the definition as plain loops: x quantized
 // as clamp(round-half-even(fl(x * s)), -127, 127), an exact integer sum over the taps (zero padding), then
-// fl(fl(fl(acc / s) * scale) + bias) and an optional BatchNorm rounded once (fma) or twice.
+// fl(fl(fl(acc / s) * scale) + bias) and an optional BatchNorm rounded once (fma) or twice; in half the
+// cases a max pool after it (torch's max_pool2d of those floats), which the kernel takes of the sums
+// with each channel's sign sign(scale) * sign(bn_scale) (the epilogue's direction).
 void check_int8_conv(Rng& r, Report& report) {
   Int8Conv cv{};
   cv.G = r.coin() ? 1 : 2;
@@ -483,8 +485,7 @@ void check_int8_conv(Rng& r, Report& report) {
   Int8Epilogue epi;
   epi.scale = scale.data(), epi.bias = bias.data();
   if (bn) epi.bn_scale = bn_scale.data(), epi.bn_shift = bn_shift.data(), epi.bn_fma = bn_fma;
-  const int64_t os_n = O * P, os_c = out_channels_last ? 1 : P, os_p = out_channels_last ? O : 1;
-  std::vector<float> want(N * O * P);
+  std::vector<float> y_conv(N * O * P);  // [N, O, OH, OW]
   for (int64_t n = 0; n < N; ++n)
     for (int64_t o = 0; o < O; ++o)
       for (int64_t oh = 0; oh < OH; ++oh)
@@ -505,7 +506,44 @@ void check_int8_conv(Rng& r, Report& report) {
           y = y * scale[o];
           y = y + bias[o];
           if (bn) y = bn_fma ? std::fma(y, bn_scale[o], bn_shift[o]) : y * bn_scale[o] + bn_shift[o];
-          want[n * os_n + o * os_c + (oh * OW + ow) * os_p] = y;
+          y_conv[(n * O + o) * P + oh * OW + ow] = y;
+        }
+  Int8Pool pool{};
+  std::vector<int32_t> sign(O);
+  const bool pooled = r.coin();
+  int64_t POH = OH, POW = OW;
+  if (pooled) {
+    pool.KH = r.range(1, std::min<int64_t>(3, OH)), pool.KW = r.range(1, std::min<int64_t>(3, OW));
+    pool.sh = r.range(1, 2), pool.sw = r.range(1, 2), pool.dh = 1, pool.dw = 1;
+    if (pool.KH * 2 - 1 <= OH && r.coin()) pool.dh = 2;
+    if (pool.KW * 2 - 1 <= OW && r.coin()) pool.dw = 2;
+    pool.ph = r.range(0, pool.KH / 2), pool.pw = r.range(0, pool.KW / 2), pool.ceil_mode = r.coin();
+    for (int64_t o = 0; o < O; ++o) sign[o] = ((scale[o] < 0) != (bn && bn_scale[o] < 0)) ? -1 : 1;
+    pool.sign = sign.data();
+    POH = Int8Pool::out_size(OH, pool.KH, pool.sh, pool.ph, pool.dh, pool.ceil_mode);
+    POW = Int8Pool::out_size(OW, pool.KW, pool.sw, pool.pw, pool.dw, pool.ceil_mode);
+    epi.pool = &pool;
+  }
+  const int64_t PP = POH * POW;
+  const int64_t os_n = O * PP, os_c = out_channels_last ? 1 : PP, os_p = out_channels_last ? O : 1;
+  std::vector<float> want(N * O * PP);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t ph = 0; ph < POH; ++ph)
+        for (int64_t pw = 0; pw < POW; ++pw) {
+          float m = y_conv[(n * O + o) * P + ph * OW + pw];
+          if (pooled) {  // torch's rule: the first of equal values, padding never taken
+            bool any = false;
+            for (int64_t i = 0; i < pool.KH; ++i)
+              for (int64_t j = 0; j < pool.KW; ++j) {
+                const int64_t h = ph * pool.sh - pool.ph + i * pool.dh, w_ = pw * pool.sw - pool.pw + j * pool.dw;
+                if (h < 0 || h >= OH || w_ < 0 || w_ >= OW) continue;
+                const float v = y_conv[(n * O + o) * P + h * OW + w_];
+                if (!any || v > m) m = v;
+                any = true;
+              }
+          }
+          want[n * os_n + o * os_c + (ph * POW + pw) * os_p] = m;
         }
   std::vector<int8_t> panels(int8_panel_bytes(O, Cg, cv.KH, cv.KW, cv.G));
   std::vector<int32_t> wsum(int8_panel_sums(O, cv.G));
@@ -514,7 +552,11 @@ void check_int8_conv(Rng& r, Report& report) {
                            str(W) + " k" + str(cv.KH) + "x" + str(cv.KW) + " s" + str(cv.sh) + "x" + str(cv.sw) +
                            " p" + str(cv.ph) + "x" + str(cv.pw) + " d" + str(cv.dh) + "x" + str(cv.dw) +
                            (x_channels_last ? " x:channels_last" : " x:nchw") +
-                           (out_channels_last ? " out:channels_last" : " out:nchw") + (bn ? " bn" : "");
+                           (out_channels_last ? " out:channels_last" : " out:nchw") + (bn ? " bn" : "") +
+                           (pooled ? " pool k" + str(pool.KH) + "x" + str(pool.KW) + " s" + str(pool.sh) + "x" +
+                                         str(pool.sw) + " p" + str(pool.ph) + "x" + str(pool.pw) + " d" +
+                                         str(pool.dh) + "x" + str(pool.dw) + (pool.ceil_mode ? " ceil" : "")
+                                   : "");
   for (const std::string& isa : supported_isas()) {
     set_isa(isa);
     std::vector<float> got(want.size(), 12345.0f);

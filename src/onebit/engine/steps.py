@@ -1,7 +1,8 @@
 """``Step``: one call a packed model makes, with what it fused typed as fields.
 
-A step is a graph node, or a binary convolution with the nodes fused into it (the packing of its
-input, a BatchNorm, the add of a shortcut), as :func:`onebit.engine.fuse.fuse` makes them.
+A step is a graph node, or a convolution with the nodes fused into it (the packing of its input, a
+BatchNorm, the add of a shortcut, an int8 convolution's max pool), as :func:`onebit.engine.fuse.fuse`
+makes them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ class Epilogue:
     bn_fma: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class IntegerPool:
+    """A ``max_pool2d`` an int8 convolution applies to its integer sums, before its float epilogue:
+    torch's pool of the epilogue's floats, bit for bit, because the epilogue is monotone in each
+    channel's sum (:func:`onebit.engine.graph.int8.integer_max_pool` checks it): the pool takes the
+    largest sum where the epilogue increases (``sign`` +1) and the smallest where it decreases (-1)."""
+
+    attrs: dict  #: the ``max_pool2d`` node's: ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``ceil_mode``
+    sign: torch.Tensor  #: int32 ``[C_out]``: +1 or -1
+
+    def window(self) -> list[int]:
+        """The kernels' form: kernel, stride, padding, dilation (each h, w), ceil_mode."""
+        a = self.attrs
+        return [*a["kernel_size"], *a["stride"], *a["padding"], *a["dilation"], int(a["ceil_mode"])]
+
+
 @dataclass(slots=True, eq=False)
 class Step:
     """One call of :meth:`PackedModel.forward`: ``env[output] = run(*env[inputs])``.
@@ -38,7 +55,8 @@ class Step:
     attrs: dict  #: the node's checked attributes
     cache: object | None = None  #: the native kernels' prepared weights (a ``kernels.WeightCache``), kept between calls
     layer: Callable | None = None  #: a binary conv's bound native call (``kernels.ConvLayer``), operands checked once
-    epilogue: Epilogue | None = None  #: a BatchNorm fused into a binary conv
+    epilogue: Epilogue | None = None  #: a BatchNorm fused into a binary or int8 conv
+    pool: IntegerPool | None = None  #: a max pool fused into an int8 conv (after its BatchNorm)
     free: tuple[str, ...] = ()  #: values no later step reads: dropped after this one
     #: its 4-d inputs in the model's memory format first (an op whose rounding depends on the layout: it
     #: runs as the model's op runs); a layout-free op takes them as they come

@@ -9,7 +9,9 @@ one native call of several nodes, with the same results:
   convolution applies it as it writes its output (:class:`~onebit.engine.steps.Epilogue`),
   rounded as this process's torch rounds it (see :mod:`onebit.engine.torch_rounding`; checked
   per layer, else the BatchNorm stays torch's op);
-- ``batch_norm(int8_conv2d(...))`` likewise (:mod:`onebit.engine.graph.int8`);
+- ``batch_norm(int8_conv2d(...))`` likewise (:mod:`onebit.engine.graph.int8`), and a ``max_pool2d``
+  that alone reads the int8 conv (or its BatchNorm): the pool takes the integer sums, before the
+  float epilogue, where that gives torch's pool bit for bit (``graph.int8.integer_max_pool``);
 - ``add(binary_conv2d(...), shortcut)`` (or ``add(batch_norm(binary_conv2d(...)), shortcut)``)
   where the add is the only reader: the convolution adds the shortcut as it writes its output,
   as a Bi-Real block does. The fused step runs where the add was, so the shortcut is ready.
@@ -41,8 +43,9 @@ import torch
 
 from onebit.engine import ops, torch_rounding
 from onebit.engine.graph import CONV_ATTRS, OPS, attrs
+from onebit.engine.graph.int8 import integer_max_pool
 from onebit.engine.layout_probe import LayoutProbe
-from onebit.engine.steps import Epilogue, Step
+from onebit.engine.steps import Epilogue, IntegerPool, Step
 
 __all__ = ["fuse", "Fusions"]
 
@@ -54,16 +57,21 @@ class Fusions:
     packs: dict[int, dict] = field(default_factory=dict)  #: conv -> the pack node it absorbs
     batchnorms: dict[int, tuple[dict, Epilogue]] = field(default_factory=dict)  #: conv -> (batch_norm, epilogue)
     adds: dict[int, tuple[dict, str]] = field(default_factory=dict)  #: conv -> (the add node, the shortcut)
+    pools: dict[int, tuple[dict, IntegerPool]] = field(default_factory=dict)  #: int8 conv -> (max_pool2d, pool)
 
     def absorbed(self, index: dict[str, int]) -> set[int]:
-        """The nodes that are no step of their own (a conv with a BatchNorm or an add runs at the last one's place)."""
-        out = {index[n["name"]] for n in self.packs.values()} | set(self.adds) | set(self.batchnorms)
+        """The nodes that are no step of their own (a conv with a BatchNorm, an add or a pool runs at the last
+        one's place)."""
+        out = {index[n["name"]] for n in self.packs.values()} | set(self.adds) | set(self.batchnorms) | set(self.pools)
+        out |= {index[pool["name"]] for pool, _ in self.pools.values()}
         return out | {index[bn["name"]] for bn, _ in self.batchnorms.values()}
 
     def run_at(self, index: dict[str, int]) -> dict[int, int]:
-        """position -> the conv that runs there: at its add, else at its BatchNorm."""
+        """position -> the conv that runs there: at its add or its pool, else at its BatchNorm."""
         at = {index[add["name"]]: i for i, (add, _) in self.adds.items()}
-        at.update({index[bn["name"]]: i for i, (bn, _) in self.batchnorms.items() if i not in self.adds})
+        at.update({index[pool["name"]]: i for i, (pool, _) in self.pools.items()})
+        last = set(self.adds) | set(self.pools)
+        at.update({index[bn["name"]]: i for i, (bn, _) in self.batchnorms.items() if i not in last})
         return at
 
 
@@ -107,10 +115,16 @@ def find_fusions(nodes: list[dict], outputs: set[str], tensors: dict, native: bo
             continue
         if node["op"] == "pack" and OPS[user["op"]].packs_input and user["inputs"] == [node["name"]]:
             fusions.packs[index[user["name"]]] = node
-        elif node["op"] == "int8_conv2d" and user["op"] == "batch_norm" and native:
-            epilogue = _batchnorm_epilogue(user, tensors)
+        elif node["op"] == "int8_conv2d" and native:
+            epilogue = _batchnorm_epilogue(user, tensors) if user["op"] == "batch_norm" else None
             if epilogue is not None:
                 fusions.batchnorms[i] = (user, epilogue)
+                user = only_reader(index[user["name"]])
+            if user is not None and user["op"] == "max_pool2d":
+                roles = {role: tensors[key] for role, key in node.get("tensors", {}).items()}
+                pool = integer_max_pool(roles, attrs(node), epilogue, attrs(user))
+                if pool is not None:
+                    fusions.pools[i] = (user, pool)
         elif node["op"] == "binary_conv2d":
             last = node
             if user["op"] == "batch_norm" and native:
@@ -138,6 +152,9 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
     if i in fusions.batchnorms:
         bn, step.epilogue = fusions.batchnorms[i]
         step.output, step.label = bn["name"], step.label + "+batch_norm"
+    if i in fusions.pools:
+        pool_node, step.pool = fusions.pools[i]
+        step.output, step.label = pool_node["name"], step.label + "+max_pool2d"
     if i in fusions.adds:
         add, shortcut = fusions.adds[i]
         step.inputs, step.output, step.label = step.inputs + (shortcut,), add["name"], step.label + "+add"

@@ -10,7 +10,9 @@ The sum is of integers, exact in float32 while ``taps * 127^2 < 2^24`` (the laye
 so it is the same in every summation order, layout and ISA. For other layers with an ``int8`` input,
 ``int8_integers`` gives ``x_int`` (the layer divides its sum by ``s``) and ``int8_quantize`` gives
 ``x_int / s`` (a conv with a nonzero ``pad_value``). A BatchNorm read only by an ``int8_conv2d`` is
-applied in its epilogue (:class:`onebit.engine.steps.Epilogue`, rounded as torch rounds it).
+applied in its epilogue (:class:`onebit.engine.steps.Epilogue`, rounded as torch rounds it), and a
+``max_pool2d`` that alone reads it (or its BatchNorm) pools the integer sums before the epilogue
+(:func:`integer_max_pool`): the float epilogue then runs on the pooled pixels only.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from onebit.engine.graph.schema import (
     positive,
 )
 from onebit.engine.reference import INT8_MAX, int8_integers
-from onebit.engine.steps import Epilogue, Step
+from onebit.engine.steps import Epilogue, IntegerPool, Step
 from onebit.nn.functional import EXACT_SUM
 
 #: native int8 convs write channels_last maps whatever their input's layout (as binary convs do)
@@ -73,23 +75,100 @@ def _int8_linear(t, a, x, derived=None):
 
 def _bind(fn: Callable, native: Callable) -> Callable:
     """A runner that calls the native int8 kernel on the native backend (float32 input; its weight
-    panels made once per write of the weight), else ``fn``."""
+    panels made once per write of the weight), else ``fn`` (then the fused BatchNorm and max pool as
+    their float ops)."""
 
     def bind(step: Step) -> Callable:
         t, a, derived, panels = step.tensors, step.attrs, DerivedWeights(), DerivedWeights()
-        epilogue = step.epilogue
+        epilogue, pool = step.epilogue, step.pool
 
         def run(x):
             if x.dtype == torch.float32 and ops.backend_is_native() and ops.native_available():
-                y = native(x, t, a, panels, epilogue)
+                y = native(x, t, a, panels, epilogue, pool)
                 if y is not None:
                     return y
             y = fn(t, a, x, derived)
-            return y if epilogue is None else _batch_norm_epilogue(y, epilogue)
+            y = y if epilogue is None else _batch_norm_epilogue(y, epilogue)
+            return y if pool is None else _max_pool2d(y, pool.attrs)
 
         return run
 
     return bind
+
+
+def _max_pool2d(y: torch.Tensor, a: dict) -> torch.Tensor:
+    return reference.max_pool2d(y, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+
+
+def _epilogue_of_sums(acc: torch.Tensor, t: dict, a: dict, e: Epilogue | None) -> torch.Tensor:
+    """The float epilogue of int32 sums ``acc [C_out, K]``, as the kernels round it."""
+    y = reference._int8_epilogue(acc[None].to(torch.float32), a["divisor"], t.get("scale"), t.get("bias"), 1)
+    return y[0] if e is None else _batch_norm_epilogue(y, e)[0]
+
+
+#: a fused pool's check evaluates the epilogue on at most this many sums a channel where it is zero
+_ZERO_RUN_LIMIT = 1 << 12
+
+
+def integer_max_pool(t: dict, a: dict, epilogue: Epilogue | None, pool_attrs: dict) -> IntegerPool | None:
+    """The ``max_pool2d`` (``pool_attrs``) of an ``int8_conv2d`` (tensors ``t``, attributes ``a``) and its
+    fused BatchNorm as a pool of the integer sums, or None where that would not give torch's pool of
+    the floats bit for bit.
+
+    Each channel's epilogue ``e(acc)`` (a division by ``s > 0``, products by ``scale`` and the
+    BatchNorm's ``bn_scale``, sums with biases, each correctly rounded) is monotone in ``acc``:
+    increasing where the product of the factors' signs is +1, decreasing where it is -1, so the max of
+    the floats is ``e`` of the max (or min) of the sums. It holds where every factor is finite and
+    nonzero and ``e`` is finite over the sums' whole range ``|acc| <= taps * 127^2`` (no intermediate
+    overflows, so no NaN). One more case would differ: torch's pool keeps the first of equal values,
+    and ``-0.0 == 0.0``; so where ``e`` is zero for some sums, it must be zeros of one sign."""
+    channels = a["out_channels"]
+    factors = [t.get("scale"), None if epilogue is None else epilogue.bn_scale]
+    sign = torch.ones(channels, dtype=torch.float32)
+    for f in factors:
+        if f is not None:
+            if not bool(torch.isfinite(f).all()) or bool((f == 0).any()):
+                return None
+            sign = sign * torch.sign(f.float())
+    for shift in (t.get("bias"), None if epilogue is None else epilogue.bn_shift):
+        if shift is not None and not bool(torch.isfinite(shift).all()):
+            return None
+    taps = a["in_channels"] // a["groups"] * a["kernel_size"][0] * a["kernel_size"][1]
+    bound = taps * INT8_MAX * INT8_MAX
+
+    def g(acc: torch.Tensor) -> torch.Tensor:  # sign * e(acc), non-decreasing in acc; acc [C_out, K]
+        return sign[:, None] * _epilogue_of_sums(acc, t, a, epilogue)
+
+    ends = g(torch.tensor([[-bound, bound]]).expand(channels, 2))
+    if not bool(torch.isfinite(ends).all()) or bool((ends[:, 0] > ends[:, 1]).any()):
+        return None
+    # the zeros of e: sums [first >= 0, last <= 0], found by bisection (g is monotone)
+    first = _bisect(g, channels, bound, lambda v: v >= 0)
+    last = _bisect(g, channels, bound, lambda v: v > 0) - 1
+    for c in torch.nonzero(first <= last).flatten().tolist():
+        if int(last[c] - first[c]) >= _ZERO_RUN_LIMIT:
+            return None
+        sums = torch.arange(int(first[c]), int(last[c]) + 1)
+        row = torch.zeros(channels, len(sums), dtype=torch.int64)
+        row[c] = sums
+        signs = torch.signbit(_epilogue_of_sums(row, t, a, epilogue)[c])
+        if bool(signs.any()) and not bool(signs.all()):
+            return None
+    return IntegerPool(dict(pool_attrs), sign.to(torch.int32))
+
+
+def _bisect(g: Callable, channels: int, bound: int, holds: Callable) -> torch.Tensor:
+    """Per channel, the least sum in ``[-bound, bound]`` where ``holds(g(sum))`` (``bound + 1`` if none),
+    for a ``holds`` that stays true once true."""
+    lo = torch.full((channels,), -bound, dtype=torch.int64)
+    hi = torch.full((channels,), bound + 1, dtype=torch.int64)
+    while bool((lo < hi).any()):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        ok = holds(g(mid[:, None].clamp(max=bound))[:, 0]) & (mid <= bound)
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, torch.maximum(mid + 1, lo))
+        lo = torch.minimum(lo, hi)
+    return lo
 
 
 def _batch_norm_epilogue(y: torch.Tensor, e: Epilogue) -> torch.Tensor:
@@ -97,16 +176,17 @@ def _batch_norm_epilogue(y: torch.Tensor, e: Epilogue) -> torch.Tensor:
     return reference.batch_norm_epilogue(y, e.bn_scale, e.bn_shift, e.bn_fma)
 
 
-def _native_conv(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None):
+def _native_conv(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None, pool: IntegerPool | None):
     from onebit.engine.kernels import int8 as kernels  # noqa: PLC0415 (the native module loads lazily)
 
     w = t["weight"]
     prepared = panels.get(w, lambda w: kernels.int8_panels(w, a["groups"])) if kernels.direct(x, w) else None
     bn = None if epilogue is None else (epilogue.bn_scale, epilogue.bn_shift, epilogue.bn_fma)
-    return kernels.int8_conv2d(x, w, t.get("scale"), t.get("bias"), a, prepared, bn, OUT_CHANNELS_LAST)
+    pool = None if pool is None else (pool.window(), pool.sign)
+    return kernels.int8_conv2d(x, w, t.get("scale"), t.get("bias"), a, prepared, bn, OUT_CHANNELS_LAST, pool)
 
 
-def _native_linear(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None):
+def _native_linear(x, t, a, panels: DerivedWeights, epilogue: Epilogue | None, pool: None):
     from onebit.engine.kernels import int8 as kernels  # noqa: PLC0415
 
     w = t["weight"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from onebit import _C
-from onebit.engine import reference
+from onebit.engine import geometry, reference
 from onebit.engine.kernels.operands import channel_ptr
 from onebit.engine.kernels.registry import custom_op, direct
 
@@ -66,6 +66,19 @@ def _conv_shape(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, gro
     return n, w.shape[0], oh, ow
 
 
+def _pooled_shape(shape: tuple[int, ...], window) -> tuple[int, ...]:
+    """The conv's ``[N, C_out, OH, OW]`` after a max pool of ``window`` (:meth:`IntegerPool.window`)."""
+    if window is None:
+        return shape
+    kh, kw, sh, sw, ph, pw, dh, dw, ceil = window
+    n, co, oh, ow = shape
+    ph_out = geometry.pool_output_size(oh, kh, sh, ph, dh, bool(ceil))
+    pw_out = geometry.pool_output_size(ow, kw, sw, pw, dw, bool(ceil))
+    if ph_out <= 0 or pw_out <= 0 or 2 * ph > kh or 2 * pw > kw:
+        raise ValueError(f"int8_conv2d: the max pool {list(window)} does not fit the conv's output {list(shape)}")
+    return n, co, ph_out, pw_out
+
+
 def _writes_channels_last(x: torch.Tensor, out_channels_last: bool) -> bool:
     return out_channels_last or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
 
@@ -77,9 +90,11 @@ def _empty_output(shape, channels_last: bool) -> torch.Tensor:
     return torch.empty((n, co, oh, ow), dtype=_F32)
 
 
-def _native_conv2d(x, w, stride, padding, dilation, groups, divisor, scale, bias, bn, out_channels_last, panels):
+def _native_conv2d(x, w, stride, padding, dilation, groups, divisor, scale, bias, bn, out_channels_last, panels, pool):
     """The native kernel's result, or None where ``x`` holds a NaN."""
-    n, co, oh, ow = shape = _conv_shape(x, w, stride, padding, dilation, groups)
+    window, sign = (None, None) if pool is None else pool
+    conv_shape = _conv_shape(x, w, stride, padding, dilation, groups)
+    n, co, oh, ow = shape = _pooled_shape(conv_shape, window)
     panels, sums = int8_panels(w, groups) if panels is None else panels
     channels_last = _writes_channels_last(x, out_channels_last)
     y = _empty_output(shape, channels_last)
@@ -99,24 +114,61 @@ def _native_conv2d(x, w, stride, padding, dilation, groups, divisor, scale, bias
         y.data_ptr(),
         out_strides,
         torch.get_num_threads(),
+        [] if window is None else [int(v) for v in window],
+        0 if window is None else channel_ptr(sign, "pool_sign", torch.int32, co),
     )
     return y if ok else None
 
 
-def _int8_conv2d_impl(x, w, stride, padding, dilation, groups, divisor, scale, bias, bn_scale, bn_shift, bn_fma, cl):
+def _int8_conv2d_impl(
+    x,
+    w,
+    stride,
+    padding,
+    dilation,
+    groups,
+    divisor,
+    scale,
+    bias,
+    bn_scale,
+    bn_shift,
+    bn_fma,
+    cl,
+    pool=None,
+    pool_sign=None,
+):
     """The custom op: the native kernel, or (an input holding a NaN) the reference, in the same layout."""
     bn = None if bn_scale is None else (bn_scale, bn_shift, bn_fma)
     conv = (stride, padding, dilation, groups)
-    y = _native_conv2d(x, w, *conv, divisor, scale, bias, bn, cl, None)
+    y = _native_conv2d(x, w, *conv, divisor, scale, bias, bn, cl, None, None if pool is None else (pool, pool_sign))
     if y is None:
         y = reference.int8_conv2d(x, w, divisor, scale, bias, *conv, bn)
+        if pool is not None:
+            kh, kw, sh, sw, ph, pw, dh, dw, ceil = pool
+            y = reference.max_pool2d(y, (kh, kw), (sh, sw), (ph, pw), (dh, dw), bool(ceil))
         layout = torch.channels_last if _writes_channels_last(x, cl) else torch.contiguous_format
         y = y.contiguous(memory_format=layout)
     return y
 
 
-def _int8_conv2d_fake(x, w, stride, padding, dilation, groups, divisor, scale, bias, bn_scale, bn_shift, bn_fma, cl):
-    shape = _conv_shape(x, w, stride, padding, dilation, groups)
+def _int8_conv2d_fake(
+    x,
+    w,
+    stride,
+    padding,
+    dilation,
+    groups,
+    divisor,
+    scale,
+    bias,
+    bn_scale,
+    bn_shift,
+    bn_fma,
+    cl,
+    pool=None,
+    pool_sign=None,
+):
+    shape = _pooled_shape(_conv_shape(x, w, stride, padding, dilation, groups), pool)
     layout = torch.channels_last if _writes_channels_last(x, cl) else torch.contiguous_format
     return x.new_empty(shape).contiguous(memory_format=layout)
 
@@ -173,7 +225,8 @@ def _int8_linear_fake(x, w, divisor, scale, bias):
 custom_op(
     "int8_conv2d",
     "(Tensor x, Tensor w, SymInt[] stride, SymInt[] padding, SymInt[] dilation, SymInt groups, float divisor, "
-    "Tensor? scale, Tensor? bias, Tensor? bn_scale, Tensor? bn_shift, bool bn_fma, bool out_channels_last) -> Tensor",
+    "Tensor? scale, Tensor? bias, Tensor? bn_scale, Tensor? bn_shift, bool bn_fma, bool out_channels_last, "
+    "SymInt[]? pool=None, Tensor? pool_sign=None) -> Tensor",
     _int8_conv2d_impl,
     _int8_conv2d_fake,
 )
@@ -186,23 +239,34 @@ custom_op(
 
 
 def int8_conv2d(
-    x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None, bn=None, out_channels_last: bool = False
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale,
+    bias,
+    a: dict,
+    panels=None,
+    bn=None,
+    out_channels_last: bool = False,
+    pool=None,
 ) -> torch.Tensor | None:
     """``conv(x_int, w) / s * scale + bias`` of float32 ``x`` ``[N, C, H, W]`` (output in ``x``'s memory
     format: channels_last for a channels_last input, else NCHW); ``a`` the ``int8_conv2d`` attributes,
     ``panels`` :func:`int8_panels` of ``w`` (made here when None); ``bn = (bn_scale, bn_shift, fma)``: a
     BatchNorm applied after, ``y * bn_scale + bn_shift`` rounded once (``fma``) or twice;
-    ``out_channels_last``: the output in channels_last whatever the input's layout.
+    ``out_channels_last``: the output in channels_last whatever the input's layout; ``pool = (window,
+    sign)``: a max pool of the integer sums before the float epilogue (``window`` and ``sign`` as
+    :class:`onebit.engine.steps.IntegerPool` gives them: exact only where its check passed).
 
     Eager, None where ``x`` holds a NaN (the caller runs its float path). Traced (``torch.export``,
     ``torch.compile``), the op ``onebit::int8_conv2d``, which runs the reference there itself."""
     _check_weight(w)
     conv = (a["stride"], a["padding"], a["dilation"], a["groups"])
     bn_scale, bn_shift, bn_fma = (None, None, False) if bn is None else bn
-    if not direct(x, w, scale, bias, bn_scale, bn_shift):
-        args = (float(a["divisor"]), scale, bias, bn_scale, bn_shift, bn_fma, out_channels_last)
+    window, sign = (None, None) if pool is None else pool
+    if not direct(x, w, scale, bias, bn_scale, bn_shift, sign):
+        args = (float(a["divisor"]), scale, bias, bn_scale, bn_shift, bn_fma, out_channels_last, window, sign)
         return torch.ops.onebit.int8_conv2d(x, w, *conv, *args)
-    return _native_conv2d(x, w, *conv, a["divisor"], scale, bias, bn, out_channels_last, panels)
+    return _native_conv2d(x, w, *conv, a["divisor"], scale, bias, bn, out_channels_last, panels, pool)
 
 
 def int8_linear(x: torch.Tensor, w: torch.Tensor, scale, bias, a: dict, panels=None) -> torch.Tensor | None:
