@@ -30,9 +30,15 @@ void pack_row_cl_avx2(const float* x, int64_t W, int64_t sW, int64_t Cg, int64_t
     }
 }
 
+namespace {
+
 // Pixels contiguous (NCHW): transpose-and-pack, 8 pixels at a time; each channel's
 // compare mask selects its bit into 8 lanes of 32-bit partial words.
-void pack_row_nchw_avx2(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out) {
+// Prefetch: each channel's line 32 pixels ahead is requested as its group is read (rows of many
+// groups, whose channel planes are streams too many for the hardware prefetchers to follow).
+template <bool Prefetch>
+void pack_row_nchw(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out) {
+  constexpr int64_t kAhead = 32;  // pixels
   const int64_t Wg = words_for(Cg), px = G * Wg;
   const __m256 zero = _mm256_setzero_ps();
   alignas(32) uint32_t lo_bits[8], hi_bits[8];
@@ -50,12 +56,14 @@ void pack_row_nchw_avx2(const float* x, int64_t W, int64_t sC, int64_t Cg, int64
         __m256i bit = _mm256_set1_epi32(1);
         const int64_t count_lo = count < 32 ? count : 32;
         for (int64_t c = 0; c < count_lo; ++c) {
+          if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + c * sC + kAhead), _MM_HINT_T0);
           const __m256 v = _mm256_maskload_ps(src + c * sC, valid);
           lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_LT_OQ)), bit));
           bit = _mm256_add_epi32(bit, bit);
         }
         bit = _mm256_set1_epi32(1);
         for (int64_t c = 32; c < count; ++c) {
+          if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + c * sC + kAhead), _MM_HINT_T0);
           const __m256 v = _mm256_maskload_ps(src + c * sC, valid);
           hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_LT_OQ)), bit));
           bit = _mm256_add_epi32(bit, bit);
@@ -66,6 +74,13 @@ void pack_row_nchw_avx2(const float* x, int64_t W, int64_t sC, int64_t Cg, int64
         for (int64_t i = 0; i < n; ++i) dst[i * px] = lo_bits[i] | static_cast<uint64_t>(hi_bits[i]) << 32;
       }
   }
+}
+
+}  // namespace
+
+void pack_row_nchw_avx2(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out) {
+  if (W >= 32) return pack_row_nchw<true>(x, W, sC, Cg, G, out);
+  pack_row_nchw<false>(x, W, sC, Cg, G, out);
 }
 
 }  // namespace onebit

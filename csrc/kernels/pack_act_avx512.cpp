@@ -27,10 +27,16 @@ void pack_row_cl_avx512(const float* x, int64_t W, int64_t sW, int64_t Cg, int64
     }
 }
 
+namespace {
+
 // Pixels contiguous (NCHW): a transpose-and-pack. For 16 pixels at a time, each
 // channel's compare mask ORs the channel's bit into 16 lanes of 32-bit partial
-// words (channels 0-31 and 32-63 of a word in two registers).
-void pack_row_nchw_avx512(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out) {
+// words (channels 0-31 and 32-63 of a word in two registers). Prefetch: each channel's
+// line two groups ahead is requested as its group is read (rows of many groups, whose
+// channel planes are streams too many for the hardware prefetchers to follow).
+template <bool Prefetch>
+void pack_row_nchw(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out) {
+  constexpr int64_t kAhead = 32;  // pixels
   const int64_t Wg = words_for(Cg), px = G * Wg;
   const __m512 zero = _mm512_setzero_ps();
   alignas(64) uint32_t lo_bits[16], hi_bits[16];
@@ -46,12 +52,14 @@ void pack_row_nchw_avx512(const float* x, int64_t W, int64_t sC, int64_t Cg, int
         __m512i bit = _mm512_set1_epi32(1);
         const int64_t count_lo = count < 32 ? count : 32;
         for (int64_t c = 0; c < count_lo; ++c) {
+          if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + c * sC + kAhead), _MM_HINT_T0);
           const __m512 v = _mm512_maskz_loadu_ps(valid, src + c * sC);
           lo = _mm512_mask_or_epi32(lo, _mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_LT_OQ), lo, bit);
           bit = _mm512_add_epi32(bit, bit);
         }
         bit = _mm512_set1_epi32(1);
         for (int64_t c = 32; c < count; ++c) {
+          if (Prefetch) _mm_prefetch(reinterpret_cast<const char*>(src + c * sC + kAhead), _MM_HINT_T0);
           const __m512 v = _mm512_maskz_loadu_ps(valid, src + c * sC);
           hi = _mm512_mask_or_epi32(hi, _mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_LT_OQ), hi, bit);
           bit = _mm512_add_epi32(bit, bit);
@@ -62,6 +70,13 @@ void pack_row_nchw_avx512(const float* x, int64_t W, int64_t sC, int64_t Cg, int
         for (int64_t i = 0; i < n; ++i) dst[i * px] = lo_bits[i] | static_cast<uint64_t>(hi_bits[i]) << 32;
       }
   }
+}
+
+}  // namespace
+
+void pack_row_nchw_avx512(const float* x, int64_t W, int64_t sC, int64_t Cg, int64_t G, uint64_t* out) {
+  if (W >= 32) return pack_row_nchw<true>(x, W, sC, Cg, G, out);
+  pack_row_nchw<false>(x, W, sC, Cg, G, out);
 }
 
 }  // namespace onebit
