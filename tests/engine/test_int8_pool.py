@@ -96,6 +96,33 @@ def test_a_pool_right_after_the_conv_fuses_too():
         assert torch.equal(bits(packed(x)), bits(model(x)))
 
 
+@native
+def test_bands_of_pooled_rows_over_two_threads():
+    """Big enough to run on two threads: bands of pooled rows that start inside an image (their first
+    window computes conv rows the band before computed too) and bands that cross images."""
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        QConv2d(3, 32, 5, stride=2, padding=2, input_quantizer="int8", weight_quantizer="int8_weight"),
+        nn.BatchNorm2d(32),
+        nn.MaxPool2d(3, 2, 1),
+    )
+    model.train()
+    model(torch.randn(4, 3, 48, 40))
+    model[1].weight.data = torch.randn(32)
+    model = model.eval()
+    x = torch.randn(3, 3, 48, 40)
+    packed = engine.pack(model, x)
+    assert [step.label for step in packed._steps] == ["int8_conv2d+batch_norm+max_pool2d"]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                assert torch.equal(bits(packed(x)), bits(model(x)))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def unfusable_weights():
     zero = torch.randn(12)
     zero[5] = 0.0  # a constant channel: no direction
