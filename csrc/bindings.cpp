@@ -119,19 +119,24 @@ void relayout_raw(uintptr_t x, int64_t N, int64_t rows, int64_t cols, int64_t sa
 }
 
 // out [N, OH, OW, C] (channels_last) = torch's max pool of float32 x [N, C, H, W] with element strides
-// (sN, sC, sH, sW): channels_last (sC == 1) or NCHW rows (sW == 1). Python checks the numbers (geometry.py).
+// (sN, sC, sH, sW): channels_last (sC == 1) or NCHW rows (sW == 1); with bn_scale and bn_shift ([C]), of the
+// BatchNorm y = x * bn_scale + bn_shift (kernels/pool_float.h: PoolEpilogue). Python checks the numbers
+// (geometry.py).
 void max_pool2d_raw(uintptr_t x, uintptr_t out, int64_t N, int64_t C, int64_t H, int64_t W, int64_t OH, int64_t OW,
                     int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, int64_t DH, int64_t DW,
-                    int64_t sN, int64_t sC, int64_t sH, int64_t sW, int threads) {
+                    int64_t sN, int64_t sC, int64_t sH, int64_t sW, int threads, uintptr_t bn_scale, uintptr_t bn_shift,
+                    bool bn_fma) {
   require(x != 0 && out != 0, "max_pool2d: null tensor");
   require(N >= 0 && C >= 0 && H > 0 && W > 0 && OH >= 0 && OW >= 0, "max_pool2d: negative or empty shape");
   require(KH > 0 && KW > 0 && SH > 0 && SW > 0 && DH > 0 && DW > 0 && PH >= 0 && PW >= 0 && PH <= KH / 2 && PW <= KW / 2,
           "max_pool2d: kernel, stride and dilation must be positive, paddings at most half the window");
   require(sC == 1 || sW == 1, "max_pool2d: x must be channels_last or have contiguous rows");
   require((OH - 1) * SH - PH < H && (OW - 1) * SW - PW < W, "max_pool2d: output larger than the input allows");
+  require((bn_scale == 0) == (bn_shift == 0), "max_pool2d: bn_scale and bn_shift go together");
   const onebit::MaxPoolGeometry g{N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, sN, sC, sH, sW};
+  const onebit::PoolEpilogue bn{ptr<const float>(bn_scale), ptr<const float>(bn_shift), bn_fma};
   nb::gil_scoped_release release;
-  onebit::max_pool2d_float(ptr<const float>(x), ptr<float>(out), g, threads);
+  onebit::max_pool2d_float(ptr<const float>(x), ptr<float>(out), g, threads, bn_scale ? &bn : nullptr);
 }
 
 // Builds a validated plan from the numbers of a call (see onebit/engine/kernels.py).
@@ -390,7 +395,9 @@ NB_MODULE(_C, m) {
         "Use onebit.engine.kernels.max_pool_bits.");
   m.def("max_pool2d_raw", &max_pool2d_raw, "x"_a, "out"_a, "N"_a, "C"_a, "H"_a, "W"_a, "OH"_a, "OW"_a, "KH"_a, "KW"_a,
         "SH"_a, "SW"_a, "PH"_a, "PW"_a, "DH"_a, "DW"_a, "sN"_a, "sC"_a, "sH"_a, "sW"_a, "threads"_a,
-        "Low level (addresses): torch's max pool of float32 x (element strides) into channels_last out. "
+        "bn_scale"_a = uintptr_t{0}, "bn_shift"_a = uintptr_t{0}, "bn_fma"_a = false,
+        "Low level (addresses): torch's max pool of float32 x (element strides) into channels_last out; with "
+        "bn_scale and bn_shift, of the BatchNorm x * bn_scale + bn_shift (pooled first: see pool_float.h). "
         "Use onebit.engine.kernels.max_pool2d.");
   m.def("relayout_raw", &relayout_raw, "x"_a, "N"_a, "rows"_a, "cols"_a, "sample_stride"_a, "row_stride"_a, "out"_a,
         "threads"_a,

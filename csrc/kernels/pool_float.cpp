@@ -54,28 +54,28 @@ int window(const MaxPoolGeometry& g, int64_t ow, const int64_t* row_offset, int 
 // One row of outputs, dst[ow * C + c] for ow < OW, c < channels: the pixels whose windows lie wholly
 // inside the input in one call (the same taps, shifted), the border pixels one at a time.
 void pool_row(MaxPoolPixels pixels, const MaxPoolGeometry& g, const float* x, const int64_t* row_offset, int rows,
-              int64_t col_step, int64_t channels, float* dst, int64_t* offsets) {
+              int64_t col_step, int64_t channels, float* dst, int64_t* offsets, const PoolEpilogue* e) {
   const int64_t lo = (g.PW + g.SW - 1) / g.SW, last_start = g.W - 1 + g.PW - (g.KW - 1) * g.DW;
   const int64_t hi = last_start < 0 ? lo : std::max(lo, std::min(g.OW, last_start / g.SW + 1));
   for (int64_t ow = 0; ow < g.OW; ++ow) {
     if (ow == lo && hi > lo) {
       const int t = window(g, lo, row_offset, rows, col_step, offsets);
-      pixels(x, offsets, t, g.SW * col_step, hi - lo, channels, dst + lo * g.C, g.C);
+      pixels(x, offsets, t, g.SW * col_step, hi - lo, channels, dst + lo * g.C, g.C, e);
       ow = hi - 1;
       continue;
     }
     const int t = window(g, ow, row_offset, rows, col_step, offsets);
-    if (t == 0) {  // a window of padding only (torch's pool starts from -inf)
+    if (t == 0) {  // a window of padding only (torch's pool starts from -inf; after a BatchNorm too)
       std::fill(dst + ow * g.C, dst + ow * g.C + channels, -std::numeric_limits<float>::infinity());
       continue;
     }
-    pixels(x, offsets, t, 0, 1, channels, dst + ow * g.C, g.C);
+    pixels(x, offsets, t, 0, 1, channels, dst + ow * g.C, g.C, e);
   }
 }
 
 }  // namespace
 
-void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int threads) {
+void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int threads, const PoolEpilogue* e) {
   if (g.N <= 0 || g.C <= 0 || g.OH <= 0 || g.OW <= 0) return;
   const MaxPoolPixels pixels = pixels_kernel();
   const int64_t taps = g.KH * g.KW, outputs = g.N * g.C * g.OH * g.OW;
@@ -86,7 +86,7 @@ void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int 
       const int rows = valid_rows(g, oh, ih.data());
       for (int i = 0; i < rows; ++i) ih[i] *= g.sH;
       pool_row(pixels, g, x + n * g.sN, ih.data(), rows, g.sW, g.C, out + (n * g.OH + oh) * g.OW * g.C,
-               offsets.data());
+               offsets.data(), e);
     });
     return;
   }
@@ -112,7 +112,7 @@ void max_pool2d_float(const float* x, float* out, const MaxPoolGeometry& g, int 
         ih[i] = slot * g.W * g.C;
       }
       pool_row(pixels, g, rows_cl.data(), ih.data(), rows, g.C, g.C, out + (n * g.OH + oh) * g.OW * g.C,
-               offsets.data());
+               offsets.data(), e);
     }
   });
 }

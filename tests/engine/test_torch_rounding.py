@@ -36,6 +36,23 @@ def test_this_torch_rounds_batchnorm_once_or_twice():
     assert torch_rounding.batchnorm_rounding() in ("fma", "mul_add")
 
 
+@pytest.mark.parametrize("bias", [-0.0, 0.0])
+@pytest.mark.parametrize("weight", [1.0, -1.0])
+def test_the_replica_keeps_the_sign_of_a_zero_shift(bias, weight):
+    """With mean 0 the shift is the bias, +0.0 or -0.0: torch's BatchNorm of a signed zero shows which,
+    and ``x * scale + shift`` gives the same bits."""
+    mean, var = torch.zeros(2), torch.ones(2)
+    w, b = torch.full((2,), weight), torch.full((2,), bias)
+    fused = torch_rounding.batchnorm_epilogue(mean, var, w, b, 0.0)
+    if fused is None:
+        pytest.skip("torch's BatchNorm rounding is not reproducible here")
+    scale, shift, fma = fused
+    x = torch.tensor([0.0, -0.0, 1.0, -1.0]).view(1, 1, 2, 2).repeat(1, 2, 1, 1)
+    want = F.batch_norm(x, mean, var, w, b, False, 0.0, 0.0)
+    got = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)  # exact here: one rounding or two agree
+    assert torch.equal(torch.signbit(got), torch.signbit(want)) and torch.equal(got, want)
+
+
 @needs_native
 @pytest.mark.parametrize("channels", [1, 5, 16, 67, 256])
 @pytest.mark.parametrize("channels_last", [False, True])

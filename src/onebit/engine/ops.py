@@ -344,11 +344,16 @@ def relayout(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tenso
     return x.contiguous(memory_format=memory_format)
 
 
-def max_pool2d(x: torch.Tensor, kernel_size, stride, padding=0, dilation=1, ceil_mode: bool = False) -> torch.Tensor:
+def max_pool2d(
+    x: torch.Tensor, kernel_size, stride, padding=0, dilation=1, ceil_mode: bool = False, bn=None
+) -> torch.Tensor:
     """torch's ``max_pool2d`` of float32 ``x [N, C, H, W]`` (NCHW or channels_last), bit for bit, in
-    channels_last memory (see kernels.max_pool2d)."""
+    channels_last memory; with ``bn = (bn_scale, bn_shift, fma)``, of that BatchNorm of ``x`` (see
+    kernels.max_pool2d)."""
     native = _impl("max_pool2d")
     if native is not None:
-        return native(x, kernel_size, stride, padding, dilation, ceil_mode)
+        return native(x, kernel_size, stride, padding, dilation, ceil_mode, bn)
     geometry.check_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    if bn is not None:
+        x = reference.batch_norm_epilogue(x, *bn)
     return reference.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)

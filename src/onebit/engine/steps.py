@@ -55,7 +55,7 @@ class Step:
     attrs: dict  #: the node's checked attributes
     cache: object | None = None  #: the native kernels' prepared weights (a ``kernels.WeightCache``), kept between calls
     layer: Callable | None = None  #: a binary conv's bound native call (``kernels.ConvLayer``), operands checked once
-    epilogue: Epilogue | None = None  #: a BatchNorm fused into a binary or int8 conv
+    epilogue: Epilogue | None = None  #: a BatchNorm fused into a binary or int8 conv, or before a max pool
     pool: IntegerPool | None = None  #: a max pool fused into an int8 conv (after its BatchNorm)
     free: tuple[str, ...] = ()  #: values no later step reads: dropped after this one
     #: its 4-d inputs in the model's memory format first (an op whose rounding depends on the layout: it

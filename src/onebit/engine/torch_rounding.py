@@ -37,14 +37,15 @@ def _emulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fused: b
 
 
 def _affine(running_mean, running_var, weight, bias, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's ``(alpha, beta)``: alpha by the formula above, beta read from torch (its output at x = 0)."""
+    """torch's ``(alpha, beta)``: alpha by the formula above, beta read from torch: its output at the zero
+    ``x`` whose product with alpha is -0.0 (so ``-0.0 + beta`` is beta, the sign of a zero beta kept)."""
     channels = running_mean.numel()
     # float32 scalar arithmetic, correctly rounded as C++'s std::sqrt and `/` (numpy; torch.sqrt's
     # vectorized kernel may differ in the last bit)
     var = running_var.detach().numpy().astype(np.float32)
     invstd = torch.from_numpy(np.float32(1) / np.sqrt(var + np.float32(eps)))
     alpha = invstd * weight if weight is not None else invstd
-    zero = torch.zeros(1, channels, 1, 1)
+    zero = torch.where(torch.signbit(alpha), 0.0, -0.0).view(1, channels, 1, 1)
     beta = F.batch_norm(zero, running_mean, running_var, weight, bias, False, 0.0, eps).view(channels)
     return alpha.contiguous(), beta.contiguous()
 
@@ -55,6 +56,7 @@ def _probes(channels: int, seed: int) -> list[torch.Tensor]:
     out = []
     for shape in shapes:
         x = torch.randn(shape, generator=g) * 37.0
+        x[:, :, 0, 0], x[:, :, -1, -1] = 0.0, -0.0  # signed zeros in every channel
         out += [x, x.contiguous(memory_format=torch.channels_last)]
     return out
 

@@ -12,6 +12,10 @@ one native call of several nodes, with the same results:
 - ``batch_norm(int8_conv2d(...))`` likewise (:mod:`onebit.engine.graph.int8`), and a ``max_pool2d``
   that alone reads the int8 conv (or its BatchNorm): the pool takes the integer sums, before the
   float epilogue, where that gives torch's pool bit for bit (``graph.int8.integer_max_pool``);
+- ``max_pool2d(batch_norm(x))`` where the pool alone reads the BatchNorm (a float conv's, as in a
+  ResNet stem): the native pool applies the BatchNorm to the pooled values, pooling ``x`` by each
+  channel's direction (``graph.floats.batchnorm_before_pool``: finite nonzero scales, finite shifts,
+  no zeros of two signs);
 - ``add(binary_conv2d(...), shortcut)`` (or ``add(batch_norm(binary_conv2d(...)), shortcut)``)
   where the add is the only reader: the convolution adds the shortcut as it writes its output,
   as a Bi-Real block does. The fused step runs where the add was, so the shortcut is ready.
@@ -43,6 +47,7 @@ import torch
 
 from onebit.engine import ops, torch_rounding
 from onebit.engine.graph import CONV_ATTRS, OPS, attrs
+from onebit.engine.graph.floats import batchnorm_before_pool
 from onebit.engine.graph.int8 import integer_max_pool
 from onebit.engine.layout_probe import LayoutProbe
 from onebit.engine.steps import Epilogue, IntegerPool, Step
@@ -58,12 +63,15 @@ class Fusions:
     batchnorms: dict[int, tuple[dict, Epilogue]] = field(default_factory=dict)  #: conv -> (batch_norm, epilogue)
     adds: dict[int, tuple[dict, str]] = field(default_factory=dict)  #: conv -> (the add node, the shortcut)
     pools: dict[int, tuple[dict, IntegerPool]] = field(default_factory=dict)  #: int8 conv -> (max_pool2d, pool)
+    #: max pool -> (the batch_norm before it, as the pool's epilogue)
+    pooled_batchnorms: dict[int, tuple[dict, Epilogue]] = field(default_factory=dict)
 
     def absorbed(self, index: dict[str, int]) -> set[int]:
         """The nodes that are no step of their own (a conv with a BatchNorm, an add or a pool runs at the last
         one's place)."""
         out = {index[n["name"]] for n in self.packs.values()} | set(self.adds) | set(self.batchnorms) | set(self.pools)
         out |= {index[pool["name"]] for pool, _ in self.pools.values()}
+        out |= {index[bn["name"]] for bn, _ in self.pooled_batchnorms.values()}
         return out | {index[bn["name"]] for bn, _ in self.batchnorms.values()}
 
     def run_at(self, index: dict[str, int]) -> dict[int, int]:
@@ -125,6 +133,13 @@ def find_fusions(nodes: list[dict], outputs: set[str], tensors: dict, native: bo
                 pool = integer_max_pool(roles, attrs(node), epilogue, attrs(user))
                 if pool is not None:
                     fusions.pools[i] = (user, pool)
+        elif node["op"] == "batch_norm" and user["op"] == "max_pool2d" and native:
+            if not any(bn is node for bn, _ in fusions.batchnorms.values()):  # not a conv's epilogue already
+                epilogue = _batchnorm_epilogue(node, tensors)
+                if epilogue is not None and batchnorm_before_pool(
+                    epilogue.bn_scale, epilogue.bn_shift, epilogue.bn_fma
+                ):
+                    fusions.pooled_batchnorms[index[user["name"]]] = (node, epilogue)
         elif node["op"] == "binary_conv2d":
             last = node
             if user["op"] == "batch_norm" and native:
@@ -152,6 +167,9 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
     if i in fusions.batchnorms:
         bn, step.epilogue = fusions.batchnorms[i]
         step.output, step.label = bn["name"], step.label + "+batch_norm"
+    if i in fusions.pooled_batchnorms:
+        bn, step.epilogue = fusions.pooled_batchnorms[i]
+        step.inputs, step.label = tuple(bn["inputs"]), "batch_norm+" + step.label
     if i in fusions.pools:
         pool_node, step.pool = fusions.pools[i]
         step.output, step.label = pool_node["name"], step.label + "+max_pool2d"

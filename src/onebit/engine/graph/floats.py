@@ -83,6 +83,36 @@ def _adaptive_avg_pool2d(t, a, x):
     return F.adaptive_avg_pool2d(x, a["output_size"])
 
 
+def _bind_max_pool2d(step):
+    """A max pool's runner; with a BatchNorm fused before it (``step.epilogue``), the pool of that
+    BatchNorm, which the native kernel applies to the pooled values (:func:`batchnorm_before_pool`)."""
+    t, a, e = step.tensors, step.attrs, step.epilogue
+    if e is None:
+        return lambda x: _max_pool2d(t, a, x)
+    bn = (e.bn_scale, e.bn_shift, e.bn_fma)
+    return lambda x: ops.max_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"], bn)
+
+
+def batchnorm_before_pool(bn_scale: torch.Tensor, bn_shift: torch.Tensor, fma: bool) -> bool:
+    """Whether a BatchNorm ``y = x * bn_scale + bn_shift`` (per channel, rounded once with ``fma``, else
+    twice) may run after the max pool that reads it, the pool taking the max of ``x`` where
+    ``bn_scale > 0`` and the min where ``< 0``, with torch's results bit for bit.
+
+    Every scale finite and nonzero and every shift finite: then ``y`` is monotone in ``x`` (each
+    rounding is), a NaN stays a NaN and an infinity infinite. Equal values of a window must have equal
+    bits too (which of them torch's pool keeps cannot show then): only ``-0.0`` and ``+0.0`` could
+    differ. A zero ``y`` with a nonzero shift is an exact cancellation, +0.0; with a shift of +0.0 it is
+    +0.0 as well when rounded twice (``fl(x a) + 0.0``), and rounded once where ``|bn_scale| > 0.5`` (no
+    nonzero ``x a`` then rounds to zero); a shift of -0.0 gives zeros of both signs."""
+    scale, shift = bn_scale.reshape(-1), bn_shift.reshape(-1)
+    if not (bool(torch.isfinite(scale).all()) and bool(torch.isfinite(shift).all())) or bool((scale == 0).any()):
+        return False
+    zero = shift == 0
+    if bool((zero & torch.signbit(shift)).any()):
+        return False
+    return not fma or not bool((zero & (scale.abs() <= 0.5)).any())
+
+
 def _adaptive_max_pool2d(t, a, x):
     return F.adaptive_max_pool2d(x, a["output_size"])
 
@@ -226,6 +256,7 @@ FLOAT_OPS: dict[str, OpSpec] = {
         FLOAT,
         {"kernel_size": pair(1), "stride": pair(1), "padding": pair(0), "dilation": pair(1), "ceil_mode": boolean},
         check=lambda a: _check_pool_padding(a),
+        bind=_bind_max_pool2d,
         layout_free=True,
     ),
     "avg_pool2d": OpSpec(

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from onebit import _C
+from onebit.engine import reference
 from onebit.engine.geometry import check_max_pool2d, check_pool_bits, pair
+from onebit.engine.kernels.operands import channel_ptr
 from onebit.engine.kernels.registry import custom_op, direct
 
 __all__ = ["max_pool2d", "max_pool_bits"]
@@ -82,14 +84,18 @@ def max_pool2d(
     padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
     ceil_mode: bool = False,
+    bn=None,
 ) -> torch.Tensor:
     """torch's ``max_pool2d`` of float32 ``x [N, C, H, W]`` (NCHW or channels_last), bit for bit, returned
     in channels_last memory: ``out[n, c, i, j]`` is the first of the window's largest values in (kh, kw)
-    order, or its last NaN; padding takes no part.
+    order, or its last NaN; padding takes no part. ``bn = (bn_scale, bn_shift, fma)``: the pool of the
+    BatchNorm ``x * bn_scale + bn_shift`` (rounded once with ``fma``, else twice) instead, which the
+    kernel applies after pooling ``x`` (the max where ``bn_scale > 0``, the min where ``< 0``): exact where
+    ``graph.floats.batchnorm_before_pool`` says so.
 
     Eager plain tensors with channels_last or NCHW rows take the native kernel (an NCHW input is read
     in place, a block of channels at a time); under tracing, for autograd, small tensors or other
-    strides, torch pools a channels_last copy."""
+    strides, torch pools a channels_last copy (after the BatchNorm)."""
     shape, numbers = check_max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
     if (
         not direct(x)
@@ -97,9 +103,21 @@ def max_pool2d(
         or (x.requires_grad and torch.is_grad_enabled())
         or (x.stride(1) != 1 and x.stride(3) != 1)
     ):
+        if bn is not None:
+            x = reference.batch_norm_epilogue(x, *bn)
         return F.max_pool2d(
             x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation, ceil_mode=ceil_mode
         )
     out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
-    _C.max_pool2d_raw(x.data_ptr(), out.data_ptr(), *numbers, *x.stride(), torch.get_num_threads())
+    channels = x.shape[1]
+    bn_args = (
+        ()
+        if bn is None
+        else (
+            channel_ptr(bn[0], "bn_scale", torch.float32, channels),
+            channel_ptr(bn[1], "bn_shift", torch.float32, channels),
+            bool(bn[2]),
+        )
+    )
+    _C.max_pool2d_raw(x.data_ptr(), out.data_ptr(), *numbers, *x.stride(), torch.get_num_threads(), *bn_args)
     return out
