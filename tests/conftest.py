@@ -32,6 +32,27 @@ def isa(request):
     _C.set_isa(previous)
 
 
+@pytest.fixture(params=["torch", *_native_isas()])
+def engine_backend(request):
+    """Each way the engine runs: its pure-torch reference backend ("torch"), and the native kernels on
+    each instruction set this CPU runs, made the active one for the test (the backend and ISA before put
+    back)."""
+    from onebit import _C
+    from onebit.engine import ops
+
+    if request.param == "torch":
+        with ops.use_backend("reference"):
+            yield request.param
+        return
+    previous = _C.isa()
+    _C.set_isa(request.param)
+    try:
+        with ops.use_backend("native"):
+            yield request.param
+    finally:
+        _C.set_isa(previous)
+
+
 @pytest.fixture
 def restore_isa_and_threads():
     """Puts back the active native ISA and torch's thread count after a test that changes them."""

@@ -11,12 +11,11 @@ import torch
 from torch import nn
 
 from exported_programs import gives_in_fresh_process
-from onebit import _C, engine
+from onebit import engine
 from onebit.engine import ops, torch_rounding
 from onebit.engine.graph.floats import batchnorm_before_pool
 
 native = pytest.mark.skipif(not ops.native_available(), reason="no native kernels")
-ISAS = _C.supported_isas() if ops.native_available() else []
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -43,27 +42,13 @@ def pool_after_batchnorm(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-def backends():
-    yield "reference", None
-    for name in ISAS:
-        yield "native", name
+def run(model, packed, x):
+    with torch.no_grad():
+        return model(x), packed(x)
 
 
-def run(model, packed, x, backend="native", isa_name=None):
-    before = _C.isa() if ops.native_available() else None
-    try:
-        if isa_name is not None:
-            _C.set_isa(isa_name)
-        with torch.no_grad(), ops.use_backend(backend):
-            return model(x), packed(x)
-    finally:
-        if before is not None:
-            _C.set_isa(before)
-
-
-@pytest.mark.parametrize(("backend", "isa_name"), list(backends()))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_the_pooled_batchnorm_is_the_models(backend, isa_name, channels_last):
+def test_the_pooled_batchnorm_is_the_models(engine_backend, channels_last):
     model = stem(0)
     x = torch.randn(2, 3, 40, 36)
     x[1, 0, 7, 7] = float("nan")
@@ -73,13 +58,12 @@ def test_the_pooled_batchnorm_is_the_models(backend, isa_name, channels_last):
     packed = engine.pack(model, x)
     if ops.native_available():
         assert [step.label for step in packed._steps] == ["conv2d", "batch_norm+max_pool2d"]
-    want, got = run(model, packed, x, backend, isa_name)
+    want, got = run(model, packed, x)
     assert bool(want.isnan().any()) and torch.equal(bits(got), bits(want))
 
 
 @native
-@pytest.mark.parametrize("isa_name", ISAS)
-def test_zeros_of_both_signs_in_the_input(isa_name):
+def test_zeros_of_both_signs_in_the_input(isa):
     """A shift of +0.0 (a BatchNorm as initialised) with both zeros, NaNs and infinities in the windows."""
     weight, bias = torch.tensor([1.0, -1.0, 2.0, -0.75]), torch.zeros(4)
     model = pool_after_batchnorm(weight, bias)
@@ -88,7 +72,7 @@ def test_zeros_of_both_signs_in_the_input(isa_name):
     x = x.contiguous(memory_format=torch.channels_last)  # a native pool even at this size
     packed = engine.pack(model, x)
     assert [step.label for step in packed._steps] == ["batch_norm+max_pool2d"]
-    want, got = run(model, packed, x, isa_name=isa_name)
+    want, got = run(model, packed, x)
     assert torch.equal(bits(got), bits(want))
 
 

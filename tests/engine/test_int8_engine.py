@@ -15,13 +15,12 @@ from torch import nn
 
 import onebit
 from exported_programs import gives_in_fresh_process
-from onebit import _C, engine, quant
+from onebit import engine, quant
 from onebit.engine import ops
 from onebit.engine.graph.int8 import INT8_OPS
 from onebit.nn.layers import QConv2d, QLinear
 
 native = pytest.mark.skipif(not ops.native_available(), reason="no native kernels")
-ISAS = _C.supported_isas() if ops.native_available() else []
 
 
 def reference_conv(x, w, s, scale, bias, stride, padding, dilation, groups):
@@ -162,15 +161,8 @@ def int8_model(seed: int) -> nn.Module:
     return model.eval()
 
 
-def backends():
-    yield "reference", None
-    for name in ISAS:
-        yield "native", name
-
-
-@pytest.mark.parametrize(("backend", "isa_name"), list(backends()))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_packed_equals_simulated(backend, isa_name, channels_last):
+def test_packed_equals_simulated(engine_backend, channels_last):
     model = int8_model(0)
     x = torch.randn(4, 3, 17, 15) * 1.5
     x[0, 0, 0, :3] = torch.tensor([1e9, -1e9, float("inf")])
@@ -181,16 +173,9 @@ def test_packed_equals_simulated(backend, isa_name, channels_last):
         assert "int8_conv2d+batch_norm" in {step.label for step in packed._steps}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
-    before = _C.isa() if ops.native_available() else None
-    try:
-        if isa_name is not None:
-            _C.set_isa(isa_name)
-        with torch.no_grad(), ops.use_backend(backend):
-            want = model.to(memory_format=fmt)(x)
-            got = packed(x)
-    finally:
-        if before is not None:
-            _C.set_isa(before)
+    with torch.no_grad():
+        want = model.to(memory_format=fmt)(x)
+        got = packed(x)
     assert torch.equal(got, want)
 
 

@@ -83,6 +83,10 @@ def _writes_channels_last(x: torch.Tensor, out_channels_last: bool) -> bool:
     return out_channels_last or (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
 
 
+def _output_format(x: torch.Tensor, out_channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if _writes_channels_last(x, out_channels_last) else torch.contiguous_format
+
+
 def _empty_output(shape, channels_last: bool) -> torch.Tensor:
     n, co, oh, ow = shape
     if channels_last:
@@ -146,8 +150,7 @@ def _int8_conv2d_impl(
         if pool is not None:
             kh, kw, sh, sw, ph, pw, dh, dw, ceil = pool
             y = reference.max_pool2d(y, (kh, kw), (sh, sw), (ph, pw), (dh, dw), bool(ceil))
-        layout = torch.channels_last if _writes_channels_last(x, cl) else torch.contiguous_format
-        y = y.contiguous(memory_format=layout)
+        y = y.contiguous(memory_format=_output_format(x, cl))
     return y
 
 
@@ -169,8 +172,7 @@ def _int8_conv2d_fake(
     pool_sign=None,
 ):
     shape = _pooled_shape(_conv_shape(x, w, stride, padding, dilation, groups), pool)
-    layout = torch.channels_last if _writes_channels_last(x, cl) else torch.contiguous_format
-    return x.new_empty(shape).contiguous(memory_format=layout)
+    return x.new_empty(shape).contiguous(memory_format=_output_format(x, cl))
 
 
 def _check_linear(x: torch.Tensor, w: torch.Tensor) -> tuple[int, int]:
