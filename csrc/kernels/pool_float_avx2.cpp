@@ -27,9 +27,12 @@ inline void pool8(const float* px, const int64_t* offsets, int taps, int64_t pix
   for (int i = 0; i < P; ++i) b[i] = _mm256_loadu_ps(px + i * pixel_step + offsets[0] + c);
   if (Epi) {
     const __m256 scale = _mm256_loadu_ps(e->scale + c), shift = _mm256_loadu_ps(e->shift + c);
+    const bool descending = _mm256_movemask_ps(scale) != 0;
     for (int t = 1; t < taps; ++t)
-      for (int i = 0; i < P; ++i)
-        b[i] = take_max_or_min(b[i], _mm256_loadu_ps(px + i * pixel_step + offsets[t] + c), scale);
+      for (int i = 0; i < P; ++i) {
+        const __m256 v = _mm256_loadu_ps(px + i * pixel_step + offsets[t] + c);
+        b[i] = descending ? take_max_or_min(b[i], v, scale) : take_max(b[i], v);
+      }
     for (int i = 0; i < P; ++i)
       b[i] = e->fma ? _mm256_fmadd_ps(b[i], scale, shift) : _mm256_add_ps(_mm256_mul_ps(b[i], scale), shift);
   } else {

@@ -30,10 +30,12 @@ inline void pool16(const float* px, const int64_t* offsets, int taps, int64_t pi
   for (int i = 0; i < P; ++i) b[i] = _mm512_maskz_loadu_ps(lanes, px + i * pixel_step + offsets[0] + c);
   if (Epi) {
     const __m512 scale = _mm512_maskz_loadu_ps(lanes, e->scale + c), shift = _mm512_maskz_loadu_ps(lanes, e->shift + c);
-    const __mmask16 descending = _mm512_movepi32_mask(_mm512_castps_si512(scale));
+    const __mmask16 descending = _mm512_movepi32_mask(_mm512_castps_si512(scale)) & lanes;
     for (int t = 1; t < taps; ++t)
-      for (int i = 0; i < P; ++i)
-        b[i] = take_max_or_min(b[i], _mm512_maskz_loadu_ps(lanes, px + i * pixel_step + offsets[t] + c), descending);
+      for (int i = 0; i < P; ++i) {
+        const __m512 v = _mm512_maskz_loadu_ps(lanes, px + i * pixel_step + offsets[t] + c);
+        b[i] = descending ? take_max_or_min(b[i], v, descending) : take_max(b[i], v);
+      }
     for (int i = 0; i < P; ++i)
       b[i] = e->fma ? _mm512_fmadd_ps(b[i], scale, shift) : _mm512_add_ps(_mm512_mul_ps(b[i], scale), shift);
   } else {
