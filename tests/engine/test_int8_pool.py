@@ -198,3 +198,20 @@ def test_pool_fused_model_exports_and_loads_in_a_fresh_process(tmp_path):
         assert torch.equal(bits(torch.export.load(tmp_path / "pooled.pt2").module()(x)), bits(want))
     result = gives_in_fresh_process(tmp_path / "pooled.pt2", x, want)
     assert result.returncode == 0, result.stderr
+
+
+@native
+@pytest.mark.parametrize(
+    ("window", "message"),
+    [
+        ([3, 3, 2, 2, 2, 2, 1, 1, 0], r"padding \[2, 2\] exceeds half its kernel \[3, 3\]"),
+        ([9, 9, 1, 1, 0, 0, 1, 1, 0], r"window \[9, 9\] is larger than the conv's output \[8, 8\]"),
+    ],
+)
+def test_a_pool_that_does_not_fit_is_refused_by_name(window, message):
+    from onebit.engine.kernels import int8 as kernels
+
+    w = torch.randint(-127, 128, (16, 3, 3, 3), dtype=torch.int8)
+    a = {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1, "divisor": 10.0}
+    with pytest.raises(ValueError, match=message):
+        kernels.int8_conv2d(torch.randn(1, 3, 8, 8), w, None, None, a, pool=(window, torch.ones(16, dtype=torch.int32)))

@@ -74,8 +74,10 @@ def _pooled_shape(shape: tuple[int, ...], window) -> tuple[int, ...]:
     n, co, oh, ow = shape
     ph_out = geometry.pool_output_size(oh, kh, sh, ph, dh, bool(ceil))
     pw_out = geometry.pool_output_size(ow, kw, sw, pw, dw, bool(ceil))
-    if ph_out <= 0 or pw_out <= 0 or 2 * ph > kh or 2 * pw > kw:
-        raise ValueError(f"int8_conv2d: the max pool {list(window)} does not fit the conv's output {list(shape)}")
+    if 2 * ph > kh or 2 * pw > kw:
+        raise ValueError(f"int8_conv2d: the max pool's padding {[ph, pw]} exceeds half its kernel {[kh, kw]}")
+    if ph_out <= 0 or pw_out <= 0:
+        raise ValueError(f"int8_conv2d: the max pool's window {[kh, kw]} is larger than the conv's output {[oh, ow]}")
     return n, co, ph_out, pw_out
 
 
