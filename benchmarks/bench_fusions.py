@@ -1,0 +1,90 @@
+"""The packed engine's pool fusions against the same models packed without them, side by side.
+
+Two fusions take a ResNet stem's max pool into the step before it: an int8 conv's pool of its integer
+sums (``int8_conv2d+batch_norm+max_pool2d``, ``graph.int8.integer_max_pool``) and a float BatchNorm
+applied after the max pool that reads it (``batch_norm+max_pool2d``, ``graph.floats.batchnorm_before_pool``).
+Bi-Real-18 (float stem) and its int8 twin are packed twice, with the fusions and with their checks
+answering "no", checked bit-identical to the model, then called in interleaved rounds on an NCHW
+224-px image (thread CPU time at one thread, wall time at more), each at its best round; printed as
+``without / with`` (> 1: the fusion is faster).
+
+Usage::
+
+    python benchmarks/bench_fusions.py [--threads 1] [--rounds 15] [--isa avx512 avx2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import warnings
+
+import torch
+
+import onebit
+from onebit import _C, engine
+from onebit.engine.fuse import steps as fuse_steps
+
+
+@contextlib.contextmanager
+def pool_fusions_off():
+    """Packing inside this block makes neither pool fusion (their checks answer no)."""
+    saved = fuse_steps.integer_max_pool, fuse_steps.batchnorm_before_pool
+    fuse_steps.integer_max_pool = lambda *args: None
+    fuse_steps.batchnorm_before_pool = lambda *args: False
+    try:
+        yield
+    finally:
+        fuse_steps.integer_max_pool, fuse_steps.batchnorm_before_pool = saved
+
+
+def best_ms(calls: dict, rounds: int) -> dict[str, float]:
+    """ms per call of each ``{name: fn}``, interleaved rounds of 10 calls, each at its best round."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(3):  # settle
+                fn()
+            start = clock()
+            for _ in range(10):
+                fn()
+            best[name] = min(best[name], (clock() - start) / 10 * 1e3)
+    return best
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--isa", nargs="+", default=None, help="onebit ISAs (default: the active one)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    before = _C.isa()
+    print(f"# pool fusions on / off, Bi-Real-18 at 224 px, batch 1, NCHW input, {args.threads} thread(s)")
+    print(f"{'model':>18} {'isa':>7} {'fused stem step':>34} {'with ms':>8} {'without ms':>10} {'without / with':>14}")
+    for isa in args.isa or [before]:
+        _C.set_isa(isa)
+        for name, kwargs in (("birealnet18", {}), ("birealnet18 int8", {"float_layers": "int8"})):
+            torch.manual_seed(0)
+            model = onebit.models.create("birealnet18", **kwargs).eval()
+            x = torch.randn(1, 3, 224, 224)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                fused = engine.pack(model, x)
+                with pool_fusions_off():
+                    plain = engine.pack(model, x)
+                want = model(x)
+                if not (torch.equal(fused(x), want) and torch.equal(plain(x), want)):
+                    raise SystemExit(f"{name}: a packed model differs from the model: no timing")
+                calls = {"with": lambda f=fused, x=x: f(x), "without": lambda f=plain, x=x: f(x)}
+                best = best_ms(calls, args.rounds)
+            stem = next(step.label for step in fused._steps if "max_pool2d" in step.label)
+            ratio = best["without"] / best["with"]
+            print(f"{name:>18} {isa:>7} {stem:>34} {best['with']:8.3f} {best['without']:10.3f} {ratio:14.3f}")
+    _C.set_isa(before)
+
+
+if __name__ == "__main__":
+    main()
