@@ -29,6 +29,7 @@ using Gemm = void (*)(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t
 
 void gemm_reference(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,
                     const int32_t* wsum, int64_t blocks, int32_t* acc, int64_t acc_stride);
+// (w: the panels widened to int16 pairs, twice their bytes; conv_avx2 widens them once per call)
 void gemm_avx2(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,
                const int32_t* wsum, int64_t blocks, int32_t* acc, int64_t acc_stride);
 void gemm_vnni(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,

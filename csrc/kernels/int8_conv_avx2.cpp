@@ -1,6 +1,6 @@
-// AVX2 GEMM of the int8 conv: both operands widened to int16 pairs (once per call: the weights of a
-// block for all its pixels, the taps of a pixel for all the blocks, each by a few vector ops) and
-// multiplied by vpmaddwd (no vpmaddubsw, whose int16 sums saturate): every partial sum is an exact int32.
+// AVX2 GEMM of the int8 conv: both operands widened to int16 pairs (the weight panels once per conv
+// call, before its threads start; the taps of a pixel once per GEMM, for all the blocks) and multiplied
+// by vpmaddwd (no vpmaddubsw, whose int16 sums saturate): every partial sum is an exact int32.
 #include <immintrin.h>
 
 #include <cstring>
@@ -62,32 +62,33 @@ inline void widen_weights(__m256i v, __m256i* out) {
 
 }  // namespace
 
+// The panels widened once per call (int16, twice their bytes): each 32 bytes, 8 channels x 4 taps, as
+// the pairs (w0, w1), (w2, w3) of each channel.
+static void widen_panels(const int8_t* panels, int64_t bytes, int8_t* out) {
+  for (int64_t i = 0; i < bytes; i += 32)
+    widen_weights(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panels + i)), reinterpret_cast<__m256i*>(out + 2 * i));
+}
+
 void gemm_avx2(const int8_t* a, int64_t a_stride, int64_t pixels, int64_t quads, const int8_t* w,
                const int32_t* /*wsum*/, int64_t blocks, int32_t* acc, int64_t acc_stride) {
-  const int64_t block_stride = quads * kChannelBlock * kTapGroup, taps = quads * kTapGroup;
+  const int64_t taps = quads * kTapGroup;
   std::unique_ptr<int16_t[]> xw(new int16_t[static_cast<size_t>(pixels * taps)]);
   for (int64_t p = 0; p < pixels; ++p) widen_taps(a + p * a_stride, taps, xw.get() + p * taps);
   const int32_t* rows = reinterpret_cast<const int32_t*>(xw.get());
   const int64_t row_stride = taps / 2;  // int32 pairs a pixel
-  std::unique_ptr<int16_t[]> ww(new int16_t[static_cast<size_t>(quads * 64)]);
+  const int16_t* ww = reinterpret_cast<const int16_t*>(w);  // widened: 64 int16 a quad of a block
   for (int64_t b = 0; b < blocks; ++b) {
-    const int8_t* wb = w + b * block_stride;
-    for (int64_t q = 0; q < quads; ++q) {  // the block's weights widened once for all the pixels
-      __m256i* out = reinterpret_cast<__m256i*>(ww.get() + 64 * q);
-      widen_weights(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64)), out);
-      widen_weights(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + q * 64 + 32)), out + 2);
-    }
+    const int16_t* wb = ww + b * quads * 64;
     int32_t* ab = acc + b * kChannelBlock;
     int64_t p = 0;
-    for (; p + 4 <= pixels; p += 4)
-      tile<4>(rows + p * row_stride, row_stride, quads, ww.get(), ab + p * acc_stride, acc_stride);
-    for (; p < pixels; ++p) tile<1>(rows + p * row_stride, row_stride, quads, ww.get(), ab + p * acc_stride, acc_stride);
+    for (; p + 4 <= pixels; p += 4) tile<4>(rows + p * row_stride, row_stride, quads, wb, ab + p * acc_stride, acc_stride);
+    for (; p < pixels; ++p) tile<1>(rows + p * row_stride, row_stride, quads, wb, ab + p * acc_stride, acc_stride);
   }
 }
 
 bool conv_avx2(const Int8Conv& conv, const float* x, const int8_t* panels, const int32_t* wsum, const Int8Epilogue& epi,
                float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
-  return run_conv<gemm_avx2>(conv, x, panels, wsum, epi, out, os_n, os_c, os_p, threads);
+  return run_conv<gemm_avx2, widen_panels, 2>(conv, x, panels, wsum, epi, out, os_n, os_c, os_p, threads);
 }
 
 }  // namespace int8

@@ -166,7 +166,7 @@ inline void times_sign(int32_t* __restrict v, const int32_t* __restrict sign, in
 // computes rows another band computes too), pools each channel's sums (the max of sign * acc, times
 // sign: the sums of a ring row are multiplied by their sign once, where any is -1), and runs the float
 // epilogue on the pooled pixels only.
-template <Gemm gemm>
+template <Gemm gemm, int kScale>
 void run_pooled(const Int8Conv& c, const int8_t* q, const int8_t* w, const int32_t* wsum, const Int8Epilogue& epi,
                 float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
   const Int8Pool& pool = *epi.pool;
@@ -209,7 +209,7 @@ void run_pooled(const Int8Conv& c, const int8_t* q, const int8_t* w, const int32
           for (int64_t x0 = 0; x0 < OW; x0 += kPixelBlock) {
             const int64_t count = std::min(kPixelBlock, OW - x0);
             im2col(c, q, g, (n * OH + r) * OW + x0, count, row_bytes, a.get());
-            gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes, wsum + g * width, blocks,
+            gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes * kScale, wsum + g * width, blocks,
                  slot + x0 * width, width);
           }
           if (negated)  // sign * acc, so that the pool is a max (|acc| < 2^24)
@@ -243,13 +243,25 @@ void run_pooled(const Int8Conv& c, const int8_t* q, const int8_t* w, const int32
   });
 }
 
-template <Gemm gemm>
-bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t* wsum, const Int8Epilogue& epi,
+// A kernel's form of the weight panels, made once per call before the threads start: kScale bytes a
+// panel byte (AVX2: int16 pairs); null: the GEMM reads the panels themselves.
+using PreparePanels = void (*)(const int8_t* panels, int64_t bytes, int8_t* out);
+
+template <Gemm gemm, PreparePanels prepare = nullptr, int kScale = 1>
+bool run_conv(const Int8Conv& c, const float* x, const int8_t* panels, const int32_t* wsum, const Int8Epilogue& epi,
               float* out, int64_t os_n, int64_t os_c, int64_t os_p, int threads) {
   std::unique_ptr<int8_t[]> q(new int8_t[static_cast<size_t>(c.N * c.H * c.W * c.C)]);
   if (!quantize_input(c, x, q.get(), threads)) return false;
+  const int8_t* w = panels;
+  std::unique_ptr<int8_t[]> prepared;
+  if (prepare) {
+    const int64_t bytes = int8_panel_bytes(c.O, c.C / c.G, c.KH, c.KW, c.G);
+    prepared.reset(new int8_t[static_cast<size_t>(bytes * kScale)]);
+    prepare(panels, bytes, prepared.get());
+    w = prepared.get();
+  }
   if (epi.pool) {
-    run_pooled<gemm>(c, q.get(), w, wsum, epi, out, os_n, os_c, os_p, threads);
+    run_pooled<gemm, kScale>(c, q.get(), w, wsum, epi, out, os_n, os_c, os_p, threads);
     return true;
   }
   const int64_t Cg = c.C / c.G, OH = c.OH(), OW = c.OW(), pixels = c.N * OH * OW, Og = c.O / c.G;
@@ -274,8 +286,8 @@ bool run_conv(const Int8Conv& c, const float* x, const int8_t* w, const int32_t*
       for (int64_t p0 = c0; p0 < c0 + ccount; p0 += kPixelBlock) {
         const int64_t count = std::min(kPixelBlock, c0 + ccount - p0);
         im2col(c, q.get(), g, p0, count, row_bytes, a.get());
-        gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes, wsum + g * width, blocks, acc.get(),
-             width);
+        gemm(a.get(), row_bytes, count, quads, w + g * blocks * block_bytes * kScale, wsum + g * width, blocks,
+             acc.get(), width);
         for (int64_t i = 0; i < count; ++i)  // channels_last: straight into the output; NCHW: into rows
           epilogue(acc.get() + i * width, Og, c.divisor, epi, g * Og,
                    nchw ? rows.get() + (p0 - c0 + i) * Og : out + base[p0 - c0 + i] + g * Og);
