@@ -64,6 +64,11 @@ def restore_isa_and_threads():
     torch.set_num_threads(threads)
 
 
+def float_bits(t: torch.Tensor) -> torch.Tensor:
+    """float32 values as their bits, to compare bit for bit (-0.0 is not 0.0; every NaN is the same NaN)."""
+    return torch.where(t.isnan(), float("nan"), t).contiguous().view(torch.int32)
+
+
 def sign_reference(x: torch.Tensor) -> torch.Tensor:
     """Independent statement of the sign convention: +1 for x >= 0 (and -0.0), -1 below."""
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))

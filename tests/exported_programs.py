@@ -10,6 +10,12 @@ import sys
 import torch
 
 
+def saved_and_loaded(program: torch.export.ExportedProgram, path: pathlib.Path) -> torch.nn.Module:
+    """``program`` saved to ``path`` and loaded back, as a module to call."""
+    torch.export.save(program, path)
+    return torch.export.load(path).module()
+
+
 def gives_in_fresh_process(program_path: pathlib.Path, x: torch.Tensor, y: torch.Tensor) -> subprocess.CompletedProcess:
     """Load ``program_path`` in a new process after ``import onebit`` and run it on ``x``; the process exits
     0 when the output equals ``y``."""

@@ -157,6 +157,14 @@ inline void max_of(int32_t* __restrict m, const int32_t* a, const int32_t* b, in
   for (int64_t o = 0; o < n; ++o) m[o] = a[o] > b[o] ? a[o] : b[o];
 }
 
+// The first and last of a window's taps start + k d (k < K) that lie in [0, size) (one does: max_pool2d's
+// padding is at most half its window).
+inline void window_taps(int64_t start, int64_t K, int64_t d, int64_t size, int64_t& first, int64_t& last) {
+  first = start, last = start + (K - 1) * d;
+  while (first < 0) first += d;
+  while (last >= size) last -= d;
+}
+
 inline void times_sign(int32_t* __restrict v, const int32_t* __restrict sign, int64_t n) {
   for (int64_t o = 0; o < n; ++o) v[o] *= sign[o];
 }
@@ -200,9 +208,8 @@ void run_pooled(const Int8Conv& c, const int8_t* q, const int8_t* w, const int32
         const int64_t n = u / POH, pr = u % POH;
         if (n != image) image = n, next = 0;
         const int64_t start = pr * pool.sh - pool.ph;  // the window's rows: start + k dh (those in [0, OH))
-        int64_t first = start, last = start + (pool.KH - 1) * pool.dh;
-        while (first < 0) first += pool.dh;
-        while (last >= OH) last -= pool.dh;
+        int64_t first, last;
+        window_taps(start, pool.KH, pool.dh, OH, first, last);
         // the conv rows from the window's start on not yet computed (the next windows start no lower)
         for (int64_t r = std::max(next, std::max<int64_t>(start, 0)); r <= last; ++r) {
           int32_t* slot = rows.get() + (r % ring) * OW * width;
@@ -225,9 +232,8 @@ void run_pooled(const Int8Conv& c, const int8_t* q, const int8_t* w, const int32
           max_into(columns.get(), rows.get() + (r % ring) * row_ints, row_ints);
         for (int64_t pc = 0; pc < POW; ++pc) {
           int32_t* m = pooled.get() + pc * Og;
-          int64_t col = pc * pool.sw - pool.pw, end_col = col + (pool.KW - 1) * pool.dw;
-          while (col < 0) col += pool.dw;
-          while (end_col >= OW) end_col -= pool.dw;
+          int64_t col, end_col;
+          window_taps(pc * pool.sw - pool.pw, pool.KW, pool.dw, OW, col, end_col);
           const int32_t* left = columns.get() + col * width;
           max_of(m, left, col + pool.dw <= end_col ? left + pool.dw * width : left, Og);
           for (col += 2 * pool.dw; col <= end_col; col += pool.dw) max_into(m, columns.get() + col * width, Og);

@@ -10,17 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from exported_programs import gives_in_fresh_process
+from conftest import float_bits
+from exported_programs import gives_in_fresh_process, saved_and_loaded
 from onebit import engine
 from onebit.engine import ops, torch_rounding
 from onebit.engine.graph.floats import batchnorm_before_pool
 
 native = pytest.mark.skipif(not ops.native_available(), reason="no native kernels")
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The float32 values' bits (-0.0 is not 0.0; NaNs as NaN)."""
-    return torch.where(t.isnan(), float("nan"), t).contiguous().view(torch.int32)
 
 
 def stem(seed: int, *, weight=None, bias=None) -> nn.Module:
@@ -59,7 +55,7 @@ def test_the_pooled_batchnorm_is_the_models(engine_backend, channels_last):
     if ops.native_available():
         assert [step.label for step in packed._steps] == ["conv2d", "batch_norm+max_pool2d"]
     want, got = run(model, packed, x)
-    assert bool(want.isnan().any()) and torch.equal(bits(got), bits(want))
+    assert bool(want.isnan().any()) and torch.equal(float_bits(got), float_bits(want))
 
 
 @native
@@ -73,7 +69,7 @@ def test_zeros_of_both_signs_in_the_input(isa):
     packed = engine.pack(model, x)
     assert [step.label for step in packed._steps] == ["batch_norm+max_pool2d"]
     want, got = run(model, packed, x)
-    assert torch.equal(bits(got), bits(want))
+    assert torch.equal(float_bits(got), float_bits(want))
 
 
 def test_the_condition_names_the_cases_that_would_differ():
@@ -100,7 +96,7 @@ def test_a_minus_zero_shift_stays_unfused_and_exact():
     want, got = run(model, packed, x)
     zeros = want[want == 0]
     assert bool(torch.signbit(zeros).any()) and not bool(torch.signbit(zeros).all())  # the case is real
-    assert torch.equal(bits(got), bits(want))
+    assert torch.equal(float_bits(got), float_bits(want))
 
 
 @native
@@ -119,7 +115,7 @@ def test_a_tiny_scale_with_a_fused_multiply_add_stays_unfused_and_exact():
     packed = engine.pack(model, x)
     assert "batch_norm+max_pool2d" not in [step.label for step in packed._steps]
     want, got = run(model, packed, x)
-    assert torch.equal(bits(got), bits(want))
+    assert torch.equal(float_bits(got), float_bits(want))
 
 
 @native
@@ -128,9 +124,9 @@ def test_the_fused_stem_exports_and_loads_in_a_fresh_process(tmp_path):
     x = torch.randn(2, 3, 40, 36)
     packed = engine.pack(model, x)
     program = torch.export.export(packed, (x,))
-    torch.export.save(program, tmp_path / "stem.pt2")
+    loaded = saved_and_loaded(program, tmp_path / "stem.pt2")
     with torch.no_grad():
         want = model(x)
-        assert torch.equal(bits(torch.export.load(tmp_path / "stem.pt2").module()(x)), bits(want))
+        assert torch.equal(float_bits(loaded(x)), float_bits(want))
     result = gives_in_fresh_process(tmp_path / "stem.pt2", x, want)
     assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import onebit
-from exported_programs import gives_in_fresh_process
+from exported_programs import gives_in_fresh_process, saved_and_loaded
 from onebit import engine, quant
 from onebit.engine import ops
 from onebit.engine.graph.int8 import INT8_OPS
@@ -240,8 +240,7 @@ def test_packed_int8_model_exports_saves_loads_and_compiles(backend, tmp_path):
         if backend == "native":
             code = program.graph_module.code
             assert "torch.ops.onebit.int8_conv2d" in code and "torch.ops.onebit.int8_linear" in code
-        torch.export.save(program, tmp_path / "int8.pt2")
-        loaded = torch.export.load(tmp_path / "int8.pt2").module()
+        loaded = saved_and_loaded(program, tmp_path / "int8.pt2")
         with torch.no_grad():
             want = model(x)
             assert torch.equal(loaded(x), want)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from exported_programs import gives_in_fresh_process
+from conftest import float_bits
+from exported_programs import gives_in_fresh_process, saved_and_loaded
 from onebit import engine
 from onebit.engine import ops, reference
 from onebit.engine.graph.int8 import integer_max_pool
@@ -24,11 +25,6 @@ POOLS = [
     (3, 1, 1, 2, False),
     (2, 3, 1, 1, True),
 ]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The float32 values' bits: equal bits, not only equal values (-0.0 is not 0.0)."""
-    return t.contiguous().view(torch.int32)
 
 
 def conv_pool_model(seed: int, pool, *, batchnorm: bool = True, groups: int = 1, bn_weight=None) -> nn.Module:
@@ -64,7 +60,7 @@ def test_pooled_sums_are_the_models_pool(engine_backend, pool, channels_last):
         assert (packed._steps[0].pool.sign == torch.sign(model[1].weight).int()).all()
     with torch.no_grad():
         want, got = model(x), packed(x)
-    assert got.shape == want.shape and torch.equal(bits(got), bits(want))
+    assert got.shape == want.shape and torch.equal(float_bits(got), float_bits(want))
 
 
 @native
@@ -74,7 +70,7 @@ def test_a_pool_right_after_the_conv_fuses_too():
     packed = engine.pack(model, x)
     assert [step.label for step in packed._steps] == ["int8_conv2d+max_pool2d"]
     with torch.no_grad():
-        assert torch.equal(bits(packed(x)), bits(model(x)))
+        assert torch.equal(float_bits(packed(x)), float_bits(model(x)))
 
 
 @native
@@ -99,7 +95,7 @@ def test_bands_of_pooled_rows_over_two_threads():
         for n in (1, 2):
             torch.set_num_threads(n)
             with torch.no_grad():
-                assert torch.equal(bits(packed(x)), bits(model(x)))
+                assert torch.equal(float_bits(packed(x)), float_bits(model(x)))
     finally:
         torch.set_num_threads(threads)
 
@@ -129,7 +125,7 @@ def test_pool_stays_unfused_where_the_sums_would_differ(case):
         assert bool((want == 0).any()) and bool(torch.signbit(want[want == 0]).any())
         assert not bool(torch.signbit(want[want == 0]).all())
     assert torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(bits(got.nan_to_num()), bits(want.nan_to_num()))
+    assert torch.equal(float_bits(got.nan_to_num()), float_bits(want.nan_to_num()))
 
 
 def test_the_check_reads_the_directions_from_the_factors():
@@ -153,7 +149,7 @@ def test_nan_input_propagates_as_in_the_model():
     with torch.no_grad():
         want, got = model(x), packed(x)
     assert bool(got[1].isnan().any()) and torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(bits(got.nan_to_num()), bits(want.nan_to_num()))
+    assert torch.equal(float_bits(got.nan_to_num()), float_bits(want.nan_to_num()))
 
 
 @native
@@ -179,7 +175,7 @@ def test_custom_op_with_a_pool_is_conv_batchnorm_and_max_pool(channels_last):
         want = reference.max_pool2d(reference.int8_conv2d(x, w, 30.0, scale, bias, *conv, bn), 3, 2, 1)
         assert got.shape == want.shape == (2, 24, 8, 5)
         assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any()) == poisoned
-        assert torch.equal(bits(got.nan_to_num()), bits(want.nan_to_num()))
+        assert torch.equal(float_bits(got.nan_to_num()), float_bits(want.nan_to_num()))
         layout = torch.channels_last if channels_last else torch.contiguous_format
         assert got.is_contiguous(memory_format=layout)
 
@@ -192,10 +188,10 @@ def test_pool_fused_model_exports_and_loads_in_a_fresh_process(tmp_path):
     program = torch.export.export(packed, (x,))
     assert "torch.ops.onebit.int8_conv2d" in program.graph_module.code
     assert "max_pool2d" not in program.graph_module.code  # the pool is the op's
-    torch.export.save(program, tmp_path / "pooled.pt2")
+    loaded = saved_and_loaded(program, tmp_path / "pooled.pt2")
     with torch.no_grad():
         want = model(x)
-        assert torch.equal(bits(torch.export.load(tmp_path / "pooled.pt2").module()(x)), bits(want))
+        assert torch.equal(float_bits(loaded(x)), float_bits(want))
     result = gives_in_fresh_process(tmp_path / "pooled.pt2", x, want)
     assert result.returncode == 0, result.stderr
 
