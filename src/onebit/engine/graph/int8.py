@@ -162,12 +162,11 @@ def _bisect(g: Callable, channels: int, bound: int, holds: Callable) -> torch.Te
     for a ``holds`` that stays true once true."""
     lo = torch.full((channels,), -bound, dtype=torch.int64)
     hi = torch.full((channels,), bound + 1, dtype=torch.int64)
-    while bool((lo < hi).any()):
-        mid = torch.div(lo + hi, 2, rounding_mode="floor")
-        ok = holds(g(mid[:, None].clamp(max=bound))[:, 0]) & (mid <= bound)
-        hi = torch.where(ok, mid, hi)
-        lo = torch.where(ok, lo, torch.maximum(mid + 1, lo))
-        lo = torch.minimum(lo, hi)
+    while bool((active := lo < hi).any()):
+        mid = torch.div(lo + hi, 2, rounding_mode="floor").clamp(max=bound)  # a settled channel's mid is unused
+        ok = holds(g(mid[:, None])[:, 0])
+        hi = torch.where(active & ok, mid, hi)
+        lo = torch.where(active & ~ok, mid + 1, lo)
     return lo
 
 
