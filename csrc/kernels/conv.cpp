@@ -61,16 +61,21 @@ constexpr int64_t kNchwRunPixels = 64;
 // The block's pixels [q0, q1) with an NCHW float output or residual, a run at a time. An NCHW residual's
 // [block channels, pixels] share is transposed into the worker's buffer (its pointer offset so that pixel q
 // reads the buffer's row q - r0); the kernel writes an NCHW output's run into another buffer likewise, then
-// the run's [pixels, block channels] is transposed into each image's [channels, OH * OW] plane.
+// the run's [pixels, block channels] is transposed into each image's [channels, OH * OW] plane. A buffer row
+// holds the block's channels only (whole 16-float lines): rows Co floats apart would put a 256-channel
+// block's rows in a few L1 sets, evicting each other.
 void compute_nchw(const ConvKernel& kernel, const ConvBlock& b, const void* prepared, TransposeBlock transpose) {
   const ConvGeometry& g = *b.g;
   // a run: whole register tiles and whole 16-pixel rows of the transpose's 16 x 16 blocks
   const int64_t unit = std::lcm<int64_t>(kernel.tile_pix, 16), hw = g.OH * g.OW;
   const int64_t run = (kNchwRunPixels + unit - 1) / unit * unit;
-  const size_t bytes = static_cast<size_t>(run * g.Co) * sizeof(float);
+  const int64_t ld = (b.nco + 15) / 16 * 16;
+  const size_t bytes = static_cast<size_t>(run * ld) * sizeof(float);
   float* out_run = b.o->out_nchw ? static_cast<float*>(tls_nhwc.get(bytes)) : nullptr;
   float* shortcut_run = b.o->residual_nchw ? static_cast<float*>(tls_shortcut.get(bytes)) : nullptr;
   ConvOutput o = *b.o;
+  if (out_run) o.ld = ld;
+  if (shortcut_run) o.residual_ld = ld;
   ConvBlock r = b;
   r.o = &o;
   for (int64_t r0 = b.q0; r0 < b.q1; r0 += run) {
@@ -80,17 +85,17 @@ void compute_nchw(const ConvKernel& kernel, const ConvBlock& b, const void* prep
       for (int64_t q = r.q0; q < r.q1;) {  // the run's pixels of each image
         const int64_t n = q / hw, end = std::min(r.q1, (n + 1) * hw);
         transpose(reinterpret_cast<const uint32_t*>(b.o->residual + (n * g.Co + b.co0) * hw + (q - n * hw)), b.nco,
-                  end - q, hw, reinterpret_cast<uint32_t*>(shortcut_run + (q - r0) * g.Co + b.co0), g.Co);
+                  end - q, hw, reinterpret_cast<uint32_t*>(shortcut_run + (q - r0) * ld), ld);
         q = end;
       }
-      o.residual = shortcut_run - r0 * g.Co;
+      o.residual = shortcut_run - r0 * ld - b.co0;
     }
-    if (out_run) o.out_f32 = out_run - r0 * g.Co;
+    if (out_run) o.out_f32 = out_run - r0 * ld - b.co0;
     kernel.compute(r, prepared);
     if (!out_run) continue;
     for (int64_t q = r.q0; q < r.q1;) {
       const int64_t n = q / hw, end = std::min(r.q1, (n + 1) * hw);
-      transpose(reinterpret_cast<const uint32_t*>(out_run + (q - r0) * g.Co + b.co0), end - q, b.nco, g.Co,
+      transpose(reinterpret_cast<const uint32_t*>(out_run + (q - r0) * ld), end - q, b.nco, ld,
                 reinterpret_cast<uint32_t*>(b.o->out_f32 + (n * g.Co + b.co0) * hw + (q - n * hw)), hw);
       q = end;
     }
@@ -325,6 +330,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   o.dir = ptrs.dir;
   o.out_nchw = ptrs.out_nchw;
   o.residual_nchw = ptrs.residual_nchw && ptrs.residual;
+  o.ld = o.residual_ld = g.Co;
   if (!x || !w) fail("binary_conv2d: null input");
   if (o.out_nchw && o.mode != OutMode::float32) fail("binary_conv2d: an NCHW output must be float32");
   switch (o.mode) {

@@ -62,6 +62,9 @@ struct ConvOutput {
   const float* bn_shift = nullptr;  // [Co], with bn_scale
   bool bn_fma = false;
   const float* residual = nullptr;  // [N, OH, OW, Co] or null: added last (float32 output)
+  // Elements from one pixel to the next in out_i32 / out_f32 (ld) and in residual (residual_ld) as the
+  // blocked kernels see them: Co, set by the driver, or the width of a worker's run buffer (NCHW memory)
+  int64_t ld = 0, residual_ld = 0;
   // float32 output in NCHW memory, out_f32 [N, Co, OH, OW]: each run of pixels is written channels_last
   // into a small per-thread buffer, then transposed into place while it is in the caches
   bool out_nchw = false;

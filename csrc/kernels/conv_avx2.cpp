@@ -195,7 +195,7 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
   // with a switch per pixel on purpose: split into a loop per output mode, as in the AVX-512
   // kernel, it makes GCC 12 spill the 4x8 tile's accumulators inside the step loop, 20 % slower.)
   const ConvOutput& o = *b.o;
-  const int64_t Co = b.g->Co;
+  const int64_t ld = o.ld;  // pixel stride of the outputs
   const __m128i K = _mm_set1_epi32(c.K);
   const __m128i ids = _mm_setr_epi32(0, 1, 2, 3);
   uint64_t pending[P];  // bytewise threshold output: the bits of an even j wait for j + 1
@@ -235,20 +235,20 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
         case OutMode::int32:
           // vpmaskmov stores are slow (microcoded on AMD): only for a partial vector.
           if (valid >= 4)
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(o.out_i32 + pix[p].q * Co + cj), a);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(o.out_i32 + pix[p].q * ld + cj), a);
           else
-            _mm_maskstore_epi32(o.out_i32 + pix[p].q * Co + cj, m, a);
+            _mm_maskstore_epi32(o.out_i32 + pix[p].q * ld + cj, m, a);
           break;
         case OutMode::float32: {
           __m128 f = _mm_cvtepi32_ps(a);
           if (o.scale) f = _mm_mul_ps(f, scale);
           if (o.bias) f = _mm_add_ps(f, bias);
           if (o.bn_scale) f = o.bn_fma ? _mm_fmadd_ps(f, bn_scale, bn_shift) : _mm_add_ps(_mm_mul_ps(f, bn_scale), bn_shift);
-          if (o.residual) f = _mm_add_ps(f, _mm_maskload_ps(o.residual + pix[p].q * Co + cj, m));
+          if (o.residual) f = _mm_add_ps(f, _mm_maskload_ps(o.residual + pix[p].q * o.residual_ld + cj, m));
           if (valid >= 4)
-            _mm_storeu_ps(o.out_f32 + pix[p].q * Co + cj, f);
+            _mm_storeu_ps(o.out_f32 + pix[p].q * ld + cj, f);
           else
-            _mm_maskstore_ps(o.out_f32 + pix[p].q * Co + cj, m, f);
+            _mm_maskstore_ps(o.out_f32 + pix[p].q * ld + cj, m, f);
           break;
         }
         case OutMode::threshold: {

@@ -42,7 +42,7 @@ template <int P, int J>
 inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J]) {
   const ConvBlock& b = *c.b;
   const ConvOutput& o = *b.o;
-  const int64_t Co = b.g->Co;
+  const int64_t ld = o.ld;  // pixel stride of the outputs
   const __m512i K = _mm512_set1_epi32(c.K);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
 #pragma GCC unroll 2
@@ -69,9 +69,9 @@ inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J
 #pragma GCC unroll 8
         for (int p = 0; p < P; ++p) {
           if (valid >= 16)
-            _mm512_storeu_si512(out_i32 + pix[p].q * Co, value(p));
+            _mm512_storeu_si512(out_i32 + pix[p].q * ld, value(p));
           else
-            _mm512_mask_storeu_epi32(out_i32 + pix[p].q * Co, m, value(p));
+            _mm512_mask_storeu_epi32(out_i32 + pix[p].q * ld, m, value(p));
         }
         break;
       }
@@ -91,11 +91,11 @@ inline void epilogue(const Ctx& c, const PixInfo* pix, const __m512i (&acc)[P][J
         for (int p = 0; p < P; ++p) {
           __m512 f = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(value(p)), scale), bias);
           if (bn) f = fma ? _mm512_fmadd_ps(f, bn_scale, bn_shift) : _mm512_add_ps(_mm512_mul_ps(f, bn_scale), bn_shift);
-          if (residual) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(m, residual + pix[p].q * Co));
+          if (residual) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(m, residual + pix[p].q * o.residual_ld));
           if (valid >= 16)
-            _mm512_storeu_ps(out_f32 + pix[p].q * Co, f);
+            _mm512_storeu_ps(out_f32 + pix[p].q * ld, f);
           else
-            _mm512_mask_storeu_ps(out_f32 + pix[p].q * Co, m, f);
+            _mm512_mask_storeu_ps(out_f32 + pix[p].q * ld, m, f);
         }
         break;
       }

@@ -164,23 +164,23 @@ inline bool threshold_bit(int32_t acc, int32_t thr, int8_t dir) { return dir > 0
 // pixel p, channel co0 + l.
 inline void epilogue_generic(const ConvBlock& b, const PixInfo* pix, int cnt, const int32_t* acc, int ld) {
   const ConvOutput& o = *b.o;
-  const int64_t Co = b.g->Co;
+  const int64_t out_ld = o.ld;  // pixel stride of the outputs
   for (int p = 0; p < cnt; ++p) {
     const int32_t* a = acc + p * ld;
     switch (o.mode) {
       case OutMode::int32: {
-        int32_t* dst = o.out_i32 + pix[p].q * Co + b.co0;
+        int32_t* dst = o.out_i32 + pix[p].q * out_ld + b.co0;
         for (int64_t l = 0; l < b.nco; ++l) dst[l] = a[l];
         break;
       }
       case OutMode::float32: {
-        float* dst = o.out_f32 + pix[p].q * Co + b.co0;
+        float* dst = o.out_f32 + pix[p].q * out_ld + b.co0;
         for (int64_t l = 0; l < b.nco; ++l) {
           float f = static_cast<float>(a[l]);
           if (o.scale) f = f * o.scale[b.co0 + l];
           if (o.bias) f = f + o.bias[b.co0 + l];
           if (o.bn_scale) f = batchnorm(f, o.bn_scale[b.co0 + l], o.bn_shift[b.co0 + l], o.bn_fma);
-          if (o.residual) f = f + o.residual[pix[p].q * Co + b.co0 + l];
+          if (o.residual) f = f + o.residual[pix[p].q * o.residual_ld + b.co0 + l];
           dst[l] = f;
         }
         break;

@@ -16,20 +16,20 @@ namespace {
 inline void epilogue_lanes(const ConvBlock& b, const PixInfo& px, int64_t cj, int64_t valid, const int32_t* a,
                            uint64_t& bits, int shift) {
   const ConvOutput& o = *b.o;
-  const int64_t Co = b.g->Co;
+  const int64_t ld = o.ld;  // pixel stride of the outputs
   for (int64_t l = 0; l < valid; ++l) {
     const int64_t c = cj + l;
     switch (o.mode) {
       case OutMode::int32:
-        o.out_i32[px.q * Co + c] = a[l];
+        o.out_i32[px.q * ld + c] = a[l];
         break;
       case OutMode::float32: {
         float f = static_cast<float>(a[l]);
         if (o.scale) f = f * o.scale[c];
         if (o.bias) f = f + o.bias[c];
         if (o.bn_scale) f = batchnorm(f, o.bn_scale[c], o.bn_shift[c], o.bn_fma);
-        if (o.residual) f = f + o.residual[px.q * Co + c];
-        o.out_f32[px.q * Co + c] = f;
+        if (o.residual) f = f + o.residual[px.q * o.residual_ld + c];
+        o.out_f32[px.q * ld + c] = f;
         break;
       }
       case OutMode::threshold:
@@ -43,7 +43,7 @@ inline void epilogue_lanes(const ConvBlock& b, const PixInfo& px, int64_t cj, in
 inline void epilogue4_neon(const ConvBlock& b, const PixInfo& px, int64_t cj, int64_t valid, int32x4_t a,
                       uint64_t& bits, int shift) {
   const ConvOutput& o = *b.o;
-  const int64_t Co = b.g->Co;
+  const int64_t ld = o.ld;  // pixel stride of the outputs
   if (valid < 4) {  // a partial register: lane by lane, the same operations
     alignas(16) int32_t lanes[4];
     vst1q_s32(lanes, a);
@@ -52,7 +52,7 @@ inline void epilogue4_neon(const ConvBlock& b, const PixInfo& px, int64_t cj, in
   }
   switch (o.mode) {
     case OutMode::int32:
-      vst1q_s32(o.out_i32 + px.q * Co + cj, a);
+      vst1q_s32(o.out_i32 + px.q * ld + cj, a);
       break;
     case OutMode::float32: {
       float32x4_t f = vcvtq_f32_s32(a);
@@ -62,8 +62,8 @@ inline void epilogue4_neon(const ConvBlock& b, const PixInfo& px, int64_t cj, in
         const float32x4_t sc = vld1q_f32(o.bn_scale + cj), sh = vld1q_f32(o.bn_shift + cj);
         f = o.bn_fma ? vfmaq_f32(sh, f, sc) : vaddq_f32(vmulq_f32(f, sc), sh);
       }
-      if (o.residual) f = vaddq_f32(f, vld1q_f32(o.residual + px.q * Co + cj));
-      vst1q_f32(o.out_f32 + px.q * Co + cj, f);
+      if (o.residual) f = vaddq_f32(f, vld1q_f32(o.residual + px.q * o.residual_ld + cj));
+      vst1q_f32(o.out_f32 + px.q * ld + cj, f);
       break;
     }
     case OutMode::threshold: {

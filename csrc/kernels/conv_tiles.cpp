@@ -93,6 +93,7 @@ int time_tiles(const std::vector<ConvKernel>& tiles, const ConvBlock& proto) {
   ConvOutput o;
   o.mode = OutMode::int32;
   o.out_i32 = reinterpret_cast<int32_t*>(out.get());
+  o.ld = o.residual_ld = g.Co;
   ConvBlock b = proto;
   b.o = &o;
   b.x = reinterpret_cast<const uint64_t*>(x.get());

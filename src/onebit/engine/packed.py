@@ -20,6 +20,8 @@ from onebit.engine.steps import Step
 
 __all__ = ["PackedModel", "pack", "load", "Step", "InputError", "FallbackWarning"]
 
+_F32 = torch.float32
+
 
 class InputError(TypeError, ValueError):
     """A call with an input the model cannot take (wrong type, dtype, rank, channels or device).
@@ -78,7 +80,13 @@ class PackedModel(nn.Module):
         return out
 
     def _compile(self) -> list[Step]:
-        """The :class:`Step` list :meth:`forward` runs: the graph fused (see :mod:`onebit.engine.fuse`)."""
+        """The :class:`Step` list :meth:`forward` runs: the graph fused (see :mod:`onebit.engine.fuse`); the
+        graph's input and outputs read once, for the calls."""
+        spec = self.graph["input"]
+        self._input_name = spec["name"]
+        self._input_spec = (spec["rank"], spec["channels"], 1 if spec.get("channel_dim", 1) == 1 else -1)
+        self._output_names = tuple(self.graph["outputs"])
+        self._output_kind = self.graph.get("output_kind", "tensor")
         return fuse(self.graph, self.named_graph_tensors())
 
     # -- running ------------------------------------------------------------
@@ -93,15 +101,17 @@ class PackedModel(nn.Module):
         return int(self.graph["input"]["channels"])
 
     def _check_input(self, x: Any) -> None:
-        spec = self.graph["input"]
+        rank, channels, channel_dim = self._input_spec
+        if type(x) is torch.Tensor and x.dtype is _F32 and x.is_cpu:  # the common case first, quickly
+            if x.dim() == rank and x.shape[channel_dim] == channels:
+                return
         if not isinstance(x, torch.Tensor):
             raise InputError(f"PackedModel: expected a torch.Tensor input, got {type(x).__name__}")
         if x.dtype != torch.float32:
             raise InputError(f"PackedModel: expected a float32 input, got {x.dtype}")
         if x.device.type != "cpu":
             raise InputError(f"PackedModel: the packed engine runs on the CPU, got an input on {x.device}")
-        rank, channels = spec["rank"], spec["channels"]
-        if spec.get("channel_dim", 1) == -1:  # [N, ..., F] read by linear layers: the other dims are free
+        if channel_dim == -1:  # [N, ..., F] read by linear layers: the other dims are free
             if x.dim() != rank or x.shape[-1] != channels:
                 dims = "[N, " + "".join(f"L{i}, " for i in range(1, rank - 1)) + "F]"
                 raise InputError(
@@ -116,13 +126,16 @@ class PackedModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
-        return self._output(self._run(x), _memory_format(x))
-
-    def _run(self, x: torch.Tensor, times: list[list[float]] | None = None) -> dict[str, torch.Tensor]:
-        """Run the steps on ``x``: the values left (the outputs); each step's time appended to ``times``."""
-        env: dict[str, torch.Tensor] = {self.graph["input"]["name"]: x}
         fmt = _memory_format(x)
-        nchw = fmt == torch.contiguous_format
+        return self._output(self._run(x, fmt), fmt)
+
+    def _run(
+        self, x: torch.Tensor, fmt: torch.memory_format, times: list[list[float]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run the steps on ``x``, the model's layout being ``fmt``: the values left (the outputs); each step's
+        time appended to ``times``."""
+        env: dict[str, torch.Tensor] = {self._input_name: x}
+        nchw = fmt is torch.contiguous_format
         for k, step in enumerate(self._steps):
             args = [env[i] for i in step.inputs]
             if step.model_layout:  # an op that rounds by layout runs in the model's own
@@ -133,7 +146,7 @@ class PackedModel(nn.Module):
                 args = _channels_last(args)
             start = time.perf_counter() if times is not None else 0.0
             try:
-                out = step.run(*args, memory_format=fmt) if step.writes_nchw and nchw else step.run(*args)
+                out = step.run(*args, memory_format=fmt) if nchw and step.writes_nchw else step.run(*args)
             except (RuntimeError, ValueError) as error:
                 raise InputError(
                     f"PackedModel: {_where(step)} cannot take the input of shape {list(x.shape)}: {error}"
@@ -147,10 +160,10 @@ class PackedModel(nn.Module):
 
     def _output(self, env: dict[str, torch.Tensor], fmt: torch.memory_format):
         """The graph's outputs, as the model returns them (4-d ones in the model's memory format)."""
-        outs = [_in_format(env[o], fmt) for o in self.graph["outputs"]]
-        kind = self.graph.get("output_kind", "tensor")
+        kind = self._output_kind
         if kind == "tensor":
-            return outs[0]
+            return _in_format(env[self._output_names[0]], fmt)
+        outs = [_in_format(env[o], fmt) for o in self._output_names]
         return tuple(outs) if kind == "tuple" else outs
 
     class Profile(list):
@@ -198,7 +211,7 @@ class PackedModel(nn.Module):
         self._check_input(x)
         times: list[list[float]] = [[] for _ in self._steps]
         for _ in range(max(1, repeat)):
-            self._run(x, times)
+            self._run(x, _memory_format(x), times)
         rows = []
         for k, step in enumerate(self._steps):
             ts = sorted(times[k])
