@@ -22,6 +22,7 @@
 #include "kernels/isa.h"
 #include "kernels/pack.h"
 #include "kernels/pool_bits.h"
+#include "kernels/ordered_conv.h"
 #include "kernels/pool_float.h"
 #include "kernels/relayout.h"
 #include "kernels/ternary_linear.h"
@@ -137,6 +138,18 @@ void max_pool2d_raw(uintptr_t x, uintptr_t out, int64_t N, int64_t C, int64_t H,
   const onebit::PoolEpilogue bn{ptr<const float>(bn_scale), ptr<const float>(bn_shift), bn_fma};
   nb::gil_scoped_release release;
   onebit::max_pool2d_float(ptr<const float>(x), ptr<float>(out), g, threads, bn_scale ? &bn : nullptr);
+}
+
+void ordered_conv1x1_raw(uintptr_t x, int64_t N, int64_t C, int64_t HW, uintptr_t wt, int64_t ld, int64_t Co,
+                         uintptr_t bias, uintptr_t out, int threads) {
+  require(x != 0 && wt != 0 && out != 0, "ordered_conv1x1: null tensor");
+  require(N >= 0 && C > 0 && HW > 0 && Co > 0, "ordered_conv1x1: empty or negative shape");
+  require(ld >= Co && ld % onebit::kOrderedConvBlock == 0,
+          "ordered_conv1x1: the transposed weight's rows must hold out_channels rounded up to a multiple of " +
+              std::to_string(onebit::kOrderedConvBlock));
+  nb::gil_scoped_release release;
+  onebit::ordered_conv1x1(ptr<const float>(x), N, C, HW, ptr<const float>(wt), ld, Co, ptr<const float>(bias),
+                          ptr<float>(out), threads);
 }
 
 // Builds a validated plan from the numbers of a call (see onebit/engine/kernels.py).
@@ -393,6 +406,10 @@ NB_MODULE(_C, m) {
         "Wg"_a, "Cg"_a, "OH"_a, "OW"_a, "KH"_a, "KW"_a, "SH"_a, "SW"_a, "PH"_a, "PW"_a, "DH"_a, "DW"_a, "OPH"_a, "OPW"_a,
         "Low level (addresses): max pooling of thresholded bits [N, H, W, G, Wg] into [N, OH+2OPH, OW+2OPW, G, Wg]. "
         "Use onebit.engine.kernels.max_pool_bits.");
+  m.def("ordered_conv1x1_raw", &ordered_conv1x1_raw, "x"_a, "N"_a, "C"_a, "HW"_a, "wt"_a, "ld"_a, "Co"_a, "bias"_a,
+        "out"_a, "threads"_a,
+        "Low level (addresses): a float32 1x1 conv of x [N, C, HW] summed in channel order, each product and sum "
+        "rounded (see ordered_conv.h), into out [N, Co, HW]. Use onebit.engine.kernels.ordered_conv.");
   m.def("max_pool2d_raw", &max_pool2d_raw, "x"_a, "out"_a, "N"_a, "C"_a, "H"_a, "W"_a, "OH"_a, "OW"_a, "KH"_a, "KW"_a,
         "SH"_a, "SW"_a, "PH"_a, "PW"_a, "DH"_a, "DW"_a, "sN"_a, "sC"_a, "sH"_a, "sW"_a, "threads"_a,
         "bn_scale"_a = uintptr_t{0}, "bn_shift"_a = uintptr_t{0}, "bn_fma"_a = false,

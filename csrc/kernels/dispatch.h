@@ -9,6 +9,7 @@
 #include "kernels/conv.h"
 #include "kernels/int8_conv.h"
 #include "kernels/isa.h"
+#include "kernels/ordered_conv.h"
 #include "kernels/pool_float.h"
 #include "kernels/relayout.h"
 #include "kernels/ternary_linear.h"
@@ -31,6 +32,7 @@ struct IsaKernels {
   MaxPoolPixels max_pool_pixels;                   // float max pool, a run of pixels; null: reference
   ternary::RowsDot rows_dot;                       // all tokens a row pass; null: chunk_dot per token
   int8::ConvRun int8_conv;                         // int8 x int8 conv / linear; null: int8::conv_reference
+  OrderedConvChannels ordered_conv;                // float 1x1 conv in channel order; null: reference
 };
 
 const IsaKernels& isa_kernels(Isa isa);

@@ -29,6 +29,7 @@
 #include "kernels/int8_conv.h"
 #include "kernels/isa.h"
 #include "kernels/pack.h"
+#include "kernels/ordered_conv.h"
 #include "kernels/pool_float.h"
 #include "kernels/relayout.h"
 #include "kernels/ternary_linear.h"
@@ -476,6 +477,45 @@ void check_max_pool(Rng& r, Report& report) {
   }
 }
 
+// The ordered 1x1 conv (ordered_conv1x1, every ISA) against its definition as a plain loop: each output the
+// bias (or +0.0) plus the products in channel order, every product and sum rounded; inputs with zeros of
+// both signs, infinities and NaNs (any NaN matches a NaN: which operand's payload an add keeps may differ).
+void check_ordered_conv(Rng& r, Report& report) {
+  const int64_t N = r.range(1, 2), C = r.range(1, 80), Co = r.range(1, 70), HW = r.range(1, 12);
+  const bool with_bias = r.coin();
+  const int64_t ld = (Co + kOrderedConvBlock - 1) / kOrderedConvBlock * kOrderedConvBlock;
+  std::vector<float> x = r.normals(N * C * HW), w = r.normals(Co * C), bias(ld, 0.0f), wt(C * ld, 0.0f);
+  const float pick[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN};
+  for (float& v : x)
+    if (r.next() % 16 == 0) v = pick[r.next() % 5];
+  for (int64_t co = 0; co < Co; ++co) {
+    bias[co] = with_bias ? static_cast<float>(r.normals(1)[0]) : 0.0f;
+    for (int64_t k = 0; k < C; ++k) wt[k * ld + co] = w[co * C + k] * 1e3f;
+  }
+  std::vector<float> want(N * Co * HW);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t co = 0; co < Co; ++co)
+      for (int64_t p = 0; p < HW; ++p) {
+        float acc = with_bias ? bias[co] : 0.0f;
+        for (int64_t k = 0; k < C; ++k) {
+          const float product = x[(n * C + k) * HW + p] * wt[k * ld + co];
+          acc = acc + product;
+        }
+        want[(n * Co + co) * HW + p] = acc;
+      }
+  const std::string text = "N" + str(N) + " C" + str(C) + " Co" + str(Co) + " HW" + str(HW) + (with_bias ? " bias" : "");
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<float> got(want.size(), 12345.0f);
+    ordered_conv1x1(x.data(), N, C, HW, wt.data(), ld, Co, with_bias ? bias.data() : nullptr, got.data(),
+                    static_cast<int>(r.range(1, 2)));
+    bool same = true;
+    for (size_t i = 0; i < got.size(); ++i)
+      same &= std::memcmp(&got[i], &want[i], sizeof(float)) == 0 || (std::isnan(got[i]) && std::isnan(want[i]));
+    report.check(same, "ordered_conv1x1", isa, "", text);
+  }
+}
+
 // The int8 x int8 conv (int8_conv2d, every ISA's GEMM) against the definition as plain loops: x quantized
 // as clamp(round-half-even(fl(x * s)), -127, 127), an exact integer sum over the taps (zero padding), then
 // fl(fl(fl(acc / s) * scale) + bias) and an optional BatchNorm rounded once (fma) or twice; in half the
@@ -630,6 +670,7 @@ int main(int argc, char** argv) {
     check_ternary(r, report);
     check_relayout(r, report);
     check_max_pool(r, report);
+    check_ordered_conv(r, report);
     check_int8_conv(r, report);
   }
   return report.finish();

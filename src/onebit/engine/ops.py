@@ -118,6 +118,13 @@ def conv_layer(wp, **kwargs):
     return native.ConvLayer(wp, **kwargs) if native is not None else None
 
 
+def ordered_conv1x1(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """A 1x1 float conv summed in channel order, as torch's reference GEMM sums it
+    (``kernels.OrderedConv1x1``), or None without the native kernels."""
+    native = _native()
+    return native.OrderedConv1x1(weight, bias) if native is not None else None
+
+
 def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into transparent huge pages when it is 2 MiB or more (``kernels.in_huge_pages``), else
     (or without the native kernels) ``t`` itself."""

@@ -4,6 +4,7 @@ arithmetic and activations) on the same values in the same memory format."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ from onebit.engine.graph.schema import (
     per_out_channel,
     per_out_feature,
 )
+from onebit.engine.kernels.registry import direct
+from onebit.engine.sum_order import SumOrderProbe
 from onebit.nn.twist import coordinate_maps
 
 
@@ -47,6 +50,39 @@ def padded_conv(x, weight, bias, a):
 
 def _conv2d(t, a, x):
     return padded_conv(x, t["weight"], t.get("bias"), a)
+
+
+def _pointwise(t, a) -> bool:
+    """Whether a float conv node is a plain 1x1 conv: stride 1, no padding, one group."""
+    return (
+        tuple(t["weight"].shape[2:]) == (1, 1)
+        and a["stride"] == [1, 1]
+        and a["padding"] in ([0, 0], "valid", "same")
+        and a["groups"] == 1
+        and a["pad_value"] == 0.0
+        and a["padding_mode"] == "zeros"
+    )
+
+
+def _bind_conv2d(step):
+    """A float conv's runner: torch's conv; a 1x1 one, on an NCHW input whose shape torch sums in channel
+    order (its reference GEMM, asked of torch once per shape: :class:`SumOrderProbe`), onebit's ordered 1x1
+    conv, the same sums several times faster."""
+    t, a = step.tensors, step.attrs
+    plain = partial(_conv2d, t, a)
+    ordered = ops.ordered_conv1x1(t["weight"], t.get("bias")) if _pointwise(t, a) else None
+    if ordered is None:
+        return plain
+    probe = SumOrderProbe(plain, ordered)
+
+    def run(x):
+        # the probe's answer for the shape first: a shape torch sums otherwise costs one lookup more
+        if type(x) is torch.Tensor and x.dtype is torch.float32 and x.dim() == 4 and ops.backend_is_native():
+            if direct() and probe(x) and ordered.takes(x):  # eager calls only: a trace keeps torch's conv
+                return ordered(x)
+        return plain(x)
+
+    return run
 
 
 def _linear(t, a, x):
@@ -225,6 +261,7 @@ FLOAT_OPS: dict[str, OpSpec] = {
             "bias": TensorSpec(F32, per_out_channel, required=False),
         },
         check_groups,
+        bind=_bind_conv2d,
         probes_layout=True,
     ),
     "linear": OpSpec(

@@ -10,8 +10,9 @@ the native implementations behind ``ops`` (tests and benchmarks call them to pic
 Modules, each one concept: ``registry`` (custom-op registration, the eager bypass of the dispatcher),
 ``operands`` (addresses of checked tensors, channels_last outputs), ``weight_cache`` (:class:`WeightCache`),
 ``plans`` (validated calls cached by shape), ``packing``, ``conv``, ``conv_layer``, ``linear``, ``pool``,
-``ternary``, ``ternary_layer``, ``int8``, ``planes``, ``memory_formats`` (the ops), ``huge_pages``
-(large weights in transparent huge pages).
+``ternary``, ``ternary_layer``, ``int8``, ``planes``, ``memory_formats`` (the ops), ``ordered_conv``
+(a float 1x1 conv summed as torch's reference GEMM sums it), ``huge_pages`` (large weights in transparent
+huge pages).
 
 Bit convention (``csrc/kernels/pack.h``): bit set = -1 (``x < 0``), bit clear = +1, so
 sign(0) = sign(-0.0) = +1 and NaN packs as +1. Channel ``c`` of a group lives in word
@@ -50,6 +51,7 @@ from onebit.engine.kernels.huge_pages import HUGE_PAGE, in_huge_pages
 from onebit.engine.kernels.int8 import int8_conv2d, int8_linear
 from onebit.engine.kernels.linear import binary_linear, binary_linear_int, binary_linear_threshold
 from onebit.engine.kernels.memory_formats import relayout
+from onebit.engine.kernels.ordered_conv import ORDERED_CONV_BLOCK, OrderedConv1x1
 from onebit.engine.kernels.packing import pack_activations, pack_features, pack_weights
 from onebit.engine.kernels.planes import combine_planes, pack_integer_planes, pack_integer_planes_nan
 from onebit.engine.kernels.plans import MODE_FLOAT, MODE_INT, MODE_THRESHOLD, conv_plan
@@ -97,6 +99,8 @@ __all__ = [
     "pack_integer_planes_nan",
     "combine_planes",
     "relayout",
+    "OrderedConv1x1",
+    "ORDERED_CONV_BLOCK",
 ]
 
 isa = _C.isa

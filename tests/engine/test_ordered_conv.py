@@ -1,0 +1,144 @@
+"""The ordered 1x1 conv: a float 1x1 conv summed in channel order, one rounding per product and per sum, as
+torch's reference GEMM sums it. A packed model runs it where torch's NCHW conv sums the shape so (asked of
+torch per shape), and keeps torch's conv everywhere else: either way, the model's bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import float_bits
+from onebit import _C, engine, models
+from onebit.engine.kernels import OrderedConv1x1
+from onebit.engine.sum_order import SumOrderProbe
+
+#: a BinaryDenseNet-28 transition on a 28 px input: 544 -> 192 channels on a 2x2 map, which torch's NCHW
+#: conv sums with its reference GEMM
+DENSENET_TRANSITION = (1, 544, 192, 2)
+
+
+def channel_order_sums(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The definition in torch's float32 ops: the bias (or +0.0), then each channel's product added in turn."""
+    n, c, h, w = x.shape
+    co = weight.shape[0]
+    acc = torch.zeros(n, co, h * w) if bias is None else bias.reshape(1, co, 1).expand(n, co, h * w).clone()
+    xs, ws = x.reshape(n, c, h * w), weight.reshape(co, c)
+    for k in range(c):
+        acc = acc + ws[:, k].reshape(1, co, 1) * xs[:, k].reshape(n, 1, h * w)
+    return acc.reshape(n, co, h, w)
+
+
+def wide_range(shape, generator, specials: bool = True) -> torch.Tensor:
+    """Values over many orders of magnitude; with ``specials``, zeros of both signs, infinities and NaNs."""
+    x = torch.randn(shape, generator=generator) * torch.exp(3 * torch.randn(shape, generator=generator))
+    if specials:
+        pick = torch.randint(0, 40, shape, generator=generator)
+        x = torch.where(pick == 0, 0.0, torch.where(pick == 1, -0.0, x))
+        x = torch.where(pick == 2, float("inf"), torch.where(pick == 3, float("nan"), x))
+    return x
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 3), (1, 37, 33, 4), (2, 70, 64, 7), (1, 200, 97, 1)])
+def test_every_isa_sums_in_channel_order(isa, shape, with_bias):
+    n, c, co, hw = shape
+    g = torch.Generator().manual_seed(c * 1000 + co)
+    x = wide_range((n, c, hw, 1), g)
+    weight = torch.randn(co, c, 1, 1, generator=g)
+    bias = torch.randn(co, generator=g) if with_bias else None
+    got = OrderedConv1x1(weight, bias)(x)
+    assert got.shape == (n, co, hw, 1) and got.is_contiguous()
+    assert torch.equal(float_bits(got), float_bits(channel_order_sums(x, weight, bias)))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_torch_sums_the_densenet_transition_in_channel_order(isa, with_bias):
+    """Where torch's conv takes its reference GEMM the ordered conv gives its bits, specials included."""
+    n, c, co, hw = DENSENET_TRANSITION
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(co, c, 1, 1, generator=g) * 0.05
+    bias = torch.randn(co, generator=g) if with_bias else None
+    conv = OrderedConv1x1(weight, bias)
+    probe = SumOrderProbe(lambda x: F.conv2d(x, weight, bias), conv)
+    assert probe(torch.empty(n, c, hw, hw))
+    for seed in range(3):
+        x = wide_range((n, c, hw, hw), torch.Generator().manual_seed(seed), specials=seed > 0)
+        assert torch.equal(float_bits(conv(x)), float_bits(F.conv2d(x, weight, bias)))
+
+
+def test_probe_tells_another_order_apart():
+    """A conv torch sums in another order (its BLAS or oneDNN kernel on a larger map) is not taken for one."""
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(128, 64, 1, 1, generator=g)
+    conv = OrderedConv1x1(weight)
+    probe = SumOrderProbe(lambda x: F.conv2d(x, weight), conv)
+    x = torch.empty(1, 64, 28, 28)
+    assert not probe(x)
+    assert list(probe.answers) == [(x.shape, torch.get_num_threads())]  # asked once, kept
+
+
+def transition_step(packed):
+    return next(s for s in packed._steps if s.output == "stage2_6_conv")
+
+
+def test_packed_densenet_runs_the_ordered_conv_where_torch_sums_so(monkeypatch):
+    torch.manual_seed(0)
+    model = models.create("binary_densenet28", num_classes=10, in_channels=3).eval()
+    x = torch.randn(2, 3, 28, 28)
+    packed = engine.pack(model, x[:1])
+    calls = []
+    native = _C.ordered_conv1x1_raw
+    monkeypatch.setattr(_C, "ordered_conv1x1_raw", lambda *a: calls.append(a[1:4]) or native(*a))
+    with torch.no_grad():
+        want = model(x)
+        got = packed(x)
+    assert torch.equal(float_bits(got), float_bits(want))
+    assert (2, 544, 4) in calls  # the 2x2 transition (N, C, HW), at least: torch's choice depends on the shape
+    # a channels_last input keeps torch's conv (its oneDNN kernel sums otherwise): still the model's bits
+    calls.clear()
+    xc = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(float_bits(packed(xc)), float_bits(model(xc)))
+    assert not calls
+
+
+def test_a_written_weight_is_read_again():
+    torch.manual_seed(0)
+    model = models.create("binary_densenet28", num_classes=10, in_channels=3).eval()
+    x = torch.randn(1, 3, 28, 28)
+    packed = engine.pack(model, x)
+    step = transition_step(packed)
+    inner = torch.randn(1, 544, 2, 2)
+    with torch.no_grad():
+        before = step.run(inner)
+        step.tensors["weight"].mul_(-2.0)
+        after = step.run(inner)
+        assert torch.equal(float_bits(after), float_bits(F.conv2d(inner, step.tensors["weight"])))
+    assert not torch.equal(after, before)
+
+
+def test_the_reference_backend_keeps_torch_conv(monkeypatch):
+    from onebit.engine import ops
+
+    torch.manual_seed(0)
+    model = models.create("binary_densenet28", num_classes=10, in_channels=3).eval()
+    x = torch.randn(1, 3, 28, 28)
+    packed = engine.pack(model, x)
+    calls = []
+    monkeypatch.setattr(_C, "ordered_conv1x1_raw", lambda *a: calls.append(a))
+    with ops.use_backend("reference"), torch.no_grad():
+        assert torch.equal(float_bits(packed(x)), float_bits(model(x)))
+    assert not calls
+
+
+def test_bad_operands_are_named():
+    with pytest.raises(ValueError, match=r"weight must be float32 \[Co, C, 1, 1\]"):
+        OrderedConv1x1(torch.randn(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"bias must be float32 \[4\]"):
+        OrderedConv1x1(torch.randn(4, 3, 1, 1), torch.randn(5))
+    conv = OrderedConv1x1(torch.randn(4, 3, 1, 1))
+    with pytest.raises(ValueError, match=r"NCHW memory, got torch.float32 of shape \[1, 3, 2, 2\] and strides"):
+        conv(torch.randn(1, 3, 2, 2).contiguous(memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        conv(torch.randn(1, 5, 2, 2))
