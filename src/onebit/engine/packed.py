@@ -295,8 +295,14 @@ def _same_in_channels_last(step: Step, args: list) -> bool:
 
 def _mixed_layouts(args: list) -> bool:
     """Whether a step's 4-d maps come in both layouts (an NCHW one meets a channels_last one)."""
-    maps = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]
-    return len(maps) > 1 and any(not m.is_contiguous() for m in maps) and any(m.is_contiguous() for m in maps)
+    nchw = other = False
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() == 4:
+            if a.is_contiguous():
+                nchw = True
+            else:
+                other = True
+    return nchw and other
 
 
 def _channels_last(args: list) -> list:
