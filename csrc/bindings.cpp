@@ -152,6 +152,22 @@ void ordered_conv1x1_raw(uintptr_t x, int64_t N, int64_t C, int64_t HW, uintptr_
                           ptr<float>(out), threads);
 }
 
+void tap_ordered_conv_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
+                          int64_t sW, uintptr_t wt, int64_t ld, int64_t Co, int64_t KH, int64_t KW, int64_t SH, int64_t SW,
+                          int64_t PH, int64_t PW, uintptr_t out, int threads) {
+  require(x != 0 && wt != 0 && out != 0, "tap_ordered_conv: null tensor");
+  require(N >= 0 && C > 0 && H > 0 && W > 0 && Co > 0, "tap_ordered_conv: empty or negative shape");
+  require(KH > 0 && KW > 0 && SH > 0 && SW > 0 && PH >= 0 && PW >= 0 && KH <= H + 2 * PH && KW <= W + 2 * PW,
+          "tap_ordered_conv: kernel and stride must be positive, padding not negative, the kernel inside the padded input");
+  require(ld >= Co && ld % onebit::kTapConvBlock == 0,
+          "tap_ordered_conv: the weight's rows must hold out_channels rounded up to a multiple of " +
+              std::to_string(onebit::kTapConvBlock));
+  const onebit::TapConvGeometry g{N,  C,  H,  W,  sN, sC, sH, sW, Co, KH, KW, SH, SW, PH, PW,
+                                  (H + 2 * PH - KH) / SH + 1, (W + 2 * PW - KW) / SW + 1};
+  nb::gil_scoped_release release;
+  onebit::tap_ordered_conv(ptr<const float>(x), ptr<const float>(wt), ld, ptr<float>(out), g, threads);
+}
+
 // Builds a validated plan from the numbers of a call (see onebit/engine/kernels.py).
 onebit::ConvPlan* make_plan(int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_per_pixel, int64_t w_words, int64_t C,
                             int64_t Co, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
@@ -410,6 +426,11 @@ NB_MODULE(_C, m) {
         "out"_a, "threads"_a,
         "Low level (addresses): a float32 1x1 conv of x [N, C, HW] summed in channel order, each product and sum "
         "rounded (see ordered_conv.h), into out [N, Co, HW]. Use onebit.engine.kernels.ordered_conv.");
+  m.def("tap_ordered_conv_raw", &tap_ordered_conv_raw, "x"_a, "N"_a, "C"_a, "H"_a, "W"_a, "sN"_a, "sC"_a, "sH"_a,
+        "sW"_a, "wt"_a, "ld"_a, "Co"_a, "KH"_a, "KW"_a, "SH"_a, "SW"_a, "PH"_a, "PW"_a, "out"_a, "threads"_a,
+        "Low level (addresses): a float32 conv of x (element strides) summed as one fused multiply-add chain per "
+        "output in (kh, kw, c) order (see ordered_conv.h), into channels_last out. Use "
+        "onebit.engine.kernels.TapOrderedConv.");
   m.def("max_pool2d_raw", &max_pool2d_raw, "x"_a, "out"_a, "N"_a, "C"_a, "H"_a, "W"_a, "OH"_a, "OW"_a, "KH"_a, "KW"_a,
         "SH"_a, "SW"_a, "PH"_a, "PW"_a, "DH"_a, "DW"_a, "sN"_a, "sC"_a, "sH"_a, "sW"_a, "threads"_a,
         "bn_scale"_a = uintptr_t{0}, "bn_shift"_a = uintptr_t{0}, "bn_fma"_a = false,

@@ -33,6 +33,7 @@ struct IsaKernels {
   ternary::RowsDot rows_dot;                       // all tokens a row pass; null: chunk_dot per token
   int8::ConvRun int8_conv;                         // int8 x int8 conv / linear; null: int8::conv_reference
   OrderedConvChannels ordered_conv;                // float 1x1 conv in channel order; null: reference
+  TapConvRows tap_conv;                            // float stem conv, fma chains in tap order; null: reference
 };
 
 const IsaKernels& isa_kernels(Isa isa);

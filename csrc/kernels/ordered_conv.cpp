@@ -2,6 +2,8 @@
 #include "kernels/ordered_conv.h"
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "kernels/dispatch.h"
 #include "kernels/parallel.h"
@@ -23,6 +25,34 @@ void ordered_conv1x1(const float* x, int64_t N, int64_t C, int64_t HW, const flo
     const int64_t n = task / blocks, b = task % blocks;
     const int64_t co0 = b * kOrderedConvBlock, co1 = std::min(Co, co0 + kOrderedConvBlock);
     kernel(x + n * C * HW, C, HW, wt, ld, bias, out + n * Co * HW, co0, co1);
+  });
+}
+
+void tap_ordered_conv(const float* x, const float* wt, int64_t ld, float* out, const TapConvGeometry& g, int threads) {
+  if (g.N <= 0 || g.OH <= 0 || g.OW <= 0 || g.Co <= 0) return;
+  TapConvRows rows = isa_kernels(active_isa()).tap_conv;
+  if (rows == nullptr) rows = tap_conv_rows_reference;
+  // the input zero padded, [N, C, Hp, Wp]
+  const int64_t Hp = g.H + 2 * g.PH, Wp = g.W + 2 * g.PW, image = g.C * Hp * Wp;
+  std::vector<float> xp(static_cast<size_t>(g.N * image), 0.0f);
+  for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t c = 0; c < g.C; ++c)
+      for (int64_t h = 0; h < g.H; ++h) {
+        const float* src = x + n * g.sN + c * g.sC + h * g.sH;
+        float* dst = xp.data() + n * image + (c * Hp + h + g.PH) * Wp + g.PW;
+        if (g.sW == 1) {
+          std::memcpy(dst, src, static_cast<size_t>(g.W) * sizeof(float));
+        } else {
+          for (int64_t w = 0; w < g.W; ++w) dst[w] = src[w * g.sW];
+        }
+      }
+  constexpr int64_t kRowsPerTask = 2;
+  const int64_t chunks = (g.OH + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t macs = g.N * g.OH * g.OW * g.Co * g.KH * g.KW * g.C;
+  parallel_tasks(threads, g.N * chunks, macs, kMinWorkPerThread, 4, [&](int64_t task) {
+    const int64_t n = task / chunks, r = task % chunks;
+    const int64_t oh0 = r * kRowsPerTask, oh1 = std::min(g.OH, oh0 + kRowsPerTask);
+    rows(xp.data() + n * image, wt, ld, out + n * g.OH * g.OW * g.Co, g, oh0, oh1);
   });
 }
 

@@ -1,6 +1,12 @@
-"""The ordered 1x1 conv: a float 1x1 conv summed in channel order, one rounding per product and per sum, as
-torch's reference GEMM sums it. A packed model runs it where torch's NCHW conv sums the shape so (asked of
-torch per shape), and keeps torch's conv everywhere else: either way, the model's bits."""
+"""onebit's ordered float convs, each summing as one of torch's conv kernels sums:
+
+- the ordered 1x1 conv: each output summed in channel order, one rounding per product and per sum, as
+  torch's reference GEMM sums a 1x1 conv on some small maps;
+- the tap-ordered conv: each output one chain of fused multiply-adds over the taps in (kh, kw, c) order,
+  padding taps skipped, as torch sums a network's few-channel stem.
+
+A packed model runs them where torch sums the input's shape so (asked of torch per shape; the stem also
+where it is faster), and keeps torch's conv everywhere else: either way, the model's bits."""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import torch.nn.functional as F
 
 from conftest import float_bits
 from onebit import _C, engine, models
-from onebit.engine.kernels import OrderedConv1x1
+from onebit.engine.kernels import OrderedConv1x1, TapOrderedConv
 from onebit.engine.sum_order import SumOrderProbe
 
 #: a BinaryDenseNet-28 transition on a 28 px input: 544 -> 192 channels on a 2x2 map, which torch's NCHW
@@ -142,3 +148,85 @@ def test_bad_operands_are_named():
         conv(torch.randn(1, 3, 2, 2).contiguous(memory_format=torch.channels_last))
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         conv(torch.randn(1, 5, 2, 2))
+
+
+# -- the tap-ordered conv (stems) --------------------------------------------------------------------------
+
+#: stems torch sums as fused multiply-add chains in (kh, kw, c) order: N, C, H, kernel, stride, padding, Co
+STEMS = [(1, 3, 224, 7, 2, 3, 64), (2, 3, 32, 3, 1, 1, 64), (1, 1, 28, 3, 1, 1, 32), (1, 3, 30, 7, 2, 3, 70)]
+
+
+@pytest.mark.parametrize("stem", STEMS, ids=lambda s: f"{s[1]}x{s[2]}px-k{s[3]}s{s[4]}p{s[5]}-{s[6]}ch")
+def test_every_isa_sums_a_stem_as_torch_does(isa, stem):
+    n, c, h, k, stride, pad, co = stem
+    g = torch.Generator().manual_seed(h + k)
+    x = wide_range((n, c, h, h), g)
+    weight = torch.randn(co, c, k, k, generator=g)
+    conv = TapOrderedConv(weight, (stride, stride), (pad, pad))
+    want = F.conv2d(x, weight, None, stride, pad)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = conv(x.contiguous(memory_format=layout))
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(float_bits(got), float_bits(want))
+
+
+def test_padding_taps_are_skipped_as_torch_skips_them(isa):
+    """A sum that underflows to -0.0 stays -0.0 past the padding (0 * w added for w > 0 would make it +0.0)."""
+    weight = torch.full((1, 3, 7, 7), -1e-30)
+    weight[:, :, 6, :] = 1.0  # the taps the bottom-right output finds in the padding: positive
+    weight[:, :, :, 6] = 1.0
+    x = torch.zeros(1, 3, 16, 16)
+    x[0, 0, 11, 11] = 1e-30  # that output's first tap: 1e-30 * -1e-30 underflows to -0.0
+    want = F.conv2d(x, weight, None, 2, 3)
+    assert torch.signbit(want[0, 0, 7, 7]) and want[0, 0, 7, 7] == 0  # torch's sum: -0.0
+    got = TapOrderedConv(weight, (2, 2), (3, 3))(x)
+    assert torch.equal(float_bits(got), float_bits(want))
+
+
+def test_a_timed_probe_takes_the_faster_only():
+    import time
+
+    weight = torch.randn(64, 3, 7, 7)
+    conv = TapOrderedConv(weight, (2, 2), (3, 3))
+
+    def torch_conv(x):
+        return F.conv2d(x, weight, None, 2, 3)
+
+    def slowed(x):
+        time.sleep(0.01)
+        return conv(x)
+
+    layouts = (torch.contiguous_format, torch.channels_last)
+    x = torch.empty(1, 3, 64, 64)
+    assert SumOrderProbe(torch_conv, conv, layouts)(x)  # the same bits: taken when not timed
+    assert not SumOrderProbe(torch_conv, slowed, layouts, timed=True)(x)  # the same bits, slower: not taken
+    assert not SumOrderProbe(lambda x: torch_conv(x) * 1.0001, conv, layouts)(x)  # other bits: never taken
+
+
+def stem_probe(step) -> SumOrderProbe:
+    return next(c.cell_contents for c in step.run.__closure__ if isinstance(c.cell_contents, SumOrderProbe))
+
+
+def test_packed_birealnet_asks_torch_for_its_stem():
+    torch.manual_seed(0)
+    model = models.create("birealnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 96, 96)
+    packed = engine.pack(model, x)
+    stem = packed._steps[0]
+    assert stem.output == "stem_conv"
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xi = x.contiguous(memory_format=layout)
+            assert torch.equal(float_bits(packed(xi)), float_bits(model(xi)))
+    answers = stem_probe(stem).answers
+    assert list(answers) == [(x.shape, torch.get_num_threads())]  # asked once: onebit's stem where it gains
+
+
+def test_bad_stem_operands_are_named():
+    with pytest.raises(ValueError, match=r"weight must be float32 \[Co, C, KH, KW\]"):
+        TapOrderedConv(torch.randn(4, 3, 3), (1, 1), (1, 1))
+    conv = TapOrderedConv(torch.randn(4, 3, 7, 7), (2, 2), (0, 0))
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\] at least as large as the kernel, got torch.float32 of shape"):
+        conv(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        conv(torch.randn(1, 3, 9, 9).double())

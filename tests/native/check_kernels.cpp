@@ -516,6 +516,64 @@ void check_ordered_conv(Rng& r, Report& report) {
   }
 }
 
+// The tap-ordered conv (tap_ordered_conv, every ISA) against its definition as a plain loop: per output one
+// std::fma chain over the taps inside the input in (kh, kw, c) order, from +0.0, padding taps skipped; NCHW or
+// channels_last input with zeros of both signs, infinities and NaNs, a few infinite weights, and sums that
+// underflow to -0.0 (tiny inputs and weights: a padding tap added as 0 * w would make them +0.0); any NaN
+// matches a NaN.
+void check_tap_conv(Rng& r, Report& report) {
+  const int64_t N = r.range(1, 2), C = r.range(1, 4), KH = r.range(1, 7), KW = r.range(1, 7);
+  const int64_t SH = r.range(1, 3), SW = r.range(1, 3), PH = r.range(0, KH / 2), PW = r.range(0, KW / 2);
+  const int64_t H = r.range(std::max<int64_t>(1, KH - 2 * PH), 20), W = r.range(std::max<int64_t>(1, KW - 2 * PW), 20);
+  const int64_t Co = r.range(1, 130), OH = (H + 2 * PH - KH) / SH + 1, OW = (W + 2 * PW - KW) / SW + 1;
+  const bool channels_last = r.coin();
+  const int64_t ld = (Co + kTapConvBlock - 1) / kTapConvBlock * kTapConvBlock;
+  std::vector<float> x = r.normals(N * C * H * W), w = r.normals(Co * C * KH * KW), wt(KH * KW * C * ld, 0.0f);
+  const float pick[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN};
+  const bool tiny = r.coin();  // products of 1e-30 and -1e-30 underflow: sums of -0.0
+  for (float& v : x) {
+    if (tiny) v = r.coin() ? 1e-30f : 0.0f;
+    if (r.next() % 16 == 0) v = pick[r.next() % 5];
+  }
+  for (float& v : w) {
+    if (tiny) v = v < 0 ? -1e-30f : 1.0f;
+    if (r.next() % 64 == 0) v = pick[2 + r.next() % 2];
+  }
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t kh = 0; kh < KH; ++kh)
+        for (int64_t kw = 0; kw < KW; ++kw) wt[((kh * KW + kw) * C + c) * ld + co] = w[((co * C + c) * KH + kh) * KW + kw];
+  const int64_t sN = C * H * W, sC = channels_last ? 1 : H * W, sH = channels_last ? W * C : W, sW = channels_last ? C : 1;
+  std::vector<float> want(N * OH * OW * Co);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t oh = 0; oh < OH; ++oh)
+      for (int64_t ow = 0; ow < OW; ++ow)
+        for (int64_t co = 0; co < Co; ++co) {
+          float acc = 0.0f;
+          for (int64_t kh = 0; kh < KH; ++kh)
+            for (int64_t kw = 0; kw < KW; ++kw)
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t ih = oh * SH + kh - PH, iw = ow * SW + kw - PW;
+                if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+                acc = std::fma(x[n * sN + c * sC + ih * sH + iw * sW], w[((co * C + c) * KH + kh) * KW + kw], acc);
+              }
+          want[((n * OH + oh) * OW + ow) * Co + co] = acc;
+        }
+  const TapConvGeometry g{N, C, H, W, sN, sC, sH, sW, Co, KH, KW, SH, SW, PH, PW, OH, OW};
+  const std::string text = "N" + str(N) + " C" + str(C) + " " + str(H) + "x" + str(W) + " k" + str(KH) + "x" +
+                           str(KW) + " s" + str(SH) + "x" + str(SW) + " p" + str(PH) + "x" + str(PW) + " Co" + str(Co) +
+                           (channels_last ? " channels_last" : " nchw") + (tiny ? " tiny" : "");
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<float> got(want.size(), 12345.0f);
+    tap_ordered_conv(x.data(), wt.data(), ld, got.data(), g, static_cast<int>(r.range(1, 2)));
+    bool same = true;
+    for (size_t i = 0; i < got.size(); ++i)
+      same &= std::memcmp(&got[i], &want[i], sizeof(float)) == 0 || (std::isnan(got[i]) && std::isnan(want[i]));
+    report.check(same, "tap_ordered_conv", isa, "", text);
+  }
+}
+
 // The int8 x int8 conv (int8_conv2d, every ISA's GEMM) against the definition as plain loops: x quantized
 // as clamp(round-half-even(fl(x * s)), -127, 127), an exact integer sum over the taps (zero padding), then
 // fl(fl(fl(acc / s) * scale) + bias) and an optional BatchNorm rounded once (fma) or twice; in half the
@@ -671,6 +729,7 @@ int main(int argc, char** argv) {
     check_relayout(r, report);
     check_max_pool(r, report);
     check_ordered_conv(r, report);
+    check_tap_conv(r, report);
     check_int8_conv(r, report);
   }
   return report.finish();

@@ -125,6 +125,20 @@ def ordered_conv1x1(weight: torch.Tensor, bias: torch.Tensor | None = None):
     return native.OrderedConv1x1(weight, bias) if native is not None else None
 
 
+def tap_ordered_conv(weight: torch.Tensor, stride, padding):
+    """A float conv summed as one fused multiply-add chain per output in (kh, kw, c) order, as torch sums a
+    network's stem (``kernels.TapOrderedConv``), or None without the native kernels."""
+    native = _native()
+    return native.TapOrderedConv(weight, stride, padding) if native is not None else None
+
+
+def tap_ordered_conv_usable(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is one :func:`tap_ordered_conv` takes (float32 ``[Co, C, KH, KW]``); False without
+    the native kernels."""
+    native = _native()
+    return native is not None and native.TapOrderedConv.usable(weight)
+
+
 def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into transparent huge pages when it is 2 MiB or more (``kernels.in_huge_pages``), else
     (or without the native kernels) ``t`` itself."""

@@ -1,18 +1,20 @@
-"""Whether torch's float 1x1 conv sums a shape in channel order, asked of torch.
+"""Whether torch's float conv sums a shape in the order of one of onebit's ordered convs, asked of torch.
 
-torch's NCHW conv picks a kernel per shape: oneDNN's, a BLAS GEMM, or for some small maps (a 2x2 map with
-hundreds of channels) its own reference GEMM, which sums each output in channel order with every product
-and sum rounded, and runs several times slower than the others. Where it sums so, onebit's ordered 1x1
-conv (:class:`~onebit.engine.kernels.ordered_conv.OrderedConv1x1`) gives the same bits faster. The order is
-a property of the kernel torch picks for a shape, its thread count and the CPU, not of the data, so a
-packed model asks once per input shape and thread count, by running both on a probe: equal bits on every
-output (on a probe of wide dynamic range with zeros of both signs, another order changes a large share of
-them) let the step run onebit's. As :mod:`.layout_probe` and :mod:`.torch_rounding`, it is decided by the
-torch that runs the model.
+torch's conv picks a kernel per shape: oneDNN's, a BLAS GEMM, or for some small maps (a 2x2 map with hundreds
+of channels) its own reference GEMM, which sums each output in channel order with every product and sum
+rounded and runs several times slower than the others; a network's 3-channel stem it sums as one chain of
+fused multiply-adds per output in (kh, kw, c) order. onebit's ordered convs
+(:mod:`onebit.engine.kernels.ordered_conv`) make the same sums, so they give torch's bits wherever torch
+sums so. The order is a property of the kernel torch picks for a shape, its thread count and the CPU, not
+of the data, so a packed model asks once per input shape and thread count, by running both on a probe:
+equal bits on every output (on a probe of wide dynamic range with zeros of both signs, another order
+changes a large share of them) let the step run onebit's. As :mod:`.layout_probe` and
+:mod:`.torch_rounding`, it is decided by the torch that runs the model.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -24,13 +26,29 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
 
-class SumOrderProbe:
-    """``probe(x)`` for a float conv step's NCHW input ``x``: True when ``ordered`` gives the bits of torch's
-    conv ``run`` for inputs of ``x``'s shape, known from a probe of that shape on the same number of threads
-    (asked once per shape and thread count)."""
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor], ordered: Callable[[torch.Tensor], torch.Tensor]):
-        self.run, self.ordered = run, ordered
+
+class SumOrderProbe:
+    """``probe(x)`` for a float conv step's input ``x``: True when ``ordered`` gives the bits of torch's conv
+    ``run`` for inputs of ``x``'s shape, known from a probe of that shape on the same number of threads (asked
+    once per shape and thread count).
+
+    ``layouts``: the memory formats the probe checks (``ordered`` must equal torch's conv in each). With
+    ``timed``, ``ordered`` must also be faster than torch's conv in the fastest of them (best of a few calls
+    each, interleaved), so it is taken only where it gains."""
+
+    def __init__(
+        self,
+        run: Callable[[torch.Tensor], torch.Tensor],
+        ordered: Callable[[torch.Tensor], torch.Tensor],
+        layouts: tuple[torch.memory_format, ...] = (torch.contiguous_format,),
+        timed: bool = False,
+    ):
+        self.run, self.ordered, self.layouts, self.timed = run, ordered, layouts, timed
         self.answers: dict[tuple, bool] = {}
 
     def __call__(self, x: torch.Tensor) -> bool:
@@ -47,9 +65,20 @@ class SumOrderProbe:
         probe = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
         zeros = torch.rand(shape, generator=g) < 0.05
         probe[zeros] = torch.where(torch.rand(shape, generator=g)[zeros] < 0.5, 0.0, -0.0)
+        inputs = [probe.contiguous(memory_format=f) for f in self.layouts]
         try:
             with torch.no_grad():
-                theirs, ours = self.run(probe), self.ordered(probe)
+                ours = self.ordered(inputs[0])
+                for x in inputs:
+                    theirs = self.run(x)
+                    if theirs.shape != ours.shape or not torch.equal(_bits(theirs), _bits(ours)):
+                        return False
+                if self.timed:
+                    mine = theirs = float("inf")
+                    for _ in range(3):  # best of three calls each, interleaved
+                        mine = min(mine, _seconds(lambda: self.ordered(inputs[0])))
+                        theirs = min(theirs, *(_seconds(lambda x=x: self.run(x)) for x in inputs))
+                    return mine < theirs
         except (RuntimeError, ValueError):  # a shape the op refuses: the model's own call says why
             return False
-        return theirs.shape == ours.shape and torch.equal(_bits(theirs), _bits(ours))
+        return True

@@ -64,21 +64,48 @@ def _pointwise(t, a) -> bool:
     )
 
 
+#: at most this many input channels for a conv that may run as onebit's tap-ordered conv (a network's
+#: stem: RGB or grey images); on wider inputs its direct loop would not gain on torch's kernels
+TAP_CONV_MAX_CHANNELS = 4
+
+
+def _stem(t, a) -> bool:
+    """Whether a float conv node is a stem onebit's tap-ordered conv may run: a few input channels, a
+    kernel larger than 1x1, one group, no dilation, no bias, zero padding given as a pair."""
+    w = t["weight"]
+    return (
+        w.shape[1] <= TAP_CONV_MAX_CHANNELS
+        and tuple(w.shape[2:]) != (1, 1)
+        and t.get("bias") is None
+        and a["groups"] == 1
+        and a["dilation"] == [1, 1]
+        and isinstance(a["padding"], list)
+        and a["pad_value"] == 0.0
+        and a["padding_mode"] == "zeros"
+    )
+
+
 def _bind_conv2d(step):
-    """A float conv's runner: torch's conv; a 1x1 one, on an NCHW input whose shape torch sums in channel
-    order (its reference GEMM, asked of torch once per shape: :class:`SumOrderProbe`), onebit's ordered 1x1
-    conv, the same sums several times faster."""
+    """A float conv's runner: torch's conv, or one of onebit's ordered convs where torch sums the input's
+    shape in its order (asked of torch once per shape and thread count: :class:`SumOrderProbe`): a 1x1 conv on
+    an NCHW input that torch's reference GEMM sums in channel order, several times faster; a stem (3 channels,
+    7x7) that torch sums as fused multiply-add chains in (kh, kw, c) order, where it is faster than torch's
+    conv in either layout (timed by the probe)."""
     t, a = step.tensors, step.attrs
     plain = partial(_conv2d, t, a)
-    ordered = ops.ordered_conv1x1(t["weight"], t.get("bias")) if _pointwise(t, a) else None
-    if ordered is None:
+    native = ops.native_available()
+    if native and _pointwise(t, a):
+        ordered = ops.ordered_conv1x1(t["weight"], t.get("bias"))
+        probe = SumOrderProbe(plain, ordered)
+    elif native and _stem(t, a) and ops.tap_ordered_conv_usable(t["weight"]):
+        ordered = ops.tap_ordered_conv(t["weight"], a["stride"], a["padding"])
+        probe = SumOrderProbe(plain, ordered, (torch.contiguous_format, torch.channels_last), timed=True)
+    else:
         return plain
-    probe = SumOrderProbe(plain, ordered)
 
     def run(x):
-        # the probe's answer for the shape first: a shape torch sums otherwise costs one lookup more
         if type(x) is torch.Tensor and x.dtype is torch.float32 and x.dim() == 4 and ops.backend_is_native():
-            if direct() and probe(x) and ordered.takes(x):  # eager calls only: a trace keeps torch's conv
+            if direct() and ordered.takes(x) and probe(x):  # eager calls only: a trace keeps torch's conv
                 return ordered(x)
         return plain(x)
 

@@ -51,7 +51,7 @@ from onebit.engine.kernels.huge_pages import HUGE_PAGE, in_huge_pages
 from onebit.engine.kernels.int8 import int8_conv2d, int8_linear
 from onebit.engine.kernels.linear import binary_linear, binary_linear_int, binary_linear_threshold
 from onebit.engine.kernels.memory_formats import relayout
-from onebit.engine.kernels.ordered_conv import ORDERED_CONV_BLOCK, OrderedConv1x1
+from onebit.engine.kernels.ordered_conv import ORDERED_CONV_BLOCK, TAP_CONV_BLOCK, OrderedConv1x1, TapOrderedConv
 from onebit.engine.kernels.packing import pack_activations, pack_features, pack_weights
 from onebit.engine.kernels.planes import combine_planes, pack_integer_planes, pack_integer_planes_nan
 from onebit.engine.kernels.plans import MODE_FLOAT, MODE_INT, MODE_THRESHOLD, conv_plan
@@ -101,6 +101,8 @@ __all__ = [
     "relayout",
     "OrderedConv1x1",
     "ORDERED_CONV_BLOCK",
+    "TapOrderedConv",
+    "TAP_CONV_BLOCK",
 ]
 
 isa = _C.isa

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from onebit import _C
+from onebit.engine.kernels.operands import empty_nchw_channels_last
 from onebit.engine.kernels.registry import direct
 
-__all__ = ["OrderedConv1x1", "ORDERED_CONV_BLOCK"]
+__all__ = ["OrderedConv1x1", "ORDERED_CONV_BLOCK", "TapOrderedConv", "TAP_CONV_BLOCK"]
 
 _F32 = torch.float32
 _Tensor = torch.Tensor
@@ -97,6 +98,90 @@ class OrderedConv1x1:
                 self._wt.shape[1],
                 self.out_channels,
                 bias,
+                out.data_ptr(),
+                torch.get_num_threads(),
+            )
+        return out
+
+
+#: the tap-ordered conv's weight rows are padded to a multiple of this many output channels
+TAP_CONV_BLOCK = 64
+
+
+class TapOrderedConv:
+    """``conv(x)``: ``F.conv2d(x, weight, None, stride, padding)`` of a float32 ``weight [Co, C, KH, KW]`` (one
+    group, no dilation, no bias) with each output one chain of fused multiply-adds over the taps in
+    ``(kh, kw, c)`` order, from +0.0, the taps in the padding skipped: the sums torch's direct conv makes for a
+    network's stem (asked of torch: :mod:`onebit.engine.sum_order`). ``x``: float32 ``[N, C, H, W]``, NCHW or
+    channels_last; the output is in channels_last memory.
+
+    The weight is kept with its output channels last, prepared again when it is written (its ``_version``).
+    """
+
+    __slots__ = ("weight", "stride", "padding", "_wt", "_version")
+
+    def __init__(self, weight: torch.Tensor, stride, padding):
+        if not self.usable(weight):
+            raise ValueError("tap_ordered_conv: weight must be float32 [Co, C, KH, KW]")
+        self.weight = weight
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        self._version = None
+        self._prepare()
+
+    @staticmethod
+    def usable(weight) -> bool:
+        """A weight the kernels take: float32 ``[Co, C, KH, KW]``."""
+        return isinstance(weight, torch.Tensor) and weight.dtype == _F32 and weight.dim() == 4 and weight.numel() > 0
+
+    def _prepare(self) -> None:
+        """The weight with its output channels last."""
+        co, c, kh, kw = self.weight.shape
+        ld = -(-co // TAP_CONV_BLOCK) * TAP_CONV_BLOCK
+        wt = torch.zeros(kh, kw, c, ld, dtype=_F32)
+        wt[..., :co] = self.weight.detach().permute(2, 3, 1, 0)
+        self._wt = wt
+        self._version = self.weight._version
+
+    def takes(self, x) -> bool:
+        """Whether ``x`` is what the kernel reads: a plain float32 CPU ``[N, C, H, W]`` the kernel fits, outside
+        any tracing."""
+        if not (type(x) is _Tensor and x.dtype is _F32 and x.is_cpu and x.dim() == 4):
+            return False
+        _, c, h, w = x.shape
+        _, _, kh, kw = self.weight.shape
+        ph, pw = self.padding
+        return c == self.weight.shape[1] and h + 2 * ph >= kh and w + 2 * pw >= kw and direct()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.takes(x):
+            raise ValueError(
+                f"tap_ordered_conv: expected a float32 CPU tensor [N, {self.weight.shape[1]}, H, W] at least as "
+                f"large as the kernel, got {x.dtype} of shape {list(x.shape)}"
+            )
+        if self.weight._version != self._version:
+            self._prepare()
+        n, c, h, w = x.shape
+        co, _, kh, kw = self.weight.shape
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        out = empty_nchw_channels_last(n, co, oh, ow, _F32)
+        if out.numel():
+            _C.tap_ordered_conv_raw(
+                x.data_ptr(),
+                n,
+                c,
+                h,
+                w,
+                *x.stride(),
+                self._wt.data_ptr(),
+                self._wt.shape[3],
+                co,
+                kh,
+                kw,
+                sh,
+                sw,
+                ph,
+                pw,
                 out.data_ptr(),
                 torch.get_num_threads(),
             )
