@@ -32,27 +32,36 @@ void tap_ordered_conv(const float* x, const float* wt, int64_t ld, float* out, c
   if (g.N <= 0 || g.OH <= 0 || g.OW <= 0 || g.Co <= 0) return;
   TapConvRows rows = isa_kernels(active_isa()).tap_conv;
   if (rows == nullptr) rows = tap_conv_rows_reference;
-  // the input zero padded, [N, C, Hp, Wp]
+  // the input zero padded, [N, C, Hp, Wp], in the calling thread's buffer (kept between calls)
   const int64_t Hp = g.H + 2 * g.PH, Wp = g.W + 2 * g.PW, image = g.C * Hp * Wp;
-  std::vector<float> xp(static_cast<size_t>(g.N * image), 0.0f);
+  thread_local std::vector<float> padded;
+  if (padded.size() < static_cast<size_t>(g.N * image)) padded.resize(static_cast<size_t>(g.N * image));
+  float* xp = padded.data();
   for (int64_t n = 0; n < g.N; ++n)
-    for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t c = 0; c < g.C; ++c) {
+      float* plane = xp + n * image + c * Hp * Wp;
+      std::fill(plane, plane + g.PH * Wp, 0.0f);  // the rows above and below
+      std::fill(plane + (g.PH + g.H) * Wp, plane + Hp * Wp, 0.0f);
       for (int64_t h = 0; h < g.H; ++h) {
         const float* src = x + n * g.sN + c * g.sC + h * g.sH;
-        float* dst = xp.data() + n * image + (c * Hp + h + g.PH) * Wp + g.PW;
+        float* dst = plane + (h + g.PH) * Wp;
+        std::fill(dst, dst + g.PW, 0.0f);
+        std::fill(dst + g.PW + g.W, dst + Wp, 0.0f);
+        dst += g.PW;
         if (g.sW == 1) {
           std::memcpy(dst, src, static_cast<size_t>(g.W) * sizeof(float));
         } else {
           for (int64_t w = 0; w < g.W; ++w) dst[w] = src[w * g.sW];
         }
       }
+    }
   constexpr int64_t kRowsPerTask = 2;
   const int64_t chunks = (g.OH + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t macs = g.N * g.OH * g.OW * g.Co * g.KH * g.KW * g.C;
   parallel_tasks(threads, g.N * chunks, macs, kMinWorkPerThread, 4, [&](int64_t task) {
     const int64_t n = task / chunks, r = task % chunks;
     const int64_t oh0 = r * kRowsPerTask, oh1 = std::min(g.OH, oh0 + kRowsPerTask);
-    rows(xp.data() + n * image, wt, ld, out + n * g.OH * g.OW * g.Co, g, oh0, oh1);
+    rows(xp + n * image, wt, ld, out + n * g.OH * g.OW * g.Co, g, oh0, oh1);
   });
 }
 
