@@ -226,7 +226,31 @@ def test_bad_stem_operands_are_named():
     with pytest.raises(ValueError, match=r"weight must be float32 \[Co, C, KH, KW\]"):
         TapOrderedConv(torch.randn(4, 3, 3), (1, 1), (1, 1))
     conv = TapOrderedConv(torch.randn(4, 3, 7, 7), (2, 2), (0, 0))
-    with pytest.raises(ValueError, match=r"\[N, 3, H, W\] at least as large as the kernel, got torch.float32 of shape"):
+    with pytest.raises(
+        ValueError, match=r"\[N, 3, H, W\] in NCHW .* as large as the kernel, got torch.float32 of shape"
+    ):
         conv(torch.randn(1, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"in NCHW or channels_last memory"):
+        conv(torch.randn(1, 3, 9, 18)[..., ::2])
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
         conv(torch.randn(1, 3, 9, 9).double())
+
+
+def test_packed_birealnet_on_onebits_stem_gives_the_models_bits(monkeypatch):
+    """With the probe's timing made to favour onebit's stem, the packed model runs it, bit for bit."""
+    from onebit.engine import sum_order
+
+    monkeypatch.setattr(sum_order, "TIMED_MARGIN", float("inf"))
+    torch.manual_seed(0)
+    model = models.create("birealnet18", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    packed = engine.pack(model, x[:1])
+    calls = []
+    native = _C.tap_ordered_conv_raw
+    monkeypatch.setattr(_C, "tap_ordered_conv_raw", lambda *a: calls.append(a[1:5]) or native(*a))
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            calls.clear()
+            xi = x.contiguous(memory_format=layout)
+            assert torch.equal(float_bits(packed(xi)), float_bits(model(xi)))
+            assert (2, 3, 64, 64) in calls  # the stem ran onebit's conv on the call's input

@@ -143,9 +143,11 @@ class TapOrderedConv:
         self._version = self.weight._version
 
     def takes(self, x) -> bool:
-        """Whether ``x`` is what the kernel reads: a plain float32 CPU ``[N, C, H, W]`` the kernel fits, outside
-        any tracing."""
+        """Whether ``x`` is what the kernel reads: a plain float32 CPU ``[N, C, H, W]`` the kernel fits, in NCHW
+        or channels_last memory (the layouts the probe compares torch's conv in), outside any tracing."""
         if not (type(x) is _Tensor and x.dtype is _F32 and x.is_cpu and x.dim() == 4):
+            return False
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
             return False
         _, c, h, w = x.shape
         _, _, kh, kw = self.weight.shape
@@ -155,8 +157,8 @@ class TapOrderedConv:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.takes(x):
             raise ValueError(
-                f"tap_ordered_conv: expected a float32 CPU tensor [N, {self.weight.shape[1]}, H, W] at least as "
-                f"large as the kernel, got {x.dtype} of shape {list(x.shape)}"
+                f"tap_ordered_conv: expected a float32 CPU tensor [N, {self.weight.shape[1]}, H, W] in NCHW or "
+                f"channels_last memory at least as large as the kernel, got {x.dtype} of shape {list(x.shape)}"
             )
         if self.weight._version != self._version:
             self._prepare()
