@@ -9,6 +9,8 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/isa.h"
+
 namespace onebit {
 
 // Output channels [co0, co1) of one image: x [C, HW] (contiguous), wt [C, ld] the weight transposed (column co
