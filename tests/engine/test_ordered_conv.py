@@ -84,6 +84,14 @@ def test_probe_tells_another_order_apart():
     assert list(probe.answers) == [(x.shape, torch.get_num_threads())]  # asked once, kept
 
 
+def native_shapes(monkeypatch, name: str, dims: slice) -> list[tuple]:
+    """The calls of ``_C.<name>`` from now on, each recorded as its shape arguments ``dims``, and made."""
+    calls = []
+    native = getattr(_C, name)
+    monkeypatch.setattr(_C, name, lambda *a: calls.append(a[dims]) or native(*a))
+    return calls
+
+
 def transition_step(packed):
     return next(s for s in packed._steps if s.output == "stage2_6_conv")
 
@@ -93,14 +101,12 @@ def test_packed_densenet_runs_the_ordered_conv_where_torch_sums_so(monkeypatch):
     model = models.create("binary_densenet28", num_classes=10, in_channels=3).eval()
     x = torch.randn(2, 3, 28, 28)
     packed = engine.pack(model, x[:1])
-    calls = []
-    native = _C.ordered_conv1x1_raw
-    monkeypatch.setattr(_C, "ordered_conv1x1_raw", lambda *a: calls.append(a[1:4]) or native(*a))
+    calls = native_shapes(monkeypatch, "ordered_conv1x1_raw", slice(1, 4))  # (N, C, HW)
     with torch.no_grad():
         want = model(x)
         got = packed(x)
     assert torch.equal(float_bits(got), float_bits(want))
-    assert (2, 544, 4) in calls  # the 2x2 transition (N, C, HW), at least: torch's choice depends on the shape
+    assert (2, 544, 4) in calls  # the 2x2 transition, at least: torch's choice depends on the shape
     # a channels_last input keeps torch's conv (its oneDNN kernel sums otherwise): still the model's bits
     calls.clear()
     xc = x.contiguous(memory_format=torch.channels_last)
@@ -245,9 +251,7 @@ def test_packed_birealnet_on_onebits_stem_gives_the_models_bits(monkeypatch):
     model = models.create("birealnet18", num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
     packed = engine.pack(model, x[:1])
-    calls = []
-    native = _C.tap_ordered_conv_raw
-    monkeypatch.setattr(_C, "tap_ordered_conv_raw", lambda *a: calls.append(a[1:5]) or native(*a))
+    calls = native_shapes(monkeypatch, "tap_ordered_conv_raw", slice(1, 5))  # (N, C, H, W)
     with torch.no_grad():
         for layout in (torch.contiguous_format, torch.channels_last):
             calls.clear()
