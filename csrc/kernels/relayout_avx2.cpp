@@ -1,4 +1,5 @@
-// AVX2 plane transpose: 8 x 8 tiles transposed in registers; edge tiles use masked loads and stores.
+// AVX2 plane transpose: 8 x 8 tiles transposed in registers; edge tiles use masked loads, and their partial
+// columns are stored through a small buffer.
 #include <immintrin.h>
 
 #include "kernels/relayout.h"
@@ -41,11 +42,16 @@ inline void tile8(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, 
     for (int i = 0; i < 8; ++i) r[i] = i < nr ? _mm256_maskload_ps(src + i * src_ld, columns) : _mm256_setzero_ps();
   }
   transpose8(r);
-  if (kFull) {
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * dst_ld, r[j]);
+  if (kFull || nr == 8) {
+    for (int j = 0; j < (kFull ? 8 : nc); ++j) _mm256_storeu_ps(dst + j * dst_ld, r[j]);
   } else {
-    const __m256i rows = first_lanes(nr);
-    for (int j = 0; j < nc; ++j) _mm256_maskstore_ps(dst + j * dst_ld, rows, r[j]);
+    // a partial column: through a small buffer (vmaskmovps stores are microcoded on AMD: a plane of 3
+    // channels, every tile partial, took 3x as long)
+    alignas(32) float column[8];
+    for (int j = 0; j < nc; ++j) {
+      _mm256_store_ps(column, r[j]);
+      for (int i = 0; i < nr; ++i) dst[j * dst_ld + i] = column[i];
+    }
   }
 }
 
@@ -61,6 +67,9 @@ void transpose_block_avx2(const uint32_t* src, int64_t rows, int64_t cols, int64
       const int64_t nc = cols - j < 8 ? cols - j : 8;
       if (nr == 8 && nc == 8)
         tile8<true>(s + i * src_ld + j, src_ld, d + j * dst_ld + i, dst_ld, 8, 8);
+      else if (nr <= 4)  // a few rows (a 3-channel plane): element by element beats a mostly empty tile
+        for (int64_t c = 0; c < nc; ++c)
+          for (int64_t r = 0; r < nr; ++r) d[(j + c) * dst_ld + i + r] = s[(i + r) * src_ld + j + c];
       else
         tile8<false>(s + i * src_ld + j, src_ld, d + j * dst_ld + i, dst_ld, nr, nc);
     }
