@@ -1,4 +1,5 @@
-// The ordered 1x1 conv's driver: blocks of output channels of each image, on the pool's threads.
+// The ordered convs' drivers: blocks of output channels of each image (1x1), or rows of each image (the stem's
+// tap-ordered conv, after a zero-padded copy of its input), on the pool's threads.
 #include "kernels/ordered_conv.h"
 
 #include <algorithm>
