@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 import warnings
 
 import torch
@@ -25,6 +24,7 @@ import torch
 import onebit
 from onebit import _C, engine
 from onebit.engine.fuse import steps as fuse_steps
+from timing import best_ms  # benchmarks/timing.py
 
 
 @contextlib.contextmanager
@@ -37,21 +37,6 @@ def pool_fusions_off():
         yield
     finally:
         fuse_steps.integer_max_pool, fuse_steps.batchnorm_before_pool = saved
-
-
-def best_ms(calls: dict, rounds: int) -> dict[str, float]:
-    """ms per call of each ``{name: fn}``, interleaved rounds of 10 calls, each at its best round."""
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            for _ in range(3):  # settle
-                fn()
-            start = clock()
-            for _ in range(10):
-                fn()
-            best[name] = min(best[name], (clock() - start) / 10 * 1e3)
-    return best
 
 
 def stem_steps(rounds: int) -> None:

@@ -20,7 +20,6 @@ Run it with ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ... --isa avx2`` 
 from __future__ import annotations
 
 import argparse
-import time
 from functools import partial
 
 import torch
@@ -29,20 +28,7 @@ import torch.nn.functional as F
 from onebit import _C, engine, models
 from onebit.engine.graph.floats import _conv2d
 from onebit.engine.kernels import OrderedConv1x1, TapOrderedConv
-
-
-def best_ms(calls: dict, rounds: int, inner: int = 5) -> dict[str, float]:
-    """ms per call of each ``{name: fn}``: interleaved rounds of ``inner`` calls, each at its best round."""
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            fn()  # settle
-            start = clock()
-            for _ in range(inner):
-                fn()
-            best[name] = min(best[name], (clock() - start) / inner * 1e3)
-    return best
+from timing import best_ms  # benchmarks/timing.py
 
 
 def convs_alone(isas: list[str], rounds: int) -> None:
@@ -72,7 +58,7 @@ def convs_alone(isas: list[str], rounds: int) -> None:
                 "cl": partial(theirs, xc),
                 "onebit": partial(ours, x),
             }
-            t = best_ms(calls, rounds)
+            t = best_ms(calls, rounds, inner=5, settle=1)
             # torch's channels_last conv stands in for the NCHW one only where it gives the same bits
             theirs_best = min(t["nchw"], t["cl"]) if same_cl else t["nchw"]
             print(
@@ -103,7 +89,7 @@ def models_whole(isas: list[str], rounds: int) -> None:
             with torch.no_grad():
                 want = model(x)
                 assert torch.equal(ordered(x), want) and torch.equal(plain(x), want), f"{name}: bits differ"
-                t = best_ms({"plain": partial(plain, x), "ordered": partial(ordered, x)}, rounds)
+                t = best_ms({"plain": partial(plain, x), "ordered": partial(ordered, x)}, rounds, inner=5, settle=1)
             print(f"{name:>20} {isa:>7} {t['plain']:>12.3f} {t['ordered']:>14.3f} {t['plain'] / t['ordered']:>6.2f}x")
 
 

@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: the mean of back-to-back calls, how many make a sample, interleaved
-medians, and the bytes of a layer's float state_dict (the size the packed files are compared with)."""
+medians, interleaved best rounds, and the bytes of a layer's float state_dict (the size the packed files are
+compared with)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,23 @@ def interleaved_medians(
                     fn()
             samples[name].append(sample(fn, inner[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def best_ms(calls: dict[str, Callable[[], object]], rounds: int, inner: int = 10, settle: int = 3) -> dict[str, float]:
+    """ms per call of each ``{name: fn}``: interleaved rounds of ``inner`` calls (after ``settle`` untimed ones),
+    each at its best round; thread CPU time at one thread (a busy machine's other processes not counted),
+    wall time at more."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(settle):
+                fn()
+            start = clock()
+            for _ in range(inner):
+                fn()
+            best[name] = min(best[name], (clock() - start) / inner * 1e3)
+    return best
 
 
 def state_dict_bytes(module: nn.Module) -> int:
