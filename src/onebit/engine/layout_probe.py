@@ -17,36 +17,59 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["LayoutProbe"]
+__all__ = ["LayoutProbe", "ShapeProbe", "wide_range_probe", "same_bits"]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two float32 tensors hold the same bits in every element (-0.0 is not 0.0)."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
 
 
-class LayoutProbe:
-    """``probe(x)`` for a step's one 4-d float32 input ``x``: True when ``run`` gives the same bits for
-    ``x`` in channels_last memory as in NCHW, known from a probe of the same shape on the same number of
-    threads (asked once per shape and thread count)."""
+def wide_range_probe(shape: torch.Size, signed_zeros: bool = False) -> torch.Tensor:
+    """A probe input for asking torch how an op rounds: normal values scaled over many orders of magnitude
+    (another summation order changes a large share of the results); with ``signed_zeros``, 5 % of them
+    +0.0 or -0.0. The same for a shape on every call."""
+    g = torch.Generator().manual_seed(0)
+    probe = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
+    if signed_zeros:
+        zeros = torch.rand(shape, generator=g) < 0.05
+        probe[zeros] = torch.where(torch.rand(shape, generator=g)[zeros] < 0.5, 0.0, -0.0)
+    return probe
 
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor]):
-        self.run = run
+
+class ShapeProbe:
+    """``probe(x)``: a yes or no about an op on inputs of ``x``'s shape, asked of torch once per shape and
+    thread count (:meth:`_answer`, the subclass's question) and kept in :attr:`answers`."""
+
+    def __init__(self):
         self.answers: dict[tuple, bool] = {}
 
     def __call__(self, x: torch.Tensor) -> bool:
         key = (tuple(x.shape), torch.get_num_threads())
         answer = self.answers.get(key)
         if answer is None:
-            answer = self.answers[key] = self._same_bits(x.shape)
+            answer = self.answers[key] = self._answer(x.shape)
         return answer
 
-    def _same_bits(self, shape: torch.Size) -> bool:
-        g = torch.Generator().manual_seed(0)
-        probe = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
+    def _answer(self, shape: torch.Size) -> bool:
+        raise NotImplementedError
+
+
+class LayoutProbe(ShapeProbe):
+    """``probe(x)`` for a step's one 4-d float32 input ``x``: True when ``run`` gives the same bits for
+    ``x`` in channels_last memory as in NCHW, known from a probe of the same shape on the same number of
+    threads (asked once per shape and thread count)."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.run = run
+
+    def _answer(self, shape: torch.Size) -> bool:
+        probe = wide_range_probe(shape)
         try:
             with torch.no_grad():
                 nchw = self.run(probe)
                 channels_last = self.run(probe.contiguous(memory_format=torch.channels_last))
         except (RuntimeError, ValueError):  # a shape the op refuses: the model's own call says why
             return False
-        return torch.equal(_bits(nchw), _bits(channels_last))
+        return same_bits(nchw, channels_last)

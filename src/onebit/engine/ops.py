@@ -132,13 +132,6 @@ def tap_ordered_conv(weight: torch.Tensor, stride, padding):
     return native.TapOrderedConv(weight, stride, padding) if native is not None else None
 
 
-def tap_ordered_conv_usable(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is one :func:`tap_ordered_conv` takes (float32 ``[Co, C, KH, KW]``); False without
-    the native kernels."""
-    native = _native()
-    return native is not None and native.TapOrderedConv.usable(weight)
-
-
 def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """``t`` copied into transparent huge pages when it is 2 MiB or more (``kernels.in_huge_pages``), else
     (or without the native kernels) ``t`` itself."""

@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from onebit.engine.layout_probe import ShapeProbe, same_bits, wide_range_probe
+
 __all__ = ["SumOrderProbe"]
 
 #: a timed probe's calls of each conv (fewer once they took TIMED_BUDGET seconds: a large batch's first
@@ -27,17 +29,13 @@ __all__ = ["SumOrderProbe"]
 TIMED_CALLS, TIMED_BUDGET, TIMED_MARGIN = 5, 0.05, 0.95
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int32)
-
-
 def _seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-class SumOrderProbe:
+class SumOrderProbe(ShapeProbe):
     """``probe(x)`` for a float conv step's input ``x``: True when ``ordered`` gives the bits of torch's conv
     ``run`` for inputs of ``x``'s shape, known from a probe of that shape on the same number of threads (asked
     once per shape and thread count).
@@ -53,31 +51,19 @@ class SumOrderProbe:
         layouts: tuple[torch.memory_format, ...] = (torch.contiguous_format,),
         timed: bool = False,
     ):
+        super().__init__()
         self.run, self.ordered, self.layouts, self.timed = run, ordered, layouts, timed
-        self.answers: dict[tuple, bool] = {}
 
-    def __call__(self, x: torch.Tensor) -> bool:
-        key = (x.shape, torch.get_num_threads())
-        answer = self.answers.get(key)
-        if answer is None:
-            answer = self.answers[key] = self._same_bits(x.shape)
-        return answer
-
-    def _same_bits(self, shape: torch.Size) -> bool:
+    def _answer(self, shape: torch.Size) -> bool:
         if not all(shape):
             return False  # an empty input: torch's conv has nothing to sum, keep it
-        g = torch.Generator().manual_seed(0)
-        probe = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
-        zeros = torch.rand(shape, generator=g) < 0.05
-        probe[zeros] = torch.where(torch.rand(shape, generator=g)[zeros] < 0.5, 0.0, -0.0)
+        probe = wide_range_probe(shape, signed_zeros=True)
         inputs = [probe.contiguous(memory_format=f) for f in self.layouts]
         try:
             with torch.no_grad():
                 ours = self.ordered(inputs[0])
-                for x in inputs:
-                    theirs = self.run(x)
-                    if theirs.shape != ours.shape or not torch.equal(_bits(theirs), _bits(ours)):
-                        return False
+                if not all(same_bits(self.run(x), ours) for x in inputs):
+                    return False
                 if self.timed:
                     mine = theirs = float("inf")
                     start = time.perf_counter()

@@ -97,7 +97,7 @@ def _bind_conv2d(step):
     if native and _pointwise(t, a):
         ordered = ops.ordered_conv1x1(t["weight"], t.get("bias"))
         probe = SumOrderProbe(plain, ordered)
-    elif native and _stem(t, a) and ops.tap_ordered_conv_usable(t["weight"]):
+    elif native and _stem(t, a):
         ordered = ops.tap_ordered_conv(t["weight"], a["stride"], a["padding"])
         probe = SumOrderProbe(plain, ordered, (torch.contiguous_format, torch.channels_last), timed=True)
     else:
@@ -105,7 +105,8 @@ def _bind_conv2d(step):
 
     def run(x):
         if type(x) is torch.Tensor and x.dtype is torch.float32 and x.dim() == 4 and ops.backend_is_native():
-            if direct() and ordered.takes(x) and probe(x):  # eager calls only: a trace keeps torch's conv
+            # eager calls only (a trace keeps torch's conv); the shape's answer before the input's strides
+            if direct() and probe(x) and ordered.takes(x):
                 return ordered(x)
         return plain(x)
 

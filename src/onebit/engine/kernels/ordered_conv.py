@@ -29,7 +29,8 @@ class OrderedConv1x1:
     every product and sum rounded to float32 (``b`` the bias, or +0.0). ``x``: float32 ``[N, C, H, W]`` in
     NCHW memory (:meth:`takes`); the output is NCHW.
 
-    The weight is kept transposed, prepared again when the weight or bias is written (their ``_version``).
+    The weight is kept transposed, prepared at the first call and again when the weight or bias is written
+    (their ``_version``).
     """
 
     __slots__ = ("weight", "bias", "in_channels", "out_channels", "_wt", "_bias", "_versions")
@@ -51,8 +52,7 @@ class OrderedConv1x1:
         ):
             got = f"{bias.dtype} of shape {list(bias.shape)}" if isinstance(bias, torch.Tensor) else bias
             raise ValueError(f"ordered_conv1x1: bias must be float32 [{self.out_channels}], got {got}")
-        self._versions = None
-        self._prepare()
+        self._wt = self._bias = self._versions = None  # prepared at the first call (most convs never make one)
 
     def _prepare(self) -> None:
         co, c = self.out_channels, self.in_channels
@@ -115,23 +115,19 @@ class TapOrderedConv:
     network's stem (asked of torch: :mod:`onebit.engine.sum_order`). ``x``: float32 ``[N, C, H, W]``, NCHW or
     channels_last; the output is in channels_last memory.
 
-    The weight is kept with its output channels last, prepared again when it is written (its ``_version``).
+    The weight is kept with its output channels last, prepared at the first call and again when it is written
+    (its ``_version``).
     """
 
     __slots__ = ("weight", "stride", "padding", "_wt", "_version")
 
     def __init__(self, weight: torch.Tensor, stride, padding):
-        if not self.usable(weight):
-            raise ValueError("tap_ordered_conv: weight must be float32 [Co, C, KH, KW]")
+        if not (isinstance(weight, torch.Tensor) and weight.dtype == _F32 and weight.dim() == 4 and weight.numel()):
+            got = f"{weight.dtype} of shape {list(weight.shape)}" if isinstance(weight, torch.Tensor) else weight
+            raise ValueError(f"tap_ordered_conv: weight must be float32 [Co, C, KH, KW], got {got}")
         self.weight = weight
         self.stride, self.padding = tuple(stride), tuple(padding)
-        self._version = None
-        self._prepare()
-
-    @staticmethod
-    def usable(weight) -> bool:
-        """A weight the kernels take: float32 ``[Co, C, KH, KW]``."""
-        return isinstance(weight, torch.Tensor) and weight.dtype == _F32 and weight.dim() == 4 and weight.numel() > 0
+        self._wt = self._version = None  # prepared at the first call
 
     def _prepare(self) -> None:
         """The weight with its output channels last."""
