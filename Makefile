@@ -30,7 +30,7 @@ NUMERICS_TESTS := tests/nn/test_nn.py tests/nn/test_lowbit.py tests/canonize/tes
 	tests/models/test_models.py $(addprefix tests/engine/,test_engine.py test_engine_fallbacks.py test_kernels.py \
 	test_torch_rounding.py test_bitplanes.py test_graph.py test_fuse.py test_fuse_thresholds.py test_packed.py \
 	test_lowering.py test_layouts.py test_geometry.py test_ops.py test_reference.py test_relayout.py \
-	test_kernel_max_pool.py test_kernel_operands.py test_int8_engine.py test_ordered_conv.py) tests/nn/test_int8_layers.py
+	test_kernel_max_pool.py test_kernel_operands.py test_int8_engine.py test_ordered_conv.py test_rms_norm.py) tests/nn/test_int8_layers.py
 AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEBIT_ISA=avx2
 
 test: $(STAMP)

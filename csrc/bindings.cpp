@@ -25,6 +25,7 @@
 #include "kernels/ordered_conv.h"
 #include "kernels/pool_float.h"
 #include "kernels/relayout.h"
+#include "kernels/rms_norm.h"
 #include "kernels/ternary_linear.h"
 
 namespace nb = nanobind;
@@ -273,14 +274,30 @@ void conv2d_raw(uintptr_t x, int64_t N, int64_t Hp, int64_t Wp, int64_t x_words_
   run_plan(*plan, x, w, out, scale, bias, thr, dir, threads, nullptr, 0, 0, 0, 0, false, false, false);
 }
 
+void require_norm_lanes(int lanes) {
+  require(lanes == 0 || lanes == 4 || lanes == 8 || lanes == 16, "rms_norm: lanes must be 4, 8 or 16 (0: no norm)");
+}
+
 void ternary_linear_raw(uintptr_t x, int64_t N, int64_t K, int64_t x_stride, uintptr_t w, int64_t O, uintptr_t scale,
-                        uintptr_t bias, uintptr_t out, int threads) {
+                        uintptr_t bias, uintptr_t out, int threads, int norm_lanes, double norm_eps) {
   require(x != 0 && w != 0 && out != 0, "ternary_linear: null tensor");
   require(N >= 0 && K > 0 && O > 0 && x_stride >= K, "ternary_linear: bad shape");
   require(K <= (int64_t{1} << 17), "ternary_linear: in_features must be <= 131072 (exact float32 accumulators)");
+  require_norm_lanes(norm_lanes);
   nb::gil_scoped_release release;
   onebit::ternary_linear(ptr<const float>(x), N, K, x_stride, ptr<const uint8_t>(w), O, ptr<const float>(scale),
-                         ptr<const float>(bias), ptr<float>(out), threads);
+                         ptr<const float>(bias), ptr<float>(out), threads, norm_lanes, static_cast<float>(norm_eps));
+}
+
+void rms_norm_raw(uintptr_t x, int64_t N, int64_t K, int64_t x_stride, double eps, int lanes, uintptr_t out) {
+  require(x != 0 && out != 0, "rms_norm: null tensor");
+  require(N >= 0 && K > 0 && x_stride >= K, "rms_norm: bad shape");
+  require(lanes != 0, "rms_norm: lanes must be 4, 8 or 16");
+  require_norm_lanes(lanes);
+  nb::gil_scoped_release release;
+  for (int64_t n = 0; n < N; ++n)
+    onebit::rms_norm_torch_order(ptr<const float>(x) + n * x_stride, K, static_cast<float>(eps), lanes,
+                                 ptr<float>(out) + n * K);
 }
 
 void ternary_linear_int_raw(uintptr_t x, int64_t N, int64_t K, uintptr_t w, int64_t O, uintptr_t out, int threads) {
@@ -386,9 +403,13 @@ NB_MODULE(_C, m) {
         "pool (kernel, stride, padding, dilation, ceil_mode) is given; False when x holds a NaN. "
         "Use onebit.engine.kernels.int8.");
   m.def("ternary_linear_raw", &ternary_linear_raw, "x"_a, "N"_a, "K"_a, "x_stride"_a, "w"_a, "O"_a, "scale"_a,
-        "bias"_a, "out"_a, "threads"_a,
-        "Low level (addresses): float32 [N, O] of float32 tokens [N, K] (absmax8-quantized inside) and 2-bit "
-        "ternary weights [O, ceil(K/4)] uint8. Use onebit.engine.kernels.ternary_linear.");
+        "bias"_a, "out"_a, "threads"_a, "norm_lanes"_a = 0, "norm_eps"_a = 0.0,
+        "Low level (addresses): float32 [N, O] of float32 tokens [N, K] (RMS-normalized in torch's order when "
+        "norm_lanes > 0, absmax8-quantized inside) and 2-bit ternary weights [O, ceil(K/4)] uint8. Use "
+        "onebit.engine.kernels.ternary_linear or TernaryLayer.");
+  m.def("rms_norm_raw", &rms_norm_raw, "x"_a, "N"_a, "K"_a, "x_stride"_a, "eps"_a, "lanes"_a, "out"_a,
+        "Low level (addresses): float32 [N, K] = F.rms_norm of float32 [N, K] (row stride x_stride) without "
+        "weight, summed in torch's cascade order with `lanes`-wide vectors. Use onebit.engine.kernels.rms_norm.");
   m.def("ternary_linear_int_raw", &ternary_linear_int_raw, "x"_a, "N"_a, "K"_a, "w"_a, "O"_a, "out"_a, "threads"_a,
         "Low level (addresses): int32 [N, O] of int8 [N, K] and 2-bit ternary weights [O, ceil(K/4)] uint8. "
         "Use onebit.engine.kernels.ternary_linear_int.");

@@ -10,6 +10,7 @@
 #include "kernels/dispatch.h"
 #include "kernels/isa.h"
 #include "kernels/parallel.h"
+#include "kernels/rms_norm.h"
 
 namespace onebit {
 namespace {
@@ -104,14 +105,20 @@ void ternary_linear_int(const int8_t* x, int64_t N, int64_t K, const uint8_t* w,
 }
 
 void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, const uint8_t* w, int64_t O,
-                    const float* scale, const float* bias, float* out, int threads) {
+                    const float* scale, const float* bias, float* out, int threads, int norm_lanes,
+                    float norm_eps) {
   if (N <= 0 || O <= 0) return;
   std::vector<int8_t> q(static_cast<size_t>(N * K));
   std::vector<float> s(static_cast<size_t>(N));
   std::vector<char> finite(static_cast<size_t>(N));
+  std::vector<float> normed(norm_lanes > 0 ? static_cast<size_t>(K) : 0);
   const QuantizeToken quantize = isa_kernels(active_isa()).quantize_token;
   for (int64_t n = 0; n < N; ++n) {
     const float* xn = x + n * x_stride;
+    if (norm_lanes > 0) {
+      rms_norm_torch_order(xn, K, norm_eps, norm_lanes, normed.data());
+      xn = normed.data();
+    }
     finite[n] = quantize ? quantize(xn, K, q.data() + n * K, &s[n])
                          : ternary::quantize_token(xn, K, q.data() + n * K, &s[n]);
   }

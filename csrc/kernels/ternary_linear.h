@@ -30,8 +30,11 @@ void ternary_linear_int(const int8_t* x, int64_t N, int64_t K, const uint8_t* w,
                         int threads);
 
 // float32 [N, O] of float32 [N, K] tokens (row stride x_stride elements); scale and bias [O] or null.
+// norm_lanes > 0: each token is first normalized by rms_norm_torch_order(x, K, norm_eps, norm_lanes)
+// (BitLinear's RMSNorm, rms_norm.h); 0: the tokens are used as they are.
 void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, const uint8_t* w, int64_t O,
-                    const float* scale, const float* bias, float* out, int threads);
+                    const float* scale, const float* bias, float* out, int threads, int norm_lanes = 0,
+                    float norm_eps = 0.0f);
 
 // The name of the kernel the active ISA runs: "avx512_vnni", "avx2", "neon_dotprod", "neon" or "reference".
 const char* ternary_linear_kernel();

@@ -38,20 +38,21 @@ def wide_range_probe(shape: torch.Size, signed_zeros: bool = False) -> torch.Ten
 
 
 class ShapeProbe:
-    """``probe(x)``: a yes or no about an op on inputs of ``x``'s shape, asked of torch once per shape and
-    thread count (:meth:`_answer`, the subclass's question) and kept in :attr:`answers`."""
+    """``probe(x)``: an answer about an op on inputs of ``x``'s shape (a yes or no, or which of several
+    ways), asked of torch once per shape and thread count (:meth:`_answer`, the subclass's question) and
+    kept in :attr:`answers`."""
 
     def __init__(self):
-        self.answers: dict[tuple, bool] = {}
+        self.answers: dict[tuple, object] = {}
 
-    def __call__(self, x: torch.Tensor) -> bool:
+    def __call__(self, x: torch.Tensor):
         key = (tuple(x.shape), torch.get_num_threads())
         answer = self.answers.get(key)
         if answer is None:
             answer = self.answers[key] = self._answer(x.shape)
         return answer
 
-    def _answer(self, shape: torch.Size) -> bool:
+    def _answer(self, shape: torch.Size):
         raise NotImplementedError
 
 

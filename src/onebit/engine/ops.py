@@ -322,11 +322,13 @@ def pack_ternary_weights(levels: torch.Tensor) -> torch.Tensor:
     return reference.pack_ternary_weights(levels)
 
 
-def ternary_layer(wp, *, in_features: int, scale=None, bias=None):
-    """A ternary linear layer with its constant operands bound (``kernels.TernaryLayer``), or None without
-    the native kernels."""
+def ternary_layer(wp, *, in_features: int, scale=None, bias=None, norm_eps=None):
+    """A ternary linear layer with its constant operands bound and, with ``norm_eps``, its RMSNorm
+    (``kernels.TernaryLayer``), or None without the native kernels."""
     native = _native()
-    return native.TernaryLayer(wp, in_features=in_features, scale=scale, bias=bias) if native is not None else None
+    if native is None:
+        return None
+    return native.TernaryLayer(wp, in_features=in_features, scale=scale, bias=bias, norm_eps=norm_eps)
 
 
 def ternary_linear_int(x, wp, *, in_features: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Whether torch's float conv sums a shape in the order of one of onebit's ordered convs, asked of torch.
+"""Whether torch sums a shape in an order onebit makes too, asked of torch: its float convs (onebit's ordered
+convs) and its RMSNorm (a packed BitLinear's norm).
 
 torch's conv picks a kernel per shape: oneDNN's, a BLAS GEMM, or for some small maps (a 2x2 map with hundreds
 of channels) its own reference GEMM, which sums each output in channel order with every product and sum
@@ -10,6 +11,11 @@ of the data, so a packed model asks once per input shape and thread count, by ru
 equal bits on every output (on a probe of wide dynamic range with zeros of both signs, another order
 changes a large share of them) let the step run onebit's. As :mod:`.layout_probe` and
 :mod:`.torch_rounding`, it is decided by the torch that runs the model.
+
+``F.rms_norm`` sums each token's squares with ATen's cascade sum, in vectors as wide as the build of its sum
+kernel (8 floats on x86-64 whatever the CPU: that kernel has no AVX-512 build), on one thread or, for long
+rows and several threads, split between them. :class:`NormOrderProbe` asks which width, if any, gives a
+shape torch's bits.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 
 from onebit.engine.layout_probe import ShapeProbe, same_bits, wide_range_probe
 
-__all__ = ["SumOrderProbe"]
+__all__ = ["NormOrderProbe", "SumOrderProbe"]
 
 #: a timed probe's calls of each conv (fewer once they took TIMED_BUDGET seconds: a large batch's first
 #: call should not wait long), and the share of torch's best time onebit's must be below: a gain smaller
@@ -76,3 +82,33 @@ class SumOrderProbe(ShapeProbe):
         except (RuntimeError, ValueError):  # a shape the op refuses: the model's own call says why
             return False
         return True
+
+
+#: independent probes of a shape a norm probe compares: at batch 1 a shape has one sum, which another order
+#: may round the same (a third of the time for a few thousand features, more for a few), so one is not enough
+NORM_PROBE_ROWS = 64
+
+
+class NormOrderProbe(ShapeProbe):
+    """``probe(x)`` for BitLinear tokens ``x`` ``[N, F]``: the vector width (one of ``lanes``) with which
+    ``native(x, eps, lanes=lanes)`` gives the bits of ``F.rms_norm(x, (F,), eps=eps)`` for inputs of ``x``'s
+    shape, or 0 when none does; asked once per shape and thread count, on :data:`NORM_PROBE_ROWS` probes of
+    that shape (every sum a probe makes must match)."""
+
+    def __init__(self, native: Callable[..., torch.Tensor], lanes: tuple[int, ...]):
+        super().__init__()
+        self.native, self.lanes = native, lanes
+
+    def _answer(self, shape: torch.Size) -> int:
+        if len(shape) != 2 or not all(shape):
+            return 0
+        eps = 1e-6
+        g = torch.Generator().manual_seed(0)  # normal values: over a wide range, the largest squares decide
+        scales = torch.exp(torch.randn((NORM_PROBE_ROWS, 1, 1), generator=g))
+        rows = torch.randn((NORM_PROBE_ROWS, *shape), generator=g) * scales
+        with torch.no_grad():
+            theirs = [torch.nn.functional.rms_norm(row, (shape[1],), eps=eps) for row in rows]
+            for lanes in self.lanes:
+                if all(same_bits(self.native(row, eps, lanes=lanes), t) for row, t in zip(rows, theirs, strict=True)):
+                    return lanes
+        return 0

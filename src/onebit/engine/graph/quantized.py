@@ -191,20 +191,26 @@ def _ternary_linear(t, a, x, layer=None):
     f = a["in_features"]
     if x.shape[-1] != f:
         raise ValueError(f"expected {f} input features, got shape {list(x.shape)}")
-    if a["norm"]:
-        x = F.rms_norm(x, (f,), eps=a["eps"])
     tokens = x if x.dim() == 2 else x.reshape(-1, f)  # [N, F] as it comes: a decoding step's reshapes cost µs
     if layer is not None and ops.backend_is_native():
-        y = layer(tokens)
+        y = layer(tokens)  # with the norm, when the step has one
     else:
+        if a["norm"]:
+            tokens = F.rms_norm(tokens, (f,), eps=a["eps"])
         y = ops.ternary_linear(tokens, t["weight"], in_features=f, scale=t.get("scale"), bias=t.get("bias"))
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], a["out_features"])
 
 
 def _bind_ternary_linear(step: Step) -> Callable:
-    """A ternary linear step with its weight, scale and bias bound to a native layer (checked once)."""
+    """A ternary linear step with its weight, scale, bias and norm bound to a native layer (checked once)."""
     t, a = step.tensors, step.attrs
-    layer = ops.ternary_layer(t["weight"], in_features=a["in_features"], scale=t.get("scale"), bias=t.get("bias"))
+    layer = ops.ternary_layer(
+        t["weight"],
+        in_features=a["in_features"],
+        scale=t.get("scale"),
+        bias=t.get("bias"),
+        norm_eps=a["eps"] if a["norm"] else None,
+    )
     return lambda x: _ternary_linear(t, a, x, layer)
 
 
