@@ -20,9 +20,9 @@ from conftest import float_bits
 from onebit import _C
 from onebit.engine import kernels as K
 from onebit.engine import ops
-from onebit.engine.kernels import ternary_layer
+from onebit.engine.graph.quantized import NORM_ORDER
 from onebit.engine.kernels.rms_norm import NORM_LANES, rms_norm
-from onebit.engine.sum_order import NormOrderProbe
+from onebit.engine.sum_order import TORCH_SUM_LANES, NormOrderProbe
 
 pytestmark = pytest.mark.skipif(not ops.native_available(), reason="no native kernels")
 
@@ -94,7 +94,8 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def torch_lanes(shape) -> int:
-    return ternary_layer.NORM_ORDER(torch.empty(shape))
+    """The width packed BitLinears sum a token shape in (0: none gives torch's bits)."""
+    return NORM_ORDER(torch.empty(shape))
 
 
 @pytest.mark.parametrize("lanes", NORM_LANES)
@@ -160,10 +161,10 @@ def test_probe_answers_no_order_where_none_gives_torchs_bits_and_asks_once():
         calls.append(lanes)
         return torch.nextafter(F.rms_norm(x, (x.shape[1],), eps=eps), torch.tensor(math.inf))
 
-    probe = NormOrderProbe(off_by_one_ulp, NORM_LANES)
+    probe = NormOrderProbe(off_by_one_ulp)
     assert probe(torch.empty(1, 64)) == 0
-    assert calls == list(NORM_LANES)  # each width tried, none kept
-    assert probe(torch.empty(1, 64)) == 0 and len(calls) == len(NORM_LANES)  # the answer is kept
+    assert calls == list(TORCH_SUM_LANES)  # each width tried, none kept
+    assert probe(torch.empty(1, 64)) == 0 and len(calls) == len(TORCH_SUM_LANES)  # the answer is kept
     assert probe(torch.empty(0, 64)) == 0 and probe(torch.empty(64)) == 0
 
 
@@ -174,7 +175,7 @@ def test_bound_layer_with_a_norm_is_rms_norm_then_the_op(tokens, features):
     gen = torch.Generator().manual_seed(tokens + features)
     wp = ops.pack_ternary_weights(torch.randint(-1, 2, (out, features), generator=gen).to(F32))
     scale = torch.rand(out, generator=gen)
-    layer = K.TernaryLayer(wp, in_features=features, scale=scale, norm_eps=1e-5)
+    layer = K.TernaryLayer(wp, in_features=features, scale=scale, norm_eps=1e-5, norm_order=NORM_ORDER)
     x = torch.randn(tokens, features, generator=gen) * 5
     if tokens > 1:
         x[1, 4] = float("nan")  # a NaN token's row is NaN, the others are unchanged
@@ -201,14 +202,14 @@ def _spy_on_native_norm(monkeypatch):
         return torch_norm(*args, **kwargs)
 
     monkeypatch.setattr(_C, "ternary_linear_raw", ternary_linear_raw)
-    monkeypatch.setattr(ternary_layer.F, "rms_norm", rms_norm_counted)
+    monkeypatch.setattr(F, "rms_norm", rms_norm_counted)
     return seen
 
 
 def test_bound_layer_normalizes_natively_where_torch_sums_in_its_order_and_with_torch_elsewhere(monkeypatch):
     features, out = 512, 64
     wp = ops.pack_ternary_weights(torch.randint(-1, 2, (out, features)).to(F32))
-    layer = K.TernaryLayer(wp, in_features=features, norm_eps=1e-5)
+    layer = K.TernaryLayer(wp, in_features=features, norm_eps=1e-5, norm_order=NORM_ORDER)
     x = torch.randn(2, features)
     want = K.ternary_linear(F.rms_norm(x, (features,), eps=1e-5), wp, in_features=features)
     lanes = torch_lanes((2, features))
@@ -216,9 +217,12 @@ def test_bound_layer_normalizes_natively_where_torch_sums_in_its_order_and_with_
     assert same_bits(layer(x), want)
     assert seen == {"lanes": [lanes], "rms_norm": 0}  # the norm ran inside the native call
     key = ((2, features), torch.get_num_threads())
-    monkeypatch.setitem(ternary_layer.NORM_ORDER.answers, key, 0)  # torch sums this shape otherwise
+    monkeypatch.setitem(NORM_ORDER.answers, key, 0)  # torch sums this shape otherwise
     assert same_bits(layer(x), want)
     assert seen == {"lanes": [lanes, 0], "rms_norm": 1}
+    without_probe = K.TernaryLayer(wp, in_features=features, norm_eps=1e-5)  # no order known: torch's norm
+    assert same_bits(without_probe(x), want)
+    assert seen == {"lanes": [lanes, 0, 0], "rms_norm": 2}
 
 
 def test_bound_layer_refuses_a_norm_eps_that_is_not_positive():

@@ -47,6 +47,7 @@ __all__ = [
     "ternary_linear",
     "ternary_linear_int",
     "ternary_layer",
+    "rms_norm_in_order",
     "max_pool2d",
     "relayout",
 ]
@@ -322,13 +323,25 @@ def pack_ternary_weights(levels: torch.Tensor) -> torch.Tensor:
     return reference.pack_ternary_weights(levels)
 
 
-def ternary_layer(wp, *, in_features: int, scale=None, bias=None, norm_eps=None):
-    """A ternary linear layer with its constant operands bound and, with ``norm_eps``, its RMSNorm
-    (``kernels.TernaryLayer``), or None without the native kernels."""
+def ternary_layer(wp, *, in_features: int, scale=None, bias=None, norm_eps=None, norm_order=None):
+    """A ternary linear layer with its constant operands bound and, with ``norm_eps``, its RMSNorm, run
+    natively where ``norm_order`` says how torch sums it (``kernels.TernaryLayer``); None without the native
+    kernels."""
     native = _native()
     if native is None:
         return None
-    return native.TernaryLayer(wp, in_features=in_features, scale=scale, bias=bias, norm_eps=norm_eps)
+    return native.TernaryLayer(
+        wp, in_features=in_features, scale=scale, bias=bias, norm_eps=norm_eps, norm_order=norm_order
+    )
+
+
+def rms_norm_in_order(x: torch.Tensor, eps: float, *, lanes: int) -> torch.Tensor:
+    """``F.rms_norm(x, (K,), eps=eps)`` of float32 ``[N, K]`` summed in torch's cascade order with ``lanes``-wide
+    vectors (``kernels.rms_norm``): native only, it is what a probe compares with torch's."""
+    native = _native()
+    if native is None:
+        raise RuntimeError(f"rms_norm_in_order needs the native kernels ({_NATIVE_ERROR})")
+    return native.rms_norm(x, eps, lanes=lanes)
 
 
 def ternary_linear_int(x, wp, *, in_features: int) -> torch.Tensor:

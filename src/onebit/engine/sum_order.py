@@ -27,7 +27,7 @@ import torch
 
 from onebit.engine.layout_probe import ShapeProbe, same_bits, wide_range_probe
 
-__all__ = ["NormOrderProbe", "SumOrderProbe"]
+__all__ = ["NormOrderProbe", "SumOrderProbe", "TORCH_SUM_LANES"]
 
 #: a timed probe's calls of each conv (fewer once they took TIMED_BUDGET seconds: a large batch's first
 #: call should not wait long), and the share of torch's best time onebit's must be below: a gain smaller
@@ -84,6 +84,10 @@ class SumOrderProbe(ShapeProbe):
         return True
 
 
+#: the vector widths of torch's sum kernel a norm probe tries, in this order: its x86-64 build (for AVX2 and
+#: AVX-512 alike) and its 256-bit NEON one read 8 floats at a time
+TORCH_SUM_LANES = (8, 16, 4)
+
 #: independent probes of a shape a norm probe compares: at batch 1 a shape has one sum, which another order
 #: may round the same (a third of the time for a few thousand features, more for a few), so one is not enough
 NORM_PROBE_ROWS = 64
@@ -95,7 +99,7 @@ class NormOrderProbe(ShapeProbe):
     shape, or 0 when none does; asked once per shape and thread count, on :data:`NORM_PROBE_ROWS` probes of
     that shape (every sum a probe makes must match)."""
 
-    def __init__(self, native: Callable[..., torch.Tensor], lanes: tuple[int, ...]):
+    def __init__(self, native: Callable[..., torch.Tensor], lanes: tuple[int, ...] = TORCH_SUM_LANES):
         super().__init__()
         self.native, self.lanes = native, lanes
 

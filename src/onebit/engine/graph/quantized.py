@@ -32,6 +32,7 @@ from onebit.engine.graph.schema import (
     positive,
 )
 from onebit.engine.steps import Step
+from onebit.engine.sum_order import NormOrderProbe
 from onebit.math import sign
 from onebit.nn.functional import scale_and_bias
 from onebit.quant import DoReFaSymmetric
@@ -201,6 +202,11 @@ def _ternary_linear(t, a, x, layer=None):
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], a["out_features"])
 
 
+#: which vector width gives F.rms_norm's bits, per token shape and thread count: one probe for every
+#: packed BitLinear (the answer is torch's, not a layer's)
+NORM_ORDER = NormOrderProbe(ops.rms_norm_in_order)
+
+
 def _bind_ternary_linear(step: Step) -> Callable:
     """A ternary linear step with its weight, scale, bias and norm bound to a native layer (checked once)."""
     t, a = step.tensors, step.attrs
@@ -210,6 +216,7 @@ def _bind_ternary_linear(step: Step) -> Callable:
         scale=t.get("scale"),
         bias=t.get("bias"),
         norm_eps=a["eps"] if a["norm"] else None,
+        norm_order=NORM_ORDER if a["norm"] else None,
     )
     return lambda x: _ternary_linear(t, a, x, layer)
 

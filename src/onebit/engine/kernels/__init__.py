@@ -10,9 +10,9 @@ the native implementations behind ``ops`` (tests and benchmarks call them to pic
 Modules, each one concept: ``registry`` (custom-op registration, the eager bypass of the dispatcher),
 ``operands`` (addresses of checked tensors, channels_last outputs), ``weight_cache`` (:class:`WeightCache`),
 ``plans`` (validated calls cached by shape), ``packing``, ``conv``, ``conv_layer``, ``linear``, ``pool``,
-``ternary``, ``ternary_layer``, ``int8``, ``planes``, ``memory_formats`` (the ops), ``ordered_conv``
-(a float 1x1 conv summed as torch's reference GEMM sums it), ``huge_pages`` (large weights in transparent
-huge pages).
+``ternary``, ``int8``, ``planes``, ``memory_formats`` (the ops), ``rms_norm`` (BitLinear's norm summed in
+torch's order), ``ternary_layer``, ``ordered_conv`` (a float 1x1 conv summed as torch's reference GEMM sums
+it), ``huge_pages`` (large weights in transparent huge pages).
 
 Bit convention (``csrc/kernels/pack.h``): bit set = -1 (``x < 0``), bit clear = +1, so
 sign(0) = sign(-0.0) = +1 and NaN packs as +1. Channel ``c`` of a group lives in word
@@ -57,6 +57,7 @@ from onebit.engine.kernels.planes import combine_planes, pack_integer_planes, pa
 from onebit.engine.kernels.plans import MODE_FLOAT, MODE_INT, MODE_THRESHOLD, conv_plan
 from onebit.engine.kernels.pool import max_pool2d, max_pool_bits
 from onebit.engine.kernels.registry import custom_op, direct
+from onebit.engine.kernels.rms_norm import NORM_LANES, rms_norm
 from onebit.engine.kernels.ternary import (
     TERNARY_MAX_FEATURES,
     ternary_linear,
@@ -95,6 +96,8 @@ __all__ = [
     "ternary_linear_kernel",
     "TernaryLayer",
     "TERNARY_MAX_FEATURES",
+    "rms_norm",
+    "NORM_LANES",
     "pack_integer_planes",
     "pack_integer_planes_nan",
     "combine_planes",

@@ -16,9 +16,8 @@ from onebit import _C
 
 __all__ = ["NORM_LANES", "rms_norm"]
 
-#: the vector widths onebit can sum in, in the order a probe tries them: torch's sum kernel on x86-64 (AVX2
-#: and AVX-512 alike) and its 256-bit NEON build read 8 floats at a time
-NORM_LANES = (8, 16, 4)
+#: the vector widths onebit can sum in
+NORM_LANES = (4, 8, 16)
 
 
 def rms_norm(x: torch.Tensor, eps: float, *, lanes: int) -> torch.Tensor:

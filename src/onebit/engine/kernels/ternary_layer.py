@@ -3,6 +3,8 @@ call a packed model's ``ternary_linear`` steps make."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -10,19 +12,12 @@ from onebit import _C
 from onebit.engine.geometry import check_ternary
 from onebit.engine.kernels.operands import channel_ptr
 from onebit.engine.kernels.registry import direct
-from onebit.engine.kernels.rms_norm import NORM_LANES, rms_norm
 from onebit.engine.kernels.ternary import TERNARY_MAX_FEATURES, ternary_linear
-from onebit.engine.sum_order import NormOrderProbe
 
 __all__ = ["TernaryLayer"]
 
 _F32 = torch.float32
 _Tensor = torch.Tensor
-
-
-#: which of onebit's sum orders gives F.rms_norm's bits, per token shape and thread count (shared by every
-#: layer: the answer is torch's, not a layer's)
-NORM_ORDER = NormOrderProbe(rms_norm, NORM_LANES)
 
 
 class TernaryLayer:
@@ -37,13 +32,23 @@ class TernaryLayer:
     with unit feature stride, a call takes ``F.rms_norm`` and :func:`ternary_linear` themselves.
 
     The norm runs inside the native call (:mod:`.rms_norm`, no float32 ``[N, F]`` made and read again,
-    no four dispatched torch ops) for contiguous tokens of a shape whose sums torch makes in an order
-    onebit makes too (:data:`NORM_ORDER`); otherwise ``F.rms_norm`` runs first.
+    no four dispatched torch ops) for contiguous tokens whose shape ``norm_order(x)`` answers with the
+    vector width in which torch sums it (``onebit.engine.sum_order.NormOrderProbe``); on an answer of 0,
+    or without ``norm_order``, ``F.rms_norm`` runs first.
     """
 
-    __slots__ = ("wp", "in_features", "scale", "bias", "norm_eps", "out_features", "_ptrs")
+    __slots__ = ("wp", "in_features", "scale", "bias", "norm_eps", "norm_order", "out_features", "_ptrs")
 
-    def __init__(self, wp: torch.Tensor, *, in_features: int, scale=None, bias=None, norm_eps: float | None = None):
+    def __init__(
+        self,
+        wp: torch.Tensor,
+        *,
+        in_features: int,
+        scale=None,
+        bias=None,
+        norm_eps: float | None = None,
+        norm_order: Callable[[torch.Tensor], int] | None = None,
+    ):
         _, f, out = check_ternary(torch.empty((0, in_features)), wp, in_features, _F32, scale, bias)
         if f > TERNARY_MAX_FEATURES:
             raise ValueError(f"ternary_linear: in_features={f} exceeds {TERNARY_MAX_FEATURES} (exact float32 sums)")
@@ -51,12 +56,13 @@ class TernaryLayer:
             raise ValueError(f"ternary_linear: norm_eps must be positive, got {norm_eps}")
         self.wp, self.in_features, self.scale, self.bias, self.out_features = wp, f, scale, bias, out
         self.norm_eps = None if norm_eps is None else float(norm_eps)
+        self.norm_order = norm_order
         # the bound tensors' addresses (they stay put): weights, scale, bias
         self._ptrs = (wp.data_ptr(), channel_ptr(scale, "scale", _F32, out), channel_ptr(bias, "bias", _F32, out))
 
     def __reduce__(self):
         # a copy or a pickle is built again from its operands: the addresses it keeps are its own tensors'
-        return _ternary_layer, (self.wp, self.in_features, self.scale, self.bias, self.norm_eps)
+        return _ternary_layer, (self.wp, self.in_features, self.scale, self.bias, self.norm_eps, self.norm_order)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         f, eps = self.in_features, self.norm_eps
@@ -75,7 +81,8 @@ class TernaryLayer:
             return ternary_linear(x, self.wp, in_features=f, scale=self.scale, bias=self.bias)
         lanes = 0
         if eps is not None:
-            lanes = NORM_ORDER(x) if x.is_contiguous() else 0
+            order = self.norm_order
+            lanes = order(x) if order is not None and x.is_contiguous() else 0
             if not lanes:
                 x = F.rms_norm(x, (f,), eps=eps)
         n = x.shape[0]
@@ -100,6 +107,6 @@ class TernaryLayer:
         return y
 
 
-def _ternary_layer(wp, in_features: int, scale, bias, norm_eps=None) -> TernaryLayer:
+def _ternary_layer(wp, in_features: int, scale, bias, norm_eps=None, norm_order=None) -> TernaryLayer:
     """A :class:`TernaryLayer` built again (copies and pickles)."""
-    return TernaryLayer(wp, in_features=in_features, scale=scale, bias=bias, norm_eps=norm_eps)
+    return TernaryLayer(wp, in_features=in_features, scale=scale, bias=bias, norm_eps=norm_eps, norm_order=norm_order)
