@@ -88,16 +88,17 @@ class SumOrderProbe(ShapeProbe):
 #: AVX-512 alike) and its 256-bit NEON one read 8 floats at a time
 TORCH_SUM_LANES = (8, 16, 4)
 
-#: independent probes of a shape a norm probe compares: at batch 1 a shape has one sum, which another order
-#: may round the same (a third of the time for a few thousand features, more for a few), so one is not enough
-NORM_PROBE_ROWS = 64
+#: the sums a norm probe compares at least: one sum (a batch-1 shape's) another order may round the same, a
+#: third of the time for a few thousand features and more for a few, so one probe of a small batch is not
+#: enough
+NORM_PROBE_SUMS = 64
 
 
 class NormOrderProbe(ShapeProbe):
     """``probe(x)`` for BitLinear tokens ``x`` ``[N, F]``: the vector width (one of ``lanes``) with which
     ``native(x, eps, lanes=lanes)`` gives the bits of ``F.rms_norm(x, (F,), eps=eps)`` for inputs of ``x``'s
-    shape, or 0 when none does; asked once per shape and thread count, on :data:`NORM_PROBE_ROWS` probes of
-    that shape (every sum a probe makes must match)."""
+    shape, or 0 when none does; asked once per shape and thread count, on as many probes of that shape as
+    make :data:`NORM_PROBE_SUMS` sums (every one must match)."""
 
     def __init__(self, native: Callable[..., torch.Tensor], lanes: tuple[int, ...] = TORCH_SUM_LANES):
         super().__init__()
@@ -108,11 +109,12 @@ class NormOrderProbe(ShapeProbe):
             return 0
         eps = 1e-6
         g = torch.Generator().manual_seed(0)  # normal values: over a wide range, the largest squares decide
-        scales = torch.exp(torch.randn((NORM_PROBE_ROWS, 1, 1), generator=g))
-        rows = torch.randn((NORM_PROBE_ROWS, *shape), generator=g) * scales
+        probes = -(-NORM_PROBE_SUMS // shape[0])
+        scales = torch.exp(torch.randn((probes, 1, 1), generator=g))
+        xs = torch.randn((probes, *shape), generator=g) * scales
         with torch.no_grad():
-            theirs = [torch.nn.functional.rms_norm(row, (shape[1],), eps=eps) for row in rows]
+            theirs = [torch.nn.functional.rms_norm(x, (shape[1],), eps=eps) for x in xs]
             for lanes in self.lanes:
-                if all(same_bits(self.native(row, eps, lanes=lanes), t) for row, t in zip(rows, theirs, strict=True)):
+                if all(same_bits(self.native(x, eps, lanes=lanes), t) for x, t in zip(xs, theirs, strict=True)):
                     return lanes
         return 0
