@@ -22,7 +22,21 @@ constexpr int64_t kRowBlock = 64;     // output rows a thread claims at a time
 constexpr int64_t kTokenBlock = 8;    // tokens a pass over a row block serves
 constexpr int64_t kSerialMacs = 1 << 21;  // smaller layers stay on the calling thread
 
+constexpr int64_t kSerialTokenWork = 1 << 16;  // token elements below which tokens are prepared on one thread
+
 ChunkDot chunk_kernel() { return isa_kernels(active_isa()).chunk_dot; }  // null: the plain loops
+
+// fn(n0, n1) over the tokens [0, N), split between threads when there are several tokens and enough of them
+// (a prefill's: normalizing, quantizing and permuting them is otherwise a serial part of the call).
+template <class Fn>
+void for_tokens(int64_t N, int64_t K, int threads, const Fn& fn) {
+  if (threads <= 1 || N < 2 || N * K < kSerialTokenWork) {
+    fn(int64_t{0}, N);
+    return;
+  }
+  const int chunks = static_cast<int>(std::min<int64_t>(N, 4 * static_cast<int64_t>(threads)));
+  parallel_chunks(threads, chunks, [&](int c) { fn(N * c / chunks, N * (c + 1) / chunks); });
+}
 
 // The shared loop: acc for every (token, row block), handed to epi(n, o0, rows, acc).
 template <class Epilogue>
@@ -34,21 +48,23 @@ void run(const int8_t* q, int64_t N, int64_t K, const uint8_t* w, int64_t O, int
   const int64_t main = 256 * chunks;
   std::vector<int8_t> xperm(static_cast<size_t>(N * main));
   std::vector<int32_t> qsum(static_cast<size_t>(N), 0);
-  for (int64_t n = 0; n < N; ++n) {
-    const int8_t* qn = q + n * K;
-    int8_t* xp = xperm.data() + n * main;
-    int32_t sum = 0;
-    for (int64_t c = 0; c < chunks; ++c)
-      for (int64_t j = 0; j < 64; ++j)
-        for (int64_t i = 0; i < 4; ++i) {
-          const int8_t v = qn[256 * c + 4 * j + i];
-          xp[256 * c + 64 * i + j] = v;
-          sum += v;
-        }
-    qsum[n] = sum;
-  }
-  const int64_t blocks = (O + kRowBlock - 1) / kRowBlock;
   if (N * O * K < kSerialMacs) threads = 1;
+  for_tokens(N, main, threads, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* qn = q + n * K;
+      int8_t* xp = xperm.data() + n * main;
+      int32_t sum = 0;
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t j = 0; j < 64; ++j)
+          for (int64_t i = 0; i < 4; ++i) {
+            const int8_t v = qn[256 * c + 4 * j + i];
+            xp[256 * c + 64 * i + j] = v;
+            sum += v;
+          }
+      qsum[n] = sum;
+    }
+  });
+  const int64_t blocks = (O + kRowBlock - 1) / kRowBlock;
   const RowsDot rows_kernel = kernel ? isa_kernels(active_isa()).rows_dot : nullptr;
   parallel_chunks(threads, static_cast<int>(blocks), [&](int b) {
     const int64_t o0 = b * kRowBlock, rows = std::min(kRowBlock, O - o0);
@@ -111,17 +127,19 @@ void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, cons
   std::vector<int8_t> q(static_cast<size_t>(N * K));
   std::vector<float> s(static_cast<size_t>(N));
   std::vector<char> finite(static_cast<size_t>(N));
-  std::vector<float> normed(norm_lanes > 0 ? static_cast<size_t>(K) : 0);
   const QuantizeToken quantize = isa_kernels(active_isa()).quantize_token;
-  for (int64_t n = 0; n < N; ++n) {
-    const float* xn = x + n * x_stride;
-    if (norm_lanes > 0) {
-      rms_norm_torch_order(xn, K, norm_eps, norm_lanes, normed.data());
-      xn = normed.data();
+  for_tokens(N, K, N * O * K < kSerialMacs ? 1 : threads, [&](int64_t n0, int64_t n1) {
+    std::vector<float> normed(norm_lanes > 0 ? static_cast<size_t>(K) : 0);
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* xn = x + n * x_stride;
+      if (norm_lanes > 0) {
+        rms_norm_torch_order(xn, K, norm_eps, norm_lanes, normed.data());
+        xn = normed.data();
+      }
+      finite[n] = quantize ? quantize(xn, K, q.data() + n * K, &s[n])
+                           : ternary::quantize_token(xn, K, q.data() + n * K, &s[n]);
     }
-    finite[n] = quantize ? quantize(xn, K, q.data() + n * K, &s[n])
-                         : ternary::quantize_token(xn, K, q.data() + n * K, &s[n]);
-  }
+  });
   run(q.data(), N, K, w, O, threads, [&](int64_t n, int64_t o0, int64_t rows, const int32_t* acc) {
     float* y = out + n * O + o0;
     if (!finite[n]) {

@@ -187,6 +187,25 @@ def test_bound_layer_with_a_norm_is_rms_norm_then_the_op(tokens, features):
     assert same_bits(copy.deepcopy(layer)(x), layer(x))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_prefill_normalized_on_two_threads_is_rms_norm_then_the_op(threads):
+    features, out, tokens = 2048, 64, 48  # the tokens split between threads inside the native call
+    gen = torch.Generator().manual_seed(threads)
+    wp = ops.pack_ternary_weights(torch.randint(-1, 2, (out, features), generator=gen).to(F32))
+    layer = K.TernaryLayer(wp, in_features=features, norm_eps=1e-5, norm_order=NORM_ORDER)
+    x = torch.randn(tokens, features, generator=gen) * torch.exp(torch.randn(tokens, 1, generator=gen))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = layer(x)
+        lanes = NORM_ORDER(x)
+        want = K.ternary_linear(F.rms_norm(x, (features,), eps=1e-5), wp, in_features=features)
+    finally:
+        torch.set_num_threads(before)
+    assert lanes in NORM_LANES
+    assert same_bits(got, want)
+
+
 def _spy_on_native_norm(monkeypatch):
     """The lanes each native call got, and the F.rms_norm calls made (torch.nn.functional's, which the
     layer calls)."""

@@ -65,6 +65,28 @@ def test_float_kernel_rounds_as_bitlinear_for_every_token_count(isa, tokens):
     assert torch.equal(got, acc / s * scale + bias)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_prefill_split_between_threads_rounds_as_bitlinear(isa, threads):
+    features, out, tokens = 2048, 96, 40  # tokens quantized and permuted on both threads (>= 2^16 elements)
+    gen = torch.Generator().manual_seed(11)
+    levels = levels_of(out, features, gen)
+    x = torch.randn(tokens, features, generator=gen) * torch.exp(torch.randn(tokens, 1, generator=gen))
+    x[7, 100] = float("nan")  # one token's row is NaN, wherever its thread
+    scale = torch.rand(out, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = K.ternary_linear(x, ops.pack_ternary_weights(levels), in_features=features, scale=scale)
+    finally:
+        torch.set_num_threads(before)
+    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+    s = torch.full_like(m, 127.0) / m
+    acc = (torch.round(x * s).clamp(-128, 127).double() @ levels.double().T).float()
+    want = acc / s * scale
+    want[7] = float("nan")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def test_two_threads_give_the_one_thread_integers(isa):
     features, out, tokens = 1024, 1000, 3  # above the serial threshold (2^21 products)
     gen = torch.Generator().manual_seed(7)
