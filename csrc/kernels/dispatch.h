@@ -20,6 +20,7 @@ namespace onebit {
 using PackRow = void (*)(const float* x, int64_t W, int64_t stride, int64_t Cg, int64_t G, uint64_t* out);
 using PackRows = void (*)(const float* x, int64_t rows, int64_t channels, int64_t row_stride, uint64_t* out);
 using QuantizeToken = bool (*)(const float* x, int64_t K, int8_t* q, float* s_out);
+using RmsNormRow = void (*)(const float* x, int64_t K, float eps, int lanes, float* y);
 
 struct IsaKernels {
   const std::vector<ConvKernel>& (*conv_tiles)();  // the conv's register tiles; null: binary_conv2d_reference
@@ -34,6 +35,7 @@ struct IsaKernels {
   int8::ConvRun int8_conv;                         // int8 x int8 conv / linear; null: int8::conv_reference
   OrderedConvChannels ordered_conv;                // float 1x1 conv in channel order; null: reference
   TapConvRows tap_conv;                            // float stem conv, fma chains in tap order; null: reference
+  RmsNormRow rms_norm;                             // BitLinear's norm in torch's order; null: rms_norm_torch_order
 };
 
 const IsaKernels& isa_kernels(Isa isa);

@@ -16,6 +16,8 @@
 // may split the sum differently: onebit.engine.sum_order asks torch which order a shape
 // gets before a packed model relies on it.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace onebit {
@@ -25,5 +27,92 @@ float cascade_sum_of_squares(const float* x, int64_t K, int lanes);
 
 // y[k] = x[k] * r as above; y may be x.
 void rms_norm_torch_order(const float* x, int64_t K, float eps, int lanes, float* y);
+// The same compiled for AVX2 (ternary_linear_avx2.cpp: each lane of a vector one chain of adds, so the
+// L = 8 sums run in ymm registers); IsaKernels::rms_norm.
+void rms_norm_torch_order_avx2(const float* x, int64_t K, float eps, int lanes, float* y);
 
+namespace rms {
+
+// Plain loops: every lane of a vector is its own chain of float adds, so a compiler may vectorize them
+// freely. `static`: every file compiles its own copy with its own vector ISA.
+constexpr int kLevels = 4;  // cascade levels of ATen's multi_row_sum
+constexpr int kIlp = 4;     // accumulators of ATen's row_sum
+
+static inline int ceil_log2(int64_t x) {  // ATen's utils::CeilLog2: 1 for x <= 2
+  if (x <= 2) return 1;
+  int bits = 0;
+  for (uint64_t v = static_cast<uint64_t>(x) - 1; v; v >>= 1) ++bits;
+  return bits;
+}
+
+template <int L>
+struct Vec {
+  float v[L];
+  void zero() {
+    for (int l = 0; l < L; ++l) v[l] = 0.0f;
+  }
+  void add(const Vec& o) {
+    for (int l = 0; l < L; ++l) v[l] += o.v[l];
+  }
+  void add_squares(const float* x) {
+    for (int l = 0; l < L; ++l) v[l] += x[l] * x[l];  // -ffp-contract=off: square rounded, then added
+  }
+};
+
+// ATen's row_sum over `vectors` L-wide vectors of squares starting at x.
+template <int L>
+static inline Vec<L> row_sum(const float* x, int64_t vectors) {
+  const int64_t size = vectors / kIlp;  // rows of kIlp vectors (multi_row_sum's size)
+  const int power = std::max(4, ceil_log2(size) / kLevels);
+  const int64_t step = int64_t{1} << power, mask = step - 1;
+  Vec<L> acc[kLevels][kIlp];
+  for (auto& level : acc)
+    for (auto& a : level) a.zero();
+  int64_t i = 0;
+  for (; i + step <= size;) {
+    for (int64_t j = 0; j < step; ++j, ++i)
+      for (int k = 0; k < kIlp; ++k) acc[0][k].add_squares(x + (i * kIlp + k) * L);
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < kIlp; ++k) {
+        acc[j][k].add(acc[j - 1][k]);
+        acc[j - 1][k].zero();
+      }
+      if ((i & (mask << (j * power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < kIlp; ++k) acc[0][k].add_squares(x + (i * kIlp + k) * L);
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < kIlp; ++k) acc[0][k].add(acc[j][k]);
+  Vec<L> sum = acc[0][0];
+  for (int64_t v = size * kIlp; v < vectors; ++v) sum.add_squares(x + v * L);
+  for (int k = 1; k < kIlp; ++k) sum.add(acc[0][k]);
+  return sum;
+}
+
+template <int L>
+static inline float inner_sum(const float* x, int64_t K) {
+  const int64_t vectors = K / L;
+  const Vec<L> lanes = row_sum<L>(x, vectors);
+  float total = 0.0f;
+  for (int64_t k = vectors * L; k < K; ++k) total += x[k] * x[k];
+  for (int l = 0; l < L; ++l) total += lanes.v[l];
+  return total;
+}
+
+static inline float sum_of_squares(const float* x, int64_t K, int lanes) {
+  // ATen sums a row shorter than one vector with scalar_inner_sum: row_sum over single floats
+  if (K < lanes) return inner_sum<1>(x, K);
+  if (lanes == 16) return inner_sum<16>(x, K);
+  if (lanes == 4) return inner_sum<4>(x, K);
+  return inner_sum<8>(x, K);
+}
+
+static inline void normalize(const float* x, int64_t K, float eps, int lanes, float* y) {
+  const float m = sum_of_squares(x, K, lanes) / static_cast<float>(K) + eps;
+  const float r = 1.0f / std::sqrt(m);
+  for (int64_t k = 0; k < K; ++k) y[k] = x[k] * r;
+}
+
+}  // namespace rms
 }  // namespace onebit

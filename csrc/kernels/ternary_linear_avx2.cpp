@@ -2,7 +2,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
+#include "kernels/rms_norm.h"
 #include "kernels/ternary_linear.h"
 
 namespace onebit {
@@ -32,8 +35,56 @@ inline __m256i half_dot(const uint8_t* wp, const int8_t* xc, int h, __m256i mask
 
 }  // namespace
 
+// quantize_token with 8 lanes: max|x| by vmaxps (the largest of finite values, in any order, is the same
+// value; a NaN or an infinity is caught by the finiteness test and makes the token NaN whatever s is), the
+// same product, rounding (half to even: nearbyint in the default mode) and clamp, narrowed to bytes 32 at
+// a time.
 bool quantize_token_avx2(const float* x, int64_t K, int8_t* q, float* s_out) {
-  return quantize_token(x, K, q, s_out);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 m8 = _mm256_setzero_ps(), finite8 = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + k), abs_mask);
+    finite8 = _mm256_and_ps(finite8, _mm256_cmp_ps(a, largest, _CMP_LE_OQ));  // false for NaN and infinity
+    m8 = _mm256_max_ps(m8, a);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m8);
+  float m = 0.0f;
+  for (float v : lanes) m = v > m ? v : m;
+  bool finite = _mm256_movemask_ps(finite8) == 0xff;
+  for (; k < K; ++k) {
+    const float a = std::fabs(x[k]);
+    finite &= a <= std::numeric_limits<float>::max();
+    m = a > m ? a : m;
+  }
+  const float s = 127.0f / (m > 1e-5f ? m : 1e-5f);  // s = 127 / max(max|x|, 1e-5)
+  *s_out = s;
+  if (!finite) {
+    std::fill(q, q + K, int8_t{0});
+    return false;
+  }
+  const __m256 s8 = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  auto ints = [&](int64_t i) {  // 8 values rounded and clamped, as int32
+    const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+  };
+  k = 0;
+  for (; k + 32 <= K; k += 32) {
+    // packs interleave the 128-bit lanes: (a0 b0 a1 b1) words, (a0 b0 c0 d0 a1 b1 c1 d1) bytes; a final
+    // permute of 32-bit groups restores the order
+    const __m256i ab = _mm256_packs_epi32(ints(k), ints(k + 8)), cd = _mm256_packs_epi32(ints(k + 16), ints(k + 24));
+    const __m256i bytes = _mm256_packs_epi16(ab, cd);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  for (; k < K; ++k) {
+    float v = std::nearbyint(x[k] * s);
+    v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+    q[k] = static_cast<int8_t>(v);
+  }
+  return true;
 }
 
 void chunk_dot_avx2(const int8_t* xperm, int64_t chunks, const uint8_t* w, int64_t row_bytes, int64_t rows,
@@ -153,4 +204,69 @@ void rows_dot_avx2(const int8_t* xperm, int64_t x_stride, int64_t tokens, int64_
 }
 
 }  // namespace ternary
+}  // namespace onebit
+
+namespace onebit {
+
+// rms::normalize for 8 lanes (torch's x86-64 sum) with the cascade's level-0 accumulators held in four ymm
+// registers (the generic loops keep them in memory); the same adds in the same order, lane by lane.
+void rms_norm_torch_order_avx2(const float* x, int64_t K, float eps, int lanes, float* y) {
+  if (lanes != 8 || K < 8) {
+    rms::normalize(x, K, eps, lanes, y);
+    return;
+  }
+  auto square = [&](int64_t v) {  // vector v's squares, each rounded (no fused multiply-add)
+    const __m256 a = _mm256_loadu_ps(x + 8 * v);
+    return _mm256_mul_ps(a, a);
+  };
+  const int64_t vectors = K / 8, size = vectors / rms::kIlp;
+  const int power = std::max(4, rms::ceil_log2(size) / rms::kLevels);
+  const int64_t step = int64_t{1} << power, mask = step - 1;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // level 0
+  __m256 up[rms::kLevels][rms::kIlp];                             // levels 1..3 (up[0] unused)
+  for (auto& level : up)
+    for (auto& a : level) a = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + step <= size;) {
+    for (int64_t j = 0; j < step; ++j, ++i) {
+      a0 = _mm256_add_ps(a0, square(4 * i));
+      a1 = _mm256_add_ps(a1, square(4 * i + 1));
+      a2 = _mm256_add_ps(a2, square(4 * i + 2));
+      a3 = _mm256_add_ps(a3, square(4 * i + 3));
+    }
+    // level j += level j - 1, which restarts from 0, up the levels until i is not a multiple of step^j
+    const __m256 level0[rms::kIlp] = {a0, a1, a2, a3};
+    a0 = a1 = a2 = a3 = _mm256_setzero_ps();
+    for (int k = 0; k < rms::kIlp; ++k) up[1][k] = _mm256_add_ps(up[1][k], level0[k]);
+    for (int j = 2; j < rms::kLevels && (i & (mask << ((j - 1) * power))) == 0; ++j)
+      for (int k = 0; k < rms::kIlp; ++k) {
+        up[j][k] = _mm256_add_ps(up[j][k], up[j - 1][k]);
+        up[j - 1][k] = _mm256_setzero_ps();
+      }
+  }
+  for (; i < size; ++i) {
+    a0 = _mm256_add_ps(a0, square(4 * i));
+    a1 = _mm256_add_ps(a1, square(4 * i + 1));
+    a2 = _mm256_add_ps(a2, square(4 * i + 2));
+    a3 = _mm256_add_ps(a3, square(4 * i + 3));
+  }
+  __m256 acc[rms::kIlp] = {a0, a1, a2, a3};
+  for (int j = 1; j < rms::kLevels; ++j)
+    for (int k = 0; k < rms::kIlp; ++k) acc[k] = _mm256_add_ps(acc[k], up[j][k]);
+  __m256 sum = acc[0];
+  for (int64_t v = size * rms::kIlp; v < vectors; ++v) sum = _mm256_add_ps(sum, square(v));
+  for (int k = 1; k < rms::kIlp; ++k) sum = _mm256_add_ps(sum, acc[k]);
+  alignas(32) float lane[8];
+  _mm256_store_ps(lane, sum);
+  float total = 0.0f;
+  for (int64_t k = vectors * 8; k < K; ++k) total += x[k] * x[k];
+  for (float v : lane) total += v;
+  const float m = total / static_cast<float>(K) + eps;
+  const float r = 1.0f / std::sqrt(m);
+  const __m256 r8 = _mm256_set1_ps(r);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) _mm256_storeu_ps(y + k, _mm256_mul_ps(_mm256_loadu_ps(x + k), r8));
+  for (; k < K; ++k) y[k] = x[k] * r;
+}
+
 }  // namespace onebit

@@ -100,10 +100,18 @@ def torch_lanes(shape) -> int:
 
 @pytest.mark.parametrize("lanes", NORM_LANES)
 @pytest.mark.parametrize("features", [1, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33, 64, 100, 255, 1000, 4096, 4103])
-def test_native_norm_sums_in_the_cascade_order_of_each_width(lanes, features):
+def test_native_norm_sums_in_the_cascade_order_of_each_width(isa, lanes, features):
     gen = torch.Generator().manual_seed(features)
     x = torch.randn(3, features, generator=gen) * torch.exp(torch.randn(3, 1, generator=gen))
     assert same_bits(rms_norm(x, 1e-5, lanes=lanes), rms_norm_spec(x, 1e-5, lanes))
+
+
+@pytest.mark.parametrize("features", [8192 + 5, 131072 + 3])
+def test_native_norm_carries_sums_up_every_level_of_the_cascade(isa, features):
+    # 8,192 features carry sums to the second level, 131,072 to the third (8 lanes: rows of 4 vectors, 16 a step)
+    gen = torch.Generator().manual_seed(features)
+    x = torch.randn(1, features, generator=gen)
+    assert same_bits(rms_norm(x, 1e-5, lanes=8), rms_norm_spec(x, 1e-5, 8))
 
 
 def test_the_widths_are_different_orders():
