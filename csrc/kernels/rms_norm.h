@@ -32,13 +32,14 @@ void rms_norm_torch_order(const float* x, int64_t K, float eps, int lanes, float
 void rms_norm_torch_order_avx2(const float* x, int64_t K, float eps, int lanes, float* y);
 
 namespace rms {
+namespace {  // internal linkage: each file's copy is built for its own ISA, and no copy can stand in for another
 
 // Plain loops: every lane of a vector is its own chain of float adds, so a compiler may vectorize them
-// freely. `static`: every file compiles its own copy with its own vector ISA.
+// freely.
 constexpr int kLevels = 4;  // cascade levels of ATen's multi_row_sum
 constexpr int kIlp = 4;     // accumulators of ATen's row_sum
 
-static inline int ceil_log2(int64_t x) {  // ATen's utils::CeilLog2: 1 for x <= 2
+inline int ceil_log2(int64_t x) {  // ATen's utils::CeilLog2: 1 for x <= 2
   if (x <= 2) return 1;
   int bits = 0;
   for (uint64_t v = static_cast<uint64_t>(x) - 1; v; v >>= 1) ++bits;
@@ -61,7 +62,7 @@ struct Vec {
 
 // ATen's row_sum over `vectors` L-wide vectors of squares starting at x.
 template <int L>
-static inline Vec<L> row_sum(const float* x, int64_t vectors) {
+inline Vec<L> row_sum(const float* x, int64_t vectors) {
   const int64_t size = vectors / kIlp;  // rows of kIlp vectors (multi_row_sum's size)
   const int power = std::max(4, ceil_log2(size) / kLevels);
   const int64_t step = int64_t{1} << power, mask = step - 1;
@@ -91,7 +92,7 @@ static inline Vec<L> row_sum(const float* x, int64_t vectors) {
 }
 
 template <int L>
-static inline float inner_sum(const float* x, int64_t K) {
+inline float inner_sum(const float* x, int64_t K) {
   const int64_t vectors = K / L;
   const Vec<L> lanes = row_sum<L>(x, vectors);
   float total = 0.0f;
@@ -100,7 +101,7 @@ static inline float inner_sum(const float* x, int64_t K) {
   return total;
 }
 
-static inline float sum_of_squares(const float* x, int64_t K, int lanes) {
+inline float sum_of_squares(const float* x, int64_t K, int lanes) {
   // ATen sums a row shorter than one vector with scalar_inner_sum: row_sum over single floats
   if (K < lanes) return inner_sum<1>(x, K);
   if (lanes == 16) return inner_sum<16>(x, K);
@@ -108,11 +109,12 @@ static inline float sum_of_squares(const float* x, int64_t K, int lanes) {
   return inner_sum<8>(x, K);
 }
 
-static inline void normalize(const float* x, int64_t K, float eps, int lanes, float* y) {
+inline void normalize(const float* x, int64_t K, float eps, int lanes, float* y) {
   const float m = sum_of_squares(x, K, lanes) / static_cast<float>(K) + eps;
   const float r = 1.0f / std::sqrt(m);
   for (int64_t k = 0; k < K; ++k) y[k] = x[k] * r;
 }
 
+}  // namespace
 }  // namespace rms
 }  // namespace onebit

@@ -67,14 +67,16 @@ bool quantize_token_avx2(const float* x, int64_t K, int8_t* q, float* s_out) {
   }
   const __m256 s8 = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
   auto ints = [&](int64_t i) {  // 8 values rounded and clamped, as int32
-    const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 v =
+        _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
   };
   k = 0;
   for (; k + 32 <= K; k += 32) {
     // packs interleave the 128-bit lanes: (a0 b0 a1 b1) words, (a0 b0 c0 d0 a1 b1 c1 d1) bytes; a final
     // permute of 32-bit groups restores the order
-    const __m256i ab = _mm256_packs_epi32(ints(k), ints(k + 8)), cd = _mm256_packs_epi32(ints(k + 16), ints(k + 24));
+    const __m256i ab = _mm256_packs_epi32(ints(k), ints(k + 8));
+    const __m256i cd = _mm256_packs_epi32(ints(k + 16), ints(k + 24));
     const __m256i bytes = _mm256_packs_epi16(ab, cd);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
                         _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
