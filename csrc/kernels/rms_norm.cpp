@@ -3,8 +3,6 @@
 
 namespace onebit {
 
-float cascade_sum_of_squares(const float* x, int64_t K, int lanes) { return rms::sum_of_squares(x, K, lanes); }
-
 void rms_norm_torch_order(const float* x, int64_t K, float eps, int lanes, float* y) {
   rms::normalize(x, K, eps, lanes, y);
 }

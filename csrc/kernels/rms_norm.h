@@ -22,9 +22,6 @@
 
 namespace onebit {
 
-// torch's cascade sum of x[k]^2 (each square rounded), k < K, with L-lane vectors; L is 4, 8 or 16.
-float cascade_sum_of_squares(const float* x, int64_t K, int lanes);
-
 // y[k] = x[k] * r as above; y may be x.
 void rms_norm_torch_order(const float* x, int64_t K, float eps, int lanes, float* y);
 // The same compiled for AVX2 (ternary_linear_avx2.cpp: each lane of a vector one chain of adds, so the
@@ -60,34 +57,44 @@ struct Vec {
   }
 };
 
-// ATen's row_sum over `vectors` L-wide vectors of squares starting at x.
+// ATen's row_sum over `vectors` L-wide vectors of squares starting at x. Level 0's accumulators are kept
+// apart from the levels above (only ever indexed by constants), so that a compiler keeps them in registers.
 template <int L>
 inline Vec<L> row_sum(const float* x, int64_t vectors) {
   const int64_t size = vectors / kIlp;  // rows of kIlp vectors (multi_row_sum's size)
   const int power = std::max(4, ceil_log2(size) / kLevels);
   const int64_t step = int64_t{1} << power, mask = step - 1;
-  Vec<L> acc[kLevels][kIlp];
-  for (auto& level : acc)
-    for (auto& a : level) a.zero();
+  Vec<L> a[kIlp];             // level 0
+  Vec<L> up[kLevels][kIlp];   // levels 1 .. kLevels - 1 (up[0] unused)
+  for (auto& v : a) v.zero();
+  for (auto& level : up)
+    for (auto& v : level) v.zero();
   int64_t i = 0;
   for (; i + step <= size;) {
     for (int64_t j = 0; j < step; ++j, ++i)
-      for (int k = 0; k < kIlp; ++k) acc[0][k].add_squares(x + (i * kIlp + k) * L);
-    for (int j = 1; j < kLevels; ++j) {
-      for (int k = 0; k < kIlp; ++k) {
-        acc[j][k].add(acc[j - 1][k]);
-        acc[j - 1][k].zero();
-      }
-      if ((i & (mask << (j * power))) != 0) break;
+#pragma GCC unroll 4
+      for (int k = 0; k < kIlp; ++k) a[k].add_squares(x + (i * kIlp + k) * L);
+    // level j += level j - 1, which restarts from 0, up the levels until i is not a multiple of step^j
+#pragma GCC unroll 4
+    for (int k = 0; k < kIlp; ++k) {
+      up[1][k].add(a[k]);
+      a[k].zero();
     }
+    for (int j = 2; j < kLevels && (i & (mask << ((j - 1) * power))) == 0; ++j)
+      for (int k = 0; k < kIlp; ++k) {
+        up[j][k].add(up[j - 1][k]);
+        up[j - 1][k].zero();
+      }
   }
   for (; i < size; ++i)
-    for (int k = 0; k < kIlp; ++k) acc[0][k].add_squares(x + (i * kIlp + k) * L);
+#pragma GCC unroll 4
+    for (int k = 0; k < kIlp; ++k) a[k].add_squares(x + (i * kIlp + k) * L);
   for (int j = 1; j < kLevels; ++j)
-    for (int k = 0; k < kIlp; ++k) acc[0][k].add(acc[j][k]);
-  Vec<L> sum = acc[0][0];
+#pragma GCC unroll 4
+    for (int k = 0; k < kIlp; ++k) a[k].add(up[j][k]);
+  Vec<L> sum = a[0];
   for (int64_t v = size * kIlp; v < vectors; ++v) sum.add_squares(x + v * L);
-  for (int k = 1; k < kIlp; ++k) sum.add(acc[0][k]);
+  for (int k = 1; k < kIlp; ++k) sum.add(a[k]);
   return sum;
 }
 

@@ -210,65 +210,9 @@ void rows_dot_avx2(const int8_t* xperm, int64_t x_stride, int64_t tokens, int64_
 
 namespace onebit {
 
-// rms::normalize for 8 lanes (torch's x86-64 sum) with the cascade's level-0 accumulators held in four ymm
-// registers (the generic loops keep them in memory); the same adds in the same order, lane by lane.
+// rms::normalize compiled for AVX2: an 8-lane vector of the cascade is one ymm register.
 void rms_norm_torch_order_avx2(const float* x, int64_t K, float eps, int lanes, float* y) {
-  if (lanes != 8 || K < 8) {
-    rms::normalize(x, K, eps, lanes, y);
-    return;
-  }
-  auto square = [&](int64_t v) {  // vector v's squares, each rounded (no fused multiply-add)
-    const __m256 a = _mm256_loadu_ps(x + 8 * v);
-    return _mm256_mul_ps(a, a);
-  };
-  const int64_t vectors = K / 8, size = vectors / rms::kIlp;
-  const int power = std::max(4, rms::ceil_log2(size) / rms::kLevels);
-  const int64_t step = int64_t{1} << power, mask = step - 1;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // level 0
-  __m256 up[rms::kLevels][rms::kIlp];                             // levels 1..3 (up[0] unused)
-  for (auto& level : up)
-    for (auto& a : level) a = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + step <= size;) {
-    for (int64_t j = 0; j < step; ++j, ++i) {
-      a0 = _mm256_add_ps(a0, square(4 * i));
-      a1 = _mm256_add_ps(a1, square(4 * i + 1));
-      a2 = _mm256_add_ps(a2, square(4 * i + 2));
-      a3 = _mm256_add_ps(a3, square(4 * i + 3));
-    }
-    // level j += level j - 1, which restarts from 0, up the levels until i is not a multiple of step^j
-    const __m256 level0[rms::kIlp] = {a0, a1, a2, a3};
-    a0 = a1 = a2 = a3 = _mm256_setzero_ps();
-    for (int k = 0; k < rms::kIlp; ++k) up[1][k] = _mm256_add_ps(up[1][k], level0[k]);
-    for (int j = 2; j < rms::kLevels && (i & (mask << ((j - 1) * power))) == 0; ++j)
-      for (int k = 0; k < rms::kIlp; ++k) {
-        up[j][k] = _mm256_add_ps(up[j][k], up[j - 1][k]);
-        up[j - 1][k] = _mm256_setzero_ps();
-      }
-  }
-  for (; i < size; ++i) {
-    a0 = _mm256_add_ps(a0, square(4 * i));
-    a1 = _mm256_add_ps(a1, square(4 * i + 1));
-    a2 = _mm256_add_ps(a2, square(4 * i + 2));
-    a3 = _mm256_add_ps(a3, square(4 * i + 3));
-  }
-  __m256 acc[rms::kIlp] = {a0, a1, a2, a3};
-  for (int j = 1; j < rms::kLevels; ++j)
-    for (int k = 0; k < rms::kIlp; ++k) acc[k] = _mm256_add_ps(acc[k], up[j][k]);
-  __m256 sum = acc[0];
-  for (int64_t v = size * rms::kIlp; v < vectors; ++v) sum = _mm256_add_ps(sum, square(v));
-  for (int k = 1; k < rms::kIlp; ++k) sum = _mm256_add_ps(sum, acc[k]);
-  alignas(32) float lane[8];
-  _mm256_store_ps(lane, sum);
-  float total = 0.0f;
-  for (int64_t k = vectors * 8; k < K; ++k) total += x[k] * x[k];
-  for (float v : lane) total += v;
-  const float m = total / static_cast<float>(K) + eps;
-  const float r = 1.0f / std::sqrt(m);
-  const __m256 r8 = _mm256_set1_ps(r);
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) _mm256_storeu_ps(y + k, _mm256_mul_ps(_mm256_loadu_ps(x + k), r8));
-  for (; k < K; ++k) y[k] = x[k] * r;
+  rms::normalize(x, K, eps, lanes, y);
 }
 
 }  // namespace onebit
