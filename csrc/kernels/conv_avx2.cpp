@@ -133,6 +133,54 @@ inline void step2(__m256i* acc, __m256i lut, const uint64_t* x, __m256i wl0, __m
       : [lut] "x"(lut), [x0] "m"(x[0]), [x1] "m"(x[1]), [wl0] "x"(wl0), [wl1] "x"(wl1), [wh0] "x"(wh0), [wh1] "x"(wh1));
 }
 
+// The float32 output's epilogue of a tile, 8 channels (two j) a ymm: out = ((K - 2 popcount - correction)
+// * scale + bias) * bn_scale + bn_shift + residual, each part only where given (adding a zero bias would turn
+// -0.0 into +0.0). Not inlined into the tile: there it would share the step loop's registers (the loop's
+// accumulators spilled, as the comment at the tile's own epilogue says); acc64 comes in memory as it is.
+template <int P, int J>
+__attribute__((noinline)) void float_epilogue(const Ctx& c, const PixInfo* pix, const uint64_t (*acc64)[J][kVec]) {
+  const ConvBlock& b = *c.b;
+  const ConvOutput& o = *b.o;
+  const int64_t ld = o.ld, rld = o.residual_ld;
+  float* const out = o.out_f32;
+  const float* const residual = o.residual;
+  const bool scaled = o.scale != nullptr, biased = o.bias != nullptr, bn = o.bn_scale != nullptr, fma = o.bn_fma;
+  const __m256i K = _mm256_set1_epi32(c.K), ids = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 4
+  for (int j = 0; j < J; j += 2) {
+    const int64_t cj = b.co0 + j * kVec;
+    const int64_t valid = b.nco - j * kVec;  // channels of this ymm in the block (may be < 8)
+    const bool full = valid >= 8;
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(full ? 8 : valid)), ids);
+    auto load = [&](const float* p) { return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m); };
+    const __m256 scale = scaled ? load(o.scale + cj) : _mm256_set1_ps(1.0f);
+    const __m256 bias = biased ? load(o.bias + cj) : _mm256_setzero_ps();
+    const __m256 bn_scale = bn ? load(o.bn_scale + cj) : _mm256_set1_ps(1.0f);
+    const __m256 bn_shift = bn ? load(o.bn_shift + cj) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int p = 0; p < P; ++p) {
+      // the four 64-bit counts of j and of j + 1 (< 2^31: their low halves), in channel order
+      const __m256 lo = _mm256_load_ps(reinterpret_cast<const float*>(acc64[p][j]));
+      const __m256 hi = j + 1 < J ? _mm256_load_ps(reinterpret_cast<const float*>(acc64[p][j + 1])) : _mm256_setzero_ps();
+      const __m256i pc = _mm256_permute4x64_epi64(_mm256_castps_si256(_mm256_shuffle_ps(lo, hi, 0x88)), 0xd8);
+      __m256i a = _mm256_sub_epi32(K, _mm256_add_epi32(pc, pc));
+      if (pix[p].cls) {  // the block's corrections are [class][J * 4] ints: j and j + 1 side by side
+        const int32_t* corr = c.corr + pix[p].cls * J * kVec + j * kVec;
+        a = _mm256_sub_epi32(a, j + 1 < J ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr))
+                                          : _mm256_castsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(corr))));
+      }
+      __m256 f = _mm256_cvtepi32_ps(a);
+      if (scaled) f = _mm256_mul_ps(f, scale);
+      if (biased) f = _mm256_add_ps(f, bias);
+      if (bn) f = fma ? _mm256_fmadd_ps(f, bn_scale, bn_shift) : _mm256_add_ps(_mm256_mul_ps(f, bn_scale), bn_shift);
+      if (residual) f = _mm256_add_ps(f, load(residual + pix[p].q * rld + cj));
+      // vpmaskmov stores are slow (microcoded on AMD): only for a partial vector
+      if (full) _mm256_storeu_ps(out + pix[p].q * ld + cj, f);
+      else _mm256_maskstore_ps(out + pix[p].q * ld + cj, m, f);
+    }
+  }
+}
+
 // WReg: the step's weights in registers (for J <= 2), else memory operands.
 template <int P, int J, bool WReg>
 inline void tile(const Ctx& c, const PixInfo* pix) {
@@ -141,14 +189,16 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
                                        2, 3, 2, 3, 3, 4);
   const __m256i zero = _mm256_setzero_si256();
   // 64-bit totals live in memory (touched once per 31 steps), so that the byte
-  // accumulators, the input nibbles and the table keep all 16 ymm registers.
-  alignas(32) uint64_t acc64[P][J][kVec] = {};
+  // accumulators, the input nibbles and the table keep all 16 ymm registers. The first pass
+  // stores them (zeroing them first made GCC call rep stos: 13 % of a 64-channel layer).
+  alignas(32) uint64_t acc64[P][J][kVec];
   const uint64_t* xs[P];  // prepared (nibble-split) input: word i at 2 i
 #pragma GCC unroll 8
   for (int p = 0; p < P; ++p) xs[p] = b.x_prepared + 2 * (pix[p].x - b.x);
   const int64_t* so = b.step_off;
   const int64_t chunk = c.chunk;
   for (int64_t s = 0; s < c.steps;) {
+    const bool first = s == 0;
     const int64_t end = s + chunk < c.steps ? s + chunk : c.steps;
     __m256i acc8[P][J];
 #pragma GCC unroll 8
@@ -187,14 +237,16 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
 #pragma GCC unroll 8
       for (int j = 0; j < J; ++j) {
         __m256i* dst = reinterpret_cast<__m256i*>(acc64[p][j]);
-        _mm256_store_si256(dst, _mm256_add_epi64(_mm256_load_si256(dst), _mm256_sad_epu8(acc8[p][j], zero)));
+        const __m256i counts = _mm256_sad_epu8(acc8[p][j], zero);
+        _mm256_store_si256(dst, first ? counts : _mm256_add_epi64(_mm256_load_si256(dst), counts));
       }
   }
 
-  // Epilogue: acc = K - 2 popcount - correction, 4 channels per xmm. (Written as one loop
-  // with a switch per pixel on purpose: split into a loop per output mode, as in the AVX-512
-  // kernel, it makes GCC 12 spill the 4x8 tile's accumulators inside the step loop, 20 % slower.)
   const ConvOutput& o = *b.o;
+  if (o.mode == OutMode::float32) return float_epilogue<P, J>(c, pix, acc64);
+  // The other outputs' epilogue: acc = K - 2 popcount - correction, 4 channels per xmm. (Written as one
+  // loop with a switch per pixel on purpose: split into a loop per output mode, as in the AVX-512 kernel,
+  // it makes GCC 12 spill the 4x8 tile's accumulators inside the step loop, 20 % slower.)
   const int64_t ld = o.ld;  // pixel stride of the outputs
   const __m128i K = _mm_set1_epi32(c.K);
   const __m128i ids = _mm_setr_epi32(0, 1, 2, 3);
@@ -204,17 +256,9 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
     const int64_t cj = b.co0 + j * kVec;
     const int64_t valid = b.nco - j * kVec;
     const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(valid < 4 ? valid : 4)), ids);
-    __m128 scale = _mm_set1_ps(1.0f), bias = _mm_setzero_ps(), bn_scale = scale, bn_shift = bias;
     __m128i thr = _mm_setzero_si128(), pos = _mm_setzero_si128();
     int64_t out_byte = 0;  // bytewise threshold output: the byte of channels cj & ~7 .. + 7
-    if (o.mode == OutMode::float32) {
-      if (o.scale) scale = _mm_maskload_ps(o.scale + cj, m);
-      if (o.bias) bias = _mm_maskload_ps(o.bias + cj, m);
-      if (o.bn_scale) {
-        bn_scale = _mm_maskload_ps(o.bn_scale + cj, m);
-        bn_shift = _mm_maskload_ps(o.bn_shift + cj, m);
-      }
-    } else if (o.mode == OutMode::threshold) {
+    if (o.mode == OutMode::threshold) {
       thr = _mm_maskload_epi32(o.thr + cj, m);
       int32_t d[4] = {0, 0, 0, 0};
       for (int l = 0; l < 4 && l < valid; ++l) d[l] = o.dir[cj + l];
@@ -239,18 +283,8 @@ inline void tile(const Ctx& c, const PixInfo* pix) {
           else
             _mm_maskstore_epi32(o.out_i32 + pix[p].q * ld + cj, m, a);
           break;
-        case OutMode::float32: {
-          __m128 f = _mm_cvtepi32_ps(a);
-          if (o.scale) f = _mm_mul_ps(f, scale);
-          if (o.bias) f = _mm_add_ps(f, bias);
-          if (o.bn_scale) f = o.bn_fma ? _mm_fmadd_ps(f, bn_scale, bn_shift) : _mm_add_ps(_mm_mul_ps(f, bn_scale), bn_shift);
-          if (o.residual) f = _mm_add_ps(f, _mm_maskload_ps(o.residual + pix[p].q * o.residual_ld + cj, m));
-          if (valid >= 4)
-            _mm_storeu_ps(o.out_f32 + pix[p].q * ld + cj, f);
-          else
-            _mm_maskstore_ps(o.out_f32 + pix[p].q * ld + cj, m, f);
+        case OutMode::float32:  // float_epilogue's
           break;
-        }
         case OutMode::threshold: {
           const __m128i lt = _mm_cmplt_epi32(a, thr), gt = _mm_cmpgt_epi32(a, thr);
           const __m128i neg = _mm_and_si128(_mm_blendv_epi8(gt, lt, pos), m);
