@@ -17,7 +17,6 @@
 #include "kernels/bitplanes.h"
 #include "kernels/conv.h"
 #include "kernels/conv_tiles.h"
-#include "kernels/dispatch.h"
 #include "kernels/huge_pages.h"
 #include "kernels/int8_conv.h"
 #include "kernels/isa.h"
@@ -297,10 +296,7 @@ void rms_norm_raw(uintptr_t x, int64_t N, int64_t K, int64_t x_stride, double ep
   require_norm_lanes(lanes);
   nb::gil_scoped_release release;
   // the active ISA's copy, the one a packed BitLinear's call runs (so a probe asks about that code)
-  const onebit::RmsNormRow isa_norm = onebit::isa_kernels(onebit::active_isa()).rms_norm;
-  const onebit::RmsNormRow norm = isa_norm ? isa_norm : onebit::rms_norm_torch_order;
-  for (int64_t n = 0; n < N; ++n)
-    norm(ptr<const float>(x) + n * x_stride, K, static_cast<float>(eps), lanes, ptr<float>(out) + n * K);
+  onebit::rms_norm_rows(ptr<const float>(x), N, K, x_stride, static_cast<float>(eps), lanes, ptr<float>(out));
 }
 
 void ternary_linear_int_raw(uintptr_t x, int64_t N, int64_t K, uintptr_t w, int64_t O, uintptr_t out, int threads) {

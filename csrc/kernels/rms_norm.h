@@ -24,6 +24,9 @@ namespace onebit {
 
 // y[k] = x[k] * r as above; y may be x.
 void rms_norm_torch_order(const float* x, int64_t K, float eps, int lanes, float* y);
+// The same for rows n < N of x (row stride x_stride) into y [N, K], by the active ISA's copy
+// (IsaKernels::rms_norm): what a packed BitLinear's call runs.
+void rms_norm_rows(const float* x, int64_t N, int64_t K, int64_t x_stride, float eps, int lanes, float* y);
 // The same compiled for AVX2 (ternary_linear_avx2.cpp: each lane of a vector one chain of adds, so the
 // L = 8 sums run in ymm registers); IsaKernels::rms_norm.
 void rms_norm_torch_order_avx2(const float* x, int64_t K, float eps, int lanes, float* y);

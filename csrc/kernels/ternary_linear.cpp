@@ -127,15 +127,13 @@ void ternary_linear(const float* x, int64_t N, int64_t K, int64_t x_stride, cons
   std::vector<int8_t> q(static_cast<size_t>(N * K));
   std::vector<float> s(static_cast<size_t>(N));
   std::vector<char> finite(static_cast<size_t>(N));
-  const IsaKernels& isa = isa_kernels(active_isa());
-  const QuantizeToken quantize = isa.quantize_token;
-  const RmsNormRow norm = isa.rms_norm ? isa.rms_norm : rms_norm_torch_order;
+  const QuantizeToken quantize = isa_kernels(active_isa()).quantize_token;
   for_tokens(N, K, N * O * K < kSerialMacs ? 1 : threads, [&](int64_t n0, int64_t n1) {
     std::vector<float> normed(norm_lanes > 0 ? static_cast<size_t>(K) : 0);
     for (int64_t n = n0; n < n1; ++n) {
       const float* xn = x + n * x_stride;
       if (norm_lanes > 0) {
-        norm(xn, K, norm_eps, norm_lanes, normed.data());
+        rms_norm_rows(xn, 1, K, K, norm_eps, norm_lanes, normed.data());
         xn = normed.data();
       }
       finite[n] = quantize ? quantize(xn, K, q.data() + n * K, &s[n])

@@ -53,6 +53,16 @@ using RowsDot = void (*)(const int8_t* xperm, int64_t x_stride, int64_t tokens, 
                          int64_t row_bytes, int64_t rows, int32_t* dot);
 constexpr int64_t kPrefetchBytes = 8192;  // into L2: about two row passes ahead of the loads
 
+// Absmax8's scale of a token whose largest |x| is m: s = 127 / max(m, 1e-5).
+static inline float token_scale(float m) { return 127.0f / (m > 1e-5f ? m : 1e-5f); }
+
+// One value quantized with scale s: round(x s), half to even as torch.round, clamped to [-128, 127].
+static inline int8_t quantize_value(float x, float s) {
+  float v = std::nearbyint(x * s);
+  v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+  return static_cast<int8_t>(v);
+}
+
 // Quantizes one token into q as Absmax8 does and stores s; false when the token holds a NaN or an
 // infinity (q is then all 0). `static`: every file compiles its own copy with its own vector ISA
 // (the AVX2 file's copy is vectorized), and no copy can stand in for another at link time.
@@ -64,13 +74,9 @@ static inline bool quantize_token(const float* x, int64_t K, int8_t* q, float* s
     finite &= a <= std::numeric_limits<float>::max();  // false for NaN and infinity
     m = a > m ? a : m;
   }
-  const float s = 127.0f / (m > 1e-5f ? m : 1e-5f);  // s = 127 / max(max|x|, 1e-5)
+  const float s = token_scale(m);
   *s_out = s;
-  for (int64_t k = 0; k < K; ++k) {
-    float v = std::nearbyint(x[k] * s);  // round half to even, as torch.round
-    v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-    q[k] = finite ? static_cast<int8_t>(v) : int8_t{0};
-  }
+  for (int64_t k = 0; k < K; ++k) q[k] = finite ? quantize_value(x[k], s) : int8_t{0};
   return finite;
 }
 

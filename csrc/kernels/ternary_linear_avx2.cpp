@@ -59,7 +59,7 @@ bool quantize_token_avx2(const float* x, int64_t K, int8_t* q, float* s_out) {
     finite &= a <= std::numeric_limits<float>::max();
     m = a > m ? a : m;
   }
-  const float s = 127.0f / (m > 1e-5f ? m : 1e-5f);  // s = 127 / max(max|x|, 1e-5)
+  const float s = token_scale(m);
   *s_out = s;
   if (!finite) {
     std::fill(q, q + K, int8_t{0});
@@ -81,11 +81,7 @@ bool quantize_token_avx2(const float* x, int64_t K, int8_t* q, float* s_out) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
                         _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
   }
-  for (; k < K; ++k) {
-    float v = std::nearbyint(x[k] * s);
-    v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-    q[k] = static_cast<int8_t>(v);
-  }
+  for (; k < K; ++k) q[k] = quantize_value(x[k], s);
   return true;
 }
 
