@@ -28,6 +28,16 @@ def integer_matmul(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return x.long() @ levels.long().T
 
 
+def bitlinear(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """BitLinear in torch ops: each token absmax-quantized to int8 (s = 127 / max|x|), the exact integer
+    product with the levels, then / s * scale (+ bias)."""
+    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+    s = torch.full_like(m, 127.0) / m
+    acc = (torch.round(x * s).clamp(-128, 127).double() @ levels.double().T).float()
+    y = acc / s * scale
+    return y if bias is None else y + bias
+
+
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17])
 @pytest.mark.parametrize(("out", "features"), [(67, 300), (131, 1024 + 77), (5, 512)])
 def test_int_kernel_is_the_integer_matmul_for_every_token_count(isa, tokens, out, features):
@@ -59,10 +69,7 @@ def test_float_kernel_rounds_as_bitlinear_for_every_token_count(isa, tokens):
     x = torch.randn(tokens, features, generator=gen) * 2
     scale, bias = torch.rand(out, generator=gen), torch.randn(out, generator=gen)
     got = K.ternary_linear(x, ops.pack_ternary_weights(levels), in_features=features, scale=scale, bias=bias)
-    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
-    s = torch.full_like(m, 127.0) / m
-    acc = (torch.round(x * s).clamp(-128, 127).double() @ levels.double().T).float()
-    assert torch.equal(got, acc / s * scale + bias)
+    assert torch.equal(got, bitlinear(x, levels, scale, bias))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -79,10 +86,7 @@ def test_a_prefill_split_between_threads_rounds_as_bitlinear(isa, threads):
         got = K.ternary_linear(x, ops.pack_ternary_weights(levels), in_features=features, scale=scale)
     finally:
         torch.set_num_threads(before)
-    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
-    s = torch.full_like(m, 127.0) / m
-    acc = (torch.round(x * s).clamp(-128, 127).double() @ levels.double().T).float()
-    want = acc / s * scale
+    want = bitlinear(x, levels, scale)
     want[7] = float("nan")
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
