@@ -66,7 +66,13 @@ def _sample(fn: Callable[[], Any], inner: int) -> float:
 
 
 def _interleaved(candidates: dict[str, Callable[[], Any]], reps: int, target: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed round-robin."""
+    """Median seconds per call of each candidate, timed round-robin, each sample after untimed calls
+    filling ``target`` seconds.
+
+    Those calls put a candidate back in the state of a loop calling it. Without them, whichever candidate
+    follows the float model (whose 47 MB of weights evict the caches) is timed while it settles: a packed
+    Bi-Real-18 call takes about three calls to come back to its speed, so the candidates' order, not their
+    layout, decided which one was slower."""
     inner = {}
     for name, fn in candidates.items():
         fn()
@@ -75,6 +81,9 @@ def _interleaved(candidates: dict[str, Callable[[], Any]], reps: int, target: fl
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(reps):
         for name, fn in candidates.items():
+            end = time.perf_counter() + target
+            while time.perf_counter() < end:
+                fn()
             samples[name].append(_sample(fn, inner[name]))
     return {name: statistics.median(s) for name, s in samples.items()}
 
