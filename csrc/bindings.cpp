@@ -15,6 +15,7 @@
 #include <string>
 
 #include "kernels/bitplanes.h"
+#include "kernels/channel_affine.h"
 #include "kernels/conv.h"
 #include "kernels/conv_tiles.h"
 #include "kernels/huge_pages.h"
@@ -151,6 +152,16 @@ void ordered_conv1x1_raw(uintptr_t x, int64_t N, int64_t C, int64_t HW, uintptr_
   nb::gil_scoped_release release;
   onebit::ordered_conv1x1(ptr<const float>(x), N, C, HW, ptr<const float>(wt), ld, Co, ptr<const float>(bias),
                           ptr<float>(out), threads);
+}
+
+void channel_affine_raw(uintptr_t x, int64_t N, int64_t C, int64_t HW, bool channels_last, uintptr_t w, uintptr_t b,
+                        bool fma, uintptr_t out, int threads) {
+  require(x != 0 && w != 0 && out != 0, "channelwise_conv1x1: null tensor");
+  require(N >= 0 && C > 0 && HW >= 0, "channelwise_conv1x1: empty or negative shape");
+  const onebit::ChannelAffine a{ptr<const float>(x), ptr<float>(out), ptr<const float>(w), ptr<const float>(b),
+                                C, HW, channels_last, fma};
+  nb::gil_scoped_release release;
+  onebit::channel_affine(a, N, threads);
 }
 
 void tap_ordered_conv_raw(uintptr_t x, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sN, int64_t sC, int64_t sH,
@@ -446,6 +457,11 @@ NB_MODULE(_C, m) {
         "out"_a, "threads"_a,
         "Low level (addresses): a float32 1x1 conv of x [N, C, HW] summed in channel order, each product and sum "
         "rounded (see ordered_conv.h), into out [N, Co, HW]. Use onebit.engine.kernels.ordered_conv.");
+  m.def("channel_affine_raw", &channel_affine_raw, "x"_a, "N"_a, "C"_a, "HW"_a, "channels_last"_a, "w"_a, "b"_a,
+        "fma"_a, "out"_a, "threads"_a,
+        "Low level (addresses): a depthwise 1x1 float32 conv of x [N, C, HW] (or [N, HW, C] channels_last), "
+        "x * w[c] + b[c] rounded twice or once (fma; see channel_affine.h), into out of x's layout. Use "
+        "onebit.engine.kernels.ChannelwiseConv1x1.");
   m.def("tap_ordered_conv_raw", &tap_ordered_conv_raw, "x"_a, "N"_a, "C"_a, "H"_a, "W"_a, "sN"_a, "sC"_a, "sH"_a,
         "sW"_a, "wt"_a, "ld"_a, "Co"_a, "KH"_a, "KW"_a, "SH"_a, "SW"_a, "PH"_a, "PW"_a, "out"_a, "threads"_a,
         "Low level (addresses): a float32 conv of x (element strides) summed as one fused multiply-add chain per "

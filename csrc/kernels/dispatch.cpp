@@ -158,14 +158,16 @@ const IsaKernels& isa_kernels(Isa isa) {
   static const IsaKernels avx2{conv_kernels_avx2, pack_rows_avx2, pack_row_cl_avx2, pack_row_nchw_avx2,
                                ternary::chunk_dot_avx2, ternary::quantize_token_avx2, transpose_block_avx2,
                                max_pool_pixels_avx2, ternary::rows_dot_avx2, int8::conv_avx2,
-                               ordered_conv_channels_avx2, tap_conv_rows_avx2, rms_norm_torch_order_avx2};
+                               ordered_conv_channels_avx2, tap_conv_rows_avx2, rms_norm_torch_order_avx2,
+                               channel_affine_rows_avx2};
   // the int8 dot products use VNNI where the CPU has it (a feature on top of the avx512 level)
   static const IsaKernels avx512{conv_kernels_avx512, pack_rows_avx512, pack_row_cl_avx512, pack_row_nchw_avx512,
                                  has_avx512_vnni() ? ternary::chunk_dot_vnni : ternary::chunk_dot_avx2,
                                  ternary::quantize_token_avx2, transpose_block_avx512, max_pool_pixels_avx512,
                                  has_avx512_vnni() ? ternary::rows_dot_vnni : ternary::rows_dot_avx2,
                                  has_avx512_vnni() ? int8::conv_vnni : int8::conv_avx2,
-                                 ordered_conv_channels_avx512, tap_conv_rows_avx512, rms_norm_torch_order_avx2};
+                                 ordered_conv_channels_avx512, tap_conv_rows_avx512, rms_norm_torch_order_avx2,
+                                 channel_affine_rows_avx2};
 #else
   static const IsaKernels& avx2 = reference;  // never active (isa_supported() is false): no tiles to list
   static const IsaKernels& avx512 = reference;

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/channel_affine.h"
 #include "kernels/conv.h"
 #include "kernels/int8_conv.h"
 #include "kernels/isa.h"
@@ -36,6 +37,7 @@ struct IsaKernels {
   OrderedConvChannels ordered_conv;                // float 1x1 conv in channel order; null: reference
   TapConvRows tap_conv;                            // float stem conv, fma chains in tap order; null: reference
   RmsNormRow rms_norm;                             // BitLinear's norm in torch's order; null: rms_norm_torch_order
+  ChannelAffineRows channel_affine;                // depthwise 1x1 float conv; null: channel_affine_rows_portable
 };
 
 const IsaKernels& isa_kernels(Isa isa);

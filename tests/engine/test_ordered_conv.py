@@ -3,7 +3,9 @@
 - the ordered 1x1 conv: each output summed in channel order, one rounding per product and per sum, as
   torch's reference GEMM sums a 1x1 conv on some small maps;
 - the tap-ordered conv: each output one chain of fused multiply-adds over the taps in (kh, kw, c) order,
-  padding taps skipped, as torch sums a network's few-channel stem.
+  padding taps skipped, as torch sums a network's few-channel stem;
+- the channelwise 1x1 conv: each output one product, then its channel's bias (or +0.0), as torch rounds a
+  depthwise 1x1 conv (a ReActNet-style block's learnable shift).
 
 A packed model runs them where torch sums the input's shape so (asked of torch per shape; the stem also
 where it is faster), and keeps torch's conv everywhere else: either way, the model's bits."""
@@ -16,8 +18,8 @@ import torch.nn.functional as F
 
 from conftest import float_bits
 from onebit import _C, engine, models
-from onebit.engine.kernels import OrderedConv1x1, TapOrderedConv
-from onebit.engine.sum_order import SumOrderProbe
+from onebit.engine.kernels import ChannelwiseConv1x1, OrderedConv1x1, TapOrderedConv
+from onebit.engine.sum_order import RoundingProbe, SumOrderProbe
 
 #: a BinaryDenseNet-28 transition on a 28 px input: 544 -> 192 channels on a 2x2 map, which torch's NCHW
 #: conv sums with its reference GEMM
@@ -258,3 +260,146 @@ def test_packed_birealnet_on_onebits_stem_gives_the_models_bits(monkeypatch):
             xi = x.contiguous(memory_format=layout)
             assert torch.equal(float_bits(packed(xi)), float_bits(model(xi)))
             assert (2, 3, 64, 64) in calls  # the stem ran onebit's conv on the call's input
+
+
+def product_then_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fma: bool) -> torch.Tensor:
+    """The definition element by element: ``x * w`` then ``+ b`` (or ``+ 0.0``) in numpy's float32, rounded twice;
+    or the C library's ``fmaf``, rounded once."""
+    import ctypes
+    import ctypes.util
+
+    import numpy as np
+
+    fmaf = ctypes.CDLL(ctypes.util.find_library("m")).fmaf
+    fmaf.restype, fmaf.argtypes = ctypes.c_float, [ctypes.c_float] * 3
+    n, c, h, w = x.shape
+    xs = x.contiguous().numpy().reshape(n, c, h * w)
+    ws = weight.reshape(c).numpy()
+    bs = bias.numpy() if bias is not None else np.zeros(c, dtype=np.float32)
+    out = np.empty_like(xs)
+    with np.errstate(all="ignore"):
+        for k in range(c):
+            if fma:
+                out[:, k] = [[fmaf(v, ws[k], bs[k]) for v in row] for row in xs[:, k]]
+            else:
+                out[:, k] = (xs[:, k] * ws[k]).astype(np.float32) + bs[k]
+    return torch.from_numpy(out.reshape(n, c, h, w))
+
+
+@pytest.mark.parametrize("fma", [False, True], ids=["rounded twice", "fused"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_channelwise_1x1_conv_is_a_product_then_its_bias(isa, with_bias, fma):
+    g = torch.Generator().manual_seed(5)
+    x = wide_range((2, 24, 7, 5), g)
+    weight = wide_range((24, 1, 1, 1), g, specials=False)
+    weight[3] = -0.0  # -0.0 products, which the bias (or the +0.0 start) makes +0.0
+    bias = wide_range((24,), g) if with_bias else None
+    conv = ChannelwiseConv1x1(weight, bias, fma)
+    want = product_then_bias(x, weight, bias, fma)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = conv(x.contiguous(memory_format=layout))
+        assert got.is_contiguous(memory_format=layout)  # the input's layout, as torch's conv keeps it
+        assert torch.equal(float_bits(got), float_bits(want))
+
+
+def channelwise_probes(step) -> dict:
+    """A channelwise conv step's rounding probes, by layout (in its runner's closure)."""
+    return next(
+        c.cell_contents
+        for c in step.run.__closure__
+        if isinstance(c.cell_contents, dict) and all(isinstance(p, RoundingProbe) for p in c.cell_contents.values())
+    )
+
+
+def reactnet_with_trained_shifts() -> torch.nn.Module:
+    """birealnet_small_react with shifts of random scale and bias (at initialization they are 1 and 0, whose
+    products are exact: every rounding gives the same bits)."""
+    torch.manual_seed(0)
+    model = models.create("birealnet_small_react").eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(".pre"):
+                module.weight.normal_()
+                module.bias.normal_()
+    return model
+
+
+def channelwise_calls(monkeypatch) -> list:
+    """The channelwise convs run from now on, each recorded as (its input's layout is NCHW, fused)."""
+    calls = []
+    real = ChannelwiseConv1x1.__call__
+    monkeypatch.setattr(
+        ChannelwiseConv1x1, "__call__", lambda self, xi: calls.append((xi.is_contiguous(), self.fma)) or real(self, xi)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_reactnet_runs_its_shifts_as_channelwise_convs_with_the_models_bits(monkeypatch, threads):
+    model = reactnet_with_trained_shifts()
+    x = torch.randn(2, 3, 28, 28)
+    packed = engine.pack(model, x[:1])
+    shifts = [s for s in packed._steps if s.module.endswith(".pre")]
+    assert len(shifts) == 6
+    calls = channelwise_calls(monkeypatch)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for layout in (torch.contiguous_format, torch.channels_last):
+                xi = x.contiguous(memory_format=layout)
+                packed(xi)  # the first call of a shape asks torch (probes run the conv too)
+                calls.clear()
+                assert torch.equal(float_bits(packed(xi)), float_bits(model(xi)))
+                # every shift in onebit's conv, rounded as torch's kernel rounds the layout it runs in
+                assert len(calls) == len(shifts)
+                for nchw, fused in calls:
+                    probe = channelwise_probes(shifts[0])[torch.contiguous_format if nchw else torch.channels_last]
+                    assert probe.answers[(tuple(xi.shape[:1]) + (32, 28, 28), threads)] == (
+                        "fused multiply-add" if fused else "multiply, then add"
+                    )
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torchs_conv_is_kept_where_it_rounds_neither_way(monkeypatch):
+    """A layout whose torch kernel rounds otherwise keeps torch's conv; asked with weights of wide range, so
+    weights that round alike either way (ones) do not decide."""
+    model = reactnet_with_trained_shifts()
+    x = torch.randn(1, 3, 28, 28)
+    real_conv = F.conv2d
+
+    def torch_conv(xi, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        y = real_conv(xi, weight, bias, stride, padding, dilation, groups)
+        if groups > 1 and xi.is_contiguous():  # an NCHW depthwise conv rounded some third way
+            y = torch.nextafter(y, torch.full_like(y, float("inf")))
+        return y
+
+    monkeypatch.setattr(F, "conv2d", torch_conv)
+    packed = engine.pack(model, x)
+    calls = channelwise_calls(monkeypatch)
+    ran = {}
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xi = x.contiguous(memory_format=layout)
+            packed(xi)
+            calls.clear()
+            assert torch.equal(float_bits(packed(xi)), float_bits(model(xi)))
+            ran[layout] = [nchw for nchw, _ in calls]
+    assert ran[torch.contiguous_format] == []  # torch's conv, whose rounding is neither of onebit's
+    assert ran[torch.channels_last] == [False] * 6  # onebit's channelwise conv
+
+
+def test_a_channelwise_conv_takes_plain_maps_only_and_names_bad_operands():
+    with pytest.raises(ValueError, match=r"weight must be contiguous float32 \[C, 1, 1, 1\]"):
+        ChannelwiseConv1x1(torch.randn(4, 2, 1, 1))
+    with pytest.raises(ValueError, match=r"bias must be contiguous float32 \[4\]"):
+        ChannelwiseConv1x1(torch.randn(4, 1, 1, 1), torch.randn(5))
+    conv = ChannelwiseConv1x1(torch.randn(4, 1, 1, 1))
+    assert conv.takes(torch.randn(1, 4, 3, 3))
+    assert not conv.takes(torch.randn(1, 4, 3, 6)[..., ::2])  # neither layout: torch's conv decides
+    assert not conv.takes(torch.randn(1, 4, 3, 3).double())
+    assert not conv.takes(torch.randn(1, 5, 3, 3))
+    with pytest.raises(ValueError, match=r"\[N, 4, H, W\] in NCHW or channels_last memory"):
+        conv(torch.randn(1, 4, 3, 6)[..., ::2])
+    assert conv(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)

@@ -11,7 +11,8 @@
 //     against plain loops (xor-popcount from the definition, float ops one by one);
 //   activation packing (any strides, groups, pad values), row (weight) packing, bit planes (k-bit
 //     levels as +-1 planes) and the sum of their plane pairs, ternary x int8 linear (int and float),
-//     the float plane transpose.
+//     the float plane transpose, float max pooling, float convs summed in torch's orders, the depthwise
+//     1x1 conv (rounded twice or once), int8 convs.
 // Every mismatch prints a FAIL line naming the kernel, ISA, tile and shape; the exit status is 1.
 #include <cmath>
 #include <cstdint>
@@ -31,6 +32,7 @@
 #include "kernels/pack.h"
 #include "kernels/ordered_conv.h"
 #include "kernels/pool_float.h"
+#include "kernels/channel_affine.h"
 #include "kernels/relayout.h"
 #include "kernels/ternary_linear.h"
 
@@ -516,6 +518,45 @@ void check_ordered_conv(Rng& r, Report& report) {
   }
 }
 
+// The depthwise 1x1 conv (channel_affine, every ISA) against its definition as a plain loop: x * w[c] then
+// + b[c] (or + 0.0f) rounded twice, or std::fma rounded once; NCHW or channels_last; inputs with zeros of both
+// signs, infinities and NaNs (any NaN matches a NaN).
+void check_channel_affine(Rng& r, Report& report) {
+  const int64_t N = r.range(0, 2), C = r.range(1, 70), HW = r.range(1, 40);
+  const bool with_bias = r.coin(), channels_last = r.coin(), fused = r.coin();
+  std::vector<float> x = r.normals(N * C * HW), w = r.normals(C), b = r.normals(C);
+  const float pick[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN};
+  for (float& v : x)
+    if (r.next() % 16 == 0) v = pick[r.next() % 5];
+  w[0] = -0.0f;  // -0.0 products, which the +0.0 start (or a bias) turns to +0.0
+  for (float& v : w) v *= 1e3f;
+  std::vector<float> want(x.size());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < HW; ++p) {
+        const int64_t i = channels_last ? (n * HW + p) * C + c : (n * C + c) * HW + p;
+        const float bias = with_bias ? b[c] : 0.0f;
+        if (fused) {
+          want[i] = std::fma(x[i], w[c], bias);
+        } else {
+          const float product = x[i] * w[c];
+          want[i] = product + bias;
+        }
+      }
+  const std::string text = "N" + str(N) + " C" + str(C) + " HW" + str(HW) + (channels_last ? " channels_last" : " nchw") +
+                           (with_bias ? " bias" : "") + (fused ? " fma" : "");
+  for (const std::string& isa : supported_isas()) {
+    set_isa(isa);
+    std::vector<float> got(want.size(), 12345.0f);
+    const ChannelAffine a{x.data(), got.data(), w.data(), with_bias ? b.data() : nullptr, C, HW, channels_last, fused};
+    channel_affine(a, N, static_cast<int>(r.range(1, 2)));
+    bool same = true;
+    for (size_t i = 0; i < got.size(); ++i)
+      same &= std::memcmp(&got[i], &want[i], sizeof(float)) == 0 || (std::isnan(got[i]) && std::isnan(want[i]));
+    report.check(same, "channel_affine", isa, "", text);
+  }
+}
+
 // The tap-ordered conv (tap_ordered_conv, every ISA) against its definition as a plain loop: per output one
 // std::fma chain over the taps inside the input in (kh, kw, c) order, from +0.0, padding taps skipped; NCHW or
 // channels_last input with zeros of both signs, infinities and NaNs, a few infinite weights, and sums that
@@ -730,6 +771,7 @@ int main(int argc, char** argv) {
     check_max_pool(r, report);
     check_ordered_conv(r, report);
     check_tap_conv(r, report);
+    check_channel_affine(r, report);
     check_int8_conv(r, report);
   }
   return report.finish();

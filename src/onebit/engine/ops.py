@@ -126,6 +126,13 @@ def ordered_conv1x1(weight: torch.Tensor, bias: torch.Tensor | None = None):
     return native.OrderedConv1x1(weight, bias) if native is not None else None
 
 
+def channelwise_conv1x1(weight: torch.Tensor, bias: torch.Tensor | None = None, fma: bool = False):
+    """A depthwise 1x1 float conv as a product and its bias, rounded twice or (``fma``) once, as torch's kernels
+    round it (``kernels.ChannelwiseConv1x1``), or None without the native kernels."""
+    native = _native()
+    return native.ChannelwiseConv1x1(weight, bias, fma) if native is not None else None
+
+
 def tap_ordered_conv(weight: torch.Tensor, stride, padding):
     """A float conv summed as one fused multiply-add chain per output in (kh, kw, c) order, as torch sums a
     network's stem (``kernels.TapOrderedConv``), or None without the native kernels."""

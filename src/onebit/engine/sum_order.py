@@ -27,7 +27,7 @@ import torch
 
 from onebit.engine.layout_probe import ShapeProbe, same_bits, wide_range_probe
 
-__all__ = ["NormOrderProbe", "SumOrderProbe", "TORCH_SUM_LANES"]
+__all__ = ["NormOrderProbe", "RoundingProbe", "SumOrderProbe", "TORCH_SUM_LANES"]
 
 #: a timed probe's calls of each conv (fewer once they took TIMED_BUDGET seconds: a large batch's first
 #: call should not wait long), and the share of torch's best time onebit's must be below: a gain smaller
@@ -82,6 +82,29 @@ class SumOrderProbe(ShapeProbe):
         except (RuntimeError, ValueError):  # a shape the op refuses: the model's own call says why
             return False
         return True
+
+
+class RoundingProbe(ShapeProbe):
+    """``probe(x)``: the name of the first of ``candidates`` (``{name: op}``, onebit's ways of computing an op)
+    that gives the bits of torch's ``run`` on inputs of ``x``'s shape in memory format ``layout``, or False when
+    none does; asked once per shape and thread count, on a probe of wide dynamic range with zeros of both
+    signs. For ops whose rounding torch's kernels choose per shape, layout and thread count (a depthwise 1x1
+    conv: a multiply then an add, or one fused multiply-add)."""
+
+    def __init__(self, run: Callable, candidates: dict[str, Callable], layout: torch.memory_format):
+        super().__init__()
+        self.run, self.candidates, self.layout = run, candidates, layout
+
+    def _answer(self, shape: torch.Size) -> str | bool:
+        if not all(shape):
+            return False  # nothing to round: keep torch's op
+        x = wide_range_probe(shape, signed_zeros=True).contiguous(memory_format=self.layout)
+        try:
+            with torch.no_grad():
+                theirs = self.run(x)
+                return next((name for name, op in self.candidates.items() if same_bits(op(x), theirs)), False)
+        except (RuntimeError, ValueError):  # a shape the op refuses: the model's own call says why
+            return False
 
 
 #: the vector widths of torch's sum kernel a norm probe tries, in this order: its x86-64 build (for AVX2 and

@@ -11,8 +11,9 @@ Modules, each one concept: ``registry`` (custom-op registration, the eager bypas
 ``operands`` (addresses of checked tensors, channels_last outputs), ``weight_cache`` (:class:`WeightCache`),
 ``plans`` (validated calls cached by shape), ``packing``, ``conv``, ``conv_layer``, ``linear``, ``pool``,
 ``ternary``, ``int8``, ``planes``, ``memory_formats`` (the ops), ``rms_norm`` (BitLinear's norm summed in
-torch's order), ``ternary_layer``, ``ordered_conv`` (a float 1x1 conv summed as torch's reference GEMM sums
-it), ``huge_pages`` (large weights in transparent huge pages).
+torch's order), ``ternary_layer``, ``ordered_conv`` (float convs summed as torch's kernels sum them: a 1x1 conv
+as its reference GEMM, a stem as fused multiply-add chains, a depthwise 1x1 conv as a product and its bias),
+``huge_pages`` (large weights in transparent huge pages).
 
 Bit convention (``csrc/kernels/pack.h``): bit set = -1 (``x < 0``), bit clear = +1, so
 sign(0) = sign(-0.0) = +1 and NaN packs as +1. Channel ``c`` of a group lives in word
@@ -51,7 +52,13 @@ from onebit.engine.kernels.huge_pages import HUGE_PAGE, in_huge_pages
 from onebit.engine.kernels.int8 import int8_conv2d, int8_linear
 from onebit.engine.kernels.linear import binary_linear, binary_linear_int, binary_linear_threshold
 from onebit.engine.kernels.memory_formats import relayout
-from onebit.engine.kernels.ordered_conv import ORDERED_CONV_BLOCK, TAP_CONV_BLOCK, OrderedConv1x1, TapOrderedConv
+from onebit.engine.kernels.ordered_conv import (
+    ORDERED_CONV_BLOCK,
+    TAP_CONV_BLOCK,
+    ChannelwiseConv1x1,
+    OrderedConv1x1,
+    TapOrderedConv,
+)
 from onebit.engine.kernels.packing import pack_activations, pack_features, pack_weights
 from onebit.engine.kernels.planes import combine_planes, pack_integer_planes, pack_integer_planes_nan
 from onebit.engine.kernels.plans import MODE_FLOAT, MODE_INT, MODE_THRESHOLD, conv_plan
@@ -102,6 +109,7 @@ __all__ = [
     "pack_integer_planes_nan",
     "combine_planes",
     "relayout",
+    "ChannelwiseConv1x1",
     "OrderedConv1x1",
     "ORDERED_CONV_BLOCK",
     "TapOrderedConv",

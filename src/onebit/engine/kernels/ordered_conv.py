@@ -1,4 +1,6 @@
-"""A float32 1x1 convolution summed in input-channel order (``csrc/kernels/ordered_conv.h``).
+"""Float32 convolutions summed as torch's conv kernels sum them: a 1x1 conv in input-channel order and a
+stem's fused multiply-add chains (``csrc/kernels/ordered_conv.h``), a depthwise 1x1 conv as one product and
+its bias.
 
 torch's NCHW conv runs some small maps (a 2x2 map with hundreds of channels, as in a BinaryDenseNet's
 last transitions) through its reference GEMM, which sums each output in channel order: one rounding per
@@ -15,7 +17,7 @@ from onebit import _C
 from onebit.engine.kernels.operands import empty_nchw_channels_last
 from onebit.engine.kernels.registry import direct
 
-__all__ = ["OrderedConv1x1", "ORDERED_CONV_BLOCK", "TapOrderedConv", "TAP_CONV_BLOCK"]
+__all__ = ["ChannelwiseConv1x1", "OrderedConv1x1", "ORDERED_CONV_BLOCK", "TapOrderedConv", "TAP_CONV_BLOCK"]
 
 _F32 = torch.float32
 _Tensor = torch.Tensor
@@ -180,6 +182,74 @@ class TapOrderedConv:
                 sw,
                 ph,
                 pw,
+                out.data_ptr(),
+                torch.get_num_threads(),
+            )
+        return out
+
+
+class ChannelwiseConv1x1:
+    """``conv(x)``: ``F.conv2d(x, weight, bias, groups=C)`` of a depthwise 1x1 float32 ``weight [C, 1, 1, 1]``
+    (stride 1, no padding), each output one product and then its channel's bias (``+0.0`` without one):
+    ``x[c] * w[c] + b[c]`` rounded twice (a multiply, then an add), or with ``fma`` rounded once, as torch's
+    kernels round it (``csrc/kernels/channel_affine.h``). ``x``: float32 ``[N, C, H, W]`` in NCHW or
+    channels_last memory; the output is in the same layout, as torch's conv returns it.
+
+    A ReActNet-style block's learnable shift before its sign is such a conv; torch runs it as a grouped
+    convolution, 20-100x slower than this one pass. Which rounding torch makes for a shape (if either) is asked
+    of torch (:class:`~onebit.engine.sum_order.RoundingProbe`). The weight and bias are read on every call.
+    """
+
+    __slots__ = ("weight", "bias", "channels", "fma")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fma: bool = False):
+        if not (
+            isinstance(weight, torch.Tensor)
+            and weight.dtype == _F32
+            and weight.dim() == 4
+            and weight.shape[1:] == (1, 1, 1)
+            and weight.numel() > 0
+            and weight.is_contiguous()
+        ):
+            got = f"{weight.dtype} of shape {list(weight.shape)}" if isinstance(weight, torch.Tensor) else weight
+            raise ValueError(f"channelwise_conv1x1: weight must be contiguous float32 [C, 1, 1, 1], got {got}")
+        self.weight, self.bias, self.channels, self.fma = weight, bias, weight.shape[0], bool(fma)
+        if bias is not None and not (
+            isinstance(bias, torch.Tensor)
+            and bias.dtype == _F32
+            and tuple(bias.shape) == (self.channels,)
+            and bias.is_contiguous()
+        ):
+            got = f"{bias.dtype} of shape {list(bias.shape)}" if isinstance(bias, torch.Tensor) else bias
+            raise ValueError(f"channelwise_conv1x1: bias must be contiguous float32 [{self.channels}], got {got}")
+
+    def takes(self, x) -> bool:
+        """Whether ``x`` is what the kernel reads: a plain float32 CPU ``[N, C, H, W]`` in NCHW or channels_last
+        memory, outside any tracing."""
+        if not (type(x) is _Tensor and x.dtype is _F32 and x.is_cpu and x.dim() == 4 and x.shape[1] == self.channels):
+            return False
+        return (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) and direct()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.takes(x):
+            raise ValueError(
+                f"channelwise_conv1x1: expected a float32 CPU tensor [N, {self.channels}, H, W] in NCHW or "
+                f"channels_last memory, got {x.dtype} of shape {list(x.shape)} and strides {list(x.stride())}"
+            )
+        n, c, h, w = x.shape
+        out = torch.empty_like(x)  # x's layout
+        if out.numel():
+            bias = self.bias.data_ptr() if self.bias is not None else 0
+            channels_last = not x.is_contiguous()
+            _C.channel_affine_raw(
+                x.data_ptr(),
+                n,
+                c,
+                h * w,
+                channels_last,
+                self.weight.data_ptr(),
+                bias,
+                self.fma,
                 out.data_ptr(),
                 torch.get_num_threads(),
             )
