@@ -362,6 +362,43 @@ def test_packed_reactnet_runs_its_shifts_as_channelwise_convs_with_the_models_bi
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 5, 5), (2, 3, 1, 1), (1, 17, 9, 7), (3, 64, 14, 14), (1, 40, 56, 56)])
+def test_a_packed_depthwise_1x1_conv_gives_torchs_bits(monkeypatch, shape, with_bias, threads):
+    """Whatever torch's kernel makes of the shape, layout and thread count, the packed conv gives its bits, by
+    onebit's channelwise conv wherever torch rounds as one of its ways."""
+    n, c, h, w = shape
+    g = torch.Generator().manual_seed(c * 100 + h)
+    conv = torch.nn.Conv2d(c, c, 1, groups=c, bias=with_bias).eval()
+    with torch.no_grad():
+        conv.weight.copy_(wide_range(conv.weight.shape, g, specials=False))
+        if with_bias:
+            conv.bias.copy_(wide_range((c,), g, specials=False))
+    model = torch.nn.Sequential(conv)
+    x = wide_range(shape, g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        packed = engine.pack(model, x)
+        calls = channelwise_calls(monkeypatch)
+        with torch.no_grad():
+            for layout in (torch.contiguous_format, torch.channels_last):
+                xi = x.contiguous(memory_format=layout)
+                packed(xi)  # the first call of a shape asks torch (probes run the conv too)
+                calls.clear()
+                got, want = packed(xi), model(xi)
+                assert got.stride() == want.stride()
+                assert torch.equal(float_bits(got), float_bits(want))
+                probes = channelwise_probes(packed._steps[0])
+                rounding = probes[torch.contiguous_format if xi.is_contiguous() else torch.channels_last](xi)
+                assert [fused for _, fused in calls] == ([rounding == "fused multiply-add"] if rounding else [])
+                if not xi.is_contiguous():  # torch's channels_last kernel (1 x 1 maps take its NCHW one)
+                    assert rounding == "multiply, then add"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_torchs_conv_is_kept_where_it_rounds_neither_way(monkeypatch):
     """A layout whose torch kernel rounds otherwise keeps torch's conv; asked with weights of wide range, so
     weights that round alike either way (ones) do not decide."""
