@@ -399,6 +399,27 @@ def test_a_packed_depthwise_1x1_conv_gives_torchs_bits(monkeypatch, shape, with_
         torch.set_num_threads(before)
 
 
+def test_an_nchw_model_gives_a_channelwise_conv_its_nchw_input_as_it_comes(monkeypatch):
+    """The channelwise conv is as fast in NCHW as in channels_last: an NCHW model does not copy its input, even
+    where channels_last would give the same bits (on one thread torch's two kernels round alike here)."""
+    model = reactnet_with_trained_shifts()
+    x = torch.randn(1, 3, 28, 28)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        packed = engine.pack(model, x)
+        first = next(s for s in packed._steps if s.module == "stage1.0.pre")
+        assert first.keeps_layout
+        inputs = []
+        real = first.run
+        monkeypatch.setattr(first, "run", lambda xi, **kw: inputs.append(xi.stride()) or real(xi, **kw))
+        with torch.no_grad():
+            assert torch.equal(float_bits(packed(x)), float_bits(model(x)))
+    finally:
+        torch.set_num_threads(before)
+    assert inputs == [(32 * 28 * 28, 28 * 28, 28, 1)]  # the stem's NCHW map, not a channels_last copy
+
+
 def test_torchs_conv_is_kept_where_it_rounds_neither_way(monkeypatch):
     """A layout whose torch kernel rounds otherwise keeps torch's conv; asked with weights of wide range, so
     weights that round alike either way (ones) do not decide."""

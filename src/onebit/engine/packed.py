@@ -139,9 +139,12 @@ class PackedModel(nn.Module):
         for k, step in enumerate(self._steps):
             args = [env[i] for i in step.inputs]
             if step.model_layout:  # an op that rounds by layout runs in the model's own
-                args = (
-                    _channels_last(args) if nchw and _same_in_channels_last(step, args) else _in_format_all(args, fmt)
-                )
+                if not (nchw and step.keeps_layout and args[0].is_contiguous()):
+                    args = (
+                        _channels_last(args)
+                        if nchw and _same_in_channels_last(step, args)
+                        else _in_format_all(args, fmt)
+                    )
             elif nchw and (step.channels_last or (step.joins_maps and _mixed_layouts(args))):
                 args = _channels_last(args)
             start = time.perf_counter() if times is not None else 0.0

@@ -154,6 +154,7 @@ def _bind_conv2d(step):
     plain = partial(_conv2d, t, a)
     native = ops.native_available()
     if native and _channelwise(t, a):
+        step.keeps_layout = True
         return _bind_channelwise_conv2d(t, plain)
     if native and _pointwise(t, a):
         ordered = ops.ordered_conv1x1(t["weight"], t.get("bias"))
