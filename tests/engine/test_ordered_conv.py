@@ -351,13 +351,11 @@ def test_packed_reactnet_runs_its_shifts_as_channelwise_convs_with_the_models_bi
                 packed(xi)  # the first call of a shape asks torch (probes run the conv too)
                 calls.clear()
                 assert torch.equal(float_bits(packed(xi)), float_bits(model(xi)))
-                # every shift in onebit's conv, rounded as torch's kernel rounds the layout it runs in
+                # every shift in onebit's conv, rounded as torch's kernel rounds the model's layout (the input's)
                 assert len(calls) == len(shifts)
-                for nchw, fused in calls:
-                    probe = channelwise_probes(shifts[0])[torch.contiguous_format if nchw else torch.channels_last]
-                    assert probe.answers[(tuple(xi.shape[:1]) + (32, 28, 28), threads)] == (
-                        "fused multiply-add" if fused else "multiply, then add"
-                    )
+                probe = channelwise_probes(shifts[0])[layout]
+                rounding = probe.answers[((2, 32, 28, 28), threads)]
+                assert [fused for _, fused in calls] == [rounding == "fused multiply-add"] * len(shifts)
     finally:
         torch.set_num_threads(before)
 

@@ -138,18 +138,20 @@ class PackedModel(nn.Module):
         nchw = fmt is torch.contiguous_format
         for k, step in enumerate(self._steps):
             args = [env[i] for i in step.inputs]
-            if step.model_layout:  # an op that rounds by layout runs in the model's own
-                if not (nchw and step.keeps_layout and args[0].is_contiguous()):
-                    args = (
-                        _channels_last(args)
-                        if nchw and _same_in_channels_last(step, args)
-                        else _in_format_all(args, fmt)
-                    )
+            if nchw and step.keeps_layout:
+                pass  # it rounds as the model's layout on its input as it comes (run with model_format)
+            elif step.model_layout:  # an op that rounds by layout runs in the model's own
+                args = (
+                    _channels_last(args) if nchw and _same_in_channels_last(step, args) else _in_format_all(args, fmt)
+                )
             elif nchw and (step.channels_last or (step.joins_maps and _mixed_layouts(args))):
                 args = _channels_last(args)
             start = time.perf_counter() if times is not None else 0.0
             try:
-                out = step.run(*args, memory_format=fmt) if nchw and step.writes_nchw else step.run(*args)
+                if nchw and step.keeps_layout:
+                    out = step.run(*args, model_format=fmt)
+                else:
+                    out = step.run(*args, memory_format=fmt) if nchw and step.writes_nchw else step.run(*args)
             except (RuntimeError, ValueError) as error:
                 raise InputError(
                     f"PackedModel: {_where(step)} cannot take the input of shape {list(x.shape)}: {error}"

@@ -70,8 +70,9 @@ class Step:
     #: in an NCHW model, run as ``run(*inputs, memory_format=torch.contiguous_format)``: a binary conv that
     #: writes its output in NCHW memory, as its readers (layout-bound ops) or the model's caller take it
     writes_nchw: bool = False
-    #: a layout-bound op as fast in NCHW as in channels_last (onebit's channelwise conv; set by its binder): in
-    #: an NCHW model it takes an NCHW input as it comes, with no copy and no question about channels_last
+    #: a layout-bound op that rounds as the model's layout on a map in either layout, as fast in both (onebit's
+    #: channelwise conv; set by its binder): in an NCHW model it takes its input as it comes, run as
+    #: ``run(x, model_format=torch.contiguous_format)``, with no copy
     keeps_layout: bool = False
     #: a float conv's :class:`~onebit.engine.layout_probe.LayoutProbe`: in an NCHW model it runs on
     #: channels_last inputs where torch's conv gives the same bits so

@@ -125,19 +125,24 @@ def _channelwise_probes(channels: int, with_bias: bool) -> dict:
 
 
 def _bind_channelwise_conv2d(t, plain):
-    """A depthwise 1x1 conv's runner: onebit's channelwise conv where torch rounds the input's shape and layout as
-    one of its ways (asked of torch once per layout, shape and thread count), else torch's conv."""
+    """A depthwise 1x1 conv's runner ``run(x, model_format=None)``: onebit's channelwise conv where torch rounds
+    the input's shape in ``model_format`` (the model's layout; by default ``x``'s own) as one of its ways (asked
+    of torch once per layout, shape and thread count), else torch's conv on ``x`` in that layout. onebit's conv
+    rounds as torch's kernel for one layout does on a map in either, so a model need not copy its input."""
     weight, bias = t["weight"], t.get("bias")
     convs = {name: ops.channelwise_conv1x1(weight, bias, fma) for name, fma in CHANNELWISE_ROUNDINGS.items()}
     probes = _channelwise_probes(weight.shape[0], bias is not None)
 
-    def run(x):
+    def run(x, model_format=None):
         if type(x) is torch.Tensor and x.dtype is torch.float32 and x.dim() == 4 and ops.backend_is_native():
             conv = convs["multiply, then add"]
             if conv.takes(x):  # eager calls on NCHW or channels_last maps only (a trace keeps torch's conv)
-                rounding = probes[torch.contiguous_format if x.is_contiguous() else torch.channels_last](x)
+                layout = model_format or (torch.contiguous_format if x.is_contiguous() else torch.channels_last)
+                rounding = probes[layout](x)
                 if rounding:
                     return convs[rounding](x)
+        if model_format is not None and isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=model_format)  # torch's conv rounds by layout: the model's
         return plain(x)
 
     return run
