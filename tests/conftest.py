@@ -72,3 +72,13 @@ def float_bits(t: torch.Tensor) -> torch.Tensor:
 def sign_reference(x: torch.Tensor) -> torch.Tensor:
     """Independent statement of the sign convention: +1 for x >= 0 (and -0.0), -1 below."""
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+def bitlinear(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """BitLinear in torch ops: each token absmax-quantized to int8 (s = 127 / max|x|, a true division: torch's
+    127.0 / m multiplies by a reciprocal), the exact integer product with the levels, then / s * scale (+ bias)."""
+    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
+    s = torch.full_like(m, 127.0) / m
+    acc = (torch.round(x * s).clamp(-128, 127).double() @ levels.double().T).float()
+    y = acc / s * scale
+    return y if bias is None else y + bias

@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 
+from conftest import bitlinear
 from onebit.engine import kernels as K
 from onebit.engine import ops
 
@@ -26,16 +27,6 @@ def levels_of(out: int, features: int, gen: torch.Generator) -> torch.Tensor:
 
 def integer_matmul(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return x.long() @ levels.long().T
-
-
-def bitlinear(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
-    """BitLinear in torch ops: each token absmax-quantized to int8 (s = 127 / max|x|), the exact integer
-    product with the levels, then / s * scale (+ bias)."""
-    m = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
-    s = torch.full_like(m, 127.0) / m
-    acc = (torch.round(x * s).clamp(-128, 127).double() @ levels.double().T).float()
-    y = acc / s * scale
-    return y if bias is None else y + bias
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17])
