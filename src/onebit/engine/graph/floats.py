@@ -140,7 +140,7 @@ def _bind_channelwise_conv2d(t, plain):
                 layout = model_format or (torch.contiguous_format if x.is_contiguous() else torch.channels_last)
                 rounding = probes[layout](x)
                 if rounding:
-                    return convs[rounding](x)
+                    return convs[rounding].run(x)
         if model_format is not None and isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=model_format)  # torch's conv rounds by layout: the model's
         return plain(x)
@@ -174,7 +174,7 @@ def _bind_conv2d(step):
         if type(x) is torch.Tensor and x.dtype is torch.float32 and x.dim() == 4 and ops.backend_is_native():
             # eager calls only (a trace keeps torch's conv); the shape's answer before the input's strides
             if direct() and probe(x) and ordered.takes(x):
-                return ordered(x)
+                return ordered.run(x)
         return plain(x)
 
     return run

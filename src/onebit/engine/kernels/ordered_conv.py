@@ -85,6 +85,10 @@ class OrderedConv1x1:
                 f"ordered_conv1x1: expected a float32 CPU tensor [N, {self.in_channels}, H, W] in NCHW memory, "
                 f"got {x.dtype} of shape {list(x.shape)} and strides {list(x.stride())}"
             )
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The call for an ``x`` that :meth:`takes` (a caller that asked first: not asked again)."""
         if self._state() != self._versions:
             self._prepare()
         n, c, h, w = x.shape
@@ -158,6 +162,10 @@ class TapOrderedConv:
                 f"tap_ordered_conv: expected a float32 CPU tensor [N, {self.weight.shape[1]}, H, W] in NCHW or "
                 f"channels_last memory at least as large as the kernel, got {x.dtype} of shape {list(x.shape)}"
             )
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The call for an ``x`` that :meth:`takes` (a caller that asked first: not asked again)."""
         if self.weight._version != self._version:
             self._prepare()
         n, c, h, w = x.shape
@@ -236,6 +244,10 @@ class ChannelwiseConv1x1:
                 f"channelwise_conv1x1: expected a float32 CPU tensor [N, {self.channels}, H, W] in NCHW or "
                 f"channels_last memory, got {x.dtype} of shape {list(x.shape)} and strides {list(x.stride())}"
             )
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The call for an ``x`` that :meth:`takes` (a caller that asked first: not asked again)."""
         n, c, h, w = x.shape
         out = torch.empty_like(x)  # x's layout
         if out.numel():
