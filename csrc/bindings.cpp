@@ -484,6 +484,10 @@ NB_MODULE(_C, m) {
       .def_prop_ro(
           "tile", [](const onebit::ConvPlan& p) { return p.tile(static_cast<int>(onebit::active_isa())); },
           "The register tile this plan runs with on the active ISA ('' before its first run there).")
+      .def_prop_ro(
+          "nchw_kernel", [](const onebit::ConvPlan& p) { return p.nchw_kernel(static_cast<int>(onebit::active_isa())); },
+          "The kernel writing this plan's float32 output in NCHW memory itself on the active ISA (no residual or "
+          "an NCHW one), or '' where the tile's channels_last runs are transposed into place.")
       .def("run", &run_plan, "x"_a, "w"_a, "out"_a, "scale"_a, "bias"_a, "thr"_a, "dir"_a, "threads"_a,
            "cache"_a.none() = nb::none(), "w_version"_a = 0, "residual"_a = 0, "bn_scale"_a = 0, "bn_shift"_a = 0,
            "bn_fma"_a = false, "out_nchw"_a = false, "residual_nchw"_a = false,

@@ -293,6 +293,15 @@ std::string ConvPlan::tile(int isa) const {
   return chosen < 0 ? "" : (*tiles)[chosen].name;
 }
 
+std::string ConvPlan::nchw_kernel(int isa) const {
+  if (isa < 0 || isa >= kIsaCount) return "";
+  const auto nchw = isa_kernels(static_cast<Isa>(isa)).conv_nchw;
+  ConvOutput o = o_;
+  o.out_nchw = true;
+  const ConvKernel* k = nchw ? nchw(g_, o, nclasses_) : nullptr;
+  return k ? k->name : "";
+}
+
 void binary_conv2d(ConvGeometry g, ConvOutput o, const uint64_t* x, const uint64_t* w, int64_t x_words_per_pixel,
                    int64_t w_words, int threads) {
   ConvPlan(g, o, x_words_per_pixel, w_words).run(x, w, o, threads);
@@ -400,8 +409,11 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   TransposeBlock transpose = isa_kernels(isa).transpose_block;
   if (transpose == nullptr) transpose = transpose_block_reference;
   // The register tile: forced, or timed on this shape at the plan's first run (conv_tiles.h).
-  const int tile_index = choose_tile(isa, proto, tile_[static_cast<int>(isa)]);
+  int tile_index = choose_tile(isa, proto, tile_[static_cast<int>(isa)]);
   const ConvKernel* kernel = &(*tiles)[tile_index];
+  // A float32 NCHW output written by a kernel made for it, where the ISA has one that runs the call.
+  if (const auto nchw = isa_kernels(isa).conv_nchw; o.out_nchw && nchw)
+    if (const ConvKernel* k = nchw(g, o, nclasses)) kernel = k, tile_index = 15;  // its own weight cache entries
 
   // Blocks of output channels, never straddling a group.
   struct Range {
@@ -436,11 +448,12 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   }
   const bool input_phase = packer || x_prepared;
   auto input_rows = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / g.Hp, hp = r % g.Hp;
-      if (packer && hp >= g.ph && hp < g.ph + g.H) packer->row(n * g.H + hp - g.ph);
-      if (x_prepared) kernel->prepare_input(x + r * row_words, row_words, x_prepared + r * row_words * kernel->input_factor);
-    }
+    if (packer)
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / g.Hp, hp = r % g.Hp;
+        if (hp >= g.ph && hp < g.ph + g.H) packer->row(n * g.H + hp - g.ph);
+      }
+    if (x_prepared) kernel->prepare_input(x, x_prepared, r0, r1, g);
   };
 
   // Every block's weights are prepared once, by whichever thread first needs them
@@ -501,7 +514,7 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
       b.q0 = tile0 * P;
       b.q1 = std::min(tile1 * P, Q);
       if (b.q0 >= b.q1) return;
-      if (o.out_nchw || o.residual_nchw) {
+      if ((o.out_nchw || o.residual_nchw) && !kernel->nchw_output) {
         compute_nchw(*kernel, b, ready(bi), transpose);
       } else {
         kernel->compute(b, ready(bi));

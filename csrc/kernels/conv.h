@@ -106,6 +106,9 @@ class ConvPlan {
   // The register tile this plan runs with on ISA `isa` (an Isa value): a forced one
   // (set_tile, ONEBIT_TILE), else the one it chose at its first run there ("" before).
   std::string tile(int isa) const;
+  // The kernel that writes this plan's float32 output in NCHW memory itself on ISA `isa` (with no
+  // residual or an NCHW one), or "" where a tile's channels_last runs are transposed into place.
+  std::string nchw_kernel(int isa) const;
 
  private:
   void run_impl(const uint64_t* x, const ActivationPacker* packer, const uint64_t* w, const ConvOutput& out,
@@ -188,14 +191,18 @@ struct ConvBlock {
 struct ConvKernel {
   const char* name;  // the register tile, "<pixels>x<channels>"; unique within its ISA
   int block_co;  // output channels per block (max)
-  int tile_pix;  // output pixels per register tile
+  int tile_pix;  // output pixels per register tile (the driver's ranges of pixels start at multiples)
   size_t (*block_bytes)(const ConvGeometry& g, int nclasses);
   void (*prepare)(const ConvBlock& b, void* prepared);
   void (*compute)(const ConvBlock& b, const void* prepared);
-  // Optional: a transformed copy of the whole packed input, made once per call
-  // (input_factor words per input word), handed to every block as x_prepared.
+  // Optional: a transformed copy of the whole packed input (input_factor words per input word),
+  // made once per call and handed to every block as x_prepared: prepare_input(x, out, row0, row1, g)
+  // transforms the padded rows [row0, row1) of x (row r = (n, hp), r = n * Hp + hp).
   int input_factor;
-  void (*prepare_input)(const uint64_t* x, int64_t words, uint64_t* out);
+  void (*prepare_input)(const uint64_t* x, uint64_t* out, int64_t row0, int64_t row1, const ConvGeometry& g);
+  // Writes a float32 output in NCHW memory itself (ConvOutput::out_nchw, and reads an NCHW residual):
+  // the driver hands it the output, not a per-thread channels_last run to transpose.
+  bool nchw_output = false;
 };
 
 // Every ISA's kernel in its register tiles, the default first (conv_tiles.h chooses).
@@ -204,6 +211,10 @@ const std::vector<ConvKernel>& conv_kernels_avx2();
 const std::vector<ConvKernel>& conv_kernels_avx512();
 const std::vector<ConvKernel>& conv_kernels_neon();
 const std::vector<ConvKernel>& conv_kernels_neon_pairs();  // part of conv_kernels_neon()
+// The AVX-512 kernel that writes a float32 NCHW output directly (8 output pixels per zmm), for a call
+// it runs (out_nchw, stride 1, any residual in NCHW, rows of 8 pixels or more, at most 16 border
+// classes); null otherwise.
+const ConvKernel* conv_kernel_nchw_avx512(const ConvGeometry& g, const ConvOutput& o, int nclasses);
 
 // The independent reference: plain loops, one output at a time, padding skipped tap by tap.
 void binary_conv2d_reference(const ConvGeometry& g, const ConvOutput& o, const uint64_t* x, const uint64_t* w);

@@ -31,8 +31,11 @@ size_t block_bytes(const ConvGeometry& g, int nclasses) {
   return steps * kBlock * 8 * 2 + taps * kBlock * 4 + static_cast<size_t>(nclasses) * kBlock * 4 + 256;
 }
 
-// Input word i -> out[2 i] = low nibbles, out[2 i + 1] = high nibbles.
-void prepare_input(const uint64_t* x, int64_t words, uint64_t* out) {
+// Input word i of the rows -> out[2 i] = low nibbles, out[2 i + 1] = high nibbles.
+void prepare_input(const uint64_t* x, uint64_t* out, int64_t row0, int64_t row1, const ConvGeometry& g) {
+  const int64_t row = g.Wp * g.G * g.Wg, words = (row1 - row0) * row;
+  x += row0 * row;
+  out += 2 * row0 * row;
   const __m256i low = _mm256_set1_epi8(0x0f);
   int64_t i = 0;
   for (; i + 4 <= words; i += 4) {

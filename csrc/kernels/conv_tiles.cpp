@@ -113,7 +113,7 @@ int time_tiles(const std::vector<ConvKernel>& tiles, const ConvBlock& proto) {
     Candidate& c = cand[t];
     if (k.prepare_input) {
       c.input = aligned(x_words * k.input_factor * 8);
-      k.prepare_input(b.x, x_words, reinterpret_cast<uint64_t*>(c.input.get()));
+      k.prepare_input(b.x, reinterpret_cast<uint64_t*>(c.input.get()), 0, g.Hp, g);  // one image
     }
     c.block_bytes = (k.block_bytes(g, b.nclasses) + 63) / 64 * 64;
     c.nblocks = (channels + k.block_co - 1) / k.block_co;

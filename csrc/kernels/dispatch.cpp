@@ -167,7 +167,7 @@ const IsaKernels& isa_kernels(Isa isa) {
                                  has_avx512_vnni() ? ternary::rows_dot_vnni : ternary::rows_dot_avx2,
                                  has_avx512_vnni() ? int8::conv_vnni : int8::conv_avx2,
                                  ordered_conv_channels_avx512, tap_conv_rows_avx512, rms_norm_torch_order_avx2,
-                                 channel_affine_rows_avx2};
+                                 channel_affine_rows_avx2, conv_kernel_nchw_avx512};
 #else
   static const IsaKernels& avx2 = reference;  // never active (isa_supported() is false): no tiles to list
   static const IsaKernels& avx512 = reference;

@@ -38,6 +38,8 @@ struct IsaKernels {
   TapConvRows tap_conv;                            // float stem conv, fma chains in tap order; null: reference
   RmsNormRow rms_norm;                             // BitLinear's norm in torch's order; null: rms_norm_torch_order
   ChannelAffineRows channel_affine;                // depthwise 1x1 float conv; null: channel_affine_rows_portable
+  // the conv kernel writing a float32 NCHW output directly, for a call it runs; null: a tile + transposes
+  const ConvKernel* (*conv_nchw)(const ConvGeometry& g, const ConvOutput& o, int nclasses);
 };
 
 const IsaKernels& isa_kernels(Isa isa);

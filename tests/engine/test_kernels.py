@@ -1102,6 +1102,86 @@ def test_conv_layer_equals_binary_conv2d(layout, epilogue):
     assert torch.equal(got, expected)
 
 
+NCHW_WRITER_CASES = [  # (N, Cin, Co, H, W, kernel, padding, dilation, groups, pad_value)
+    (1, 64, 64, 8, 16, 3, 1, 1, 1, 0.0),  # one input word a pixel: the packed input as it is
+    (2, 130, 37, 7, 8, 3, 1, 1, 1, 0.0),  # 3 words a pixel (made word-planar); 7 x 8 planes: pairs across images
+    (1, 48, 20, 5, 12, 3, 0, (1, 2), 2, 0.0),  # groups, dilation, no padding; 8 columns out
+    (3, 70, 9, 4, 16, (3, 5), (1, 2), 1, 1, -1.0),  # -1 padding (no corrections); 9 channels: 2 + 1 odd tiles
+    (1, 31, 33, 9, 24, 1, 0, 1, 1, 0.0),  # 1x1; 27 groups: an odd one at the end
+]
+
+
+@pytest.mark.parametrize("case", NCHW_WRITER_CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("epilogue", ["none", "scale_bias", "batchnorm_residual"])
+def test_an_nchw_output_whose_rows_are_whole_8_pixel_groups_is_written_by_the_nchw_kernel(case, threads, epilogue):
+    """Stride 1 and output rows of whole 8-pixel groups: on AVX-512 a kernel that holds pixels in its
+    lanes writes the NCHW output itself (no transposes); its values are the float64 reference conv's
+    with the epilogue's float32 roundings, as the channels_last output's, on every ISA."""
+    n, cin, cout, h, w, kernel, padding, dilation, groups, pad_value = case
+    gen = torch.Generator().manual_seed(cin * cout)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    weights = torch.randn(cout, cin // groups, kh, kw, generator=gen)
+    x = torch.randn(n, cin, h, w, generator=gen)
+    conv = dict(
+        in_channels=cin,
+        out_channels=cout,
+        kernel_size=(kh, kw),
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        pad_value=pad_value,
+    )
+    wp, operands = K.pack_weights(weights, groups=groups), {}
+    if epilogue != "none":
+        operands = dict(scale=torch.rand(cout, generator=gen) + 0.5, bias=torch.randn(cout, generator=gen))
+    if epilogue == "batchnorm_residual":
+        operands.update(bn_scale=torch.randn(cout, generator=gen), bn_shift=torch.randn(cout, generator=gen))
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    expected = reference_conv(x, weights, (1, 1), (ph, pw), (dh, dw), groups, pad_value).to(torch.float32)
+    assert expected.shape[-1] % 8 == 0
+    residual = torch.randn(expected.shape, generator=gen) if epilogue == "batchnorm_residual" else None
+    if epilogue != "none":
+        expected = expected * operands["scale"].view(1, -1, 1, 1) + operands["bias"].view(1, -1, 1, 1)
+    if epilogue == "batchnorm_residual":
+        bn_scale, bn_shift = operands["bn_scale"].view(1, -1, 1, 1), operands["bn_shift"].view(1, -1, 1, 1)
+        expected = expected * bn_scale + bn_shift + residual
+    layer = K.ConvLayer(wp, **operands, **conv)
+    plan = K.conv_plan(K.MODE_FLOAT, x, wp, *layer.conv).native
+    torch.set_num_threads(threads)
+    for isa in ISAS:
+        _C.set_isa(isa)
+        assert bool(plan.nchw_kernel) == (isa == "avx512"), isa
+        got = layer(x, residual, torch.contiguous_format)
+        assert got.is_contiguous()
+        assert torch.equal(got, expected), isa
+        assert torch.equal(layer(x, residual), got), isa  # the channels_last output: the same values
+        if residual is not None:  # a channels_last residual: the tile and its transposes write the output
+            residual_cl = residual.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(layer(x, residual_cl, torch.contiguous_format), got), isa
+
+
+def test_the_nchw_kernel_takes_only_stride_1_rows_of_whole_groups_and_few_border_classes():
+    """Where a row would wrap within a group, for strides, and for more than 16 border classes (a 5x5
+    kernel padded by 2) the channels_last tiles run and transpose their runs: no NCHW kernel."""
+    if "avx512" not in ISAS:
+        pytest.skip("the NCHW kernel is AVX-512 code")
+    _C.set_isa("avx512")
+    wp = K.pack_weights(torch.randn(8, 16, 3, 3))
+    x = torch.randn(1, 16, 14, 16)
+
+    def kernel(x, wp, **conv):
+        conv = dict(dict(in_channels=x.shape[1], out_channels=wp.shape[0], kernel_size=3, padding=1), **conv)
+        return K.conv_plan(K.MODE_FLOAT, x, wp, *K.ConvLayer(wp, **conv).conv).native.nchw_kernel
+
+    assert kernel(x, wp) == "nchw 48x4"
+    assert kernel(x[..., :14], wp) == ""  # 14 columns out
+    assert kernel(x, wp, stride=(1, 2)) == "" and kernel(x, wp, stride=(2, 1)) == ""
+    assert kernel(x, K.pack_weights(torch.randn(8, 16, 5, 5)), kernel_size=5, padding=2) == ""  # 25 classes
+    assert kernel(x[..., :12], K.pack_weights(torch.randn(8, 16, 5, 5)), kernel_size=5, padding=0) == "nchw 48x4"
+
+
 def test_conv_layer_checks_its_operands_once_and_its_input_on_every_call():
     w, x, conv = _conv_case(8, 16, 32)
     wp = K.pack_weights(w)

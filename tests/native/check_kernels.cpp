@@ -95,6 +95,10 @@ ConvCase draw_conv(Rng& r) {
     c.o.bn_fma = r.coin();
     c.nchw = r.coin();                          // the output in NCHW memory
     c.residual_nchw = c.residual && r.coin();  // the shortcut in NCHW memory
+    if (c.nchw && r.coin()) {  // rows of whole 8-pixel groups, stride 1: the kernels writing NCHW themselves
+      g.sh = g.sw = 1;
+      g.Wp = r.pick({8, 16}) + g.dw * (g.KW - 1);  // OW + the kernel's reach, a width >= 4 inside the padding
+    }
   } else if (c.o.mode == OutMode::threshold) {
     c.o.oph = r.range(0, 1), c.o.opw = r.range(0, 1);
     c.o.out_pad_value = static_cast<int>(r.range(-1, 1));
