@@ -12,8 +12,10 @@ binary conv layer called on a float NCHW input, returning its float32 output in 
 (packed inside the conv's call, the output transposed as it is written); with ``--onebit layer``,
 the conv step alone (``kernels.ConvLayer`` on the same input, channels_last output). Its ISA is set
 to the same one, and it is timed per call in its own warm loop as the yardstick times itself;
-Python's share of the call is included. Each row names the register tile onebit's timing chose;
-``--tiles`` also times onebit forced to each of its tiles, and to the yardstick's best variant's.
+Python's share of the call is included. Each row names the register tile onebit's timing chose, or
+the kernel that writes an NCHW output itself (``nchw 48x4``: AVX-512, output rows of whole 8-pixel
+groups, so the 64-channel layer's 56x56 map); ``--tiles`` also times onebit forced to each of its tiles
+(which that kernel does not use), and to the yardstick's best variant's.
 
 Each round runs the yardstick, then onebit, for every layer and ISA; rounds repeat the whole
 sequence, so both sides see the same machine. Printed per (layer, threads, ISA): the yardstick's
@@ -110,9 +112,16 @@ def onebit_call(kind: str, batch: int, channels: int, size: int):
         call = partial(layer, x)
 
     shape = f"{channels}->{channels} @{size}x{size} k3x3 s1x1 p1x1 d1x1 g1 pad0"
+    plan = K.conv_plan(K.MODE_FLOAT, x, layer.wp, *layer.conv).native
 
     def tile(isa: str) -> str:
-        return next((t for i, s, t in K._C.tile_choices() if i == isa and s == shape), "?")
+        before = K._C.isa()
+        K._C.set_isa(isa)
+        try:
+            nchw = plan.nchw_kernel if kind == "packed" else ""  # the kernel writing the NCHW output itself
+        finally:
+            K._C.set_isa(before)
+        return nchw or next((t for i, s, t in K._C.tile_choices() if i == isa and s == shape), "?")
 
     return call, tile
 
