@@ -19,7 +19,7 @@ from onebit.engine import ops
 from onebit.engine.fuse import find_fusions, fuse
 from onebit.engine.lowering import lower
 from onebit.engine.torch_rounding import batchnorm_epilogue, batchnorm_rounding
-from onebit.nn import QConv2d
+from onebit.nn import QConv2d, QLinear
 
 BACKENDS = ["reference"] + (["native"] if ops.native_available() else [])
 NATIVE = ops.native_available()
@@ -157,6 +157,59 @@ def test_without_native_kernels_no_batchnorm_epilogue_or_bound_layer_is_made():
     assert labels(steps) == ["pack+binary_conv2d", "batch_norm", "add"]
     assert all(step.epilogue is None and step.layer is None for step in steps)
     assert find_fusions(graph["nodes"], {"sum"}, tensors, False).batchnorms == {}
+
+
+def threshold_chains():
+    """A binary conv, max pool, BatchNorm, binary conv (thresholded bits pooled); and a binary MLP whose
+    BatchNorm1d becomes a thresholded binary linear layer."""
+    torch.manual_seed(0)
+    convs = nn.Sequential(
+        QConv2d(3, 16, 3, padding=1, **SIGN),
+        nn.MaxPool2d(3, 2, padding=1),
+        nn.BatchNorm2d(16),
+        QConv2d(16, 8, 3, padding=1, **SIGN),
+    )
+    mlp = nn.Sequential(QLinear(20, 32, **SIGN), nn.BatchNorm1d(32), QLinear(32, 10, **SIGN))
+    for model in (convs, mlp):
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                with torch.no_grad():
+                    m.running_mean.uniform_(-3, 3), m.weight.uniform_(-1, 1)
+    return (convs.eval(), torch.randn(2, 3, 9, 9)), (mlp.eval(), torch.randn(5, 20))
+
+
+@pytest.mark.skipif(not NATIVE, reason="bound layers are native")
+def test_threshold_convs_bit_pools_and_linear_layers_run_bound_layers_that_check_arguments_once_per_shape(
+    monkeypatch,
+):
+    """Their operands checked once, when the steps are made, and a call's numbers once per input shape: later
+    calls run the kernels straight away. A binary linear layer packs its float features itself."""
+    from onebit import engine
+    from onebit.engine import geometry
+    from onebit.engine.kernels import conv, conv_layer, plans, pool
+
+    (convs, x), (mlp, features) = threshold_chains()
+    packed_convs, packed_mlp = engine.pack(convs, x), engine.pack(mlp, features)
+    assert labels(packed_convs._steps) == ["pack+binary_conv2d_threshold", "max_pool_bits", "binary_conv2d"]
+    assert labels(packed_mlp._steps) == ["pack+binary_linear_threshold", "binary_linear"]
+    assert all(step.layer is not None for step in packed_convs._steps + packed_mlp._steps)
+    expected = (packed_convs(x), packed_mlp(features))
+    checks = []
+
+    def counted(fn):
+        return lambda *args, **kwargs: (checks.append(fn.__name__), fn(*args, **kwargs))[1]
+
+    monkeypatch.setattr(pool, "check_pool_bits", counted(geometry.check_pool_bits))
+    monkeypatch.setattr(conv_layer, "check_thresholds", counted(geometry.check_thresholds))
+    monkeypatch.setattr(conv, "check_thresholds", counted(geometry.check_thresholds))  # the ops' path
+    monkeypatch.setattr(conv_layer, "conv_plan", counted(plans.conv_plan))
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(packed_convs(x), expected[0]) and torch.equal(packed_mlp(features), expected[1])
+    assert checks == []
+    packed_convs(torch.randn(1, 3, 7, 7))  # a new shape: its numbers checked once
+    assert sorted(set(checks)) == ["check_pool_bits", "conv_plan"]
+    assert torch.equal(packed_convs(x), convs(x)) and torch.equal(packed_mlp(features), mlp(features))
 
 
 @pytest.mark.skipif(not NATIVE, reason="BatchNorm epilogues need the native kernels")

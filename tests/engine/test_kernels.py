@@ -8,6 +8,7 @@ machine supports (forced with ``_C.set_isa``), including the portable reference 
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 
@@ -337,22 +338,23 @@ def test_conv_threshold_exact(cfg, fused):
     expected = reference_pack(negative, cfg["out_groups"])
 
     wp = K.pack_weights(w, cfg["groups"])
+    threshold = dict(
+        thresholds=thresholds,
+        direction=direction,
+        out_padding=cfg["out_padding"],
+        out_pad_value=cfg["out_pad_value"],
+        out_groups=cfg["out_groups"],
+        **conv_kwargs(cfg),
+    )
+    layer = K.ThresholdConvLayer(wp, cache=K.WeightCache(), **threshold)  # its operands bound
 
     def run():
-        return K.binary_conv2d_threshold(
-            conv_input(x, cfg, fused),
-            wp,
-            thresholds=thresholds,
-            direction=direction,
-            out_padding=cfg["out_padding"],
-            out_pad_value=cfg["out_pad_value"],
-            out_groups=cfg["out_groups"],
-            **conv_kwargs(cfg),
-        )
+        return K.binary_conv2d_threshold(conv_input(x, cfg, fused), wp, **threshold), layer(conv_input(x, cfg, fused))
 
-    for isa, got in on_every_isa(run).items():
+    for isa, (got, bound) in on_every_isa(run).items():
         assert got.shape == expected.shape, isa
         assert torch.equal(got, expected), isa
+        assert torch.equal(bound, expected), isa
 
 
 def test_threshold_int64_thresholds_are_clamped_exactly():
@@ -958,6 +960,9 @@ def test_max_pool_bits_equals_the_bits_of_max_pooled_accumulators(
         channels=c,
     )
     assert torch.equal(got, expected)
+    pool = dict(kernel_size=(kh, kw), stride=stride, padding=(ph, pw), dilation=dil, ceil_mode=ceil)
+    layer = K.MaxPoolBitsLayer(or_mask, pad_words, **pool, out_padding=out_pad, channels=c)  # its operands bound
+    assert torch.equal(layer(_packed_signs(negative(acc), groups)), expected)
 
 
 def test_max_pool_bits_rejects_bad_arguments_by_name():
@@ -972,6 +977,15 @@ def test_max_pool_bits_rejects_bad_arguments_by_name():
         K.max_pool_bits(xp, masks, masks, **{**pool, "channels": 65})
     with pytest.raises(ValueError, match="too small"):
         K.max_pool_bits(xp, masks, masks, **{**pool, "kernel_size": 5})
+    layer = K.MaxPoolBitsLayer(masks, masks, **pool)  # the same messages, from the first call of a shape
+    with pytest.raises(ValueError, match="xp must have dtype"):
+        layer(xp.int())
+    with pytest.raises(ValueError, match="too small"):
+        layer(xp[:, :1])
+    with pytest.raises(ValueError, match="or_mask must have shape"):
+        layer(torch.zeros(1, 4, 4, 2, 1, dtype=torch.int64))
+    assert torch.equal(layer(xp), K.max_pool_bits(xp, masks, masks, **pool))
+    assert torch.equal(layer(xp.transpose(1, 2)), K.max_pool_bits(xp.transpose(1, 2), masks, masks, **pool))
 
 
 def _conv_case(cout, cin, seed):
@@ -1207,6 +1221,37 @@ def test_conv_layer_checks_its_operands_once_and_its_input_on_every_call():
     for n, size in [(1, 4), (3, 7), (2, 6)]:  # several input shapes, one layer
         other = torch.randn(n, 16, size, size)
         assert torch.equal(layer(other), K.binary_conv2d(other, wp, **conv))
+
+
+def test_threshold_conv_layer_checks_its_operands_once_and_its_input_on_every_call():
+    w, x, conv = _conv_case(8, 16, 35)
+    wp, thresholds, direction = K.pack_weights(w), torch.zeros(8, dtype=torch.int32), torch.ones(8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="thresholds"):
+        K.ThresholdConvLayer(wp, thresholds=thresholds[:7], direction=direction, **conv)
+    with pytest.raises(ValueError, match="integers"):
+        K.ThresholdConvLayer(wp, thresholds=thresholds.float(), direction=direction, **conv)
+    with pytest.raises(ValueError, match="wp"):
+        K.ThresholdConvLayer(wp.float(), thresholds=thresholds, direction=direction, **conv)
+    layer = K.ThresholdConvLayer(wp, thresholds=thresholds, direction=direction, out_groups=3, **conv)
+    with pytest.raises(ValueError, match="out_groups"):  # the output's numbers: at the first call of a shape
+        layer(x)
+    layer = K.ThresholdConvLayer(wp, thresholds=thresholds, direction=direction, out_padding=1, **conv)
+    with pytest.raises(ValueError, match="16"):
+        layer(x[:, :15])
+    with pytest.raises(ValueError, match="contiguous"):
+        layer(K.pack_activations(x, 1).transpose(1, 2))
+    bad = K.ThresholdConvLayer(wp, thresholds=thresholds, direction=direction.clone().fill_(2), **conv)
+    with pytest.raises(ValueError, match="direction"):  # a direction's values: read by the kernel, every call
+        bad(x)
+    expected = K.binary_conv2d_threshold(x, wp, thresholds=thresholds, direction=direction, out_padding=1, **conv)
+    assert torch.equal(layer(x), expected)
+    assert torch.equal(copy.deepcopy(layer)(x), expected)  # a copy binds its own tensors' addresses
+    for n, size in [(1, 4), (3, 7)]:  # several input shapes, one layer
+        other = torch.randn(n, 16, size, size)
+        assert torch.equal(
+            layer(other),
+            K.binary_conv2d_threshold(other, wp, thresholds=thresholds, direction=direction, out_padding=1, **conv),
+        )
 
 
 def test_conv_layer_on_inference_tensors_prepares_its_weights_every_call():

@@ -119,6 +119,20 @@ def conv_layer(wp, **kwargs):
     return native.ConvLayer(wp, **kwargs) if native is not None else None
 
 
+def threshold_conv_layer(wp, **kwargs):
+    """A thresholded binary conv with its constant operands bound (``kernels.ThresholdConvLayer``), or None
+    without the native kernels."""
+    native = _native()
+    return native.ThresholdConvLayer(wp, **kwargs) if native is not None else None
+
+
+def max_pool_bits_layer(or_mask, pad_words, **pool):
+    """A max pool on packed bits with its operands bound (``kernels.MaxPoolBitsLayer``), or None without the
+    native kernels."""
+    native = _native()
+    return native.MaxPoolBitsLayer(or_mask, pad_words, **pool) if native is not None else None
+
+
 def ordered_conv1x1(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """A 1x1 float conv summed in channel order, as torch's reference GEMM sums it
     (``kernels.OrderedConv1x1``), or None without the native kernels."""

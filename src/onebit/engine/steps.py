@@ -54,7 +54,9 @@ class Step:
     tensors: dict[str, torch.Tensor]  #: role -> the model's tensor, as the graph node names them
     attrs: dict  #: the node's checked attributes
     cache: object | None = None  #: the native kernels' prepared weights (a ``kernels.WeightCache``), kept between calls
-    layer: Callable | None = None  #: a binary conv's bound native call (``kernels.ConvLayer``), operands checked once
+    #: the bound native call of a binary conv or linear layer (``kernels.ConvLayer``, ``ThresholdConvLayer``) or of a
+    #: pool on bits (``MaxPoolBitsLayer``): operands checked once, a call's numbers once per input shape
+    layer: Callable | None = None
     epilogue: Epilogue | None = None  #: a BatchNorm fused into a binary or int8 conv, or before a max pool
     pool: IntegerPool | None = None  #: a max pool fused into an int8 conv (after its BatchNorm)
     free: tuple[str, ...] = ()  #: values no later step reads: dropped after this one

@@ -4,7 +4,8 @@ Where graph nodes become calls. It reads the graph and changes nothing in it; a 
 one native call of several nodes, with the same results:
 
 - ``pack`` read only by one binary convolution: the convolution takes the float input and packs
-  it itself (one pass over the threads; the bits stay in the caches);
+  it itself (one pass over the threads; the bits stay in the caches); likewise ``pack_features`` read
+  only by one binary linear layer;
 - ``batch_norm(binary_conv2d(...))`` where the BatchNorm is the convolution's only reader: the
   convolution applies it as it writes its output (:class:`~onebit.engine.steps.Epilogue`),
   rounded as this process's torch rounds it (see :mod:`onebit.engine.torch_rounding`; checked
@@ -35,7 +36,8 @@ conv that torch rounds the same in channels_last for the input's shape runs ther
 Thresholds (BatchNorm + sign as integer comparisons) and BatchNorm folding are graph passes before
 this stage (:mod:`.thresholds`, :mod:`.batchnorm`): their ops are what the file stores. Each step
 also gets its op's runtime state: a weight cache for ops whose kernels keep prepared weights, and
-a binary conv's bound native layer (operands checked once).
+the bound native layer of a binary conv or linear layer (float or thresholded output) or a pool on
+bits (operands checked once, a call's numbers once per input shape).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import torch
 
 from onebit.engine import ops, torch_rounding
 from onebit.engine.graph import CONV_ATTRS, OPS, attrs
+from onebit.engine.graph.binary import LINEAR_OPS
 from onebit.engine.graph.floats import batchnorm_before_pool
 from onebit.engine.graph.int8 import integer_max_pool
 from onebit.engine.layout_probe import LayoutProbe
@@ -123,6 +126,8 @@ def find_fusions(nodes: list[dict], outputs: set[str], tensors: dict, native: bo
             continue
         if node["op"] == "pack" and OPS[user["op"]].packs_input and user["inputs"] == [node["name"]]:
             fusions.packs[index[user["name"]]] = node
+        elif node["op"] == "pack_features" and user["op"] in LINEAR_OPS and user["inputs"] == [node["name"]]:
+            fusions.packs[index[user["name"]]] = node  # the layer packs its float input itself
         elif node["op"] == "int8_conv2d" and native:
             epilogue = _batchnorm_epilogue(user, tensors) if user["op"] == "batch_norm" else None
             if epilogue is not None:
@@ -178,18 +183,8 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
         step.inputs, step.output, step.label = step.inputs + (shortcut,), add["name"], step.label + "+add"
     if spec.weight_cache:  # the weights, prepared for the kernel, kept between calls
         step.cache = ops.weight_cache()
-    if node["op"] == "binary_conv2d" and native:  # its operands checked once, not per call
-        bn = step.epilogue or Epilogue()
-        step.layer = ops.conv_layer(
-            roles["weight"],
-            scale=roles.get("scale"),
-            bias=roles.get("bias"),
-            bn_scale=bn.bn_scale,
-            bn_shift=bn.bn_shift,
-            bn_fma=bn.bn_fma,
-            cache=step.cache,
-            **{k: step.attrs[k] for k in CONV_ATTRS},
-        )
+    if native:  # a native layer with the step's operands checked once, not per call
+        step.layer = _bound_layer(step)
     step.relayout = _relayout(node)
     step.model_layout = not spec.layout_free
     step.channels_last = spec.layout_free and spec.prefers_channels_last
@@ -198,6 +193,47 @@ def _step(nodes: list[dict], i: int, fusions: Fusions, tensors: dict, native: bo
     if spec.probes_layout:
         step.layout_probe = LayoutProbe(step.run)
     return step
+
+
+def _bound_layer(step: Step):
+    """The native layer a binary conv, linear layer or pool on bits runs as, its operands bound; None for
+    other ops."""
+    t, a = step.tensors, step.attrs
+    if step.op == "binary_conv2d":
+        bn = step.epilogue or Epilogue()
+        return ops.conv_layer(
+            t["weight"],
+            scale=t.get("scale"),
+            bias=t.get("bias"),
+            bn_scale=bn.bn_scale,
+            bn_shift=bn.bn_shift,
+            bn_fma=bn.bn_fma,
+            cache=step.cache,
+            **{k: a[k] for k in CONV_ATTRS},
+        )
+    if step.op == "binary_conv2d_threshold":
+        threshold = {k: a[k] for k in ("out_padding", "out_pad_value", "out_groups")}
+        return ops.threshold_conv_layer(
+            t["weight"],
+            thresholds=t["thresholds"],
+            direction=t["direction"],
+            cache=step.cache,
+            **threshold,
+            **{k: a[k] for k in CONV_ATTRS},
+        )
+    if step.op in ("binary_linear", "binary_linear_threshold"):  # a 1x1 conv of a 1x1 map
+        out, words = t["weight"].shape
+        conv = dict(in_channels=a["in_features"], out_channels=out, kernel_size=1)
+        w4 = t["weight"].view(out, 1, 1, words)
+        if step.op == "binary_linear":
+            return ops.conv_layer(w4, scale=t.get("scale"), bias=t.get("bias"), cache=step.cache, **conv)
+        return ops.threshold_conv_layer(
+            w4, thresholds=t["thresholds"], direction=t["direction"], cache=step.cache, **conv
+        )
+    if step.op == "max_pool_bits":
+        pool = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "out_padding", "channels")
+        return ops.max_pool_bits_layer(t["or_mask"], t["pad_words"], **{k: a[k] for k in pool})
+    return None
 
 
 def _batchnorm_epilogue(bn: dict, tensors: dict) -> Epilogue | None:
@@ -217,7 +253,7 @@ def _relayout(node: dict) -> str | None:
 
 
 def _mark_nchw_writers(steps: list[Step], outputs: set[str]) -> None:
-    """``writes_nchw`` for the binary convs (with a bound native layer) whose output every reader takes in
+    """``writes_nchw`` for the float binary convs (with a bound native layer) whose output every reader takes in
     the model's own layout (float convs, adaptive pools) or that the model returns: in an NCHW model they
     write NCHW directly, instead of channels_last copied once more."""
     readers: dict[str, list[Step]] = {}
@@ -226,7 +262,7 @@ def _mark_nchw_writers(steps: list[Step], outputs: set[str]) -> None:
             readers.setdefault(ref, []).append(step)
     for step in steps:
         users = readers.get(step.output, [])
-        if step.layer is not None and (users or step.output in outputs):
+        if step.op == "binary_conv2d" and step.layer is not None and (users or step.output in outputs):
             step.writes_nchw = all(user.model_layout for user in users)
 
 

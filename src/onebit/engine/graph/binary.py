@@ -100,9 +100,51 @@ def _binary_conv2d_threshold(t, a, xp, cache=None):
 
 
 def _bind_binary_conv2d_threshold(step: Step) -> Callable:
-    """A thresholded binary conv with the step's weight cache."""
-    t, a, cache = step.tensors, step.attrs, step.cache
-    return lambda xp: _binary_conv2d_threshold(t, a, xp, cache)
+    """A thresholded binary conv: the step's bound native layer on the native backend, else the op with the
+    step's weight cache."""
+    t, a, cache, layer = step.tensors, step.attrs, step.cache, step.layer
+
+    def run(xp):
+        if layer is not None and ops.backend_is_native():
+            return layer(xp)
+        return _binary_conv2d_threshold(t, a, xp, cache)
+
+    return run
+
+
+def _bind_max_pool_bits(step: Step) -> Callable:
+    """A max pool on bits: the step's bound native layer on the native backend, else the op."""
+    t, a, layer = step.tensors, step.attrs, step.layer
+    return lambda xp: layer(xp) if layer is not None and ops.backend_is_native() else _max_pool_bits(t, a, xp)
+
+
+#: the binary linear layers: a ``pack_features`` before one is fused into it (it takes the float features)
+LINEAR_OPS = ("binary_linear", "binary_linear_threshold")
+
+
+def _bind_binary_linear(step: Step) -> Callable:
+    """A binary linear layer (float or thresholded output) on packed ``[N, Wg]`` words or, where its
+    ``pack_features`` was fused into it, on the float features ``[N, F]`` (packed in the same native call):
+    the step's bound native 1x1 conv on a plain input on the native backend, else the ops (which also name
+    what is wrong with an input)."""
+    t, a, layer = step.tensors, step.attrs, step.layer
+    op = _binary_linear if step.op == "binary_linear" else _binary_linear_threshold
+    features, (out, words) = a["in_features"], t["weight"].shape
+    if step.op != "binary_linear":
+        out = words_for(out)  # packed output words
+
+    def run(x):
+        if layer is not None and type(x) is torch.Tensor and x.dim() == 2 and x.is_contiguous():
+            n = x.shape[0]
+            if x.dtype is torch.int64 and x.shape[1] == words and ops.backend_is_native():
+                return layer(x.view(n, 1, 1, 1, words)).view(n, out)
+            if x.dtype is torch.float32 and x.shape[1] == features and ops.backend_is_native():
+                return layer(x.view(n, features, 1, 1)).view(n, out)  # [N, F] as an NCHW map of 1 x 1 pixels
+        if isinstance(x, torch.Tensor) and x.dtype.is_floating_point:  # the fused pack_features
+            x = _pack_features(t, {"features": features}, x)
+        return op(t, a, x)
+
+    return run
 
 
 def _max_pool_bits(t, a, xp):
@@ -213,6 +255,7 @@ BINARY_OPS: dict[str, OpSpec] = {
             "pad_words": TensorSpec(torch.int64, group_words),
         },
         lambda a: check_out_groups({**a, "out_channels": a["channels"]}),
+        bind=_bind_max_pool_bits,
         layout_free=True,
     ),
     "binary_linear": OpSpec(
@@ -227,6 +270,8 @@ BINARY_OPS: dict[str, OpSpec] = {
             "scale": TensorSpec(F32, per_out_feature, required=False),
             "bias": TensorSpec(F32, per_out_feature, required=False),
         },
+        bind=_bind_binary_linear,
+        weight_cache=True,
         layout_free=True,
     ),
     "binary_linear_threshold": OpSpec(
@@ -241,6 +286,8 @@ BINARY_OPS: dict[str, OpSpec] = {
             "thresholds": TensorSpec(torch.int32, per_out_feature),
             "direction": TensorSpec(torch.int8, per_out_feature),
         },
+        bind=_bind_binary_linear,
+        weight_cache=True,
         layout_free=True,
     ),
 }

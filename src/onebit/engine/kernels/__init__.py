@@ -4,7 +4,8 @@ Layering: :mod:`onebit.engine.geometry` checks every argument (one check, one me
 this package runs an op natively on checked arguments, :mod:`onebit.engine.reference` in pure torch;
 :mod:`onebit.engine.ops` is the one entry per op, choosing between the two. The functions here are
 the native implementations behind ``ops`` (tests and benchmarks call them to pick an ISA), and
-:class:`ConvLayer` is ``binary_conv2d`` with its constant operands bound, :class:`TernaryLayer`
+:class:`ConvLayer` is ``binary_conv2d`` with its constant operands bound (:class:`ThresholdConvLayer`
+``binary_conv2d_threshold``, :class:`MaxPoolBitsLayer` ``max_pool_bits``), :class:`TernaryLayer`
 ``ternary_linear``.
 
 Modules, each one concept: ``registry`` (custom-op registration, the eager bypass of the dispatcher),
@@ -47,7 +48,12 @@ from __future__ import annotations
 from onebit import _C
 from onebit.engine.geometry import conv_output_size, words_for
 from onebit.engine.kernels.conv import binary_conv2d, binary_conv2d_int, binary_conv2d_threshold
-from onebit.engine.kernels.conv_layer import ConvLayer, _conv_layer  # noqa: F401 (pickles name it here)
+from onebit.engine.kernels.conv_layer import (  # noqa: F401 (pickles name them here)
+    ConvLayer,
+    ThresholdConvLayer,
+    _conv_layer,
+    _threshold_conv_layer,
+)
 from onebit.engine.kernels.huge_pages import HUGE_PAGE, in_huge_pages
 from onebit.engine.kernels.int8 import int8_conv2d, int8_linear
 from onebit.engine.kernels.linear import binary_linear, binary_linear_int, binary_linear_threshold
@@ -62,7 +68,7 @@ from onebit.engine.kernels.ordered_conv import (
 from onebit.engine.kernels.packing import pack_activations, pack_features, pack_weights
 from onebit.engine.kernels.planes import combine_planes, pack_integer_planes, pack_integer_planes_nan
 from onebit.engine.kernels.plans import MODE_FLOAT, MODE_INT, MODE_THRESHOLD, conv_plan
-from onebit.engine.kernels.pool import max_pool2d, max_pool_bits
+from onebit.engine.kernels.pool import MaxPoolBitsLayer, max_pool2d, max_pool_bits
 from onebit.engine.kernels.registry import custom_op, direct
 from onebit.engine.kernels.rms_norm import NORM_LANES, rms_norm
 from onebit.engine.kernels.ternary import (
@@ -96,6 +102,8 @@ __all__ = [
     "max_pool_bits",
     "max_pool2d",
     "ConvLayer",
+    "ThresholdConvLayer",
+    "MaxPoolBitsLayer",
     "WeightCache",
     "PROBE_WORDS",
     "ternary_linear",

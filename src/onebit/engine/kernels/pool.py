@@ -14,7 +14,7 @@ from onebit.engine.geometry import check_max_pool2d, check_pool_bits, pair
 from onebit.engine.kernels.operands import channel_ptr
 from onebit.engine.kernels.registry import custom_op, direct
 
-__all__ = ["max_pool2d", "max_pool_bits"]
+__all__ = ["max_pool2d", "max_pool_bits", "MaxPoolBitsLayer"]
 
 
 def _max_pool_bits_impl(
@@ -71,6 +71,39 @@ def max_pool_bits(
     return torch.ops.onebit.max_pool_bits(
         xp, or_mask, pad_words, *pairs, bool(ceil_mode), list(pair(out_padding, "out_padding")), int(channels)
     )
+
+
+class MaxPoolBitsLayer:
+    """:func:`max_pool_bits` with its operands bound: ``layer(xp)`` is ``max_pool_bits(xp, or_mask, pad_words,
+    **pool)``, bit for bit. The pooling's numbers are checked once per input shape, not per call (a packed
+    model's pool steps); under tracing, with tensor subclasses or on anything unusual a call takes
+    :func:`max_pool_bits` itself. ``or_mask`` and ``pad_words`` may be written, not resized or replaced."""
+
+    __slots__ = ("or_mask", "pad_words", "pool", "_ptrs", "_plans")
+
+    def __init__(self, or_mask: torch.Tensor, pad_words: torch.Tensor, **pool):
+        self.or_mask, self.pad_words = or_mask.contiguous(), pad_words.contiguous()
+        self.pool = dict(pool, ceil_mode=bool(pool.get("ceil_mode", False)))
+        self._ptrs = (self.or_mask.data_ptr(), self.pad_words.data_ptr())
+        self._plans: dict = {}  # an input's shape -> (output shape, the kernel's numbers)
+
+    def __call__(self, xp: torch.Tensor) -> torch.Tensor:
+        if not (type(xp) is torch.Tensor and xp.dtype is torch.int64 and xp.is_cpu and xp.is_contiguous() and direct()):
+            return max_pool_bits(xp, self.or_mask, self.pad_words, **self.pool)
+        plan = self._plans.get(xp.shape)
+        if plan is None:
+            p = self.pool
+            plan = check_pool_bits(
+                xp, self.or_mask, self.pad_words, p["kernel_size"], p["stride"], p["padding"], p["dilation"],
+                p["ceil_mode"], p["out_padding"], p["channels"],
+            )  # fmt: skip
+            if len(self._plans) < 8:
+                self._plans[xp.shape] = plan
+        shape, numbers = plan
+        out = torch.empty(shape, dtype=torch.int64)
+        if out.numel():
+            _C.max_pool_bits_raw(xp.data_ptr(), *self._ptrs, out.data_ptr(), *numbers)
+        return out
 
 
 #: below this many input elements torch's pool (of a channels_last copy) is quicker than the native call
