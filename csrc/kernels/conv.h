@@ -212,8 +212,8 @@ const std::vector<ConvKernel>& conv_kernels_avx512();
 const std::vector<ConvKernel>& conv_kernels_neon();
 const std::vector<ConvKernel>& conv_kernels_neon_pairs();  // part of conv_kernels_neon()
 // The AVX-512 kernel that writes a float32 NCHW output directly (8 output pixels per zmm), for a call
-// it runs (out_nchw, stride 1, any residual in NCHW, rows of 8 pixels or more, at most 16 border
-// classes); null otherwise.
+// it runs (out_nchw, stride 1, any residual in NCHW, output rows of whole 8-pixel groups, at most 16
+// border classes); null otherwise.
 const ConvKernel* conv_kernel_nchw_avx512(const ConvGeometry& g, const ConvOutput& o, int nclasses);
 
 // The independent reference: plain loops, one output at a time, padding skipped tap by tap.

@@ -1,21 +1,19 @@
 // AVX-512 (VPOPCNTDQ) binary convolution writing a float32 NCHW output directly: output pixels in the lanes.
 //
 // The channels_last kernels (conv_avx512.cpp) hold 8 output channels of one pixel in a zmm, so an NCHW
-// output costs a transpose of every value, bound by its cross-lane shuffles (as long as a 64-channel
-// conv's last tenth). Here a zmm holds one output channel at 8 consecutive output pixels (q .. q + 7 of
-// an image's plane, q a multiple of 8), and a step xors the same input word of those 8 pixels (stride 1:
-// consecutive words of a word-planar input [N, G * Wg, Hp, Wp]) with that channel's weight word,
-// broadcast. Where the 8 pixels wrap onto the next output row (or image), the lanes past the wrap are
-// loaded from there: a second masked load. A register tile is P groups of 8 pixels x J <= 4 channels;
-// a block is 32 channels, 4 at a time against the same groups.
+// output costs a transpose of every value, bound by its cross-lane shuffles (a tenth of a 64-channel conv's
+// time). Here a zmm holds one output channel at 8 consecutive pixels of an output row, and a step xors
+// the same input word of those 8 pixels (stride 1: consecutive words of a word-planar input
+// [N, G * Wg, Hp, Wp]) with that channel's weight word, broadcast. Only for output rows of whole 8-pixel
+// groups (OW a multiple of 8): the 8 pixels are all real, so their taps lie inside the padded input and
+// plain loads read them (a masked load may wait for the stores before it). A register tile is P groups
+// of 8 pixels x J <= 4 channels; a block is 32 channels, 4 at a time against the same groups.
 //
 // The arithmetic and the epilogue are the channels_last kernels', value for value: acc = K - 2 popcount -
 // correction (each lane's border class, looked up in the channel's table of class sums), then float32
 // acc * scale + bias, BatchNorm, + residual (NCHW), each rounded as there. Two groups of a channel share
 // one vector from the low halves of their counts on: 16 consecutive floats of its plane, one store.
 #include <immintrin.h>
-
-#include <algorithm>
 
 #include "kernels/conv.h"
 #include "kernels/conv_common.h"
