@@ -117,8 +117,9 @@ class ThresholdConvLayer:
     padded int64 input of the next binary layer.
 
     As :class:`ConvLayer`: the weights and the thresholds are checked once, here (a direction's values by
-    the kernel as it reads them, on every call); a call checks its input, once per input shape. Under
-    tracing, with tensor subclasses or on anything unusual a call takes :func:`binary_conv2d_threshold`.
+    the kernel as it reads them, on every call); a call checks its input, once per input shape. Thresholds
+    other than int32 and directions other than int8 are bound as converted copies. Under tracing, with
+    tensor subclasses or on anything unusual a call takes :func:`binary_conv2d_threshold`.
     """
 
     __slots__ = ("wp", "thresholds", "direction", "cache", "conv", "_kwargs", "_out", "_w_ptr", "_ptrs", "_plans")

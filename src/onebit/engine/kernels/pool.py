@@ -77,7 +77,8 @@ class MaxPoolBitsLayer:
     """:func:`max_pool_bits` with its operands bound: ``layer(xp)`` is ``max_pool_bits(xp, or_mask, pad_words,
     **pool)``, bit for bit. The pooling's numbers are checked once per input shape, not per call (a packed
     model's pool steps); under tracing, with tensor subclasses or on anything unusual a call takes
-    :func:`max_pool_bits` itself. ``or_mask`` and ``pad_words`` may be written, not resized or replaced."""
+    :func:`max_pool_bits` itself. ``or_mask`` and ``pad_words`` (contiguous ones: others are copied here) may be
+    written, not resized or replaced."""
 
     __slots__ = ("or_mask", "pad_words", "pool", "_ptrs", "_plans")
 
@@ -88,7 +89,8 @@ class MaxPoolBitsLayer:
         self._plans: dict = {}  # an input's shape -> (output shape, the kernel's numbers)
 
     def __call__(self, xp: torch.Tensor) -> torch.Tensor:
-        if not (type(xp) is torch.Tensor and xp.dtype is torch.int64 and xp.is_cpu and xp.is_contiguous() and direct()):
+        plain = type(xp) is torch.Tensor and xp.dtype is torch.int64 and xp.is_cpu and xp.is_contiguous()
+        if not (plain and direct(xp, self.or_mask, self.pad_words)):
             return max_pool_bits(xp, self.or_mask, self.pad_words, **self.pool)
         plan = self._plans.get(xp.shape)
         if plan is None:
