@@ -110,7 +110,7 @@ def test_the_expected_shape_is_named_by_the_models_input_rank():
     with pytest.raises(InputError, match=r"shape \[N, C, L\] with C = 3 channels, got shape \[2, 3, 7, 1\]$"):
         conv1d(torch.randn(2, 3, 7, 1))
     linear = engine.pack(nn.Sequential(nn.Linear(8, 4)).eval(), torch.randn(2, 8))
-    with pytest.raises(InputError, match=r"shape \[N, F\] with C = 8 channels, got shape \[2, 3, 8\]$"):
+    with pytest.raises(InputError, match=r"shape \[N, F\] with F = 8 features, got shape \[2, 3, 8\]$"):
         linear(torch.randn(2, 3, 8))
 
 

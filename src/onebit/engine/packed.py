@@ -120,9 +120,8 @@ class PackedModel(nn.Module):
                 )
         elif x.dim() != rank or x.shape[1] != channels:
             dims = {4: "[N, C, H, W]", 3: "[N, C, L]", 2: "[N, F]"}.get(rank, f"rank {rank}")
-            raise InputError(
-                f"PackedModel: expected input of shape {dims} with C = {channels} channels, got shape {list(x.shape)}"
-            )
+            what = f"F = {channels} features" if rank == 2 else f"C = {channels} channels"
+            raise InputError(f"PackedModel: expected input of shape {dims} with {what}, got shape {list(x.shape)}")
 
     def forward(self, x: torch.Tensor):
         self._check_input(x)
