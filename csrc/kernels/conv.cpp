@@ -408,12 +408,16 @@ void ConvPlan::run_impl(const uint64_t* x, const ActivationPacker* packer, const
   proto.x_prepared = nullptr;
   TransposeBlock transpose = isa_kernels(isa).transpose_block;
   if (transpose == nullptr) transpose = transpose_block_reference;
-  // The register tile: forced, or timed on this shape at the plan's first run (conv_tiles.h).
-  int tile_index = choose_tile(isa, proto, tile_[static_cast<int>(isa)]);
-  const ConvKernel* kernel = &(*tiles)[tile_index];
-  // A float32 NCHW output written by a kernel made for it, where the ISA has one that runs the call.
-  if (const auto nchw = isa_kernels(isa).conv_nchw; o.out_nchw && nchw)
-    if (const ConvKernel* k = nchw(g, o, nclasses)) kernel = k, tile_index = 15;  // its own weight cache entries
+  // A float32 NCHW output written by a kernel made for it, where the ISA has one that runs the call (its
+  // weight cache entries its own: index 15); else the register tile, forced or timed on this shape at the
+  // plan's first run (conv_tiles.h).
+  const auto nchw = isa_kernels(isa).conv_nchw;
+  const ConvKernel* kernel = o.out_nchw && nchw ? nchw(g, o, nclasses) : nullptr;
+  int tile_index = 15;
+  if (!kernel) {
+    tile_index = choose_tile(isa, proto, tile_[static_cast<int>(isa)]);
+    kernel = &(*tiles)[tile_index];
+  }
 
   // Blocks of output channels, never straddling a group.
   struct Range {
