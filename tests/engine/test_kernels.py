@@ -947,10 +947,8 @@ def test_max_pool_bits_equals_the_bits_of_max_pooled_accumulators(
         border = pad_words.expand(n, expected.shape[1] + 2, expected.shape[2] + 2, *pad_words.shape).clone()
         border[:, 1:-1, 1:-1] = expected
         expected = border
-    got = K.max_pool_bits(
-        _packed_signs(negative(acc), groups),
-        or_mask,
-        pad_words,
+    bits = _packed_signs(negative(acc), groups)
+    pool = dict(
         kernel_size=(kh, kw),
         stride=stride,
         padding=(ph, pw),
@@ -959,10 +957,8 @@ def test_max_pool_bits_equals_the_bits_of_max_pooled_accumulators(
         out_padding=out_pad,
         channels=c,
     )
-    assert torch.equal(got, expected)
-    pool = dict(kernel_size=(kh, kw), stride=stride, padding=(ph, pw), dilation=dil, ceil_mode=ceil)
-    layer = K.MaxPoolBitsLayer(or_mask, pad_words, **pool, out_padding=out_pad, channels=c)  # its operands bound
-    assert torch.equal(layer(_packed_signs(negative(acc), groups)), expected)
+    assert torch.equal(K.max_pool_bits(bits, or_mask, pad_words, **pool), expected)
+    assert torch.equal(K.MaxPoolBitsLayer(or_mask, pad_words, **pool)(bits), expected)  # its operands bound
 
 
 def test_max_pool_bits_rejects_bad_arguments_by_name():
